@@ -1,0 +1,51 @@
+//! One rayon pool for the whole library, sized by `KVMIX_NUM_THREADS` (default: all cores).
+//!
+//! Small jobs (a single decode step of a small model) run serially on the calling thread:
+//! waking a pool costs microseconds, which is more than the work itself below
+//! [`PARALLEL_MIN_ELEMENTS`].
+
+use rayon::{ThreadPool, ThreadPoolBuilder};
+use std::sync::OnceLock;
+
+/// Below this many input elements a kernel runs serially.
+pub const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
+
+static POOL: OnceLock<Option<ThreadPool>> = OnceLock::new();
+
+/// The number of threads `KVMIX_NUM_THREADS` asks for, if it is a positive integer.
+fn requested_threads() -> Option<usize> {
+    std::env::var("KVMIX_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+}
+
+fn pool() -> Option<&'static ThreadPool> {
+    POOL.get_or_init(|| {
+        let mut builder = ThreadPoolBuilder::new().thread_name(|i| format!("kvmix-{i}"));
+        if let Some(n) = requested_threads() {
+            builder = builder.num_threads(n);
+        }
+        // If the pool cannot be built (e.g. thread creation refused), run serially.
+        builder.build().ok()
+    })
+    .as_ref()
+}
+
+/// Number of worker threads kernels may use.
+pub fn num_threads() -> usize {
+    pool().map_or(1, |p| p.current_num_threads())
+}
+
+/// Run `f` inside the kvmix pool when the job is big enough to pay for it; otherwise run it
+/// on the current thread with parallel iterators still working (rayon falls back to the
+/// global pool only if called outside `install`, so `parallel` also tells callers whether to
+/// use `par_iter` at all).
+pub fn run<R: Send>(elements: usize, f: impl FnOnce(bool) -> R + Send) -> R {
+    match pool() {
+        Some(p) if elements >= PARALLEL_MIN_ELEMENTS && p.current_num_threads() > 1 => {
+            p.install(|| f(true))
+        }
+        _ => f(false),
+    }
+}

@@ -1,0 +1,222 @@
+//! Asymmetric uniform (affine) quantization of one group of values.
+//!
+//! scale α = (max − min) / (2^b − 1), offset β = min, code = clamp(⌊(x − β)/α + ½⌋, 0, 2^b − 1),
+//! x̂ = α·code + β. α and β are rounded to their storage dtype *before* the codes are
+//! computed, so each code is the nearest point of the grid that dequantization really uses.
+//! A constant group (α = 0) gets code 0 and reconstructs as β.
+
+use crate::error::{KvmixError, Result};
+use half::f16;
+
+/// Storage type of the per-group scale and offset (and channel factors).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ParamDtype {
+    F16,
+    F32,
+}
+
+impl ParamDtype {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "float16" | "fp16" | "f16" => Ok(ParamDtype::F16),
+            "float32" | "fp32" | "f32" => Ok(ParamDtype::F32),
+            _ => Err(KvmixError::Config(format!(
+                "`param_dtype` must be 'float16' or 'float32', got {name:?}"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ParamDtype::F16 => "float16",
+            ParamDtype::F32 => "float32",
+        }
+    }
+
+    /// Bytes one stored parameter takes.
+    pub fn size(self) -> usize {
+        match self {
+            ParamDtype::F16 => 2,
+            ParamDtype::F32 => 4,
+        }
+    }
+
+    /// `v` rounded to this storage type (round to nearest even), returned as `f32`.
+    #[inline(always)]
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            ParamDtype::F16 => f16::from_f32(v).to_f32(),
+            ParamDtype::F32 => v,
+        }
+    }
+}
+
+/// Parameters held in their storage dtype: exactly the bytes a store keeps.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ParamVec {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+impl ParamVec {
+    /// Store `values` (already rounded with [`ParamDtype::round`]) in `dtype`.
+    pub fn from_f32(dtype: ParamDtype, values: Vec<f32>) -> Self {
+        match dtype {
+            ParamDtype::F16 => ParamVec::F16(values.into_iter().map(f16::from_f32).collect()),
+            ParamDtype::F32 => ParamVec::F32(values),
+        }
+    }
+
+    pub fn dtype(&self) -> ParamDtype {
+        match self {
+            ParamVec::F16(_) => ParamDtype::F16,
+            ParamVec::F32(_) => ParamDtype::F32,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            ParamVec::F16(v) => v.len(),
+            ParamVec::F32(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    #[inline(always)]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            ParamVec::F16(v) => v[i].to_f32(),
+            ParamVec::F32(v) => v[i],
+        }
+    }
+
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        match self {
+            ParamVec::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            ParamVec::F32(v) => v.clone(),
+        }
+    }
+
+    /// Bytes held by the values (not counting the `Vec` header).
+    pub fn nbytes(&self) -> usize {
+        self.len() * self.dtype().size()
+    }
+}
+
+/// Scale and offset of one group, already rounded to storage precision.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Affine {
+    pub scale: f32,
+    pub offset: f32,
+}
+
+/// Largest code of a `bits`-bit quantizer, as `f32`.
+#[inline(always)]
+pub fn max_code(bits: u8) -> f32 {
+    ((1u32 << bits) - 1) as f32
+}
+
+impl Affine {
+    /// Parameters for a group whose values span `[min, max]`. Fails when the storage dtype
+    /// cannot represent them (fp16 overflows past 65504).
+    #[inline]
+    pub fn from_range(min: f32, max: f32, bits: u8, dtype: ParamDtype) -> Result<Affine> {
+        let scale = dtype.round((max - min) / max_code(bits));
+        let offset = dtype.round(min);
+        if !scale.is_finite() || !offset.is_finite() {
+            return Err(KvmixError::NonFinite(format!(
+                "values in [{min}, {max}] exceed the range of {} quantization parameters; \
+                 use `param_dtype='float32'`",
+                dtype.name()
+            )));
+        }
+        Ok(Affine { scale, offset })
+    }
+
+    /// Codes of `xs` into `codes` (same length).
+    #[inline(always)]
+    pub fn encode_into(&self, xs: &[f32], bits: u8, codes: &mut [u8]) {
+        if self.scale == 0.0 {
+            codes.fill(0);
+            return;
+        }
+        let top = max_code(bits);
+        for (c, &x) in codes.iter_mut().zip(xs) {
+            *c = ((x - self.offset) / self.scale + 0.5).floor().clamp(0.0, top) as u8;
+        }
+    }
+
+    #[inline(always)]
+    pub fn decode(&self, code: u8) -> f32 {
+        self.scale * code as f32 + self.offset
+    }
+}
+
+/// Minimum and maximum of `xs`, and whether every element is finite.
+#[inline(always)]
+pub fn min_max_finite(xs: &[f32]) -> (f32, f32, bool) {
+    let mut lo = f32::INFINITY;
+    let mut hi = f32::NEG_INFINITY;
+    // x·0 is NaN exactly when x is NaN or ±Inf; summing keeps the loop branch-free.
+    let mut probe = 0.0f32;
+    for &x in xs {
+        lo = lo.min(x);
+        hi = hi.max(x);
+        probe += x * 0.0;
+    }
+    (lo, hi, probe == 0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn constant_group_reconstructs_exactly_in_fp32() {
+        let a = Affine::from_range(0.1, 0.1, 2, ParamDtype::F32).unwrap();
+        let mut codes = [9u8; 3];
+        a.encode_into(&[0.1, 0.1, 0.1], 2, &mut codes);
+        assert_eq!(codes, [0, 0, 0]);
+        assert_eq!(a.decode(0), 0.1);
+    }
+
+    #[test]
+    fn fp16_overflow_is_an_error() {
+        assert!(Affine::from_range(-1e6, 1e6, 4, ParamDtype::F16).is_err());
+        assert!(Affine::from_range(-1e6, 1e6, 4, ParamDtype::F32).is_ok());
+    }
+
+    #[test]
+    fn min_max_flags_nan_and_inf() {
+        assert!(min_max_finite(&[1.0, 2.0]).2);
+        assert!(!min_max_finite(&[1.0, f32::NAN]).2);
+        assert!(!min_max_finite(&[f32::INFINITY, 2.0]).2);
+    }
+
+    proptest! {
+        #[test]
+        fn error_within_half_step(bits in 1u8..=8, f16_params: bool,
+                                  xs in proptest::collection::vec(-100.0f32..100.0, 1..64)) {
+            let dtype = if f16_params { ParamDtype::F16 } else { ParamDtype::F32 };
+            let (lo, hi, ok) = min_max_finite(&xs);
+            prop_assert!(ok);
+            let a = Affine::from_range(lo, hi, bits, dtype).unwrap();
+            let mut codes = vec![0u8; xs.len()];
+            a.encode_into(&xs, bits, &mut codes);
+            // Exact step and offset vs stored ones: the bound is half a stored step plus
+            // what rounding the parameters moved the grid by at the far end.
+            let exact_scale = (hi - lo) / max_code(bits);
+            let grid_shift = (a.offset - lo).abs() + max_code(bits) * (a.scale - exact_scale).abs();
+            for (&x, &c) in xs.iter().zip(&codes) {
+                prop_assert!((c as f32) <= max_code(bits));
+                let err = (a.decode(c) - x).abs();
+                let bound = a.scale / 2.0 + grid_shift + 1e-5 * (1.0 + x.abs());
+                prop_assert!(err <= bound, "x={x} code={c} err={err} bound={bound}");
+            }
+        }
+    }
+}

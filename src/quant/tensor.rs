@@ -1,0 +1,531 @@
+//! Quantization of a whole `[..., tokens, channels]` tensor at one of two granularities,
+//! with an optional per-channel normalization. Every leading index (sequence, head) gets its
+//! own statistics: nothing is ever shared across the batch.
+//!
+//! * [`Grouping::TokenGroups`] — each token's channels split into groups of `group_size`
+//!   (MiKV: `head_dim/2`; ZipCache values: `head_dim`, one group per token).
+//! * [`Grouping::ChannelBlocks`] — each channel over blocks of `token_block` consecutive
+//!   tokens (KIVI keys: a block per residual window; ZipCache keys: one block = all tokens).
+//! * `channel_scale` `f` (shape `[..., channels]`): the tensor is quantized as `x / f` and
+//!   reconstructed as `f · x̂`. ZipCache's channel-separable values use `f = sqrt(max|x_c|)`;
+//!   MiKV's key balancer uses `f = 1 / b_c` (keys stored as `k·b`, see [`super::channel`]).
+//!
+//! Codes are packed densely in row-major order, so when a token row holds a whole number of
+//! bytes (`channels · bits` divisible by 8, true for every real head_dim) rows are packed in
+//! parallel; otherwise the packing runs once over the whole tensor.
+
+use super::affine::{min_max_finite, Affine, ParamDtype, ParamVec};
+use super::packing::{check_bits, pack, packed_len, unpack};
+use crate::element::Element;
+use crate::error::{KvmixError, Result};
+use crate::parallel;
+use rayon::prelude::*;
+
+/// How values share quantization parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Grouping {
+    /// Groups of `group_size` consecutive channels within one token.
+    TokenGroups { group_size: usize },
+    /// One channel over `token_block` consecutive tokens (the last block may be shorter).
+    ChannelBlocks { token_block: usize },
+}
+
+/// A complete description of a quantizer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct QuantSpec {
+    pub bits: u8,
+    pub grouping: Grouping,
+    pub param_dtype: ParamDtype,
+}
+
+impl QuantSpec {
+    /// Check the spec against a tensor with `channels` channels.
+    pub fn validate(&self, channels: usize) -> Result<()> {
+        check_bits(self.bits)?;
+        match self.grouping {
+            Grouping::TokenGroups { group_size } => {
+                if group_size == 0 || channels % group_size != 0 {
+                    return Err(KvmixError::Config(format!(
+                        "`group_size` must be a positive divisor of the channel dimension \
+                         ({channels}), got {group_size}"
+                    )));
+                }
+            }
+            Grouping::ChannelBlocks { token_block } => {
+                if token_block == 0 {
+                    return Err(KvmixError::Config(
+                        "`token_block` must be positive (or None for all tokens), got 0".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The geometry of a `[..., tokens, channels]` tensor: `rows` is the product of the leading
+/// dimensions (one statistics domain each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    pub rows: usize,
+    pub tokens: usize,
+    pub channels: usize,
+}
+
+impl Geometry {
+    pub fn from_dims(dims: &[usize]) -> Result<Self> {
+        if dims.len() < 2 {
+            return Err(KvmixError::Shape(format!(
+                "expected an array of shape [..., tokens, channels] (rank >= 2), got shape {dims:?}"
+            )));
+        }
+        let channels = dims[dims.len() - 1];
+        let tokens = dims[dims.len() - 2];
+        let rows = dims[..dims.len() - 2].iter().product();
+        if channels == 0 {
+            return Err(KvmixError::Shape(format!(
+                "the channel (last) dimension must be non-empty, got shape {dims:?}"
+            )));
+        }
+        Ok(Geometry {
+            rows,
+            tokens,
+            channels,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows * self.tokens * self.channels
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A quantized tensor: packed codes plus every parameter needed to reconstruct it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizedTensor {
+    /// Shape of the original tensor, `[..., tokens, channels]`.
+    pub dims: Vec<usize>,
+    pub spec: QuantSpec,
+    /// Packed codes, row-major over `dims`.
+    pub codes: Vec<u8>,
+    /// Per-group scale. TokenGroups: `[rows, tokens, channels/group]`;
+    /// ChannelBlocks: `[rows, ceil(tokens/block), channels]`.
+    pub scale: ParamVec,
+    /// Per-group offset, same layout as `scale`.
+    pub offset: ParamVec,
+    /// Per-(row, channel) reconstruction factor `[rows, channels]`, if any.
+    pub channel_scale: Option<ParamVec>,
+}
+
+/// Bytes held by a quantized tensor, by component.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ByteCount {
+    pub codes: usize,
+    pub scale: usize,
+    pub offset: usize,
+    pub channel_scale: usize,
+}
+
+impl ByteCount {
+    pub fn total(&self) -> usize {
+        self.codes + self.scale + self.offset + self.channel_scale
+    }
+}
+
+/// Work is split into units that own a contiguous run of tokens of one row: a token group
+/// unit is a run of tokens, a channel block unit is one block.
+#[derive(Clone, Copy, Debug)]
+struct Unit {
+    row: usize,
+    token_start: usize,
+    token_end: usize,
+    /// Index of the unit's first parameter in `scale`/`offset`.
+    param_start: usize,
+}
+
+/// Tokens per token-group unit: enough work to amortize scheduling, small enough to stay in cache.
+const TOKENS_PER_UNIT: usize = 64;
+
+fn units(geo: Geometry, grouping: Grouping) -> Vec<Unit> {
+    let mut out = Vec::new();
+    let (step, params_per_unit_token) = match grouping {
+        Grouping::TokenGroups { group_size } => (TOKENS_PER_UNIT, geo.channels / group_size),
+        Grouping::ChannelBlocks { token_block } => (token_block, 0),
+    };
+    let mut param_start = 0;
+    for row in 0..geo.rows {
+        let mut t = 0;
+        while t < geo.tokens {
+            let end = (t + step).min(geo.tokens);
+            out.push(Unit {
+                row,
+                token_start: t,
+                token_end: end,
+                param_start,
+            });
+            param_start += match grouping {
+                Grouping::TokenGroups { .. } => (end - t) * params_per_unit_token,
+                Grouping::ChannelBlocks { .. } => geo.channels,
+            };
+            t = end;
+        }
+    }
+    out
+}
+
+fn param_count(geo: Geometry, grouping: Grouping) -> usize {
+    match grouping {
+        Grouping::TokenGroups { group_size } => geo.rows * geo.tokens * (geo.channels / group_size),
+        Grouping::ChannelBlocks { token_block } => {
+            geo.rows * geo.tokens.div_ceil(token_block) * geo.channels
+        }
+    }
+}
+
+/// Split `buf` into consecutive mutable pieces of the given lengths.
+fn split_mut<'a, T>(mut buf: &'a mut [T], lens: impl Iterator<Item = usize>) -> Vec<&'a mut [T]> {
+    let mut out = Vec::new();
+    for n in lens {
+        let (head, tail) = std::mem::take(&mut buf).split_at_mut(n);
+        out.push(head);
+        buf = tail;
+    }
+    out
+}
+
+/// Run `f` on every item, in parallel when `parallel` is set.
+fn for_each<I: Send>(items: Vec<I>, parallel: bool, f: impl Fn(I) + Sync + Send) {
+    if parallel {
+        items.into_par_iter().for_each(f);
+    } else {
+        items.into_iter().for_each(f);
+    }
+}
+
+fn check_channel_scale(cs: Option<&[f32]>, geo: Geometry, dtype: ParamDtype) -> Result<Option<Vec<f32>>> {
+    let Some(cs) = cs else { return Ok(None) };
+    if cs.len() != geo.rows * geo.channels {
+        return Err(KvmixError::Shape(format!(
+            "`channel_scale` must hold one factor per (leading index, channel): expected {} \
+             values ({} x {}), got {}",
+            geo.rows * geo.channels,
+            geo.rows,
+            geo.channels,
+            cs.len()
+        )));
+    }
+    let rounded: Vec<f32> = cs.iter().map(|&f| dtype.round(f)).collect();
+    if rounded.iter().any(|f| !f.is_finite() || *f <= 0.0) {
+        return Err(KvmixError::NonFinite(format!(
+            "`channel_scale` factors must be finite and positive in {}",
+            dtype.name()
+        )));
+    }
+    Ok(Some(rounded))
+}
+
+/// Load tokens `[t0, t1)` of `row` as `f32`, divided by the channel factors, into `buf`.
+#[inline]
+fn load_normalized<T: Element>(
+    x: &[T],
+    geo: Geometry,
+    row: usize,
+    t0: usize,
+    t1: usize,
+    cs: Option<&[f32]>,
+    buf: &mut Vec<f32>,
+) {
+    let d = geo.channels;
+    let src = &x[(row * geo.tokens + t0) * d..(row * geo.tokens + t1) * d];
+    buf.clear();
+    match cs {
+        None => buf.extend(src.iter().map(|v| v.to_f32())),
+        Some(cs) => {
+            let f = &cs[row * d..(row + 1) * d];
+            for tok in src.chunks_exact(d) {
+                buf.extend(tok.iter().zip(f).map(|(v, s)| v.to_f32() / s));
+            }
+        }
+    }
+}
+
+fn non_finite_error() -> KvmixError {
+    KvmixError::NonFinite(
+        "input contains NaN or Inf; kvmix refuses non-finite keys/values rather than \
+         quantizing them silently"
+            .into(),
+    )
+}
+
+/// Quantize `x` (row-major, shape `dims`) with `spec`. `channel_scale`, if given, has shape
+/// `[..., channels]` (the leading dims of `x`) and is rounded to the parameter dtype.
+pub fn quantize<T: Element>(
+    x: &[T],
+    dims: &[usize],
+    spec: QuantSpec,
+    channel_scale: Option<&[f32]>,
+) -> Result<QuantizedTensor> {
+    let geo = Geometry::from_dims(dims)?;
+    if x.len() != geo.len() {
+        return Err(KvmixError::Shape(format!(
+            "data length {} does not match shape {dims:?}",
+            x.len()
+        )));
+    }
+    spec.validate(geo.channels)?;
+    let cs = check_channel_scale(channel_scale, geo, spec.param_dtype)?;
+    let n = geo.len();
+    let d = geo.channels;
+    let bits = spec.bits;
+    let units = units(geo, spec.grouping);
+    let n_params = param_count(geo, spec.grouping);
+    let mut scale = vec![0f32; n_params];
+    let mut offset = vec![0f32; n_params];
+    // Aligned rows pack unit by unit; otherwise collect all codes and pack once at the end.
+    let aligned = (d * bits as usize) % 8 == 0;
+    let mut codes = vec![0u8; if aligned { packed_len(n, bits) } else { n }];
+    let code_len = |u: &Unit| {
+        let m = (u.token_end - u.token_start) * d;
+        if aligned {
+            packed_len(m, bits)
+        } else {
+            m
+        }
+    };
+    let param_len = |u: &Unit| match spec.grouping {
+        Grouping::TokenGroups { group_size } => (u.token_end - u.token_start) * d / group_size,
+        Grouping::ChannelBlocks { .. } => d,
+    };
+    let code_parts = split_mut(&mut codes, units.iter().map(code_len));
+    let scale_parts = split_mut(&mut scale, units.iter().map(param_len));
+    let offset_parts = split_mut(&mut offset, units.iter().map(param_len));
+    let work: Vec<_> = units
+        .iter()
+        .zip(code_parts)
+        .zip(scale_parts.into_iter().zip(offset_parts))
+        .map(|((u, c), (s, o))| (*u, c, s, o))
+        .collect();
+    let failure = std::sync::Mutex::new(None::<KvmixError>);
+    let cs_ref = cs.as_deref();
+    parallel::run(n, |par| {
+        for_each(work, par, |(u, code_out, scale_out, offset_out)| {
+            let mut vals = Vec::new();
+            load_normalized(x, geo, u.row, u.token_start, u.token_end, cs_ref, &mut vals);
+            let mut unit_codes = vec![0u8; vals.len()];
+            let res = encode_unit(&vals, d, spec, &mut unit_codes, scale_out, offset_out);
+            if let Err(e) = res {
+                if let Ok(mut slot) = failure.lock() {
+                    slot.get_or_insert(e);
+                }
+                return;
+            }
+            if aligned {
+                pack(&unit_codes, bits, code_out);
+            } else {
+                code_out.copy_from_slice(&unit_codes);
+            }
+        })
+    });
+    if let Some(e) = failure.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    if !aligned {
+        let mut packed = vec![0u8; packed_len(n, bits)];
+        pack(&codes, bits, &mut packed);
+        codes = packed;
+    }
+    Ok(QuantizedTensor {
+        dims: dims.to_vec(),
+        spec,
+        codes,
+        scale: ParamVec::from_f32(spec.param_dtype, scale),
+        offset: ParamVec::from_f32(spec.param_dtype, offset),
+        channel_scale: cs.map(|v| ParamVec::from_f32(spec.param_dtype, v)),
+    })
+}
+
+/// Quantize the normalized values of one unit (`vals`, `tokens × d`).
+fn encode_unit(
+    vals: &[f32],
+    d: usize,
+    spec: QuantSpec,
+    codes: &mut [u8],
+    scale_out: &mut [f32],
+    offset_out: &mut [f32],
+) -> Result<()> {
+    match spec.grouping {
+        Grouping::TokenGroups { group_size } => {
+            for (((g, c), s), o) in vals
+                .chunks_exact(group_size)
+                .zip(codes.chunks_exact_mut(group_size))
+                .zip(scale_out.iter_mut())
+                .zip(offset_out.iter_mut())
+            {
+                let (lo, hi, finite) = min_max_finite(g);
+                if !finite {
+                    return Err(non_finite_error());
+                }
+                let a = Affine::from_range(lo, hi, spec.bits, spec.param_dtype)?;
+                a.encode_into(g, spec.bits, c);
+                *s = a.scale;
+                *o = a.offset;
+            }
+        }
+        Grouping::ChannelBlocks { .. } => {
+            let mut lo = vec![f32::INFINITY; d];
+            let mut hi = vec![f32::NEG_INFINITY; d];
+            let mut probe = 0.0f32;
+            for tok in vals.chunks_exact(d) {
+                for ((l, h), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(tok) {
+                    *l = l.min(v);
+                    *h = h.max(v);
+                    probe += v * 0.0;
+                }
+            }
+            if probe != 0.0 {
+                return Err(non_finite_error());
+            }
+            let mut params = Vec::with_capacity(d);
+            for c in 0..d {
+                let a = Affine::from_range(lo[c], hi[c], spec.bits, spec.param_dtype)?;
+                scale_out[c] = a.scale;
+                offset_out[c] = a.offset;
+                params.push(a);
+            }
+            let top = super::affine::max_code(spec.bits);
+            for (tok, tc) in vals.chunks_exact(d).zip(codes.chunks_exact_mut(d)) {
+                for ((c, &v), a) in tc.iter_mut().zip(tok).zip(&params) {
+                    *c = if a.scale == 0.0 {
+                        0
+                    } else {
+                        ((v - a.offset) / a.scale + 0.5).floor().clamp(0.0, top) as u8
+                    };
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl QuantizedTensor {
+    pub fn geometry(&self) -> Geometry {
+        // dims were validated at construction.
+        Geometry::from_dims(&self.dims).unwrap_or(Geometry {
+            rows: 0,
+            tokens: 0,
+            channels: 1,
+        })
+    }
+
+    /// Bytes held, by component: exactly the lengths of the stored buffers.
+    pub fn nbytes(&self) -> ByteCount {
+        ByteCount {
+            codes: self.codes.len(),
+            scale: self.scale.nbytes(),
+            offset: self.offset.nbytes(),
+            channel_scale: self.channel_scale.as_ref().map_or(0, |c| c.nbytes()),
+        }
+    }
+
+    /// All codes, unpacked, row-major over `dims`.
+    pub fn unpacked_codes(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.geometry().len()];
+        unpack(&self.codes, self.spec.bits, &mut out);
+        out
+    }
+
+    /// Reconstruct the tensor into `out` (row-major over `dims`).
+    pub fn dequantize_into<T: Element>(&self, out: &mut [T]) -> Result<()> {
+        let geo = self.geometry();
+        if out.len() != geo.len() {
+            return Err(KvmixError::Shape(format!(
+                "output length {} does not match shape {:?}",
+                out.len(),
+                self.dims
+            )));
+        }
+        let d = geo.channels;
+        let bits = self.spec.bits;
+        let aligned = (d * bits as usize) % 8 == 0;
+        let all_codes = if aligned {
+            None
+        } else {
+            Some(self.unpacked_codes())
+        };
+        let units = units(geo, self.spec.grouping);
+        let parts = split_mut(out, units.iter().map(|u| (u.token_end - u.token_start) * d));
+        let work: Vec<_> = units.into_iter().zip(parts).collect();
+        parallel::run(geo.len(), |par| {
+            for_each(work, par, |(u, dst)| {
+                let first = (u.row * geo.tokens + u.token_start) * d;
+                let m = dst.len();
+                let mut codes = vec![0u8; m];
+                match &all_codes {
+                    Some(all) => codes.copy_from_slice(&all[first..first + m]),
+                    None => {
+                        let start = first * bits as usize / 8;
+                        unpack(&self.codes[start..start + packed_len(m, bits)], bits, &mut codes)
+                    }
+                }
+                self.decode_unit(&u, &codes, dst);
+            })
+        });
+        Ok(())
+    }
+
+    fn decode_unit<T: Element>(&self, u: &Unit, codes: &[u8], dst: &mut [T]) {
+        let d = self.geometry().channels;
+        let factor: Vec<f32> = match &self.channel_scale {
+            Some(cs) => (0..d).map(|c| cs.get(u.row * d + c)).collect(),
+            None => vec![1.0; d],
+        };
+        let param = |p: usize| Affine {
+            scale: self.scale.get(p),
+            offset: self.offset.get(p),
+        };
+        match self.spec.grouping {
+            Grouping::TokenGroups { group_size } => {
+                let groups = d / group_size;
+                let rows = codes.chunks_exact(d).zip(dst.chunks_exact_mut(d));
+                for (ti, (tc, td)) in rows.enumerate() {
+                    let groups_of_token = tc
+                        .chunks_exact(group_size)
+                        .zip(td.chunks_exact_mut(group_size))
+                        .zip(factor.chunks_exact(group_size));
+                    for (gi, ((gc, gd), gf)) in groups_of_token.enumerate() {
+                        let a = param(u.param_start + ti * groups + gi);
+                        for ((o, &c), &f) in gd.iter_mut().zip(gc).zip(gf) {
+                            *o = T::from_f32(a.decode(c) * f);
+                        }
+                    }
+                }
+            }
+            Grouping::ChannelBlocks { .. } => {
+                let scale: Vec<f32> = (0..d).map(|c| param(u.param_start + c).scale).collect();
+                let offset: Vec<f32> = (0..d).map(|c| param(u.param_start + c).offset).collect();
+                for (tc, td) in codes.chunks_exact(d).zip(dst.chunks_exact_mut(d)) {
+                    for ((((o, &c), &s), &b), &f) in
+                        td.iter_mut().zip(tc).zip(&scale).zip(&offset).zip(&factor)
+                    {
+                        *o = T::from_f32((s * c as f32 + b) * f);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reconstruct the tensor as a new vector.
+    pub fn dequantize<T: Element>(&self) -> Vec<T> {
+        let mut out = vec![T::from_f32(0.0); self.geometry().len()];
+        // Lengths match by construction.
+        let _ = self.dequantize_into(&mut out);
+        out
+    }
+}
+
+#[cfg(test)]
+#[path = "tensor_tests.rs"]
+mod tests;

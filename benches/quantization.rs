@@ -26,10 +26,26 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("quantization");
     group.throughput(Throughput::Bytes((x.len() * 4) as u64));
     let specs = [
-        ("token_groups_g64_2bit", Grouping::TokenGroups { group_size: 64 }, 2u8),
-        ("token_groups_g128_4bit", Grouping::TokenGroups { group_size: 128 }, 4),
-        ("token_groups_g64_3bit", Grouping::TokenGroups { group_size: 64 }, 3),
-        ("channel_all_tokens_2bit", Grouping::ChannelBlocks { token_block: 4096 }, 2),
+        (
+            "token_groups_g64_2bit",
+            Grouping::TokenGroups { group_size: 64 },
+            2u8,
+        ),
+        (
+            "token_groups_g128_4bit",
+            Grouping::TokenGroups { group_size: 128 },
+            4,
+        ),
+        (
+            "token_groups_g64_3bit",
+            Grouping::TokenGroups { group_size: 64 },
+            3,
+        ),
+        (
+            "channel_all_tokens_2bit",
+            Grouping::ChannelBlocks { token_block: 4096 },
+            2,
+        ),
     ];
     for (name, grouping, bits) in specs {
         let spec = QuantSpec {

@@ -145,7 +145,9 @@ impl Affine {
         }
         let top = max_code(bits);
         for (c, &x) in codes.iter_mut().zip(xs) {
-            *c = ((x - self.offset) / self.scale + 0.5).floor().clamp(0.0, top) as u8;
+            *c = ((x - self.offset) / self.scale + 0.5)
+                .floor()
+                .clamp(0.0, top) as u8;
         }
     }
 

@@ -27,7 +27,11 @@ pub fn check_bits(bits: u8) -> Result<()> {
 /// Pack `codes` (each `< 2^bits`; higher bits are ignored) into `out`, which must hold
 /// exactly [`packed_len`] bytes.
 pub fn pack(codes: &[u8], bits: u8, out: &mut [u8]) {
-    assert_eq!(out.len(), packed_len(codes.len(), bits), "pack: output length");
+    assert_eq!(
+        out.len(),
+        packed_len(codes.len(), bits),
+        "pack: output length"
+    );
     match bits {
         1 => pack_const::<1>(codes, out),
         2 => pack_const::<2>(codes, out),
@@ -43,7 +47,11 @@ pub fn pack(codes: &[u8], bits: u8, out: &mut [u8]) {
 
 /// Unpack `out.len()` codes of `bits` bits from `packed`.
 pub fn unpack(packed: &[u8], bits: u8, out: &mut [u8]) {
-    assert_eq!(packed.len(), packed_len(out.len(), bits), "unpack: input length");
+    assert_eq!(
+        packed.len(),
+        packed_len(out.len(), bits),
+        "unpack: input length"
+    );
     match bits {
         1 => unpack_const::<1>(packed, out),
         2 => unpack_const::<2>(packed, out),

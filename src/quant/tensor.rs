@@ -205,7 +205,11 @@ fn for_each<I: Send>(items: Vec<I>, parallel: bool, f: impl Fn(I) + Sync + Send)
     }
 }
 
-fn check_channel_scale(cs: Option<&[f32]>, geo: Geometry, dtype: ParamDtype) -> Result<Option<Vec<f32>>> {
+fn check_channel_scale(
+    cs: Option<&[f32]>,
+    geo: Geometry,
+    dtype: ParamDtype,
+) -> Result<Option<Vec<f32>>> {
     let Some(cs) = cs else { return Ok(None) };
     if cs.len() != geo.rows * geo.channels {
         return Err(KvmixError::Shape(format!(
@@ -467,7 +471,11 @@ impl QuantizedTensor {
                     Some(all) => codes.copy_from_slice(&all[first..first + m]),
                     None => {
                         let start = first * bits as usize / 8;
-                        unpack(&self.codes[start..start + packed_len(m, bits)], bits, &mut codes)
+                        unpack(
+                            &self.codes[start..start + packed_len(m, bits)],
+                            bits,
+                            &mut codes,
+                        )
                     }
                 }
                 self.decode_unit(&u, &codes, dst);

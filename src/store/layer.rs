@@ -1,0 +1,607 @@
+//! The mixed-precision KV store of one attention layer.
+//!
+//! One stream per `(sequence, kv-head)`, each with three tiers: a full-precision `buffer` of
+//! the newest, not yet classified tokens, a `high` tier and a `low` tier (their codecs come
+//! from the [`Policy`]). Every token keeps its position. Tokens enter the buffer; a
+//! classification (at prefill, then every `streaming_gap` appends) moves them to a tier, and
+//! for MiKV also demotes high-tier tokens that fell out of the important set — quantizing
+//! them from their high-precision values, never from already quantized ones.
+
+use super::codec::{Codec, DenseDtype, Factor};
+use super::policy::{Layout, Policy};
+use super::tier::{RowBatch, Tier, TierBytes};
+use crate::element::Element;
+use crate::error::{KvmixError, Result};
+use crate::importance::{normalized, top_k};
+
+/// Largest magnitude an fp16 tier or fp16 quantization parameter can hold.
+const F16_MAX: f32 = 65504.0;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stream {
+    pub buffer: Tier,
+    pub high: Tier,
+    pub low: Tier,
+}
+
+impl Stream {
+    pub fn len(&self) -> usize {
+        self.buffer.len() + self.high.len() + self.low.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn tiers(&self) -> [&Tier; 3] {
+        [&self.buffer, &self.high, &self.low]
+    }
+
+    fn tiers_mut(&mut self) -> [&mut Tier; 3] {
+        [&mut self.buffer, &mut self.high, &mut self.low]
+    }
+
+    /// `(tier index, row)` of every token, in position order.
+    pub fn position_order(&self) -> Vec<(usize, usize, u32)> {
+        let mut order: Vec<(usize, usize, u32)> = self
+            .tiers()
+            .iter()
+            .enumerate()
+            .flat_map(|(t, tier)| (0..tier.len()).map(move |r| (t, r, tier.positions.get(r))))
+            .collect();
+        order.sort_unstable_by_key(|&(_, _, p)| p);
+        order
+    }
+}
+
+/// Bytes held by a layer (or a whole cache), per tier, plus what a dense fp16 cache of the
+/// same tokens would take.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryReport {
+    pub buffer: TierBytes,
+    pub high: TierBytes,
+    pub low: TierBytes,
+    /// Tokens held (summed over streams).
+    pub tokens: usize,
+    pub fp16_bytes: usize,
+}
+
+impl MemoryReport {
+    pub fn total(&self) -> usize {
+        self.buffer.total() + self.high.total() + self.low.total()
+    }
+
+    pub fn add(&mut self, o: &MemoryReport) {
+        self.buffer.add(o.buffer);
+        self.high.add(o.high);
+        self.low.add(o.low);
+        self.tokens += o.tokens;
+        self.fp16_bytes += o.fp16_bytes;
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LayerStore {
+    pub policy: Policy,
+    pub layout: Layout,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub batch: usize,
+    pub streams: Vec<Stream>,
+    /// First non-padding position of each sequence.
+    pub first_valid: Vec<usize>,
+    seen: usize,
+    appends_since_classify: usize,
+    classified_once: bool,
+    balancer: Option<Vec<f32>>,
+}
+
+impl LayerStore {
+    pub fn new(
+        policy: Policy,
+        kv_heads: usize,
+        head_dim: usize,
+        buffer: DenseDtype,
+    ) -> Result<Self> {
+        if kv_heads == 0 || head_dim == 0 {
+            return Err(KvmixError::Shape(format!(
+                "kv_heads and head_dim must be positive, got {kv_heads} and {head_dim}"
+            )));
+        }
+        let layout = policy.layout(head_dim, buffer)?;
+        Ok(LayerStore {
+            policy,
+            layout,
+            kv_heads,
+            head_dim,
+            batch: 0,
+            streams: Vec::new(),
+            first_valid: Vec::new(),
+            seen: 0,
+            appends_since_classify: 0,
+            classified_once: false,
+            balancer: None,
+        })
+    }
+
+    fn new_stream(&self) -> Result<Stream> {
+        let l = &self.layout;
+        let d = self.head_dim;
+        let buf = Codec::Dense(l.buffer);
+        let mut s = Stream {
+            buffer: Tier::new(buf, buf, d, true)?,
+            high: Tier::new(l.high.0, l.high.1, d, l.high_scored)?,
+            low: Tier::new(l.low.0, l.low.1, d, false)?,
+        };
+        if let Some(b) = &self.balancer {
+            set_stream_balancer(&mut s, b)?;
+        }
+        Ok(s)
+    }
+
+    /// Tokens seen so far (positions assigned), whether or not they are still held.
+    pub fn seen(&self) -> usize {
+        self.seen
+    }
+
+    /// Whether the key balancer is required and still missing.
+    pub fn needs_balancer(&self) -> bool {
+        let fixed = |c: Codec| {
+            matches!(
+                c,
+                Codec::TokenGroups {
+                    factor: Factor::Fixed,
+                    ..
+                }
+            )
+        };
+        (fixed(self.layout.high.0) || fixed(self.layout.low.0)) && self.balancer.is_none()
+    }
+
+    /// Append new tokens `[batch, kv_heads, n, head_dim]` to the buffer. Refuses NaN/Inf (and
+    /// values beyond fp16 range when a tier stores fp16) before touching the store.
+    pub fn append<T: Element>(&mut self, keys: &[T], values: &[T], dims: &[usize]) -> Result<()> {
+        let [b, h, n, d] = match *dims {
+            [b, h, n, d] => [b, h, n, d],
+            _ => {
+                return Err(KvmixError::Shape(format!(
+                    "keys/values must be [batch, kv_heads, tokens, head_dim], got shape {dims:?}"
+                )))
+            }
+        };
+        if h != self.kv_heads || d != self.head_dim {
+            return Err(KvmixError::Shape(format!(
+                "expected {} kv heads of head_dim {}, got shape {dims:?}",
+                self.kv_heads, self.head_dim
+            )));
+        }
+        if self.batch != 0 && b != self.batch {
+            return Err(KvmixError::Shape(format!(
+                "the store holds a batch of {} sequences, got keys for {b}",
+                self.batch
+            )));
+        }
+        if keys.len() != b * h * n * d || values.len() != keys.len() {
+            return Err(KvmixError::Shape(format!(
+                "keys ({}) and values ({}) must both hold {} elements for shape {dims:?}",
+                keys.len(),
+                values.len(),
+                b * h * n * d
+            )));
+        }
+        let limit = if self.policy == Policy::Full {
+            f32::MAX
+        } else {
+            F16_MAX
+        };
+        let bad = keys
+            .iter()
+            .chain(values)
+            .map(|x| x.to_f32())
+            .find(|x| !x.is_finite() || x.abs() > limit);
+        if let Some(x) = bad {
+            return Err(KvmixError::NonFinite(format!(
+                "keys/values contain {x}; kvmix refuses NaN/Inf{}",
+                if limit < f32::MAX {
+                    " and magnitudes beyond the fp16 range (65504)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        if self.batch == 0 {
+            self.batch = b;
+            self.first_valid = vec![0; b];
+            self.streams = (0..b * h)
+                .map(|_| self.new_stream())
+                .collect::<Result<_>>()?;
+        }
+        let start = self.seen as u32;
+        for (s, stream) in self.streams.iter_mut().enumerate() {
+            let rows = RowBatch {
+                positions: (start..start + n as u32).collect(),
+                keys: keys[s * n * d..(s + 1) * n * d]
+                    .iter()
+                    .map(|x| x.to_f32())
+                    .collect(),
+                values: values[s * n * d..(s + 1) * n * d]
+                    .iter()
+                    .map(|x| x.to_f32())
+                    .collect(),
+                acc: vec![0.0; n],
+                count: vec![0.0; n],
+            };
+            stream.buffer.push(&rows)?;
+        }
+        self.seen += n;
+        self.appends_since_classify += 1;
+        Ok(())
+    }
+
+    /// Mark positions before `first_valid[b]` of sequence `b` as left padding: they are never
+    /// ranked important.
+    pub fn set_first_valid(&mut self, first_valid: &[usize]) -> Result<()> {
+        if first_valid.len() != self.batch {
+            return Err(KvmixError::Shape(format!(
+                "`first_valid` needs one entry per sequence ({}), got {}",
+                self.batch,
+                first_valid.len()
+            )));
+        }
+        self.first_valid = first_valid.to_vec();
+        Ok(())
+    }
+
+    /// MiKV's key balancer `b` `[batch, kv_heads, head_dim]`: keys are stored as `Q(k·b)`.
+    pub fn set_key_balancer(&mut self, balancer: &[f32]) -> Result<()> {
+        let n = self.batch * self.kv_heads * self.head_dim;
+        if self.batch == 0 || balancer.len() != n {
+            return Err(KvmixError::Shape(format!(
+                "the key balancer must be [batch, kv_heads, head_dim] = {n} values after the first \
+                 append, got {}",
+                balancer.len()
+            )));
+        }
+        if balancer.iter().any(|&b| !b.is_finite() || b <= 0.0) {
+            return Err(KvmixError::NonFinite(
+                "key balancer factors must be finite and positive".into(),
+            ));
+        }
+        let inverse: Vec<f32> = balancer.iter().map(|&b| 1.0 / b).collect();
+        for (s, stream) in self.streams.iter_mut().enumerate() {
+            set_stream_balancer(stream, &inverse[s * self.head_dim..(s + 1) * self.head_dim])?;
+        }
+        self.balancer = Some(inverse);
+        Ok(())
+    }
+
+    /// Add importance to the tokens at positions `[start, start + n)` of every stream:
+    /// `acc` and `count` are `[batch, kv_heads, n]`.
+    pub fn add_scores(&mut self, start: usize, acc: &[f32], count: &[f32]) -> Result<()> {
+        let per = self.streams.len();
+        if per == 0 || acc.len() % per != 0 || acc.len() != count.len() {
+            return Err(KvmixError::Shape(format!(
+                "scores must be [batch, kv_heads, tokens] for {per} streams, got {} and {} values",
+                acc.len(),
+                count.len()
+            )));
+        }
+        let n = acc.len() / per;
+        for (s, stream) in self.streams.iter_mut().enumerate() {
+            for tier in stream.tiers_mut() {
+                let Some(sc) = tier.scores.as_mut() else {
+                    continue;
+                };
+                for r in 0..tier.positions.len() {
+                    let p = tier.positions.get(r) as usize;
+                    if p >= start && p < start + n {
+                        sc.acc[r] += acc[s * n + p - start];
+                        sc.count[r] += count[s * n + p - start];
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Add attention probabilities `[batch, q_heads, q_len, tokens]` whose columns follow
+    /// [`Self::dense`]'s position order; `query_positions` (length `q_len`) decide which
+    /// tokens each query could see (for the count).
+    pub fn accumulate_dense(
+        &mut self,
+        probs: &[f32],
+        dims: &[usize],
+        query_positions: &[usize],
+    ) -> Result<()> {
+        let [b, hq, tq, tk] = match *dims {
+            [b, hq, tq, tk] => [b, hq, tq, tk],
+            _ => {
+                return Err(KvmixError::Shape(format!(
+                    "probabilities must be 4-D, got {dims:?}"
+                )))
+            }
+        };
+        let held = self.streams.first().map_or(0, |s| s.len());
+        if b != self.batch
+            || hq % self.kv_heads != 0
+            || tk != held
+            || query_positions.len() != tq
+            || probs.len() != b * hq * tq * tk
+        {
+            return Err(KvmixError::Shape(format!(
+                "probabilities must be [batch={}, q_heads (multiple of {}), q_len={}, tokens={held}], got {dims:?}",
+                self.batch,
+                self.kv_heads,
+                query_positions.len()
+            )));
+        }
+        let rep = hq / self.kv_heads;
+        for (s, stream) in self.streams.iter_mut().enumerate() {
+            let (bi, h) = (s / self.kv_heads, s % self.kv_heads);
+            if stream.len() != tk {
+                return Err(KvmixError::Shape(
+                    "streams of a layer hold different token counts".into(),
+                ));
+            }
+            let order = stream.position_order();
+            let mut acc = vec![0f32; tk];
+            for r in 0..rep {
+                let base = ((bi * hq + h * rep + r) * tq) * tk;
+                for qi in 0..tq {
+                    let row = &probs[base + qi * tk..base + (qi + 1) * tk];
+                    acc.iter_mut().zip(row).for_each(|(a, p)| *a += p);
+                }
+            }
+            let valid = self.first_valid[bi] as u32;
+            let tiers = stream.tiers_mut();
+            for (j, &(t, row, pos)) in order.iter().enumerate() {
+                if let Some(sc) = tiers[t].scores.as_mut() {
+                    sc.acc[row] += acc[j];
+                    let seen_by = query_positions
+                        .iter()
+                        .filter(|&&q| q as u32 >= pos && pos >= valid)
+                        .count();
+                    sc.count[row] += seen_by as f32;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Classify the buffer if the policy says it is time (first call, or `streaming_gap`
+    /// appends since the last classification), or if `force`. Returns whether it ran.
+    pub fn maybe_classify(&mut self, force: bool) -> Result<bool> {
+        let due =
+            !self.classified_once || self.appends_since_classify >= self.policy.streaming_gap();
+        if !(force || due) || self.streams.is_empty() {
+            return Ok(false);
+        }
+        if self.needs_balancer() {
+            return Err(KvmixError::Config(
+                "MiKV's key balancer is on: call `set_key_balancer` (from the prompt's queries and \
+                 keys) before the first classification, or disable `key_balancer`"
+                    .into(),
+            ));
+        }
+        let policy = self.policy;
+        let seen = self.seen;
+        for (s, stream) in self.streams.iter_mut().enumerate() {
+            let first_valid = self.first_valid[s / self.kv_heads] as u32;
+            classify_stream(policy, stream, seen, first_valid)?;
+        }
+        self.appends_since_classify = 0;
+        self.classified_once = true;
+        Ok(true)
+    }
+
+    /// Drop every token at position `>= len`.
+    pub fn crop(&mut self, len: usize) {
+        if len >= self.seen {
+            return;
+        }
+        for stream in &mut self.streams {
+            for tier in stream.tiers_mut() {
+                let keep: Vec<bool> = (0..tier.len())
+                    .map(|r| (tier.positions.get(r) as usize) < len)
+                    .collect();
+                tier.retain(&keep);
+            }
+        }
+        self.seen = len;
+    }
+
+    /// Keep (and reorder) the sequences `indices` of the batch; an index may repeat.
+    pub fn select_batch(&mut self, indices: &[usize]) -> Result<()> {
+        if let Some(&bad) = indices.iter().find(|&&i| i >= self.batch) {
+            return Err(KvmixError::Shape(format!(
+                "batch index {bad} out of range for a batch of {}",
+                self.batch
+            )));
+        }
+        let h = self.kv_heads;
+        self.streams = indices
+            .iter()
+            .flat_map(|&i| self.streams[i * h..(i + 1) * h].iter().cloned())
+            .collect();
+        self.first_valid = indices.iter().map(|&i| self.first_valid[i]).collect();
+        if let Some(b) = &self.balancer {
+            let w = h * self.head_dim;
+            self.balancer = Some(
+                indices
+                    .iter()
+                    .flat_map(|&i| b[i * w..(i + 1) * w].iter().copied())
+                    .collect(),
+            );
+        }
+        self.batch = indices.len();
+        Ok(())
+    }
+
+    /// Repeat every sequence `repeats` times in place (beam search / sampling expansion).
+    pub fn repeat_interleave(&mut self, repeats: usize) -> Result<()> {
+        let idx: Vec<usize> = (0..self.batch)
+            .flat_map(|i| std::iter::repeat_n(i, repeats))
+            .collect();
+        self.select_batch(&idx)
+    }
+
+    /// Empty the store (configuration kept).
+    pub fn reset(&mut self) {
+        self.batch = 0;
+        self.streams.clear();
+        self.first_valid.clear();
+        self.seen = 0;
+        self.appends_since_classify = 0;
+        self.classified_once = false;
+        self.balancer = None;
+    }
+
+    /// Positions and dequantized keys/values of stream `s`, in position order.
+    pub fn dense(&self, s: usize) -> (Vec<u32>, Vec<f32>, Vec<f32>) {
+        let d = self.head_dim;
+        let stream = &self.streams[s];
+        let order = stream.position_order();
+        let tiers = stream.tiers();
+        let mut k = vec![0f32; order.len() * d];
+        let mut v = vec![0f32; order.len() * d];
+        for (j, &(t, r, _)) in order.iter().enumerate() {
+            tiers[t].keys.decode_row(r, &mut k[j * d..(j + 1) * d]);
+            tiers[t].values.decode_row(r, &mut v[j * d..(j + 1) * d]);
+        }
+        (order.iter().map(|o| o.2).collect(), k, v)
+    }
+
+    /// Bytes held, measured from the buffers.
+    pub fn memory(&self) -> MemoryReport {
+        let mut m = MemoryReport::default();
+        for s in &self.streams {
+            m.buffer.add(s.buffer.nbytes());
+            m.high.add(s.high.nbytes());
+            m.low.add(s.low.nbytes());
+            m.tokens += s.len();
+        }
+        m.fp16_bytes = m.tokens * 2 * self.head_dim * 2;
+        m
+    }
+}
+
+fn set_stream_balancer(s: &mut Stream, inverse: &[f32]) -> Result<()> {
+    for tier in [&mut s.high, &mut s.low] {
+        if let Codec::TokenGroups {
+            factor: Factor::Fixed,
+            ..
+        } = tier.keys.codec
+        {
+            tier.keys.set_fixed_factor(inverse)?;
+        }
+    }
+    Ok(())
+}
+
+/// The important set of a heavy-hitter + recent policy among `candidates` (position, score,
+/// valid): the `n_recent` most recent valid tokens plus the `budget - n_recent` best-scored
+/// of the other valid ones.
+fn heavy_and_recent(candidates: &[(u32, f32, bool)], budget: usize, n_recent: usize) -> Vec<bool> {
+    let mut important = vec![false; candidates.len()];
+    let mut by_recency: Vec<usize> = (0..candidates.len()).filter(|&i| candidates[i].2).collect();
+    by_recency.sort_unstable_by_key(|&i| std::cmp::Reverse(candidates[i].0));
+    let n_recent = n_recent.min(budget).min(by_recency.len());
+    for &i in &by_recency[..n_recent] {
+        important[i] = true;
+    }
+    let rest: Vec<usize> = by_recency[n_recent..].to_vec();
+    let scores: Vec<f32> = rest.iter().map(|&i| candidates[i].1).collect();
+    // top_k breaks ties toward the higher index; order `rest` oldest-first so that means recent.
+    let (rest, scores): (Vec<usize>, Vec<f32>) = rest.iter().rev().zip(scores.iter().rev()).unzip();
+    for j in top_k(&scores, budget - n_recent) {
+        important[rest[j]] = true;
+    }
+    important
+}
+
+fn classify_stream(policy: Policy, s: &mut Stream, seen: usize, first_valid: u32) -> Result<()> {
+    let valid_tokens = seen.saturating_sub(first_valid as usize);
+    match policy {
+        Policy::Full => Ok(()),
+        Policy::Mikv(c) => {
+            let budget = (c.ratio * valid_tokens as f64).round() as usize;
+            let n_recent = (c.recent_share * budget as f64).round() as usize;
+            retain_important(s, budget, n_recent, first_valid, true)
+        }
+        Policy::Eviction(c) => {
+            let budget = (c.budget * valid_tokens as f64).round() as usize;
+            let n_recent = (c.recent_share * budget as f64).round() as usize;
+            retain_important(s, budget, n_recent, first_valid, false)
+        }
+        Policy::ZipCache(c) => {
+            let n = s.buffer.len();
+            let all = s.buffer.take(&vec![true; n]);
+            let scores = if c.normalized {
+                normalized(&all.acc, &all.count)
+            } else {
+                all.acc.clone()
+            };
+            let valid: Vec<usize> = (0..n)
+                .filter(|&i| all.positions[i] >= first_valid)
+                .collect();
+            let n_salient = (c.salient_ratio * valid.len() as f64).round() as usize;
+            let valid_scores: Vec<f32> = valid.iter().map(|&i| scores[i]).collect();
+            let mut salient = vec![false; n];
+            for j in top_k(&valid_scores, n_salient) {
+                salient[valid[j]] = true;
+            }
+            let regular: Vec<bool> = salient.iter().map(|&x| !x).collect();
+            s.high.push(&all.select(&salient, s.buffer.keys.dim))?;
+            s.low.push(&all.select(&regular, s.buffer.keys.dim))
+        }
+        Policy::Uniform(c) => {
+            let n_flush = s.buffer.len() / c.residual * c.residual;
+            let pick: Vec<bool> = (0..s.buffer.len()).map(|i| i < n_flush).collect();
+            let rows = s.buffer.take(&pick);
+            let d = s.buffer.keys.dim;
+            // One segment per block of `residual` tokens: keys get per-channel statistics per block.
+            for blk in 0..n_flush / c.residual {
+                let pick: Vec<bool> = (0..n_flush).map(|i| i / c.residual == blk).collect();
+                s.low.push(&rows.select(&pick, d))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Keep the important set (high tier + buffer candidates) in the high tier; the others are
+/// demoted to the low tier (`demote`) or dropped.
+fn retain_important(
+    s: &mut Stream,
+    budget: usize,
+    n_recent: usize,
+    first_valid: u32,
+    demote: bool,
+) -> Result<()> {
+    let d = s.buffer.keys.dim;
+    let score = |t: &Tier, r: usize| t.scores.as_ref().map_or(0.0, |x| x.acc[r]);
+    let mut candidates = Vec::new();
+    for t in [&s.high, &s.buffer] {
+        for r in 0..t.len() {
+            let p = t.positions.get(r);
+            candidates.push((p, score(t, r), p >= first_valid));
+        }
+    }
+    let important = heavy_and_recent(&candidates, budget, n_recent);
+    let (in_high, in_buffer) = important.split_at(s.high.len());
+    let leaving: Vec<bool> = in_high.iter().map(|&i| !i).collect();
+    let demoted = s.high.take(&leaving);
+    let n_buf = s.buffer.len();
+    let incoming = s.buffer.take(&vec![true; n_buf]);
+    let to_low: Vec<bool> = in_buffer.iter().map(|&i| !i).collect();
+    s.high.push(&incoming.select(in_buffer, d))?;
+    if demote {
+        s.low.push(&demoted)?;
+        s.low.push(&incoming.select(&to_low, d))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "layer_tests.rs"]
+mod tests;

@@ -1,0 +1,366 @@
+//! Invariants of the layer store under every policy: no token is lost except by eviction,
+//! positions stay consistent through every operation, and byte counts are the buffers' sizes.
+
+use super::*;
+use crate::store::policy::{EvictionConfig, MikvConfig, UniformConfig, ZipCacheConfig};
+use proptest::prelude::*;
+
+const H: usize = 2;
+const D: usize = 16;
+
+fn policies() -> Vec<Policy> {
+    vec![
+        Policy::Full,
+        Policy::Mikv(MikvConfig {
+            streaming_gap: 1,
+            ..Default::default()
+        }),
+        Policy::Mikv(MikvConfig {
+            high_bits: Some(8),
+            low_bits: 3,
+            key_balancer: false,
+            streaming_gap: 3,
+            ..Default::default()
+        }),
+        Policy::ZipCache(ZipCacheConfig {
+            streaming_gap: 4,
+            ..Default::default()
+        }),
+        Policy::Uniform(UniformConfig {
+            bits: 2,
+            residual: 8,
+            group_size: None,
+        }),
+        Policy::Eviction(EvictionConfig {
+            budget: 0.3,
+            ..Default::default()
+        }),
+    ]
+}
+
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        })
+        .collect()
+}
+
+fn store(policy: Policy, batch: usize, prompt: usize, seed: u64) -> LayerStore {
+    let mut st = LayerStore::new(policy, H, D, DenseDtype::F32).unwrap();
+    let n = batch * H * prompt * D;
+    st.append(&data(n, seed), &data(n, seed + 1), &[batch, H, prompt, D])
+        .unwrap();
+    if st.needs_balancer() {
+        st.set_key_balancer(&vec![1.5; batch * H * D]).unwrap();
+    }
+    let acc = data(batch * H * prompt, seed + 2)
+        .iter()
+        .map(|x| x.abs())
+        .collect::<Vec<_>>();
+    st.add_scores(0, &acc, &vec![1.0; acc.len()]).unwrap();
+    st.maybe_classify(false).unwrap();
+    st
+}
+
+fn decode(st: &mut LayerStore, steps: usize, seed: u64) {
+    let b = st.batch;
+    for i in 0..steps {
+        let n = b * H * D;
+        st.append(
+            &data(n, seed + i as u64),
+            &data(n, seed + 100 + i as u64),
+            &[b, H, 1, D],
+        )
+        .unwrap();
+        let held = st.streams[0].len();
+        let probs: Vec<f32> = data(b * 2 * H * held, seed + 7 * i as u64)
+            .iter()
+            .map(|x| x.abs() / held as f32)
+            .collect();
+        let q = [st.seen() - 1];
+        st.accumulate_dense(&probs, &[b, 2 * H, 1, held], &q)
+            .unwrap();
+        st.maybe_classify(false).unwrap();
+    }
+}
+
+fn positions(st: &LayerStore, s: usize) -> Vec<u32> {
+    st.dense(s).0
+}
+
+fn evicts(p: &Policy) -> bool {
+    matches!(p, Policy::Eviction(_))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn no_token_lost_and_positions_consistent(prompt in 1usize..40, steps in 0usize..12, batch in 1usize..3, seed in any::<u64>()) {
+        for policy in policies() {
+            let mut st = store(policy, batch, prompt, seed);
+            decode(&mut st, steps, seed);
+            let seen = (prompt + steps) as u32;
+            for s in 0..st.streams.len() {
+                let pos = positions(&st, s);
+                prop_assert!(pos.windows(2).all(|w| w[0] < w[1]), "positions unique and ordered");
+                prop_assert!(pos.iter().all(|&p| p < seen));
+                if !evicts(&policy) {
+                    prop_assert_eq!(pos, (0..seen).collect::<Vec<_>>(), "{:?} lost a token", policy);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bytes_are_the_sum_of_the_buffers(prompt in 1usize..40, steps in 0usize..6, seed in any::<u64>()) {
+        for policy in policies() {
+            let mut st = store(policy, 1, prompt, seed);
+            decode(&mut st, steps, seed);
+            let m = st.memory();
+            let mut total = 0;
+            for s in &st.streams {
+                for t in s.tiers() {
+                    for rows in [&t.keys, &t.values] {
+                        let data = match &rows.data {
+                            crate::store::codec::RowData::F16(v) => v.len() * 2,
+                            crate::store::codec::RowData::BF16(v) => v.len() * 2,
+                            crate::store::codec::RowData::F32(v) => v.len() * 4,
+                            crate::store::codec::RowData::Packed(v) => v.len(),
+                        };
+                        let seg: usize = rows.segments.iter().map(|g| 2 * (g.factor.len() + g.scale.len() + g.offset.len())).sum();
+                        total += data + seg + 2 * (rows.row_scale.len() + rows.row_offset.len() + rows.fixed_factor.len()) + 4 * rows.row_segment.len();
+                    }
+                    total += t.positions.nbytes() + t.scores.as_ref().map_or(0, |x| 4 * (x.acc.len() + x.count.len()));
+                }
+            }
+            prop_assert_eq!(m.total(), total);
+            prop_assert_eq!(m.fp16_bytes, m.tokens * 2 * D * 2);
+        }
+    }
+
+    #[test]
+    fn crop_and_batch_ops_keep_positions(prompt in 2usize..30, steps in 0usize..8, cut in 0usize..40, seed in any::<u64>()) {
+        for policy in policies() {
+            let mut st = store(policy, 2, prompt, seed);
+            decode(&mut st, steps, seed);
+            let before: Vec<Vec<u32>> = (0..st.streams.len()).map(|s| positions(&st, s)).collect();
+            let mut sel = st.clone();
+            sel.select_batch(&[1, 0]).unwrap();
+            prop_assert_eq!(positions(&sel, 0), before[H].clone());
+            prop_assert_eq!(positions(&sel, H), before[0].clone());
+            let mut rep = st.clone();
+            rep.repeat_interleave(2).unwrap();
+            prop_assert_eq!(rep.batch, 4);
+            prop_assert_eq!(rep.dense(2 * H), st.dense(H));
+            st.crop(cut);
+            for (s, b) in before.iter().enumerate() {
+                let want: Vec<u32> = b.iter().copied().filter(|&p| (p as usize) < cut).collect();
+                prop_assert_eq!(positions(&st, s), want);
+            }
+        }
+    }
+}
+
+#[test]
+fn mikv_keeps_budget_at_high_precision() {
+    let policy = Policy::Mikv(MikvConfig {
+        key_balancer: false,
+        ..Default::default()
+    });
+    let mut st = store(policy, 1, 50, 3);
+    decode(&mut st, 10, 5);
+    for s in &st.streams {
+        assert_eq!(s.high.len(), 12, "round(0.2 * 60) tokens stay in fp16");
+        assert_eq!(s.len(), 60);
+        // The 6 most recent tokens are among them.
+        let high: Vec<u32> = s.high.positions.to_vec();
+        assert!((54..60).all(|p| high.contains(&p)), "{high:?}");
+    }
+}
+
+#[test]
+fn demotion_quantizes_from_high_precision_values() {
+    // A token demoted from the fp16 tier decodes to Q(fp16(x)), not to a twice-quantized value.
+    let policy = Policy::Mikv(MikvConfig {
+        key_balancer: false,
+        ratio: 0.5,
+        streaming_gap: 1,
+        ..Default::default()
+    });
+    let mut st = LayerStore::new(policy, 1, D, DenseDtype::F32).unwrap();
+    let k = data(4 * D, 1);
+    st.append(&k, &k, &[1, 1, 4, D]).unwrap();
+    st.add_scores(0, &[0.0, 10.0, 0.0, 0.0], &[1.0; 4]).unwrap();
+    st.maybe_classify(false).unwrap();
+    assert_eq!(st.streams[0].high.positions.to_vec(), vec![1, 3]);
+    // Newer, better-scored tokens push position 1 out of the important set.
+    for i in 0..4 {
+        st.append(&data(D, 10 + i), &data(D, 20 + i), &[1, 1, 1, D])
+            .unwrap();
+        st.add_scores(4 + i as usize, &[20.0], &[1.0]).unwrap();
+        st.maybe_classify(false).unwrap();
+    }
+    let low = &st.streams[0].low;
+    let r = (0..low.len())
+        .find(|&r| low.positions.get(r) == 1)
+        .expect("position 1 demoted");
+    let mut got = vec![0f32; D];
+    low.keys.decode_row(r, &mut got);
+    let fp16: Vec<f32> = k[D..2 * D]
+        .iter()
+        .map(|&x| half::f16::from_f32(x).to_f32())
+        .collect();
+    let spec = crate::quant::QuantSpec {
+        bits: 2,
+        grouping: crate::quant::Grouping::TokenGroups { group_size: D / 2 },
+        param_dtype: crate::quant::ParamDtype::F16,
+    };
+    let want: Vec<f32> = crate::quant::quantize(&fp16, &[1, D], spec, None)
+        .unwrap()
+        .dequantize();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn zipcache_salient_ratio_and_chunks() {
+    let mut st = store(
+        Policy::ZipCache(ZipCacheConfig {
+            streaming_gap: 5,
+            ..Default::default()
+        }),
+        1,
+        100,
+        9,
+    );
+    for s in &st.streams {
+        assert_eq!((s.high.len(), s.low.len(), s.buffer.len()), (40, 60, 0));
+    }
+    decode(&mut st, 4, 1);
+    assert_eq!(st.streams[0].buffer.len(), 4, "waits for the streaming gap");
+    decode(&mut st, 1, 2);
+    assert_eq!(st.streams[0].buffer.len(), 0);
+    assert_eq!(st.streams[0].high.len(), 42);
+}
+
+#[test]
+fn eviction_drops_to_budget() {
+    let mut st = store(Policy::Eviction(EvictionConfig::default()), 1, 100, 4);
+    assert!(st.streams.iter().all(|s| s.len() == 20));
+    decode(&mut st, 10, 3);
+    assert!(st.streams.iter().all(|s| s.len() == 22));
+}
+
+#[test]
+fn uniform_keeps_residual_in_full_precision() {
+    let st = store(
+        Policy::Uniform(UniformConfig {
+            bits: 4,
+            residual: 16,
+            group_size: None,
+        }),
+        1,
+        40,
+        4,
+    );
+    for s in &st.streams {
+        assert_eq!((s.low.len(), s.buffer.len()), (32, 8));
+        assert_eq!(
+            s.low.keys.segments.len(),
+            2,
+            "one per-channel block per 16 tokens"
+        );
+    }
+}
+
+#[test]
+fn padding_is_never_important() {
+    let policy = Policy::ZipCache(ZipCacheConfig::default());
+    let mut st = LayerStore::new(policy, 1, D, DenseDtype::F32).unwrap();
+    st.append(&data(10 * D, 1), &data(10 * D, 2), &[1, 1, 10, D])
+        .unwrap();
+    st.set_first_valid(&[5]).unwrap();
+    let mut acc = vec![0.0; 10];
+    acc[..5].fill(100.0);
+    st.add_scores(0, &acc, &[1.0; 10]).unwrap();
+    st.maybe_classify(false).unwrap();
+    assert!(st.streams[0]
+        .high
+        .positions
+        .to_vec()
+        .iter()
+        .all(|&p| p >= 5));
+}
+
+#[test]
+fn bad_input_leaves_the_store_untouched() {
+    let mut st = store(Policy::ZipCache(ZipCacheConfig::default()), 1, 8, 1);
+    let before = st.dense(0);
+    let mut nan = data(H * D, 3);
+    nan[3] = f32::NAN;
+    assert!(matches!(
+        st.append(&nan, &nan, &[1, H, 1, D]),
+        Err(KvmixError::NonFinite(_))
+    ));
+    assert!(matches!(
+        st.append(&data(H * D, 1), &data(H * D, 1), &[2, H, 1, D / 2]),
+        Err(KvmixError::Shape(_))
+    ));
+    let big = vec![1e6f32; H * D];
+    assert!(matches!(
+        st.append(&big, &big, &[1, H, 1, D]),
+        Err(KvmixError::NonFinite(_))
+    ));
+    assert_eq!(st.dense(0), before);
+    assert_eq!(st.seen(), 8);
+}
+
+#[test]
+fn missing_balancer_is_a_clear_error() {
+    let mut st =
+        LayerStore::new(Policy::Mikv(MikvConfig::default()), 1, D, DenseDtype::F32).unwrap();
+    st.append(&data(4 * D, 1), &data(4 * D, 2), &[1, 1, 4, D])
+        .unwrap();
+    let e = st.maybe_classify(false).unwrap_err();
+    assert!(e.to_string().contains("set_key_balancer"));
+}
+
+#[test]
+fn invalid_configuration_is_refused() {
+    let bad = [
+        Policy::Mikv(MikvConfig {
+            ratio: 1.5,
+            ..Default::default()
+        }),
+        Policy::Mikv(MikvConfig {
+            high_bits: Some(3),
+            ..Default::default()
+        }),
+        Policy::ZipCache(ZipCacheConfig {
+            streaming_gap: 0,
+            ..Default::default()
+        }),
+        Policy::Uniform(UniformConfig {
+            bits: 3,
+            ..Default::default()
+        }),
+        Policy::Eviction(EvictionConfig {
+            budget: -0.1,
+            ..Default::default()
+        }),
+    ];
+    for p in bad {
+        assert!(
+            matches!(
+                LayerStore::new(p, 2, 64, DenseDtype::F32),
+                Err(KvmixError::Config(_))
+            ),
+            "{p:?}"
+        );
+    }
+}

@@ -1,0 +1,11 @@
+//! The per-layer mixed-precision KV store: codecs and row containers, tiers, policies.
+
+pub mod codec;
+pub mod layer;
+pub mod policy;
+pub mod tier;
+
+pub use codec::{Codec, DenseDtype, Factor};
+pub use layer::{LayerStore, MemoryReport, Stream};
+pub use policy::{EvictionConfig, MikvConfig, Policy, UniformConfig, ZipCacheConfig};
+pub use tier::{RowBatch, Tier, TierBytes};

@@ -1,0 +1,277 @@
+//! The methods as configurations of the store: which codecs each tier uses and how the
+//! buffered tokens are classified.
+
+use super::codec::{Codec, DenseDtype, Factor};
+use crate::error::{KvmixError, Result};
+use crate::importance::CountMode;
+
+/// MiKV (Yang et al., 2024): important tokens (heavy hitters + recent) at high precision,
+/// every other token kept at low precision; the important set is trimmed back to its budget
+/// as decoding proceeds and the tokens leaving it are demoted, never dropped.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MikvConfig {
+    /// Fraction of tokens kept at high precision (half heavy hitters, half recent).
+    pub ratio: f64,
+    /// Fraction of the budget reserved for the most recent tokens.
+    pub recent_share: f64,
+    /// High tier: `None` = fp16, else int8/int4 per-token groups.
+    pub high_bits: Option<u8>,
+    pub low_bits: u8,
+    /// Per-token group size; `None` = head_dim / 2.
+    pub group_size: Option<usize>,
+    /// Outlier-aware keys (the channel balancer from the prompt's queries).
+    pub key_balancer: bool,
+    /// Decoding steps between classifications (1 = H2O's per-step trimming).
+    pub streaming_gap: usize,
+}
+
+impl Default for MikvConfig {
+    fn default() -> Self {
+        MikvConfig {
+            ratio: 0.2,
+            recent_share: 0.5,
+            high_bits: None,
+            low_bits: 2,
+            group_size: None,
+            key_balancer: true,
+            streaming_gap: 1,
+        }
+    }
+}
+
+/// ZipCache (He et al., 2024): salient tokens by normalized attention at `high_bits`,
+/// the rest at `low_bits`; keys per-channel, values channel-separable tokenwise.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ZipCacheConfig {
+    pub salient_ratio: f64,
+    pub high_bits: u8,
+    pub low_bits: u8,
+    pub probe_recent: f64,
+    pub probe_random: f64,
+    pub count_mode: CountMode,
+    /// `false` ranks by plain accumulated attention (for ablations).
+    pub normalized: bool,
+    pub streaming_gap: usize,
+}
+
+impl Default for ZipCacheConfig {
+    fn default() -> Self {
+        ZipCacheConfig {
+            salient_ratio: 0.4,
+            high_bits: 4,
+            low_bits: 2,
+            probe_recent: 0.05,
+            probe_random: 0.05,
+            count_mode: CountMode::Exact,
+            normalized: true,
+            streaming_gap: 100,
+        }
+    }
+}
+
+/// KIVI-style uniform quantization: keys per-channel over blocks of `residual` tokens,
+/// values per-token groups; the newest `< residual` tokens stay in full precision.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UniformConfig {
+    pub bits: u8,
+    pub residual: usize,
+    /// Value group size; `None` = min(64, head_dim).
+    pub group_size: Option<usize>,
+}
+
+impl Default for UniformConfig {
+    fn default() -> Self {
+        UniformConfig {
+            bits: 2,
+            residual: 128,
+            group_size: None,
+        }
+    }
+}
+
+/// H2O-style eviction: keep heavy hitters + recent tokens within `budget`, drop the rest.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EvictionConfig {
+    pub budget: f64,
+    pub recent_share: f64,
+    pub streaming_gap: usize,
+}
+
+impl Default for EvictionConfig {
+    fn default() -> Self {
+        EvictionConfig {
+            budget: 0.2,
+            recent_share: 0.5,
+            streaming_gap: 1,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Policy {
+    /// Everything kept in full precision (the identity configuration, for testing).
+    Full,
+    Mikv(MikvConfig),
+    ZipCache(ZipCacheConfig),
+    Uniform(UniformConfig),
+    Eviction(EvictionConfig),
+}
+
+/// Codecs of the three tiers of a stream.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Layout {
+    pub buffer: DenseDtype,
+    pub high: (Codec, Codec),
+    pub low: (Codec, Codec),
+    /// Whether high-tier rows keep their scores (they are ranked again later).
+    pub high_scored: bool,
+}
+
+fn check_ratio(name: &str, v: f64) -> Result<()> {
+    if (0.0..=1.0).contains(&v) {
+        Ok(())
+    } else {
+        Err(KvmixError::Config(format!(
+            "`{name}` must be in [0, 1], got {v}"
+        )))
+    }
+}
+
+fn check_bits_in(name: &str, bits: u8, valid: &[u8]) -> Result<()> {
+    if valid.contains(&bits) {
+        Ok(())
+    } else {
+        Err(KvmixError::Config(format!(
+            "`{name}` must be one of {valid:?}, got {bits}"
+        )))
+    }
+}
+
+fn check_gap(gap: usize) -> Result<()> {
+    if gap == 0 {
+        return Err(KvmixError::Config(
+            "`streaming_gap` must be at least 1, got 0".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl Policy {
+    /// Validate the configuration and derive the tier codecs for `head_dim`.
+    pub fn layout(&self, head_dim: usize, buffer: DenseDtype) -> Result<Layout> {
+        let full = Codec::Dense(buffer);
+        let layout = match *self {
+            Policy::Full => Layout {
+                buffer,
+                high: (full, full),
+                low: (full, full),
+                high_scored: false,
+            },
+            Policy::Mikv(c) => {
+                check_ratio("ratio", c.ratio)?;
+                check_ratio("recent_share", c.recent_share)?;
+                check_bits_in("low_bits", c.low_bits, &[1, 2, 3, 4, 8])?;
+                check_gap(c.streaming_gap)?;
+                let g = c.group_size.unwrap_or((head_dim / 2).max(1));
+                let key_factor = if c.key_balancer {
+                    Factor::Fixed
+                } else {
+                    Factor::None
+                };
+                let tg = |bits, factor| Codec::TokenGroups {
+                    bits,
+                    group_size: g,
+                    factor,
+                };
+                let high = match c.high_bits {
+                    None => (Codec::Dense(DenseDtype::F16), Codec::Dense(DenseDtype::F16)),
+                    Some(b) => {
+                        check_bits_in("high_bits", b, &[4, 8])?;
+                        (tg(b, key_factor), tg(b, Factor::None))
+                    }
+                };
+                Layout {
+                    buffer,
+                    high,
+                    low: (tg(c.low_bits, key_factor), tg(c.low_bits, Factor::None)),
+                    high_scored: true,
+                }
+            }
+            Policy::ZipCache(c) => {
+                check_ratio("salient_ratio", c.salient_ratio)?;
+                check_ratio("probe_recent", c.probe_recent)?;
+                check_ratio("probe_random", c.probe_random)?;
+                check_bits_in("high_bits", c.high_bits, &[2, 3, 4, 8])?;
+                check_bits_in("low_bits", c.low_bits, &[1, 2, 3, 4])?;
+                check_gap(c.streaming_gap)?;
+                let tier = |bits| {
+                    (
+                        Codec::Channel { bits },
+                        Codec::TokenGroups {
+                            bits,
+                            group_size: head_dim,
+                            factor: Factor::Separable,
+                        },
+                    )
+                };
+                Layout {
+                    buffer,
+                    high: tier(c.high_bits),
+                    low: tier(c.low_bits),
+                    high_scored: false,
+                }
+            }
+            Policy::Uniform(c) => {
+                check_bits_in("bits", c.bits, &[2, 4, 8])?;
+                if c.residual == 0 {
+                    return Err(KvmixError::Config(
+                        "`residual` must be at least 1, got 0".into(),
+                    ));
+                }
+                let g = c.group_size.unwrap_or(head_dim.min(64));
+                let low = (
+                    Codec::Channel { bits: c.bits },
+                    Codec::TokenGroups {
+                        bits: c.bits,
+                        group_size: g,
+                        factor: Factor::None,
+                    },
+                );
+                Layout {
+                    buffer,
+                    high: (full, full),
+                    low,
+                    high_scored: false,
+                }
+            }
+            Policy::Eviction(c) => {
+                check_ratio("budget", c.budget)?;
+                check_ratio("recent_share", c.recent_share)?;
+                check_gap(c.streaming_gap)?;
+                let f16 = Codec::Dense(DenseDtype::F16);
+                Layout {
+                    buffer,
+                    high: (f16, f16),
+                    low: (f16, f16),
+                    high_scored: true,
+                }
+            }
+        };
+        layout.high.0.validate(head_dim)?;
+        layout.high.1.validate(head_dim)?;
+        layout.low.0.validate(head_dim)?;
+        layout.low.1.validate(head_dim)?;
+        Ok(layout)
+    }
+
+    /// Decoding steps to buffer before classifying again.
+    pub fn streaming_gap(&self) -> usize {
+        match *self {
+            Policy::Full => usize::MAX,
+            Policy::Mikv(c) => c.streaming_gap,
+            Policy::ZipCache(c) => c.streaming_gap,
+            Policy::Uniform(c) => c.residual,
+            Policy::Eviction(c) => c.streaming_gap,
+        }
+    }
+}

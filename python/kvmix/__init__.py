@@ -5,7 +5,15 @@ the public parts of it next to the pure-Python layers.
 """
 
 from kvmix import quant, reference
-from kvmix._kvmix import QuantizedTensor, __version__, num_threads
+from kvmix._kvmix import (
+    LayerStore,
+    QuantizedTensor,
+    __version__,
+    num_threads,
+    probe_positions,
+    probe_scores,
+    top_k,
+)
 from kvmix.errors import ConfigError, DTypeError, KvmixError, NonFiniteError, ShapeError
 from kvmix.quant import (
     channel_absmax,
@@ -23,6 +31,7 @@ __all__ = [
     "ConfigError",
     "DTypeError",
     "KvmixError",
+    "LayerStore",
     "NonFiniteError",
     "QuantizedTensor",
     "ShapeError",
@@ -32,11 +41,14 @@ __all__ = [
     "key_balancer",
     "num_threads",
     "pack_bits",
+    "probe_positions",
+    "probe_scores",
     "quant",
     "quantize",
     "quantize_balanced_keys",
     "quantize_channel_separable",
     "reference",
     "separable_channel_scale",
+    "top_k",
     "unpack_bits",
 ]

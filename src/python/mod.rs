@@ -5,6 +5,7 @@
 mod arrays;
 mod errors;
 mod quant;
+mod store;
 
 use pyo3::prelude::*;
 
@@ -12,6 +13,7 @@ use pyo3::prelude::*;
 fn _kvmix(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     quant::register(m)?;
+    store::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     Ok(())

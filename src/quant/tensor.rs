@@ -186,7 +186,7 @@ fn param_count(geo: Geometry, grouping: Grouping) -> usize {
 }
 
 /// Split `buf` into consecutive mutable pieces of the given lengths.
-fn split_mut<'a, T>(mut buf: &'a mut [T], lens: impl Iterator<Item = usize>) -> Vec<&'a mut [T]> {
+fn split_mut<T>(mut buf: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
     let mut out = Vec::new();
     for n in lens {
         let (head, tail) = std::mem::take(&mut buf).split_at_mut(n);

@@ -177,8 +177,10 @@ pub struct EncodedRows {
     /// TokenGroups: `dim / group_size` scales and offsets per row.
     pub row_scale: Vec<f16>,
     pub row_offset: Vec<f16>,
-    /// Segment of each row, for codecs with segment parameters.
-    pub row_segment: Vec<u32>,
+    /// First row of each segment (ascending), for codecs with segment parameters. Rows of a
+    /// segment are contiguous (appended together, and `retain` keeps order), so one index per
+    /// segment suffices where one per row would cost 4 bytes a token.
+    pub segment_start: Vec<u32>,
     pub segments: Vec<Segment>,
     /// The stream's fixed factor (Factor::Fixed), `[dim]`.
     pub fixed_factor: Vec<f16>,
@@ -200,7 +202,7 @@ impl EncodedRows {
             data,
             row_scale: Vec::new(),
             row_offset: Vec::new(),
-            row_segment: Vec::new(),
+            segment_start: Vec::new(),
             segments: Vec::new(),
             fixed_factor: Vec::new(),
             len: 0,
@@ -309,8 +311,7 @@ impl EncodedRows {
             ParamVec::F32(v) => v.iter().map(|&x| f16::from_f32(x)).collect(),
         };
         if self.codec.has_segments() {
-            let seg_id = self.segments.len() as u32;
-            self.row_segment.extend(std::iter::repeat_n(seg_id, n));
+            self.segment_start.push(self.len as u32);
             let mut seg = Segment::default();
             if let (Factor::Separable, Some(cs)) = (factor, &q.channel_scale) {
                 seg.factor = halves(cs);
@@ -346,7 +347,7 @@ impl EncodedRows {
                 let bits = self.codec.bits().unwrap_or(8);
                 let mut c = vec![0u8; d];
                 quant::unpack(&codes[i * rb..(i + 1) * rb], bits, &mut c);
-                let seg = self.row_segment.get(i).map(|&s| &self.segments[s as usize]);
+                let seg = self.segment_of(i).map(|s| &self.segments[s]);
                 match self.codec {
                     Codec::TokenGroups { group_size, .. } => {
                         let g = self.groups();
@@ -405,27 +406,35 @@ impl EncodedRows {
         let g = self.groups();
         compact(&mut self.row_scale, g, keep);
         compact(&mut self.row_offset, g, keep);
-        compact(&mut self.row_segment, 1, keep);
+        self.retain_segments(keep);
         self.len = keep.iter().filter(|&&k| k).count();
-        self.drop_unused_segments();
     }
 
-    fn drop_unused_segments(&mut self) {
+    /// Segment holding row `i`.
+    pub fn segment_of(&self, i: usize) -> Option<usize> {
+        self.segment_start
+            .partition_point(|&s| s as usize <= i)
+            .checked_sub(1)
+    }
+
+    /// New segment starts after `retain(keep)`; segments left without rows are dropped.
+    fn retain_segments(&mut self, keep: &[bool]) {
         if self.segments.is_empty() {
             return;
         }
-        let mut used = vec![false; self.segments.len()];
-        for &s in &self.row_segment {
-            used[s as usize] = true;
-        }
-        if used.iter().all(|&u| u) {
-            return;
-        }
-        let mut remap = vec![0u32; used.len()];
-        let mut next = 0u32;
-        for (i, &u) in used.iter().enumerate() {
-            remap[i] = next;
-            next += u as u32;
+        let ends = self.segment_start.iter().skip(1).map(|&s| s as usize);
+        let ends = ends.chain([self.len]);
+        let mut starts = Vec::with_capacity(self.segments.len());
+        let mut used = Vec::with_capacity(self.segments.len());
+        let (mut begin, mut kept) = (0usize, 0u32);
+        for end in ends {
+            let n = keep[begin..end].iter().filter(|&&k| k).count() as u32;
+            used.push(n > 0);
+            if n > 0 {
+                starts.push(kept);
+            }
+            kept += n;
+            begin = end;
         }
         let old = std::mem::take(&mut self.segments);
         self.segments = old
@@ -434,9 +443,7 @@ impl EncodedRows {
             .filter(|(_, &u)| u)
             .map(|(s, _)| s)
             .collect();
-        for s in &mut self.row_segment {
-            *s = remap[*s as usize];
-        }
+        self.segment_start = starts;
     }
 
     /// Drop every row (keeps the codec and the fixed factor).
@@ -456,7 +463,7 @@ impl EncodedRows {
             data: self.data.nbytes(),
             params: (self.row_scale.len() + self.row_offset.len() + self.fixed_factor.len()) * 2
                 + seg_params,
-            index: self.row_segment.len() * 4,
+            index: self.segment_start.len() * 4,
         }
     }
 }

@@ -63,6 +63,7 @@ pub struct MemoryReport {
     pub low: TierBytes,
     /// Tokens held (summed over streams).
     pub tokens: usize,
+    /// Bytes of a dense fp16 cache of every token seen (summed over streams).
     pub fp16_bytes: usize,
 }
 
@@ -480,7 +481,8 @@ impl LayerStore {
             m.low.add(s.low.nbytes());
             m.tokens += s.len();
         }
-        m.fp16_bytes = m.tokens * 2 * self.head_dim * 2;
+        // What a dense fp16 cache of every token seen would hold (eviction holds fewer).
+        m.fp16_bytes = self.streams.len() * self.seen * 2 * self.head_dim * 2;
         m
     }
 }

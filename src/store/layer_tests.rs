@@ -134,13 +134,16 @@ proptest! {
                             crate::store::codec::RowData::Packed(v) => v.len(),
                         };
                         let seg: usize = rows.segments.iter().map(|g| 2 * (g.factor.len() + g.scale.len() + g.offset.len())).sum();
-                        total += data + seg + 2 * (rows.row_scale.len() + rows.row_offset.len() + rows.fixed_factor.len()) + 4 * rows.row_segment.len();
+                        total += data + seg + 2 * (rows.row_scale.len() + rows.row_offset.len() + rows.fixed_factor.len()) + 4 * rows.segment_start.len();
                     }
                     total += t.positions.nbytes() + t.scores.as_ref().map_or(0, |x| 4 * (x.acc.len() + x.count.len()));
                 }
             }
             prop_assert_eq!(m.total(), total);
-            prop_assert_eq!(m.fp16_bytes, m.tokens * 2 * D * 2);
+            prop_assert_eq!(m.fp16_bytes, st.streams.len() * st.seen() * 2 * D * 2);
+            if !evicts(&policy) {
+                prop_assert_eq!(m.tokens, st.streams.len() * st.seen());
+            }
         }
     }
 

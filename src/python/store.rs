@@ -1,0 +1,400 @@
+//! Bindings of the layer store and the importance functions, for experiments on numpy
+//! arrays and for the transformers cache layers.
+
+use super::arrays::{to_numpy, FloatArray, FloatSlice};
+use super::errors::detached;
+use crate::error::KvmixError;
+use crate::importance::{self, CountMode};
+use crate::store::{
+    DenseDtype, EvictionConfig, LayerStore, MemoryReport, MikvConfig, Policy, TierBytes,
+    UniformConfig, ZipCacheConfig,
+};
+use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyLayerStore>()?;
+    m.add_function(wrap_pyfunction!(probe_positions, m)?)?;
+    m.add_function(wrap_pyfunction!(probe_scores, m)?)?;
+    m.add_function(wrap_pyfunction!(top_k, m)?)?;
+    Ok(())
+}
+
+/// Read the keys of `config` into `set`, refusing unknown ones with the list of valid keys.
+fn read_config(
+    config: Option<&Bound<'_, PyDict>>,
+    policy: &str,
+    valid: &[&str],
+    mut set: impl FnMut(&str, &Bound<'_, PyAny>) -> PyResult<()>,
+) -> PyResult<()> {
+    let Some(config) = config else { return Ok(()) };
+    for (k, v) in config.iter() {
+        let key: String = k.extract()?;
+        if !valid.contains(&key.as_str()) {
+            return Err(KvmixError::Config(format!(
+                "unknown option `{key}` for policy '{policy}'; valid options: {}",
+                valid.join(", ")
+            ))
+            .into());
+        }
+        if !v.is_none() {
+            set(&key, &v)?;
+        }
+    }
+    Ok(())
+}
+
+fn count_mode(name: &str) -> PyResult<CountMode> {
+    match name {
+        "exact" => Ok(CountMode::Exact),
+        "full_matrix" => Ok(CountMode::FullMatrix),
+        _ => Err(KvmixError::Config(format!(
+            "`count_mode` must be 'exact' or 'full_matrix', got {name:?}"
+        ))
+        .into()),
+    }
+}
+
+fn parse_policy(name: &str, config: Option<&Bound<'_, PyDict>>) -> PyResult<Policy> {
+    Ok(match name {
+        "full" => {
+            read_config(config, name, &[], |_, _| Ok(()))?;
+            Policy::Full
+        }
+        "mikv" => {
+            let mut c = MikvConfig::default();
+            let keys = ["ratio", "recent_share", "high_bits", "low_bits", "group_size", "key_balancer", "streaming_gap"];
+            read_config(config, name, &keys, |k, v| {
+                match k {
+                    "ratio" => c.ratio = v.extract()?,
+                    "recent_share" => c.recent_share = v.extract()?,
+                    "high_bits" => c.high_bits = Some(v.extract()?),
+                    "low_bits" => c.low_bits = v.extract()?,
+                    "group_size" => c.group_size = Some(v.extract()?),
+                    "key_balancer" => c.key_balancer = v.extract()?,
+                    _ => c.streaming_gap = v.extract()?,
+                }
+                Ok(())
+            })?;
+            Policy::Mikv(c)
+        }
+        "zipcache" => {
+            let mut c = ZipCacheConfig::default();
+            let keys = [
+                "salient_ratio", "high_bits", "low_bits", "probe_recent", "probe_random", "count_mode",
+                "normalized", "streaming_gap",
+            ];
+            read_config(config, name, &keys, |k, v| {
+                match k {
+                    "salient_ratio" => c.salient_ratio = v.extract()?,
+                    "high_bits" => c.high_bits = v.extract()?,
+                    "low_bits" => c.low_bits = v.extract()?,
+                    "probe_recent" => c.probe_recent = v.extract()?,
+                    "probe_random" => c.probe_random = v.extract()?,
+                    "count_mode" => c.count_mode = count_mode(&v.extract::<String>()?)?,
+                    "normalized" => c.normalized = v.extract()?,
+                    _ => c.streaming_gap = v.extract()?,
+                }
+                Ok(())
+            })?;
+            Policy::ZipCache(c)
+        }
+        "uniform" => {
+            let mut c = UniformConfig::default();
+            read_config(config, name, &["bits", "residual", "group_size"], |k, v| {
+                match k {
+                    "bits" => c.bits = v.extract()?,
+                    "residual" => c.residual = v.extract()?,
+                    _ => c.group_size = Some(v.extract()?),
+                }
+                Ok(())
+            })?;
+            Policy::Uniform(c)
+        }
+        "eviction" => {
+            let mut c = EvictionConfig::default();
+            read_config(config, name, &["budget", "recent_share", "streaming_gap"], |k, v| {
+                match k {
+                    "budget" => c.budget = v.extract()?,
+                    "recent_share" => c.recent_share = v.extract()?,
+                    _ => c.streaming_gap = v.extract()?,
+                }
+                Ok(())
+            })?;
+            Policy::Eviction(c)
+        }
+        _ => {
+            return Err(KvmixError::Config(format!(
+                "`policy` must be one of 'full', 'mikv', 'zipcache', 'uniform', 'eviction', got {name:?}"
+            ))
+            .into())
+        }
+    })
+}
+
+/// The mixed-precision KV store of one attention layer (see `kvmix.store`).
+#[pyclass(name = "LayerStore", module = "kvmix._kvmix")]
+pub struct PyLayerStore {
+    inner: LayerStore,
+}
+
+fn f32_vec(a: &PyReadonlyArrayDyn<'_, f32>) -> Vec<f32> {
+    a.as_array().iter().copied().collect()
+}
+
+fn tier_dict<'py>(py: Python<'py>, t: &TierBytes) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("key_data", t.keys.data)?;
+    d.set_item("key_params", t.keys.params)?;
+    d.set_item("key_index", t.keys.index)?;
+    d.set_item("value_data", t.values.data)?;
+    d.set_item("value_params", t.values.params)?;
+    d.set_item("value_index", t.values.index)?;
+    d.set_item("positions", t.positions)?;
+    d.set_item("scores", t.scores)?;
+    d.set_item("total", t.total())?;
+    Ok(d)
+}
+
+pub fn memory_dict<'py>(py: Python<'py>, m: &MemoryReport) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("bytes", m.total())?;
+    d.set_item("fp16_bytes", m.fp16_bytes)?;
+    d.set_item("tokens", m.tokens)?;
+    let tiers = PyDict::new(py);
+    tiers.set_item("buffer", tier_dict(py, &m.buffer)?)?;
+    tiers.set_item("high", tier_dict(py, &m.high)?)?;
+    tiers.set_item("low", tier_dict(py, &m.low)?)?;
+    d.set_item("tiers", tiers)?;
+    Ok(d)
+}
+
+#[pymethods]
+impl PyLayerStore {
+    #[new]
+    #[pyo3(signature = (policy, kv_heads, head_dim, config = None, buffer_dtype = "float32"))]
+    fn new(
+        policy: &str,
+        kv_heads: usize,
+        head_dim: usize,
+        config: Option<&Bound<'_, PyDict>>,
+        buffer_dtype: &str,
+    ) -> PyResult<Self> {
+        let policy = parse_policy(policy, config)?;
+        let inner = LayerStore::new(policy, kv_heads, head_dim, DenseDtype::parse(buffer_dtype)?)?;
+        Ok(PyLayerStore { inner })
+    }
+
+    /// Tokens seen (positions assigned so far).
+    #[getter]
+    fn seen(&self) -> usize {
+        self.inner.seen()
+    }
+
+    #[getter]
+    fn batch(&self) -> usize {
+        self.inner.batch
+    }
+
+    #[getter]
+    fn kv_heads(&self) -> usize {
+        self.inner.kv_heads
+    }
+
+    #[getter]
+    fn head_dim(&self) -> usize {
+        self.inner.head_dim
+    }
+
+    /// Whether the policy needs `set_key_balancer` before the first classification.
+    #[getter]
+    fn needs_balancer(&self) -> bool {
+        self.inner.needs_balancer()
+    }
+
+    /// Append keys and values `[batch, kv_heads, tokens, head_dim]` to the buffer.
+    #[pyo3(signature = (keys, values, bfloat16 = false))]
+    fn append(
+        &mut self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        values: &Bound<'_, PyAny>,
+        bfloat16: bool,
+    ) -> PyResult<()> {
+        let k = FloatArray::extract(keys, "keys", bfloat16)?;
+        let v = FloatArray::extract(values, "values", bfloat16)?;
+        let (kd, vd) = (k.shape(), v.shape());
+        if kd != vd {
+            return Err(KvmixError::Shape(format!(
+                "keys {kd:?} and values {vd:?} must have the same shape"
+            ))
+            .into());
+        }
+        let store = &mut self.inner;
+        match (k.slice(), v.slice()) {
+            (FloatSlice::F32(a), FloatSlice::F32(b)) => detached(py, || store.append(&a, &b, &kd)),
+            (FloatSlice::F16(a), FloatSlice::F16(b)) => detached(py, || store.append(&a, &b, &kd)),
+            (FloatSlice::BF16(a), FloatSlice::BF16(b)) => {
+                detached(py, || store.append(&a, &b, &kd))
+            }
+            _ => {
+                Err(KvmixError::DType("`keys` and `values` must have the same dtype".into()).into())
+            }
+        }
+    }
+
+    /// Mark the first `first_valid[b]` positions of sequence `b` as left padding.
+    fn set_first_valid(&mut self, first_valid: Vec<usize>) -> PyResult<()> {
+        Ok(self.inner.set_first_valid(&first_valid)?)
+    }
+
+    /// MiKV's key balancer `[batch, kv_heads, head_dim]` (from `kvmix.key_balancer`).
+    fn set_key_balancer(&mut self, balancer: PyReadonlyArrayDyn<'_, f32>) -> PyResult<()> {
+        Ok(self.inner.set_key_balancer(&f32_vec(&balancer))?)
+    }
+
+    /// Add importance `acc`/`count` (`[batch, kv_heads, n]`) to positions `start..start+n`.
+    fn add_scores(
+        &mut self,
+        start: usize,
+        acc: PyReadonlyArrayDyn<'_, f32>,
+        count: PyReadonlyArrayDyn<'_, f32>,
+    ) -> PyResult<()> {
+        Ok(self
+            .inner
+            .add_scores(start, &f32_vec(&acc), &f32_vec(&count))?)
+    }
+
+    /// Add attention probabilities `[batch, q_heads, q_len, tokens]` over the tokens in
+    /// `dense()` order; `query_positions` are the positions of the `q_len` queries.
+    fn accumulate_dense(
+        &mut self,
+        py: Python<'_>,
+        probs: PyReadonlyArrayDyn<'_, f32>,
+        query_positions: Vec<usize>,
+    ) -> PyResult<()> {
+        let dims = probs.shape().to_vec();
+        let p = f32_vec(&probs);
+        let store = &mut self.inner;
+        detached(py, || store.accumulate_dense(&p, &dims, &query_positions))
+    }
+
+    /// Classify the buffer if due (or `force`); returns whether it ran.
+    #[pyo3(signature = (force = false))]
+    fn maybe_classify(&mut self, py: Python<'_>, force: bool) -> PyResult<bool> {
+        let store = &mut self.inner;
+        detached(py, || store.maybe_classify(force))
+    }
+
+    fn crop(&mut self, length: usize) {
+        self.inner.crop(length)
+    }
+
+    fn select_batch(&mut self, indices: Vec<usize>) -> PyResult<()> {
+        Ok(self.inner.select_batch(&indices)?)
+    }
+
+    fn repeat_interleave(&mut self, repeats: usize) -> PyResult<()> {
+        Ok(self.inner.repeat_interleave(repeats)?)
+    }
+
+    fn reset(&mut self) {
+        self.inner.reset()
+    }
+
+    /// `(positions, keys, values)` of stream `b * kv_heads + h`, dequantized, in position order.
+    #[allow(clippy::type_complexity)]
+    fn dense<'py>(
+        &self,
+        py: Python<'py>,
+        stream: usize,
+    ) -> PyResult<(
+        Bound<'py, PyArrayDyn<u32>>,
+        Bound<'py, PyArrayDyn<f32>>,
+        Bound<'py, PyArrayDyn<f32>>,
+    )> {
+        if stream >= self.inner.streams.len() {
+            return Err(KvmixError::Shape(format!(
+                "stream {stream} out of range ({} streams)",
+                self.inner.streams.len()
+            ))
+            .into());
+        }
+        let (p, k, v) = py.detach(|| self.inner.dense(stream));
+        let (n, d) = (p.len(), self.inner.head_dim);
+        Ok((
+            to_numpy(py, p, &[n])?,
+            to_numpy(py, k, &[n, d])?,
+            to_numpy(py, v, &[n, d])?,
+        ))
+    }
+
+    /// Positions held by each tier of stream `stream`: `{"buffer", "high", "low"}`.
+    fn tier_positions<'py>(&self, py: Python<'py>, stream: usize) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.streams.get(stream).ok_or_else(|| {
+            PyErr::from(KvmixError::Shape(format!("stream {stream} out of range")))
+        })?;
+        let d = PyDict::new(py);
+        for (name, tier) in [("buffer", &s.buffer), ("high", &s.high), ("low", &s.low)] {
+            let p = tier.positions.to_vec();
+            let n = p.len();
+            d.set_item(name, to_numpy(py, p, &[n])?)?;
+        }
+        Ok(d)
+    }
+
+    /// Bytes held now, per tier and component, and the dense fp16 size of the same tokens.
+    fn memory<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        memory_dict(py, &self.inner.memory())
+    }
+}
+
+/// Probe query positions: `ceil(recent·len)` most recent + `ceil(random·len)` random earlier.
+#[pyfunction]
+#[pyo3(signature = (length, recent = 0.05, random = 0.05, seed = 0))]
+fn probe_positions(length: usize, recent: f64, random: f64, seed: u64) -> PyResult<Vec<usize>> {
+    Ok(importance::probe_positions(length, recent, random, seed)?)
+}
+
+/// Per-token importance from causal softmax over the probe rows: `(acc, count)`,
+/// each `[batch, kv_heads, len]`.
+#[pyfunction]
+#[pyo3(signature = (q, k, probes, scale, first_valid = None, count_mode = "exact", bfloat16 = false))]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn probe_scores<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    probes: Vec<usize>,
+    scale: f32,
+    first_valid: Option<Vec<usize>>,
+    count_mode: &str,
+    bfloat16: bool,
+) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
+    let mode = self::count_mode(count_mode)?;
+    let q = FloatArray::extract(q, "q", bfloat16)?;
+    let k = FloatArray::extract(k, "k", bfloat16)?;
+    let (qd, kd) = (q.shape(), k.shape());
+    let fv = first_valid.unwrap_or_else(|| vec![0; qd.first().copied().unwrap_or(0)]);
+    let (acc, count) = match (q.slice(), k.slice()) {
+        (FloatSlice::F32(a), FloatSlice::F32(b)) => detached(py, || {
+            importance::probe_scores(&a, &qd, &b, &kd, &probes, scale, &fv, mode)
+        }),
+        (FloatSlice::F16(a), FloatSlice::F16(b)) => detached(py, || {
+            importance::probe_scores(&a, &qd, &b, &kd, &probes, scale, &fv, mode)
+        }),
+        (FloatSlice::BF16(a), FloatSlice::BF16(b)) => detached(py, || {
+            importance::probe_scores(&a, &qd, &b, &kd, &probes, scale, &fv, mode)
+        }),
+        _ => Err(KvmixError::DType("`q` and `k` must have the same dtype".into()).into()),
+    }?;
+    let shape = [kd[0], kd[1], kd[2]];
+    Ok((to_numpy(py, acc, &shape)?, to_numpy(py, count, &shape)?))
+}
+
+/// Indices (ascending) of the `k` largest scores; ties go to the higher index.
+#[pyfunction]
+fn top_k(scores: PyReadonlyArrayDyn<'_, f32>, k: usize) -> Vec<usize> {
+    importance::top_k(&f32_vec(&scores), k)
+}

@@ -1,0 +1,172 @@
+"""The layer store from Python: dequantized contents against the reference quantizers,
+byte accounting, batch operations and refusal of bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kvmix
+from kvmix.reference import quantization as rq
+
+D = 32
+
+
+def _prefilled(policy, config=None, length=50, heads=2, batch=1, seed=0):
+    rng = np.random.default_rng(seed)
+    k = rng.standard_normal((batch, heads, length, D), dtype=np.float32)
+    v = rng.standard_normal((batch, heads, length, D), dtype=np.float32)
+    k[..., 3] *= 8  # an outlier channel, as real keys have
+    store = kvmix.LayerStore(policy, heads, D, config)
+    store.append(k, v)
+    if store.needs_balancer:
+        q = rng.standard_normal((batch, heads * 2, length, D), dtype=np.float32)
+        store.set_key_balancer(kvmix.key_balancer(q, k))
+    acc = rng.random((batch, heads, length), dtype=np.float32)
+    store.add_scores(0, acc, np.ones_like(acc))
+    store.maybe_classify()
+    return store, k, v
+
+
+def _rows(store, stream, tier):
+    """Positions of a tier and the matching dequantized keys/values from dense()."""
+    positions = store.tier_positions(stream)[tier]
+    pos, k, v = store.dense(stream)
+    idx = np.searchsorted(pos, positions)
+    return positions, k[idx], v[idx]
+
+
+def test_zipcache_tiers_equal_reference_quantizers():
+    store, k, v = _prefilled("zipcache")
+    for s in range(2):
+        for tier, bits in (("high", 4), ("low", 2)):
+            positions, kh, vh = _rows(store, s, tier)
+            kx, vx = k[0, s, positions], v[0, s, positions]
+            qk = rq.quantize_channel_blocks(kx, bits, len(positions))
+            np.testing.assert_allclose(
+                kh, rq.dequantize_channel_blocks(qk, len(positions)), atol=1e-6
+            )
+            qv = rq.quantize_token_groups(vx, bits, D, channel_scale=rq.separable_channel_scale(vx))
+            np.testing.assert_allclose(vh, rq.dequantize_token_groups(qv, D), rtol=1e-6, atol=1e-6)
+
+
+def test_mikv_tiers_equal_reference_quantizers():
+    store, k, v = _prefilled("mikv", {"low_bits": 3})
+    rng = np.random.default_rng(0)
+    rng.standard_normal((1, 2, 50, D), dtype=np.float32)  # k
+    rng.standard_normal((1, 2, 50, D), dtype=np.float32)  # v
+    q = rng.standard_normal((1, 4, 50, D), dtype=np.float32)
+    b = rq.key_balancer(q, k)
+    for s in range(2):
+        positions, kh, vh = _rows(store, s, "high")
+        np.testing.assert_array_equal(kh, k[0, s, positions].astype(np.float16).astype(np.float32))
+        positions, kl, vl = _rows(store, s, "low")
+        kq = rq.quantize_token_groups(k[0, s, positions], 3, D // 2, channel_scale=1 / b[0, s])
+        np.testing.assert_allclose(kl, rq.dequantize_token_groups(kq, D // 2), rtol=1e-6, atol=1e-6)
+        vq = rq.quantize_token_groups(v[0, s, positions], 3, D // 2)
+        np.testing.assert_allclose(vl, rq.dequantize_token_groups(vq, D // 2), rtol=1e-6, atol=1e-6)
+
+
+def test_uniform_keys_per_channel_blocks_values_per_token():
+    store, k, v = _prefilled("uniform", {"bits": 4, "residual": 16, "group_size": 16})
+    positions, kl, vl = _rows(store, 0, "low")
+    assert positions.tolist() == list(range(48))
+    np.testing.assert_allclose(
+        kl,
+        rq.dequantize_channel_blocks(rq.quantize_channel_blocks(k[0, 0, :48], 4, 16), 16),
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        vl, rq.dequantize_token_groups(rq.quantize_token_groups(v[0, 0, :48], 4, 16), 16), atol=1e-6
+    )
+    # The residual stays exact.
+    positions, kb, _ = _rows(store, 0, "buffer")
+    assert positions.tolist() == [48, 49]
+    np.testing.assert_array_equal(kb, k[0, 0, 48:])
+
+
+def test_full_policy_is_lossless():
+    store, k, v = _prefilled("full")
+    pos, kd, vd = store.dense(1)
+    np.testing.assert_array_equal(pos, np.arange(50))
+    np.testing.assert_array_equal(kd, k[0, 1])
+    np.testing.assert_array_equal(vd, v[0, 1])
+
+
+def test_memory_report_adds_up_and_zipcache_is_five_times_smaller():
+    store, _, _ = _prefilled("zipcache", length=1024, heads=3, seed=1)
+    m = store.memory()
+    assert m["bytes"] == sum(t["total"] for t in m["tiers"].values())
+    for t in m["tiers"].values():
+        parts = [v for key, v in t.items() if key != "total"]
+        assert t["total"] == sum(parts)
+    assert m["fp16_bytes"] == 3 * 1024 * 2 * D * 2
+    assert m["tokens"] == 3 * 1024
+    # 40% at 4 bits + 60% at 2 bits = 2.8 bits before metadata: 16/2.8 = 5.7x at most.
+    assert 4.0 < m["fp16_bytes"] / m["bytes"] < 16 / 2.8
+
+
+def test_eviction_reports_against_every_token_seen():
+    store, _, _ = _prefilled("eviction", {"budget": 0.2}, length=100)
+    m = store.memory()
+    assert m["tokens"] == 2 * 20
+    assert m["fp16_bytes"] == 2 * 100 * 2 * D * 2
+
+
+def test_batch_select_repeat_crop_reset():
+    store, k, _ = _prefilled("zipcache", batch=2, length=30)
+    before = [store.dense(s) for s in range(4)]
+    store.select_batch([1, 0])
+    for s_new, s_old in ((0, 2), (1, 3), (2, 0), (3, 1)):
+        for a, b in zip(store.dense(s_new), before[s_old], strict=True):
+            np.testing.assert_array_equal(a, b)
+    store.repeat_interleave(2)
+    assert store.batch == 4
+    store.crop(10)
+    assert store.seen == 10
+    assert store.dense(0)[0].tolist() == list(range(10))
+    store.reset()
+    assert store.seen == 0 and store.batch == 0
+
+
+def test_bad_input_is_refused_and_store_kept():
+    store, _, _ = _prefilled("zipcache")
+    before = store.dense(0)
+    x = np.zeros((1, 2, 1, D), np.float32)
+    with pytest.raises(kvmix.ShapeError, match="kv heads"):
+        store.append(np.zeros((1, 3, 1, D), np.float32), np.zeros((1, 3, 1, D), np.float32))
+    with pytest.raises(kvmix.ShapeError, match="same shape"):
+        store.append(x, np.zeros((1, 2, 2, D), np.float32))
+    with pytest.raises(kvmix.DTypeError):
+        store.append(x.astype(np.float64), x.astype(np.float64))
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.inf
+    with pytest.raises(kvmix.NonFiniteError, match="NaN/Inf"):
+        store.append(bad, x)
+    for a, b in zip(store.dense(0), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert store.seen == 50
+
+
+@pytest.mark.parametrize(
+    ("policy", "config", "match"),
+    [
+        ("zipcache", {"salient_ratio": 2.0}, "salient_ratio"),
+        ("zipcache", {"bits": 4}, "unknown option `bits`"),
+        ("mikv", {"low_bits": 5}, "low_bits"),
+        ("uniform", {"bits": 3}, "bits"),
+        ("eviction", {"budget": -1.0}, "budget"),
+        ("h2o", None, "policy"),
+    ],
+)
+def test_invalid_configuration_names_the_option(policy, config, match):
+    with pytest.raises(kvmix.ConfigError, match=match):
+        kvmix.LayerStore(policy, 2, D, config)
+
+
+def test_mikv_without_balancer_says_what_to_do():
+    store = kvmix.LayerStore("mikv", 1, D)
+    x = np.zeros((1, 1, 4, D), np.float32)
+    store.append(x, x)
+    with pytest.raises(kvmix.ConfigError, match="set_key_balancer"):
+        store.maybe_classify()

@@ -154,6 +154,6 @@ def test_accumulate_dense_sums_gqa_heads_and_counts_visible_queries():
     probs[0, 1, 1, :] = [0.1, 0.2, 0.3, 0.4]
     store.accumulate_dense(probs, [2, 3])
     store.add_scores(0, np.zeros((1, 1, 4), np.float32), np.zeros((1, 1, 4), np.float32))
-    # normalized = acc / count: [0.6/2, 0.45/2, 0.55/2, 0.4/1] -> the top 40% (2 tokens) are 3 and 0.
+    # normalized = acc / count = [0.6/2, 0.45/2, 0.55/2, 0.4/1]: the top 40% (2 tokens) are 3, 0.
     store.maybe_classify()
     assert store.tier_positions(0)["high"].tolist() == [0, 3]

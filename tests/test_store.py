@@ -60,6 +60,7 @@ def test_mikv_tiers_equal_reference_quantizers():
     for s in range(2):
         positions, kh, vh = _rows(store, s, "high")
         np.testing.assert_array_equal(kh, k[0, s, positions].astype(np.float16).astype(np.float32))
+        np.testing.assert_array_equal(vh, v[0, s, positions].astype(np.float16).astype(np.float32))
         positions, kl, vl = _rows(store, s, "low")
         kq = rq.quantize_token_groups(k[0, s, positions], 3, D // 2, channel_scale=1 / b[0, s])
         np.testing.assert_allclose(kl, rq.dequantize_token_groups(kq, D // 2), rtol=1e-6, atol=1e-6)
@@ -114,7 +115,7 @@ def test_eviction_reports_against_every_token_seen():
 
 
 def test_batch_select_repeat_crop_reset():
-    store, k, _ = _prefilled("zipcache", batch=2, length=30)
+    store, _, _ = _prefilled("zipcache", batch=2, length=30)
     before = [store.dense(s) for s in range(4)]
     store.select_batch([1, 0])
     for s_new, s_old in ((0, 2), (1, 3), (2, 0), (3, 1)):

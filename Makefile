@@ -41,7 +41,7 @@ rust-test:
 	cargo test
 
 py-test: build
-	$(PY) -m mypy.stubtest kvmix._kvmix --allowlist .stubtest-allowlist
+	$(PY) -m mypy.stubtest kvmix._kvmix
 	$(PY) -m pytest
 
 test: lint rust-test py-test

@@ -4,6 +4,7 @@
 //! `[..., tokens, channels]` row-major layout and returns [`error::KvmixError`] for every
 //! input it refuses. The PyO3 bindings live behind the `python` cargo feature.
 
+pub mod attention;
 pub mod element;
 pub mod error;
 pub mod importance;

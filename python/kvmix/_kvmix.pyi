@@ -1,9 +1,30 @@
 """Type stub of the compiled core. Checked against the real module by `mypy.stubtest`."""
 
-from typing import Any
+from typing import Any, final
 
 import numpy as np
 import numpy.typing as npt
+
+__all__ = [
+    "ConfigError",
+    "DTypeError",
+    "KvmixError",
+    "LayerStore",
+    "NonFiniteError",
+    "QuantizedTensor",
+    "ShapeError",
+    "__version__",
+    "channel_absmax",
+    "key_balancer",
+    "num_threads",
+    "pack_bits",
+    "probe_positions",
+    "probe_scores",
+    "quantize",
+    "separable_channel_scale",
+    "top_k",
+    "unpack_bits",
+]
 
 __version__: str
 
@@ -13,6 +34,7 @@ class DTypeError(KvmixError): ...
 class ConfigError(KvmixError): ...
 class NonFiniteError(KvmixError): ...
 
+@final
 class QuantizedTensor:
     @property
     def shape(self) -> list[int]: ...
@@ -56,15 +78,16 @@ def key_balancer(
 def pack_bits(codes: npt.NDArray[np.uint8], bits: int) -> npt.NDArray[np.uint8]: ...
 def unpack_bits(packed: npt.NDArray[np.uint8], bits: int, n: int) -> npt.NDArray[np.uint8]: ...
 
+@final
 class LayerStore:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         policy: str,
         kv_heads: int,
         head_dim: int,
         config: dict[str, Any] | None = None,
         buffer_dtype: str = "float32",
-    ) -> None: ...
+    ) -> LayerStore: ...
     @property
     def seen(self) -> int: ...
     @property

@@ -151,9 +151,11 @@ def quantize_balanced_keys(
     ``balancer`` is :func:`key_balancer` of the prompt's queries and keys, ``[..., head_dim]``.
     """
     arr, _ = as_core_array(k, "k")
-    b = _channel_scale_array(np.asarray(balancer) if not _is_torch(balancer) else balancer)
-    if b is None:
-        raise _kvmix.ConfigError("`balancer` is required")
+    if balancer is None:
+        raise _kvmix.ConfigError("`balancer` is required (see `kvmix.key_balancer`)")
+    b = _channel_scale_array(balancer)
+    if not (np.all(np.isfinite(b)) and np.all(b > 0)):
+        raise _kvmix.NonFiniteError("`balancer` factors must be finite and positive")
     if group_size is None:
         group_size = max(arr.shape[-1] // 2, 1)
     return quantize(k, bits, group_size=group_size, channel_scale=1.0 / b, param_dtype=param_dtype)
@@ -197,7 +199,13 @@ def key_balancer(q: Any, k: Any) -> npt.NDArray[np.float32]:
 
 def pack_bits(codes: npt.ArrayLike, bits: int) -> npt.NDArray[np.uint8]:
     """Pack codes (each ``< 2**bits``) densely, least significant bit first."""
-    return _kvmix.pack_bits(np.ascontiguousarray(codes, dtype=np.uint8).ravel(), bits)
+    arr = np.asarray(codes)
+    if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() > 255):
+        raise _kvmix.ConfigError(
+            f"`codes` must be integers in [0, 2**bits), got dtype {arr.dtype} "
+            f"with range [{arr.min()}, {arr.max()}]"
+        )
+    return _kvmix.pack_bits(np.ascontiguousarray(arr, dtype=np.uint8).ravel(), bits)
 
 
 def unpack_bits(packed: npt.ArrayLike, bits: int, n: int) -> npt.NDArray[np.uint8]:

@@ -24,11 +24,16 @@ pub enum FloatSlice<'a> {
     BF16(Cow<'a, [bf16]>),
 }
 
+/// The elements in row-major (C) order: borrowed when the array is C-contiguous, else copied
+/// in logical order. (`as_slice` alone also accepts Fortran order, which would read the
+/// elements transposed.)
 fn contiguous<'a, T: numpy::Element + Clone>(a: &'a PyReadonlyArrayDyn<'_, T>) -> Cow<'a, [T]> {
-    match a.as_slice() {
-        Ok(s) => Cow::Borrowed(s),
-        Err(_) => Cow::Owned(a.as_array().iter().cloned().collect()),
+    if a.is_c_contiguous() {
+        if let Ok(s) = a.as_slice() {
+            return Cow::Borrowed(s);
+        }
     }
+    Cow::Owned(a.as_array().iter().cloned().collect())
 }
 
 impl<'py> FloatArray<'py> {

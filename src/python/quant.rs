@@ -179,7 +179,20 @@ impl PyQuantizedTensor {
     }
 }
 
-fn parse_grouping(grouping: &str, size: Option<usize>, dims: &[usize]) -> PyResult<Grouping> {
+/// A size argument from Python: negative values are a `ConfigError`, not an `OverflowError`.
+pub fn non_negative(name: &str, v: i64) -> PyResult<usize> {
+    usize::try_from(v).map_err(|_| {
+        KvmixError::Config(format!("`{name}` must be a non-negative integer, got {v}")).into()
+    })
+}
+
+fn parse_grouping(grouping: &str, size: Option<i64>, dims: &[usize]) -> PyResult<Grouping> {
+    let name = if grouping == "channel" {
+        "token_block"
+    } else {
+        "group_size"
+    };
+    let size = size.map(|s| non_negative(name, s)).transpose()?;
     let (t, d) = match dims {
         [.., t, d] => (*t, *d),
         _ => (0, 0),
@@ -208,7 +221,7 @@ fn quantize(
     x: &Bound<'_, PyAny>,
     bits: i64,
     grouping: &str,
-    size: Option<usize>,
+    size: Option<i64>,
     channel_scale: Option<PyReadonlyArrayDyn<'_, f32>>,
     param_dtype: &str,
     bfloat16: bool,
@@ -339,9 +352,10 @@ fn unpack_bits<'py>(
     py: Python<'py>,
     packed: PyReadonlyArray1<'py, u8>,
     bits: i64,
-    n: usize,
+    n: i64,
 ) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
     let bits = checked_bits(bits)?;
+    let n = non_negative("n", n)?;
     let packed: Vec<u8> = packed.as_array().iter().copied().collect();
     if packed.len() != quant::packed_len(n, bits) {
         return Err(KvmixError::Shape(format!(

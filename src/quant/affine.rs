@@ -127,9 +127,12 @@ impl Affine {
         let scale = dtype.round((max - min) / max_code(bits));
         let offset = dtype.round(min);
         if !scale.is_finite() || !offset.is_finite() {
+            let hint = match dtype {
+                ParamDtype::F16 => "; use `param_dtype='float32'`",
+                ParamDtype::F32 => "",
+            };
             return Err(KvmixError::NonFinite(format!(
-                "values in [{min}, {max}] exceed the range of {} quantization parameters; \
-                 use `param_dtype='float32'`",
+                "values in [{min}, {max}] exceed the range of {} quantization parameters{hint}",
                 dtype.name()
             )));
         }

@@ -1,0 +1,222 @@
+//! Attention computed directly on the compressed store, with the attention each token
+//! received as a by-product for the importance tracker.
+//!
+//! Two passes per `(sequence, kv-head)` stream: the first reads the keys of every tier and
+//! writes the logits of all the stream's queries (the query heads of its GQA group × the
+//! query positions); the second turns them into probabilities (max-subtracted, fp32) and reads
+//! the values once, weighting them. Every compressed byte is read once, no dense copy of K or
+//! V is ever built, and the probabilities are exactly what the tracker needs.
+//!
+//! Rejected: a single-pass online softmax. It saves the logit buffer (4 bytes per token per
+//! query, small next to the cache) but must rescale the accumulator and cannot hand out
+//! normalized probabilities without a second pass anyway.
+
+mod rows;
+pub mod simd;
+
+use crate::error::{KvmixError, Result};
+use crate::parallel;
+use crate::store::LayerStore;
+use rayon::prelude::*;
+use rows::{accumulate_values, key_logits, runs};
+
+/// One stream's share of the result: outputs `[rep, q_len, d]`, and per tier the attention
+/// each row received and the number of queries that saw it.
+type StreamResult = (Vec<f32>, [Vec<f32>; 3], [Vec<f32>; 3]);
+
+/// The result of [`attend`]: outputs, and for every stream and tier the attention each row
+/// received (summed over the GQA group's heads and the queries) and how many queries saw it.
+pub struct Attention {
+    /// `[batch, q_heads, q_len, head_dim]`.
+    pub out: Vec<f32>,
+    /// `received[stream][tier][row]`, tiers ordered buffer, high, low.
+    pub received: Vec<[Vec<f32>; 3]>,
+    pub seen_by: Vec<[Vec<f32>; 3]>,
+}
+
+/// `softmax(q·Kᵀ·scale + mask)·V` for queries `q` (`[batch, q_heads, q_len, head_dim]`) at
+/// positions `q_positions` (length `q_len`, shared by the batch) against everything `store`
+/// holds. A token is visible to a query at or after its position, unless it is left padding.
+pub fn attend(
+    store: &LayerStore,
+    q: &[f32],
+    q_dims: &[usize],
+    q_positions: &[usize],
+    scale: f32,
+) -> Result<Attention> {
+    let (b, hq, tq, d) = match *q_dims {
+        [b, hq, tq, d] => (b, hq, tq, d),
+        _ => {
+            return Err(KvmixError::Shape(format!(
+                "queries must be [batch, q_heads, q_len, head_dim], got {q_dims:?}"
+            )))
+        }
+    };
+    let hk = store.kv_heads;
+    if b != store.batch
+        || d != store.head_dim
+        || hq % hk != 0
+        || q.len() != b * hq * tq * d
+        || q_positions.len() != tq
+    {
+        return Err(KvmixError::Shape(format!(
+            "queries {q_dims:?} do not fit the store (batch {}, {hk} kv heads, head_dim {}) \
+             or `q_positions` (length {})",
+            store.batch,
+            store.head_dim,
+            q_positions.len()
+        )));
+    }
+    let rep = hq / hk;
+    let nq = rep * tq;
+    let work: usize = store.streams.iter().map(|s| s.len()).sum::<usize>() * nq * d;
+    let results: Vec<StreamResult> = parallel::run(work, |par| {
+        let one = |s: usize| attend_stream(store, s, q, hq, tq, d, rep, q_positions, scale);
+        if par {
+            (0..store.streams.len()).into_par_iter().map(one).collect()
+        } else {
+            (0..store.streams.len()).map(one).collect()
+        }
+    });
+    let mut out = vec![0f32; q.len()];
+    let mut received = Vec::with_capacity(results.len());
+    let mut seen_by = Vec::with_capacity(results.len());
+    for (s, (o, r, c)) in results.into_iter().enumerate() {
+        let (bi, h) = (s / hk, s % hk);
+        // Stream outputs are [rep, tq, d]: query heads h*rep .. h*rep+rep of sequence bi.
+        let start = (bi * hq + h * rep) * tq * d;
+        out[start..start + nq * d].copy_from_slice(&o);
+        received.push(r);
+        seen_by.push(c);
+    }
+    Ok(Attention {
+        out,
+        received,
+        seen_by,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend_stream(
+    store: &LayerStore,
+    s: usize,
+    q: &[f32],
+    hq: usize,
+    tq: usize,
+    d: usize,
+    rep: usize,
+    q_positions: &[usize],
+    scale: f32,
+) -> StreamResult {
+    let hk = store.kv_heads;
+    let (bi, h) = (s / hk, s % hk);
+    let stream = &store.streams[s];
+    let nq = rep * tq;
+    let first = (bi * hq + h * rep) * tq * d;
+    let queries: Vec<f32> = q[first..first + nq * d].iter().map(|x| x * scale).collect();
+    let tiers = stream.tiers();
+    let total: usize = tiers.iter().map(|t| t.len()).sum();
+    let first_valid = store.first_valid[bi] as u32;
+    // Pass 1: logits [nq, total], tiers concatenated.
+    let mut logits = vec![0f32; nq * total];
+    let mut base = 0;
+    for tier in tiers {
+        for run in runs(&tier.keys) {
+            key_logits(
+                &tier.keys,
+                &run,
+                &queries,
+                nq,
+                &mut logits[base..],
+                total,
+                0,
+            );
+        }
+        // Mask: invisible tokens get -inf. Query i is head i / tq at position q_positions[i % tq].
+        for r in 0..tier.len() {
+            let p = tier.positions.get(r);
+            for i in 0..nq {
+                if p < first_valid || p as usize > q_positions[i % tq] {
+                    logits[i * total + base + r] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        base += tier.len();
+    }
+    // Softmax per query; a query that sees nothing gets zero output.
+    for row in logits.chunks_exact_mut(total.max(1)).take(nq) {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if m == f32::NEG_INFINITY {
+            row.fill(0.0);
+            continue;
+        }
+        let mut sum = 0f32;
+        for l in row.iter_mut() {
+            *l = (*l - m).exp();
+            sum += *l;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|l| *l *= inv);
+    }
+    // Pass 2: values.
+    let mut out = vec![0f32; nq * d];
+    let mut received: [Vec<f32>; 3] = Default::default();
+    let mut seen_by: [Vec<f32>; 3] = Default::default();
+    let mut base = 0;
+    for (t, tier) in tiers.iter().enumerate() {
+        let probs = &logits;
+        for run in runs(&tier.values) {
+            // Row r of this tier sits at column base + r.
+            accumulate_values(&tier.values, &run, &probs[base..], total, 0, nq, &mut out);
+        }
+        if tier.scores.is_some() {
+            received[t] = (0..tier.len())
+                .map(|r| (0..nq).map(|i| probs[i * total + base + r]).sum())
+                .collect();
+            seen_by[t] = (0..tier.len())
+                .map(|r| {
+                    let p = tier.positions.get(r);
+                    if p < first_valid {
+                        return 0.0;
+                    }
+                    q_positions.iter().filter(|&&qp| qp as u32 >= p).count() as f32
+                })
+                .collect();
+        }
+        base += tier.len();
+    }
+    (out, received, seen_by)
+}
+
+impl LayerStore {
+    /// [`attend`], then add the attention each token received to the importance scores of
+    /// the tiers that track them.
+    pub fn attend_and_track(
+        &mut self,
+        q: &[f32],
+        q_dims: &[usize],
+        q_positions: &[usize],
+        scale: f32,
+    ) -> Result<Vec<f32>> {
+        let a = attend(self, q, q_dims, q_positions, scale)?;
+        for (stream, (rec, cnt)) in self
+            .streams
+            .iter_mut()
+            .zip(a.received.iter().zip(&a.seen_by))
+        {
+            for (t, tier) in [&mut stream.buffer, &mut stream.high, &mut stream.low]
+                .into_iter()
+                .enumerate()
+            {
+                if let Some(sc) = tier.scores.as_mut() {
+                    sc.acc.iter_mut().zip(&rec[t]).for_each(|(a, r)| *a += r);
+                    sc.count.iter_mut().zip(&cnt[t]).for_each(|(c, n)| *c += n);
+                }
+            }
+        }
+        Ok(a.out)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,244 @@
+//! Attention over the rows of one tier, with dequantization folded into the arithmetic.
+//!
+//! Rows come in *runs* that share per-channel parameters (a segment, or the whole tier when
+//! the codec has none). For a run, the queries are transformed once — multiplied by the
+//! channel factor, by the per-channel scales — so that each row costs one unpack and one dot
+//! product per query:
+//!
+//! * per-token groups: `q·k̂ = Σ_g α_g (q'_g · c_g) + β_g Σ q'_g`, `q' = q ⊙ f`;
+//! * per-channel keys: `q·k̂ = (q' ⊙ α) · c + q' · β`;
+//! * values: `Σ_j p_j v̂_j = f ⊙ Σ_j p_j (α_j c_j + β_j)` (per-token groups) or
+//!   `f ⊙ (α ⊙ Σ_j p_j c_j + β Σ_j p_j)` (per-channel), with `f` applied once per run.
+
+use super::simd::{axpb, axpy, dot, unpack_f32};
+use crate::store::codec::{Codec, EncodedRows, RowData};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+/// Rows `[start, end)` sharing per-channel parameters.
+pub struct Run<'a> {
+    pub start: usize,
+    pub end: usize,
+    /// Reconstruction factor per channel, if any.
+    pub factor: Option<&'a [f16]>,
+    /// Per-channel scale and offset (per-channel codec).
+    pub scale: Option<&'a [f16]>,
+    pub offset: Option<&'a [f16]>,
+}
+
+/// The runs of `rows`.
+pub fn runs(rows: &EncodedRows) -> Vec<Run<'_>> {
+    let fixed = (!rows.fixed_factor.is_empty()).then_some(rows.fixed_factor.as_slice());
+    if rows.segments.is_empty() {
+        return vec![Run {
+            start: 0,
+            end: rows.len(),
+            factor: fixed,
+            scale: None,
+            offset: None,
+        }];
+    }
+    fn nonempty_of(v: &[f16]) -> Option<&[f16]> {
+        (!v.is_empty()).then_some(v)
+    }
+    rows.segments
+        .iter()
+        .enumerate()
+        .map(|(s, seg)| Run {
+            start: rows.segment_start[s] as usize,
+            end: rows
+                .segment_start
+                .get(s + 1)
+                .map_or(rows.len(), |&e| e as usize),
+            factor: nonempty_of(&seg.factor).or(fixed),
+            scale: nonempty_of(&seg.scale),
+            offset: nonempty_of(&seg.offset),
+        })
+        .collect()
+}
+
+fn to_f32(v: &[f16]) -> Vec<f32> {
+    let mut out = vec![0f32; v.len()];
+    v.convert_to_f32_slice(&mut out);
+    out
+}
+
+/// Decode the raw contents of row `r` (codes as `f32`, or dense elements) into `buf`.
+#[inline(always)]
+fn load_row(rows: &EncodedRows, r: usize, bits: u8, buf: &mut [f32]) {
+    let d = rows.dim;
+    match &rows.data {
+        RowData::Packed(codes) => {
+            let rb = d * bits as usize / 8;
+            unpack_f32(&codes[r * rb..(r + 1) * rb], bits, buf);
+        }
+        RowData::F16(v) => v[r * d..(r + 1) * d].convert_to_f32_slice(buf),
+        RowData::BF16(v) => v[r * d..(r + 1) * d].convert_to_f32_slice(buf),
+        RowData::F32(v) => buf.copy_from_slice(&v[r * d..(r + 1) * d]),
+    }
+}
+
+/// Logits of `nq` queries (`queries`, `nq × d`, already scaled) against the rows of `run`:
+/// `logits[i * stride + (r - base)]` for row `r`. Visibility is applied by the caller.
+pub fn key_logits(
+    rows: &EncodedRows,
+    run: &Run,
+    queries: &[f32],
+    nq: usize,
+    logits: &mut [f32],
+    stride: usize,
+    base: usize,
+) {
+    let d = rows.dim;
+    let mut buf = vec![0f32; d];
+    // q' = q ⊙ f
+    let qf: Vec<f32> = match run.factor {
+        Some(f) => {
+            let f = to_f32(f);
+            queries
+                .chunks_exact(d)
+                .flat_map(|q| q.iter().zip(&f).map(|(a, b)| a * b).collect::<Vec<_>>())
+                .collect()
+        }
+        None => queries.to_vec(),
+    };
+    match rows.codec {
+        Codec::Dense(_) => {
+            for r in run.start..run.end {
+                load_row(rows, r, 8, &mut buf);
+                for i in 0..nq {
+                    logits[i * stride + r - base] = dot(&qf[i * d..(i + 1) * d], &buf);
+                }
+            }
+        }
+        Codec::Channel { bits } => {
+            let (alpha, beta) = (
+                to_f32(run.scale.unwrap_or(&[])),
+                to_f32(run.offset.unwrap_or(&[])),
+            );
+            let qa: Vec<f32> = qf
+                .chunks_exact(d)
+                .flat_map(|q| q.iter().zip(&alpha).map(|(a, b)| a * b).collect::<Vec<_>>())
+                .collect();
+            let qb: Vec<f32> = qf.chunks_exact(d).map(|q| dot(q, &beta)).collect();
+            for r in run.start..run.end {
+                load_row(rows, r, bits, &mut buf);
+                for i in 0..nq {
+                    logits[i * stride + r - base] = dot(&qa[i * d..(i + 1) * d], &buf) + qb[i];
+                }
+            }
+        }
+        Codec::TokenGroups {
+            bits,
+            group_size: g,
+            ..
+        } => {
+            let groups = d / g;
+            let gsum: Vec<f32> = qf.chunks_exact(g).map(|x| x.iter().sum()).collect();
+            for r in run.start..run.end {
+                load_row(rows, r, bits, &mut buf);
+                let sc = &rows.row_scale[r * groups..(r + 1) * groups];
+                let of = &rows.row_offset[r * groups..(r + 1) * groups];
+                for i in 0..nq {
+                    let q = &qf[i * d..(i + 1) * d];
+                    let mut l = 0f32;
+                    for gi in 0..groups {
+                        let part = dot(&q[gi * g..(gi + 1) * g], &buf[gi * g..(gi + 1) * g]);
+                        l += sc[gi].to_f32() * part + of[gi].to_f32() * gsum[i * groups + gi];
+                    }
+                    logits[i * stride + r - base] = l;
+                }
+            }
+        }
+    }
+}
+
+/// `out_i += Σ_r probs[i * stride + r - base] · v̂_r` over the rows of `run`.
+pub fn accumulate_values(
+    rows: &EncodedRows,
+    run: &Run,
+    probs: &[f32],
+    stride: usize,
+    base: usize,
+    nq: usize,
+    out: &mut [f32],
+) {
+    let d = rows.dim;
+    let mut buf = vec![0f32; d];
+    // Accumulate in the normalized domain, apply the factor once at the end.
+    let mut acc = vec![0f32; nq * d];
+    let p = |i: usize, r: usize| probs[i * stride + r - base];
+    match rows.codec {
+        Codec::Dense(_) => {
+            for r in run.start..run.end {
+                load_row(rows, r, 8, &mut buf);
+                for i in 0..nq {
+                    let w = p(i, r);
+                    if w != 0.0 {
+                        axpy(&mut acc[i * d..(i + 1) * d], w, &buf);
+                    }
+                }
+            }
+        }
+        Codec::Channel { bits } => {
+            let mut psum = vec![0f32; nq];
+            for r in run.start..run.end {
+                load_row(rows, r, bits, &mut buf);
+                for i in 0..nq {
+                    let w = p(i, r);
+                    psum[i] += w;
+                    if w != 0.0 {
+                        axpy(&mut acc[i * d..(i + 1) * d], w, &buf);
+                    }
+                }
+            }
+            let (alpha, beta) = (
+                to_f32(run.scale.unwrap_or(&[])),
+                to_f32(run.offset.unwrap_or(&[])),
+            );
+            for i in 0..nq {
+                for c in 0..d {
+                    acc[i * d + c] = alpha[c] * acc[i * d + c] + beta[c] * psum[i];
+                }
+            }
+        }
+        Codec::TokenGroups {
+            bits,
+            group_size: g,
+            ..
+        } => {
+            let groups = d / g;
+            for r in run.start..run.end {
+                load_row(rows, r, bits, &mut buf);
+                let sc = &rows.row_scale[r * groups..(r + 1) * groups];
+                let of = &rows.row_offset[r * groups..(r + 1) * groups];
+                for i in 0..nq {
+                    let w = p(i, r);
+                    if w == 0.0 {
+                        continue;
+                    }
+                    let a = &mut acc[i * d..(i + 1) * d];
+                    for gi in 0..groups {
+                        axpb(
+                            &mut a[gi * g..(gi + 1) * g],
+                            w * sc[gi].to_f32(),
+                            &buf[gi * g..(gi + 1) * g],
+                            w * of[gi].to_f32(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    match run.factor {
+        Some(f) => {
+            let f = to_f32(f);
+            for (o, a) in out.chunks_exact_mut(d).zip(acc.chunks_exact(d)) {
+                for c in 0..d {
+                    o[c] += f[c] * a[c];
+                }
+            }
+        }
+        None => out.iter_mut().zip(&acc).for_each(|(o, a)| *o += a),
+    }
+}

@@ -71,7 +71,7 @@ pub fn attend(
     let nq = rep * tq;
     let work: usize = store.streams.iter().map(|s| s.len()).sum::<usize>() * nq * d;
     let results: Vec<StreamResult> = parallel::run(work, |par| {
-        let one = |s: usize| attend_stream(store, s, q, hq, tq, d, rep, q_positions, scale);
+        let one = |s: usize| dispatch_stream(store, s, q, hq, tq, d, rep, q_positions, scale);
         if par {
             (0..store.streams.len()).into_par_iter().map(one).collect()
         } else {
@@ -96,8 +96,61 @@ pub fn attend(
     })
 }
 
+/// [`attend_stream`] compiled for AVX2+FMA+F16C when the CPU has them, else for the
+/// baseline target.
 #[allow(clippy::too_many_arguments)]
-fn attend_stream(
+fn dispatch_stream(
+    store: &LayerStore,
+    s: usize,
+    q: &[f32],
+    hq: usize,
+    tq: usize,
+    d: usize,
+    rep: usize,
+    q_positions: &[usize],
+    scale: f32,
+) -> StreamResult {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(avx) = simd::Avx2::detect() {
+        // SAFETY: `detect` confirmed the CPU has every feature the function is compiled for.
+        return unsafe { attend_stream_avx2(avx, store, s, q, hq, tq, d, rep, q_positions, scale) };
+    }
+    attend_stream(
+        simd::Portable,
+        store,
+        s,
+        q,
+        hq,
+        tq,
+        d,
+        rep,
+        q_positions,
+        scale,
+    )
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_stream_avx2(
+    avx: simd::Avx2,
+    store: &LayerStore,
+    s: usize,
+    q: &[f32],
+    hq: usize,
+    tq: usize,
+    d: usize,
+    rep: usize,
+    q_positions: &[usize],
+    scale: f32,
+) -> StreamResult {
+    attend_stream(avx, store, s, q, hq, tq, d, rep, q_positions, scale)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_stream<S: simd::Simd>(
+    simd: S,
     store: &LayerStore,
     s: usize,
     q: &[f32],
@@ -123,6 +176,7 @@ fn attend_stream(
     for tier in tiers {
         for run in runs(&tier.keys) {
             key_logits(
+                simd,
                 &tier.keys,
                 &run,
                 &queries,
@@ -167,7 +221,16 @@ fn attend_stream(
         let probs = &logits;
         for run in runs(&tier.values) {
             // Row r of this tier sits at column base + r.
-            accumulate_values(&tier.values, &run, &probs[base..], total, 0, nq, &mut out);
+            accumulate_values(
+                simd,
+                &tier.values,
+                &run,
+                &probs[base..],
+                total,
+                0,
+                nq,
+                &mut out,
+            );
         }
         if tier.scores.is_some() {
             received[t] = (0..tier.len())

@@ -10,7 +10,7 @@
 //! * values: `Σ_j p_j v̂_j = f ⊙ Σ_j p_j (α_j c_j + β_j)` (per-token groups) or
 //!   `f ⊙ (α ⊙ Σ_j p_j c_j + β Σ_j p_j)` (per-channel), with `f` applied once per run.
 
-use super::simd::{axpb, axpy, dot, unpack_f32};
+use super::simd::{unpack_f32, Simd};
 use crate::store::codec::{Codec, EncodedRows, RowData};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -57,6 +57,7 @@ pub fn runs(rows: &EncodedRows) -> Vec<Run<'_>> {
         .collect()
 }
 
+#[inline(always)]
 fn to_f32(v: &[f16]) -> Vec<f32> {
     let mut out = vec![0f32; v.len()];
     v.convert_to_f32_slice(&mut out);
@@ -78,9 +79,22 @@ fn load_row(rows: &EncodedRows, r: usize, bits: u8, buf: &mut [f32]) {
     }
 }
 
+/// Per-token-group scales and offsets of the rows of `run`, as `f32` (one bulk conversion
+/// instead of one per use).
+#[inline(always)]
+fn run_params(rows: &EncodedRows, run: &Run, groups: usize) -> (Vec<f32>, Vec<f32>) {
+    let span = run.start * groups..run.end * groups;
+    (
+        to_f32(&rows.row_scale[span.clone()]),
+        to_f32(&rows.row_offset[span]),
+    )
+}
+
 /// Logits of `nq` queries (`queries`, `nq × d`, already scaled) against the rows of `run`:
 /// `logits[i * stride + (r - base)]` for row `r`. Visibility is applied by the caller.
-pub fn key_logits(
+#[inline(always)]
+pub fn key_logits<S: Simd>(
+    simd: S,
     rows: &EncodedRows,
     run: &Run,
     queries: &[f32],
@@ -107,7 +121,7 @@ pub fn key_logits(
             for r in run.start..run.end {
                 load_row(rows, r, 8, &mut buf);
                 for i in 0..nq {
-                    logits[i * stride + r - base] = dot(&qf[i * d..(i + 1) * d], &buf);
+                    logits[i * stride + r - base] = simd.dot(&qf[i * d..(i + 1) * d], &buf);
                 }
             }
         }
@@ -120,11 +134,11 @@ pub fn key_logits(
                 .chunks_exact(d)
                 .flat_map(|q| q.iter().zip(&alpha).map(|(a, b)| a * b).collect::<Vec<_>>())
                 .collect();
-            let qb: Vec<f32> = qf.chunks_exact(d).map(|q| dot(q, &beta)).collect();
+            let qb: Vec<f32> = qf.chunks_exact(d).map(|q| simd.dot(q, &beta)).collect();
             for r in run.start..run.end {
                 load_row(rows, r, bits, &mut buf);
                 for i in 0..nq {
-                    logits[i * stride + r - base] = dot(&qa[i * d..(i + 1) * d], &buf) + qb[i];
+                    logits[i * stride + r - base] = simd.dot(&qa[i * d..(i + 1) * d], &buf) + qb[i];
                 }
             }
         }
@@ -135,16 +149,17 @@ pub fn key_logits(
         } => {
             let groups = d / g;
             let gsum: Vec<f32> = qf.chunks_exact(g).map(|x| x.iter().sum()).collect();
+            let (scales, offsets) = run_params(rows, run, groups);
             for r in run.start..run.end {
                 load_row(rows, r, bits, &mut buf);
-                let sc = &rows.row_scale[r * groups..(r + 1) * groups];
-                let of = &rows.row_offset[r * groups..(r + 1) * groups];
+                let sc = &scales[(r - run.start) * groups..(r - run.start + 1) * groups];
+                let of = &offsets[(r - run.start) * groups..(r - run.start + 1) * groups];
                 for i in 0..nq {
                     let q = &qf[i * d..(i + 1) * d];
                     let mut l = 0f32;
                     for gi in 0..groups {
-                        let part = dot(&q[gi * g..(gi + 1) * g], &buf[gi * g..(gi + 1) * g]);
-                        l += sc[gi].to_f32() * part + of[gi].to_f32() * gsum[i * groups + gi];
+                        let part = simd.dot(&q[gi * g..(gi + 1) * g], &buf[gi * g..(gi + 1) * g]);
+                        l += sc[gi] * part + of[gi] * gsum[i * groups + gi];
                     }
                     logits[i * stride + r - base] = l;
                 }
@@ -154,7 +169,9 @@ pub fn key_logits(
 }
 
 /// `out_i += Σ_r probs[i * stride + r - base] · v̂_r` over the rows of `run`.
-pub fn accumulate_values(
+#[inline(always)]
+pub fn accumulate_values<S: Simd>(
+    simd: S,
     rows: &EncodedRows,
     run: &Run,
     probs: &[f32],
@@ -175,7 +192,7 @@ pub fn accumulate_values(
                 for i in 0..nq {
                     let w = p(i, r);
                     if w != 0.0 {
-                        axpy(&mut acc[i * d..(i + 1) * d], w, &buf);
+                        simd.axpy(&mut acc[i * d..(i + 1) * d], w, &buf);
                     }
                 }
             }
@@ -188,7 +205,7 @@ pub fn accumulate_values(
                     let w = p(i, r);
                     psum[i] += w;
                     if w != 0.0 {
-                        axpy(&mut acc[i * d..(i + 1) * d], w, &buf);
+                        simd.axpy(&mut acc[i * d..(i + 1) * d], w, &buf);
                     }
                 }
             }
@@ -219,7 +236,7 @@ pub fn accumulate_values(
                     }
                     let a = &mut acc[i * d..(i + 1) * d];
                     for gi in 0..groups {
-                        axpb(
+                        simd.axpb(
                             &mut a[gi * g..(gi + 1) * g],
                             w * sc[gi].to_f32(),
                             &buf[gi * g..(gi + 1) * g],

@@ -280,6 +280,37 @@ impl PyLayerStore {
         detached(py, || store.accumulate_dense(&p, &dims, &query_positions))
     }
 
+    /// Attention of `q` (`[batch, q_heads, q_len, head_dim]`, float32) at positions
+    /// `q_positions` over everything the store holds, computed on the compressed data.
+    /// With `track`, the attention each token received feeds its importance score.
+    #[pyo3(signature = (q, q_positions, scale, track = true))]
+    fn attend<'py>(
+        &mut self,
+        py: Python<'py>,
+        q: PyReadonlyArrayDyn<'py, f32>,
+        q_positions: Vec<usize>,
+        scale: f32,
+        track: bool,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let dims = q.shape().to_vec();
+        let qs = match q.as_slice() {
+            Ok(s) if q.is_c_contiguous() => std::borrow::Cow::Borrowed(s),
+            _ => std::borrow::Cow::Owned(f32_vec(&q)),
+        };
+        let store = &mut self.inner;
+        let out = if track {
+            detached(py, || {
+                store.attend_and_track(&qs, &dims, &q_positions, scale)
+            })?
+        } else {
+            let store = &*store;
+            detached(py, || {
+                crate::attention::attend(store, &qs, &dims, &q_positions, scale).map(|a| a.out)
+            })?
+        };
+        to_numpy(py, out, &dims)
+    }
+
     /// Classify the buffer if due (or `force`); returns whether it ran.
     #[pyo3(signature = (force = false))]
     fn maybe_classify(&mut self, py: Python<'_>, force: bool) -> PyResult<bool> {

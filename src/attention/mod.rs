@@ -183,7 +183,6 @@ fn attend_stream<S: simd::Simd>(
                 nq,
                 &mut logits[base..],
                 total,
-                0,
             );
         }
         // Mask: invisible tokens get -inf. Query i is head i / tq at position q_positions[i % tq].
@@ -227,7 +226,6 @@ fn attend_stream<S: simd::Simd>(
                 &run,
                 &probs[base..],
                 total,
-                0,
                 nq,
                 &mut out,
             );

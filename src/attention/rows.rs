@@ -91,7 +91,7 @@ fn run_params(rows: &EncodedRows, run: &Run, groups: usize) -> (Vec<f32>, Vec<f3
 }
 
 /// Logits of `nq` queries (`queries`, `nq × d`, already scaled) against the rows of `run`:
-/// `logits[i * stride + (r - base)]` for row `r`. Visibility is applied by the caller.
+/// `logits[i * stride + r]` for row `r`. Visibility is applied by the caller.
 #[inline(always)]
 pub fn key_logits<S: Simd>(
     simd: S,
@@ -101,7 +101,6 @@ pub fn key_logits<S: Simd>(
     nq: usize,
     logits: &mut [f32],
     stride: usize,
-    base: usize,
 ) {
     let d = rows.dim;
     let mut buf = vec![0f32; d];
@@ -121,7 +120,7 @@ pub fn key_logits<S: Simd>(
             for r in run.start..run.end {
                 load_row(rows, r, 8, &mut buf);
                 for i in 0..nq {
-                    logits[i * stride + r - base] = simd.dot(&qf[i * d..(i + 1) * d], &buf);
+                    logits[i * stride + r] = simd.dot(&qf[i * d..(i + 1) * d], &buf);
                 }
             }
         }
@@ -138,7 +137,7 @@ pub fn key_logits<S: Simd>(
             for r in run.start..run.end {
                 load_row(rows, r, bits, &mut buf);
                 for i in 0..nq {
-                    logits[i * stride + r - base] = simd.dot(&qa[i * d..(i + 1) * d], &buf) + qb[i];
+                    logits[i * stride + r] = simd.dot(&qa[i * d..(i + 1) * d], &buf) + qb[i];
                 }
             }
         }
@@ -161,14 +160,14 @@ pub fn key_logits<S: Simd>(
                         let part = simd.dot(&q[gi * g..(gi + 1) * g], &buf[gi * g..(gi + 1) * g]);
                         l += sc[gi] * part + of[gi] * gsum[i * groups + gi];
                     }
-                    logits[i * stride + r - base] = l;
+                    logits[i * stride + r] = l;
                 }
             }
         }
     }
 }
 
-/// `out_i += Σ_r probs[i * stride + r - base] · v̂_r` over the rows of `run`.
+/// `out_i += Σ_r probs[i * stride + r] · v̂_r` over the rows of `run`.
 #[inline(always)]
 pub fn accumulate_values<S: Simd>(
     simd: S,
@@ -176,7 +175,6 @@ pub fn accumulate_values<S: Simd>(
     run: &Run,
     probs: &[f32],
     stride: usize,
-    base: usize,
     nq: usize,
     out: &mut [f32],
 ) {
@@ -184,7 +182,7 @@ pub fn accumulate_values<S: Simd>(
     let mut buf = vec![0f32; d];
     // Accumulate in the normalized domain, apply the factor once at the end.
     let mut acc = vec![0f32; nq * d];
-    let p = |i: usize, r: usize| probs[i * stride + r - base];
+    let p = |i: usize, r: usize| probs[i * stride + r];
     match rows.codec {
         Codec::Dense(_) => {
             for r in run.start..run.end {

@@ -186,11 +186,20 @@ fn attend_stream<S: simd::Simd>(
             );
         }
         // Mask: invisible tokens get -inf. Query i is head i / tq at position q_positions[i % tq].
-        for r in 0..tier.len() {
+        // Decoding sees every stored token, so the per-element test runs only when needed.
+        let min_q = q_positions.iter().copied().min().unwrap_or(0);
+        let needs_mask = (0..tier.len()).any(|r| {
             let p = tier.positions.get(r);
-            for i in 0..nq {
-                if p < first_valid || p as usize > q_positions[i % tq] {
-                    logits[i * total + base + r] = f32::NEG_INFINITY;
+            p < first_valid || p as usize > min_q
+        });
+        if needs_mask {
+            let qpos: Vec<usize> = (0..nq).map(|i| q_positions[i % tq]).collect();
+            for r in 0..tier.len() {
+                let p = tier.positions.get(r);
+                for (i, &qp) in qpos.iter().enumerate() {
+                    if p < first_valid || p as usize > qp {
+                        logits[i * total + base + r] = f32::NEG_INFINITY;
+                    }
                 }
             }
         }

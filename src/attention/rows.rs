@@ -64,6 +64,16 @@ fn to_f32(v: &[f16]) -> Vec<f32> {
     out
 }
 
+/// The packed codes of row `r`.
+#[inline(always)]
+fn row_codes(rows: &EncodedRows, r: usize, bits: u8) -> &[u8] {
+    let rb = rows.dim * bits as usize / 8;
+    match &rows.data {
+        RowData::Packed(codes) => &codes[r * rb..(r + 1) * rb],
+        _ => &[],
+    }
+}
+
 /// Decode the raw contents of row `r` (codes as `f32`, or dense elements) into `buf`.
 #[inline(always)]
 fn load_row(rows: &EncodedRows, r: usize, bits: u8, buf: &mut [f32]) {
@@ -134,10 +144,11 @@ pub fn key_logits<S: Simd>(
                 .flat_map(|q| q.iter().zip(&alpha).map(|(a, b)| a * b).collect::<Vec<_>>())
                 .collect();
             let qb: Vec<f32> = qf.chunks_exact(d).map(|q| simd.dot(q, &beta)).collect();
+            let mut dots = vec![0f32; nq];
             for r in run.start..run.end {
-                load_row(rows, r, bits, &mut buf);
+                simd.code_dots(&qa, d, nq, row_codes(rows, r, bits), bits, d, &mut dots);
                 for i in 0..nq {
-                    logits[i * stride + r] = simd.dot(&qa[i * d..(i + 1) * d], &buf) + qb[i];
+                    logits[i * stride + r] = dots[i] + qb[i];
                 }
             }
         }
@@ -149,18 +160,21 @@ pub fn key_logits<S: Simd>(
             let groups = d / g;
             let gsum: Vec<f32> = qf.chunks_exact(g).map(|x| x.iter().sum()).collect();
             let (scales, offsets) = run_params(rows, run, groups);
+            let gbytes = g * bits as usize / 8;
+            let mut dots = vec![0f32; nq];
             for r in run.start..run.end {
-                load_row(rows, r, bits, &mut buf);
-                let sc = &scales[(r - run.start) * groups..(r - run.start + 1) * groups];
-                let of = &offsets[(r - run.start) * groups..(r - run.start + 1) * groups];
+                let codes = row_codes(rows, r, bits);
+                let k = (r - run.start) * groups;
                 for i in 0..nq {
-                    let q = &qf[i * d..(i + 1) * d];
-                    let mut l = 0f32;
-                    for gi in 0..groups {
-                        let part = simd.dot(&q[gi * g..(gi + 1) * g], &buf[gi * g..(gi + 1) * g]);
-                        l += sc[gi] * part + of[gi] * gsum[i * groups + gi];
+                    logits[i * stride + r] = 0.0;
+                }
+                for gi in 0..groups {
+                    let gc = &codes[gi * gbytes..(gi + 1) * gbytes];
+                    simd.code_dots(&qf[gi * g..], d, nq, gc, bits, g, &mut dots);
+                    for i in 0..nq {
+                        logits[i * stride + r] +=
+                            scales[k + gi] * dots[i] + offsets[k + gi] * gsum[i * groups + gi];
                     }
-                    logits[i * stride + r] = l;
                 }
             }
         }
@@ -197,15 +211,31 @@ pub fn accumulate_values<S: Simd>(
         }
         Codec::Channel { bits } => {
             let mut psum = vec![0f32; nq];
-            for r in run.start..run.end {
-                load_row(rows, r, bits, &mut buf);
-                for i in 0..nq {
-                    let w = p(i, r);
-                    psum[i] += w;
-                    if w != 0.0 {
-                        simd.axpy(&mut acc[i * d..(i + 1) * d], w, &buf);
+            let rb = d * bits as usize / 8;
+            let RowData::Packed(all_codes) = &rows.data else {
+                return;
+            };
+            const BLOCK: usize = 256;
+            let mut w = vec![0f32; BLOCK * nq];
+            for r0 in (run.start..run.end).step_by(BLOCK) {
+                let r1 = (r0 + BLOCK).min(run.end);
+                for r in r0..r1 {
+                    for i in 0..nq {
+                        w[(r - r0) * nq + i] = p(i, r);
+                        psum[i] += p(i, r);
                     }
                 }
+                simd.code_rows_axpy(
+                    &mut acc,
+                    d,
+                    nq,
+                    &w,
+                    &all_codes[r0 * rb..],
+                    rb,
+                    r1 - r0,
+                    bits,
+                    d,
+                );
             }
             let (alpha, beta) = (
                 to_f32(run.scale.unwrap_or(&[])),
@@ -223,24 +253,35 @@ pub fn accumulate_values<S: Simd>(
             ..
         } => {
             let groups = d / g;
-            for r in run.start..run.end {
-                load_row(rows, r, bits, &mut buf);
-                let sc = &rows.row_scale[r * groups..(r + 1) * groups];
-                let of = &rows.row_offset[r * groups..(r + 1) * groups];
-                for i in 0..nq {
-                    let w = p(i, r);
-                    if w == 0.0 {
-                        continue;
+            let (scales, offsets) = run_params(rows, run, groups);
+            let gbytes = g * bits as usize / 8;
+            // Σ_r p·β per (query, group), added to every channel of the group at the end.
+            let mut bias = vec![0f32; nq * groups];
+            let rb = d * bits as usize / 8;
+            let RowData::Packed(all_codes) = &rows.data else {
+                return;
+            };
+            // Blocks of rows whose weights p·α stay in cache: [row][query] per group.
+            const BLOCK: usize = 256;
+            let mut w = vec![0f32; BLOCK * nq];
+            for r0 in (run.start..run.end).step_by(BLOCK) {
+                let r1 = (r0 + BLOCK).min(run.end);
+                for gi in 0..groups {
+                    for r in r0..r1 {
+                        let k = (r - run.start) * groups + gi;
+                        for i in 0..nq {
+                            let pr = p(i, r);
+                            w[(r - r0) * nq + i] = pr * scales[k];
+                            bias[i * groups + gi] += pr * offsets[k];
+                        }
                     }
-                    let a = &mut acc[i * d..(i + 1) * d];
-                    for gi in 0..groups {
-                        simd.axpb(
-                            &mut a[gi * g..(gi + 1) * g],
-                            w * sc[gi].to_f32(),
-                            &buf[gi * g..(gi + 1) * g],
-                            w * of[gi].to_f32(),
-                        );
-                    }
+                    let codes = &all_codes[r0 * rb + gi * gbytes..];
+                    simd.code_rows_axpy(&mut acc[gi * g..], d, nq, &w, codes, rb, r1 - r0, bits, g);
+                }
+            }
+            for i in 0..nq {
+                for c in 0..d {
+                    acc[i * d + c] += bias[i * groups + c / g];
                 }
             }
         }

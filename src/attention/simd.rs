@@ -14,6 +14,84 @@ pub trait Simd: Copy + Send + Sync {
     fn axpy(self, acc: &mut [f32], a: f32, x: &[f32]);
     /// `acc_i += a·x_i + b`.
     fn axpb(self, acc: &mut [f32], a: f32, x: &[f32], b: f32);
+
+    /// For each query `i < nq`: `out[i] = Σ_{c<n} q[i·stride + c] · code_c`, with the `n`
+    /// codes of `bits` bits packed in `codes`. Fusing the unpacking into the dot products
+    /// keeps the codes in registers.
+    #[allow(clippy::too_many_arguments)]
+    fn code_dots(
+        self,
+        q: &[f32],
+        stride: usize,
+        nq: usize,
+        codes: &[u8],
+        bits: u8,
+        n: usize,
+        out: &mut [f32],
+    ) {
+        let mut buf = [0f32; 512];
+        for (k, chunk) in (0..n).step_by(512).enumerate() {
+            let m = (n - chunk).min(512);
+            let bytes = &codes[k * 512 * bits as usize / 8..];
+            unpack_f32(&bytes[..m * bits as usize / 8], bits, &mut buf[..m]);
+            for i in 0..nq {
+                let add = self.dot(&q[i * stride + chunk..i * stride + chunk + m], &buf[..m]);
+                out[i] = if k == 0 { add } else { out[i] + add };
+            }
+        }
+    }
+
+    /// `code_axpys` over `rows` rows: row `r`'s `n` codes start at `codes[r·row_bytes]` and its
+    /// weights are `w[r·nq .. r·nq + nq]`. Blocking over rows keeps the accumulators in
+    /// registers instead of loading and storing them for every row.
+    #[allow(clippy::too_many_arguments)]
+    fn code_rows_axpy(
+        self,
+        acc: &mut [f32],
+        stride: usize,
+        nq: usize,
+        w: &[f32],
+        codes: &[u8],
+        row_bytes: usize,
+        rows: usize,
+        bits: u8,
+        n: usize,
+    ) {
+        let nb = n * bits as usize / 8;
+        for r in 0..rows {
+            let c = &codes[r * row_bytes..r * row_bytes + nb];
+            self.code_axpys(acc, stride, nq, &w[r * nq..(r + 1) * nq], c, bits, n);
+        }
+    }
+
+    /// For each query `i < nq`: `acc[i·stride + c] += w[i] · code_c` for `c < n`.
+    #[allow(clippy::too_many_arguments)]
+    fn code_axpys(
+        self,
+        acc: &mut [f32],
+        stride: usize,
+        nq: usize,
+        w: &[f32],
+        codes: &[u8],
+        bits: u8,
+        n: usize,
+    ) {
+        let mut buf = [0f32; 512];
+        for (k, chunk) in (0..n).step_by(512).enumerate() {
+            let m = (n - chunk).min(512);
+            let bytes = &codes[k * 512 * bits as usize / 8..];
+            unpack_f32(&bytes[..m * bits as usize / 8], bits, &mut buf[..m]);
+            for i in 0..nq {
+                if w[i] != 0.0 {
+                    self.axpy(
+                        &mut acc[i * stride + chunk..i * stride + chunk + m],
+                        w[i],
+                        &buf[..m],
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// Plain Rust, for any target.
@@ -133,7 +211,231 @@ mod x86 {
         Portable.axpb(&mut acc[main..n], a, &x[main..n], b);
     }
 
+    /// Eight `B`-bit codes starting at byte `at` as `f32` lanes.
+    ///
+    /// SAFETY: the caller guarantees `at + B <= codes.len()`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn codes8<const B: usize>(codes: *const u8, at: usize) -> __m256 {
+        // SAFETY: the caller guarantees B readable bytes at `at`.
+        let ints = unsafe {
+            match B {
+                2 => {
+                    let w = (codes.add(at) as *const u16).read_unaligned() as i32;
+                    let shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+                    _mm256_and_si256(
+                        _mm256_srlv_epi32(_mm256_set1_epi32(w), shifts),
+                        _mm256_set1_epi32(3),
+                    )
+                }
+                4 => {
+                    let w = (codes.add(at) as *const u32).read_unaligned() as i32;
+                    let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+                    _mm256_and_si256(
+                        _mm256_srlv_epi32(_mm256_set1_epi32(w), shifts),
+                        _mm256_set1_epi32(15),
+                    )
+                }
+                _ => {
+                    let w = (codes.add(at) as *const i64).read_unaligned();
+                    _mm256_cvtepu8_epi32(_mm_set1_epi64x(w))
+                }
+            }
+        };
+        _mm256_cvtepi32_ps(ints)
+    }
+
+    /// SAFETY: AVX2+FMA available; `n % 8 == 0`, `codes` holds `n·B/8` bytes, `q` holds
+    /// `(nq-1)·stride + n` floats, `out` holds `nq`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn code_dots<const B: usize>(
+        q: &[f32],
+        stride: usize,
+        nq: usize,
+        codes: &[u8],
+        n: usize,
+        out: &mut [f32],
+    ) {
+        assert!(
+            codes.len() * 8 >= n * B && q.len() >= (nq.max(1) - 1) * stride + n && out.len() >= nq
+        );
+        let (cp, qp) = (codes.as_ptr(), q.as_ptr());
+        // Four queries at a time share each unpacked chunk of codes.
+        for i0 in (0..nq).step_by(4) {
+            let m = (nq - i0).min(4);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for k in (0..n).step_by(8) {
+                // SAFETY: the assertion above bounds every read.
+                unsafe {
+                    let c = codes8::<B>(cp, k * B / 8);
+                    for (j, a) in acc.iter_mut().enumerate().take(m) {
+                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add((i0 + j) * stride + k)), c, *a);
+                    }
+                }
+            }
+            for (j, a) in acc.iter().enumerate().take(m) {
+                out[i0 + j] = hsum(*a);
+            }
+        }
+    }
+
+    /// SAFETY: AVX2+FMA available; `n % 8 == 0`, `codes` holds `n·B/8` bytes, `acc` holds
+    /// `(nq-1)·stride + n` floats, `w` holds `nq`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn code_axpys<const B: usize>(
+        acc: &mut [f32],
+        stride: usize,
+        nq: usize,
+        w: &[f32],
+        codes: &[u8],
+        n: usize,
+    ) {
+        assert!(
+            codes.len() * 8 >= n * B && acc.len() >= (nq.max(1) - 1) * stride + n && w.len() >= nq
+        );
+        let (cp, ap) = (codes.as_ptr(), acc.as_mut_ptr());
+        for k in (0..n).step_by(8) {
+            // SAFETY: the assertion above bounds every access.
+            unsafe {
+                let c = codes8::<B>(cp, k * B / 8);
+                for (i, &wi) in w.iter().enumerate().take(nq) {
+                    let dst = ap.add(i * stride + k);
+                    _mm256_storeu_ps(
+                        dst,
+                        _mm256_fmadd_ps(_mm256_set1_ps(wi), c, _mm256_loadu_ps(dst)),
+                    );
+                }
+            }
+        }
+    }
+
+    /// SAFETY: AVX2+FMA available; `n % 8 == 0`; bounds are asserted.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn code_rows_axpy<const B: usize>(
+        acc: &mut [f32],
+        stride: usize,
+        nq: usize,
+        w: &[f32],
+        codes: &[u8],
+        row_bytes: usize,
+        rows: usize,
+        n: usize,
+    ) {
+        if rows == 0 || nq == 0 {
+            return;
+        }
+        assert!(
+            codes.len() >= (rows - 1) * row_bytes + n * B / 8
+                && acc.len() >= (nq - 1) * stride + n
+                && w.len() >= rows * nq
+        );
+        let (cp, ap, wp) = (codes.as_ptr(), acc.as_mut_ptr(), w.as_ptr());
+        for k in (0..n).step_by(8) {
+            for i0 in (0..nq).step_by(4) {
+                let m = (nq - i0).min(4);
+                // SAFETY: the assertion above bounds every access.
+                unsafe {
+                    let mut a = [_mm256_setzero_ps(); 4];
+                    for (j, aj) in a.iter_mut().enumerate().take(m) {
+                        *aj = _mm256_loadu_ps(ap.add((i0 + j) * stride + k));
+                    }
+                    for r in 0..rows {
+                        let c = codes8::<B>(cp, r * row_bytes + k * B / 8);
+                        for (j, aj) in a.iter_mut().enumerate().take(m) {
+                            *aj = _mm256_fmadd_ps(
+                                _mm256_broadcast_ss(&*wp.add(r * nq + i0 + j)),
+                                c,
+                                *aj,
+                            );
+                        }
+                    }
+                    for (j, aj) in a.iter().enumerate().take(m) {
+                        _mm256_storeu_ps(ap.add((i0 + j) * stride + k), *aj);
+                    }
+                }
+            }
+        }
+    }
+
     impl Simd for Avx2 {
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments)]
+        fn code_rows_axpy(
+            self,
+            acc: &mut [f32],
+            stride: usize,
+            nq: usize,
+            w: &[f32],
+            codes: &[u8],
+            row_bytes: usize,
+            rows: usize,
+            bits: u8,
+            n: usize,
+        ) {
+            // SAFETY: an `Avx2` exists only on CPUs with AVX2 and FMA; bounds asserted inside.
+            match bits {
+                2 if n % 8 == 0 => unsafe {
+                    code_rows_axpy::<2>(acc, stride, nq, w, codes, row_bytes, rows, n)
+                },
+                4 if n % 8 == 0 => unsafe {
+                    code_rows_axpy::<4>(acc, stride, nq, w, codes, row_bytes, rows, n)
+                },
+                8 if n % 8 == 0 => unsafe {
+                    code_rows_axpy::<8>(acc, stride, nq, w, codes, row_bytes, rows, n)
+                },
+                _ => Portable.code_rows_axpy(acc, stride, nq, w, codes, row_bytes, rows, bits, n),
+            }
+        }
+
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments)]
+        fn code_dots(
+            self,
+            q: &[f32],
+            stride: usize,
+            nq: usize,
+            codes: &[u8],
+            bits: u8,
+            n: usize,
+            out: &mut [f32],
+        ) {
+            // SAFETY: an `Avx2` exists only on CPUs with AVX2 and FMA; `n % 8 == 0` is checked
+            // and the bounds are asserted inside.
+            match bits {
+                2 if n % 8 == 0 => unsafe { code_dots::<2>(q, stride, nq, codes, n, out) },
+                4 if n % 8 == 0 => unsafe { code_dots::<4>(q, stride, nq, codes, n, out) },
+                8 if n % 8 == 0 => unsafe { code_dots::<8>(q, stride, nq, codes, n, out) },
+                _ => Portable.code_dots(q, stride, nq, codes, bits, n, out),
+            }
+        }
+
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments)]
+        fn code_axpys(
+            self,
+            acc: &mut [f32],
+            stride: usize,
+            nq: usize,
+            w: &[f32],
+            codes: &[u8],
+            bits: u8,
+            n: usize,
+        ) {
+            // SAFETY: as above.
+            match bits {
+                2 if n % 8 == 0 => unsafe { code_axpys::<2>(acc, stride, nq, w, codes, n) },
+                4 if n % 8 == 0 => unsafe { code_axpys::<4>(acc, stride, nq, w, codes, n) },
+                8 if n % 8 == 0 => unsafe { code_axpys::<8>(acc, stride, nq, w, codes, n) },
+                _ => Portable.code_axpys(acc, stride, nq, w, codes, bits, n),
+            }
+        }
+
         #[inline(always)]
         fn dot(self, a: &[f32], b: &[f32]) -> f32 {
             // SAFETY: an `Avx2` exists only on CPUs with AVX2 and FMA.
@@ -240,6 +542,58 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if let Some(avx) = Avx2::detect() {
             check(avx);
+        }
+    }
+
+    fn check_codes<S: Simd>(s: S) {
+        for bits in [2u8, 3, 4, 8] {
+            for n in [8usize, 16, 24, 64, 128] {
+                let codes: Vec<u8> = (0..n).map(|i| (i * 5 % (1 << bits)) as u8).collect();
+                let mut packed = vec![0u8; crate::quant::packed_len(n, bits)];
+                crate::quant::pack(&codes, bits, &mut packed);
+                let nq = 5;
+                let q: Vec<f32> = (0..nq * n).map(|i| (i % 11) as f32 * 0.25 - 1.0).collect();
+                let mut out = vec![0f32; nq];
+                s.code_dots(&q, n, nq, &packed, bits, n, &mut out);
+                for i in 0..nq {
+                    let want: f32 = (0..n).map(|c| q[i * n + c] * codes[c] as f32).sum();
+                    assert!((out[i] - want).abs() < 1e-3, "bits={bits} n={n}");
+                }
+                let w: Vec<f32> = (0..nq).map(|i| i as f32 * 0.5).collect();
+                // Three rows: the same codes, weights w, 2w, 3w.
+                let rows3: Vec<u8> = packed
+                    .iter()
+                    .chain(&packed)
+                    .chain(&packed)
+                    .copied()
+                    .collect();
+                let w3: Vec<f32> = (1..=3)
+                    .flat_map(|m| w.iter().map(move |x| x * m as f32))
+                    .collect();
+                let mut acc3 = vec![1f32; nq * n];
+                s.code_rows_axpy(&mut acc3, n, nq, &w3, &rows3, packed.len(), 3, bits, n);
+                for i in 0..nq {
+                    for c in 0..n {
+                        assert_eq!(acc3[i * n + c], 1.0 + 6.0 * w[i] * codes[c] as f32);
+                    }
+                }
+                let mut acc = vec![1f32; nq * n];
+                s.code_axpys(&mut acc, n, nq, &w, &packed, bits, n);
+                for i in 0..nq {
+                    for c in 0..n {
+                        assert_eq!(acc[i * n + c], 1.0 + w[i] * codes[c] as f32);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_code_ops_match_naive() {
+        check_codes(Portable);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(avx) = Avx2::detect() {
+            check_codes(avx);
         }
     }
 

@@ -14,6 +14,15 @@ from kvmix._kvmix import (
     probe_scores,
     top_k,
 )
+from kvmix.attention import enable_fused_attention, kvmix_attention
+from kvmix.cache import (
+    EvictionCache,
+    FullPrecisionCache,
+    KvmixCache,
+    MiKVCache,
+    QuantizedKVCache,
+    ZipCache,
+)
 from kvmix.errors import ConfigError, DTypeError, KvmixError, NonFiniteError, ShapeError
 from kvmix.quant import (
     channel_absmax,
@@ -30,15 +39,23 @@ from kvmix.quant import (
 __all__ = [
     "ConfigError",
     "DTypeError",
+    "EvictionCache",
+    "FullPrecisionCache",
+    "KvmixCache",
     "KvmixError",
     "LayerStore",
+    "MiKVCache",
     "NonFiniteError",
+    "QuantizedKVCache",
     "QuantizedTensor",
     "ShapeError",
+    "ZipCache",
     "__version__",
     "channel_absmax",
     "dequantize",
+    "enable_fused_attention",
     "key_balancer",
+    "kvmix_attention",
     "num_threads",
     "pack_bits",
     "probe_positions",

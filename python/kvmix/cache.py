@@ -1,0 +1,435 @@
+"""Drop-in transformers ``Cache`` classes backed by kvmix's mixed-precision store.
+
+>>> cache = kvmix.ZipCache(model.config)                      # doctest: +SKIP
+>>> kvmix.enable_fused_attention(model)                       # doctest: +SKIP
+>>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)  # doctest: +SKIP
+>>> cache.memory_report()["compression_ratio"]                # doctest: +SKIP
+
+Every cache is a :class:`transformers.Cache` made of one :class:`KvmixLayer` per decoder layer.
+A layer appends new keys/values to its Rust :class:`kvmix.LayerStore` and returns either
+
+* the new tokens only, tagged with the layer, when the model runs kvmix's fused attention
+  (``attn_implementation="kvmix"``): attention then reads the compressed store directly and
+  its probabilities update the importance scores (:mod:`kvmix.attention`); or
+* dense dequantized keys/values of every token (the portable path), for any other attention
+  implementation; importance then comes from kvmix's wrapper of that implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvmix import _kvmix
+from kvmix.errors import ConfigError, DTypeError
+from kvmix.quant import as_core_array
+
+__all__ = [
+    "EvictionCache",
+    "KvmixCache",
+    "KvmixLayer",
+    "MiKVCache",
+    "QuantizedKVCache",
+    "ZipCache",
+]
+
+_BUFFER_DTYPES = {"float16", "float32"}
+
+
+def _text_config(config: Any) -> Any:
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if get is not None else config
+
+
+def _full_attention_layers(config: Any) -> int:
+    """Number of layers, after refusing any layer that is not full attention."""
+    text = _text_config(config)
+    n = getattr(text, "num_hidden_layers", None)
+    if not isinstance(n, int) or n <= 0:
+        raise ConfigError(f"`config` has no positive `num_hidden_layers` (got {n!r})")
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is None:
+        sliding = getattr(text, "sliding_window", None)
+        chunk = getattr(text, "attention_chunk_size", None)
+        kind = (
+            "sliding_attention"
+            if sliding is not None
+            else "chunked_attention"
+            if chunk is not None
+            else "full_attention"
+        )
+        layer_types = [kind] * n
+    bad = sorted(set(layer_types) - {"full_attention"})
+    if bad:
+        raise ConfigError(
+            f"kvmix supports full-attention layers only; this model has {bad} layers "
+            f"(`{type(text).__name__}.layer_types`/`sliding_window`). Sliding-window, chunked and "
+            "linear-attention layers would need a different cache."
+        )
+    return n
+
+
+def _head_dims(config: Any) -> tuple[int, int, int]:
+    """(query heads, kv heads, head_dim) of the decoder."""
+    text = _text_config(config)
+    hq = text.num_attention_heads
+    hk = getattr(text, "num_key_value_heads", None) or hq
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // hq
+    return hq, hk, head_dim
+
+
+class KvmixLayer(CacheLayerMixin):
+    """One decoder layer's cache: a :class:`kvmix.LayerStore` plus what transformers needs.
+
+    Args:
+        policy: ``"mikv"``, ``"zipcache"``, ``"uniform"``, ``"eviction"`` or ``"full"``.
+        options: the policy's options (see :class:`kvmix.LayerStore`).
+        kv_heads: number of key/value heads.
+        head_dim: channels per head.
+        buffer_dtype: storage of the not-yet-classified newest tokens.
+        owner: the :class:`KvmixCache` holding this layer (for its attention mode).
+    """
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(
+        self,
+        policy: str,
+        options: dict[str, Any],
+        kv_heads: int,
+        head_dim: int,
+        buffer_dtype: str,
+        owner: KvmixCache,
+    ) -> None:
+        super().__init__()
+        self.policy = policy
+        self.options = options
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        self.buffer_dtype = buffer_dtype
+        self.owner = owner
+        self.store = _kvmix.LayerStore(policy, kv_heads, head_dim, options, buffer_dtype)
+        self.cumulative_length = 0
+        #: Set by an update whose tokens have not been scored and classified yet.
+        self.needs_prefill = False
+        #: First non-padding position of each sequence (set at prefill).
+        self.first_valid: list[int] = []
+
+    # -- transformers' layer contract -------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.device.type != "cpu":
+            raise DTypeError(
+                f"kvmix caches run on the CPU; got key states on {key_states.device}. Move the "
+                "model to the CPU or use transformers' own caches on accelerators."
+            )
+        if key_states.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise DTypeError(
+                f"key/value states must be float32, float16 or bfloat16, got {key_states.dtype}"
+            )
+        self.dtype = key_states.dtype
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens ``(B, H_kv, q_len, D)``; return what attention reads."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        k, bf16 = as_core_array(key_states, "key_states")
+        v, _ = as_core_array(value_states, "value_states")
+        first = self.cumulative_length == 0
+        self.store.append(np.ascontiguousarray(k), np.ascontiguousarray(v), bf16)
+        self.cumulative_length += key_states.shape[-2]
+        self.needs_prefill = first
+        if self.owner.fused:
+            # The fused attention reads the store; it finds this layer through the tag.
+            key_states._kvmix_layer = self  # type: ignore[attr-defined]
+            return key_states, value_states
+        if self.policy == "eviction":
+            raise ConfigError(
+                "the eviction baseline drops tokens, so its keys/values cannot be returned densely "
+                "to a standard attention implementation; call `kvmix.enable_fused_attention(model)`"
+            )
+        if first:
+            # Prefill: attention runs on the exact prompt; scoring and compression follow.
+            key_states._kvmix_layer = self  # type: ignore[attr-defined]
+            return key_states, value_states
+        keys, values = self.dense()
+        keys._kvmix_layer = self  # type: ignore[attr-defined]
+        return keys, values
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized keys and values of every held token, ``(B, H_kv, T, D)``, model dtype."""
+        b = self.store.batch
+        streams = [self.store.dense(s) for s in range(b * self.kv_heads)]
+        keys = np.stack([s[1] for s in streams]).reshape(b, self.kv_heads, -1, self.head_dim)
+        values = np.stack([s[2] for s in streams]).reshape(b, self.kv_heads, -1, self.head_dim)
+        return (
+            torch.from_numpy(keys).to(self.dtype),
+            torch.from_numpy(values).to(self.dtype),
+        )
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.store.reset()
+        self.cumulative_length = 0
+        self.needs_prefill = False
+        self.first_valid = []
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        idx = [int(i) for i in torch.as_tensor(indices).tolist()]
+        if self.store.batch:
+            self.store.select_batch(idx)
+            self.first_valid = [self.first_valid[i] for i in idx] if self.first_valid else []
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.store.batch:
+            self.store.repeat_interleave(int(repeats))
+            self.first_valid = [f for f in self.first_valid for _ in range(int(repeats))]
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens (negative: drop ``-max_length`` from the end)."""
+        if max_length < 0:
+            max_length = self.cumulative_length + max_length
+        if max_length < self.cumulative_length:
+            self.store.crop(max_length)
+            self.cumulative_length = max(max_length, 0)
+
+    def offload(self) -> None:  # the store lives in host memory already
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+
+class KvmixCache(Cache):
+    """A transformers ``Cache`` whose layers are kvmix stores under one policy.
+
+    Args:
+        config: the model's config (or its text config); only full-attention layers are accepted.
+        policy: the store policy (see :class:`kvmix.LayerStore`).
+        options: the policy's options; invalid values raise :class:`kvmix.ConfigError` here.
+        buffer_dtype: storage of the newest, not yet classified tokens: ``"float16"`` (default;
+            the papers' full precision) or ``"float32"``.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        policy: str,
+        options: dict[str, Any] | None = None,
+        *,
+        buffer_dtype: str = "float16",
+    ) -> None:
+        if buffer_dtype not in _BUFFER_DTYPES:
+            raise ConfigError(
+                f"`buffer_dtype` must be one of {sorted(_BUFFER_DTYPES)}, got {buffer_dtype!r}"
+            )
+        n_layers = _full_attention_layers(config)
+        self.num_query_heads, kv_heads, head_dim = _head_dims(config)
+        self.config = config
+        self.policy = policy
+        self.options = {k: v for k, v in (options or {}).items() if v is not None}
+        layers = [
+            KvmixLayer(policy, self.options, kv_heads, head_dim, buffer_dtype, self)
+            for _ in range(n_layers)
+        ]
+        super().__init__(layers=layers)
+
+    @property
+    def fused(self) -> bool:
+        """Whether the model runs kvmix's fused attention (``attn_implementation="kvmix"``)."""
+        return getattr(_text_config(self.config), "_attn_implementation", None) == "kvmix"
+
+    def memory_report(self) -> dict[str, Any]:
+        """Bytes held now, read from the stores' buffers.
+
+        Returns:
+            ``bytes`` (everything held, metadata included), ``fp16_bytes`` (a dense fp16 cache of
+            every token seen), ``compression_ratio`` (``fp16_bytes / bytes``), ``tokens`` (held,
+            summed over sequences and heads) and ``tiers`` (per-tier breakdown, summed over layers).
+        """
+        total: dict[str, Any] = {"bytes": 0, "fp16_bytes": 0, "tokens": 0, "tiers": {}}
+        for layer in self.layers:
+            m = layer.store.memory()
+            for key in ("bytes", "fp16_bytes", "tokens"):
+                total[key] += m[key]
+            for tier, parts in m["tiers"].items():
+                acc = total["tiers"].setdefault(tier, dict.fromkeys(parts, 0))
+                for k, v in parts.items():
+                    acc[k] += v
+        total["compression_ratio"] = (
+            total["fp16_bytes"] / total["bytes"] if total["bytes"] else float("nan")
+        )
+        return total
+
+
+class ZipCache(KvmixCache):
+    """ZipCache (He et al., 2024): salient tokens by normalized attention from probe queries at
+    ``high_bits``, the others at ``low_bits``; keys per-channel, values channel-separable tokenwise.
+
+    Args:
+        config: the model config.
+        salient_ratio: fraction of tokens kept at high precision (paper tables: 0.4; demo: 0.6).
+        high_bits / low_bits: code widths of the two tiers (4 and 2).
+        probe_recent / probe_random: fractions of prompt positions used as probe queries.
+        count_mode: ``"exact"`` (probe rows that see the token) or ``"full_matrix"`` (``L - j``,
+            the paper's code).
+        streaming_gap: decoding steps buffered in full precision before being classified.
+        buffer_dtype: see :class:`KvmixCache`.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        *,
+        salient_ratio: float = 0.4,
+        high_bits: int = 4,
+        low_bits: int = 2,
+        probe_recent: float = 0.05,
+        probe_random: float = 0.05,
+        count_mode: str = "exact",
+        streaming_gap: int = 100,
+        buffer_dtype: str = "float16",
+    ) -> None:
+        super().__init__(
+            config,
+            "zipcache",
+            {
+                "salient_ratio": salient_ratio,
+                "high_bits": high_bits,
+                "low_bits": low_bits,
+                "probe_recent": probe_recent,
+                "probe_random": probe_random,
+                "count_mode": count_mode,
+                "streaming_gap": streaming_gap,
+            },
+            buffer_dtype=buffer_dtype,
+        )
+
+
+class MiKVCache(KvmixCache):
+    """MiKV (Yang et al., 2024): heavy hitters + recent tokens at high precision, every other token
+    at ``low_bits`` instead of evicted; outlier-aware keys through a per-channel balancer.
+
+    Args:
+        config: the model config.
+        ratio: fraction of tokens kept at high precision (0.2), half heavy hitters, half recent.
+        high_bits: ``None`` for fp16, or 8 / 4 for int8 / int4 per-token groups.
+        low_bits: code width of the other tokens (2; 3 and 4 also).
+        group_size: per-token group size (default ``head_dim // 2``).
+        key_balancer: the outlier-aware key balancer from the prompt's queries.
+        streaming_gap: steps between trims of the important set (1 = every step, as H2O).
+        buffer_dtype: see :class:`KvmixCache`.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        *,
+        ratio: float = 0.2,
+        high_bits: int | None = None,
+        low_bits: int = 2,
+        group_size: int | None = None,
+        key_balancer: bool = True,
+        recent_share: float = 0.5,
+        streaming_gap: int = 1,
+        buffer_dtype: str = "float16",
+    ) -> None:
+        super().__init__(
+            config,
+            "mikv",
+            {
+                "ratio": ratio,
+                "high_bits": high_bits,
+                "low_bits": low_bits,
+                "group_size": group_size,
+                "key_balancer": key_balancer,
+                "recent_share": recent_share,
+                "streaming_gap": streaming_gap,
+            },
+            buffer_dtype=buffer_dtype,
+        )
+
+
+class QuantizedKVCache(KvmixCache):
+    """Uniform KIVI-style quantization (the baseline transformers' ``QuantizedCache`` implements):
+    keys per-channel over blocks of ``residual`` tokens, values per-token groups, the newest
+    ``< residual`` tokens in full precision. Each token is quantized once (no re-quantization).
+
+    Args:
+        config: the model config.
+        bits: 2, 4 or 8.
+        residual: full-precision window / key block length (128).
+        group_size: value group size (default ``min(64, head_dim)``).
+        buffer_dtype: see :class:`KvmixCache`.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        *,
+        bits: int = 2,
+        residual: int = 128,
+        group_size: int | None = None,
+        buffer_dtype: str = "float16",
+    ) -> None:
+        super().__init__(
+            config,
+            "uniform",
+            {"bits": bits, "residual": residual, "group_size": group_size},
+            buffer_dtype=buffer_dtype,
+        )
+
+
+class EvictionCache(KvmixCache):
+    """H2O-style eviction (the baseline MiKV argues against): keep heavy hitters + recent tokens
+    within ``budget`` of the tokens seen, drop the rest. Needs the fused attention.
+
+    Args:
+        config: the model config.
+        budget: fraction of the tokens seen that is kept (0.2).
+        recent_share: share of the budget reserved for the most recent tokens (0.5).
+        streaming_gap: steps between evictions (1).
+        buffer_dtype: see :class:`KvmixCache`.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        *,
+        budget: float = 0.2,
+        recent_share: float = 0.5,
+        streaming_gap: int = 1,
+        buffer_dtype: str = "float16",
+    ) -> None:
+        super().__init__(
+            config,
+            "eviction",
+            {"budget": budget, "recent_share": recent_share, "streaming_gap": streaming_gap},
+            buffer_dtype=buffer_dtype,
+        )
+
+
+class FullPrecisionCache(KvmixCache):
+    """Every token kept in the buffer at ``buffer_dtype`` (the identity configuration): for
+    checking that the integration changes nothing."""
+
+    def __init__(self, config: Any, *, buffer_dtype: str = "float32") -> None:
+        super().__init__(config, "full", None, buffer_dtype=buffer_dtype)

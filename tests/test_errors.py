@@ -413,8 +413,6 @@ def test_non_contiguous_torch_equals_contiguous_copy(dtype: torch.dtype, x: np.n
         )
 
 
-
-
 @pytest.mark.parametrize("shape", [(2, 3), (5, 8), (2, 3, 4)])
 def test_fortran_order_numpy_equals_contiguous_copy(shape: tuple[int, ...]) -> None:
     a = np.asfortranarray(np.arange(np.prod(shape), dtype=F32).reshape(shape))

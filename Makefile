@@ -9,10 +9,11 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PYO3_PYTHON := $(abspath $(PY))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help env build test lint rust-test py-test bench clean
+.PHONY: help env build test lint rust-test py-test bench demo clean
 
 help:
 	@echo "make test    - set up, build (release) and run every check: lints, cargo test, stubtest, pytest"
+	@echo "make demo    - SmolLM2-135M answers a ~4k-token passkey prompt from a ZipCache (fused attention)"
 	@echo "make build   - set up the environment and build the extension in release mode"
 	@echo "make bench   - quantization throughput: kvmix vs a torch implementation"
 
@@ -45,6 +46,9 @@ py-test: build
 	$(PY) -m pytest
 
 test: lint rust-test py-test
+
+demo: build
+	$(PY) -m kvmix.demo
 
 bench: build
 	$(PY) -m kvmix.bench quantization

@@ -67,6 +67,13 @@ pub fn attend(
             q_positions.len()
         )));
     }
+    if q.iter().any(|x| !x.is_finite()) {
+        return Err(KvmixError::NonFinite(
+            "queries contain NaN or Inf; kvmix refuses them rather than returning a silently \
+             wrong attention output"
+                .into(),
+        ));
+    }
     let rep = hq / hk;
     let nq = rep * tq;
     let work: usize = store.streams.iter().map(|s| s.len()).sum::<usize>() * nq * d;

@@ -287,11 +287,23 @@ impl PyLayerStore {
     fn attend<'py>(
         &mut self,
         py: Python<'py>,
-        q: PyReadonlyArrayDyn<'py, f32>,
-        q_positions: Vec<usize>,
+        q: &Bound<'py, PyAny>,
+        q_positions: Vec<i64>,
         scale: f32,
         track: bool,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let q: PyReadonlyArrayDyn<'py, f32> = q.extract().map_err(|_| {
+            KvmixError::DType(format!(
+                "`q` must be a float32 numpy array, got {}",
+                q.getattr("dtype")
+                    .map(|d| d.to_string())
+                    .unwrap_or_else(|_| q.get_type().to_string())
+            ))
+        })?;
+        let q_positions = q_positions
+            .into_iter()
+            .map(|p| super::quant::non_negative("q_positions", p))
+            .collect::<PyResult<Vec<usize>>>()?;
         let dims = q.shape().to_vec();
         let qs = match q.as_slice() {
             Ok(s) if q.is_c_contiguous() => std::borrow::Cow::Borrowed(s),

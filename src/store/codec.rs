@@ -396,6 +396,10 @@ impl EncodedRows {
                 }
             }
             v.truncate(w * width);
+            // A classified buffer must give its memory back, not just its length.
+            if v.capacity() > 2 * v.len() + 64 {
+                v.shrink_to_fit();
+            }
         }
         match &mut self.data {
             RowData::F16(v) => compact(v, d, keep),

@@ -75,7 +75,7 @@ impl Default for ZipCacheConfig {
 pub struct UniformConfig {
     pub bits: u8,
     pub residual: usize,
-    /// Value group size; `None` = min(64, head_dim).
+    /// Value group size; `None` = the largest divisor of head_dim up to 64.
     pub group_size: Option<usize>,
 }
 
@@ -228,7 +228,13 @@ impl Policy {
                         "`residual` must be at least 1, got 0".into(),
                     ));
                 }
-                let g = c.group_size.unwrap_or(head_dim.min(64));
+                // The largest divisor of head_dim up to 64 (64 for 64/128/256, 40 for 80, 48 for 96).
+                let g = c.group_size.unwrap_or_else(|| {
+                    (1..=head_dim.min(64))
+                        .rev()
+                        .find(|g| head_dim % g == 0)
+                        .unwrap_or(1)
+                });
                 let low = (
                     Codec::Channel { bits: c.bits },
                     Codec::TokenGroups {

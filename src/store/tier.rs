@@ -4,6 +4,13 @@
 use super::codec::{Codec, EncodedRows, RowBytes};
 use crate::error::Result;
 
+/// Give back memory a shrunken vector no longer needs (not on every small change).
+fn shrink<T>(v: &mut Vec<T>) {
+    if v.capacity() > 2 * v.len() + 64 {
+        v.shrink_to_fit();
+    }
+}
+
 /// Token positions of a tier's rows: 2 bytes each while every position fits, 4 after.
 /// (A u32 per token would be ~8% of a 2-bit cache at head_dim 64.)
 #[derive(Clone, Debug, PartialEq)]
@@ -58,8 +65,14 @@ impl Positions {
     fn retain(&mut self, keep: &[bool]) {
         let mut it = keep.iter();
         match self {
-            Positions::U16(v) => v.retain(|_| *it.next().unwrap_or(&false)),
-            Positions::U32(v) => v.retain(|_| *it.next().unwrap_or(&false)),
+            Positions::U16(v) => {
+                v.retain(|_| *it.next().unwrap_or(&false));
+                shrink(v);
+            }
+            Positions::U32(v) => {
+                v.retain(|_| *it.next().unwrap_or(&false));
+                shrink(v);
+            }
         }
     }
 
@@ -85,6 +98,8 @@ impl Scores {
         let mut c = keep.iter();
         self.acc.retain(|_| *a.next().unwrap_or(&false));
         self.count.retain(|_| *c.next().unwrap_or(&false));
+        shrink(&mut self.acc);
+        shrink(&mut self.count);
     }
 
     pub fn nbytes(&self) -> usize {

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import kvmix
 from kvmix.data import passkey_prompt, passkey_prompts
@@ -101,7 +101,8 @@ def test_probe_scores_on_real_attention(smollm2):
         return out, weights
 
     AttentionInterface.register("kvmix_capture", capture)
-    AttentionMaskInterface.register("kvmix_capture", sdpa_mask)
+    # eager attention needs a materialized causal mask (sdpa_mask may return None).
+    AttentionMaskInterface.register("kvmix_capture", eager_mask)
     model.set_attn_implementation("kvmix_capture")
     ids = passkey_prompt(tokenizer, 300, seed=2).input_ids
     with torch.inference_mode():

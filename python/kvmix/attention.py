@@ -72,23 +72,26 @@ def _probabilities(
     """Softmax attention of the query rows ``rows`` over ``key``, summed over the query rows and
     over the query heads of each kv-head's GQA group: ``(B, H_kv, T)``. A key is visible to a
     query at or after its position unless it is left padding."""
-    b, hq = query.shape[:2]
+    b, hq, _, d = query.shape
     hk, t = key.shape[1], key.shape[2]
     rep = hq // hk
-    keys = key.float().repeat_interleave(rep, dim=1)  # (B, H_q, T, D)
+    keys = key.float()
+    kpos = k_positions.view(1, 1, 1, -1)
     fv = torch.tensor(first_valid).view(b, 1, 1, 1)
-    out = torch.zeros(b, hq, t)
+    out = torch.zeros(b, hk, t)
     for start in range(0, len(rows), _ROWS_PER_BLOCK):
         block = rows[start : start + _ROWS_PER_BLOCK]
-        q = query[:, :, block].float()  # (B, H_q, n, D)
-        logits = torch.matmul(q, keys.transpose(-1, -2)) * scaling
-        qpos = torch.tensor([q_positions[r] for r in block]).view(1, 1, -1, 1)
-        kpos = k_positions.view(1, 1, 1, -1)
-        visible = (kpos <= qpos) & (kpos >= fv)
-        logits = logits.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-        out += probs.sum(dim=2)
-    return out.view(b, hk, rep, t).sum(dim=2)
+        n = len(block)
+        # Keys after the block's last query are invisible to all of it: skip them.
+        hi = int(torch.searchsorted(k_positions, max(q_positions[r] for r in block), right=True))
+        # Query heads h*rep .. h*rep+rep-1 share kv head h: fold them into the row axis.
+        q = query[:, :, block].float().reshape(b, hk, rep * n, d)
+        logits = torch.matmul(q, keys[:, :, :hi].transpose(-1, -2)) * scaling
+        qpos = torch.tensor([q_positions[r] for r in block]).repeat(rep).view(1, 1, -1, 1)
+        visible = (kpos[..., :hi] <= qpos) & (kpos[..., :hi] >= fv)
+        logits.masked_fill_(~visible, float("-inf"))
+        out[:, :, :hi] += torch.softmax(logits, dim=-1).nan_to_num_(0.0).sum(dim=2)
+    return out
 
 
 def _score_prefill(

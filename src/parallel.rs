@@ -49,3 +49,27 @@ pub fn run<R: Send>(elements: usize, f: impl FnOnce(bool) -> R + Send) -> R {
         _ => f(false),
     }
 }
+
+/// Run `f` compiled for AVX2+FMA+F16C when the CPU has them (one binary, portable and fast).
+/// `f` and what it inlines are generated twice by monomorphization; results are identical
+/// because Rust never contracts `a * b + c` into an FMA on its own.
+#[inline(always)]
+pub fn with_best_simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: the CPU supports every feature `run_avx2` is compiled for.
+            return unsafe { run_avx2(f) };
+        }
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}

@@ -98,6 +98,13 @@ def test_dequantize_releases_the_gil(big: np.ndarray) -> None:
 
 
 def test_statistics_release_the_gil(big: np.ndarray) -> None:
-    steps, scale, seconds = steps_during(lambda: kvmix.separable_channel_scale(big))
+    def statistics_repeatedly() -> np.ndarray:
+        # One pass takes ~10 ms; ten make the call long enough to observe, while a GIL-holding
+        # version could not yield more than one step per gap (10 < MIN_STEPS_RELEASED).
+        for _ in range(10):
+            scale = kvmix.separable_channel_scale(big)
+        return scale
+
+    steps, scale, seconds = steps_during(statistics_repeatedly)
     assert scale.shape == (*SHAPE[:-2], SHAPE[-1])
     assert steps >= MIN_STEPS_RELEASED, f"only {steps} steps during {seconds:.2f}s of statistics"

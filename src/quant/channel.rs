@@ -26,18 +26,38 @@ pub fn channel_absmax<T: Element>(x: &[T], dims: &[usize]) -> Result<Vec<f32>> {
     }
     let d = geo.channels;
     let mut out = vec![0f32; geo.rows * d];
-    let mut probe = 0.0f32;
-    for (row, m) in out.chunks_exact_mut(d).enumerate() {
-        let block = &x[row * geo.tokens * d..(row + 1) * geo.tokens * d];
-        for tok in block.chunks_exact(d) {
-            for (mc, v) in m.iter_mut().zip(tok) {
-                let v = v.to_f32();
-                *mc = mc.max(v.abs());
-                probe += v * 0.0;
-            }
+    let rows_ok = crate::parallel::run(geo.len(), |par| {
+        let one = |(row, m): (usize, &mut [f32])| {
+            crate::parallel::with_best_simd(
+                #[inline(always)]
+                || {
+                    let block = &x[row * geo.tokens * d..(row + 1) * geo.tokens * d];
+                    let mut probe = vec![0f32; d];
+                    for tok in block.chunks_exact(d) {
+                        for ((mc, p), v) in m.iter_mut().zip(probe.iter_mut()).zip(tok) {
+                            let a = v.to_f32().abs();
+                            *mc = if a > *mc { a } else { *mc };
+                            *p += a * 0.0;
+                        }
+                    }
+                    probe.iter().all(|&p| p == 0.0)
+                },
+            )
+        };
+        if par {
+            use rayon::prelude::*;
+            out.par_chunks_mut(d)
+                .enumerate()
+                .map(one)
+                .collect::<Vec<bool>>()
+        } else {
+            out.chunks_mut(d)
+                .enumerate()
+                .map(one)
+                .collect::<Vec<bool>>()
         }
-    }
-    if probe != 0.0 {
+    });
+    if rows_ok.iter().any(|&ok| !ok) {
         return Err(KvmixError::NonFinite(
             "input contains NaN or Inf; channel statistics are undefined".into(),
         ));

@@ -231,8 +231,8 @@ fn check_channel_scale(
     Ok(Some(rounded))
 }
 
+#[inline(always)]
 /// Load tokens `[t0, t1)` of `row` as `f32`, divided by the channel factors, into `buf`.
-#[inline]
 fn load_normalized<T: Element>(
     x: &[T],
     geo: Geometry,
@@ -316,21 +316,23 @@ pub fn quantize<T: Element>(
     let cs_ref = cs.as_deref();
     parallel::run(n, |par| {
         for_each(work, par, |(u, code_out, scale_out, offset_out)| {
-            let mut vals = Vec::new();
-            load_normalized(x, geo, u.row, u.token_start, u.token_end, cs_ref, &mut vals);
-            let mut unit_codes = vec![0u8; vals.len()];
-            let res = encode_unit(&vals, d, spec, &mut unit_codes, scale_out, offset_out);
-            if let Err(e) = res {
-                if let Ok(mut slot) = failure.lock() {
-                    slot.get_or_insert(e);
+            parallel::with_best_simd(|| {
+                let mut vals = Vec::new();
+                load_normalized(x, geo, u.row, u.token_start, u.token_end, cs_ref, &mut vals);
+                let mut unit_codes = vec![0u8; vals.len()];
+                let res = encode_unit(&vals, d, spec, &mut unit_codes, scale_out, offset_out);
+                if let Err(e) = res {
+                    if let Ok(mut slot) = failure.lock() {
+                        slot.get_or_insert(e);
+                    }
+                    return;
                 }
-                return;
-            }
-            if aligned {
-                pack(&unit_codes, bits, code_out);
-            } else {
-                code_out.copy_from_slice(&unit_codes);
-            }
+                if aligned {
+                    pack(&unit_codes, bits, code_out);
+                } else {
+                    code_out.copy_from_slice(&unit_codes);
+                }
+            })
         })
     });
     if let Some(e) = failure.into_inner().ok().flatten() {
@@ -351,6 +353,7 @@ pub fn quantize<T: Element>(
     })
 }
 
+#[inline(always)]
 /// Quantize the normalized values of one unit (`vals`, `tokens × d`).
 fn encode_unit(
     vals: &[f32],
@@ -379,34 +382,45 @@ fn encode_unit(
             }
         }
         Grouping::ChannelBlocks { .. } => {
+            // Per-channel lanes: no serial dependency, so the loops vectorize.
             let mut lo = vec![f32::INFINITY; d];
             let mut hi = vec![f32::NEG_INFINITY; d];
-            let mut probe = 0.0f32;
+            let mut probe = vec![0f32; d];
             for tok in vals.chunks_exact(d) {
-                for ((l, h), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(tok) {
-                    *l = l.min(v);
-                    *h = h.max(v);
-                    probe += v * 0.0;
+                for (((l, h), p), &v) in lo
+                    .iter_mut()
+                    .zip(hi.iter_mut())
+                    .zip(probe.iter_mut())
+                    .zip(tok)
+                {
+                    *l = if v < *l { v } else { *l };
+                    *h = if v > *h { v } else { *h };
+                    *p += v * 0.0;
                 }
             }
-            if probe != 0.0 {
+            if probe.iter().any(|&p| p != 0.0) {
                 return Err(non_finite_error());
             }
-            let mut params = Vec::with_capacity(d);
+            // A constant channel (scale 0) gets code 0: divide by 1 and mask the code to 0.
+            let mut divisor = vec![1f32; d];
+            let mut keep = vec![0f32; d];
+            let mut offset = vec![0f32; d];
             for c in 0..d {
                 let a = Affine::from_range(lo[c], hi[c], spec.bits, spec.param_dtype)?;
                 scale_out[c] = a.scale;
                 offset_out[c] = a.offset;
-                params.push(a);
+                offset[c] = a.offset;
+                if a.scale != 0.0 {
+                    divisor[c] = a.scale;
+                    keep[c] = 1.0;
+                }
             }
             let top = super::affine::max_code(spec.bits);
             for (tok, tc) in vals.chunks_exact(d).zip(codes.chunks_exact_mut(d)) {
-                for ((c, &v), a) in tc.iter_mut().zip(tok).zip(&params) {
-                    *c = if a.scale == 0.0 {
-                        0
-                    } else {
-                        ((v - a.offset) / a.scale + 0.5).floor().clamp(0.0, top) as u8
-                    };
+                let lanes = tc.iter_mut().zip(tok).zip(&divisor).zip(&offset).zip(&keep);
+                for ((((c, &v), &div), &off), &k) in lanes {
+                    // Clamping first makes truncation equal to floor (see Affine::encode_into).
+                    *c = (((v - off) / div + 0.5).clamp(0.0, top) * k) as i32 as u8;
                 }
             }
         }
@@ -464,26 +478,29 @@ impl QuantizedTensor {
         let work: Vec<_> = units.into_iter().zip(parts).collect();
         parallel::run(geo.len(), |par| {
             for_each(work, par, |(u, dst)| {
-                let first = (u.row * geo.tokens + u.token_start) * d;
-                let m = dst.len();
-                let mut codes = vec![0u8; m];
-                match &all_codes {
-                    Some(all) => codes.copy_from_slice(&all[first..first + m]),
-                    None => {
-                        let start = first * bits as usize / 8;
-                        unpack(
-                            &self.codes[start..start + packed_len(m, bits)],
-                            bits,
-                            &mut codes,
-                        )
+                parallel::with_best_simd(|| {
+                    let first = (u.row * geo.tokens + u.token_start) * d;
+                    let m = dst.len();
+                    let mut codes = vec![0u8; m];
+                    match &all_codes {
+                        Some(all) => codes.copy_from_slice(&all[first..first + m]),
+                        None => {
+                            let start = first * bits as usize / 8;
+                            unpack(
+                                &self.codes[start..start + packed_len(m, bits)],
+                                bits,
+                                &mut codes,
+                            )
+                        }
                     }
-                }
-                self.decode_unit(&u, &codes, dst);
+                    self.decode_unit(&u, &codes, dst);
+                })
             })
         });
         Ok(())
     }
 
+    #[inline(always)]
     fn decode_unit<T: Element>(&self, u: &Unit, codes: &[u8], dst: &mut [T]) {
         let d = self.geometry().channels;
         let factor: Vec<f32> = match &self.channel_scale {

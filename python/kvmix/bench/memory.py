@@ -1,0 +1,114 @@
+"""Memory held by a compressed cache under each policy, read from the real store buffers.
+
+Builds one :class:`kvmix.LayerStore` per layer for a cache shaped like SmolLM2-135M's
+(30 layers, 3 kv-heads, head_dim 64), prefills it with ``--tokens`` tokens, optionally
+decodes ``--decode`` more, and prints the bytes each tier holds against a dense fp16 cache
+of the same tokens. Byte counts depend only on how many tokens each tier holds, not on the
+values, so the keys/values are Gaussian and the importance scores random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import numpy as np
+
+import kvmix
+
+#: (label, policy, config) — the papers' presets and the baselines.
+POLICIES: list[tuple[str, str, dict[str, Any] | None]] = [
+    ("zipcache (40% 4-bit, 60% 2-bit)", "zipcache", None),
+    ("zipcache demo (60% 4-bit)", "zipcache", {"salient_ratio": 0.6}),
+    ("mikv (20% fp16, int2)", "mikv", None),
+    ("mikv (20% int8, int2)", "mikv", {"high_bits": 8}),
+    ("uniform 2-bit (KIVI, R=128)", "uniform", {"bits": 2}),
+    ("uniform 4-bit (KIVI, R=128)", "uniform", {"bits": 4}),
+    ("eviction (H2O, keep 20%)", "eviction", None),
+]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", type=int, default=4096, help="prompt tokens (default 4096)")
+    p.add_argument("--decode", type=int, default=0, help="decoding steps after the prompt")
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--buffer-dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def measure(
+    policy: str,
+    config: dict[str, Any] | None,
+    *,
+    tokens: int,
+    decode: int,
+    layers: int,
+    kv_heads: int,
+    head_dim: int,
+    buffer_dtype: str = "float16",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Prefill (and decode) ``layers`` stores and return their summed memory report."""
+    rng = np.random.default_rng(seed)
+    total: dict[str, Any] = {"bytes": 0, "fp16_bytes": 0, "tokens": 0, "tiers": {}}
+    for _ in range(layers):
+        store = kvmix.LayerStore(policy, kv_heads, head_dim, config, buffer_dtype)
+        x = rng.standard_normal((1, kv_heads, tokens, head_dim), dtype=np.float32)
+        store.append(x, x)
+        if store.needs_balancer:
+            store.set_key_balancer(np.ones((1, kv_heads, head_dim), np.float32))
+        acc = rng.random((1, kv_heads, tokens), dtype=np.float32)
+        store.add_scores(0, acc, np.ones_like(acc))
+        store.maybe_classify()
+        for step in range(decode):
+            t = rng.standard_normal((1, kv_heads, 1, head_dim), dtype=np.float32)
+            store.append(t, t)
+            store.add_scores(
+                tokens + step,
+                rng.random((1, kv_heads, 1), np.float32),
+                np.ones((1, kv_heads, 1), np.float32),
+            )
+            store.maybe_classify()
+        m = store.memory()
+        for key in ("bytes", "fp16_bytes", "tokens"):
+            total[key] += m[key]
+        for tier, parts in m["tiers"].items():
+            acc_tier = total["tiers"].setdefault(tier, dict.fromkeys(parts, 0))
+            for k, v in parts.items():
+                acc_tier[k] += v
+    total["compression_ratio"] = total["fp16_bytes"] / total["bytes"]
+    return total
+
+
+def main(args: argparse.Namespace) -> int:
+    shape = f"{args.layers} layers x {args.kv_heads} kv-heads x head_dim {args.head_dim}"
+    print(f"cache: {args.tokens} prompt tokens + {args.decode} decoded, {shape}")
+    print(f"dense fp16 cache of the same tokens: see fp16 column; buffer dtype {args.buffer_dtype}")
+    header = f"{'policy':34} {'bytes':>12} {'fp16 bytes':>12} {'ratio':>7}  tiers (buffer/high/low)"
+    print(header)
+    print("-" * len(header))
+    results = {}
+    for label, policy, config in POLICIES:
+        r = measure(
+            policy,
+            config,
+            tokens=args.tokens,
+            decode=args.decode,
+            layers=args.layers,
+            kv_heads=args.kv_heads,
+            head_dim=args.head_dim,
+            buffer_dtype=args.buffer_dtype,
+        )
+        results[label] = r
+        tiers = "/".join(f"{r['tiers'][t]['total']:,}" for t in ("buffer", "high", "low"))
+        print(
+            f"{label:34} {r['bytes']:>12,} {r['fp16_bytes']:>12,} "
+            f"{r['compression_ratio']:>6.2f}x  {tiers}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0

@@ -6,15 +6,7 @@ use kvmix::store::{DenseDtype, LayerStore, MikvConfig, Policy, ZipCacheConfig};
 use std::time::Instant;
 
 fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
-        })
-        .collect()
+    kvmix::testing::uniform(n, seed, 2.0)
 }
 
 fn main() {

@@ -11,6 +11,8 @@ pub mod importance;
 pub mod parallel;
 pub mod quant;
 pub mod store;
+#[doc(hidden)]
+pub mod testing;
 
 #[cfg(feature = "python")]
 mod python;

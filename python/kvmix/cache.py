@@ -17,6 +17,7 @@ A layer appends new keys/values to its Rust :class:`kvmix.LayerStore` and return
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ __all__ = [
     "MiKVCache",
     "QuantizedKVCache",
     "ZipCache",
+    "combine_memory_reports",
 ]
 
 _BUFFER_DTYPES = {"float16", "float32"}
@@ -79,6 +81,23 @@ def _head_dims(config: Any) -> tuple[int, int, int]:
     hk = getattr(text, "num_key_value_heads", None) or hq
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // hq
     return hq, hk, head_dim
+
+
+def combine_memory_reports(reports: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Sum :meth:`kvmix.LayerStore.memory` reports (e.g. of every layer) and add
+    ``compression_ratio = fp16_bytes / bytes``."""
+    total: dict[str, Any] = {"bytes": 0, "fp16_bytes": 0, "tokens": 0, "tiers": {}}
+    for m in reports:
+        for key in ("bytes", "fp16_bytes", "tokens"):
+            total[key] += m[key]
+        for tier, parts in m["tiers"].items():
+            acc = total["tiers"].setdefault(tier, dict.fromkeys(parts, 0))
+            for k, v in parts.items():
+                acc[k] += v
+    total["compression_ratio"] = (
+        total["fp16_bytes"] / total["bytes"] if total["bytes"] else float("nan")
+    )
+    return total
 
 
 class KvmixLayer(CacheLayerMixin):
@@ -265,19 +284,7 @@ class KvmixCache(Cache):
             every token seen), ``compression_ratio`` (``fp16_bytes / bytes``), ``tokens`` (held,
             summed over sequences and heads) and ``tiers`` (per-tier breakdown, summed over layers).
         """
-        total: dict[str, Any] = {"bytes": 0, "fp16_bytes": 0, "tokens": 0, "tiers": {}}
-        for layer in self.layers:
-            m = layer.store.memory()
-            for key in ("bytes", "fp16_bytes", "tokens"):
-                total[key] += m[key]
-            for tier, parts in m["tiers"].items():
-                acc = total["tiers"].setdefault(tier, dict.fromkeys(parts, 0))
-                for k, v in parts.items():
-                    acc[k] += v
-        total["compression_ratio"] = (
-            total["fp16_bytes"] / total["bytes"] if total["bytes"] else float("nan")
-        )
-        return total
+        return combine_memory_reports(layer.store.memory() for layer in self.layers)
 
 
 class ZipCache(KvmixCache):

@@ -5,15 +5,7 @@ use crate::store::policy::{EvictionConfig, MikvConfig, UniformConfig, ZipCacheCo
 use crate::store::{DenseDtype, Policy};
 
 fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
-        })
-        .collect()
+    crate::testing::uniform(n, seed, 2.0)
 }
 
 /// Softmax attention over `store.dense()` with the same visibility rule.

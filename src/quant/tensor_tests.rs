@@ -149,18 +149,7 @@ proptest! {
     }
 }
 
-/// Deterministic values in `[-amp, amp]`.
-fn random(n: usize, seed: u64, amp: f32) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
-        })
-        .collect()
-}
+use crate::testing::uniform as random;
 
 #[test]
 fn statistics_are_per_row() {

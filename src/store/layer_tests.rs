@@ -39,15 +39,7 @@ fn policies() -> Vec<Policy> {
 }
 
 fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
-        })
-        .collect()
+    crate::testing::uniform(n, seed, 2.0)
 }
 
 fn store(policy: Policy, batch: usize, prompt: usize, seed: u64) -> LayerStore {

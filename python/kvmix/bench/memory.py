@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 import kvmix
+from kvmix.cache import combine_memory_reports
 
 #: (label, policy, config) — the papers' presets and the baselines.
 POLICIES: list[tuple[str, str, dict[str, Any] | None]] = [
@@ -53,7 +54,7 @@ def measure(
 ) -> dict[str, Any]:
     """Prefill (and decode) ``layers`` stores and return their summed memory report."""
     rng = np.random.default_rng(seed)
-    total: dict[str, Any] = {"bytes": 0, "fp16_bytes": 0, "tokens": 0, "tiers": {}}
+    reports = []
     for _ in range(layers):
         store = kvmix.LayerStore(policy, kv_heads, head_dim, config, buffer_dtype)
         x = rng.standard_normal((1, kv_heads, tokens, head_dim), dtype=np.float32)
@@ -72,15 +73,8 @@ def measure(
                 np.ones((1, kv_heads, 1), np.float32),
             )
             store.maybe_classify()
-        m = store.memory()
-        for key in ("bytes", "fp16_bytes", "tokens"):
-            total[key] += m[key]
-        for tier, parts in m["tiers"].items():
-            acc_tier = total["tiers"].setdefault(tier, dict.fromkeys(parts, 0))
-            for k, v in parts.items():
-                acc_tier[k] += v
-    total["compression_ratio"] = total["fp16_bytes"] / total["bytes"]
-    return total
+        reports.append(store.memory())
+    return combine_memory_reports(reports)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -50,6 +50,15 @@ pub fn run<R: Send>(elements: usize, f: impl FnOnce(bool) -> R + Send) -> R {
     }
 }
 
+/// Whether the CPU has AVX2, FMA and F16C (the features of kvmix's fast kernels).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+}
+
 /// Run `f` compiled for AVX2+FMA+F16C when the CPU has them (one binary, portable and fast).
 /// `f` and what it inlines are generated twice by monomorphization; results are identical
 /// because Rust never contracts `a * b + c` into an FMA on its own.
@@ -57,10 +66,7 @@ pub fn run<R: Send>(elements: usize, f: impl FnOnce(bool) -> R + Send) -> R {
 pub fn with_best_simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-        {
+        if has_avx2() {
             // SAFETY: the CPU supports every feature `run_avx2` is compiled for.
             return unsafe { run_avx2(f) };
         }

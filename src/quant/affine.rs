@@ -150,7 +150,11 @@ impl Affine {
         // clamp(floor(y), 0, top) == trunc(clamp(y, 0, top)) for an integer `top`, and the
         // truncating conversion vectorizes where `floor` is a libm call on the baseline target.
         for (c, &x) in codes.iter_mut().zip(xs) {
-            *c = ((x - self.offset) / self.scale + 0.5).clamp(0.0, top) as i32 as u8;
+            // `max` then `min` equals clamp for numbers and sends NaN to 0.
+            let y = ((x - self.offset) / self.scale + 0.5).max(0.0).min(top);
+            // SAFETY: `y` is finite and in [0, top] (see above), so it fits an i32; the checked
+            // `as` cast would not vectorize.
+            *c = unsafe { y.to_int_unchecked::<i32>() } as u8;
         }
     }
 

@@ -264,6 +264,87 @@ fn non_finite_error() -> KvmixError {
     )
 }
 
+/// Quantize one unit of work into its slices of the outputs.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn quantize_unit<T: Element>(
+    x: &[T],
+    geo: Geometry,
+    u: Unit,
+    cs: Option<&[f32]>,
+    spec: QuantSpec,
+    aligned: bool,
+    code_out: &mut [u8],
+    scale_out: &mut [f32],
+    offset_out: &mut [f32],
+) -> Result<()> {
+    let mut vals = Vec::new();
+    load_normalized(x, geo, u.row, u.token_start, u.token_end, cs, &mut vals);
+    let mut unit_codes = vec![0u8; vals.len()];
+    encode_unit(
+        &vals,
+        geo.channels,
+        spec,
+        &mut unit_codes,
+        scale_out,
+        offset_out,
+    )?;
+    if aligned {
+        pack(&unit_codes, spec.bits, code_out);
+    } else {
+        code_out.copy_from_slice(&unit_codes);
+    }
+    Ok(())
+}
+
+/// [`quantize_unit`] compiled for AVX2+FMA+F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn quantize_unit_avx2<T: Element>(
+    x: &[T],
+    geo: Geometry,
+    u: Unit,
+    cs: Option<&[f32]>,
+    spec: QuantSpec,
+    aligned: bool,
+    code_out: &mut [u8],
+    scale_out: &mut [f32],
+    offset_out: &mut [f32],
+) -> Result<()> {
+    quantize_unit(
+        x, geo, u, cs, spec, aligned, code_out, scale_out, offset_out,
+    )
+}
+
+/// [`quantize_unit`] for the best instruction set the CPU has. Both builds compute the same
+/// codes: Rust never fuses `a * b + c` on its own.
+#[allow(clippy::too_many_arguments)]
+fn quantize_unit_best<T: Element>(
+    x: &[T],
+    geo: Geometry,
+    u: Unit,
+    cs: Option<&[f32]>,
+    spec: QuantSpec,
+    aligned: bool,
+    code_out: &mut [u8],
+    scale_out: &mut [f32],
+    offset_out: &mut [f32],
+) -> Result<()> {
+    #[cfg(target_arch = "x86_64")]
+    if parallel::has_avx2() {
+        // SAFETY: `has_avx2` confirmed every feature the function is compiled for.
+        return unsafe {
+            quantize_unit_avx2(
+                x, geo, u, cs, spec, aligned, code_out, scale_out, offset_out,
+            )
+        };
+    }
+    quantize_unit(
+        x, geo, u, cs, spec, aligned, code_out, scale_out, offset_out,
+    )
+}
+
 /// Quantize `x` (row-major, shape `dims`) with `spec`. `channel_scale`, if given, has shape
 /// `[..., channels]` (the leading dims of `x`) and is rounded to the parameter dtype.
 pub fn quantize<T: Element>(
@@ -316,23 +397,14 @@ pub fn quantize<T: Element>(
     let cs_ref = cs.as_deref();
     parallel::run(n, |par| {
         for_each(work, par, |(u, code_out, scale_out, offset_out)| {
-            parallel::with_best_simd(|| {
-                let mut vals = Vec::new();
-                load_normalized(x, geo, u.row, u.token_start, u.token_end, cs_ref, &mut vals);
-                let mut unit_codes = vec![0u8; vals.len()];
-                let res = encode_unit(&vals, d, spec, &mut unit_codes, scale_out, offset_out);
-                if let Err(e) = res {
-                    if let Ok(mut slot) = failure.lock() {
-                        slot.get_or_insert(e);
-                    }
-                    return;
+            let res = quantize_unit_best(
+                x, geo, u, cs_ref, spec, aligned, code_out, scale_out, offset_out,
+            );
+            if let Err(e) = res {
+                if let Ok(mut slot) = failure.lock() {
+                    slot.get_or_insert(e);
                 }
-                if aligned {
-                    pack(&unit_codes, bits, code_out);
-                } else {
-                    code_out.copy_from_slice(&unit_codes);
-                }
-            })
+            }
         })
     });
     if let Some(e) = failure.into_inner().ok().flatten() {
@@ -420,7 +492,11 @@ fn encode_unit(
                 let lanes = tc.iter_mut().zip(tok).zip(&divisor).zip(&offset).zip(&keep);
                 for ((((c, &v), &div), &off), &k) in lanes {
                     // Clamping first makes truncation equal to floor (see Affine::encode_into).
-                    *c = (((v - off) / div + 0.5).clamp(0.0, top) * k) as i32 as u8;
+                    // `max` then `min` equals clamp for numbers and sends NaN to 0.
+                    let y = ((v - off) / div + 0.5).max(0.0).min(top) * k;
+                    // SAFETY: `y` is finite and in [0, top] (`k` is 0 or 1), so it fits an i32;
+                    // the checked `as` cast would not vectorize.
+                    *c = unsafe { y.to_int_unchecked::<i32>() } as u8;
                 }
             }
         }
@@ -478,26 +554,48 @@ impl QuantizedTensor {
         let work: Vec<_> = units.into_iter().zip(parts).collect();
         parallel::run(geo.len(), |par| {
             for_each(work, par, |(u, dst)| {
-                parallel::with_best_simd(|| {
-                    let first = (u.row * geo.tokens + u.token_start) * d;
-                    let m = dst.len();
-                    let mut codes = vec![0u8; m];
-                    match &all_codes {
-                        Some(all) => codes.copy_from_slice(&all[first..first + m]),
-                        None => {
-                            let start = first * bits as usize / 8;
-                            unpack(
-                                &self.codes[start..start + packed_len(m, bits)],
-                                bits,
-                                &mut codes,
-                            )
-                        }
-                    }
-                    self.decode_unit(&u, &codes, dst);
-                })
+                self.dequantize_unit_best(&u, all_codes.as_deref(), dst)
             })
         });
         Ok(())
+    }
+
+    /// Unpack and decode one unit into `dst`.
+    #[inline(always)]
+    fn dequantize_unit<T: Element>(&self, u: &Unit, all_codes: Option<&[u8]>, dst: &mut [T]) {
+        let d = self.geometry().channels;
+        let bits = self.spec.bits;
+        let first = (u.row * self.geometry().tokens + u.token_start) * d;
+        let m = dst.len();
+        let mut codes = vec![0u8; m];
+        match all_codes {
+            Some(all) => codes.copy_from_slice(&all[first..first + m]),
+            None => {
+                let start = first * bits as usize / 8;
+                unpack(
+                    &self.codes[start..start + packed_len(m, bits)],
+                    bits,
+                    &mut codes,
+                )
+            }
+        }
+        self.decode_unit(u, &codes, dst);
+    }
+
+    /// [`Self::dequantize_unit`] compiled for AVX2+FMA+F16C.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dequantize_unit_avx2<T: Element>(&self, u: &Unit, all: Option<&[u8]>, dst: &mut [T]) {
+        self.dequantize_unit(u, all, dst)
+    }
+
+    fn dequantize_unit_best<T: Element>(&self, u: &Unit, all: Option<&[u8]>, dst: &mut [T]) {
+        #[cfg(target_arch = "x86_64")]
+        if parallel::has_avx2() {
+            // SAFETY: `has_avx2` confirmed every feature the function is compiled for.
+            return unsafe { self.dequantize_unit_avx2(u, all, dst) };
+        }
+        self.dequantize_unit(u, all, dst)
     }
 
     #[inline(always)]

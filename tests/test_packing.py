@@ -184,3 +184,20 @@ def test_nbytes_of_bfloat16_input_counts_only_stored_buffers() -> None:
     b = _check_nbytes(kvmix.quantize(x, 4, group_size=8))
     assert a == b
     assert a["codes"] == 2 * 10 * 16 * 4 // 8
+
+
+def test_dequantize_into_a_reused_buffer_equals_a_fresh_result(rng: np.random.Generator) -> None:
+    x = rng.standard_normal((2, 3, 40, 16), dtype=np.float32)
+    q = kvmix.quantize(x, 3, group_size=8)
+    out = np.full(x.shape, np.nan, np.float32)
+    assert kvmix.dequantize(q, out=out) is out
+    np.testing.assert_array_equal(out, kvmix.dequantize(q))
+    half = np.zeros(x.shape, np.float16)
+    q.dequantize_into(half)
+    np.testing.assert_array_equal(half, q.dequantize("float16"))
+    with pytest.raises(kvmix.ShapeError, match="shape"):
+        q.dequantize_into(np.zeros((2, 3, 40, 8), np.float32))
+    with pytest.raises(kvmix.ShapeError, match="C-contiguous"):
+        q.dequantize_into(np.zeros((16, 40, 3, 2), np.float32).T)
+    with pytest.raises(kvmix.DTypeError, match="float32 or float16"):
+        q.dequantize_into(np.zeros(x.shape, np.float64))

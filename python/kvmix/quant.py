@@ -161,15 +161,22 @@ def quantize_balanced_keys(
     return quantize(k, bits, group_size=group_size, channel_scale=1.0 / b, param_dtype=param_dtype)
 
 
-def dequantize(q: QuantizedTensor, dtype: Any = "float32") -> Any:
+def dequantize(q: QuantizedTensor, dtype: Any = "float32", *, out: Any = None) -> Any:
     """Reconstruct ``q``. ``dtype`` is a numpy dtype name ('float32', 'float16') for a numpy
-    result, or a torch dtype (``torch.float32/float16/bfloat16``) for a torch tensor."""
+    result, or a torch dtype (``torch.float32/float16/bfloat16``) for a torch tensor.
+
+    ``out`` (a float32/float16 numpy array or CPU torch tensor of ``q.shape``) receives the
+    result instead of a new array, e.g. a buffer reused across steps; it is returned.
+    """
+    if out is not None:
+        q.dequantize_into(out.numpy() if _is_torch(out) else out)
+        return out
     if _is_torch(dtype):
         import torch
 
         name = str(dtype).removeprefix("torch.")
-        out = torch.from_numpy(q.dequantize(name))
-        return out.view(torch.bfloat16) if dtype == torch.bfloat16 else out
+        result = torch.from_numpy(q.dequantize(name))
+        return result.view(torch.bfloat16) if dtype == torch.bfloat16 else result
     name = np.dtype(dtype).name
     return q.dequantize(name)
 

@@ -8,7 +8,9 @@ use crate::quant::{self, Grouping, ParamDtype, ParamVec, QuantSpec, QuantizedTen
 use crate::with_float_slice;
 use half::vec::HalfFloatVecExt;
 use half::{bf16, f16};
-use numpy::{PyArrayDyn, PyReadonlyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{
+    PyArrayDyn, PyReadonlyArray1, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods,
+};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -139,6 +141,37 @@ impl PyQuantizedTensor {
                 to_numpy(py, v.reinterpret_into(), dims)?.into_any()
             }
         })
+    }
+
+    /// Reconstruct the tensor into `out`, a writeable C-contiguous float32 or float16 array
+    /// of the tensor's shape (e.g. a buffer reused across calls, which spares the page faults
+    /// of fresh memory).
+    fn dequantize_into(&self, py: Python<'_>, out: &Bound<'_, PyAny>) -> PyResult<()> {
+        let dims = &self.inner.dims;
+        let check = |shape: &[usize], contiguous: bool| -> PyResult<()> {
+            if shape != dims.as_slice() || !contiguous {
+                return Err(KvmixError::Shape(format!(
+                    "`out` must be a C-contiguous array of shape {dims:?}, got shape {shape:?}{}",
+                    if contiguous { "" } else { " (not C-contiguous)" }
+                ))
+                .into());
+            }
+            Ok(())
+        };
+        if let Ok(mut a) = out.extract::<PyReadwriteArrayDyn<'_, f32>>() {
+            check(a.shape(), a.is_c_contiguous())?;
+            let buf = a.as_slice_mut().map_err(|e| KvmixError::Shape(e.to_string()))?;
+            return detached(py, || self.inner.dequantize_into(buf));
+        }
+        if let Ok(mut a) = out.extract::<PyReadwriteArrayDyn<'_, f16>>() {
+            check(a.shape(), a.is_c_contiguous())?;
+            let buf = a.as_slice_mut().map_err(|e| KvmixError::Shape(e.to_string()))?;
+            return detached(py, || self.inner.dequantize_into(buf));
+        }
+        Err(KvmixError::DType(
+            "`out` must be a writeable float32 or float16 numpy array".into(),
+        )
+        .into())
     }
 
     /// Bytes held, by component: `codes`, `scale`, `offset`, `channel_scale`, `total`.

@@ -148,30 +148,35 @@ impl PyQuantizedTensor {
     /// of fresh memory).
     fn dequantize_into(&self, py: Python<'_>, out: &Bound<'_, PyAny>) -> PyResult<()> {
         let dims = &self.inner.dims;
-        let check = |shape: &[usize], contiguous: bool| -> PyResult<()> {
-            if shape != dims.as_slice() || !contiguous {
-                return Err(KvmixError::Shape(format!(
+        let check =
+            |shape: &[usize], contiguous: bool| -> PyResult<()> {
+                if shape != dims.as_slice() || !contiguous {
+                    return Err(KvmixError::Shape(format!(
                     "`out` must be a C-contiguous array of shape {dims:?}, got shape {shape:?}{}",
                     if contiguous { "" } else { " (not C-contiguous)" }
                 ))
-                .into());
-            }
-            Ok(())
-        };
+                    .into());
+                }
+                Ok(())
+            };
         if let Ok(mut a) = out.extract::<PyReadwriteArrayDyn<'_, f32>>() {
             check(a.shape(), a.is_c_contiguous())?;
-            let buf = a.as_slice_mut().map_err(|e| KvmixError::Shape(e.to_string()))?;
+            let buf = a
+                .as_slice_mut()
+                .map_err(|e| KvmixError::Shape(e.to_string()))?;
             return detached(py, || self.inner.dequantize_into(buf));
         }
         if let Ok(mut a) = out.extract::<PyReadwriteArrayDyn<'_, f16>>() {
             check(a.shape(), a.is_c_contiguous())?;
-            let buf = a.as_slice_mut().map_err(|e| KvmixError::Shape(e.to_string()))?;
+            let buf = a
+                .as_slice_mut()
+                .map_err(|e| KvmixError::Shape(e.to_string()))?;
             return detached(py, || self.inner.dequantize_into(buf));
         }
-        Err(KvmixError::DType(
-            "`out` must be a writeable float32 or float16 numpy array".into(),
+        Err(
+            KvmixError::DType("`out` must be a writeable float32 or float16 numpy array".into())
+                .into(),
         )
-        .into())
     }
 
     /// Bytes held, by component: `codes`, `scale`, `offset`, `channel_scale`, `total`.

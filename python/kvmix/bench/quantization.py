@@ -293,16 +293,20 @@ def _cpu_model() -> str:
 
 
 def format_table(results: list[Result]) -> str:
+    """An aligned text table, one line per (case, direction)."""
+    cw = max([len("case"), *(len(r.case) for r in results)])
+    dw = max([len("direction"), *(len(r.direction) for r in results)])
     header = (
-        f"{'case':<38} {'direction':<18} {'bits':>4} {'kvmix ms':>9} {'torch ms':>9} "
+        f"{'case':<{cw}} {'direction':<{dw}} {'bits':>4} {'kvmix ms':>9} {'torch ms':>9} "
         f"{'kvmix GB/s':>10} {'torch GB/s':>10} {'speedup':>8}"
     )
     lines = [header, "-" * len(header)]
     for r in results:
         flag = "" if r.speedup >= TARGET_SPEEDUP else "  < target"
         lines.append(
-            f"{r.case:<38} {r.direction:<18} {r.bits:>4} {r.kvmix_ms:>9.2f} {r.torch_ms:>9.2f} "
-            f"{r.kvmix_gbps:>10.2f} {r.torch_gbps:>10.2f} {r.speedup:>7.2f}x{flag}"
+            f"{r.case:<{cw}} {r.direction:<{dw}} {r.bits:>4} {r.kvmix_ms:>9.2f} "
+            f"{r.torch_ms:>9.2f} {r.kvmix_gbps:>10.2f} {r.torch_gbps:>10.2f} "
+            f"{r.speedup:>7.2f}x{flag}"
         )
     return "\n".join(lines)
 

@@ -93,6 +93,21 @@ impl ParamVec {
         }
     }
 
+    /// Values `start .. start + len` as `f32`, converted in bulk (hardware F16C when present).
+    pub fn to_f32_range(&self, start: usize, len: usize) -> Vec<f32> {
+        match self {
+            ParamVec::F16(v) => {
+                let mut out = vec![0f32; len];
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                    &v[start..start + len],
+                    &mut out,
+                );
+                out
+            }
+            ParamVec::F32(v) => v[start..start + len].to_vec(),
+        }
+    }
+
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match self {
             ParamVec::F16(v) => v.iter().map(|x| x.to_f32()).collect(),

@@ -26,6 +26,7 @@ pub fn check_bits(bits: u8) -> Result<()> {
 
 /// Pack `codes` (each `< 2^bits`; higher bits are ignored) into `out`, which must hold
 /// exactly [`packed_len`] bytes.
+#[inline]
 pub fn pack(codes: &[u8], bits: u8, out: &mut [u8]) {
     assert_eq!(
         out.len(),
@@ -46,6 +47,7 @@ pub fn pack(codes: &[u8], bits: u8, out: &mut [u8]) {
 }
 
 /// Unpack `out.len()` codes of `bits` bits from `packed`.
+#[inline]
 pub fn unpack(packed: &[u8], bits: u8, out: &mut [u8]) {
     assert_eq!(
         packed.len(),
@@ -74,6 +76,7 @@ fn block_word<const B: usize>(codes: &[u8]) -> u64 {
         .fold(0u64, |w, (k, &c)| w | ((c as u64 & mask) << (B * k)))
 }
 
+#[inline]
 fn pack_const<const B: usize>(codes: &[u8], out: &mut [u8]) {
     // Split at the last whole block: the tail's bytes may themselves be `B` long.
     let full = codes.len() / 8;
@@ -88,6 +91,7 @@ fn pack_const<const B: usize>(codes: &[u8], out: &mut [u8]) {
     }
 }
 
+#[inline]
 fn unpack_const<const B: usize>(packed: &[u8], out: &mut [u8]) {
     let mask = (1u64 << B) - 1;
     let full = out.len() / 8;

@@ -601,39 +601,55 @@ impl QuantizedTensor {
     #[inline(always)]
     fn decode_unit<T: Element>(&self, u: &Unit, codes: &[u8], dst: &mut [T]) {
         let d = self.geometry().channels;
-        let factor: Vec<f32> = match &self.channel_scale {
-            Some(cs) => (0..d).map(|c| cs.get(u.row * d + c)).collect(),
-            None => vec![1.0; d],
+        // Multiplying by a factor of 1 changes nothing, so no factor means no multiply.
+        let factor: Option<Vec<f32>> = self
+            .channel_scale
+            .as_ref()
+            .map(|cs| cs.to_f32_range(u.row * d, d));
+        let n_params = match self.spec.grouping {
+            Grouping::TokenGroups { group_size } => {
+                (u.token_end - u.token_start) * (d / group_size)
+            }
+            Grouping::ChannelBlocks { .. } => d,
         };
-        let param = |p: usize| Affine {
-            scale: self.scale.get(p),
-            offset: self.offset.get(p),
-        };
+        let scale = self.scale.to_f32_range(u.param_start, n_params);
+        let offset = self.offset.to_f32_range(u.param_start, n_params);
         match self.spec.grouping {
             Grouping::TokenGroups { group_size } => {
-                let groups = d / group_size;
-                let rows = codes.chunks_exact(d).zip(dst.chunks_exact_mut(d));
-                for (ti, (tc, td)) in rows.enumerate() {
-                    let groups_of_token = tc
-                        .chunks_exact(group_size)
-                        .zip(td.chunks_exact_mut(group_size))
-                        .zip(factor.chunks_exact(group_size));
-                    for (gi, ((gc, gd), gf)) in groups_of_token.enumerate() {
-                        let a = param(u.param_start + ti * groups + gi);
-                        for ((o, &c), &f) in gd.iter_mut().zip(gc).zip(gf) {
-                            *o = T::from_f32(a.decode(c) * f);
+                let groups = codes
+                    .chunks_exact(group_size)
+                    .zip(dst.chunks_exact_mut(group_size));
+                for (p, (gc, gd)) in groups.enumerate() {
+                    let (s, b) = (scale[p], offset[p]);
+                    match &factor {
+                        None => {
+                            for (o, &c) in gd.iter_mut().zip(gc) {
+                                *o = T::from_f32(s * c as f32 + b);
+                            }
+                        }
+                        Some(f) => {
+                            let fg = &f[(p * group_size) % d..][..group_size];
+                            for ((o, &c), &fc) in gd.iter_mut().zip(gc).zip(fg) {
+                                *o = T::from_f32((s * c as f32 + b) * fc);
+                            }
                         }
                     }
                 }
             }
             Grouping::ChannelBlocks { .. } => {
-                let scale: Vec<f32> = (0..d).map(|c| param(u.param_start + c).scale).collect();
-                let offset: Vec<f32> = (0..d).map(|c| param(u.param_start + c).offset).collect();
+                let ones;
+                let f = match &factor {
+                    Some(f) => f.as_slice(),
+                    None => {
+                        ones = vec![1f32; d];
+                        ones.as_slice()
+                    }
+                };
                 for (tc, td) in codes.chunks_exact(d).zip(dst.chunks_exact_mut(d)) {
-                    for ((((o, &c), &s), &b), &f) in
-                        td.iter_mut().zip(tc).zip(&scale).zip(&offset).zip(&factor)
+                    for ((((o, &c), &s), &b), &fc) in
+                        td.iter_mut().zip(tc).zip(&scale).zip(&offset).zip(f)
                     {
-                        *o = T::from_f32((s * c as f32 + b) * f);
+                        *o = T::from_f32((s * c as f32 + b) * fc);
                     }
                 }
             }

@@ -77,8 +77,17 @@ pub fn attend(
     let rep = hq / hk;
     let nq = rep * tq;
     let work: usize = store.streams.iter().map(|s| s.len()).sum::<usize>() * nq * d;
+    let queries = Queries {
+        q,
+        hq,
+        tq,
+        d,
+        rep,
+        positions: q_positions,
+        scale,
+    };
     let results: Vec<StreamResult> = parallel::run(work, |par| {
-        let one = |s: usize| dispatch_stream(store, s, q, hq, tq, d, rep, q_positions, scale);
+        let one = |s: usize| dispatch_stream(store, s, &queries);
         if par {
             (0..store.streams.len()).into_par_iter().map(one).collect()
         } else {
@@ -103,71 +112,57 @@ pub fn attend(
     })
 }
 
-/// [`attend_stream`] compiled for AVX2+FMA+F16C when the CPU has them, else for the
-/// baseline target.
-#[allow(clippy::too_many_arguments)]
-fn dispatch_stream(
-    store: &LayerStore,
-    s: usize,
-    q: &[f32],
+/// The queries of one `attend` call, shared by every stream.
+struct Queries<'a> {
+    /// `[batch, q_heads, q_len, head_dim]`.
+    q: &'a [f32],
     hq: usize,
     tq: usize,
     d: usize,
+    /// Query heads per kv-head.
     rep: usize,
-    q_positions: &[usize],
+    positions: &'a [usize],
     scale: f32,
-) -> StreamResult {
+}
+
+/// [`attend_stream`] compiled for AVX2+FMA+F16C when the CPU has them, else for the
+/// baseline target.
+fn dispatch_stream(store: &LayerStore, s: usize, qs: &Queries<'_>) -> StreamResult {
     #[cfg(target_arch = "x86_64")]
     if let Some(avx) = simd::Avx2::detect() {
         // SAFETY: `detect` confirmed the CPU has every feature the function is compiled for.
-        return unsafe { attend_stream_avx2(avx, store, s, q, hq, tq, d, rep, q_positions, scale) };
+        return unsafe { attend_stream_avx2(avx, store, s, qs) };
     }
-    attend_stream(
-        simd::Portable,
-        store,
-        s,
+    attend_stream(simd::Portable, store, s, qs)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_stream_avx2(
+    avx: simd::Avx2,
+    store: &LayerStore,
+    s: usize,
+    qs: &Queries<'_>,
+) -> StreamResult {
+    attend_stream(avx, store, s, qs)
+}
+
+#[inline(always)]
+fn attend_stream<S: simd::Simd>(
+    simd: S,
+    store: &LayerStore,
+    s: usize,
+    qs: &Queries<'_>,
+) -> StreamResult {
+    let &Queries {
         q,
         hq,
         tq,
         d,
         rep,
-        q_positions,
+        positions: q_positions,
         scale,
-    )
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_stream_avx2(
-    avx: simd::Avx2,
-    store: &LayerStore,
-    s: usize,
-    q: &[f32],
-    hq: usize,
-    tq: usize,
-    d: usize,
-    rep: usize,
-    q_positions: &[usize],
-    scale: f32,
-) -> StreamResult {
-    attend_stream(avx, store, s, q, hq, tq, d, rep, q_positions, scale)
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_stream<S: simd::Simd>(
-    simd: S,
-    store: &LayerStore,
-    s: usize,
-    q: &[f32],
-    hq: usize,
-    tq: usize,
-    d: usize,
-    rep: usize,
-    q_positions: &[usize],
-    scale: f32,
-) -> StreamResult {
+    } = qs;
     let hk = store.kv_heads;
     let (bi, h) = (s / hk, s % hk);
     let stream = &store.streams[s];

@@ -264,33 +264,46 @@ fn non_finite_error() -> KvmixError {
     )
 }
 
+/// What every unit of one `quantize` call shares.
+struct QuantizeJob<'a, T> {
+    x: &'a [T],
+    geo: Geometry,
+    cs: Option<&'a [f32]>,
+    spec: QuantSpec,
+    /// Whether token rows pack to whole bytes (then each unit packs its own codes).
+    aligned: bool,
+}
+
 /// Quantize one unit of work into its slices of the outputs.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn quantize_unit<T: Element>(
-    x: &[T],
-    geo: Geometry,
+    job: &QuantizeJob<'_, T>,
     u: Unit,
-    cs: Option<&[f32]>,
-    spec: QuantSpec,
-    aligned: bool,
     code_out: &mut [u8],
     scale_out: &mut [f32],
     offset_out: &mut [f32],
 ) -> Result<()> {
     let mut vals = Vec::new();
-    load_normalized(x, geo, u.row, u.token_start, u.token_end, cs, &mut vals);
+    load_normalized(
+        job.x,
+        job.geo,
+        u.row,
+        u.token_start,
+        u.token_end,
+        job.cs,
+        &mut vals,
+    );
     let mut unit_codes = vec![0u8; vals.len()];
     encode_unit(
         &vals,
-        geo.channels,
-        spec,
+        job.geo.channels,
+        job.spec,
         &mut unit_codes,
         scale_out,
         offset_out,
     )?;
-    if aligned {
-        pack(&unit_codes, spec.bits, code_out);
+    if job.aligned {
+        pack(&unit_codes, job.spec.bits, code_out);
     } else {
         code_out.copy_from_slice(&unit_codes);
     }
@@ -300,33 +313,21 @@ fn quantize_unit<T: Element>(
 /// [`quantize_unit`] compiled for AVX2+FMA+F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn quantize_unit_avx2<T: Element>(
-    x: &[T],
-    geo: Geometry,
+    job: &QuantizeJob<'_, T>,
     u: Unit,
-    cs: Option<&[f32]>,
-    spec: QuantSpec,
-    aligned: bool,
     code_out: &mut [u8],
     scale_out: &mut [f32],
     offset_out: &mut [f32],
 ) -> Result<()> {
-    quantize_unit(
-        x, geo, u, cs, spec, aligned, code_out, scale_out, offset_out,
-    )
+    quantize_unit(job, u, code_out, scale_out, offset_out)
 }
 
 /// [`quantize_unit`] for the best instruction set the CPU has. Both builds compute the same
 /// codes: Rust never fuses `a * b + c` on its own.
-#[allow(clippy::too_many_arguments)]
 fn quantize_unit_best<T: Element>(
-    x: &[T],
-    geo: Geometry,
+    job: &QuantizeJob<'_, T>,
     u: Unit,
-    cs: Option<&[f32]>,
-    spec: QuantSpec,
-    aligned: bool,
     code_out: &mut [u8],
     scale_out: &mut [f32],
     offset_out: &mut [f32],
@@ -334,15 +335,9 @@ fn quantize_unit_best<T: Element>(
     #[cfg(target_arch = "x86_64")]
     if parallel::has_avx2() {
         // SAFETY: `has_avx2` confirmed every feature the function is compiled for.
-        return unsafe {
-            quantize_unit_avx2(
-                x, geo, u, cs, spec, aligned, code_out, scale_out, offset_out,
-            )
-        };
+        return unsafe { quantize_unit_avx2(job, u, code_out, scale_out, offset_out) };
     }
-    quantize_unit(
-        x, geo, u, cs, spec, aligned, code_out, scale_out, offset_out,
-    )
+    quantize_unit(job, u, code_out, scale_out, offset_out)
 }
 
 /// Quantize `x` (row-major, shape `dims`) with `spec`. `channel_scale`, if given, has shape
@@ -395,11 +390,16 @@ pub fn quantize<T: Element>(
         .collect();
     let failure = std::sync::Mutex::new(None::<KvmixError>);
     let cs_ref = cs.as_deref();
+    let job = QuantizeJob {
+        x,
+        geo,
+        cs: cs_ref,
+        spec,
+        aligned,
+    };
     parallel::run(n, |par| {
         for_each(work, par, |(u, code_out, scale_out, offset_out)| {
-            let res = quantize_unit_best(
-                x, geo, u, cs_ref, spec, aligned, code_out, scale_out, offset_out,
-            );
+            let res = quantize_unit_best(&job, u, code_out, scale_out, offset_out);
             if let Err(e) = res {
                 if let Ok(mut slot) = failure.lock() {
                     slot.get_or_insert(e);

@@ -50,6 +50,21 @@ def test_zipcache_tiers_equal_reference_quantizers():
             np.testing.assert_allclose(vh, rq.dequantize_token_groups(qv, D), rtol=1e-6, atol=1e-6)
 
 
+def test_zipcache_plain_tokenwise_values_ablation():
+    """`channel_separable=False` (the ablation of ZipCache's value quantizer) quantizes values
+    per token without channel factors; keys are unchanged."""
+    store, k, v = _prefilled("zipcache", {"channel_separable": False})
+    positions, kh, vh = _rows(store, 0, "low")
+    vx = v[0, 0, positions]
+    plain = rq.dequantize_token_groups(rq.quantize_token_groups(vx, 2, D), D)
+    np.testing.assert_allclose(vh, plain, rtol=1e-6, atol=1e-6)
+    separable = rq.quantize_token_groups(vx, 2, D, channel_scale=rq.separable_channel_scale(vx))
+    assert not np.allclose(vh, rq.dequantize_token_groups(separable, D), atol=1e-3)
+    kx = k[0, 0, positions]
+    qk = rq.quantize_channel_blocks(kx, 2, len(positions))
+    np.testing.assert_allclose(kh, rq.dequantize_channel_blocks(qk, len(positions)), atol=1e-6)
+
+
 def test_mikv_tiers_equal_reference_quantizers():
     store, k, v = _prefilled("mikv", {"low_bits": 3})
     rng = np.random.default_rng(0)

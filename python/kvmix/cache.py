@@ -298,6 +298,10 @@ class ZipCache(KvmixCache):
         probe_recent / probe_random: fractions of prompt positions used as probe queries.
         count_mode: ``"exact"`` (probe rows that see the token) or ``"full_matrix"`` (``L - j``,
             the paper's code).
+        normalized: rank by normalized attention (the paper); ``False`` ranks by plain
+            accumulated attention (an ablation).
+        channel_separable: channel-separable tokenwise values (the paper); ``False`` quantizes
+            values plainly per token (an ablation).
         streaming_gap: decoding steps buffered in full precision before being classified.
         buffer_dtype: see :class:`KvmixCache`.
     """
@@ -312,6 +316,8 @@ class ZipCache(KvmixCache):
         probe_recent: float = 0.05,
         probe_random: float = 0.05,
         count_mode: str = "exact",
+        normalized: bool = True,
+        channel_separable: bool = True,
         streaming_gap: int = 100,
         buffer_dtype: str = "float16",
     ) -> None:
@@ -325,6 +331,8 @@ class ZipCache(KvmixCache):
                 "probe_recent": probe_recent,
                 "probe_random": probe_random,
                 "count_mode": count_mode,
+                "normalized": normalized,
+                "channel_separable": channel_separable,
                 "streaming_gap": streaming_gap,
             },
             buffer_dtype=buffer_dtype,

@@ -83,7 +83,7 @@ fn parse_policy(name: &str, config: Option<&Bound<'_, PyDict>>) -> PyResult<Poli
             let mut c = ZipCacheConfig::default();
             let keys = [
                 "salient_ratio", "high_bits", "low_bits", "probe_recent", "probe_random", "count_mode",
-                "normalized", "streaming_gap",
+                "normalized", "channel_separable", "streaming_gap",
             ];
             read_config(config, name, &keys, |k, v| {
                 match k {
@@ -94,6 +94,7 @@ fn parse_policy(name: &str, config: Option<&Bound<'_, PyDict>>) -> PyResult<Poli
                     "probe_random" => c.probe_random = v.extract()?,
                     "count_mode" => c.count_mode = count_mode(&v.extract::<String>()?)?,
                     "normalized" => c.normalized = v.extract()?,
+                    "channel_separable" => c.channel_separable = v.extract()?,
                     _ => c.streaming_gap = v.extract()?,
                 }
                 Ok(())

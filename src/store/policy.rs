@@ -51,6 +51,8 @@ pub struct ZipCacheConfig {
     pub count_mode: CountMode,
     /// `false` ranks by plain accumulated attention (for ablations).
     pub normalized: bool,
+    /// `false` quantizes values plainly per token, without the channel factors (for ablations).
+    pub channel_separable: bool,
     pub streaming_gap: usize,
 }
 
@@ -64,6 +66,7 @@ impl Default for ZipCacheConfig {
             probe_random: 0.05,
             count_mode: CountMode::Exact,
             normalized: true,
+            channel_separable: true,
             streaming_gap: 100,
         }
     }
@@ -204,13 +207,18 @@ impl Policy {
                 check_bits_in("high_bits", c.high_bits, &[2, 3, 4, 8])?;
                 check_bits_in("low_bits", c.low_bits, &[1, 2, 3, 4])?;
                 check_gap(c.streaming_gap)?;
+                let value_factor = if c.channel_separable {
+                    Factor::Separable
+                } else {
+                    Factor::None
+                };
                 let tier = |bits| {
                     (
                         Codec::Channel { bits },
                         Codec::TokenGroups {
                             bits,
                             group_size: head_dim,
-                            factor: Factor::Separable,
+                            factor: value_factor,
                         },
                     )
                 };

@@ -1,0 +1,233 @@
+"""The evaluation module: prefill replay, metrics against independent computations, budgets,
+results files. The real-model run is marked slow."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import kvmix
+from kvmix.data import KjvPassages
+from kvmix.eval import EvalConfig, markdown_table, resolve_methods, summarize
+from kvmix.eval.methods import METHODS, eviction_budget_matching
+from kvmix.eval.prefill import capture_prefill, replay_prefill
+from kvmix.eval.tasks import (
+    _next_token_stats,
+    cache_memory,
+    fidelity_records,
+    matching_prefix,
+    precision_map,
+)
+from kvmix.models import tiny_random_model
+
+# Short gaps so that decoding crosses classification boundaries within a few steps.
+REPLAYED = {
+    "full": METHODS["full"],
+    "uniform2": kvmix.eval.Method("u", "u", "uniform", "uniform", {"bits": 2, "residual": 8}),
+    "h2o": kvmix.eval.Method("e", "e", "eviction", "eviction", {"budget": 0.3}),
+    "mikv": METHODS["mikv"],
+    "zipcache": kvmix.eval.Method("z", "z", "zipcache", "zipcache", {"streaming_gap": 5}),
+    "zipcache-accumulated": kvmix.eval.Method(
+        "za", "za", "zipcache", "zipcache", {"streaming_gap": 5, "normalized": False}
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_random_model("llama", seed=3)
+    kvmix.enable_fused_attention(model)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(REPLAYED))
+def test_replayed_prefill_generates_like_generate(tiny, name):
+    """A cache filled by replaying a recorded prefill ends where generate()'s own prefill leaves
+    it: the same tokens afterwards, the same bytes."""
+    method = REPLAYED[name]
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(7))
+    direct = method.make_cache(tiny.config)
+    with torch.inference_mode():
+        expected = tiny.generate(ids, past_key_values=direct, max_new_tokens=12, do_sample=False)
+    states = capture_prefill(tiny, ids)
+    replayed = method.make_cache(tiny.config)
+    replay_prefill(tiny, states, replayed)
+    first = states.logits[:, -1].argmax(-1, keepdim=True)
+    assert first.item() == expected[0, 40].item()
+    with torch.inference_mode():
+        got = tiny.generate(
+            torch.cat([ids, first], 1), past_key_values=replayed, max_new_tokens=11, do_sample=False
+        )
+    assert got.tolist() == expected.tolist()
+    assert cache_memory(replayed) == cache_memory(direct)
+
+
+def test_replay_refuses_eager_masks(tiny):
+    states = capture_prefill(tiny, torch.arange(1, 9).view(1, -1))
+    tiny.set_attn_implementation("eager")
+    try:
+        with pytest.raises(ValueError, match="sdpa masks"):
+            replay_prefill(tiny, states, METHODS["zipcache"].make_cache(tiny.config))
+    finally:
+        kvmix.enable_fused_attention(tiny)
+
+
+def test_next_token_stats_match_a_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    ref, own = torch.randn(50, generator=g) * 3, torch.randn(50, generator=g) * 3
+    p = np.exp(ref.double().numpy() - ref.double().numpy().max())
+    p /= p.sum()
+    q = np.exp(own.double().numpy() - own.double().numpy().max())
+    q /= q.sum()
+    kl, top1, nll = _next_token_stats(ref, own, 7)
+    assert kl == pytest.approx(float(np.sum(p * np.log(p / q))), rel=1e-9)
+    assert top1 == float(ref.argmax() == own.argmax())
+    assert nll == pytest.approx(-math.log(q[7]), rel=1e-9)
+    assert _next_token_stats(ref, ref, 3)[:2] == [0.0, 1.0]
+
+
+def test_matching_prefix():
+    assert matching_prefix([1, 2, 3, 4], [1, 2, 5, 4]) == 2
+    assert matching_prefix([1, 2], [1, 2, 3]) == 2
+    assert matching_prefix([], [1]) == 0
+
+
+def _passages(n_tokens: int, cont: int) -> KjvPassages:
+    ids = torch.randint(1, 128, (1, n_tokens + cont), generator=torch.Generator().manual_seed(1))
+    return KjvPassages(ids[:, :n_tokens], ids[:, n_tokens:], ("Test 1:1",), ("",))
+
+
+def test_fidelity_of_the_full_cache_is_exact_and_compression_is_not(tiny):
+    """Teacher-forcing through a full cache reproduces the one-pass reference (KL at the float
+    noise floor, every top-1 equal); a 2-bit cache does not."""
+    methods = [METHODS["full"], REPLAYED["uniform2"]]
+    full, low = fidelity_records(tiny, _passages(48, 16), 0, methods)
+    assert full["kl"] < 1e-9 and full["top1"] == 1.0
+    assert low["kl"] > 1e-6  # a random tiny model's distributions are flat: KL stays small
+    # Perplexity is exp of the mean NLL of the true next tokens.
+    assert full["perplexity"] == pytest.approx(math.exp(full["nll"]))
+    assert low["compression_ratio"] > 1 > full["compression_ratio"]
+
+
+def test_cache_memory_of_a_dynamic_cache_is_read_from_its_tensors(tiny):
+    states = capture_prefill(tiny, torch.arange(1, 21).view(1, -1))
+    cache = METHODS["full"].make_cache(tiny.config)
+    replay_prefill(tiny, states, cache)
+    cfg = tiny.config
+    elements = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 20 * cfg.head_dim
+    assert cache_memory(cache) == {
+        "bytes": elements * 4,
+        "fp16_bytes": elements * 2,
+        "compression_ratio": 0.5,
+    }
+
+
+def test_eviction_budget_holds_the_bytes_of_its_target():
+    """The matched eviction baseline holds (within 1%) the bytes of the method it is matched
+    with, both measured on real stores of the same token count."""
+    for target in ("zipcache", "mikv"):
+        (method,) = resolve_methods([f"h2o@{target}"], 4096, 3, 64)
+        assert method.options["budget"] == eviction_budget_matching(METHODS[target], 4096, 3, 64)
+        ratios = []
+        for m in (method, METHODS[target]):
+            r = kvmix.bench.memory.measure(
+                m.policy, m.options, tokens=4096, decode=0, layers=2, kv_heads=3, head_dim=64
+            )
+            ratios.append(r["bytes"])
+        assert abs(ratios[0] / ratios[1] - 1) < 0.01
+
+
+def test_unknown_methods_and_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="unknown method 'zip'; valid methods: full"):
+        resolve_methods(["zip"], 128, 1, 16)
+    with pytest.raises(ValueError, match="`passkey_tokens` must be at least 1"):
+        EvalConfig(passkey_tokens=0)
+    with pytest.raises(ValueError, match="`methods` must name at least one method"):
+        EvalConfig(methods=())
+
+
+def test_precision_map_marks_each_tier(tiny):
+    ids = torch.randint(1, 128, (1, 30), generator=torch.Generator().manual_seed(2))
+    cache = METHODS["mikv"].make_cache(tiny.config)
+    replay_prefill(tiny, capture_prefill(tiny, ids), cache)
+    m = precision_map(cache, 30)
+    cfg = tiny.config
+    assert m.shape == (cfg.num_hidden_layers * cfg.num_key_value_heads, 30)
+    store = cache.layers[1].store
+    high = store.tier_positions(1)["high"]
+    row = m[1 * cfg.num_key_value_heads + 1]
+    assert set(np.flatnonzero(row == 1.0)) == set(high.tolist())
+    assert set(np.flatnonzero(row == 0.25)) == set(store.tier_positions(1)["low"].tolist())
+
+
+def _synthetic_results():
+    methods = {
+        "a": {"label": "A", "family": "mikv", "policy": "mikv", "options": {}},
+        "b": {"label": "B", "family": "eviction", "policy": "eviction", "options": {}},
+    }
+    pk = [
+        dict(method=m, trial=t, correct=c, agreement=g, new_tokens=8, compression_ratio=r)
+        for m, t, c, g, r in [
+            ("a", 0, True, 8, 3.0), ("a", 1, False, 2, 3.2), ("a", 2, True, 6, 2.9),
+            ("b", 0, False, 1, 5.0), ("b", 1, False, 0, 5.0), ("b", 2, True, 8, 5.0),
+        ]
+    ]  # fmt: skip
+    fi = [
+        {"method": m, "passage": p, "kl": k, "top1": t, "nll": n, "compression_ratio": r}
+        for m, p, k, t, n, r in [
+            ("a", "x", 0.1, 0.9, 2.0, 2.5), ("a", "y", 0.3, 0.7, 3.0, 2.7),
+            ("b", "x", 0.5, 0.6, 4.0, 4.0), ("b", "y", 0.7, 0.5, 5.0, 4.2),
+        ]
+    ]  # fmt: skip
+    meta = {"model": "m", "passkey_tokens": 64, "prefix_tokens": 32, "continuation_tokens": 8}
+    return {"meta": meta, "methods": methods, "passkey": pk, "fidelity": fi}
+
+
+def test_summary_and_table_aggregate_the_records():
+    s = summarize(_synthetic_results())
+    assert s["a"]["passkey_correct"] == 2 and s["a"]["passkey_trials"] == 3
+    assert s["a"]["agreement"] == pytest.approx(16 / 3)
+    assert s["a"]["kl"] == pytest.approx(0.2) and s["b"]["top1"] == pytest.approx(0.55)
+    assert s["b"]["perplexity"] == pytest.approx(math.exp(4.5))
+    assert s["a"]["passkey_ratio"] == 3.0 and s["a"]["fidelity_ratio"] == pytest.approx(2.6)
+    table = markdown_table(_synthetic_results())
+    assert "| A | 3.00x smaller | 2.60x smaller | 2/3 | 5.3/8 | 0.2000 | 80.0% | 12.18 |" in table
+
+
+def test_tradeoff_plot_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from kvmix.eval import plot_tradeoffs
+
+    fig = plot_tradeoffs(_synthetic_results(), tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 10_000
+    assert len(fig.axes) == 2
+
+
+@pytest.mark.slow
+def test_evaluate_on_smollm2_writes_consistent_results(tmp_path):
+    """A small run on the real model: files written, records consistent with the summary, the
+    full cache answers every passkey and is its own reference; resume adds nothing."""
+    config = EvalConfig(
+        methods=("full", "zipcache", "h2o@zipcache"),
+        passkey_trials=2,
+        passkey_tokens=768,
+        new_tokens=8,
+        passages=1,
+        prefix_tokens=384,
+        continuation_tokens=24,
+    )
+    results = kvmix.eval.evaluate(config, out=tmp_path, progress=False)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["passkey"] == results["passkey"] and len(saved["passkey"]) == 6
+    assert {r["method"] for r in saved["fidelity"]} == {"full", "zipcache", "h2o@zipcache"}
+    full = results["summary"]["full"]
+    assert full["passkey_correct"] == 2 and full["agreement"] == 8 and full["kl"] < 1e-9
+    assert 4.0 < results["summary"]["zipcache"]["passkey_ratio"] < 5.5
+    assert (tmp_path / "eval.md").read_text().count("\n| ") == 4
+    assert (tmp_path / "tradeoffs.png").stat().st_size > 10_000
+    again = kvmix.eval.evaluate(config, out=tmp_path, resume=True, progress=False)
+    assert again["passkey"] == results["passkey"] and again["fidelity"] == results["fidelity"]

@@ -3,6 +3,7 @@ results files. The real-model run is marked slow."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -229,5 +230,13 @@ def test_evaluate_on_smollm2_writes_consistent_results(tmp_path):
     assert 4.0 < results["summary"]["zipcache"]["passkey_ratio"] < 5.5
     assert (tmp_path / "eval.md").read_text().count("\n| ") == 4
     assert (tmp_path / "tradeoffs.png").stat().st_size > 10_000
-    again = kvmix.eval.evaluate(config, out=tmp_path, resume=True, progress=False)
-    assert again["passkey"] == results["passkey"] and again["fidelity"] == results["fidelity"]
+    # Resuming with one more method runs only that method; the earlier records stay as they are.
+    more = dataclasses.replace(config, methods=("uniform4",))
+    again = kvmix.eval.evaluate(more, out=tmp_path, resume=True, progress=False)
+    assert again["passkey"][:6] == results["passkey"]
+    assert [r["method"] for r in again["passkey"][6:]] == ["uniform4", "uniform4"]
+    assert list(again["summary"]) == ["full", "zipcache", "h2o@zipcache", "uniform4"]
+    with pytest.raises(ValueError, match="only `methods` may differ"):
+        kvmix.eval.evaluate(
+            dataclasses.replace(config, passkey_trials=3), out=tmp_path, resume=True
+        )

@@ -148,8 +148,8 @@ def evaluate(
             package by default. kvmix's fused attention is enabled on it.
         out: a folder for ``eval.json``, ``eval.md`` and ``tradeoffs.png``, written as records
             come in (JSON) and at the end (table, plot).
-        resume: keep the records of an earlier run in ``out`` with the same configuration and run
-            only what is missing.
+        resume: keep the records of an earlier run in ``out`` with the same configuration (other
+            than ``methods``: a resumed run can add methods) and run only what is missing.
         progress: show progress bars.
         on_record: called with every new record.
     """
@@ -179,8 +179,14 @@ def evaluate(
     if folder is not None and resume and (folder / "eval.json").exists():
         earlier = json.loads((folder / "eval.json").read_text())
         wanted = json.loads(json.dumps(dataclasses.asdict(config)))
+        del wanted["methods"]  # methods may be added to an earlier run
         if {k: earlier["meta"].get(k) for k in wanted} != wanted:
-            raise ValueError(f"{folder / 'eval.json'} was written by a different configuration")
+            raise ValueError(
+                f"{folder / 'eval.json'} was written by a different configuration; only "
+                "`methods` may differ when resuming"
+            )
+        results["methods"] = {**earlier["methods"], **results["methods"]}
+        results["meta"]["methods"] = list(results["methods"])
         results["passkey"] = earlier["passkey"]
         results["fidelity"] = earlier["fidelity"]
 

@@ -1,8 +1,9 @@
 """``python -m kvmix.eval``: the memory/quality trade-off of each method on SmolLM2-135M.
 
-Defaults are the README's table: the full cache, uniform 4/2-bit, H2O eviction at ZipCache's and
-at MiKV's bytes, MiKV, ZipCache and ZipCache's two ablations; 20 passkey prompts of 4096 tokens;
-4 KJV passages of 2048 + 256 tokens. ``--sweep`` adds the other budgets of the trade-off plot.
+Defaults are the README's table: the full cache, uniform 4/2-bit, H2O eviction at MiKV's bytes,
+MiKV, ZipCache and ZipCache's two ablations; 20 passkey prompts of 4096 tokens; 4 KJV passages of
+2048 + 256 tokens. ``--sweep`` adds the other budgets of the trade-off plot (and eviction at
+ZipCache's bytes).
 """
 
 from __future__ import annotations

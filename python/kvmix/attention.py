@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -62,6 +63,23 @@ def _probe_rows(layer: Any, length: int) -> list[int] | None:
     if layer.policy in ("mikv", "eviction"):
         return list(range(length))
     return None
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Run the block loops on one torch thread. Each block is a handful of small ops, and every
+    multi-threaded op ends in a barrier: on a busy machine a descheduled worker stalls each one
+    (one layer's MiKV scoring is ~1000 ops), while one thread streams through them at full
+    speed on one core."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _row_blocks(positions: list[int]) -> Iterator[tuple[int, int]]:
@@ -124,11 +142,12 @@ def _probabilities(
     kv-head's GQA group: ``(B, H_kv, T)``."""
     b, hk, t = query.shape[0], key.shape[1], key.shape[2]
     out = torch.zeros(b, hk, t)
-    for start, end in _row_blocks(q_positions):
-        probs, hi = _block_probabilities(
-            query, key, rows[start:end], q_positions[start:end], first_valid, scaling
-        )
-        out[:, :, :hi] += probs.sum(dim=(2, 3))
+    with _one_torch_thread():
+        for start, end in _row_blocks(q_positions):
+            probs, hi = _block_probabilities(
+                query, key, rows[start:end], q_positions[start:end], first_valid, scaling
+            )
+            out[:, :, :hi] += probs.sum(dim=(2, 3))
     return out
 
 
@@ -151,14 +170,15 @@ def _attention_and_column_sums(
     acc = torch.zeros(b, hk, t)
     values = value.float()
     positions = list(range(t))
-    for start, end in _row_blocks(positions):
-        probs, hi = _block_probabilities(
-            query, key, positions[start:end], positions[start:end], [0] * b, scaling
-        )
-        acc[:, :, :hi] += probs.sum(dim=(2, 3))
-        n = end - start
-        flat = probs.view(b, hk, rep * n, hi)
-        out[:, :, :, start:end] = torch.matmul(flat, values[:, :, :hi]).view(b, hk, rep, n, d)
+    with _one_torch_thread():
+        for start, end in _row_blocks(positions):
+            probs, hi = _block_probabilities(
+                query, key, positions[start:end], positions[start:end], [0] * b, scaling
+            )
+            acc[:, :, :hi] += probs.sum(dim=(2, 3))
+            n = end - start
+            flat = probs.view(b, hk, rep * n, hi)
+            out[:, :, :, start:end] = torch.matmul(flat, values[:, :, :hi]).view(b, hk, rep, n, d)
     attn = out.view(b, hq, t, d).to(query.dtype).transpose(1, 2).contiguous()
     return attn, acc
 

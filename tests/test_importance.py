@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvmix
@@ -157,3 +157,46 @@ def test_accumulate_dense_sums_gqa_heads_and_counts_visible_queries():
     # normalized = acc / count = [0.6/2, 0.45/2, 0.55/2, 0.4/1]: the top 40% (2 tokens) are 3, 0.
     store.maybe_classify()
     assert store.tier_positions(0)["high"].tolist() == [0, 3]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    rep=st.sampled_from([1, 3]),
+    length=st.integers(1, 80),
+    pad=st.integers(0, 10),
+    seed=st.integers(0, 1000),
+)
+def test_prefill_probe_scores_in_torch_match_reference(batch, rep, length, pad, seed):
+    """The fused attention's block-wise torch scoring (rows in several blocks, left padding)
+    equals the NumPy reference."""
+    torch = pytest.importorskip("torch")
+    from kvmix.attention import _probabilities
+
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, 2 * rep, length, 16), dtype=np.float32)
+    k = rng.standard_normal((batch, 2, length, 16), dtype=np.float32)
+    probes = kvmix.probe_positions(length, 0.3, 0.3, seed)
+    first_valid = [min(pad * b, length - 1) for b in range(batch)]
+    acc = _probabilities(torch.from_numpy(q), torch.from_numpy(k), probes, probes, first_valid, 0.3)
+    racc, _ = ref.probe_scores(q, k, probes, 0.3, first_valid)
+    np.testing.assert_allclose(acc.numpy(), racc, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("length", [1, 31, 32, 100])
+def test_one_pass_prefill_attention_equals_sdpa_and_reference(length):
+    """MiKV's prefill: output and accumulated attention of every row from one softmax."""
+    torch = pytest.importorskip("torch")
+    from kvmix.attention import _attention_and_column_sums
+
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(2, 6, length, 16, generator=g) * 2
+    k = torch.randn(2, 2, length, 16, generator=g) * 2
+    v = torch.randn(2, 2, length, 16, generator=g)
+    out, acc = _attention_and_column_sums(q, k, v, 0.25)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=0.25, enable_gqa=True
+    ).transpose(1, 2)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    racc, _ = ref.probe_scores(q.numpy(), k.numpy(), list(range(length)), 0.25)
+    np.testing.assert_allclose(acc.numpy(), racc, rtol=1e-5, atol=1e-5)

@@ -186,3 +186,41 @@ def test_mikv_without_balancer_says_what_to_do():
     store.append(x, x)
     with pytest.raises(kvmix.ConfigError, match="set_key_balancer"):
         store.maybe_classify()
+
+
+@pytest.mark.parametrize(
+    "policy, config",
+    [
+        ("zipcache", {"salient_ratio": 0.4}),
+        ("mikv", {"ratio": 0.2}),
+        ("uniform", {"bits": 2, "residual": 8}),
+    ],
+)
+def test_dense_into_a_reused_buffer_equals_dense(policy, config):
+    store, _, _ = _prefilled(policy, config, batch=2)
+    rng = np.random.default_rng(1)
+    shape = (2, 2, 80, D)
+    keys, values = np.full(shape, 7.0, np.float32), np.full(shape, 7.0, np.float32)
+    for step in range(3):  # the same buffers across appends and classifications
+        n = store.dense_into(keys, values)
+        assert n == store.seen == 50 + step
+        for s in range(4):
+            _, k, v = store.dense(s)
+            np.testing.assert_array_equal(keys[s // 2, s % 2, :n], k)
+            np.testing.assert_array_equal(values[s // 2, s % 2, :n], v)
+        assert (keys[:, :, n:] == 7.0).all(), "rows past the tokens are left untouched"
+        new = rng.standard_normal((2, 2, 1, D), dtype=np.float32)
+        store.append(new, new)
+        store.maybe_classify()
+
+
+def test_dense_into_refuses_bad_buffers():
+    store, _, _ = _prefilled("uniform", {"bits": 4, "residual": 8})
+    ok = np.zeros((1, 2, 50, D), np.float32)
+    with pytest.raises(kvmix.ShapeError, match="capacity"):
+        store.dense_into(np.zeros((1, 2, 49, D), np.float32), np.zeros((1, 2, 49, D), np.float32))
+    with pytest.raises(kvmix.ShapeError, match="C-contiguous"):
+        store.dense_into(np.zeros((1, 2, D, 50), np.float32).transpose(0, 1, 3, 2), ok)
+    with pytest.raises(kvmix.DTypeError, match="writeable float32"):
+        store.dense_into(ok.astype(np.float64), ok.copy())
+    assert store.dense_into(ok, np.zeros_like(ok)) == 50

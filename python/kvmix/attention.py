@@ -16,7 +16,8 @@ prompt is compressed after.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -28,8 +29,12 @@ from kvmix import _kvmix
 
 __all__ = ["enable_fused_attention", "kvmix_attention"]
 
-#: Query rows per block when computing explicit attention probabilities (bounds memory).
-_ROWS_PER_BLOCK = 256
+#: Query rows per block when computing explicit attention probabilities. Small blocks keep the
+#: logits of a block (rows x query heads x keys, 4.7 MB at 32 rows, 9 heads, 4k keys) near the
+#: cores, so the mask, softmax and sums after the matmul do not run at memory speed (256-row
+#: blocks, 38 MB, made scoring cost 70% of the prefill's own attention); much smaller blocks
+#: multiply torch's per-op thread synchronisation, which is slow on a loaded machine.
+_ROWS_PER_BLOCK = 32
 
 
 def _layer_of(key: torch.Tensor) -> Any:
@@ -60,38 +65,122 @@ def _probe_rows(layer: Any, length: int) -> list[int] | None:
     return None
 
 
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Run the block loops on one torch thread. Each block is a handful of small ops, and every
+    multi-threaded op ends in a barrier: on a busy machine a descheduled worker stalls each one
+    (one layer's MiKV scoring is ~1000 ops), while one thread streams through them at full
+    speed on one core."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _row_blocks(positions: list[int]) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` slices of the query ``positions``, :data:`_ROWS_PER_BLOCK` rows each."""
+    for start in range(0, len(positions), _ROWS_PER_BLOCK):
+        yield start, min(start + _ROWS_PER_BLOCK, len(positions))
+
+
+def _block_probabilities(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    rows: list[int],
+    q_positions: list[int],
+    first_valid: list[int],
+    scaling: float,
+) -> tuple[torch.Tensor, int]:
+    """Softmax attention of the query rows ``rows`` (ascending positions ``q_positions``) over the
+    keys at positions ``0 .. hi-1`` (key index = position; later keys are invisible to every row):
+    ``((B, H_kv, rep, n, hi), hi)``, query heads grouped by kv-head. A key is visible to a query at
+    or after its position unless it is left padding; rows that see nothing get zeros."""
+    b, hq, _, d = query.shape
+    hk = key.shape[1]
+    rep, n = hq // hk, len(rows)
+    lo, hi = q_positions[0], q_positions[-1] + 1
+    if rows[-1] - rows[0] == n - 1:  # contiguous rows: a view, not a gather
+        q = query[:, :, rows[0] : rows[-1] + 1]
+    else:
+        q = query[:, :, rows]
+    # Query heads h*rep .. h*rep+rep-1 share kv head h: fold them into the row axis.
+    # Scaling the (few) queries instead of the (many) logits saves a pass over the logits.
+    q = (q.float() * scaling).reshape(b, hk, rep * n, d)
+    logits = torch.matmul(q, key[:, :, :hi].float().transpose(-1, -2))
+    logits = logits.view(b, hk, rep, n, hi)
+    # Keys before the block's first query are visible to all its rows: only [lo, hi) needs the
+    # causal mask.
+    if hi - lo > 1:
+        future = torch.arange(lo, hi).view(1, -1) > torch.tensor(q_positions).view(-1, 1)
+        logits[..., lo:hi].masked_fill_(future, float("-inf"))
+    padded = False
+    for bi, fv in enumerate(first_valid):
+        if fv > 0:
+            logits[bi, ..., : min(fv, hi)] = float("-inf")
+            padded |= lo < fv
+    probs = torch.softmax(logits, dim=-1)
+    if padded:  # rows inside the left padding see no key: their softmax is NaN
+        probs.nan_to_num_(0.0)
+    return probs, hi
+
+
 def _probabilities(
     query: torch.Tensor,
     key: torch.Tensor,
     rows: list[int],
     q_positions: list[int],
-    k_positions: torch.Tensor,
     first_valid: list[int],
     scaling: float,
 ) -> torch.Tensor:
-    """Softmax attention of the query rows ``rows`` over ``key``, summed over the query rows and
-    over the query heads of each kv-head's GQA group: ``(B, H_kv, T)``. A key is visible to a
-    query at or after its position unless it is left padding."""
-    b, hq, _, d = query.shape
-    hk, t = key.shape[1], key.shape[2]
-    rep = hq // hk
-    keys = key.float()
-    kpos = k_positions.view(1, 1, 1, -1)
-    fv = torch.tensor(first_valid).view(b, 1, 1, 1)
+    """Softmax attention of the query rows ``rows`` (ascending positions ``q_positions``) over
+    ``key`` (key index = position), summed over the query rows and over the query heads of each
+    kv-head's GQA group: ``(B, H_kv, T)``."""
+    b, hk, t = query.shape[0], key.shape[1], key.shape[2]
     out = torch.zeros(b, hk, t)
-    for start in range(0, len(rows), _ROWS_PER_BLOCK):
-        block = rows[start : start + _ROWS_PER_BLOCK]
-        n = len(block)
-        # Keys after the block's last query are invisible to all of it: skip them.
-        hi = int(torch.searchsorted(k_positions, max(q_positions[r] for r in block), right=True))
-        # Query heads h*rep .. h*rep+rep-1 share kv head h: fold them into the row axis.
-        q = query[:, :, block].float().reshape(b, hk, rep * n, d)
-        logits = torch.matmul(q, keys[:, :, :hi].transpose(-1, -2)) * scaling
-        qpos = torch.tensor([q_positions[r] for r in block]).repeat(rep).view(1, 1, -1, 1)
-        visible = (kpos[..., :hi] <= qpos) & (kpos[..., :hi] >= fv)
-        logits.masked_fill_(~visible, float("-inf"))
-        out[:, :, :hi] += torch.softmax(logits, dim=-1).nan_to_num_(0.0).sum(dim=2)
+    with _one_torch_thread():
+        for start, end in _row_blocks(q_positions):
+            probs, hi = _block_probabilities(
+                query, key, rows[start:end], q_positions[start:end], first_valid, scaling
+            )
+            out[:, :, :hi] += probs.sum(dim=(2, 3))
     return out
+
+
+def _attention_and_column_sums(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of an unpadded prompt over itself computed explicitly, block by block:
+    the output ``(B, T, H_q, D)`` (as transformers' sdpa returns it) and, from the same
+    probabilities, the attention each key received summed over every query row and the query
+    heads of its GQA group ``(B, H_kv, T)``.
+
+    H2O/MiKV accumulation needs every row's probabilities; computing them in a second pass after
+    SDPA repeated the whole attention and doubled the prefill's attention time, while one pass
+    costs about what SDPA alone does.
+    """
+    b, hq, t, d = query.shape
+    hk = key.shape[1]
+    rep = hq // hk
+    out = torch.empty(b, hk, rep, t, d)
+    acc = torch.zeros(b, hk, t)
+    values = value.float()
+    positions = list(range(t))
+    with _one_torch_thread():
+        for start, end in _row_blocks(positions):
+            probs, hi = _block_probabilities(
+                query, key, positions[start:end], positions[start:end], [0] * b, scaling
+            )
+            acc[:, :, :hi] += probs.sum(dim=(2, 3))
+            n = end - start
+            flat = probs.view(b, hk, rep * n, hi)
+            out[:, :, :, start:end] = torch.matmul(flat, values[:, :, :hi]).view(b, hk, rep, n, d)
+    attn = out.view(b, hq, t, d).to(query.dtype).transpose(1, 2).contiguous()
+    return attn, acc
 
 
 def _score_prefill(
@@ -100,8 +189,10 @@ def _score_prefill(
     key: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scaling: float,
+    acc: torch.Tensor | None = None,
 ) -> None:
-    """Importance of the prompt tokens, the key balancer if needed, then compression."""
+    """Importance of the prompt tokens, the key balancer if needed, then compression. ``acc``:
+    the attention every row gave each token, when the caller computed it with the output."""
     store = layer.store
     b, _, t, _ = query.shape
     first_valid = _first_valid(attention_mask, b)
@@ -111,8 +202,8 @@ def _score_prefill(
         store.set_key_balancer(_kvmix.key_balancer(*_as_numpy(query, key)))
     rows = _probe_rows(layer, t)
     if rows:
-        positions = list(range(t))
-        acc = _probabilities(query, key, rows, positions, torch.arange(t), first_valid, scaling)
+        if acc is None:
+            acc = _probabilities(query, key, rows, rows, first_valid, scaling)
         count = _visible_counts(rows, t, first_valid, layer.options.get("count_mode", "exact"))
         store.add_scores(0, acc.numpy(), count.expand_as(acc).contiguous().numpy())
     store.maybe_classify(True)
@@ -153,6 +244,13 @@ def kvmix_attention(
         )
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
     if layer.needs_prefill:
+        causal = attention_mask is None and getattr(module, "is_causal", True)
+        if causal and dropout == 0.0 and layer.policy in ("mikv", "eviction"):
+            # Every row is scored (H2O/MiKV): output and scores from one explicit softmax. A
+            # padding (or any other) mask keeps the SDPA path below.
+            attn, acc = _attention_and_column_sums(query, key, value, scale)
+            _score_prefill(layer, query, key, attention_mask, scale, acc)
+            return attn, None
         out = sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scale, dropout=dropout, **kwargs
         )
@@ -207,7 +305,7 @@ def _track_dense(layer: Any, query: torch.Tensor, key: torch.Tensor, scale: floa
     if _probe_rows(layer, 0) is not None:
         qpos = list(range(end - tq, end))
         fv = layer.first_valid
-        acc = _probabilities(query, key, list(range(tq)), qpos, torch.arange(t), fv, scale)
+        acc = _probabilities(query, key, list(range(tq)), qpos, fv, scale)
         j = torch.arange(t)
         seen = (torch.tensor(qpos).view(-1, 1) >= j.view(1, -1)).sum(dim=0).view(1, 1, -1)
         count = torch.where(j.view(1, 1, -1) >= torch.tensor(fv).view(-1, 1, 1), seen, 0)

@@ -137,6 +137,8 @@ class KvmixLayer(CacheLayerMixin):
         self.needs_prefill = False
         #: First non-padding position of each sequence (set at prefill).
         self.first_valid: list[int] = []
+        #: Reused float32 buffers of the portable path, ``(B, H_kv, capacity, D)`` each.
+        self._dense: tuple[np.ndarray, np.ndarray] | None = None
 
     # -- transformers' layer contract -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -183,15 +185,21 @@ class KvmixLayer(CacheLayerMixin):
         return keys, values
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized keys and values of every held token, ``(B, H_kv, T, D)``, model dtype."""
-        b = self.store.batch
-        streams = [self.store.dense(s) for s in range(b * self.kv_heads)]
-        keys = np.stack([s[1] for s in streams]).reshape(b, self.kv_heads, -1, self.head_dim)
-        values = np.stack([s[2] for s in streams]).reshape(b, self.kv_heads, -1, self.head_dim)
-        return (
-            torch.from_numpy(keys).to(self.dtype),
-            torch.from_numpy(values).to(self.dtype),
-        )
+        """Dequantized keys and values of every held token, ``(B, H_kv, T, D)``, model dtype.
+
+        The store dequantizes into float32 buffers kept by the layer and grown geometrically, so
+        a decoding step allocates nothing (fresh arrays each step cost as much in page faults as
+        the dequantization). For a float32 model the tensors are views of those buffers, valid
+        until the next call.
+        """
+        b, held = self.store.batch, self.store.seen  # the portable path never evicts
+        if self._dense is None or self._dense[0].shape[0] != b or self._dense[0].shape[2] < held:
+            # 1.5x headroom: one reallocation every ~held/2 decoding steps.
+            shape = (b, self.kv_heads, max(64, held * 3 // 2), self.head_dim)
+            self._dense = (np.empty(shape, np.float32), np.empty(shape, np.float32))
+        n = self.store.dense_into(*self._dense)
+        keys, values = (torch.from_numpy(a)[:, :, :n] for a in self._dense)
+        return keys.to(self.dtype), values.to(self.dtype)
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -204,6 +212,7 @@ class KvmixLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.store.reset()
+        self._dense = None
         self.cumulative_length = 0
         self.needs_prefill = False
         self.first_valid = []

@@ -9,7 +9,7 @@ use crate::store::{
     DenseDtype, EvictionConfig, LayerStore, MemoryReport, MikvConfig, Policy, TierBytes,
     UniformConfig, ZipCacheConfig,
 };
-use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -374,6 +374,54 @@ impl PyLayerStore {
         ))
     }
 
+    /// Dequantize every stream into `keys` and `values`, writeable C-contiguous float32 arrays
+    /// `[batch, kv_heads, capacity, head_dim]` reused across calls: each stream's tokens in
+    /// position order at `[..., :n, :]`, the rest untouched. Returns `n`, the tokens per stream.
+    fn dense_into(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        values: &Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
+        let shape_of =
+            |a: &PyReadwriteArrayDyn<'_, f32>, name: &str| -> PyResult<usize> {
+                let dims = a.shape();
+                let (b, h, d) = (self.inner.batch, self.inner.kv_heads, self.inner.head_dim);
+                if dims.len() != 4
+                    || dims[0] != b
+                    || dims[1] != h
+                    || dims[3] != d
+                    || !a.is_c_contiguous()
+                {
+                    return Err(KvmixError::Shape(format!(
+                    "`{name}` must be a C-contiguous array [{b}, {h}, capacity, {d}], got shape \
+                     {dims:?}{}",
+                    if a.is_c_contiguous() { "" } else { " (not C-contiguous)" }
+                ))
+                    .into());
+                }
+                Ok(dims[2])
+            };
+        let (mut k, mut v) = (
+            writeable_f32(keys, "keys")?,
+            writeable_f32(values, "values")?,
+        );
+        let capacity = shape_of(&k, "keys")?;
+        if shape_of(&v, "values")? != capacity {
+            return Err(
+                KvmixError::Shape("`keys` and `values` must have the same shape".into()).into(),
+            );
+        }
+        let ks = k
+            .as_slice_mut()
+            .map_err(|e| KvmixError::Shape(e.to_string()))?;
+        let vs = v
+            .as_slice_mut()
+            .map_err(|e| KvmixError::Shape(e.to_string()))?;
+        let store = &self.inner;
+        detached(py, || store.dense_into(ks, vs, capacity))
+    }
+
     /// Positions held by each tier of stream `stream`: `{"buffer", "high", "low"}`.
     fn tier_positions<'py>(&self, py: Python<'py>, stream: usize) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.streams.get(stream).ok_or_else(|| {
@@ -392,6 +440,15 @@ impl PyLayerStore {
     fn memory<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         memory_dict(py, &self.inner.memory())
     }
+}
+
+fn writeable_f32<'py>(
+    obj: &Bound<'py, PyAny>,
+    name: &str,
+) -> PyResult<PyReadwriteArrayDyn<'py, f32>> {
+    obj.extract().map_err(|_| {
+        KvmixError::DType(format!("`{name}` must be a writeable float32 numpy array")).into()
+    })
 }
 
 /// Probe query positions: `ceil(recent·len)` most recent + `ceil(random·len)` random earlier.

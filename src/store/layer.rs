@@ -13,6 +13,7 @@ use super::tier::{RowBatch, Tier, TierBytes};
 use crate::element::Element;
 use crate::error::{KvmixError, Result};
 use crate::importance::{normalized, top_k};
+use rayon::prelude::*;
 
 /// Largest magnitude an fp16 tier or fp16 quantization parameter can hold.
 const F16_MAX: f32 = 65504.0;
@@ -459,17 +460,64 @@ impl LayerStore {
 
     /// Positions and dequantized keys/values of stream `s`, in position order.
     pub fn dense(&self, s: usize) -> (Vec<u32>, Vec<f32>, Vec<f32>) {
-        let d = self.head_dim;
         let stream = &self.streams[s];
-        let order = stream.position_order();
-        let tiers = stream.tiers();
-        let mut k = vec![0f32; order.len() * d];
-        let mut v = vec![0f32; order.len() * d];
-        for (j, &(t, r, _)) in order.iter().enumerate() {
-            tiers[t].keys.decode_row(r, &mut k[j * d..(j + 1) * d]);
-            tiers[t].values.decode_row(r, &mut v[j * d..(j + 1) * d]);
-        }
+        let mut k = vec![0f32; stream.len() * self.head_dim];
+        let mut v = vec![0f32; k.len()];
+        let order = decode_stream(stream, self.head_dim, &mut k, &mut v);
         (order.iter().map(|o| o.2).collect(), k, v)
+    }
+
+    /// Dequantized keys and values of every stream written into `keys` and `values`, both
+    /// `[streams, capacity, head_dim]` (e.g. buffers reused across decode steps, which spares
+    /// allocating and page-faulting the whole cache each step): stream `s`'s tokens in position
+    /// order at rows `0..n`, rows `n..capacity` untouched. Every stream must hold the same number
+    /// of tokens `n <= capacity` (true unless tokens were evicted); returns `n`.
+    pub fn dense_into(
+        &self,
+        keys: &mut [f32],
+        values: &mut [f32],
+        capacity: usize,
+    ) -> Result<usize> {
+        let d = self.head_dim;
+        let n = self.streams.first().map_or(0, Stream::len);
+        if self.streams.iter().any(|s| s.len() != n) {
+            return Err(KvmixError::Shape(
+                "dense_into needs every stream to hold the same number of tokens (an eviction \
+                 policy dropped some); use dense(stream) per stream"
+                    .into(),
+            ));
+        }
+        let want = self.streams.len() * capacity * d;
+        if n > capacity || keys.len() != want || values.len() != want {
+            return Err(KvmixError::Shape(format!(
+                "dense_into needs keys and values of {} streams x capacity {capacity} >= {n} tokens \
+                 x head_dim {d} ({want} elements), got {} and {}",
+                self.streams.len(),
+                keys.len(),
+                values.len()
+            )));
+        }
+        if want == 0 {
+            return Ok(n);
+        }
+        let fill = |(stream, (k, v)): (&Stream, (&mut [f32], &mut [f32]))| {
+            decode_stream(stream, d, &mut k[..n * d], &mut v[..n * d]);
+        };
+        let rows = capacity * d;
+        crate::parallel::run(self.streams.len() * n * d, |parallel| {
+            if parallel {
+                self.streams
+                    .par_iter()
+                    .zip(keys.par_chunks_mut(rows).zip(values.par_chunks_mut(rows)))
+                    .for_each(fill);
+            } else {
+                self.streams
+                    .iter()
+                    .zip(keys.chunks_mut(rows).zip(values.chunks_mut(rows)))
+                    .for_each(fill);
+            }
+        });
+        Ok(n)
     }
 
     /// Bytes held, measured from the buffers.
@@ -485,6 +533,22 @@ impl LayerStore {
         m.fp16_bytes = self.streams.len() * self.seen * 2 * self.head_dim * 2;
         m
     }
+}
+
+/// Dequantize `stream` into `k` and `v` (`len × d` each) in position order; returns the order.
+fn decode_stream(
+    stream: &Stream,
+    d: usize,
+    k: &mut [f32],
+    v: &mut [f32],
+) -> Vec<(usize, usize, u32)> {
+    let order = stream.position_order();
+    let tiers = stream.tiers();
+    for (j, &(t, r, _)) in order.iter().enumerate() {
+        tiers[t].keys.decode_row(r, &mut k[j * d..(j + 1) * d]);
+        tiers[t].values.decode_row(r, &mut v[j * d..(j + 1) * d]);
+    }
+    order
 }
 
 fn set_stream_balancer(s: &mut Stream, inverse: &[f32]) -> Result<()> {

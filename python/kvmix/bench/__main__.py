@@ -24,6 +24,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "kvmix.bench.attention",
         "decode attention on a ZipCache store vs torch SDPA on dense fp32/bf16 caches",
     ),
+    "generate": (
+        "kvmix.bench.generate",
+        "SmolLM2 prefill and decode speed: DynamicCache, QuantizedCache, kvmix presets",
+    ),
 }
 
 

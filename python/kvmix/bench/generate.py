@@ -1,0 +1,200 @@
+"""End-to-end generation on SmolLM2-135M-Instruct: prefill time and decode speed of every cache.
+
+One run loads the model once and, for each prompt length, times every method on the same
+passkey prompt (``kvmix.data.passkey_prompt``, batch 1):
+
+* ``dynamic``: transformers' ``DynamicCache`` (fp32, the reference);
+* ``quanto-int4`` / ``quanto-int2``: transformers' ``QuantizedCache`` with the optimum-quanto
+  backend (KIVI-style, 128-token residual), when ``optimum-quanto`` is installed;
+* kvmix's presets with the fused attention (``attn_implementation="kvmix"``): ``zipcache``
+  (40% 4-bit, 2-bit rest), ``mikv`` (20% fp16, int2), ``uniform2``/``uniform4`` (KIVI);
+* ``<preset>-portable``: the same cache under transformers' ``sdpa`` (dense dequantized
+  keys/values every step), on request with ``--methods``.
+
+A measurement is one prefill (a forward pass over the prompt into an empty cache, logits of the
+last position only) followed by ``--new-tokens`` greedy decode steps (one forward pass per
+token). Methods run in interleaved rounds so that load from other processes hits them alike; the
+table shows medians over ``--rounds`` and, in the same run, ratios to ``dynamic``: "overhead" is
+the prefill time beyond ``DynamicCache``'s (scoring + compression, as a share of its prefill),
+"decode" the decode speed over ``DynamicCache``'s. Memory is the cache's bytes against a dense
+fp16 cache of the same tokens (kvmix: ``memory_report()``, every byte; DynamicCache: fp32).
+
+    python -m kvmix.bench generate --tokens 4096 --rounds 3 --new-tokens 64 --json gen.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import DynamicCache, QuantizedCache
+
+import kvmix
+from kvmix.bench.quantization import machine_info
+
+#: method -> (description, attention implementation, cache factory from the model config)
+METHODS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
+    "dynamic": ("DynamicCache (fp32)", "kvmix", lambda c: DynamicCache(config=c)),
+    "quanto-int4": (
+        "transformers QuantizedCache, quanto int4",
+        "kvmix",
+        lambda c: QuantizedCache(backend="quanto", config=c, nbits=4),
+    ),
+    "quanto-int2": (
+        "transformers QuantizedCache, quanto int2",
+        "kvmix",
+        lambda c: QuantizedCache(backend="quanto", config=c, nbits=2),
+    ),
+    "zipcache": ("kvmix ZipCache (40% 4-bit, 2-bit)", "kvmix", lambda c: kvmix.ZipCache(c)),
+    "mikv": ("kvmix MiKV (20% fp16, int2)", "kvmix", lambda c: kvmix.MiKVCache(c)),
+    "uniform2": ("kvmix uniform 2-bit (KIVI)", "kvmix", lambda c: kvmix.QuantizedKVCache(c)),
+    "uniform4": (
+        "kvmix uniform 4-bit (KIVI)",
+        "kvmix",
+        lambda c: kvmix.QuantizedKVCache(c, bits=4),
+    ),
+    "zipcache-portable": ("kvmix ZipCache, sdpa (portable)", "sdpa", lambda c: kvmix.ZipCache(c)),
+    "mikv-portable": ("kvmix MiKV, sdpa (portable)", "sdpa", lambda c: kvmix.MiKVCache(c)),
+}
+DEFAULT_METHODS = ["dynamic", "quanto-int4", "quanto-int2", "zipcache", "mikv", "uniform2"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tokens", type=int, nargs="+", default=[4096], help="prompt lengths (default 4096)"
+    )
+    p.add_argument("--new-tokens", type=int, default=64, help="decode steps per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="measurements per method (median)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=DEFAULT_METHODS,
+        choices=sorted(METHODS),
+        help=f"methods to time (default: {' '.join(DEFAULT_METHODS)})",
+    )
+    p.add_argument("--seed", type=int, default=0, help="passkey prompt seed")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def quanto_available() -> bool:
+    """Whether transformers' QuantizedCache can use its quanto backend here."""
+    return importlib.util.find_spec("optimum.quanto") is not None
+
+
+def run_once(
+    model: Any, ids: torch.Tensor, cache: Any, new_tokens: int
+) -> tuple[float, float, list[int]]:
+    """Prefill ``ids`` into ``cache``, then decode greedily: ``(prefill s, decode s, tokens)``."""
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        t1 = time.perf_counter()
+        token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        tokens = [int(token)]
+        for _ in range(new_tokens):
+            logits = model(token, past_key_values=cache, use_cache=True).logits
+            token = logits[:, -1].argmax(dim=-1, keepdim=True)
+            tokens.append(int(token))
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, tokens
+
+
+def cache_ratio(cache: Any) -> float | None:
+    """How many times smaller than a dense fp16 cache of the same tokens, if known."""
+    if isinstance(cache, kvmix.KvmixCache):
+        return float(cache.memory_report()["compression_ratio"])
+    if type(cache) is DynamicCache:
+        return 2.0 / cache.layers[0].keys.element_size()
+    return None
+
+
+def measure(
+    model: Any, ids: torch.Tensor, methods: list[str], rounds: int, new_tokens: int
+) -> dict[str, dict[str, Any]]:
+    """Interleaved rounds of every method on one prompt; medians and same-run ratios."""
+    runs: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
+    info: dict[str, dict[str, Any]] = {}
+    for r in range(rounds + 1):  # round 0 warms up (allocator, quanto's extension, caches)
+        for m in methods:
+            _, impl, make = METHODS[m]
+            model.set_attn_implementation(impl)
+            cache = make(model.config)
+            prefill, decode, tokens = run_once(model, ids, cache, new_tokens)
+            if r > 0:
+                runs[m].append((prefill, decode))
+            info[m] = {"tokens": tokens, "cache_vs_fp16": cache_ratio(cache)}
+            del cache
+    model.set_attn_implementation("kvmix")
+    results: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        prefill = statistics.median(p for p, _ in runs[m])
+        decode = statistics.median(new_tokens / d for _, d in runs[m])
+        results[m] = {
+            "label": METHODS[m][0],
+            "prefill_s": prefill,
+            "decode_tok_s": decode,
+            "runs": runs[m],
+            **info[m],
+        }
+    if "dynamic" in results:
+        base = results["dynamic"]
+        for res in results.values():
+            res["prefill_overhead"] = res["prefill_s"] / base["prefill_s"] - 1.0
+            res["decode_vs_dynamic"] = res["decode_tok_s"] / base["decode_tok_s"]
+            res["same_tokens_as_dynamic"] = res["tokens"] == base["tokens"]
+    return results
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        f"{'method':42} {'prefill s':>9} {'overhead':>9} {'decode tok/s':>12} "
+        f"{'vs dynamic':>10} {'vs fp16':>8}"
+    ]
+    lines.append("-" * len(lines[0]))
+    for res in results.values():
+        over = res.get("prefill_overhead")
+        rel = res.get("decode_vs_dynamic")
+        ratio = res["cache_vs_fp16"]
+        lines.append(
+            f"{res['label']:42} {res['prefill_s']:9.2f} "
+            f"{'' if over is None else f'{100 * over:+.1f}%':>9} {res['decode_tok_s']:12.2f} "
+            f"{'' if rel is None else f'{rel:.2f}x':>10} "
+            f"{'n/a' if ratio is None else f'{ratio:.2f}x':>8}"
+        )
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    from kvmix.data import passkey_prompt
+    from kvmix.models import load_smollm2
+
+    methods = list(dict.fromkeys(args.methods))
+    if not quanto_available():
+        skipped = [m for m in methods if m.startswith("quanto")]
+        if skipped:
+            print(f"optimum-quanto is not installed: skipping {', '.join(skipped)}")
+        methods = [m for m in methods if not m.startswith("quanto")]
+    model, tokenizer = load_smollm2()
+    kvmix.enable_fused_attention(model)
+    print(machine_info())
+    out: dict[str, Any] = {"machine": machine_info(), "results": {}}
+    for length in args.tokens:
+        ids = passkey_prompt(tokenizer, length, seed=args.seed).input_ids
+        print(
+            f"\nprompt {ids.shape[1]} tokens, {args.new_tokens} decode steps, "
+            f"medians of {args.rounds} interleaved rounds",
+            flush=True,
+        )
+        results = measure(model, ids, methods, args.rounds, args.new_tokens)
+        print(format_table(results), flush=True)
+        out["results"][str(length)] = results
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0

@@ -6,8 +6,11 @@ therefore runs the prompt through the model once, records what every attention l
 (its queries, keys, values and mask), and *replays* that into each method's fresh cache: the
 same ``cache.update()`` and attention-function calls the model's own layers make, in the same
 order, so each cache ends in the state a real ``generate()`` prefill leaves it in (the tests
-check tokens and bytes against a direct ``generate()``). This saves one full prefill per method
-and trial, which dominates the cost of long-prompt evaluations on a CPU.
+check tokens and bytes against a direct ``generate()``). The recording runs transformers' sdpa;
+a cache whose own prefill computes the exact attention another way (MiKV and H2O take it from one
+explicit softmax, with their scores) would see inputs that differ in float rounding only. This
+saves one full prefill per method and trial, which dominates the cost of long-prompt evaluations
+on a CPU.
 """
 
 from __future__ import annotations

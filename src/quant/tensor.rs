@@ -15,6 +15,9 @@
 //! parallel; otherwise the packing runs once over the whole tensor.
 
 use super::affine::{min_max_finite, Affine, ParamDtype, ParamVec};
+#[cfg(target_arch = "x86_64")]
+use super::decode::{avx2_fits, decode_packed_avx2};
+use super::decode::{decode_codes, decode_packed, RowParams};
 use super::packing::{check_bits, pack, packed_len, unpack};
 use crate::element::Element;
 use crate::error::{KvmixError, Result};
@@ -560,33 +563,73 @@ impl QuantizedTensor {
         Ok(())
     }
 
-    /// Unpack and decode one unit into `dst`.
+    /// Unpack and decode one unit into `dst`, token row by token row; `simd` says the CPU has
+    /// AVX2 (the caller is compiled for it) and the fused kernel may run.
     #[inline(always)]
-    fn dequantize_unit<T: Element>(&self, u: &Unit, all_codes: Option<&[u8]>, dst: &mut [T]) {
-        let d = self.geometry().channels;
+    fn dequantize_unit<T: Element>(
+        &self,
+        u: &Unit,
+        all_codes: Option<&[u8]>,
+        dst: &mut [T],
+        simd: bool,
+    ) {
+        let geo = self.geometry();
+        let d = geo.channels;
         let bits = self.spec.bits;
-        let first = (u.row * self.geometry().tokens + u.token_start) * d;
-        let m = dst.len();
-        let mut codes = vec![0u8; m];
-        match all_codes {
-            Some(all) => codes.copy_from_slice(&all[first..first + m]),
-            None => {
-                let start = first * bits as usize / 8;
-                unpack(
-                    &self.codes[start..start + packed_len(m, bits)],
-                    bits,
-                    &mut codes,
-                )
+        let first = (u.row * geo.tokens + u.token_start) * d;
+        let factor: Option<Vec<f32>> = self
+            .channel_scale
+            .as_ref()
+            .map(|cs| cs.to_f32_range(u.row * d, d));
+        let (n_params, row_params) = match self.spec.grouping {
+            Grouping::TokenGroups { group_size } => {
+                let per_token = d / group_size;
+                ((u.token_end - u.token_start) * per_token, per_token)
+            }
+            Grouping::ChannelBlocks { .. } => (d, 0),
+        };
+        let scale = self.scale.to_f32_range(u.param_start, n_params);
+        let offset = self.offset.to_f32_range(u.param_start, n_params);
+        let params = |t: usize| match self.spec.grouping {
+            Grouping::TokenGroups { group_size } => RowParams::Groups {
+                scale: &scale[t * row_params..(t + 1) * row_params],
+                offset: &offset[t * row_params..(t + 1) * row_params],
+                group_size,
+            },
+            Grouping::ChannelBlocks { .. } => RowParams::Channels {
+                scale: &scale,
+                offset: &offset,
+            },
+        };
+        let factor = factor.as_deref();
+        let row_bytes = d * bits as usize / 8;
+        let mut scratch = Vec::new();
+        for (t, row) in dst.chunks_exact_mut(d).enumerate() {
+            let p = params(t);
+            match all_codes {
+                Some(all) => decode_codes(&all[first + t * d..][..d], p, factor, row),
+                None => {
+                    let start = first * bits as usize / 8 + t * row_bytes;
+                    let packed = &self.codes[start..start + row_bytes];
+                    #[cfg(target_arch = "x86_64")]
+                    if simd && avx2_fits(&p) {
+                        // SAFETY: `simd` is only set by `dequantize_unit_avx2`, whose caller
+                        // checked the CPU features; the row's lengths are consistent.
+                        unsafe { decode_packed_avx2(packed, bits, p, factor, row) };
+                        continue;
+                    }
+                    let _ = simd;
+                    decode_packed(packed, bits, p, factor, &mut scratch, row);
+                }
             }
         }
-        self.decode_unit(u, &codes, dst);
     }
 
-    /// [`Self::dequantize_unit`] compiled for AVX2+FMA+F16C.
+    /// [`Self::dequantize_unit`] compiled for AVX2+FMA+F16C, with the fused kernel.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dequantize_unit_avx2<T: Element>(&self, u: &Unit, all: Option<&[u8]>, dst: &mut [T]) {
-        self.dequantize_unit(u, all, dst)
+        self.dequantize_unit(u, all, dst, true)
     }
 
     fn dequantize_unit_best<T: Element>(&self, u: &Unit, all: Option<&[u8]>, dst: &mut [T]) {
@@ -595,65 +638,7 @@ impl QuantizedTensor {
             // SAFETY: `has_avx2` confirmed every feature the function is compiled for.
             return unsafe { self.dequantize_unit_avx2(u, all, dst) };
         }
-        self.dequantize_unit(u, all, dst)
-    }
-
-    #[inline(always)]
-    fn decode_unit<T: Element>(&self, u: &Unit, codes: &[u8], dst: &mut [T]) {
-        let d = self.geometry().channels;
-        // Multiplying by a factor of 1 changes nothing, so no factor means no multiply.
-        let factor: Option<Vec<f32>> = self
-            .channel_scale
-            .as_ref()
-            .map(|cs| cs.to_f32_range(u.row * d, d));
-        let n_params = match self.spec.grouping {
-            Grouping::TokenGroups { group_size } => {
-                (u.token_end - u.token_start) * (d / group_size)
-            }
-            Grouping::ChannelBlocks { .. } => d,
-        };
-        let scale = self.scale.to_f32_range(u.param_start, n_params);
-        let offset = self.offset.to_f32_range(u.param_start, n_params);
-        match self.spec.grouping {
-            Grouping::TokenGroups { group_size } => {
-                let groups = codes
-                    .chunks_exact(group_size)
-                    .zip(dst.chunks_exact_mut(group_size));
-                for (p, (gc, gd)) in groups.enumerate() {
-                    let (s, b) = (scale[p], offset[p]);
-                    match &factor {
-                        None => {
-                            for (o, &c) in gd.iter_mut().zip(gc) {
-                                *o = T::from_f32(s * c as f32 + b);
-                            }
-                        }
-                        Some(f) => {
-                            let fg = &f[(p * group_size) % d..][..group_size];
-                            for ((o, &c), &fc) in gd.iter_mut().zip(gc).zip(fg) {
-                                *o = T::from_f32((s * c as f32 + b) * fc);
-                            }
-                        }
-                    }
-                }
-            }
-            Grouping::ChannelBlocks { .. } => {
-                let ones;
-                let f = match &factor {
-                    Some(f) => f.as_slice(),
-                    None => {
-                        ones = vec![1f32; d];
-                        ones.as_slice()
-                    }
-                };
-                for (tc, td) in codes.chunks_exact(d).zip(dst.chunks_exact_mut(d)) {
-                    for ((((o, &c), &s), &b), &fc) in
-                        td.iter_mut().zip(tc).zip(&scale).zip(&offset).zip(f)
-                    {
-                        *o = T::from_f32((s * c as f32 + b) * fc);
-                    }
-                }
-            }
-        }
+        self.dequantize_unit(u, all, dst, false)
     }
 
     /// Reconstruct the tensor as a new vector.

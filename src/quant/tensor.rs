@@ -17,7 +17,7 @@
 use super::affine::{min_max_finite, Affine, ParamDtype, ParamVec};
 #[cfg(target_arch = "x86_64")]
 use super::decode::{avx2_fits, decode_packed_avx2};
-use super::decode::{decode_codes, decode_packed, RowParams};
+use super::decode::{decode_codes, decode_packed, Params, Slab};
 use super::packing::{check_bits, pack, packed_len, unpack};
 use crate::element::Element;
 use crate::error::{KvmixError, Result};
@@ -563,8 +563,8 @@ impl QuantizedTensor {
         Ok(())
     }
 
-    /// Unpack and decode one unit into `dst`, token row by token row; `simd` says the CPU has
-    /// AVX2 (the caller is compiled for it) and the fused kernel may run.
+    /// Unpack and decode one unit into `dst`; `simd` says the CPU has AVX2 (the caller is
+    /// compiled for it) and the fused kernel may run.
     #[inline(always)]
     fn dequantize_unit<T: Element>(
         &self,
@@ -581,46 +581,44 @@ impl QuantizedTensor {
             .channel_scale
             .as_ref()
             .map(|cs| cs.to_f32_range(u.row * d, d));
-        let (n_params, row_params) = match self.spec.grouping {
+        let n_params = match self.spec.grouping {
             Grouping::TokenGroups { group_size } => {
-                let per_token = d / group_size;
-                ((u.token_end - u.token_start) * per_token, per_token)
+                (u.token_end - u.token_start) * (d / group_size)
             }
-            Grouping::ChannelBlocks { .. } => (d, 0),
+            Grouping::ChannelBlocks { .. } => d,
         };
         let scale = self.scale.to_f32_range(u.param_start, n_params);
         let offset = self.offset.to_f32_range(u.param_start, n_params);
-        let params = |t: usize| match self.spec.grouping {
-            Grouping::TokenGroups { group_size } => RowParams::Groups {
-                scale: &scale[t * row_params..(t + 1) * row_params],
-                offset: &offset[t * row_params..(t + 1) * row_params],
-                group_size,
+        let slab = Slab {
+            params: match self.spec.grouping {
+                Grouping::TokenGroups { group_size } => Params::Groups {
+                    scale: &scale,
+                    offset: &offset,
+                    group_size,
+                },
+                Grouping::ChannelBlocks { .. } => Params::Channels {
+                    scale: &scale,
+                    offset: &offset,
+                },
             },
-            Grouping::ChannelBlocks { .. } => RowParams::Channels {
-                scale: &scale,
-                offset: &offset,
-            },
+            factor: factor.as_deref(),
+            channels: d,
         };
-        let factor = factor.as_deref();
-        let row_bytes = d * bits as usize / 8;
-        let mut scratch = Vec::new();
-        for (t, row) in dst.chunks_exact_mut(d).enumerate() {
-            let p = params(t);
-            match all_codes {
-                Some(all) => decode_codes(&all[first + t * d..][..d], p, factor, row),
-                None => {
-                    let start = first * bits as usize / 8 + t * row_bytes;
-                    let packed = &self.codes[start..start + row_bytes];
-                    #[cfg(target_arch = "x86_64")]
-                    if simd && avx2_fits(&p) {
-                        // SAFETY: `simd` is only set by `dequantize_unit_avx2`, whose caller
-                        // checked the CPU features; the row's lengths are consistent.
-                        unsafe { decode_packed_avx2(packed, bits, p, factor, row) };
-                        continue;
-                    }
-                    let _ = simd;
-                    decode_packed(packed, bits, p, factor, &mut scratch, row);
+        let m = dst.len();
+        match all_codes {
+            Some(all) => decode_codes(&all[first..first + m], slab, dst),
+            None => {
+                let start = first * bits as usize / 8;
+                let packed = &self.codes[start..start + packed_len(m, bits)];
+                #[cfg(target_arch = "x86_64")]
+                if simd && avx2_fits(&slab) {
+                    // SAFETY: `simd` is only set by `dequantize_unit_avx2`, whose caller
+                    // checked the CPU features; the unit's lengths are consistent.
+                    unsafe { decode_packed_avx2(packed, bits, slab, dst) };
+                    return;
                 }
+                let _ = simd;
+                decode_packed(packed, bits, slab, &mut Vec::new(), dst);
             }
         }
     }

@@ -209,18 +209,7 @@ fn attend_stream<S: simd::Simd>(
     }
     // Softmax per query; a query that sees nothing gets zero output.
     for row in logits.chunks_exact_mut(total.max(1)).take(nq) {
-        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if m == f32::NEG_INFINITY {
-            row.fill(0.0);
-            continue;
-        }
-        let mut sum = 0f32;
-        for l in row.iter_mut() {
-            *l = (*l - m).exp();
-            sum += *l;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|l| *l *= inv);
+        simd.softmax(row);
     }
     // Pass 2: values.
     let mut out = vec![0f32; nq * d];

@@ -15,6 +15,23 @@ pub trait Simd: Copy + Send + Sync {
     /// `acc_i += a·x_i + b`.
     fn axpb(self, acc: &mut [f32], a: f32, x: &[f32], b: f32);
 
+    /// Softmax of `row` in place (max-subtracted); a row that is all `-inf` (a query that
+    /// sees nothing) becomes all zeros.
+    fn softmax(self, row: &mut [f32]) {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if m == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return;
+        }
+        let mut sum = 0f32;
+        for l in row.iter_mut() {
+            *l = (*l - m).exp();
+            sum += *l;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|l| *l *= inv);
+    }
+
     /// For each query `i < nq`: `out[i] = Σ_{c<n} q[i·stride + c] · code_c`, with the `n`
     /// codes of `bits` bits packed in `codes`. Fusing the unpacking into the dot products
     /// keeps the codes in registers.
@@ -209,6 +226,89 @@ mod x86 {
             i += 8;
         }
         Portable.axpb(&mut acc[main..n], a, &x[main..n], b);
+    }
+
+    /// `e^x` in every lane: Cephes' `expf` (range reduction by ln 2 split in two constants,
+    /// a degree-6 polynomial, the exponent added as an integer), within 2 ulp of the libm
+    /// result over the range softmax uses. Lanes below -87.3 (where `e^x` is subnormal) and
+    /// `-inf` give exactly 0, as masked logits must.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn exp8(x: __m256) -> __m256 {
+        let zero_below = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(-87.3));
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
+            _mm256_set1_ps(88.3),
+        );
+        let fx = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut y = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_fmadd_ps(
+            y,
+            _mm256_mul_ps(r, r),
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
+        let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(fx),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(pow2)), zero_below)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn softmax(row: &mut [f32]) {
+        let n = row.len();
+        let main = n / 8 * 8;
+        let p = row.as_mut_ptr();
+        let mut vm = _mm256_set1_ps(f32::NEG_INFINITY);
+        // SAFETY (all loops): lanes i .. i + 8 with i + 8 <= main <= n.
+        for i in (0..main).step_by(8) {
+            vm = _mm256_max_ps(vm, unsafe { _mm256_loadu_ps(p.add(i)) });
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` holds eight floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), vm) };
+        let m = lanes
+            .into_iter()
+            .chain(row[main..].iter().copied())
+            .fold(f32::NEG_INFINITY, f32::max);
+        if m == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return;
+        }
+        let vmax = _mm256_set1_ps(m);
+        let mut vs = _mm256_setzero_ps();
+        for i in (0..main).step_by(8) {
+            unsafe {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vmax));
+                _mm256_storeu_ps(p.add(i), e);
+                vs = _mm256_add_ps(vs, e);
+            }
+        }
+        let mut sum = hsum(vs);
+        for l in row[main..].iter_mut() {
+            *l = (*l - m).exp();
+            sum += *l;
+        }
+        let inv = _mm256_set1_ps(1.0 / sum);
+        for i in (0..main).step_by(8) {
+            unsafe { _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), inv)) };
+        }
+        let inv = 1.0 / sum;
+        row[main..].iter_mut().for_each(|l| *l *= inv);
     }
 
     /// Eight `B`-bit codes starting at byte `at` as `f32` lanes.
@@ -443,6 +543,12 @@ mod x86 {
         }
 
         #[inline(always)]
+        fn softmax(self, row: &mut [f32]) {
+            // SAFETY: as above.
+            unsafe { softmax(row) }
+        }
+
+        #[inline(always)]
         fn axpy(self, acc: &mut [f32], a: f32, x: &[f32]) {
             // SAFETY: as above.
             unsafe { axpb(acc, a, x, 0.0) }
@@ -594,6 +700,54 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if let Some(avx) = Avx2::detect() {
             check_codes(avx);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn softmax_matches_libm() {
+        let Some(avx) = Avx2::detect() else { return };
+        for n in [0usize, 1, 7, 8, 9, 33, 300] {
+            let mut row: Vec<f32> = (0..n)
+                .map(|i| ((i * 37) % 101) as f32 * 0.9 - 50.0)
+                .collect();
+            // Masked entries and a tail that underflows must give exactly 0.
+            if n > 3 {
+                row[1] = f32::NEG_INFINITY;
+                row[2] = -1e4;
+            }
+            let mut want = row.clone();
+            Portable.softmax(&mut want);
+            let mut got = row.clone();
+            avx.softmax(&mut got);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-6 * w.max(1e-30) + 1e-30,
+                    "n={n} i={i}: {g} vs {w}"
+                );
+            }
+            if n > 3 {
+                assert_eq!((got[1], got[2]), (0.0, 0.0));
+            }
+        }
+        let mut masked = vec![f32::NEG_INFINITY; 20];
+        avx.softmax(&mut masked);
+        assert_eq!(masked, vec![0.0; 20]);
+        // exp itself, lane by lane, over the range softmax feeds it.
+        for k in 0..2000 {
+            let x = -87.0 + k as f32 * 0.0437;
+            let mut lanes = [0f32; 8];
+            // SAFETY: the CPU has the features (`avx` exists).
+            unsafe {
+                use std::arch::x86_64::*;
+                _mm256_storeu_ps(lanes.as_mut_ptr(), x86::exp8(_mm256_set1_ps(x)));
+            }
+            let want = x.exp();
+            assert!(
+                (lanes[0] - want).abs() <= 3e-7 * want,
+                "exp({x}) = {} vs {want}",
+                lanes[0]
+            );
         }
     }
 

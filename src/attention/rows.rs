@@ -181,6 +181,37 @@ pub fn key_logits<S: Simd>(
     }
 }
 
+/// For one query `i` over a block of rows with probabilities `p`: `w[t·nq + i] = p_t·a_t` and
+/// returns `Σ_t p_t·b_t`, where `(a_t, b_t) = params(t)`. Eight partial sums: one running sum
+/// made every row wait for the previous add.
+#[inline(always)]
+fn weigh(
+    p: &[f32],
+    nq: usize,
+    i: usize,
+    w: &mut [f32],
+    params: impl Fn(usize) -> (f32, f32),
+) -> f32 {
+    let mut part = [0f32; 8];
+    let mut chunks = p.chunks_exact(8);
+    for (c, ch) in chunks.by_ref().enumerate() {
+        for (l, (&pt, acc)) in ch.iter().zip(part.iter_mut()).enumerate() {
+            let t = 8 * c + l;
+            let (a, b) = params(t);
+            w[t * nq + i] = pt * a;
+            *acc += pt * b;
+        }
+    }
+    let done = p.len() - chunks.remainder().len();
+    for (l, &pt) in chunks.remainder().iter().enumerate() {
+        let t = done + l;
+        let (a, b) = params(t);
+        w[t * nq + i] = pt * a;
+        part[l] += pt * b;
+    }
+    part.iter().sum()
+}
+
 /// `out_i += Σ_r probs[i * stride + r] · v̂_r` over the rows of `run`.
 #[inline(always)]
 pub fn accumulate_values<S: Simd>(
@@ -219,11 +250,14 @@ pub fn accumulate_values<S: Simd>(
             let mut w = vec![0f32; BLOCK * nq];
             for r0 in (run.start..run.end).step_by(BLOCK) {
                 let r1 = (r0 + BLOCK).min(run.end);
-                for r in r0..r1 {
-                    for i in 0..nq {
-                        w[(r - r0) * nq + i] = p(i, r);
-                        psum[i] += p(i, r);
-                    }
+                for (i, ps) in psum.iter_mut().enumerate() {
+                    *ps += weigh(
+                        &probs[i * stride + r0..i * stride + r1],
+                        nq,
+                        i,
+                        &mut w,
+                        |_| (1.0, 1.0),
+                    );
                 }
                 simd.code_rows_axpy(
                     &mut acc,
@@ -267,13 +301,11 @@ pub fn accumulate_values<S: Simd>(
             for r0 in (run.start..run.end).step_by(BLOCK) {
                 let r1 = (r0 + BLOCK).min(run.end);
                 for gi in 0..groups {
-                    for r in r0..r1 {
-                        let k = (r - run.start) * groups + gi;
-                        for i in 0..nq {
-                            let pr = p(i, r);
-                            w[(r - r0) * nq + i] = pr * scales[k];
-                            bias[i * groups + gi] += pr * offsets[k];
-                        }
+                    let k0 = (r0 - run.start) * groups + gi;
+                    let params = |t: usize| (scales[k0 + t * groups], offsets[k0 + t * groups]);
+                    for i in 0..nq {
+                        let pr = &probs[i * stride + r0..i * stride + r1];
+                        bias[i * groups + gi] += weigh(pr, nq, i, &mut w, params);
                     }
                     let codes = &all_codes[r0 * rb + gi * gbytes..];
                     simd.code_rows_axpy(&mut acc[gi * g..], d, nq, &w, codes, rb, r1 - r0, bits, g);

@@ -144,11 +144,23 @@ pub fn key_logits<S: Simd>(
                 .flat_map(|q| q.iter().zip(&alpha).map(|(a, b)| a * b).collect::<Vec<_>>())
                 .collect();
             let qb: Vec<f32> = qf.chunks_exact(d).map(|q| simd.dot(q, &beta)).collect();
-            let mut dots = vec![0f32; nq];
-            for r in run.start..run.end {
-                simd.code_dots(&qa, d, nq, row_codes(rows, r, bits), bits, d, &mut dots);
-                for i in 0..nq {
-                    logits[i * stride + r] = dots[i] + qb[i];
+            let RowData::Packed(all_codes) = &rows.data else {
+                return;
+            };
+            if nq == 0 {
+                return;
+            }
+            let rb = d * bits as usize / 8;
+            const BLOCK: usize = 256;
+            let mut dots = vec![0f32; BLOCK * nq];
+            for r0 in (run.start..run.end).step_by(BLOCK) {
+                let r1 = (r0 + BLOCK).min(run.end);
+                let codes = &all_codes[r0 * rb..];
+                simd.code_rows_dots(&qa, d, nq, codes, rb, r1 - r0, bits, d, &mut dots);
+                for (r, rd) in (r0..r1).zip(dots.chunks_exact(nq)) {
+                    for i in 0..nq {
+                        logits[i * stride + r] = rd[i] + qb[i];
+                    }
                 }
             }
         }

@@ -58,6 +58,29 @@ pub trait Simd: Copy + Send + Sync {
         }
     }
 
+    /// `code_dots` over `rows` rows: row `r`'s `n` codes start at `codes[r·row_bytes]` and its
+    /// dots go to `out[r·nq .. r·nq + nq]`. One call per block of rows, not per row: the
+    /// call and its setup cost as much as a row's arithmetic.
+    #[allow(clippy::too_many_arguments)]
+    fn code_rows_dots(
+        self,
+        q: &[f32],
+        stride: usize,
+        nq: usize,
+        codes: &[u8],
+        row_bytes: usize,
+        rows: usize,
+        bits: u8,
+        n: usize,
+        out: &mut [f32],
+    ) {
+        let nb = n * bits as usize / 8;
+        for r in 0..rows {
+            let c = &codes[r * row_bytes..r * row_bytes + nb];
+            self.code_dots(q, stride, nq, c, bits, n, &mut out[r * nq..(r + 1) * nq]);
+        }
+    }
+
     /// `code_axpys` over `rows` rows: row `r`'s `n` codes start at `codes[r·row_bytes]` and its
     /// weights are `w[r·nq .. r·nq + nq]`. Blocking over rows keeps the accumulators in
     /// registers instead of loading and storing them for every row.
@@ -177,6 +200,24 @@ mod x86 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
         _mm_cvtss_f32(s)
+    }
+
+    /// The horizontal sums of four vectors at once (three `vhaddps` instead of four separate
+    /// reductions).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum4(v: [__m256; 4]) -> [f32; 4] {
+        let ab = _mm256_hadd_ps(v[0], v[1]);
+        let cd = _mm256_hadd_ps(v[2], v[3]);
+        let abcd = _mm256_hadd_ps(ab, cd);
+        let s = _mm_add_ps(
+            _mm256_castps256_ps128(abcd),
+            _mm256_extractf128_ps::<1>(abcd),
+        );
+        let mut out = [0f32; 4];
+        // SAFETY: `out` holds four floats.
+        unsafe { _mm_storeu_ps(out.as_mut_ptr(), s) };
+        out
     }
 
     #[inline]
@@ -361,24 +402,109 @@ mod x86 {
         assert!(
             codes.len() * 8 >= n * B && q.len() >= (nq.max(1) - 1) * stride + n && out.len() >= nq
         );
-        let (cp, qp) = (codes.as_ptr(), q.as_ptr());
-        // Four queries at a time share each unpacked chunk of codes.
+        // Four queries at a time share each unpacked chunk of codes; the group size is a
+        // constant so the per-query loops unroll.
         for i0 in (0..nq).step_by(4) {
-            let m = (nq - i0).min(4);
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for k in (0..n).step_by(8) {
-                // SAFETY: the assertion above bounds every read.
-                unsafe {
-                    let c = codes8::<B>(cp, k * B / 8);
-                    for (j, a) in acc.iter_mut().enumerate().take(m) {
-                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add((i0 + j) * stride + k)), c, *a);
-                    }
+            let qi = &q[i0 * stride..];
+            let o = &mut out[i0..];
+            // SAFETY: as asserted above, for the queries from i0 on.
+            unsafe {
+                match nq - i0 {
+                    1 => dots_group::<B, 1>(qi, stride, codes, n, o),
+                    2 => dots_group::<B, 2>(qi, stride, codes, n, o),
+                    3 => dots_group::<B, 3>(qi, stride, codes, n, o),
+                    _ => dots_group::<B, 4>(qi, stride, codes, n, o),
                 }
             }
-            for (j, a) in acc.iter().enumerate().take(m) {
-                out[i0 + j] = hsum(*a);
+        }
+    }
+
+    /// SAFETY: AVX2+FMA available; `n % 8 == 0`; bounds are asserted.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn code_rows_dots<const B: usize>(
+        q: &[f32],
+        stride: usize,
+        nq: usize,
+        codes: &[u8],
+        row_bytes: usize,
+        rows: usize,
+        n: usize,
+        out: &mut [f32],
+    ) {
+        if rows == 0 || nq == 0 {
+            return;
+        }
+        assert!(
+            codes.len() >= (rows - 1) * row_bytes + n * B / 8
+                && q.len() >= (nq - 1) * stride + n
+                && out.len() >= rows * nq
+        );
+        for i0 in (0..nq).step_by(4) {
+            let qi = &q[i0 * stride..];
+            // SAFETY: as asserted above, for row r and the queries from i0 on.
+            macro_rules! each_row {
+                ($m:literal) => {
+                    for r in 0..rows {
+                        let c = &codes[r * row_bytes..];
+                        unsafe { dots_group::<B, $m>(qi, stride, c, n, &mut out[r * nq + i0..]) };
+                    }
+                };
+            }
+            match nq - i0 {
+                1 => each_row!(1),
+                2 => each_row!(2),
+                3 => each_row!(3),
+                _ => each_row!(4),
             }
         }
+    }
+
+    /// [`code_dots`] for `M` queries. Two accumulators per query (even and odd chunks of
+    /// eight codes): with one, the chain of dependent FMAs bounded the loop.
+    ///
+    /// SAFETY: as [`code_dots`] with `nq = M`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dots_group<const B: usize, const M: usize>(
+        q: &[f32],
+        stride: usize,
+        codes: &[u8],
+        n: usize,
+        out: &mut [f32],
+    ) {
+        let (cp, qp) = (codes.as_ptr(), q.as_ptr());
+        let mut even = [_mm256_setzero_ps(); 4];
+        let mut odd = [_mm256_setzero_ps(); 4];
+        let pairs = n / 16 * 16;
+        // SAFETY (both loops): the caller's bounds cover every read.
+        for k in (0..pairs).step_by(16) {
+            unsafe {
+                let c0 = codes8::<B>(cp, k * B / 8);
+                let c1 = codes8::<B>(cp, (k + 8) * B / 8);
+                for j in 0..M {
+                    let row = qp.add(j * stride + k);
+                    even[j] = _mm256_fmadd_ps(_mm256_loadu_ps(row), c0, even[j]);
+                    odd[j] = _mm256_fmadd_ps(_mm256_loadu_ps(row.add(8)), c1, odd[j]);
+                }
+            }
+        }
+        for k in (pairs..n).step_by(8) {
+            unsafe {
+                let c = codes8::<B>(cp, k * B / 8);
+                for (j, e) in even.iter_mut().enumerate().take(M) {
+                    *e = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(j * stride + k)), c, *e);
+                }
+            }
+        }
+        let sums = hsum4([
+            _mm256_add_ps(even[0], odd[0]),
+            _mm256_add_ps(even[1], odd[1]),
+            _mm256_add_ps(even[2], odd[2]),
+            _mm256_add_ps(even[3], odd[3]),
+        ]);
+        out[..M].copy_from_slice(&sums[..M]);
     }
 
     /// SAFETY: AVX2+FMA available; `n % 8 == 0`, `codes` holds `n·B/8` bytes, `acc` holds
@@ -490,6 +616,35 @@ mod x86 {
                     code_rows_axpy::<8>(acc, stride, nq, w, codes, row_bytes, rows, n)
                 },
                 _ => Portable.code_rows_axpy(acc, stride, nq, w, codes, row_bytes, rows, bits, n),
+            }
+        }
+
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments)]
+        fn code_rows_dots(
+            self,
+            q: &[f32],
+            stride: usize,
+            nq: usize,
+            codes: &[u8],
+            row_bytes: usize,
+            rows: usize,
+            bits: u8,
+            n: usize,
+            out: &mut [f32],
+        ) {
+            // SAFETY: an `Avx2` exists only on CPUs with AVX2 and FMA; bounds asserted inside.
+            match bits {
+                2 if n % 8 == 0 => unsafe {
+                    code_rows_dots::<2>(q, stride, nq, codes, row_bytes, rows, n, out)
+                },
+                4 if n % 8 == 0 => unsafe {
+                    code_rows_dots::<4>(q, stride, nq, codes, row_bytes, rows, n, out)
+                },
+                8 if n % 8 == 0 => unsafe {
+                    code_rows_dots::<8>(q, stride, nq, codes, row_bytes, rows, n, out)
+                },
+                _ => Portable.code_rows_dots(q, stride, nq, codes, row_bytes, rows, bits, n, out),
             }
         }
 
@@ -665,6 +820,11 @@ mod tests {
                     let want: f32 = (0..n).map(|c| q[i * n + c] * codes[c] as f32).sum();
                     assert!((out[i] - want).abs() < 1e-3, "bits={bits} n={n}");
                 }
+                let mut out2 = vec![0f32; 2 * nq];
+                let rows2: Vec<u8> = packed.iter().chain(&packed).copied().collect();
+                s.code_rows_dots(&q, n, nq, &rows2, packed.len(), 2, bits, n, &mut out2);
+                assert_eq!(&out2[..nq], &out[..]);
+                assert_eq!(&out2[nq..], &out[..]);
                 let w: Vec<f32> = (0..nq).map(|i| i as f32 * 0.5).collect();
                 // Three rows: the same codes, weights w, 2w, 3w.
                 let rows3: Vec<u8> = packed

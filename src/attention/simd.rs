@@ -561,29 +561,80 @@ mod x86 {
                 && acc.len() >= (nq - 1) * stride + n
                 && w.len() >= rows * nq
         );
+        // Groups of up to four queries (a constant, so the loops unroll) over pairs of chunks
+        // of eight channels: each row's weights are broadcast once for sixteen channels.
+        for i0 in (0..nq).step_by(4) {
+            let a = &mut acc[i0 * stride..];
+            let wi = &w[i0..];
+            // SAFETY: as asserted above, for the queries from i0 on.
+            unsafe {
+                match nq - i0 {
+                    1 => axpy_group::<B, 1>(a, stride, nq, wi, codes, row_bytes, rows, n),
+                    2 => axpy_group::<B, 2>(a, stride, nq, wi, codes, row_bytes, rows, n),
+                    3 => axpy_group::<B, 3>(a, stride, nq, wi, codes, row_bytes, rows, n),
+                    _ => axpy_group::<B, 4>(a, stride, nq, wi, codes, row_bytes, rows, n),
+                }
+            }
+        }
+    }
+
+    /// [`code_rows_axpy`] for `M` queries whose weights are `w[r·nq .. r·nq + M]`.
+    ///
+    /// SAFETY: as [`code_rows_axpy`] with the first `M` of `nq` queries.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn axpy_group<const B: usize, const M: usize>(
+        acc: &mut [f32],
+        stride: usize,
+        nq: usize,
+        w: &[f32],
+        codes: &[u8],
+        row_bytes: usize,
+        rows: usize,
+        n: usize,
+    ) {
         let (cp, ap, wp) = (codes.as_ptr(), acc.as_mut_ptr(), w.as_ptr());
-        for k in (0..n).step_by(8) {
-            for i0 in (0..nq).step_by(4) {
-                let m = (nq - i0).min(4);
-                // SAFETY: the assertion above bounds every access.
-                unsafe {
-                    let mut a = [_mm256_setzero_ps(); 4];
-                    for (j, aj) in a.iter_mut().enumerate().take(m) {
-                        *aj = _mm256_loadu_ps(ap.add((i0 + j) * stride + k));
+        let mut k = 0;
+        // SAFETY (both loops): the caller's bounds cover every access.
+        while k + 16 <= n {
+            unsafe {
+                let mut lo = [_mm256_setzero_ps(); M];
+                let mut hi = [_mm256_setzero_ps(); M];
+                for j in 0..M {
+                    lo[j] = _mm256_loadu_ps(ap.add(j * stride + k));
+                    hi[j] = _mm256_loadu_ps(ap.add(j * stride + k + 8));
+                }
+                for r in 0..rows {
+                    let c0 = codes8::<B>(cp, r * row_bytes + k * B / 8);
+                    let c1 = codes8::<B>(cp, r * row_bytes + (k + 8) * B / 8);
+                    for j in 0..M {
+                        let wj = _mm256_broadcast_ss(&*wp.add(r * nq + j));
+                        lo[j] = _mm256_fmadd_ps(wj, c0, lo[j]);
+                        hi[j] = _mm256_fmadd_ps(wj, c1, hi[j]);
                     }
-                    for r in 0..rows {
-                        let c = codes8::<B>(cp, r * row_bytes + k * B / 8);
-                        for (j, aj) in a.iter_mut().enumerate().take(m) {
-                            *aj = _mm256_fmadd_ps(
-                                _mm256_broadcast_ss(&*wp.add(r * nq + i0 + j)),
-                                c,
-                                *aj,
-                            );
-                        }
+                }
+                for j in 0..M {
+                    _mm256_storeu_ps(ap.add(j * stride + k), lo[j]);
+                    _mm256_storeu_ps(ap.add(j * stride + k + 8), hi[j]);
+                }
+            }
+            k += 16;
+        }
+        if k < n {
+            unsafe {
+                let mut a = [_mm256_setzero_ps(); M];
+                for (j, aj) in a.iter_mut().enumerate() {
+                    *aj = _mm256_loadu_ps(ap.add(j * stride + k));
+                }
+                for r in 0..rows {
+                    let c = codes8::<B>(cp, r * row_bytes + k * B / 8);
+                    for (j, aj) in a.iter_mut().enumerate() {
+                        *aj = _mm256_fmadd_ps(_mm256_broadcast_ss(&*wp.add(r * nq + j)), c, *aj);
                     }
-                    for (j, aj) in a.iter().enumerate().take(m) {
-                        _mm256_storeu_ps(ap.add((i0 + j) * stride + k), *aj);
-                    }
+                }
+                for (j, aj) in a.iter().enumerate() {
+                    _mm256_storeu_ps(ap.add(j * stride + k), *aj);
                 }
             }
         }

@@ -231,9 +231,13 @@ fn attend_stream<S: simd::Simd>(
             );
         }
         if tier.scores.is_some() {
-            received[t] = (0..tier.len())
-                .map(|r| (0..nq).map(|i| probs[i * total + base + r]).sum())
-                .collect();
+            // Query by query over contiguous probabilities (vectorizes), not row by row.
+            let mut rec = vec![0f32; tier.len()];
+            for i in 0..nq {
+                let p = &probs[i * total + base..i * total + base + tier.len()];
+                rec.iter_mut().zip(p).for_each(|(a, &x)| *a += x);
+            }
+            received[t] = rec;
             seen_by[t] = (0..tier.len())
                 .map(|r| {
                     let p = tier.positions.get(r);

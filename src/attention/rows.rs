@@ -64,16 +64,6 @@ fn to_f32(v: &[f16]) -> Vec<f32> {
     out
 }
 
-/// The packed codes of row `r`.
-#[inline(always)]
-fn row_codes(rows: &EncodedRows, r: usize, bits: u8) -> &[u8] {
-    let rb = rows.dim * bits as usize / 8;
-    match &rows.data {
-        RowData::Packed(codes) => &codes[r * rb..(r + 1) * rb],
-        _ => &[],
-    }
-}
-
 /// Decode the raw contents of row `r` (codes as `f32`, or dense elements) into `buf`.
 #[inline(always)]
 fn load_row(rows: &EncodedRows, r: usize, bits: u8, buf: &mut [f32]) {
@@ -173,19 +163,30 @@ pub fn key_logits<S: Simd>(
             let gsum: Vec<f32> = qf.chunks_exact(g).map(|x| x.iter().sum()).collect();
             let (scales, offsets) = run_params(rows, run, groups);
             let gbytes = g * bits as usize / 8;
-            let mut dots = vec![0f32; nq];
-            for r in run.start..run.end {
-                let codes = row_codes(rows, r, bits);
-                let k = (r - run.start) * groups;
+            let RowData::Packed(all_codes) = &rows.data else {
+                return;
+            };
+            if nq == 0 {
+                return;
+            }
+            let rb = d * bits as usize / 8;
+            const BLOCK: usize = 256;
+            let mut dots = vec![0f32; BLOCK * nq];
+            for r0 in (run.start..run.end).step_by(BLOCK) {
+                let r1 = (r0 + BLOCK).min(run.end);
                 for i in 0..nq {
-                    logits[i * stride + r] = 0.0;
+                    logits[i * stride + r0..i * stride + r1].fill(0.0);
                 }
                 for gi in 0..groups {
-                    let gc = &codes[gi * gbytes..(gi + 1) * gbytes];
-                    simd.code_dots(&qf[gi * g..], d, nq, gc, bits, g, &mut dots);
-                    for i in 0..nq {
-                        logits[i * stride + r] +=
-                            scales[k + gi] * dots[i] + offsets[k + gi] * gsum[i * groups + gi];
+                    let codes = &all_codes[r0 * rb + gi * gbytes..];
+                    let q = &qf[gi * g..];
+                    simd.code_rows_dots(q, d, nq, codes, rb, r1 - r0, bits, g, &mut dots);
+                    for (r, rd) in (r0..r1).zip(dots.chunks_exact(nq)) {
+                        let k = (r - run.start) * groups + gi;
+                        for i in 0..nq {
+                            logits[i * stride + r] +=
+                                scales[k] * rd[i] + offsets[k] * gsum[i * groups + gi];
+                        }
                     }
                 }
             }

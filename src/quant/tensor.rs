@@ -285,6 +285,7 @@ fn quantize_unit<T: Element>(
     code_out: &mut [u8],
     scale_out: &mut [f32],
     offset_out: &mut [f32],
+    simd: bool,
 ) -> Result<()> {
     let d = job.geo.channels;
     let first = (u.row * job.geo.tokens + u.token_start) * d;
@@ -315,6 +316,7 @@ fn quantize_unit<T: Element>(
         &mut unit_codes,
         scale_out,
         offset_out,
+        simd,
     )?;
     if job.aligned {
         pack(&unit_codes, job.spec.bits, code_out);
@@ -334,7 +336,7 @@ unsafe fn quantize_unit_avx2<T: Element>(
     scale_out: &mut [f32],
     offset_out: &mut [f32],
 ) -> Result<()> {
-    quantize_unit(job, u, code_out, scale_out, offset_out)
+    quantize_unit(job, u, code_out, scale_out, offset_out, true)
 }
 
 /// [`quantize_unit`] for the best instruction set the CPU has. Both builds compute the same
@@ -351,7 +353,7 @@ fn quantize_unit_best<T: Element>(
         // SAFETY: `has_avx2` confirmed every feature the function is compiled for.
         return unsafe { quantize_unit_avx2(job, u, code_out, scale_out, offset_out) };
     }
-    quantize_unit(job, u, code_out, scale_out, offset_out)
+    quantize_unit(job, u, code_out, scale_out, offset_out, false)
 }
 
 /// Quantize `x` (row-major, shape `dims`) with `spec`. `channel_scale`, if given, has shape
@@ -440,7 +442,8 @@ pub fn quantize<T: Element>(
 }
 
 #[inline(always)]
-/// Quantize the normalized values of one unit (`vals`, `tokens × d`).
+/// Quantize the normalized values of one unit (`vals`, `tokens × d`); `simd` says the CPU
+/// has AVX2 (the caller is compiled for it).
 fn encode_unit(
     vals: &[f32],
     d: usize,
@@ -448,6 +451,7 @@ fn encode_unit(
     codes: &mut [u8],
     scale_out: &mut [f32],
     offset_out: &mut [f32],
+    simd: bool,
 ) -> Result<()> {
     match spec.grouping {
         Grouping::TokenGroups { group_size } => {
@@ -457,7 +461,19 @@ fn encode_unit(
                 .zip(scale_out.iter_mut())
                 .zip(offset_out.iter_mut())
             {
-                let (lo, hi, finite) = min_max_finite(g);
+                #[cfg(target_arch = "x86_64")]
+                let (lo, hi, finite) = if simd {
+                    // SAFETY: `simd` is only set by `quantize_unit_avx2`, whose caller checked
+                    // the CPU features.
+                    unsafe { super::affine::min_max_finite_avx2(g) }
+                } else {
+                    min_max_finite(g)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let (lo, hi, finite) = {
+                    let _ = simd;
+                    min_max_finite(g)
+                };
                 if !finite {
                     return Err(non_finite_error());
                 }

@@ -579,7 +579,21 @@ impl QuantizedTensor {
         } else {
             Some(self.unpacked_codes())
         };
-        let units = units(geo, self.spec.grouping);
+        // A channel block's parameters hold for every token of the block, so decoding splits
+        // blocks into pieces of TOKENS_PER_UNIT tokens: a whole-tensor block gave each thread
+        // a few megabytes to write, and one descheduled thread held up the call.
+        let units: Vec<Unit> = units(geo, self.spec.grouping)
+            .into_iter()
+            .flat_map(|u| {
+                (u.token_start..u.token_end)
+                    .step_by(TOKENS_PER_UNIT)
+                    .map(move |t| Unit {
+                        token_start: t,
+                        token_end: (t + TOKENS_PER_UNIT).min(u.token_end),
+                        ..u
+                    })
+            })
+            .collect();
         let parts = split_mut(out, units.iter().map(|u| (u.token_end - u.token_start) * d));
         let work: Vec<_> = units.into_iter().zip(parts).collect();
         parallel::run(geo.len(), |par| {

@@ -92,6 +92,11 @@ fn run_params(rows: &EncodedRows, run: &Run, groups: usize) -> (Vec<f32>, Vec<f3
 
 /// Logits of `nq` queries (`queries`, `nq × d`, already scaled) against the rows of `run`:
 /// `logits[i * stride + r]` for row `r`. Visibility is applied by the caller.
+///
+/// Rejected: a lookup table for 2-bit keys (per byte position, 256 entries of the partial
+/// dot products of four codes with the GQA group's queries). Its 128 KiB of tables (head_dim
+/// 128) spill out of L1, and the row's 32 dependent L2 lookups measured slower than the
+/// unpack-and-FMA loop on an AVX2 Xeon; 4-bit tables would be twice as large.
 #[inline(always)]
 pub fn key_logits<S: Simd>(
     simd: S,

@@ -9,10 +9,20 @@ pub trait Element: Copy + Send + Sync + 'static {
     const NAME: &'static str;
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
+    /// `xs` itself when the storage type is `f32`, so kernels can read it without a copy.
+    #[inline(always)]
+    fn as_f32_slice(xs: &[Self]) -> Option<&[f32]> {
+        let _ = xs;
+        None
+    }
 }
 
 impl Element for f32 {
     const NAME: &'static str = "float32";
+    #[inline(always)]
+    fn as_f32_slice(xs: &[Self]) -> Option<&[f32]> {
+        Some(xs)
+    }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self

@@ -44,6 +44,29 @@ pub fn attend(
     q_positions: &[usize],
     scale: f32,
 ) -> Result<Attention> {
+    attend_impl(store, q, q_dims, q_positions, scale, true)
+}
+
+/// [`attend`]'s output alone: the attention each token received is not collected (a decode
+/// step that does not feed the importance tracker).
+pub fn attend_untracked(
+    store: &LayerStore,
+    q: &[f32],
+    q_dims: &[usize],
+    q_positions: &[usize],
+    scale: f32,
+) -> Result<Vec<f32>> {
+    attend_impl(store, q, q_dims, q_positions, scale, false).map(|a| a.out)
+}
+
+fn attend_impl(
+    store: &LayerStore,
+    q: &[f32],
+    q_dims: &[usize],
+    q_positions: &[usize],
+    scale: f32,
+    track: bool,
+) -> Result<Attention> {
     let (b, hq, tq, d) = match *q_dims {
         [b, hq, tq, d] => (b, hq, tq, d),
         _ => {
@@ -85,6 +108,7 @@ pub fn attend(
         rep,
         positions: q_positions,
         scale,
+        track,
     };
     let results: Vec<StreamResult> = parallel::run(work, |par| {
         let one = |s: usize| dispatch_stream(store, s, &queries);
@@ -123,6 +147,8 @@ struct Queries<'a> {
     rep: usize,
     positions: &'a [usize],
     scale: f32,
+    /// Whether to collect the attention each token received.
+    track: bool,
 }
 
 /// [`attend_stream`] compiled for AVX2+FMA+F16C when the CPU has them, else for the
@@ -162,6 +188,7 @@ fn attend_stream<S: simd::Simd>(
         rep,
         positions: q_positions,
         scale,
+        track,
     } = qs;
     let hk = store.kv_heads;
     let (bi, h) = (s / hk, s % hk);
@@ -209,18 +236,7 @@ fn attend_stream<S: simd::Simd>(
     }
     // Softmax per query; a query that sees nothing gets zero output.
     for row in logits.chunks_exact_mut(total.max(1)).take(nq) {
-        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if m == f32::NEG_INFINITY {
-            row.fill(0.0);
-            continue;
-        }
-        let mut sum = 0f32;
-        for l in row.iter_mut() {
-            *l = (*l - m).exp();
-            sum += *l;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|l| *l *= inv);
+        simd.softmax(row);
     }
     // Pass 2: values.
     let mut out = vec![0f32; nq * d];
@@ -241,10 +257,14 @@ fn attend_stream<S: simd::Simd>(
                 &mut out,
             );
         }
-        if tier.scores.is_some() {
-            received[t] = (0..tier.len())
-                .map(|r| (0..nq).map(|i| probs[i * total + base + r]).sum())
-                .collect();
+        if track && tier.scores.is_some() {
+            // Query by query over contiguous probabilities (vectorizes), not row by row.
+            let mut rec = vec![0f32; tier.len()];
+            for i in 0..nq {
+                let p = &probs[i * total + base..i * total + base + tier.len()];
+                rec.iter_mut().zip(p).for_each(|(a, &x)| *a += x);
+            }
+            received[t] = rec;
             seen_by[t] = (0..tier.len())
                 .map(|r| {
                     let p = tier.positions.get(r);

@@ -64,16 +64,6 @@ fn to_f32(v: &[f16]) -> Vec<f32> {
     out
 }
 
-/// The packed codes of row `r`.
-#[inline(always)]
-fn row_codes(rows: &EncodedRows, r: usize, bits: u8) -> &[u8] {
-    let rb = rows.dim * bits as usize / 8;
-    match &rows.data {
-        RowData::Packed(codes) => &codes[r * rb..(r + 1) * rb],
-        _ => &[],
-    }
-}
-
 /// Decode the raw contents of row `r` (codes as `f32`, or dense elements) into `buf`.
 #[inline(always)]
 fn load_row(rows: &EncodedRows, r: usize, bits: u8, buf: &mut [f32]) {
@@ -102,6 +92,11 @@ fn run_params(rows: &EncodedRows, run: &Run, groups: usize) -> (Vec<f32>, Vec<f3
 
 /// Logits of `nq` queries (`queries`, `nq × d`, already scaled) against the rows of `run`:
 /// `logits[i * stride + r]` for row `r`. Visibility is applied by the caller.
+///
+/// Rejected: a lookup table for 2-bit keys (per byte position, 256 entries of the partial
+/// dot products of four codes with the GQA group's queries). Its 128 KiB of tables (head_dim
+/// 128) spill out of L1, and the row's 32 dependent L2 lookups measured slower than the
+/// unpack-and-FMA loop on an AVX2 Xeon; 4-bit tables would be twice as large.
 #[inline(always)]
 pub fn key_logits<S: Simd>(
     simd: S,
@@ -144,11 +139,23 @@ pub fn key_logits<S: Simd>(
                 .flat_map(|q| q.iter().zip(&alpha).map(|(a, b)| a * b).collect::<Vec<_>>())
                 .collect();
             let qb: Vec<f32> = qf.chunks_exact(d).map(|q| simd.dot(q, &beta)).collect();
-            let mut dots = vec![0f32; nq];
-            for r in run.start..run.end {
-                simd.code_dots(&qa, d, nq, row_codes(rows, r, bits), bits, d, &mut dots);
-                for i in 0..nq {
-                    logits[i * stride + r] = dots[i] + qb[i];
+            let RowData::Packed(all_codes) = &rows.data else {
+                return;
+            };
+            if nq == 0 {
+                return;
+            }
+            let rb = d * bits as usize / 8;
+            const BLOCK: usize = 256;
+            let mut dots = vec![0f32; BLOCK * nq];
+            for r0 in (run.start..run.end).step_by(BLOCK) {
+                let r1 = (r0 + BLOCK).min(run.end);
+                let codes = &all_codes[r0 * rb..];
+                simd.code_rows_dots(&qa, d, nq, codes, rb, r1 - r0, bits, d, &mut dots);
+                for (r, rd) in (r0..r1).zip(dots.chunks_exact(nq)) {
+                    for i in 0..nq {
+                        logits[i * stride + r] = rd[i] + qb[i];
+                    }
                 }
             }
         }
@@ -161,24 +168,66 @@ pub fn key_logits<S: Simd>(
             let gsum: Vec<f32> = qf.chunks_exact(g).map(|x| x.iter().sum()).collect();
             let (scales, offsets) = run_params(rows, run, groups);
             let gbytes = g * bits as usize / 8;
-            let mut dots = vec![0f32; nq];
-            for r in run.start..run.end {
-                let codes = row_codes(rows, r, bits);
-                let k = (r - run.start) * groups;
+            let RowData::Packed(all_codes) = &rows.data else {
+                return;
+            };
+            if nq == 0 {
+                return;
+            }
+            let rb = d * bits as usize / 8;
+            const BLOCK: usize = 256;
+            let mut dots = vec![0f32; BLOCK * nq];
+            for r0 in (run.start..run.end).step_by(BLOCK) {
+                let r1 = (r0 + BLOCK).min(run.end);
                 for i in 0..nq {
-                    logits[i * stride + r] = 0.0;
+                    logits[i * stride + r0..i * stride + r1].fill(0.0);
                 }
                 for gi in 0..groups {
-                    let gc = &codes[gi * gbytes..(gi + 1) * gbytes];
-                    simd.code_dots(&qf[gi * g..], d, nq, gc, bits, g, &mut dots);
-                    for i in 0..nq {
-                        logits[i * stride + r] +=
-                            scales[k + gi] * dots[i] + offsets[k + gi] * gsum[i * groups + gi];
+                    let codes = &all_codes[r0 * rb + gi * gbytes..];
+                    let q = &qf[gi * g..];
+                    simd.code_rows_dots(q, d, nq, codes, rb, r1 - r0, bits, g, &mut dots);
+                    for (r, rd) in (r0..r1).zip(dots.chunks_exact(nq)) {
+                        let k = (r - run.start) * groups + gi;
+                        for i in 0..nq {
+                            logits[i * stride + r] +=
+                                scales[k] * rd[i] + offsets[k] * gsum[i * groups + gi];
+                        }
                     }
                 }
             }
         }
     }
+}
+
+/// For one query `i` over a block of rows with probabilities `p`: `w[t·nq + i] = p_t·a_t` and
+/// returns `Σ_t p_t·b_t`, where `(a_t, b_t) = params(t)`. Eight partial sums: one running sum
+/// made every row wait for the previous add.
+#[inline(always)]
+fn weigh(
+    p: &[f32],
+    nq: usize,
+    i: usize,
+    w: &mut [f32],
+    params: impl Fn(usize) -> (f32, f32),
+) -> f32 {
+    let mut part = [0f32; 8];
+    let mut chunks = p.chunks_exact(8);
+    for (c, ch) in chunks.by_ref().enumerate() {
+        for (l, (&pt, acc)) in ch.iter().zip(part.iter_mut()).enumerate() {
+            let t = 8 * c + l;
+            let (a, b) = params(t);
+            w[t * nq + i] = pt * a;
+            *acc += pt * b;
+        }
+    }
+    let done = p.len() - chunks.remainder().len();
+    for (l, &pt) in chunks.remainder().iter().enumerate() {
+        let t = done + l;
+        let (a, b) = params(t);
+        w[t * nq + i] = pt * a;
+        part[l] += pt * b;
+    }
+    part.iter().sum()
 }
 
 /// `out_i += Σ_r probs[i * stride + r] · v̂_r` over the rows of `run`.
@@ -219,11 +268,14 @@ pub fn accumulate_values<S: Simd>(
             let mut w = vec![0f32; BLOCK * nq];
             for r0 in (run.start..run.end).step_by(BLOCK) {
                 let r1 = (r0 + BLOCK).min(run.end);
-                for r in r0..r1 {
-                    for i in 0..nq {
-                        w[(r - r0) * nq + i] = p(i, r);
-                        psum[i] += p(i, r);
-                    }
+                for (i, ps) in psum.iter_mut().enumerate() {
+                    *ps += weigh(
+                        &probs[i * stride + r0..i * stride + r1],
+                        nq,
+                        i,
+                        &mut w,
+                        |_| (1.0, 1.0),
+                    );
                 }
                 simd.code_rows_axpy(
                     &mut acc,
@@ -267,13 +319,11 @@ pub fn accumulate_values<S: Simd>(
             for r0 in (run.start..run.end).step_by(BLOCK) {
                 let r1 = (r0 + BLOCK).min(run.end);
                 for gi in 0..groups {
-                    for r in r0..r1 {
-                        let k = (r - run.start) * groups + gi;
-                        for i in 0..nq {
-                            let pr = p(i, r);
-                            w[(r - r0) * nq + i] = pr * scales[k];
-                            bias[i * groups + gi] += pr * offsets[k];
-                        }
+                    let k0 = (r0 - run.start) * groups + gi;
+                    let params = |t: usize| (scales[k0 + t * groups], offsets[k0 + t * groups]);
+                    for i in 0..nq {
+                        let pr = &probs[i * stride + r0..i * stride + r1];
+                        bias[i * groups + gi] += weigh(pr, nq, i, &mut w, params);
                     }
                     let codes = &all_codes[r0 * rb + gi * gbytes..];
                     simd.code_rows_axpy(&mut acc[gi * g..], d, nq, &w, codes, rb, r1 - r0, bits, g);

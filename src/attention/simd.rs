@@ -15,6 +15,23 @@ pub trait Simd: Copy + Send + Sync {
     /// `acc_i += a·x_i + b`.
     fn axpb(self, acc: &mut [f32], a: f32, x: &[f32], b: f32);
 
+    /// Softmax of `row` in place (max-subtracted); a row that is all `-inf` (a query that
+    /// sees nothing) becomes all zeros.
+    fn softmax(self, row: &mut [f32]) {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if m == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return;
+        }
+        let mut sum = 0f32;
+        for l in row.iter_mut() {
+            *l = (*l - m).exp();
+            sum += *l;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|l| *l *= inv);
+    }
+
     /// For each query `i < nq`: `out[i] = Σ_{c<n} q[i·stride + c] · code_c`, with the `n`
     /// codes of `bits` bits packed in `codes`. Fusing the unpacking into the dot products
     /// keeps the codes in registers.
@@ -38,6 +55,29 @@ pub trait Simd: Copy + Send + Sync {
                 let add = self.dot(&q[i * stride + chunk..i * stride + chunk + m], &buf[..m]);
                 out[i] = if k == 0 { add } else { out[i] + add };
             }
+        }
+    }
+
+    /// `code_dots` over `rows` rows: row `r`'s `n` codes start at `codes[r·row_bytes]` and its
+    /// dots go to `out[r·nq .. r·nq + nq]`. One call per block of rows, not per row: the
+    /// call and its setup cost as much as a row's arithmetic.
+    #[allow(clippy::too_many_arguments)]
+    fn code_rows_dots(
+        self,
+        q: &[f32],
+        stride: usize,
+        nq: usize,
+        codes: &[u8],
+        row_bytes: usize,
+        rows: usize,
+        bits: u8,
+        n: usize,
+        out: &mut [f32],
+    ) {
+        let nb = n * bits as usize / 8;
+        for r in 0..rows {
+            let c = &codes[r * row_bytes..r * row_bytes + nb];
+            self.code_dots(q, stride, nq, c, bits, n, &mut out[r * nq..(r + 1) * nq]);
         }
     }
 
@@ -134,327 +174,8 @@ impl Simd for Portable {
 pub use x86::Avx2;
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::{Portable, Simd};
-    use std::arch::x86_64::*;
-
-    /// AVX2 + FMA. Only [`Avx2::detect`] makes one, after checking the CPU.
-    #[derive(Clone, Copy)]
-    pub struct Avx2(());
-
-    impl Avx2 {
-        pub fn detect() -> Option<Avx2> {
-            let ok = std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c");
-            ok.then_some(Avx2(()))
-        }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps::<1>(v);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let main = n / 16 * 16;
-        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i < main {
-            // SAFETY: i + 16 <= main <= len of both slices.
-            unsafe {
-                s0 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(a.as_ptr().add(i)),
-                    _mm256_loadu_ps(b.as_ptr().add(i)),
-                    s0,
-                );
-                s1 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(a.as_ptr().add(i + 8)),
-                    _mm256_loadu_ps(b.as_ptr().add(i + 8)),
-                    s1,
-                );
-            }
-            i += 16;
-        }
-        hsum(_mm256_add_ps(s0, s1)) + Portable.dot(&a[main..n], &b[main..n])
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn axpb(acc: &mut [f32], a: f32, x: &[f32], b: f32) {
-        let n = acc.len().min(x.len());
-        let main = n / 8 * 8;
-        let (va, vb) = (_mm256_set1_ps(a), _mm256_set1_ps(b));
-        let mut i = 0;
-        while i < main {
-            // SAFETY: i + 8 <= main <= len of both slices.
-            unsafe {
-                let p = acc.as_mut_ptr().add(i);
-                let v = _mm256_fmadd_ps(
-                    va,
-                    _mm256_loadu_ps(x.as_ptr().add(i)),
-                    _mm256_add_ps(_mm256_loadu_ps(p), vb),
-                );
-                _mm256_storeu_ps(p, v);
-            }
-            i += 8;
-        }
-        Portable.axpb(&mut acc[main..n], a, &x[main..n], b);
-    }
-
-    /// Eight `B`-bit codes starting at byte `at` as `f32` lanes.
-    ///
-    /// SAFETY: the caller guarantees `at + B <= codes.len()`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn codes8<const B: usize>(codes: *const u8, at: usize) -> __m256 {
-        // SAFETY: the caller guarantees B readable bytes at `at`.
-        let ints = unsafe {
-            match B {
-                2 => {
-                    let w = (codes.add(at) as *const u16).read_unaligned() as i32;
-                    let shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-                    _mm256_and_si256(
-                        _mm256_srlv_epi32(_mm256_set1_epi32(w), shifts),
-                        _mm256_set1_epi32(3),
-                    )
-                }
-                4 => {
-                    let w = (codes.add(at) as *const u32).read_unaligned() as i32;
-                    let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-                    _mm256_and_si256(
-                        _mm256_srlv_epi32(_mm256_set1_epi32(w), shifts),
-                        _mm256_set1_epi32(15),
-                    )
-                }
-                _ => {
-                    let w = (codes.add(at) as *const i64).read_unaligned();
-                    _mm256_cvtepu8_epi32(_mm_set1_epi64x(w))
-                }
-            }
-        };
-        _mm256_cvtepi32_ps(ints)
-    }
-
-    /// SAFETY: AVX2+FMA available; `n % 8 == 0`, `codes` holds `n·B/8` bytes, `q` holds
-    /// `(nq-1)·stride + n` floats, `out` holds `nq`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn code_dots<const B: usize>(
-        q: &[f32],
-        stride: usize,
-        nq: usize,
-        codes: &[u8],
-        n: usize,
-        out: &mut [f32],
-    ) {
-        assert!(
-            codes.len() * 8 >= n * B && q.len() >= (nq.max(1) - 1) * stride + n && out.len() >= nq
-        );
-        let (cp, qp) = (codes.as_ptr(), q.as_ptr());
-        // Four queries at a time share each unpacked chunk of codes.
-        for i0 in (0..nq).step_by(4) {
-            let m = (nq - i0).min(4);
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for k in (0..n).step_by(8) {
-                // SAFETY: the assertion above bounds every read.
-                unsafe {
-                    let c = codes8::<B>(cp, k * B / 8);
-                    for (j, a) in acc.iter_mut().enumerate().take(m) {
-                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add((i0 + j) * stride + k)), c, *a);
-                    }
-                }
-            }
-            for (j, a) in acc.iter().enumerate().take(m) {
-                out[i0 + j] = hsum(*a);
-            }
-        }
-    }
-
-    /// SAFETY: AVX2+FMA available; `n % 8 == 0`, `codes` holds `n·B/8` bytes, `acc` holds
-    /// `(nq-1)·stride + n` floats, `w` holds `nq`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn code_axpys<const B: usize>(
-        acc: &mut [f32],
-        stride: usize,
-        nq: usize,
-        w: &[f32],
-        codes: &[u8],
-        n: usize,
-    ) {
-        assert!(
-            codes.len() * 8 >= n * B && acc.len() >= (nq.max(1) - 1) * stride + n && w.len() >= nq
-        );
-        let (cp, ap) = (codes.as_ptr(), acc.as_mut_ptr());
-        for k in (0..n).step_by(8) {
-            // SAFETY: the assertion above bounds every access.
-            unsafe {
-                let c = codes8::<B>(cp, k * B / 8);
-                for (i, &wi) in w.iter().enumerate().take(nq) {
-                    let dst = ap.add(i * stride + k);
-                    _mm256_storeu_ps(
-                        dst,
-                        _mm256_fmadd_ps(_mm256_set1_ps(wi), c, _mm256_loadu_ps(dst)),
-                    );
-                }
-            }
-        }
-    }
-
-    /// SAFETY: AVX2+FMA available; `n % 8 == 0`; bounds are asserted.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn code_rows_axpy<const B: usize>(
-        acc: &mut [f32],
-        stride: usize,
-        nq: usize,
-        w: &[f32],
-        codes: &[u8],
-        row_bytes: usize,
-        rows: usize,
-        n: usize,
-    ) {
-        if rows == 0 || nq == 0 {
-            return;
-        }
-        assert!(
-            codes.len() >= (rows - 1) * row_bytes + n * B / 8
-                && acc.len() >= (nq - 1) * stride + n
-                && w.len() >= rows * nq
-        );
-        let (cp, ap, wp) = (codes.as_ptr(), acc.as_mut_ptr(), w.as_ptr());
-        for k in (0..n).step_by(8) {
-            for i0 in (0..nq).step_by(4) {
-                let m = (nq - i0).min(4);
-                // SAFETY: the assertion above bounds every access.
-                unsafe {
-                    let mut a = [_mm256_setzero_ps(); 4];
-                    for (j, aj) in a.iter_mut().enumerate().take(m) {
-                        *aj = _mm256_loadu_ps(ap.add((i0 + j) * stride + k));
-                    }
-                    for r in 0..rows {
-                        let c = codes8::<B>(cp, r * row_bytes + k * B / 8);
-                        for (j, aj) in a.iter_mut().enumerate().take(m) {
-                            *aj = _mm256_fmadd_ps(
-                                _mm256_broadcast_ss(&*wp.add(r * nq + i0 + j)),
-                                c,
-                                *aj,
-                            );
-                        }
-                    }
-                    for (j, aj) in a.iter().enumerate().take(m) {
-                        _mm256_storeu_ps(ap.add((i0 + j) * stride + k), *aj);
-                    }
-                }
-            }
-        }
-    }
-
-    impl Simd for Avx2 {
-        #[inline(always)]
-        #[allow(clippy::too_many_arguments)]
-        fn code_rows_axpy(
-            self,
-            acc: &mut [f32],
-            stride: usize,
-            nq: usize,
-            w: &[f32],
-            codes: &[u8],
-            row_bytes: usize,
-            rows: usize,
-            bits: u8,
-            n: usize,
-        ) {
-            // SAFETY: an `Avx2` exists only on CPUs with AVX2 and FMA; bounds asserted inside.
-            match bits {
-                2 if n % 8 == 0 => unsafe {
-                    code_rows_axpy::<2>(acc, stride, nq, w, codes, row_bytes, rows, n)
-                },
-                4 if n % 8 == 0 => unsafe {
-                    code_rows_axpy::<4>(acc, stride, nq, w, codes, row_bytes, rows, n)
-                },
-                8 if n % 8 == 0 => unsafe {
-                    code_rows_axpy::<8>(acc, stride, nq, w, codes, row_bytes, rows, n)
-                },
-                _ => Portable.code_rows_axpy(acc, stride, nq, w, codes, row_bytes, rows, bits, n),
-            }
-        }
-
-        #[inline(always)]
-        #[allow(clippy::too_many_arguments)]
-        fn code_dots(
-            self,
-            q: &[f32],
-            stride: usize,
-            nq: usize,
-            codes: &[u8],
-            bits: u8,
-            n: usize,
-            out: &mut [f32],
-        ) {
-            // SAFETY: an `Avx2` exists only on CPUs with AVX2 and FMA; `n % 8 == 0` is checked
-            // and the bounds are asserted inside.
-            match bits {
-                2 if n % 8 == 0 => unsafe { code_dots::<2>(q, stride, nq, codes, n, out) },
-                4 if n % 8 == 0 => unsafe { code_dots::<4>(q, stride, nq, codes, n, out) },
-                8 if n % 8 == 0 => unsafe { code_dots::<8>(q, stride, nq, codes, n, out) },
-                _ => Portable.code_dots(q, stride, nq, codes, bits, n, out),
-            }
-        }
-
-        #[inline(always)]
-        #[allow(clippy::too_many_arguments)]
-        fn code_axpys(
-            self,
-            acc: &mut [f32],
-            stride: usize,
-            nq: usize,
-            w: &[f32],
-            codes: &[u8],
-            bits: u8,
-            n: usize,
-        ) {
-            // SAFETY: as above.
-            match bits {
-                2 if n % 8 == 0 => unsafe { code_axpys::<2>(acc, stride, nq, w, codes, n) },
-                4 if n % 8 == 0 => unsafe { code_axpys::<4>(acc, stride, nq, w, codes, n) },
-                8 if n % 8 == 0 => unsafe { code_axpys::<8>(acc, stride, nq, w, codes, n) },
-                _ => Portable.code_axpys(acc, stride, nq, w, codes, bits, n),
-            }
-        }
-
-        #[inline(always)]
-        fn dot(self, a: &[f32], b: &[f32]) -> f32 {
-            // SAFETY: an `Avx2` exists only on CPUs with AVX2 and FMA.
-            unsafe { dot(a, b) }
-        }
-
-        #[inline(always)]
-        fn axpy(self, acc: &mut [f32], a: f32, x: &[f32]) {
-            // SAFETY: as above.
-            unsafe { axpb(acc, a, x, 0.0) }
-        }
-
-        #[inline(always)]
-        fn axpb(self, acc: &mut [f32], a: f32, x: &[f32], b: f32) {
-            // SAFETY: as above.
-            unsafe { axpb(acc, a, x, b) }
-        }
-    }
-}
+#[path = "simd_x86.rs"]
+mod x86;
 
 /// Byte → its four 2-bit codes as `f32`, least significant first.
 static UNPACK2: [[f32; 4]; 256] = {
@@ -559,6 +280,11 @@ mod tests {
                     let want: f32 = (0..n).map(|c| q[i * n + c] * codes[c] as f32).sum();
                     assert!((out[i] - want).abs() < 1e-3, "bits={bits} n={n}");
                 }
+                let mut out2 = vec![0f32; 2 * nq];
+                let rows2: Vec<u8> = packed.iter().chain(&packed).copied().collect();
+                s.code_rows_dots(&q, n, nq, &rows2, packed.len(), 2, bits, n, &mut out2);
+                assert_eq!(&out2[..nq], &out[..]);
+                assert_eq!(&out2[nq..], &out[..]);
                 let w: Vec<f32> = (0..nq).map(|i| i as f32 * 0.5).collect();
                 // Three rows: the same codes, weights w, 2w, 3w.
                 let rows3: Vec<u8> = packed
@@ -594,6 +320,54 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if let Some(avx) = Avx2::detect() {
             check_codes(avx);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn softmax_matches_libm() {
+        let Some(avx) = Avx2::detect() else { return };
+        for n in [0usize, 1, 7, 8, 9, 33, 300] {
+            let mut row: Vec<f32> = (0..n)
+                .map(|i| ((i * 37) % 101) as f32 * 0.9 - 50.0)
+                .collect();
+            // Masked entries and a tail that underflows must give exactly 0.
+            if n > 3 {
+                row[1] = f32::NEG_INFINITY;
+                row[2] = -1e4;
+            }
+            let mut want = row.clone();
+            Portable.softmax(&mut want);
+            let mut got = row.clone();
+            avx.softmax(&mut got);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-6 * w.max(1e-30) + 1e-30,
+                    "n={n} i={i}: {g} vs {w}"
+                );
+            }
+            if n > 3 {
+                assert_eq!((got[1], got[2]), (0.0, 0.0));
+            }
+        }
+        let mut masked = vec![f32::NEG_INFINITY; 20];
+        avx.softmax(&mut masked);
+        assert_eq!(masked, vec![0.0; 20]);
+        // exp itself, lane by lane, over the range softmax feeds it.
+        for k in 0..2000 {
+            let x = -87.0 + k as f32 * 0.0437;
+            let mut lanes = [0f32; 8];
+            // SAFETY: the CPU has the features (`avx` exists).
+            unsafe {
+                use std::arch::x86_64::*;
+                _mm256_storeu_ps(lanes.as_mut_ptr(), x86::exp8(_mm256_set1_ps(x)));
+            }
+            let want = x.exp();
+            assert!(
+                (lanes[0] - want).abs() <= 3e-7 * want,
+                "exp({x}) = {} vs {want}",
+                lanes[0]
+            );
         }
     }
 

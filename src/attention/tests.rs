@@ -175,6 +175,35 @@ fn received_attention_sums_to_queries() {
     let buffer_share: f32 = a.received[0][0].iter().sum();
     assert!(buffer_share > 0.0 && buffer_share < 4.0);
     assert_eq!(a.seen_by[0][0], vec![1.0; 3]);
+    // Without tracking, the same output bit for bit.
+    let out = attend_untracked(&st, &q, &[1, 4, 1, 16], &[st.seen() - 1], 0.25).unwrap();
+    assert_eq!(out, a.out);
+}
+
+#[test]
+fn long_runs_match_dense_reference() {
+    // Hundreds of rows per run exercise the blocked key and value kernels past one block.
+    for policy in [
+        Policy::ZipCache(ZipCacheConfig::default()),
+        Policy::Mikv(MikvConfig {
+            key_balancer: false,
+            ..Default::default()
+        }),
+    ] {
+        let (b, hk, d, rep) = (1, 2, 64, 4);
+        let st = filled(policy, b, hk, d, 700, 0, 11);
+        let dims = [b, hk * rep, 1, d];
+        let q = data(dims.iter().product(), 5);
+        let qpos = [st.seen() - 1];
+        let got = attend(&st, &q, &dims, &qpos, 0.125).unwrap().out;
+        let want = reference(&st, &q, dims, &qpos, 0.125);
+        let err = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 1e-4, "{policy:?}: max error {err}");
+    }
 }
 
 #[test]

@@ -3,13 +3,15 @@
 
 use super::arrays::{to_numpy, FloatArray};
 use super::errors::detached;
+use crate::element::Element;
 use crate::error::KvmixError;
 use crate::quant::{self, Grouping, ParamDtype, ParamVec, QuantSpec, QuantizedTensor};
 use crate::with_float_slice;
-use half::vec::HalfFloatVecExt;
+use half::slice::HalfBitsSliceExt;
 use half::{bf16, f16};
 use numpy::{
-    PyArrayDyn, PyReadonlyArray1, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods,
+    PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
+    PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -132,14 +134,10 @@ impl PyQuantizedTensor {
     /// a uint16 array of bfloat16 bits).
     #[pyo3(signature = (dtype = "float32"))]
     fn dequantize<'py>(&self, py: Python<'py>, dtype: &str) -> PyResult<Bound<'py, PyAny>> {
-        let dims = &self.inner.dims;
         Ok(match parse_out_dtype(dtype)? {
-            0 => to_numpy(py, py.detach(|| self.inner.dequantize::<f32>()), dims)?.into_any(),
-            1 => to_numpy(py, py.detach(|| self.inner.dequantize::<f16>()), dims)?.into_any(),
-            _ => {
-                let v: Vec<bf16> = py.detach(|| self.inner.dequantize::<bf16>());
-                to_numpy(py, v.reinterpret_into(), dims)?.into_any()
-            }
+            0 => self.dequantize_new::<f32, f32>(py, |s| s)?,
+            1 => self.dequantize_new::<f16, f16>(py, |s| s)?,
+            _ => self.dequantize_new::<u16, bf16>(py, |s| s.reinterpret_cast_mut())?,
         })
     }
 
@@ -205,6 +203,32 @@ impl PyQuantizedTensor {
 }
 
 impl PyQuantizedTensor {
+    /// A new numpy array of `A` filled with the reconstruction as `T` (`view` reinterprets
+    /// the array's elements as `T`), the GIL released while it is filled.
+    ///
+    /// The array comes from numpy's allocator rather than a Rust `Vec`: numpy asks the kernel
+    /// for transparent huge pages on large arrays, which makes the first touch of 64 MiB
+    /// several times cheaper than the 4 KiB page faults of a fresh `Vec`, and that first touch
+    /// dominated the cost of dequantizing into a new array. `zeros` costs no more than
+    /// `empty` here (fresh pages are zeroed by the kernel either way) and spares reasoning
+    /// about uninitialized floats.
+    fn dequantize_new<'py, A: numpy::Element, T: Element>(
+        &self,
+        py: Python<'py>,
+        view: impl Fn(&mut [A]) -> &mut [T],
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let array = PyArrayDyn::<A>::zeros(py, self.inner.dims.as_slice(), false);
+        {
+            let mut rw = array.readwrite();
+            let buf = view(
+                rw.as_slice_mut()
+                    .map_err(|e| KvmixError::Shape(e.to_string()))?,
+            );
+            detached(py, || self.inner.dequantize_into(buf))?;
+        }
+        Ok(array.into_any())
+    }
+
     fn param_shape(&self) -> Vec<usize> {
         let dims = &self.inner.dims;
         let (t, d) = (dims[dims.len() - 2], dims[dims.len() - 1]);

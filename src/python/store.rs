@@ -318,7 +318,7 @@ impl PyLayerStore {
         } else {
             let store = &*store;
             detached(py, || {
-                crate::attention::attend(store, &qs, &dims, &q_positions, scale).map(|a| a.out)
+                crate::attention::attend_untracked(store, &qs, &dims, &q_positions, scale)
             })?
         };
         to_numpy(py, out, &dims)

@@ -209,10 +209,67 @@ pub fn min_max_finite(xs: &[f32]) -> (f32, f32, bool) {
     (lo, hi, finite)
 }
 
+/// [`min_max_finite`] with AVX2 intrinsics: the same eight lanes in the same order, and
+/// `vminps(x, lo)` is exactly `if x < lo { x } else { lo }`, so the results are identical
+/// (down to the sign of a zero). The compiler's own vectorization of the portable loop
+/// shuffled the lanes around and took three times as many instructions.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub unsafe fn min_max_finite_avx2(xs: &[f32]) -> (f32, f32, bool) {
+    use std::arch::x86_64::*;
+    let main = xs.len() / 8 * 8;
+    let mut lo = _mm256_set1_ps(f32::INFINITY);
+    let mut hi = _mm256_set1_ps(f32::NEG_INFINITY);
+    let mut probe = _mm256_setzero_ps();
+    let zero = _mm256_setzero_ps();
+    for i in (0..main).step_by(8) {
+        // SAFETY: i + 8 <= main <= xs.len().
+        let x = unsafe { _mm256_loadu_ps(xs.as_ptr().add(i)) };
+        lo = _mm256_min_ps(x, lo);
+        hi = _mm256_max_ps(x, hi);
+        probe = _mm256_add_ps(probe, _mm256_mul_ps(x, zero));
+    }
+    let (mut l, mut h, mut p) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+    // SAFETY: each array holds eight floats.
+    unsafe {
+        _mm256_storeu_ps(l.as_mut_ptr(), lo);
+        _mm256_storeu_ps(h.as_mut_ptr(), hi);
+        _mm256_storeu_ps(p.as_mut_ptr(), probe);
+    }
+    for &x in &xs[main..] {
+        l[0] = if x < l[0] { x } else { l[0] };
+        h[0] = if x > h[0] { x } else { h[0] };
+        p[0] += x * 0.0;
+    }
+    let lo = l.iter().copied().fold(f32::INFINITY, f32::min);
+    let hi = h.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    (lo, hi, p.iter().all(|&v| v == 0.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[cfg(target_arch = "x86_64")]
+    proptest! {
+        #[test]
+        fn avx2_min_max_is_identical(xs in proptest::collection::vec(
+            prop_oneof![-1e3f32..1e3, Just(0.0f32), Just(-0.0f32), Just(f32::NAN), Just(f32::INFINITY)],
+            0..80,
+        )) {
+            if crate::parallel::has_avx2() {
+                // SAFETY: the CPU has AVX2.
+                let (l, h, f) = unsafe { min_max_finite_avx2(&xs) };
+                let (pl, ph, pf) = min_max_finite(&xs);
+                prop_assert_eq!((l.to_bits(), h.to_bits(), f), (pl.to_bits(), ph.to_bits(), pf));
+            }
+        }
+    }
 
     #[test]
     fn constant_group_reconstructs_exactly_in_fp32() {

@@ -3,6 +3,7 @@
 
 pub mod affine;
 pub mod channel;
+mod decode;
 pub mod packing;
 pub mod tensor;
 

@@ -15,6 +15,9 @@
 //! parallel; otherwise the packing runs once over the whole tensor.
 
 use super::affine::{min_max_finite, Affine, ParamDtype, ParamVec};
+#[cfg(target_arch = "x86_64")]
+use super::decode::{avx2_fits, decode_packed_avx2};
+use super::decode::{decode_codes, decode_packed, Params, Slab};
 use super::packing::{check_bits, pack, packed_len, unpack};
 use crate::element::Element;
 use crate::error::{KvmixError, Result};
@@ -282,25 +285,38 @@ fn quantize_unit<T: Element>(
     code_out: &mut [u8],
     scale_out: &mut [f32],
     offset_out: &mut [f32],
+    simd: bool,
 ) -> Result<()> {
-    let mut vals = Vec::new();
-    load_normalized(
-        job.x,
-        job.geo,
-        u.row,
-        u.token_start,
-        u.token_end,
-        job.cs,
-        &mut vals,
-    );
+    let d = job.geo.channels;
+    let first = (u.row * job.geo.tokens + u.token_start) * d;
+    let last = (u.row * job.geo.tokens + u.token_end) * d;
+    // fp32 input without channel factors is read in place: copying it first cost a tenth of
+    // the quantization time.
+    let mut buf = Vec::new();
+    let vals = match (T::as_f32_slice(&job.x[first..last]), job.cs) {
+        (Some(v), None) => v,
+        _ => {
+            load_normalized(
+                job.x,
+                job.geo,
+                u.row,
+                u.token_start,
+                u.token_end,
+                job.cs,
+                &mut buf,
+            );
+            &buf
+        }
+    };
     let mut unit_codes = vec![0u8; vals.len()];
     encode_unit(
-        &vals,
+        vals,
         job.geo.channels,
         job.spec,
         &mut unit_codes,
         scale_out,
         offset_out,
+        simd,
     )?;
     if job.aligned {
         pack(&unit_codes, job.spec.bits, code_out);
@@ -320,7 +336,7 @@ unsafe fn quantize_unit_avx2<T: Element>(
     scale_out: &mut [f32],
     offset_out: &mut [f32],
 ) -> Result<()> {
-    quantize_unit(job, u, code_out, scale_out, offset_out)
+    quantize_unit(job, u, code_out, scale_out, offset_out, true)
 }
 
 /// [`quantize_unit`] for the best instruction set the CPU has. Both builds compute the same
@@ -337,7 +353,7 @@ fn quantize_unit_best<T: Element>(
         // SAFETY: `has_avx2` confirmed every feature the function is compiled for.
         return unsafe { quantize_unit_avx2(job, u, code_out, scale_out, offset_out) };
     }
-    quantize_unit(job, u, code_out, scale_out, offset_out)
+    quantize_unit(job, u, code_out, scale_out, offset_out, false)
 }
 
 /// Quantize `x` (row-major, shape `dims`) with `spec`. `channel_scale`, if given, has shape
@@ -426,7 +442,8 @@ pub fn quantize<T: Element>(
 }
 
 #[inline(always)]
-/// Quantize the normalized values of one unit (`vals`, `tokens × d`).
+/// Quantize the normalized values of one unit (`vals`, `tokens × d`); `simd` says the CPU
+/// has AVX2 (the caller is compiled for it).
 fn encode_unit(
     vals: &[f32],
     d: usize,
@@ -434,6 +451,7 @@ fn encode_unit(
     codes: &mut [u8],
     scale_out: &mut [f32],
     offset_out: &mut [f32],
+    simd: bool,
 ) -> Result<()> {
     match spec.grouping {
         Grouping::TokenGroups { group_size } => {
@@ -443,7 +461,19 @@ fn encode_unit(
                 .zip(scale_out.iter_mut())
                 .zip(offset_out.iter_mut())
             {
-                let (lo, hi, finite) = min_max_finite(g);
+                #[cfg(target_arch = "x86_64")]
+                let (lo, hi, finite) = if simd {
+                    // SAFETY: `simd` is only set by `quantize_unit_avx2`, whose caller checked
+                    // the CPU features.
+                    unsafe { super::affine::min_max_finite_avx2(g) }
+                } else {
+                    min_max_finite(g)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let (lo, hi, finite) = {
+                    let _ = simd;
+                    min_max_finite(g)
+                };
                 if !finite {
                     return Err(non_finite_error());
                 }
@@ -549,7 +579,21 @@ impl QuantizedTensor {
         } else {
             Some(self.unpacked_codes())
         };
-        let units = units(geo, self.spec.grouping);
+        // A channel block's parameters hold for every token of the block, so decoding splits
+        // blocks into pieces of TOKENS_PER_UNIT tokens: a whole-tensor block gave each thread
+        // a few megabytes to write, and one descheduled thread held up the call.
+        let units: Vec<Unit> = units(geo, self.spec.grouping)
+            .into_iter()
+            .flat_map(|u| {
+                (u.token_start..u.token_end)
+                    .step_by(TOKENS_PER_UNIT)
+                    .map(move |t| Unit {
+                        token_start: t,
+                        token_end: (t + TOKENS_PER_UNIT).min(u.token_end),
+                        ..u
+                    })
+            })
+            .collect();
         let parts = split_mut(out, units.iter().map(|u| (u.token_end - u.token_start) * d));
         let work: Vec<_> = units.into_iter().zip(parts).collect();
         parallel::run(geo.len(), |par| {
@@ -560,48 +604,20 @@ impl QuantizedTensor {
         Ok(())
     }
 
-    /// Unpack and decode one unit into `dst`.
+    /// Unpack and decode one unit into `dst`; `simd` says the CPU has AVX2 (the caller is
+    /// compiled for it) and the fused kernel may run.
     #[inline(always)]
-    fn dequantize_unit<T: Element>(&self, u: &Unit, all_codes: Option<&[u8]>, dst: &mut [T]) {
-        let d = self.geometry().channels;
+    fn dequantize_unit<T: Element>(
+        &self,
+        u: &Unit,
+        all_codes: Option<&[u8]>,
+        dst: &mut [T],
+        simd: bool,
+    ) {
+        let geo = self.geometry();
+        let d = geo.channels;
         let bits = self.spec.bits;
-        let first = (u.row * self.geometry().tokens + u.token_start) * d;
-        let m = dst.len();
-        let mut codes = vec![0u8; m];
-        match all_codes {
-            Some(all) => codes.copy_from_slice(&all[first..first + m]),
-            None => {
-                let start = first * bits as usize / 8;
-                unpack(
-                    &self.codes[start..start + packed_len(m, bits)],
-                    bits,
-                    &mut codes,
-                )
-            }
-        }
-        self.decode_unit(u, &codes, dst);
-    }
-
-    /// [`Self::dequantize_unit`] compiled for AVX2+FMA+F16C.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dequantize_unit_avx2<T: Element>(&self, u: &Unit, all: Option<&[u8]>, dst: &mut [T]) {
-        self.dequantize_unit(u, all, dst)
-    }
-
-    fn dequantize_unit_best<T: Element>(&self, u: &Unit, all: Option<&[u8]>, dst: &mut [T]) {
-        #[cfg(target_arch = "x86_64")]
-        if parallel::has_avx2() {
-            // SAFETY: `has_avx2` confirmed every feature the function is compiled for.
-            return unsafe { self.dequantize_unit_avx2(u, all, dst) };
-        }
-        self.dequantize_unit(u, all, dst)
-    }
-
-    #[inline(always)]
-    fn decode_unit<T: Element>(&self, u: &Unit, codes: &[u8], dst: &mut [T]) {
-        let d = self.geometry().channels;
-        // Multiplying by a factor of 1 changes nothing, so no factor means no multiply.
+        let first = (u.row * geo.tokens + u.token_start) * d;
         let factor: Option<Vec<f32>> = self
             .channel_scale
             .as_ref()
@@ -614,46 +630,54 @@ impl QuantizedTensor {
         };
         let scale = self.scale.to_f32_range(u.param_start, n_params);
         let offset = self.offset.to_f32_range(u.param_start, n_params);
-        match self.spec.grouping {
-            Grouping::TokenGroups { group_size } => {
-                let groups = codes
-                    .chunks_exact(group_size)
-                    .zip(dst.chunks_exact_mut(group_size));
-                for (p, (gc, gd)) in groups.enumerate() {
-                    let (s, b) = (scale[p], offset[p]);
-                    match &factor {
-                        None => {
-                            for (o, &c) in gd.iter_mut().zip(gc) {
-                                *o = T::from_f32(s * c as f32 + b);
-                            }
-                        }
-                        Some(f) => {
-                            let fg = &f[(p * group_size) % d..][..group_size];
-                            for ((o, &c), &fc) in gd.iter_mut().zip(gc).zip(fg) {
-                                *o = T::from_f32((s * c as f32 + b) * fc);
-                            }
-                        }
-                    }
+        let slab = Slab {
+            params: match self.spec.grouping {
+                Grouping::TokenGroups { group_size } => Params::Groups {
+                    scale: &scale,
+                    offset: &offset,
+                    group_size,
+                },
+                Grouping::ChannelBlocks { .. } => Params::Channels {
+                    scale: &scale,
+                    offset: &offset,
+                },
+            },
+            factor: factor.as_deref(),
+            channels: d,
+        };
+        let m = dst.len();
+        match all_codes {
+            Some(all) => decode_codes(&all[first..first + m], slab, dst),
+            None => {
+                let start = first * bits as usize / 8;
+                let packed = &self.codes[start..start + packed_len(m, bits)];
+                #[cfg(target_arch = "x86_64")]
+                if simd && avx2_fits(&slab) {
+                    // SAFETY: `simd` is only set by `dequantize_unit_avx2`, whose caller
+                    // checked the CPU features; the unit's lengths are consistent.
+                    unsafe { decode_packed_avx2(packed, bits, slab, dst) };
+                    return;
                 }
-            }
-            Grouping::ChannelBlocks { .. } => {
-                let ones;
-                let f = match &factor {
-                    Some(f) => f.as_slice(),
-                    None => {
-                        ones = vec![1f32; d];
-                        ones.as_slice()
-                    }
-                };
-                for (tc, td) in codes.chunks_exact(d).zip(dst.chunks_exact_mut(d)) {
-                    for ((((o, &c), &s), &b), &fc) in
-                        td.iter_mut().zip(tc).zip(&scale).zip(&offset).zip(f)
-                    {
-                        *o = T::from_f32((s * c as f32 + b) * fc);
-                    }
-                }
+                let _ = simd;
+                decode_packed(packed, bits, slab, &mut Vec::new(), dst);
             }
         }
+    }
+
+    /// [`Self::dequantize_unit`] compiled for AVX2+FMA+F16C, with the fused kernel.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dequantize_unit_avx2<T: Element>(&self, u: &Unit, all: Option<&[u8]>, dst: &mut [T]) {
+        self.dequantize_unit(u, all, dst, true)
+    }
+
+    fn dequantize_unit_best<T: Element>(&self, u: &Unit, all: Option<&[u8]>, dst: &mut [T]) {
+        #[cfg(target_arch = "x86_64")]
+        if parallel::has_avx2() {
+            // SAFETY: `has_avx2` confirmed every feature the function is compiled for.
+            return unsafe { self.dequantize_unit_avx2(u, all, dst) };
+        }
+        self.dequantize_unit(u, all, dst, false)
     }
 
     /// Reconstruct the tensor as a new vector.

@@ -1,0 +1,590 @@
+//! The AVX2 + FMA implementation of [`super::Simd`].
+
+use super::{Portable, Simd};
+use std::arch::x86_64::*;
+
+/// AVX2 + FMA. Only [`Avx2::detect`] makes one, after checking the CPU.
+#[derive(Clone, Copy)]
+pub struct Avx2(());
+
+impl Avx2 {
+    pub fn detect() -> Option<Avx2> {
+        let ok = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c");
+        ok.then_some(Avx2(()))
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum(v: __m256) -> f32 {
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps::<1>(v);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// The horizontal sums of four vectors at once (three `vhaddps` instead of four separate
+/// reductions).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum4(v: [__m256; 4]) -> [f32; 4] {
+    let ab = _mm256_hadd_ps(v[0], v[1]);
+    let cd = _mm256_hadd_ps(v[2], v[3]);
+    let abcd = _mm256_hadd_ps(ab, cd);
+    let s = _mm_add_ps(
+        _mm256_castps256_ps128(abcd),
+        _mm256_extractf128_ps::<1>(abcd),
+    );
+    let mut out = [0f32; 4];
+    // SAFETY: `out` holds four floats.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), s) };
+    out
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let main = n / 16 * 16;
+    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    while i < main {
+        // SAFETY: i + 16 <= main <= len of both slices.
+        unsafe {
+            s0 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(a.as_ptr().add(i)),
+                _mm256_loadu_ps(b.as_ptr().add(i)),
+                s0,
+            );
+            s1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(a.as_ptr().add(i + 8)),
+                _mm256_loadu_ps(b.as_ptr().add(i + 8)),
+                s1,
+            );
+        }
+        i += 16;
+    }
+    hsum(_mm256_add_ps(s0, s1)) + Portable.dot(&a[main..n], &b[main..n])
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn axpb(acc: &mut [f32], a: f32, x: &[f32], b: f32) {
+    let n = acc.len().min(x.len());
+    let main = n / 8 * 8;
+    let (va, vb) = (_mm256_set1_ps(a), _mm256_set1_ps(b));
+    let mut i = 0;
+    while i < main {
+        // SAFETY: i + 8 <= main <= len of both slices.
+        unsafe {
+            let p = acc.as_mut_ptr().add(i);
+            let v = _mm256_fmadd_ps(
+                va,
+                _mm256_loadu_ps(x.as_ptr().add(i)),
+                _mm256_add_ps(_mm256_loadu_ps(p), vb),
+            );
+            _mm256_storeu_ps(p, v);
+        }
+        i += 8;
+    }
+    Portable.axpb(&mut acc[main..n], a, &x[main..n], b);
+}
+
+/// `e^x` in every lane: Cephes' `expf` (range reduction by ln 2 split in two constants,
+/// a degree-6 polynomial, the exponent added as an integer), within 2 ulp of the libm
+/// result over the range softmax uses. Lanes below -87.3 (where `e^x` is subnormal) and
+/// `-inf` give exactly 0, as masked logits must.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn exp8(x: __m256) -> __m256 {
+    let zero_below = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(-87.3));
+    let x = _mm256_min_ps(
+        _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
+        _mm256_set1_ps(88.3),
+    );
+    let fx = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut y = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+    }
+    let y = _mm256_fmadd_ps(
+        y,
+        _mm256_mul_ps(r, r),
+        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+    );
+    let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(fx),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(pow2)), zero_below)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn softmax(row: &mut [f32]) {
+    let n = row.len();
+    let main = n / 8 * 8;
+    let p = row.as_mut_ptr();
+    let mut vm = _mm256_set1_ps(f32::NEG_INFINITY);
+    // SAFETY (all loops): lanes i .. i + 8 with i + 8 <= main <= n.
+    for i in (0..main).step_by(8) {
+        vm = _mm256_max_ps(vm, unsafe { _mm256_loadu_ps(p.add(i)) });
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds eight floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), vm) };
+    let m = lanes
+        .into_iter()
+        .chain(row[main..].iter().copied())
+        .fold(f32::NEG_INFINITY, f32::max);
+    if m == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    let vmax = _mm256_set1_ps(m);
+    let mut vs = _mm256_setzero_ps();
+    for i in (0..main).step_by(8) {
+        unsafe {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vmax));
+            _mm256_storeu_ps(p.add(i), e);
+            vs = _mm256_add_ps(vs, e);
+        }
+    }
+    let mut sum = hsum(vs);
+    for l in row[main..].iter_mut() {
+        *l = (*l - m).exp();
+        sum += *l;
+    }
+    let inv = _mm256_set1_ps(1.0 / sum);
+    for i in (0..main).step_by(8) {
+        unsafe { _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), inv)) };
+    }
+    let inv = 1.0 / sum;
+    row[main..].iter_mut().for_each(|l| *l *= inv);
+}
+
+/// Eight `B`-bit codes starting at byte `at` as `f32` lanes.
+///
+/// SAFETY: the caller guarantees `at + B <= codes.len()`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn codes8<const B: usize>(codes: *const u8, at: usize) -> __m256 {
+    // SAFETY: the caller guarantees B readable bytes at `at`.
+    let ints = unsafe {
+        match B {
+            2 => {
+                let w = (codes.add(at) as *const u16).read_unaligned() as i32;
+                let shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+                _mm256_and_si256(
+                    _mm256_srlv_epi32(_mm256_set1_epi32(w), shifts),
+                    _mm256_set1_epi32(3),
+                )
+            }
+            4 => {
+                let w = (codes.add(at) as *const u32).read_unaligned() as i32;
+                let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+                _mm256_and_si256(
+                    _mm256_srlv_epi32(_mm256_set1_epi32(w), shifts),
+                    _mm256_set1_epi32(15),
+                )
+            }
+            _ => {
+                let w = (codes.add(at) as *const i64).read_unaligned();
+                _mm256_cvtepu8_epi32(_mm_set1_epi64x(w))
+            }
+        }
+    };
+    _mm256_cvtepi32_ps(ints)
+}
+
+/// SAFETY: AVX2+FMA available; `n % 8 == 0`, `codes` holds `n·B/8` bytes, `q` holds
+/// `(nq-1)·stride + n` floats, `out` holds `nq`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn code_dots<const B: usize>(
+    q: &[f32],
+    stride: usize,
+    nq: usize,
+    codes: &[u8],
+    n: usize,
+    out: &mut [f32],
+) {
+    assert!(codes.len() * 8 >= n * B && q.len() >= (nq.max(1) - 1) * stride + n && out.len() >= nq);
+    // Four queries at a time share each unpacked chunk of codes; the group size is a
+    // constant so the per-query loops unroll.
+    for i0 in (0..nq).step_by(4) {
+        let qi = &q[i0 * stride..];
+        let o = &mut out[i0..];
+        // SAFETY: as asserted above, for the queries from i0 on.
+        unsafe {
+            match nq - i0 {
+                1 => dots_group::<B, 1>(qi, stride, codes, n, o),
+                2 => dots_group::<B, 2>(qi, stride, codes, n, o),
+                3 => dots_group::<B, 3>(qi, stride, codes, n, o),
+                _ => dots_group::<B, 4>(qi, stride, codes, n, o),
+            }
+        }
+    }
+}
+
+/// SAFETY: AVX2+FMA available; `n % 8 == 0`; bounds are asserted.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn code_rows_dots<const B: usize>(
+    q: &[f32],
+    stride: usize,
+    nq: usize,
+    codes: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    if rows == 0 || nq == 0 {
+        return;
+    }
+    assert!(
+        codes.len() >= (rows - 1) * row_bytes + n * B / 8
+            && q.len() >= (nq - 1) * stride + n
+            && out.len() >= rows * nq
+    );
+    for i0 in (0..nq).step_by(4) {
+        let qi = &q[i0 * stride..];
+        // SAFETY: as asserted above, for row r and the queries from i0 on.
+        macro_rules! each_row {
+            ($m:literal) => {
+                for r in 0..rows {
+                    let c = &codes[r * row_bytes..];
+                    unsafe { dots_group::<B, $m>(qi, stride, c, n, &mut out[r * nq + i0..]) };
+                }
+            };
+        }
+        match nq - i0 {
+            1 => each_row!(1),
+            2 => each_row!(2),
+            3 => each_row!(3),
+            _ => each_row!(4),
+        }
+    }
+}
+
+/// [`code_dots`] for `M` queries. Two accumulators per query (even and odd chunks of
+/// eight codes): with one, the chain of dependent FMAs bounded the loop.
+///
+/// SAFETY: as [`code_dots`] with `nq = M`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_group<const B: usize, const M: usize>(
+    q: &[f32],
+    stride: usize,
+    codes: &[u8],
+    n: usize,
+    out: &mut [f32],
+) {
+    let (cp, qp) = (codes.as_ptr(), q.as_ptr());
+    let mut even = [_mm256_setzero_ps(); 4];
+    let mut odd = [_mm256_setzero_ps(); 4];
+    let pairs = n / 16 * 16;
+    // SAFETY (both loops): the caller's bounds cover every read.
+    for k in (0..pairs).step_by(16) {
+        unsafe {
+            let c0 = codes8::<B>(cp, k * B / 8);
+            let c1 = codes8::<B>(cp, (k + 8) * B / 8);
+            for j in 0..M {
+                let row = qp.add(j * stride + k);
+                even[j] = _mm256_fmadd_ps(_mm256_loadu_ps(row), c0, even[j]);
+                odd[j] = _mm256_fmadd_ps(_mm256_loadu_ps(row.add(8)), c1, odd[j]);
+            }
+        }
+    }
+    for k in (pairs..n).step_by(8) {
+        unsafe {
+            let c = codes8::<B>(cp, k * B / 8);
+            for (j, e) in even.iter_mut().enumerate().take(M) {
+                *e = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(j * stride + k)), c, *e);
+            }
+        }
+    }
+    let sums = hsum4([
+        _mm256_add_ps(even[0], odd[0]),
+        _mm256_add_ps(even[1], odd[1]),
+        _mm256_add_ps(even[2], odd[2]),
+        _mm256_add_ps(even[3], odd[3]),
+    ]);
+    out[..M].copy_from_slice(&sums[..M]);
+}
+
+/// SAFETY: AVX2+FMA available; `n % 8 == 0`, `codes` holds `n·B/8` bytes, `acc` holds
+/// `(nq-1)·stride + n` floats, `w` holds `nq`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn code_axpys<const B: usize>(
+    acc: &mut [f32],
+    stride: usize,
+    nq: usize,
+    w: &[f32],
+    codes: &[u8],
+    n: usize,
+) {
+    assert!(codes.len() * 8 >= n * B && acc.len() >= (nq.max(1) - 1) * stride + n && w.len() >= nq);
+    let (cp, ap) = (codes.as_ptr(), acc.as_mut_ptr());
+    for k in (0..n).step_by(8) {
+        // SAFETY: the assertion above bounds every access.
+        unsafe {
+            let c = codes8::<B>(cp, k * B / 8);
+            for (i, &wi) in w.iter().enumerate().take(nq) {
+                let dst = ap.add(i * stride + k);
+                _mm256_storeu_ps(
+                    dst,
+                    _mm256_fmadd_ps(_mm256_set1_ps(wi), c, _mm256_loadu_ps(dst)),
+                );
+            }
+        }
+    }
+}
+
+/// SAFETY: AVX2+FMA available; `n % 8 == 0`; bounds are asserted.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn code_rows_axpy<const B: usize>(
+    acc: &mut [f32],
+    stride: usize,
+    nq: usize,
+    w: &[f32],
+    codes: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    n: usize,
+) {
+    if rows == 0 || nq == 0 {
+        return;
+    }
+    assert!(
+        codes.len() >= (rows - 1) * row_bytes + n * B / 8
+            && acc.len() >= (nq - 1) * stride + n
+            && w.len() >= rows * nq
+    );
+    // Groups of up to four queries (a constant, so the loops unroll) over pairs of chunks
+    // of eight channels: each row's weights are broadcast once for sixteen channels.
+    for i0 in (0..nq).step_by(4) {
+        let a = &mut acc[i0 * stride..];
+        let wi = &w[i0..];
+        // SAFETY: as asserted above, for the queries from i0 on.
+        unsafe {
+            match nq - i0 {
+                1 => axpy_group::<B, 1>(a, stride, nq, wi, codes, row_bytes, rows, n),
+                2 => axpy_group::<B, 2>(a, stride, nq, wi, codes, row_bytes, rows, n),
+                3 => axpy_group::<B, 3>(a, stride, nq, wi, codes, row_bytes, rows, n),
+                _ => axpy_group::<B, 4>(a, stride, nq, wi, codes, row_bytes, rows, n),
+            }
+        }
+    }
+}
+
+/// [`code_rows_axpy`] for `M` queries whose weights are `w[r·nq .. r·nq + M]`.
+///
+/// SAFETY: as [`code_rows_axpy`] with the first `M` of `nq` queries.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn axpy_group<const B: usize, const M: usize>(
+    acc: &mut [f32],
+    stride: usize,
+    nq: usize,
+    w: &[f32],
+    codes: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    n: usize,
+) {
+    let (cp, ap, wp) = (codes.as_ptr(), acc.as_mut_ptr(), w.as_ptr());
+    let mut k = 0;
+    // SAFETY (both loops): the caller's bounds cover every access.
+    while k + 16 <= n {
+        unsafe {
+            let mut lo = [_mm256_setzero_ps(); M];
+            let mut hi = [_mm256_setzero_ps(); M];
+            for j in 0..M {
+                lo[j] = _mm256_loadu_ps(ap.add(j * stride + k));
+                hi[j] = _mm256_loadu_ps(ap.add(j * stride + k + 8));
+            }
+            for r in 0..rows {
+                let c0 = codes8::<B>(cp, r * row_bytes + k * B / 8);
+                let c1 = codes8::<B>(cp, r * row_bytes + (k + 8) * B / 8);
+                for j in 0..M {
+                    let wj = _mm256_broadcast_ss(&*wp.add(r * nq + j));
+                    lo[j] = _mm256_fmadd_ps(wj, c0, lo[j]);
+                    hi[j] = _mm256_fmadd_ps(wj, c1, hi[j]);
+                }
+            }
+            for j in 0..M {
+                _mm256_storeu_ps(ap.add(j * stride + k), lo[j]);
+                _mm256_storeu_ps(ap.add(j * stride + k + 8), hi[j]);
+            }
+        }
+        k += 16;
+    }
+    if k < n {
+        unsafe {
+            let mut a = [_mm256_setzero_ps(); M];
+            for (j, aj) in a.iter_mut().enumerate() {
+                *aj = _mm256_loadu_ps(ap.add(j * stride + k));
+            }
+            for r in 0..rows {
+                let c = codes8::<B>(cp, r * row_bytes + k * B / 8);
+                for (j, aj) in a.iter_mut().enumerate() {
+                    *aj = _mm256_fmadd_ps(_mm256_broadcast_ss(&*wp.add(r * nq + j)), c, *aj);
+                }
+            }
+            for (j, aj) in a.iter().enumerate() {
+                _mm256_storeu_ps(ap.add(j * stride + k), *aj);
+            }
+        }
+    }
+}
+
+impl Simd for Avx2 {
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn code_rows_axpy(
+        self,
+        acc: &mut [f32],
+        stride: usize,
+        nq: usize,
+        w: &[f32],
+        codes: &[u8],
+        row_bytes: usize,
+        rows: usize,
+        bits: u8,
+        n: usize,
+    ) {
+        // SAFETY: an `Avx2` exists only on CPUs with AVX2 and FMA; bounds asserted inside.
+        match bits {
+            2 if n % 8 == 0 => unsafe {
+                code_rows_axpy::<2>(acc, stride, nq, w, codes, row_bytes, rows, n)
+            },
+            4 if n % 8 == 0 => unsafe {
+                code_rows_axpy::<4>(acc, stride, nq, w, codes, row_bytes, rows, n)
+            },
+            8 if n % 8 == 0 => unsafe {
+                code_rows_axpy::<8>(acc, stride, nq, w, codes, row_bytes, rows, n)
+            },
+            _ => Portable.code_rows_axpy(acc, stride, nq, w, codes, row_bytes, rows, bits, n),
+        }
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn code_rows_dots(
+        self,
+        q: &[f32],
+        stride: usize,
+        nq: usize,
+        codes: &[u8],
+        row_bytes: usize,
+        rows: usize,
+        bits: u8,
+        n: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: an `Avx2` exists only on CPUs with AVX2 and FMA; bounds asserted inside.
+        match bits {
+            2 if n % 8 == 0 => unsafe {
+                code_rows_dots::<2>(q, stride, nq, codes, row_bytes, rows, n, out)
+            },
+            4 if n % 8 == 0 => unsafe {
+                code_rows_dots::<4>(q, stride, nq, codes, row_bytes, rows, n, out)
+            },
+            8 if n % 8 == 0 => unsafe {
+                code_rows_dots::<8>(q, stride, nq, codes, row_bytes, rows, n, out)
+            },
+            _ => Portable.code_rows_dots(q, stride, nq, codes, row_bytes, rows, bits, n, out),
+        }
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn code_dots(
+        self,
+        q: &[f32],
+        stride: usize,
+        nq: usize,
+        codes: &[u8],
+        bits: u8,
+        n: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: an `Avx2` exists only on CPUs with AVX2 and FMA; `n % 8 == 0` is checked
+        // and the bounds are asserted inside.
+        match bits {
+            2 if n % 8 == 0 => unsafe { code_dots::<2>(q, stride, nq, codes, n, out) },
+            4 if n % 8 == 0 => unsafe { code_dots::<4>(q, stride, nq, codes, n, out) },
+            8 if n % 8 == 0 => unsafe { code_dots::<8>(q, stride, nq, codes, n, out) },
+            _ => Portable.code_dots(q, stride, nq, codes, bits, n, out),
+        }
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn code_axpys(
+        self,
+        acc: &mut [f32],
+        stride: usize,
+        nq: usize,
+        w: &[f32],
+        codes: &[u8],
+        bits: u8,
+        n: usize,
+    ) {
+        // SAFETY: as above.
+        match bits {
+            2 if n % 8 == 0 => unsafe { code_axpys::<2>(acc, stride, nq, w, codes, n) },
+            4 if n % 8 == 0 => unsafe { code_axpys::<4>(acc, stride, nq, w, codes, n) },
+            8 if n % 8 == 0 => unsafe { code_axpys::<8>(acc, stride, nq, w, codes, n) },
+            _ => Portable.code_axpys(acc, stride, nq, w, codes, bits, n),
+        }
+    }
+
+    #[inline(always)]
+    fn dot(self, a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: an `Avx2` exists only on CPUs with AVX2 and FMA.
+        unsafe { dot(a, b) }
+    }
+
+    #[inline(always)]
+    fn softmax(self, row: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { softmax(row) }
+    }
+
+    #[inline(always)]
+    fn axpy(self, acc: &mut [f32], a: f32, x: &[f32]) {
+        // SAFETY: as above.
+        unsafe { axpb(acc, a, x, 0.0) }
+    }
+
+    #[inline(always)]
+    fn axpb(self, acc: &mut [f32], a: f32, x: &[f32], b: f32) {
+        // SAFETY: as above.
+        unsafe { axpb(acc, a, x, b) }
+    }
+}

@@ -118,7 +118,8 @@ def _meta(config: EvalConfig, model: Any) -> dict[str, Any]:
     import kvmix
 
     return {
-        "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        # A local folder (the converted SmolLM2) names the model by its last component.
+        "model": Path(getattr(model.config, "_name_or_path", "")).name or type(model).__name__,
         "attn_implementation": model.config._attn_implementation,
         "kvmix": kvmix.__version__,
         "torch": torch.__version__,

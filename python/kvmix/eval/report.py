@@ -93,12 +93,13 @@ def plot_tradeoffs(results: dict[str, Any], path: str | Path | None = None) -> A
     summary = summarize(results)
     fig, (ax_kl, ax_pk) = plt.subplots(1, 2, figsize=(12, 4.6))
     for family, (color, marker) in _FAMILY_STYLE.items():
-        members = sorted(
-            (s for s in summary.values() if s["family"] == family and s["compression_ratio"]),
-            key=lambda s: s["compression_ratio"],
-        )
-        for ax, key in ((ax_kl, "kl"), (ax_pk, "passkey_accuracy")):
-            pts = [(s["compression_ratio"], s[key], s["label"]) for s in members if key in s]
+        members = [s for s in summary.values() if s["family"] == family]
+        # Each panel's sizes are those measured at the end of its own runs.
+        for ax, key, size in (
+            (ax_kl, "kl", "fidelity_ratio"),
+            (ax_pk, "passkey_accuracy", "passkey_ratio"),
+        ):
+            pts = sorted((s[size], s[key], s["label"]) for s in members if key in s)
             if not pts:
                 continue
             xs, ys, _ = zip(*pts, strict=True)

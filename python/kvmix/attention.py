@@ -66,13 +66,13 @@ def _probe_rows(layer: Any, length: int) -> list[int] | None:
 
 
 @contextmanager
-def _one_torch_thread() -> Iterator[None]:
+def _one_torch_thread(enable: bool = True) -> Iterator[None]:
     """Run the block loops on one torch thread. Each block is a handful of small ops, and every
     multi-threaded op ends in a barrier: on a busy machine a descheduled worker stalls each one
     (one layer's MiKV scoring is ~1000 ops), while one thread streams through them at full
-    speed on one core."""
+    speed on one core. A single block (a decoding step) stays as it is."""
     threads = torch.get_num_threads()
-    if threads == 1:
+    if threads == 1 or not enable:
         yield
         return
     torch.set_num_threads(1)
@@ -142,7 +142,7 @@ def _probabilities(
     kv-head's GQA group: ``(B, H_kv, T)``."""
     b, hk, t = query.shape[0], key.shape[1], key.shape[2]
     out = torch.zeros(b, hk, t)
-    with _one_torch_thread():
+    with _one_torch_thread(len(rows) > _ROWS_PER_BLOCK):
         for start, end in _row_blocks(q_positions):
             probs, hi = _block_probabilities(
                 query, key, rows[start:end], q_positions[start:end], first_valid, scaling

@@ -359,3 +359,26 @@ fn invalid_configuration_is_refused() {
         );
     }
 }
+
+#[test]
+fn dense_into_writes_every_stream_like_dense() {
+    for policy in policies().into_iter().filter(|p| !evicts(p)) {
+        let mut st = store(policy, 2, 30, 7);
+        decode(&mut st, 5, 8);
+        let (streams, n, cap) = (st.streams.len(), st.seen(), st.seen() + 3);
+        let mut k = vec![9.0f32; streams * cap * D];
+        let mut v = k.clone();
+        assert_eq!(st.dense_into(&mut k, &mut v, cap).unwrap(), n);
+        for s in 0..streams {
+            let (_, dk, dv) = st.dense(s);
+            assert_eq!(&k[s * cap * D..s * cap * D + n * D], dk.as_slice());
+            assert_eq!(&v[s * cap * D..s * cap * D + n * D], dv.as_slice());
+            assert!(k[s * cap * D + n * D..(s + 1) * cap * D]
+                .iter()
+                .all(|&x| x == 9.0));
+        }
+        let mut small = vec![0f32; streams * (n - 1) * D];
+        let mut small_v = small.clone();
+        assert!(st.dense_into(&mut small, &mut small_v, n - 1).is_err());
+    }
+}

@@ -11,15 +11,16 @@ passkey prompt (``kvmix.data.passkey_prompt``, batch 1):
 * ``<preset>-portable``: the same cache under transformers' ``sdpa`` (dense dequantized
   keys/values every step), on request with ``--methods``.
 
-A measurement is one prefill (a forward pass over the prompt into an empty cache, logits of the
-last position only) followed by ``--new-tokens`` greedy decode steps (one forward pass per
-token). Methods run in interleaved rounds so that load from other processes hits them alike; the
-table shows medians over ``--rounds`` and, in the same run, ratios to ``dynamic``: "overhead" is
+Prefill: a forward pass over the prompt into an empty cache (logits of the last position only),
+``--rounds`` times per method, methods interleaved. Decode: greedy steps (one forward pass per
+token) on each method's last prefilled cache, timed in ``--chunks`` chunks of ``--steps`` steps,
+methods interleaved, so that bursts of load from other processes hit them alike. The table shows
+medians and, in the same run, ratios to ``dynamic``: "overhead" is
 the prefill time beyond ``DynamicCache``'s (scoring + compression, as a share of its prefill),
 "decode" the decode speed over ``DynamicCache``'s. Memory is the cache's bytes against a dense
 fp16 cache of the same tokens (kvmix: ``memory_report()``, every byte; DynamicCache: fp32).
 
-    python -m kvmix.bench generate --tokens 4096 --rounds 3 --new-tokens 64 --json gen.json
+    python -m kvmix.bench generate --tokens 4096 8192 --rounds 3 --chunks 8 --json gen.json
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tokens", type=int, nargs="+", default=[4096], help="prompt lengths (default 4096)"
     )
-    p.add_argument("--new-tokens", type=int, default=64, help="decode steps per measurement")
-    p.add_argument("--rounds", type=int, default=3, help="measurements per method (median)")
+    p.add_argument("--rounds", type=int, default=3, help="prefills per method (median)")
+    p.add_argument("--chunks", type=int, default=8, help="decode chunks per method (median)")
+    p.add_argument("--steps", type=int, default=8, help="decode steps per chunk")
     p.add_argument(
         "--methods",
         nargs="+",
@@ -87,22 +89,27 @@ def quanto_available() -> bool:
     return importlib.util.find_spec("optimum.quanto") is not None
 
 
-def run_once(
-    model: Any, ids: torch.Tensor, cache: Any, new_tokens: int
-) -> tuple[float, float, list[int]]:
-    """Prefill ``ids`` into ``cache``, then decode greedily: ``(prefill s, decode s, tokens)``."""
+def prefill(model: Any, ids: torch.Tensor, cache: Any) -> tuple[float, torch.Tensor]:
+    """Prefill ``ids`` into ``cache``: ``(seconds, greedy next token)``."""
     with torch.inference_mode():
         t0 = time.perf_counter()
         logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        t1 = time.perf_counter()
-        token = logits[:, -1].argmax(dim=-1, keepdim=True)
-        tokens = [int(token)]
-        for _ in range(new_tokens):
+        seconds = time.perf_counter() - t0
+    return seconds, logits[:, -1].argmax(dim=-1, keepdim=True)
+
+
+def decode(model: Any, token: torch.Tensor, cache: Any, steps: int) -> tuple[float, list[int]]:
+    """``steps`` greedy decoding steps from ``token``: ``(seconds, tokens)`` (the last token
+    is the next input)."""
+    tokens = []
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for _ in range(steps):
             logits = model(token, past_key_values=cache, use_cache=True).logits
             token = logits[:, -1].argmax(dim=-1, keepdim=True)
             tokens.append(int(token))
-        t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, tokens
+        seconds = time.perf_counter() - t0
+    return seconds, tokens
 
 
 def cache_ratio(cache: Any) -> float | None:
@@ -115,32 +122,45 @@ def cache_ratio(cache: Any) -> float | None:
 
 
 def measure(
-    model: Any, ids: torch.Tensor, methods: list[str], rounds: int, new_tokens: int
+    model: Any, ids: torch.Tensor, methods: list[str], rounds: int, chunks: int, steps: int
 ) -> dict[str, dict[str, Any]]:
-    """Interleaved rounds of every method on one prompt; medians and same-run ratios."""
-    runs: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
-    info: dict[str, dict[str, Any]] = {}
-    for r in range(rounds + 1):  # round 0 warms up (allocator, quanto's extension, caches)
+    """Interleaved prefill rounds of every method on one prompt, then interleaved decode chunks
+    of ``steps`` tokens on each method's last prefilled cache; medians and same-run ratios."""
+    for m in methods:  # warm up on a short prompt (quanto's extension, first-call paths)
+        model.set_attn_implementation(METHODS[m][1])
+        cache = METHODS[m][2](model.config)
+        decode(model, prefill(model, ids[:, :256], cache)[1], cache, 2)
+    prefills: dict[str, list[float]] = {m: [] for m in methods}
+    state: dict[str, tuple[Any, torch.Tensor, list[int]]] = {}
+    for _ in range(rounds):
         for m in methods:
-            _, impl, make = METHODS[m]
-            model.set_attn_implementation(impl)
-            cache = make(model.config)
-            prefill, decode, tokens = run_once(model, ids, cache, new_tokens)
-            if r > 0:
-                runs[m].append((prefill, decode))
-            info[m] = {"tokens": tokens, "cache_vs_fp16": cache_ratio(cache)}
-            del cache
+            model.set_attn_implementation(METHODS[m][1])
+            cache = METHODS[m][2](model.config)
+            seconds, token = prefill(model, ids, cache)
+            prefills[m].append(seconds)
+            state[m] = (cache, token, [int(token)])
+    # Decoding is timed in short chunks, alternating methods, so that a burst of load from
+    # other processes hits every method alike.
+    speeds: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(chunks):
+        for m in methods:
+            model.set_attn_implementation(METHODS[m][1])
+            cache, token, tokens = state[m]
+            seconds, new = decode(model, token, cache, steps)
+            speeds[m].append(steps / seconds)
+            state[m] = (cache, torch.tensor([[new[-1]]]), tokens + new)
     model.set_attn_implementation("kvmix")
     results: dict[str, dict[str, Any]] = {}
     for m in methods:
-        prefill = statistics.median(p for p, _ in runs[m])
-        decode = statistics.median(new_tokens / d for _, d in runs[m])
+        cache, _, tokens = state[m]
         results[m] = {
             "label": METHODS[m][0],
-            "prefill_s": prefill,
-            "decode_tok_s": decode,
-            "runs": runs[m],
-            **info[m],
+            "prefill_s": statistics.median(prefills[m]),
+            "decode_tok_s": statistics.median(speeds[m]),
+            "prefill_runs": prefills[m],
+            "decode_runs": speeds[m],
+            "tokens": tokens,
+            "cache_vs_fp16": cache_ratio(cache),
         }
     if "dynamic" in results:
         base = results["dynamic"]
@@ -182,16 +202,16 @@ def main(args: argparse.Namespace) -> int:
         methods = [m for m in methods if not m.startswith("quanto")]
     model, tokenizer = load_smollm2()
     kvmix.enable_fused_attention(model)
-    print(machine_info())
+    print(machine_info(), flush=True)
     out: dict[str, Any] = {"machine": machine_info(), "results": {}}
     for length in args.tokens:
         ids = passkey_prompt(tokenizer, length, seed=args.seed).input_ids
         print(
-            f"\nprompt {ids.shape[1]} tokens, {args.new_tokens} decode steps, "
-            f"medians of {args.rounds} interleaved rounds",
+            f"\nprompt {ids.shape[1]} tokens; medians of {args.rounds} interleaved prefills and "
+            f"of {args.chunks} interleaved decode chunks of {args.steps} steps",
             flush=True,
         )
-        results = measure(model, ids, methods, args.rounds, args.new_tokens)
+        results = measure(model, ids, methods, args.rounds, args.chunks, args.steps)
         print(format_table(results), flush=True)
         out["results"][str(length)] = results
     if args.json:

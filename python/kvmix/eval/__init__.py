@@ -107,7 +107,7 @@ class EvalConfig:
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
@@ -177,6 +177,7 @@ def evaluate(
         "fidelity": [],
     }
     folder = Path(out) if out is not None else None
+    previous_seconds = 0.0
     if folder is not None and resume and (folder / "eval.json").exists():
         earlier = json.loads((folder / "eval.json").read_text())
         wanted = json.loads(json.dumps(dataclasses.asdict(config)))
@@ -189,6 +190,7 @@ def evaluate(
         results["methods"] = {**earlier["methods"], **results["methods"]}
         results["meta"]["methods"] = list(results["methods"])
         results["passkey"] = earlier["passkey"]
+        previous_seconds = float(earlier["meta"].get("seconds", 0.0))
         results["fidelity"] = earlier["fidelity"]
 
     def done(task: str, key: str, value: Any) -> set[str]:
@@ -233,7 +235,8 @@ def evaluate(
                 add("fidelity", fidelity_records(model, passages, i, todo))
             bar.update(1)
         bar.close()
-    results["meta"]["seconds"] = round(time.time() - started, 1)
+    # Wall time of every run that contributed records (a resumed run adds its own).
+    results["meta"]["seconds"] = round(previous_seconds + time.time() - started, 1)
     results["summary"] = summarize(results)
     if folder is not None:
         save_results(results, folder)

@@ -145,7 +145,8 @@ def plot_high_precision(
     fig, axes = plt.subplots(len(maps), 1, figsize=(12, 2.2 * len(maps)), squeeze=False)
     for ax, (name, m) in zip(axes[:, 0], maps.items(), strict=True):
         ax.imshow(m, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1)
-        ax.set_title(f"{name}: {m.mean():.0%} of tokens at high precision", fontsize=9)
+        share = float((m == 1.0).mean())
+        ax.set_title(f"{name}: {share:.0%} of tokens at high precision", fontsize=9)
         ax.set_ylabel("layer × kv-head", fontsize=8)
         if span is not None:
             for x in span:

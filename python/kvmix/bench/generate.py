@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
+import sysconfig
 import time
 from collections.abc import Callable
 from typing import Any
@@ -200,6 +202,11 @@ def main(args: argparse.Namespace) -> int:
         if skipped:
             print(f"optimum-quanto is not installed: skipping {', '.join(skipped)}")
         methods = [m for m in methods if not m.startswith("quanto")]
+    else:
+        # quanto compiles its CPU kernels with ninja on first use; torch looks for the `ninja`
+        # command on PATH, which misses the environment's own scripts folder unless activated.
+        scripts = sysconfig.get_path("scripts")
+        os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
     model, tokenizer = load_smollm2()
     kvmix.enable_fused_attention(model)
     print(machine_info(), flush=True)

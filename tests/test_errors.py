@@ -517,3 +517,27 @@ def test_zero_balancer_is_refused_naming_balancer(x: np.ndarray) -> None:
 def test_missing_balancer_is_a_config_error(x: np.ndarray) -> None:
     with pytest.raises(ConfigError, match="`balancer`"):
         kvmix.quantize_balanced_keys(x, 2, None)
+
+
+def test_scoring_threads_come_from_the_environment(monkeypatch):
+    """`KVMIX_SCORING_THREADS` sets the torch threads of the prefill's scoring loops (restored
+    after); a bad value is a clear ConfigError."""
+    import torch
+
+    from kvmix import attention
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("KVMIX_SCORING_THREADS", "1")
+    with attention._torch_threads_for_scoring():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    monkeypatch.setenv("KVMIX_SCORING_THREADS", "")
+    with attention._torch_threads_for_scoring():
+        assert torch.get_num_threads() == before
+    for bad in ("0", "two"):
+        monkeypatch.setenv("KVMIX_SCORING_THREADS", bad)
+        with (
+            pytest.raises(kvmix.ConfigError, match="`KVMIX_SCORING_THREADS` must be a positive"),
+            attention._torch_threads_for_scoring(),
+        ):
+            pass

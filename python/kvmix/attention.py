@@ -15,6 +15,7 @@ prompt is compressed after.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvmix import _kvmix
+from kvmix.errors import ConfigError
 
 __all__ = ["enable_fused_attention", "kvmix_attention"]
 
@@ -65,17 +67,40 @@ def _probe_rows(layer: Any, length: int) -> list[int] | None:
     return None
 
 
+#: Environment variable: torch threads for the prefill's block-wise scoring loops.
+SCORING_THREADS_ENV = "KVMIX_SCORING_THREADS"
+
+
+def _scoring_threads() -> int | None:
+    """Threads for the scoring loops: ``$KVMIX_SCORING_THREADS``, or ``None`` for torch's own.
+
+    torch's own count is the fastest on an idle machine (SmolLM2, 4k prompt, 2 cores: prefill
+    overhead ZipCache +10% / MiKV +60% vs +21% / +96% on one thread). On a heavily loaded machine
+    one thread wins: each block is a handful of small ops, every multi-threaded op ends in a
+    barrier, and a descheduled worker stalls each one (measured at load ~6: MiKV +22% on one
+    thread vs +184% on two)."""
+    value = os.environ.get(SCORING_THREADS_ENV)
+    if value is None or value == "":
+        return None
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ConfigError(f"`{SCORING_THREADS_ENV}` must be a positive integer, got {value!r}")
+    return threads
+
+
 @contextmanager
-def _one_torch_thread(enable: bool = True) -> Iterator[None]:
-    """Run the block loops on one torch thread. Each block is a handful of small ops, and every
-    multi-threaded op ends in a barrier: on a busy machine a descheduled worker stalls each one
-    (one layer's MiKV scoring is ~1000 ops), while one thread streams through them at full
-    speed on one core. A single block (a decoding step) stays as it is."""
+def _torch_threads_for_scoring(enable: bool = True) -> Iterator[None]:
+    """Run the block loops on :func:`_scoring_threads` torch threads. A single block (a decoding
+    step) always keeps torch's setting."""
+    wanted = _scoring_threads() if enable else None
     threads = torch.get_num_threads()
-    if threads == 1 or not enable:
+    if wanted is None or wanted == threads:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(wanted)
     try:
         yield
     finally:
@@ -142,7 +167,7 @@ def _probabilities(
     kv-head's GQA group: ``(B, H_kv, T)``."""
     b, hk, t = query.shape[0], key.shape[1], key.shape[2]
     out = torch.zeros(b, hk, t)
-    with _one_torch_thread(len(rows) > _ROWS_PER_BLOCK):
+    with _torch_threads_for_scoring(len(rows) > _ROWS_PER_BLOCK):
         for start, end in _row_blocks(q_positions):
             probs, hi = _block_probabilities(
                 query, key, rows[start:end], q_positions[start:end], first_valid, scaling
@@ -170,7 +195,7 @@ def _attention_and_column_sums(
     acc = torch.zeros(b, hk, t)
     values = value.float()
     positions = list(range(t))
-    with _one_torch_thread():
+    with _torch_threads_for_scoring():
         for start, end in _row_blocks(positions):
             probs, hi = _block_probabilities(
                 query, key, positions[start:end], positions[start:end], [0] * b, scaling

@@ -84,10 +84,6 @@ def plot_tradeoffs(results: dict[str, Any], path: str | Path | None = None) -> A
     """The memory/quality trade-off: compression ratio against KL and against passkey accuracy,
     one marker per method, one line per family. Saves a PNG to ``path`` if given; returns the
     matplotlib figure."""
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     summary = summarize(results)
@@ -136,10 +132,6 @@ def plot_high_precision(
     """Which tokens each method keeps at high precision: one panel per method, one row per
     (layer, kv-head), one column per token (dark: high precision or kept, light: low precision
     or evicted). ``span`` marks a token range (e.g. the passkey's needle)."""
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(maps), 1, figsize=(12, 2.2 * len(maps)), squeeze=False)

@@ -84,11 +84,12 @@ def test_next_token_stats_match_a_direct_computation():
     p /= p.sum()
     q = np.exp(own.double().numpy() - own.double().numpy().max())
     q /= q.sum()
-    kl, top1, nll = _next_token_stats(ref, own, 7)
+    ref_logp = torch.log_softmax(ref.double(), dim=-1)
+    kl, top1, nll = _next_token_stats(ref_logp, own, 7)
     assert kl == pytest.approx(float(np.sum(p * np.log(p / q))), rel=1e-9)
     assert top1 == float(ref.argmax() == own.argmax())
     assert nll == pytest.approx(-math.log(q[7]), rel=1e-9)
-    assert _next_token_stats(ref, ref, 3)[:2] == [0.0, 1.0]
+    assert _next_token_stats(ref_logp, ref, 3)[:2] == [0.0, 1.0]
 
 
 def test_matching_prefix():

@@ -118,11 +118,11 @@ def passkey_records(
 
 
 def _next_token_stats(reference: torch.Tensor, logits: torch.Tensor, target: int) -> list[float]:
-    """KL(reference ‖ method) in nats, top-1 agreement and the method's NLL of ``target``."""
-    ref = torch.log_softmax(reference.double(), dim=-1)
+    """KL(reference ‖ method) in nats, top-1 agreement and the method's NLL of ``target``;
+    ``reference`` holds log-probabilities (float64), computed once per passage for all methods."""
     own = torch.log_softmax(logits.double(), dim=-1)
-    kl = float((ref.exp() * (ref - own)).sum())
-    top1 = float(int(ref.argmax()) == int(own.argmax()))
+    kl = float((reference.exp() * (reference - own)).sum())
+    top1 = float(int(reference.argmax()) == int(own.argmax()))
     return [max(kl, 0.0), top1, float(-own[target])]
 
 
@@ -144,7 +144,7 @@ def fidelity_records(
     p, c = prefix.shape[1], cont.shape[0]
     states = capture_prefill(model, torch.cat([prefix, cont[:-1].view(1, -1)], dim=1))
     assert states.logits is not None
-    reference = states.logits[0, p - 1 : p + c - 1]
+    reference = torch.log_softmax(states.logits[0, p - 1 : p + c - 1].double(), dim=-1)
     prefill = states.prefix(p)
     records = []
     for method in methods:

@@ -4,6 +4,7 @@
 pub mod affine;
 pub mod channel;
 mod decode;
+mod dequantize;
 pub mod packing;
 pub mod tensor;
 

@@ -15,9 +15,6 @@
 //! parallel; otherwise the packing runs once over the whole tensor.
 
 use super::affine::{min_max_finite, Affine, ParamDtype, ParamVec};
-#[cfg(target_arch = "x86_64")]
-use super::decode::{avx2_fits, decode_packed_avx2};
-use super::decode::{decode_codes, decode_packed, Params, Slab};
 use super::packing::{check_bits, pack, packed_len, unpack};
 use crate::element::Element;
 use crate::error::{KvmixError, Result};
@@ -141,18 +138,18 @@ impl ByteCount {
 /// Work is split into units that own a contiguous run of tokens of one row: a token group
 /// unit is a run of tokens, a channel block unit is one block.
 #[derive(Clone, Copy, Debug)]
-struct Unit {
-    row: usize,
-    token_start: usize,
-    token_end: usize,
+pub(super) struct Unit {
+    pub row: usize,
+    pub token_start: usize,
+    pub token_end: usize,
     /// Index of the unit's first parameter in `scale`/`offset`.
-    param_start: usize,
+    pub param_start: usize,
 }
 
 /// Tokens per token-group unit: enough work to amortize scheduling, small enough to stay in cache.
-const TOKENS_PER_UNIT: usize = 64;
+pub(super) const TOKENS_PER_UNIT: usize = 64;
 
-fn units(geo: Geometry, grouping: Grouping) -> Vec<Unit> {
+pub(super) fn units(geo: Geometry, grouping: Grouping) -> Vec<Unit> {
     let mut out = Vec::new();
     let (step, params_per_unit_token) = match grouping {
         Grouping::TokenGroups { group_size } => (TOKENS_PER_UNIT, geo.channels / group_size),
@@ -189,7 +186,7 @@ fn param_count(geo: Geometry, grouping: Grouping) -> usize {
 }
 
 /// Split `buf` into consecutive mutable pieces of the given lengths.
-fn split_mut<T>(mut buf: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
+pub(super) fn split_mut<T>(mut buf: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
     let mut out = Vec::new();
     for n in lens {
         let (head, tail) = std::mem::take(&mut buf).split_at_mut(n);
@@ -200,7 +197,7 @@ fn split_mut<T>(mut buf: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mu
 }
 
 /// Run `f` on every item, in parallel when `parallel` is set.
-fn for_each<I: Send>(items: Vec<I>, parallel: bool, f: impl Fn(I) + Sync + Send) {
+pub(super) fn for_each<I: Send>(items: Vec<I>, parallel: bool, f: impl Fn(I) + Sync + Send) {
     if parallel {
         items.into_par_iter().for_each(f);
     } else {
@@ -558,133 +555,6 @@ impl QuantizedTensor {
     pub fn unpacked_codes(&self) -> Vec<u8> {
         let mut out = vec![0u8; self.geometry().len()];
         unpack(&self.codes, self.spec.bits, &mut out);
-        out
-    }
-
-    /// Reconstruct the tensor into `out` (row-major over `dims`).
-    pub fn dequantize_into<T: Element>(&self, out: &mut [T]) -> Result<()> {
-        let geo = self.geometry();
-        if out.len() != geo.len() {
-            return Err(KvmixError::Shape(format!(
-                "output length {} does not match shape {:?}",
-                out.len(),
-                self.dims
-            )));
-        }
-        let d = geo.channels;
-        let bits = self.spec.bits;
-        let aligned = (d * bits as usize) % 8 == 0;
-        let all_codes = if aligned {
-            None
-        } else {
-            Some(self.unpacked_codes())
-        };
-        // A channel block's parameters hold for every token of the block, so decoding splits
-        // blocks into pieces of TOKENS_PER_UNIT tokens: a whole-tensor block gave each thread
-        // a few megabytes to write, and one descheduled thread held up the call.
-        let units: Vec<Unit> = units(geo, self.spec.grouping)
-            .into_iter()
-            .flat_map(|u| {
-                (u.token_start..u.token_end)
-                    .step_by(TOKENS_PER_UNIT)
-                    .map(move |t| Unit {
-                        token_start: t,
-                        token_end: (t + TOKENS_PER_UNIT).min(u.token_end),
-                        ..u
-                    })
-            })
-            .collect();
-        let parts = split_mut(out, units.iter().map(|u| (u.token_end - u.token_start) * d));
-        let work: Vec<_> = units.into_iter().zip(parts).collect();
-        parallel::run(geo.len(), |par| {
-            for_each(work, par, |(u, dst)| {
-                self.dequantize_unit_best(&u, all_codes.as_deref(), dst)
-            })
-        });
-        Ok(())
-    }
-
-    /// Unpack and decode one unit into `dst`; `simd` says the CPU has AVX2 (the caller is
-    /// compiled for it) and the fused kernel may run.
-    #[inline(always)]
-    fn dequantize_unit<T: Element>(
-        &self,
-        u: &Unit,
-        all_codes: Option<&[u8]>,
-        dst: &mut [T],
-        simd: bool,
-    ) {
-        let geo = self.geometry();
-        let d = geo.channels;
-        let bits = self.spec.bits;
-        let first = (u.row * geo.tokens + u.token_start) * d;
-        let factor: Option<Vec<f32>> = self
-            .channel_scale
-            .as_ref()
-            .map(|cs| cs.to_f32_range(u.row * d, d));
-        let n_params = match self.spec.grouping {
-            Grouping::TokenGroups { group_size } => {
-                (u.token_end - u.token_start) * (d / group_size)
-            }
-            Grouping::ChannelBlocks { .. } => d,
-        };
-        let scale = self.scale.to_f32_range(u.param_start, n_params);
-        let offset = self.offset.to_f32_range(u.param_start, n_params);
-        let slab = Slab {
-            params: match self.spec.grouping {
-                Grouping::TokenGroups { group_size } => Params::Groups {
-                    scale: &scale,
-                    offset: &offset,
-                    group_size,
-                },
-                Grouping::ChannelBlocks { .. } => Params::Channels {
-                    scale: &scale,
-                    offset: &offset,
-                },
-            },
-            factor: factor.as_deref(),
-            channels: d,
-        };
-        let m = dst.len();
-        match all_codes {
-            Some(all) => decode_codes(&all[first..first + m], slab, dst),
-            None => {
-                let start = first * bits as usize / 8;
-                let packed = &self.codes[start..start + packed_len(m, bits)];
-                #[cfg(target_arch = "x86_64")]
-                if simd && avx2_fits(&slab) {
-                    // SAFETY: `simd` is only set by `dequantize_unit_avx2`, whose caller
-                    // checked the CPU features; the unit's lengths are consistent.
-                    unsafe { decode_packed_avx2(packed, bits, slab, dst) };
-                    return;
-                }
-                let _ = simd;
-                decode_packed(packed, bits, slab, &mut Vec::new(), dst);
-            }
-        }
-    }
-
-    /// [`Self::dequantize_unit`] compiled for AVX2+FMA+F16C, with the fused kernel.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dequantize_unit_avx2<T: Element>(&self, u: &Unit, all: Option<&[u8]>, dst: &mut [T]) {
-        self.dequantize_unit(u, all, dst, true)
-    }
-
-    fn dequantize_unit_best<T: Element>(&self, u: &Unit, all: Option<&[u8]>, dst: &mut [T]) {
-        #[cfg(target_arch = "x86_64")]
-        if parallel::has_avx2() {
-            // SAFETY: `has_avx2` confirmed every feature the function is compiled for.
-            return unsafe { self.dequantize_unit_avx2(u, all, dst) };
-        }
-        self.dequantize_unit(u, all, dst, false)
-    }
-
-    /// Reconstruct the tensor as a new vector.
-    pub fn dequantize<T: Element>(&self) -> Vec<T> {
-        let mut out = vec![T::from_f32(0.0); self.geometry().len()];
-        // Lengths match by construction.
-        let _ = self.dequantize_into(&mut out);
         out
     }
 }

@@ -15,12 +15,22 @@ pub trait Element: Copy + Send + Sync + 'static {
         let _ = xs;
         None
     }
+    /// `xs` itself when the storage type is `f32`, so kernels can write whole vectors to it.
+    #[inline(always)]
+    fn as_f32_slice_mut(xs: &mut [Self]) -> Option<&mut [f32]> {
+        let _ = xs;
+        None
+    }
 }
 
 impl Element for f32 {
     const NAME: &'static str = "float32";
     #[inline(always)]
     fn as_f32_slice(xs: &[Self]) -> Option<&[f32]> {
+        Some(xs)
+    }
+    #[inline(always)]
+    fn as_f32_slice_mut(xs: &mut [Self]) -> Option<&mut [f32]> {
         Some(xs)
     }
     #[inline(always)]

@@ -93,18 +93,17 @@ impl ParamVec {
         }
     }
 
-    /// Values `start .. start + len` as `f32`, converted in bulk (hardware F16C when present).
-    pub fn to_f32_range(&self, start: usize, len: usize) -> Vec<f32> {
+    /// Values `start .. start + len` as `f32` into `out` (replacing its contents), converted
+    /// in bulk (hardware F16C when present). The decoders reuse `out` from one unit of work to
+    /// the next rather than allocate three small vectors per unit.
+    pub fn to_f32_range_into(&self, start: usize, len: usize, out: &mut Vec<f32>) {
+        out.clear();
         match self {
             ParamVec::F16(v) => {
-                let mut out = vec![0f32; len];
-                half::slice::HalfFloatSliceExt::convert_to_f32_slice(
-                    &v[start..start + len],
-                    &mut out,
-                );
-                out
+                out.resize(len, 0.0);
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&v[start..start + len], out);
             }
-            ParamVec::F32(v) => v[start..start + len].to_vec(),
+            ParamVec::F32(v) => out.extend_from_slice(&v[start..start + len]),
         }
     }
 

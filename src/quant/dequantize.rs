@@ -1,15 +1,30 @@
 //! Reconstruction of a whole [`QuantizedTensor`]: the tensor is cut into runs of at most
-//! [`TOKENS_PER_UNIT`] tokens of one row, each decoded straight from the packed codes (see
-//! [`super::decode`]), in parallel for large tensors.
+//! [`TOKENS_PER_UNIT`] tokens of one row, and each run is decoded by the fastest kernel the
+//! CPU has (see [`super::decode`]), in parallel for large tensors.
 
-#[cfg(target_arch = "x86_64")]
-use super::decode::avx2;
-use super::decode::{decode_codes, decode_packed, Params, Slab};
+use super::decode::{decode_codes, decode_packed_fastest, Isa, Params, Slab};
 use super::packing::packed_len;
-use super::tensor::{for_each, split_mut, units, Grouping, QuantizedTensor, Unit, TOKENS_PER_UNIT};
+use super::tensor::{split_mut, units, Grouping, QuantizedTensor, Unit, TOKENS_PER_UNIT};
 use crate::element::Element;
 use crate::error::{KvmixError, Result};
 use crate::parallel;
+use rayon::prelude::*;
+
+/// What every unit of one reconstruction shares.
+struct Job<'a> {
+    /// All codes unpacked, when rows do not pack to whole bytes.
+    all_codes: Option<&'a [u8]>,
+    /// The instruction set the CPU supports.
+    isa: Isa,
+}
+
+/// A unit's parameters as `f32`, reused from unit to unit by one worker.
+#[derive(Default)]
+struct UnitParams {
+    scale: Vec<f32>,
+    offset: Vec<f32>,
+    factor: Vec<f32>,
+}
 
 impl QuantizedTensor {
     /// Reconstruct the tensor into `out` (row-major over `dims`).
@@ -47,88 +62,108 @@ impl QuantizedTensor {
             .collect();
         let parts = split_mut(out, units.iter().map(|u| (u.token_end - u.token_start) * d));
         let work: Vec<_> = units.into_iter().zip(parts).collect();
+        let job = Job {
+            all_codes: all_codes.as_deref(),
+            isa: Isa::detect(),
+        };
+        let one = |params: &mut UnitParams, (u, dst): (Unit, &mut [T])| {
+            self.dequantize_unit_best(&job, &u, params, dst)
+        };
         parallel::run(geo.len(), |par| {
-            for_each(work, par, |(u, dst)| {
-                self.dequantize_unit_best(&u, all_codes.as_deref(), dst)
-            })
+            if par {
+                work.into_par_iter().for_each_init(UnitParams::default, one);
+            } else {
+                let mut params = UnitParams::default();
+                work.into_iter().for_each(|item| one(&mut params, item));
+            }
         });
         Ok(())
     }
 
-    /// Unpack and decode one unit into `dst`; `simd` says the CPU has AVX2 (the caller is
-    /// compiled for it) and the fused kernel may run.
+    /// Unpack and decode one unit into `dst`, with the SIMD kernels `job.isa` allows (the
+    /// CPU supports it; when it is not [`Isa::Portable`], the caller is compiled for AVX2).
     #[inline(always)]
     fn dequantize_unit<T: Element>(
         &self,
+        job: &Job<'_>,
         u: &Unit,
-        all_codes: Option<&[u8]>,
+        params: &mut UnitParams,
         dst: &mut [T],
-        simd: bool,
     ) {
         let geo = self.geometry();
         let d = geo.channels;
         let bits = self.spec.bits;
         let first = (u.row * geo.tokens + u.token_start) * d;
-        let factor: Option<Vec<f32>> = self
-            .channel_scale
-            .as_ref()
-            .map(|cs| cs.to_f32_range(u.row * d, d));
+        if let Some(cs) = &self.channel_scale {
+            cs.to_f32_range_into(u.row * d, d, &mut params.factor);
+        }
         let n_params = match self.spec.grouping {
             Grouping::TokenGroups { group_size } => {
                 (u.token_end - u.token_start) * (d / group_size)
             }
             Grouping::ChannelBlocks { .. } => d,
         };
-        let scale = self.scale.to_f32_range(u.param_start, n_params);
-        let offset = self.offset.to_f32_range(u.param_start, n_params);
+        self.scale
+            .to_f32_range_into(u.param_start, n_params, &mut params.scale);
+        self.offset
+            .to_f32_range_into(u.param_start, n_params, &mut params.offset);
+        let (scale, offset) = (params.scale.as_slice(), params.offset.as_slice());
         let slab = Slab {
             params: match self.spec.grouping {
                 Grouping::TokenGroups { group_size } => Params::Groups {
-                    scale: &scale,
-                    offset: &offset,
+                    scale,
+                    offset,
                     group_size,
                 },
-                Grouping::ChannelBlocks { .. } => Params::Channels {
-                    scale: &scale,
-                    offset: &offset,
-                },
+                Grouping::ChannelBlocks { .. } => Params::Channels { scale, offset },
             },
-            factor: factor.as_deref(),
+            factor: self
+                .channel_scale
+                .as_ref()
+                .map(|_| params.factor.as_slice()),
             channels: d,
         };
         let m = dst.len();
-        match all_codes {
+        match job.all_codes {
             Some(all) => decode_codes(&all[first..first + m], slab, dst),
             None => {
                 let start = first * bits as usize / 8;
                 let packed = &self.codes[start..start + packed_len(m, bits)];
-                #[cfg(target_arch = "x86_64")]
-                if simd && avx2::fits(&slab) {
-                    // SAFETY: `simd` is only set by `dequantize_unit_avx2`, whose caller
-                    // checked the CPU features; the unit's lengths are consistent.
-                    unsafe { avx2::decode_packed(packed, bits, slab, dst) };
-                    return;
-                }
-                let _ = simd;
-                decode_packed(packed, bits, slab, &mut Vec::new(), dst);
+                // SAFETY: the caller guarantees that the CPU supports `job.isa`.
+                unsafe { decode_packed_fastest(packed, bits, slab, job.isa, dst) };
             }
         }
     }
 
-    /// [`Self::dequantize_unit`] compiled for AVX2+FMA+F16C, with the fused kernel.
+    /// [`Self::dequantize_unit`] compiled for AVX2+FMA+F16C, so that the portable fallbacks
+    /// vectorize too.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dequantize_unit_avx2<T: Element>(&self, u: &Unit, all: Option<&[u8]>, dst: &mut [T]) {
-        self.dequantize_unit(u, all, dst, true)
+    unsafe fn dequantize_unit_avx2<T: Element>(
+        &self,
+        job: &Job<'_>,
+        u: &Unit,
+        params: &mut UnitParams,
+        dst: &mut [T],
+    ) {
+        self.dequantize_unit(job, u, params, dst)
     }
 
-    fn dequantize_unit_best<T: Element>(&self, u: &Unit, all: Option<&[u8]>, dst: &mut [T]) {
+    /// [`Self::dequantize_unit`] for `job.isa`, which must be what [`Isa::detect`] returned.
+    fn dequantize_unit_best<T: Element>(
+        &self,
+        job: &Job<'_>,
+        u: &Unit,
+        params: &mut UnitParams,
+        dst: &mut [T],
+    ) {
         #[cfg(target_arch = "x86_64")]
-        if parallel::has_avx2() {
-            // SAFETY: `has_avx2` confirmed every feature the function is compiled for.
-            return unsafe { self.dequantize_unit_avx2(u, all, dst) };
+        if job.isa >= Isa::Avx2 {
+            // SAFETY: `job.isa` came from `Isa::detect`, which confirmed every feature the
+            // function is compiled for.
+            return unsafe { self.dequantize_unit_avx2(job, u, params, dst) };
         }
-        self.dequantize_unit(u, all, dst, false)
+        self.dequantize_unit(job, u, params, dst)
     }
 
     /// Reconstruct the tensor as a new vector.

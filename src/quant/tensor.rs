@@ -197,7 +197,7 @@ pub(super) fn split_mut<T>(mut buf: &mut [T], lens: impl Iterator<Item = usize>)
 }
 
 /// Run `f` on every item, in parallel when `parallel` is set.
-pub(super) fn for_each<I: Send>(items: Vec<I>, parallel: bool, f: impl Fn(I) + Sync + Send) {
+fn for_each<I: Send>(items: Vec<I>, parallel: bool, f: impl Fn(I) + Sync + Send) {
     if parallel {
         items.into_par_iter().for_each(f);
     } else {

@@ -224,7 +224,7 @@ impl PyQuantizedTensor {
                 rw.as_slice_mut()
                     .map_err(|e| KvmixError::Shape(e.to_string()))?,
             );
-            detached(py, || self.inner.dequantize_into(buf))?;
+            detached(py, || self.inner.dequantize_into_fresh(buf))?;
         }
         Ok(array.into_any())
     }

@@ -133,7 +133,8 @@ impl Isa {
 }
 
 /// [`decode_packed`] with the fastest kernel that `isa` and the slab's shape allow; every
-/// kernel gives the same result, bit for bit.
+/// kernel gives the same result, bit for bit. `stream` asks for stores that bypass the caches
+/// where the kernel has them (for outputs much larger than the caches).
 ///
 /// # Safety
 /// The CPU must support `isa` (it came from [`Isa::detect`], or is below it).
@@ -143,13 +144,14 @@ pub(crate) unsafe fn decode_packed_fastest<T: Element>(
     bits: u8,
     slab: Slab<'_>,
     isa: Isa,
+    stream: bool,
     dst: &mut [T],
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         if isa >= Isa::Avx512 && avx512::fits(&slab) {
             // SAFETY: the caller guarantees the CPU features.
-            return unsafe { avx512::decode_packed(packed, bits, slab, dst) };
+            return unsafe { avx512::decode_packed(packed, bits, slab, stream, dst) };
         }
         if isa >= Isa::Avx2 && avx2::fits(&slab) {
             // SAFETY: as above.
@@ -194,18 +196,28 @@ mod tests {
             let mut buf = vec![T::from_f32(-1.0); n + 32];
             let base = (buf.as_ptr() as usize % 64) / std::mem::size_of::<T>();
             for lag in [0usize, 1, 4, 15] {
-                let start = (lag + 16 - base % 16) % 16;
-                buf.fill(T::from_f32(-1.0));
-                // SAFETY: as above.
-                unsafe { avx512::decode_packed(&packed, bits, slab, &mut buf[start..start + n]) };
-                prop_assert_eq!(
-                    &portable[..],
-                    &buf[start..start + n],
-                    "avx512, {} bits",
-                    bits
-                );
-                let outside = buf[..start].iter().chain(&buf[start + n..]);
-                prop_assert!(outside.into_iter().all(|&x| x == T::from_f32(-1.0)));
+                for stream in [false, true] {
+                    let start = (lag + 16 - base % 16) % 16;
+                    buf.fill(T::from_f32(-1.0));
+                    // SAFETY: as above.
+                    unsafe {
+                        avx512::decode_packed(
+                            &packed,
+                            bits,
+                            slab,
+                            stream,
+                            &mut buf[start..start + n],
+                        )
+                    };
+                    prop_assert_eq!(
+                        &portable[..],
+                        &buf[start..start + n],
+                        "avx512, {} bits",
+                        bits
+                    );
+                    let outside = buf[..start].iter().chain(&buf[start + n..]);
+                    prop_assert!(outside.into_iter().all(|&x| x == T::from_f32(-1.0)));
+                }
             }
         }
         Ok(())

@@ -10,5 +10,6 @@ pub mod tensor;
 
 pub use affine::{Affine, ParamDtype, ParamVec};
 pub use channel::{channel_absmax, key_balancer, separable_channel_scale};
+pub use dequantize::STREAM_MIN_BYTES;
 pub use packing::{check_bits, pack, packed_len, unpack};
 pub use tensor::{quantize, ByteCount, Geometry, Grouping, QuantSpec, QuantizedTensor};

@@ -215,6 +215,54 @@ fn large_input_parallel_equals_small_chunks() {
 }
 
 #[test]
+fn large_outputs_stream_the_same_values() {
+    // An output of STREAM_MIN_BYTES is written with streaming stores, and through a
+    // misaligned slice also with joined lines: values must equal the fresh-output path.
+    use crate::quant::STREAM_MIN_BYTES;
+    let (rows, d) = (2usize, 128usize);
+    let tokens = STREAM_MIN_BYTES / 4 / (rows * d);
+    let x = random(rows * tokens * d, 9, 3.0);
+    let dims = [rows, tokens, d];
+    let cs: Vec<f32> = (0..rows * d).map(|i| 0.5 + (i % 7) as f32 / 4.0).collect();
+    let specs = [
+        (
+            spec(2, Grouping::TokenGroups { group_size: 64 }, ParamDtype::F16),
+            None,
+        ),
+        (
+            spec(
+                4,
+                Grouping::TokenGroups { group_size: 128 },
+                ParamDtype::F16,
+            ),
+            Some(&cs[..]),
+        ),
+        (
+            spec(
+                2,
+                Grouping::ChannelBlocks {
+                    token_block: tokens,
+                },
+                ParamDtype::F16,
+            ),
+            None,
+        ),
+    ];
+    for (s, factor) in specs {
+        let q = quantize(&x, &dims, s, factor).unwrap();
+        let fresh: Vec<f32> = q.dequantize();
+        let mut buf = vec![0f32; x.len() + 1];
+        for start in [0, 1] {
+            q.dequantize_into(&mut buf[start..start + x.len()]).unwrap();
+            assert!(
+                buf[start..start + x.len()] == fresh[..],
+                "{s:?}, start {start}"
+            );
+        }
+    }
+}
+
+#[test]
 fn refuses_bad_input() {
     let x = vec![0.5f32; 2 * 3 * 8];
     let ok = spec(2, Grouping::TokenGroups { group_size: 4 }, ParamDtype::F16);

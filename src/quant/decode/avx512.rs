@@ -37,13 +37,14 @@ pub(crate) unsafe fn decode_packed<T: Element>(
     packed: &[u8],
     bits: u8,
     slab: Slab<'_>,
+    stream: bool,
     dst: &mut [T],
 ) {
     macro_rules! width {
         ($b:literal) => {
             match slab.factor {
-                Some(_) => decode_width::<T, $b, true>(packed, slab, dst),
-                None => decode_width::<T, $b, false>(packed, slab, dst),
+                Some(_) => decode_width::<T, $b, true>(packed, slab, stream, dst),
+                None => decode_width::<T, $b, false>(packed, slab, stream, dst),
             }
         };
     }
@@ -65,6 +66,7 @@ pub(crate) unsafe fn decode_packed<T: Element>(
 unsafe fn decode_width<T: Element, const B: usize, const FACTOR: bool>(
     packed: &[u8],
     slab: Slab<'_>,
+    stream: bool,
     dst: &mut [T],
 ) {
     let n = dst.len();
@@ -122,7 +124,7 @@ unsafe fn decode_width<T: Element, const B: usize, const FACTOR: bool>(
         }
     };
     let fp = factor.as_ptr();
-    let mut lines = LineWriter::new(T::as_f32_slice_mut(dst));
+    let mut lines = LineWriter::new(T::as_f32_slice_mut(dst), stream);
     let out = dst.as_mut_ptr();
     // Step j of the slab holds channels 16c .. 16c + 16 of its row, c = j mod (d/16).
     let mut emit = |j: usize, c: usize, v: __m512| {
@@ -194,6 +196,10 @@ unsafe fn decode_width<T: Element, const B: usize, const FACTOR: bool>(
 /// stores. When the output starts `lag` floats past a line, the line that vector j's tail
 /// shares with vector j+1's head is stored whole (`vpermt2ps` joins them), and masked stores
 /// write the partial first and last lines.
+///
+/// With `stream` the whole lines bypass the caches (`vmovntps`): the output is not read for
+/// the ownership of each line first, which makes large outputs that are not in cache about
+/// a quarter cheaper to write, and does not evict the caller's working set.
 struct LineWriter {
     out: *mut f32,
     /// Floats from the line boundary before `out` to `out` (0..16).
@@ -202,13 +208,14 @@ struct LineWriter {
     prev: __m512,
     /// `vpermt2ps` indices joining the last `lag` floats of one vector to the first of the next.
     join: __m512i,
+    stream: bool,
 }
 
 impl LineWriter {
     /// A writer for `out`, or `None` when the output is not fp32 (or not 4-byte aligned).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     #[inline]
-    fn new(out: Option<&mut [f32]>) -> Option<Self> {
+    fn new(out: Option<&mut [f32]>, stream: bool) -> Option<Self> {
         let out = out?.as_mut_ptr();
         if out as usize % 4 != 0 {
             return None;
@@ -224,6 +231,7 @@ impl LineWriter {
             prev: _mm512_setzero_ps(),
             // SAFETY: reads 64 bytes from a 16-element i32 array.
             join: unsafe { _mm512_loadu_si512(join.as_ptr() as *const _) },
+            stream,
         })
     }
 
@@ -263,6 +271,11 @@ impl LineWriter {
                 let at = self.out.add(16 * steps - self.lag);
                 _mm512_mask_storeu_ps(at, ((1u32 << self.lag) - 1) as u16, tail);
             }
+            if self.stream {
+                // Streaming stores are weakly ordered: make them visible before the caller
+                // signals completion to other threads.
+                _mm_sfence();
+            }
         }
     }
 
@@ -270,6 +283,12 @@ impl LineWriter {
     #[inline]
     unsafe fn store_line(&self, at: *mut f32, v: __m512) {
         // SAFETY: the caller passes a 64-byte aligned address with 16 floats of output.
-        unsafe { _mm512_store_ps(at, v) }
+        unsafe {
+            if self.stream {
+                _mm512_stream_ps(at, v);
+            } else {
+                _mm512_store_ps(at, v);
+            }
+        }
     }
 }

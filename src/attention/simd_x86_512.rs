@@ -316,14 +316,16 @@ unsafe fn row_folded<const B: usize, const M: usize>(
     fold_queries(acc)
 }
 
-/// [`row_folded`] for the rows at bytes `at` and `at + row_bytes`, the second only if
-/// `second` (else zero).
+/// The [`fold_rows`] vectors of up to sixteen rows from byte `at`, any of which may be
+/// missing (`m < 16`, zero) or end too close to `len` for the fast loads: the slow path of
+/// [`dots_group`], kept out of line so that its fast path stays small enough to inline.
 ///
-/// SAFETY: as [`row_folded`] for both rows.
-#[inline]
+/// SAFETY: as [`row_folded`] for each of the `m` rows.
+#[inline(never)]
+#[cold]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn rows_folded2<const B: usize, const M: usize>(
+unsafe fn rows_folded_partial<const B: usize, const M: usize>(
     dec: Decoder,
     q: *const f32,
     stride: usize,
@@ -332,26 +334,23 @@ unsafe fn rows_folded2<const B: usize, const M: usize>(
     at: usize,
     row_bytes: usize,
     n: usize,
-    second: bool,
-) -> [__m512; 2] {
-    let next = at + row_bytes;
-    // SAFETY: the caller's bounds; `row_fits` decides whether the over-read stays inside.
-    unsafe {
-        if !second {
-            [
-                row_folded::<B, M>(dec, q, stride, codes, len, at, n),
-                _mm512_setzero_ps(),
-            ]
-        } else if row_fits::<B>(next, n, len) {
-            let acc = row_dots2::<B, M>(dec, q, stride, codes.add(at), codes.add(next), n);
-            [fold_queries(acc[0]), fold_queries(acc[1])]
-        } else {
-            [
-                row_folded::<B, M>(dec, q, stride, codes, len, at, n),
-                row_folded::<B, M>(dec, q, stride, codes, len, next, n),
-            ]
+    m: usize,
+) -> [__m512; 4] {
+    let mut groups = [_mm512_setzero_ps(); 4];
+    for (g, gv) in groups.iter_mut().enumerate() {
+        let mut folded = [_mm512_setzero_ps(); 4];
+        for (k, f) in folded.iter_mut().enumerate() {
+            let r = 4 * g + k;
+            if r < m {
+                // SAFETY: the caller's bounds cover row r.
+                *f = unsafe {
+                    row_folded::<B, M>(dec, q, stride, codes, len, at + r * row_bytes, n)
+                };
+            }
         }
+        *gv = fold_rows(folded);
     }
+    groups
 }
 
 /// `Simd::code_rows_dots` for `M ≤ 4` queries starting at `q`, writing
@@ -377,30 +376,29 @@ unsafe fn dots_group<const B: usize, const M: usize>(
     let zero = _mm512_setzero_ps();
     for r0 in (0..rows).step_by(16) {
         let m = (rows - r0).min(16);
-        let mut groups = [zero; 4];
-        for (g, gv) in groups.iter_mut().enumerate() {
-            let first = r0 + 4 * g;
-            if first >= r0 + m {
-                break;
+        let at = r0 * row_bytes;
+        // SAFETY: the caller's bounds cover the rows; the fast path only when all sixteen
+        // exist and the last one's loads stay inside the codes (then every earlier row's do).
+        let groups = unsafe {
+            if m == 16 && row_fits::<B>(at + 15 * row_bytes, n, len) {
+                let mut groups = [zero; 4];
+                for (g, gv) in groups.iter_mut().enumerate() {
+                    let a = cp.add(at + 4 * g * row_bytes);
+                    let rb = row_bytes;
+                    let p01 = row_dots2::<B, M>(dec, qp, stride, a, a.add(rb), n);
+                    let p23 = row_dots2::<B, M>(dec, qp, stride, a.add(2 * rb), a.add(3 * rb), n);
+                    *gv = fold_rows([
+                        fold_queries(p01[0]),
+                        fold_queries(p01[1]),
+                        fold_queries(p23[0]),
+                        fold_queries(p23[1]),
+                    ]);
+                }
+                groups
+            } else {
+                rows_folded_partial::<B, M>(dec, qp, stride, cp, len, at, row_bytes, n, m)
             }
-            let end = r0 + m;
-            // SAFETY: the caller's bounds cover the rows. (Direct calls, not a closure:
-            // closures do not inherit the target features, so they would not inline.)
-            let (f01, f23) = unsafe {
-                let (at, rb) = (first * row_bytes, row_bytes);
-                let f01 =
-                    rows_folded2::<B, M>(dec, qp, stride, cp, len, at, rb, n, first + 1 < end);
-                let f23 = if first + 2 < end {
-                    let at = at + 2 * rb;
-                    rows_folded2::<B, M>(dec, qp, stride, cp, len, at, rb, n, first + 3 < end)
-                } else {
-                    [zero; 2]
-                };
-                (f01, f23)
-            };
-            let folded = [f01[0], f01[1], f23[0], f23[1]];
-            *gv = fold_rows(folded);
-        }
+        };
         let mask: __mmask16 = ((1u32 << m) - 1) as __mmask16;
         for (j, v) in rows_by_query(groups).into_iter().enumerate().take(M) {
             // SAFETY: rows r0 .. r0 + m of query j lie inside `out` (the caller's bound).

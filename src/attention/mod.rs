@@ -245,10 +245,10 @@ fn attend_stream<S: simd::Simd>(
         // Mask: invisible tokens get -inf. Query i is head i / tq at position q_positions[i % tq].
         // Decoding sees every stored token, so the per-element test runs only when needed.
         let min_q = q_positions.iter().copied().min().unwrap_or(0);
-        let needs_mask = (0..tier.len()).any(|r| {
-            let p = tier.positions.get(r);
-            p < first_valid || p as usize > min_q
-        });
+        let needs_mask = tier
+            .positions
+            .min_max()
+            .is_some_and(|(lo, hi)| lo < first_valid || hi as usize > min_q);
         if needs_mask {
             let qpos: Vec<usize> = (0..nq).map(|i| q_positions[i % tq]).collect();
             for r in 0..tier.len() {

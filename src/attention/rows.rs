@@ -90,6 +90,26 @@ fn run_params(rows: &EncodedRows, run: &Run, groups: usize) -> (Vec<f32>, Vec<f3
     )
 }
 
+/// The scales and offsets of group `k0 % groups` for `m` rows from flat index `k0`, as
+/// contiguous slices: borrowed when every row is one group, else gathered into `buf`.
+#[inline(always)]
+fn group_params<'a>(
+    scales: &'a [f32],
+    offsets: &'a [f32],
+    k0: usize,
+    groups: usize,
+    m: usize,
+    buf: &'a mut Vec<f32>,
+) -> (&'a [f32], &'a [f32]) {
+    if groups == 1 {
+        return (&scales[k0..k0 + m], &offsets[k0..k0 + m]);
+    }
+    buf.clear();
+    buf.extend((0..m).map(|t| scales[k0 + t * groups]));
+    buf.extend((0..m).map(|t| offsets[k0 + t * groups]));
+    buf.split_at(m)
+}
+
 /// Logits of `nq` queries (`queries`, `nq × d`, already scaled) against the rows of `run`:
 /// `logits[i * stride + r]` for row `r`. Visibility is applied by the caller.
 ///
@@ -181,8 +201,7 @@ pub fn key_logits<S: Simd>(
             const BLOCK: usize = 256;
             // Query-major: dots[i * BLOCK + t] for row r0 + t.
             let mut dots = vec![0f32; BLOCK * nq];
-            let mut sa = vec![0f32; BLOCK];
-            let mut sb = vec![0f32; BLOCK];
+            let mut sab = Vec::new();
             for r0 in (run.start..run.end).step_by(BLOCK) {
                 let r1 = (r0 + BLOCK).min(run.end);
                 let m = r1 - r0;
@@ -195,15 +214,12 @@ pub fn key_logits<S: Simd>(
                     simd.code_rows_dots(q, d, nq, codes, rb, m, bits, g, &mut dots, BLOCK);
                     // This group's scales and offsets for the block's rows, contiguous.
                     let k0 = (r0 - run.start) * groups + gi;
-                    for t in 0..m {
-                        sa[t] = scales[k0 + t * groups];
-                        sb[t] = offsets[k0 + t * groups];
-                    }
+                    let (sa, sb) = group_params(&scales, &offsets, k0, groups, m, &mut sab);
                     for i in 0..nq {
                         let gs = gsum[i * groups + gi];
                         let l = &mut logits[i * stride + r0..i * stride + r1];
                         let dt = &dots[i * BLOCK..i * BLOCK + m];
-                        for (((l, &x), &a), &b) in l.iter_mut().zip(dt).zip(&sa).zip(&sb) {
+                        for (((l, &x), &a), &b) in l.iter_mut().zip(dt).zip(sa).zip(sb) {
                             *l += a * x + b * gs;
                         }
                     }
@@ -299,24 +315,20 @@ pub fn accumulate_values<S: Simd>(
             // Blocks of rows whose weights p·α stay in cache, query-major: w[i * BLOCK + t].
             const BLOCK: usize = 256;
             let mut w = vec![0f32; BLOCK * nq];
-            let mut sa = vec![0f32; BLOCK];
-            let mut sb = vec![0f32; BLOCK];
+            let mut sab = Vec::new();
             for r0 in (run.start..run.end).step_by(BLOCK) {
                 let r1 = (r0 + BLOCK).min(run.end);
                 let m = r1 - r0;
                 for gi in 0..groups {
                     let k0 = (r0 - run.start) * groups + gi;
-                    for t in 0..m {
-                        sa[t] = scales[k0 + t * groups];
-                        sb[t] = offsets[k0 + t * groups];
-                    }
+                    let (sa, sb) = group_params(&scales, &offsets, k0, groups, m, &mut sab);
                     for i in 0..nq {
                         let pr = &probs[i * stride + r0..i * stride + r1];
                         let wi = &mut w[i * BLOCK..i * BLOCK + m];
-                        for ((x, &p), &a) in wi.iter_mut().zip(pr).zip(&sa) {
+                        for ((x, &p), &a) in wi.iter_mut().zip(pr).zip(sa) {
                             *x = p * a;
                         }
-                        bias[i * groups + gi] += simd.dot(pr, &sb[..m]);
+                        bias[i * groups + gi] += simd.dot(pr, sb);
                     }
                     let codes = &all_codes[r0 * rb + gi * gbytes..];
                     simd.code_rows_axpy(

@@ -1,8 +1,8 @@
-//! The vector primitives the attention kernel is made of, behind a [`Simd`] trait with two
+//! The vector primitives the attention kernel is made of, behind a [`Simd`] trait with three
 //! implementations: [`Portable`] (plain Rust that the compiler vectorizes for the baseline
-//! target) and, on x86-64, [`Avx2`] (AVX2 + FMA intrinsics). The kernel is generic over the
-//! trait and dispatched once per call after CPU feature detection, so one binary is both
-//! portable and fast.
+//! target) and, on x86-64, [`Avx2`] (AVX2 + FMA intrinsics) and [`Avx512`] (AVX-512
+//! F/BW/VL/VBMI, sixteen lanes). The kernel is generic over the trait and dispatched once per
+//! call after CPU feature detection (AVX-512 first), so one binary is both portable and fast.
 //!
 //! Rejected: relying on auto-vectorization alone. LLVM splits an `[f32; 8]` accumulator into
 //! shuffled halves when it reduces it, which made the dot product 3x slower than intrinsics.

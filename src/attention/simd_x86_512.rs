@@ -659,11 +659,9 @@ pub(super) fn exp16(x: __m512) -> __m512 {
         _mm512_mul_ps(r, r),
         _mm512_add_ps(r, _mm512_set1_ps(1.0)),
     );
-    let pow2 = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-        _mm512_cvtps_epi32(fx),
-        _mm512_set1_epi32(127),
-    ));
-    _mm512_maskz_mul_ps(keep, y, _mm512_castsi512_ps(pow2))
+    // y · 2^fx in one instruction (fx is integral, in [-126, 127] after the clamp), where
+    // AVX2 builds the power of two from its exponent bits.
+    _mm512_maskz_scalef_ps(keep, y, fx)
 }
 
 /// [`Simd::softmax`] sixteen lanes at a time; the tail is masked, not scalar.
@@ -692,6 +690,7 @@ fn softmax(row: &mut [f32]) {
     }
     let vmax = _mm512_set1_ps(m);
     let mut vs = _mm512_setzero_ps();
+    // SAFETY: the same lanes as the first loop.
     unsafe {
         for i in (0..main).step_by(16) {
             let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), vmax));
@@ -704,6 +703,7 @@ fn softmax(row: &mut [f32]) {
         vs = _mm512_add_ps(vs, e);
     }
     let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(vs));
+    // SAFETY: the same lanes as the first loop.
     unsafe {
         for i in (0..main).step_by(16) {
             _mm512_storeu_ps(p.add(i), _mm512_mul_ps(_mm512_loadu_ps(p.add(i)), inv));

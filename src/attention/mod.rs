@@ -136,6 +136,13 @@ fn attend_impl(
     })
 }
 
+thread_local! {
+    /// Each thread's logits buffer, reused by every stream it computes. A fresh allocation
+    /// per stream (256 KiB for 4 queries × 16k tokens) went back to the OS when freed and
+    /// page-faulted in again, zeroed, on the next call.
+    static LOGITS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// The queries of one `attend` call, shared by every stream.
 struct Queries<'a> {
     /// `[batch, q_heads, q_len, head_dim]`.
@@ -151,9 +158,14 @@ struct Queries<'a> {
     track: bool,
 }
 
-/// [`attend_stream`] compiled for AVX2+FMA+F16C when the CPU has them, else for the
-/// baseline target.
+/// [`attend_stream`] compiled for AVX-512 (F/BW/VL/VBMI) or else AVX2+FMA+F16C when the CPU
+/// has them, else for the baseline target.
 fn dispatch_stream(store: &LayerStore, s: usize, qs: &Queries<'_>) -> StreamResult {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(avx512) = simd::Avx512::detect() {
+        // SAFETY: `detect` confirmed the CPU has every feature the function is compiled for.
+        return unsafe { attend_stream_avx512(avx512, store, s, qs) };
+    }
     #[cfg(target_arch = "x86_64")]
     if let Some(avx) = simd::Avx2::detect() {
         // SAFETY: `detect` confirmed the CPU has every feature the function is compiled for.
@@ -171,6 +183,17 @@ unsafe fn attend_stream_avx2(
     qs: &Queries<'_>,
 ) -> StreamResult {
     attend_stream(avx, store, s, qs)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c")]
+unsafe fn attend_stream_avx512(
+    avx512: simd::Avx512,
+    store: &LayerStore,
+    s: usize,
+    qs: &Queries<'_>,
+) -> StreamResult {
+    attend_stream(avx512, store, s, qs)
 }
 
 #[inline(always)]
@@ -199,8 +222,13 @@ fn attend_stream<S: simd::Simd>(
     let tiers = stream.tiers();
     let total: usize = tiers.iter().map(|t| t.len()).sum();
     let first_valid = store.first_valid[bi] as u32;
-    // Pass 1: logits [nq, total], tiers concatenated.
-    let mut logits = vec![0f32; nq * total];
+    // Pass 1: logits [nq, total], tiers concatenated. Every entry is written below (each
+    // tier's rows, for every query), so the reused buffer needs no clearing.
+    let mut buffer = LOGITS.take();
+    if buffer.len() < nq * total {
+        buffer.resize(nq * total, 0.0);
+    }
+    let logits = &mut buffer[..nq * total];
     let mut base = 0;
     for tier in tiers {
         for run in runs(&tier.keys) {
@@ -217,10 +245,10 @@ fn attend_stream<S: simd::Simd>(
         // Mask: invisible tokens get -inf. Query i is head i / tq at position q_positions[i % tq].
         // Decoding sees every stored token, so the per-element test runs only when needed.
         let min_q = q_positions.iter().copied().min().unwrap_or(0);
-        let needs_mask = (0..tier.len()).any(|r| {
-            let p = tier.positions.get(r);
-            p < first_valid || p as usize > min_q
-        });
+        let needs_mask = tier
+            .positions
+            .min_max()
+            .is_some_and(|(lo, hi)| lo < first_valid || hi as usize > min_q);
         if needs_mask {
             let qpos: Vec<usize> = (0..nq).map(|i| q_positions[i % tq]).collect();
             for r in 0..tier.len() {
@@ -277,6 +305,7 @@ fn attend_stream<S: simd::Simd>(
         }
         base += tier.len();
     }
+    LOGITS.set(buffer);
     (out, received, seen_by)
 }
 

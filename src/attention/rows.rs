@@ -90,6 +90,26 @@ fn run_params(rows: &EncodedRows, run: &Run, groups: usize) -> (Vec<f32>, Vec<f3
     )
 }
 
+/// The scales and offsets of group `k0 % groups` for `m` rows from flat index `k0`, as
+/// contiguous slices: borrowed when every row is one group, else gathered into `buf`.
+#[inline(always)]
+fn group_params<'a>(
+    scales: &'a [f32],
+    offsets: &'a [f32],
+    k0: usize,
+    groups: usize,
+    m: usize,
+    buf: &'a mut Vec<f32>,
+) -> (&'a [f32], &'a [f32]) {
+    if groups == 1 {
+        return (&scales[k0..k0 + m], &offsets[k0..k0 + m]);
+    }
+    buf.clear();
+    buf.extend((0..m).map(|t| scales[k0 + t * groups]));
+    buf.extend((0..m).map(|t| offsets[k0 + t * groups]));
+    buf.split_at(m)
+}
+
 /// Logits of `nq` queries (`queries`, `nq × d`, already scaled) against the rows of `run`:
 /// `logits[i * stride + r]` for row `r`. Visibility is applied by the caller.
 ///
@@ -142,21 +162,24 @@ pub fn key_logits<S: Simd>(
             let RowData::Packed(all_codes) = &rows.data else {
                 return;
             };
-            if nq == 0 {
+            if nq == 0 || run.end == run.start {
                 return;
             }
+            // The dots land in the logits directly; the offset term is one add per logit.
+            // Blocks of rows keep a block's codes in L1 for every group of four queries.
             let rb = d * bits as usize / 8;
             const BLOCK: usize = 256;
-            let mut dots = vec![0f32; BLOCK * nq];
-            for r0 in (run.start..run.end).step_by(BLOCK) {
-                let r1 = (r0 + BLOCK).min(run.end);
-                let codes = &all_codes[r0 * rb..];
-                simd.code_rows_dots(&qa, d, nq, codes, rb, r1 - r0, bits, d, &mut dots);
-                for (r, rd) in (r0..r1).zip(dots.chunks_exact(nq)) {
-                    for i in 0..nq {
-                        logits[i * stride + r] = rd[i] + qb[i];
-                    }
-                }
+            for b0 in (run.start..run.end).step_by(BLOCK) {
+                let b1 = (b0 + BLOCK).min(run.end);
+                let codes = &all_codes[b0 * rb..];
+                let out = &mut logits[b0..];
+                simd.code_rows_dots(&qa, d, nq, codes, rb, b1 - b0, bits, d, out, stride);
+            }
+            let (r0, r1) = (run.start, run.end);
+            for (i, &b) in qb.iter().enumerate() {
+                logits[i * stride + r0..i * stride + r1]
+                    .iter_mut()
+                    .for_each(|l| *l += b);
             }
         }
         Codec::TokenGroups {
@@ -176,58 +199,34 @@ pub fn key_logits<S: Simd>(
             }
             let rb = d * bits as usize / 8;
             const BLOCK: usize = 256;
+            // Query-major: dots[i * BLOCK + t] for row r0 + t.
             let mut dots = vec![0f32; BLOCK * nq];
+            let mut sab = Vec::new();
             for r0 in (run.start..run.end).step_by(BLOCK) {
                 let r1 = (r0 + BLOCK).min(run.end);
+                let m = r1 - r0;
                 for i in 0..nq {
                     logits[i * stride + r0..i * stride + r1].fill(0.0);
                 }
                 for gi in 0..groups {
                     let codes = &all_codes[r0 * rb + gi * gbytes..];
                     let q = &qf[gi * g..];
-                    simd.code_rows_dots(q, d, nq, codes, rb, r1 - r0, bits, g, &mut dots);
-                    for (r, rd) in (r0..r1).zip(dots.chunks_exact(nq)) {
-                        let k = (r - run.start) * groups + gi;
-                        for i in 0..nq {
-                            logits[i * stride + r] +=
-                                scales[k] * rd[i] + offsets[k] * gsum[i * groups + gi];
+                    simd.code_rows_dots(q, d, nq, codes, rb, m, bits, g, &mut dots, BLOCK);
+                    // This group's scales and offsets for the block's rows, contiguous.
+                    let k0 = (r0 - run.start) * groups + gi;
+                    let (sa, sb) = group_params(&scales, &offsets, k0, groups, m, &mut sab);
+                    for i in 0..nq {
+                        let gs = gsum[i * groups + gi];
+                        let l = &mut logits[i * stride + r0..i * stride + r1];
+                        let dt = &dots[i * BLOCK..i * BLOCK + m];
+                        for (((l, &x), &a), &b) in l.iter_mut().zip(dt).zip(sa).zip(sb) {
+                            *l += a * x + b * gs;
                         }
                     }
                 }
             }
         }
     }
-}
-
-/// For one query `i` over a block of rows with probabilities `p`: `w[t·nq + i] = p_t·a_t` and
-/// returns `Σ_t p_t·b_t`, where `(a_t, b_t) = params(t)`. Eight partial sums: one running sum
-/// made every row wait for the previous add.
-#[inline(always)]
-fn weigh(
-    p: &[f32],
-    nq: usize,
-    i: usize,
-    w: &mut [f32],
-    params: impl Fn(usize) -> (f32, f32),
-) -> f32 {
-    let mut part = [0f32; 8];
-    let mut chunks = p.chunks_exact(8);
-    for (c, ch) in chunks.by_ref().enumerate() {
-        for (l, (&pt, acc)) in ch.iter().zip(part.iter_mut()).enumerate() {
-            let t = 8 * c + l;
-            let (a, b) = params(t);
-            w[t * nq + i] = pt * a;
-            *acc += pt * b;
-        }
-    }
-    let done = p.len() - chunks.remainder().len();
-    for (l, &pt) in chunks.remainder().iter().enumerate() {
-        let t = done + l;
-        let (a, b) = params(t);
-        w[t * nq + i] = pt * a;
-        part[l] += pt * b;
-    }
-    part.iter().sum()
 }
 
 /// `out_i += Σ_r probs[i * stride + r] · v̂_r` over the rows of `run`.
@@ -259,36 +258,36 @@ pub fn accumulate_values<S: Simd>(
             }
         }
         Codec::Channel { bits } => {
-            let mut psum = vec![0f32; nq];
             let rb = d * bits as usize / 8;
             let RowData::Packed(all_codes) = &rows.data else {
                 return;
             };
+            // The probabilities are the weights as they are. Blocks of rows keep a block's
+            // codes in L1 while the kernel sweeps it once per span of channels.
             const BLOCK: usize = 256;
-            let mut w = vec![0f32; BLOCK * nq];
             for r0 in (run.start..run.end).step_by(BLOCK) {
                 let r1 = (r0 + BLOCK).min(run.end);
-                for (i, ps) in psum.iter_mut().enumerate() {
-                    *ps += weigh(
-                        &probs[i * stride + r0..i * stride + r1],
-                        nq,
-                        i,
-                        &mut w,
-                        |_| (1.0, 1.0),
-                    );
-                }
+                let codes = &all_codes[r0 * rb..];
                 simd.code_rows_axpy(
                     &mut acc,
                     d,
                     nq,
-                    &w,
-                    &all_codes[r0 * rb..],
+                    &probs[r0..],
+                    stride,
+                    codes,
                     rb,
                     r1 - r0,
                     bits,
                     d,
                 );
             }
+            let psum: Vec<f32> = (0..nq)
+                .map(|i| {
+                    probs[i * stride + run.start..i * stride + run.end]
+                        .iter()
+                        .sum()
+                })
+                .collect();
             let (alpha, beta) = (
                 to_f32(run.scale.unwrap_or(&[])),
                 to_f32(run.offset.unwrap_or(&[])),
@@ -313,20 +312,37 @@ pub fn accumulate_values<S: Simd>(
             let RowData::Packed(all_codes) = &rows.data else {
                 return;
             };
-            // Blocks of rows whose weights p·α stay in cache: [row][query] per group.
+            // Blocks of rows whose weights p·α stay in cache, query-major: w[i * BLOCK + t].
             const BLOCK: usize = 256;
             let mut w = vec![0f32; BLOCK * nq];
+            let mut sab = Vec::new();
             for r0 in (run.start..run.end).step_by(BLOCK) {
                 let r1 = (r0 + BLOCK).min(run.end);
+                let m = r1 - r0;
                 for gi in 0..groups {
                     let k0 = (r0 - run.start) * groups + gi;
-                    let params = |t: usize| (scales[k0 + t * groups], offsets[k0 + t * groups]);
+                    let (sa, sb) = group_params(&scales, &offsets, k0, groups, m, &mut sab);
                     for i in 0..nq {
                         let pr = &probs[i * stride + r0..i * stride + r1];
-                        bias[i * groups + gi] += weigh(pr, nq, i, &mut w, params);
+                        let wi = &mut w[i * BLOCK..i * BLOCK + m];
+                        for ((x, &p), &a) in wi.iter_mut().zip(pr).zip(sa) {
+                            *x = p * a;
+                        }
+                        bias[i * groups + gi] += simd.dot(pr, sb);
                     }
                     let codes = &all_codes[r0 * rb + gi * gbytes..];
-                    simd.code_rows_axpy(&mut acc[gi * g..], d, nq, &w, codes, rb, r1 - r0, bits, g);
+                    simd.code_rows_axpy(
+                        &mut acc[gi * g..],
+                        d,
+                        nq,
+                        &w,
+                        BLOCK,
+                        codes,
+                        rb,
+                        m,
+                        bits,
+                        g,
+                    );
                 }
             }
             for i in 0..nq {

@@ -230,16 +230,17 @@ unsafe fn code_dots<const B: usize>(
     // constant so the per-query loops unroll.
     for i0 in (0..nq).step_by(4) {
         let qi = &q[i0 * stride..];
-        let o = &mut out[i0..];
+        let m = (nq - i0).min(4);
         // SAFETY: as asserted above, for the queries from i0 on.
-        unsafe {
-            match nq - i0 {
-                1 => dots_group::<B, 1>(qi, stride, codes, n, o),
-                2 => dots_group::<B, 2>(qi, stride, codes, n, o),
-                3 => dots_group::<B, 3>(qi, stride, codes, n, o),
-                _ => dots_group::<B, 4>(qi, stride, codes, n, o),
+        let sums = unsafe {
+            match m {
+                1 => dots_group::<B, 1>(qi, stride, codes, n),
+                2 => dots_group::<B, 2>(qi, stride, codes, n),
+                3 => dots_group::<B, 3>(qi, stride, codes, n),
+                _ => dots_group::<B, 4>(qi, stride, codes, n),
             }
-        }
+        };
+        out[i0..i0 + m].copy_from_slice(&sums[..m]);
     }
 }
 
@@ -256,6 +257,7 @@ unsafe fn code_rows_dots<const B: usize>(
     rows: usize,
     n: usize,
     out: &mut [f32],
+    out_stride: usize,
 ) {
     if rows == 0 || nq == 0 {
         return;
@@ -263,7 +265,7 @@ unsafe fn code_rows_dots<const B: usize>(
     assert!(
         codes.len() >= (rows - 1) * row_bytes + n * B / 8
             && q.len() >= (nq - 1) * stride + n
-            && out.len() >= rows * nq
+            && out.len() >= (nq - 1) * out_stride + rows
     );
     for i0 in (0..nq).step_by(4) {
         let qi = &q[i0 * stride..];
@@ -272,7 +274,10 @@ unsafe fn code_rows_dots<const B: usize>(
             ($m:literal) => {
                 for r in 0..rows {
                     let c = &codes[r * row_bytes..];
-                    unsafe { dots_group::<B, $m>(qi, stride, c, n, &mut out[r * nq + i0..]) };
+                    let sums = unsafe { dots_group::<B, $m>(qi, stride, c, n) };
+                    for (j, &x) in sums[..$m].iter().enumerate() {
+                        out[(i0 + j) * out_stride + r] = x;
+                    }
                 }
             };
         }
@@ -296,8 +301,7 @@ unsafe fn dots_group<const B: usize, const M: usize>(
     stride: usize,
     codes: &[u8],
     n: usize,
-    out: &mut [f32],
-) {
+) -> [f32; 4] {
     let (cp, qp) = (codes.as_ptr(), q.as_ptr());
     let mut even = [_mm256_setzero_ps(); 4];
     let mut odd = [_mm256_setzero_ps(); 4];
@@ -322,13 +326,12 @@ unsafe fn dots_group<const B: usize, const M: usize>(
             }
         }
     }
-    let sums = hsum4([
+    hsum4([
         _mm256_add_ps(even[0], odd[0]),
         _mm256_add_ps(even[1], odd[1]),
         _mm256_add_ps(even[2], odd[2]),
         _mm256_add_ps(even[3], odd[3]),
-    ]);
-    out[..M].copy_from_slice(&sums[..M]);
+    ])
 }
 
 /// SAFETY: AVX2+FMA available; `n % 8 == 0`, `codes` holds `n·B/8` bytes, `acc` holds
@@ -370,6 +373,7 @@ unsafe fn code_rows_axpy<const B: usize>(
     stride: usize,
     nq: usize,
     w: &[f32],
+    w_stride: usize,
     codes: &[u8],
     row_bytes: usize,
     rows: usize,
@@ -381,26 +385,26 @@ unsafe fn code_rows_axpy<const B: usize>(
     assert!(
         codes.len() >= (rows - 1) * row_bytes + n * B / 8
             && acc.len() >= (nq - 1) * stride + n
-            && w.len() >= rows * nq
+            && w.len() >= (nq - 1) * w_stride + rows
     );
     // Groups of up to four queries (a constant, so the loops unroll) over pairs of chunks
     // of eight channels: each row's weights are broadcast once for sixteen channels.
     for i0 in (0..nq).step_by(4) {
         let a = &mut acc[i0 * stride..];
-        let wi = &w[i0..];
+        let wi = &w[i0 * w_stride..];
         // SAFETY: as asserted above, for the queries from i0 on.
         unsafe {
             match nq - i0 {
-                1 => axpy_group::<B, 1>(a, stride, nq, wi, codes, row_bytes, rows, n),
-                2 => axpy_group::<B, 2>(a, stride, nq, wi, codes, row_bytes, rows, n),
-                3 => axpy_group::<B, 3>(a, stride, nq, wi, codes, row_bytes, rows, n),
-                _ => axpy_group::<B, 4>(a, stride, nq, wi, codes, row_bytes, rows, n),
+                1 => axpy_group::<B, 1>(a, stride, w_stride, wi, codes, row_bytes, rows, n),
+                2 => axpy_group::<B, 2>(a, stride, w_stride, wi, codes, row_bytes, rows, n),
+                3 => axpy_group::<B, 3>(a, stride, w_stride, wi, codes, row_bytes, rows, n),
+                _ => axpy_group::<B, 4>(a, stride, w_stride, wi, codes, row_bytes, rows, n),
             }
         }
     }
 }
 
-/// [`code_rows_axpy`] for `M` queries whose weights are `w[r·nq .. r·nq + M]`.
+/// [`code_rows_axpy`] for `M` queries whose weights are `w[j·w_stride + r]`.
 ///
 /// SAFETY: as [`code_rows_axpy`] with the first `M` of `nq` queries.
 #[inline]
@@ -409,7 +413,7 @@ unsafe fn code_rows_axpy<const B: usize>(
 unsafe fn axpy_group<const B: usize, const M: usize>(
     acc: &mut [f32],
     stride: usize,
-    nq: usize,
+    w_stride: usize,
     w: &[f32],
     codes: &[u8],
     row_bytes: usize,
@@ -431,7 +435,7 @@ unsafe fn axpy_group<const B: usize, const M: usize>(
                 let c0 = codes8::<B>(cp, r * row_bytes + k * B / 8);
                 let c1 = codes8::<B>(cp, r * row_bytes + (k + 8) * B / 8);
                 for j in 0..M {
-                    let wj = _mm256_broadcast_ss(&*wp.add(r * nq + j));
+                    let wj = _mm256_broadcast_ss(&*wp.add(j * w_stride + r));
                     lo[j] = _mm256_fmadd_ps(wj, c0, lo[j]);
                     hi[j] = _mm256_fmadd_ps(wj, c1, hi[j]);
                 }
@@ -452,7 +456,7 @@ unsafe fn axpy_group<const B: usize, const M: usize>(
             for r in 0..rows {
                 let c = codes8::<B>(cp, r * row_bytes + k * B / 8);
                 for (j, aj) in a.iter_mut().enumerate() {
-                    *aj = _mm256_fmadd_ps(_mm256_broadcast_ss(&*wp.add(r * nq + j)), c, *aj);
+                    *aj = _mm256_fmadd_ps(_mm256_broadcast_ss(&*wp.add(j * w_stride + r)), c, *aj);
                 }
             }
             for (j, aj) in a.iter().enumerate() {
@@ -471,24 +475,26 @@ impl Simd for Avx2 {
         stride: usize,
         nq: usize,
         w: &[f32],
+        w_stride: usize,
         codes: &[u8],
         row_bytes: usize,
         rows: usize,
         bits: u8,
         n: usize,
     ) {
+        let (ws, rb) = (w_stride, row_bytes);
         // SAFETY: an `Avx2` exists only on CPUs with AVX2 and FMA; bounds asserted inside.
         match bits {
-            2 if n % 8 == 0 => unsafe {
-                code_rows_axpy::<2>(acc, stride, nq, w, codes, row_bytes, rows, n)
+            2 if n.is_multiple_of(8) => unsafe {
+                code_rows_axpy::<2>(acc, stride, nq, w, ws, codes, rb, rows, n)
             },
-            4 if n % 8 == 0 => unsafe {
-                code_rows_axpy::<4>(acc, stride, nq, w, codes, row_bytes, rows, n)
+            4 if n.is_multiple_of(8) => unsafe {
+                code_rows_axpy::<4>(acc, stride, nq, w, ws, codes, rb, rows, n)
             },
-            8 if n % 8 == 0 => unsafe {
-                code_rows_axpy::<8>(acc, stride, nq, w, codes, row_bytes, rows, n)
+            8 if n.is_multiple_of(8) => unsafe {
+                code_rows_axpy::<8>(acc, stride, nq, w, ws, codes, rb, rows, n)
             },
-            _ => Portable.code_rows_axpy(acc, stride, nq, w, codes, row_bytes, rows, bits, n),
+            _ => Portable.code_rows_axpy(acc, stride, nq, w, ws, codes, rb, rows, bits, n),
         }
     }
 
@@ -505,19 +511,21 @@ impl Simd for Avx2 {
         bits: u8,
         n: usize,
         out: &mut [f32],
+        out_stride: usize,
     ) {
+        let (rb, os) = (row_bytes, out_stride);
         // SAFETY: an `Avx2` exists only on CPUs with AVX2 and FMA; bounds asserted inside.
         match bits {
-            2 if n % 8 == 0 => unsafe {
-                code_rows_dots::<2>(q, stride, nq, codes, row_bytes, rows, n, out)
+            2 if n.is_multiple_of(8) => unsafe {
+                code_rows_dots::<2>(q, stride, nq, codes, rb, rows, n, out, os)
             },
-            4 if n % 8 == 0 => unsafe {
-                code_rows_dots::<4>(q, stride, nq, codes, row_bytes, rows, n, out)
+            4 if n.is_multiple_of(8) => unsafe {
+                code_rows_dots::<4>(q, stride, nq, codes, rb, rows, n, out, os)
             },
-            8 if n % 8 == 0 => unsafe {
-                code_rows_dots::<8>(q, stride, nq, codes, row_bytes, rows, n, out)
+            8 if n.is_multiple_of(8) => unsafe {
+                code_rows_dots::<8>(q, stride, nq, codes, rb, rows, n, out, os)
             },
-            _ => Portable.code_rows_dots(q, stride, nq, codes, row_bytes, rows, bits, n, out),
+            _ => Portable.code_rows_dots(q, stride, nq, codes, rb, rows, bits, n, out, os),
         }
     }
 
@@ -536,9 +544,9 @@ impl Simd for Avx2 {
         // SAFETY: an `Avx2` exists only on CPUs with AVX2 and FMA; `n % 8 == 0` is checked
         // and the bounds are asserted inside.
         match bits {
-            2 if n % 8 == 0 => unsafe { code_dots::<2>(q, stride, nq, codes, n, out) },
-            4 if n % 8 == 0 => unsafe { code_dots::<4>(q, stride, nq, codes, n, out) },
-            8 if n % 8 == 0 => unsafe { code_dots::<8>(q, stride, nq, codes, n, out) },
+            2 if n.is_multiple_of(8) => unsafe { code_dots::<2>(q, stride, nq, codes, n, out) },
+            4 if n.is_multiple_of(8) => unsafe { code_dots::<4>(q, stride, nq, codes, n, out) },
+            8 if n.is_multiple_of(8) => unsafe { code_dots::<8>(q, stride, nq, codes, n, out) },
             _ => Portable.code_dots(q, stride, nq, codes, bits, n, out),
         }
     }
@@ -557,9 +565,9 @@ impl Simd for Avx2 {
     ) {
         // SAFETY: as above.
         match bits {
-            2 if n % 8 == 0 => unsafe { code_axpys::<2>(acc, stride, nq, w, codes, n) },
-            4 if n % 8 == 0 => unsafe { code_axpys::<4>(acc, stride, nq, w, codes, n) },
-            8 if n % 8 == 0 => unsafe { code_axpys::<8>(acc, stride, nq, w, codes, n) },
+            2 if n.is_multiple_of(8) => unsafe { code_axpys::<2>(acc, stride, nq, w, codes, n) },
+            4 if n.is_multiple_of(8) => unsafe { code_axpys::<4>(acc, stride, nq, w, codes, n) },
+            8 if n.is_multiple_of(8) => unsafe { code_axpys::<8>(acc, stride, nq, w, codes, n) },
             _ => Portable.code_axpys(acc, stride, nq, w, codes, bits, n),
         }
     }

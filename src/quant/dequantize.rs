@@ -67,7 +67,7 @@ impl QuantizedTensor {
         }
         let d = geo.channels;
         let bits = self.spec.bits;
-        let aligned = (d * bits as usize) % 8 == 0;
+        let aligned = (d * bits as usize).is_multiple_of(8);
         let all_codes = if aligned {
             None
         } else {

@@ -44,7 +44,7 @@ impl QuantSpec {
         check_bits(self.bits)?;
         match self.grouping {
             Grouping::TokenGroups { group_size } => {
-                if group_size == 0 || channels % group_size != 0 {
+                if group_size == 0 || !channels.is_multiple_of(group_size) {
                     return Err(KvmixError::Config(format!(
                         "`group_size` must be a positive divisor of the channel dimension \
                          ({channels}), got {group_size}"
@@ -378,7 +378,7 @@ pub fn quantize<T: Element>(
     let mut scale = vec![0f32; n_params];
     let mut offset = vec![0f32; n_params];
     // Aligned rows pack unit by unit; otherwise collect all codes and pack once at the end.
-    let aligned = (d * bits as usize) % 8 == 0;
+    let aligned = (d * bits as usize).is_multiple_of(8);
     let mut codes = vec![0u8; if aligned { packed_len(n, bits) } else { n }];
     let code_len = |u: &Unit| {
         let m = (u.token_end - u.token_start) * d;

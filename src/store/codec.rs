@@ -76,7 +76,7 @@ impl Codec {
                 bits, group_size, ..
             } => {
                 quant::check_bits(bits)?;
-                if group_size == 0 || head_dim % group_size != 0 {
+                if group_size == 0 || !head_dim.is_multiple_of(group_size) {
                     return Err(KvmixError::Config(format!(
                         "`group_size` must divide head_dim ({head_dim}), got {group_size}"
                     )));
@@ -110,7 +110,7 @@ impl Codec {
 }
 
 fn check_row_bytes(head_dim: usize, bits: u8) -> Result<()> {
-    if (head_dim * bits as usize) % 8 != 0 {
+    if !(head_dim * bits as usize).is_multiple_of(8) {
         return Err(KvmixError::Config(format!(
             "head_dim ({head_dim}) x bits ({bits}) must be a multiple of 8 so that every token's \
              codes start on a byte boundary"
@@ -248,7 +248,7 @@ impl EncodedRows {
     /// Append `rows` (`n × dim`, row-major) as one segment.
     pub fn push_segment(&mut self, rows: &[f32]) -> Result<()> {
         let d = self.dim;
-        if rows.len() % d != 0 {
+        if !rows.len().is_multiple_of(d) {
             return Err(KvmixError::Shape(format!(
                 "rows must be a multiple of head_dim ({d}) values, got {}",
                 rows.len()

@@ -281,7 +281,7 @@ impl LayerStore {
     /// `acc` and `count` are `[batch, kv_heads, n]`.
     pub fn add_scores(&mut self, start: usize, acc: &[f32], count: &[f32]) -> Result<()> {
         let per = self.streams.len();
-        if per == 0 || acc.len() % per != 0 || acc.len() != count.len() {
+        if per == 0 || !acc.len().is_multiple_of(per) || acc.len() != count.len() {
             return Err(KvmixError::Shape(format!(
                 "scores must be [batch, kv_heads, tokens] for {per} streams, got {} and {} values",
                 acc.len(),

@@ -240,7 +240,7 @@ impl Policy {
                 let g = c.group_size.unwrap_or_else(|| {
                     (1..=head_dim.min(64))
                         .rev()
-                        .find(|g| head_dim % g == 0)
+                        .find(|g| head_dim.is_multiple_of(*g))
                         .unwrap_or(1)
                 });
                 let low = (

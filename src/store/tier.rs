@@ -45,6 +45,21 @@ impl Positions {
         }
     }
 
+    /// The smallest and largest position, if any (one vectorized pass, not a `get` per row).
+    pub fn min_max(&self) -> Option<(u32, u32)> {
+        fn fold<T: Copy + Ord + Into<u32>>(v: &[T]) -> Option<(u32, u32)> {
+            let (&first, _) = v.split_first()?;
+            let (lo, hi) = v
+                .iter()
+                .fold((first, first), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+            Some((lo.into(), hi.into()))
+        }
+        match self {
+            Positions::U16(v) => fold(v),
+            Positions::U32(v) => fold(v),
+        }
+    }
+
     pub fn to_vec(&self) -> Vec<u32> {
         (0..self.len()).map(|i| self.get(i)).collect()
     }

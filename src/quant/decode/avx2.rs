@@ -10,7 +10,7 @@ use crate::element::Element;
 /// groups that do not split a block.
 #[inline(always)]
 pub(crate) fn fits(slab: &Slab<'_>) -> bool {
-    slab.channels % 8 == 0
+    slab.channels.is_multiple_of(8)
         && match slab.params {
             Params::Groups { group_size, .. } => group_size % 8 == 0,
             Params::Channels { .. } => true,
@@ -63,7 +63,7 @@ unsafe fn decode_width<T: Element, const B: usize, const FACTOR: bool>(
     use std::arch::x86_64::*;
     let n = dst.len();
     let d = slab.channels;
-    assert!(fits(&slab) && n % d == 0 && packed.len() == n / 8 * B);
+    assert!(fits(&slab) && n.is_multiple_of(d) && packed.len() == n / 8 * B);
     let rows = n / d;
     let factor = slab.factor.unwrap_or(&[]);
     assert!(!FACTOR || factor.len() >= d);

@@ -19,7 +19,7 @@ use std::arch::x86_64::*;
 /// groups that do not split a step.
 #[inline(always)]
 pub(crate) fn fits(slab: &Slab<'_>) -> bool {
-    slab.channels % 16 == 0
+    slab.channels.is_multiple_of(16)
         && match slab.params {
             Params::Groups { group_size, .. } => group_size % 16 == 0,
             Params::Channels { .. } => true,
@@ -71,7 +71,7 @@ unsafe fn decode_width<T: Element, const B: usize, const FACTOR: bool>(
 ) {
     let n = dst.len();
     let d = slab.channels;
-    assert!(fits(&slab) && n % d == 0 && packed.len() == n / 8 * B);
+    assert!(fits(&slab) && n.is_multiple_of(d) && packed.len() == n / 8 * B);
     let rows = n / d;
     let factor = slab.factor.unwrap_or(&[]);
     assert!(!FACTOR || factor.len() >= d);
@@ -217,7 +217,7 @@ impl LineWriter {
     #[inline]
     fn new(out: Option<&mut [f32]>, stream: bool) -> Option<Self> {
         let out = out?.as_mut_ptr();
-        if out as usize % 4 != 0 {
+        if !(out as usize).is_multiple_of(4) {
             return None;
         }
         let lag = (out as usize % 64) / 4;

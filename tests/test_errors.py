@@ -520,24 +520,17 @@ def test_missing_balancer_is_a_config_error(x: np.ndarray) -> None:
 
 
 def test_scoring_threads_come_from_the_environment(monkeypatch):
-    """`KVMIX_SCORING_THREADS` sets the torch threads of the prefill's scoring loops (restored
-    after); a bad value is a clear ConfigError."""
+    """`KVMIX_SCORING_THREADS` sets the threads of the prefill's scoring loops (torch's count by
+    default); a bad value is a clear ConfigError."""
     import torch
 
     from kvmix import attention
 
-    before = torch.get_num_threads()
-    monkeypatch.setenv("KVMIX_SCORING_THREADS", "1")
-    with attention._torch_threads_for_scoring():
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
+    monkeypatch.setenv("KVMIX_SCORING_THREADS", "3")
+    assert attention._scoring_threads() == 3
     monkeypatch.setenv("KVMIX_SCORING_THREADS", "")
-    with attention._torch_threads_for_scoring():
-        assert torch.get_num_threads() == before
+    assert attention._scoring_threads() == torch.get_num_threads()
     for bad in ("0", "two"):
         monkeypatch.setenv("KVMIX_SCORING_THREADS", bad)
-        with (
-            pytest.raises(kvmix.ConfigError, match="`KVMIX_SCORING_THREADS` must be a positive"),
-            attention._torch_threads_for_scoring(),
-        ):
-            pass
+        with pytest.raises(kvmix.ConfigError, match="`KVMIX_SCORING_THREADS` must be a positive"):
+            attention._scoring_threads()

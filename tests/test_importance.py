@@ -183,10 +183,13 @@ def test_prefill_probe_scores_in_torch_match_reference(batch, rep, length, pad, 
     np.testing.assert_allclose(acc.numpy(), racc, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("threads", ["1", "2"])
 @pytest.mark.parametrize("length", [1, 31, 32, 100])
-def test_one_pass_prefill_attention_equals_sdpa_and_reference(length):
-    """MiKV's prefill: output and accumulated attention of every row from one softmax."""
+def test_one_pass_prefill_attention_equals_sdpa_and_reference(length, threads, monkeypatch):
+    """MiKV's prefill: output and accumulated attention of every row from one softmax, with the
+    row blocks run inline or side by side on scoring threads."""
     torch = pytest.importorskip("torch")
+    monkeypatch.setenv("KVMIX_SCORING_THREADS", threads)
     from kvmix.attention import _attention_and_column_sums
 
     g = torch.Generator().manual_seed(length)

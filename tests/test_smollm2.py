@@ -37,23 +37,36 @@ def _greedy(model, ids, cache, n):
 
 ZIPCACHE_PASSKEY_GAP = (
     "ZipCache at the paper's settings (40% 4-bit by normalized probe attention, 2-bit rest) "
-    "answers 6/10: in 86 of 90 heads some passkey digit ranks below the 40% cut and is kept at "
-    "2 bits (4-bit low tier: 10/10). Open in issue 5."
+    "loses passkeys: the probes rank the key's digits salient in only 30-70% of the heads, and "
+    "the 2-bit per-channel keys of the regular tokens break the copy (3-bit regular keys retrieve "
+    "every key; 3-bit values do not help). Open in issue 5."
 )
+
+
+def _zipcache_k3(config):
+    return kvmix.ZipCache(config, low_key_bits=3)
+
+
+def _zipcache20_k3(config):
+    return kvmix.ZipCache(config, salient_ratio=0.2, low_key_bits=3)
 
 
 @pytest.mark.parametrize(
-    "make",
+    "make, min_ratio",
     [
         pytest.param(
             kvmix.ZipCache,
+            4.9,
             id="zipcache",
             marks=pytest.mark.xfail(strict=True, reason=ZIPCACHE_PASSKEY_GAP),
         ),
-        pytest.param(kvmix.MiKVCache, id="mikv"),
+        pytest.param(_zipcache_k3, 4.5, id="zipcache-k3"),
+        # The paper preset's bytes: 20% at 4 bits, the rest 3-bit keys and 2-bit values.
+        pytest.param(_zipcache20_k3, 4.9, id="zipcache20-k3"),
+        pytest.param(kvmix.MiKVCache, 2.5, id="mikv"),
     ],
 )
-def test_passkey_at_4k_tokens(smollm2, make):
+def test_passkey_at_4k_tokens(smollm2, make, min_ratio):
     model, tokenizer = smollm2
     kvmix.enable_fused_attention(model)
     prompts = passkey_prompts(tokenizer, 10, 4096, seed=0)
@@ -62,7 +75,7 @@ def test_passkey_at_4k_tokens(smollm2, make):
         cache = make(model.config)
         answer = tokenizer.decode(_greedy(model, p.input_ids, cache, 7), skip_special_tokens=True)
         correct += p.is_correct(answer)
-        assert cache.memory_report()["compression_ratio"] > 2.5
+        assert cache.memory_report()["compression_ratio"] > min_ratio
     assert correct >= 9, f"{make.__name__}: {correct}/10 passkeys"
 
 

@@ -65,6 +65,31 @@ def test_zipcache_plain_tokenwise_values_ablation():
     np.testing.assert_allclose(kh, rq.dequantize_channel_blocks(qk, len(positions)), atol=1e-6)
 
 
+def test_zipcache_low_key_bits_changes_only_the_regular_keys():
+    """`low_key_bits=3`: the regular tier's keys are 3-bit per-channel, its values stay 2-bit
+    channel-separable, the salient tier is untouched, and the store holds more bytes."""
+    store, k, v = _prefilled("zipcache", {"low_key_bits": 3})
+    positions, kl, vl = _rows(store, 0, "low")
+    kx, vx = k[0, 0, positions], v[0, 0, positions]
+    qk = rq.quantize_channel_blocks(kx, 3, len(positions))
+    np.testing.assert_allclose(kl, rq.dequantize_channel_blocks(qk, len(positions)), atol=1e-6)
+    qv = rq.quantize_token_groups(vx, 2, D, channel_scale=rq.separable_channel_scale(vx))
+    np.testing.assert_allclose(vl, rq.dequantize_token_groups(qv, D), rtol=1e-6, atol=1e-6)
+    positions, kh, _ = _rows(store, 0, "high")
+    qk = rq.quantize_channel_blocks(k[0, 0, positions], 4, len(positions))
+    np.testing.assert_allclose(kh, rq.dequantize_channel_blocks(qk, len(positions)), atol=1e-6)
+    low, paper = store.memory()["tiers"]["low"], _prefilled("zipcache")[0].memory()["tiers"]["low"]
+    rows = sum(len(store.tier_positions(s)["low"]) for s in range(2))
+    assert (low["key_data"], paper["key_data"]) == (rows * D * 3 // 8, rows * D * 2 // 8)
+    assert low["value_data"] == paper["value_data"]
+
+
+@pytest.mark.parametrize("bits", [0, 5, 8])
+def test_zipcache_low_key_bits_out_of_range_is_refused(bits):
+    with pytest.raises(kvmix.ConfigError, match="low_key_bits"):
+        kvmix.LayerStore("zipcache", 2, D, {"low_key_bits": bits})
+
+
 def test_mikv_tiers_equal_reference_quantizers():
     store, k, v = _prefilled("mikv", {"low_bits": 3})
     rng = np.random.default_rng(0)
@@ -202,13 +227,20 @@ def test_dense_into_a_reused_buffer_equals_dense(policy, config):
     shape = (2, 2, 80, D)
     keys, values = np.full(shape, 7.0, np.float32), np.full(shape, 7.0, np.float32)
     for step in range(3):  # the same buffers across appends and classifications
-        n = store.dense_into(keys, values)
+        n = store.dense_into(keys, values, changed_only=step > 0)
         assert n == store.seen == 50 + step
         for s in range(4):
             _, k, v = store.dense(s)
             np.testing.assert_array_equal(keys[s // 2, s % 2, :n], k)
             np.testing.assert_array_equal(values[s // 2, s % 2, :n], v)
         assert (keys[:, :, n:] == 7.0).all(), "rows past the tokens are left untouched"
+        if step > 0:
+            # Only changed rows are rewritten: a row scribbled over since stays scribbled.
+            keys[0, 0, 0] = 5.0
+            store.dense_into(keys, values, changed_only=True)
+            assert (keys[0, 0, 0] == 5.0).all()
+            store.dense_into(keys, values)
+            np.testing.assert_array_equal(keys[0, 0, :n], store.dense(0)[1])
         new = rng.standard_normal((2, 2, 1, D), dtype=np.float32)
         store.append(new, new)
         store.maybe_classify()

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import torch
 from transformers import AttentionInterface
@@ -30,6 +31,8 @@ from kvmix import _kvmix
 from kvmix.errors import ConfigError
 
 __all__ = ["enable_fused_attention", "kvmix_attention"]
+
+T = TypeVar("T")
 
 #: Query rows per block when computing explicit attention probabilities. Small blocks keep the
 #: logits of a block (rows x query heads x keys, 4.7 MB at 32 rows, 9 heads, 4k keys) near the
@@ -67,21 +70,15 @@ def _probe_rows(layer: Any, length: int) -> list[int] | None:
     return None
 
 
-#: Environment variable: torch threads for the prefill's block-wise scoring loops.
+#: Environment variable: threads for the prefill's block-wise scoring loops.
 SCORING_THREADS_ENV = "KVMIX_SCORING_THREADS"
 
 
-def _scoring_threads() -> int | None:
-    """Threads for the scoring loops: ``$KVMIX_SCORING_THREADS``, or ``None`` for torch's own.
-
-    torch's own count is the fastest on an idle machine (SmolLM2, 4k prompt, 2 cores: prefill
-    overhead ZipCache +10% / MiKV +60% vs +21% / +96% on one thread). On a heavily loaded machine
-    one thread wins: each block is a handful of small ops, every multi-threaded op ends in a
-    barrier, and a descheduled worker stalls each one (measured at load ~6: MiKV +22% on one
-    thread vs +184% on two)."""
+def _scoring_threads() -> int:
+    """Threads for the scoring loops: ``$KVMIX_SCORING_THREADS``, else torch's thread count."""
     value = os.environ.get(SCORING_THREADS_ENV)
     if value is None or value == "":
-        return None
+        return torch.get_num_threads()
     try:
         threads = int(value)
     except ValueError:
@@ -91,26 +88,61 @@ def _scoring_threads() -> int | None:
     return threads
 
 
-@contextmanager
-def _torch_threads_for_scoring(enable: bool = True) -> Iterator[None]:
-    """Run the block loops on :func:`_scoring_threads` torch threads. A single block (a decoding
-    step) always keeps torch's setting."""
-    wanted = _scoring_threads() if enable else None
-    threads = torch.get_num_threads()
-    if wanted is None or wanted == threads:
-        yield
+def _single_threaded_torch() -> None:
+    torch.set_num_threads(1)
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _map_blocks(fn: Callable[[int, int], T], blocks: list[tuple[int, int]]) -> Iterator[T]:
+    """``fn(start, end)`` for every block, results in order: blocks run side by side on
+    :func:`_scoring_threads` Python threads, each running torch on one thread.
+
+    A block is a handful of small torch ops. Run one after another on torch's thread team, every
+    op ends in a barrier: MiKV's scoring prefill then took 1.5x SDPA's time on an idle machine
+    and 15x on a loaded one, where a descheduled team member stalls each barrier. Torch ops
+    release the GIL, so blocks on threads of their own overlap fully with no barrier at all. A
+    single block (a decoding step) keeps torch's threads; one scoring thread runs the blocks
+    inline on one torch thread."""
+    global _pool
+    if len(blocks) == 1:
+        yield fn(*blocks[0])
         return
-    torch.set_num_threads(wanted)
+    threads = min(_scoring_threads(), len(blocks))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the caller's thread, and MKL's process-wide count
     try:
-        yield
+        if threads == 1:
+            yield from (fn(a, b) for a, b in blocks)
+            return
+        if _pool is None or _pool._max_workers < threads:
+            _pool = ThreadPoolExecutor(threads, "kvmix-scoring", initializer=_single_threaded_torch)
+        # Autograd and inference modes are per thread: the workers take the caller's.
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+        def run(a: int, b: int) -> T:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return fn(a, b)
+
+        # At most `threads` blocks in flight: their logits stay near the cores.
+        pending: deque[Future[T]] = deque()
+        for a, b in blocks:
+            if len(pending) == threads:
+                yield pending.popleft().result()
+            pending.append(_pool.submit(run, a, b))
+        while pending:
+            yield pending.popleft().result()
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
-def _row_blocks(positions: list[int]) -> Iterator[tuple[int, int]]:
+def _row_blocks(positions: list[int]) -> list[tuple[int, int]]:
     """``(start, end)`` slices of the query ``positions``, :data:`_ROWS_PER_BLOCK` rows each."""
-    for start in range(0, len(positions), _ROWS_PER_BLOCK):
-        yield start, min(start + _ROWS_PER_BLOCK, len(positions))
+    return [
+        (start, min(start + _ROWS_PER_BLOCK, len(positions)))
+        for start in range(0, len(positions), _ROWS_PER_BLOCK)
+    ]
 
 
 def _block_probabilities(
@@ -167,12 +199,15 @@ def _probabilities(
     kv-head's GQA group: ``(B, H_kv, T)``."""
     b, hk, t = query.shape[0], key.shape[1], key.shape[2]
     out = torch.zeros(b, hk, t)
-    with _torch_threads_for_scoring(len(rows) > _ROWS_PER_BLOCK):
-        for start, end in _row_blocks(q_positions):
-            probs, hi = _block_probabilities(
-                query, key, rows[start:end], q_positions[start:end], first_valid, scaling
-            )
-            out[:, :, :hi] += probs.sum(dim=(2, 3))
+
+    def block(start: int, end: int) -> tuple[torch.Tensor, int]:
+        probs, hi = _block_probabilities(
+            query, key, rows[start:end], q_positions[start:end], first_valid, scaling
+        )
+        return probs.sum(dim=(2, 3)), hi
+
+    for received, hi in _map_blocks(block, _row_blocks(q_positions)):
+        out[:, :, :hi] += received
     return out
 
 
@@ -195,15 +230,18 @@ def _attention_and_column_sums(
     acc = torch.zeros(b, hk, t)
     values = value.float()
     positions = list(range(t))
-    with _torch_threads_for_scoring():
-        for start, end in _row_blocks(positions):
-            probs, hi = _block_probabilities(
-                query, key, positions[start:end], positions[start:end], [0] * b, scaling
-            )
-            acc[:, :, :hi] += probs.sum(dim=(2, 3))
-            n = end - start
-            flat = probs.view(b, hk, rep * n, hi)
-            out[:, :, :, start:end] = torch.matmul(flat, values[:, :, :hi]).view(b, hk, rep, n, d)
+
+    def block(start: int, end: int) -> tuple[torch.Tensor, int]:
+        rows = positions[start:end]
+        probs, hi = _block_probabilities(query, key, rows, rows, [0] * b, scaling)
+        n = end - start
+        flat = probs.view(b, hk, rep * n, hi)
+        # Blocks write disjoint rows of `out`; the column sums are added by the caller.
+        out[:, :, :, start:end] = torch.matmul(flat, values[:, :, :hi]).view(b, hk, rep, n, d)
+        return probs.sum(dim=(2, 3)), hi
+
+    for received, hi in _map_blocks(block, _row_blocks(positions)):
+        acc[:, :, :hi] += received
     attn = out.view(b, hq, t, d).to(query.dtype).transpose(1, 2).contiguous()
     return attn, acc
 

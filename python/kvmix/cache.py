@@ -193,11 +193,17 @@ class KvmixLayer(CacheLayerMixin):
         until the next call.
         """
         b, held = self.store.batch, self.store.seen  # the portable path never evicts
-        if self._dense is None or self._dense[0].shape[0] != b or self._dense[0].shape[2] < held:
+        reuse = not (
+            self._dense is None or self._dense[0].shape[0] != b or self._dense[0].shape[2] < held
+        )
+        if not reuse:
             # 1.5x headroom: one reallocation every ~held/2 decoding steps.
             shape = (b, self.kv_heads, max(64, held * 3 // 2), self.head_dim)
             self._dense = (np.empty(shape, np.float32), np.empty(shape, np.float32))
-        n = self.store.dense_into(*self._dense)
+        # The buffers are only ever written here: a reused pair gets just the rows that changed
+        # (the new token; the tokens a classification moved).
+        assert self._dense is not None
+        n = self.store.dense_into(*self._dense, changed_only=reuse)
         keys, values = (torch.from_numpy(a)[:, :, :n] for a in self._dense)
         return keys.to(self.dtype), values.to(self.dtype)
 
@@ -304,6 +310,9 @@ class ZipCache(KvmixCache):
         config: the model config.
         salient_ratio: fraction of tokens kept at high precision (paper tables: 0.4; demo: 0.6).
         high_bits / low_bits: code widths of the two tiers (4 and 2).
+        low_key_bits: code width of the regular tokens' keys, if not ``low_bits`` (``None``, the
+            paper). ``3`` keeps passkey retrieval on SmolLM2-135M, where 2-bit per-channel keys
+            lose it (see the README's results); values stay at ``low_bits``.
         probe_recent / probe_random: fractions of prompt positions used as probe queries.
         count_mode: ``"exact"`` (probe rows that see the token) or ``"full_matrix"`` (``L - j``,
             the paper's code).
@@ -322,6 +331,7 @@ class ZipCache(KvmixCache):
         salient_ratio: float = 0.4,
         high_bits: int = 4,
         low_bits: int = 2,
+        low_key_bits: int | None = None,
         probe_recent: float = 0.05,
         probe_random: float = 0.05,
         count_mode: str = "exact",
@@ -337,6 +347,7 @@ class ZipCache(KvmixCache):
                 "salient_ratio": salient_ratio,
                 "high_bits": high_bits,
                 "low_bits": low_bits,
+                "low_key_bits": low_key_bits,
                 "probe_recent": probe_recent,
                 "probe_random": probe_random,
                 "count_mode": count_mode,

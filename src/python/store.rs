@@ -82,14 +82,15 @@ fn parse_policy(name: &str, config: Option<&Bound<'_, PyDict>>) -> PyResult<Poli
         "zipcache" => {
             let mut c = ZipCacheConfig::default();
             let keys = [
-                "salient_ratio", "high_bits", "low_bits", "probe_recent", "probe_random", "count_mode",
-                "normalized", "channel_separable", "streaming_gap",
+                "salient_ratio", "high_bits", "low_bits", "low_key_bits", "probe_recent",
+                "probe_random", "count_mode", "normalized", "channel_separable", "streaming_gap",
             ];
             read_config(config, name, &keys, |k, v| {
                 match k {
                     "salient_ratio" => c.salient_ratio = v.extract()?,
                     "high_bits" => c.high_bits = v.extract()?,
                     "low_bits" => c.low_bits = v.extract()?,
+                    "low_key_bits" => c.low_key_bits = v.extract()?,
                     "probe_recent" => c.probe_recent = v.extract()?,
                     "probe_random" => c.probe_random = v.extract()?,
                     "count_mode" => c.count_mode = count_mode(&v.extract::<String>()?)?,
@@ -377,11 +378,15 @@ impl PyLayerStore {
     /// Dequantize every stream into `keys` and `values`, writeable C-contiguous float32 arrays
     /// `[batch, kv_heads, capacity, head_dim]` reused across calls: each stream's tokens in
     /// position order at `[..., :n, :]`, the rest untouched. Returns `n`, the tokens per stream.
+    /// `changed_only=True`: the arrays hold what the previous call wrote, untouched since; only
+    /// the rows that changed are rewritten (the store rewrites all when it cannot tell).
+    #[pyo3(signature = (keys, values, changed_only = false))]
     fn dense_into(
-        &self,
+        &mut self,
         py: Python<'_>,
         keys: &Bound<'_, PyAny>,
         values: &Bound<'_, PyAny>,
+        changed_only: bool,
     ) -> PyResult<usize> {
         let shape_of =
             |a: &PyReadwriteArrayDyn<'_, f32>, name: &str| -> PyResult<usize> {
@@ -418,8 +423,8 @@ impl PyLayerStore {
         let vs = v
             .as_slice_mut()
             .map_err(|e| KvmixError::Shape(e.to_string()))?;
-        let store = &self.inner;
-        detached(py, || store.dense_into(ks, vs, capacity))
+        let store = &mut self.inner;
+        detached(py, || store.dense_into(ks, vs, capacity, changed_only))
     }
 
     /// Positions held by each tier of stream `stream`: `{"buffer", "high", "low"}`.

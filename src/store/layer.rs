@@ -8,12 +8,12 @@
 //! them from their high-precision values, never from already quantized ones.
 
 use super::codec::{Codec, DenseDtype, Factor};
+use super::dense::DenseSync;
 use super::policy::{Layout, Policy};
 use super::tier::{RowBatch, Tier, TierBytes};
 use crate::element::Element;
 use crate::error::{KvmixError, Result};
 use crate::importance::{normalized, top_k};
-use rayon::prelude::*;
 
 /// Largest magnitude an fp16 tier or fp16 quantization parameter can hold.
 const F16_MAX: f32 = 65504.0;
@@ -96,6 +96,9 @@ pub struct LayerStore {
     appends_since_classify: usize,
     classified_once: bool,
     balancer: Option<Vec<f32>>,
+    /// What the last [`Self::dense_into`] wrote, so that the next call rewrites only what
+    /// changed (`None`: everything must be rewritten).
+    pub(super) dense_sync: Option<DenseSync>,
 }
 
 impl LayerStore {
@@ -123,6 +126,7 @@ impl LayerStore {
             appends_since_classify: 0,
             classified_once: false,
             balancer: None,
+            dense_sync: None,
         })
     }
 
@@ -274,6 +278,7 @@ impl LayerStore {
             set_stream_balancer(stream, &inverse[s * self.head_dim..(s + 1) * self.head_dim])?;
         }
         self.balancer = Some(inverse);
+        self.dense_sync = None;
         Ok(())
     }
 
@@ -389,7 +394,10 @@ impl LayerStore {
         let seen = self.seen;
         for (s, stream) in self.streams.iter_mut().enumerate() {
             let first_valid = self.first_valid[s / self.kv_heads] as u32;
-            classify_stream(policy, stream, seen, first_valid)?;
+            let moved = classify_stream(policy, stream, seen, first_valid)?;
+            if let Some(sync) = &mut self.dense_sync {
+                sync.moved[s].extend(moved);
+            }
         }
         self.appends_since_classify = 0;
         self.classified_once = true;
@@ -410,6 +418,9 @@ impl LayerStore {
             }
         }
         self.seen = len;
+        if let Some(sync) = &mut self.dense_sync {
+            sync.tokens = sync.tokens.min(len);
+        }
     }
 
     /// Keep (and reorder) the sequences `indices` of the batch; an index may repeat.
@@ -436,6 +447,7 @@ impl LayerStore {
             );
         }
         self.batch = indices.len();
+        self.dense_sync = None;
         Ok(())
     }
 
@@ -456,68 +468,7 @@ impl LayerStore {
         self.appends_since_classify = 0;
         self.classified_once = false;
         self.balancer = None;
-    }
-
-    /// Positions and dequantized keys/values of stream `s`, in position order.
-    pub fn dense(&self, s: usize) -> (Vec<u32>, Vec<f32>, Vec<f32>) {
-        let stream = &self.streams[s];
-        let mut k = vec![0f32; stream.len() * self.head_dim];
-        let mut v = vec![0f32; k.len()];
-        let order = decode_stream(stream, self.head_dim, &mut k, &mut v);
-        (order.iter().map(|o| o.2).collect(), k, v)
-    }
-
-    /// Dequantized keys and values of every stream written into `keys` and `values`, both
-    /// `[streams, capacity, head_dim]` (e.g. buffers reused across decode steps, which spares
-    /// allocating and page-faulting the whole cache each step): stream `s`'s tokens in position
-    /// order at rows `0..n`, rows `n..capacity` untouched. Every stream must hold the same number
-    /// of tokens `n <= capacity` (true unless tokens were evicted); returns `n`.
-    pub fn dense_into(
-        &self,
-        keys: &mut [f32],
-        values: &mut [f32],
-        capacity: usize,
-    ) -> Result<usize> {
-        let d = self.head_dim;
-        let n = self.streams.first().map_or(0, Stream::len);
-        if self.streams.iter().any(|s| s.len() != n) {
-            return Err(KvmixError::Shape(
-                "dense_into needs every stream to hold the same number of tokens (an eviction \
-                 policy dropped some); use dense(stream) per stream"
-                    .into(),
-            ));
-        }
-        let want = self.streams.len() * capacity * d;
-        if n > capacity || keys.len() != want || values.len() != want {
-            return Err(KvmixError::Shape(format!(
-                "dense_into needs keys and values of {} streams x capacity {capacity} >= {n} tokens \
-                 x head_dim {d} ({want} elements), got {} and {}",
-                self.streams.len(),
-                keys.len(),
-                values.len()
-            )));
-        }
-        if want == 0 {
-            return Ok(n);
-        }
-        let fill = |(stream, (k, v)): (&Stream, (&mut [f32], &mut [f32]))| {
-            decode_stream(stream, d, &mut k[..n * d], &mut v[..n * d]);
-        };
-        let rows = capacity * d;
-        crate::parallel::run(self.streams.len() * n * d, |parallel| {
-            if parallel {
-                self.streams
-                    .par_iter()
-                    .zip(keys.par_chunks_mut(rows).zip(values.par_chunks_mut(rows)))
-                    .for_each(fill);
-            } else {
-                self.streams
-                    .iter()
-                    .zip(keys.chunks_mut(rows).zip(values.chunks_mut(rows)))
-                    .for_each(fill);
-            }
-        });
-        Ok(n)
+        self.dense_sync = None;
     }
 
     /// Bytes held, measured from the buffers.
@@ -533,22 +484,6 @@ impl LayerStore {
         m.fp16_bytes = self.streams.len() * self.seen * 2 * self.head_dim * 2;
         m
     }
-}
-
-/// Dequantize `stream` into `k` and `v` (`len × d` each) in position order; returns the order.
-fn decode_stream(
-    stream: &Stream,
-    d: usize,
-    k: &mut [f32],
-    v: &mut [f32],
-) -> Vec<(usize, usize, u32)> {
-    let order = stream.position_order();
-    let tiers = stream.tiers();
-    for (j, &(t, r, _)) in order.iter().enumerate() {
-        tiers[t].keys.decode_row(r, &mut k[j * d..(j + 1) * d]);
-        tiers[t].values.decode_row(r, &mut v[j * d..(j + 1) * d]);
-    }
-    order
 }
 
 fn set_stream_balancer(s: &mut Stream, inverse: &[f32]) -> Result<()> {
@@ -585,10 +520,16 @@ fn heavy_and_recent(candidates: &[(u32, f32, bool)], budget: usize, n_recent: us
     important
 }
 
-fn classify_stream(policy: Policy, s: &mut Stream, seen: usize, first_valid: u32) -> Result<()> {
+/// Classify the buffer of one stream; returns the positions whose representation changed.
+fn classify_stream(
+    policy: Policy,
+    s: &mut Stream,
+    seen: usize,
+    first_valid: u32,
+) -> Result<Vec<u32>> {
     let valid_tokens = seen.saturating_sub(first_valid as usize);
     match policy {
-        Policy::Full => Ok(()),
+        Policy::Full => Ok(Vec::new()),
         Policy::Mikv(c) => {
             let budget = (c.ratio * valid_tokens as f64).round() as usize;
             let n_recent = (c.recent_share * budget as f64).round() as usize;
@@ -618,7 +559,8 @@ fn classify_stream(policy: Policy, s: &mut Stream, seen: usize, first_valid: u32
             }
             let regular: Vec<bool> = salient.iter().map(|&x| !x).collect();
             s.high.push(&all.select(&salient, s.buffer.keys.dim))?;
-            s.low.push(&all.select(&regular, s.buffer.keys.dim))
+            s.low.push(&all.select(&regular, s.buffer.keys.dim))?;
+            Ok(all.positions)
         }
         Policy::Uniform(c) => {
             let n_flush = s.buffer.len() / c.residual * c.residual;
@@ -630,20 +572,20 @@ fn classify_stream(policy: Policy, s: &mut Stream, seen: usize, first_valid: u32
                 let pick: Vec<bool> = (0..n_flush).map(|i| i / c.residual == blk).collect();
                 s.low.push(&rows.select(&pick, d))?;
             }
-            Ok(())
+            Ok(rows.positions)
         }
     }
 }
 
 /// Keep the important set (high tier + buffer candidates) in the high tier; the others are
-/// demoted to the low tier (`demote`) or dropped.
+/// demoted to the low tier (`demote`) or dropped. Returns the positions that moved.
 fn retain_important(
     s: &mut Stream,
     budget: usize,
     n_recent: usize,
     first_valid: u32,
     demote: bool,
-) -> Result<()> {
+) -> Result<Vec<u32>> {
     let d = s.buffer.keys.dim;
     let score = |t: &Tier, r: usize| t.scores.as_ref().map_or(0.0, |x| x.acc[r]);
     let mut candidates = Vec::new();
@@ -665,7 +607,7 @@ fn retain_important(
         s.low.push(&demoted)?;
         s.low.push(&incoming.select(&to_low, d))?;
     }
-    Ok(())
+    Ok([demoted.positions, incoming.positions].concat())
 }
 
 #[cfg(test)]

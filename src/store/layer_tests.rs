@@ -368,7 +368,7 @@ fn dense_into_writes_every_stream_like_dense() {
         let (streams, n, cap) = (st.streams.len(), st.seen(), st.seen() + 3);
         let mut k = vec![9.0f32; streams * cap * D];
         let mut v = k.clone();
-        assert_eq!(st.dense_into(&mut k, &mut v, cap).unwrap(), n);
+        assert_eq!(st.dense_into(&mut k, &mut v, cap, false).unwrap(), n);
         for s in 0..streams {
             let (_, dk, dv) = st.dense(s);
             assert_eq!(&k[s * cap * D..s * cap * D + n * D], dk.as_slice());
@@ -379,6 +379,44 @@ fn dense_into_writes_every_stream_like_dense() {
         }
         let mut small = vec![0f32; streams * (n - 1) * D];
         let mut small_v = small.clone();
-        assert!(st.dense_into(&mut small, &mut small_v, n - 1).is_err());
+        assert!(st
+            .dense_into(&mut small, &mut small_v, n - 1, false)
+            .is_err());
+    }
+}
+
+/// Every stream of `st` written by `dense_into` into `k`/`v` (capacity `cap`) equals `dense`.
+fn assert_dense(st: &LayerStore, k: &[f32], v: &[f32], cap: usize, what: &str) {
+    let n = st.streams[0].len();
+    for s in 0..st.streams.len() {
+        let (_, dk, dv) = st.dense(s);
+        let at = s * cap * D;
+        assert_eq!(&k[at..at + n * D], dk.as_slice(), "{what}, stream {s}");
+        assert_eq!(&v[at..at + n * D], dv.as_slice(), "{what}, stream {s}");
+    }
+}
+
+#[test]
+fn dense_into_changed_only_tracks_appends_classifications_crops_and_batch_ops() {
+    for policy in policies().into_iter().filter(|p| !evicts(p)) {
+        let mut st = store(policy, 2, 30, 11);
+        let cap = 64;
+        let mut k = vec![0f32; st.streams.len() * cap * D];
+        let mut v = k.clone();
+        st.dense_into(&mut k, &mut v, cap, true).unwrap();
+        assert_dense(&st, &k, &v, cap, &format!("{policy:?} first call"));
+        // Steps that append, classify (MiKV demotes every step) and move tokens between tiers.
+        for step in 0..12 {
+            decode(&mut st, 1, 40 + step);
+            st.dense_into(&mut k, &mut v, cap, true).unwrap();
+            assert_dense(&st, &k, &v, cap, &format!("{policy:?} step {step}"));
+        }
+        st.crop(35);
+        decode(&mut st, 3, 90);
+        st.dense_into(&mut k, &mut v, cap, true).unwrap();
+        assert_dense(&st, &k, &v, cap, &format!("{policy:?} after crop"));
+        st.select_batch(&[1, 0]).unwrap();
+        st.dense_into(&mut k, &mut v, cap, true).unwrap();
+        assert_dense(&st, &k, &v, cap, &format!("{policy:?} after select_batch"));
     }
 }

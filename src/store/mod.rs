@@ -1,6 +1,7 @@
 //! The per-layer mixed-precision KV store: codecs and row containers, tiers, policies.
 
 pub mod codec;
+mod dense;
 pub mod layer;
 pub mod policy;
 pub mod tier;

@@ -46,6 +46,10 @@ pub struct ZipCacheConfig {
     pub salient_ratio: f64,
     pub high_bits: u8,
     pub low_bits: u8,
+    /// Code width of the regular tokens' keys when it differs from `low_bits` (`None` =
+    /// `low_bits`, the paper). 2-bit per-channel keys over a whole token set are what breaks
+    /// long-range retrieval on small models; 3-bit keys at 2-bit values keep it.
+    pub low_key_bits: Option<u8>,
     pub probe_recent: f64,
     pub probe_random: f64,
     pub count_mode: CountMode,
@@ -62,6 +66,7 @@ impl Default for ZipCacheConfig {
             salient_ratio: 0.4,
             high_bits: 4,
             low_bits: 2,
+            low_key_bits: None,
             probe_recent: 0.05,
             probe_random: 0.05,
             count_mode: CountMode::Exact,
@@ -206,6 +211,9 @@ impl Policy {
                 check_ratio("probe_random", c.probe_random)?;
                 check_bits_in("high_bits", c.high_bits, &[2, 3, 4, 8])?;
                 check_bits_in("low_bits", c.low_bits, &[1, 2, 3, 4])?;
+                if let Some(b) = c.low_key_bits {
+                    check_bits_in("low_key_bits", b, &[1, 2, 3, 4])?;
+                }
                 check_gap(c.streaming_gap)?;
                 let value_factor = if c.channel_separable {
                     Factor::Separable
@@ -222,10 +230,14 @@ impl Policy {
                         },
                     )
                 };
+                let (_, low_values) = tier(c.low_bits);
+                let low_keys = Codec::Channel {
+                    bits: c.low_key_bits.unwrap_or(c.low_bits),
+                };
                 Layout {
                     buffer,
                     high: tier(c.high_bits),
-                    low: tier(c.low_bits),
+                    low: (low_keys, low_values),
                     high_scored: false,
                 }
             }

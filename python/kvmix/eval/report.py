@@ -77,6 +77,7 @@ _FAMILY_STYLE = {
     "mikv": ("tab:blue", "o"),
     "zipcache": ("tab:green", "D"),
     "zipcache-ablation": ("tab:olive", "x"),
+    "zipcache-keys": ("tab:purple", "P"),
 }
 
 
@@ -99,7 +100,7 @@ def plot_tradeoffs(results: dict[str, Any], path: str | Path | None = None) -> A
             if not pts:
                 continue
             xs, ys, _ = zip(*pts, strict=True)
-            line = "-" if family not in ("full", "zipcache-ablation") else "none"
+            line = "-" if family not in ("full", "zipcache-ablation", "zipcache-keys") else "none"
             ax.plot(xs, ys, linestyle=line, marker=marker, color=color, label=family)
             for x, y, label in pts:
                 ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")

@@ -203,3 +203,19 @@ def test_one_pass_prefill_attention_equals_sdpa_and_reference(length, threads, m
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     racc, _ = ref.probe_scores(q.numpy(), k.numpy(), list(range(length)), 0.25)
     np.testing.assert_allclose(acc.numpy(), racc, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["exact", "full_matrix"])
+def test_visible_counts_match_brute_force(mode):
+    """How many scored rows see each key: rows at or after it (or L - j), zero in the padding."""
+    torch = pytest.importorskip("torch")
+    from kvmix.attention import _visible_counts
+
+    t = 50
+    rows = kvmix.probe_positions(t, 0.2, 0.2, 3)
+    got = _visible_counts(rows, t, [0, 7], mode)
+    j = np.arange(t)
+    base = t - j if mode == "full_matrix" else np.array([sum(r >= k for r in rows) for k in j])
+    want = np.stack([np.where(j >= fv, base, 0) for fv in (0, 7)])[:, None, :]
+    np.testing.assert_array_equal(got.numpy(), want.astype(np.float32))
+    assert got.dtype == torch.float32

@@ -279,8 +279,8 @@ def _visible_counts(rows: list[int], t: int, first_valid: list[int], mode: str) 
     if mode == "full_matrix":
         base = (t - j).float()
     else:
-        r = torch.tensor(rows)
-        base = (r.view(-1, 1) >= j.view(1, -1)).sum(dim=0).float()
+        # Rows ascend: those at or after j are the ones from j's insertion point on.
+        base = (len(rows) - torch.searchsorted(torch.tensor(rows), j)).float()
     fv = torch.tensor(first_valid).view(-1, 1)
     return torch.where(j.view(1, -1) >= fv, base.view(1, -1), 0.0).unsqueeze(1)
 

@@ -1,6 +1,7 @@
 """The main job: SmolLM2-135M-Instruct answers a ~4k-token passkey prompt from a compressed cache.
 
-``python -m kvmix.demo [--method zipcache|mikv|uniform2|uniform4|eviction] [--tokens N]``
+``python -m kvmix.demo [--method zipcache|zipcache-k3|mikv|uniform2|uniform4|eviction]``
+``[--tokens N]``
 
 Generates greedily once with transformers' full ``DynamicCache`` (the reference) and once with
 the kvmix cache (fused attention), then prints both answers, the bytes the kvmix cache holds
@@ -24,6 +25,10 @@ from kvmix.models import load_smollm2
 
 METHODS: dict[str, tuple[str, Callable[[Any], kvmix.KvmixCache]]] = {
     "zipcache": ("ZipCache (40% 4-bit, 60% 2-bit)", lambda c: kvmix.ZipCache(c)),
+    "zipcache-k3": (
+        "ZipCache (20% 4-bit, 80% 3-bit keys / 2-bit values)",
+        lambda c: kvmix.ZipCache(c, salient_ratio=0.2, low_key_bits=3),
+    ),
     "mikv": ("MiKV (20% fp16, others int2)", lambda c: kvmix.MiKVCache(c)),
     "uniform2": ("uniform 2-bit (KIVI)", lambda c: kvmix.QuantizedKVCache(c, bits=2)),
     "uniform4": ("uniform 4-bit (KIVI)", lambda c: kvmix.QuantizedKVCache(c, bits=4)),

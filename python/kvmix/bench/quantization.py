@@ -204,20 +204,28 @@ def check_same_work(x: torch.Tensor, case: Case) -> None:
 # --- timing and reporting ---------------------------------------------------------------------
 
 
-def median_seconds(fns: Sequence[Callable[[], Any]], repeats: int, warmup: int = 2) -> list[float]:
-    """Median wall time of each of ``fns`` over ``repeats`` calls, after ``warmup`` untimed
-    calls. The calls are interleaved (a, b, a, b, ...) so that a burst of load from other
-    processes hits every contender alike; results are freed outside the timed region."""
+def median_seconds(
+    fns: Sequence[Callable[[], Any]], repeats: int, warmup: int = 2, run: int = 3
+) -> list[float]:
+    """Median wall time of each of ``fns`` over ``repeats`` rounds of ``run`` calls, after
+    ``warmup`` untimed calls. Rounds interleave the contenders (a a a, b b b, a a a, ...) so that
+    a burst of load from other processes hits each alike; each turn starts with one untimed call,
+    which absorbs the hand-over from the other contender (torch's OpenMP threads keep spinning
+    for about a millisecond after its last op, and slowed the next kvmix call 1.9x when the
+    calls alternated one by one). Results are freed outside the timed region."""
     for fn in fns:
         for _ in range(warmup):
             fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, samples in zip(fns, times, strict=True):
-            start = time.perf_counter()
-            out = fn()
-            samples.append(time.perf_counter() - start)
-            del out
+            del_out = fn()
+            del del_out
+            for _ in range(run):
+                start = time.perf_counter()
+                out = fn()
+                samples.append(time.perf_counter() - start)
+                del out
     return [statistics.median(t) for t in times]
 
 
@@ -318,7 +326,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=16384, help="tokens (default 16384)")
     parser.add_argument("--heads", type=int, default=8, help="kv heads (default 8)")
     parser.add_argument("--head-dim", type=int, default=128, help="head_dim (default 128)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls (default 10)")
+    parser.add_argument(
+        "--repeats", type=int, default=10, help="rounds of 3 timed calls each (default 10)"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -343,7 +353,10 @@ def main(args: argparse.Namespace) -> int:
     print("kvmix quantization benchmark: kvmix (Rust core) vs torch, same data, same run")
     print(", ".join(f"{k}={v}" for k, v in info.items()))
     mib = data["keys"].numel() * 4 / 2**20
-    print(f"shape {list(shape)} fp32 ({mib:.0f} MiB), median of {args.repeats} after 2 warm-up\n")
+    print(
+        f"shape {list(shape)} fp32 ({mib:.0f} MiB), median of {args.repeats} rounds x 3 calls "
+        "after 2 warm-up (each contender's turn starts with 1 untimed call)\n"
+    )
 
     results = []
     for case in cases(args.head_dim):

@@ -147,24 +147,30 @@ def timed_rounds(
     repeats: int | None,
     budget: float,
     per_block: int = 3,
-    settle: float = 0.05,
+    handover: float = 0.002,
 ) -> dict[str, list[float]]:
     """Wall times of every function, measured in rounds; a round runs each function as a
-    block of ``per_block`` timed calls after ``settle`` seconds of sleep and one untimed call.
+    block of ``per_block`` timed calls after untimed calls filling ``handover`` seconds (one at
+    least).
 
     Rounds interleave the functions so that load from other processes hits them alike. The
-    pause and the untimed call let the other library's idle threads stop spinning: right after
-    a torch op, torch's OpenMP threads keep spinning for a few ms and slow a following kvmix
-    call (and rayon's threads do the same to torch); that effect is measured separately, by
-    ``after_sdpa`` in :func:`measure`. With ``repeats=None`` the number of rounds fills
-    ``budget`` seconds (5..100); otherwise it is ``repeats``.
+    untimed calls absorb the hand-over from the previous function: right after a torch op,
+    torch's OpenMP threads keep spinning for a millisecond or so and slow a following kvmix call
+    (and rayon's threads do the same to torch); that effect is measured separately, by
+    ``after_sdpa`` in :func:`measure`. Rejected: a sleep before each block. On this VM an idle
+    core takes tens of milliseconds to come back after a pause, and kvmix's B=1 calls then ran
+    at one-thread speed (16k: 3.0 ms instead of 1.45; SDPA's times did not move). With
+    ``repeats=None`` the number of rounds fills ``budget`` seconds (5..100); otherwise it is
+    ``repeats``.
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
     rounds, done, begin = repeats or 5, 0, time.perf_counter()
     while done < rounds:
         for name, fn in fns.items():
-            time.sleep(settle)
+            start = time.perf_counter()
             fn()
+            while time.perf_counter() - start < handover:
+                fn()
             for _ in range(per_block):
                 start = time.perf_counter()
                 out = fn()
@@ -361,7 +367,7 @@ def main(args: argparse.Namespace) -> int:
     timing = f"{args.repeats} rounds" if args.repeats else f"rounds filling ~{args.budget:g} s"
     print(
         f"median over interleaved rounds ({timing}); a round times 3 calls of each function "
-        "after a 50 ms pause and 1 untimed call\n"
+        "after untimed calls filling 2 ms (the hand-over from the previous function)\n"
     )
 
     results: list[Result] = []

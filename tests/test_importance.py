@@ -219,3 +219,16 @@ def test_visible_counts_match_brute_force(mode):
     want = np.stack([np.where(j >= fv, base, 0) for fv in (0, 7)])[:, None, :]
     np.testing.assert_array_equal(got.numpy(), want.astype(np.float32))
     assert got.dtype == torch.float32
+
+
+def test_scoring_pool_is_per_process(monkeypatch):
+    """A forked child inherits the scoring executor but not its threads: it gets a new one."""
+    pytest.importorskip("torch")
+    from kvmix import attention
+
+    pool = attention._scoring_pool(2)
+    assert attention._scoring_pool(2) is pool
+    monkeypatch.setattr(attention.os, "getpid", lambda: -1)
+    child = attention._scoring_pool(2)
+    assert child is not pool
+    assert child.submit(lambda: 41 + 1).result(timeout=10) == 42

@@ -193,18 +193,16 @@ class KvmixLayer(CacheLayerMixin):
         until the next call.
         """
         b, held = self.store.batch, self.store.seen  # the portable path never evicts
-        reuse = not (
-            self._dense is None or self._dense[0].shape[0] != b or self._dense[0].shape[2] < held
-        )
-        if not reuse:
+        dense = self._dense
+        reuse = dense is not None and dense[0].shape[0] == b and dense[0].shape[2] >= held
+        if dense is None or not reuse:
             # 1.5x headroom: one reallocation every ~held/2 decoding steps.
             shape = (b, self.kv_heads, max(64, held * 3 // 2), self.head_dim)
-            self._dense = (np.empty(shape, np.float32), np.empty(shape, np.float32))
+            dense = self._dense = (np.empty(shape, np.float32), np.empty(shape, np.float32))
         # The buffers are only ever written here: a reused pair gets just the rows that changed
         # (the new token; the tokens a classification moved).
-        assert self._dense is not None
-        n = self.store.dense_into(*self._dense, changed_only=reuse)
-        keys, values = (torch.from_numpy(a)[:, :, :n] for a in self._dense)
+        n = self.store.dense_into(*dense, changed_only=reuse)
+        keys, values = (torch.from_numpy(a)[:, :, :n] for a in dense)
         return keys.to(self.dtype), values.to(self.dtype)
 
     def get_seq_length(self) -> int:

@@ -10,6 +10,7 @@ pub mod tensor;
 
 pub use affine::{Affine, ParamDtype, ParamVec};
 pub use channel::{channel_absmax, key_balancer, separable_channel_scale};
+pub(crate) use decode::{decode_packed, Params, Slab};
 pub use dequantize::STREAM_MIN_BYTES;
 pub use packing::{check_bits, pack, packed_len, unpack};
 pub use tensor::{quantize, ByteCount, Geometry, Grouping, QuantSpec, QuantizedTensor};

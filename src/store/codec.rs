@@ -9,7 +9,7 @@
 //! code does from dequantized values) compounds the error; a row here is quantized once.
 
 use crate::error::{KvmixError, Result};
-use crate::quant::{self, Grouping, ParamDtype, ParamVec, QuantSpec};
+use crate::quant::{self, Grouping, ParamDtype, ParamVec, Params, QuantSpec, Slab};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
@@ -332,79 +332,50 @@ impl EncodedRows {
 
     /// Reconstruct row `i` into `out` (`dim` values).
     pub fn decode_row(&self, i: usize, out: &mut [f32]) {
-        let d = self.dim;
-        match &self.data {
-            RowData::F16(v) => out
-                .iter_mut()
-                .zip(&v[i * d..(i + 1) * d])
-                .for_each(|(o, x)| *o = x.to_f32()),
-            RowData::BF16(v) => out
-                .iter_mut()
-                .zip(&v[i * d..(i + 1) * d])
-                .for_each(|(o, x)| *o = x.to_f32()),
-            RowData::F32(v) => out.copy_from_slice(&v[i * d..(i + 1) * d]),
-            RowData::Packed(codes) => {
-                let rb = self.row_bytes();
-                let bits = self.codec.bits().unwrap_or(8);
-                let mut c = vec![0u8; d];
-                quant::unpack(&codes[i * rb..(i + 1) * rb], bits, &mut c);
-                let seg = self.segment_of(i).map(|s| &self.segments[s]);
-                match self.codec {
-                    Codec::TokenGroups { group_size, .. } => {
-                        let g = self.groups();
-                        for (j, (o, &code)) in out.iter_mut().zip(&c).enumerate() {
-                            let p = i * g + j / group_size;
-                            *o = self.row_scale[p].to_f32() * code as f32
-                                + self.row_offset[p].to_f32();
-                        }
-                    }
-                    Codec::Channel { .. } => {
-                        if let Some(seg) = seg {
-                            for (j, (o, &code)) in out.iter_mut().zip(&c).enumerate() {
-                                *o = seg.scale[j].to_f32() * code as f32 + seg.offset[j].to_f32();
-                            }
-                        }
-                    }
-                    Codec::Dense(_) => unreachable!("dense rows are not packed"),
-                }
-                let factor: &[f16] = match seg {
-                    Some(s) if !s.factor.is_empty() => &s.factor,
-                    _ => &self.fixed_factor,
-                };
-                if !factor.is_empty() {
-                    out.iter_mut()
-                        .zip(factor)
-                        .for_each(|(o, f)| *o *= f.to_f32());
-                }
-            }
-        }
+        self.decode_range(i..i + 1, |_| Some(0), out);
     }
 
     /// Reconstruct every row, row `i` into `out[dest[i] * dim ..]` (with `pick`, only the
-    /// rows `i` with `pick[dest[i]]`): [`Self::decode_row`] for a whole tier, with per-segment
-    /// parameters converted once per segment and one scratch row (decoding a 4k-token layer
-    /// row by row cost 17 ms, most of it overhead).
+    /// rows `i` with `pick[dest[i]]`): a whole tier in position order.
     pub fn decode_all_into(&self, dest: &[u32], pick: Option<&[bool]>, out: &mut [f32]) {
         debug_assert_eq!(dest.len(), self.len);
+        let wanted = |i: usize| {
+            let r = dest[i] as usize;
+            pick.is_none_or(|p| p[r]).then_some(r)
+        };
+        self.decode_range(0..self.len, wanted, out);
+    }
+
+    /// Reconstruct the rows `rows`, row `i` into row `dest(i)` of `out` (skipped if `None`).
+    /// Per-segment parameters are converted once per segment and codes unpacked into one
+    /// scratch row: decoding a 4k-token layer row by row, each row converting its parameters
+    /// and allocating its scratch, cost 17 ms, most of it overhead.
+    fn decode_range(
+        &self,
+        rows: std::ops::Range<usize>,
+        dest: impl Fn(usize) -> Option<usize>,
+        out: &mut [f32],
+    ) {
         let d = self.dim;
-        let row = |i: usize| dest[i] as usize * d..(dest[i] as usize + 1) * d;
-        let wanted = |i: usize| pick.is_none_or(|p| p[dest[i] as usize]);
+        // `(row, its slice of out)` for the rows that are decoded.
+        let at = |i: usize| dest(i).map(|r| (i, r * d..(r + 1) * d));
+        let picked = || rows.clone().filter_map(at);
         let codes = match &self.data {
             RowData::F16(v) => {
-                for (i, src) in v.chunks_exact(d).enumerate().filter(|(i, _)| wanted(*i)) {
-                    src.convert_to_f32_slice(&mut out[row(i)]);
+                for (i, o) in picked() {
+                    v[i * d..(i + 1) * d].convert_to_f32_slice(&mut out[o]);
                 }
                 return;
             }
             RowData::BF16(v) => {
-                for (i, src) in v.chunks_exact(d).enumerate().filter(|(i, _)| wanted(*i)) {
-                    src.convert_to_f32_slice(&mut out[row(i)]);
+                for (i, o) in picked() {
+                    v[i * d..(i + 1) * d].convert_to_f32_slice(&mut out[o]);
                 }
                 return;
             }
             RowData::F32(v) => {
-                for (i, src) in v.chunks_exact(d).enumerate().filter(|(i, _)| wanted(*i)) {
-                    out[row(i)].copy_from_slice(src);
+                for (i, o) in picked() {
+                    out[o].copy_from_slice(&v[i * d..(i + 1) * d]);
                 }
                 return;
             }
@@ -415,45 +386,63 @@ impl EncodedRows {
         let g = self.groups();
         let to_f32 = |v: &[f16]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
         let fixed = to_f32(&self.fixed_factor);
-        let mut c = vec![0u8; d];
-        // Segment boundaries; a codec without segments is one segment of every row.
-        let starts: Vec<usize> = if self.segments.is_empty() {
-            vec![0]
-        } else {
-            self.segment_start.iter().map(|&s| s as usize).collect()
+        let (mut scratch, mut row_scale, mut row_offset) = (Vec::new(), Vec::new(), Vec::new());
+        // Segments overlapping `rows`; a codec without segments is one segment of every row.
+        let (first, last) = match (
+            self.segment_of(rows.start),
+            self.segment_of(rows.end.max(1) - 1),
+        ) {
+            (Some(a), Some(b)) => (a, b + 1),
+            _ => (0, 1),
         };
-        for (si, &a) in starts.iter().enumerate() {
-            let b = starts.get(si + 1).map_or(self.len, |&e| e);
+        for si in first..last {
             let seg = self.segments.get(si);
+            let start = self.segment_start.get(si).map_or(0, |&s| s as usize);
+            let end = self
+                .segment_start
+                .get(si + 1)
+                .map_or(self.len, |&e| e as usize);
             let (scale, offset) = seg.map_or((Vec::new(), Vec::new()), |s| {
                 (to_f32(&s.scale), to_f32(&s.offset))
             });
-            let factor = match seg {
-                Some(s) if !s.factor.is_empty() => to_f32(&s.factor),
-                _ => fixed.clone(),
-            };
-            for i in (a..b).filter(|&i| wanted(i)) {
-                quant::unpack(&codes[i * rb..(i + 1) * rb], bits, &mut c);
-                let o = &mut out[row(i)];
-                if let Some(gs) = d.checked_div(g) {
-                    for (k, (og, cg)) in o.chunks_exact_mut(gs).zip(c.chunks_exact(gs)).enumerate()
-                    {
-                        let (sc, of) = (
-                            self.row_scale[i * g + k].to_f32(),
-                            self.row_offset[i * g + k].to_f32(),
+            let seg_factor = seg
+                .filter(|s| !s.factor.is_empty())
+                .map(|s| to_f32(&s.factor));
+            let factor = seg_factor.as_deref().unwrap_or(&fixed);
+            let span = start.max(rows.start)..end.min(rows.end);
+            for (i, o) in span.filter_map(at) {
+                let params = match d.checked_div(g) {
+                    Some(group_size) => {
+                        row_scale.clear();
+                        row_scale.extend(
+                            self.row_scale[i * g..(i + 1) * g]
+                                .iter()
+                                .map(|x| x.to_f32()),
                         );
-                        og.iter_mut()
-                            .zip(cg)
-                            .for_each(|(x, &q)| *x = sc * q as f32 + of);
+                        row_offset.clear();
+                        row_offset.extend(
+                            self.row_offset[i * g..(i + 1) * g]
+                                .iter()
+                                .map(|x| x.to_f32()),
+                        );
+                        Params::Groups {
+                            scale: &row_scale,
+                            offset: &row_offset,
+                            group_size,
+                        }
                     }
-                } else {
-                    for (((x, &q), sc), of) in o.iter_mut().zip(&c).zip(&scale).zip(&offset) {
-                        *x = sc * q as f32 + of;
-                    }
-                }
-                if !factor.is_empty() {
-                    o.iter_mut().zip(&factor).for_each(|(x, f)| *x *= f);
-                }
+                    None => Params::Channels {
+                        scale: &scale,
+                        offset: &offset,
+                    },
+                };
+                let slab = Slab {
+                    params,
+                    factor: (!factor.is_empty()).then_some(factor),
+                    channels: d,
+                };
+                let packed = &codes[i * rb..(i + 1) * rb];
+                quant::decode_packed(packed, bits, slab, &mut scratch, &mut out[o]);
             }
         }
     }

@@ -140,11 +140,12 @@ fn position_ranks(stream: &Stream) -> Ranks {
     let n = stream.len();
     let max = tiers
         .iter()
-        .flat_map(|t| (0..t.len()).map(move |r| t.positions.get(r)))
+        .filter_map(|t| t.positions.min_max())
+        .map(|(_, hi)| hi)
         .max();
     if max.is_none_or(|m| m as usize + 1 == n) {
         return Ranks {
-            dest: tiers.map(|t| (0..t.len()).map(|r| t.positions.get(r)).collect()),
+            dest: tiers.map(|t| t.positions.to_vec()),
             order: (0..n as u32).collect(),
             identity: true,
         };

@@ -219,8 +219,7 @@ def median_seconds(
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, samples in zip(fns, times, strict=True):
-            del_out = fn()
-            del del_out
+            fn()  # untimed: absorbs the hand-over; its result is freed at once
             for _ in range(run):
                 start = time.perf_counter()
                 out = fn()

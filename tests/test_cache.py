@@ -188,3 +188,28 @@ def test_cache_contract_of_the_pinned_transformers():
     assert cache.get_seq_length(0) == 4
     cache.reset()
     assert cache.get_seq_length(0) == 0
+
+
+@pytest.mark.parametrize("impl", ["kvmix", "sdpa"])
+def test_prefill_timings_are_measured_per_phase(impl):
+    """The phases a prefill spends in kvmix are timed by the cache: MiKV's fused path computes
+    the prompt's attention itself, ZipCache leaves it to sdpa; decoding adds nothing; reset
+    clears them."""
+    model = tiny_random_model("llama")
+    ids = _ids(model, length=64)
+    model.set_attn_implementation(impl)
+    for make, own_attention in [(kvmix.ZipCache, False), (kvmix.MiKVCache, impl == "kvmix")]:
+        cache = make(model.config)
+        with torch.inference_mode():
+            model(ids, past_key_values=cache, use_cache=True)
+        timings = cache.prefill_timings()
+        assert set(timings) == set(kvmix.cache.PREFILL_PHASES)
+        assert timings["compression"] > 0 and timings["scoring"] > 0
+        assert (timings["attention"] > 0) == own_attention
+        with torch.inference_mode():
+            for _ in range(3):  # decoding steps
+                model(ids[:, :1], past_key_values=cache, use_cache=True)
+        assert cache.prefill_timings() == timings
+        cache.reset()
+        assert sum(cache.prefill_timings().values()) == 0
+    model.set_attn_implementation("sdpa")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -264,6 +265,7 @@ def _score_prefill(
 ) -> None:
     """Importance of the prompt tokens, the key balancer if needed, then compression. ``acc``:
     the attention every row gave each token, when the caller computed it with the output."""
+    t0 = time.perf_counter()
     store = layer.store
     b, _, t, _ = query.shape
     first_valid = _first_valid(attention_mask, b)
@@ -277,7 +279,10 @@ def _score_prefill(
             acc = _probabilities(query, key, rows, rows, first_valid, scaling)
         count = _visible_counts(rows, t, first_valid, layer.options.get("count_mode", "exact"))
         store.add_scores(0, acc.numpy(), count.expand_as(acc).contiguous().numpy())
+    t1 = time.perf_counter()
     store.maybe_classify(True)
+    layer.prefill_seconds["scoring"] += t1 - t0
+    layer.prefill_seconds["compression"] += time.perf_counter() - t1
     layer.needs_prefill = False
 
 
@@ -319,7 +324,9 @@ def kvmix_attention(
         if causal and dropout == 0.0 and layer.policy in ("mikv", "eviction"):
             # Every row is scored (H2O/MiKV): output and scores from one explicit softmax. A
             # padding (or any other) mask keeps the SDPA path below.
+            t0 = time.perf_counter()
             attn, acc = _attention_and_column_sums(query, key, value, scale)
+            layer.prefill_seconds["attention"] += time.perf_counter() - t0
             _score_prefill(layer, query, key, attention_mask, scale, acc)
             return attn, None
         out = sdpa_attention_forward(

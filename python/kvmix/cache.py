@@ -17,6 +17,7 @@ A layer appends new keys/values to its Rust :class:`kvmix.LayerStore` and return
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,6 +30,7 @@ from kvmix.errors import ConfigError, DTypeError
 from kvmix.quant import as_core_array
 
 __all__ = [
+    "PREFILL_PHASES",
     "EvictionCache",
     "KvmixCache",
     "KvmixLayer",
@@ -39,6 +41,9 @@ __all__ = [
 ]
 
 _BUFFER_DTYPES = {"float16", "float32"}
+
+#: What a prefill spends beyond the model's own layers, per :meth:`KvmixCache.prefill_timings`.
+PREFILL_PHASES = ("attention", "scoring", "compression")
 
 
 def _text_config(config: Any) -> Any:
@@ -137,6 +142,8 @@ class KvmixLayer(CacheLayerMixin):
         self.needs_prefill = False
         #: First non-padding position of each sequence (set at prefill).
         self.first_valid: list[int] = []
+        #: Seconds the last prefill spent per phase (see :meth:`KvmixCache.prefill_timings`).
+        self.prefill_seconds = dict.fromkeys(PREFILL_PHASES, 0.0)
         #: Reused float32 buffers of the portable path, ``(B, H_kv, capacity, D)`` each.
         self._dense: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -164,7 +171,11 @@ class KvmixLayer(CacheLayerMixin):
         k, bf16 = as_core_array(key_states, "key_states")
         v, _ = as_core_array(value_states, "value_states")
         first = self.cumulative_length == 0
+        t0 = time.perf_counter()
         self.store.append(np.ascontiguousarray(k), np.ascontiguousarray(v), bf16)
+        if first:
+            self.prefill_seconds = dict.fromkeys(PREFILL_PHASES, 0.0)
+            self.prefill_seconds["compression"] = time.perf_counter() - t0
         self.cumulative_length += key_states.shape[-2]
         self.needs_prefill = first
         if self.owner.fused:
@@ -220,6 +231,7 @@ class KvmixLayer(CacheLayerMixin):
         self.cumulative_length = 0
         self.needs_prefill = False
         self.first_valid = []
+        self.prefill_seconds = dict.fromkeys(PREFILL_PHASES, 0.0)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -298,6 +310,23 @@ class KvmixCache(Cache):
             summed over sequences and heads) and ``tiers`` (per-tier breakdown, summed over layers).
         """
         return combine_memory_reports(layer.store.memory() for layer in self.layers)
+
+    def prefill_timings(self) -> dict[str, float]:
+        """Seconds the last prefill spent in kvmix, per phase, summed over layers (wall time,
+        measured around each call).
+
+        Returns:
+            ``attention``: the prompt's attention when kvmix computes it itself (MiKV and the
+            eviction baseline score every query row, so one explicit softmax gives the output and
+            the scores; 0 when the model's own sdpa ran it); ``scoring``: importance from probe
+            queries, visible counts and MiKV's key balancer; ``compression``: copying the prompt
+            into the store and quantizing it into its tiers.
+        """
+        total = dict.fromkeys(PREFILL_PHASES, 0.0)
+        for layer in self.layers:
+            for phase, seconds in layer.prefill_seconds.items():
+                total[phase] += seconds
+        return total
 
 
 class ZipCache(KvmixCache):

@@ -17,8 +17,12 @@ token) on each method's last prefilled cache, timed in ``--chunks`` chunks of ``
 methods interleaved, so that bursts of load from other processes hit them alike. The table shows
 medians and, in the same run, ratios to ``dynamic``: "overhead" is
 the prefill time beyond ``DynamicCache``'s (scoring + compression, as a share of its prefill),
-"decode" the decode speed over ``DynamicCache``'s. Memory is the cache's bytes against a dense
-fp16 cache of the same tokens (kvmix: ``memory_report()``, every byte; DynamicCache: fp32).
+"decode" the decode speed over ``DynamicCache``'s. For kvmix caches, "compress" and "scoring"
+are the shares of the method's own prefill spent building the compressed store (copying the
+prompt in, quantizing it into tiers) and computing importance (probe queries, counts, MiKV's key
+balancer), timed around those calls by the cache itself (``KvmixCache.prefill_timings``).
+Memory is the cache's bytes against a dense fp16 cache of the same tokens (kvmix:
+``memory_report()``, every byte; DynamicCache: fp32).
 
     python -m kvmix.bench generate --tokens 4096 8192 --rounds 3 --chunks 8 --json gen.json
 """
@@ -133,6 +137,7 @@ def measure(
         cache = METHODS[m][2](model.config)
         decode(model, prefill(model, ids[:, :256], cache)[1], cache, 2)
     prefills: dict[str, list[float]] = {m: [] for m in methods}
+    phases: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     state: dict[str, tuple[Any, torch.Tensor, list[int]]] = {}
     for _ in range(rounds):
         for m in methods:
@@ -140,6 +145,8 @@ def measure(
             cache = METHODS[m][2](model.config)
             seconds, token = prefill(model, ids, cache)
             prefills[m].append(seconds)
+            if isinstance(cache, kvmix.KvmixCache):
+                phases[m].append({k: v / seconds for k, v in cache.prefill_timings().items()})
             state[m] = (cache, token, [int(token)])
     # Decoding is timed in short chunks, alternating methods, so that a burst of load from
     # other processes hits every method alike.
@@ -164,6 +171,11 @@ def measure(
             "tokens": tokens,
             "cache_vs_fp16": cache_ratio(cache),
         }
+        if phases[m]:
+            # Shares of the method's own prefill, median over rounds.
+            for phase in phases[m][0]:
+                share = statistics.median(p[phase] for p in phases[m])
+                results[m][f"{phase}_share"] = share
     if "dynamic" in results:
         base = results["dynamic"]
         for res in results.values():
@@ -176,7 +188,7 @@ def measure(
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     lines = [
         f"{'method':42} {'prefill s':>9} {'overhead':>9} {'decode tok/s':>12} "
-        f"{'vs dynamic':>10} {'vs fp16':>8}"
+        f"{'vs dynamic':>10} {'vs fp16':>8} {'compress':>8} {'scoring':>8}"
     ]
     lines.append("-" * len(lines[0]))
     for res in results.values():
@@ -187,9 +199,20 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
             f"{res['label']:42} {res['prefill_s']:9.2f} "
             f"{'' if over is None else f'{100 * over:+.1f}%':>9} {res['decode_tok_s']:12.2f} "
             f"{'' if rel is None else f'{rel:.2f}x':>10} "
-            f"{'n/a' if ratio is None else f'{ratio:.2f}x':>8}"
+            f"{'n/a' if ratio is None else f'{ratio:.2f}x':>8} "
+            f"{_share(res.get('compression_share')):>8} {_share(res.get('scoring_share')):>8}"
+        )
+    shares = [r["compression_share"] for r in results.values() if "compression_share" in r]
+    if shares:
+        lines.append(
+            f"compression of the prefilled cache: at most {100 * max(shares):.1f}% of the prefill "
+            f"(target <10%: {'met' if max(shares) < 0.10 else 'NOT met'})"
         )
     return "\n".join(lines)
+
+
+def _share(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.1f}%"
 
 
 def main(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -278,7 +279,7 @@ def _score_prefill(
         if acc is None:
             acc = _probabilities(query, key, rows, rows, first_valid, scaling)
         count = _visible_counts(rows, t, first_valid, layer.options.get("count_mode", "exact"))
-        store.add_scores(0, acc.numpy(), count.expand_as(acc).contiguous().numpy())
+        store.add_scores(0, acc.numpy(), np.ascontiguousarray(np.broadcast_to(count, acc.shape)))
     t1 = time.perf_counter()
     store.maybe_classify(True)
     layer.prefill_seconds["scoring"] += t1 - t0
@@ -286,16 +287,19 @@ def _score_prefill(
     layer.needs_prefill = False
 
 
-def _visible_counts(rows: list[int], t: int, first_valid: list[int], mode: str) -> torch.Tensor:
-    """How many scored query rows can see each key: ``(B, 1, T)``."""
-    j = torch.arange(t)
+def _visible_counts(rows: list[int], t: int, first_valid: list[int], mode: str) -> np.ndarray:
+    """How many scored query rows can see each key: ``(B, 1, T)`` float32.
+
+    NumPy, not torch: this is a few microseconds of work, and torch's ``searchsorted`` hands it
+    to its thread team (7 ms per layer on a busy machine)."""
+    j = np.arange(t)
     if mode == "full_matrix":
-        base = (t - j).float()
+        base = t - j
     else:
         # Rows ascend: those at or after j are the ones from j's insertion point on.
-        base = (len(rows) - torch.searchsorted(torch.tensor(rows), j)).float()
-    fv = torch.tensor(first_valid).view(-1, 1)
-    return torch.where(j.view(1, -1) >= fv, base.view(1, -1), 0.0).unsqueeze(1)
+        base = len(rows) - np.searchsorted(np.asarray(rows), j)
+    fv = np.asarray(first_valid).reshape(-1, 1)
+    return np.where(j.reshape(1, -1) >= fv, base, 0).astype(np.float32)[:, None, :]
 
 
 def _as_numpy(query: torch.Tensor, key: torch.Tensor) -> tuple[Any, Any]:

@@ -14,9 +14,13 @@ use super::tier::{RowBatch, Tier, TierBytes};
 use crate::element::Element;
 use crate::error::{KvmixError, Result};
 use crate::importance::{normalized, top_k};
+use rayon::prelude::*;
 
 /// Largest magnitude an fp16 tier or fp16 quantization parameter can hold.
 const F16_MAX: f32 = 65504.0;
+
+/// Elements per task of the parallel NaN/Inf check of appended keys/values.
+const CHECK_CHUNK: usize = 1 << 16;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Stream {
@@ -200,11 +204,24 @@ impl LayerStore {
         } else {
             F16_MAX
         };
-        let bad = keys
-            .iter()
-            .chain(values)
-            .map(|x| x.to_f32())
-            .find(|x| !x.is_finite() || x.abs() > limit);
+        let bad = crate::parallel::run(keys.len() * 2, |parallel| {
+            let find = |chunk: &[T]| {
+                chunk
+                    .iter()
+                    .map(|x| x.to_f32())
+                    .find(|x| !x.is_finite() || x.abs() > limit)
+            };
+            if parallel {
+                let chunks = keys
+                    .par_chunks(CHECK_CHUNK)
+                    .chain(values.par_chunks(CHECK_CHUNK));
+                chunks.find_map_first(find)
+            } else {
+                keys.chunks(CHECK_CHUNK)
+                    .chain(values.chunks(CHECK_CHUNK))
+                    .find_map(find)
+            }
+        });
         if let Some(x) = bad {
             return Err(KvmixError::NonFinite(format!(
                 "keys/values contain {x}; kvmix refuses NaN/Inf{}",
@@ -223,7 +240,7 @@ impl LayerStore {
                 .collect::<Result<_>>()?;
         }
         let start = self.seen as u32;
-        for (s, stream) in self.streams.iter_mut().enumerate() {
+        let push = |(s, stream): (usize, &mut Stream)| {
             let rows = RowBatch {
                 positions: (start..start + n as u32).collect(),
                 keys: keys[s * n * d..(s + 1) * n * d]
@@ -237,8 +254,16 @@ impl LayerStore {
                 acc: vec![0.0; n],
                 count: vec![0.0; n],
             };
-            stream.buffer.push(&rows)?;
-        }
+            stream.buffer.push(&rows)
+        };
+        // Streams are independent: a prompt's copy into the buffers runs one stream per thread.
+        crate::parallel::run(keys.len(), |parallel| {
+            if parallel {
+                self.streams.par_iter_mut().enumerate().try_for_each(push)
+            } else {
+                self.streams.iter_mut().enumerate().try_for_each(push)
+            }
+        })?;
         self.seen += n;
         self.appends_since_classify += 1;
         Ok(())
@@ -390,14 +415,39 @@ impl LayerStore {
                     .into(),
             ));
         }
-        let policy = self.policy;
-        let seen = self.seen;
-        for (s, stream) in self.streams.iter_mut().enumerate() {
-            let first_valid = self.first_valid[s / self.kv_heads] as u32;
-            let moved = classify_stream(policy, stream, seen, first_valid)?;
-            if let Some(sync) = &mut self.dense_sync {
-                sync.moved[s].extend(moved);
+        let (policy, seen, kv_heads) = (self.policy, self.seen, self.kv_heads);
+        let first_valid = &self.first_valid;
+        let classify = |(s, stream): (usize, &mut Stream)| {
+            classify_stream(policy, stream, seen, first_valid[s / kv_heads] as u32)
+        };
+        // Streams are independent: a prompt's quantization runs one stream per thread; the
+        // classification of a few buffered decoding tokens stays on this thread.
+        let buffered: usize = self.streams.iter().map(|s| s.buffer.len()).sum();
+        let moved: Vec<Result<Vec<u32>>> =
+            crate::parallel::run(buffered * self.head_dim, |parallel| {
+                if parallel {
+                    self.streams
+                        .par_iter_mut()
+                        .enumerate()
+                        .map(classify)
+                        .collect()
+                } else {
+                    self.streams.iter_mut().enumerate().map(classify).collect()
+                }
+            });
+        // Streams that did classify keep their record even if another one failed.
+        let mut first_error = None;
+        for (s, m) in moved.into_iter().enumerate() {
+            match (m, &mut self.dense_sync) {
+                (Ok(m), Some(sync)) => sync.moved[s].extend(m),
+                (Ok(_), None) => {}
+                (Err(e), _) => {
+                    first_error.get_or_insert(e);
+                }
             }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
         }
         self.appends_since_classify = 0;
         self.classified_once = true;

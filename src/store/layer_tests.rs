@@ -311,6 +311,21 @@ fn bad_input_leaves_the_store_untouched() {
         st.append(&big, &big, &[1, H, 1, D]),
         Err(KvmixError::NonFinite(_))
     ));
+    // A long append is checked in parallel chunks: a bad value in the last chunk of the
+    // values, or an infinity in the first of the keys, is still found first.
+    let n = 2 * super::CHECK_CHUNK / (H * D) + 3;
+    let (mut k, mut v) = (data(H * n * D, 4), data(H * n * D, 5));
+    *v.last_mut().unwrap() = f32::NAN;
+    assert!(matches!(
+        st.append(&k, &v, &[1, H, n, D]),
+        Err(KvmixError::NonFinite(m)) if m.contains("NaN")
+    ));
+    v = data(H * n * D, 5);
+    k[0] = f32::NEG_INFINITY;
+    assert!(matches!(
+        st.append(&k, &v, &[1, H, n, D]),
+        Err(KvmixError::NonFinite(m)) if m.contains("-inf")
+    ));
     assert_eq!(st.dense(0), before);
     assert_eq!(st.seen(), 8);
 }

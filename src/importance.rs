@@ -145,7 +145,11 @@ pub fn probe_scores<T: Element>(
 /// Indices of the `k` largest `scores`; ties go to the higher index (the more recent token).
 /// Deterministic for equal inputs; NaN ranks lowest.
 pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+    let k = k.min(scores.len());
     let mut idx: Vec<usize> = (0..scores.len()).collect();
+    if k == 0 {
+        return Vec::new();
+    }
     let key = |i: usize| {
         if scores[i].is_nan() {
             f32::NEG_INFINITY
@@ -153,8 +157,11 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
             scores[i]
         }
     };
-    idx.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(b.cmp(&a)));
-    idx.truncate(k.min(scores.len()));
+    // A total order (score, then index), so the partition is unique: the k best are the same
+    // set a full sort would give, found in linear time (MiKV re-ranks its important set at
+    // every decoding step).
+    idx.select_nth_unstable_by(k - 1, |&a, &b| key(b).total_cmp(&key(a)).then(b.cmp(&a)));
+    idx.truncate(k);
     idx.sort_unstable();
     idx
 }
@@ -192,6 +199,37 @@ mod tests {
     fn top_k_breaks_ties_toward_recent() {
         assert_eq!(top_k(&[1.0, 3.0, 3.0, 2.0], 1), vec![2]);
         assert_eq!(top_k(&[1.0, f32::NAN, 0.5], 2), vec![0, 2]);
+        assert_eq!(top_k(&[1.0, 2.0], 0), Vec::<usize>::new());
+        assert_eq!(top_k(&[1.0, 2.0], 5), vec![0, 1]);
+        // Against a full sort, with many ties and NaNs.
+        let mut state = 7u64;
+        for n in [1usize, 2, 17, 300] {
+            let scores: Vec<f32> = (0..n)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    match state >> 61 {
+                        0 => f32::NAN,
+                        r => (r % 4) as f32,
+                    }
+                })
+                .collect();
+            for k in 0..=n {
+                let mut want: Vec<usize> = (0..n).collect();
+                let key = |i: usize| {
+                    if scores[i].is_nan() {
+                        f32::NEG_INFINITY
+                    } else {
+                        scores[i]
+                    }
+                };
+                want.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(b.cmp(&a)));
+                want.truncate(k);
+                want.sort_unstable();
+                assert_eq!(top_k(&scores, k), want, "n={n} k={k}");
+            }
+        }
     }
 
     #[test]

@@ -555,15 +555,19 @@ fn set_stream_balancer(s: &mut Stream, inverse: &[f32]) -> Result<()> {
 fn heavy_and_recent(candidates: &[(u32, f32, bool)], budget: usize, n_recent: usize) -> Vec<bool> {
     let mut important = vec![false; candidates.len()];
     let mut by_recency: Vec<usize> = (0..candidates.len()).filter(|&i| candidates[i].2).collect();
-    by_recency.sort_unstable_by_key(|&i| std::cmp::Reverse(candidates[i].0));
     let n_recent = n_recent.min(budget).min(by_recency.len());
+    // Positions are distinct: the n_recent newest are a unique set, found in linear time.
+    if n_recent > 0 && n_recent < by_recency.len() {
+        by_recency
+            .select_nth_unstable_by_key(n_recent - 1, |&i| std::cmp::Reverse(candidates[i].0));
+    }
     for &i in &by_recency[..n_recent] {
         important[i] = true;
     }
-    let rest: Vec<usize> = by_recency[n_recent..].to_vec();
-    let scores: Vec<f32> = rest.iter().map(|&i| candidates[i].1).collect();
+    let mut rest: Vec<usize> = by_recency[n_recent..].to_vec();
     // top_k breaks ties toward the higher index; order `rest` oldest-first so that means recent.
-    let (rest, scores): (Vec<usize>, Vec<f32>) = rest.iter().rev().zip(scores.iter().rev()).unzip();
+    rest.sort_unstable_by_key(|&i| candidates[i].0);
+    let scores: Vec<f32> = rest.iter().map(|&i| candidates[i].1).collect();
     for j in top_k(&scores, budget - n_recent) {
         important[rest[j]] = true;
     }

@@ -1,5 +1,6 @@
 //! The per-layer mixed-precision KV store: codecs and row containers, tiers, policies.
 
+mod classify;
 pub mod codec;
 mod dense;
 pub mod layer;

@@ -58,9 +58,9 @@ pub fn runs(rows: &EncodedRows) -> Vec<Run<'_>> {
 }
 
 #[inline(always)]
-fn to_f32(v: &[f16]) -> Vec<f32> {
+fn to_f32<S: Simd>(simd: S, v: &[f16]) -> Vec<f32> {
     let mut out = vec![0f32; v.len()];
-    v.convert_to_f32_slice(&mut out);
+    simd.f16_to_f32(v, &mut out);
     out
 }
 
@@ -82,11 +82,16 @@ fn load_row(rows: &EncodedRows, r: usize, bits: u8, buf: &mut [f32]) {
 /// Per-token-group scales and offsets of the rows of `run`, as `f32` (one bulk conversion
 /// instead of one per use).
 #[inline(always)]
-fn run_params(rows: &EncodedRows, run: &Run, groups: usize) -> (Vec<f32>, Vec<f32>) {
+fn run_params<S: Simd>(
+    simd: S,
+    rows: &EncodedRows,
+    run: &Run,
+    groups: usize,
+) -> (Vec<f32>, Vec<f32>) {
     let span = run.start * groups..run.end * groups;
     (
-        to_f32(&rows.row_scale[span.clone()]),
-        to_f32(&rows.row_offset[span]),
+        to_f32(simd, &rows.row_scale[span.clone()]),
+        to_f32(simd, &rows.row_offset[span]),
     )
 }
 
@@ -132,7 +137,7 @@ pub fn key_logits<S: Simd>(
     // q' = q ⊙ f
     let qf: Vec<f32> = match run.factor {
         Some(f) => {
-            let f = to_f32(f);
+            let f = to_f32(simd, f);
             queries
                 .chunks_exact(d)
                 .flat_map(|q| q.iter().zip(&f).map(|(a, b)| a * b).collect::<Vec<_>>())
@@ -151,8 +156,8 @@ pub fn key_logits<S: Simd>(
         }
         Codec::Channel { bits } => {
             let (alpha, beta) = (
-                to_f32(run.scale.unwrap_or(&[])),
-                to_f32(run.offset.unwrap_or(&[])),
+                to_f32(simd, run.scale.unwrap_or(&[])),
+                to_f32(simd, run.offset.unwrap_or(&[])),
             );
             let qa: Vec<f32> = qf
                 .chunks_exact(d)
@@ -189,7 +194,7 @@ pub fn key_logits<S: Simd>(
         } => {
             let groups = d / g;
             let gsum: Vec<f32> = qf.chunks_exact(g).map(|x| x.iter().sum()).collect();
-            let (scales, offsets) = run_params(rows, run, groups);
+            let (scales, offsets) = run_params(simd, rows, run, groups);
             let gbytes = g * bits as usize / 8;
             let RowData::Packed(all_codes) = &rows.data else {
                 return;
@@ -289,8 +294,8 @@ pub fn accumulate_values<S: Simd>(
                 })
                 .collect();
             let (alpha, beta) = (
-                to_f32(run.scale.unwrap_or(&[])),
-                to_f32(run.offset.unwrap_or(&[])),
+                to_f32(simd, run.scale.unwrap_or(&[])),
+                to_f32(simd, run.offset.unwrap_or(&[])),
             );
             for i in 0..nq {
                 for c in 0..d {
@@ -304,7 +309,7 @@ pub fn accumulate_values<S: Simd>(
             ..
         } => {
             let groups = d / g;
-            let (scales, offsets) = run_params(rows, run, groups);
+            let (scales, offsets) = run_params(simd, rows, run, groups);
             let gbytes = g * bits as usize / 8;
             // Σ_r p·β per (query, group), added to every channel of the group at the end.
             let mut bias = vec![0f32; nq * groups];
@@ -354,7 +359,7 @@ pub fn accumulate_values<S: Simd>(
     }
     match run.factor {
         Some(f) => {
-            let f = to_f32(f);
+            let f = to_f32(simd, f);
             for (o, a) in out.chunks_exact_mut(d).zip(acc.chunks_exact(d)) {
                 for c in 0..d {
                     o[c] += f[c] * a[c];

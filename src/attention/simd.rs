@@ -10,6 +10,14 @@
 pub trait Simd: Copy + Send + Sync {
     /// `Σ a_i b_i`.
     fn dot(self, a: &[f32], b: &[f32]) -> f32;
+
+    /// `dst[i] = src[i]` for `i < min(src.len(), dst.len())` (the per-row scales and offsets
+    /// of a run, converted once per call).
+    fn f16_to_f32(self, src: &[half::f16], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        let n = src.len().min(dst.len());
+        src[..n].convert_to_f32_slice(&mut dst[..n]);
+    }
     /// `acc_i += a·x_i`.
     fn axpy(self, acc: &mut [f32], a: f32, x: &[f32]);
     /// `acc_i += a·x_i + b`.
@@ -509,6 +517,30 @@ mod tests {
                     lanes[0]
                 );
             }
+        }
+    }
+
+    /// The AVX-512 conversion (sixteen at a time, masked tail) against `half`'s, for every
+    /// tail length and for slices of different lengths.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn f16_to_f32_matches_half_for_every_tail() {
+        let Some(avx512) = Avx512::detect() else {
+            return;
+        };
+        for n in 0..70 {
+            let src: Vec<half::f16> = (0..n)
+                .map(|i| half::f16::from_f32(i as f32 * 0.37 - 9.0))
+                .collect();
+            let mut want = vec![7f32; n + 3];
+            let mut got = want.clone();
+            Portable.f16_to_f32(&src, &mut want);
+            avx512.f16_to_f32(&src, &mut got);
+            assert_eq!(got, want, "n={n}");
+            let (mut short_want, mut short_got) = (vec![7f32; n / 2], vec![7f32; n / 2]);
+            Portable.f16_to_f32(&src, &mut short_want);
+            avx512.f16_to_f32(&src, &mut short_got);
+            assert_eq!(short_got, short_want, "n={n}, short destination");
         }
     }
 

@@ -254,6 +254,29 @@ fn softmax(row: &mut [f32]) {
     }
 }
 
+/// [`Simd::f16_to_f32`] sixteen at a time with a masked tail. `half`'s slice conversion goes
+/// eight at a time through a call per chunk: 2% of a 16k-token decode step.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let (s, d) = (src.as_ptr().cast::<u16>(), dst.as_mut_ptr());
+    let main = n - n % 16;
+    // SAFETY: elements i .. i + 16 with i + 16 <= main <= n of both slices, then the masked
+    // tail's elements main .. n (masked-out lanes are neither read nor written).
+    unsafe {
+        for i in (0..main).step_by(16) {
+            let h = _mm256_loadu_si256(s.add(i).cast());
+            _mm512_storeu_ps(d.add(i), _mm512_cvtph_ps(h));
+        }
+        if main < n {
+            let k = ((1u32 << (n - main)) - 1) as __mmask16;
+            let h = _mm256_maskz_loadu_epi16(k, s.add(main).cast());
+            _mm512_mask_storeu_ps(d.add(main), k, _mm512_cvtph_ps(h));
+        }
+    }
+}
+
 /// Whether this module has a kernel for `bits`-bit codes, `n` per row.
 #[inline(always)]
 fn specialised(bits: u8, n: usize) -> bool {
@@ -356,6 +379,12 @@ impl Simd for Avx512 {
         n: usize,
     ) {
         self.code_rows_axpy(acc, stride, nq, w, 1, codes, 0, 1, bits, n);
+    }
+
+    #[inline(always)]
+    fn f16_to_f32(self, src: &[half::f16], dst: &mut [f32]) {
+        // SAFETY: an `Avx512` exists only on CPUs with AVX-512 F/BW/VL.
+        unsafe { f16_to_f32(src, dst) }
     }
 
     #[inline(always)]

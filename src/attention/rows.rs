@@ -337,6 +337,8 @@ pub fn accumulate_values<S: Simd>(
                         for ((x, &p), &a) in wi.iter_mut().zip(pr).zip(sa) {
                             *x = p * a;
                         }
+                        // Rejected: one pass computing both (sixteen partial sums for the
+                        // dot): 16k step 2.44 → 2.49 ms.
                         bias[i * groups + gi] += simd.dot(pr, sb);
                     }
                     let codes = &all_codes[r0 * rb + gi * gbytes..];

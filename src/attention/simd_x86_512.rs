@@ -292,20 +292,40 @@ impl Simd for Avx512 {
         out_stride: usize,
     ) {
         let (rb, os) = (row_bytes, out_stride);
+        self.code_rows_dots_biased(q, stride, nq, codes, rb, rows, bits, n, out, os, &[]);
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn code_rows_dots_biased(
+        self,
+        q: &[f32],
+        stride: usize,
+        nq: usize,
+        codes: &[u8],
+        row_bytes: usize,
+        rows: usize,
+        bits: u8,
+        n: usize,
+        out: &mut [f32],
+        out_stride: usize,
+        bias: &[f32],
+    ) {
+        let (rb, os, b) = (row_bytes, out_stride, bias);
         if !specialised(bits, n) {
             return self
                 .avx2
-                .code_rows_dots(q, stride, nq, codes, rb, rows, bits, n, out, os);
+                .code_rows_dots_biased(q, stride, nq, codes, rb, rows, bits, n, out, os, b);
         }
         // SAFETY: an `Avx512` exists only on CPUs with the features; `n % 8 == 0` is checked
         // and the bounds are asserted inside.
         unsafe {
             match bits {
-                1 => code_rows_dots::<1>(q, stride, nq, codes, rb, rows, n, out, os),
-                2 => code_rows_dots::<2>(q, stride, nq, codes, rb, rows, n, out, os),
-                3 => code_rows_dots::<3>(q, stride, nq, codes, rb, rows, n, out, os),
-                4 => code_rows_dots::<4>(q, stride, nq, codes, rb, rows, n, out, os),
-                _ => code_rows_dots::<8>(q, stride, nq, codes, rb, rows, n, out, os),
+                1 => code_rows_dots::<1>(q, stride, nq, codes, rb, rows, n, out, os, b),
+                2 => code_rows_dots::<2>(q, stride, nq, codes, rb, rows, n, out, os, b),
+                3 => code_rows_dots::<3>(q, stride, nq, codes, rb, rows, n, out, os, b),
+                4 => code_rows_dots::<4>(q, stride, nq, codes, rb, rows, n, out, os, b),
+                _ => code_rows_dots::<8>(q, stride, nq, codes, rb, rows, n, out, os, b),
             }
         }
     }

@@ -217,7 +217,7 @@ unsafe fn rows_folded_partial<const B: usize, const M: usize>(
 }
 
 /// `Simd::code_rows_dots` for `M ≤ 4` queries starting at `q`, writing
-/// `out[j·out_stride + r]` for `j < M`, sixteen rows per store.
+/// `out[j·out_stride + r]` (plus `bias[j]`) for `j < M`, sixteen rows per store.
 ///
 /// SAFETY: AVX-512 F/BW/VL/VBMI available; `n % 8 == 0`; `codes` holds every row's
 /// `n·B/8` bytes, `q` `(M-1)·stride + n` floats and `out` `(M-1)·out_stride + rows`.
@@ -233,6 +233,7 @@ unsafe fn dots_group<const B: usize, const M: usize>(
     n: usize,
     out: &mut [f32],
     out_stride: usize,
+    bias: [f32; 4],
 ) {
     let dec = decoder::<B>();
     let (qp, cp, len) = (q.as_ptr(), codes.as_ptr(), codes.len());
@@ -277,12 +278,15 @@ unsafe fn dots_group<const B: usize, const M: usize>(
         };
         let mask: __mmask16 = ((1u32 << m) - 1) as __mmask16;
         for (j, v) in rows_by_query(groups).into_iter().enumerate().take(M) {
+            let v = _mm512_add_ps(v, _mm512_set1_ps(bias[j]));
             // SAFETY: rows r0 .. r0 + m of query j lie inside `out` (the caller's bound).
             unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(j * out_stride + r0), mask, v) };
         }
     }
 }
 
+/// `Simd::code_rows_dots_biased`; an empty `bias` adds nothing.
+///
 /// SAFETY: AVX-512 F/BW/VL/VBMI available; `n % 8 == 0`; bounds are asserted.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
@@ -297,6 +301,7 @@ pub(super) unsafe fn code_rows_dots<const B: usize>(
     n: usize,
     out: &mut [f32],
     out_stride: usize,
+    bias: &[f32],
 ) {
     if rows == 0 || nq == 0 {
         return;
@@ -311,13 +316,14 @@ pub(super) unsafe fn code_rows_dots<const B: usize>(
     for i0 in (0..nq).step_by(4) {
         let (qi, oi) = (&q[i0 * stride..], &mut out[i0 * out_stride..]);
         let (rb, os) = (row_bytes, out_stride);
+        let b: [f32; 4] = std::array::from_fn(|j| bias.get(i0 + j).copied().unwrap_or(0.0));
         // SAFETY: as asserted above, for the queries from i0 on.
         unsafe {
             match nq - i0 {
-                1 => dots_group::<B, 1>(qi, stride, codes, rb, rows, n, oi, os),
-                2 => dots_group::<B, 2>(qi, stride, codes, rb, rows, n, oi, os),
-                3 => dots_group::<B, 3>(qi, stride, codes, rb, rows, n, oi, os),
-                _ => dots_group::<B, 4>(qi, stride, codes, rb, rows, n, oi, os),
+                1 => dots_group::<B, 1>(qi, stride, codes, rb, rows, n, oi, os, b),
+                2 => dots_group::<B, 2>(qi, stride, codes, rb, rows, n, oi, os, b),
+                3 => dots_group::<B, 3>(qi, stride, codes, rb, rows, n, oi, os, b),
+                _ => dots_group::<B, 4>(qi, stride, codes, rb, rows, n, oi, os, b),
             }
         }
     }

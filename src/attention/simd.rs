@@ -10,26 +10,44 @@
 pub trait Simd: Copy + Send + Sync {
     /// `Σ a_i b_i`.
     fn dot(self, a: &[f32], b: &[f32]) -> f32;
+
+    /// `dst[i] = src[i]` for `i < min(src.len(), dst.len())` (the per-row scales and offsets
+    /// of a run, converted once per call).
+    fn f16_to_f32(self, src: &[half::f16], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        let n = src.len().min(dst.len());
+        src[..n].convert_to_f32_slice(&mut dst[..n]);
+    }
     /// `acc_i += a·x_i`.
     fn axpy(self, acc: &mut [f32], a: f32, x: &[f32]);
     /// `acc_i += a·x_i + b`.
     fn axpb(self, acc: &mut [f32], a: f32, x: &[f32], b: f32);
 
-    /// Softmax of `row` in place (max-subtracted); a row that is all `-inf` (a query that
-    /// sees nothing) becomes all zeros.
-    fn softmax(self, row: &mut [f32]) {
+    /// `row ← e^(row − max(row))` in place, returning the sum: softmax without the final
+    /// division, which the attention kernel applies to each query's output instead of to
+    /// every probability. A row that is all `-inf` (a query that sees nothing) becomes all
+    /// zeros and returns 0.
+    fn exp_shifted(self, row: &mut [f32]) -> f32 {
         let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if m == f32::NEG_INFINITY {
             row.fill(0.0);
-            return;
+            return 0.0;
         }
         let mut sum = 0f32;
         for l in row.iter_mut() {
             *l = (*l - m).exp();
             sum += *l;
         }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|l| *l *= inv);
+        sum
+    }
+
+    /// Softmax of `row` in place (max-subtracted); a row that is all `-inf` becomes all zeros.
+    fn softmax(self, row: &mut [f32]) {
+        let sum = self.exp_shifted(row);
+        if sum > 0.0 {
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|l| *l *= inv);
+        }
     }
 
     /// For each query `i < nq`: `out[i] = Σ_{c<n} q[i·stride + c] · code_c`, with the `n`
@@ -55,6 +73,33 @@ pub trait Simd: Copy + Send + Sync {
                 let add = self.dot(&q[i * stride + chunk..i * stride + chunk + m], &buf[..m]);
                 out[i] = if k == 0 { add } else { out[i] + add };
             }
+        }
+    }
+
+    /// [`Simd::code_rows_dots`] plus `bias[i]` on every dot of query `i` (`bias` holds `nq`
+    /// values): the per-channel codec's offset term, added where the dots are stored instead
+    /// of in a second pass over the logits (which cost 3% of a 16k-token step).
+    #[allow(clippy::too_many_arguments)]
+    fn code_rows_dots_biased(
+        self,
+        q: &[f32],
+        stride: usize,
+        nq: usize,
+        codes: &[u8],
+        row_bytes: usize,
+        rows: usize,
+        bits: u8,
+        n: usize,
+        out: &mut [f32],
+        out_stride: usize,
+        bias: &[f32],
+    ) {
+        self.code_rows_dots(
+            q, stride, nq, codes, row_bytes, rows, bits, n, out, out_stride,
+        );
+        for (i, &b) in bias.iter().enumerate().take(nq) {
+            let o = &mut out[i * out_stride..i * out_stride + rows];
+            o.iter_mut().for_each(|l| *l += b);
         }
     }
 
@@ -265,264 +310,5 @@ pub fn unpack_f32(bytes: &[u8], bits: u8, out: &mut [f32]) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn check<S: Simd>(s: S) {
-        for n in 0..70 {
-            let a: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 3.0).collect();
-            let b: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 2.0).collect();
-            let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-            assert!((s.dot(&a, &b) - naive).abs() < 1e-3, "n={n}");
-            let mut acc = vec![1f32; n];
-            s.axpb(&mut acc, 2.0, &a, 0.5);
-            for (o, x) in acc.iter().zip(&a) {
-                assert_eq!(*o, 1.0 + 2.0 * x + 0.5);
-            }
-        }
-    }
-
-    #[test]
-    fn primitives_match_naive_for_every_tail() {
-        check(Portable);
-        #[cfg(target_arch = "x86_64")]
-        if let Some(avx) = Avx2::detect() {
-            check(avx);
-        }
-    }
-
-    fn check_codes<S: Simd>(s: S) {
-        for bits in [2u8, 3, 4, 8] {
-            for n in [8usize, 16, 24, 64, 128] {
-                let codes: Vec<u8> = (0..n).map(|i| (i * 5 % (1 << bits)) as u8).collect();
-                let mut packed = vec![0u8; crate::quant::packed_len(n, bits)];
-                crate::quant::pack(&codes, bits, &mut packed);
-                let nq = 5;
-                let q: Vec<f32> = (0..nq * n).map(|i| (i % 11) as f32 * 0.25 - 1.0).collect();
-                let mut out = vec![0f32; nq];
-                s.code_dots(&q, n, nq, &packed, bits, n, &mut out);
-                for i in 0..nq {
-                    let want: f32 = (0..n).map(|c| q[i * n + c] * codes[c] as f32).sum();
-                    assert!((out[i] - want).abs() < 1e-3, "bits={bits} n={n}");
-                }
-                // Query-major: out2[i * 2 + r].
-                let mut out2 = vec![0f32; 2 * nq];
-                let rows2: Vec<u8> = packed.iter().chain(&packed).copied().collect();
-                s.code_rows_dots(&q, n, nq, &rows2, packed.len(), 2, bits, n, &mut out2, 2);
-                for i in 0..nq {
-                    assert_eq!([out2[2 * i], out2[2 * i + 1]], [out[i], out[i]]);
-                }
-                let w: Vec<f32> = (0..nq).map(|i| i as f32 * 0.5).collect();
-                // Three rows: the same codes, weights w, 2w, 3w.
-                let rows3: Vec<u8> = packed
-                    .iter()
-                    .chain(&packed)
-                    .chain(&packed)
-                    .copied()
-                    .collect();
-                // Query-major weights: w3[i * 3 + r].
-                let w3: Vec<f32> = w
-                    .iter()
-                    .flat_map(|x| (1..=3).map(move |m| x * m as f32))
-                    .collect();
-                let mut acc3 = vec![1f32; nq * n];
-                s.code_rows_axpy(&mut acc3, n, nq, &w3, 3, &rows3, packed.len(), 3, bits, n);
-                for i in 0..nq {
-                    for c in 0..n {
-                        assert_eq!(acc3[i * n + c], 1.0 + 6.0 * w[i] * codes[c] as f32);
-                    }
-                }
-                let mut acc = vec![1f32; nq * n];
-                s.code_axpys(&mut acc, n, nq, &w, &packed, bits, n);
-                for i in 0..nq {
-                    for c in 0..n {
-                        assert_eq!(acc[i * n + c], 1.0 + w[i] * codes[c] as f32);
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn fused_code_ops_match_naive() {
-        check_codes(Portable);
-        #[cfg(target_arch = "x86_64")]
-        if let Some(avx) = Avx2::detect() {
-            check_codes(avx);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if let Some(avx512) = Avx512::detect() {
-            check_codes(avx512);
-        }
-    }
-
-    /// `s` against [`Portable`] on the blocked kernels: every bit width, row lengths with a
-    /// tail of eight codes (40, 80) or none, row counts that leave partial groups of rows,
-    /// query counts around the group of four, a row of a whole-row slice (`row_bytes` equal to
-    /// the codes) or one group of a wider row, and a codes slice that ends exactly at the last
-    /// row, so the kernels' tail reads are exercised at the end of memory.
-    fn check_against_portable<S: Simd>(s: S) {
-        let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * (1.0 + b.abs());
-        for bits in 1u8..=8 {
-            for n in [8usize, 16, 24, 40, 64, 80, 96, 128, 256] {
-                // Rows of n codes, or the second group of n codes in rows of 2n.
-                for (row_n, at) in [(n, 0usize), (2 * n, n)] {
-                    let row_bytes = row_n * bits as usize / 8;
-                    for rows in [1usize, 2, 3, 5, 16, 17, 35] {
-                        for nq in [1usize, 3, 4, 5, 8] {
-                            let seed = (bits as usize) * 7 + n + rows * 3 + nq;
-                            let codes: Vec<u8> = (0..rows * row_n)
-                                .map(|i| ((i * 31 + seed) % 251 % (1 << bits)) as u8)
-                                .collect();
-                            let mut packed = vec![0u8; rows * row_bytes];
-                            for (r, row) in codes.chunks_exact(row_n).enumerate() {
-                                let dst = &mut packed[r * row_bytes..(r + 1) * row_bytes];
-                                crate::quant::pack(row, bits, dst);
-                            }
-                            let first = at * bits as usize / 8;
-                            let tail = &packed[first..];
-                            let stride = n + 3;
-                            let q: Vec<f32> = (0..nq * stride)
-                                .map(|i| ((i * 13 + seed) % 29) as f32 * 0.125 - 1.5)
-                                .collect();
-                            // Dots, query-major with a stride wider than the rows.
-                            let os = rows + 2;
-                            let mut want = vec![7f32; nq * os];
-                            let mut got = want.clone();
-                            Portable.code_rows_dots(
-                                &q, stride, nq, tail, row_bytes, rows, bits, n, &mut want, os,
-                            );
-                            s.code_rows_dots(
-                                &q, stride, nq, tail, row_bytes, rows, bits, n, &mut got, os,
-                            );
-                            let what =
-                                format!("bits={bits} n={n} row_n={row_n} rows={rows} nq={nq}");
-                            for (g, w) in got.iter().zip(&want) {
-                                assert!(close(*g, *w), "dots {what}: {g} vs {w}");
-                            }
-                            // Axpy, weights query-major with a stride wider than the rows.
-                            let ws = rows + 1;
-                            let w: Vec<f32> = (0..nq * ws)
-                                .map(|i| ((i * 7 + seed) % 17) as f32 * 0.0625 - 0.5)
-                                .collect();
-                            let mut want = vec![0.5f32; nq * stride];
-                            let mut got = want.clone();
-                            Portable.code_rows_axpy(
-                                &mut want, stride, nq, &w, ws, tail, row_bytes, rows, bits, n,
-                            );
-                            s.code_rows_axpy(
-                                &mut got, stride, nq, &w, ws, tail, row_bytes, rows, bits, n,
-                            );
-                            for (g, w) in got.iter().zip(&want) {
-                                assert!(close(*g, *w), "axpy {what}: {g} vs {w}");
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn avx2_matches_portable_for_every_width_and_tail() {
-        if let Some(avx) = Avx2::detect() {
-            check_against_portable(avx);
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn avx512_matches_portable_for_every_width_and_tail() {
-        if let Some(avx512) = Avx512::detect() {
-            check_against_portable(avx512);
-        }
-    }
-
-    fn check_softmax<S: Simd>(s: S) {
-        for n in [0usize, 1, 7, 8, 9, 15, 16, 17, 33, 300] {
-            let mut row: Vec<f32> = (0..n)
-                .map(|i| ((i * 37) % 101) as f32 * 0.9 - 50.0)
-                .collect();
-            // Masked entries and a tail that underflows must give exactly 0.
-            if n > 3 {
-                row[1] = f32::NEG_INFINITY;
-                row[2] = -1e4;
-            }
-            let mut want = row.clone();
-            Portable.softmax(&mut want);
-            let mut got = row.clone();
-            s.softmax(&mut got);
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - w).abs() <= 1e-6 * w.max(1e-30) + 1e-30,
-                    "n={n} i={i}: {g} vs {w}"
-                );
-            }
-            if n > 3 {
-                assert_eq!((got[1], got[2]), (0.0, 0.0));
-            }
-        }
-        for n in [1usize, 20] {
-            let mut masked = vec![f32::NEG_INFINITY; n];
-            s.softmax(&mut masked);
-            assert_eq!(masked, vec![0.0; n]);
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn softmax_matches_libm() {
-        if let Some(avx) = Avx2::detect() {
-            check_softmax(avx);
-        }
-        if let Some(avx512) = Avx512::detect() {
-            check_softmax(avx512);
-        }
-    }
-
-    /// `exp8` and `exp16`, lane by lane, over the range softmax feeds them.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn vector_exp_matches_libm() {
-        use std::arch::x86_64::*;
-        let (avx, avx512) = (Avx2::detect(), Avx512::detect());
-        for k in 0..2000 {
-            let x = -87.0 + k as f32 * 0.0437;
-            let want = x.exp();
-            let mut lanes = [0f32; 16];
-            if avx.is_some() {
-                // SAFETY: the CPU has the features (`Avx2::detect`).
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), x86::exp8(_mm256_set1_ps(x))) };
-                assert!(
-                    (lanes[0] - want).abs() <= 3e-7 * want,
-                    "exp8({x}) = {}",
-                    lanes[0]
-                );
-            }
-            if avx512.is_some() {
-                // SAFETY: the CPU has the features (`Avx512::detect`).
-                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), x86_512::exp16(_mm512_set1_ps(x))) };
-                assert!(
-                    (lanes[0] - want).abs() <= 3e-7 * want,
-                    "exp16({x}) = {}",
-                    lanes[0]
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn unpack_f32_matches_unpack() {
-        for bits in 1u8..=8 {
-            let n = 64;
-            let codes: Vec<u8> = (0..n).map(|i| (i * 7 % (1 << bits)) as u8).collect();
-            let mut packed = vec![0u8; crate::quant::packed_len(n, bits)];
-            crate::quant::pack(&codes, bits, &mut packed);
-            let mut out = vec![0f32; n];
-            unpack_f32(&packed, bits, &mut out);
-            let want: Vec<f32> = codes.iter().map(|&c| c as f32).collect();
-            assert_eq!(out, want, "bits={bits}");
-        }
-    }
-}
+#[path = "simd_tests.rs"]
+mod tests;

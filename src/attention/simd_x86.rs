@@ -134,9 +134,10 @@ pub(super) fn exp8(x: __m256) -> __m256 {
     _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(pow2)), zero_below)
 }
 
+/// [`Simd::exp_shifted`] eight lanes at a time.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn softmax(row: &mut [f32]) {
+fn exp_shifted(row: &mut [f32]) -> f32 {
     let n = row.len();
     let main = n / 8 * 8;
     let p = row.as_mut_ptr();
@@ -154,7 +155,7 @@ fn softmax(row: &mut [f32]) {
         .fold(f32::NEG_INFINITY, f32::max);
     if m == f32::NEG_INFINITY {
         row.fill(0.0);
-        return;
+        return 0.0;
     }
     let vmax = _mm256_set1_ps(m);
     let mut vs = _mm256_setzero_ps();
@@ -170,12 +171,7 @@ fn softmax(row: &mut [f32]) {
         *l = (*l - m).exp();
         sum += *l;
     }
-    let inv = _mm256_set1_ps(1.0 / sum);
-    for i in (0..main).step_by(8) {
-        unsafe { _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), inv)) };
-    }
-    let inv = 1.0 / sum;
-    row[main..].iter_mut().for_each(|l| *l *= inv);
+    sum
 }
 
 /// Eight `B`-bit codes starting at byte `at` as `f32` lanes.
@@ -579,9 +575,9 @@ impl Simd for Avx2 {
     }
 
     #[inline(always)]
-    fn softmax(self, row: &mut [f32]) {
+    fn exp_shifted(self, row: &mut [f32]) -> f32 {
         // SAFETY: as above.
-        unsafe { softmax(row) }
+        unsafe { exp_shifted(row) }
     }
 
     #[inline(always)]

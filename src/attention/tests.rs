@@ -182,16 +182,22 @@ fn received_attention_sums_to_queries() {
 
 #[test]
 fn long_runs_match_dense_reference() {
-    // Hundreds of rows per run exercise the blocked key and value kernels past one block.
+    // Runs past one block of the blocked key and value kernels: 256 rows with more than four
+    // queries per kv-head (rep 8), and with four or fewer (a decode step) 4096 rows for
+    // per-channel keys, 1024 for values (9000 tokens: 5400 low-tier rows).
     for policy in [
         Policy::ZipCache(ZipCacheConfig::default()),
         Policy::Mikv(MikvConfig {
             key_balancer: false,
             ..Default::default()
         }),
-    ] {
-        let (b, hk, d, rep) = (1, 2, 64, 4);
-        let st = filled(policy, b, hk, d, 700, 0, 11);
+    ]
+    .into_iter()
+    .flat_map(|p| [(p, 700, 8), (p, 700, 4), (p, 9000, 4), (p, 9000, 1)])
+    {
+        let (policy, tokens, rep) = policy;
+        let (b, hk, d) = (1, 2, 64);
+        let st = filled(policy, b, hk, d, tokens, 0, 11);
         let dims = [b, hk * rep, 1, d];
         let q = data(dims.iter().product(), 5);
         let qpos = [st.seen() - 1];
@@ -202,7 +208,10 @@ fn long_runs_match_dense_reference() {
             .zip(&want)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(err < 1e-4, "{policy:?}: max error {err}");
+        assert!(
+            err < 1e-4,
+            "{policy:?} {tokens} tokens rep {rep}: max error {err}"
+        );
     }
 }
 

@@ -147,7 +147,7 @@ def timed_rounds(
     repeats: int | None,
     budget: float,
     per_block: int = 3,
-    handover: float = 0.002,
+    handover: float = 0.01,
 ) -> dict[str, list[float]]:
     """Wall times of every function, measured in rounds; a round runs each function as a
     block of ``per_block`` timed calls after untimed calls filling ``handover`` seconds (one at
@@ -155,9 +155,11 @@ def timed_rounds(
 
     Rounds interleave the functions so that load from other processes hits them alike. The
     untimed calls absorb the hand-over from the previous function: right after a torch op,
-    torch's OpenMP threads keep spinning for a millisecond or so and slow a following kvmix call
+    torch's OpenMP threads keep spinning for a few milliseconds and slow a following kvmix call
     (and rayon's threads do the same to torch); that effect is measured separately, by
-    ``after_sdpa`` in :func:`measure`. Rejected: a sleep before each block. On this VM an idle
+    ``after_sdpa`` in :func:`measure`. 2 ms of hand-over was too short: at B=1, 4k the first
+    kvmix function after SDPA measured 0.53-0.62 ms and the second 0.33 (either order); with 5
+    or 10 ms both measured 0.33. Rejected: a sleep before each block. On this VM an idle
     core takes tens of milliseconds to come back after a pause, and kvmix's B=1 calls then ran
     at one-thread speed (16k: 3.0 ms instead of 1.45; SDPA's times did not move). With
     ``repeats=None`` the number of rounds fills ``budget`` seconds (5..100); otherwise it is
@@ -367,7 +369,7 @@ def main(args: argparse.Namespace) -> int:
     timing = f"{args.repeats} rounds" if args.repeats else f"rounds filling ~{args.budget:g} s"
     print(
         f"median over interleaved rounds ({timing}); a round times 3 calls of each function "
-        "after untimed calls filling 2 ms (the hand-over from the previous function)\n"
+        "after untimed calls filling 10 ms (the hand-over from the previous function)\n"
     )
 
     results: list[Result] = []

@@ -8,6 +8,10 @@
 //! divided by the query's sum at the end. Every compressed byte is read once, no dense copy of
 //! K or V is ever built, and the probabilities are exactly what the tracker needs.
 //!
+//! Threads take streams. With fewer than two streams per thread (one sequence of a model with
+//! few kv-heads), long streams are cut into parts that run on different threads, each with
+//! its own max and sum; the merge rescales the parts to the stream's max (split softmax).
+//!
 //! Rejected: a single-pass online softmax. It saves the logit buffer (4 bytes per token per
 //! query, small next to the cache) but must rescale the accumulator and cannot hand out
 //! normalized probabilities without a second pass anyway.
@@ -19,11 +23,7 @@ use crate::error::{KvmixError, Result};
 use crate::parallel;
 use crate::store::LayerStore;
 use rayon::prelude::*;
-use rows::{accumulate_values, key_logits, runs};
-
-/// One stream's share of the result: outputs `[rep, q_len, d]`, and per tier the attention
-/// each row received and the number of queries that saw it.
-type StreamResult = (Vec<f32>, [Vec<f32>; 3], [Vec<f32>; 3]);
+use rows::{accumulate_values, key_logits, runs, Run};
 
 /// The result of [`attend`]: outputs, and for every stream and tier the attention each row
 /// received (summed over the GQA group's heads and the queries) and how many queries saw it.
@@ -45,7 +45,7 @@ pub fn attend(
     q_positions: &[usize],
     scale: f32,
 ) -> Result<Attention> {
-    attend_impl(store, q, q_dims, q_positions, scale, true)
+    attend_impl(store, q, q_dims, q_positions, scale, true, None)
 }
 
 /// [`attend`]'s output alone: the attention each token received is not collected (a decode
@@ -57,7 +57,7 @@ pub fn attend_untracked(
     q_positions: &[usize],
     scale: f32,
 ) -> Result<Vec<f32>> {
-    attend_impl(store, q, q_dims, q_positions, scale, false).map(|a| a.out)
+    attend_impl(store, q, q_dims, q_positions, scale, false, None).map(|a| a.out)
 }
 
 fn attend_impl(
@@ -67,6 +67,7 @@ fn attend_impl(
     q_positions: &[usize],
     scale: f32,
     track: bool,
+    parts_per_stream: Option<usize>,
 ) -> Result<Attention> {
     let (b, hq, tq, d) = match *q_dims {
         [b, hq, tq, d] => (b, hq, tq, d),
@@ -111,30 +112,180 @@ fn attend_impl(
         scale,
         track,
     };
-    let results: Vec<StreamResult> = parallel::run(work, |par| {
-        let one = |s: usize| dispatch_stream(store, s, &queries);
+    let threads = if work >= parallel::PARALLEL_MIN_ELEMENTS {
+        parallel::num_threads()
+    } else {
+        1
+    };
+    let parts = split_streams(store, threads, parts_per_stream);
+    let results: Vec<PartResult> = parallel::run(work, |par| {
+        let one = |p: &Part| dispatch_part(store, p, &queries);
         if par {
-            (0..store.streams.len()).into_par_iter().map(one).collect()
+            parts.par_iter().map(one).collect()
         } else {
-            (0..store.streams.len()).map(one).collect()
+            parts.iter().map(one).collect()
         }
     });
-    let mut out = vec![0f32; q.len()];
-    let mut received = Vec::with_capacity(results.len());
-    let mut seen_by = Vec::with_capacity(results.len());
-    for (s, (o, r, c)) in results.into_iter().enumerate() {
+    Ok(merge_parts(store, &parts, results, &queries))
+}
+
+/// Rows below which a stream is not cut into parts: a part's fixed costs and the merge must
+/// stay small next to its work.
+const MIN_PART_ROWS: usize = 2048;
+
+/// A contiguous range `[lo, hi)` of stream `s`'s rows, tiers in order (buffer, high, low).
+struct Part {
+    s: usize,
+    lo: usize,
+    hi: usize,
+}
+
+/// The work of one call as parts, in stream order. Each stream is one part, unless there are
+/// fewer than two streams per thread (one sequence of a model with few kv-heads: SmolLM2's
+/// three on two cores left one core idle a third of the time); then long streams are cut
+/// into enough parts of at least [`MIN_PART_ROWS`] rows to give every thread about two, and
+/// their softmax is merged afterwards (split softmax). `force`: parts per stream (tests).
+fn split_streams(store: &LayerStore, threads: usize, force: Option<usize>) -> Vec<Part> {
+    let n = store.streams.len();
+    let want = match force {
+        Some(k) => k.max(1),
+        None if threads > 1 && n > 0 && n < 2 * threads => (2 * threads).div_ceil(n),
+        None => 1,
+    };
+    let mut parts = Vec::new();
+    for (s, stream) in store.streams.iter().enumerate() {
+        let len = stream.len();
+        let k = if force.is_some() {
+            want.min(len.max(1))
+        } else {
+            want.min(len / MIN_PART_ROWS).max(1)
+        };
+        parts.extend((0..k).map(|i| Part {
+            s,
+            lo: len * i / k,
+            hi: len * (i + 1) / k,
+        }));
+    }
+    parts
+}
+
+/// One part's share of the result. The output is not yet divided by the softmax sum, and the
+/// probabilities are relative to the part's own max: [`merge_parts`] rescales them.
+struct PartResult {
+    /// `[nq, d]`: `Σ_r e^(logit − max)·v_r` over the part's rows.
+    out: Vec<f32>,
+    /// Per query: the part's max logit and `Σ_r e^(logit − max)`.
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    /// Per tier: the part's rows `[start, end)` of that tier.
+    rows: [(usize, usize); 3],
+    /// Per tier, when tracking: the attention each row received (a stream in one part:
+    /// final), or `[nq, rows]` of `e^(logit − max)` (a part of a split stream).
+    received: [Vec<f32>; 3],
+    seen_by: [Vec<f32>; 3],
+    /// Whether the part is its whole stream (`received` final).
+    whole: bool,
+}
+
+/// Combine the parts of every stream: rescale each part to the stream's max per query,
+/// divide by the total sum, scatter the outputs into `[batch, q_heads, q_len, d]`, and
+/// concatenate each tier's received attention.
+fn merge_parts(
+    store: &LayerStore,
+    parts: &[Part],
+    results: Vec<PartResult>,
+    qs: &Queries<'_>,
+) -> Attention {
+    let (hq, tq, d, rep) = (qs.hq, qs.tq, qs.d, qs.rep);
+    let hk = store.kv_heads;
+    let nq = rep * tq;
+    let mut out = vec![0f32; qs.q.len()];
+    let mut received = Vec::with_capacity(store.streams.len());
+    let mut seen_by = Vec::with_capacity(store.streams.len());
+    let mut i = 0;
+    while i < parts.len() {
+        let s = parts[i].s;
+        let j = i + parts[i..].iter().take_while(|p| p.s == s).count();
+        let group = &results[i..j];
+        // Factor of each part's terms, per query: e^(max_p − max) / total sum (1/sum for a
+        // stream in one part, exactly as an unsplit softmax; 0 for a query that sees nothing).
+        let stream_max: Vec<f32> = (0..nq)
+            .map(|q| {
+                group
+                    .iter()
+                    .map(|p| p.max[q])
+                    .fold(f32::NEG_INFINITY, f32::max)
+            })
+            .collect();
+        let weight = |p: &PartResult, q: usize| {
+            if p.sum[q] > 0.0 {
+                (p.max[q] - stream_max[q]).exp()
+            } else {
+                0.0
+            }
+        };
+        let total: Vec<f32> = (0..nq)
+            .map(|q| group.iter().map(|p| p.sum[q] * weight(p, q)).sum())
+            .collect();
+        let factors: Vec<Vec<f32>> = group
+            .iter()
+            .map(|p| {
+                (0..nq)
+                    .map(|q| {
+                        if total[q] > 0.0 {
+                            weight(p, q) / total[q]
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
         let (bi, h) = (s / hk, s % hk);
         // Stream outputs are [rep, tq, d]: query heads h*rep .. h*rep+rep of sequence bi.
         let start = (bi * hq + h * rep) * tq * d;
-        out[start..start + nq * d].copy_from_slice(&o);
-        received.push(r);
-        seen_by.push(c);
+        let o = &mut out[start..start + nq * d];
+        for (p, f) in group.iter().zip(&factors) {
+            for ((o, po), &f) in o
+                .chunks_exact_mut(d.max(1))
+                .zip(p.out.chunks_exact(d.max(1)))
+                .zip(f)
+            {
+                o.iter_mut().zip(po).for_each(|(a, &x)| *a += x * f);
+            }
+        }
+        let mut rec: [Vec<f32>; 3] = Default::default();
+        let mut cnt: [Vec<f32>; 3] = Default::default();
+        if qs.track {
+            for (p, f) in group.iter().zip(&factors) {
+                for t in 0..3 {
+                    let (a, b) = p.rows[t];
+                    if p.received[t].is_empty() {
+                        continue;
+                    }
+                    if p.whole {
+                        rec[t].extend_from_slice(&p.received[t]);
+                    } else {
+                        let n = b - a;
+                        let mut r = vec![0f32; n];
+                        for (e, &f) in p.received[t].chunks_exact(n.max(1)).zip(f) {
+                            r.iter_mut().zip(e).for_each(|(a, &x)| *a += x * f);
+                        }
+                        rec[t].extend(r);
+                    }
+                    cnt[t].extend_from_slice(&p.seen_by[t]);
+                }
+            }
+        }
+        received.push(rec);
+        seen_by.push(cnt);
+        i = j;
     }
-    Ok(Attention {
+    Attention {
         out,
         received,
         seen_by,
-    })
+    }
 }
 
 thread_local! {
@@ -159,51 +310,63 @@ struct Queries<'a> {
     track: bool,
 }
 
-/// [`attend_stream`] compiled for AVX-512 (F/BW/VL/VBMI) or else AVX2+FMA+F16C when the CPU
+/// [`attend_part`] compiled for AVX-512 (F/BW/VL/VBMI) or else AVX2+FMA+F16C when the CPU
 /// has them, else for the baseline target.
-fn dispatch_stream(store: &LayerStore, s: usize, qs: &Queries<'_>) -> StreamResult {
+fn dispatch_part(store: &LayerStore, p: &Part, qs: &Queries<'_>) -> PartResult {
     #[cfg(target_arch = "x86_64")]
     if let Some(avx512) = simd::Avx512::detect() {
         // SAFETY: `detect` confirmed the CPU has every feature the function is compiled for.
-        return unsafe { attend_stream_avx512(avx512, store, s, qs) };
+        return unsafe { attend_part_avx512(avx512, store, p, qs) };
     }
     #[cfg(target_arch = "x86_64")]
     if let Some(avx) = simd::Avx2::detect() {
         // SAFETY: `detect` confirmed the CPU has every feature the function is compiled for.
-        return unsafe { attend_stream_avx2(avx, store, s, qs) };
+        return unsafe { attend_part_avx2(avx, store, p, qs) };
     }
-    attend_stream(simd::Portable, store, s, qs)
+    attend_part(simd::Portable, store, p, qs)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn attend_stream_avx2(
+unsafe fn attend_part_avx2(
     avx: simd::Avx2,
     store: &LayerStore,
-    s: usize,
+    p: &Part,
     qs: &Queries<'_>,
-) -> StreamResult {
-    attend_stream(avx, store, s, qs)
+) -> PartResult {
+    attend_part(avx, store, p, qs)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c")]
-unsafe fn attend_stream_avx512(
+unsafe fn attend_part_avx512(
     avx512: simd::Avx512,
     store: &LayerStore,
-    s: usize,
+    p: &Part,
     qs: &Queries<'_>,
-) -> StreamResult {
-    attend_stream(avx512, store, s, qs)
+) -> PartResult {
+    attend_part(avx512, store, p, qs)
+}
+
+/// `run` restricted to rows `[a, b)`, if any are left.
+fn clip<'a>(run: &Run<'a>, a: usize, b: usize) -> Option<Run<'a>> {
+    let (start, end) = (run.start.max(a), run.end.min(b));
+    (start < end).then_some(Run {
+        start,
+        end,
+        factor: run.factor,
+        scale: run.scale,
+        offset: run.offset,
+    })
 }
 
 #[inline(always)]
-fn attend_stream<S: simd::Simd>(
+fn attend_part<S: simd::Simd>(
     simd: S,
     store: &LayerStore,
-    s: usize,
+    part: &Part,
     qs: &Queries<'_>,
-) -> StreamResult {
+) -> PartResult {
     let &Queries {
         q,
         hq,
@@ -215,91 +378,123 @@ fn attend_stream<S: simd::Simd>(
         track,
     } = qs;
     let hk = store.kv_heads;
+    let s = part.s;
     let (bi, h) = (s / hk, s % hk);
     let stream = &store.streams[s];
     let nq = rep * tq;
     let first = (bi * hq + h * rep) * tq * d;
     let queries: Vec<f32> = q[first..first + nq * d].iter().map(|x| x * scale).collect();
     let tiers = stream.tiers();
-    let total: usize = tiers.iter().map(|t| t.len()).sum();
+    let whole = part.lo == 0 && part.hi == stream.len();
+    // The part's rows of each tier, and the logits column of each tier's row 0. Only the
+    // part's first tier can start mid-tier (at row `pad`): its row r sits at column r and
+    // columns 0..pad are never touched, so the row kernels keep indexing rows from the
+    // tier's start.
+    let mut rows = [(0usize, 0usize); 3];
+    let mut col0 = [0usize; 3];
+    let (mut base, mut col, mut pad) = (0, 0, None);
+    for (t, tier) in tiers.iter().enumerate() {
+        let a = part.lo.clamp(base, base + tier.len()) - base;
+        let b = part.hi.clamp(base, base + tier.len()) - base;
+        rows[t] = (a, b);
+        if a < b {
+            pad.get_or_insert(a);
+            col0[t] = col;
+            col = col0[t] + b;
+        }
+        base += tier.len();
+    }
+    let pad = pad.unwrap_or(0);
+    let width = col.max(pad);
     let first_valid = store.first_valid[bi] as u32;
-    // Pass 1: logits [nq, total], tiers concatenated. Every entry is written below (each
+    // Pass 1: logits [nq, width]. Every column of the part's rows is written below (each
     // tier's rows, for every query), so the reused buffer needs no clearing.
     let mut buffer = LOGITS.take();
-    if buffer.len() < nq * total {
-        buffer.resize(nq * total, 0.0);
+    if buffer.len() < nq * width {
+        buffer.resize(nq * width, 0.0);
     }
-    let logits = &mut buffer[..nq * total];
-    let mut base = 0;
-    for tier in tiers {
-        for run in runs(&tier.keys) {
+    let logits = &mut buffer[..nq * width];
+    let min_q = q_positions.iter().copied().min().unwrap_or(0);
+    for (t, tier) in tiers.iter().enumerate() {
+        let (a, b) = rows[t];
+        if a >= b {
+            continue;
+        }
+        for run in runs(&tier.keys).iter().filter_map(|r| clip(r, a, b)) {
             key_logits(
                 simd,
                 &tier.keys,
                 &run,
                 &queries,
                 nq,
-                &mut logits[base..],
-                total,
+                &mut logits[col0[t]..],
+                width,
             );
         }
         // Mask: invisible tokens get -inf. Query i is head i / tq at position q_positions[i % tq].
         // Decoding sees every stored token, so the per-element test runs only when needed.
-        let min_q = q_positions.iter().copied().min().unwrap_or(0);
         let needs_mask = tier
             .positions
             .min_max()
             .is_some_and(|(lo, hi)| lo < first_valid || hi as usize > min_q);
         if needs_mask {
             let qpos: Vec<usize> = (0..nq).map(|i| q_positions[i % tq]).collect();
-            for r in 0..tier.len() {
+            for r in a..b {
                 let p = tier.positions.get(r);
                 for (i, &qp) in qpos.iter().enumerate() {
                     if p < first_valid || p as usize > qp {
-                        logits[i * total + base + r] = f32::NEG_INFINITY;
+                        logits[i * width + col0[t] + r] = f32::NEG_INFINITY;
                     }
                 }
             }
         }
-        base += tier.len();
     }
-    // Softmax per query, but the division by the sum is left to the end: the values pass is
-    // linear in the probabilities, so scaling each query's output once saves a read and
+    // Softmax per query, but the division by the sum is left to the merge: the values pass
+    // is linear in the probabilities, so scaling each query's output once saves a read and
     // write of every probability (1.4% of a 16k-token step). A query that sees nothing has
     // a sum of 0 and gets zero output.
-    let mut inv = vec![0f32; nq];
-    for (row, v) in logits.chunks_exact_mut(total.max(1)).zip(inv.iter_mut()) {
-        let sum = simd.exp_shifted(row);
-        *v = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+    let mut max = vec![f32::NEG_INFINITY; nq];
+    let mut sum = vec![0f32; nq];
+    for (i, row) in logits.chunks_exact_mut(width.max(1)).take(nq).enumerate() {
+        (max[i], sum[i]) = simd.exp_shifted(&mut row[pad..]);
     }
     // Pass 2: values.
     let mut out = vec![0f32; nq * d];
     let mut received: [Vec<f32>; 3] = Default::default();
     let mut seen_by: [Vec<f32>; 3] = Default::default();
-    let mut base = 0;
+    let probs = &logits;
     for (t, tier) in tiers.iter().enumerate() {
-        let probs = &logits;
-        for run in runs(&tier.values) {
-            // Row r of this tier sits at column base + r.
+        let (a, b) = rows[t];
+        if a >= b {
+            continue;
+        }
+        for run in runs(&tier.values).iter().filter_map(|r| clip(r, a, b)) {
+            // Row r of this tier sits at column col0[t] + r.
             accumulate_values(
                 simd,
                 &tier.values,
                 &run,
-                &probs[base..],
-                total,
+                &probs[col0[t]..],
+                width,
                 nq,
                 &mut out,
             );
         }
         if track && tier.scores.is_some() {
-            // Query by query over contiguous probabilities (vectorizes), not row by row.
-            let mut rec = vec![0f32; tier.len()];
-            for (i, &v) in inv.iter().enumerate() {
-                let p = &probs[i * total + base..i * total + base + tier.len()];
-                rec.iter_mut().zip(p).for_each(|(a, &x)| *a += x * v);
-            }
-            received[t] = rec;
-            seen_by[t] = (0..tier.len())
+            let p = |i: usize| &probs[i * width + col0[t] + a..i * width + col0[t] + b];
+            received[t] = if whole {
+                // Query by query over contiguous probabilities (vectorizes), not row by row.
+                let mut rec = vec![0f32; b - a];
+                for (i, &sm) in sum.iter().enumerate() {
+                    let v = if sm > 0.0 { 1.0 / sm } else { 0.0 };
+                    rec.iter_mut().zip(p(i)).for_each(|(r, &x)| *r += x * v);
+                }
+                rec
+            } else {
+                // The merge weighs each query's probabilities once every part's max is known.
+                (0..nq).flat_map(p).copied().collect()
+            };
+            seen_by[t] = (a..b)
                 .map(|r| {
                     let p = tier.positions.get(r);
                     if p < first_valid {
@@ -309,13 +504,17 @@ fn attend_stream<S: simd::Simd>(
                 })
                 .collect();
         }
-        base += tier.len();
-    }
-    for (o, &v) in out.chunks_exact_mut(d.max(1)).zip(&inv) {
-        o.iter_mut().for_each(|x| *x *= v);
     }
     LOGITS.set(buffer);
-    (out, received, seen_by)
+    PartResult {
+        out,
+        max,
+        sum,
+        rows,
+        received,
+        seen_by,
+        whole,
+    }
 }
 
 impl LayerStore {

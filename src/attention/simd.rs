@@ -23,27 +23,28 @@ pub trait Simd: Copy + Send + Sync {
     /// `acc_i += a·x_i + b`.
     fn axpb(self, acc: &mut [f32], a: f32, x: &[f32], b: f32);
 
-    /// `row ← e^(row − max(row))` in place, returning the sum: softmax without the final
-    /// division, which the attention kernel applies to each query's output instead of to
-    /// every probability. A row that is all `-inf` (a query that sees nothing) becomes all
-    /// zeros and returns 0.
-    fn exp_shifted(self, row: &mut [f32]) -> f32 {
+    /// `row ← e^(row − max(row))` in place, returning `(max, sum)`: softmax without the
+    /// final division, which the attention kernel applies to each query's output instead of
+    /// to every probability (and, for a stream split in parts, after rescaling each part to
+    /// the common max). A row that is all `-inf` (a query that sees nothing) becomes all
+    /// zeros and returns `(-inf, 0)`.
+    fn exp_shifted(self, row: &mut [f32]) -> (f32, f32) {
         let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if m == f32::NEG_INFINITY {
             row.fill(0.0);
-            return 0.0;
+            return (m, 0.0);
         }
         let mut sum = 0f32;
         for l in row.iter_mut() {
             *l = (*l - m).exp();
             sum += *l;
         }
-        sum
+        (m, sum)
     }
 
     /// Softmax of `row` in place (max-subtracted); a row that is all `-inf` becomes all zeros.
     fn softmax(self, row: &mut [f32]) {
-        let sum = self.exp_shifted(row);
+        let (_, sum) = self.exp_shifted(row);
         if sum > 0.0 {
             let inv = 1.0 / sum;
             row.iter_mut().for_each(|l| *l *= inv);

@@ -207,11 +207,18 @@ fn check_softmax<S: Simd>(s: S) {
         if n > 3 {
             assert_eq!((got[1], got[2]), (0.0, 0.0));
         }
+        // The shift it reports is the row's max (a split stream rescales parts with it).
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let (m, sum) = s.exp_shifted(&mut row.clone());
+        assert_eq!(m, max, "n={n}");
+        assert_eq!(sum == 0.0, n == 0, "n={n}");
     }
     for n in [1usize, 20] {
         let mut masked = vec![f32::NEG_INFINITY; n];
         s.softmax(&mut masked);
         assert_eq!(masked, vec![0.0; n]);
+        let (m, sum) = s.exp_shifted(&mut vec![f32::NEG_INFINITY; n]);
+        assert_eq!((m, sum), (f32::NEG_INFINITY, 0.0));
     }
 }
 

@@ -137,7 +137,7 @@ pub(super) fn exp8(x: __m256) -> __m256 {
 /// [`Simd::exp_shifted`] eight lanes at a time.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn exp_shifted(row: &mut [f32]) -> f32 {
+fn exp_shifted(row: &mut [f32]) -> (f32, f32) {
     let n = row.len();
     let main = n / 8 * 8;
     let p = row.as_mut_ptr();
@@ -155,7 +155,7 @@ fn exp_shifted(row: &mut [f32]) -> f32 {
         .fold(f32::NEG_INFINITY, f32::max);
     if m == f32::NEG_INFINITY {
         row.fill(0.0);
-        return 0.0;
+        return (m, 0.0);
     }
     let vmax = _mm256_set1_ps(m);
     let mut vs = _mm256_setzero_ps();
@@ -171,7 +171,7 @@ fn exp_shifted(row: &mut [f32]) -> f32 {
         *l = (*l - m).exp();
         sum += *l;
     }
-    sum
+    (m, sum)
 }
 
 /// Eight `B`-bit codes starting at byte `at` as `f32` lanes.
@@ -575,7 +575,7 @@ impl Simd for Avx2 {
     }
 
     #[inline(always)]
-    fn exp_shifted(self, row: &mut [f32]) -> f32 {
+    fn exp_shifted(self, row: &mut [f32]) -> (f32, f32) {
         // SAFETY: as above.
         unsafe { exp_shifted(row) }
     }

@@ -208,7 +208,7 @@ pub(super) fn exp16(x: __m512) -> __m512 {
 /// [`Simd::exp_shifted`] sixteen lanes at a time; the tail is masked, not scalar.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn exp_shifted(row: &mut [f32]) -> f32 {
+fn exp_shifted(row: &mut [f32]) -> (f32, f32) {
     let n = row.len();
     let p = row.as_mut_ptr();
     let tail = n % 16;
@@ -227,7 +227,7 @@ fn exp_shifted(row: &mut [f32]) -> f32 {
     let m = _mm512_reduce_max_ps(vm);
     if m == f32::NEG_INFINITY {
         row.fill(0.0);
-        return 0.0;
+        return (m, 0.0);
     }
     let vmax = _mm512_set1_ps(m);
     let mut vs = _mm512_setzero_ps();
@@ -243,7 +243,7 @@ fn exp_shifted(row: &mut [f32]) -> f32 {
         _mm512_mask_storeu_ps(p.add(main), tail_mask, e);
         vs = _mm512_add_ps(vs, e);
     }
-    _mm512_reduce_add_ps(vs)
+    (m, _mm512_reduce_add_ps(vs))
 }
 
 /// [`Simd::f16_to_f32`] sixteen at a time with a masked tail. `half`'s slice conversion goes
@@ -400,7 +400,7 @@ impl Simd for Avx512 {
     }
 
     #[inline(always)]
-    fn exp_shifted(self, row: &mut [f32]) -> f32 {
+    fn exp_shifted(self, row: &mut [f32]) -> (f32, f32) {
         // SAFETY: an `Avx512` exists only on CPUs with AVX-512F.
         unsafe { exp_shifted(row) }
     }

@@ -216,6 +216,55 @@ fn long_runs_match_dense_reference() {
 }
 
 #[test]
+fn split_streams_match_whole_streams() {
+    // Streams cut into parts (split softmax, for calls with fewer streams than threads) give
+    // the outputs, received attention and counts of whole streams: parts that cut tiers
+    // mid-way, parts of one row, queries that see nothing in some parts (padding, causal).
+    for policy in policies() {
+        let (b, hk, rep, d) = (2, 2, 3, 32);
+        let mut st = filled(policy, b, hk, d, 45, 7, 3);
+        st.set_first_valid(&[0, 9]).unwrap();
+        let seen = st.seen();
+        for tq in [1usize, 4] {
+            let dims = [b, hk * rep, tq, d];
+            let q = data(dims.iter().product(), 21 + tq as u64);
+            let qpos: Vec<usize> = (seen - tq..seen).collect();
+            let whole = attend_impl(&st, &q, &dims, &qpos, 0.3, true, Some(1)).unwrap();
+            assert_eq!(whole.out, attend(&st, &q, &dims, &qpos, 0.3).unwrap().out);
+            for k in [2usize, 3, 7, 200] {
+                let split = attend_impl(&st, &q, &dims, &qpos, 0.3, true, Some(k)).unwrap();
+                let what = format!("{policy:?} tq={tq} parts={k}");
+                assert!(
+                    max_abs_diff(&split.out, &whole.out) < 1e-5,
+                    "{what}: outputs"
+                );
+                for (s, (r, c)) in split.received.iter().zip(&split.seen_by).enumerate() {
+                    for t in 0..3 {
+                        let (rw, cw) = (&whole.received[s][t], &whole.seen_by[s][t]);
+                        assert_eq!(r[t].len(), rw.len(), "{what}: stream {s} tier {t}");
+                        assert!(max_abs_diff(&r[t], rw) < 1e-5, "{what}: received");
+                        assert_eq!(&c[t], cw, "{what}: seen_by");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn streams_split_only_when_threads_would_idle() {
+    let st = filled(Policy::Full, 1, 3, 16, 5000, 0, 1);
+    let count = |threads| split_streams(&st, threads, None).len();
+    assert_eq!(count(1), 3);
+    assert_eq!(count(2), 6); // three streams on two threads: two parts each
+    assert_eq!(count(8), 6); // at most len / MIN_PART_ROWS parts per stream
+    let short = filled(Policy::Full, 1, 3, 16, 100, 0, 1);
+    assert_eq!(split_streams(&short, 2, None).len(), 3);
+    let parts = split_streams(&st, 2, None);
+    assert!(parts.iter().all(|p| p.hi - p.lo == 2500));
+}
+
+#[test]
 fn refuses_mismatched_queries() {
     let st = filled(Policy::Full, 1, 2, 16, 4, 0, 1);
     assert!(matches!(
@@ -250,14 +299,12 @@ fn attend_with<S: simd::Simd>(
         scale,
         track: true,
     };
-    let mut out = vec![0f32; q.len()];
-    for s in 0..store.streams.len() {
-        let (o, _, _) = attend_stream(simd, store, s, &queries);
-        let (bi, h) = (s / store.kv_heads, s % store.kv_heads);
-        let start = (bi * hq + h * rep) * tq * d;
-        out[start..start + o.len()].copy_from_slice(&o);
-    }
-    out
+    let parts = split_streams(store, 1, None);
+    let results = parts
+        .iter()
+        .map(|p| attend_part(simd, store, p, &queries))
+        .collect();
+    merge_parts(store, &parts, results, &queries).out
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

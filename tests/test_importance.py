@@ -178,7 +178,7 @@ def test_prefill_probe_scores_in_torch_match_reference(batch, rep, length, pad, 
     k = rng.standard_normal((batch, 2, length, 16), dtype=np.float32)
     probes = kvmix.probe_positions(length, 0.3, 0.3, seed)
     first_valid = [min(pad * b, length - 1) for b in range(batch)]
-    acc = _probabilities(torch.from_numpy(q), torch.from_numpy(k), probes, probes, first_valid, 0.3)
+    acc = _probabilities(torch.from_numpy(q), torch.from_numpy(k), probes, first_valid, 0.3)
     racc, _ = ref.probe_scores(q, k, probes, 0.3, first_valid)
     np.testing.assert_allclose(acc.numpy(), racc, rtol=1e-5, atol=1e-6)
 

@@ -115,8 +115,8 @@ def _map_blocks(fn: Callable[[int, int], T], blocks: list[tuple[int, int]]) -> I
     op ends in a barrier, and a descheduled team member stalls each one: at load ~4, one layer of
     MiKV's prefill attention (4096 rows) took 5.3 s that way, against 0.58 s with the blocks on
     threads of their own (torch ops release the GIL, so they overlap with no barrier at all). A
-    single block (a decoding step) keeps torch's threads; one scoring thread runs the blocks
-    inline on one torch thread."""
+    single block (a prompt of at most :data:`_ROWS_PER_BLOCK` scored rows) keeps torch's threads;
+    one scoring thread runs the blocks inline on one torch thread."""
     if len(blocks) == 1:
         yield fn(*blocks[0])
         return
@@ -159,18 +159,17 @@ def _block_probabilities(
     query: torch.Tensor,
     key: torch.Tensor,
     rows: list[int],
-    q_positions: list[int],
     first_valid: list[int],
     scaling: float,
 ) -> tuple[torch.Tensor, int]:
-    """Softmax attention of the query rows ``rows`` (ascending positions ``q_positions``) over the
-    keys at positions ``0 .. hi-1`` (key index = position; later keys are invisible to every row):
+    """Softmax attention of the prompt's query rows ``rows`` (ascending; row = position = key
+    index) over the keys ``0 .. hi-1`` (later keys are invisible to every row):
     ``((B, H_kv, rep, n, hi), hi)``, query heads grouped by kv-head. A key is visible to a query at
     or after its position unless it is left padding; rows that see nothing get zeros."""
     b, hq, _, d = query.shape
     hk = key.shape[1]
     rep, n = hq // hk, len(rows)
-    lo, hi = q_positions[0], q_positions[-1] + 1
+    lo, hi = rows[0], rows[-1] + 1
     if rows[-1] - rows[0] == n - 1:  # contiguous rows: a view, not a gather
         q = query[:, :, rows[0] : rows[-1] + 1]
     else:
@@ -183,7 +182,7 @@ def _block_probabilities(
     # Keys before the block's first query are visible to all its rows: only [lo, hi) needs the
     # causal mask.
     if hi - lo > 1:
-        future = torch.arange(lo, hi).view(1, -1) > torch.tensor(q_positions).view(-1, 1)
+        future = torch.arange(lo, hi).view(1, -1) > torch.tensor(rows).view(-1, 1)
         logits[..., lo:hi].masked_fill_(future, float("-inf"))
     padded = False
     for bi, fv in enumerate(first_valid):
@@ -200,23 +199,20 @@ def _probabilities(
     query: torch.Tensor,
     key: torch.Tensor,
     rows: list[int],
-    q_positions: list[int],
     first_valid: list[int],
     scaling: float,
 ) -> torch.Tensor:
-    """Softmax attention of the query rows ``rows`` (ascending positions ``q_positions``) over
-    ``key`` (key index = position), summed over the query rows and over the query heads of each
-    kv-head's GQA group: ``(B, H_kv, T)``."""
+    """Softmax attention of the prompt's query rows ``rows`` (ascending; row = position = key
+    index) over ``key``, summed over the query rows and over the query heads of each kv-head's
+    GQA group: ``(B, H_kv, T)``."""
     b, hk, t = query.shape[0], key.shape[1], key.shape[2]
     out = torch.zeros(b, hk, t)
 
     def block(start: int, end: int) -> tuple[torch.Tensor, int]:
-        probs, hi = _block_probabilities(
-            query, key, rows[start:end], q_positions[start:end], first_valid, scaling
-        )
+        probs, hi = _block_probabilities(query, key, rows[start:end], first_valid, scaling)
         return probs.sum(dim=(2, 3)), hi
 
-    for received, hi in _map_blocks(block, _row_blocks(q_positions)):
+    for received, hi in _map_blocks(block, _row_blocks(rows)):
         out[:, :, :hi] += received
     return out
 
@@ -243,7 +239,7 @@ def _attention_and_column_sums(
 
     def block(start: int, end: int) -> tuple[torch.Tensor, int]:
         rows = positions[start:end]
-        probs, hi = _block_probabilities(query, key, rows, rows, [0] * b, scaling)
+        probs, hi = _block_probabilities(query, key, rows, [0] * b, scaling)
         n = end - start
         flat = probs.view(b, hk, rep * n, hi)
         # Blocks write disjoint rows of `out`; the column sums are added by the caller.
@@ -277,7 +273,7 @@ def _score_prefill(
     rows = _probe_rows(layer, t)
     if rows:
         if acc is None:
-            acc = _probabilities(query, key, rows, rows, first_valid, scaling)
+            acc = _probabilities(query, key, rows, first_valid, scaling)
         count = _visible_counts(rows, t, first_valid, layer.options.get("count_mode", "exact"))
         store.add_scores(0, acc.numpy(), np.ascontiguousarray(np.broadcast_to(count, acc.shape)))
     t1 = time.perf_counter()

@@ -112,19 +112,17 @@ fn attend_impl(
         scale,
         track,
     };
-    let threads = if work >= parallel::PARALLEL_MIN_ELEMENTS {
-        parallel::num_threads()
-    } else {
-        1
-    };
-    let parts = split_streams(store, threads, parts_per_stream);
-    let results: Vec<PartResult> = parallel::run(work, |par| {
+    let (parts, results) = parallel::run(work, |par| {
+        // Streams are cut into parts only for threads that will run them.
+        let threads = if par { parallel::num_threads() } else { 1 };
+        let parts = split_streams(store, threads, parts_per_stream);
         let one = |p: &Part| dispatch_part(store, p, &queries);
-        if par {
+        let results: Vec<PartResult> = if par {
             parts.par_iter().map(one).collect()
         } else {
             parts.iter().map(one).collect()
-        }
+        };
+        (parts, results)
     });
     Ok(merge_parts(store, &parts, results, &queries))
 }

@@ -153,6 +153,7 @@ def test_tensors_off_the_cpu_are_refused():
     [
         (lambda c: kvmix.ZipCache(c, salient_ratio=1.5), "salient_ratio"),
         (lambda c: kvmix.ZipCache(c, low_bits=7), "low_bits"),
+        (lambda c: kvmix.ZipCache(c, selection="head"), "'layer' or 'kv_head'"),
         (lambda c: kvmix.MiKVCache(c, ratio=-0.1), "ratio"),
         (lambda c: kvmix.MiKVCache(c, high_bits=2), "high_bits"),
         (lambda c: kvmix.QuantizedKVCache(c, bits=3), "bits"),

@@ -126,6 +126,35 @@ def test_zipcache_prefill_selection_is_top_normalized(length, ratio, seed):
     np.testing.assert_array_equal(store.tier_positions(0)["high"], want)
 
 
+@given(
+    length=st.integers(1, 60),
+    kv_heads=st.integers(1, 4),
+    selection=st.sampled_from(["layer", "kv_head"]),
+    seed=st.integers(0, 1000),
+)
+def test_zipcache_salient_sets_per_layer_or_per_kv_head(length, kv_heads, selection, seed):
+    # "layer": one set per sequence, by the normalized sum over its kv-heads (counts summed too);
+    # "kv_head": each stream ranks its own scores. Two sequences: nothing pools across them.
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, kv_heads, length, 16), dtype=np.float32)
+    store = kvmix.LayerStore(
+        "zipcache", kv_heads, 16, {"salient_ratio": 0.4, "selection": selection}
+    )
+    store.append(x, x)
+    acc = rng.random((2, kv_heads, length), dtype=np.float32)
+    count = np.broadcast_to(rng.integers(1, 6, (2, 1, length)), acc.shape).astype(np.float32)
+    store.add_scores(0, acc, count)
+    store.maybe_classify()
+    k = _round_half_up(0.4 * length)
+    for b in range(2):
+        pooled = ref.top_k(ref.normalized(acc[b].sum(0), count[b].sum(0)), k)
+        for h in range(kv_heads):
+            own = ref.top_k(ref.normalized(acc[b, h], count[b, h]), k)
+            want = pooled if selection == "layer" else own
+            got = store.tier_positions(b * kv_heads + h)["high"]
+            np.testing.assert_array_equal(got, np.sort(want))
+
+
 def test_normalized_and_accumulated_rankings_differ_on_early_bias():
     # Accumulated attention favours early tokens seen by many queries; the normalized score
     # removes that bias (ZipCache's argument).

@@ -35,14 +35,6 @@ def _greedy(model, ids, cache, n):
     return out[0, ids.shape[1] :]
 
 
-ZIPCACHE_PASSKEY_GAP = (
-    "ZipCache at the paper's settings (40% 4-bit by normalized probe attention, 2-bit rest) "
-    "loses passkeys: the probes rank the key's digits salient in only 30-70% of the heads, and "
-    "the 2-bit per-channel keys of the regular tokens break the copy (3-bit regular keys retrieve "
-    "every key; 3-bit values do not help). Open in issue 5."
-)
-
-
 def _zipcache_k3(config):
     return kvmix.ZipCache(config, low_key_bits=3)
 
@@ -54,12 +46,7 @@ def _zipcache20_k3(config):
 @pytest.mark.parametrize(
     "make, min_ratio",
     [
-        pytest.param(
-            kvmix.ZipCache,
-            4.9,
-            id="zipcache",
-            marks=pytest.mark.xfail(strict=True, reason=ZIPCACHE_PASSKEY_GAP),
-        ),
+        pytest.param(kvmix.ZipCache, 4.9, id="zipcache"),
         pytest.param(_zipcache_k3, 4.5, id="zipcache-k3"),
         # The paper preset's bytes: 20% at 4 bits, the rest 3-bit keys and 2-bit values.
         pytest.param(_zipcache20_k3, 4.9, id="zipcache20-k3"),

@@ -6,7 +6,7 @@ use super::errors::detached;
 use crate::error::KvmixError;
 use crate::importance::{self, CountMode};
 use crate::store::{
-    DenseDtype, EvictionConfig, LayerStore, MemoryReport, MikvConfig, Policy, TierBytes,
+    DenseDtype, EvictionConfig, LayerStore, MemoryReport, MikvConfig, Policy, Selection, TierBytes,
     UniformConfig, ZipCacheConfig,
 };
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
@@ -56,6 +56,17 @@ fn count_mode(name: &str) -> PyResult<CountMode> {
     }
 }
 
+fn selection(name: &str) -> PyResult<Selection> {
+    match name {
+        "layer" => Ok(Selection::Layer),
+        "kv_head" => Ok(Selection::KvHead),
+        _ => Err(KvmixError::Config(format!(
+            "`selection` must be 'layer' or 'kv_head', got {name:?}"
+        ))
+        .into()),
+    }
+}
+
 fn parse_policy(name: &str, config: Option<&Bound<'_, PyDict>>) -> PyResult<Policy> {
     Ok(match name {
         "full" => {
@@ -83,7 +94,8 @@ fn parse_policy(name: &str, config: Option<&Bound<'_, PyDict>>) -> PyResult<Poli
             let mut c = ZipCacheConfig::default();
             let keys = [
                 "salient_ratio", "high_bits", "low_bits", "low_key_bits", "probe_recent",
-                "probe_random", "count_mode", "normalized", "channel_separable", "streaming_gap",
+                "probe_random", "count_mode", "normalized", "channel_separable", "selection",
+                "streaming_gap",
             ];
             read_config(config, name, &keys, |k, v| {
                 match k {
@@ -96,6 +108,7 @@ fn parse_policy(name: &str, config: Option<&Bound<'_, PyDict>>) -> PyResult<Poli
                     "count_mode" => c.count_mode = count_mode(&v.extract::<String>()?)?,
                     "normalized" => c.normalized = v.extract()?,
                     "channel_separable" => c.channel_separable = v.extract()?,
+                    "selection" => c.selection = selection(&v.extract::<String>()?)?,
                     _ => c.streaming_gap = v.extract()?,
                 }
                 Ok(())

@@ -3,7 +3,7 @@
 //! budget, demoting or dropping what leaves it.
 
 use super::layer::Stream;
-use super::policy::Policy;
+use super::policy::{Policy, Selection};
 use super::tier::Tier;
 use crate::error::Result;
 use crate::importance::{normalized, top_k};
@@ -33,12 +33,44 @@ fn heavy_and_recent(candidates: &[(u32, f32, bool)], budget: usize, n_recent: us
     important
 }
 
+/// Buffered scores (accumulated attention, query counts) summed over the kv-heads of each
+/// sequence, when the policy selects one salient set per layer; `streams` are ordered
+/// `(sequence, kv-head)`. The streams of a sequence buffer the same positions in the same order
+/// (they are appended and classified together).
+pub(super) fn pooled_scores(
+    policy: Policy,
+    streams: &[Stream],
+    kv_heads: usize,
+) -> Option<Vec<(Vec<f32>, Vec<f32>)>> {
+    if !matches!(policy, Policy::ZipCache(c) if c.selection == Selection::Layer) {
+        return None;
+    }
+    let pooled = streams
+        .chunks(kv_heads)
+        .map(|heads| {
+            let n = heads[0].buffer.len();
+            let (mut acc, mut count) = (vec![0f32; n], vec![0f32; n]);
+            for h in heads {
+                debug_assert!(h.buffer.positions.to_vec() == heads[0].buffer.positions.to_vec());
+                if let Some(sc) = &h.buffer.scores {
+                    acc.iter_mut().zip(&sc.acc).for_each(|(a, x)| *a += x);
+                    count.iter_mut().zip(&sc.count).for_each(|(c, x)| *c += x);
+                }
+            }
+            (acc, count)
+        })
+        .collect();
+    Some(pooled)
+}
+
 /// Classify the buffer of one stream; returns the positions whose representation changed.
+/// `pooled`: the sequence's scores from [`pooled_scores`], ranked instead of the stream's own.
 pub(super) fn classify_stream(
     policy: Policy,
     s: &mut Stream,
     seen: usize,
     first_valid: u32,
+    pooled: Option<&(Vec<f32>, Vec<f32>)>,
 ) -> Result<Vec<u32>> {
     let valid_tokens = seen.saturating_sub(first_valid as usize);
     match policy {
@@ -56,10 +88,11 @@ pub(super) fn classify_stream(
         Policy::ZipCache(c) => {
             let n = s.buffer.len();
             let all = s.buffer.take(&vec![true; n]);
+            let (acc, count) = pooled.map_or((&all.acc, &all.count), |(a, c)| (a, c));
             let scores = if c.normalized {
-                normalized(&all.acc, &all.count)
+                normalized(acc, count)
             } else {
-                all.acc.clone()
+                acc.clone()
             };
             let valid: Vec<usize> = (0..n)
                 .filter(|&i| all.positions[i] >= first_valid)

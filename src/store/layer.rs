@@ -7,7 +7,7 @@
 //! for MiKV also demotes high-tier tokens that fell out of the important set — quantizing
 //! them from their high-precision values, never from already quantized ones.
 
-use super::classify::classify_stream;
+use super::classify::{classify_stream, pooled_scores};
 use super::codec::{Codec, DenseDtype, Factor};
 use super::dense::DenseSync;
 use super::policy::{Layout, Policy};
@@ -417,8 +417,11 @@ impl LayerStore {
         }
         let (policy, seen, kv_heads) = (self.policy, self.seen, self.kv_heads);
         let first_valid = &self.first_valid;
+        let pooled = pooled_scores(policy, &self.streams, kv_heads);
         let classify = |(s, stream): (usize, &mut Stream)| {
-            classify_stream(policy, stream, seen, first_valid[s / kv_heads] as u32)
+            let seq = s / kv_heads;
+            let pooled = pooled.as_ref().map(|p| &p[seq]);
+            classify_stream(policy, stream, seen, first_valid[seq] as u32, pooled)
         };
         // Streams are independent: a prompt's quantization runs one stream per thread; the
         // classification of a few buffered decoding tokens stays on this thread.

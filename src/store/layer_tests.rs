@@ -2,7 +2,7 @@
 //! positions stay consistent through every operation, and byte counts are the buffers' sizes.
 
 use super::*;
-use crate::store::policy::{EvictionConfig, MikvConfig, UniformConfig, ZipCacheConfig};
+use crate::store::policy::{EvictionConfig, MikvConfig, Selection, UniformConfig, ZipCacheConfig};
 use proptest::prelude::*;
 
 const H: usize = 2;
@@ -241,6 +241,69 @@ fn zipcache_salient_ratio_and_chunks() {
     decode(&mut st, 1, 2);
     assert_eq!(st.streams[0].buffer.len(), 0);
     assert_eq!(st.streams[0].high.len(), 42);
+}
+
+/// Salient sets after classifying `acc` (`[batch, H, n]`) with unit counts, per stream.
+fn salient_sets(selection: Selection, batch: usize, acc: &[f32], gap: usize) -> Vec<Vec<u32>> {
+    let policy = Policy::ZipCache(ZipCacheConfig {
+        salient_ratio: 0.25,
+        selection,
+        streaming_gap: gap,
+        ..Default::default()
+    });
+    let mut st = LayerStore::new(policy, H, D, DenseDtype::F32).unwrap();
+    let n = acc.len() / (batch * H);
+    let rows = batch * H * n * D;
+    st.append(&data(rows, 1), &data(rows, 2), &[batch, H, n, D])
+        .unwrap();
+    st.add_scores(0, acc, &vec![1.0; acc.len()]).unwrap();
+    st.maybe_classify(true).unwrap();
+    st.streams
+        .iter()
+        .map(|s| s.high.positions.to_vec())
+        .collect()
+}
+
+#[test]
+fn layer_selection_ranks_the_sum_over_a_sequences_kv_heads() {
+    // Sequence 0: head 0 favours tokens 0 and 1, head 1 tokens 2 and 3; summed, 0 and 2 win.
+    // Sequence 1: the same scores reversed, so pooling across sequences would show.
+    let seq0 = [
+        [8.0, 5.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        [0.0, 1.0, 6.0, 5.0, 0.0, 0.0, 0.0, 0.0],
+    ];
+    let mut acc: Vec<f32> = seq0.iter().flatten().copied().collect();
+    acc.extend(seq0.iter().rev().flat_map(|h| h.iter().rev()).copied());
+    let layer = salient_sets(Selection::Layer, 2, &acc, 100);
+    assert_eq!(layer, vec![vec![0, 2], vec![0, 2], vec![5, 7], vec![5, 7]]);
+    let per_head = salient_sets(Selection::KvHead, 2, &acc, 100);
+    assert_eq!(
+        per_head,
+        vec![vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7]]
+    );
+    // Head 0's set alone under `Layer` would be [0, 1]: the pooling decides.
+}
+
+#[test]
+fn layer_selection_holds_while_decoding() {
+    let policy = Policy::ZipCache(ZipCacheConfig {
+        streaming_gap: 5,
+        ..Default::default()
+    });
+    let mut st = store(policy, 2, 60, 3);
+    decode(&mut st, 10, 4);
+    for seq in st.streams.chunks(H) {
+        let high: Vec<Vec<u32>> = seq.iter().map(|s| s.high.positions.to_vec()).collect();
+        assert!(
+            high.iter().all(|h| *h == high[0]),
+            "kv-heads of a sequence differ"
+        );
+        assert_eq!(
+            high[0].len(),
+            24 + 4,
+            "40% of the prompt and of each 5 decoded tokens"
+        );
+    }
 }
 
 #[test]

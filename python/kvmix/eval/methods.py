@@ -76,6 +76,14 @@ METHODS: dict[str, Method] = {
         _m("h2o20", "H2O eviction, keep 20%", "eviction", "eviction", budget=0.2),
         _m("mikv", "MiKV (20% fp16, rest int2)", "mikv", "mikv"),
         _m("zipcache", "ZipCache (40% 4-bit, rest 2-bit)", "zipcache", "zipcache"),
+        # The public code's selection: one salient set per kv-head instead of per layer.
+        _m(
+            "zipcache-kvhead",
+            "ZipCache, salient sets per kv-head (public code)",
+            "zipcache-ablation",
+            "zipcache",
+            selection="kv_head",
+        ),
         # ZipCache's two claims, each ablated alone.
         _m(
             "zipcache-accumulated",
@@ -128,6 +136,7 @@ DEFAULT_METHODS: tuple[str, ...] = (
     "h2o@mikv",
     "mikv",
     "zipcache",
+    "zipcache-kvhead",
     "zipcache-accumulated",
     "zipcache-tokenwise",
     "zipcache-k3",

@@ -142,7 +142,7 @@ def test_zipcache_salient_sets_per_layer_or_per_kv_head(length, kv_heads, select
     )
     store.append(x, x)
     acc = rng.random((2, kv_heads, length), dtype=np.float32)
-    count = np.broadcast_to(rng.integers(1, 6, (2, 1, length)), acc.shape).astype(np.float32)
+    count = rng.integers(1, 6, (2, kv_heads, length)).astype(np.float32)
     store.add_scores(0, acc, count)
     store.maybe_classify()
     k = _round_half_up(0.4 * length)

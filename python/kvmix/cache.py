@@ -338,8 +338,8 @@ class ZipCache(KvmixCache):
         salient_ratio: fraction of tokens kept at high precision (paper tables: 0.4; demo: 0.6).
         high_bits / low_bits: code widths of the two tiers (4 and 2).
         low_key_bits: code width of the regular tokens' keys, if not ``low_bits`` (``None``, the
-            paper); values stay at ``low_bits``. ``3`` costs bytes but is the closest to the full
-            cache measured at ~5x (see the README's results).
+            paper); values stay at ``low_bits``. 3-bit keys at 20% salient hold the preset's
+            bytes and are the closest to the full cache measured at ~5x (README's results).
         probe_recent / probe_random: fractions of prompt positions used as probe queries.
         count_mode: ``"exact"`` (probe rows that see the token) or ``"full_matrix"`` (``L - j``,
             the paper's code).
@@ -347,11 +347,12 @@ class ZipCache(KvmixCache):
             accumulated attention (an ablation).
         channel_separable: channel-separable tokenwise values (the paper); ``False`` quantizes
             values plainly per token (an ablation).
-        selection: which streams share one salient set. ``"layer"``: every kv-head of a layer,
-            ranked by its heads' summed scores (the paper's formula is for one attention matrix
-            and does not say per head). ``"kv_head"``: each kv-head its own set, its query heads
-            summed (the public code), which loses passkeys on SmolLM2-135M: the probes see a
-            key's later digits only in some heads, and 2-bit keys in the others break the copy.
+        selection: which streams share one salient set. ``"layer"``: all kv-heads of a layer,
+            per sequence, ranked by their summed scores (the paper's formula is for one attention
+            matrix and does not say per head). ``"kv_head"``: each (sequence, kv-head) its own
+            set, its query heads summed (the public code), which loses passkeys on SmolLM2-135M:
+            the probes see a key's later digits only in some heads, and 2-bit keys in the others
+            break the copy.
         streaming_gap: decoding steps buffered in full precision before being classified.
         buffer_dtype: see :class:`KvmixCache`.
     """

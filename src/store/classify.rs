@@ -5,7 +5,7 @@
 use super::layer::Stream;
 use super::policy::{Policy, Selection};
 use super::tier::Tier;
-use crate::error::Result;
+use crate::error::{KvmixError, Result};
 use crate::importance::{normalized, top_k};
 
 /// The important set of a heavy-hitter + recent policy among `candidates` (position, score,
@@ -33,34 +33,37 @@ fn heavy_and_recent(candidates: &[(u32, f32, bool)], budget: usize, n_recent: us
     important
 }
 
+/// One sequence's buffered scores summed over its kv-heads: (accumulated attention, counts).
+pub(super) type Pooled = (Vec<f32>, Vec<f32>);
+
 /// Buffered scores (accumulated attention, query counts) summed over the kv-heads of each
 /// sequence, when the policy selects one salient set per layer; `streams` are ordered
 /// `(sequence, kv-head)`. The streams of a sequence buffer the same positions in the same order
-/// (they are appended and classified together).
+/// (they are appended and classified together); a mismatch is an error, not a wrong ranking.
 pub(super) fn pooled_scores(
     policy: Policy,
     streams: &[Stream],
     kv_heads: usize,
-) -> Option<Vec<(Vec<f32>, Vec<f32>)>> {
+) -> Result<Option<Vec<Pooled>>> {
     if !matches!(policy, Policy::ZipCache(c) if c.selection == Selection::Layer) {
-        return None;
+        return Ok(None);
     }
-    let pooled = streams
-        .chunks(kv_heads)
-        .map(|heads| {
-            let n = heads[0].buffer.len();
-            let (mut acc, mut count) = (vec![0f32; n], vec![0f32; n]);
-            for h in heads {
-                debug_assert!(h.buffer.positions.to_vec() == heads[0].buffer.positions.to_vec());
-                if let Some(sc) = &h.buffer.scores {
-                    acc.iter_mut().zip(&sc.acc).for_each(|(a, x)| *a += x);
-                    count.iter_mut().zip(&sc.count).for_each(|(c, x)| *c += x);
-                }
-            }
-            (acc, count)
-        })
-        .collect();
-    Some(pooled)
+    let mut pooled = Vec::with_capacity(streams.len() / kv_heads);
+    for heads in streams.chunks(kv_heads) {
+        let n = heads[0].buffer.len();
+        if heads.iter().any(|h| h.buffer.len() != n) {
+            return Err(KvmixError::Shape(
+                "the kv-heads of a sequence buffer different numbers of tokens".into(),
+            ));
+        }
+        let (mut acc, mut count) = (vec![0f32; n], vec![0f32; n]);
+        for sc in heads.iter().filter_map(|h| h.buffer.scores.as_ref()) {
+            acc.iter_mut().zip(&sc.acc).for_each(|(a, x)| *a += x);
+            count.iter_mut().zip(&sc.count).for_each(|(c, x)| *c += x);
+        }
+        pooled.push((acc, count));
+    }
+    Ok(Some(pooled))
 }
 
 /// Classify the buffer of one stream; returns the positions whose representation changed.
@@ -70,7 +73,7 @@ pub(super) fn classify_stream(
     s: &mut Stream,
     seen: usize,
     first_valid: u32,
-    pooled: Option<&(Vec<f32>, Vec<f32>)>,
+    pooled: Option<&Pooled>,
 ) -> Result<Vec<u32>> {
     let valid_tokens = seen.saturating_sub(first_valid as usize);
     match policy {

@@ -417,7 +417,7 @@ impl LayerStore {
         }
         let (policy, seen, kv_heads) = (self.policy, self.seen, self.kv_heads);
         let first_valid = &self.first_valid;
-        let pooled = pooled_scores(policy, &self.streams, kv_heads);
+        let pooled = pooled_scores(policy, &self.streams, kv_heads)?;
         let classify = |(s, stream): (usize, &mut Stream)| {
             let seq = s / kv_heads;
             let pooled = pooled.as_ref().map(|p| &p[seq]);

@@ -243,12 +243,11 @@ fn zipcache_salient_ratio_and_chunks() {
     assert_eq!(st.streams[0].high.len(), 42);
 }
 
-/// Salient sets after classifying `acc` (`[batch, H, n]`) with unit counts, per stream.
-fn salient_sets(selection: Selection, batch: usize, acc: &[f32], gap: usize) -> Vec<Vec<u32>> {
+/// Salient sets after classifying `acc` and `count` (`[batch, H, n]`), per stream.
+fn salient_sets(selection: Selection, batch: usize, acc: &[f32], count: &[f32]) -> Vec<Vec<u32>> {
     let policy = Policy::ZipCache(ZipCacheConfig {
         salient_ratio: 0.25,
         selection,
-        streaming_gap: gap,
         ..Default::default()
     });
     let mut st = LayerStore::new(policy, H, D, DenseDtype::F32).unwrap();
@@ -256,7 +255,7 @@ fn salient_sets(selection: Selection, batch: usize, acc: &[f32], gap: usize) -> 
     let rows = batch * H * n * D;
     st.append(&data(rows, 1), &data(rows, 2), &[batch, H, n, D])
         .unwrap();
-    st.add_scores(0, acc, &vec![1.0; acc.len()]).unwrap();
+    st.add_scores(0, acc, count).unwrap();
     st.maybe_classify(true).unwrap();
     st.streams
         .iter()
@@ -274,36 +273,53 @@ fn layer_selection_ranks_the_sum_over_a_sequences_kv_heads() {
     ];
     let mut acc: Vec<f32> = seq0.iter().flatten().copied().collect();
     acc.extend(seq0.iter().rev().flat_map(|h| h.iter().rev()).copied());
-    let layer = salient_sets(Selection::Layer, 2, &acc, 100);
+    let ones = vec![1.0; acc.len()];
+    let layer = salient_sets(Selection::Layer, 2, &acc, &ones);
     assert_eq!(layer, vec![vec![0, 2], vec![0, 2], vec![5, 7], vec![5, 7]]);
-    let per_head = salient_sets(Selection::KvHead, 2, &acc, 100);
+    let per_head = salient_sets(Selection::KvHead, 2, &acc, &ones);
     assert_eq!(
         per_head,
         vec![vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7]]
     );
-    // Head 0's set alone under `Layer` would be [0, 1]: the pooling decides.
+}
+
+#[test]
+fn layer_selection_normalizes_by_the_summed_counts() {
+    // Equal attention everywhere, so the counts decide. Summed, token 0 was seen by the fewest
+    // queries (1 + 4); by head 0's counts alone it would be token 2, by head 1's token 1.
+    let acc = vec![1.0; H * 4];
+    let count = [1.0, 5.0, 1.0, 5.0, 4.0, 1.0, 5.0, 2.0];
+    let sets = salient_sets(Selection::Layer, 1, &acc, &count);
+    assert_eq!(sets, vec![vec![0], vec![0]]);
+    let per_head = salient_sets(Selection::KvHead, 1, &acc, &count);
+    assert_eq!(per_head, vec![vec![2], vec![1]]);
 }
 
 #[test]
 fn layer_selection_holds_while_decoding() {
-    let policy = Policy::ZipCache(ZipCacheConfig {
+    let layer = Policy::ZipCache(ZipCacheConfig {
         streaming_gap: 5,
         ..Default::default()
     });
-    let mut st = store(policy, 2, 60, 3);
+    let mut st = store(layer, 2, 60, 3);
     decode(&mut st, 10, 4);
-    for seq in st.streams.chunks(H) {
-        let high: Vec<Vec<u32>> = seq.iter().map(|s| s.high.positions.to_vec()).collect();
+    let sets: Vec<Vec<u32>> = st
+        .streams
+        .iter()
+        .map(|s| s.high.positions.to_vec())
+        .collect();
+    for seq in sets.chunks(H) {
         assert!(
-            high.iter().all(|h| *h == high[0]),
+            seq.iter().all(|h| *h == seq[0]),
             "kv-heads of a sequence differ"
         );
         assert_eq!(
-            high[0].len(),
+            seq[0].len(),
             24 + 4,
             "40% of the prompt and of each 5 decoded tokens"
         );
     }
+    assert_ne!(sets[0], sets[H], "each sequence has its own set");
 }
 
 #[test]

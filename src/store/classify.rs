@@ -3,7 +3,7 @@
 //! budget, demoting or dropping what leaves it.
 
 use super::layer::Stream;
-use super::policy::{Policy, Selection};
+use super::policy::{Policy, Selection, ZipCacheConfig};
 use super::tier::Tier;
 use crate::error::{KvmixError, Result};
 use crate::importance::{normalized, top_k};
@@ -33,19 +33,30 @@ fn heavy_and_recent(candidates: &[(u32, f32, bool)], budget: usize, n_recent: us
     important
 }
 
-/// One sequence's buffered scores summed over its kv-heads: (accumulated attention, counts).
-pub(super) type Pooled = (Vec<f32>, Vec<f32>);
+/// What ZipCache ranks: normalized attention (accumulated attention / visible queries), or the
+/// accumulated attention itself for the ablation.
+fn ranking_scores(c: &ZipCacheConfig, acc: &[f32], count: &[f32]) -> Vec<f32> {
+    if c.normalized {
+        normalized(acc, count)
+    } else {
+        acc.to_vec()
+    }
+}
 
-/// Buffered scores (accumulated attention, query counts) summed over the kv-heads of each
-/// sequence, when the policy selects one salient set per layer; `streams` are ordered
-/// `(sequence, kv-head)`. The streams of a sequence buffer the same positions in the same order
-/// (they are appended and classified together); a mismatch is an error, not a wrong ranking.
+/// Each sequence's ranking scores over its buffered tokens, from the accumulated attention and
+/// query counts summed over its kv-heads, when the policy selects one salient set per layer;
+/// `streams` are ordered `(sequence, kv-head)`. The streams of a sequence buffer the same
+/// positions in the same order (they are appended and classified together); a mismatch is an
+/// error, not a wrong ranking.
 pub(super) fn pooled_scores(
     policy: Policy,
     streams: &[Stream],
     kv_heads: usize,
-) -> Result<Option<Vec<Pooled>>> {
-    if !matches!(policy, Policy::ZipCache(c) if c.selection == Selection::Layer) {
+) -> Result<Option<Vec<Vec<f32>>>> {
+    let Policy::ZipCache(c) = policy else {
+        return Ok(None);
+    };
+    if c.selection != Selection::Layer {
         return Ok(None);
     }
     let mut pooled = Vec::with_capacity(streams.len() / kv_heads);
@@ -61,7 +72,7 @@ pub(super) fn pooled_scores(
             acc.iter_mut().zip(&sc.acc).for_each(|(a, x)| *a += x);
             count.iter_mut().zip(&sc.count).for_each(|(c, x)| *c += x);
         }
-        pooled.push((acc, count));
+        pooled.push(ranking_scores(&c, &acc, &count));
     }
     Ok(Some(pooled))
 }
@@ -73,7 +84,7 @@ pub(super) fn classify_stream(
     s: &mut Stream,
     seen: usize,
     first_valid: u32,
-    pooled: Option<&Pooled>,
+    pooled: Option<&[f32]>,
 ) -> Result<Vec<u32>> {
     let valid_tokens = seen.saturating_sub(first_valid as usize);
     match policy {
@@ -91,11 +102,13 @@ pub(super) fn classify_stream(
         Policy::ZipCache(c) => {
             let n = s.buffer.len();
             let all = s.buffer.take(&vec![true; n]);
-            let (acc, count) = pooled.map_or((&all.acc, &all.count), |(a, c)| (a, c));
-            let scores = if c.normalized {
-                normalized(acc, count)
-            } else {
-                acc.clone()
+            let own;
+            let scores = match pooled {
+                Some(p) => p,
+                None => {
+                    own = ranking_scores(&c, &all.acc, &all.count);
+                    &own
+                }
             };
             let valid: Vec<usize> = (0..n)
                 .filter(|&i| all.positions[i] >= first_valid)

@@ -420,7 +420,7 @@ impl LayerStore {
         let pooled = pooled_scores(policy, &self.streams, kv_heads)?;
         let classify = |(s, stream): (usize, &mut Stream)| {
             let seq = s / kv_heads;
-            let pooled = pooled.as_ref().map(|p| &p[seq]);
+            let pooled = pooled.as_ref().map(|p| p[seq].as_slice());
             classify_stream(policy, stream, seen, first_valid[seq] as u32, pooled)
         };
         // Streams are independent: a prompt's quantization runs one stream per thread; the

@@ -158,9 +158,35 @@ class KvmixLayer(CacheLayerMixin):
             raise DTypeError(
                 f"key/value states must be float32, float16 or bfloat16, got {key_states.dtype}"
             )
+        self._fit_store_to_heads(key_states)
         self.dtype = key_states.dtype
         self.device = key_states.device
         self.is_initialized = True
+
+    def _fit_store_to_heads(self, key_states: torch.Tensor) -> None:
+        """Rebuild the (still empty) store for the kv-heads this process actually receives.
+
+        Under transformers' tensor parallelism (``tp_plan="auto"``) each rank's attention holds
+        ``kv_heads / world_size`` of the config's kv-heads, so the head count comes from the
+        tensors; the config's count only sizes the store built at construction."""
+        if key_states.dim() != 4:
+            return  # the store's append names the shape problem
+        heads = int(key_states.shape[1])
+        if heads == self.kv_heads or not 0 < heads < self.kv_heads:
+            return  # more heads than the config has is a shape error the append reports
+        if self.options.get("selection", "layer") == "layer" and self.policy == "zipcache":
+            # Checked before anything changes, so the refused call leaves the layer as it was.
+            raise ConfigError(
+                f"this layer receives {heads} of the config's {self.kv_heads} kv-heads (tensor "
+                "parallelism shards them across ranks), but ZipCache's `selection='layer'` ranks "
+                "the summed scores of all kv-heads of a layer: matching one GPU would take a "
+                "collective across ranks at every classification. Use `selection='kv_head'` "
+                "(one salient set per kv-head, as the paper's public code), which needs none."
+            )
+        self.kv_heads = heads
+        self.store = _kvmix.LayerStore(
+            self.policy, heads, self.head_dim, self.options, self.buffer_dtype
+        )
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -310,6 +336,29 @@ class KvmixCache(Cache):
             summed over sequences and heads) and ``tiers`` (per-tier breakdown, summed over layers).
         """
         return combine_memory_reports(layer.store.memory() for layer in self.layers)
+
+    def memory_report_across_ranks(self, group: Any = None) -> dict[str, Any]:
+        """:meth:`memory_report` of every rank of a ``torch.distributed`` process group (under
+        tensor parallelism each rank's cache holds only its share of the kv-heads), gathered on
+        every rank. A collective: every rank of ``group`` must call it.
+
+        Args:
+            group: the process group (default: the world).
+
+        Returns:
+            ``ranks``: each rank's own report, in rank order; ``total``: their sum, with
+            ``compression_ratio`` recomputed from the summed bytes (equal to one process's report
+            when the ranks together hold every kv-head once). Without an initialised process
+            group: one rank, this process.
+        """
+        import torch.distributed as dist
+
+        own = self.memory_report()
+        if not (dist.is_available() and dist.is_initialized()):
+            return {"ranks": [own], "total": own}
+        ranks: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(ranks, own, group=group)
+        return {"ranks": ranks, "total": combine_memory_reports(ranks)}
 
     def prefill_timings(self) -> dict[str, float]:
         """Seconds the last prefill spent in kvmix, per phase, summed over layers (wall time,

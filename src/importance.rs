@@ -31,11 +31,26 @@ pub fn probe_positions(len: usize, recent: f64, random: f64, seed: u64) -> Resul
             )));
         }
     }
+    // Positions are u32 in the store; checked before allocating (2**40 aborted the process).
+    let limit = crate::store::layer::MAX_POSITIONS;
+    if len > limit {
+        return Err(KvmixError::Shape(format!(
+            "probe `length` {len} is beyond the limit of {limit} positions"
+        )));
+    }
     let n_recent = ((recent * len as f64).ceil() as usize).clamp(usize::from(len > 0), len);
     let earlier = len - n_recent;
     let n_random = ((random * len as f64).ceil() as usize).min(earlier);
-    // Partial Fisher-Yates over the earlier positions with a SplitMix64 stream.
-    let mut pool: Vec<usize> = (0..earlier).collect();
+    let mut out: Vec<usize> = Vec::new();
+    out.try_reserve_exact(n_random + n_recent).map_err(|_| {
+        KvmixError::Shape(format!(
+            "{} probe positions for length {len} do not fit in memory",
+            n_random + n_recent
+        ))
+    })?;
+    // Partial Fisher-Yates over the earlier positions with a SplitMix64 stream; the pool is
+    // sparse (only swapped slots are stored), so memory follows the probes, not the length.
+    let mut pool: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
     let mut state = seed;
     for i in 0..n_random {
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -44,12 +59,52 @@ pub fn probe_positions(len: usize, recent: f64, random: f64, seed: u64) -> Resul
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^= z >> 31;
         let j = i + (z % (earlier - i) as u64) as usize;
-        pool.swap(i, j);
+        let (pi, pj) = (*pool.get(&i).unwrap_or(&i), *pool.get(&j).unwrap_or(&j));
+        pool.insert(i, pj);
+        pool.insert(j, pi);
+        out.push(pj);
     }
-    let mut out: Vec<usize> = pool[..n_random].to_vec();
     out.extend(earlier..len);
     out.sort_unstable();
     Ok(out)
+}
+
+/// Refuse NaN/Inf in `q`, `k` or `scale`, and inputs whose logits `scale · q·k` could pass
+/// 1e37 (a softmax over infinite logits is NaN, silently zeroed downstream).
+pub fn check_logits<T: Element>(q: &[T], k: &[T], d: usize, scale: f32) -> Result<()> {
+    if !scale.is_finite() {
+        return Err(KvmixError::NonFinite(format!(
+            "`scale` must be finite, got {scale}"
+        )));
+    }
+    let mut q_l1 = 0f64;
+    for row in q.chunks(d.max(1)) {
+        let mut l1 = 0f64;
+        for x in row {
+            let x = x.to_f32();
+            if !x.is_finite() {
+                return Err(KvmixError::NonFinite(format!("queries contain {x}")));
+            }
+            l1 += x.abs() as f64;
+        }
+        q_l1 = q_l1.max(l1);
+    }
+    let mut k_max = 0f64;
+    for x in k {
+        let x = x.to_f32();
+        if !x.is_finite() {
+            return Err(KvmixError::NonFinite(format!("keys contain {x}")));
+        }
+        k_max = k_max.max(x.abs() as f64);
+    }
+    let bound = q_l1 * k_max * scale.abs() as f64;
+    if bound > 1e37 {
+        return Err(KvmixError::NonFinite(format!(
+            "queries (L1 norm up to {q_l1:e}), keys (up to {k_max:e}) and scale {scale} could give \
+             logits beyond float32 (bound {bound:e})"
+        )));
+    }
+    Ok(())
 }
 
 /// Causal softmax attention of the probe rows of `q` (`[batch, q_heads, len, d]`) over `k`
@@ -94,6 +149,7 @@ pub fn probe_scores<T: Element>(
             first_valid.len()
         )));
     }
+    check_logits(q, k, d, scale)?;
     let rep = hq / hk;
     let mut acc = vec![0f32; b * hk * len];
     let mut count = vec![0f32; b * hk * len];

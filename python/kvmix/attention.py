@@ -59,14 +59,19 @@ def _first_valid(attention_mask: torch.Tensor | None, batch: int) -> list[int]:
     return [int(i) for i in visible.to(torch.uint8).argmax(dim=-1).tolist()]
 
 
-def _probe_rows(layer: Any, length: int) -> list[int] | None:
+def _probe_rows(layer: Any, length: int, first_valid: int = 0) -> list[int] | None:
     """Query rows whose attention decides importance: ZipCache's probes, every row for
-    H2O-style accumulation (MiKV, eviction), none for policies without importance."""
+    H2O-style accumulation (MiKV, eviction), none for policies without importance.
+
+    ZipCache's probes are drawn over a sequence's own tokens (after its left padding,
+    ``first_valid``) and shifted past the padding, so a left-padded row is probed exactly as
+    the same row alone."""
     opts = layer.options
     if layer.policy == "zipcache":
-        return _kvmix.probe_positions(
-            length, opts.get("probe_recent", 0.05), opts.get("probe_random", 0.05), 0
+        own = _kvmix.probe_positions(
+            length - first_valid, opts.get("probe_recent", 0.05), opts.get("probe_random", 0.05), 0
         )
+        return [first_valid + p for p in own]
     if layer.policy in ("mikv", "eviction"):
         return list(range(length))
     return None
@@ -269,13 +274,42 @@ def _score_prefill(
     store.set_first_valid(first_valid)
     layer.first_valid = first_valid
     if store.needs_balancer:
-        store.set_key_balancer(_kvmix.key_balancer(*_as_numpy(query, key)))
-    rows = _probe_rows(layer, t)
-    if rows:
-        if acc is None:
-            acc = _probabilities(query, key, rows, first_valid, scaling)
-        count = _visible_counts(rows, t, first_valid, layer.options.get("count_mode", "exact"))
-        store.add_scores(0, acc.numpy(), np.ascontiguousarray(np.broadcast_to(count, acc.shape)))
+        if any(first_valid):
+            # Each sequence's balancer from its own tokens: padding must not set its scale.
+            parts = [
+                _kvmix.key_balancer(
+                    *_as_numpy(query[bi : bi + 1, :, fv:], key[bi : bi + 1, :, fv:])
+                )
+                for bi, fv in enumerate(first_valid)
+            ]
+            store.set_key_balancer(np.ascontiguousarray(np.concatenate(parts, axis=0)))
+        else:
+            store.set_key_balancer(_kvmix.key_balancer(*_as_numpy(query, key)))
+    mode = layer.options.get("count_mode", "exact")
+    # Sequences with the same left padding share their probe rows; an unpadded batch is one
+    # group and runs as before, without gathering.
+    groups: dict[int, list[int]] = {}
+    for bi, fv in enumerate(first_valid):
+        groups.setdefault(fv, []).append(bi)
+    scored = False
+    counts = np.zeros((b, 1, t), np.float32)
+    given = acc
+    for fv, idx in groups.items():
+        rows = _probe_rows(layer, t, fv)
+        if not rows:
+            continue
+        scored = True
+        fvs = [fv] * len(idx)
+        counts[idx] = _visible_counts(rows, t, fvs, mode)
+        if given is None:
+            if len(groups) == 1:
+                acc = _probabilities(query, key, rows, fvs, scaling)
+            else:
+                if acc is None:
+                    acc = torch.zeros(b, key.shape[1], t)
+                acc[idx] = _probabilities(query[idx], key[idx], rows, fvs, scaling)
+    if scored and acc is not None:
+        store.add_scores(0, acc.numpy(), np.ascontiguousarray(np.broadcast_to(counts, acc.shape)))
     t1 = time.perf_counter()
     store.maybe_classify(True)
     layer.prefill_seconds["scoring"] += t1 - t0

@@ -273,13 +273,22 @@ class KvmixLayer(CacheLayerMixin):
             self.store.repeat_interleave(int(repeats))
             self.first_valid = [f for f in self.first_valid for _ in range(int(repeats))]
 
-    def crop(self, max_length: int) -> None:
-        """Keep the first ``max_length`` tokens (negative: drop ``-max_length`` from the end)."""
-        if max_length < 0:
-            max_length = self.cumulative_length + max_length
-        if max_length < self.cumulative_length:
-            self.store.crop(max_length)
-            self.cumulative_length = max(max_length, 0)
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens, as transformers' ``DynamicLayer.crop``:
+        ``0`` is a no-op (assisted and prompt-lookup decoding call it after a step that
+        accepted every candidate), a positive value is refused (transformers 5.23 dropped the
+        legacy "keep the first n" meaning)."""
+        n = int(tokens_to_remove)
+        if n > 0:
+            raise ConfigError(
+                f"crop({n}): a positive value is not supported (as in transformers' caches); "
+                "pass a negative integer, the number of tokens to remove from the end"
+            )
+        if n == 0 or self.cumulative_length == 0:
+            return
+        keep = max(self.cumulative_length + n, 0)
+        self.store.crop(keep)
+        self.cumulative_length = keep
 
     def offload(self) -> None:  # the store lives in host memory already
         pass

@@ -92,12 +92,17 @@ fn attend_impl(
             q_positions.len()
         )));
     }
-    if q.iter().any(|x| !x.is_finite()) {
-        return Err(KvmixError::NonFinite(
-            "queries contain NaN or Inf; kvmix refuses them rather than returning a silently \
-             wrong attention output"
-                .into(),
-        ));
+    if hq == 0 {
+        return Err(KvmixError::Shape(format!(
+            "queries need at least one head (a multiple of the {hk} kv heads), got {q_dims:?}"
+        )));
+    }
+    store.check_queries(q, d, scale)?;
+    if !store.layout.byte_aligned_groups() {
+        // Codes of a token group that do not fill whole bytes: the kernels read whole bytes.
+        let reference =
+            crate::store::reference::attend(store, q, hq, tq, q_positions, scale, track);
+        return Ok(reference);
     }
     let rep = hq / hk;
     let nq = rep * tq;

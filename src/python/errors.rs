@@ -60,9 +60,25 @@ impl From<CoreError> for PyErr {
 }
 
 /// Run `f` with the GIL released and turn its error into the matching Python exception.
+/// A panic (a bug: every input must be refused by a check before it could cause one) becomes a
+/// `KvmixError` naming it, never an abort or a `PanicException` crossing into Python.
 pub fn detached<T: Ungil + Send, F>(py: Python<'_>, f: F) -> PyResult<T>
 where
-    F: Ungil + FnOnce() -> crate::error::Result<T>,
+    F: Ungil + Send + FnOnce() -> crate::error::Result<T>,
 {
-    py.detach(f).map_err(PyErr::from)
+    py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)))
+        .map_err(panic_error)?
+        .map_err(PyErr::from)
+}
+
+/// The `KvmixError` a caught panic becomes.
+pub fn panic_error(payload: Box<dyn std::any::Any + Send>) -> PyErr {
+    let what = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    KvmixError::new_err(format!(
+        "internal error in kvmix's core (please report it with the call that caused it): {what}"
+    ))
 }

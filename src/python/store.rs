@@ -12,6 +12,7 @@ use crate::store::{
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use std::sync::{Mutex, MutexGuard, TryLockError};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyLayerStore>()?;
@@ -39,7 +40,19 @@ fn read_config(
             .into());
         }
         if !v.is_none() {
-            set(&key, &v)?;
+            // A wrongly typed value (a string for a ratio, -1 for bits) is named with its
+            // option, not left as PyO3's bare TypeError / OverflowError.
+            set(&key, &v).map_err(|e| {
+                if e.is_instance_of::<super::errors::KvmixError>(v.py()) {
+                    return e;
+                }
+                KvmixError::Config(format!(
+                    "option `{key}` for policy '{policy}' has an invalid value {}: {}",
+                    v.repr().map(|r| r.to_string()).unwrap_or_default(),
+                    e.value(v.py())
+                ))
+                .into()
+            })?;
         }
     }
     Ok(())
@@ -149,9 +162,34 @@ fn parse_policy(name: &str, config: Option<&Bound<'_, PyDict>>) -> PyResult<Poli
 }
 
 /// The mixed-precision KV store of one attention layer (see `kvmix.store`).
-#[pyclass(name = "LayerStore", module = "kvmix._kvmix")]
+#[pyclass(name = "LayerStore", module = "kvmix._kvmix", frozen)]
 pub struct PyLayerStore {
-    inner: LayerStore,
+    /// A store may be shared between Python threads: each call holds the lock for its whole
+    /// duration (kernels run with the GIL released, so without it a second thread would meet
+    /// PyO3's bare "Already borrowed" error, or worse).
+    inner: Mutex<LayerStore>,
+}
+
+impl PyLayerStore {
+    /// The store, waiting (with the GIL released) while another thread's call holds it.
+    fn lock(&self) -> PyResult<MutexGuard<'_, LayerStore>> {
+        loop {
+            match self.inner.try_lock() {
+                Ok(g) => return Ok(g),
+                Err(TryLockError::WouldBlock) => Python::attach(|py| {
+                    py.detach(|| std::thread::sleep(std::time::Duration::from_micros(20)))
+                }),
+                Err(TryLockError::Poisoned(_)) => {
+                    return Err(KvmixError::Config(
+                        "this LayerStore was left unusable by an internal error in another \
+                         thread; build a new one"
+                            .into(),
+                    )
+                    .into())
+                }
+            }
+        }
+    }
 }
 
 fn f32_vec(a: &PyReadonlyArrayDyn<'_, f32>) -> Vec<f32> {
@@ -198,45 +236,59 @@ impl PyLayerStore {
     ) -> PyResult<Self> {
         let policy = parse_policy(policy, config)?;
         let inner = LayerStore::new(policy, kv_heads, head_dim, DenseDtype::parse(buffer_dtype)?)?;
-        Ok(PyLayerStore { inner })
+        Ok(PyLayerStore {
+            inner: Mutex::new(inner),
+        })
     }
 
     /// Tokens seen (positions assigned so far).
     #[getter]
-    fn seen(&self) -> usize {
-        self.inner.seen()
+    fn seen(&self) -> PyResult<usize> {
+        let guard = self.lock()?;
+        let inner = &*guard;
+        Ok(inner.seen())
     }
 
     #[getter]
-    fn batch(&self) -> usize {
-        self.inner.batch
+    fn batch(&self) -> PyResult<usize> {
+        let guard = self.lock()?;
+        let inner = &*guard;
+        Ok(inner.batch)
     }
 
     #[getter]
-    fn kv_heads(&self) -> usize {
-        self.inner.kv_heads
+    fn kv_heads(&self) -> PyResult<usize> {
+        let guard = self.lock()?;
+        let inner = &*guard;
+        Ok(inner.kv_heads)
     }
 
     #[getter]
-    fn head_dim(&self) -> usize {
-        self.inner.head_dim
+    fn head_dim(&self) -> PyResult<usize> {
+        let guard = self.lock()?;
+        let inner = &*guard;
+        Ok(inner.head_dim)
     }
 
     /// Whether the policy needs `set_key_balancer` before the first classification.
     #[getter]
-    fn needs_balancer(&self) -> bool {
-        self.inner.needs_balancer()
+    fn needs_balancer(&self) -> PyResult<bool> {
+        let guard = self.lock()?;
+        let inner = &*guard;
+        Ok(inner.needs_balancer())
     }
 
     /// Append keys and values `[batch, kv_heads, tokens, head_dim]` to the buffer.
     #[pyo3(signature = (keys, values, bfloat16 = false))]
     fn append(
-        &mut self,
+        &self,
         py: Python<'_>,
         keys: &Bound<'_, PyAny>,
         values: &Bound<'_, PyAny>,
         bfloat16: bool,
     ) -> PyResult<()> {
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
         let k = FloatArray::extract(keys, "keys", bfloat16)?;
         let v = FloatArray::extract(values, "values", bfloat16)?;
         let (kd, vd) = (k.shape(), v.shape());
@@ -246,7 +298,7 @@ impl PyLayerStore {
             ))
             .into());
         }
-        let store = &mut self.inner;
+        let store = &mut *inner;
         match (k.slice(), v.slice()) {
             (FloatSlice::F32(a), FloatSlice::F32(b)) => detached(py, || store.append(&a, &b, &kd)),
             (FloatSlice::F16(a), FloatSlice::F16(b)) => detached(py, || store.append(&a, &b, &kd)),
@@ -260,38 +312,44 @@ impl PyLayerStore {
     }
 
     /// Mark the first `first_valid[b]` positions of sequence `b` as left padding.
-    fn set_first_valid(&mut self, first_valid: Vec<usize>) -> PyResult<()> {
-        Ok(self.inner.set_first_valid(&first_valid)?)
+    fn set_first_valid(&self, first_valid: Vec<usize>) -> PyResult<()> {
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
+        Ok(inner.set_first_valid(&first_valid)?)
     }
 
     /// MiKV's key balancer `[batch, kv_heads, head_dim]` (from `kvmix.key_balancer`).
-    fn set_key_balancer(&mut self, balancer: PyReadonlyArrayDyn<'_, f32>) -> PyResult<()> {
-        Ok(self.inner.set_key_balancer(&f32_vec(&balancer))?)
+    fn set_key_balancer(&self, balancer: PyReadonlyArrayDyn<'_, f32>) -> PyResult<()> {
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
+        Ok(inner.set_key_balancer(&f32_vec(&balancer))?)
     }
 
     /// Add importance `acc`/`count` (`[batch, kv_heads, n]`) to positions `start..start+n`.
     fn add_scores(
-        &mut self,
+        &self,
         start: usize,
         acc: PyReadonlyArrayDyn<'_, f32>,
         count: PyReadonlyArrayDyn<'_, f32>,
     ) -> PyResult<()> {
-        Ok(self
-            .inner
-            .add_scores(start, &f32_vec(&acc), &f32_vec(&count))?)
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
+        Ok(inner.add_scores(start, &f32_vec(&acc), &f32_vec(&count))?)
     }
 
     /// Add attention probabilities `[batch, q_heads, q_len, tokens]` over the tokens in
     /// `dense()` order; `query_positions` are the positions of the `q_len` queries.
     fn accumulate_dense(
-        &mut self,
+        &self,
         py: Python<'_>,
         probs: PyReadonlyArrayDyn<'_, f32>,
         query_positions: Vec<usize>,
     ) -> PyResult<()> {
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
         let dims = probs.shape().to_vec();
         let p = f32_vec(&probs);
-        let store = &mut self.inner;
+        let store = &mut *inner;
         detached(py, || store.accumulate_dense(&p, &dims, &query_positions))
     }
 
@@ -300,13 +358,15 @@ impl PyLayerStore {
     /// With `track`, the attention each token received feeds its importance score.
     #[pyo3(signature = (q, q_positions, scale, track = true))]
     fn attend<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
         q: &Bound<'py, PyAny>,
         q_positions: Vec<i64>,
         scale: f32,
         track: bool,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
         let q: PyReadonlyArrayDyn<'py, f32> = q.extract().map_err(|_| {
             KvmixError::DType(format!(
                 "`q` must be a float32 numpy array, got {}",
@@ -324,7 +384,7 @@ impl PyLayerStore {
             Ok(s) if q.is_c_contiguous() => std::borrow::Cow::Borrowed(s),
             _ => std::borrow::Cow::Owned(f32_vec(&q)),
         };
-        let store = &mut self.inner;
+        let store = &mut *inner;
         let out = if track {
             detached(py, || {
                 store.attend_and_track(&qs, &dims, &q_positions, scale)
@@ -340,25 +400,41 @@ impl PyLayerStore {
 
     /// Classify the buffer if due (or `force`); returns whether it ran.
     #[pyo3(signature = (force = false))]
-    fn maybe_classify(&mut self, py: Python<'_>, force: bool) -> PyResult<bool> {
-        let store = &mut self.inner;
+    fn maybe_classify(&self, py: Python<'_>, force: bool) -> PyResult<bool> {
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
+        let store = &mut *inner;
         detached(py, || store.maybe_classify(force))
     }
 
-    fn crop(&mut self, length: usize) {
-        self.inner.crop(length)
+    /// Drop every token at position `>= length` (`length >= 0`).
+    fn crop(&self, length: i64) -> PyResult<()> {
+        let length = super::quant::non_negative("length", length)?;
+        let mut guard = self.lock()?;
+        guard.crop(length);
+        Ok(())
     }
 
-    fn select_batch(&mut self, indices: Vec<usize>) -> PyResult<()> {
-        Ok(self.inner.select_batch(&indices)?)
+    fn select_batch(&self, indices: Vec<i64>) -> PyResult<()> {
+        let indices = indices
+            .into_iter()
+            .map(|i| super::quant::non_negative("indices", i))
+            .collect::<PyResult<Vec<usize>>>()?;
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
+        Ok(inner.select_batch(&indices)?)
     }
 
-    fn repeat_interleave(&mut self, repeats: usize) -> PyResult<()> {
-        Ok(self.inner.repeat_interleave(repeats)?)
+    fn repeat_interleave(&self, repeats: i64) -> PyResult<()> {
+        let repeats = super::quant::non_negative("repeats", repeats)?;
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
+        Ok(inner.repeat_interleave(repeats)?)
     }
 
-    fn reset(&mut self) {
-        self.inner.reset()
+    fn reset(&self) -> PyResult<()> {
+        self.lock()?.reset();
+        Ok(())
     }
 
     /// `(positions, keys, values)` of stream `b * kv_heads + h`, dequantized, in position order.
@@ -372,15 +448,17 @@ impl PyLayerStore {
         Bound<'py, PyArrayDyn<f32>>,
         Bound<'py, PyArrayDyn<f32>>,
     )> {
-        if stream >= self.inner.streams.len() {
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
+        if stream >= inner.streams.len() {
             return Err(KvmixError::Shape(format!(
                 "stream {stream} out of range ({} streams)",
-                self.inner.streams.len()
+                inner.streams.len()
             ))
             .into());
         }
-        let (p, k, v) = py.detach(|| self.inner.dense(stream));
-        let (n, d) = (p.len(), self.inner.head_dim);
+        let (p, k, v) = py.detach(|| inner.dense(stream));
+        let (n, d) = (p.len(), inner.head_dim);
         Ok((
             to_numpy(py, p, &[n])?,
             to_numpy(py, k, &[n, d])?,
@@ -395,16 +473,18 @@ impl PyLayerStore {
     /// the rows that changed are rewritten (the store rewrites all when it cannot tell).
     #[pyo3(signature = (keys, values, changed_only = false))]
     fn dense_into(
-        &mut self,
+        &self,
         py: Python<'_>,
         keys: &Bound<'_, PyAny>,
         values: &Bound<'_, PyAny>,
         changed_only: bool,
     ) -> PyResult<usize> {
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
         let shape_of =
             |a: &PyReadwriteArrayDyn<'_, f32>, name: &str| -> PyResult<usize> {
                 let dims = a.shape();
-                let (b, h, d) = (self.inner.batch, self.inner.kv_heads, self.inner.head_dim);
+                let (b, h, d) = (inner.batch, inner.kv_heads, inner.head_dim);
                 if dims.len() != 4
                     || dims[0] != b
                     || dims[1] != h
@@ -436,13 +516,15 @@ impl PyLayerStore {
         let vs = v
             .as_slice_mut()
             .map_err(|e| KvmixError::Shape(e.to_string()))?;
-        let store = &mut self.inner;
+        let store = &mut *inner;
         detached(py, || store.dense_into(ks, vs, capacity, changed_only))
     }
 
     /// Positions held by each tier of stream `stream`: `{"buffer", "high", "low"}`.
     fn tier_positions<'py>(&self, py: Python<'py>, stream: usize) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.inner.streams.get(stream).ok_or_else(|| {
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
+        let s = inner.streams.get(stream).ok_or_else(|| {
             PyErr::from(KvmixError::Shape(format!("stream {stream} out of range")))
         })?;
         let d = PyDict::new(py);
@@ -456,7 +538,9 @@ impl PyLayerStore {
 
     /// Bytes held now, per tier and component, and the dense fp16 size of the same tokens.
     fn memory<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        memory_dict(py, &self.inner.memory())
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
+        memory_dict(py, &inner.memory())
     }
 }
 
@@ -472,7 +556,8 @@ fn writeable_f32<'py>(
 /// Probe query positions: `ceil(recent·len)` most recent + `ceil(random·len)` random earlier.
 #[pyfunction]
 #[pyo3(signature = (length, recent = 0.05, random = 0.05, seed = 0))]
-fn probe_positions(length: usize, recent: f64, random: f64, seed: u64) -> PyResult<Vec<usize>> {
+fn probe_positions(length: i64, recent: f64, random: f64, seed: u64) -> PyResult<Vec<usize>> {
+    let length = super::quant::non_negative("length", length)?;
     Ok(importance::probe_positions(length, recent, random, seed)?)
 }
 

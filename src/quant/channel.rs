@@ -69,7 +69,15 @@ pub fn channel_absmax<T: Element>(x: &[T], dims: &[usize]) -> Result<Vec<f32>> {
 pub fn separable_channel_scale<T: Element>(x: &[T], dims: &[usize]) -> Result<Vec<f32>> {
     let mut m = channel_absmax(x, dims)?;
     for v in m.iter_mut() {
-        *v = if *v > 0.0 { v.sqrt() } else { 1.0 };
+        // Floored at fp16's smallest normal: the factor is stored in fp16, and the square
+        // root of a channel of values below ~4e-9 underflowed to 0, which quantization then
+        // refused after the store had accepted the values. A larger factor only scales the
+        // channel's codes; reconstruction multiplies by the same stored factor.
+        *v = if *v > 0.0 {
+            v.sqrt().max(half::f16::MIN_POSITIVE.to_f32())
+        } else {
+            1.0
+        };
     }
     Ok(m)
 }

@@ -4,7 +4,7 @@
 
 use super::layer::Stream;
 use super::policy::{Policy, Selection, ZipCacheConfig};
-use super::tier::Tier;
+use super::tier::{PreparedRows, RowBatch, Tier};
 use crate::error::{KvmixError, Result};
 use crate::importance::{normalized, top_k};
 
@@ -77,31 +77,77 @@ pub(super) fn pooled_scores(
     Ok(Some(pooled))
 }
 
-/// Classify the buffer of one stream; returns the positions whose representation changed.
+/// What one classification does to one stream, computed (and every row encoded) without
+/// changing it: a store classifies only once every stream's plan exists, so a refusal leaves
+/// every stream as it was, and [`Plan::apply`] cannot fail.
+pub(super) struct Plan {
+    /// Rows leaving the buffer / the high tier.
+    take_buffer: Vec<bool>,
+    take_high: Option<Vec<bool>>,
+    to_high: Vec<PreparedRows>,
+    to_low: Vec<PreparedRows>,
+    /// Positions whose representation changes.
+    moved: Vec<u32>,
+}
+
+impl Plan {
+    /// Carry the plan out; returns the positions whose representation changed.
+    pub(super) fn apply(self, s: &mut Stream) -> Vec<u32> {
+        if let Some(take) = self.take_high {
+            let keep: Vec<bool> = take.iter().map(|&t| !t).collect();
+            s.high.retain(&keep);
+        }
+        let keep: Vec<bool> = self.take_buffer.iter().map(|&t| !t).collect();
+        s.buffer.retain(&keep);
+        self.to_high.into_iter().for_each(|p| s.high.commit(p));
+        self.to_low.into_iter().for_each(|p| s.low.commit(p));
+        self.moved
+    }
+}
+
+/// `rows` split into left padding (positions before `first_valid`) and the rest. Padding goes
+/// to a tier as its own segment: per-channel statistics (channel-wise keys, channel-separable
+/// value factors) of a sequence's tokens must never see its padding, or a left-padded row
+/// would be quantized differently from the same row alone.
+fn split_padding(rows: &RowBatch, first_valid: u32, d: usize) -> [RowBatch; 2] {
+    let pad: Vec<bool> = rows.positions.iter().map(|&p| p < first_valid).collect();
+    let valid: Vec<bool> = pad.iter().map(|&p| !p).collect();
+    [rows.select(&pad, d), rows.select(&valid, d)]
+}
+
+/// Plan the classification of one stream's buffer (see [`Plan`]).
 /// `pooled`: the sequence's scores from [`pooled_scores`], ranked instead of the stream's own.
-pub(super) fn classify_stream(
+pub(super) fn plan_stream(
     policy: Policy,
-    s: &mut Stream,
+    s: &Stream,
     seen: usize,
     first_valid: u32,
     pooled: Option<&[f32]>,
-) -> Result<Vec<u32>> {
+) -> Result<Plan> {
     let valid_tokens = seen.saturating_sub(first_valid as usize);
+    let d = s.buffer.keys.dim;
+    let nothing = |n| Plan {
+        take_buffer: vec![false; n],
+        take_high: None,
+        to_high: Vec::new(),
+        to_low: Vec::new(),
+        moved: Vec::new(),
+    };
     match policy {
-        Policy::Full => Ok(Vec::new()),
+        Policy::Full => Ok(nothing(s.buffer.len())),
         Policy::Mikv(c) => {
             let budget = (c.ratio * valid_tokens as f64).round() as usize;
             let n_recent = (c.recent_share * budget as f64).round() as usize;
-            retain_important(s, budget, n_recent, first_valid, true)
+            plan_retain_important(s, budget, n_recent, first_valid, true)
         }
         Policy::Eviction(c) => {
             let budget = (c.budget * valid_tokens as f64).round() as usize;
             let n_recent = (c.recent_share * budget as f64).round() as usize;
-            retain_important(s, budget, n_recent, first_valid, false)
+            plan_retain_important(s, budget, n_recent, first_valid, false)
         }
         Policy::ZipCache(c) => {
             let n = s.buffer.len();
-            let all = s.buffer.take(&vec![true; n]);
+            let all = s.buffer.read(&vec![true; n]);
             let own;
             let scores = match pooled {
                 Some(p) => p,
@@ -120,34 +166,62 @@ pub(super) fn classify_stream(
                 salient[valid[j]] = true;
             }
             let regular: Vec<bool> = salient.iter().map(|&x| !x).collect();
-            s.high.push(&all.select(&salient, s.buffer.keys.dim))?;
-            s.low.push(&all.select(&regular, s.buffer.keys.dim))?;
-            Ok(all.positions)
+            let [pad, rest] = split_padding(&all.select(&regular, d), first_valid, d);
+            Ok(Plan {
+                take_buffer: vec![true; n],
+                take_high: None,
+                to_high: vec![s.high.prepare(&all.select(&salient, d))?],
+                to_low: vec![s.low.prepare(&pad)?, s.low.prepare(&rest)?],
+                moved: all.positions,
+            })
         }
         Policy::Uniform(c) => {
-            let n_flush = s.buffer.len() / c.residual * c.residual;
-            let pick: Vec<bool> = (0..s.buffer.len()).map(|i| i < n_flush).collect();
-            let rows = s.buffer.take(&pick);
-            let d = s.buffer.keys.dim;
+            let n = s.buffer.len();
+            let positions = s.buffer.positions.to_vec();
+            let is_pad: Vec<bool> = positions.iter().map(|&p| p < first_valid).collect();
+            let n_valid = is_pad.iter().filter(|&&p| !p).count();
+            let n_flush = n_valid / c.residual * c.residual;
+            // Padding, then whole blocks of `residual` valid tokens counted from the first
+            // valid one (as the sequence alone would count them); buffer rows are in position
+            // order.
+            let mut flush = vec![false; n];
+            let mut taken = 0;
+            for i in 0..n {
+                if is_pad[i] {
+                    flush[i] = true;
+                } else if taken < n_flush {
+                    flush[i] = true;
+                    taken += 1;
+                }
+            }
+            let rows = s.buffer.read(&flush);
+            let [pad, valid] = split_padding(&rows, first_valid, d);
+            let mut to_low = vec![s.low.prepare(&pad)?];
             // One segment per block of `residual` tokens: keys get per-channel statistics per block.
             for blk in 0..n_flush / c.residual {
                 let pick: Vec<bool> = (0..n_flush).map(|i| i / c.residual == blk).collect();
-                s.low.push(&rows.select(&pick, d))?;
+                to_low.push(s.low.prepare(&valid.select(&pick, d))?);
             }
-            Ok(rows.positions)
+            Ok(Plan {
+                take_buffer: flush,
+                take_high: None,
+                to_high: Vec::new(),
+                to_low,
+                moved: rows.positions,
+            })
         }
     }
 }
 
 /// Keep the important set (high tier + buffer candidates) in the high tier; the others are
-/// demoted to the low tier (`demote`) or dropped. Returns the positions that moved.
-fn retain_important(
-    s: &mut Stream,
+/// demoted to the low tier (`demote`) or dropped.
+fn plan_retain_important(
+    s: &Stream,
     budget: usize,
     n_recent: usize,
     first_valid: u32,
     demote: bool,
-) -> Result<Vec<u32>> {
+) -> Result<Plan> {
     let d = s.buffer.keys.dim;
     let score = |t: &Tier, r: usize| t.scores.as_ref().map_or(0.0, |x| x.acc[r]);
     let mut candidates = Vec::new();
@@ -160,14 +234,30 @@ fn retain_important(
     let important = heavy_and_recent(&candidates, budget, n_recent);
     let (in_high, in_buffer) = important.split_at(s.high.len());
     let leaving: Vec<bool> = in_high.iter().map(|&i| !i).collect();
-    let demoted = s.high.take(&leaving);
     let n_buf = s.buffer.len();
-    let incoming = s.buffer.take(&vec![true; n_buf]);
+    let incoming = s.buffer.read(&vec![true; n_buf]);
     let to_low: Vec<bool> = in_buffer.iter().map(|&i| !i).collect();
-    s.high.push(&incoming.select(in_buffer, d))?;
+    let to_high = vec![s.high.prepare(&incoming.select(in_buffer, d))?];
+    let mut plan_low = Vec::new();
+    let demoted_positions: Vec<u32> = (0..s.high.len())
+        .filter(|&r| leaving[r])
+        .map(|r| s.high.positions.get(r))
+        .collect();
     if demote {
-        s.low.push(&demoted)?;
-        s.low.push(&incoming.select(&to_low, d))?;
+        // Only the demoted rows are decoded (from their high-precision values).
+        let demoted = s.high.read(&leaving);
+        let [pad, rest] = split_padding(&incoming.select(&to_low, d), first_valid, d);
+        plan_low = vec![
+            s.low.prepare(&demoted)?,
+            s.low.prepare(&pad)?,
+            s.low.prepare(&rest)?,
+        ];
     }
-    Ok([demoted.positions, incoming.positions].concat())
+    Ok(Plan {
+        take_buffer: vec![true; n_buf],
+        take_high: Some(leaving),
+        to_high,
+        to_low: plan_low,
+        moved: [demoted_positions, incoming.positions].concat(),
+    })
 }

@@ -150,6 +150,16 @@ pub struct Segment {
     pub offset: Vec<f16>,
 }
 
+/// Rows encoded by [`EncodedRows::encode`], not yet part of any container.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EncodedSegment {
+    n: usize,
+    data: Option<RowData>,
+    row_scale: Vec<f16>,
+    row_offset: Vec<f16>,
+    segment: Option<Segment>,
+}
+
 /// Bytes held by an [`EncodedRows`], by component.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RowBytes {
@@ -248,6 +258,15 @@ impl EncodedRows {
 
     /// Append `rows` (`n × dim`, row-major) as one segment.
     pub fn push_segment(&mut self, rows: &[f32]) -> Result<()> {
+        let seg = self.encode(rows)?;
+        self.append(seg);
+        Ok(())
+    }
+
+    /// Encode `rows` (`n × dim`, row-major) as one segment without touching `self`: every way
+    /// encoding can fail happens here, so a caller can encode all it means to store first and
+    /// then [`Self::append`] (which cannot fail), leaving the store as it was on an error.
+    pub fn encode(&self, rows: &[f32]) -> Result<EncodedSegment> {
         let d = self.dim;
         if !rows.len().is_multiple_of(d) {
             return Err(KvmixError::Shape(format!(
@@ -256,20 +275,47 @@ impl EncodedRows {
             )));
         }
         let n = rows.len() / d;
+        let mut seg = EncodedSegment {
+            n,
+            data: None,
+            row_scale: Vec::new(),
+            row_offset: Vec::new(),
+            segment: None,
+        };
         if n == 0 {
-            return Ok(());
+            return Ok(seg);
         }
-        match (&mut self.data, self.codec) {
-            (RowData::F16(v), _) => v.extend(rows.iter().map(|&x| f16::from_f32(x))),
-            (RowData::BF16(v), _) => v.extend(rows.iter().map(|&x| bf16::from_f32(x))),
-            (RowData::F32(v), _) => v.extend_from_slice(rows),
-            (RowData::Packed(_), codec) => self.push_quantized(rows, n, codec)?,
-        }
-        self.len += n;
-        Ok(())
+        seg.data = Some(match (&self.data, self.codec) {
+            (RowData::F16(_), _) => RowData::F16(rows.iter().map(|&x| f16::from_f32(x)).collect()),
+            (RowData::BF16(_), _) => {
+                RowData::BF16(rows.iter().map(|&x| bf16::from_f32(x)).collect())
+            }
+            (RowData::F32(_), _) => RowData::F32(rows.to_vec()),
+            (RowData::Packed(_), codec) => return self.encode_quantized(rows, n, codec),
+        });
+        Ok(seg)
     }
 
-    fn push_quantized(&mut self, rows: &[f32], n: usize, codec: Codec) -> Result<()> {
+    /// Add a segment from [`Self::encode`] of this same container.
+    pub fn append(&mut self, seg: EncodedSegment) {
+        let Some(data) = seg.data else { return };
+        match (&mut self.data, data) {
+            (RowData::F16(v), RowData::F16(x)) => v.extend(x),
+            (RowData::BF16(v), RowData::BF16(x)) => v.extend(x),
+            (RowData::F32(v), RowData::F32(x)) => v.extend(x),
+            (RowData::Packed(v), RowData::Packed(x)) => v.extend(x),
+            _ => unreachable!("a segment is appended to the container that encoded it"),
+        }
+        if let Some(segment) = seg.segment {
+            self.segment_start.push(self.len as u32);
+            self.segments.push(segment);
+        }
+        self.row_scale.extend(seg.row_scale);
+        self.row_offset.extend(seg.row_offset);
+        self.len += seg.n;
+    }
+
+    fn encode_quantized(&self, rows: &[f32], n: usize, codec: Codec) -> Result<EncodedSegment> {
         let d = self.dim;
         let (bits, grouping, factor) = match codec {
             Codec::TokenGroups {
@@ -302,17 +348,19 @@ impl EncodedRows {
             grouping,
             param_dtype: ParamDtype::F16,
         };
-        let q = quant::quantize(rows, &[n, d], spec, factor_values.as_deref())?;
-        let RowData::Packed(codes) = &mut self.data else {
-            unreachable!("quantized codecs hold packed rows")
-        };
-        codes.extend_from_slice(&q.codes);
+        let mut q = quant::quantize(rows, &[n, d], spec, factor_values.as_deref())?;
         let halves = |p: &ParamVec| match p {
             ParamVec::F16(v) => v.clone(),
             ParamVec::F32(v) => v.iter().map(|&x| f16::from_f32(x)).collect(),
         };
+        let mut out = EncodedSegment {
+            n,
+            data: Some(RowData::Packed(std::mem::take(&mut q.codes))),
+            row_scale: Vec::new(),
+            row_offset: Vec::new(),
+            segment: None,
+        };
         if self.codec.has_segments() {
-            self.segment_start.push(self.len as u32);
             let mut seg = Segment::default();
             if let (Factor::Separable, Some(cs)) = (factor, &q.channel_scale) {
                 seg.factor = halves(cs);
@@ -321,13 +369,13 @@ impl EncodedRows {
                 seg.scale = halves(&q.scale);
                 seg.offset = halves(&q.offset);
             }
-            self.segments.push(seg);
+            out.segment = Some(seg);
         }
         if let Codec::TokenGroups { .. } = codec {
-            self.row_scale.extend(halves(&q.scale));
-            self.row_offset.extend(halves(&q.offset));
+            out.row_scale = halves(&q.scale);
+            out.row_offset = halves(&q.offset);
         }
-        Ok(())
+        Ok(out)
     }
 
     /// Reconstruct row `i` into `out` (`dim` values).

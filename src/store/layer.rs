@@ -7,17 +7,21 @@
 //! for MiKV also demotes high-tier tokens that fell out of the important set — quantizing
 //! them from their high-precision values, never from already quantized ones.
 
-use super::classify::{classify_stream, pooled_scores};
+use super::classify::{plan_stream, pooled_scores, Plan};
 use super::codec::{Codec, DenseDtype, Factor};
 use super::dense::DenseSync;
-use super::policy::{Layout, Policy};
+use super::policy::{Layout, Policy, F16_MAX};
 use super::tier::{RowBatch, Tier, TierBytes};
 use crate::element::Element;
 use crate::error::{KvmixError, Result};
 use rayon::prelude::*;
 
-/// Largest magnitude an fp16 tier or fp16 quantization parameter can hold.
-const F16_MAX: f32 = 65504.0;
+/// Most sequences a store holds: `select_batch` / `repeat_interleave` refuse more before
+/// allocating (a stream per sequence and kv-head, each with its own tiers).
+pub const MAX_BATCH: usize = 1 << 16;
+
+/// Most positions a store assigns: positions are stored as `u32`.
+pub const MAX_POSITIONS: usize = u32::MAX as usize;
 
 /// Elements per task of the parallel NaN/Inf check of appended keys/values.
 const CHECK_CHUNK: usize = 1 << 16;
@@ -100,6 +104,9 @@ pub struct LayerStore {
     appends_since_classify: usize,
     classified_once: bool,
     balancer: Option<Vec<f32>>,
+    /// Largest |key| appended since the last reset: bounds the attention logits, so a query
+    /// that would overflow them is refused instead of giving a silently wrong softmax.
+    max_abs_key: f32,
     /// What the last [`Self::dense_into`] wrote, so that the next call rewrites only what
     /// changed (`None`: everything must be rewritten).
     pub(super) dense_sync: Option<DenseSync>,
@@ -130,6 +137,7 @@ impl LayerStore {
             appends_since_classify: 0,
             classified_once: false,
             balancer: None,
+            max_abs_key: 0.0,
             dense_sync: None,
         })
     }
@@ -191,6 +199,18 @@ impl LayerStore {
                 self.batch
             )));
         }
+        if b == 0 {
+            return Err(KvmixError::Shape(format!(
+                "keys/values must hold at least one sequence, got batch 0 (shape {dims:?})"
+            )));
+        }
+        if self.seen.saturating_add(n) > MAX_POSITIONS {
+            return Err(KvmixError::Shape(format!(
+                "the store has assigned {} positions; {n} more would pass the limit of \
+                 {MAX_POSITIONS} (positions are stored as u32)",
+                self.seen
+            )));
+        }
         if keys.len() != b * h * n * d || values.len() != keys.len() {
             return Err(KvmixError::Shape(format!(
                 "keys ({}) and values ({}) must both hold {} elements for shape {dims:?}",
@@ -199,11 +219,10 @@ impl LayerStore {
                 b * h * n * d
             )));
         }
-        let limit = if self.policy == Policy::Full {
-            f32::MAX
-        } else {
-            F16_MAX
-        };
+        if n == 0 {
+            return Ok(()); // nothing to store: no position assigned, no classification due
+        }
+        let limit = self.layout.magnitude_limit();
         let bad = crate::parallel::run(keys.len() * 2, |parallel| {
             let find = |chunk: &[T]| {
                 chunk
@@ -226,12 +245,19 @@ impl LayerStore {
             return Err(KvmixError::NonFinite(format!(
                 "keys/values contain {x}; kvmix refuses NaN/Inf{}",
                 if limit < f32::MAX {
-                    " and magnitudes beyond the fp16 range (65504)"
+                    format!(
+                        " and magnitudes beyond {limit}, the most this policy's fp16 storage and \
+                         fp16 quantization parameters can hold"
+                    )
                 } else {
-                    ""
+                    String::new()
                 }
             )));
         }
+        if let Some(inverse) = &self.balancer {
+            check_balanced_keys(keys, inverse, n, d, limit)?;
+        }
+        let key_max = keys.iter().fold(0f32, |m, x| m.max(x.to_f32().abs()));
         if self.batch == 0 {
             self.batch = b;
             self.first_valid = vec![0; b];
@@ -266,6 +292,7 @@ impl LayerStore {
         })?;
         self.seen += n;
         self.appends_since_classify += 1;
+        self.max_abs_key = self.max_abs_key.max(key_max);
         Ok(())
     }
 
@@ -293,12 +320,37 @@ impl LayerStore {
                 balancer.len()
             )));
         }
+        if self.balancer.is_some() {
+            return Err(KvmixError::Config(
+                "the key balancer is already set: keys already quantized were scaled by it, so \
+                 a second one would misread them (reset() the store to start over)"
+                    .into(),
+            ));
+        }
         if balancer.iter().any(|&b| !b.is_finite() || b <= 0.0) {
             return Err(KvmixError::NonFinite(
                 "key balancer factors must be finite and positive".into(),
             ));
         }
         let inverse: Vec<f32> = balancer.iter().map(|&b| 1.0 / b).collect();
+        // The fp16 factor is what quantization divides by: it must stay a positive normal
+        // fp16 number, and the buffered keys scaled by it must stay encodable.
+        if inverse
+            .iter()
+            .any(|&f| !(half::f16::MIN_POSITIVE.to_f32()..=F16_MAX).contains(&f))
+        {
+            return Err(KvmixError::NonFinite(format!(
+                "key balancer factors must lie in [{}, {}] so that their inverses fit fp16",
+                1.0 / F16_MAX,
+                1.0 / half::f16::MIN_POSITIVE.to_f32()
+            )));
+        }
+        let limit = self.layout.magnitude_limit();
+        for (s, stream) in self.streams.iter().enumerate() {
+            let rows = stream.buffer.read(&vec![true; stream.buffer.len()]);
+            let inv = &inverse[s * self.head_dim..(s + 1) * self.head_dim];
+            check_balanced_keys(&rows.keys, inv, rows.len(), self.head_dim, limit)?;
+        }
         for (s, stream) in self.streams.iter_mut().enumerate() {
             set_stream_balancer(stream, &inverse[s * self.head_dim..(s + 1) * self.head_dim])?;
         }
@@ -316,6 +368,15 @@ impl LayerStore {
                 "scores must be [batch, kv_heads, tokens] for {per} streams, got {} and {} values",
                 acc.len(),
                 count.len()
+            )));
+        }
+        if let Some(x) = acc
+            .iter()
+            .chain(count)
+            .find(|x| !x.is_finite() || **x < 0.0)
+        {
+            return Err(KvmixError::NonFinite(format!(
+                "importance scores must be finite and non-negative, got {x}"
             )));
         }
         let n = acc.len() / per;
@@ -418,39 +479,47 @@ impl LayerStore {
         let (policy, seen, kv_heads) = (self.policy, self.seen, self.kv_heads);
         let first_valid = &self.first_valid;
         let pooled = pooled_scores(policy, &self.streams, kv_heads)?;
-        let classify = |(s, stream): (usize, &mut Stream)| {
+        let plan = |(s, stream): (usize, &Stream)| {
             let seq = s / kv_heads;
             let pooled = pooled.as_ref().map(|p| p[seq].as_slice());
-            classify_stream(policy, stream, seen, first_valid[seq] as u32, pooled)
+            plan_stream(policy, stream, seen, first_valid[seq] as u32, pooled)
         };
         // Streams are independent: a prompt's quantization runs one stream per thread; the
-        // classification of a few buffered decoding tokens stays on this thread.
+        // classification of a few buffered decoding tokens stays on this thread. Every
+        // stream's rows are encoded before any stream changes, so a refusal (a value no tier
+        // can encode) leaves the whole store as it was.
         let buffered: usize = self.streams.iter().map(|s| s.buffer.len()).sum();
-        let moved: Vec<Result<Vec<u32>>> =
-            crate::parallel::run(buffered * self.head_dim, |parallel| {
-                if parallel {
-                    self.streams
-                        .par_iter_mut()
-                        .enumerate()
-                        .map(classify)
-                        .collect()
-                } else {
-                    self.streams.iter_mut().enumerate().map(classify).collect()
-                }
-            });
-        // Streams that did classify keep their record even if another one failed.
-        let mut first_error = None;
-        for (s, m) in moved.into_iter().enumerate() {
-            match (m, &mut self.dense_sync) {
-                (Ok(m), Some(sync)) => sync.moved[s].extend(m),
-                (Ok(_), None) => {}
-                (Err(e), _) => {
-                    first_error.get_or_insert(e);
-                }
+        let work = buffered * self.head_dim;
+        let plans: Vec<Plan> = crate::parallel::run(work, |parallel| {
+            if parallel {
+                self.streams
+                    .par_iter()
+                    .enumerate()
+                    .map(plan)
+                    .collect::<Result<Vec<Plan>>>()
+            } else {
+                self.streams.iter().enumerate().map(plan).collect()
             }
-        }
-        if let Some(e) = first_error {
-            return Err(e);
+        })?;
+        let moved: Vec<Vec<u32>> = crate::parallel::run(work, |parallel| {
+            if parallel {
+                self.streams
+                    .par_iter_mut()
+                    .zip(plans)
+                    .map(|(s, p)| p.apply(s))
+                    .collect()
+            } else {
+                self.streams
+                    .iter_mut()
+                    .zip(plans)
+                    .map(|(s, p)| p.apply(s))
+                    .collect()
+            }
+        });
+        if let Some(sync) = &mut self.dense_sync {
+            for (s, m) in moved.into_iter().enumerate() {
+                sync.moved[s].extend(m);
+            }
         }
         self.appends_since_classify = 0;
         self.classified_once = true;
@@ -478,11 +547,22 @@ impl LayerStore {
 
     /// Keep (and reorder) the sequences `indices` of the batch; an index may repeat.
     pub fn select_batch(&mut self, indices: &[usize]) -> Result<()> {
+        if indices.len() > MAX_BATCH {
+            return Err(KvmixError::Shape(format!(
+                "select_batch would hold {} sequences; the limit is {MAX_BATCH}",
+                indices.len()
+            )));
+        }
         if let Some(&bad) = indices.iter().find(|&&i| i >= self.batch) {
             return Err(KvmixError::Shape(format!(
                 "batch index {bad} out of range for a batch of {}",
                 self.batch
             )));
+        }
+        if indices.is_empty() {
+            // No sequence left: nothing is held and nothing counted (as after `reset`).
+            self.reset();
+            return Ok(());
         }
         let h = self.kv_heads;
         self.streams = indices
@@ -506,6 +586,17 @@ impl LayerStore {
 
     /// Repeat every sequence `repeats` times in place (beam search / sampling expansion).
     pub fn repeat_interleave(&mut self, repeats: usize) -> Result<()> {
+        // Checked before allocating: 2**40 repeats used to abort the interpreter.
+        match self.batch.checked_mul(repeats) {
+            Some(n) if n <= MAX_BATCH => {}
+            _ => {
+                return Err(KvmixError::Shape(format!(
+                    "`repeats` = {repeats} on a batch of {} would pass the limit of {MAX_BATCH} \
+                     sequences",
+                    self.batch
+                )))
+            }
+        }
         let idx: Vec<usize> = (0..self.batch)
             .flat_map(|i| std::iter::repeat_n(i, repeats))
             .collect();
@@ -521,7 +612,43 @@ impl LayerStore {
         self.appends_since_classify = 0;
         self.classified_once = false;
         self.balancer = None;
+        self.max_abs_key = 0.0;
         self.dense_sync = None;
+    }
+
+    /// Refuse queries and scales whose attention logits could leave float32 (NaN/Inf, or
+    /// `|scale| · Σ|q| · max|k|` beyond 1e37): the softmax would silently turn them into zeros.
+    pub fn check_queries(&self, q: &[f32], head_dim: usize, scale: f32) -> Result<()> {
+        if !scale.is_finite() {
+            return Err(KvmixError::NonFinite(format!(
+                "`scale` must be finite, got {scale}"
+            )));
+        }
+        let mut worst = 0f64;
+        for row in q.chunks(head_dim.max(1)) {
+            let mut l1 = 0f64;
+            for &x in row {
+                if !x.is_finite() {
+                    return Err(KvmixError::NonFinite(
+                        "queries contain NaN or Inf; kvmix refuses them rather than returning \
+                         a silently wrong attention output"
+                            .into(),
+                    ));
+                }
+                l1 += x.abs() as f64;
+            }
+            worst = worst.max(l1);
+        }
+        let bound = worst * scale.abs() as f64 * self.max_abs_key as f64;
+        if bound > 1e37 {
+            return Err(KvmixError::NonFinite(format!(
+                "queries of L1 norm {worst:e} with scale {scale} against keys up to {} could \
+                 give logits beyond float32 (bound {bound:e}); refused rather than returning a \
+                 wrong softmax",
+                self.max_abs_key
+            )));
+        }
+        Ok(())
     }
 
     /// Bytes held, measured from the buffers.
@@ -537,6 +664,33 @@ impl LayerStore {
         m.fp16_bytes = self.streams.len() * self.seen * 2 * self.head_dim * 2;
         m
     }
+}
+
+/// Refuse keys that the key balancer would scale beyond what the quantized tiers encode:
+/// keys are stored as `k · b = k / inverse`.
+fn check_balanced_keys<T: Element>(
+    keys: &[T],
+    inverse: &[f32],
+    n: usize,
+    d: usize,
+    limit: f32,
+) -> Result<()> {
+    for (r, row) in keys.chunks(d).enumerate() {
+        let s = r / n.max(1);
+        let inv = &inverse[(s * d) % inverse.len().max(1)..][..d];
+        for (c, (x, f)) in row.iter().zip(inv).enumerate() {
+            let scaled = x.to_f32() / f;
+            if !scaled.is_finite() || scaled.abs() > limit {
+                return Err(KvmixError::NonFinite(format!(
+                    "key {} in channel {c} times its key balancer factor {} is {scaled}, beyond \
+                     {limit}, the most the quantized tiers can hold",
+                    x.to_f32(),
+                    1.0 / f
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn set_stream_balancer(s: &mut Stream, inverse: &[f32]) -> Result<()> {

@@ -5,6 +5,7 @@ pub mod codec;
 mod dense;
 pub mod layer;
 pub mod policy;
+pub mod reference;
 pub mod tier;
 
 pub use codec::{Codec, DenseDtype, Factor};

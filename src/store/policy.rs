@@ -149,6 +149,50 @@ pub struct Layout {
     pub high_scored: bool,
 }
 
+/// Largest magnitude an fp16 element or fp16 quantization parameter holds.
+pub const F16_MAX: f32 = 65504.0;
+
+impl Layout {
+    /// The largest magnitude of an input element every tier can store: an fp16 tier holds
+    /// ±65504; a quantized codec's fp16 scale `(max − min) / (2^bits − 1)` must stay finite,
+    /// which for 1-bit codes halves that (±32752). bf16/fp32 tiers hold any finite value.
+    /// `append` refuses more, so a classification never meets a value it cannot encode.
+    pub fn magnitude_limit(&self) -> f32 {
+        let codec = |c: Codec| match c {
+            Codec::Dense(DenseDtype::F16) => F16_MAX,
+            Codec::Dense(_) => f32::MAX,
+            Codec::TokenGroups { bits, .. } | Codec::Channel { bits } => {
+                F16_MAX.min(F16_MAX * ((1u32 << bits) - 1) as f32 / 2.0)
+            }
+        };
+        [
+            Codec::Dense(self.buffer),
+            self.high.0,
+            self.high.1,
+            self.low.0,
+            self.low.1,
+        ]
+        .into_iter()
+        .map(codec)
+        .fold(f32::MAX, f32::min)
+    }
+
+    /// Whether every codec's token groups start on a byte boundary, the geometry the fused
+    /// attention kernels read (`group_size × bits` a multiple of 8). Other geometries (e.g.
+    /// 3-bit codes in groups of 4) are valid and stored exactly the same; attention over them
+    /// takes the reference path.
+    pub fn byte_aligned_groups(&self) -> bool {
+        [self.high.0, self.high.1, self.low.0, self.low.1]
+            .into_iter()
+            .all(|c| match c {
+                Codec::TokenGroups {
+                    bits, group_size, ..
+                } => (group_size * bits as usize).is_multiple_of(8),
+                _ => true,
+            })
+    }
+}
+
 fn check_ratio(name: &str, v: f64) -> Result<()> {
     if (0.0..=1.0).contains(&v) {
         Ok(())

@@ -1,7 +1,7 @@
 //! A tier: key rows, value rows, their positions and (optionally) their importance scores,
 //! all aligned row by row so that every operation moves them together.
 
-use super::codec::{Codec, EncodedRows, RowBytes};
+use super::codec::{Codec, EncodedRows, EncodedSegment, RowBytes};
 use crate::error::Result;
 
 /// Give back memory a shrunken vector no longer needs (not on every small change).
@@ -157,6 +157,16 @@ impl RowBatch {
     }
 }
 
+/// A batch encoded for a tier by [`Tier::prepare`], not yet added.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedRows {
+    keys: EncodedSegment,
+    values: EncodedSegment,
+    positions: Vec<u32>,
+    acc: Vec<f32>,
+    count: Vec<f32>,
+}
+
 /// Bytes held by a tier, by component.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TierBytes {
@@ -212,19 +222,37 @@ impl Tier {
 
     /// Append a batch as one segment (scores kept only if this tier tracks them).
     pub fn push(&mut self, rows: &RowBatch) -> Result<()> {
-        if rows.is_empty() {
-            return Ok(());
+        let p = self.prepare(rows)?;
+        self.commit(p);
+        Ok(())
+    }
+
+    /// Encode a batch for this tier without changing it; [`Self::commit`] adds it. Encoding
+    /// is the only step that can fail, so a classification prepares every move first.
+    pub fn prepare(&self, rows: &RowBatch) -> Result<PreparedRows> {
+        Ok(PreparedRows {
+            keys: self.keys.encode(&rows.keys)?,
+            values: self.values.encode(&rows.values)?,
+            positions: rows.positions.clone(),
+            acc: rows.acc.clone(),
+            count: rows.count.clone(),
+        })
+    }
+
+    /// Add rows from [`Self::prepare`] of this tier (or one with the same codecs).
+    pub fn commit(&mut self, p: PreparedRows) {
+        if p.positions.is_empty() {
+            return;
         }
-        self.keys.push_segment(&rows.keys)?;
-        self.values.push_segment(&rows.values)?;
-        for &p in &rows.positions {
-            self.positions.push(p);
+        self.keys.append(p.keys);
+        self.values.append(p.values);
+        for &q in &p.positions {
+            self.positions.push(q);
         }
         if let Some(s) = &mut self.scores {
-            s.acc.extend_from_slice(&rows.acc);
-            s.count.extend_from_slice(&rows.count);
+            s.acc.extend_from_slice(&p.acc);
+            s.count.extend_from_slice(&p.count);
         }
-        Ok(())
     }
 
     /// Decode the rows where `pick` is true, as a batch (scores zero if untracked).

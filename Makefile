@@ -9,7 +9,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PYO3_PYTHON := $(abspath $(PY))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help env build test lint rust-test py-test bench demo clean
+.PHONY: help env build test lint rust-test py-test bench demo clean fuzz
 
 help:
 	@echo "make test    - set up, build (release) and run every check: lints, cargo test, stubtest, pytest"
@@ -49,6 +49,19 @@ test: lint rust-test py-test
 
 demo: build
 	$(PY) -m kvmix.demo
+
+# The long fuzz runs of issue 14 (the short ones are part of `make test`): proptest targets of
+# every store entry point, then the hypothesis state machine; prints examples/steps/failures.
+FUZZ_CASES ?= 200000
+FUZZ_EXAMPLES ?= 400
+fuzz: build
+	PROPTEST_CASES=$(FUZZ_CASES) cargo test --release fuzz_tests -- --nocapture
+	rm -f .fuzz-stats.jsonl
+	HYPOTHESIS_PROFILE=thorough KVMIX_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) KVMIX_FUZZ_STEPS=40 \
+		KVMIX_FUZZ_STATS=.fuzz-stats.jsonl $(PY) -m pytest tests/test_fuzz_store.py -q -p no:randomly
+	$(PY) -c "import json; r=[json.loads(l) for l in open('.fuzz-stats.jsonl')]; \
+		[print(f\"{x['config']:15s} examples {x['examples']:6d} steps {x['steps']:7d} refused {x['refused']:7d} failures {x['failures']}\") for x in r]; \
+		print('total examples', sum(x['examples'] for x in r), 'steps', sum(x['steps'] for x in r), 'failures', sum(x['failures'] for x in r))"
 
 bench: build
 	$(PY) -m kvmix.bench quantization

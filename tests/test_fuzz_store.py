@@ -80,7 +80,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.batch = 0
         self.balancer_set = False
         self.span = 1.0  # largest |x| appended, for the error bound
-        self.limit = 65504.0 if (buffer == "float16" or policy != "full") else 3e38
+        self.limit = 65504.0 if (buffer == "float16" or policy != "full") else 1e28
         if self.bits == 1:
             self.limit = 32752.0
 

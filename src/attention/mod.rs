@@ -98,8 +98,9 @@ fn attend_impl(
         )));
     }
     store.check_queries(q, d, scale)?;
-    if !store.layout.byte_aligned_groups() {
+    if tq == 0 || !store.layout.byte_aligned_groups() {
         // Codes of a token group that do not fill whole bytes: the kernels read whole bytes.
+        // No query at all (q_len 0): nothing to compute, and the kernels assume one.
         let reference =
             crate::store::reference::attend(store, q, hq, tq, q_positions, scale, track);
         return Ok(reference);

@@ -10,7 +10,7 @@
 use super::classify::{plan_stream, pooled_scores, Plan};
 use super::codec::{Codec, DenseDtype, Factor};
 use super::dense::DenseSync;
-use super::policy::{Layout, Policy, F16_MAX};
+use super::policy::{Layout, Policy, DENSE_MAX, F16_MAX};
 use super::tier::{RowBatch, Tier, TierBytes};
 use crate::element::Element;
 use crate::error::{KvmixError, Result};
@@ -244,7 +244,7 @@ impl LayerStore {
         if let Some(x) = bad {
             return Err(KvmixError::NonFinite(format!(
                 "keys/values contain {x}; kvmix refuses NaN/Inf{}",
-                if limit < f32::MAX {
+                if limit <= DENSE_MAX {
                     format!(
                         " and magnitudes beyond {limit}, the most this policy's fp16 storage and \
                          fp16 quantization parameters can hold"
@@ -709,3 +709,7 @@ fn set_stream_balancer(s: &mut Stream, inverse: &[f32]) -> Result<()> {
 #[cfg(test)]
 #[path = "layer_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "fuzz_tests.rs"]
+mod fuzz_tests;

@@ -152,15 +152,19 @@ pub struct Layout {
 /// Largest magnitude an fp16 element or fp16 quantization parameter holds.
 pub const F16_MAX: f32 = 65504.0;
 
+/// Largest magnitude a bf16/fp32 tier accepts (see [`Layout::magnitude_limit`]).
+pub const DENSE_MAX: f32 = 1e28;
+
 impl Layout {
     /// The largest magnitude of an input element every tier can store: an fp16 tier holds
     /// ±65504; a quantized codec's fp16 scale `(max − min) / (2^bits − 1)` must stay finite,
-    /// which for 1-bit codes halves that (±32752). bf16/fp32 tiers hold any finite value.
+    /// which for 1-bit codes halves that (±32752). bf16/fp32 tiers hold up to ±1e28: attention
+    /// sums up to 2^32 unnormalized terms before dividing, which must stay finite in fp32.
     /// `append` refuses more, so a classification never meets a value it cannot encode.
     pub fn magnitude_limit(&self) -> f32 {
         let codec = |c: Codec| match c {
             Codec::Dense(DenseDtype::F16) => F16_MAX,
-            Codec::Dense(_) => f32::MAX,
+            Codec::Dense(_) => DENSE_MAX,
             Codec::TokenGroups { bits, .. } | Codec::Channel { bits } => {
                 F16_MAX.min(F16_MAX * ((1u32 << bits) - 1) as f32 / 2.0)
             }

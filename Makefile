@@ -55,6 +55,7 @@ demo: build
 FUZZ_CASES ?= 200000
 FUZZ_EXAMPLES ?= 400
 fuzz: build
+	$(PY) tests/fuzz/bad_input_catalogue.py
 	PROPTEST_CASES=$(FUZZ_CASES) cargo test --release fuzz_tests -- --nocapture
 	rm -f .fuzz-stats.jsonl
 	HYPOTHESIS_PROFILE=thorough KVMIX_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) KVMIX_FUZZ_STEPS=40 \

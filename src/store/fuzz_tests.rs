@@ -125,7 +125,7 @@ fn apply(s: &mut LayerStore, op: &Op) -> crate::error::Result<()> {
         } => {
             let len = b * h * n * d;
             let mut k: Vec<f32> = crate::testing::uniform(len, seed, magnitude);
-            let v: Vec<f32> = crate::testing::uniform(len, seed + 1, magnitude);
+            let v: Vec<f32> = crate::testing::uniform(len, seed.wrapping_add(1), magnitude);
             if let (Some(p), true) = (poison, len > 0) {
                 k[seed as usize % len] = p;
             }

@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, **extra)
     if args.fused:
         kvmix.enable_fused_attention(model)
+    else:
+        kvmix.enable_portable_scoring(model)
     vocab = model.config.vocab_size
     ids = torch.randint(
         0, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1)

@@ -151,7 +151,7 @@ def _prefill(
     rng: np.random.Generator,
 ) -> kvmix.LayerStore:
     """A store after the prompt: appended, padding marked, scored and classified."""
-    store = kvmix.LayerStore(policy, kv_heads, head_dim, config)
+    store = kvmix.LayerStore(policy, kv_heads, head_dim, config, "float32")
     k, v = _gaussian_kv(rng, batch, kv_heads, tokens, head_dim)
     store.append(k, v)
     store.set_first_valid(_first_valid(batch))
@@ -224,7 +224,7 @@ def test_attend_matches_sdpa_hypothesis(case, kv_heads, ratio, head_dim, batch, 
     """Random shapes, padding and query positions (any order, repeats allowed)."""
     _, policy, config = case
     rng = np.random.default_rng(tokens)
-    store = kvmix.LayerStore(policy, kv_heads, head_dim, config)
+    store = kvmix.LayerStore(policy, kv_heads, head_dim, config, "float32")
     k, v = _gaussian_kv(rng, batch, kv_heads, tokens, head_dim)
     store.append(k, v)
     fv = data.draw(st.lists(st.integers(0, tokens), min_size=batch, max_size=batch), "first_valid")
@@ -267,7 +267,7 @@ def test_large_logits_and_long_cache(name, policy, config) -> None:
 
 
 def test_fully_padded_query_gets_zeros() -> None:
-    store = kvmix.LayerStore("zipcache", 2, 64)
+    store = kvmix.LayerStore("zipcache", 2, 64, None, "float32")
     rng = np.random.default_rng(2)
     k, v = _gaussian_kv(rng, 2, 2, 30, 64)
     store.append(k, v)
@@ -349,7 +349,7 @@ def _parity_on_real_kv(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float
     kv_heads = k.shape[1]
     prompt = tokens - 4
     for name, policy, config in CONFIGS:
-        store = kvmix.LayerStore(policy, kv_heads, head_dim, config)
+        store = kvmix.LayerStore(policy, kv_heads, head_dim, config, "float32")
         store.append(k[:, :, :prompt], v[:, :, :prompt])
         if store.needs_balancer:
             store.set_key_balancer(kvmix.key_balancer(q[:, :, :prompt], k[:, :, :prompt]))
@@ -417,7 +417,7 @@ def _focused_store(policy: str, config: dict[str, Any] | None, *, track: bool, t
     one query that attends almost only to `target`, tracked or not, then a classification."""
     rng = np.random.default_rng(5)
     tokens, d = 64, 64
-    store = kvmix.LayerStore(policy, 1, d, config)
+    store = kvmix.LayerStore(policy, 1, d, config, "float32")
     # No outlier channels here: a query along one key must single that key out.
     k = rng.standard_normal((1, 1, tokens, d), dtype=np.float32)
     v = rng.standard_normal((1, 1, tokens, d), dtype=np.float32)
@@ -458,7 +458,7 @@ def test_tracked_attention_keeps_a_heavy_hitter_in_the_mikv_high_tier() -> None:
         rng = np.random.default_rng(9)
         tokens, d, target = 64, 64, 5
         config = {"ratio": 0.25, "recent_share": 0.25, "key_balancer": False}
-        store = kvmix.LayerStore("mikv", 1, d, config)
+        store = kvmix.LayerStore("mikv", 1, d, config, "float32")
         k = rng.standard_normal((1, 1, tokens, d), dtype=np.float32)
         v = rng.standard_normal((1, 1, tokens, d), dtype=np.float32)
         store.append(k, v)

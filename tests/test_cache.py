@@ -18,6 +18,16 @@ IMPLS = ["sdpa", "eager", "kvmix"]
 GREEDY = {"max_new_tokens": 8, "do_sample": False}
 
 
+def _use(model, impl):
+    """Run ``model`` on kvmix's fused attention (``"kvmix"``) or on transformers' ``impl`` with
+    kvmix's portable scoring."""
+    if impl == "kvmix":
+        kvmix.enable_fused_attention(model)
+    else:
+        model.set_attn_implementation(impl)
+        kvmix.enable_portable_scoring(model)
+
+
 def _ids(model, batch=1, length=24, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, model.config.vocab_size, (batch, length), generator=g)
@@ -39,7 +49,7 @@ def test_full_precision_is_token_identical_to_dynamic_cache(family_model, impl):
     model.set_attn_implementation("sdpa")
     ids = _ids(model)
     want = _generate(model, ids, DynamicCache(config=model.config))
-    model.set_attn_implementation(impl)
+    _use(model, impl)
     got = _generate(model, ids, kvmix.FullPrecisionCache(model.config))
     assert torch.equal(got, want)
 
@@ -60,7 +70,7 @@ def test_full_precision_sampling_beam_padding_and_continuation(impl):
     for kw in cases:
         torch.manual_seed(0)
         want = _generate(model, ids, DynamicCache(config=model.config), **kw)
-        model.set_attn_implementation(impl)
+        _use(model, impl)
         torch.manual_seed(0)
         got = _generate(model, ids, kvmix.FullPrecisionCache(model.config), **kw)
         model.set_attn_implementation("sdpa")
@@ -71,7 +81,7 @@ def test_full_precision_sampling_beam_padding_and_continuation(impl):
     first = _generate(model, one, ref_cache)
     turn2 = torch.cat([first, _ids(model, length=5, seed=3)], dim=1)
     want = _generate(model, turn2, ref_cache)
-    model.set_attn_implementation(impl)
+    _use(model, impl)
     cache = kvmix.FullPrecisionCache(model.config)
     first_k = _generate(model, one, cache)
     got = _generate(model, torch.cat([first_k, turn2[:, first.shape[1] :]], dim=1), cache)
@@ -95,7 +105,7 @@ def test_fused_and_portable_paths_give_the_same_tokens(family_model, preset):
     ids = _ids(model, length=40)
     outs = {}
     for impl in IMPLS:
-        model.set_attn_implementation(impl)
+        _use(model, impl)
         cache = PRESETS[preset](model.config)
         outs[impl] = _generate(model, ids, cache, max_new_tokens=12)
         report = cache.memory_report()
@@ -116,15 +126,18 @@ def _head_dim(model):
 def test_eviction_runs_fused_and_refuses_portable():
     model = tiny_random_model("llama")
     ids = _ids(model, length=40)
-    model.set_attn_implementation("kvmix")
+    kvmix.enable_fused_attention(model)
     cache = kvmix.EvictionCache(model.config)
     out = _generate(model, ids, cache)
     assert out.shape[1] == ids.shape[1] + GREEDY["max_new_tokens"]
     report = cache.memory_report()
     assert report["tokens"] < report["fp16_bytes"] / (2 * 2 * _head_dim(model))
-    model.set_attn_implementation("sdpa")
+    _use(model, "sdpa")
+    cache = kvmix.EvictionCache(model.config)
     with pytest.raises(kvmix.ConfigError, match="enable_fused_attention"):
-        _generate(model, ids, kvmix.EvictionCache(model.config))
+        _generate(model, ids, cache)
+    assert cache.get_seq_length() == 0  # refused before anything was stored
+    model.set_attn_implementation("sdpa")
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
@@ -141,7 +154,7 @@ def test_mistral_with_a_sliding_window_is_refused():
 
 
 def test_tensors_off_the_cpu_are_refused():
-    model = tiny_random_model("llama")
+    model = kvmix.enable_fused_attention(tiny_random_model("llama"))
     cache = kvmix.ZipCache(model.config)
     k = torch.empty(1, 2, 4, 16, device="meta")
     with pytest.raises(kvmix.DTypeError, match="CPU"):
@@ -153,7 +166,7 @@ def test_tensors_off_the_cpu_are_refused():
     [
         (lambda c: kvmix.ZipCache(c, salient_ratio=1.5), "salient_ratio"),
         (lambda c: kvmix.ZipCache(c, low_bits=7), "low_bits"),
-        (lambda c: kvmix.ZipCache(c, selection="head"), "'layer' or 'kv_head'"),
+        (lambda c: kvmix.ZipCache(c, selection="head"), "`selection`.*'layer', 'kv_head'"),
         (lambda c: kvmix.MiKVCache(c, ratio=-0.1), "ratio"),
         (lambda c: kvmix.MiKVCache(c, high_bits=2), "high_bits"),
         (lambda c: kvmix.QuantizedKVCache(c, bits=3), "bits"),
@@ -175,7 +188,7 @@ def test_cache_contract_of_the_pinned_transformers():
     for name in ("reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices"):
         assert callable(getattr(Cache, name, None)), name
     assert list(inspect.signature(Cache.__init__).parameters)[1] == "layers"
-    model = tiny_random_model("llama")
+    model = kvmix.enable_fused_attention(tiny_random_model("llama"))
     cache = kvmix.ZipCache(model.config)
     assert isinstance(cache, Cache)
     assert cache.get_seq_length() == 0
@@ -198,7 +211,7 @@ def test_prefill_timings_are_measured_per_phase(impl):
     clears them."""
     model = tiny_random_model("llama")
     ids = _ids(model, length=64)
-    model.set_attn_implementation(impl)
+    _use(model, impl)
     for make, own_attention in [(kvmix.ZipCache, False), (kvmix.MiKVCache, impl == "kvmix")]:
         cache = make(model.config)
         with torch.inference_mode():

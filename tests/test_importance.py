@@ -97,7 +97,11 @@ def test_mikv_prefill_selection_matches_reference(length, ratio, recent_share, s
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((1, 2, length, 16), dtype=np.float32)
     store = kvmix.LayerStore(
-        "mikv", 2, 16, {"ratio": ratio, "recent_share": recent_share, "key_balancer": False}
+        "mikv",
+        2,
+        16,
+        {"ratio": ratio, "recent_share": recent_share, "key_balancer": False},
+        "float32",
     )
     store.append(x, x)
     acc = rng.integers(0, 5, (1, 2, length)).astype(np.float32)  # many ties
@@ -116,7 +120,7 @@ def test_mikv_prefill_selection_matches_reference(length, ratio, recent_share, s
 def test_zipcache_prefill_selection_is_top_normalized(length, ratio, seed):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((1, 1, length, 16), dtype=np.float32)
-    store = kvmix.LayerStore("zipcache", 1, 16, {"salient_ratio": ratio})
+    store = kvmix.LayerStore("zipcache", 1, 16, {"salient_ratio": ratio}, "float32")
     store.append(x, x)
     acc = rng.random((1, 1, length), dtype=np.float32)
     count = rng.integers(1, 6, (1, 1, length)).astype(np.float32)
@@ -138,7 +142,7 @@ def test_zipcache_salient_sets_per_layer_or_per_kv_head(length, kv_heads, select
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((2, kv_heads, length, 16), dtype=np.float32)
     store = kvmix.LayerStore(
-        "zipcache", kv_heads, 16, {"salient_ratio": 0.4, "selection": selection}
+        "zipcache", kv_heads, 16, {"salient_ratio": 0.4, "selection": selection}, "float32"
     )
     store.append(x, x)
     acc = rng.random((2, kv_heads, length), dtype=np.float32)
@@ -164,7 +168,7 @@ def test_normalized_and_accumulated_rankings_differ_on_early_bias():
     picks = {}
     for normalized in (True, False):
         store = kvmix.LayerStore(
-            "zipcache", 1, 8, {"salient_ratio": 0.34, "normalized": normalized}
+            "zipcache", 1, 8, {"salient_ratio": 0.34, "normalized": normalized}, "float32"
         )
         store.append(x, x)
         store.add_scores(0, acc, count)
@@ -174,7 +178,7 @@ def test_normalized_and_accumulated_rankings_differ_on_early_bias():
 
 
 def test_accumulate_dense_sums_gqa_heads_and_counts_visible_queries():
-    store = kvmix.LayerStore("zipcache", 1, 8, {"streaming_gap": 100})
+    store = kvmix.LayerStore("zipcache", 1, 8, {"streaming_gap": 100}, "float32")
     x = np.zeros((1, 1, 4, 8), np.float32)
     store.append(x, x)
     # Two query heads (GQA 2:1), two queries at positions 2 and 3.

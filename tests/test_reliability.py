@@ -190,7 +190,7 @@ def test_tiny_values_are_stored_not_lost(rng):
 def test_refused_classification_leaves_the_store_intact(rng):
     """MiKV without its balancer: the classification is refused; dense() still returns the
     appended data exactly (float32 buffer) and the store classifies once it is set."""
-    s = LayerStore("mikv", 1, 16)
+    s = LayerStore("mikv", 1, 16, None, "float32")
     k, v = _r(rng, 1, 1, 10, 16), _r(rng, 1, 1, 10, 16)
     s.append(k, v)
     refused(s, ConfigError, "key balancer", lambda: s.maybe_classify(True))

@@ -20,6 +20,16 @@ def _ids(model, batch=1, length=24, seed=0):
     return torch.randint(3, model.config.vocab_size, (batch, length), generator=g)
 
 
+def _use(model, impl):
+    """Run ``model`` on kvmix's fused attention (``"kvmix"``) or on transformers' ``impl`` with
+    kvmix's portable scoring."""
+    if impl == "kvmix":
+        kvmix.enable_fused_attention(model)
+    else:
+        model.set_attn_implementation(impl)
+        kvmix.enable_portable_scoring(model)
+
+
 def _generate(model, ids, cache, **kw):
     with torch.inference_mode():
         return model.generate(ids, past_key_values=cache, **{**GREEDY, **kw})
@@ -27,9 +37,7 @@ def _generate(model, ids, cache, **kw):
 
 @pytest.fixture(scope="module")
 def llama():
-    model = tiny_random_model("llama")
-    model.set_attn_implementation("sdpa")
-    return model
+    return kvmix.enable_portable_scoring(tiny_random_model("llama"))
 
 
 def _filled(model, cache, n=6):
@@ -82,7 +90,7 @@ def test_prompt_lookup_and_assisted_decoding_match_dynamic_cache(impl, strategy)
     want = _generate(model, ids, DynamicCache(config=model.config), **kw)
     plain = _generate(model, ids, DynamicCache(config=model.config), max_new_tokens=12)
     assert torch.equal(want, plain)  # the strategies are exact for greedy decoding
-    model.set_attn_implementation(impl)
+    _use(model, impl)
     try:
         got = _generate(model, ids, kvmix.FullPrecisionCache(model.config), **kw)
     finally:
@@ -92,7 +100,7 @@ def test_prompt_lookup_and_assisted_decoding_match_dynamic_cache(impl, strategy)
 
 def _padded_vs_alone(model, make_cache, impl, pad=5, length=40):
     """Tokens of row 0 when generated left-padded in a batch of 2 and when generated alone."""
-    model.set_attn_implementation(impl)
+    _use(model, impl)
     try:
         ids = _ids(model, batch=2, length=length, seed=3)
         mask = torch.ones_like(ids)
@@ -168,7 +176,7 @@ def test_sub_byte_token_groups_under_generate(make):
     ids = _ids(model, length=20)
     logits = {}
     for impl in ("sdpa", "kvmix"):
-        model.set_attn_implementation(impl)
+        _use(model, impl)
         with torch.inference_mode():
             out = model.generate(
                 ids,

@@ -80,7 +80,11 @@ def test_fused_and_portable_paths_agree_on_smollm2(smollm2, preset):
     ids = passkey_prompt(tokenizer, 1024, seed=5).input_ids
     outs = {}
     for impl in ("kvmix", "sdpa"):
-        model.set_attn_implementation(impl)
+        if impl == "kvmix":
+            kvmix.enable_fused_attention(model)
+        else:
+            model.set_attn_implementation(impl)
+            kvmix.enable_portable_scoring(model)
         outs[impl] = _greedy(model, ids, PRESETS[preset](model.config), 64)
     assert torch.equal(outs["kvmix"], outs["sdpa"])
 

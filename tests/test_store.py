@@ -17,7 +17,7 @@ def _prefilled(policy, config=None, length=50, heads=2, batch=1, seed=0):
     k = rng.standard_normal((batch, heads, length, D), dtype=np.float32)
     v = rng.standard_normal((batch, heads, length, D), dtype=np.float32)
     k[..., 3] *= 8  # an outlier channel, as real keys have
-    store = kvmix.LayerStore(policy, heads, D, config)
+    store = kvmix.LayerStore(policy, heads, D, config, "float32")
     store.append(k, v)
     if store.needs_balancer:
         q = rng.standard_normal((batch, heads * 2, length, D), dtype=np.float32)

@@ -25,9 +25,11 @@ EXAMPLE = ROOT / "examples" / "tensor_parallel.py"
 
 
 def _config() -> Any:
-    from transformers import LlamaConfig
+    """The config of a tiny Llama enabled for kvmix's fused attention (the layers here are fed
+    directly, as that attention would feed them)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaConfig(
+    config = LlamaConfig(
         vocab_size=256,
         hidden_size=64,
         intermediate_size=128,
@@ -37,6 +39,7 @@ def _config() -> Any:
         head_dim=16,
         max_position_embeddings=512,
     )
+    return kvmix.enable_fused_attention(LlamaForCausalLM(config)).config
 
 
 def _kv(heads: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

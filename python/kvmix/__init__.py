@@ -6,15 +6,19 @@ the public parts of it next to the pure-Python layers.
 
 from kvmix import quant, reference
 from kvmix._kvmix import (
+    BUFFER_DTYPES,
+    POLICIES,
     LayerStore,
     QuantizedTensor,
     __version__,
+    default_buffer_dtype,
     num_threads,
+    policy_defaults,
     probe_positions,
     probe_scores,
     top_k,
 )
-from kvmix.attention import enable_fused_attention, kvmix_attention
+from kvmix.attention import enable_fused_attention, enable_portable_scoring, kvmix_attention
 from kvmix.cache import (
     EvictionCache,
     FullPrecisionCache,
@@ -37,6 +41,8 @@ from kvmix.quant import (
 )
 
 __all__ = [
+    "BUFFER_DTYPES",
+    "POLICIES",
     "ConfigError",
     "DTypeError",
     "EvictionCache",
@@ -52,12 +58,15 @@ __all__ = [
     "ZipCache",
     "__version__",
     "channel_absmax",
+    "default_buffer_dtype",
     "dequantize",
     "enable_fused_attention",
+    "enable_portable_scoring",
     "key_balancer",
     "kvmix_attention",
     "num_threads",
     "pack_bits",
+    "policy_defaults",
     "probe_positions",
     "probe_scores",
     "quant",

@@ -5,7 +5,11 @@ from typing import Any, final
 import numpy as np
 import numpy.typing as npt
 
+from kvmix.types import BufferDtype, CountMode, PolicyName, Scoring
+
 __all__ = [
+    "BUFFER_DTYPES",
+    "POLICIES",
     "ConfigError",
     "DTypeError",
     "KvmixError",
@@ -15,9 +19,11 @@ __all__ = [
     "ShapeError",
     "__version__",
     "channel_absmax",
+    "default_buffer_dtype",
     "key_balancer",
     "num_threads",
     "pack_bits",
+    "policy_defaults",
     "probe_positions",
     "probe_scores",
     "quantize",
@@ -27,6 +33,11 @@ __all__ = [
 ]
 
 __version__: str
+POLICIES: tuple[PolicyName, ...]
+BUFFER_DTYPES: tuple[BufferDtype, ...]
+
+def policy_defaults(policy: PolicyName) -> dict[str, Any]: ...
+def default_buffer_dtype(policy: PolicyName) -> BufferDtype: ...
 
 class KvmixError(ValueError): ...
 class ShapeError(KvmixError): ...
@@ -83,12 +94,22 @@ def unpack_bits(packed: npt.NDArray[np.uint8], bits: int, n: int) -> npt.NDArray
 class LayerStore:
     def __new__(
         cls,
-        policy: str,
+        policy: PolicyName,
         kv_heads: int,
         head_dim: int,
         config: dict[str, Any] | None = None,
-        buffer_dtype: str = "float32",
+        buffer_dtype: BufferDtype | None = None,
     ) -> LayerStore: ...
+    @property
+    def policy(self) -> PolicyName: ...
+    @property
+    def options(self) -> dict[str, Any]: ...
+    @property
+    def scoring(self) -> Scoring: ...
+    @property
+    def evicts(self) -> bool: ...
+    @property
+    def buffer_dtype(self) -> BufferDtype: ...
     @property
     def seen(self) -> int: ...
     @property
@@ -143,7 +164,7 @@ def probe_scores(
     probes: list[int],
     scale: float,
     first_valid: list[int] | None = None,
-    count_mode: str = "exact",
+    count_mode: CountMode = "exact",
     bfloat16: bool = False,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
 def top_k(scores: npt.NDArray[np.float32], k: int) -> list[int]: ...

@@ -1,12 +1,17 @@
-"""kvmix's attention functions for transformers.
+"""kvmix's attention functions for transformers, registered only when asked for.
 
-* ``"kvmix"`` — the fused path: decoding attention runs in Rust directly on the compressed
-  store, and the probabilities it computes anyway feed the importance scores. Enable it with
-  :func:`enable_fused_attention` (or ``from_pretrained(..., attn_implementation="kvmix")``).
-* The portable path: kvmix wraps transformers' ``"sdpa"`` and ``"eager"`` implementations. For
-  keys that do not come from a kvmix cache the wrappers are a plain pass-through; for a kvmix
-  cache they run the original function on the dense dequantized keys/values and compute the
+* :func:`enable_fused_attention` — the fused path (``attn_implementation="kvmix"``): decoding
+  attention runs in Rust directly on the compressed store, and the probabilities it computes
+  anyway feed the importance scores.
+* :func:`enable_portable_scoring` — the portable path: the model keeps its own attention
+  implementation (``"sdpa"``, ``"eager"``, ...) under a kvmix name (``"kvmix_portable_sdpa"``)
+  whose function runs the original on the dense dequantized keys/values and computes the
   importance the cache needs from the same queries.
+
+Importing this module registers nothing: each enable function registers its own kvmix-named
+function (and the mask function transformers needs for it) with transformers' public
+``AttentionInterface``/``AttentionMaskInterface`` and switches the one model it is given to it.
+Other models, and transformers' own ``"sdpa"``/``"eager"``, are left as they were.
 
 Prefill is exact in both paths: attention runs on the prompt's own keys/values; importance
 comes from probe queries (ZipCache) or from every query (MiKV's accumulated attention, H2O); the
@@ -31,8 +36,21 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvmix import _kvmix
 from kvmix.errors import ConfigError
+from kvmix.types import AttentionMode
 
-__all__ = ["enable_fused_attention", "kvmix_attention"]
+__all__ = [
+    "FUSED_ATTENTION",
+    "PORTABLE_PREFIX",
+    "attention_mode",
+    "enable_fused_attention",
+    "enable_portable_scoring",
+    "kvmix_attention",
+]
+
+#: The attention implementation name of the fused path.
+FUSED_ATTENTION = "kvmix"
+#: Prefix of the portable path's names: ``"kvmix_portable_" + <the model's implementation>``.
+PORTABLE_PREFIX = "kvmix_portable_"
 
 T = TypeVar("T")
 
@@ -66,13 +84,13 @@ def _probe_rows(layer: Any, length: int, first_valid: int = 0) -> list[int] | No
     ZipCache's probes are drawn over a sequence's own tokens (after its left padding,
     ``first_valid``) and shifted past the padding, so a left-padded row is probed exactly as
     the same row alone."""
-    opts = layer.options
-    if layer.policy == "zipcache":
+    if layer.scoring == "probes":
+        opts = layer.options
         own = _kvmix.probe_positions(
-            length - first_valid, opts.get("probe_recent", 0.05), opts.get("probe_random", 0.05), 0
+            length - first_valid, opts["probe_recent"], opts["probe_random"], 0
         )
         return [first_valid + p for p in own]
-    if layer.policy in ("mikv", "eviction"):
+    if layer.scoring == "every_query":
         return list(range(length))
     return None
 
@@ -285,6 +303,7 @@ def _score_prefill(
             store.set_key_balancer(np.ascontiguousarray(np.concatenate(parts, axis=0)))
         else:
             store.set_key_balancer(_kvmix.key_balancer(*_as_numpy(query, key)))
+    # Policies scoring every query have no `count_mode`: every row is counted exactly.
     mode = layer.options.get("count_mode", "exact")
     # Sequences with the same left padding share their probe rows; an unpadded batch is one
     # group and runs as before, without gathering.
@@ -355,7 +374,7 @@ def kvmix_attention(
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
     if layer.needs_prefill:
         causal = attention_mask is None and getattr(module, "is_causal", True)
-        if causal and dropout == 0.0 and layer.policy in ("mikv", "eviction"):
+        if causal and dropout == 0.0 and layer.scoring == "every_query":
             # Every row is scored (H2O/MiKV): output and scores from one explicit softmax. A
             # padding (or any other) mask keeps the SDPA path below.
             t0 = time.perf_counter()
@@ -377,8 +396,10 @@ def kvmix_attention(
     return attn, None
 
 
-def _portable(original_name: str, original: Callable[..., Any] | None) -> Callable[..., Any]:
-    """Wrap a standard attention implementation so that kvmix caches get their importance."""
+def _portable(original_name: str) -> Callable[..., Any]:
+    """Wrap the attention implementation ``original_name`` so that kvmix caches get their
+    importance. The original is looked up at every call (a dict lookup), so a later
+    registration of that name is followed, as the model itself would follow it."""
 
     def wrapped(
         module: torch.nn.Module,
@@ -388,7 +409,7 @@ def _portable(original_name: str, original: Callable[..., Any] | None) -> Callab
         attention_mask: torch.Tensor | None,
         **kwargs: Any,
     ) -> Any:
-        fn = original
+        fn = AttentionInterface().get(original_name)
         if fn is None:  # "eager" is per model file
             fn = sys.modules[type(module).__module__].eager_attention_forward
         out = fn(module, query, key, value, attention_mask, **kwargs)
@@ -403,8 +424,7 @@ def _portable(original_name: str, original: Callable[..., Any] | None) -> Callab
         _track_dense(layer, query, scale)
         return out
 
-    wrapped.__name__ = f"kvmix_portable_{original_name}"
-    wrapped._kvmix_wrapped = True  # type: ignore[attr-defined]
+    wrapped.__name__ = f"{PORTABLE_PREFIX}{original_name}"
     return wrapped
 
 
@@ -415,38 +435,79 @@ def _track_dense(layer: Any, query: torch.Tensor, scale: float) -> None:
     one call costs less than the ten small torch ops of recomputing them from the dense keys
     (0.5 ms per layer at 4k tokens, 15% of a SmolLM2 decoding step)."""
     store = layer.store
-    if _probe_rows(layer, 0) is not None:
+    if layer.scoring != "none":
         end, tq = layer.cumulative_length, query.shape[2]
         q = query.detach().float().contiguous().numpy()
         store.attend(q, list(range(end - tq, end)), scale, True)
     store.maybe_classify()
 
 
-def _register() -> None:
-    AttentionInterface.register("kvmix", kvmix_attention)
-    # A custom implementation needs a mask function too, or transformers silently drops the
-    # padding mask (masking_utils: unknown implementations get `None`).
-    AttentionMaskInterface.register("kvmix", sdpa_mask)
-    mapping = AttentionInterface._global_mapping
-    sdpa = mapping.get("sdpa")
-    if sdpa is not None and not getattr(sdpa, "_kvmix_wrapped", False):
-        AttentionInterface.register("sdpa", _portable("sdpa", sdpa))
-    eager = mapping.get("eager")
-    if not getattr(eager, "_kvmix_wrapped", False):
-        AttentionInterface.register("eager", _portable("eager", eager))
+def attention_mode(config: Any) -> AttentionMode | None:
+    """``"fused"`` or ``"portable"`` when a model with ``config`` was enabled for kvmix (see
+    :func:`enable_fused_attention`, :func:`enable_portable_scoring`), else ``None``."""
+    get = getattr(config, "get_text_config", None)
+    text = get(decoder=True) if get is not None else config
+    name = getattr(text, "_attn_implementation", None)
+    if name == FUSED_ATTENTION:
+        return "fused"
+    if isinstance(name, str) and name.startswith(PORTABLE_PREFIX):
+        return "portable"
+    return None
+
+
+def _set_implementation(model: torch.nn.Module, name: str) -> None:
+    set_impl = getattr(model, "set_attn_implementation", None)
+    if set_impl is None:
+        raise TypeError(f"{type(model).__name__} is not a transformers PreTrainedModel")
+    set_impl(name)
 
 
 def enable_fused_attention(model: torch.nn.Module) -> torch.nn.Module:
     """Make ``model`` run kvmix's fused attention (``attn_implementation="kvmix"``).
 
-    With a kvmix cache, decoding attention then runs on the compressed store; with any other
-    cache the function behaves as transformers' sdpa. Returns the model.
+    Registers the ``"kvmix"`` attention function and its mask (sdpa's) with transformers, then
+    switches ``model`` (and only it) to them. With a kvmix cache, decoding attention then runs on
+    the compressed store; with any other cache the function behaves as transformers' sdpa.
+
+    Args:
+        model: a transformers ``PreTrainedModel``.
+
+    Returns:
+        ``model``.
+
+    >>> kvmix.enable_fused_attention(model)                          # doctest: +SKIP
+    >>> model.generate(**inputs, past_key_values=kvmix.ZipCache(model.config))  # doctest: +SKIP
     """
-    set_impl = getattr(model, "set_attn_implementation", None)
-    if set_impl is None:
-        raise TypeError(f"{type(model).__name__} is not a transformers PreTrainedModel")
-    set_impl("kvmix")
+    AttentionInterface.register(FUSED_ATTENTION, kvmix_attention)
+    # A custom implementation needs a mask function too, or transformers silently drops the
+    # padding mask (masking_utils: unknown implementations get `None`).
+    AttentionMaskInterface.register(FUSED_ATTENTION, sdpa_mask)
+    _set_implementation(model, FUSED_ATTENTION)
     return model
 
 
-_register()
+def enable_portable_scoring(model: torch.nn.Module) -> torch.nn.Module:
+    """Keep ``model``'s own attention implementation and add the importance scoring kvmix
+    caches need (the portable path: the cache hands attention dense dequantized keys/values).
+
+    The model's implementation ``X`` (``"sdpa"``, ``"eager"``, ...) is wrapped under the name
+    ``"kvmix_portable_X"``, registered with transformers together with ``X``'s mask function, and
+    ``model`` (only it) is switched to that name. A model on the fused path goes back to sdpa.
+
+    Args:
+        model: a transformers ``PreTrainedModel``.
+
+    Returns:
+        ``model``.
+    """
+    current = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if not isinstance(current, str) or current == FUSED_ATTENTION:
+        current = "sdpa"
+    base = current.removeprefix(PORTABLE_PREFIX)
+    name = PORTABLE_PREFIX + base
+    AttentionInterface.register(name, _portable(base))
+    masks = AttentionMaskInterface()
+    if base in masks:
+        AttentionMaskInterface.register(name, masks[base])
+    _set_implementation(model, name)
+    return model

@@ -9,10 +9,18 @@ Every cache is a :class:`transformers.Cache` made of one :class:`KvmixLayer` per
 A layer appends new keys/values to its Rust :class:`kvmix.LayerStore` and returns either
 
 * the new tokens only, tagged with the layer, when the model runs kvmix's fused attention
-  (``attn_implementation="kvmix"``): attention then reads the compressed store directly and
-  its probabilities update the importance scores (:mod:`kvmix.attention`); or
-* dense dequantized keys/values of every token (the portable path), for any other attention
-  implementation; importance then comes from kvmix's wrapper of that implementation.
+  (:func:`kvmix.enable_fused_attention`): attention then reads the compressed store directly
+  and its probabilities update the importance scores (:mod:`kvmix.attention`); or
+* dense dequantized keys/values of every token (the portable path,
+  :func:`kvmix.enable_portable_scoring`): the model's own attention implementation runs on them
+  and kvmix's wrapper of it computes the importance.
+
+A cache on a model enabled for neither raises :class:`kvmix.ConfigError` at its first update:
+its tiers would otherwise be chosen without any importance scores.
+
+Option defaults are not written here: a constructor argument left at ``None`` takes the
+policy's default from the Rust configuration (:func:`kvmix.policy_defaults`); the docstrings
+state them and a test checks them against that source.
 """
 
 from __future__ import annotations
@@ -26,8 +34,10 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvmix import _kvmix
+from kvmix.attention import FUSED_ATTENTION, attention_mode
 from kvmix.errors import ConfigError, DTypeError
 from kvmix.quant import as_core_array
+from kvmix.types import AttentionMode, BufferDtype, CountMode, PolicyName, Selection
 
 __all__ = [
     "PREFILL_PHASES",
@@ -39,8 +49,6 @@ __all__ = [
     "ZipCache",
     "combine_memory_reports",
 ]
-
-_BUFFER_DTYPES = {"float16", "float32"}
 
 #: What a prefill spends beyond the model's own layers, per :meth:`KvmixCache.prefill_timings`.
 PREFILL_PHASES = ("attention", "scoring", "compression")
@@ -109,11 +117,13 @@ class KvmixLayer(CacheLayerMixin):
     """One decoder layer's cache: a :class:`kvmix.LayerStore` plus what transformers needs.
 
     Args:
-        policy: ``"mikv"``, ``"zipcache"``, ``"uniform"``, ``"eviction"`` or ``"full"``.
-        options: the policy's options (see :class:`kvmix.LayerStore`).
+        policy: one of :data:`kvmix.POLICIES`.
+        options: the policy's options (see :func:`kvmix.policy_defaults`); ``None`` values and
+            missing options take their defaults.
         kv_heads: number of key/value heads.
         head_dim: channels per head.
-        buffer_dtype: storage of the not-yet-classified newest tokens.
+        buffer_dtype: storage of the not-yet-classified newest tokens (``None``: the policy's
+            default, :func:`kvmix.default_buffer_dtype`).
         owner: the :class:`KvmixCache` holding this layer (for its attention mode).
     """
 
@@ -122,21 +132,24 @@ class KvmixLayer(CacheLayerMixin):
 
     def __init__(
         self,
-        policy: str,
-        options: dict[str, Any],
+        policy: PolicyName,
+        options: dict[str, Any] | None,
         kv_heads: int,
         head_dim: int,
-        buffer_dtype: str,
+        buffer_dtype: BufferDtype | None,
         owner: KvmixCache,
     ) -> None:
         super().__init__()
-        self.policy = policy
-        self.options = options
         self.kv_heads = kv_heads
         self.head_dim = head_dim
-        self.buffer_dtype = buffer_dtype
         self.owner = owner
         self.store = _kvmix.LayerStore(policy, kv_heads, head_dim, options, buffer_dtype)
+        # Read once from the store (each read builds a new dict); what the store resolved,
+        # defaults included, so a rebuilt store is the same configuration.
+        self.policy: PolicyName = self.store.policy
+        self.options: dict[str, Any] = self.store.options
+        self.scoring = self.store.scoring
+        self.buffer_dtype: BufferDtype = self.store.buffer_dtype
         self.cumulative_length = 0
         #: Set by an update whose tokens have not been scored and classified yet.
         self.needs_prefill = False
@@ -174,7 +187,7 @@ class KvmixLayer(CacheLayerMixin):
         heads = int(key_states.shape[1])
         if heads == self.kv_heads or not 0 < heads < self.kv_heads:
             return  # more heads than the config has is a shape error the append reports
-        if self.options.get("selection", "layer") == "layer" and self.policy == "zipcache":
+        if self.options.get("selection") == "layer":
             # Checked before anything changes, so the refused call leaves the layer as it was.
             raise ConfigError(
                 f"this layer receives {heads} of the config's {self.kv_heads} kv-heads (tensor "
@@ -192,6 +205,19 @@ class KvmixLayer(CacheLayerMixin):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the new tokens ``(B, H_kv, q_len, D)``; return what attention reads."""
+        mode = self.owner.attention_mode()  # before anything changes
+        if self.needs_prefill:
+            raise ConfigError(
+                "the previous update's tokens were never seen by kvmix's attention function, so "
+                "they were not scored: the model runs an attention implementation kvmix does not "
+                f"know ({self.owner.attention_implementation!r}). Call "
+                "`kvmix.enable_fused_attention(model)` or `kvmix.enable_portable_scoring(model)`."
+            )
+        if mode == "portable" and self.store.evicts:
+            raise ConfigError(
+                "the eviction baseline drops tokens, so its keys/values cannot be returned densely "
+                "to a standard attention implementation; call `kvmix.enable_fused_attention(model)`"
+            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         k, bf16 = as_core_array(key_states, "key_states")
@@ -204,15 +230,10 @@ class KvmixLayer(CacheLayerMixin):
             self.prefill_seconds["compression"] = time.perf_counter() - t0
         self.cumulative_length += key_states.shape[-2]
         self.needs_prefill = first
-        if self.owner.fused:
+        if mode == "fused":
             # The fused attention reads the store; it finds this layer through the tag.
             key_states._kvmix_layer = self  # type: ignore[attr-defined]
             return key_states, value_states
-        if self.policy == "eviction":
-            raise ConfigError(
-                "the eviction baseline drops tokens, so its keys/values cannot be returned densely "
-                "to a standard attention implementation; call `kvmix.enable_fused_attention(model)`"
-            )
         if first:
             # Prefill: attention runs on the exact prompt; scoring and compression follow.
             key_states._kvmix_layer = self  # type: ignore[attr-defined]
@@ -302,39 +323,63 @@ class KvmixCache(Cache):
 
     Args:
         config: the model's config (or its text config); only full-attention layers are accepted.
-        policy: the store policy (see :class:`kvmix.LayerStore`).
-        options: the policy's options; invalid values raise :class:`kvmix.ConfigError` here.
-        buffer_dtype: storage of the newest, not yet classified tokens: ``"float16"`` (default;
-            the papers' full precision) or ``"float32"``.
+        policy: one of :data:`kvmix.POLICIES`.
+        options: the policy's options (:func:`kvmix.policy_defaults` lists them with their
+            defaults); unknown or mistyped ones raise :class:`kvmix.ConfigError` here.
+        buffer_dtype: storage of the newest, not yet classified tokens: ``"float16"``,
+            ``"bfloat16"`` or ``"float32"``. Default (``None``): ``"float16"`` (the papers'
+            full precision) for every compressed policy, ``"float32"`` for ``"full"``
+            (:func:`kvmix.default_buffer_dtype`).
     """
 
     def __init__(
         self,
         config: Any,
-        policy: str,
+        policy: PolicyName,
         options: dict[str, Any] | None = None,
         *,
-        buffer_dtype: str = "float16",
+        buffer_dtype: BufferDtype | None = None,
     ) -> None:
-        if buffer_dtype not in _BUFFER_DTYPES:
-            raise ConfigError(
-                f"`buffer_dtype` must be one of {sorted(_BUFFER_DTYPES)}, got {buffer_dtype!r}"
-            )
         n_layers = _full_attention_layers(config)
         self.num_query_heads, kv_heads, head_dim = _head_dims(config)
         self.config = config
-        self.policy = policy
-        self.options = {k: v for k, v in (options or {}).items() if v is not None}
         layers = [
-            KvmixLayer(policy, self.options, kv_heads, head_dim, buffer_dtype, self)
+            KvmixLayer(policy, options, kv_heads, head_dim, buffer_dtype, self)
             for _ in range(n_layers)
         ]
+        #: The policy, its options with every default filled in, and the buffer dtype.
+        self.policy: PolicyName = layers[0].policy
+        self.options: dict[str, Any] = dict(layers[0].options)
+        self.buffer_dtype: BufferDtype = layers[0].buffer_dtype
         super().__init__(layers=layers)
 
     @property
+    def attention_implementation(self) -> str | None:
+        """The attention implementation the model with this cache's config runs."""
+        name = getattr(_text_config(self.config), "_attn_implementation", None)
+        return name if isinstance(name, str) else None
+
+    def attention_mode(self) -> AttentionMode:
+        """``"fused"`` or ``"portable"``: how the model was enabled for kvmix.
+
+        Raises:
+            ConfigError: the model was not enabled (its attention would not score the tokens).
+        """
+        mode = attention_mode(self.config)
+        if mode is None:
+            raise ConfigError(
+                f"this {type(self).__name__} is used by a model whose attention implementation "
+                f"({self.attention_implementation!r}) does not score tokens for kvmix, so its "
+                "tiers would be chosen blindly. Call `kvmix.enable_fused_attention(model)` (fast "
+                "decoding on the compressed cache) or `kvmix.enable_portable_scoring(model)` "
+                "(the model's own attention on dequantized keys/values) first."
+            )
+        return mode
+
+    @property
     def fused(self) -> bool:
-        """Whether the model runs kvmix's fused attention (``attn_implementation="kvmix"``)."""
-        return getattr(_text_config(self.config), "_attn_implementation", None) == "kvmix"
+        """Whether the model runs kvmix's fused attention (:func:`kvmix.enable_fused_attention`)."""
+        return self.attention_implementation == FUSED_ATTENTION
 
     def memory_report(self) -> dict[str, Any]:
         """Bytes held now, read from the stores' buffers.
@@ -387,31 +432,46 @@ class KvmixCache(Cache):
         return total
 
 
+def _options(**options: Any) -> dict[str, Any]:
+    """The options given (``None``: the policy's default, resolved by the store)."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
 class ZipCache(KvmixCache):
     """ZipCache (He et al., 2024): salient tokens by normalized attention from probe queries at
     ``high_bits``, the others at ``low_bits``; keys per-channel, values channel-separable tokenwise.
 
+    Every option left at ``None`` takes the default stated here, which is
+    ``kvmix.policy_defaults("zipcache")``.
+
     Args:
         config: the model config.
         salient_ratio: fraction of tokens kept at high precision (paper tables: 0.4; demo: 0.6).
-        high_bits / low_bits: code widths of the two tiers (4 and 2).
-        low_key_bits: code width of the regular tokens' keys, if not ``low_bits`` (``None``, the
+            Default ``0.4``.
+        high_bits: code width of the salient tokens (2, 3, 4 or 8). Default ``4``.
+        low_bits: code width of the regular tokens (1 to 4). Default ``2``.
+        low_key_bits: code width of the regular tokens' keys, if not ``low_bits`` (``None``: the
             paper); values stay at ``low_bits``. 3-bit keys at 20% salient hold the preset's
             bytes and are the closest to the full cache measured at ~5x (README's results).
-        probe_recent / probe_random: fractions of prompt positions used as probe queries.
+            Default ``None``.
+        probe_recent: fraction of prompt positions, the most recent, used as probe queries.
+            Default ``0.05``.
+        probe_random: fraction of prompt positions, uniformly random, used as probe queries.
+            Default ``0.05``.
         count_mode: ``"exact"`` (probe rows that see the token) or ``"full_matrix"`` (``L - j``,
-            the paper's code).
+            the paper's code). Default ``'exact'``.
         normalized: rank by normalized attention (the paper); ``False`` ranks by plain
-            accumulated attention (an ablation).
+            accumulated attention (an ablation). Default ``True``.
         channel_separable: channel-separable tokenwise values (the paper); ``False`` quantizes
-            values plainly per token (an ablation).
+            values plainly per token (an ablation). Default ``True``.
         selection: which streams share one salient set. ``"layer"``: all kv-heads of a layer,
             per sequence, ranked by their summed scores (the paper's formula is for one attention
             matrix and does not say per head). ``"kv_head"``: each (sequence, kv-head) its own
             set, its query heads summed (the public code), which loses passkeys on SmolLM2-135M:
             the probes see a key's later digits only in some heads, and 2-bit keys in the others
-            break the copy.
+            break the copy. Default ``'layer'``.
         streaming_gap: decoding steps buffered in full precision before being classified.
+            Default ``100``.
         buffer_dtype: see :class:`KvmixCache`.
     """
 
@@ -419,51 +479,55 @@ class ZipCache(KvmixCache):
         self,
         config: Any,
         *,
-        salient_ratio: float = 0.4,
-        high_bits: int = 4,
-        low_bits: int = 2,
+        salient_ratio: float | None = None,
+        high_bits: int | None = None,
+        low_bits: int | None = None,
         low_key_bits: int | None = None,
-        probe_recent: float = 0.05,
-        probe_random: float = 0.05,
-        count_mode: str = "exact",
-        normalized: bool = True,
-        channel_separable: bool = True,
-        selection: str = "layer",
-        streaming_gap: int = 100,
-        buffer_dtype: str = "float16",
+        probe_recent: float | None = None,
+        probe_random: float | None = None,
+        count_mode: CountMode | None = None,
+        normalized: bool | None = None,
+        channel_separable: bool | None = None,
+        selection: Selection | None = None,
+        streaming_gap: int | None = None,
+        buffer_dtype: BufferDtype | None = None,
     ) -> None:
-        super().__init__(
-            config,
-            "zipcache",
-            {
-                "salient_ratio": salient_ratio,
-                "high_bits": high_bits,
-                "low_bits": low_bits,
-                "low_key_bits": low_key_bits,
-                "probe_recent": probe_recent,
-                "probe_random": probe_random,
-                "count_mode": count_mode,
-                "normalized": normalized,
-                "channel_separable": channel_separable,
-                "selection": selection,
-                "streaming_gap": streaming_gap,
-            },
-            buffer_dtype=buffer_dtype,
+        options = _options(
+            salient_ratio=salient_ratio,
+            high_bits=high_bits,
+            low_bits=low_bits,
+            low_key_bits=low_key_bits,
+            probe_recent=probe_recent,
+            probe_random=probe_random,
+            count_mode=count_mode,
+            normalized=normalized,
+            channel_separable=channel_separable,
+            selection=selection,
+            streaming_gap=streaming_gap,
         )
+        super().__init__(config, "zipcache", options, buffer_dtype=buffer_dtype)
 
 
 class MiKVCache(KvmixCache):
     """MiKV (Yang et al., 2024): heavy hitters + recent tokens at high precision, every other token
     at ``low_bits`` instead of evicted; outlier-aware keys through a per-channel balancer.
 
+    Every option left at ``None`` takes the default stated here, which is
+    ``kvmix.policy_defaults("mikv")``.
+
     Args:
         config: the model config.
-        ratio: fraction of tokens kept at high precision (0.2), half heavy hitters, half recent.
-        high_bits: ``None`` for fp16, or 8 / 4 for int8 / int4 per-token groups.
-        low_bits: code width of the other tokens (2; 3 and 4 also).
-        group_size: per-token group size (default ``head_dim // 2``).
-        key_balancer: the outlier-aware key balancer from the prompt's queries.
+        ratio: fraction of tokens kept at high precision, half heavy hitters, half recent.
+            Default ``0.2``.
+        high_bits: ``None`` for fp16, or 8 / 4 for int8 / int4 per-token groups. Default ``None``.
+        low_bits: code width of the other tokens (1, 2, 3, 4 or 8). Default ``2``.
+        group_size: per-token group size (``None``: ``head_dim // 2``, half a head, so RoPE's
+            rotate-half pairs stay in separate groups). Default ``None``.
+        key_balancer: the outlier-aware key balancer from the prompt's queries. Default ``True``.
+        recent_share: share of the high-precision budget reserved for the most recent tokens.
+            Default ``0.5``.
         streaming_gap: steps between trims of the important set (1 = every step, as H2O).
+            Default ``1``.
         buffer_dtype: see :class:`KvmixCache`.
     """
 
@@ -471,29 +535,25 @@ class MiKVCache(KvmixCache):
         self,
         config: Any,
         *,
-        ratio: float = 0.2,
+        ratio: float | None = None,
         high_bits: int | None = None,
-        low_bits: int = 2,
+        low_bits: int | None = None,
         group_size: int | None = None,
-        key_balancer: bool = True,
-        recent_share: float = 0.5,
-        streaming_gap: int = 1,
-        buffer_dtype: str = "float16",
+        key_balancer: bool | None = None,
+        recent_share: float | None = None,
+        streaming_gap: int | None = None,
+        buffer_dtype: BufferDtype | None = None,
     ) -> None:
-        super().__init__(
-            config,
-            "mikv",
-            {
-                "ratio": ratio,
-                "high_bits": high_bits,
-                "low_bits": low_bits,
-                "group_size": group_size,
-                "key_balancer": key_balancer,
-                "recent_share": recent_share,
-                "streaming_gap": streaming_gap,
-            },
-            buffer_dtype=buffer_dtype,
+        options = _options(
+            ratio=ratio,
+            high_bits=high_bits,
+            low_bits=low_bits,
+            group_size=group_size,
+            key_balancer=key_balancer,
+            recent_share=recent_share,
+            streaming_gap=streaming_gap,
         )
+        super().__init__(config, "mikv", options, buffer_dtype=buffer_dtype)
 
 
 class QuantizedKVCache(KvmixCache):
@@ -501,11 +561,15 @@ class QuantizedKVCache(KvmixCache):
     keys per-channel over blocks of ``residual`` tokens, values per-token groups, the newest
     ``< residual`` tokens in full precision. Each token is quantized once (no re-quantization).
 
+    Every option left at ``None`` takes the default stated here, which is
+    ``kvmix.policy_defaults("uniform")``.
+
     Args:
         config: the model config.
-        bits: 2, 4 or 8.
-        residual: full-precision window / key block length (128).
-        group_size: value group size (default ``min(64, head_dim)``).
+        bits: 2, 4 or 8. Default ``2``.
+        residual: full-precision window / key block length. Default ``128``.
+        group_size: value group size (``None``: the largest divisor of ``head_dim`` up to 64:
+            64 for head_dim 64/128/256, 40 for 80, 48 for 96). Default ``None``.
         buffer_dtype: see :class:`KvmixCache`.
     """
 
@@ -513,28 +577,27 @@ class QuantizedKVCache(KvmixCache):
         self,
         config: Any,
         *,
-        bits: int = 2,
-        residual: int = 128,
+        bits: int | None = None,
+        residual: int | None = None,
         group_size: int | None = None,
-        buffer_dtype: str = "float16",
+        buffer_dtype: BufferDtype | None = None,
     ) -> None:
-        super().__init__(
-            config,
-            "uniform",
-            {"bits": bits, "residual": residual, "group_size": group_size},
-            buffer_dtype=buffer_dtype,
-        )
+        options = _options(bits=bits, residual=residual, group_size=group_size)
+        super().__init__(config, "uniform", options, buffer_dtype=buffer_dtype)
 
 
 class EvictionCache(KvmixCache):
     """H2O-style eviction (the baseline MiKV argues against): keep heavy hitters + recent tokens
     within ``budget`` of the tokens seen, drop the rest. Needs the fused attention.
 
+    Every option left at ``None`` takes the default stated here, which is
+    ``kvmix.policy_defaults("eviction")``.
+
     Args:
         config: the model config.
-        budget: fraction of the tokens seen that is kept (0.2).
-        recent_share: share of the budget reserved for the most recent tokens (0.5).
-        streaming_gap: steps between evictions (1).
+        budget: fraction of the tokens seen that is kept. Default ``0.2``.
+        recent_share: share of the budget reserved for the most recent tokens. Default ``0.5``.
+        streaming_gap: steps between evictions. Default ``1``.
         buffer_dtype: see :class:`KvmixCache`.
     """
 
@@ -542,22 +605,24 @@ class EvictionCache(KvmixCache):
         self,
         config: Any,
         *,
-        budget: float = 0.2,
-        recent_share: float = 0.5,
-        streaming_gap: int = 1,
-        buffer_dtype: str = "float16",
+        budget: float | None = None,
+        recent_share: float | None = None,
+        streaming_gap: int | None = None,
+        buffer_dtype: BufferDtype | None = None,
     ) -> None:
-        super().__init__(
-            config,
-            "eviction",
-            {"budget": budget, "recent_share": recent_share, "streaming_gap": streaming_gap},
-            buffer_dtype=buffer_dtype,
-        )
+        options = _options(budget=budget, recent_share=recent_share, streaming_gap=streaming_gap)
+        super().__init__(config, "eviction", options, buffer_dtype=buffer_dtype)
 
 
 class FullPrecisionCache(KvmixCache):
     """Every token kept in the buffer at ``buffer_dtype`` (the identity configuration): for
-    checking that the integration changes nothing."""
+    checking that the integration changes nothing. The policy has no options.
 
-    def __init__(self, config: Any, *, buffer_dtype: str = "float32") -> None:
+    Args:
+        config: the model config.
+        buffer_dtype: see :class:`KvmixCache`; for this policy the default is ``"float32"``
+            (:func:`kvmix.default_buffer_dtype`), so an fp32 model's outputs are unchanged.
+    """
+
+    def __init__(self, config: Any, *, buffer_dtype: BufferDtype | None = None) -> None:
         super().__init__(config, "full", None, buffer_dtype=buffer_dtype)

@@ -4,6 +4,7 @@
 
 mod arrays;
 mod errors;
+mod policy;
 mod quant;
 mod store;
 
@@ -13,6 +14,7 @@ use pyo3::prelude::*;
 fn _kvmix(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     quant::register(m)?;
+    policy::register(m)?;
     store::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;

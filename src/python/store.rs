@@ -3,12 +3,10 @@
 
 use super::arrays::{to_numpy, FloatArray, FloatSlice};
 use super::errors::detached;
+use super::policy;
 use crate::error::KvmixError;
-use crate::importance::{self, CountMode};
-use crate::store::{
-    DenseDtype, EvictionConfig, LayerStore, MemoryReport, MikvConfig, Policy, Selection, TierBytes,
-    UniformConfig, ZipCacheConfig,
-};
+use crate::importance;
+use crate::store::{DenseDtype, LayerStore, MemoryReport, TierBytes};
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -20,145 +18,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(probe_scores, m)?)?;
     m.add_function(wrap_pyfunction!(top_k, m)?)?;
     Ok(())
-}
-
-/// Read the keys of `config` into `set`, refusing unknown ones with the list of valid keys.
-fn read_config(
-    config: Option<&Bound<'_, PyDict>>,
-    policy: &str,
-    valid: &[&str],
-    mut set: impl FnMut(&str, &Bound<'_, PyAny>) -> PyResult<()>,
-) -> PyResult<()> {
-    let Some(config) = config else { return Ok(()) };
-    for (k, v) in config.iter() {
-        let key: String = k.extract()?;
-        if !valid.contains(&key.as_str()) {
-            return Err(KvmixError::Config(format!(
-                "unknown option `{key}` for policy '{policy}'; valid options: {}",
-                valid.join(", ")
-            ))
-            .into());
-        }
-        if !v.is_none() {
-            // A wrongly typed value (a string for a ratio, -1 for bits) is named with its
-            // option, not left as PyO3's bare TypeError / OverflowError.
-            set(&key, &v).map_err(|e| {
-                if e.is_instance_of::<super::errors::KvmixError>(v.py()) {
-                    return e;
-                }
-                KvmixError::Config(format!(
-                    "option `{key}` for policy '{policy}' has an invalid value {}: {}",
-                    v.repr().map(|r| r.to_string()).unwrap_or_default(),
-                    e.value(v.py())
-                ))
-                .into()
-            })?;
-        }
-    }
-    Ok(())
-}
-
-fn count_mode(name: &str) -> PyResult<CountMode> {
-    match name {
-        "exact" => Ok(CountMode::Exact),
-        "full_matrix" => Ok(CountMode::FullMatrix),
-        _ => Err(KvmixError::Config(format!(
-            "`count_mode` must be 'exact' or 'full_matrix', got {name:?}"
-        ))
-        .into()),
-    }
-}
-
-fn selection(name: &str) -> PyResult<Selection> {
-    match name {
-        "layer" => Ok(Selection::Layer),
-        "kv_head" => Ok(Selection::KvHead),
-        _ => Err(KvmixError::Config(format!(
-            "`selection` must be 'layer' or 'kv_head', got {name:?}"
-        ))
-        .into()),
-    }
-}
-
-fn parse_policy(name: &str, config: Option<&Bound<'_, PyDict>>) -> PyResult<Policy> {
-    Ok(match name {
-        "full" => {
-            read_config(config, name, &[], |_, _| Ok(()))?;
-            Policy::Full
-        }
-        "mikv" => {
-            let mut c = MikvConfig::default();
-            let keys = ["ratio", "recent_share", "high_bits", "low_bits", "group_size", "key_balancer", "streaming_gap"];
-            read_config(config, name, &keys, |k, v| {
-                match k {
-                    "ratio" => c.ratio = v.extract()?,
-                    "recent_share" => c.recent_share = v.extract()?,
-                    "high_bits" => c.high_bits = Some(v.extract()?),
-                    "low_bits" => c.low_bits = v.extract()?,
-                    "group_size" => c.group_size = Some(v.extract()?),
-                    "key_balancer" => c.key_balancer = v.extract()?,
-                    _ => c.streaming_gap = v.extract()?,
-                }
-                Ok(())
-            })?;
-            Policy::Mikv(c)
-        }
-        "zipcache" => {
-            let mut c = ZipCacheConfig::default();
-            let keys = [
-                "salient_ratio", "high_bits", "low_bits", "low_key_bits", "probe_recent",
-                "probe_random", "count_mode", "normalized", "channel_separable", "selection",
-                "streaming_gap",
-            ];
-            read_config(config, name, &keys, |k, v| {
-                match k {
-                    "salient_ratio" => c.salient_ratio = v.extract()?,
-                    "high_bits" => c.high_bits = v.extract()?,
-                    "low_bits" => c.low_bits = v.extract()?,
-                    "low_key_bits" => c.low_key_bits = v.extract()?,
-                    "probe_recent" => c.probe_recent = v.extract()?,
-                    "probe_random" => c.probe_random = v.extract()?,
-                    "count_mode" => c.count_mode = count_mode(&v.extract::<String>()?)?,
-                    "normalized" => c.normalized = v.extract()?,
-                    "channel_separable" => c.channel_separable = v.extract()?,
-                    "selection" => c.selection = selection(&v.extract::<String>()?)?,
-                    _ => c.streaming_gap = v.extract()?,
-                }
-                Ok(())
-            })?;
-            Policy::ZipCache(c)
-        }
-        "uniform" => {
-            let mut c = UniformConfig::default();
-            read_config(config, name, &["bits", "residual", "group_size"], |k, v| {
-                match k {
-                    "bits" => c.bits = v.extract()?,
-                    "residual" => c.residual = v.extract()?,
-                    _ => c.group_size = Some(v.extract()?),
-                }
-                Ok(())
-            })?;
-            Policy::Uniform(c)
-        }
-        "eviction" => {
-            let mut c = EvictionConfig::default();
-            read_config(config, name, &["budget", "recent_share", "streaming_gap"], |k, v| {
-                match k {
-                    "budget" => c.budget = v.extract()?,
-                    "recent_share" => c.recent_share = v.extract()?,
-                    _ => c.streaming_gap = v.extract()?,
-                }
-                Ok(())
-            })?;
-            Policy::Eviction(c)
-        }
-        _ => {
-            return Err(KvmixError::Config(format!(
-                "`policy` must be one of 'full', 'mikv', 'zipcache', 'uniform', 'eviction', got {name:?}"
-            ))
-            .into())
-        }
-    })
 }
 
 /// The mixed-precision KV store of one attention layer (see `kvmix.store`).
@@ -226,19 +85,57 @@ pub fn memory_dict<'py>(py: Python<'py>, m: &MemoryReport) -> PyResult<Bound<'py
 #[pymethods]
 impl PyLayerStore {
     #[new]
-    #[pyo3(signature = (policy, kv_heads, head_dim, config = None, buffer_dtype = "float32"))]
+    /// `buffer_dtype=None`: the policy's default (`kvmix.default_buffer_dtype`).
+    #[pyo3(signature = (policy, kv_heads, head_dim, config = None, buffer_dtype = None))]
     fn new(
         policy: &str,
         kv_heads: usize,
         head_dim: usize,
         config: Option<&Bound<'_, PyDict>>,
-        buffer_dtype: &str,
+        buffer_dtype: Option<&str>,
     ) -> PyResult<Self> {
-        let policy = parse_policy(policy, config)?;
-        let inner = LayerStore::new(policy, kv_heads, head_dim, DenseDtype::parse(buffer_dtype)?)?;
+        let policy = policy::parse(policy, config)?;
+        let buffer = match buffer_dtype {
+            Some(name) => DenseDtype::parse(name)?,
+            None => policy.default_buffer(),
+        };
+        let inner = LayerStore::new(policy, kv_heads, head_dim, buffer)?;
         Ok(PyLayerStore {
             inner: Mutex::new(inner),
         })
+    }
+
+    /// The policy's name.
+    #[getter]
+    fn policy(&self) -> PyResult<&'static str> {
+        Ok(self.lock()?.policy.name())
+    }
+
+    /// Every option of the policy, defaults filled in (`LayerStore(policy, h, d, options)`
+    /// builds the same store).
+    #[getter]
+    fn options<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let policy = self.lock()?.policy;
+        policy::options_dict(py, &policy)
+    }
+
+    /// Which queries' attention the store needs as importance: `"none"`, `"every_query"`
+    /// (H2O accumulation) or `"probes"` (ZipCache's probe queries at prefill).
+    #[getter]
+    fn scoring(&self) -> PyResult<&'static str> {
+        Ok(self.lock()?.policy.scoring().name())
+    }
+
+    /// Whether the policy drops tokens (then no dense copy of every token exists).
+    #[getter]
+    fn evicts(&self) -> PyResult<bool> {
+        Ok(self.lock()?.policy.evicts())
+    }
+
+    /// Storage of the not-yet-classified tokens: `"float16"`, `"bfloat16"` or `"float32"`.
+    #[getter]
+    fn buffer_dtype(&self) -> PyResult<&'static str> {
+        Ok(self.lock()?.layout.buffer.name())
     }
 
     /// Tokens seen (positions assigned so far).
@@ -576,7 +473,7 @@ fn probe_scores<'py>(
     count_mode: &str,
     bfloat16: bool,
 ) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
-    let mode = self::count_mode(count_mode)?;
+    let mode = policy::count_mode(count_mode)?;
     let q = FloatArray::extract(q, "q", bfloat16)?;
     let k = FloatArray::extract(k, "k", bfloat16)?;
     let (qd, kd) = (q.shape(), k.shape());

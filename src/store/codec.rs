@@ -29,13 +29,24 @@ impl DenseDtype {
         }
     }
 
+    /// Every dtype's name, as [`Self::parse`] reads it and [`Self::name`] writes it.
+    pub const NAMES: [&'static str; 3] = ["float16", "bfloat16", "float32"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DenseDtype::F16 => "float16",
+            DenseDtype::BF16 => "bfloat16",
+            DenseDtype::F32 => "float32",
+        }
+    }
+
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "float16" => Ok(DenseDtype::F16),
             "bfloat16" => Ok(DenseDtype::BF16),
             "float32" => Ok(DenseDtype::F32),
             _ => Err(KvmixError::Config(format!(
-                "dense dtype must be 'float16', 'bfloat16' or 'float32', got {name:?}"
+                "`buffer_dtype` must be 'float16', 'bfloat16' or 'float32', got {name:?}"
             ))),
         }
     }

@@ -129,6 +129,28 @@ impl Default for EvictionConfig {
     }
 }
 
+/// Which query rows' attention decides a token's importance (what the attention functions
+/// must compute for the store, read from the policy instead of compared names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scoring {
+    /// No importance: tiers follow from positions alone (full, uniform).
+    None,
+    /// H2O accumulation: every query row's attention (MiKV, eviction).
+    EveryQuery,
+    /// ZipCache's probe queries at prefill (`probe_recent`, `probe_random`, `count_mode`).
+    Probes,
+}
+
+impl Scoring {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scoring::None => "none",
+            Scoring::EveryQuery => "every_query",
+            Scoring::Probes => "probes",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Policy {
     /// Everything kept in full precision (the identity configuration, for testing).
@@ -227,6 +249,59 @@ fn check_gap(gap: usize) -> Result<()> {
 }
 
 impl Policy {
+    /// Every policy's name, as [`Self::name`] writes it.
+    pub const NAMES: [&'static str; 5] = ["full", "uniform", "mikv", "zipcache", "eviction"];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Policy::Full => "full",
+            Policy::Uniform(_) => "uniform",
+            Policy::Mikv(_) => "mikv",
+            Policy::ZipCache(_) => "zipcache",
+            Policy::Eviction(_) => "eviction",
+        }
+    }
+
+    /// The policy `name` with every option at its default.
+    pub fn default_of(name: &str) -> Result<Policy> {
+        Ok(match name {
+            "full" => Policy::Full,
+            "uniform" => Policy::Uniform(UniformConfig::default()),
+            "mikv" => Policy::Mikv(MikvConfig::default()),
+            "zipcache" => Policy::ZipCache(ZipCacheConfig::default()),
+            "eviction" => Policy::Eviction(EvictionConfig::default()),
+            _ => {
+                return Err(KvmixError::Config(format!(
+                    "`policy` must be one of {}, got {name:?}",
+                    Self::NAMES.map(|n| format!("'{n}'")).join(", ")
+                )))
+            }
+        })
+    }
+
+    pub fn scoring(&self) -> Scoring {
+        match self {
+            Policy::Full | Policy::Uniform(_) => Scoring::None,
+            Policy::Mikv(_) | Policy::Eviction(_) => Scoring::EveryQuery,
+            Policy::ZipCache(_) => Scoring::Probes,
+        }
+    }
+
+    /// Whether tokens are dropped (so the cache cannot hand every token back densely).
+    pub fn evicts(&self) -> bool {
+        matches!(self, Policy::Eviction(_))
+    }
+
+    /// The buffer dtype when none is given: float16 (the papers' full precision) for every
+    /// compressed policy; float32 for `full`, the identity configuration, so that it matches
+    /// an fp32 model's own cache exactly.
+    pub fn default_buffer(&self) -> DenseDtype {
+        match self {
+            Policy::Full => DenseDtype::F32,
+            _ => DenseDtype::F16,
+        }
+    }
+
     /// Validate the configuration and derive the tier codecs for `head_dim`.
     pub fn layout(&self, head_dim: usize, buffer: DenseDtype) -> Result<Layout> {
         let full = Codec::Dense(buffer);

@@ -78,7 +78,7 @@ def kv_chunks(
 
 def build_store(batch: int, length: int) -> kvmix.LayerStore:
     """The ZipCache store of the benchmark cache, classified once (as after a prefill)."""
-    store = kvmix.LayerStore("zipcache", KV_HEADS, HEAD_DIM, ZIPCACHE_PRESET)
+    store = kvmix.LayerStore("zipcache", KV_HEADS, HEAD_DIM, ZIPCACHE_PRESET, "float32")
     for start, keys, values, scores in kv_chunks(batch, length):
         store.append(keys.numpy(), values.numpy())
         acc = scores.numpy()

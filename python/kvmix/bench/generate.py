@@ -127,13 +127,23 @@ def cache_ratio(cache: Any) -> float | None:
     return None
 
 
+def _use(model: Any, implementation: str) -> None:
+    """``"kvmix"``: the fused attention; ``"sdpa"``: sdpa with kvmix's portable scoring (both
+    run other caches as plain sdpa)."""
+    if implementation == "kvmix":
+        kvmix.enable_fused_attention(model)
+    else:
+        model.set_attn_implementation(implementation)
+        kvmix.enable_portable_scoring(model)
+
+
 def measure(
     model: Any, ids: torch.Tensor, methods: list[str], rounds: int, chunks: int, steps: int
 ) -> dict[str, dict[str, Any]]:
     """Interleaved prefill rounds of every method on one prompt, then interleaved decode chunks
     of ``steps`` tokens on each method's last prefilled cache; medians and same-run ratios."""
     for m in methods:  # warm up on a short prompt (quanto's extension, first-call paths)
-        model.set_attn_implementation(METHODS[m][1])
+        _use(model, METHODS[m][1])
         cache = METHODS[m][2](model.config)
         decode(model, prefill(model, ids[:, :256], cache)[1], cache, 2)
     prefills: dict[str, list[float]] = {m: [] for m in methods}
@@ -141,7 +151,7 @@ def measure(
     state: dict[str, tuple[Any, torch.Tensor, list[int]]] = {}
     for _ in range(rounds):
         for m in methods:
-            model.set_attn_implementation(METHODS[m][1])
+            _use(model, METHODS[m][1])
             cache = METHODS[m][2](model.config)
             seconds, token = prefill(model, ids, cache)
             prefills[m].append(seconds)
@@ -153,12 +163,12 @@ def measure(
     speeds: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(chunks):
         for m in methods:
-            model.set_attn_implementation(METHODS[m][1])
+            _use(model, METHODS[m][1])
             cache, token, tokens = state[m]
             seconds, new = decode(model, token, cache, steps)
             speeds[m].append(steps / seconds)
             state[m] = (cache, torch.tensor([[new[-1]]]), tokens + new)
-    model.set_attn_implementation("kvmix")
+    _use(model, "kvmix")
     results: dict[str, dict[str, Any]] = {}
     for m in methods:
         cache, _, tokens = state[m]

@@ -28,7 +28,7 @@ __all__ = ["LayerCall", "PrefillStates", "capture_prefill", "replay_prefill"]
 
 _CAPTURE = "kvmix_eval_capture"
 #: Implementations whose masks are built by `sdpa_mask`, like the recorded ones.
-_SDPA_MASKED = frozenset({"kvmix", "sdpa"})
+_SDPA_MASKED = frozenset({"kvmix", "sdpa", "kvmix_portable_sdpa"})
 
 
 @dataclass
@@ -92,16 +92,15 @@ def _capture_attention(
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-AttentionInterface.register(_CAPTURE, _capture_attention)
-AttentionMaskInterface.register(_CAPTURE, sdpa_mask)
-
-
 def capture_prefill(model: Any, input_ids: torch.Tensor) -> PrefillStates:
     """Run ``input_ids`` through ``model`` (exact sdpa attention, no cache) and record every
     attention layer's inputs and the logits of every position."""
     config = model.config
     previous = config._attn_implementation
     states = PrefillStates()
+    # Registered here, not at import: importing kvmix changes nothing in transformers.
+    AttentionInterface.register(_CAPTURE, _capture_attention)
+    AttentionMaskInterface.register(_CAPTURE, sdpa_mask)
     _recording.append(states)
     try:
         model.set_attn_implementation(_CAPTURE)

@@ -1,0 +1,23 @@
+"""The string choices of kvmix's API as ``Literal`` types, for type checkers.
+
+The values are defined by the Rust core (``kvmix.POLICIES``, ``kvmix.BUFFER_DTYPES``, the
+options of :func:`kvmix.policy_defaults`); ``tests/test_policy.py`` checks that these types
+list exactly those values.
+"""
+
+from typing import Literal
+
+__all__ = ["AttentionMode", "BufferDtype", "CountMode", "PolicyName", "Scoring", "Selection"]
+
+#: A store policy (``kvmix.POLICIES``).
+PolicyName = Literal["full", "uniform", "mikv", "zipcache", "eviction"]
+#: Storage of the not-yet-classified tokens (``kvmix.BUFFER_DTYPES``).
+BufferDtype = Literal["float16", "bfloat16", "float32"]
+#: ZipCache's ``count_mode``.
+CountMode = Literal["exact", "full_matrix"]
+#: ZipCache's ``selection``.
+Selection = Literal["layer", "kv_head"]
+#: Which queries' attention a policy scores tokens with (``LayerStore.scoring``).
+Scoring = Literal["none", "every_query", "probes"]
+#: How a model was enabled for kvmix (``KvmixCache.attention_mode``).
+AttentionMode = Literal["fused", "portable"]

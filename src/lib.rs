@@ -8,6 +8,7 @@ pub mod attention;
 pub mod element;
 pub mod error;
 pub mod importance;
+pub mod isa;
 pub mod parallel;
 pub mod quant;
 pub mod store;

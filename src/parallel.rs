@@ -54,9 +54,7 @@ pub fn run<R: Send>(elements: usize, f: impl FnOnce(bool) -> R + Send) -> R {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub fn has_avx2() -> bool {
-    std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-        && std::arch::is_x86_feature_detected!("f16c")
+    crate::isa::cpu().avx2
 }
 
 /// Run `f` compiled for AVX2+FMA+F16C when the CPU has them (one binary, portable and fast).

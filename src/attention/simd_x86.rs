@@ -9,10 +9,7 @@ pub struct Avx2(());
 
 impl Avx2 {
     pub fn detect() -> Option<Avx2> {
-        let ok = std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c");
-        ok.then_some(Avx2(()))
+        crate::isa::cpu().avx2.then_some(Avx2(()))
     }
 }
 

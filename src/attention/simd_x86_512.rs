@@ -32,11 +32,7 @@ pub struct Avx512 {
 impl Avx512 {
     pub fn detect() -> Option<Avx512> {
         let avx2 = Avx2::detect()?;
-        let ok = std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512vbmi");
-        ok.then_some(Avx512 { avx2 })
+        crate::isa::cpu().avx512_vbmi.then_some(Avx512 { avx2 })
     }
 }
 

@@ -119,16 +119,14 @@ pub(crate) enum Isa {
 impl Isa {
     /// The best instruction set this CPU supports.
     pub(crate) fn detect() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if crate::parallel::has_avx2() {
-                let avx512 = std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512bw")
-                    && std::arch::is_x86_feature_detected!("avx512vl");
-                return if avx512 { Isa::Avx512 } else { Isa::Avx2 };
-            }
+        let cpu = crate::isa::cpu();
+        if cpu.avx512 {
+            Isa::Avx512
+        } else if cpu.avx2 {
+            Isa::Avx2
+        } else {
+            Isa::Portable
         }
-        Isa::Portable
     }
 }
 

@@ -6,8 +6,8 @@ use super::errors::detached;
 use crate::error::KvmixError;
 use crate::importance::{self, CountMode};
 use crate::store::{
-    DenseDtype, EvictionConfig, LayerStore, MemoryReport, MikvConfig, Policy, Selection, TierBytes,
-    UniformConfig, ZipCacheConfig,
+    Codec, DenseDtype, EvictionConfig, Factor, LayerStore, Layout, MemoryReport, MikvConfig,
+    Policy, Selection, TierBytes, UniformConfig, ZipCacheConfig,
 };
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -220,6 +220,14 @@ impl PyLayerStore {
     #[getter]
     fn head_dim(&self) -> usize {
         self.inner.head_dim
+    }
+
+    /// The resolved policy: its name, every option (defaults filled in), and the codec of
+    /// each tier's keys and values for this head_dim. Another engine (the Triton device
+    /// store) builds its tiers from this, so the policies are defined once, here.
+    #[getter]
+    fn layout<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        layout_dict(py, &self.inner.policy, &self.inner.layout)
     }
 
     /// Whether the policy needs `set_key_balancer` before the first classification.
@@ -516,4 +524,112 @@ fn probe_scores<'py>(
 #[pyfunction]
 fn top_k(scores: PyReadonlyArrayDyn<'_, f32>, k: usize) -> Vec<usize> {
     importance::top_k(&f32_vec(&scores), k)
+}
+
+fn dtype_name(d: DenseDtype) -> &'static str {
+    match d {
+        DenseDtype::F16 => "float16",
+        DenseDtype::BF16 => "bfloat16",
+        DenseDtype::F32 => "float32",
+    }
+}
+
+fn codec_dict<'py>(py: Python<'py>, c: &Codec) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    match *c {
+        Codec::Dense(dt) => {
+            d.set_item("kind", "dense")?;
+            d.set_item("dtype", dtype_name(dt))?;
+        }
+        Codec::TokenGroups {
+            bits,
+            group_size,
+            factor,
+        } => {
+            d.set_item("kind", "token_groups")?;
+            d.set_item("bits", bits)?;
+            d.set_item("group_size", group_size)?;
+            let f = match factor {
+                Factor::None => "none",
+                Factor::Separable => "separable",
+                Factor::Fixed => "fixed",
+            };
+            d.set_item("factor", f)?;
+        }
+        Codec::Channel { bits } => {
+            d.set_item("kind", "channel")?;
+            d.set_item("bits", bits)?;
+        }
+    }
+    Ok(d)
+}
+
+fn layout_dict<'py>(py: Python<'py>, p: &Policy, l: &Layout) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    let o = PyDict::new(py);
+    let name = match *p {
+        Policy::Full => "full",
+        Policy::Mikv(c) => {
+            o.set_item("ratio", c.ratio)?;
+            o.set_item("recent_share", c.recent_share)?;
+            o.set_item("high_bits", c.high_bits)?;
+            o.set_item("low_bits", c.low_bits)?;
+            o.set_item("group_size", c.group_size)?;
+            o.set_item("key_balancer", c.key_balancer)?;
+            o.set_item("streaming_gap", c.streaming_gap)?;
+            "mikv"
+        }
+        Policy::ZipCache(c) => {
+            o.set_item("salient_ratio", c.salient_ratio)?;
+            o.set_item("high_bits", c.high_bits)?;
+            o.set_item("low_bits", c.low_bits)?;
+            o.set_item("low_key_bits", c.low_key_bits)?;
+            o.set_item("probe_recent", c.probe_recent)?;
+            o.set_item("probe_random", c.probe_random)?;
+            let cm = match c.count_mode {
+                CountMode::Exact => "exact",
+                CountMode::FullMatrix => "full_matrix",
+            };
+            o.set_item("count_mode", cm)?;
+            o.set_item("normalized", c.normalized)?;
+            o.set_item("channel_separable", c.channel_separable)?;
+            let sel = match c.selection {
+                Selection::Layer => "layer",
+                Selection::KvHead => "kv_head",
+            };
+            o.set_item("selection", sel)?;
+            o.set_item("streaming_gap", c.streaming_gap)?;
+            "zipcache"
+        }
+        Policy::Uniform(c) => {
+            o.set_item("bits", c.bits)?;
+            o.set_item("residual", c.residual)?;
+            o.set_item("group_size", c.group_size)?;
+            "uniform"
+        }
+        Policy::Eviction(c) => {
+            o.set_item("budget", c.budget)?;
+            o.set_item("recent_share", c.recent_share)?;
+            o.set_item("streaming_gap", c.streaming_gap)?;
+            "eviction"
+        }
+    };
+    d.set_item("policy", name)?;
+    d.set_item("options", o)?;
+    d.set_item("buffer", dtype_name(l.buffer))?;
+    let gap = p.streaming_gap();
+    d.set_item(
+        "streaming_gap",
+        if gap == usize::MAX { None } else { Some(gap) },
+    )?;
+    d.set_item("high_scored", l.high_scored)?;
+    d.set_item(
+        "high",
+        (codec_dict(py, &l.high.0)?, codec_dict(py, &l.high.1)?),
+    )?;
+    d.set_item(
+        "low",
+        (codec_dict(py, &l.low.0)?, codec_dict(py, &l.low.1)?),
+    )?;
+    Ok(d)
 }

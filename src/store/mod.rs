@@ -9,5 +9,7 @@ pub mod tier;
 
 pub use codec::{Codec, DenseDtype, Factor};
 pub use layer::{LayerStore, MemoryReport, Stream};
-pub use policy::{EvictionConfig, MikvConfig, Policy, Selection, UniformConfig, ZipCacheConfig};
+pub use policy::{
+    EvictionConfig, Layout, MikvConfig, Policy, Selection, UniformConfig, ZipCacheConfig,
+};
 pub use tier::{RowBatch, Tier, TierBytes};

@@ -259,14 +259,15 @@ def _merge_kernel(
     r = tl.program_id(1)
     s64 = s.to(tl.int64)
     j = tl.arange(0, D)
-    m = float("-inf")
-    lsum = 0.0
+    mv = tl.full([SPLIT_BLOCK], float("-inf"), tl.float32)
+    lv = tl.full([SPLIT_BLOCK], 0.0, tl.float32)
     acc = tl.full([D], 0.0, tl.float32)
     # Two passes over the splits: the maximum, then the rescaled sums (splits are few).
     for b0 in range(0, n_split, SPLIT_BLOCK):
         idx = b0 + tl.arange(0, SPLIT_BLOCK)
         pm = tl.load(PM + (s64 * n_split + idx) * ROWS + r, mask=idx < n_split, other=float("-inf"))
-        m = tl.maximum(m, _max(pm, 0))
+        mv = tl.maximum(mv, pm)
+    m = _max(mv, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     for b0 in range(0, n_split, SPLIT_BLOCK):
         idx = b0 + tl.arange(0, SPLIT_BLOCK)
@@ -274,13 +275,14 @@ def _merge_kernel(
         pm = tl.load(PM + (s64 * n_split + idx) * ROWS + r, mask=ok, other=float("-inf"))
         pl = tl.load(PL + (s64 * n_split + idx) * ROWS + r, mask=ok, other=0.0)
         w = tl.exp2(pm - m_safe)
-        lsum += _sum(pl * w, 0)
+        lv += pl * w
         pa = tl.load(
             PACC + ((s64 * n_split + idx[:, None]) * ROWS + r) * D + j[None, :],
             mask=ok[:, None],
             other=0.0,
         )
         acc += _sum(pa * w[:, None], 0)
+    lsum = _sum(lv, 0)
     inv = tl.where(lsum > 0.0, 1.0 / lsum, 0.0)
     tl.store(OUT + (s64 * ROWS + r) * D + j, acc * inv)
     tl.store(MF + s64 * ROWS + r, m_safe)
@@ -292,6 +294,22 @@ def _merge_kernel(
 # under the interpreter).
 
 LOG2E = 1.4426950408889634
+
+
+def positions_tensor(q_positions, device):
+    """``q_positions`` as an int32 tensor on ``device`` without a blocking copy: consecutive
+    positions (every decoding step) are generated on the device; others go through pinned
+    memory asynchronously."""
+    import torch
+
+    n = len(q_positions)
+    first = int(q_positions[0]) if n else 0
+    if all(int(p) == first + i for i, p in enumerate(q_positions)):
+        return torch.arange(first, first + n, dtype=torch.int32, device=device)
+    host = torch.tensor([int(p) for p in q_positions], dtype=torch.int32)
+    if torch.device(device).type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def plan_splits(pages: list[int], streams: int, target_programs: int) -> int:
@@ -316,6 +334,8 @@ def attend_tiers(
     dot_f16=False,
     target_programs=528,
     block_n=64,
+    num_warps=4,
+    num_stages=2,
 ):
     """Attention of ``q`` ``[B, Hq, Tq, D]`` over ``tiers`` (see ``TierView``).
 
@@ -333,7 +353,7 @@ def attend_tiers(
     dev = q.device
     # Rows of a stream: (head in group, query), head-major; scale and log2(e) folded in.
     qs = (q.float() * (scale * LOG2E)).reshape(b, kv_heads, group, tq, d).reshape(streams, rows, d)
-    qpos = torch.as_tensor(q_positions, dtype=torch.int32, device=dev).repeat(group)
+    qpos = positions_tensor(q_positions, dev).repeat(group)
     fv = first_valid.repeat_interleave(kv_heads)
     rows_p = max(16, triton.next_power_of_2(rows))
     pages = [t.fill_pages(block_n) for t in tiers]
@@ -397,6 +417,8 @@ def attend_tiers(
             V_SEP=t.v_sep,
             TRACK=do_track,
             DOT_F16=dot_f16,
+            num_warps=num_warps,
+            num_stages=num_stages,
         )
         offset += ns
     out = torch.empty((streams, rows, d), dtype=torch.float32, device=dev)

@@ -573,7 +573,7 @@ class TritonLayerStore:
             want,
         )
         if track:
-            qp = torch.as_tensor(q_positions, dtype=torch.int32, device=q.device)
+            qp = attn.positions_tensor(q_positions, q.device)
             fv = self._fv_dev.repeat_interleave(self.kv_heads)[:, None]
             for t, rec in zip(tiers, received, strict=True):
                 if rec is None:

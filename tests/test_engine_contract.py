@@ -10,8 +10,8 @@ import torch
 import kvmix
 
 pytest.importorskip("triton")
-from kvmix.engines import resolve_engine  # noqa: E402
-from kvmix.engines.triton_store import TritonLayerStore  # noqa: E402
+from kvmix.engines import resolve_engine
+from kvmix.engines.triton_store import TritonLayerStore
 
 B, H, D, N = 2, 2, 32, 150
 CASES = [("zipcache", {"streaming_gap": 4}), ("uniform", {"residual": 32}), ("full", None)]
@@ -52,5 +52,5 @@ def test_engine_resolution_and_refusals():
     assert resolve_engine("triton", torch.device("cpu")) == "triton"
     with pytest.raises(kvmix.ConfigError, match="engine"):
         resolve_engine("gpu", torch.device("cpu"))
-    with pytest.raises(kvmix.ConfigError, match="triton engine.*mikv"):
+    with pytest.raises(kvmix.ConfigError, match=r"triton engine.*mikv"):
         TritonLayerStore("mikv", H, D)

@@ -6,7 +6,9 @@ use super::errors::detached;
 use super::policy;
 use crate::error::KvmixError;
 use crate::importance;
-use crate::store::{DenseDtype, LayerStore, MemoryReport, TierBytes};
+use crate::store::{
+    Codec, DenseDtype, Factor, LayerStore, Layout, MemoryReport, Policy, TierBytes,
+};
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -165,6 +167,15 @@ impl PyLayerStore {
         let guard = self.lock()?;
         let inner = &*guard;
         Ok(inner.head_dim)
+    }
+
+    /// The resolved policy: its name, every option (defaults filled in), and the codec of
+    /// each tier's keys and values for this head_dim. Another engine (the Triton device
+    /// store) builds its tiers from this, so the policies are defined once, here.
+    #[getter]
+    fn layout<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let guard = self.lock()?;
+        layout_dict(py, &guard.policy, &guard.layout)
     }
 
     /// Whether the policy needs `set_key_balancer` before the first classification.
@@ -498,4 +509,56 @@ fn probe_scores<'py>(
 #[pyfunction]
 fn top_k(scores: PyReadonlyArrayDyn<'_, f32>, k: usize) -> Vec<usize> {
     importance::top_k(&f32_vec(&scores), k)
+}
+
+fn codec_dict<'py>(py: Python<'py>, c: &Codec) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    match *c {
+        Codec::Dense(dt) => {
+            d.set_item("kind", "dense")?;
+            d.set_item("dtype", dt.name())?;
+        }
+        Codec::TokenGroups {
+            bits,
+            group_size,
+            factor,
+        } => {
+            d.set_item("kind", "token_groups")?;
+            d.set_item("bits", bits)?;
+            d.set_item("group_size", group_size)?;
+            let f = match factor {
+                Factor::None => "none",
+                Factor::Separable => "separable",
+                Factor::Fixed => "fixed",
+            };
+            d.set_item("factor", f)?;
+        }
+        Codec::Channel { bits } => {
+            d.set_item("kind", "channel")?;
+            d.set_item("bits", bits)?;
+        }
+    }
+    Ok(d)
+}
+
+fn layout_dict<'py>(py: Python<'py>, p: &Policy, l: &Layout) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("policy", p.name())?;
+    d.set_item("options", policy::options_dict(py, p)?)?;
+    d.set_item("buffer", l.buffer.name())?;
+    let gap = p.streaming_gap();
+    d.set_item(
+        "streaming_gap",
+        if gap == usize::MAX { None } else { Some(gap) },
+    )?;
+    d.set_item("high_scored", l.high_scored)?;
+    d.set_item(
+        "high",
+        (codec_dict(py, &l.high.0)?, codec_dict(py, &l.high.1)?),
+    )?;
+    d.set_item(
+        "low",
+        (codec_dict(py, &l.low.0)?, codec_dict(py, &l.low.1)?),
+    )?;
+    Ok(d)
 }

@@ -11,6 +11,6 @@ pub mod tier;
 pub use codec::{Codec, DenseDtype, Factor};
 pub use layer::{LayerStore, MemoryReport, Stream};
 pub use policy::{
-    EvictionConfig, MikvConfig, Policy, Scoring, Selection, UniformConfig, ZipCacheConfig,
+    EvictionConfig, Layout, MikvConfig, Policy, Scoring, Selection, UniformConfig, ZipCacheConfig,
 };
 pub use tier::{RowBatch, Tier, TierBytes};

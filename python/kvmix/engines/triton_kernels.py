@@ -1,0 +1,235 @@
+"""Triton kernels of the device engine: quantize + dense pack, and dequantize.
+
+The numerics are the Rust codec's (``src/quant/affine.rs``): for a group spanning
+``[lo, hi]``, ``scale = fp16((hi - lo) / (2^b - 1))``, ``offset = fp16(lo)``, both rounded
+*before* the codes are computed, ``code = min(max((x - offset) / scale + 0.5, 0), top)``
+truncated, and a constant group (scale 0) gets code 0. Codes are packed least significant bit
+first, ``8 / b`` to a byte, so the rows are byte-identical to the Rust store's. Channel
+factors (ZipCache's separable factors, MiKV's fixed key factor) are applied by dividing the
+input before quantizing, as the Rust quantizer does. A value exactly half-way between two
+grid points may round the other way where the GPU's fp32 division differs from IEEE by an
+ulp (the documented rounding ties).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+# Reductions through our own combine functions: triton.language's tl.sum/tl.max/tl.min are
+# themselves @jit functions, compiled or interpreted depending on TRITON_INTERPRET when
+# triton was first imported, so a kernel loaded for the other mode could not call them.
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _maxf(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _minf(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _add)
+
+
+@triton.jit
+def _max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _maxf)
+
+
+@triton.jit
+def _min(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _minf)
+
+
+@triton.jit
+def quantize_token_groups_kernel(
+    X,  # fp32 [S, N, D]
+    FAC,  # fp32 [S, D] channel factors (HAS_FAC)
+    CODES,  # uint8 [S, cap, D*BITS/8]
+    SC,  # fp16 [S, cap, G]
+    OF,
+    N,
+    cap,
+    row0,  # first destination row
+    D: tl.constexpr,
+    GS: tl.constexpr,
+    BITS: tl.constexpr,
+    HAS_FAC: tl.constexpr,
+    BR: tl.constexpr,
+):
+    s = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1) * BR + tl.arange(0, BR)
+    ok = r < N
+    c = tl.arange(0, D)
+    x = tl.load(X + (s * N + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
+    if HAS_FAC:
+        f = tl.load(FAC + s * D + c)
+        x = x / f[None, :]
+    G: tl.constexpr = D // GS
+    xg = tl.reshape(x, [BR, G, GS])
+    lo = _min(xg, 2)
+    hi = _max(xg, 2)
+    top: tl.constexpr = (1 << BITS) - 1
+    scale = ((hi - lo) / top).to(tl.float16)
+    offset = lo.to(tl.float16)
+    sf = scale.to(tl.float32)
+    of = offset.to(tl.float32)
+    y = (xg - of[:, :, None]) / tl.where(sf == 0.0, 1.0, sf)[:, :, None] + 0.5
+    y = tl.minimum(tl.maximum(y, 0.0), top)
+    code = tl.where(sf[:, :, None] == 0.0, 0, y.to(tl.int32))
+    PER: tl.constexpr = 8 // BITS
+    B: tl.constexpr = D // PER
+    fields = tl.reshape(code, [BR, B, PER])
+    shifts = tl.arange(0, PER) * BITS
+    packed = _sum(fields << shifts[None, None, :], 2).to(tl.uint8)
+    dst = s * cap + row0 + r
+    tl.store(CODES + dst[:, None] * B + tl.arange(0, B)[None, :], packed, mask=ok[:, None])
+    gi = tl.arange(0, G)
+    tl.store(SC + dst[:, None] * G + gi[None, :], scale, mask=ok[:, None])
+    tl.store(OF + dst[:, None] * G + gi[None, :], offset, mask=ok[:, None])
+
+
+@triton.jit
+def quantize_channels_kernel(
+    X,  # fp32 [S, N, D]
+    NR,  # int32 [S]: rows of each stream's segment (the rest is padding)
+    CODES,  # uint8 [S, cap, D*BITS/8]
+    SC,  # fp16 [S, nseg, D]
+    OF,
+    N,
+    cap,
+    row0,
+    seg,
+    nseg,
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+    CB: tl.constexpr,  # channels per program (a multiple of 8)
+    BR: tl.constexpr,
+):
+    s = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * CB + tl.arange(0, CB)
+    n = tl.load(NR + s)
+    lo = tl.full([CB], float("inf"), tl.float32)
+    hi = tl.full([CB], float("-inf"), tl.float32)
+    for r0 in range(0, N, BR):
+        r = r0 + tl.arange(0, BR)
+        ok = r < n
+        x = tl.load(X + (s * N + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
+        lo = tl.minimum(lo, _min(tl.where(ok[:, None], x, float("inf")), 0))
+        hi = tl.maximum(hi, _max(tl.where(ok[:, None], x, float("-inf")), 0))
+    lo = tl.where(n > 0, lo, 0.0)
+    hi = tl.where(n > 0, hi, 0.0)
+    top: tl.constexpr = (1 << BITS) - 1
+    scale = ((hi - lo) / top).to(tl.float16)
+    offset = lo.to(tl.float16)
+    tl.store(SC + (s * nseg + seg) * D + c, scale)
+    tl.store(OF + (s * nseg + seg) * D + c, offset)
+    sf = scale.to(tl.float32)
+    of = offset.to(tl.float32)
+    div = tl.where(sf == 0.0, 1.0, sf)
+    PER: tl.constexpr = 8 // BITS
+    CBB: tl.constexpr = CB // PER
+    B: tl.constexpr = D // PER
+    shifts = tl.arange(0, PER) * BITS
+    bcol = tl.program_id(1) * CBB + tl.arange(0, CBB)
+    for r0 in range(0, N, BR):
+        r = r0 + tl.arange(0, BR)
+        ok = r < n
+        x = tl.load(X + (s * N + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
+        y = (x - of[None, :]) / div[None, :] + 0.5
+        y = tl.minimum(tl.maximum(y, 0.0), top)
+        code = tl.where(sf[None, :] == 0.0, 0, y.to(tl.int32))
+        packed = _sum(tl.reshape(code, [BR, CBB, PER]) << shifts[None, None, :], 2)
+        dst = s * cap + row0 + r
+        tl.store(CODES + dst[:, None] * B + bcol[None, :], packed.to(tl.uint8), mask=ok[:, None])
+
+
+@triton.jit
+def dequantize_kernel(
+    POS,  # int32 [S, cap]
+    KD,
+    KS,
+    KO,
+    KSEG,
+    KFIX,  # fp16 [S, D] fixed key factor (K_FIX)
+    VD,
+    VS,
+    VO,
+    VF,
+    OUTK,  # fp32 [S, T, D]: row `pos` of the stream receives the token at `pos`
+    OUTV,
+    cap,
+    nseg,
+    T,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K_MODE: tl.constexpr,
+    K_BITS: tl.constexpr,
+    K_GS: tl.constexpr,
+    K_FIX: tl.constexpr,
+    V_MODE: tl.constexpr,
+    V_BITS: tl.constexpr,
+    V_GS: tl.constexpr,
+    V_SEP: tl.constexpr,
+):
+    s = tl.program_id(0).to(tl.int64)
+    page = tl.program_id(1)
+    t = (page * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cap64 = cap.to(tl.int64)
+    pos = tl.load(POS + s * cap64 + t)
+    ok = (pos >= 0)[:, None]
+    c = tl.arange(0, D)
+    dst = (s * T + tl.maximum(pos, 0).to(tl.int64))[:, None] * D + c[None, :]
+    seg = tl.load(KSEG + s * (cap64 // BLOCK_N) + page).to(tl.int64)
+    k = _decode(KD, KS, KO, s, t, c, seg, cap64, nseg, D, K_MODE, K_BITS, K_GS)
+    if K_FIX:
+        k = k * tl.load(KFIX + s * D + c).to(tl.float32)[None, :]
+    tl.store(OUTK + dst, k, mask=ok)
+    v = _decode(VD, VS, VO, s, t, c, seg, cap64, nseg, D, V_MODE, V_BITS, V_GS)
+    if V_SEP:
+        v = v * tl.load(VF + (s * nseg + seg) * D + c).to(tl.float32)[None, :]
+    tl.store(OUTV + dst, v, mask=ok)
+
+
+@triton.jit
+def _decode(
+    DATA,
+    SC,
+    OF,
+    s,
+    t,
+    c,
+    seg,
+    cap64,
+    nseg,
+    D: tl.constexpr,
+    MODE: tl.constexpr,
+    BITS: tl.constexpr,
+    GS: tl.constexpr,
+):
+    if MODE == 0:
+        x = tl.load(DATA + (s * cap64 + t[:, None]) * D + c[None, :]).to(tl.float32)
+    else:
+        PER: tl.constexpr = 8 // BITS
+        B: tl.constexpr = D // PER
+        raw = tl.load(DATA + (s * cap64 + t[:, None]) * B + (c // PER)[None, :]).to(tl.int32)
+        code = ((raw >> ((c % PER) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+        if MODE == 1:
+            sc = tl.load(SC + (s * nseg + seg) * D + c).to(tl.float32)[None, :]
+            of = tl.load(OF + (s * nseg + seg) * D + c).to(tl.float32)[None, :]
+        else:
+            G: tl.constexpr = D // GS
+            g = (c // GS)[None, :]
+            sc = tl.load(SC + (s * cap64 + t[:, None]) * G + g).to(tl.float32)
+            of = tl.load(OF + (s * cap64 + t[:, None]) * G + g).to(tl.float32)
+        x = code * sc + of
+    return x

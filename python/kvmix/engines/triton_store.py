@@ -1,0 +1,802 @@
+"""The Triton device engine: a layer's mixed-precision store held in torch tensors.
+
+Every tier (the full-precision buffer, the high and the low tier) of every stream
+``(sequence, kv-head)`` lives in torch tensors on the device of the tensors it was given:
+codes, per-token or per-segment scales and offsets, channel factors, positions and scores. So
+``torch.cuda.memory_allocated()`` sees all of it, and :meth:`TritonLayerStore.memory` counts
+the bytes those tensors hold.
+
+Layout (what differs from the Rust store, and why):
+
+* The streams of a layer share one row index per tier: row ``r`` of every stream is written by
+  the same push. A stream that has fewer rows to store in a push (ZipCache's salient set of a
+  left-padded sequence) leaves the rest as holes, position ``-1``, which every kernel masks.
+  So tier sizes follow from counts the host already knows and nothing is read back while
+  decoding.
+* A push whose codec has per-segment parameters (per-channel keys, separable value factors)
+  starts on a fresh page of ``PAGE`` rows, so each page belongs to one segment and the
+  attention kernel loads the segment's parameters once per page.
+* Removing rows (``crop``) turns them into holes rather than moving data.
+
+Which tokens go to which tier is decided on the device with the Rust store's rules
+(``src/store/classify.rs``): the same scores, the same tie breaks, the same rounding of
+budgets; the codecs come from the Rust store's ``layout`` (the one definition of every policy).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvmix.engines.base import ConfigError, NonFiniteError, ShapeError, load_kernels
+
+#: Rows per page (and per attention block).
+PAGE = 64
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_MODES = {"dense": 0, "channel": 1, "token_groups": 2}
+_SUPPORTED = ("full", "uniform", "zipcache")
+_F16_MAX = 65504.0
+
+
+def _round_half_away(x: float) -> int:
+    """Rust's ``f64::round`` (half away from zero), not Python's banker's rounding."""
+    return math.floor(x + 0.5)
+
+
+@dataclass
+class TierView:
+    """What the attention kernel needs of one tier (unused tensors are 1-element dummies)."""
+
+    pos: torch.Tensor
+    kd: torch.Tensor
+    ks: torch.Tensor
+    ko: torch.Tensor
+    seg: torch.Tensor
+    vd: torch.Tensor
+    vs: torch.Tensor
+    vo: torch.Tensor
+    vf: torch.Tensor
+    kfix: torch.Tensor | None
+    cap: int
+    nseg: int
+    fill: int
+    k_mode: int
+    k_bits: int
+    k_gs: int
+    v_mode: int
+    v_bits: int
+    v_gs: int
+    v_sep: bool
+
+    def fill_pages(self, block_n: int) -> int:
+        return -(-self.fill // block_n)
+
+
+class _Codec:
+    """One codec of the Rust layout (keys or values of a tier)."""
+
+    def __init__(self, spec: dict[str, Any], head_dim: int) -> None:
+        self.kind = spec["kind"]
+        self.mode = _MODES[self.kind]
+        self.dtype = _DTYPES.get(spec.get("dtype", "float16"), torch.float16)
+        self.bits = int(spec.get("bits", 8))
+        self.group_size = int(spec.get("group_size", head_dim))
+        self.factor = spec.get("factor", "none")
+        if self.kind != "dense":
+            if self.bits not in (1, 2, 4, 8):
+                raise ConfigError(
+                    f"the triton engine packs 1, 2, 4 or 8-bit codes, got {self.bits}-bit "
+                    "(3-bit codes cross byte boundaries); use engine='rust' for this policy"
+                )
+            if self.kind == "token_groups" and (self.group_size * self.bits) % 8:
+                raise ConfigError(
+                    f"the triton engine needs each group of {self.group_size} {self.bits}-bit "
+                    "codes to fill whole bytes; choose another group_size or engine='rust'"
+                )
+        if self.factor == "fixed":
+            raise ConfigError(
+                "the triton engine does not implement MiKV's key balancer yet; use engine='rust'"
+            )
+        self.row_bytes = (
+            head_dim * self.dtype.itemsize if self.kind == "dense" else head_dim * self.bits // 8
+        )
+        self.groups = head_dim // self.group_size if self.kind == "token_groups" else 0
+
+
+class _Tier:
+    """The rows of one tier of every stream of a layer."""
+
+    def __init__(
+        self,
+        kcodec: _Codec,
+        vcodec: _Codec,
+        scored: bool,
+        streams: int,
+        head_dim: int,
+        device: torch.device,
+    ) -> None:
+        self.k, self.v, self.scored = kcodec, vcodec, scored
+        self.s, self.d, self.device = streams, head_dim, device
+        self.segmented = kcodec.kind == "channel" or vcodec.factor == "separable"
+        self.cap = 0
+        self.fill = 0
+        self.nseg = 0
+        self.seg_cap = 0
+        dummy = torch.zeros(1, dtype=torch.float16, device=device)
+        self._dummy = dummy
+        self.pos = torch.full((streams, 0), -1, dtype=torch.int32, device=device)
+        self.kd = self._data(kcodec, 0)
+        self.vd = self._data(vcodec, 0)
+        self.ks = self.ko = self.vs = self.vo = self.vf = dummy
+        self.seg = torch.zeros((streams, 0), dtype=torch.int32, device=device)
+        self._alloc_params(0)
+        self.acc = torch.zeros((streams, 0), dtype=torch.float32, device=device)
+        self.count = torch.zeros((streams, 0), dtype=torch.float32, device=device)
+
+    def _data(self, c: _Codec, rows: int) -> torch.Tensor:
+        if c.kind == "dense":
+            return torch.zeros((self.s, rows, self.d), dtype=c.dtype, device=self.device)
+        return torch.zeros((self.s, rows, c.row_bytes), dtype=torch.uint8, device=self.device)
+
+    def _alloc_params(self, rows: int) -> None:
+        f16, s, d, dev = torch.float16, self.s, self.d, self.device
+        if self.k.kind == "token_groups":
+            self.ks = torch.zeros((s, rows, self.k.groups), dtype=f16, device=dev)
+            self.ko = torch.zeros_like(self.ks)
+        elif self.k.kind == "channel":
+            self.ks = torch.zeros((s, self.seg_cap, d), dtype=f16, device=dev)
+            self.ko = torch.zeros_like(self.ks)
+        if self.v.kind == "token_groups":
+            self.vs = torch.zeros((s, rows, self.v.groups), dtype=f16, device=dev)
+            self.vo = torch.zeros_like(self.vs)
+        if self.v.factor == "separable":
+            self.vf = torch.ones((s, self.seg_cap, d), dtype=f16, device=dev)
+
+    # -- capacity -------------------------------------------------------------------------
+
+    def _grow(self, rows: int, segs: int) -> None:
+        """Make room for ``rows`` rows and ``segs`` segments (capacity doubles: amortized)."""
+        if rows > self.cap:
+            new = max(PAGE, -(-max(rows, 2 * self.cap) // PAGE) * PAGE)
+            old_rows = self.cap
+
+            def widen(t: torch.Tensor, fill: float) -> torch.Tensor:
+                out = torch.full(
+                    (t.shape[0], new, *t.shape[2:]), fill, dtype=t.dtype, device=t.device
+                )
+                out[:, :old_rows] = t[:, :old_rows]
+                return out
+
+            self.pos = widen(self.pos, -1)
+            self.kd = widen(self.kd, 0)
+            self.vd = widen(self.vd, 0)
+            seg = torch.zeros((self.s, new // PAGE), dtype=torch.int32, device=self.device)
+            seg[:, : old_rows // PAGE] = self.seg
+            self.seg = seg
+            if self.k.kind == "token_groups":
+                self.ks, self.ko = widen(self.ks, 0), widen(self.ko, 0)
+            if self.v.kind == "token_groups":
+                self.vs, self.vo = widen(self.vs, 0), widen(self.vo, 0)
+            self.acc, self.count = widen(self.acc, 0), widen(self.count, 0)
+            self.cap = new
+        if segs > self.seg_cap:
+            new_s = max(4, segs, 2 * self.seg_cap)
+            old = self.seg_cap
+
+            def widen_s(t: torch.Tensor, fill: float) -> torch.Tensor:
+                out = torch.full((self.s, new_s, self.d), fill, dtype=t.dtype, device=t.device)
+                out[:, :old] = t[:, :old]
+                return out
+
+            if self.k.kind == "channel":
+                self.ks, self.ko = widen_s(self.ks, 0), widen_s(self.ko, 0)
+            if self.v.factor == "separable":
+                self.vf = widen_s(self.vf, 1)
+            self.seg_cap = new_s
+
+    # -- writing --------------------------------------------------------------------------
+
+    def push(
+        self,
+        kern: Any,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        pos: torch.Tensor,
+        acc: torch.Tensor | None = None,
+        count: torch.Tensor | None = None,
+    ) -> None:
+        """Append rows ``[S, n, D]`` (fp32) as one segment; rows with ``pos < 0`` are holes,
+        and a stream's real rows come first."""
+        n = keys.shape[1]
+        if n == 0:
+            return
+        row0 = -(-self.fill // PAGE) * PAGE if self.segmented else self.fill
+        self._grow(row0 + n, self.nseg + 1)
+        nr = (pos >= 0).sum(1, dtype=torch.int32)
+        self._encode(kern, self.k, keys, row0, nr, key=True)
+        self._encode(kern, self.v, values, row0, nr, key=False)
+        self.pos[:, row0 : row0 + n] = pos
+        if self.segmented:
+            self.seg[:, row0 // PAGE : -(-(row0 + n) // PAGE)] = self.nseg
+            self.nseg += 1
+        if self.scored:
+            self.acc[:, row0 : row0 + n] = 0 if acc is None else acc
+            self.count[:, row0 : row0 + n] = 0 if count is None else count
+        self.fill = row0 + n
+
+    def _encode(
+        self, kern: Any, c: _Codec, x: torch.Tensor, row0: int, nr: torch.Tensor, key: bool
+    ) -> None:
+        n = x.shape[1]
+        data = self.kd if key else self.vd
+        if c.kind == "dense":
+            data[:, row0 : row0 + n] = x.to(c.dtype)
+            return
+        x = x.contiguous()
+        if c.kind == "channel":
+            sc, of = self.ks, self.ko
+            cb = min(self.d, 32)
+            kern.quantize_channels_kernel[(self.s, self.d // cb)](
+                x,
+                nr,
+                data,
+                sc,
+                of,
+                n,
+                self.cap,
+                row0,
+                self.nseg,
+                self.seg_cap,
+                D=self.d,
+                BITS=c.bits,
+                CB=cb,
+                BR=32,
+            )
+            return
+        sc, of = (self.ks, self.ko) if key else (self.vs, self.vo)
+        fac = self._dummy
+        if c.factor == "separable":
+            valid = (torch.arange(n, device=x.device)[None, :] < nr[:, None])[:, :, None]
+            amax = torch.where(valid, x.abs(), 0.0).amax(1)
+            f = torch.where(amax > 0, amax.sqrt(), 1.0).to(torch.float16)
+            self.vf[:, self.nseg] = f
+            fac = f.float().contiguous()
+        br = 16
+        kern.quantize_token_groups_kernel[(self.s, -(-n // br))](
+            x,
+            fac,
+            data,
+            sc,
+            of,
+            n,
+            self.cap,
+            row0,
+            D=self.d,
+            GS=c.group_size,
+            BITS=c.bits,
+            HAS_FAC=c.factor == "separable",
+            BR=br,
+        )
+
+    # -- reading --------------------------------------------------------------------------
+
+    def view(self) -> TierView:
+        return TierView(
+            pos=self.pos,
+            kd=self.kd,
+            ks=self.ks,
+            ko=self.ko,
+            seg=self.seg,
+            vd=self.vd,
+            vs=self.vs,
+            vo=self.vo,
+            vf=self.vf,
+            kfix=None,
+            cap=self.cap,
+            nseg=self.seg_cap,
+            fill=self.fill,
+            k_mode=self.k.mode,
+            k_bits=self.k.bits,
+            k_gs=self.k.group_size,
+            v_mode=self.v.mode,
+            v_bits=self.v.bits,
+            v_gs=self.v.group_size,
+            v_sep=self.v.factor == "separable",
+        )
+
+    def decode_into(self, kern: Any, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
+        """Dequantize every row into ``out_k/out_v [S, T, D]`` at its position."""
+        pages = -(-self.fill // PAGE)
+        if pages == 0:
+            return
+        v = self.view()
+        kern.dequantize_kernel[(self.s, pages)](
+            v.pos,
+            v.kd,
+            v.ks,
+            v.ko,
+            v.seg,
+            self._dummy,
+            v.vd,
+            v.vs,
+            v.vo,
+            v.vf,
+            out_k,
+            out_v,
+            self.cap,
+            self.seg_cap,
+            out_k.shape[1],
+            D=self.d,
+            BLOCK_N=PAGE,
+            K_MODE=v.k_mode,
+            K_BITS=v.k_bits,
+            K_GS=v.k_gs,
+            K_FIX=False,
+            V_MODE=v.v_mode,
+            V_BITS=v.v_bits,
+            V_GS=v.v_gs,
+            V_SEP=v.v_sep,
+        )
+
+    def select(self, idx: torch.Tensor) -> None:
+        for name in ("pos", "kd", "vd", "seg", "acc", "count"):
+            setattr(self, name, getattr(self, name).index_select(0, idx).contiguous())
+        for name in ("ks", "ko", "vs", "vo", "vf"):
+            t = getattr(self, name)
+            if t is not self._dummy:
+                setattr(self, name, t.index_select(0, idx).contiguous())
+        self.s = int(idx.numel())
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes this tier's tensors hold up to its fill (holes included: they are written)."""
+        s, f, d = self.s, self.fill, self.d
+        pages = -(-f // PAGE)
+
+        def params(c: _Codec, key: bool) -> int:
+            if c.kind == "token_groups":
+                per = s * f * c.groups * 2 * 2
+            elif c.kind == "channel":
+                per = s * self.nseg * d * 2 * 2
+            else:
+                per = 0
+            if not key and c.factor == "separable":
+                per += s * self.nseg * d * 2
+            return per
+
+        index = s * pages * 4 if self.segmented else 0
+        out = {
+            "key_data": s * f * self.k.row_bytes,
+            "key_params": params(self.k, True),
+            "key_index": index if self.k.kind == "channel" else 0,
+            "value_data": s * f * self.v.row_bytes,
+            "value_params": params(self.v, False),
+            "value_index": index if self.k.kind != "channel" else 0,
+            "positions": s * f * 4,
+            "scores": s * f * 8 if self.scored else 0,
+        }
+        out["total"] = sum(out.values())
+        return out
+
+
+class TritonLayerStore:
+    """The device engine's store of one layer: the Rust ``LayerStore``'s Python surface on
+    torch tensors (any device; CPU tensors run the kernels under the Triton interpreter)."""
+
+    def __init__(
+        self,
+        policy: str,
+        kv_heads: int,
+        head_dim: int,
+        config: dict[str, Any] | None = None,
+        buffer_dtype: str = "float32",
+        *,
+        layout: dict[str, Any] | None = None,
+    ) -> None:
+        if policy not in _SUPPORTED:
+            raise ConfigError(
+                f"the triton engine implements the policies {', '.join(_SUPPORTED)}; "
+                f"policy {policy!r} runs on engine='rust'"
+            )
+        if layout is None:
+            from kvmix._kvmix import LayerStore  # validates the options, resolves defaults
+
+            layout = LayerStore(policy, kv_heads, head_dim, config, buffer_dtype).layout
+        if head_dim & (head_dim - 1) or head_dim < 16:
+            raise ConfigError(
+                f"the triton engine needs a power-of-two head_dim of at least 16, got {head_dim}"
+            )
+        if buffer_dtype not in _DTYPES:
+            raise ConfigError(
+                f"`buffer_dtype` must be one of {list(_DTYPES)}, got {buffer_dtype!r}"
+            )
+        self._layout = layout
+        self.policy = policy
+        self.options = dict(layout["options"])
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        self.buffer_dtype = buffer_dtype
+        self._codecs = {
+            "buffer": (_Codec({"kind": "dense", "dtype": buffer_dtype}, head_dim),) * 2,
+            "high": tuple(_Codec(c, head_dim) for c in layout["high"]),
+            "low": tuple(_Codec(c, head_dim) for c in layout["low"]),
+        }
+        self.gap = layout["streaming_gap"]
+        self.high_scored = bool(layout["high_scored"])
+        self.reset()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        self.batch = 0
+        self.seen = 0
+        self.first_valid: list[int] = []
+        self._fv_dev: torch.Tensor | None = None
+        self._tiers: dict[str, _Tier] = {}
+        self._since = 0
+        self._classified = False
+        self._bad: torch.Tensor | None = None
+        self.device: torch.device | None = None
+
+    @property
+    def layout(self) -> dict[str, Any]:
+        return self._layout
+
+    @property
+    def needs_balancer(self) -> bool:
+        return False
+
+    @property
+    def _streams(self) -> int:
+        return self.batch * self.kv_heads
+
+    def _kern(self) -> Any:
+        assert self.device is not None
+        return load_kernels(self.device)
+
+    def _init(self, b: int, device: torch.device) -> None:
+        self.batch, self.device = b, device
+        self.first_valid = [0] * b
+        self._fv_dev = torch.zeros(b, dtype=torch.int32, device=device)
+        s = self._streams
+        self._tiers = {
+            "buffer": _Tier(*self._codecs["buffer"], True, s, self.head_dim, device),
+            "high": _Tier(*self._codecs["high"], self.high_scored, s, self.head_dim, device),
+            "low": _Tier(*self._codecs["low"], False, s, self.head_dim, device),
+        }
+
+    # -- the store interface --------------------------------------------------------------
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, bfloat16: bool = False) -> None:
+        del bfloat16  # torch tensors carry their dtype
+        if keys.dim() != 4 or keys.shape != values.shape:
+            raise ShapeError(
+                "keys/values must both be [batch, kv_heads, tokens, head_dim], got "
+                f"{tuple(keys.shape)} and {tuple(values.shape)}"
+            )
+        b, h, n, d = keys.shape
+        if h != self.kv_heads or d != self.head_dim:
+            raise ShapeError(
+                f"expected {self.kv_heads} kv heads of head_dim {self.head_dim}, got "
+                f"{tuple(keys.shape)}"
+            )
+        if self.batch and b != self.batch:
+            raise ShapeError(f"the store holds a batch of {self.batch} sequences, got {b}")
+        if self.device is not None and keys.device != self.device:
+            raise ShapeError(f"the store lives on {self.device}, got tensors on {keys.device}")
+        if n == 0 or b == 0:
+            return
+        if self.policy != "full":
+            worst = torch.maximum(keys.abs().amax(), values.abs().amax()).float()
+            bad = ~torch.isfinite(worst) | (worst > _F16_MAX)
+            if n > 1 or keys.device.type == "cpu":
+                if bool(bad):
+                    raise NonFiniteError(
+                        "keys/values contain NaN/Inf or magnitudes beyond the fp16 range (65504)"
+                    )
+            else:
+                # A decoding step must not wait for the device: the flag is read at the next
+                # classification (every `streaming_gap` steps), which then refuses.
+                self._bad = bad if self._bad is None else self._bad | bad
+        if not self.batch:
+            self._init(b, keys.device)
+        buf = self._tiers["buffer"]
+        s = self._streams
+        pos = torch.arange(self.seen, self.seen + n, dtype=torch.int32, device=keys.device)
+        buf.push(
+            self._kern(),
+            keys.reshape(s, n, d).float(),
+            values.reshape(s, n, d).float(),
+            pos.expand(s, n),
+        )
+        self.seen += n
+        self._since += 1
+
+    def set_first_valid(self, first_valid: list[int]) -> None:
+        if len(first_valid) != self.batch:
+            raise ShapeError(
+                f"`first_valid` needs one entry per sequence ({self.batch}), got {len(first_valid)}"
+            )
+        self.first_valid = [int(x) for x in first_valid]
+        assert self.device is not None
+        self._fv_dev = torch.tensor(self.first_valid, dtype=torch.int32, device=self.device)
+
+    def set_key_balancer(self, balancer: Any) -> None:
+        raise ConfigError("the triton engine does not implement MiKV's key balancer yet")
+
+    def add_scores(self, start: int, acc: torch.Tensor, count: torch.Tensor) -> None:
+        s = self._streams
+        acc = torch.as_tensor(acc, device=self.device).reshape(s, -1).float()
+        count = torch.as_tensor(count, device=self.device).reshape(s, -1).float()
+        n = acc.shape[1]
+        for t in self._tiers.values():
+            if not t.scored or t.fill == 0:
+                continue
+            p = t.pos[:, : t.fill].long()
+            hit = (p >= start) & (p < start + n)
+            idx = (p - start).clamp(0, max(n - 1, 0))
+            t.acc[:, : t.fill] += torch.where(hit, acc.gather(1, idx), 0.0)
+            t.count[:, : t.fill] += torch.where(hit, count.gather(1, idx), 0.0)
+
+    def attend(
+        self, q: torch.Tensor, q_positions: list[int], scale: float, track: bool = True
+    ) -> torch.Tensor:
+        if (
+            q.dim() != 4
+            or q.shape[0] != self.batch
+            or q.shape[3] != self.head_dim
+            or (q.shape[1] % self.kv_heads)
+            or len(q_positions) != q.shape[2]
+        ):
+            raise ShapeError(
+                f"queries must be [batch={self.batch}, q_heads (multiple of {self.kv_heads}), "
+                f"q_len={len(q_positions)}, head_dim={self.head_dim}], got {tuple(q.shape)}"
+            )
+        if not math.isfinite(scale):
+            raise NonFiniteError(f"`scale` must be finite, got {scale}")
+        from kvmix.engines import load_attention
+
+        attn = load_attention(q.device)
+        names = ("buffer", "high", "low")
+        tiers = [self._tiers[n] for n in names]
+        want = [track and t.scored for t in tiers]
+        out, received = attn.attend_tiers(
+            [t.view() for t in tiers],
+            q,
+            q_positions,
+            self._fv_dev,
+            scale,
+            self.kv_heads,
+            want,
+        )
+        if track:
+            qp = attn.positions_tensor(q_positions, q.device)
+            fv = self._fv_dev.repeat_interleave(self.kv_heads)[:, None]
+            for t, rec in zip(tiers, received, strict=True):
+                if rec is None:
+                    continue
+                p = t.pos[:, : t.fill]
+                seen_by = (qp[None, None, :] >= p[:, :, None]).sum(-1).float()
+                seen_by = torch.where((p >= fv) & (p >= 0), seen_by, 0.0)
+                t.acc[:, : t.fill] += rec[:, : t.fill]
+                t.count[:, : t.fill] += seen_by
+        return out
+
+    def maybe_classify(self, force: bool = False) -> bool:
+        due = not self._classified or (self.gap is not None and self._since >= self.gap)
+        if not (force or due) or not self.batch:
+            return False
+        if self._bad is not None:
+            bad, self._bad = bool(self._bad), None
+            if bad:
+                raise NonFiniteError(
+                    "a decoding step appended NaN/Inf or magnitudes beyond the fp16 range (65504)"
+                )
+        if self.policy == "zipcache":
+            self._classify_zipcache()
+        elif self.policy == "uniform":
+            self._classify_uniform()
+        self._since = 0
+        self._classified = True
+        return True
+
+    def _take_buffer(self, n: int) -> tuple[torch.Tensor, ...]:
+        """The first ``n`` buffered rows (fp32), and shift the rest to the front."""
+        buf = self._tiers["buffer"]
+        k = buf.kd[:, :n].float().clone()  # .float() of an fp32 buffer is a view
+        v = buf.vd[:, :n].float().clone()
+        p, a, c = buf.pos[:, :n].clone(), buf.acc[:, :n].clone(), buf.count[:, :n].clone()
+        rest = buf.fill - n
+        for name in ("kd", "vd", "pos", "acc", "count"):
+            t = getattr(buf, name)
+            t[:, :rest] = t[:, n : buf.fill].clone()
+        buf.pos[:, rest : buf.fill] = -1
+        buf.fill = rest
+        return k, v, p, a, c
+
+    def _classify_uniform(self) -> None:
+        r = int(self.options["residual"])
+        buf = self._tiers["buffer"]
+        n_flush = buf.fill // r * r
+        if n_flush == 0:
+            return
+        k, v, p, _, _ = self._take_buffer(n_flush)
+        low = self._tiers["low"]
+        for blk in range(n_flush // r):  # one segment per block of `residual` tokens
+            sl = slice(blk * r, (blk + 1) * r)
+            low.push(self._kern(), k[:, sl], v[:, sl], p[:, sl])
+
+    def _classify_zipcache(self) -> None:
+        buf = self._tiers["buffer"]
+        n = buf.fill
+        if n == 0:
+            return
+        o = self.options
+        start = self.seen - n  # the buffer holds the newest n positions, in order
+        k, v, p, acc, cnt = self._take_buffer(n)
+        b, h = self.batch, self.kv_heads
+        if o["selection"] == "layer":
+            acc = acc.reshape(b, h, n).sum(1, keepdim=True).expand(b, h, n).reshape(b * h, n)
+            cnt = cnt.reshape(b, h, n).sum(1, keepdim=True).expand(b, h, n).reshape(b * h, n)
+        if o["normalized"]:
+            score = torch.where(cnt > 0, acc / torch.where(cnt > 0, cnt, 1.0), 0.0)
+        else:
+            score = acc
+        fv = self._fv_dev.repeat_interleave(h)[:, None]
+        valid = p >= fv
+        # Salient counts per sequence from host-known numbers: no read-back.
+        k_seq = [
+            _round_half_away(o["salient_ratio"] * max(0, n - max(0, fv_b - start)))
+            for fv_b in self.first_valid
+        ]
+        k_s = torch.tensor(k_seq, dtype=torch.int64, device=p.device).repeat_interleave(h)
+        # Rank by (valid, score, index) descending: ties go to the more recent token, NaN
+        # ranks lowest (importance::top_k).
+        key = torch.nan_to_num(score, nan=float("-inf")).flip(-1)
+        o1 = torch.sort(key, dim=1, descending=True, stable=True).indices
+        o2 = torch.sort(
+            valid.flip(-1).gather(1, o1).int(), dim=1, descending=True, stable=True
+        ).indices
+        order = (n - 1) - o1.gather(1, o2)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(n, device=p.device).expand_as(order))
+        salient = rank < k_s[:, None]
+        self._split_push("high", salient, k, v, p, max(k_seq))
+        self._split_push("low", ~salient, k, v, p, n - min(k_seq))
+
+    def _split_push(
+        self,
+        tier: str,
+        pick: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        p: torch.Tensor,
+        width: int,
+    ) -> None:
+        """Push the rows where ``pick`` holds, in position order, real rows first."""
+        if width == 0:
+            return
+        idx = torch.sort((~pick).int(), dim=1, stable=True).indices[:, :width]
+        kept = pick.gather(1, idx)
+        d = self.head_dim
+        gk = k.gather(1, idx[:, :, None].expand(-1, -1, d))
+        gv = v.gather(1, idx[:, :, None].expand(-1, -1, d))
+        gp = torch.where(kept, p.gather(1, idx), -1)
+        self._tiers[tier].push(self._kern(), gk, gv, gp)
+
+    def crop(self, length: int) -> None:
+        if length >= self.seen or not self.batch:
+            return
+        for t in self._tiers.values():
+            t.pos[:, : t.fill] = torch.where(t.pos[:, : t.fill] >= length, -1, t.pos[:, : t.fill])
+        buf = self._tiers["buffer"]
+        buf.fill = max(0, buf.fill - (self.seen - length))
+        self.seen = length
+
+    def select_batch(self, indices: list[int]) -> None:
+        bad = [i for i in indices if not 0 <= i < self.batch]
+        if bad:
+            raise ShapeError(f"batch index {bad[0]} out of range for a batch of {self.batch}")
+        h = self.kv_heads
+        idx = torch.tensor(
+            [i * h + j for i in indices for j in range(h)], dtype=torch.long, device=self.device
+        )
+        for t in self._tiers.values():
+            t.select(idx)
+        self.first_valid = [self.first_valid[i] for i in indices]
+        self.batch = len(indices)
+        if self.device is not None:
+            self._fv_dev = torch.tensor(self.first_valid, dtype=torch.int32, device=self.device)
+
+    def repeat_interleave(self, repeats: int) -> None:
+        if repeats < 1:
+            raise ShapeError(f"`repeats` must be at least 1, got {repeats}")
+        self.select_batch([i for i in range(self.batch) for _ in range(repeats)])
+
+    def dense_all(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every stream's tokens dequantized, ``[S, seen, D]`` fp32 indexed by position, and a
+        ``[S, seen]`` mask of the positions held."""
+        s, d = self._streams, self.head_dim
+        k = torch.zeros((s, self.seen, d), dtype=torch.float32, device=self.device)
+        v = torch.zeros_like(k)
+        held = torch.zeros((s, self.seen), dtype=torch.int32, device=self.device)
+        for t in self._tiers.values():
+            t.decode_into(self._kern(), k, v)
+            p = t.pos[:, : t.fill].long()
+            held.scatter_reduce_(1, p.clamp(min=0), (p >= 0).int(), reduce="amax")
+        return k, v, held.bool()
+
+    def dense(self, stream: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not 0 <= stream < self._streams:
+            raise ShapeError(f"stream {stream} out of range ({self._streams} streams)")
+        k, v, held = self.dense_all()
+        p = held[stream].nonzero().flatten()
+        return p.to(torch.int32), k[stream, p], v[stream, p]
+
+    def dense_into(
+        self, keys: torch.Tensor, values: torch.Tensor, changed_only: bool = False
+    ) -> int:
+        del changed_only  # the device rewrite is one kernel launch per tier
+        s = self._streams
+        if keys.shape[:2] != (self.batch, self.kv_heads) or keys.shape[2] < self.seen:
+            raise ShapeError(
+                f"`keys` must be [batch={self.batch}, kv_heads={self.kv_heads}, capacity >= "
+                f"{self.seen}, head_dim={self.head_dim}], got {tuple(keys.shape)}"
+            )
+        kk = keys.view(s, keys.shape[2], self.head_dim)
+        vv = values.view(s, values.shape[2], self.head_dim)
+        for t in self._tiers.values():
+            t.decode_into(self._kern(), kk, vv)
+        return self.seen
+
+    def tier_positions(self, stream: int) -> dict[str, torch.Tensor]:
+        if not 0 <= stream < self._streams:
+            raise ShapeError(f"stream {stream} out of range")
+        out = {}
+        for name, t in self._tiers.items():
+            p = t.pos[stream, : t.fill]
+            out[name] = p[p >= 0]
+        return out
+
+    def memory(self) -> dict[str, Any]:
+        tiers = (
+            {n: t.nbytes() for n, t in self._tiers.items()}
+            if self._tiers
+            else {
+                n: dict.fromkeys(
+                    (
+                        "key_data",
+                        "key_params",
+                        "key_index",
+                        "value_data",
+                        "value_params",
+                        "value_index",
+                        "positions",
+                        "scores",
+                        "total",
+                    ),
+                    0,
+                )
+                for n in ("buffer", "high", "low")
+            }
+        )
+        tokens = sum(int((t.pos[:, : t.fill] >= 0).sum()) for t in self._tiers.values())
+        allocated = sum(
+            x.numel() * x.element_size()
+            for t in self._tiers.values()
+            for x in {
+                id(y): y
+                for y in (t.pos, t.kd, t.vd, t.seg, t.acc, t.count, t.ks, t.ko, t.vs, t.vo, t.vf)
+                if y is not t._dummy
+            }.values()
+        )
+        return {
+            "bytes": sum(t["total"] for t in tiers.values()),
+            "fp16_bytes": self._streams * self.seen * 2 * self.head_dim * 2,
+            "tokens": tokens,
+            "tiers": tiers,
+            "allocated_bytes": allocated,
+        }

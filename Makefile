@@ -28,7 +28,10 @@ env: $(STAMP)
 
 # maturin installs the package's dependencies (with the test and eval extras) and the
 # extension built with --release into the environment.
+# A version-specific _kvmix.cpython-*.so left by a pre-abi3 build would be imported ahead of
+# the abi3 one (Python prefers the more specific suffix), so it is removed first.
 build: $(STAMP)
+	rm -f python/kvmix/_kvmix.cpython-*.so
 	$(VENV)/bin/maturin develop --release --extras test,eval --quiet
 
 lint: build

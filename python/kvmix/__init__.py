@@ -18,6 +18,7 @@ from kvmix.attention import enable_fused_attention, kvmix_attention
 from kvmix.cache import (
     EvictionCache,
     FullPrecisionCache,
+    Kvmix5xCache,
     KvmixCache,
     MiKVCache,
     QuantizedKVCache,
@@ -41,6 +42,7 @@ __all__ = [
     "DTypeError",
     "EvictionCache",
     "FullPrecisionCache",
+    "Kvmix5xCache",
     "KvmixCache",
     "KvmixError",
     "LayerStore",

@@ -32,12 +32,14 @@ from kvmix.quant import as_core_array
 __all__ = [
     "PREFILL_PHASES",
     "EvictionCache",
+    "Kvmix5xCache",
     "KvmixCache",
     "KvmixLayer",
     "MiKVCache",
     "QuantizedKVCache",
     "ZipCache",
     "combine_memory_reports",
+    "randomized_hadamard",
 ]
 
 _BUFFER_DTYPES = {"float16", "float32"}
@@ -77,6 +79,25 @@ def _full_attention_layers(config: Any) -> int:
             "linear-attention layers would need a different cache."
         )
     return n
+
+
+def randomized_hadamard(dim: int, seed: int) -> torch.Tensor:
+    """An orthogonal ``dim x dim`` matrix ``diag(s) H / sqrt(dim)``: a Sylvester Hadamard matrix
+    with rows of random signs ``s`` (seeded), as in QuaRot (Ashkboos et al., 2024) and QuIP#
+    (Tseng et al., 2024). Rotating keys and values spreads their outlier channels over all
+    channels, so a uniform code's range fits every channel better.
+
+    Raises:
+        ConfigError: ``dim`` is not a power of two.
+    """
+    if dim < 1 or dim & (dim - 1):
+        raise ConfigError(f"a Hadamard rotation needs a power-of-two head_dim, got {dim}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < dim:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (dim,), generator=g, dtype=torch.float64) * 2 - 1
+    return (signs[:, None] * h / dim**0.5).float()
 
 
 def _head_dims(config: Any) -> tuple[int, int, int]:
@@ -137,6 +158,10 @@ class KvmixLayer(CacheLayerMixin):
         self.buffer_dtype = buffer_dtype
         self.owner = owner
         self.store = _kvmix.LayerStore(policy, kv_heads, head_dim, options, buffer_dtype)
+        #: The orthogonal rotation ``R`` of stored keys and values (``None``: none). The store
+        #: holds ``kR`` and ``vR``; since ``(qR)(kR)^T = qk^T`` and ``sum p vR = (sum p v)R``,
+        #: attention rotates the query once and the output back, with no kernel change.
+        self.rotation: torch.Tensor | None = getattr(owner, "rotation", None)
         self.cumulative_length = 0
         #: Set by an update whose tokens have not been scored and classified yet.
         self.needs_prefill = False
@@ -194,8 +219,13 @@ class KvmixLayer(CacheLayerMixin):
         """Append the new tokens ``(B, H_kv, q_len, D)``; return what attention reads."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        k, bf16 = as_core_array(key_states, "key_states")
-        v, _ = as_core_array(value_states, "value_states")
+        stored_k, stored_v = key_states, value_states
+        if self.rotation is not None:
+            r = self.rotation
+            stored_k = (key_states.float() @ r).to(key_states.dtype)
+            stored_v = (value_states.float() @ r).to(value_states.dtype)
+        k, bf16 = as_core_array(stored_k, "key_states")
+        v, _ = as_core_array(stored_v, "value_states")
         first = self.cumulative_length == 0
         t0 = time.perf_counter()
         self.store.append(np.ascontiguousarray(k), np.ascontiguousarray(v), bf16)
@@ -240,6 +270,8 @@ class KvmixLayer(CacheLayerMixin):
         # (the new token; the tokens a classification moved).
         n = self.store.dense_into(*dense, changed_only=reuse)
         keys, values = (torch.from_numpy(a)[:, :, :n] for a in dense)
+        if self.rotation is not None:
+            keys, values = keys @ self.rotation.T, values @ self.rotation.T
         return keys.to(self.dtype), values.to(self.dtype)
 
     def get_seq_length(self) -> int:
@@ -306,6 +338,7 @@ class KvmixCache(Cache):
         options: dict[str, Any] | None = None,
         *,
         buffer_dtype: str = "float16",
+        rotation_seed: int | None = None,
     ) -> None:
         if buffer_dtype not in _BUFFER_DTYPES:
             raise ConfigError(
@@ -316,6 +349,11 @@ class KvmixCache(Cache):
         self.config = config
         self.policy = policy
         self.options = {k: v for k, v in (options or {}).items() if v is not None}
+        #: See :func:`randomized_hadamard`; one matrix shared by every layer (not in the bytes
+        #: of :meth:`memory_report`: ``head_dim**2`` floats per cache).
+        self.rotation = (
+            None if rotation_seed is None else randomized_hadamard(head_dim, rotation_seed)
+        )
         layers = [
             KvmixLayer(policy, self.options, kv_heads, head_dim, buffer_dtype, self)
             for _ in range(n_layers)
@@ -440,6 +478,50 @@ class ZipCache(KvmixCache):
                 "streaming_gap": streaming_gap,
             },
             buffer_dtype=buffer_dtype,
+        )
+
+
+class Kvmix5xCache(KvmixCache):
+    """kvmix's own preset at ~5x smaller than fp16 (``"kvmix-5x"``): ZipCache's tiers (salient
+    tokens by normalized attention, He et al., 2024) at 20% salient 4-bit, the regular tokens'
+    keys at 3 bits and values at 2, with keys and values rotated by a seeded randomized Hadamard
+    matrix before quantizing (QuaRot, Ashkboos et al., 2024): the rotation spreads outlier
+    channels, so the 2/3-bit codes lose less. Queries are rotated once per step and the
+    attention output rotated back (:mod:`kvmix.attention`); the store and its kernel are
+    ZipCache's, unchanged.
+
+    Args:
+        config: the model config.
+        salient_ratio / high_bits / low_key_bits / low_bits: ZipCache's tiers (0.2, 4, 3, 2).
+        rotation_seed: seeds the rotation's signs; ``None`` turns the rotation off (an ablation).
+        streaming_gap: decoding steps buffered in full precision before being classified.
+        buffer_dtype: see :class:`KvmixCache`.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        *,
+        salient_ratio: float = 0.2,
+        high_bits: int = 4,
+        low_key_bits: int = 3,
+        low_bits: int = 2,
+        rotation_seed: int | None = 0,
+        streaming_gap: int = 100,
+        buffer_dtype: str = "float16",
+    ) -> None:
+        super().__init__(
+            config,
+            "zipcache",
+            {
+                "salient_ratio": salient_ratio,
+                "high_bits": high_bits,
+                "low_bits": low_bits,
+                "low_key_bits": low_key_bits,
+                "streaming_gap": streaming_gap,
+            },
+            buffer_dtype=buffer_dtype,
+            rotation_seed=rotation_seed,
         )
 
 

@@ -7,6 +7,7 @@ import importlib.util
 import pytest
 from transformers import PreTrainedTokenizerBase
 
+import kvmix
 from kvmix.models import load_smollm2_tokenizer
 from kvmix.passkey import HAYSTACKS, PHRASINGS, haystack_sentences, passkey_suite, suite_prompt
 
@@ -75,3 +76,25 @@ def test_suite_deterministic_and_families_differ(tokenizer: PreTrainedTokenizerB
         suite_prompt(tokenizer, "kjv", "nope", 512, 0.5, 0)
     with pytest.raises(ValueError, match="n_tokens"):
         suite_prompt(tokenizer, "kjv", "standard", 10, 0.5, 0)
+
+
+@pytest.mark.slow
+def test_kvmix5x_keeps_the_passkey_on_an_untuned_family() -> None:
+    """kvmix-5x was tuned on the filler haystack only; on KJV verses (every phrasing, two depths,
+    2k tokens) it answers at least as many keys as the full cache minus one, at >= 4.9x."""
+    from kvmix.eval.suite import run_suite
+    from kvmix.models import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    kvmix.enable_fused_attention(model)
+    try:
+        records = run_suite(
+            model, tokenizer, ["full", "kvmix-5x"], lengths=(2048,), depths=2, haystacks=("kjv",)
+        )
+    finally:
+        model.set_attn_implementation("sdpa")
+    full = [r for r in records if r["method"] == "full"]
+    mine = [r for r in records if r["method"] == "kvmix-5x"]
+    assert len(full) == len(mine) == 6
+    assert all(r["compression_ratio"] >= 4.9 for r in mine)
+    assert sum(r["correct"] for r in mine) >= sum(r["correct"] for r in full) - 1

@@ -96,6 +96,7 @@ PRESETS = {
     "mikv_int8": lambda c: kvmix.MiKVCache(c, high_bits=8, low_bits=3),
     "uniform2": lambda c: kvmix.QuantizedKVCache(c, bits=2, residual=8),
     "uniform4": lambda c: kvmix.QuantizedKVCache(c, bits=4, residual=8),
+    "kvmix5x": lambda c: kvmix.Kvmix5xCache(c, streaming_gap=4),
 }
 
 

@@ -22,6 +22,7 @@ from kvmix.attention import enable_fused_attention, enable_portable_scoring, kvm
 from kvmix.cache import (
     EvictionCache,
     FullPrecisionCache,
+    Kvmix5xCache,
     KvmixCache,
     MiKVCache,
     QuantizedKVCache,
@@ -47,6 +48,7 @@ __all__ = [
     "DTypeError",
     "EvictionCache",
     "FullPrecisionCache",
+    "Kvmix5xCache",
     "KvmixCache",
     "KvmixError",
     "LayerStore",

@@ -389,10 +389,16 @@ def kvmix_attention(
         return out
     tq = query.shape[2]
     end = layer.cumulative_length
-    q = query.detach().float().contiguous().numpy()
-    out = layer.store.attend(q, list(range(end - tq, end)), scale, True)
+    rotation = getattr(layer, "rotation", None)
+    qf = query.detach().float()
+    if rotation is not None:
+        qf = qf @ rotation  # the store holds rotated keys: (qR)(kR)^T = qk^T
+    out = layer.store.attend(qf.contiguous().numpy(), list(range(end - tq, end)), scale, True)
     layer.store.maybe_classify()
-    attn = torch.from_numpy(out).to(query.dtype).transpose(1, 2).contiguous()
+    result = torch.from_numpy(out)
+    if rotation is not None:
+        result = result @ rotation.T  # the output is sum p (vR): rotate it back
+    attn = result.to(query.dtype).transpose(1, 2).contiguous()
     return attn, None
 
 
@@ -437,8 +443,10 @@ def _track_dense(layer: Any, query: torch.Tensor, scale: float) -> None:
     store = layer.store
     if layer.scoring != "none":
         end, tq = layer.cumulative_length, query.shape[2]
-        q = query.detach().float().contiguous().numpy()
-        store.attend(q, list(range(end - tq, end)), scale, True)
+        qf = query.detach().float()
+        if getattr(layer, "rotation", None) is not None:
+            qf = qf @ layer.rotation  # the store holds rotated keys
+        store.attend(qf.contiguous().numpy(), list(range(end - tq, end)), scale, True)
     store.maybe_classify()
 
 

@@ -42,12 +42,14 @@ from kvmix.types import AttentionMode, BufferDtype, CountMode, PolicyName, Selec
 __all__ = [
     "PREFILL_PHASES",
     "EvictionCache",
+    "Kvmix5xCache",
     "KvmixCache",
     "KvmixLayer",
     "MiKVCache",
     "QuantizedKVCache",
     "ZipCache",
     "combine_memory_reports",
+    "randomized_hadamard",
 ]
 
 #: What a prefill spends beyond the model's own layers, per :meth:`KvmixCache.prefill_timings`.
@@ -85,6 +87,25 @@ def _full_attention_layers(config: Any) -> int:
             "linear-attention layers would need a different cache."
         )
     return n
+
+
+def randomized_hadamard(dim: int, seed: int) -> torch.Tensor:
+    """An orthogonal ``dim x dim`` matrix ``diag(s) H / sqrt(dim)``: a Sylvester Hadamard matrix
+    with rows of random signs ``s`` (seeded), as in QuaRot (Ashkboos et al., 2024) and QuIP#
+    (Tseng et al., 2024). Rotating keys and values spreads their outlier channels over all
+    channels, so a uniform code's range fits every channel better.
+
+    Raises:
+        ConfigError: ``dim`` is not a power of two.
+    """
+    if dim < 1 or dim & (dim - 1):
+        raise ConfigError(f"a Hadamard rotation needs a power-of-two head_dim, got {dim}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < dim:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (dim,), generator=g, dtype=torch.float64) * 2 - 1
+    return (signs[:, None] * h / dim**0.5).float()
 
 
 def _head_dims(config: Any) -> tuple[int, int, int]:
@@ -150,6 +171,10 @@ class KvmixLayer(CacheLayerMixin):
         self.options: dict[str, Any] = self.store.options
         self.scoring = self.store.scoring
         self.buffer_dtype: BufferDtype = self.store.buffer_dtype
+        #: The orthogonal rotation ``R`` of stored keys and values (``None``: none). The store
+        #: holds ``kR`` and ``vR``; since ``(qR)(kR)^T = qk^T`` and ``sum p vR = (sum p v)R``,
+        #: attention rotates the query once and the output back, with no kernel change.
+        self.rotation: torch.Tensor | None = getattr(owner, "rotation", None)
         self.cumulative_length = 0
         #: Set by an update whose tokens have not been scored and classified yet.
         self.needs_prefill = False
@@ -220,8 +245,13 @@ class KvmixLayer(CacheLayerMixin):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        k, bf16 = as_core_array(key_states, "key_states")
-        v, _ = as_core_array(value_states, "value_states")
+        stored_k, stored_v = key_states, value_states
+        if self.rotation is not None:
+            r = self.rotation
+            stored_k = (key_states.float() @ r).to(key_states.dtype)
+            stored_v = (value_states.float() @ r).to(value_states.dtype)
+        k, bf16 = as_core_array(stored_k, "key_states")
+        v, _ = as_core_array(stored_v, "value_states")
         first = self.cumulative_length == 0
         t0 = time.perf_counter()
         self.store.append(np.ascontiguousarray(k), np.ascontiguousarray(v), bf16)
@@ -261,6 +291,8 @@ class KvmixLayer(CacheLayerMixin):
         # (the new token; the tokens a classification moved).
         n = self.store.dense_into(*dense, changed_only=reuse)
         keys, values = (torch.from_numpy(a)[:, :, :n] for a in dense)
+        if self.rotation is not None:
+            keys, values = keys @ self.rotation.T, values @ self.rotation.T
         return keys.to(self.dtype), values.to(self.dtype)
 
     def get_seq_length(self) -> int:
@@ -339,10 +371,16 @@ class KvmixCache(Cache):
         options: dict[str, Any] | None = None,
         *,
         buffer_dtype: BufferDtype | None = None,
+        rotation_seed: int | None = None,
     ) -> None:
         n_layers = _full_attention_layers(config)
         self.num_query_heads, kv_heads, head_dim = _head_dims(config)
         self.config = config
+        #: See :func:`randomized_hadamard`; one matrix shared by every layer (not in the bytes
+        #: of :meth:`memory_report`: ``head_dim**2`` floats per cache).
+        self.rotation = (
+            None if rotation_seed is None else randomized_hadamard(head_dim, rotation_seed)
+        )
         layers = [
             KvmixLayer(policy, options, kv_heads, head_dim, buffer_dtype, self)
             for _ in range(n_layers)
@@ -506,6 +544,50 @@ class ZipCache(KvmixCache):
             streaming_gap=streaming_gap,
         )
         super().__init__(config, "zipcache", options, buffer_dtype=buffer_dtype)
+
+
+class Kvmix5xCache(KvmixCache):
+    """kvmix's own preset at ~5x smaller than fp16 (``"kvmix-5x"``): ZipCache's tiers (salient
+    tokens by normalized attention, He et al., 2024) at 20% salient 4-bit, the regular tokens'
+    keys at 3 bits and values at 2, with keys and values rotated by a seeded randomized Hadamard
+    matrix before quantizing (QuaRot, Ashkboos et al., 2024): the rotation spreads outlier
+    channels, so the 2/3-bit codes lose less. Queries are rotated once per step and the
+    attention output rotated back (:mod:`kvmix.attention`); the store and its kernel are
+    ZipCache's, unchanged.
+
+    Args:
+        config: the model config.
+        salient_ratio / high_bits / low_key_bits / low_bits: ZipCache's tiers (0.2, 4, 3, 2).
+        rotation_seed: seeds the rotation's signs; ``None`` turns the rotation off (an ablation).
+        streaming_gap: decoding steps buffered in full precision before being classified.
+        buffer_dtype: see :class:`KvmixCache`.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        *,
+        salient_ratio: float = 0.2,
+        high_bits: int = 4,
+        low_key_bits: int = 3,
+        low_bits: int = 2,
+        rotation_seed: int | None = 0,
+        streaming_gap: int | None = None,
+        buffer_dtype: BufferDtype | None = None,
+    ) -> None:
+        super().__init__(
+            config,
+            "zipcache",
+            _options(
+                salient_ratio=salient_ratio,
+                high_bits=high_bits,
+                low_bits=low_bits,
+                low_key_bits=low_key_bits,
+                streaming_gap=streaming_gap,
+            ),
+            buffer_dtype=buffer_dtype,
+            rotation_seed=rotation_seed,
+        )
 
 
 class MiKVCache(KvmixCache):

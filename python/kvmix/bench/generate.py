@@ -66,6 +66,11 @@ METHODS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
         "kvmix",
         lambda c: kvmix.QuantizedKVCache(c, bits=4),
     ),
+    "kvmix-5x": (
+        "kvmix-5x (rotated, 20% 4-bit, K3/V2)",
+        "kvmix",
+        lambda c: kvmix.Kvmix5xCache(c),
+    ),
     "zipcache-portable": ("kvmix ZipCache, sdpa (portable)", "sdpa", lambda c: kvmix.ZipCache(c)),
     "mikv-portable": ("kvmix MiKV, sdpa (portable)", "sdpa", lambda c: kvmix.MiKVCache(c)),
 }

@@ -59,6 +59,7 @@ _CACHE_CLASSES: dict[str, Callable[..., kvmix.KvmixCache]] = {
     "eviction": kvmix.EvictionCache,
     "mikv": kvmix.MiKVCache,
     "zipcache": kvmix.ZipCache,
+    "kvmix5x": kvmix.Kvmix5xCache,
 }
 
 
@@ -115,6 +116,15 @@ METHODS: dict[str, Method] = {
             "zipcache",
             salient_ratio=0.2,
             low_key_bits=3,
+        ),
+        # kvmix's own preset at ~5x, and its rotation ablated.
+        _m("kvmix-5x", "kvmix-5x (rotated, 20% 4-bit, K3/V2)", "kvmix", "kvmix5x"),
+        _m(
+            "kvmix-5x-norot",
+            "kvmix-5x without the rotation",
+            "kvmix-ablation",
+            "kvmix5x",
+            rotation_seed=None,
         ),
         # Budget sweeps for the trade-off plots.
         _m("uniform8", "uniform 8-bit (KIVI)", "uniform", "uniform", bits=8),

@@ -1,0 +1,122 @@
+"""``python -m kvmix.eval.suite``: the passkey suite (:mod:`kvmix.passkey`) per family and overall.
+
+Every prompt's prefill runs once (replayed into each method's cache, :mod:`kvmix.eval.prefill`);
+each method answers by greedy decoding with kvmix's fused attention. Prints one table per
+haystack family and one overall, the full cache's score beside each method's, and writes
+``suite.json`` (every record) and ``suite.md`` (the tables) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from kvmix.eval.methods import resolve_methods
+from kvmix.eval.tasks import passkey_records
+from kvmix.passkey import HAYSTACKS, PHRASINGS, passkey_suite
+
+__all__ = ["main", "run_suite", "suite_tables"]
+
+
+def run_suite(
+    model: Any,
+    tokenizer: Any,
+    methods: list[str],
+    lengths: tuple[int, ...] = (2048,),
+    depths: int = 3,
+    haystacks: tuple[str, ...] = HAYSTACKS,
+    phrasings: tuple[str, ...] = tuple(PHRASINGS),
+    seed: int = 0,
+    new_tokens: int = 8,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """One record per (prompt, method), tagged with the prompt's haystack, phrasing and length."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    resolved = resolve_methods(methods, max(lengths), cfg.num_key_value_heads, head_dim)
+    records: list[dict[str, Any]] = []
+    prompts = passkey_suite(tokenizer, lengths, depths, haystacks, phrasings, seed)
+    for i, sp in enumerate(prompts):
+        for r in passkey_records(model, tokenizer, sp.prompt, resolved, new_tokens, i):
+            r.update(haystack=sp.haystack, phrasing=sp.phrasing, length=sp.n_tokens)
+            records.append(r)
+        if progress:
+            done = [r for r in records if r["trial"] == i]
+            line = " ".join(f"{r['method']}={'Y' if r['correct'] else 'n'}" for r in done)
+            print(f"[{i + 1}/{len(prompts)}] {sp.family} {sp.n_tokens}: {line}", flush=True)
+    return records
+
+
+def suite_tables(records: list[dict[str, Any]]) -> str:
+    """Markdown: per haystack (and overall) each method's correct/total, the full cache's beside,
+    and the median bytes ratio measured by ``memory_report()``."""
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[r["haystack"]].append(r)
+        groups[f"{r['haystack']}/{r['phrasing']}"].append(r)
+        groups["overall"].append(r)
+    keys = [h for h in HAYSTACKS if h in groups]
+    keys += [*sorted(k for k in groups if "/" in k), "overall"]
+
+    def score(rs: list[dict[str, Any]], m: str) -> str:
+        mine = [r for r in rs if r["method"] == m]
+        return f"{sum(r['correct'] for r in mine)}/{len(mine)}" if mine else "-"
+
+    header = "| family | full | " + " | ".join(m for m in methods if m != "full") + " |"
+    lines = [header, "|" + "---|" * (len(methods) + 1)]
+    for k in keys:
+        cells = [score(groups[k], m) for m in methods if m != "full"]
+        lines.append(f"| {k} | {score(groups[k], 'full')} | " + " | ".join(cells) + " |")
+    ratios = []
+    for m in methods:
+        rs = sorted(r["compression_ratio"] for r in records if r["method"] == m)
+        ratios.append(f"{rs[len(rs) // 2]:.2f}x" if rs else "-")
+    full_ratio = ratios[methods.index("full")] if "full" in methods else "-"
+    others = [x for m, x in zip(methods, ratios, strict=True) if m != "full"]
+    lines.append(f"| smaller than fp16 | {full_ratio} | " + " | ".join(others) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kvmix.eval.suite", description=__doc__)
+    p.add_argument("--methods", default="full,uniform4,uniform2,mikv,zipcache,kvmix-5x")
+    p.add_argument("--lengths", default="2048", help="comma-separated token counts")
+    p.add_argument("--depths", type=int, default=3)
+    p.add_argument("--haystacks", default=",".join(HAYSTACKS))
+    p.add_argument("--phrasings", default=",".join(PHRASINGS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/suite")
+    a = p.parse_args(argv)
+
+    import kvmix
+    from kvmix.models import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    kvmix.enable_fused_attention(model)
+    records = run_suite(
+        model,
+        tokenizer,
+        a.methods.split(","),
+        tuple(int(x) for x in a.lengths.split(",")),
+        a.depths,
+        tuple(a.haystacks.split(",")),
+        tuple(a.phrasings.split(",")),
+        a.seed,
+        progress=True,
+    )
+    tables = suite_tables(records)
+    print(tables)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "suite.json").write_text(json.dumps({"args": vars(a), "records": records}, indent=1))
+    (out / "suite.md").write_text(tables + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

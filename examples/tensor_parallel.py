@@ -110,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f)
+    if distributed:
+        # Shut gloo down before the interpreter exits: a rank leaving with the process group's
+        # threads still running is aborted by the C++ runtime ("terminate called without an
+        # active exception"), seen once in CI.
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

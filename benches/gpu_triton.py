@@ -63,9 +63,13 @@ def check():
     rows = []
     for name in ("zipcache", "uniform2", "uniform4", "full"):
         gpu = store(name, "cuda", 2, 700)
-        cpu = store(name, "cpu", 2, 700)
-        same = True
-        for t in ("high", "low", "buffer"):
+        try:
+            cpu = store(name, "cpu", 2, 700)
+        except Exception as e:  # an older Triton's interpreter; gpu/parity.py checks vs Rust
+            print(f"  {name}: Triton interpreter failed ({type(e).__name__}); codes not compared")
+            cpu = None
+        same = cpu is not None
+        for t in ("high", "low", "buffer") if cpu is not None else ():
             a, c = gpu._tiers[t], cpu._tiers[t]
             for f in ("pos", "kd", "vd", "ks", "ko", "vs", "vo", "vf"):
                 x, y = getattr(a, f), getattr(c, f)
@@ -89,8 +93,13 @@ def check():
             )
             err = (out.double() - ref).abs().max().item()
             rows.append((name, "f16 dots" if f16 else "fp32 dots", same, err))
-        oc = cpu.attend(q.cpu(), [699], D**-0.5, track=False)
-        rows.append((name, "interpreter", same, (oc.double() - ref.cpu()).abs().max().item()))
+        if cpu is not None:
+            try:
+                oc = cpu.attend(q.cpu(), [699], D**-0.5, track=False)
+            except Exception as e:  # Triton 3.6's interpreter cannot loop over tensor bounds
+                print(f"  {name}: interpreter attention failed ({type(e).__name__})")
+                continue
+            rows.append((name, "interpreter", same, (oc.double() - ref.cpu()).abs().max().item()))
     print("correctness: policy | kernel | codes == interpreter | max |out - fp64 ref|")
     for r in rows:
         print(f"  {r[0]:9s} | {r[1]:11s} | {r[2]} | {r[3]:.2e}")

@@ -31,7 +31,7 @@ for n in LENGTHS:
             tri.add_scores(0, acc.to(DEV), cnt.to(DEV))
         rust.maybe_classify(True)
         tri.maybe_classify(True)
-        same_tiers, max_row = True, 0.0
+        same_tiers, max_row, differ, total = True, 0.0, 0, 0
         for s in range(B * H):
             rp, tp = rust.tier_positions(s), tri.tier_positions(s)
             for tier in ("buffer", "high", "low"):
@@ -40,6 +40,8 @@ for n in LENGTHS:
             _, kt, vt = tri.dense(s)
             kd, vd = np.abs(kr - kt.cpu().numpy()).max(), np.abs(vr - vt.cpu().numpy()).max()
             max_row = max(max_row, kd, vd)
+            differ += int((kr != kt.cpu().numpy()).sum() + (vr != vt.cpu().numpy()).sum())
+            total += kr.size + vr.size
         q = torch.randn(B, HQ, 1, D)
         want = rust.attend(q.numpy(), [n - 1], D**-0.5, False)
         got = tri.attend(q.to(DEV), [n - 1], D**-0.5, track=False).cpu().numpy()
@@ -47,5 +49,5 @@ for n in LENGTHS:
         ok = same_tiers and max_row == 0 and err < 1e-4
         print(
             f"{policy:9s} n={n:5d} | tiers equal {same_tiers} | max |row diff| {max_row:.1e} "
-            f"| max |attn diff| {err:.1e} | {'OK' if ok else 'FAIL'}"
+            f"({differ}/{total} values) | max |attn diff| {err:.1e} | {'OK' if ok else 'FAIL'}"
         )

@@ -60,9 +60,10 @@ def _min(x, axis: tl.constexpr):
 
 
 # Modes of a tier's keys or values (constexpr kernel arguments).
-DENSE = 0
-CHANNEL = 1  # per-channel scale/offset of the page's segment (keys only)
-TOKEN = 2  # per-token groups of channels
+# Compiled kernels may only read globals that are constexpr (the interpreter reads any).
+DENSE = tl.constexpr(0)
+CHANNEL = tl.constexpr(1)  # per-channel scale/offset of the page's segment (keys only)
+TOKEN = tl.constexpr(2)  # per-token groups of channels
 
 
 @triton.jit

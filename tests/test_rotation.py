@@ -79,3 +79,21 @@ def test_kvmix5x_at_high_bits_matches_the_full_cache() -> None:
             got = model.generate(ids, past_key_values=cache, **greedy)
             assert torch.equal(got, want), impl
     model.set_attn_implementation("sdpa")
+
+
+def test_memory_report_counts_the_rotation_matrix() -> None:
+    """The rotation is held by the cache, so its bytes are part of what the report says."""
+    model = kvmix.enable_portable_scoring(tiny_random_model("llama"))
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    rotated = kvmix.Kvmix5xCache(cfg)
+    plain = kvmix.Kvmix5xCache(cfg, rotation_seed=None)
+    k = torch.randn(1, cfg.num_key_value_heads, 40, head_dim)
+    for cache in (rotated, plain):
+        for layer in cache.layers:
+            layer.update(k, k)
+    stores = sum(layer.store.memory()["bytes"] for layer in rotated.layers)
+    got, base = rotated.memory_report(), plain.memory_report()
+    assert got["rotation_bytes"] == head_dim * head_dim * 4 and base["rotation_bytes"] == 0
+    assert got["bytes"] == stores + head_dim * head_dim * 4
+    assert got["compression_ratio"] == got["fp16_bytes"] / got["bytes"]

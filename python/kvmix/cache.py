@@ -425,9 +425,18 @@ class KvmixCache(Cache):
         Returns:
             ``bytes`` (everything held, metadata included), ``fp16_bytes`` (a dense fp16 cache of
             every token seen), ``compression_ratio`` (``fp16_bytes / bytes``), ``tokens`` (held,
-            summed over sequences and heads) and ``tiers`` (per-tier breakdown, summed over layers).
+            summed over sequences and heads), ``tiers`` (per-tier breakdown, summed over layers)
+            and ``rotation_bytes`` (the rotation matrix of a rotated cache, counted in ``bytes``;
+            0 without one).
         """
-        return combine_memory_reports(layer.store.memory() for layer in self.layers)
+        reports = [layer.store.memory() for layer in self.layers]
+        rotation = 0
+        if self.rotation is not None:
+            rotation = self.rotation.numel() * self.rotation.element_size()
+            reports.append({"bytes": rotation, "fp16_bytes": 0, "tokens": 0, "tiers": {}})
+        total = combine_memory_reports(reports)
+        total["rotation_bytes"] = rotation
+        return total
 
     def memory_report_across_ranks(self, group: Any = None) -> dict[str, Any]:
         """:meth:`memory_report` of every rank of a ``torch.distributed`` process group (under

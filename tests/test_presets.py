@@ -183,6 +183,9 @@ def test_a_missing_extra_is_named():
     assert not needy.available()
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'kvmix\[eval\]'"):
         needy.make_cache(small_config())
+    # A submodule of a missing package (optimum.quanto without optimum): not available either.
+    orphan = Preset("o", "x", "test", "test", DynamicCache, requires=("no_such_pkg_kv.sub", "eval"))
+    assert not orphan.available()
 
 
 def test_every_tool_names_registry_presets():

@@ -51,8 +51,8 @@ def _generate(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int) -> dic
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kvmix.demo", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m kvmix.demo") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument(
         "--method",
         choices=METHODS,

@@ -128,7 +128,12 @@ class Preset:
 
     def available(self) -> bool:
         """Whether what the factory needs is installed."""
-        return self.requires is None or importlib.util.find_spec(self.requires[0]) is not None
+        if self.requires is None:
+            return True
+        try:
+            return importlib.util.find_spec(self.requires[0]) is not None
+        except ModuleNotFoundError:  # a dotted name whose parent package is missing
+            return False
 
     def derive(self, name: str, description: str, **overrides: Any) -> Preset:
         """A new preset: this one with ``overrides`` (checked) under another name."""

@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvmix.demo") -> i
     report = cache.memory_report()
 
     def text(t: torch.Tensor) -> str:
-        return tokenizer.decode(t, skip_special_tokens=True).strip()
+        decoded = tokenizer.decode(t, skip_special_tokens=True)
+        assert isinstance(decoded, str)  # one sequence decodes to one string
+        return decoded.strip()
 
     agree = 0
     for a, b in zip(full["tokens"].tolist(), ours["tokens"].tolist(), strict=False):

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 import kvmix
 from kvmix.bench.quantization import machine_info
@@ -138,7 +139,9 @@ def cache_ratio(cache: Any) -> float | None:
     if isinstance(cache, kvmix.KvmixCache):
         return float(cache.memory_report()["compression_ratio"])
     if type(cache) is DynamicCache:
-        return 2.0 / cache.layers[0].keys.element_size()
+        layer = cache.layers[0]
+        assert isinstance(layer, DynamicLayer) and layer.keys is not None  # filled by prefill
+        return 2.0 / layer.keys.element_size()
     return None
 
 
@@ -187,23 +190,22 @@ def measure(
             state[m.name] = (cache, torch.tensor([[new[-1]]]), tokens + new)
     _use(model, "kvmix")
     results: dict[str, dict[str, Any]] = {}
-    for mm in methods:
-        m = mm.name
-        cache, _, tokens = state[m]
-        results[m] = {
-            "label": mm.label,
-            "prefill_s": statistics.median(prefills[m]),
-            "decode_tok_s": statistics.median(speeds[m]),
-            "prefill_runs": prefills[m],
-            "decode_runs": speeds[m],
+    for m in methods:
+        cache, _, tokens = state[m.name]
+        res = results[m.name] = {
+            "label": m.label,
+            "prefill_s": statistics.median(prefills[m.name]),
+            "decode_tok_s": statistics.median(speeds[m.name]),
+            "prefill_runs": prefills[m.name],
+            "decode_runs": speeds[m.name],
             "tokens": tokens,
             "cache_vs_fp16": cache_ratio(cache),
         }
-        if phases[m]:
+        if phases[m.name]:
             # Shares of the method's own prefill, median over rounds.
-            for phase in phases[m][0]:
-                share = statistics.median(p[phase] for p in phases[m])
-                results[m][f"{phase}_share"] = share
+            for phase in phases[m.name][0]:
+                share = statistics.median(p[phase] for p in phases[m.name])
+                res[f"{phase}_share"] = share
     if "full" in results:
         base = results["full"]
         for res in results.values():

@@ -21,6 +21,7 @@ import numpy as np
 import kvmix
 from kvmix.cache import combine_memory_reports
 from kvmix.registry import PRESETS
+from kvmix.types import BufferDtype, PolicyName
 
 #: The presets measured by default (any kvmix preset of :mod:`kvmix.registry` can be named):
 #: the papers' presets and the baselines.
@@ -64,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def measure(
-    policy: str,
+    policy: PolicyName,
     config: dict[str, Any] | None,
     *,
     tokens: int,
@@ -72,7 +73,7 @@ def measure(
     layers: int,
     kv_heads: int,
     head_dim: int,
-    buffer_dtype: str = "float16",
+    buffer_dtype: BufferDtype = "float16",
     seed: int = 0,
 ) -> dict[str, Any]:
     """Prefill (and decode) ``layers`` stores and return their summed memory report."""

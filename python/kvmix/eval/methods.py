@@ -18,6 +18,7 @@ from transformers import DynamicCache
 
 from kvmix.bench.memory import measure
 from kvmix.registry import PRESETS, Preset
+from kvmix.types import PolicyName
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -66,7 +67,9 @@ SWEEP_METHODS: tuple[str, ...] = (
 
 
 @functools.lru_cache(maxsize=64)
-def _ratio(policy: str, options: tuple[tuple[str, Any], ...], geometry: tuple[int, ...]) -> float:
+def _ratio(
+    policy: PolicyName, options: tuple[tuple[str, Any], ...], geometry: tuple[int, ...]
+) -> float:
     tokens, kv_heads, head_dim = geometry
     report = measure(
         policy,

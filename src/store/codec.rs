@@ -600,5 +600,4 @@ impl EncodedRows {
 }
 
 #[cfg(test)]
-#[path = "codec_tests.rs"]
 mod tests;

@@ -707,9 +707,7 @@ fn set_stream_balancer(s: &mut Stream, inverse: &[f32]) -> Result<()> {
 }
 
 #[cfg(test)]
-#[path = "layer_tests.rs"]
 mod tests;
 
 #[cfg(test)]
-#[path = "fuzz_tests.rs"]
 mod fuzz_tests;

@@ -18,8 +18,8 @@ use super::{Avx2, Simd};
 use codes::{code_rows_axpy, code_rows_dots};
 use std::arch::x86_64::*;
 
-#[path = "simd_x86_512_codes.rs"]
 mod codes;
+mod strided;
 
 /// AVX-512 F/BW/VL/VBMI plus everything [`Avx2`] needs. Only [`Avx512::detect`] makes one.
 #[derive(Clone, Copy)]
@@ -166,7 +166,7 @@ fn row_fits<const B: usize>(at: usize, n: usize, len: usize) -> bool {
     units == 0 || at + (units - 1) * 2 * B + load_bytes(B) <= len
 }
 
-/// `e^x` in sixteen lanes: [`super::x86::exp8`]'s Cephes polynomial, with the same
+/// `e^x` in sixteen lanes: [`super::avx2::exp8`]'s Cephes polynomial, with the same
 /// guarantees (2 ulp; lanes below -87.3 and `-inf` give exactly 0).
 ///
 /// Softmax is bound by this function's dependency chain (20 cycles per sixteen lanes

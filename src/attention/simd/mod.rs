@@ -235,18 +235,16 @@ impl Simd for Portable {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub use x86::Avx2;
+pub use avx2::Avx2;
 
 #[cfg(target_arch = "x86_64")]
-#[path = "simd_x86.rs"]
-mod x86;
+mod avx2;
 
 #[cfg(target_arch = "x86_64")]
-pub use x86_512::Avx512;
+pub use avx512::Avx512;
 
 #[cfg(target_arch = "x86_64")]
-#[path = "simd_x86_512.rs"]
-mod x86_512;
+mod avx512;
 
 /// Byte → its four 2-bit codes as `f32`, least significant first.
 static UNPACK2: [[f32; 4]; 256] = {
@@ -311,5 +309,4 @@ pub fn unpack_f32(bytes: &[u8], bits: u8, out: &mut [f32]) {
 }
 
 #[cfg(test)]
-#[path = "simd_tests.rs"]
 mod tests;

@@ -1,12 +1,9 @@
 //! The AVX-512 code kernels: dot products of the queries with blocks of key rows, and
 //! weighted sums of blocks of value rows, straight from the packed codes ([`super::codes16`]).
 
+use super::strided::{self, axpy_span2, row_dots4_strided, strided_keys, strided_queries};
 use super::{codes16, codes16_exact, decoder, prefetch_rows, row_fits, Decoder, PREFETCH_AHEAD};
 use std::arch::x86_64::*;
-use strided::{axpy_span2, row_dots4_strided, strided_keys, strided_queries};
-
-#[path = "simd_x86_512_strided.rs"]
-mod strided;
 
 /// The `M ≤ 4` query accumulators of one row's dot products (lanes still to be summed;
 /// unused queries stay zero). `SAFE` reads only the row's own bytes.
@@ -141,7 +138,7 @@ fn fold_rows(r: [__m512; 4]) -> __m512 {
 /// holding its dots with the sixteen rows in order: a 4×4 transpose of 128-bit blocks.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-fn rows_by_query(g: [__m512; 4]) -> [__m512; 4] {
+pub(super) fn rows_by_query(g: [__m512; 4]) -> [__m512; 4] {
     let a = _mm512_shuffle_f32x4::<0x44>(g[0], g[1]);
     let b = _mm512_shuffle_f32x4::<0x44>(g[2], g[3]);
     let c = _mm512_shuffle_f32x4::<0xee>(g[0], g[1]);

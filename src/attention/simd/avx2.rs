@@ -9,7 +9,7 @@ pub struct Avx2(());
 
 impl Avx2 {
     pub fn detect() -> Option<Avx2> {
-        crate::isa::cpu().avx2.then_some(Avx2(()))
+        (crate::isa::best() >= crate::isa::Isa::Avx2).then_some(Avx2(()))
     }
 }
 

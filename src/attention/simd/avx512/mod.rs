@@ -32,7 +32,7 @@ pub struct Avx512 {
 impl Avx512 {
     pub fn detect() -> Option<Avx512> {
         let avx2 = Avx2::detect()?;
-        crate::isa::cpu().avx512_vbmi.then_some(Avx512 { avx2 })
+        (crate::isa::best() >= crate::isa::Isa::Avx512Vbmi).then_some(Avx512 { avx2 })
     }
 }
 

@@ -10,7 +10,7 @@
 //! * values: `Σ_j p_j v̂_j = f ⊙ Σ_j p_j (α_j c_j + β_j)` (per-token groups) or
 //!   `f ⊙ (α ⊙ Σ_j p_j c_j + β Σ_j p_j)` (per-channel), with `f` applied once per run.
 
-use super::simd::{unpack_f32, Simd};
+use super::simd::{unpack_f32, CodeBlock, Simd, Strided, StridedMut};
 use crate::store::codec::{Codec, EncodedRows, RowData};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -177,12 +177,25 @@ pub fn key_logits<S: Simd>(
             // is paid less often (16k tokens, one thread: keys 1.307 → 1.259 ms).
             let rb = d * bits as usize / 8;
             let block = if nq <= 4 { 4096 } else { 256 };
+            let q = Strided {
+                data: &qa,
+                stride: d,
+                count: nq,
+            };
             for b0 in (run.start..run.end).step_by(block) {
                 let b1 = (b0 + block).min(run.end);
-                let codes = &all_codes[b0 * rb..];
-                let out = &mut logits[b0..];
-                let m = b1 - b0;
-                simd.code_rows_dots_biased(&qa, d, nq, codes, rb, m, bits, d, out, stride, &qb);
+                let codes = CodeBlock {
+                    codes: &all_codes[b0 * rb..],
+                    row_bytes: rb,
+                    rows: b1 - b0,
+                    bits,
+                    width: d,
+                };
+                let out = StridedMut {
+                    data: &mut logits[b0..],
+                    stride,
+                };
+                simd.code_rows_dots(q, codes, out, &qb);
             }
         }
         Codec::TokenGroups {
@@ -212,9 +225,23 @@ pub fn key_logits<S: Simd>(
                     logits[i * stride + r0..i * stride + r1].fill(0.0);
                 }
                 for gi in 0..groups {
-                    let codes = &all_codes[r0 * rb + gi * gbytes..];
-                    let q = &qf[gi * g..];
-                    simd.code_rows_dots(q, d, nq, codes, rb, m, bits, g, &mut dots, BLOCK);
+                    let codes = CodeBlock {
+                        codes: &all_codes[r0 * rb + gi * gbytes..],
+                        row_bytes: rb,
+                        rows: m,
+                        bits,
+                        width: g,
+                    };
+                    let q = Strided {
+                        data: &qf[gi * g..],
+                        stride: d,
+                        count: nq,
+                    };
+                    let out = StridedMut {
+                        data: &mut dots,
+                        stride: BLOCK,
+                    };
+                    simd.code_rows_dots(q, codes, out, &[]);
                     // This group's scales and offsets for the block's rows, contiguous.
                     let k0 = (r0 - run.start) * groups + gi;
                     let (sa, sb) = group_params(&scales, &offsets, k0, groups, m, &mut sab);
@@ -270,19 +297,23 @@ pub fn accumulate_values<S: Simd>(
             const BLOCK: usize = 256;
             for r0 in (run.start..run.end).step_by(BLOCK) {
                 let r1 = (r0 + BLOCK).min(run.end);
-                let codes = &all_codes[r0 * rb..];
-                simd.code_rows_axpy(
-                    &mut acc,
-                    d,
-                    nq,
-                    &probs[r0..],
-                    stride,
-                    codes,
-                    rb,
-                    r1 - r0,
+                let codes = CodeBlock {
+                    codes: &all_codes[r0 * rb..],
+                    row_bytes: rb,
+                    rows: r1 - r0,
                     bits,
-                    d,
-                );
+                    width: d,
+                };
+                let w = Strided {
+                    data: &probs[r0..],
+                    stride,
+                    count: nq,
+                };
+                let acc = StridedMut {
+                    data: &mut acc,
+                    stride: d,
+                };
+                simd.code_rows_axpy(acc, w, codes);
             }
             let psum: Vec<f32> = (0..nq)
                 .map(|i| {
@@ -337,19 +368,23 @@ pub fn accumulate_values<S: Simd>(
                         // dot): 16k step 2.44 → 2.49 ms.
                         bias[i * groups + gi] += simd.dot(pr, sb);
                     }
-                    let codes = &all_codes[r0 * rb + gi * gbytes..];
-                    simd.code_rows_axpy(
-                        &mut acc[gi * g..],
-                        d,
-                        nq,
-                        &w,
-                        block,
-                        codes,
-                        rb,
-                        m,
+                    let codes = CodeBlock {
+                        codes: &all_codes[r0 * rb + gi * gbytes..],
+                        row_bytes: rb,
+                        rows: m,
                         bits,
-                        g,
-                    );
+                        width: g,
+                    };
+                    let w = Strided {
+                        data: &w,
+                        stride: block,
+                        count: nq,
+                    };
+                    let acc = StridedMut {
+                        data: &mut acc[gi * g..],
+                        stride: d,
+                    };
+                    simd.code_rows_axpy(acc, w, codes);
                 }
             }
             for i in 0..nq {

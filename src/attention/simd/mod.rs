@@ -7,9 +7,69 @@
 //! Rejected: relying on auto-vectorization alone. LLVM splits an `[f32; 8]` accumulator into
 //! shuffled halves when it reduces it, which made the dot product 3x slower than intrinsics.
 
+/// A block of rows of packed codes, the unit every code kernel works on: row `r`'s `width`
+/// codes of `bits` bits start at byte `r·row_bytes` of `codes`. A row may hold more than
+/// `width` codes (a kernel on one token group reads that group's span of each row), and
+/// `codes` may end right after the last row's `width·bits/8` bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct CodeBlock<'a> {
+    pub codes: &'a [u8],
+    pub row_bytes: usize,
+    pub rows: usize,
+    pub bits: u8,
+    /// Codes read per row.
+    pub width: usize,
+}
+
+impl CodeBlock<'_> {
+    /// The bytes of row `r`'s `width` codes.
+    #[inline(always)]
+    fn row(&self, r: usize) -> &[u8] {
+        let at = r * self.row_bytes;
+        &self.codes[at..at + self.width * self.bits as usize / 8]
+    }
+}
+
+/// `count` vectors of floats (queries, weights), vector `i` from `data[i·stride]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Strided<'a> {
+    pub data: &'a [f32],
+    pub stride: usize,
+    pub count: usize,
+}
+
+/// Vectors of floats that a kernel writes (logits, accumulators), vector `i` from
+/// `data[i·stride]`; as many as the kernel's input [`Strided`] has.
+#[derive(Debug)]
+pub struct StridedMut<'a> {
+    pub data: &'a mut [f32],
+    pub stride: usize,
+}
+
+impl StridedMut<'_> {
+    /// The same vectors, borrowed for one kernel call.
+    #[inline(always)]
+    pub fn reborrow(&mut self) -> StridedMut<'_> {
+        StridedMut {
+            data: &mut *self.data,
+            stride: self.stride,
+        }
+    }
+}
+
+/// The operations of the attention kernel, one implementation per instruction set.
+///
+/// Two of them read packed codes ([`Simd::code_rows_dots`] for keys, [`Simd::code_rows_axpy`]
+/// for values); the default implementations unpack a row into floats and use the
+/// single-vector operations, and an implementation overrides them with kernels that keep
+/// the codes in registers for the bit widths it specialises, falling back to [`Portable`]
+/// for the others.
 pub trait Simd: Copy + Send + Sync {
     /// `Σ a_i b_i`.
     fn dot(self, a: &[f32], b: &[f32]) -> f32;
+
+    /// `acc_i += a·x_i`.
+    fn axpy(self, acc: &mut [f32], a: f32, x: &[f32]);
 
     /// `dst[i] = src[i]` for `i < min(src.len(), dst.len())` (the per-row scales and offsets
     /// of a run, converted once per call).
@@ -18,10 +78,6 @@ pub trait Simd: Copy + Send + Sync {
         let n = src.len().min(dst.len());
         src[..n].convert_to_f32_slice(&mut dst[..n]);
     }
-    /// `acc_i += a·x_i`.
-    fn axpy(self, acc: &mut [f32], a: f32, x: &[f32]);
-    /// `acc_i += a·x_i + b`.
-    fn axpb(self, acc: &mut [f32], a: f32, x: &[f32], b: f32);
 
     /// `row ← e^(row − max(row))` in place, returning `(max, sum)`: softmax without the
     /// final division, which the attention kernel applies to each query's output instead of
@@ -42,160 +98,123 @@ pub trait Simd: Copy + Send + Sync {
         (m, sum)
     }
 
-    /// Softmax of `row` in place (max-subtracted); a row that is all `-inf` becomes all zeros.
-    fn softmax(self, row: &mut [f32]) {
-        let (_, sum) = self.exp_shifted(row);
-        if sum > 0.0 {
-            let inv = 1.0 / sum;
-            row.iter_mut().for_each(|l| *l *= inv);
-        }
-    }
-
-    /// For each query `i < nq`: `out[i] = Σ_{c<n} q[i·stride + c] · code_c`, with the `n`
-    /// codes of `bits` bits packed in `codes`. Fusing the unpacking into the dot products
-    /// keeps the codes in registers.
-    #[allow(clippy::too_many_arguments)]
-    fn code_dots(
-        self,
-        q: &[f32],
-        stride: usize,
-        nq: usize,
-        codes: &[u8],
-        bits: u8,
-        n: usize,
-        out: &mut [f32],
-    ) {
-        let mut buf = [0f32; 512];
-        for (k, chunk) in (0..n).step_by(512).enumerate() {
-            let m = (n - chunk).min(512);
-            let bytes = &codes[k * 512 * bits as usize / 8..];
-            unpack_f32(&bytes[..m * bits as usize / 8], bits, &mut buf[..m]);
-            for i in 0..nq {
-                let add = self.dot(&q[i * stride + chunk..i * stride + chunk + m], &buf[..m]);
-                out[i] = if k == 0 { add } else { out[i] + add };
-            }
-        }
-    }
-
-    /// [`Simd::code_rows_dots`] plus `bias[i]` on every dot of query `i` (`bias` holds `nq`
-    /// values): the per-channel codec's offset term, added where the dots are stored instead
-    /// of in a second pass over the logits (which cost 3% of a 16k-token step).
-    #[allow(clippy::too_many_arguments)]
-    fn code_rows_dots_biased(
-        self,
-        q: &[f32],
-        stride: usize,
-        nq: usize,
-        codes: &[u8],
-        row_bytes: usize,
-        rows: usize,
-        bits: u8,
-        n: usize,
-        out: &mut [f32],
-        out_stride: usize,
-        bias: &[f32],
-    ) {
-        self.code_rows_dots(
-            q, stride, nq, codes, row_bytes, rows, bits, n, out, out_stride,
-        );
-        for (i, &b) in bias.iter().enumerate().take(nq) {
-            let o = &mut out[i * out_stride..i * out_stride + rows];
-            o.iter_mut().for_each(|l| *l += b);
-        }
-    }
-
-    /// `code_dots` over `rows` rows: row `r`'s `n` codes start at `codes[r·row_bytes]` and its
-    /// dot with query `i` goes to `out[i·out_stride + r]` (query-major, so a caller can
-    /// point `out` straight at its logits). One call per block of rows, not per row: the
-    /// call and its setup cost as much as a row's arithmetic.
-    #[allow(clippy::too_many_arguments)]
+    /// `out[i·out.stride + r] = q_i · codes_r + bias[i]` for every query `i < q.count` and
+    /// row `r` of `block` (query-major, so a caller can point `out` straight at its logits;
+    /// an empty `bias` adds nothing). The bias is the per-channel codec's offset term, added
+    /// where the dots are stored instead of in a second pass over the logits (which cost 3%
+    /// of a 16k-token step). One call per block of rows, not per row: the call and its setup
+    /// cost as much as a row's arithmetic.
     fn code_rows_dots(
         self,
-        q: &[f32],
-        stride: usize,
-        nq: usize,
-        codes: &[u8],
-        row_bytes: usize,
-        rows: usize,
-        bits: u8,
-        n: usize,
-        out: &mut [f32],
-        out_stride: usize,
+        q: Strided<'_>,
+        block: CodeBlock<'_>,
+        out: StridedMut<'_>,
+        bias: &[f32],
     ) {
-        let nb = n * bits as usize / 8;
         let mut dots = [0f32; 16];
-        for i0 in (0..nq).step_by(16) {
-            let m = (nq - i0).min(16);
-            for r in 0..rows {
-                let c = &codes[r * row_bytes..r * row_bytes + nb];
-                self.code_dots(&q[i0 * stride..], stride, m, c, bits, n, &mut dots[..m]);
+        for i0 in (0..q.count).step_by(16) {
+            let m = (q.count - i0).min(16);
+            let qi = Strided {
+                data: &q.data[i0 * q.stride..],
+                count: m,
+                ..q
+            };
+            for r in 0..block.rows {
+                code_dots(
+                    self,
+                    qi,
+                    block.row(r),
+                    block.bits,
+                    block.width,
+                    &mut dots[..m],
+                );
                 for (j, &x) in dots[..m].iter().enumerate() {
-                    out[(i0 + j) * out_stride + r] = x;
+                    out.data[(i0 + j) * out.stride + r] = x;
                 }
             }
         }
+        add_bias(out, block.rows, bias);
     }
 
-    /// `code_axpys` over `rows` rows: row `r`'s `n` codes start at `codes[r·row_bytes]` and
-    /// its weight for query `i` is `w[i·w_stride + r]` (query-major, so probabilities can be
-    /// passed as they are). Blocking over rows keeps the accumulators in registers instead of
-    /// loading and storing them for every row.
-    #[allow(clippy::too_many_arguments)]
-    fn code_rows_axpy(
-        self,
-        acc: &mut [f32],
-        stride: usize,
-        nq: usize,
-        w: &[f32],
-        w_stride: usize,
-        codes: &[u8],
-        row_bytes: usize,
-        rows: usize,
-        bits: u8,
-        n: usize,
-    ) {
-        let nb = n * bits as usize / 8;
+    /// `acc[i·acc.stride + c] += Σ_r w[i·w.stride + r] · code_{r,c}` for every query
+    /// `i < w.count` and channel `c < block.width` (weights query-major, so probabilities
+    /// can be passed as they are). Blocking over rows keeps the accumulators in registers
+    /// instead of loading and storing them for every row.
+    fn code_rows_axpy(self, acc: StridedMut<'_>, w: Strided<'_>, block: CodeBlock<'_>) {
         let mut wr = [0f32; 16];
-        for i0 in (0..nq).step_by(16) {
-            let m = (nq - i0).min(16);
-            for r in 0..rows {
-                let c = &codes[r * row_bytes..r * row_bytes + nb];
+        for i0 in (0..w.count).step_by(16) {
+            let m = (w.count - i0).min(16);
+            for r in 0..block.rows {
                 for (j, x) in wr[..m].iter_mut().enumerate() {
-                    *x = w[(i0 + j) * w_stride + r];
+                    *x = w.data[(i0 + j) * w.stride + r];
                 }
-                self.code_axpys(&mut acc[i0 * stride..], stride, m, &wr[..m], c, bits, n);
+                let a = StridedMut {
+                    data: &mut acc.data[i0 * acc.stride..],
+                    stride: acc.stride,
+                };
+                code_axpys(self, a, &wr[..m], block.row(r), block.bits, block.width);
             }
         }
     }
+}
 
-    /// For each query `i < nq`: `acc[i·stride + c] += w[i] · code_c` for `c < n`.
-    #[allow(clippy::too_many_arguments)]
-    fn code_axpys(
-        self,
-        acc: &mut [f32],
-        stride: usize,
-        nq: usize,
-        w: &[f32],
-        codes: &[u8],
-        bits: u8,
-        n: usize,
-    ) {
-        let mut buf = [0f32; 512];
-        for (k, chunk) in (0..n).step_by(512).enumerate() {
-            let m = (n - chunk).min(512);
-            let bytes = &codes[k * 512 * bits as usize / 8..];
-            unpack_f32(&bytes[..m * bits as usize / 8], bits, &mut buf[..m]);
-            for i in 0..nq {
-                if w[i] != 0.0 {
-                    self.axpy(
-                        &mut acc[i * stride + chunk..i * stride + chunk + m],
-                        w[i],
-                        &buf[..m],
-                    );
-                }
+/// `out[i·out.stride + r] += bias[i]` for the `rows` first entries of each query's output.
+#[inline(always)]
+fn add_bias(out: StridedMut<'_>, rows: usize, bias: &[f32]) {
+    for (i, &b) in bias.iter().enumerate() {
+        let o = &mut out.data[i * out.stride..i * out.stride + rows];
+        o.iter_mut().for_each(|l| *l += b);
+    }
+}
+
+/// For each query `i < q.count`: `out[i] = Σ_{c<n} q_i[c] · code_c`, with the `n` codes of
+/// `bits` bits packed in `codes`, unpacked 512 at a time.
+#[inline(always)]
+fn code_dots<S: Simd>(s: S, q: Strided<'_>, codes: &[u8], bits: u8, n: usize, out: &mut [f32]) {
+    let mut buf = [0f32; 512];
+    for (k, chunk) in (0..n).step_by(512).enumerate() {
+        let m = (n - chunk).min(512);
+        let bytes = &codes[k * 512 * bits as usize / 8..];
+        unpack_f32(&bytes[..m * bits as usize / 8], bits, &mut buf[..m]);
+        for (i, o) in out.iter_mut().enumerate().take(q.count) {
+            let qi = &q.data[i * q.stride + chunk..i * q.stride + chunk + m];
+            let add = s.dot(qi, &buf[..m]);
+            *o = if k == 0 { add } else { *o + add };
+        }
+    }
+}
+
+/// For each query `i < w.len()`: `acc[i·acc.stride + c] += w[i] · code_c` for `c < n`.
+#[inline(always)]
+fn code_axpys<S: Simd>(s: S, acc: StridedMut<'_>, w: &[f32], codes: &[u8], bits: u8, n: usize) {
+    let mut buf = [0f32; 512];
+    for (k, chunk) in (0..n).step_by(512).enumerate() {
+        let m = (n - chunk).min(512);
+        let bytes = &codes[k * 512 * bits as usize / 8..];
+        unpack_f32(&bytes[..m * bits as usize / 8], bits, &mut buf[..m]);
+        for (i, &wi) in w.iter().enumerate() {
+            if wi != 0.0 {
+                let at = i * acc.stride + chunk;
+                s.axpy(&mut acc.data[at..at + m], wi, &buf[..m]);
             }
         }
     }
+}
+
+/// `$f::<$consts…, M>($args…)` with `M = min(m, 4)` as a constant: the SIMD kernels take the
+/// queries of a GQA group four at a time, and a constant count lets their per-query loops
+/// unroll and keep every accumulator in a register. Defined before the ISA modules, which
+/// see it by textual scope.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_query_count {
+    ($m:expr, $f:ident::<$($c:tt),*>($($a:expr),* $(,)?)) => {
+        match $m {
+            1 => $f::<$($c,)* 1>($($a),*),
+            2 => $f::<$($c,)* 2>($($a),*),
+            3 => $f::<$($c,)* 3>($($a),*),
+            _ => $f::<$($c,)* 4>($($a),*),
+        }
+    };
 }
 
 /// Plain Rust, for any target.
@@ -223,13 +242,6 @@ impl Simd for Portable {
     fn axpy(self, acc: &mut [f32], a: f32, x: &[f32]) {
         for (o, &v) in acc.iter_mut().zip(x) {
             *o += a * v;
-        }
-    }
-
-    #[inline(always)]
-    fn axpb(self, acc: &mut [f32], a: f32, x: &[f32], b: f32) {
-        for (o, &v) in acc.iter_mut().zip(x) {
-            *o += a * v + b;
         }
     }
 }

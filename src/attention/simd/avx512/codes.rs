@@ -3,6 +3,7 @@
 
 use super::strided::{self, axpy_span2, row_dots4_strided, strided_keys, strided_queries};
 use super::{codes16, codes16_exact, decoder, prefetch_rows, row_fits, Decoder, PREFETCH_AHEAD};
+use crate::attention::simd::{CodeBlock, Strided, StridedMut};
 use std::arch::x86_64::*;
 
 /// The `M ≤ 4` query accumulators of one row's dot products (lanes still to be summed;
@@ -153,21 +154,20 @@ pub(super) fn rows_by_query(g: [__m512; 4]) -> [__m512; 4] {
 
 /// One row's [`row_dots`], folded by [`fold_queries`].
 ///
-/// SAFETY: as [`row_dots`] for the row at byte `at` of `len` readable bytes at `codes`.
+/// SAFETY: as [`row_dots`] for the row at byte `at` of `block.codes`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
 unsafe fn row_folded<const B: usize, const M: usize>(
     dec: Decoder,
     q: *const f32,
     stride: usize,
-    codes: *const u8,
-    len: usize,
+    block: CodeBlock<'_>,
     at: usize,
-    n: usize,
 ) -> __m512 {
+    let (codes, n) = (block.codes.as_ptr(), block.width);
     // SAFETY: the caller's bounds; `row_fits` decides whether the over-read stays inside.
     let acc = unsafe {
-        if row_fits::<B>(at, n, len) {
+        if row_fits::<B>(at, n, block.codes.len()) {
             row_dots::<B, M, false>(dec, q, stride, codes.add(at), n)
         } else {
             row_dots::<B, M, true>(dec, q, stride, codes.add(at), n)
@@ -184,16 +184,12 @@ unsafe fn row_folded<const B: usize, const M: usize>(
 #[inline(never)]
 #[cold]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn rows_folded_partial<const B: usize, const M: usize>(
     dec: Decoder,
     q: *const f32,
     stride: usize,
-    codes: *const u8,
-    len: usize,
+    block: CodeBlock<'_>,
     at: usize,
-    row_bytes: usize,
-    n: usize,
     m: usize,
 ) -> [__m512; 4] {
     let mut groups = [_mm512_setzero_ps(); 4];
@@ -203,9 +199,7 @@ unsafe fn rows_folded_partial<const B: usize, const M: usize>(
             let r = 4 * g + k;
             if r < m {
                 // SAFETY: the caller's bounds cover row r.
-                *f = unsafe {
-                    row_folded::<B, M>(dec, q, stride, codes, len, at + r * row_bytes, n)
-                };
+                *f = unsafe { row_folded::<B, M>(dec, q, stride, block, at + r * block.row_bytes) };
             }
         }
         *gv = fold_rows(folded);
@@ -216,24 +210,21 @@ unsafe fn rows_folded_partial<const B: usize, const M: usize>(
 /// `Simd::code_rows_dots` for `M ≤ 4` queries starting at `q`, writing
 /// `out[j·out_stride + r]` (plus `bias[j]`) for `j < M`, sixteen rows per store.
 ///
-/// SAFETY: AVX-512 F/BW/VL/VBMI available; `n % 8 == 0`; `codes` holds every row's
-/// `n·B/8` bytes, `q` `(M-1)·stride + n` floats and `out` `(M-1)·out_stride + rows`.
+/// SAFETY: AVX-512 F/BW/VL/VBMI available; `block.width % 8 == 0`; `block.codes` holds
+/// every row's `width·B/8` bytes, `q` `(M-1)·stride + width` floats and `out`
+/// `(M-1)·out.stride + rows`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn dots_group<const B: usize, const M: usize>(
     q: &[f32],
     stride: usize,
-    codes: &[u8],
-    row_bytes: usize,
-    rows: usize,
-    n: usize,
-    out: &mut [f32],
-    out_stride: usize,
+    block: CodeBlock<'_>,
+    out: StridedMut<'_>,
     bias: [f32; 4],
 ) {
+    let (rows, row_bytes, n) = (block.rows, block.row_bytes, block.width);
     let dec = decoder::<B>();
-    let (qp, cp, len) = (q.as_ptr(), codes.as_ptr(), codes.len());
+    let (qp, cp, len) = (q.as_ptr(), block.codes.as_ptr(), block.codes.len());
     let zero = _mm512_setzero_ps();
     let strided = strided_keys::<B>(n);
     // SAFETY: `q` holds M queries of n channels (the caller's bounds), `strided_keys` holds.
@@ -270,59 +261,52 @@ unsafe fn dots_group<const B: usize, const M: usize>(
                 }
                 groups
             } else {
-                rows_folded_partial::<B, M>(dec, qp, stride, cp, len, at, row_bytes, n, m)
+                rows_folded_partial::<B, M>(dec, qp, stride, block, at, m)
             }
         };
         let mask: __mmask16 = ((1u32 << m) - 1) as __mmask16;
         for (j, v) in rows_by_query(groups).into_iter().enumerate().take(M) {
             let v = _mm512_add_ps(v, _mm512_set1_ps(bias[j]));
             // SAFETY: rows r0 .. r0 + m of query j lie inside `out` (the caller's bound).
-            unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(j * out_stride + r0), mask, v) };
+            unsafe {
+                _mm512_mask_storeu_ps(out.data.as_mut_ptr().add(j * out.stride + r0), mask, v)
+            };
         }
     }
 }
 
-/// `Simd::code_rows_dots_biased`; an empty `bias` adds nothing.
+/// [`Simd::code_rows_dots`](crate::attention::simd::Simd::code_rows_dots) for `B`-bit
+/// codes; an empty `bias` adds nothing.
 ///
-/// SAFETY: AVX-512 F/BW/VL/VBMI available; `n % 8 == 0`; bounds are asserted.
+/// SAFETY: AVX-512 F/BW/VL/VBMI available; `block.width % 8 == 0`; bounds are asserted.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn code_rows_dots<const B: usize>(
-    q: &[f32],
-    stride: usize,
-    nq: usize,
-    codes: &[u8],
-    row_bytes: usize,
-    rows: usize,
-    n: usize,
-    out: &mut [f32],
-    out_stride: usize,
+    q: Strided<'_>,
+    block: CodeBlock<'_>,
+    out: StridedMut<'_>,
     bias: &[f32],
 ) {
+    let (nq, rows, n) = (q.count, block.rows, block.width);
     if rows == 0 || nq == 0 {
         return;
     }
     assert!(
-        codes.len() >= (rows - 1) * row_bytes + n * B / 8
-            && q.len() >= (nq - 1) * stride + n
-            && out.len() >= (nq - 1) * out_stride + rows
+        block.codes.len() >= (rows - 1) * block.row_bytes + n * B / 8
+            && q.data.len() >= (nq - 1) * q.stride + n
+            && out.data.len() >= (nq - 1) * out.stride + rows
     );
     // Groups of up to four queries share each decoded vector of codes; the group size is a
     // constant so the per-query loops unroll.
     for i0 in (0..nq).step_by(4) {
-        let (qi, oi) = (&q[i0 * stride..], &mut out[i0 * out_stride..]);
-        let (rb, os) = (row_bytes, out_stride);
+        let qi = &q.data[i0 * q.stride..];
+        let oi = StridedMut {
+            data: &mut out.data[i0 * out.stride..],
+            stride: out.stride,
+        };
         let b: [f32; 4] = std::array::from_fn(|j| bias.get(i0 + j).copied().unwrap_or(0.0));
         // SAFETY: as asserted above, for the queries from i0 on.
-        unsafe {
-            match nq - i0 {
-                1 => dots_group::<B, 1>(qi, stride, codes, rb, rows, n, oi, os, b),
-                2 => dots_group::<B, 2>(qi, stride, codes, rb, rows, n, oi, os, b),
-                3 => dots_group::<B, 3>(qi, stride, codes, rb, rows, n, oi, os, b),
-                _ => dots_group::<B, 4>(qi, stride, codes, rb, rows, n, oi, os, b),
-            }
-        }
+        unsafe { by_query_count!(nq - i0, dots_group::<B>(qi, q.stride, block, oi, b)) }
     }
 }
 
@@ -333,18 +317,16 @@ pub(super) unsafe fn code_rows_dots<const B: usize>(
 /// SAFETY: AVX-512 available; `k + 16·V <= n`; the bounds of [`code_rows_axpy`].
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn axpy_span<const B: usize, const M: usize, const V: usize>(
     dec: Decoder,
     acc: *mut f32,
     stride: usize,
-    w_stride: usize,
     w: *const f32,
-    codes: &[u8],
-    row_bytes: usize,
-    rows: usize,
+    w_stride: usize,
+    block: CodeBlock<'_>,
     k: usize,
 ) {
+    let (codes, row_bytes, rows) = (block.codes, block.row_bytes, block.rows);
     // SAFETY: the caller's bounds cover every access; `row_fits` guards the over-read.
     unsafe {
         let mut a = [[_mm512_setzero_ps(); V]; M];
@@ -387,18 +369,16 @@ unsafe fn axpy_span<const B: usize, const M: usize, const V: usize>(
 /// SAFETY: as [`axpy_span`] with `k + 8 == n`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn axpy_tail8<const B: usize, const M: usize>(
     dec: Decoder,
     acc: *mut f32,
     stride: usize,
-    w_stride: usize,
     w: *const f32,
-    codes: &[u8],
-    row_bytes: usize,
-    rows: usize,
+    w_stride: usize,
+    block: CodeBlock<'_>,
     k: usize,
 ) {
+    let (codes, row_bytes, rows) = (block.codes, block.row_bytes, block.rows);
     // SAFETY: masked accesses touch only the eight channels / `B` bytes that exist.
     unsafe {
         let mut a = [_mm512_setzero_ps(); M];
@@ -422,17 +402,14 @@ unsafe fn axpy_tail8<const B: usize, const M: usize>(
 /// SAFETY: as [`code_rows_axpy`] for the first `M` of `nq` queries.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn axpy_group<const B: usize, const M: usize>(
     acc: &mut [f32],
     stride: usize,
-    w_stride: usize,
     w: &[f32],
-    codes: &[u8],
-    row_bytes: usize,
-    rows: usize,
-    n: usize,
+    w_stride: usize,
+    block: CodeBlock<'_>,
 ) {
+    let n = block.width;
     let dec = decoder::<B>();
     let (ap, wp) = (acc.as_mut_ptr(), w.as_ptr());
     let mut k = 0;
@@ -442,56 +419,44 @@ unsafe fn axpy_group<const B: usize, const M: usize>(
         // the 32 registers for M ≤ 4.
         while k + 64 <= n {
             if B == 2 {
-                axpy_span2::<M>(ap, stride, w_stride, wp, codes, row_bytes, rows, k);
+                axpy_span2::<M>(ap, stride, wp, w_stride, block, k);
             } else {
-                axpy_span::<B, M, 4>(dec, ap, stride, w_stride, wp, codes, row_bytes, rows, k);
+                axpy_span::<B, M, 4>(dec, ap, stride, wp, w_stride, block, k);
             }
             k += 64;
         }
         while k + 16 <= n {
-            axpy_span::<B, M, 1>(dec, ap, stride, w_stride, wp, codes, row_bytes, rows, k);
+            axpy_span::<B, M, 1>(dec, ap, stride, wp, w_stride, block, k);
             k += 16;
         }
         if k < n {
-            axpy_tail8::<B, M>(dec, ap, stride, w_stride, wp, codes, row_bytes, rows, k);
+            axpy_tail8::<B, M>(dec, ap, stride, wp, w_stride, block, k);
         }
     }
 }
 
-/// SAFETY: AVX-512 F/BW/VL/VBMI available; `n % 8 == 0`; bounds are asserted.
+/// [`Simd::code_rows_axpy`](crate::attention::simd::Simd::code_rows_axpy) for `B`-bit codes.
+///
+/// SAFETY: AVX-512 F/BW/VL/VBMI available; `block.width % 8 == 0`; bounds are asserted.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn code_rows_axpy<const B: usize>(
-    acc: &mut [f32],
-    stride: usize,
-    nq: usize,
-    w: &[f32],
-    w_stride: usize,
-    codes: &[u8],
-    row_bytes: usize,
-    rows: usize,
-    n: usize,
+    acc: StridedMut<'_>,
+    w: Strided<'_>,
+    block: CodeBlock<'_>,
 ) {
+    let (nq, rows, n) = (w.count, block.rows, block.width);
     if rows == 0 || nq == 0 {
         return;
     }
     assert!(
-        codes.len() >= (rows - 1) * row_bytes + n * B / 8
-            && acc.len() >= (nq - 1) * stride + n
-            && w.len() >= (nq - 1) * w_stride + rows
+        block.codes.len() >= (rows - 1) * block.row_bytes + n * B / 8
+            && acc.data.len() >= (nq - 1) * acc.stride + n
+            && w.data.len() >= (nq - 1) * w.stride + rows
     );
     for i0 in (0..nq).step_by(4) {
-        let (a, wi) = (&mut acc[i0 * stride..], &w[i0 * w_stride..]);
-        let (ws, rb) = (w_stride, row_bytes);
+        let (a, wi) = (&mut acc.data[i0 * acc.stride..], &w.data[i0 * w.stride..]);
         // SAFETY: as asserted above, for the queries from i0 on.
-        unsafe {
-            match nq - i0 {
-                1 => axpy_group::<B, 1>(a, stride, ws, wi, codes, rb, rows, n),
-                2 => axpy_group::<B, 2>(a, stride, ws, wi, codes, rb, rows, n),
-                3 => axpy_group::<B, 3>(a, stride, ws, wi, codes, rb, rows, n),
-                _ => axpy_group::<B, 4>(a, stride, ws, wi, codes, rb, rows, n),
-            }
-        }
+        unsafe { by_query_count!(nq - i0, axpy_group::<B>(a, acc.stride, wi, w.stride, block)) }
     }
 }

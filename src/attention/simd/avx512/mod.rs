@@ -14,7 +14,7 @@
 //! of the table lookup. Same uop count, and it adds a large constant term to every dot
 //! product that must be subtracted again, costing precision.
 
-use super::{Avx2, Simd};
+use super::{Avx2, CodeBlock, Simd, Strided, StridedMut};
 use codes::{code_rows_axpy, code_rows_dots};
 use std::arch::x86_64::*;
 
@@ -273,120 +273,44 @@ fn specialised(bits: u8, n: usize) -> bool {
 
 impl Simd for Avx512 {
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     fn code_rows_dots(
         self,
-        q: &[f32],
-        stride: usize,
-        nq: usize,
-        codes: &[u8],
-        row_bytes: usize,
-        rows: usize,
-        bits: u8,
-        n: usize,
-        out: &mut [f32],
-        out_stride: usize,
-    ) {
-        let (rb, os) = (row_bytes, out_stride);
-        self.code_rows_dots_biased(q, stride, nq, codes, rb, rows, bits, n, out, os, &[]);
-    }
-
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn code_rows_dots_biased(
-        self,
-        q: &[f32],
-        stride: usize,
-        nq: usize,
-        codes: &[u8],
-        row_bytes: usize,
-        rows: usize,
-        bits: u8,
-        n: usize,
-        out: &mut [f32],
-        out_stride: usize,
+        q: Strided<'_>,
+        block: CodeBlock<'_>,
+        out: StridedMut<'_>,
         bias: &[f32],
     ) {
-        let (rb, os, b) = (row_bytes, out_stride, bias);
-        if !specialised(bits, n) {
-            return self
-                .avx2
-                .code_rows_dots_biased(q, stride, nq, codes, rb, rows, bits, n, out, os, b);
+        if !specialised(block.bits, block.width) {
+            return self.avx2.code_rows_dots(q, block, out, bias);
         }
-        // SAFETY: an `Avx512` exists only on CPUs with the features; `n % 8 == 0` is checked
+        // SAFETY: an `Avx512` exists only on CPUs with the features; the width is checked
         // and the bounds are asserted inside.
         unsafe {
-            match bits {
-                1 => code_rows_dots::<1>(q, stride, nq, codes, rb, rows, n, out, os, b),
-                2 => code_rows_dots::<2>(q, stride, nq, codes, rb, rows, n, out, os, b),
-                3 => code_rows_dots::<3>(q, stride, nq, codes, rb, rows, n, out, os, b),
-                4 => code_rows_dots::<4>(q, stride, nq, codes, rb, rows, n, out, os, b),
-                _ => code_rows_dots::<8>(q, stride, nq, codes, rb, rows, n, out, os, b),
+            match block.bits {
+                1 => code_rows_dots::<1>(q, block, out, bias),
+                2 => code_rows_dots::<2>(q, block, out, bias),
+                3 => code_rows_dots::<3>(q, block, out, bias),
+                4 => code_rows_dots::<4>(q, block, out, bias),
+                _ => code_rows_dots::<8>(q, block, out, bias),
             }
         }
     }
 
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn code_rows_axpy(
-        self,
-        acc: &mut [f32],
-        stride: usize,
-        nq: usize,
-        w: &[f32],
-        w_stride: usize,
-        codes: &[u8],
-        row_bytes: usize,
-        rows: usize,
-        bits: u8,
-        n: usize,
-    ) {
-        let (ws, rb) = (w_stride, row_bytes);
-        if !specialised(bits, n) {
-            return self
-                .avx2
-                .code_rows_axpy(acc, stride, nq, w, ws, codes, rb, rows, bits, n);
+    fn code_rows_axpy(self, acc: StridedMut<'_>, w: Strided<'_>, block: CodeBlock<'_>) {
+        if !specialised(block.bits, block.width) {
+            return self.avx2.code_rows_axpy(acc, w, block);
         }
         // SAFETY: as in `code_rows_dots`.
         unsafe {
-            match bits {
-                1 => code_rows_axpy::<1>(acc, stride, nq, w, ws, codes, rb, rows, n),
-                2 => code_rows_axpy::<2>(acc, stride, nq, w, ws, codes, rb, rows, n),
-                3 => code_rows_axpy::<3>(acc, stride, nq, w, ws, codes, rb, rows, n),
-                4 => code_rows_axpy::<4>(acc, stride, nq, w, ws, codes, rb, rows, n),
-                _ => code_rows_axpy::<8>(acc, stride, nq, w, ws, codes, rb, rows, n),
+            match block.bits {
+                1 => code_rows_axpy::<1>(acc, w, block),
+                2 => code_rows_axpy::<2>(acc, w, block),
+                3 => code_rows_axpy::<3>(acc, w, block),
+                4 => code_rows_axpy::<4>(acc, w, block),
+                _ => code_rows_axpy::<8>(acc, w, block),
             }
         }
-    }
-
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn code_dots(
-        self,
-        q: &[f32],
-        stride: usize,
-        nq: usize,
-        codes: &[u8],
-        bits: u8,
-        n: usize,
-        out: &mut [f32],
-    ) {
-        self.code_rows_dots(q, stride, nq, codes, 0, 1, bits, n, out, 1);
-    }
-
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn code_axpys(
-        self,
-        acc: &mut [f32],
-        stride: usize,
-        nq: usize,
-        w: &[f32],
-        codes: &[u8],
-        bits: u8,
-        n: usize,
-    ) {
-        self.code_rows_axpy(acc, stride, nq, w, 1, codes, 0, 1, bits, n);
     }
 
     #[inline(always)]
@@ -409,10 +333,5 @@ impl Simd for Avx512 {
     #[inline(always)]
     fn axpy(self, acc: &mut [f32], a: f32, x: &[f32]) {
         self.avx2.axpy(acc, a, x)
-    }
-
-    #[inline(always)]
-    fn axpb(self, acc: &mut [f32], a: f32, x: &[f32], b: f32) {
-        self.avx2.axpb(acc, a, x, b)
     }
 }

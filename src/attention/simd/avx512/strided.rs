@@ -16,6 +16,7 @@
 
 use super::codes::rows_by_query;
 use super::{prefetch_rows, PREFETCH_AHEAD};
+use crate::attention::simd::CodeBlock;
 use std::arch::x86_64::*;
 
 /// `vpermps` tables: index `i` (two codes, low first) → the low code, → the high code.
@@ -85,17 +86,15 @@ pub(super) fn from_strided(v: [__m512; 4]) -> [__m512; 4] {
 /// [`super::codes::code_rows_axpy`] for 2-bit codes.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn axpy_span2<const M: usize>(
     acc: *mut f32,
     stride: usize,
-    w_stride: usize,
     w: *const f32,
-    codes: &[u8],
-    row_bytes: usize,
-    rows: usize,
+    w_stride: usize,
+    block: CodeBlock<'_>,
     k: usize,
 ) {
+    let (codes, row_bytes, rows) = (block.codes, block.row_bytes, block.rows);
     let t = tables();
     // SAFETY: the caller's bounds cover every access (each row's bytes k/4 .. k/4 + 16).
     unsafe {

@@ -1,6 +1,8 @@
 //! The AVX2 + FMA implementation of [`super::Simd`].
 
-use super::{add_bias, CodeBlock, Portable, Simd, Strided, StridedMut};
+use super::{
+    add_bias, axpy_in_bounds, dots_in_bounds, CodeBlock, Portable, Simd, Strided, StridedMut,
+};
 use std::arch::x86_64::*;
 
 /// AVX2 + FMA. Only [`Avx2::detect`] makes one, after checking the CPU.
@@ -217,15 +219,10 @@ unsafe fn code_rows_dots<const B: usize>(
     block: CodeBlock<'_>,
     out: StridedMut<'_>,
 ) {
-    let (nq, rows, n) = (q.count, block.rows, block.width);
-    if rows == 0 || nq == 0 {
+    if !dots_in_bounds(&q, &block, &out) {
         return;
     }
-    assert!(
-        block.codes.len() >= (rows - 1) * block.row_bytes + n * B / 8
-            && q.data.len() >= (nq - 1) * q.stride + n
-            && out.data.len() >= (nq - 1) * out.stride + rows
-    );
+    let nq = q.count;
     for i0 in (0..nq).step_by(4) {
         let (qi, oi) = (&q.data[i0 * q.stride..], &mut out.data[i0 * out.stride..]);
         // SAFETY: as asserted above, for the queries from i0 on.
@@ -310,15 +307,10 @@ unsafe fn code_rows_axpy<const B: usize>(
     w: Strided<'_>,
     block: CodeBlock<'_>,
 ) {
-    let (nq, rows, n) = (w.count, block.rows, block.width);
-    if rows == 0 || nq == 0 {
+    if !axpy_in_bounds(&acc, &w, &block) {
         return;
     }
-    assert!(
-        block.codes.len() >= (rows - 1) * block.row_bytes + n * B / 8
-            && acc.data.len() >= (nq - 1) * acc.stride + n
-            && w.data.len() >= (nq - 1) * w.stride + rows
-    );
+    let nq = w.count;
     // Groups of up to four queries (a constant, so the loops unroll) over pairs of chunks
     // of eight channels: each row's weights are broadcast once for sixteen channels.
     for i0 in (0..nq).step_by(4) {

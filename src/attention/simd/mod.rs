@@ -21,7 +21,35 @@ pub struct CodeBlock<'a> {
     pub width: usize,
 }
 
-impl CodeBlock<'_> {
+impl<'a> CodeBlock<'a> {
+    /// Rows `rows` of a tier whose rows of `dim` codes of `bits` bits are packed back to back
+    /// in `all`, reading `width` codes from code `first` of each row (one token group, or
+    /// the whole row).
+    #[inline(always)]
+    pub fn of_rows(
+        all: &'a [u8],
+        bits: u8,
+        dim: usize,
+        rows: Range<usize>,
+        first: usize,
+        width: usize,
+    ) -> Self {
+        let row_bytes = dim * bits as usize / 8;
+        CodeBlock {
+            codes: &all[rows.start * row_bytes + first * bits as usize / 8..],
+            row_bytes,
+            rows: rows.len(),
+            bits,
+            width,
+        }
+    }
+
+    /// Whether every row's codes lie inside `codes` (for `rows > 0`).
+    #[inline(always)]
+    fn in_bounds(&self) -> bool {
+        self.codes.len() >= (self.rows - 1) * self.row_bytes + self.width * self.bits as usize / 8
+    }
+
     /// The bytes of row `r`'s `width` codes.
     #[inline(always)]
     fn row(&self, r: usize) -> &[u8] {
@@ -38,6 +66,25 @@ pub struct Strided<'a> {
     pub count: usize,
 }
 
+impl<'a> Strided<'a> {
+    #[inline(always)]
+    pub fn new(data: &'a [f32], stride: usize, count: usize) -> Self {
+        Strided {
+            data,
+            stride,
+            count,
+        }
+    }
+}
+
+impl Strided<'_> {
+    /// Whether each of the `count` vectors holds `len` floats (for `count > 0`).
+    #[inline(always)]
+    fn holds(&self, len: usize) -> bool {
+        self.data.len() >= (self.count - 1) * self.stride + len
+    }
+}
+
 /// Vectors of floats that a kernel writes (logits, accumulators), vector `i` from
 /// `data[i·stride]`; as many as the kernel's input [`Strided`] has.
 #[derive(Debug)]
@@ -46,7 +93,18 @@ pub struct StridedMut<'a> {
     pub stride: usize,
 }
 
-impl StridedMut<'_> {
+impl<'a> StridedMut<'a> {
+    #[inline(always)]
+    pub fn new(data: &'a mut [f32], stride: usize) -> Self {
+        StridedMut { data, stride }
+    }
+
+    /// Whether each of `count > 0` vectors holds `len` floats.
+    #[inline(always)]
+    fn holds(&self, count: usize, len: usize) -> bool {
+        self.data.len() >= (count - 1) * self.stride + len
+    }
+
     /// The same vectors, borrowed for one kernel call.
     #[inline(always)]
     pub fn reborrow(&mut self) -> StridedMut<'_> {
@@ -64,6 +122,8 @@ impl StridedMut<'_> {
 /// single-vector operations, and an implementation overrides them with kernels that keep
 /// the codes in registers for the bit widths it specialises, falling back to [`Portable`]
 /// for the others.
+use std::ops::Range;
+
 pub trait Simd: Copy + Send + Sync {
     /// `Σ a_i b_i`.
     fn dot(self, a: &[f32], b: &[f32]) -> f32;
@@ -156,6 +216,31 @@ pub trait Simd: Copy + Send + Sync {
             }
         }
     }
+}
+
+/// The bounds of a [`Simd::code_rows_dots`] call, asserted before a kernel's unchecked
+/// accesses: the block's rows, `q.count` queries of `width` floats, and as many outputs of
+/// `rows` floats. `false`: nothing to compute.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn dots_in_bounds(q: &Strided<'_>, block: &CodeBlock<'_>, out: &StridedMut<'_>) -> bool {
+    if block.rows == 0 || q.count == 0 {
+        return false;
+    }
+    assert!(block.in_bounds() && q.holds(block.width) && out.holds(q.count, block.rows));
+    true
+}
+
+/// [`dots_in_bounds`] for a [`Simd::code_rows_axpy`] call: `w.count` weight vectors of `rows`
+/// floats and as many accumulators of `width` floats.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn axpy_in_bounds(acc: &StridedMut<'_>, w: &Strided<'_>, block: &CodeBlock<'_>) -> bool {
+    if block.rows == 0 || w.count == 0 {
+        return false;
+    }
+    assert!(block.in_bounds() && w.holds(block.rows) && acc.holds(w.count, block.width));
+    true
 }
 
 /// `out[i·out.stride + r] += bias[i]` for the `rows` first entries of each query's output.

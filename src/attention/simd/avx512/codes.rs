@@ -3,7 +3,7 @@
 
 use super::strided::{self, axpy_span2, row_dots4_strided, strided_keys, strided_queries};
 use super::{codes16, codes16_exact, decoder, prefetch_rows, row_fits, Decoder, PREFETCH_AHEAD};
-use crate::attention::simd::{CodeBlock, Strided, StridedMut};
+use crate::attention::simd::{axpy_in_bounds, dots_in_bounds, CodeBlock, Strided, StridedMut};
 use std::arch::x86_64::*;
 
 /// The `M ≤ 4` query accumulators of one row's dot products (lanes still to be summed;
@@ -287,15 +287,10 @@ pub(super) unsafe fn code_rows_dots<const B: usize>(
     out: StridedMut<'_>,
     bias: &[f32],
 ) {
-    let (nq, rows, n) = (q.count, block.rows, block.width);
-    if rows == 0 || nq == 0 {
+    if !dots_in_bounds(&q, &block, &out) {
         return;
     }
-    assert!(
-        block.codes.len() >= (rows - 1) * block.row_bytes + n * B / 8
-            && q.data.len() >= (nq - 1) * q.stride + n
-            && out.data.len() >= (nq - 1) * out.stride + rows
-    );
+    let nq = q.count;
     // Groups of up to four queries share each decoded vector of codes; the group size is a
     // constant so the per-query loops unroll.
     for i0 in (0..nq).step_by(4) {
@@ -445,15 +440,10 @@ pub(super) unsafe fn code_rows_axpy<const B: usize>(
     w: Strided<'_>,
     block: CodeBlock<'_>,
 ) {
-    let (nq, rows, n) = (w.count, block.rows, block.width);
-    if rows == 0 || nq == 0 {
+    if !axpy_in_bounds(&acc, &w, &block) {
         return;
     }
-    assert!(
-        block.codes.len() >= (rows - 1) * block.row_bytes + n * B / 8
-            && acc.data.len() >= (nq - 1) * acc.stride + n
-            && w.data.len() >= (nq - 1) * w.stride + rows
-    );
+    let nq = w.count;
     for i0 in (0..nq).step_by(4) {
         let (a, wi) = (&mut acc.data[i0 * acc.stride..], &w.data[i0 * w.stride..]);
         // SAFETY: as asserted above, for the queries from i0 on.

@@ -217,17 +217,13 @@ unsafe fn codes8<const B: usize>(codes: *const u8, at: usize) -> __m256 {
 unsafe fn code_rows_dots<const B: usize>(
     q: Strided<'_>,
     block: CodeBlock<'_>,
-    out: StridedMut<'_>,
+    mut out: StridedMut<'_>,
 ) {
     if !dots_in_bounds(&q, &block, &out) {
         return;
     }
-    let nq = q.count;
-    for i0 in (0..nq).step_by(4) {
-        let (qi, oi) = (&q.data[i0 * q.stride..], &mut out.data[i0 * out.stride..]);
-        // SAFETY: as asserted above, for the queries from i0 on.
-        unsafe { by_query_count!(nq - i0, rows_dots::<B>(qi, q.stride, block, oi, out.stride)) }
-    }
+    // SAFETY: as asserted above, for every group of queries.
+    unsafe { for_query_groups!(q.count, |i| rows_dots::<B>(q.skip(i), block, out.skip(i))) }
 }
 
 /// [`code_rows_dots`] for `M` queries from `q`, row by row.
@@ -236,18 +232,16 @@ unsafe fn code_rows_dots<const B: usize>(
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows_dots<const B: usize, const M: usize>(
-    q: &[f32],
-    stride: usize,
+    q: Strided<'_>,
     block: CodeBlock<'_>,
-    out: &mut [f32],
-    out_stride: usize,
+    out: StridedMut<'_>,
 ) {
     for r in 0..block.rows {
         let c = &block.codes[r * block.row_bytes..];
         // SAFETY: the caller's bounds cover row r and the M queries.
-        let sums = unsafe { dots_group::<B, M>(q, stride, c, block.width) };
+        let sums = unsafe { dots_group::<B, M>(q.data, q.stride, c, block.width) };
         for (j, &x) in sums[..M].iter().enumerate() {
-            out[j * out_stride + r] = x;
+            out.data[j * out.stride + r] = x;
         }
     }
 }
@@ -303,22 +297,17 @@ unsafe fn dots_group<const B: usize, const M: usize>(
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn code_rows_axpy<const B: usize>(
-    acc: StridedMut<'_>,
+    mut acc: StridedMut<'_>,
     w: Strided<'_>,
     block: CodeBlock<'_>,
 ) {
     if !axpy_in_bounds(&acc, &w, &block) {
         return;
     }
-    let nq = w.count;
     // Groups of up to four queries (a constant, so the loops unroll) over pairs of chunks
     // of eight channels: each row's weights are broadcast once for sixteen channels.
-    for i0 in (0..nq).step_by(4) {
-        let a = &mut acc.data[i0 * acc.stride..];
-        let wi = &w.data[i0 * w.stride..];
-        // SAFETY: as asserted above, for the queries from i0 on.
-        unsafe { by_query_count!(nq - i0, axpy_group::<B>(a, acc.stride, wi, w.stride, block)) }
-    }
+    // SAFETY: as asserted above, for every group of queries.
+    unsafe { for_query_groups!(w.count, |i| axpy_group::<B>(acc.skip(i), w.skip(i), block)) }
 }
 
 /// [`code_rows_axpy`] for `M` queries whose weights are `w[j·w_stride + r]`.
@@ -327,14 +316,13 @@ unsafe fn code_rows_axpy<const B: usize>(
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn axpy_group<const B: usize, const M: usize>(
-    acc: &mut [f32],
-    stride: usize,
-    w: &[f32],
-    w_stride: usize,
+    acc: StridedMut<'_>,
+    w: Strided<'_>,
     block: CodeBlock<'_>,
 ) {
     let (rows, row_bytes, n) = (block.rows, block.row_bytes, block.width);
-    let (cp, ap, wp) = (block.codes.as_ptr(), acc.as_mut_ptr(), w.as_ptr());
+    let (stride, w_stride) = (acc.stride, w.stride);
+    let (cp, ap, wp) = (block.codes.as_ptr(), acc.data.as_mut_ptr(), w.data.as_ptr());
     let mut k = 0;
     // SAFETY (both loops): the caller's bounds cover every access.
     while k + 16 <= n {

@@ -75,6 +75,16 @@ impl<'a> Strided<'a> {
             count,
         }
     }
+
+    /// The vectors from `i` on.
+    #[inline(always)]
+    pub fn skip(&self, i: usize) -> Strided<'a> {
+        Strided {
+            data: &self.data[i * self.stride..],
+            stride: self.stride,
+            count: self.count - i,
+        }
+    }
 }
 
 impl Strided<'_> {
@@ -108,8 +118,14 @@ impl<'a> StridedMut<'a> {
     /// The same vectors, borrowed for one kernel call.
     #[inline(always)]
     pub fn reborrow(&mut self) -> StridedMut<'_> {
+        self.skip(0)
+    }
+
+    /// The vectors from `i` on, borrowed for one kernel call.
+    #[inline(always)]
+    pub fn skip(&mut self, i: usize) -> StridedMut<'_> {
         StridedMut {
-            data: &mut *self.data,
+            data: &mut self.data[i * self.stride..],
             stride: self.stride,
         }
     }
@@ -298,6 +314,17 @@ macro_rules! by_query_count {
             2 => $f::<$($c,)* 2>($($a),*),
             3 => $f::<$($c,)* 3>($($a),*),
             _ => $f::<$($c,)* 4>($($a),*),
+        }
+    };
+}
+
+/// [`by_query_count`] for each group of four of `$n` queries, the group's first query
+/// bound to `$i`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! for_query_groups {
+    ($n:expr, |$i:ident| $f:ident::<$($c:tt),*>($($a:expr),* $(,)?)) => {
+        for $i in (0..$n).step_by(4) {
+            by_query_count!($n - $i, $f::<$($c),*>($($a),*))
         }
     };
 }

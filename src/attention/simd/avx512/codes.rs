@@ -216,15 +216,15 @@ unsafe fn rows_folded_partial<const B: usize, const M: usize>(
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
 unsafe fn dots_group<const B: usize, const M: usize>(
-    q: &[f32],
-    stride: usize,
+    q: Strided<'_>,
     block: CodeBlock<'_>,
     out: StridedMut<'_>,
     bias: [f32; 4],
 ) {
     let (rows, row_bytes, n) = (block.rows, block.row_bytes, block.width);
     let dec = decoder::<B>();
-    let (qp, cp, len) = (q.as_ptr(), block.codes.as_ptr(), block.codes.len());
+    let stride = q.stride;
+    let (qp, cp, len) = (q.data.as_ptr(), block.codes.as_ptr(), block.codes.len());
     let zero = _mm512_setzero_ps();
     let strided = strided_keys::<B>(n);
     // SAFETY: `q` holds M queries of n channels (the caller's bounds), `strided_keys` holds.
@@ -284,24 +284,24 @@ unsafe fn dots_group<const B: usize, const M: usize>(
 pub(super) unsafe fn code_rows_dots<const B: usize>(
     q: Strided<'_>,
     block: CodeBlock<'_>,
-    out: StridedMut<'_>,
+    mut out: StridedMut<'_>,
     bias: &[f32],
 ) {
     if !dots_in_bounds(&q, &block, &out) {
         return;
     }
-    let nq = q.count;
+    // The bias of query i + j, or 0.
+    let bias_from = |i: usize| std::array::from_fn(|j| bias.get(i + j).copied().unwrap_or(0.0));
     // Groups of up to four queries share each decoded vector of codes; the group size is a
     // constant so the per-query loops unroll.
-    for i0 in (0..nq).step_by(4) {
-        let qi = &q.data[i0 * q.stride..];
-        let oi = StridedMut {
-            data: &mut out.data[i0 * out.stride..],
-            stride: out.stride,
-        };
-        let b: [f32; 4] = std::array::from_fn(|j| bias.get(i0 + j).copied().unwrap_or(0.0));
-        // SAFETY: as asserted above, for the queries from i0 on.
-        unsafe { by_query_count!(nq - i0, dots_group::<B>(qi, q.stride, block, oi, b)) }
+    // SAFETY: as asserted above, for every group of queries.
+    unsafe {
+        for_query_groups!(q.count, |i| dots_group::<B>(
+            q.skip(i),
+            block,
+            out.skip(i),
+            bias_from(i)
+        ))
     }
 }
 
@@ -398,15 +398,14 @@ unsafe fn axpy_tail8<const B: usize, const M: usize>(
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
 unsafe fn axpy_group<const B: usize, const M: usize>(
-    acc: &mut [f32],
-    stride: usize,
-    w: &[f32],
-    w_stride: usize,
+    acc: StridedMut<'_>,
+    w: Strided<'_>,
     block: CodeBlock<'_>,
 ) {
     let n = block.width;
     let dec = decoder::<B>();
-    let (ap, wp) = (acc.as_mut_ptr(), w.as_ptr());
+    let (stride, w_stride) = (acc.stride, w.stride);
+    let (ap, wp) = (acc.data.as_mut_ptr(), w.data.as_ptr());
     let mut k = 0;
     // SAFETY (all calls): the caller's bounds, with k + span <= n.
     unsafe {
@@ -436,17 +435,13 @@ unsafe fn axpy_group<const B: usize, const M: usize>(
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
 pub(super) unsafe fn code_rows_axpy<const B: usize>(
-    acc: StridedMut<'_>,
+    mut acc: StridedMut<'_>,
     w: Strided<'_>,
     block: CodeBlock<'_>,
 ) {
     if !axpy_in_bounds(&acc, &w, &block) {
         return;
     }
-    let nq = w.count;
-    for i0 in (0..nq).step_by(4) {
-        let (a, wi) = (&mut acc.data[i0 * acc.stride..], &w.data[i0 * w.stride..]);
-        // SAFETY: as asserted above, for the queries from i0 on.
-        unsafe { by_query_count!(nq - i0, axpy_group::<B>(a, acc.stride, wi, w.stride, block)) }
-    }
+    // SAFETY: as asserted above, for every group of queries.
+    unsafe { for_query_groups!(w.count, |i| axpy_group::<B>(acc.skip(i), w.skip(i), block)) }
 }

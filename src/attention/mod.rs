@@ -24,6 +24,7 @@ use crate::parallel;
 use crate::store::LayerStore;
 use rayon::prelude::*;
 use rows::{accumulate_values, key_logits, runs, Run};
+use simd::{Strided, StridedMut};
 
 /// The result of [`attend`]: outputs, and for every stream and tier the attention each row
 /// received (summed over the GQA group's heads and the queries) and how many queries saw it.
@@ -425,15 +426,8 @@ fn attend_part<S: simd::Simd>(
             continue;
         }
         for run in runs(&tier.keys).iter().filter_map(|r| clip(r, a, b)) {
-            key_logits(
-                simd,
-                &tier.keys,
-                &run,
-                &queries,
-                nq,
-                &mut logits[col0[t]..],
-                width,
-            );
+            let out = StridedMut::new(&mut logits[col0[t]..], width);
+            key_logits(simd, &tier.keys, &run, &queries, out);
         }
         // Mask: invisible tokens get -inf. Query i is head i / tq at position q_positions[i % tq].
         // Decoding sees every stored token, so the per-element test runs only when needed.
@@ -474,15 +468,8 @@ fn attend_part<S: simd::Simd>(
         }
         for run in runs(&tier.values).iter().filter_map(|r| clip(r, a, b)) {
             // Row r of this tier sits at column col0[t] + r.
-            accumulate_values(
-                simd,
-                &tier.values,
-                &run,
-                &probs[col0[t]..],
-                width,
-                nq,
-                &mut out,
-            );
+            let p = Strided::new(&probs[col0[t]..], width, nq);
+            accumulate_values(simd, &tier.values, &run, p, &mut out);
         }
         if track && tier.scores.is_some() {
             let p = |i: usize| &probs[i * width + col0[t] + a..i * width + col0[t] + b];

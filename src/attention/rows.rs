@@ -115,8 +115,8 @@ fn group_params<'a>(
     buf.split_at(m)
 }
 
-/// Logits of `nq` queries (`queries`, `nq × d`, already scaled) against the rows of `run`:
-/// `logits[i * stride + r]` for row `r`. Visibility is applied by the caller.
+/// Logits of the queries (`queries`, `nq × d`, already scaled) against the rows of `run`:
+/// `logits.data[i * logits.stride + r]` for row `r`. Visibility is applied by the caller.
 ///
 /// Rejected: a lookup table for 2-bit keys (per byte position, 256 entries of the partial
 /// dot products of four codes with the GQA group's queries). Its 128 KiB of tables (head_dim
@@ -128,11 +128,14 @@ pub fn key_logits<S: Simd>(
     rows: &EncodedRows,
     run: &Run,
     queries: &[f32],
-    nq: usize,
-    logits: &mut [f32],
-    stride: usize,
+    logits: StridedMut<'_>,
 ) {
     let d = rows.dim;
+    let nq = queries.len() / d.max(1);
+    let StridedMut {
+        data: logits,
+        stride,
+    } = logits;
     let mut buf = vec![0f32; d];
     // q' = q ⊙ f
     let qf: Vec<f32> = match run.factor {
@@ -229,18 +232,22 @@ pub fn key_logits<S: Simd>(
     }
 }
 
-/// `out_i += Σ_r probs[i * stride + r] · v̂_r` over the rows of `run`.
+/// `out_i += Σ_r probs_i[r] · v̂_r` over the rows of `run`, for each of the `probs.count`
+/// queries.
 #[inline(always)]
 pub fn accumulate_values<S: Simd>(
     simd: S,
     rows: &EncodedRows,
     run: &Run,
-    probs: &[f32],
-    stride: usize,
-    nq: usize,
+    probs: Strided<'_>,
     out: &mut [f32],
 ) {
     let d = rows.dim;
+    let Strided {
+        data: probs,
+        stride,
+        count: nq,
+    } = probs;
     let mut buf = vec![0f32; d];
     // Accumulate in the normalized domain, apply the factor once at the end.
     let mut acc = vec![0f32; nq * d];

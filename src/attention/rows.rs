@@ -11,7 +11,8 @@
 //!   `f ⊙ (α ⊙ Σ_j p_j c_j + β Σ_j p_j)` (per-channel), with `f` applied once per run.
 
 use super::simd::{unpack_f32, CodeBlock, Simd, Strided, StridedMut};
-use crate::store::codec::{Codec, EncodedRows, RowData};
+use crate::store::codec::Codec;
+use crate::store::rows::{EncodedRows, RowData};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 

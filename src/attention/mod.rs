@@ -508,35 +508,5 @@ fn attend_part<S: simd::Simd>(
     }
 }
 
-impl LayerStore {
-    /// [`attend`], then add the attention each token received to the importance scores of
-    /// the tiers that track them.
-    pub fn attend_and_track(
-        &mut self,
-        q: &[f32],
-        q_dims: &[usize],
-        q_positions: &[usize],
-        scale: f32,
-    ) -> Result<Vec<f32>> {
-        let a = attend(self, q, q_dims, q_positions, scale)?;
-        for (stream, (rec, cnt)) in self
-            .streams
-            .iter_mut()
-            .zip(a.received.iter().zip(&a.seen_by))
-        {
-            for (t, tier) in [&mut stream.buffer, &mut stream.high, &mut stream.low]
-                .into_iter()
-                .enumerate()
-            {
-                if let Some(sc) = tier.scores.as_mut() {
-                    sc.acc.iter_mut().zip(&rec[t]).for_each(|(a, r)| *a += r);
-                    sc.count.iter_mut().zip(&cnt[t]).for_each(|(c, n)| *c += n);
-                }
-            }
-        }
-        Ok(a.out)
-    }
-}
-
 #[cfg(test)]
 mod tests;

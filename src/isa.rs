@@ -4,6 +4,10 @@
 //!
 //! The levels are nested (each needs every feature of the one below), so one ordered value
 //! says what a kernel may use: a kernel compiled for level `L` runs when `best() >= L`.
+//!
+//! `KVMIX_ISA` (`portable`, `avx2`, `avx512`, `avx512vbmi`), read once with the detection,
+//! caps the level below what the CPU has: the fallback kernels can then be tested and
+//! benchmarked on a machine that would never pick them. It never raises the level.
 
 use std::sync::OnceLock;
 
@@ -22,11 +26,40 @@ pub enum Isa {
     Avx512Vbmi,
 }
 
-/// The best level this CPU supports, detected on the first call and cached.
+/// The best level this CPU supports (capped by `KVMIX_ISA`), detected on the first call and
+/// cached.
 #[inline]
 pub fn best() -> Isa {
     static CELL: OnceLock<Isa> = OnceLock::new();
-    *CELL.get_or_init(detect)
+    *CELL.get_or_init(|| detect().min(cap()))
+}
+
+/// The level `KVMIX_ISA` allows: the highest when it is unset; a value that names no level
+/// is reported once on stderr and ignored (detection runs inside kernels, which have no
+/// error to return).
+fn cap() -> Isa {
+    let Ok(name) = std::env::var("KVMIX_ISA") else {
+        return Isa::Avx512Vbmi;
+    };
+    Isa::parse(&name).unwrap_or_else(|| {
+        eprintln!(
+            "kvmix: KVMIX_ISA={name:?} is not one of portable, avx2, avx512, avx512vbmi; ignored"
+        );
+        Isa::Avx512Vbmi
+    })
+}
+
+impl Isa {
+    /// The level named `name` (as `KVMIX_ISA` spells it), if any.
+    pub fn parse(name: &str) -> Option<Isa> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "portable" => Some(Isa::Portable),
+            "avx2" => Some(Isa::Avx2),
+            "avx512" => Some(Isa::Avx512),
+            "avx512vbmi" => Some(Isa::Avx512Vbmi),
+            _ => None,
+        }
+    }
 }
 
 fn detect() -> Isa {
@@ -46,4 +79,23 @@ fn detect() -> Isa {
     }
     #[cfg(not(target_arch = "x86_64"))]
     Isa::Portable
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_to_their_levels_in_order() {
+        let names = ["portable", "avx2", "avx512", "avx512vbmi"];
+        let levels: Vec<Isa> = names.iter().map(|n| Isa::parse(n).unwrap()).collect();
+        assert!(levels.windows(2).all(|w| w[0] < w[1]), "{levels:?}");
+        assert_eq!(Isa::parse(" AVX2 "), Some(Isa::Avx2));
+        assert_eq!(Isa::parse("sse4"), None);
+    }
+
+    #[test]
+    fn best_never_exceeds_the_cpu() {
+        assert!(best() <= detect());
+    }
 }

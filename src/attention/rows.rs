@@ -10,7 +10,7 @@
 //! * values: `Σ_j p_j v̂_j = f ⊙ Σ_j p_j (α_j c_j + β_j)` (per-token groups) or
 //!   `f ⊙ (α ⊙ Σ_j p_j c_j + β Σ_j p_j)` (per-channel), with `f` applied once per run.
 
-use super::simd::{unpack_f32, CodeBlock, Simd, Strided, StridedMut};
+use super::simd::{CodeBlock, Simd, Strided, StridedMut};
 use crate::store::codec::Codec;
 use crate::store::rows::{EncodedRows, RowData};
 use half::f16;
@@ -65,18 +65,17 @@ fn to_f32<S: Simd>(simd: S, v: &[f16]) -> Vec<f32> {
     out
 }
 
-/// Decode the raw contents of row `r` (codes as `f32`, or dense elements) into `buf`.
+/// Row `r` of a full-precision tier as `f32`, in `buf`. F16 rows go through
+/// [`Simd::f16_to_f32`] (sixteen at a time with AVX-512; `half`'s conversion calls a function
+/// for every eight).
 #[inline(always)]
-fn load_row(rows: &EncodedRows, r: usize, bits: u8, buf: &mut [f32]) {
+fn load_dense_row<S: Simd>(simd: S, rows: &EncodedRows, r: usize, buf: &mut [f32]) {
     let d = rows.dim;
     match &rows.data {
-        RowData::Packed(codes) => {
-            let rb = d * bits as usize / 8;
-            unpack_f32(&codes[r * rb..(r + 1) * rb], bits, buf);
-        }
-        RowData::F16(v) => v[r * d..(r + 1) * d].convert_to_f32_slice(buf),
+        RowData::F16(v) => simd.f16_to_f32(&v[r * d..(r + 1) * d], buf),
         RowData::BF16(v) => v[r * d..(r + 1) * d].convert_to_f32_slice(buf),
         RowData::F32(v) => buf.copy_from_slice(&v[r * d..(r + 1) * d]),
+        RowData::Packed(_) => unreachable!("packed rows are read by the code kernels"),
     }
 }
 
@@ -152,7 +151,7 @@ pub fn key_logits<S: Simd>(
     match rows.codec {
         Codec::Dense(_) => {
             for r in run.start..run.end {
-                load_row(rows, r, 8, &mut buf);
+                load_dense_row(simd, rows, r, &mut buf);
                 for i in 0..nq {
                     logits[i * stride + r] = simd.dot(&qf[i * d..(i + 1) * d], &buf);
                 }
@@ -256,7 +255,7 @@ pub fn accumulate_values<S: Simd>(
     match rows.codec {
         Codec::Dense(_) => {
             for r in run.start..run.end {
-                load_row(rows, r, 8, &mut buf);
+                load_dense_row(simd, rows, r, &mut buf);
                 for i in 0..nq {
                     let w = p(i, r);
                     if w != 0.0 {

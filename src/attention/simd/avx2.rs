@@ -263,11 +263,14 @@ unsafe fn dots_group<const B: usize, const M: usize>(
     let mut even = [_mm256_setzero_ps(); 4];
     let mut odd = [_mm256_setzero_ps(); 4];
     let pairs = n / 16 * 16;
+    // Byte offsets as `k / 8 * B`, exact since `k % 8 == 0`. For `k * B / 8` LLVM must allow
+    // for `k * B` wrapping, and (depending on what it inlines this into) masked every offset:
+    // 16k-token step, AVX2, one thread, 4.92 → 4.80 ms.
     // SAFETY (both loops): the caller's bounds cover every read.
     for k in (0..pairs).step_by(16) {
         unsafe {
-            let c0 = codes8::<B>(cp, k * B / 8);
-            let c1 = codes8::<B>(cp, (k + 8) * B / 8);
+            let c0 = codes8::<B>(cp, k / 8 * B);
+            let c1 = codes8::<B>(cp, (k / 8 + 1) * B);
             for j in 0..M {
                 let row = qp.add(j * stride + k);
                 even[j] = _mm256_fmadd_ps(_mm256_loadu_ps(row), c0, even[j]);
@@ -277,7 +280,7 @@ unsafe fn dots_group<const B: usize, const M: usize>(
     }
     for k in (pairs..n).step_by(8) {
         unsafe {
-            let c = codes8::<B>(cp, k * B / 8);
+            let c = codes8::<B>(cp, k / 8 * B);
             for (j, e) in even.iter_mut().enumerate().take(M) {
                 *e = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(j * stride + k)), c, *e);
             }

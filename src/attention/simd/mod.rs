@@ -399,7 +399,7 @@ static UNPACK4: [[f32; 2]; 256] = {
 
 /// Unpack `out.len()` codes of `bits` bits (LSB first) from `bytes` straight to `f32`.
 #[inline(always)]
-pub fn unpack_f32(bytes: &[u8], bits: u8, out: &mut [f32]) {
+pub(crate) fn unpack_f32(bytes: &[u8], bits: u8, out: &mut [f32]) {
     match bits {
         2 => {
             for (o, &b) in out.chunks_exact_mut(4).zip(bytes) {

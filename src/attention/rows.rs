@@ -180,11 +180,12 @@ pub fn key_logits<S: Simd>(
             // is paid less often (16k tokens, one thread: keys 1.307 → 1.259 ms).
             let block = if nq <= 4 { 4096 } else { 256 };
             let q = Strided::new(&qa, d, nq);
+            let kernels = simd.code_kernels(bits, d);
             for b0 in (run.start..run.end).step_by(block) {
                 let b1 = (b0 + block).min(run.end);
                 let codes = CodeBlock::of_rows(all_codes, bits, d, b0..b1, 0, d);
                 let out = StridedMut::new(&mut logits[b0..], stride);
-                simd.code_rows_dots(q, codes, out, &qb);
+                kernels.dots(q, codes, out, &qb);
             }
         }
         Codec::TokenGroups {
@@ -202,6 +203,7 @@ pub fn key_logits<S: Simd>(
                 return;
             }
             const BLOCK: usize = 256;
+            let kernels = simd.code_kernels(bits, g);
             // Query-major: dots[i * BLOCK + t] for row r0 + t.
             let mut dots = vec![0f32; BLOCK * nq];
             let mut sab = Vec::new();
@@ -214,7 +216,7 @@ pub fn key_logits<S: Simd>(
                 for gi in 0..groups {
                     let codes = CodeBlock::of_rows(all_codes, bits, d, r0..r1, gi * g, g);
                     let q = Strided::new(&qf[gi * g..], d, nq);
-                    simd.code_rows_dots(q, codes, StridedMut::new(&mut dots, BLOCK), &[]);
+                    kernels.dots(q, codes, StridedMut::new(&mut dots, BLOCK), &[]);
                     // This group's scales and offsets for the block's rows, contiguous.
                     let k0 = (r0 - run.start) * groups + gi;
                     let (sa, sb) = group_params(&scales, &offsets, k0, groups, m, &mut sab);
@@ -271,11 +273,12 @@ pub fn accumulate_values<S: Simd>(
             // The probabilities are the weights as they are. Blocks of rows keep a block's
             // codes in L1 while the kernel sweeps it once per span of channels.
             const BLOCK: usize = 256;
+            let kernels = simd.code_kernels(bits, d);
             for r0 in (run.start..run.end).step_by(BLOCK) {
                 let r1 = (r0 + BLOCK).min(run.end);
                 let codes = CodeBlock::of_rows(all_codes, bits, d, r0..r1, 0, d);
                 let w = Strided::new(&probs[r0..], stride, nq);
-                simd.code_rows_axpy(StridedMut::new(&mut acc, d), w, codes);
+                kernels.axpy(StridedMut::new(&mut acc, d), w, codes);
             }
             let psum: Vec<f32> = (0..nq)
                 .map(|i| {
@@ -310,6 +313,7 @@ pub fn accumulate_values<S: Simd>(
             // A decode step (one group of four queries) takes longer blocks, as for keys
             // (values 1.071 → 1.051 ms; 512 to 2048 rows measured alike).
             let block = if nq <= 4 { 1024 } else { 256 };
+            let kernels = simd.code_kernels(bits, g);
             let mut w = vec![0f32; block * nq];
             let mut sab = Vec::new();
             for r0 in (run.start..run.end).step_by(block) {
@@ -330,7 +334,7 @@ pub fn accumulate_values<S: Simd>(
                     }
                     let codes = CodeBlock::of_rows(all_codes, bits, d, r0..r1, gi * g, g);
                     let acc = StridedMut::new(&mut acc[gi * g..], d);
-                    simd.code_rows_axpy(acc, Strided::new(&w, block, nq), codes);
+                    kernels.axpy(acc, Strided::new(&w, block, nq), codes);
                 }
             }
             for i in 0..nq {

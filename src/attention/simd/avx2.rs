@@ -1,7 +1,8 @@
 //! The AVX2 + FMA implementation of [`super::Simd`].
 
 use super::{
-    add_bias, axpy_in_bounds, dots_in_bounds, CodeBlock, Portable, Simd, Strided, StridedMut,
+    add_bias, axpy_in_bounds, dots_in_bounds, CodeBlock, CodeKernels, Portable, Simd, Strided,
+    StridedMut,
 };
 use std::arch::x86_64::*;
 
@@ -209,7 +210,7 @@ unsafe fn codes8<const B: usize>(codes: *const u8, at: usize) -> __m256 {
     _mm256_cvtepi32_ps(ints)
 }
 
-/// [`Simd::code_rows_dots`] without the bias, for `B`-bit codes.
+/// [`CodeKernels::dots`] without the bias, for `B`-bit codes.
 ///
 /// SAFETY: AVX2+FMA available; `block.width % 8 == 0`; bounds are asserted.
 #[inline]
@@ -224,6 +225,21 @@ unsafe fn code_rows_dots<const B: usize>(
     }
     // SAFETY: as asserted above, for every group of queries.
     unsafe { for_query_groups!(q.count, |i| rows_dots::<B>(q.skip(i), block, out.skip(i))) }
+}
+
+/// [`code_rows_dots`], then the bias: the key kernel of [`CodeKernels`].
+///
+/// SAFETY: as [`code_rows_dots`].
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_biased<const B: usize>(
+    q: Strided<'_>,
+    block: CodeBlock<'_>,
+    mut out: StridedMut<'_>,
+    bias: &[f32],
+) {
+    // SAFETY: the caller's.
+    unsafe { code_rows_dots::<B>(q, block, out.reborrow()) };
+    add_bias(out, block.rows, bias);
 }
 
 /// [`code_rows_dots`] for `M` queries from `q`, row by row.
@@ -294,7 +310,7 @@ unsafe fn dots_group<const B: usize, const M: usize>(
     ])
 }
 
-/// [`Simd::code_rows_axpy`] for `B`-bit codes.
+/// [`CodeKernels::axpy`] for `B`-bit codes.
 ///
 /// SAFETY: AVX2+FMA available; `block.width % 8 == 0`; bounds are asserted.
 #[inline]
@@ -372,40 +388,19 @@ unsafe fn axpy_group<const B: usize, const M: usize>(
 }
 
 impl Simd for Avx2 {
-    #[inline(always)]
-    fn code_rows_dots(
-        self,
-        q: Strided<'_>,
-        block: CodeBlock<'_>,
-        mut out: StridedMut<'_>,
-        bias: &[f32],
-    ) {
-        if !block.width.is_multiple_of(8) {
-            return Portable.code_rows_dots(q, block, out, bias);
+    fn code_kernels(self, bits: u8, width: usize) -> CodeKernels {
+        if !width.is_multiple_of(8) {
+            return Portable.code_kernels(bits, width);
         }
-        let o = out.reborrow();
-        // SAFETY: an `Avx2` exists only on CPUs with AVX2 and FMA; the width is checked and
-        // the bounds are asserted inside.
-        match block.bits {
-            2 => unsafe { code_rows_dots::<2>(q, block, o) },
-            4 => unsafe { code_rows_dots::<4>(q, block, o) },
-            8 => unsafe { code_rows_dots::<8>(q, block, o) },
-            _ => return Portable.code_rows_dots(q, block, out, bias),
-        }
-        add_bias(out, block.rows, bias);
-    }
-
-    #[inline(always)]
-    fn code_rows_axpy(self, acc: StridedMut<'_>, w: Strided<'_>, block: CodeBlock<'_>) {
-        if !block.width.is_multiple_of(8) {
-            return Portable.code_rows_axpy(acc, w, block);
-        }
-        // SAFETY: as above.
-        match block.bits {
-            2 => unsafe { code_rows_axpy::<2>(acc, w, block) },
-            4 => unsafe { code_rows_axpy::<4>(acc, w, block) },
-            8 => unsafe { code_rows_axpy::<8>(acc, w, block) },
-            _ => Portable.code_rows_axpy(acc, w, block),
+        // SAFETY: an `Avx2` exists only on CPUs with AVX2 and FMA; the kernels take rows of
+        // whole steps of eight codes (checked) and assert their bounds.
+        unsafe {
+            match bits {
+                2 => CodeKernels::new(bits, width, dots_biased::<2>, code_rows_axpy::<2>),
+                4 => CodeKernels::new(bits, width, dots_biased::<4>, code_rows_axpy::<4>),
+                8 => CodeKernels::new(bits, width, dots_biased::<8>, code_rows_axpy::<8>),
+                _ => Portable.code_kernels(bits, width),
+            }
         }
     }
 

@@ -133,11 +133,10 @@ impl<'a> StridedMut<'a> {
 
 /// The operations of the attention kernel, one implementation per instruction set.
 ///
-/// Two of them read packed codes ([`Simd::code_rows_dots`] for keys, [`Simd::code_rows_axpy`]
-/// for values); the default implementations unpack a row into floats and use the
-/// single-vector operations, and an implementation overrides them with kernels that keep
-/// the codes in registers for the bit widths it specialises, falling back to [`Portable`]
-/// for the others.
+/// The two that read packed codes come as a pair of [`CodeKernels`] (keys, values) for a
+/// bit width and row width, chosen once per run of rows: the default unpacks each row into
+/// floats, and an implementation returns kernels that keep the codes in registers for the
+/// widths it specialises, and a lower instruction set's kernels for the others.
 use std::ops::Range;
 
 pub trait Simd: Copy + Send + Sync {
@@ -174,67 +173,129 @@ pub trait Simd: Copy + Send + Sync {
         (m, sum)
     }
 
+    /// The code kernels for rows of `width` codes of `bits` bits, chosen once per run of
+    /// rows (the widths an implementation specialises are matched here, not at every block;
+    /// the others fall back to a lower instruction set, down to [`Portable`]).
+    fn code_kernels(self, bits: u8, width: usize) -> CodeKernels {
+        CodeKernels::portable(bits, width)
+    }
+}
+
+/// Signature of a key kernel: [`CodeKernels::dots`].
+type DotsFn = unsafe fn(Strided<'_>, CodeBlock<'_>, StridedMut<'_>, &[f32]);
+/// Signature of a value kernel: [`CodeKernels::axpy`].
+type AxpyFn = unsafe fn(StridedMut<'_>, Strided<'_>, CodeBlock<'_>);
+
+/// The two operations on packed codes, for one bit width and row width, as the instruction
+/// set that made them implements them: the key kernel (dot products with queries) and the
+/// value kernel (weighted sums of rows).
+#[derive(Clone, Copy)]
+pub struct CodeKernels {
+    bits: u8,
+    width: usize,
+    dots: DotsFn,
+    axpy: AxpyFn,
+}
+
+impl CodeKernels {
+    /// Kernels for `bits`-bit codes, `width` per row.
+    ///
+    /// # Safety
+    /// The CPU has every feature `dots` and `axpy` are compiled for, and both are sound for
+    /// any block of `bits`-bit codes, `width` per row, whose bounds they assert.
+    pub(crate) unsafe fn new(bits: u8, width: usize, dots: DotsFn, axpy: AxpyFn) -> Self {
+        CodeKernels {
+            bits,
+            width,
+            dots,
+            axpy,
+        }
+    }
+
+    /// The plain-Rust kernels (unpack a row to floats, then [`Portable`]'s `dot` / `axpy`).
+    pub(crate) fn portable(bits: u8, width: usize) -> Self {
+        // SAFETY: plain Rust, bounds-checked.
+        unsafe { CodeKernels::new(bits, width, portable_dots, portable_axpy) }
+    }
+
     /// `out[i·out.stride + r] = q_i · codes_r + bias[i]` for every query `i < q.count` and
     /// row `r` of `block` (query-major, so a caller can point `out` straight at its logits;
     /// an empty `bias` adds nothing). The bias is the per-channel codec's offset term, added
     /// where the dots are stored instead of in a second pass over the logits (which cost 3%
     /// of a 16k-token step). One call per block of rows, not per row: the call and its setup
     /// cost as much as a row's arithmetic.
-    fn code_rows_dots(
-        self,
-        q: Strided<'_>,
-        block: CodeBlock<'_>,
-        out: StridedMut<'_>,
-        bias: &[f32],
-    ) {
-        let mut dots = [0f32; 16];
-        for i0 in (0..q.count).step_by(16) {
-            let m = (q.count - i0).min(16);
-            let qi = Strided {
-                data: &q.data[i0 * q.stride..],
-                count: m,
-                ..q
-            };
-            for r in 0..block.rows {
-                code_dots(
-                    self,
-                    qi,
-                    block.row(r),
-                    block.bits,
-                    block.width,
-                    &mut dots[..m],
-                );
-                for (j, &x) in dots[..m].iter().enumerate() {
-                    out.data[(i0 + j) * out.stride + r] = x;
-                }
-            }
-        }
-        add_bias(out, block.rows, bias);
+    #[inline(always)]
+    pub fn dots(&self, q: Strided<'_>, block: CodeBlock<'_>, out: StridedMut<'_>, bias: &[f32]) {
+        self.check(&block);
+        // SAFETY: `new`'s contract, and the block has the codes the kernel was chosen for.
+        unsafe { (self.dots)(q, block, out, bias) }
     }
 
     /// `acc[i·acc.stride + c] += Σ_r w[i·w.stride + r] · code_{r,c}` for every query
     /// `i < w.count` and channel `c < block.width` (weights query-major, so probabilities
     /// can be passed as they are). Blocking over rows keeps the accumulators in registers
     /// instead of loading and storing them for every row.
-    fn code_rows_axpy(self, acc: StridedMut<'_>, w: Strided<'_>, block: CodeBlock<'_>) {
-        let mut wr = [0f32; 16];
-        for i0 in (0..w.count).step_by(16) {
-            let m = (w.count - i0).min(16);
-            for r in 0..block.rows {
-                for (j, x) in wr[..m].iter_mut().enumerate() {
-                    *x = w.data[(i0 + j) * w.stride + r];
-                }
-                let a = StridedMut {
-                    data: &mut acc.data[i0 * acc.stride..],
-                    stride: acc.stride,
-                };
-                code_axpys(self, a, &wr[..m], block.row(r), block.bits, block.width);
+    #[inline(always)]
+    pub fn axpy(&self, acc: StridedMut<'_>, w: Strided<'_>, block: CodeBlock<'_>) {
+        self.check(&block);
+        // SAFETY: as in `dots`.
+        unsafe { (self.axpy)(acc, w, block) }
+    }
+
+    /// A kernel compiled for one bit width reads its bytes by that width: a block of another
+    /// would be read out of its bounds.
+    #[inline(always)]
+    fn check(&self, block: &CodeBlock<'_>) {
+        assert!(
+            block.bits == self.bits && block.width == self.width,
+            "kernels for {}-bit codes, {} per row, given {}-bit codes, {} per row",
+            self.bits,
+            self.width,
+            block.bits,
+            block.width
+        );
+    }
+}
+
+/// [`CodeKernels::dots`] in plain Rust.
+fn portable_dots(q: Strided<'_>, block: CodeBlock<'_>, out: StridedMut<'_>, bias: &[f32]) {
+    let mut dots = [0f32; 16];
+    for i0 in (0..q.count).step_by(16) {
+        let m = (q.count - i0).min(16);
+        let qi = Strided {
+            data: &q.data[i0 * q.stride..],
+            count: m,
+            ..q
+        };
+        for r in 0..block.rows {
+            code_dots(qi, block.row(r), block.bits, block.width, &mut dots[..m]);
+            for (j, &x) in dots[..m].iter().enumerate() {
+                out.data[(i0 + j) * out.stride + r] = x;
             }
+        }
+    }
+    add_bias(out, block.rows, bias);
+}
+
+/// [`CodeKernels::axpy`] in plain Rust.
+fn portable_axpy(acc: StridedMut<'_>, w: Strided<'_>, block: CodeBlock<'_>) {
+    let mut wr = [0f32; 16];
+    for i0 in (0..w.count).step_by(16) {
+        let m = (w.count - i0).min(16);
+        for r in 0..block.rows {
+            for (j, x) in wr[..m].iter_mut().enumerate() {
+                *x = w.data[(i0 + j) * w.stride + r];
+            }
+            let a = StridedMut {
+                data: &mut acc.data[i0 * acc.stride..],
+                stride: acc.stride,
+            };
+            code_axpys(a, &wr[..m], block.row(r), block.bits, block.width);
         }
     }
 }
 
-/// The bounds of a [`Simd::code_rows_dots`] call, asserted before a kernel's unchecked
+/// The bounds of a [`CodeKernels::dots`] call, asserted before a kernel's unchecked
 /// accesses: the block's rows, `q.count` queries of `width` floats, and as many outputs of
 /// `rows` floats. `false`: nothing to compute.
 #[cfg(target_arch = "x86_64")]
@@ -247,7 +308,7 @@ pub(crate) fn dots_in_bounds(q: &Strided<'_>, block: &CodeBlock<'_>, out: &Strid
     true
 }
 
-/// [`dots_in_bounds`] for a [`Simd::code_rows_axpy`] call: `w.count` weight vectors of `rows`
+/// [`dots_in_bounds`] for a [`CodeKernels::axpy`] call: `w.count` weight vectors of `rows`
 /// floats and as many accumulators of `width` floats.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -271,7 +332,7 @@ fn add_bias(out: StridedMut<'_>, rows: usize, bias: &[f32]) {
 /// For each query `i < q.count`: `out[i] = Σ_{c<n} q_i[c] · code_c`, with the `n` codes of
 /// `bits` bits packed in `codes`, unpacked 512 at a time.
 #[inline(always)]
-fn code_dots<S: Simd>(s: S, q: Strided<'_>, codes: &[u8], bits: u8, n: usize, out: &mut [f32]) {
+fn code_dots(q: Strided<'_>, codes: &[u8], bits: u8, n: usize, out: &mut [f32]) {
     let mut buf = [0f32; 512];
     for (k, chunk) in (0..n).step_by(512).enumerate() {
         let m = (n - chunk).min(512);
@@ -279,7 +340,7 @@ fn code_dots<S: Simd>(s: S, q: Strided<'_>, codes: &[u8], bits: u8, n: usize, ou
         unpack_f32(&bytes[..m * bits as usize / 8], bits, &mut buf[..m]);
         for (i, o) in out.iter_mut().enumerate().take(q.count) {
             let qi = &q.data[i * q.stride + chunk..i * q.stride + chunk + m];
-            let add = s.dot(qi, &buf[..m]);
+            let add = Portable.dot(qi, &buf[..m]);
             *o = if k == 0 { add } else { *o + add };
         }
     }
@@ -287,7 +348,7 @@ fn code_dots<S: Simd>(s: S, q: Strided<'_>, codes: &[u8], bits: u8, n: usize, ou
 
 /// For each query `i < w.len()`: `acc[i·acc.stride + c] += w[i] · code_c` for `c < n`.
 #[inline(always)]
-fn code_axpys<S: Simd>(s: S, acc: StridedMut<'_>, w: &[f32], codes: &[u8], bits: u8, n: usize) {
+fn code_axpys(acc: StridedMut<'_>, w: &[f32], codes: &[u8], bits: u8, n: usize) {
     let mut buf = [0f32; 512];
     for (k, chunk) in (0..n).step_by(512).enumerate() {
         let m = (n - chunk).min(512);
@@ -296,7 +357,7 @@ fn code_axpys<S: Simd>(s: S, acc: StridedMut<'_>, w: &[f32], codes: &[u8], bits:
         for (i, &wi) in w.iter().enumerate() {
             if wi != 0.0 {
                 let at = i * acc.stride + chunk;
-                s.axpy(&mut acc.data[at..at + m], wi, &buf[..m]);
+                Portable.axpy(&mut acc.data[at..at + m], wi, &buf[..m]);
             }
         }
     }

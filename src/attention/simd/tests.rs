@@ -66,7 +66,7 @@ fn check_codes<S: Simd>(s: S) {
             let rows2: Vec<u8> = packed.iter().chain(&packed).copied().collect();
             let q2 = strided(&q, n, nq);
             let b2 = block(&rows2, packed.len(), 2, bits, n);
-            s.code_rows_dots(q2, b2, out(&mut out2, 2), &[]);
+            s.code_kernels(bits, n).dots(q2, b2, out(&mut out2, 2), &[]);
             for i in 0..nq {
                 let want: f32 = (0..n).map(|c| q[i * n + c] * codes[c] as f32).sum();
                 assert!((out2[2 * i] - want).abs() < 1e-3, "bits={bits} n={n}");
@@ -87,7 +87,8 @@ fn check_codes<S: Simd>(s: S) {
                 .collect();
             let mut acc3 = vec![1f32; nq * n];
             let b3 = block(&rows3, packed.len(), 3, bits, n);
-            s.code_rows_axpy(out(&mut acc3, n), strided(&w3, 3, nq), b3);
+            s.code_kernels(bits, n)
+                .axpy(out(&mut acc3, n), strided(&w3, 3, nq), b3);
             for i in 0..nq {
                 for c in 0..n {
                     assert_eq!(acc3[i * n + c], 1.0 + 6.0 * w[i] * codes[c] as f32);
@@ -147,16 +148,21 @@ fn check_against_portable<S: Simd>(s: S) {
                             strided(&q, stride, nq),
                             block(tail, row_bytes, rows, bits, n),
                         );
-                        Portable.code_rows_dots(qs, bl, out(&mut want, os), &[]);
-                        s.code_rows_dots(qs, bl, out(&mut got, os), &[]);
+                        Portable
+                            .code_kernels(bits, n)
+                            .dots(qs, bl, out(&mut want, os), &[]);
+                        s.code_kernels(bits, n).dots(qs, bl, out(&mut got, os), &[]);
                         let what = format!("bits={bits} n={n} row_n={row_n} rows={rows} nq={nq}");
                         for (g, w) in got.iter().zip(&want) {
                             assert!(close(*g, *w), "dots {what}: {g} vs {w}");
                         }
                         // The same with a per-query offset added as the dots are stored.
                         let bias: Vec<f32> = (0..nq).map(|i| i as f32 * 0.75 - 1.0).collect();
-                        Portable.code_rows_dots(qs, bl, out(&mut want, os), &bias);
-                        s.code_rows_dots(qs, bl, out(&mut got, os), &bias);
+                        Portable
+                            .code_kernels(bits, n)
+                            .dots(qs, bl, out(&mut want, os), &bias);
+                        s.code_kernels(bits, n)
+                            .dots(qs, bl, out(&mut got, os), &bias);
                         for (g, w) in got.iter().zip(&want) {
                             assert!(close(*g, *w), "biased dots {what}: {g} vs {w}");
                         }
@@ -168,8 +174,10 @@ fn check_against_portable<S: Simd>(s: S) {
                         let mut want = vec![0.5f32; nq * stride];
                         let mut got = want.clone();
                         let wq = strided(&w, ws, nq);
-                        Portable.code_rows_axpy(out(&mut want, stride), wq, bl);
-                        s.code_rows_axpy(out(&mut got, stride), wq, bl);
+                        Portable
+                            .code_kernels(bits, n)
+                            .axpy(out(&mut want, stride), wq, bl);
+                        s.code_kernels(bits, n).axpy(out(&mut got, stride), wq, bl);
                         for (g, w) in got.iter().zip(&want) {
                             assert!(close(*g, *w), "axpy {what}: {g} vs {w}");
                         }
@@ -322,4 +330,27 @@ fn unpack_f32_matches_unpack() {
         let want: Vec<f32> = codes.iter().map(|&c| c as f32).collect();
         assert_eq!(out, want, "bits={bits}");
     }
+}
+
+/// Kernels chosen for one bit width refuse a block of another: they would read its bytes by
+/// the wrong width, past the block's bounds.
+#[test]
+#[should_panic(expected = "kernels for 2-bit codes, 64 per row, given 4-bit codes")]
+fn kernels_refuse_a_block_of_another_width() {
+    let codes = vec![0u8; 32];
+    let q = vec![0f32; 64];
+    let mut o = vec![0f32; 1];
+    let best = |bits: u8, width: usize| {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(s) = Avx512::detect() {
+            return s.code_kernels(bits, width);
+        }
+        Portable.code_kernels(bits, width)
+    };
+    best(2, 64).dots(
+        strided(&q, 64, 1),
+        block(&codes, 32, 1, 4, 64),
+        out(&mut o, 1),
+        &[],
+    );
 }

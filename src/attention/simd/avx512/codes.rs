@@ -275,7 +275,7 @@ unsafe fn dots_group<const B: usize, const M: usize>(
     }
 }
 
-/// [`Simd::code_rows_dots`](crate::attention::simd::Simd::code_rows_dots) for `B`-bit
+/// [`CodeKernels::dots`](crate::attention::simd::CodeKernels::dots) for `B`-bit
 /// codes; an empty `bias` adds nothing.
 ///
 /// SAFETY: AVX-512 F/BW/VL/VBMI available; `block.width % 8 == 0`; bounds are asserted.
@@ -429,7 +429,7 @@ unsafe fn axpy_group<const B: usize, const M: usize>(
     }
 }
 
-/// [`Simd::code_rows_axpy`](crate::attention::simd::Simd::code_rows_axpy) for `B`-bit codes.
+/// [`CodeKernels::axpy`](crate::attention::simd::CodeKernels::axpy) for `B`-bit codes.
 ///
 /// SAFETY: AVX-512 F/BW/VL/VBMI available; `block.width % 8 == 0`; bounds are asserted.
 #[inline]

@@ -14,7 +14,7 @@
 //! of the table lookup. Same uop count, and it adds a large constant term to every dot
 //! product that must be subtracted again, costing precision.
 
-use super::{Avx2, CodeBlock, Simd, Strided, StridedMut};
+use super::{Avx2, CodeKernels, Simd};
 use codes::{code_rows_axpy, code_rows_dots};
 use std::arch::x86_64::*;
 
@@ -272,43 +272,19 @@ fn specialised(bits: u8, n: usize) -> bool {
 }
 
 impl Simd for Avx512 {
-    #[inline(always)]
-    fn code_rows_dots(
-        self,
-        q: Strided<'_>,
-        block: CodeBlock<'_>,
-        out: StridedMut<'_>,
-        bias: &[f32],
-    ) {
-        if !specialised(block.bits, block.width) {
-            return self.avx2.code_rows_dots(q, block, out, bias);
+    fn code_kernels(self, bits: u8, width: usize) -> CodeKernels {
+        if !specialised(bits, width) {
+            return self.avx2.code_kernels(bits, width);
         }
-        // SAFETY: an `Avx512` exists only on CPUs with the features; the width is checked
-        // and the bounds are asserted inside.
+        // SAFETY: an `Avx512` exists only on CPUs with the features; the kernels take rows of
+        // whole steps of eight codes (checked) and assert their bounds.
         unsafe {
-            match block.bits {
-                1 => code_rows_dots::<1>(q, block, out, bias),
-                2 => code_rows_dots::<2>(q, block, out, bias),
-                3 => code_rows_dots::<3>(q, block, out, bias),
-                4 => code_rows_dots::<4>(q, block, out, bias),
-                _ => code_rows_dots::<8>(q, block, out, bias),
-            }
-        }
-    }
-
-    #[inline(always)]
-    fn code_rows_axpy(self, acc: StridedMut<'_>, w: Strided<'_>, block: CodeBlock<'_>) {
-        if !specialised(block.bits, block.width) {
-            return self.avx2.code_rows_axpy(acc, w, block);
-        }
-        // SAFETY: as in `code_rows_dots`.
-        unsafe {
-            match block.bits {
-                1 => code_rows_axpy::<1>(acc, w, block),
-                2 => code_rows_axpy::<2>(acc, w, block),
-                3 => code_rows_axpy::<3>(acc, w, block),
-                4 => code_rows_axpy::<4>(acc, w, block),
-                _ => code_rows_axpy::<8>(acc, w, block),
+            match bits {
+                1 => CodeKernels::new(bits, width, code_rows_dots::<1>, code_rows_axpy::<1>),
+                2 => CodeKernels::new(bits, width, code_rows_dots::<2>, code_rows_axpy::<2>),
+                3 => CodeKernels::new(bits, width, code_rows_dots::<3>, code_rows_axpy::<3>),
+                4 => CodeKernels::new(bits, width, code_rows_dots::<4>, code_rows_axpy::<4>),
+                _ => CodeKernels::new(bits, width, code_rows_dots::<8>, code_rows_axpy::<8>),
             }
         }
     }

@@ -109,16 +109,7 @@ fn attend_impl(
     let rep = hq / hk;
     let nq = rep * tq;
     let work: usize = store.streams.iter().map(|s| s.len()).sum::<usize>() * nq * d;
-    let queries = Queries {
-        q,
-        hq,
-        tq,
-        d,
-        rep,
-        positions: q_positions,
-        scale,
-        track,
-    };
+    let queries = Queries::new(q, [hq, tq, d], hk, q_positions, scale, track);
     let (parts, results) = parallel::run(work, |par| {
         // Streams are cut into parts only for threads that will run them.
         let threads = if par { parallel::num_threads() } else { 1 };
@@ -313,6 +304,29 @@ struct Queries<'a> {
     scale: f32,
     /// Whether to collect the attention each token received.
     track: bool,
+}
+
+impl<'a> Queries<'a> {
+    /// Queries `q` of shape `[_, hq, tq, d]` for a store of `kv_heads` kv-heads.
+    fn new(
+        q: &'a [f32],
+        [hq, tq, d]: [usize; 3],
+        kv_heads: usize,
+        positions: &'a [usize],
+        scale: f32,
+        track: bool,
+    ) -> Self {
+        Queries {
+            q,
+            hq,
+            tq,
+            d,
+            rep: hq / kv_heads,
+            positions,
+            scale,
+            track,
+        }
+    }
 }
 
 /// [`attend_part`] compiled for AVX-512 (F/BW/VL/VBMI) or else AVX2+FMA+F16C when the CPU

@@ -79,7 +79,7 @@ pub(super) fn from_strided(v: [__m512; 4]) -> [__m512; 4] {
     rows_by_query(v).map(|x| transpose_lanes(x))
 }
 
-/// [`super::codes::axpy_span`] for 2-bit codes and four vectors (64 channels from `k`), decoding
+/// `codes::axpy_span` for 2-bit codes and four vectors (64 channels from `k`), decoding
 /// with [`codes64`]. Reads exactly the span's sixteen bytes of each row.
 ///
 /// SAFETY: AVX-512 F/BW/VL/VBMI available; `k + 64 <= n`; the bounds of
@@ -158,7 +158,7 @@ pub(super) unsafe fn strided_queries<const M: usize>(
     out
 }
 
-/// [`super::codes::row_dots4`] for 2-bit codes decoded by [`codes64`], with the queries from
+/// `codes::row_dots4` for 2-bit codes decoded by [`codes64`], with the queries from
 /// [`strided_queries`] (a dot product does not care in which lane a channel is summed).
 /// Reads exactly each row's `n/4` bytes.
 ///

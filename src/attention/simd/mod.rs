@@ -4,8 +4,14 @@
 //! F/BW/VL/VBMI, sixteen lanes). The kernel is generic over the trait and dispatched once per
 //! call after CPU feature detection (AVX-512 first), so one binary is both portable and fast.
 //!
+//! The two operations on packed codes (keys: dot products with the queries; values: weighted
+//! sums of rows) take a [`CodeBlock`] of rows and strided views of the floats they read and
+//! write; [`Simd::code_kernels`] picks them once per run of rows for its bit width.
+//!
 //! Rejected: relying on auto-vectorization alone. LLVM splits an `[f32; 8]` accumulator into
 //! shuffled halves when it reduces it, which made the dot product 3x slower than intrinsics.
+
+use std::ops::Range;
 
 /// A block of rows of packed codes, the unit every code kernel works on: row `r`'s `width`
 /// codes of `bits` bits start at byte `r·row_bytes` of `codes`. A row may hold more than
@@ -137,8 +143,6 @@ impl<'a> StridedMut<'a> {
 /// bit width and row width, chosen once per run of rows: the default unpacks each row into
 /// floats, and an implementation returns kernels that keep the codes in registers for the
 /// widths it specialises, and a lower instruction set's kernels for the others.
-use std::ops::Range;
-
 pub trait Simd: Copy + Send + Sync {
     /// `Σ a_i b_i`.
     fn dot(self, a: &[f32], b: &[f32]) -> f32;

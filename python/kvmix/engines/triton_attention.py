@@ -94,26 +94,47 @@ def _codes(
     BITS: tl.constexpr,
     WB: tl.constexpr,
     MAGIC: tl.constexpr,
+    BCAST: tl.constexpr,
 ):
     """The codes of rows ``row`` as an exact fp16 tile ``[BLOCK_N, D]`` in field-major order.
-    ``DATA`` is the tier's packed rows viewed as words of ``WB`` bytes (bytes for 3 bits)."""
+    ``DATA`` is the tier's packed rows viewed as words of ``WB`` bytes (bytes for 3 bits).
+    ``BCAST``: load each row's words once (``[BLOCK_N, NW]``) and broadcast them over the
+    fields in registers; else gather a word per element (``FPW`` times the loads, and as much
+    shared memory when the loop is pipelined)."""
     j = tl.arange(0, D)
     if BITS == 3:
         NG3: tl.constexpr = D // 8
         RB: tl.constexpr = 3 * D // 8
-        gi = j % NG3
-        base = DATA + row[:, None] * RB + 3 * gi[None, :]
-        w = (
-            tl.load(base).to(tl.int32)
-            | (tl.load(base + 1).to(tl.int32) << 8)
-            | (tl.load(base + 2).to(tl.int32) << 16)
-        )
-        code = (w >> (3 * (j // NG3))[None, :]) & 7
+        if BCAST:
+            gi = tl.arange(0, NG3)
+            base = DATA + row[:, None] * RB + 3 * gi[None, :]
+            w = (
+                tl.load(base).to(tl.int32)
+                | (tl.load(base + 1).to(tl.int32) << 8)
+                | (tl.load(base + 2).to(tl.int32) << 16)
+            )
+            sh = 3 * tl.arange(0, 8)
+            code = tl.reshape((w[:, None, :] >> sh[None, :, None]) & 7, (row.shape[0], D))
+        else:
+            gi = j % NG3
+            base = DATA + row[:, None] * RB + 3 * gi[None, :]
+            w = (
+                tl.load(base).to(tl.int32)
+                | (tl.load(base + 1).to(tl.int32) << 8)
+                | (tl.load(base + 2).to(tl.int32) << 16)
+            )
+            code = (w >> (3 * (j // NG3))[None, :]) & 7
     else:
         FPW: tl.constexpr = 8 * WB // BITS
         NW: tl.constexpr = D // FPW
-        w = tl.load(DATA + row[:, None] * NW + (j % NW)[None, :]).to(tl.int32)
-        code = (w >> (BITS * (j // NW))[None, :]) & ((1 << BITS) - 1)
+        MASK: tl.constexpr = (1 << BITS) - 1
+        if BCAST:
+            w = tl.load(DATA + row[:, None] * NW + tl.arange(0, NW)[None, :]).to(tl.int32)
+            sh = BITS * tl.arange(0, FPW)
+            code = tl.reshape((w[:, None, :] >> sh[None, :, None]) & MASK, (row.shape[0], D))
+        else:
+            w = tl.load(DATA + row[:, None] * NW + (j % NW)[None, :]).to(tl.int32)
+            code = (w >> (BITS * (j // NW))[None, :]) & MASK
     if MAGIC:
         # 0x6400 is fp16 1024.0 with a zero mantissa: OR-ing a code below 1024 into it gives
         # 1024 + code exactly, without an int-to-float conversion (a slow instruction).
@@ -205,6 +226,8 @@ def _tier(
     TRACK: tl.constexpr,
     NPART: tl.constexpr,
     MAGIC: tl.constexpr,
+    BCAST: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     s64 = s.to(tl.int64)
     cap64 = cap.to(tl.int64)
@@ -257,7 +280,10 @@ def _tier(
 
     p_lo = split * pages_per_split
     p_hi = tl.minimum(p_lo + pages_per_split, n_pages)
-    for page in range(p_lo, p_hi):
+    # Dense tiles are large and dense tiers (the buffer) short: no multi-buffering for them,
+    # which would take shared memory from the packed tiers' pipeline (one kernel holds both).
+    NSL: tl.constexpr = 1 if K_MODE == DENSE or V_MODE == DENSE else STAGES
+    for page in tl.range(p_lo, p_hi, num_stages=NSL):
         t = page * BLOCK_N + tl.arange(0, BLOCK_N)
         row = s64 * cap64 + t.to(tl.int64)
         pos = tl.load(POS + row)
@@ -266,7 +292,7 @@ def _tier(
             k = tl.load(KD + row[:, None] * D + kch[None, :]).to(tl.float32)
             logits = _unstack(tl.dot(qpad, tl.trans(k), input_precision="ieee"), RP, BLOCK_N, NPD)
         elif K_MODE == CHANNEL:
-            codes = _codes(KD, row, D, K_BITS, K_WB, MAGIC)
+            codes = _codes(KD, row, D, K_BITS, K_WB, MAGIC, BCAST)
             seg = tl.load(SEG + s64 * (cap64 // BLOCK_N) + page).to(tl.int64)
             ks = tl.load(KS + (s64 * nseg + seg) * D + kch).to(tl.float32)
             ko = tl.load(KO + (s64 * nseg + seg) * D + kch).to(tl.float32)
@@ -275,7 +301,7 @@ def _tier(
             logits = _unstack(tl.dot(a, tl.trans(codes)), RP, BLOCK_N, NPC) * ainv[:, None]
             logits += _sum(q * ko[None, :], 1)[:, None]
         else:
-            codes = _codes(KD, row, D, K_BITS, K_WB, MAGIC)
+            codes = _codes(KD, row, D, K_BITS, K_WB, MAGIC, BCAST)
             dots = _unstack(tl.dot(qstack, tl.trans(codes)), KG * RP, BLOCK_N, NPK)
             dots = tl.reshape(dots * qinv[:, None], (KG, RP, BLOCK_N))
             sc = tl.load(KS + row[None, :] * KG + kg[:, None]).to(tl.float32)  # [KG, N]
@@ -302,7 +328,7 @@ def _tier(
                 tl.dot(_pad_rows(p, RP, BLOCK_N, NPV2), v, input_precision="ieee"), RP, D, NPV2
             )
         else:
-            codes = _codes(VD, row, D, V_BITS, V_WB, MAGIC)
+            codes = _codes(VD, row, D, V_BITS, V_WB, MAGIC, BCAST)
             sc = tl.load(VS + row[None, :] * VG + vg[:, None]).to(tl.float32)  # [VG, N]
             of = tl.load(VO + row[None, :] * VG + vg[:, None]).to(tl.float32)
             ps = p[None, :, :] * sc[:, None, :]  # [VG, RP, N]
@@ -355,6 +381,11 @@ def _attend_kernel(
     QPOS_RANGE: tl.constexpr,
     NPART: tl.constexpr,
     MAGIC: tl.constexpr,
+    BCAST: tl.constexpr,
+    STAGES: tl.constexpr,
+    ON0: tl.constexpr,  # whether each tier has pages (an empty tier's code is left out)
+    ON1: tl.constexpr,
+    ON2: tl.constexpr,
     # per tier: key mode, bits, group size, word bytes, fixed factor; the same for values
     # (separable factor instead of the fixed one); tracking
     KM0: tl.constexpr, KB0: tl.constexpr, KG0: tl.constexpr, KW0: tl.constexpr, KX0: tl.constexpr,
@@ -370,29 +401,35 @@ def _attend_kernel(
     s = tl.program_id(0)
     sp = tl.program_id(1)
     if sp < ns0:
-        _tier(
-            Q, sqb, sqh, sqt, sqd, qscale, QPOS, qpos0, FV, KF0,
-            POS0, KD0, KS0, KO0, SEG0, VD0, VS0, VO0, VF0, LG0, PM, PL, PACC,
-            s, sp, sp, cap0, pages0, pages_per_split, n_split, nseg0, kv_heads,
-            ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
-            KM0, KB0, KG0, KW0, KX0, VM0, VB0, VG0, VW0, VX0, TR0, NPART, MAGIC,
-        )  # fmt: skip
+        if ON0:
+            _tier(
+                Q, sqb, sqh, sqt, sqd, qscale, QPOS, qpos0, FV, KF0,
+                POS0, KD0, KS0, KO0, SEG0, VD0, VS0, VO0, VF0, LG0, PM, PL, PACC,
+                s, sp, sp, cap0, pages0, pages_per_split, n_split, nseg0, kv_heads,
+                ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
+                KM0, KB0, KG0, KW0, KX0, VM0, VB0, VG0, VW0, VX0, TR0, NPART, MAGIC,
+                BCAST, STAGES,
+            )  # fmt: skip
     elif sp < ns0 + ns1:
-        _tier(
-            Q, sqb, sqh, sqt, sqd, qscale, QPOS, qpos0, FV, KF1,
-            POS1, KD1, KS1, KO1, SEG1, VD1, VS1, VO1, VF1, LG1, PM, PL, PACC,
-            s, sp - ns0, sp, cap1, pages1, pages_per_split, n_split, nseg1, kv_heads,
-            ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
-            KM1, KB1, KG1, KW1, KX1, VM1, VB1, VG1, VW1, VX1, TR1, NPART, MAGIC,
-        )  # fmt: skip
+        if ON1:
+            _tier(
+                Q, sqb, sqh, sqt, sqd, qscale, QPOS, qpos0, FV, KF1,
+                POS1, KD1, KS1, KO1, SEG1, VD1, VS1, VO1, VF1, LG1, PM, PL, PACC,
+                s, sp - ns0, sp, cap1, pages1, pages_per_split, n_split, nseg1, kv_heads,
+                ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
+                KM1, KB1, KG1, KW1, KX1, VM1, VB1, VG1, VW1, VX1, TR1, NPART, MAGIC,
+                BCAST, STAGES,
+            )  # fmt: skip
     else:
-        _tier(
-            Q, sqb, sqh, sqt, sqd, qscale, QPOS, qpos0, FV, KF2,
-            POS2, KD2, KS2, KO2, SEG2, VD2, VS2, VO2, VF2, LG2, PM, PL, PACC,
-            s, sp - ns0 - ns1, sp, cap2, pages2, pages_per_split, n_split, nseg2, kv_heads,
-            ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
-            KM2, KB2, KG2, KW2, KX2, VM2, VB2, VG2, VW2, VX2, TR2, NPART, MAGIC,
-        )  # fmt: skip
+        if ON2:
+            _tier(
+                Q, sqb, sqh, sqt, sqd, qscale, QPOS, qpos0, FV, KF2,
+                POS2, KD2, KS2, KO2, SEG2, VD2, VS2, VO2, VF2, LG2, PM, PL, PACC,
+                s, sp - ns0 - ns1, sp, cap2, pages2, pages_per_split, n_split, nseg2, kv_heads,
+                ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
+                KM2, KB2, KG2, KW2, KX2, VM2, VB2, VG2, VW2, VX2, TR2, NPART, MAGIC,
+                BCAST, STAGES,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -554,6 +591,7 @@ def attend_tiers(
     *,
     precise=True,
     magic=True,
+    bcast=True,
     target_programs=1056,
     block_n=64,
     num_warps=4,
@@ -566,7 +604,8 @@ def attend_tiers(
     over the GQA group's heads and the queries), else ``None``. ``first_valid`` is ``[B]``
     int32 on the device. Everything stays on the tensors' device; no value is read back to
     the host. ``precise=False`` drops the low fp16 part of the dots (fp16-rounded operands);
-    ``magic=False`` unpacks with int-to-float conversions; the rest are launch parameters.
+    ``magic=False`` unpacks with int-to-float conversions; ``bcast=False`` gathers a word per
+    code instead of loading each row's words once; the rest are launch parameters.
     """
     import torch
 
@@ -648,22 +687,34 @@ def attend_tiers(
             QPOS_RANGE=consecutive,
             NPART=2 if precise else 1,
             MAGIC=magic,
+            BCAST=bcast,
+            STAGES=num_stages,
+            ON0=len(splits) > 0 and splits[0] > 0,
+            ON1=len(splits) > 1 and splits[1] > 0,
+            ON2=len(splits) > 2 and splits[2] > 0,
             num_warps=num_warps,
             num_stages=num_stages,
             **cargs,
         )
     else:
         out.zero_()
-        return out, [None if lg is None else lg[:, 0, :0] for lg in logits]
+        return out, [
+            torch.zeros((streams, t.fill), dtype=torch.float32, device=dev)
+            if track and track[i]
+            else None
+            for i, t in enumerate(tiers)
+        ]
     mf = torch.empty((streams, rows), dtype=torch.float32, device=dev)
     lf = torch.empty_like(mf)
     _merge_kernel[(streams, rows)](
         pm, pl, pacc, out, mf, lf, n_split, ROWS=rows, D=d, SPLIT_BLOCK=16
     )
     received = []
-    for t, lg in zip(tiers, logits, strict=False):
+    for i, (t, lg) in enumerate(zip(tiers, logits, strict=True)):
         if lg is None:
-            received.append(None)
+            # A tracked tier without rows received nothing.
+            empty = track and track[i]
+            received.append(torch.zeros((streams, t.fill), device=dev) if empty else None)
             continue
         rec = torch.empty((streams, t.fill), dtype=torch.float32, device=dev)
         rb = 128

@@ -174,7 +174,7 @@ def _unstack(y, M: tl.constexpr, N: tl.constexpr, NP: tl.constexpr):
 
 
 @triton.jit
-def _tier(
+def _tier_stacked(
     Q,
     sqb,
     sqh,
@@ -351,6 +351,386 @@ def _tier(
 
 
 @triton.jit
+def _split16(x):
+    """fp32 ``x [R, K]`` as fp16 ``hi`` and ``lo`` parts of its rows scaled by powers of two
+    (no overflow, nothing lost to fp16's range), and the inverse scales ``[R]``."""
+    amax = _max(tl.abs(x), 1)
+    e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    re = tl.minimum(tl.maximum(268 - e, 1), 253)
+    r = (re << 23).to(tl.float32, bitcast=True)
+    inv = ((254 - re) << 23).to(tl.float32, bitcast=True)
+    xs = x * r[:, None]
+    hi = xs.to(tl.float16)
+    lo = (xs - hi.to(tl.float32)).to(tl.float16)
+    return hi, lo, inv
+
+
+@triton.jit
+def _dot_exact(x, codes, NPART: tl.constexpr):
+    """``x [R, K] @ codes [K, N]`` for fp32 ``x`` and exact fp16 ``codes``: fp16 tensor-core
+    dots of ``x``'s hi (and lo) parts, fp32 accumulation."""
+    hi, lo, inv = _split16(x)
+    y = tl.dot(hi, codes)
+    if NPART == 2:
+        y = tl.dot(lo, codes, y)
+    return y * inv[:, None]
+
+
+@triton.jit
+def _tier_flat(
+    Q,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    qscale,
+    QPOS,
+    qpos0,
+    FV,
+    KFIX,
+    POS,
+    KD,
+    KS,
+    KO,
+    SEG,
+    VD,
+    VS,
+    VO,
+    VF,
+    LG,
+    PM,
+    PL,
+    PACC,
+    s,
+    split,  # this program's split within the tier
+    out_split,  # and among every tier's splits (where its partials go)
+    cap,
+    n_pages,
+    pages_per_split,
+    n_split,
+    nseg,
+    kv_heads,
+    ROWS: tl.constexpr,
+    RP: tl.constexpr,
+    TQ: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    QPOS_RANGE: tl.constexpr,
+    K_MODE: tl.constexpr,
+    K_BITS: tl.constexpr,
+    K_GS: tl.constexpr,
+    K_WB: tl.constexpr,
+    K_FIX: tl.constexpr,
+    V_MODE: tl.constexpr,
+    V_BITS: tl.constexpr,
+    V_GS: tl.constexpr,
+    V_WB: tl.constexpr,
+    V_SEP: tl.constexpr,
+    TRACK: tl.constexpr,
+    NPART: tl.constexpr,
+    MAGIC: tl.constexpr,
+    BCAST: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """``_tier_stacked`` with every tile two-dimensional: the ``R >= 16`` rows tl.dot needs
+    repeat the ``RP`` query rows (row ``i`` is query row ``i % RP``), and the hi/lo parts are
+    two dots accumulating into one result, so no tile is reshaped (each reshape or 3-D
+    broadcast is a trip through shared memory)."""
+    s64 = s.to(tl.int64)
+    cap64 = cap.to(tl.int64)
+    R: tl.constexpr = 16 if RP < 16 else RP
+    ri = tl.arange(0, R)
+    rows = ri % RP
+    row_ok = rows < ROWS
+    first = ri < ROWS  # the rows written out (one copy of each query row)
+    kch = _channel_order(D, K_MODE, K_BITS, K_WB)
+    vch = _channel_order(D, V_MODE, V_BITS, V_WB)
+    b = s // kv_heads
+    h = s % kv_heads
+    G: tl.constexpr = ROWS // TQ
+    head = h * G + rows // TQ
+    qi = rows % TQ
+    qoff = b.to(tl.int64) * sqb + head.to(tl.int64) * sqh + qi.to(tl.int64) * sqt
+    q = tl.load(
+        Q + qoff[:, None] + kch[None, :].to(tl.int64) * sqd, mask=row_ok[:, None], other=0.0
+    )
+    q = q.to(tl.float32) * qscale
+    if K_FIX:
+        q = q * tl.load(KFIX + s64 * D + kch).to(tl.float32)[None, :]
+    if QPOS_RANGE:
+        qpos = tl.where(row_ok, qpos0 + qi, -1)
+    else:
+        qpos = tl.load(QPOS + qi, mask=row_ok, other=-1)
+    fv = tl.load(FV + b)
+
+    m_i = tl.full([R], float("-inf"), tl.float32)
+    l_i = tl.full([R], 0.0, tl.float32)
+    acc = tl.full([R, D], 0.0, tl.float32)
+    NSL: tl.constexpr = 1 if K_MODE == DENSE or V_MODE == DENSE else STAGES
+    p_lo = split * pages_per_split
+    p_hi = tl.minimum(p_lo + pages_per_split, n_pages)
+    for page in tl.range(p_lo, p_hi, num_stages=NSL):
+        t = page * BLOCK_N + tl.arange(0, BLOCK_N)
+        row = s64 * cap64 + t.to(tl.int64)
+        pos = tl.load(POS + row)
+        if K_MODE == DENSE:
+            k = tl.load(KD + row[:, None] * D + kch[None, :]).to(tl.float32)
+            logits = tl.dot(q, tl.trans(k), input_precision="ieee")
+        elif K_MODE == CHANNEL:
+            codes = tl.trans(_codes(KD, row, D, K_BITS, K_WB, MAGIC, BCAST))
+            seg = tl.load(SEG + s64 * (cap64 // BLOCK_N) + page).to(tl.int64)
+            ks = tl.load(KS + (s64 * nseg + seg) * D + kch).to(tl.float32)
+            ko = tl.load(KO + (s64 * nseg + seg) * D + kch).to(tl.float32)
+            logits = _dot_exact(q * ks[None, :], codes, NPART)
+            logits += _sum(q * ko[None, :], 1)[:, None]
+        else:
+            codes = tl.trans(_codes(KD, row, D, K_BITS, K_WB, MAGIC, BCAST))
+            KG: tl.constexpr = D // K_GS
+            logits = tl.full([R, BLOCK_N], 0.0, tl.float32)
+            for g in tl.static_range(KG):
+                qg = tl.where((kch // K_GS == g)[None, :], q, 0.0)
+                sc = tl.load(KS + row * KG + g).to(tl.float32)
+                of = tl.load(KO + row * KG + g).to(tl.float32)
+                logits += _dot_exact(qg, codes, NPART) * sc[None, :]
+                logits += _sum(qg, 1)[:, None] * of[None, :]
+        visible = (pos[None, :] >= fv) & (pos[None, :] <= qpos[:, None]) & row_ok[:, None]
+        logits = tl.where(visible, logits, float("-inf"))
+        if TRACK:
+            tl.store(
+                LG + (s64 * ROWS + ri[:, None]) * cap64 + t[None, :].to(tl.int64),
+                logits,
+                mask=first[:, None],
+            )
+        m_new = tl.maximum(m_i, _max(logits, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(logits - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + _sum(p, 1)
+        m_i = m_new
+        if V_MODE == DENSE:
+            v = tl.load(VD + row[:, None] * D + vch[None, :]).to(tl.float32)
+            contrib = tl.dot(p, v, input_precision="ieee")
+        else:
+            codes = _codes(VD, row, D, V_BITS, V_WB, MAGIC, BCAST)
+            VG: tl.constexpr = D // V_GS
+            contrib = tl.full([R, D], 0.0, tl.float32)
+            for g in tl.static_range(VG):
+                sc = tl.load(VS + row * VG + g).to(tl.float32)
+                of = tl.load(VO + row * VG + g).to(tl.float32)
+                c = _dot_exact(p * sc[None, :], codes, NPART)
+                c += _sum(p * of[None, :], 1)[:, None]
+                if VG == 1:
+                    contrib += c
+                else:
+                    contrib += tl.where((vch // V_GS == g)[None, :], c, 0.0)
+            if V_SEP:
+                vseg = tl.load(SEG + s64 * (cap64 // BLOCK_N) + page).to(tl.int64)
+                vf = tl.load(VF + (s64 * nseg + vseg) * D + vch).to(tl.float32)
+                contrib = contrib * vf[None, :]
+        acc = acc * alpha[:, None] + contrib
+
+    out = (s64 * n_split + out_split) * ROWS + ri
+    tl.store(PM + out, m_i, mask=first)
+    tl.store(PL + out, l_i, mask=first)
+    tl.store(PACC + out[:, None] * D + vch[None, :], acc, mask=first[:, None])
+
+
+@triton.jit
+def _tier(
+    Q,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    qscale,
+    QPOS,
+    qpos0,
+    FV,
+    KFIX,
+    POS,
+    KD,
+    KS,
+    KO,
+    SEG,
+    VD,
+    VS,
+    VO,
+    VF,
+    LG,
+    PM,
+    PL,
+    PACC,
+    s,
+    split,  # this program's split within the tier
+    out_split,  # and among every tier's splits (where its partials go)
+    cap,
+    n_pages,
+    pages_per_split,
+    n_split,
+    nseg,
+    kv_heads,
+    ROWS: tl.constexpr,
+    RP: tl.constexpr,
+    TQ: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    QPOS_RANGE: tl.constexpr,
+    K_MODE: tl.constexpr,
+    K_BITS: tl.constexpr,
+    K_GS: tl.constexpr,
+    K_WB: tl.constexpr,
+    K_FIX: tl.constexpr,
+    V_MODE: tl.constexpr,
+    V_BITS: tl.constexpr,
+    V_GS: tl.constexpr,
+    V_WB: tl.constexpr,
+    V_SEP: tl.constexpr,
+    TRACK: tl.constexpr,
+    NPART: tl.constexpr,
+    MAGIC: tl.constexpr,
+    BCAST: tl.constexpr,
+    STAGES: tl.constexpr,
+    FLAT: tl.constexpr,
+):
+    if FLAT:
+        _tier_flat(
+            Q,
+            sqb,
+            sqh,
+            sqt,
+            sqd,
+            qscale,
+            QPOS,
+            qpos0,
+            FV,
+            KFIX,
+            POS,
+            KD,
+            KS,
+            KO,
+            SEG,
+            VD,
+            VS,
+            VO,
+            VF,
+            LG,
+            PM,
+            PL,
+            PACC,
+            s,
+            split,
+            out_split,
+            cap,
+            n_pages,
+            pages_per_split,
+            n_split,
+            nseg,
+            kv_heads,
+            ROWS,
+            RP,
+            TQ,
+            D,
+            BLOCK_N,
+            QPOS_RANGE,
+            K_MODE,
+            K_BITS,
+            K_GS,
+            K_WB,
+            K_FIX,
+            V_MODE,
+            V_BITS,
+            V_GS,
+            V_WB,
+            V_SEP,
+            TRACK,
+            NPART,
+            MAGIC,
+            BCAST,
+            STAGES,
+        )
+    else:
+        _tier_stacked(
+            Q,
+            sqb,
+            sqh,
+            sqt,
+            sqd,
+            qscale,
+            QPOS,
+            qpos0,
+            FV,
+            KFIX,
+            POS,
+            KD,
+            KS,
+            KO,
+            SEG,
+            VD,
+            VS,
+            VO,
+            VF,
+            LG,
+            PM,
+            PL,
+            PACC,
+            s,
+            split,
+            out_split,
+            cap,
+            n_pages,
+            pages_per_split,
+            n_split,
+            nseg,
+            kv_heads,
+            ROWS,
+            RP,
+            TQ,
+            D,
+            BLOCK_N,
+            QPOS_RANGE,
+            K_MODE,
+            K_BITS,
+            K_GS,
+            K_WB,
+            K_FIX,
+            V_MODE,
+            V_BITS,
+            V_GS,
+            V_WB,
+            V_SEP,
+            TRACK,
+            NPART,
+            MAGIC,
+            BCAST,
+            STAGES,
+        )
+
+
+# Integer arguments are not specialized on their values (divisibility by 16, == 1): page
+# counts change every step, and the fast launch path keys compiled kernels without them.
+@triton.jit(
+    do_not_specialize=[
+        "sqb",
+        "sqh",
+        "sqt",
+        "qpos0",
+        "n_split",
+        "pages_per_split",
+        "kv_heads",
+        "cap0",
+        "pages0",
+        "ns0",
+        "nseg0",
+        "cap1",
+        "pages1",
+        "ns1",
+        "nseg1",
+        "cap2",
+        "pages2",
+        "ns2",
+        "nseg2",
+    ]
+)
 def _attend_kernel(
     Q,
     sqb,
@@ -383,6 +763,7 @@ def _attend_kernel(
     MAGIC: tl.constexpr,
     BCAST: tl.constexpr,
     STAGES: tl.constexpr,
+    FLAT: tl.constexpr,
     ON0: tl.constexpr,  # whether each tier has pages (an empty tier's code is left out)
     ON1: tl.constexpr,
     ON2: tl.constexpr,
@@ -408,7 +789,7 @@ def _attend_kernel(
                 s, sp, sp, cap0, pages0, pages_per_split, n_split, nseg0, kv_heads,
                 ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
                 KM0, KB0, KG0, KW0, KX0, VM0, VB0, VG0, VW0, VX0, TR0, NPART, MAGIC,
-                BCAST, STAGES,
+                BCAST, STAGES, FLAT,
             )  # fmt: skip
     elif sp < ns0 + ns1:
         if ON1:
@@ -418,7 +799,7 @@ def _attend_kernel(
                 s, sp - ns0, sp, cap1, pages1, pages_per_split, n_split, nseg1, kv_heads,
                 ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
                 KM1, KB1, KG1, KW1, KX1, VM1, VB1, VG1, VW1, VX1, TR1, NPART, MAGIC,
-                BCAST, STAGES,
+                BCAST, STAGES, FLAT,
             )  # fmt: skip
     else:
         if ON2:
@@ -428,11 +809,11 @@ def _attend_kernel(
                 s, sp - ns0 - ns1, sp, cap2, pages2, pages_per_split, n_split, nseg2, kv_heads,
                 ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
                 KM2, KB2, KG2, KW2, KX2, VM2, VB2, VG2, VW2, VX2, TR2, NPART, MAGIC,
-                BCAST, STAGES,
+                BCAST, STAGES, FLAT,
             )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_split"])
 def _merge_kernel(
     PM,
     PL,
@@ -479,7 +860,7 @@ def _merge_kernel(
     tl.store(LF + s64 * ROWS + r, lsum)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cap", "fill"])
 def _received_kernel(
     LG,  # fp32 [S, ROWS, cap] base-2 logits (-inf where not visible)
     MF,
@@ -558,7 +939,8 @@ def _word_view(data, mode: int, bits: int, d: int):
     return data, 1
 
 
-# Partials of the splits, reused between calls: [capacity] fp32 per device and stream
+# Partials of the splits and merged row statistics, reused between calls: [capacity] fp32 per
+# device and stream
 # (consumed by the merge launch before the next call on the same CUDA stream can write them).
 _WORKSPACE: dict = {}
 
@@ -571,13 +953,39 @@ def _workspace(dev, n_m: int, n_acc: int):
     if ws is None or ws[0].numel() < n_m or ws[2].numel() < n_acc:
         m_cap = max(n_m, 2 * (ws[0].numel() if ws is not None else 0))
         a_cap = max(n_acc, 2 * (ws[2].numel() if ws is not None else 0))
-        ws = (
-            torch.empty(m_cap, dtype=torch.float32, device=dev),
-            torch.empty(m_cap, dtype=torch.float32, device=dev),
-            torch.empty(a_cap, dtype=torch.float32, device=dev),
+        ws = tuple(
+            torch.empty(n, dtype=torch.float32, device=dev)
+            for n in (m_cap, m_cap, a_cap, m_cap, m_cap)
         )
         _WORKSPACE[key] = ws
     return ws
+
+
+# Compiled kernels by launch key, for the fast launch path (see _launch).
+_COMPILED: dict = {}
+
+
+def _launch(fn, grid, args, consts, num_warps, num_stages, fast, spec=()):
+    """``fn[grid](*args, **consts)``; with ``fast`` (compiled kernels only) later calls with
+    the same key go straight to the compiled kernel, skipping Triton's per-call binding,
+    cache-key and option formatting, which cost more host time than a decode step's GPU time.
+    The key holds what Triton specializes on: the constexprs, each tensor's dtype and 16-byte
+    alignment, and whether the integer arguments at indices ``spec`` are 1 or multiples of 16
+    (the kernels mark their other integers ``do_not_specialize``)."""
+    if not fast:
+        fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        return
+    import torch
+
+    sig = [(a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)]
+    sig += [(args[i] == 1, args[i] % 16 == 0) for i in spec]
+    key = (fn, num_warps, num_stages, tuple(consts.items()), tuple(sig))
+    kernel = _COMPILED.get(key)
+    if kernel is None:
+        _COMPILED[key] = fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        return
+    full = list(args) + [consts[n] for n in fn.arg_names[len(args) :]]
+    kernel[grid](*full, stream=torch.cuda.current_stream(args[0].device).cuda_stream)
 
 
 def attend_tiers(
@@ -592,6 +1000,8 @@ def attend_tiers(
     precise=True,
     magic=True,
     bcast=True,
+    flat=True,
+    fast_launch=True,
     target_programs=1056,
     block_n=64,
     num_warps=4,
@@ -617,11 +1027,13 @@ def attend_tiers(
     rows = group * tq
     rp = _next_pow2(rows)
     dev = q.device
+    fast = fast_launch and dev.type == "cuda"
     pages = [t.fill_pages(block_n) for t in tiers]
     pps = plan_splits(pages, streams, target_programs)
     splits = [-(-p // pps) for p in pages]
     n_split = max(1, sum(splits))
-    pm, pl, pacc = _workspace(dev, streams * n_split * rows, streams * n_split * rows * d)
+    # Partials, then the merged maximum and sum of each row ([S, ROWS] <= the partials' size).
+    pm, pl, pacc, mf, lf = _workspace(dev, streams * n_split * rows, streams * n_split * rows * d)
     out = torch.empty((b, hq, tq, d), dtype=torch.float32, device=dev)
     n_q = len(q_positions)
     first = int(q_positions[0]) if n_q else 0
@@ -662,23 +1074,7 @@ def attend_tiers(
             }
         )  # fmt: skip
     if sum(splits):
-        _attend_kernel[(streams, n_split)](
-            q,
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            q.stride(3),
-            float(scale) * LOG2E,
-            qpos,
-            first,
-            first_valid,
-            pm,
-            pl,
-            pacc,
-            n_split,
-            pps,
-            kv_heads,
-            *targs,
+        consts = dict(
             ROWS=rows,
             RP=rp,
             TQ=tq,
@@ -689,13 +1085,15 @@ def attend_tiers(
             MAGIC=magic,
             BCAST=bcast,
             STAGES=num_stages,
+            FLAT=flat,
             ON0=len(splits) > 0 and splits[0] > 0,
             ON1=len(splits) > 1 and splits[1] > 0,
             ON2=len(splits) > 2 and splits[2] > 0,
-            num_warps=num_warps,
-            num_stages=num_stages,
             **cargs,
         )
+        args = [q, q.stride(0), q.stride(1), q.stride(2), q.stride(3), float(scale) * LOG2E]
+        args += [qpos, first, first_valid, pm, pl, pacc, n_split, pps, kv_heads, *targs]
+        _launch(_attend_kernel, (streams, n_split), args, consts, num_warps, num_stages, fast, (4,))
     else:
         out.zero_()
         return out, [
@@ -704,10 +1102,14 @@ def attend_tiers(
             else None
             for i, t in enumerate(tiers)
         ]
-    mf = torch.empty((streams, rows), dtype=torch.float32, device=dev)
-    lf = torch.empty_like(mf)
-    _merge_kernel[(streams, rows)](
-        pm, pl, pacc, out, mf, lf, n_split, ROWS=rows, D=d, SPLIT_BLOCK=16
+    _launch(
+        _merge_kernel,
+        (streams, rows),
+        [pm, pl, pacc, out, mf, lf, n_split],
+        dict(ROWS=rows, D=d, SPLIT_BLOCK=16),
+        4,
+        2,
+        fast,
     )
     received = []
     for i, (t, lg) in enumerate(zip(tiers, logits, strict=True)):
@@ -718,8 +1120,14 @@ def attend_tiers(
             continue
         rec = torch.empty((streams, t.fill), dtype=torch.float32, device=dev)
         rb = 128
-        _received_kernel[(streams, -(-t.fill // rb))](
-            lg, mf, lf, rec, t.cap, t.fill, ROWS=rows, RP=rp, BLOCK=rb
+        _launch(
+            _received_kernel,
+            (streams, -(-t.fill // rb)),
+            [lg, mf, lf, rec, t.cap, t.fill],
+            dict(ROWS=rows, RP=rp, BLOCK=rb),
+            4,
+            2,
+            fast,
         )
         received.append(rec)
     return out, received

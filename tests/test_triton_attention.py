@@ -57,8 +57,8 @@ def test_three_tiers_three_bit_codes_and_groups():
     _check(views, 2, [5, 0])
     # The other unpacking paths: a gathered word per code, int-to-float conversions.
     _check(views, 1, [3, 0], bcast=False, magic=False)
-    # The stacked-rows formulation (hi/lo parts and groups in the padding rows).
-    _check(views, 1, [0, 9], flat=False)
+    # The flat formulation (2-D tiles, hi/lo parts as two dots, per-group loops).
+    _check(views, 1, [0, 9], flat=True)
 
 
 def test_wide_codes_and_fast_mode():

@@ -706,31 +706,7 @@ def _tier(
         )
 
 
-# Integer arguments are not specialized on their values (divisibility by 16, == 1): page
-# counts change every step, and the fast launch path keys compiled kernels without them.
-@triton.jit(
-    do_not_specialize=[
-        "sqb",
-        "sqh",
-        "sqt",
-        "qpos0",
-        "n_split",
-        "pages_per_split",
-        "kv_heads",
-        "cap0",
-        "pages0",
-        "ns0",
-        "nseg0",
-        "cap1",
-        "pages1",
-        "ns1",
-        "nseg1",
-        "cap2",
-        "pages2",
-        "ns2",
-        "nseg2",
-    ]
-)
+@triton.jit
 def _attend_kernel(
     Q,
     sqb,
@@ -813,7 +789,7 @@ def _attend_kernel(
             )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["n_split"])
+@triton.jit
 def _merge_kernel(
     PM,
     PL,
@@ -860,7 +836,7 @@ def _merge_kernel(
     tl.store(LF + s64 * ROWS + r, lsum)
 
 
-@triton.jit(do_not_specialize=["cap", "fill"])
+@triton.jit
 def _received_kernel(
     LG,  # fp32 [S, ROWS, cap] base-2 logits (-inf where not visible)
     MF,
@@ -965,27 +941,28 @@ def _workspace(dev, n_m: int, n_acc: int):
 _COMPILED: dict = {}
 
 
-def _launch(fn, grid, args, consts, num_warps, num_stages, fast, spec=()):
+def _launch(fn, grid, args, consts, num_warps, num_stages, fast):
     """``fn[grid](*args, **consts)``; with ``fast`` (compiled kernels only) later calls with
     the same key go straight to the compiled kernel, skipping Triton's per-call binding,
     cache-key and option formatting, which cost more host time than a decode step's GPU time.
     The key holds what Triton specializes on: the constexprs, each tensor's dtype and 16-byte
-    alignment, and whether the integer arguments at indices ``spec`` are 1 or multiples of 16
-    (the kernels mark their other integers ``do_not_specialize``)."""
+    alignment, and whether each integer argument is 1 or a multiple of 16."""
     if not fast:
         fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
         return
     import torch
 
     sig = [(a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)]
-    sig += [(args[i] == 1, args[i] % 16 == 0) for i in spec]
+    sig += [(a == 1, a % 16 == 0) for a in args if type(a) is int]
     key = (fn, num_warps, num_stages, tuple(consts.items()), tuple(sig))
     kernel = _COMPILED.get(key)
     if kernel is None:
         _COMPILED[key] = fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
         return
     full = list(args) + [consts[n] for n in fn.arg_names[len(args) :]]
-    kernel[grid](*full, stream=torch.cuda.current_stream(args[0].device).cuda_stream)
+    # A compiled kernel's runner indexes all three grid dimensions.
+    grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+    kernel[grid3](*full, stream=torch.cuda.current_stream(args[0].device).cuda_stream)
 
 
 def attend_tiers(
@@ -1000,8 +977,8 @@ def attend_tiers(
     precise=True,
     magic=True,
     bcast=True,
-    flat=True,
-    fast_launch=True,
+    flat=False,
+    fast_launch=False,
     target_programs=1056,
     block_n=64,
     num_warps=4,
@@ -1016,6 +993,10 @@ def attend_tiers(
     the host. ``precise=False`` drops the low fp16 part of the dots (fp16-rounded operands);
     ``magic=False`` unpacks with int-to-float conversions; ``bcast=False`` gathers a word per
     code instead of loading each row's words once; the rest are launch parameters.
+    Not yet measured on a GPU, so off by default: ``flat=True`` (the 2-D formulation,
+    ``_tier_flat``: checked here under the interpreter, it compiled on an H200 but its speed
+    was not timed) and ``fast_launch=True`` (compiled kernels launched from a cache, see
+    ``_launch``; its first GPU run failed on the grid's missing third dimension, fixed since).
     """
     import torch
 
@@ -1093,7 +1074,7 @@ def attend_tiers(
         )
         args = [q, q.stride(0), q.stride(1), q.stride(2), q.stride(3), float(scale) * LOG2E]
         args += [qpos, first, first_valid, pm, pl, pacc, n_split, pps, kv_heads, *targs]
-        _launch(_attend_kernel, (streams, n_split), args, consts, num_warps, num_stages, fast, (4,))
+        _launch(_attend_kernel, (streams, n_split), args, consts, num_warps, num_stages, fast)
     else:
         out.zero_()
         return out, [

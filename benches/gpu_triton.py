@@ -62,7 +62,7 @@ def store(name, device, b, n, seed=0, extra=0):
 def check():
     attn = load_attention("cuda")
     print(
-        "correctness vs float64 torch: case | batch x rows | precise | "
+        "correctness vs float64 torch: case | batch x queries | precise | "
         "max |out - ref| / max |ref| | max |received - ref|"
     )
     worst = {True: 0.0, False: 0.0}
@@ -83,7 +83,7 @@ def check():
                     for r, w in zip(rec, want_rec, strict=True)
                 )
                 worst[precise] = max(worst[precise], err)
-                print(f"  {name:9s} | {2 * tq} | {precise!s:5} | {err:.2e} | {rerr:.2e}")
+                print(f"  {name:9s} | 2 x {tq} | {precise!s:5} | {err:.2e} | {rerr:.2e}")
     g = torch.Generator().manual_seed(0)
     S = 2 * HK
     synth = [
@@ -116,7 +116,7 @@ def check():
                 for r, w in zip(rec, want_rec, strict=True)
             )
             worst[precise] = max(worst[precise], err)
-            print(f"  {label:9s} | 4 | {precise!s:5} | {err:.2e} | {rerr:.2e}")
+            print(f"  {label:9s} | 2 x 1 | {precise!s:5} | {err:.2e} | {rerr:.2e}")
     print(f"worst relative error: precise {worst[True]:.2e}, fast {worst[False]:.2e}")
 
 

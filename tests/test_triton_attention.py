@@ -71,3 +71,18 @@ def test_wide_codes_and_fast_mode():
     _check(views, 1, [0, 0])
     # precise=False: one fp16 part per operand (fp16 rounding of the queries' side).
     _check(views, 1, [0, 0], precise=False)
+
+
+def test_bench_attention_cuda_mode_refuses_without_gpu():
+    import argparse
+
+    from kvmix.bench import attention as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--device", "cuda", "--batch", "1", "--tokens", "4096"])
+    assert args.device == "cuda"
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the mode would run")
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        bench.main(args)

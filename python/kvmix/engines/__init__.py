@@ -3,13 +3,23 @@ Triton's interpreter). :func:`resolve_engine` picks one; :func:`make_store` buil
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from kvmix.engines.base import ConfigError, Store, load_attention, load_kernels
 
-ENGINES = ("auto", "rust", "triton")
+#: The engines a cache can ask for (``engine=``).
+EngineName = Literal["auto", "rust", "triton"]
+ENGINES: tuple[EngineName, ...] = ("auto", "rust", "triton")
 
-__all__ = ["ENGINES", "Store", "load_attention", "load_kernels", "make_store", "resolve_engine"]
+__all__ = [
+    "ENGINES",
+    "EngineName",
+    "Store",
+    "load_attention",
+    "load_kernels",
+    "make_store",
+    "resolve_engine",
+]
 
 
 def resolve_engine(engine: str, device: Any) -> str:

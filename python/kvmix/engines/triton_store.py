@@ -434,6 +434,8 @@ class TritonLayerStore:
         self.batch = 0
         self.seen = 0
         self.first_valid: list[int] = []
+        #: Buffered positions of each sequence (every kv-head of it holds the same ones).
+        self._buf_len: list[int] = []
         self._fv_dev: torch.Tensor | None = None
         self._tiers: dict[str, _Tier] = {}
         self._since = 0
@@ -450,6 +452,23 @@ class TritonLayerStore:
         return False
 
     @property
+    def evicts(self) -> bool:
+        """Whether the policy drops tokens (the eviction baseline, which this engine refuses)."""
+        return False
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the store holds (each once): what it allocated on its device."""
+        held: dict[int, torch.Tensor] = {}
+        if self._fv_dev is not None:
+            held[id(self._fv_dev)] = self._fv_dev
+        for t in self._tiers.values():
+            for y in (t._dummy, t.pos, t.kd, t.vd, t.seg, t.acc, t.count):
+                held[id(y)] = y
+            for y in (t.ks, t.ko, t.vs, t.vo, t.vf):
+                held[id(y)] = y
+        return list(held.values())
+
+    @property
     def _streams(self) -> int:
         return self.batch * self.kv_heads
 
@@ -460,6 +479,7 @@ class TritonLayerStore:
     def _init(self, b: int, device: torch.device) -> None:
         self.batch, self.device = b, device
         self.first_valid = [0] * b
+        self._buf_len = [0] * b
         self._fv_dev = torch.zeros(b, dtype=torch.int32, device=device)
         s = self._streams
         self._tiers = {
@@ -513,6 +533,7 @@ class TritonLayerStore:
             pos.expand(s, n),
         )
         self.seen += n
+        self._buf_len = [x + n for x in self._buf_len]
         self._since += 1
 
     def set_first_valid(self, first_valid: list[int]) -> None:
@@ -603,31 +624,77 @@ class TritonLayerStore:
         self._classified = True
         return True
 
-    def _take_buffer(self, n: int) -> tuple[torch.Tensor, ...]:
-        """The first ``n`` buffered rows (fp32), and shift the rest to the front."""
-        buf = self._tiers["buffer"]
-        k = buf.kd[:, :n].float().clone()  # .float() of an fp32 buffer is a view
-        v = buf.vd[:, :n].float().clone()
-        p, a, c = buf.pos[:, :n].clone(), buf.acc[:, :n].clone(), buf.count[:, :n].clone()
-        rest = buf.fill - n
-        for name in ("kd", "vd", "pos", "acc", "count"):
-            t = getattr(buf, name)
-            t[:, :rest] = t[:, n : buf.fill].clone()
-        buf.pos[:, rest : buf.fill] = -1
-        buf.fill = rest
+    def _padding(self) -> list[int]:
+        """Per sequence, how many of its buffered positions are left padding (before its
+        first valid position): the buffer holds positions ``[seen - len, seen)``."""
+        return [
+            min(n, max(0, fv - (self.seen - n)))
+            for fv, n in zip(self.first_valid, self._buf_len, strict=True)
+        ]
+
+    def _take_buffer(self, take: list[int]) -> tuple[torch.Tensor, ...]:
+        """Every kv-head of sequence ``b`` gives its first ``take[b]`` buffered rows, in
+        position order: keys and values (fp32), positions, scores ``[S, max(take)]``, rows
+        past a stream's share being holes. The rest of each stream moves to the front.
+
+        A stream's rows are in position order with holes between them (an append writes every
+        stream at the same rows, and a stream that gave more rows than another has holes at
+        its end until then), so real rows are first sorted to the front."""
+        buf, h, dev = self._tiers["buffer"], self.kv_heads, self.device
+        f, w = buf.fill, max(take)
+        order = torch.sort((buf.pos[:, :f] < 0).int(), dim=1, stable=True).indices
+        take_s = torch.tensor(take, dtype=torch.int64, device=dev).repeat_interleave(h)[:, None]
+
+        def rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            if t.dim() == 3:
+                return t[:, :f].gather(1, idx[:, :, None].expand(-1, -1, t.shape[2]))
+            return t[:, :f].gather(1, idx)
+
+        idx = order[:, :w]
+        mine = torch.arange(w, device=dev)[None, :] < take_s
+        k, v = rows(buf.kd, idx).float(), rows(buf.vd, idx).float()
+        p = torch.where(mine, rows(buf.pos, idx), -1)
+        a, c = rows(buf.acc, idx), rows(buf.count, idx)
+        left = [n - t for n, t in zip(self._buf_len, take, strict=True)]
+        nf = max(left)
+        if nf:
+            src = torch.arange(nf, device=dev)[None, :] + take_s
+            idx = order.gather(1, src.clamp(max=f - 1))
+            kept = src < f
+            moved = {name: rows(getattr(buf, name), idx) for name in ("kd", "vd", "acc", "count")}
+            moved["pos"] = torch.where(kept, rows(buf.pos, idx), -1)
+            for name, t in moved.items():
+                getattr(buf, name)[:, :nf] = t
+        buf.pos[:, nf:f] = -1
+        buf.fill = nf
+        self._buf_len = left
         return k, v, p, a, c
 
     def _classify_uniform(self) -> None:
+        """As the Rust store: each sequence's left padding is one segment of the low tier, then
+        its whole blocks of ``residual`` valid tokens (counted from its first valid one, as the
+        sequence alone would count them), one segment per block."""
         r = int(self.options["residual"])
-        buf = self._tiers["buffer"]
-        n_flush = buf.fill // r * r
-        if n_flush == 0:
+        pads = self._padding()
+        blocks = [(n - pad) // r for n, pad in zip(self._buf_len, pads, strict=True)]
+        take = [pad + nb * r for pad, nb in zip(pads, blocks, strict=True)]
+        if max(take) == 0:
             return
-        k, v, p, _, _ = self._take_buffer(n_flush)
+        k, v, p, _, _ = self._take_buffer(take)
+        h, d, dev = self.kv_heads, self.head_dim, self.device
+        pad_s = torch.tensor(pads, dtype=torch.int64, device=dev).repeat_interleave(h)[:, None]
         low = self._tiers["low"]
-        for blk in range(n_flush // r):  # one segment per block of `residual` tokens
-            sl = slice(blk * r, (blk + 1) * r)
-            low.push(self._kern(), k[:, sl], v[:, sl], p[:, sl])
+        mp = max(pads)
+        if mp:
+            gp = torch.where(torch.arange(mp, device=dev)[None, :] < pad_s, p[:, :mp], -1)
+            low.push(self._kern(), k[:, :mp], v[:, :mp], gp)
+        blk_s = torch.tensor(blocks, dtype=torch.int64, device=dev).repeat_interleave(h)[:, None]
+        w = k.shape[1]
+        for j in range(max(blocks)):
+            idx = (pad_s + j * r + torch.arange(r, device=dev)[None, :]).clamp(max=w - 1)
+            gp = torch.where(blk_s > j, p.gather(1, idx), -1)
+            ix = idx[:, :, None].expand(-1, -1, d)
+            low.push(self._kern(), k.gather(1, ix), v.gather(1, ix), gp)
 
     def _classify_zipcache(self) -> None:
         buf = self._tiers["buffer"]
@@ -635,8 +702,11 @@ class TritonLayerStore:
         if n == 0:
             return
         o = self.options
-        start = self.seen - n  # the buffer holds the newest n positions, in order
-        k, v, p, acc, cnt = self._take_buffer(n)
+        # ZipCache classifies the whole buffer each time, so every stream holds the same
+        # newest n positions, in order, without holes.
+        start = self.seen - n
+        pads = self._padding()
+        k, v, p, acc, cnt = self._take_buffer(list(self._buf_len))
         b, h = self.batch, self.kv_heads
         if o["selection"] == "layer":
             acc = acc.reshape(b, h, n).sum(1, keepdim=True).expand(b, h, n).reshape(b * h, n)
@@ -665,7 +735,11 @@ class TritonLayerStore:
         rank.scatter_(1, order, torch.arange(n, device=p.device).expand_as(order))
         salient = rank < k_s[:, None]
         self._split_push("high", salient, k, v, p, max(k_seq))
-        self._split_push("low", ~salient, k, v, p, n - min(k_seq))
+        # As the Rust store: a sequence's left padding is a low-tier segment of its own, so
+        # the padding's range does not set its regular tokens' per-channel key codes.
+        self._split_push("low", ~valid, k, v, p, max(pads))
+        rest = [n - pad - ks for pad, ks in zip(pads, k_seq, strict=True)]
+        self._split_push("low", ~salient & valid, k, v, p, max(rest))
 
     def _split_push(
         self,
@@ -694,6 +768,8 @@ class TritonLayerStore:
             t.pos[:, : t.fill] = torch.where(t.pos[:, : t.fill] >= length, -1, t.pos[:, : t.fill])
         buf = self._tiers["buffer"]
         buf.fill = max(0, buf.fill - (self.seen - length))
+        # A sequence's buffer holds positions [seen - n, seen); those from `length` on go.
+        self._buf_len = [min(n, max(0, length - (self.seen - n))) for n in self._buf_len]
         self.seen = length
 
     def select_batch(self, indices: list[int]) -> None:
@@ -707,6 +783,7 @@ class TritonLayerStore:
         for t in self._tiers.values():
             t.select(idx)
         self.first_valid = [self.first_valid[i] for i in indices]
+        self._buf_len = [self._buf_len[i] for i in indices]
         self.batch = len(indices)
         if self.device is not None:
             self._fv_dev = torch.tensor(self.first_valid, dtype=torch.int32, device=self.device)
@@ -784,15 +861,7 @@ class TritonLayerStore:
             }
         )
         tokens = sum(int((t.pos[:, : t.fill] >= 0).sum()) for t in self._tiers.values())
-        allocated = sum(
-            x.numel() * x.element_size()
-            for t in self._tiers.values()
-            for x in {
-                id(y): y
-                for y in (t.pos, t.kd, t.vd, t.seg, t.acc, t.count, t.ks, t.ko, t.vs, t.vo, t.vf)
-                if y is not t._dummy
-            }.values()
-        )
+        allocated = sum(x.numel() * x.element_size() for x in self.tensors())
         return {
             "bytes": sum(t["total"] for t in tiers.values()),
             "fp16_bytes": self._streams * self.seen * 2 * self.head_dim * 2,

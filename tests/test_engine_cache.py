@@ -1,0 +1,213 @@
+"""The caches on the Triton engine against the same caches on the Rust engine (the reference).
+
+A tiny random Llama generates greedily with ``engine="triton"`` (CPU tensors: Triton's
+interpreter runs the device kernels) and with ``engine="rust"``: the same tokens, every token
+of every (sequence, kv-head) in the same tier of every layer, fused and portable, with a
+left-padded batch. Both engines hold torch/numpy data of their own layout, so their byte
+counts are each checked against their own buffers (see :func:`_triton_bytes_from_tensors`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import kvmix
+from kvmix.models import tiny_random_model
+
+pytest.importorskip("triton")
+from kvmix.engines.triton_store import PAGE, TritonLayerStore
+
+PROMPT, NEW = 40, 8
+
+PRESETS: dict[str, Callable[[Any, str], kvmix.KvmixCache]] = {
+    "full": lambda c, e: kvmix.FullPrecisionCache(c, engine=e),
+    # A residual below the prompt length, so the prompt is quantized in blocks.
+    "uniform": lambda c, e: kvmix.QuantizedKVCache(c, residual=16, engine=e),
+    # A short streaming gap, so decoding classifies twice within NEW tokens.
+    "zipcache": lambda c, e: kvmix.ZipCache(c, streaming_gap=3, engine=e),
+    # The rotated cache at codes the Triton engine packs (kvmix-5x's 3-bit keys aside).
+    "rotated": lambda c, e: kvmix.KvmixCache(
+        c, "zipcache", {"salient_ratio": 0.2, "streaming_gap": 3}, rotation_seed=0, engine=e
+    ),
+}
+
+
+def _model(fused: bool) -> Any:
+    model = tiny_random_model("llama", num_hidden_layers=2)
+    enable = kvmix.enable_fused_attention if fused else kvmix.enable_portable_scoring
+    return enable(model)
+
+
+def _inputs() -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, 128, (2, PROMPT), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # a left-padded second sequence
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _generate(preset: str, engine: str, fused: bool) -> tuple[torch.Tensor, kvmix.KvmixCache]:
+    model = _model(fused)
+    cache = PRESETS[preset](model.config, engine)
+    out = model.generate(**_inputs(), past_key_values=cache, max_new_tokens=NEW, do_sample=False)
+    return out[:, PROMPT:], cache
+
+
+def _tiers(cache: kvmix.KvmixCache) -> list[dict[str, list[int]]]:
+    out = []
+    for layer in cache.layers:
+        store = layer.store
+        for s in range(store.batch * store.kv_heads):
+            tiers = store.tier_positions(s)
+            out.append({t: sorted(int(p) for p in np.asarray(tiers[t])) for t in tiers})
+    return out
+
+
+def _triton_bytes_from_tensors(store: TritonLayerStore) -> int:
+    """What the Triton store holds, read from its tensors' shapes and dtypes: every tier's rows
+    up to its fill (codes, per-row parameters, positions, and scores where scored), per-segment
+    parameters of the segments written, and the page-to-segment index of segmented tiers.
+
+    It differs from the Rust store's count by design: pushes with per-segment parameters start
+    on a fresh 64-row page, and the streams of a layer share one row index per tier (a stream
+    with fewer rows to store, e.g. a padded sequence's salient set, leaves holes), so the
+    device never has to read sizes back."""
+    total = 0
+    for tier in store._tiers.values():
+        f, nseg = tier.fill, tier.nseg
+        rows = [tier.pos, tier.kd, tier.vd]
+        if tier.scored:
+            rows += [tier.acc, tier.count]
+        for codec, sc, of in ((tier.k, tier.ks, tier.ko), (tier.v, tier.vs, tier.vo)):
+            if codec.kind == "token_groups":
+                rows += [sc, of]
+            elif codec.kind == "channel":
+                total += sum(t[:, :nseg].numel() * t.element_size() for t in (sc, of))
+        if tier.v.factor == "separable":
+            total += tier.vf[:, :nseg].numel() * tier.vf.element_size()
+        total += sum(t[:, :f].numel() * t.element_size() for t in rows)
+        if tier.segmented:
+            total += tier.seg[:, : -(-f // PAGE)].numel() * tier.seg.element_size()
+    return total
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "portable"])
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_triton_engine_generates_as_the_rust_engine(preset: str, fused: bool) -> None:
+    want, rust = _generate(preset, "rust", fused)
+    got, tri = _generate(preset, "triton", fused)
+    assert [layer.engine_name for layer in tri.layers] == ["triton", "triton"]
+    assert [layer.engine_name for layer in rust.layers] == ["rust", "rust"]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert _tiers(tri) == _tiers(rust)
+    r, t = rust.memory_report(), tri.memory_report()
+    assert t["tokens"] == r["tokens"] == 2 * 2 * 2 * (PROMPT + NEW - 1)
+    assert t["fp16_bytes"] == r["fp16_bytes"]
+    assert t["rotation_bytes"] == r["rotation_bytes"] == (16 * 16 * 4 if preset == "rotated" else 0)
+    rotation = t["rotation_bytes"]
+    assert t["bytes"] == sum(_triton_bytes_from_tensors(x.store) for x in tri.layers) + rotation
+    # Allocated: every tensor the stores hold, spare capacity included.
+    held = sum(x.numel() * x.element_size() for layer in tri.layers for x in layer.store.tensors())
+    assert t["allocated_bytes"] == held + rotation >= t["bytes"]
+
+
+def test_triton_engine_refuses_what_it_does_not_implement_before_anything_changes() -> None:
+    config = _model(True).config
+    with pytest.raises(kvmix.ConfigError, match=r"triton engine.*'mikv'.*engine='rust'"):
+        kvmix.MiKVCache(config, engine="triton")
+    with pytest.raises(kvmix.ConfigError, match=r"triton engine.*'eviction'.*engine='rust'"):
+        kvmix.EvictionCache(config, engine="triton")
+    with pytest.raises(kvmix.ConfigError, match=r"triton engine.*3-bit"):
+        kvmix.ZipCache(config, low_key_bits=3, engine="triton")
+    with pytest.raises(kvmix.ConfigError, match="`engine` must be one of"):
+        kvmix.ZipCache(config, engine="cuda")  # type: ignore[arg-type]
+    # The same policies are accepted on the Rust engine and by "auto", which only builds a
+    # Triton store for non-CPU tensors.
+    kvmix.MiKVCache(config, engine="rust")
+    kvmix.MiKVCache(config, engine="auto")
+
+
+def test_triton_layer_takes_its_head_count_from_the_tensors() -> None:
+    """Under tensor parallelism a rank receives a share of the kv-heads: the Triton store is
+    built for those (one of the config's two here) and holds what the Rust store holds."""
+    config = _model(True).config
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 1, 70, 16, generator=g), torch.randn(1, 1, 70, 16, generator=g)
+    layers = []
+    for engine in ("rust", "triton"):
+        layer = kvmix.QuantizedKVCache(config, residual=16, engine=engine).layers[0]
+        layer.update(k, v)
+        layer.store.maybe_classify(True)
+        assert layer.kv_heads == layer.store.kv_heads == 1
+        layers.append(layer)
+    rust, tri = layers
+    assert isinstance(tri.store, TritonLayerStore)
+    for tier in ("buffer", "high", "low"):
+        np.testing.assert_array_equal(
+            rust.store.tier_positions(0)[tier], tri.store.tier_positions(0)[tier].numpy()
+        )
+    dk_r, dv_r = rust.dense()
+    dk_t, dv_t = tri.dense()
+    # Same codes and parameters: the dequantized rows are bit-identical.
+    torch.testing.assert_close(dk_t, dk_r, rtol=0, atol=0)
+    torch.testing.assert_close(dv_t, dv_r, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_engine_takes_half_precision_tensors(dtype: torch.dtype) -> None:
+    """fp16/bf16 keys and values are stored and dequantized as the Rust engine does them."""
+    config = _model(True).config
+    g = torch.Generator().manual_seed(2)
+    k = torch.randn(2, 2, 50, 16, generator=g).to(dtype)
+    v = torch.randn(2, 2, 50, 16, generator=g).to(dtype)
+    dense = []
+    for engine in ("rust", "triton"):
+        layer = kvmix.QuantizedKVCache(config, residual=16, engine=engine).layers[0]
+        layer.update(k, v)
+        layer.store.maybe_classify(True)
+        dk, dv = layer.dense()
+        assert dk.dtype == dtype and dk.shape == (2, 2, 50, 16)
+        dense.append((dk, dv))
+    torch.testing.assert_close(dense[1][0], dense[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(dense[1][1], dense[0][1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("policy", "config"),
+    [("zipcache", {"streaming_gap": 5}), ("uniform", {"residual": 16})],
+)
+def test_left_padding_is_quantized_as_by_the_rust_store(policy: str, config: Any) -> None:
+    """Sequences padded by different amounts: each one's padding is a segment of its own and
+    uniform's blocks count from each one's first valid token, so the codes (dequantized rows)
+    are bit-identical to the Rust store's, after the prefill and after decoding steps."""
+    b, h, d, n = 3, 2, 16, 45
+    g = torch.Generator().manual_seed(3)
+    rust = kvmix.LayerStore(policy, h, d, config, "float16")
+    tri = TritonLayerStore(policy, h, d, config, "float16")
+    k, v = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, d, generator=g)
+    rust.append(k.numpy(), v.numpy())
+    tri.append(k, v)
+    for store in (rust, tri):
+        store.set_first_valid([0, 7, 20])
+    acc, cnt = torch.rand(b, h, n, generator=g), torch.ones(b, h, n)
+    rust.add_scores(0, acc.numpy(), cnt.numpy())
+    tri.add_scores(0, acc, cnt)
+    assert rust.maybe_classify(True) and tri.maybe_classify(True)
+    for step in range(12):
+        k1, v1 = torch.randn(b, h, 1, d, generator=g), torch.randn(b, h, 1, d, generator=g)
+        rust.append(k1.numpy(), v1.numpy())
+        tri.append(k1, v1)
+        assert rust.maybe_classify() == tri.maybe_classify(), step
+    for s in range(b * h):
+        pr, kr, vr = rust.dense(s)
+        pt, kt, vt = tri.dense(s)
+        np.testing.assert_array_equal(pt.numpy(), pr)
+        np.testing.assert_array_equal(kt.numpy(), kr)
+        np.testing.assert_array_equal(vt.numpy(), vr)
+        rt, tt = rust.tier_positions(s), tri.tier_positions(s)
+        for tier in rt:
+            np.testing.assert_array_equal(tt[tier].numpy(), rt[tier])

@@ -344,7 +344,7 @@ def _score_prefill(
                 acc = _probabilities(query, key, rows, fvs, scaling)
             else:
                 if acc is None:
-                    acc = torch.zeros(b, key.shape[1], t)
+                    acc = torch.zeros(b, key.shape[1], t, device=query.device)
                 acc[idx] = _probabilities(query[idx], key[idx], rows, fvs, scaling)
     if scored and acc is not None:
         if layer.on_device:

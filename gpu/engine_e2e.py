@@ -177,8 +177,8 @@ def memory_check(device: str, layers: int, prompt: int, steps: int) -> None:
                 f"{rep['compression_ratio']:.2f}); freed on reset {freed:>10,} = store tensors "
                 f"rounded to 512 B {rounded:,} + portable dense buffers {dense:,}: "
                 f"{'EQUAL' if freed == rounded + dense else 'DIFFERENT'} "
-                f"(allocated_bytes off by {freed - dense - rep['allocated_bytes']:+,} B of rounding "
-                f"over {n_tensors} tensors)"
+                f"(allocated_bytes off by {freed - dense - rep['allocated_bytes']:+,} B of "
+                f"rounding over {n_tensors} tensors)"
             )
             del cache, model
 

@@ -211,3 +211,23 @@ def test_left_padding_is_quantized_as_by_the_rust_store(policy: str, config: Any
         rt, tt = rust.tier_positions(s), tri.tier_positions(s)
         for tier in rt:
             np.testing.assert_array_equal(tt[tier].numpy(), rt[tier])
+
+
+def test_triton_store_gives_back_the_prompts_buffer_rows() -> None:
+    """After the prompt moves from the buffer to the tiers, the buffer keeps room for the
+    decoding steps until the next classification, not for the prompt; the tiers hold what
+    they were pushed, so what the store allocates stays close to what it holds."""
+    g = torch.Generator().manual_seed(4)
+    store = TritonLayerStore("zipcache", 2, 16, {"streaming_gap": 10}, "float16")
+    k, v = torch.randn(1, 2, 1000, 16, generator=g), torch.randn(1, 2, 1000, 16, generator=g)
+    store.append(k, v)
+    store.add_scores(0, torch.rand(1, 2, 1000, generator=g), torch.ones(1, 2, 1000))
+    assert store._tiers["buffer"].cap >= 1000
+    store.maybe_classify(True)
+    assert store._tiers["buffer"].cap == PAGE  # 10 steps + 1 fit one page
+    m = store.memory()
+    buf = store._tiers["buffer"]
+    room = sum(t.numel() * t.element_size() for t in (buf.pos, buf.kd, buf.vd, buf.acc, buf.count))
+    # The tiers were sized by their one push (rounded up to whole pages: 400 -> 448 and
+    # 600 -> 640 rows here); the buffer holds one empty page.
+    assert m["bytes"] <= m["allocated_bytes"] <= 1.2 * m["bytes"] + room

@@ -159,30 +159,11 @@ class _Tier:
     # -- capacity -------------------------------------------------------------------------
 
     def _grow(self, rows: int, segs: int) -> None:
-        """Make room for ``rows`` rows and ``segs`` segments (capacity doubles: amortized)."""
+        """Make room for ``rows`` rows and ``segs`` segments. Row capacity grows by a quarter
+        (amortized O(1) per row; a doubling would leave up to half of a long tier unused, and
+        ``torch.cuda.memory_allocated`` would see it); segment slots double (they are small)."""
         if rows > self.cap:
-            new = max(PAGE, -(-max(rows, 2 * self.cap) // PAGE) * PAGE)
-            old_rows = self.cap
-
-            def widen(t: torch.Tensor, fill: float) -> torch.Tensor:
-                out = torch.full(
-                    (t.shape[0], new, *t.shape[2:]), fill, dtype=t.dtype, device=t.device
-                )
-                out[:, :old_rows] = t[:, :old_rows]
-                return out
-
-            self.pos = widen(self.pos, -1)
-            self.kd = widen(self.kd, 0)
-            self.vd = widen(self.vd, 0)
-            seg = torch.zeros((self.s, new // PAGE), dtype=torch.int32, device=self.device)
-            seg[:, : old_rows // PAGE] = self.seg
-            self.seg = seg
-            if self.k.kind == "token_groups":
-                self.ks, self.ko = widen(self.ks, 0), widen(self.ko, 0)
-            if self.v.kind == "token_groups":
-                self.vs, self.vo = widen(self.vs, 0), widen(self.vo, 0)
-            self.acc, self.count = widen(self.acc, 0), widen(self.count, 0)
-            self.cap = new
+            self._resize(max(PAGE, -(-max(rows, self.cap * 5 // 4) // PAGE) * PAGE))
         if segs > self.seg_cap:
             new_s = max(4, segs, 2 * self.seg_cap)
             old = self.seg_cap
@@ -197,6 +178,37 @@ class _Tier:
             if self.v.factor == "separable":
                 self.vf = widen_s(self.vf, 1)
             self.seg_cap = new_s
+
+    def _resize(self, new: int) -> None:
+        """Row capacity ``new`` (a multiple of :data:`PAGE`, at least the fill): every per-row
+        tensor is reallocated and its first ``min(cap, new)`` rows copied."""
+        keep = min(self.cap, new)
+
+        def resized(t: torch.Tensor, fill: float) -> torch.Tensor:
+            out = torch.full((t.shape[0], new, *t.shape[2:]), fill, dtype=t.dtype, device=t.device)
+            out[:, :keep] = t[:, :keep]
+            return out
+
+        self.pos = resized(self.pos, -1)
+        self.kd = resized(self.kd, 0)
+        self.vd = resized(self.vd, 0)
+        seg = torch.zeros((self.s, new // PAGE), dtype=torch.int32, device=self.device)
+        seg[:, : keep // PAGE] = self.seg[:, : keep // PAGE]
+        self.seg = seg
+        if self.k.kind == "token_groups":
+            self.ks, self.ko = resized(self.ks, 0), resized(self.ko, 0)
+        if self.v.kind == "token_groups":
+            self.vs, self.vo = resized(self.vs, 0), resized(self.vo, 0)
+        if self.scored:  # an unscored tier keeps empty score tensors
+            self.acc, self.count = resized(self.acc, 0), resized(self.count, 0)
+        self.cap = new
+
+    def shrink(self, headroom: int) -> None:
+        """Give back rows past ``fill + headroom`` when they are more than half the capacity
+        (the buffer after a classification moved a long prompt out of it)."""
+        need = max(PAGE, -(-(self.fill + headroom) // PAGE) * PAGE)
+        if self.cap > 2 * need:
+            self._resize(need)
 
     # -- writing --------------------------------------------------------------------------
 
@@ -620,6 +632,10 @@ class TritonLayerStore:
             self._classify_zipcache()
         elif self.policy == "uniform":
             self._classify_uniform()
+        # The buffer refills for `streaming_gap` steps (uniform: up to `residual` tokens) before
+        # the next classification: room for that, not for the prompt it held.
+        room = int(self.options.get("residual", self.gap or 0) or 0) + 1
+        self._tiers["buffer"].shrink(room)
         self._since = 0
         self._classified = True
         return True

@@ -30,10 +30,8 @@ PRESETS: dict[str, Callable[[Any, str], kvmix.KvmixCache]] = {
     "uniform": lambda c, e: kvmix.QuantizedKVCache(c, residual=16, engine=e),
     # A short streaming gap, so decoding classifies twice within NEW tokens.
     "zipcache": lambda c, e: kvmix.ZipCache(c, streaming_gap=3, engine=e),
-    # The rotated cache at codes the Triton engine packs (kvmix-5x's 3-bit keys aside).
-    "rotated": lambda c, e: kvmix.KvmixCache(
-        c, "zipcache", {"salient_ratio": 0.2, "streaming_gap": 3}, rotation_seed=0, engine=e
-    ),
+    # kvmix's preset: rotated keys and values, 3-bit regular keys.
+    "kvmix-5x": lambda c, e: kvmix.Kvmix5xCache(c, streaming_gap=3, engine=e),
 }
 
 
@@ -107,7 +105,9 @@ def test_triton_engine_generates_as_the_rust_engine(preset: str, fused: bool) ->
     r, t = rust.memory_report(), tri.memory_report()
     assert t["tokens"] == r["tokens"] == 2 * 2 * 2 * (PROMPT + NEW - 1)
     assert t["fp16_bytes"] == r["fp16_bytes"]
-    assert t["rotation_bytes"] == r["rotation_bytes"] == (16 * 16 * 4 if preset == "rotated" else 0)
+    assert (
+        t["rotation_bytes"] == r["rotation_bytes"] == (16 * 16 * 4 if preset == "kvmix-5x" else 0)
+    )
     rotation = t["rotation_bytes"]
     assert t["bytes"] == sum(_triton_bytes_from_tensors(x.store) for x in tri.layers) + rotation
     # Allocated: every tensor the stores hold, spare capacity included.
@@ -121,8 +121,6 @@ def test_triton_engine_refuses_what_it_does_not_implement_before_anything_change
         kvmix.MiKVCache(config, engine="triton")
     with pytest.raises(kvmix.ConfigError, match=r"triton engine.*'eviction'.*engine='rust'"):
         kvmix.EvictionCache(config, engine="triton")
-    with pytest.raises(kvmix.ConfigError, match=r"triton engine.*3-bit"):
-        kvmix.ZipCache(config, low_key_bits=3, engine="triton")
     with pytest.raises(kvmix.ConfigError, match="`engine` must be one of"):
         kvmix.ZipCache(config, engine="cuda")  # type: ignore[arg-type]
     # The same policies are accepted on the Rust engine and by "auto", which only builds a
@@ -231,3 +229,41 @@ def test_triton_store_gives_back_the_prompts_buffer_rows() -> None:
     # The tiers were sized by their one push (rounded up to whole pages: 400 -> 448 and
     # 600 -> 640 rows here); the buffer holds one empty page.
     assert m["bytes"] <= m["allocated_bytes"] <= 1.2 * m["bytes"] + room
+
+
+def test_three_bit_codes_are_packed_as_the_rust_packer_packs_them() -> None:
+    """kvmix-5x's 3-bit keys: each stored row is ``kvmix.pack_bits`` of the codes recovered
+    from the row's dequantized values and its segment's per-channel parameters (eight codes
+    to three bytes, least significant bit first), and dequantizes to the Rust store's rows."""
+    b, h, d, n = 1, 2, 32, 200
+    g = torch.Generator().manual_seed(5)
+    config = {"salient_ratio": 0.2, "low_key_bits": 3}
+    rust = kvmix.LayerStore("zipcache", h, d, config, "float16")
+    tri = TritonLayerStore("zipcache", h, d, config, "float16")
+    k, v = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, d, generator=g)
+    rust.append(k.numpy(), v.numpy())
+    tri.append(k, v)
+    acc = torch.rand(b, h, n, generator=g)
+    rust.add_scores(0, acc.numpy(), torch.ones(b, h, n).numpy())
+    tri.add_scores(0, acc, torch.ones(b, h, n))
+    rust.maybe_classify(True)
+    tri.maybe_classify(True)
+    low = tri._tiers["low"]
+    assert low.k.bits == 3 and low.kd.shape[2] == d * 3 // 8
+    checked = 0
+    for s in range(b * h):
+        pr, kr, _ = rust.dense(s)
+        pt, kt, _ = tri.dense(s)
+        np.testing.assert_array_equal(kt.numpy(), kr)
+        dense = dict(zip(pt.tolist(), kt, strict=True))
+        for r in range(low.fill):
+            p = int(low.pos[s, r])
+            if p < 0:
+                continue
+            seg = int(low.seg[s, r // PAGE])
+            sc, of = low.ks[s, seg].float(), low.ko[s, seg].float()
+            codes = torch.where(sc > 0, (dense[p] - of) / torch.where(sc > 0, sc, 1.0), 0.0)
+            codes = codes.round().to(torch.uint8).numpy()
+            np.testing.assert_array_equal(low.kd[s, r].numpy(), kvmix.pack_bits(codes, 3))
+            checked += 1
+    assert checked == b * h * (n - 40)  # every regular token of both kv-heads

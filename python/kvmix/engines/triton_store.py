@@ -87,10 +87,10 @@ class _Codec:
         self.group_size = int(spec.get("group_size", head_dim))
         self.factor = spec.get("factor", "none")
         if self.kind != "dense":
-            if self.bits not in (1, 2, 4, 8):
+            if self.bits not in (1, 2, 3, 4, 8):
                 raise ConfigError(
-                    f"the triton engine packs 1, 2, 4 or 8-bit codes, got {self.bits}-bit "
-                    "(3-bit codes cross byte boundaries); use engine='rust' for this policy"
+                    f"the triton engine packs 1, 2, 3, 4 or 8-bit codes, got {self.bits}-bit; "
+                    "use engine='rust' for this policy"
                 )
             if self.kind == "token_groups" and (self.group_size * self.bits) % 8:
                 raise ConfigError(
@@ -596,15 +596,21 @@ class TritonLayerStore:
         names = ("buffer", "high", "low")
         tiers = [self._tiers[n] for n in names]
         want = [track and t.scored for t in tiers]
-        out, received = attn.attend_tiers(
-            [t.view() for t in tiers],
-            q,
-            q_positions,
-            self._fv_dev,
-            scale,
-            self.kv_heads,
-            want,
-        )
+        # Code widths the attention kernel reads (``CODE_BITS`` where the kernel states it;
+        # 1, 2, 4 and 8 before 3-bit reading was added to it).
+        kernel_bits = tuple(getattr(attn, "CODE_BITS", (1, 2, 4, 8)))
+        if all(c.kind == "dense" or c.bits in kernel_bits for t in tiers for c in (t.k, t.v)):
+            out, received = attn.attend_tiers(
+                [t.view() for t in tiers],
+                q,
+                q_positions,
+                self._fv_dev,
+                scale,
+                self.kv_heads,
+                want,
+            )
+        else:
+            out, received = self._attend_dense(tiers, q, q_positions, scale, want)
         if track:
             qp = attn.positions_tensor(q_positions, q.device)
             fv = self._fv_dev.repeat_interleave(self.kv_heads)[:, None]
@@ -617,6 +623,46 @@ class TritonLayerStore:
                 t.acc[:, : t.fill] += rec[:, : t.fill]
                 t.count[:, : t.fill] += seen_by
         return out
+
+    def _attend_dense(
+        self,
+        tiers: list[_Tier],
+        q: torch.Tensor,
+        q_positions: list[int],
+        scale: float,
+        want: list[bool],
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """What ``attend_tiers`` returns, computed with torch on the dequantized tiers: for
+        codes the attention kernel does not read (its ``CODE_BITS``). Every held token is
+        dequantized once per call (the portable path's cost), so this is a fallback, not the
+        fused path's speed."""
+        b, hq, tq, d = q.shape
+        h = self.kv_heads
+        grp, s = hq // h, self._streams
+        k, v, held = self.dense_all()
+        qs = q.float().reshape(b, h, grp, tq, d).reshape(s, grp * tq, d)
+        logits = (qs @ k.transpose(1, 2)) * scale  # [S, rows, seen]
+        dev = q.device
+        qp = torch.tensor(list(q_positions), dtype=torch.int64, device=dev).repeat(grp)
+        kp = torch.arange(self.seen, device=dev)
+        fv = self._fv_dev.repeat_interleave(h).long() if self._fv_dev is not None else 0
+        visible = (
+            held[:, None, :]
+            & (kp[None, None, :] <= qp[None, :, None])
+            & (kp[None, None, :] >= torch.as_tensor(fv, device=dev).reshape(-1, 1, 1))
+        )
+        p = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+        out = (p @ v).reshape(b, h, grp, tq, d).reshape(b, hq, tq, d)
+        by_position = p.sum(1)  # [S, seen]: attention each position received
+        received: list[torch.Tensor | None] = []
+        for t, w in zip(tiers, want, strict=True):
+            if not w or t.fill == 0:
+                received.append(None if not w else torch.zeros_like(t.acc))
+                continue
+            pos = t.pos[:, : t.fill].long()
+            got = by_position.gather(1, pos.clamp(min=0))
+            received.append(torch.where(pos >= 0, got, 0.0))
+        return out, received
 
     def maybe_classify(self, force: bool = False) -> bool:
         due = not self._classified or (self.gap is not None and self._since >= self.gap)

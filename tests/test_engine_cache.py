@@ -254,6 +254,7 @@ def test_three_bit_codes_are_packed_as_the_rust_packer_packs_them() -> None:
     for s in range(b * h):
         pr, kr, _ = rust.dense(s)
         pt, kt, _ = tri.dense(s)
+        np.testing.assert_array_equal(pt.numpy(), pr)
         np.testing.assert_array_equal(kt.numpy(), kr)
         dense = dict(zip(pt.tolist(), kt, strict=True))
         for r in range(low.fill):

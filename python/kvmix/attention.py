@@ -450,7 +450,7 @@ def _portable(original_name: str) -> Callable[..., Any]:
         attention_mask: torch.Tensor | None,
         **kwargs: Any,
     ) -> Any:
-        fn = AttentionInterface().get(original_name)
+        fn = AttentionInterface().get(original_name)  # type: ignore[no-untyped-call]
         if fn is None:  # "eager" is per model file
             fn = sys.modules[type(module).__module__].eager_attention_forward
         out = fn(module, query, key, value, attention_mask, **kwargs)
@@ -550,7 +550,7 @@ def enable_portable_scoring(model: torch.nn.Module) -> torch.nn.Module:
     base = current.removeprefix(PORTABLE_PREFIX)
     name = PORTABLE_PREFIX + base
     AttentionInterface.register(name, _portable(base))
-    masks = AttentionMaskInterface()
+    masks = AttentionMaskInterface()  # type: ignore[no-untyped-call]
     if base in masks:
         AttentionMaskInterface.register(name, masks[base])
     _set_implementation(model, name)

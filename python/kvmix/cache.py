@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -106,7 +106,8 @@ def randomized_hadamard(dim: int, seed: int) -> torch.Tensor:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     g = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (dim,), generator=g, dtype=torch.float64) * 2 - 1
-    return (signs[:, None] * h / dim**0.5).float()
+    rotation: torch.Tensor = (signs[:, None] * h / dim**0.5).float()
+    return rotation
 
 
 def _head_dims(config: Any) -> tuple[int, int, int]:
@@ -135,7 +136,7 @@ def combine_memory_reports(reports: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-class KvmixLayer(CacheLayerMixin):
+class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped base
     """One decoder layer's cache: a :class:`kvmix.LayerStore` plus what transformers needs.
 
     Args:
@@ -165,7 +166,7 @@ class KvmixLayer(CacheLayerMixin):
         owner: KvmixCache,
         engine: EngineName = "auto",
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # transformers' untyped base
         if engine not in ENGINES:
             raise ConfigError(
                 f"`engine` must be one of {', '.join(map(repr, ENGINES))}, got {engine!r}"
@@ -503,7 +504,9 @@ class KvmixCache(Cache):
         self.buffer_dtype: BufferDtype = layers[0].buffer_dtype
         #: The engine asked for (each layer's ``engine_name`` is the one it runs).
         self.engine: EngineName = engine
-        super().__init__(layers=layers)
+        #: The layers, typed as what they are (``Cache.layers`` is typed as the base classes).
+        self.kvmix_layers: list[KvmixLayer] = layers
+        super().__init__(layers=cast("list[Any]", layers))
 
     @property
     def attention_implementation(self) -> str | None:
@@ -547,7 +550,7 @@ class KvmixCache(Cache):
             rounding of each tensor to 512 bytes), while ``bytes`` counts the rows written; a
             Rust-engine layer adds its ``bytes`` (its vectors' spare capacity is not reported).
         """
-        reports = [layer.store.memory() for layer in self.layers]
+        reports = [layer.store.memory() for layer in self.kvmix_layers]
         allocated = sum(int(m.get("allocated_bytes", m["bytes"])) for m in reports)
         rotation = 0
         if self.rotation is not None:
@@ -593,7 +596,7 @@ class KvmixCache(Cache):
             into the store and quantizing it into its tiers.
         """
         total = dict.fromkeys(PREFILL_PHASES, 0.0)
-        for layer in self.layers:
+        for layer in self.kvmix_layers:
             for phase, seconds in layer.prefill_seconds.items():
                 total[phase] += seconds
         return total

@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvmix.engines.base import ConfigError, NonFiniteError, ShapeError, load_kernels
+
+if TYPE_CHECKING:
+    from kvmix.types import BufferDtype, PolicyName
 
 #: Rows per page (and per attention block).
 PAGE = 64
@@ -400,11 +403,11 @@ class TritonLayerStore:
 
     def __init__(
         self,
-        policy: str,
+        policy: PolicyName,
         kv_heads: int,
         head_dim: int,
         config: dict[str, Any] | None = None,
-        buffer_dtype: str = "float32",
+        buffer_dtype: BufferDtype = "float32",
         *,
         layout: dict[str, Any] | None = None,
     ) -> None:
@@ -431,10 +434,11 @@ class TritonLayerStore:
         self.kv_heads = kv_heads
         self.head_dim = head_dim
         self.buffer_dtype = buffer_dtype
-        self._codecs = {
-            "buffer": (_Codec({"kind": "dense", "dtype": buffer_dtype}, head_dim),) * 2,
-            "high": tuple(_Codec(c, head_dim) for c in layout["high"]),
-            "low": tuple(_Codec(c, head_dim) for c in layout["low"]),
+        dense = _Codec({"kind": "dense", "dtype": buffer_dtype}, head_dim)
+        self._codecs: dict[str, tuple[_Codec, _Codec]] = {
+            "buffer": (dense, dense),
+            "high": (_Codec(layout["high"][0], head_dim), _Codec(layout["high"][1], head_dim)),
+            "low": (_Codec(layout["low"][0], head_dim), _Codec(layout["low"][1], head_dim)),
         }
         self.gap = layout["streaming_gap"]
         self.high_scored = bool(layout["high_scored"])
@@ -483,6 +487,11 @@ class TritonLayerStore:
     @property
     def _streams(self) -> int:
         return self.batch * self.kv_heads
+
+    def _first_valid_dev(self) -> torch.Tensor:
+        """Each sequence's first valid position, on the device (set by the first append)."""
+        assert self._fv_dev is not None, "the store holds no tokens yet"
+        return self._fv_dev
 
     def _kern(self) -> Any:
         assert self.device is not None
@@ -613,7 +622,7 @@ class TritonLayerStore:
             out, received = self._attend_dense(tiers, q, q_positions, scale, want)
         if track:
             qp = attn.positions_tensor(q_positions, q.device)
-            fv = self._fv_dev.repeat_interleave(self.kv_heads)[:, None]
+            fv = self._first_valid_dev().repeat_interleave(self.kv_heads)[:, None]
             for t, rec in zip(tiers, received, strict=True):
                 if rec is None:
                     continue
@@ -622,7 +631,8 @@ class TritonLayerStore:
                 seen_by = torch.where((p >= fv) & (p >= 0), seen_by, 0.0)
                 t.acc[:, : t.fill] += rec[:, : t.fill]
                 t.count[:, : t.fill] += seen_by
-        return out
+        result: torch.Tensor = out
+        return result
 
     def _attend_dense(
         self,
@@ -645,11 +655,11 @@ class TritonLayerStore:
         dev = q.device
         qp = torch.tensor(list(q_positions), dtype=torch.int64, device=dev).repeat(grp)
         kp = torch.arange(self.seen, device=dev)
-        fv = self._fv_dev.repeat_interleave(h).long() if self._fv_dev is not None else 0
+        fv = self._first_valid_dev().repeat_interleave(h).long()
         visible = (
             held[:, None, :]
             & (kp[None, None, :] <= qp[None, :, None])
-            & (kp[None, None, :] >= torch.as_tensor(fv, device=dev).reshape(-1, 1, 1))
+            & (kp[None, None, :] >= fv.reshape(-1, 1, 1))
         )
         p = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
         out = (p @ v).reshape(b, h, grp, tq, d).reshape(b, hq, tq, d)
@@ -777,7 +787,7 @@ class TritonLayerStore:
             score = torch.where(cnt > 0, acc / torch.where(cnt > 0, cnt, 1.0), 0.0)
         else:
             score = acc
-        fv = self._fv_dev.repeat_interleave(h)[:, None]
+        fv = self._first_valid_dev().repeat_interleave(h)[:, None]
         valid = p >= fv
         # Salient counts per sequence from host-known numbers: no read-back.
         k_seq = [

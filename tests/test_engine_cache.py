@@ -32,7 +32,12 @@ PRESETS: dict[str, Callable[[Any, str], kvmix.KvmixCache]] = {
     "zipcache": lambda c, e: kvmix.ZipCache(c, streaming_gap=3, engine=e),
     # kvmix's preset: rotated keys and values, 3-bit regular keys.
     "kvmix-5x": lambda c, e: kvmix.Kvmix5xCache(c, streaming_gap=3, engine=e),
+    # Heavy hitters + recent tokens trimmed at every step; demoted to 2 bits, or dropped.
+    "mikv": lambda c, e: kvmix.MiKVCache(c, ratio=0.3, engine=e),
+    "eviction": lambda c, e: kvmix.EvictionCache(c, budget=0.3, engine=e),
 }
+#: The eviction baseline needs the fused path (it has no dense keys to hand back).
+CASES = [(p, f) for p in PRESETS for f in (True, False) if not (p == "eviction" and not f)]
 
 
 def _model(fused: bool) -> Any:
@@ -93,8 +98,9 @@ def _triton_bytes_from_tensors(store: TritonLayerStore) -> int:
     return total
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "portable"])
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize(
+    ("preset", "fused"), CASES, ids=[f"{p}-{'fused' if f else 'portable'}" for p, f in CASES]
+)
 def test_triton_engine_generates_as_the_rust_engine(preset: str, fused: bool) -> None:
     want, rust = _generate(preset, "rust", fused)
     got, tri = _generate(preset, "triton", fused)
@@ -103,7 +109,10 @@ def test_triton_engine_generates_as_the_rust_engine(preset: str, fused: bool) ->
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert _tiers(tri) == _tiers(rust)
     r, t = rust.memory_report(), tri.memory_report()
-    assert t["tokens"] == r["tokens"] == 2 * 2 * 2 * (PROMPT + NEW - 1)
+    held = 2 * 2 * 2 * (PROMPT + NEW - 1)
+    assert t["tokens"] == r["tokens"] and (
+        t["tokens"] < held if preset == "eviction" else t["tokens"] == held
+    )
     assert t["fp16_bytes"] == r["fp16_bytes"]
     assert (
         t["rotation_bytes"] == r["rotation_bytes"] == (16 * 16 * 4 if preset == "kvmix-5x" else 0)
@@ -117,16 +126,14 @@ def test_triton_engine_generates_as_the_rust_engine(preset: str, fused: bool) ->
 
 def test_triton_engine_refuses_what_it_does_not_implement_before_anything_changes() -> None:
     config = _model(True).config
-    with pytest.raises(kvmix.ConfigError, match=r"triton engine.*'mikv'.*engine='rust'"):
-        kvmix.MiKVCache(config, engine="triton")
-    with pytest.raises(kvmix.ConfigError, match=r"triton engine.*'eviction'.*engine='rust'"):
-        kvmix.EvictionCache(config, engine="triton")
+    with pytest.raises(kvmix.ConfigError, match=r"triton engine.*MiKV.*high_bits.*rust"):
+        kvmix.MiKVCache(config, high_bits=4, engine="triton")
     with pytest.raises(kvmix.ConfigError, match="`engine` must be one of"):
         kvmix.ZipCache(config, engine="cuda")  # type: ignore[arg-type]
-    # The same policies are accepted on the Rust engine and by "auto", which only builds a
+    # The same policy is accepted on the Rust engine and by "auto", which only builds a
     # Triton store for non-CPU tensors.
-    kvmix.MiKVCache(config, engine="rust")
-    kvmix.MiKVCache(config, engine="auto")
+    kvmix.MiKVCache(config, high_bits=4, engine="rust")
+    kvmix.MiKVCache(config, high_bits=4, engine="auto")
 
 
 def test_triton_layer_takes_its_head_count_from_the_tensors() -> None:
@@ -268,3 +275,57 @@ def test_three_bit_codes_are_packed_as_the_rust_packer_packs_them() -> None:
             np.testing.assert_array_equal(low.kd[s, r].numpy(), kvmix.pack_bits(codes, 3))
             checked += 1
     assert checked == b * h * (n - 40)  # every regular token of both kv-heads
+
+
+@pytest.mark.parametrize(
+    ("policy", "config"),
+    [
+        ("mikv", {"ratio": 0.3}),
+        ("mikv", {"ratio": 0.3, "key_balancer": False}),
+        ("eviction", {"budget": 0.3}),
+    ],
+)
+def test_heavy_hitter_policies_trim_as_the_rust_store(policy: str, config: Any) -> None:
+    """MiKV and H2O eviction trim the important set at every decoding step on the device: the
+    same tokens in the same tiers as the Rust store at every step (a left-padded sequence, the
+    key balancer on), bit-identical dequantized rows, attention within fp32 rounding."""
+    b, h, d, n = 2, 2, 16, 60
+    g = torch.Generator().manual_seed(3)
+    rust = kvmix.LayerStore(policy, h, d, config, "float16")
+    tri = TritonLayerStore(policy, h, d, config, "float16")
+    k, v = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, d, generator=g)
+    rust.append(k.numpy(), v.numpy())
+    tri.append(k, v)
+    for store in (rust, tri):
+        store.set_first_valid([0, 7])
+    wants = policy == "mikv" and config.get("key_balancer", True)
+    assert rust.needs_balancer == tri.needs_balancer == wants
+    if policy == "mikv" and tri.needs_balancer:
+        balancer = torch.rand(b, h, d, generator=g) + 0.5
+        rust.set_key_balancer(balancer.numpy())
+        tri.set_key_balancer(balancer)
+    acc = torch.rand(b, h, n, generator=g)
+    rust.add_scores(0, acc.numpy(), torch.ones(b, h, n).numpy())
+    tri.add_scores(0, acc, torch.ones(b, h, n))
+    assert rust.maybe_classify(True) and tri.maybe_classify(True)
+    for step in range(30):
+        k1, v1 = torch.randn(b, h, 1, d, generator=g), torch.randn(b, h, 1, d, generator=g)
+        rust.append(k1.numpy(), v1.numpy())
+        tri.append(k1, v1)
+        q = torch.randn(b, 4, 1, d, generator=g)
+        out_r = rust.attend(q.numpy(), [n + step], 0.25, True)
+        out_t = tri.attend(q, [n + step], 0.25, True)
+        np.testing.assert_allclose(out_t.numpy(), out_r, rtol=1e-5, atol=1e-5)
+        assert rust.maybe_classify() and tri.maybe_classify()
+        for s in range(b * h):
+            rt, tt = rust.tier_positions(s), tri.tier_positions(s)
+            for tier in rt:
+                assert sorted(tt[tier].tolist()) == sorted(rt[tier].tolist()), (step, s, tier)
+    for s in range(b * h):
+        pr, kr, vr = rust.dense(s)
+        pt, kt, vt = tri.dense(s)
+        np.testing.assert_array_equal(pt.numpy(), pr)
+        np.testing.assert_array_equal(kt.numpy(), kr)
+        np.testing.assert_array_equal(vt.numpy(), vr)
+    # The high tier's holes were compacted: it holds about the budget, not every step's row.
+    assert tri._tiers["high"].fill <= 2 * max(tri._high_real) + PAGE

@@ -471,7 +471,7 @@ class KvmixCache(Cache):
             non-CPU) tensors, chosen by each layer from the first tensors it receives.
             ``"rust"``: CPU tensors only. ``"triton"``: the Triton store on any device (CPU
             tensors run its kernels under Triton's interpreter, for tests). A policy the Triton
-            engine does not implement (MiKV, eviction, 3-bit codes) raises
+            engine does not implement (MiKV with ``high_bits`` 4 or 8) raises
             :class:`kvmix.ConfigError` here with ``"triton"``, at the first update with
             ``"auto"`` on a GPU.
     """

@@ -41,7 +41,7 @@ PAGE = 64
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _MODES = {"dense": 0, "channel": 1, "token_groups": 2}
-_SUPPORTED = ("full", "uniform", "zipcache")
+_SUPPORTED = ("full", "uniform", "zipcache", "mikv", "eviction")
 _F16_MAX = 65504.0
 
 
@@ -100,10 +100,6 @@ class _Codec:
                     f"the triton engine needs each group of {self.group_size} {self.bits}-bit "
                     "codes to fill whole bytes; choose another group_size or engine='rust'"
                 )
-        if self.factor == "fixed":
-            raise ConfigError(
-                "the triton engine does not implement MiKV's key balancer yet; use engine='rust'"
-            )
         self.row_bytes = (
             head_dim * self.dtype.itemsize if self.kind == "dense" else head_dim * self.bits // 8
         )
@@ -125,6 +121,9 @@ class _Tier:
         self.k, self.v, self.scored = kcodec, vcodec, scored
         self.s, self.d, self.device = streams, head_dim, device
         self.segmented = kcodec.kind == "channel" or vcodec.factor == "separable"
+        #: MiKV's fixed key factor ``fp16 [S, D]`` (the key balancer's inverse), set by the
+        #: store for a tier whose keys use it.
+        self.kfix: torch.Tensor | None = None
         self.cap = 0
         self.fill = 0
         self.nseg = 0
@@ -213,6 +212,27 @@ class _Tier:
         if self.cap > 2 * need:
             self._resize(need)
 
+    def compact(self, rows: int) -> None:
+        """Move each stream's real rows (in row order) to the front and keep ``rows`` of them:
+        a tier that only unsegmented rows leave (MiKV's high tier) stops growing with holes."""
+        assert not self.segmented, "segment pages cannot move"
+        f = self.fill
+        order = torch.sort((self.pos[:, :f] < 0).int(), dim=1, stable=True).indices[:, :rows]
+        names = ["pos", "kd", "vd"]
+        if self.k.kind == "token_groups":
+            names += ["ks", "ko"]
+        if self.v.kind == "token_groups":
+            names += ["vs", "vo"]
+        if self.scored:
+            names += ["acc", "count"]
+        for name in names:
+            t = getattr(self, name)
+            idx = order if t.dim() == 2 else order[:, :, None].expand(-1, -1, t.shape[2])
+            moved = t[:, :f].gather(1, idx)
+            t[:, :rows] = moved
+        self.pos[:, rows:f] = -1
+        self.fill = rows
+
     # -- writing --------------------------------------------------------------------------
 
     def push(
@@ -274,7 +294,10 @@ class _Tier:
             return
         sc, of = (self.ks, self.ko) if key else (self.vs, self.vo)
         fac = self._dummy
-        if c.factor == "separable":
+        if c.factor == "fixed":
+            assert self.kfix is not None, "the key balancer is set before quantizing"
+            fac = self.kfix.float().contiguous()
+        elif c.factor == "separable":
             valid = (torch.arange(n, device=x.device)[None, :] < nr[:, None])[:, :, None]
             amax = torch.where(valid, x.abs(), 0.0).amax(1)
             f = torch.where(amax > 0, amax.sqrt(), 1.0).to(torch.float16)
@@ -293,7 +316,7 @@ class _Tier:
             D=self.d,
             GS=c.group_size,
             BITS=c.bits,
-            HAS_FAC=c.factor == "separable",
+            HAS_FAC=c.factor in ("separable", "fixed"),
             BR=br,
         )
 
@@ -310,7 +333,7 @@ class _Tier:
             vs=self.vs,
             vo=self.vo,
             vf=self.vf,
-            kfix=None,
+            kfix=self.kfix,
             cap=self.cap,
             nseg=self.seg_cap,
             fill=self.fill,
@@ -335,7 +358,7 @@ class _Tier:
             v.ks,
             v.ko,
             v.seg,
-            self._dummy,
+            self._dummy if self.kfix is None else self.kfix,
             v.vd,
             v.vs,
             v.vo,
@@ -350,7 +373,7 @@ class _Tier:
             K_MODE=v.k_mode,
             K_BITS=v.k_bits,
             K_GS=v.k_gs,
-            K_FIX=False,
+            K_FIX=self.kfix is not None,
             V_MODE=v.v_mode,
             V_BITS=v.v_bits,
             V_GS=v.v_gs,
@@ -364,6 +387,8 @@ class _Tier:
             t = getattr(self, name)
             if t is not self._dummy:
                 setattr(self, name, t.index_select(0, idx).contiguous())
+        if self.kfix is not None:
+            self.kfix = self.kfix.index_select(0, idx).contiguous()
         self.s = int(idx.numel())
 
     def nbytes(self) -> dict[str, int]:
@@ -420,6 +445,12 @@ class TritonLayerStore:
             from kvmix._kvmix import LayerStore  # validates the options, resolves defaults
 
             layout = LayerStore(policy, kv_heads, head_dim, config, buffer_dtype).layout
+        if policy == "mikv" and layout["high"][0]["kind"] != "dense":
+            raise ConfigError(
+                "the triton engine keeps MiKV's important tokens at full precision only "
+                "(high_bits=None): demoting a quantized high tier is not implemented; use "
+                "engine='rust' for high_bits 4 or 8"
+            )
         if head_dim & (head_dim - 1) or head_dim < 16:
             raise ConfigError(
                 f"the triton engine needs a power-of-two head_dim of at least 16, got {head_dim}"
@@ -454,6 +485,9 @@ class TritonLayerStore:
         self._buf_len: list[int] = []
         self._fv_dev: torch.Tensor | None = None
         self._tiers: dict[str, _Tier] = {}
+        self._kfix: torch.Tensor | None = None
+        #: Real rows of the high tier per sequence (heavy-hitter policies), known on the host.
+        self._high_real: list[int] = []
         self._since = 0
         self._classified = False
         self._bad: torch.Tensor | None = None
@@ -465,12 +499,13 @@ class TritonLayerStore:
 
     @property
     def needs_balancer(self) -> bool:
-        return False
+        """Whether MiKV's key balancer is on and not set yet."""
+        return bool(self.options.get("key_balancer")) and self._kfix is None
 
     @property
     def evicts(self) -> bool:
-        """Whether the policy drops tokens (the eviction baseline, which this engine refuses)."""
-        return False
+        """Whether the policy drops tokens (the eviction baseline)."""
+        return self.policy == "eviction"
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the store holds (each once): what it allocated on its device."""
@@ -501,6 +536,7 @@ class TritonLayerStore:
         self.batch, self.device = b, device
         self.first_valid = [0] * b
         self._buf_len = [0] * b
+        self._high_real = [0] * b
         self._fv_dev = torch.zeros(b, dtype=torch.int32, device=device)
         s = self._streams
         self._tiers = {
@@ -567,7 +603,33 @@ class TritonLayerStore:
         self._fv_dev = torch.tensor(self.first_valid, dtype=torch.int32, device=self.device)
 
     def set_key_balancer(self, balancer: Any) -> None:
-        raise ConfigError("the triton engine does not implement MiKV's key balancer yet")
+        """MiKV's key balancer ``b`` ``[batch, kv_heads, head_dim]`` (numpy or torch): keys of
+        the tiers that use it are stored as ``Q(k / f)``, ``f = fp16(1 / b)``, and read back
+        times ``f``, as the Rust store does."""
+        if self._kfix is not None:
+            raise ConfigError(
+                "the key balancer is already set: keys already quantized were scaled by it "
+                "(reset() the store to start over)"
+            )
+        b = torch.as_tensor(balancer).to(device=self.device, dtype=torch.float32)
+        if not self.batch or b.numel() != self._streams * self.head_dim:
+            raise ShapeError(
+                f"the key balancer must be [batch, kv_heads, head_dim] = "
+                f"{self._streams * self.head_dim} values after the first append, got "
+                f"{b.numel()}"
+            )
+        inverse = 1.0 / b.reshape(self._streams, self.head_dim)
+        ok = torch.isfinite(b).all() & (b > 0).all()
+        ok &= ((inverse >= 2.0**-14) & (inverse <= _F16_MAX)).all()
+        if not bool(ok):  # once per prompt: the prefill may read this back
+            raise NonFiniteError(
+                "key balancer factors must be finite, positive, and have inverses that are "
+                "normal fp16 numbers"
+            )
+        self._kfix = inverse.to(torch.float16)
+        for t in self._tiers.values():
+            if t.k.factor == "fixed":
+                t.kfix = self._kfix
 
     def add_scores(self, start: int, acc: torch.Tensor, count: torch.Tensor) -> None:
         s = self._streams
@@ -688,6 +750,13 @@ class TritonLayerStore:
             self._classify_zipcache()
         elif self.policy == "uniform":
             self._classify_uniform()
+        elif self.policy in ("mikv", "eviction"):
+            if self.needs_balancer:
+                raise ConfigError(
+                    "MiKV's key balancer is on: call `set_key_balancer` (from the prompt's "
+                    "queries and keys) before the first classification, or disable `key_balancer`"
+                )
+            self._classify_retain(demote=self.policy == "mikv")
         # The buffer refills for `streaming_gap` steps (uniform: up to `residual` tokens) before
         # the next classification: room for that, not for the prompt it held.
         room = int(self.options.get("residual", self.gap or 0) or 0) + 1
@@ -813,6 +882,87 @@ class TritonLayerStore:
         rest = [n - pad - ks for pad, ks in zip(pads, k_seq, strict=True)]
         self._split_push("low", ~salient & valid, k, v, p, max(rest))
 
+    def _classify_retain(self, demote: bool) -> None:
+        """MiKV / H2O (``src/store/classify.rs``, ``plan_retain_important``): the important set
+        among the high tier's and the buffer's tokens is each sequence's ``n_recent`` most
+        recent valid tokens plus the best accumulated scores among the others (ties to the more
+        recent, NaN lowest), ``budget`` in all; it stays in (or enters) the high tier with its
+        scores, the rest is demoted to the low tier (MiKV) or dropped (eviction). Counts come
+        from the host; the ranking runs on the device."""
+        o = self.options
+        buf, high = self._tiers["buffer"], self._tiers["high"]
+        nb, nh = buf.fill, high.fill
+        if nb == 0:
+            return
+        h, dev = self.kv_heads, self.device
+        ratio = float(o["ratio"] if self.policy == "mikv" else o["budget"])
+        share = float(o["recent_share"])
+        budgets = [_round_half_away(ratio * max(0, self.seen - fv)) for fv in self.first_valid]
+        recents = [_round_half_away(share * x) for x in budgets]
+        start = self.seen - nb  # the buffer holds positions [start, seen) of every stream
+        incoming = [max(0, nb - max(0, fv - start)) for fv in self.first_valid]  # valid ones
+        new_real = [
+            min(bud, hr + inc)
+            for bud, hr, inc in zip(budgets, self._high_real, incoming, strict=True)
+        ]
+        leave_w = max(
+            hr + inc - nr for hr, inc, nr in zip(self._high_real, incoming, new_real, strict=True)
+        )
+
+        def per_stream(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=dev).repeat_interleave(h)[:, None]
+
+        pos = torch.cat([high.pos[:, :nh], buf.pos[:, :nb]], 1).long()
+        score = torch.cat([high.acc[:, :nh], buf.acc[:, :nb]], 1)
+        fv = self._first_valid_dev().repeat_interleave(h)[:, None].long()
+        valid = (pos >= 0) & (pos >= fv)
+        n = pos.shape[1]
+        ar = torch.arange(n, device=dev).expand_as(pos)
+
+        def ranks(order: torch.Tensor) -> torch.Tensor:
+            r = torch.empty_like(order)
+            r.scatter_(1, order, ar)
+            return r
+
+        newest = torch.where(valid, pos, -1)
+        by_pos = torch.sort(newest, dim=1, descending=True, stable=True).indices
+        n_valid = valid.sum(1, keepdim=True)
+        budget_s = per_stream(budgets)
+        n_rec = torch.minimum(torch.minimum(per_stream(recents), budget_s), n_valid)
+        recent = valid & (ranks(by_pos) < n_rec)
+        eligible = valid & ~recent
+        key = torch.nan_to_num(score, nan=float("-inf")).gather(1, by_pos)
+        order = by_pos.gather(1, torch.sort(key, dim=1, descending=True, stable=True).indices)
+        first = torch.sort(eligible.gather(1, order).int(), dim=1, descending=True, stable=True)
+        order = order.gather(1, first.indices)
+        heavy = eligible & (ranks(order) < budget_s - n_rec)
+        important = recent | heavy
+        keep_high, to_high = important[:, :nh], important[:, nh:]
+        leaving = ~keep_high & (pos[:, :nh] >= 0)
+        k_buf, v_buf = buf.kd[:, :nb].float(), buf.vd[:, :nb].float()
+        p_buf = buf.pos[:, :nb]
+        self._split_push(
+            "high", to_high, k_buf, v_buf, p_buf, min(nb, max(new_real)),
+            buf.acc[:, :nb], buf.count[:, :nb],
+        )  # fmt: skip
+        if demote:
+            kh, vh = high.kd[:, :nh].float(), high.vd[:, :nh].float()
+            self._split_push(
+                "low",
+                torch.cat([leaving, ~to_high & (p_buf >= 0)], 1),
+                torch.cat([kh, k_buf], 1),
+                torch.cat([vh, v_buf], 1),
+                torch.cat([high.pos[:, :nh], p_buf], 1),
+                min(nh, leave_w) + nb,
+            )
+        high.pos[:, :nh] = torch.where(leaving, -1, high.pos[:, :nh])
+        buf.pos[:, :nb] = -1
+        buf.fill = 0
+        self._buf_len = [0] * self.batch
+        self._high_real = new_real
+        if high.fill > 2 * max(new_real) + PAGE:
+            high.compact(max(new_real))
+
     def _split_push(
         self,
         tier: str,
@@ -821,8 +971,11 @@ class TritonLayerStore:
         v: torch.Tensor,
         p: torch.Tensor,
         width: int,
+        acc: torch.Tensor | None = None,
+        count: torch.Tensor | None = None,
     ) -> None:
-        """Push the rows where ``pick`` holds, in position order, real rows first."""
+        """Push the rows where ``pick`` holds, in position order, real rows first (with their
+        scores, when given)."""
         if width == 0:
             return
         idx = torch.sort((~pick).int(), dim=1, stable=True).indices[:, :width]
@@ -831,7 +984,9 @@ class TritonLayerStore:
         gk = k.gather(1, idx[:, :, None].expand(-1, -1, d))
         gv = v.gather(1, idx[:, :, None].expand(-1, -1, d))
         gp = torch.where(kept, p.gather(1, idx), -1)
-        self._tiers[tier].push(self._kern(), gk, gv, gp)
+        ga = None if acc is None else acc.gather(1, idx)
+        gc = None if count is None else count.gather(1, idx)
+        self._tiers[tier].push(self._kern(), gk, gv, gp, ga, gc)
 
     def crop(self, length: int) -> None:
         if length >= self.seen or not self.batch:
@@ -856,6 +1011,9 @@ class TritonLayerStore:
             t.select(idx)
         self.first_valid = [self.first_valid[i] for i in indices]
         self._buf_len = [self._buf_len[i] for i in indices]
+        self._high_real = [self._high_real[i] for i in indices]
+        if self._kfix is not None:
+            self._kfix = self._kfix.index_select(0, idx).contiguous()
         self.batch = len(indices)
         if self.device is not None:
             self._fv_dev = torch.tensor(self.first_valid, dtype=torch.int32, device=self.device)

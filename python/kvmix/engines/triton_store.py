@@ -45,6 +45,16 @@ _SUPPORTED = ("full", "uniform", "zipcache", "mikv", "eviction")
 _F16_MAX = 65504.0
 
 
+def _device_ints(values: list[int], device: Any, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Host integers as a tensor on ``device`` without waiting for it: a plain copy from
+    pageable memory synchronizes with the GPU, so small per-step counts go through pinned
+    memory asynchronously (the caching host allocator keeps the block until the copy ran)."""
+    host = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def _round_half_away(x: float) -> int:
     """Rust's ``f64::round`` (half away from zero), not Python's banker's rounding."""
     return math.floor(x + 0.5)
@@ -715,7 +725,7 @@ class TritonLayerStore:
         qs = q.float().reshape(b, h, grp, tq, d).reshape(s, grp * tq, d)
         logits = (qs @ k.transpose(1, 2)) * scale  # [S, rows, seen]
         dev = q.device
-        qp = torch.tensor(list(q_positions), dtype=torch.int64, device=dev).repeat(grp)
+        qp = _device_ints(list(q_positions), dev).repeat(grp)
         kp = torch.arange(self.seen, device=dev)
         fv = self._first_valid_dev().repeat_interleave(h).long()
         visible = (
@@ -784,7 +794,7 @@ class TritonLayerStore:
         buf, h, dev = self._tiers["buffer"], self.kv_heads, self.device
         f, w = buf.fill, max(take)
         order = torch.sort((buf.pos[:, :f] < 0).int(), dim=1, stable=True).indices
-        take_s = torch.tensor(take, dtype=torch.int64, device=dev).repeat_interleave(h)[:, None]
+        take_s = _device_ints(take, dev).repeat_interleave(h)[:, None]
 
         def rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             if t.dim() == 3:
@@ -823,13 +833,13 @@ class TritonLayerStore:
             return
         k, v, p, _, _ = self._take_buffer(take)
         h, d, dev = self.kv_heads, self.head_dim, self.device
-        pad_s = torch.tensor(pads, dtype=torch.int64, device=dev).repeat_interleave(h)[:, None]
+        pad_s = _device_ints(pads, dev).repeat_interleave(h)[:, None]
         low = self._tiers["low"]
         mp = max(pads)
         if mp:
             gp = torch.where(torch.arange(mp, device=dev)[None, :] < pad_s, p[:, :mp], -1)
             low.push(self._kern(), k[:, :mp], v[:, :mp], gp)
-        blk_s = torch.tensor(blocks, dtype=torch.int64, device=dev).repeat_interleave(h)[:, None]
+        blk_s = _device_ints(blocks, dev).repeat_interleave(h)[:, None]
         w = k.shape[1]
         for j in range(max(blocks)):
             idx = (pad_s + j * r + torch.arange(r, device=dev)[None, :]).clamp(max=w - 1)
@@ -863,7 +873,7 @@ class TritonLayerStore:
             _round_half_away(o["salient_ratio"] * max(0, n - max(0, fv_b - start)))
             for fv_b in self.first_valid
         ]
-        k_s = torch.tensor(k_seq, dtype=torch.int64, device=p.device).repeat_interleave(h)
+        k_s = _device_ints(k_seq, p.device).repeat_interleave(h)
         # Rank by (valid, score, index) descending: ties go to the more recent token, NaN
         # ranks lowest (importance::top_k).
         key = torch.nan_to_num(score, nan=float("-inf")).flip(-1)
@@ -910,7 +920,7 @@ class TritonLayerStore:
         )
 
         def per_stream(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=dev).repeat_interleave(h)[:, None]
+            return _device_ints(values, dev).repeat_interleave(h)[:, None]
 
         pos = torch.cat([high.pos[:, :nh], buf.pos[:, :nb]], 1).long()
         score = torch.cat([high.acc[:, :nh], buf.acc[:, :nb]], 1)

@@ -37,6 +37,9 @@ PRESETS: dict[str, Any] = {
     "zipcache-rotated": lambda c, e: kvmix.KvmixCache(
         c, "zipcache", {"salient_ratio": 0.2, "streaming_gap": 8}, rotation_seed=0, engine=e
     ),
+    "kvmix-5x": lambda c, e: kvmix.Kvmix5xCache(c, streaming_gap=8, engine=e),
+    "mikv": lambda c, e: kvmix.MiKVCache(c, engine=e),
+    "eviction": lambda c, e: kvmix.EvictionCache(c, engine=e),
 }
 ENABLE = {"fused": kvmix.enable_fused_attention, "portable": kvmix.enable_portable_scoring}
 
@@ -76,6 +79,8 @@ def token_parity(device: str, prompt: int, new: int) -> None:
     mask[1, :17] = 0
     for mode, enable in ENABLE.items():
         for name, make in PRESETS.items():
+            if name == "eviction" and mode == "portable":
+                continue  # eviction has no dense keys to hand back: fused only
             res = {}
             for engine, dev in (("rust", "cpu"), ("triton", device)):
                 model = enable(tiny_random_model("llama", **over)).to(dev)
@@ -188,7 +193,7 @@ def sync_check(device: str, layers: int, prompt: int) -> None:
         return
     print("== 3. host syncs in a decoding step (torch.cuda.set_sync_debug_mode('warn')) ==")
     for mode in ("fused", "portable"):
-        for name in ("zipcache", "uniform2"):
+        for name in ("zipcache", "uniform2", "mikv"):
             model = ENABLE[mode](random_model(layers, device, torch.bfloat16))
             cache = PRESETS[name](model.config, "auto")
             decode(model, cache, 1, prompt, 3, device)

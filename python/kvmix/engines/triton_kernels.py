@@ -99,16 +99,19 @@ def quantize_token_groups_kernel(
 
 @triton.jit
 def quantize_channels_kernel(
-    X,  # fp32 [S, N, D]
-    NR,  # int32 [S]: rows of each stream's segment (the rest is padding)
+    X,  # fp32 [S, N, D]: NBLK segments, segment b at rows [b * BSTRIDE, b * BSTRIDE + RB)
+    NR,  # int32 [S, NBLK]: real rows of each stream's segment (the rest are holes)
     CODES,  # uint8 [S, cap, D*BITS/8]
     SC,  # fp16 [S, nseg, D]
     OF,
     N,
     cap,
-    row0,
-    seg,
+    row0,  # destination row of segment 0; segment b goes to row0 + b * BSTRIDE
+    seg,  # index of segment 0; segment b is seg + b
     nseg,
+    NBLK,
+    BSTRIDE,
+    RB,
     D: tl.constexpr,
     BITS: tl.constexpr,
     CB: tl.constexpr,  # channels per program (a multiple of 8)
@@ -116,13 +119,17 @@ def quantize_channels_kernel(
 ):
     s = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * CB + tl.arange(0, CB)
-    n = tl.load(NR + s)
+    blk = tl.program_id(2)
+    n = tl.load(NR + s * NBLK + blk)
+    base = blk * BSTRIDE  # the segment's first row, in X and (plus row0) in the tier
+    seg = seg + blk
+    row0 = row0 + base
     lo = tl.full([CB], float("inf"), tl.float32)
     hi = tl.full([CB], float("-inf"), tl.float32)
-    for r0 in range(0, N, BR):
+    for r0 in range(0, RB, BR):
         r = r0 + tl.arange(0, BR)
         ok = r < n
-        x = tl.load(X + (s * N + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
+        x = tl.load(X + (s * N + base + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
         lo = tl.minimum(lo, _min(tl.where(ok[:, None], x, float("inf")), 0))
         hi = tl.maximum(hi, _max(tl.where(ok[:, None], x, float("-inf")), 0))
     lo = tl.where(n > 0, lo, 0.0)
@@ -135,10 +142,10 @@ def quantize_channels_kernel(
     sf = scale.to(tl.float32)
     of = offset.to(tl.float32)
     div = tl.where(sf == 0.0, 1.0, sf)
-    for r0 in range(0, N, BR):
+    for r0 in range(0, RB, BR):
         r = r0 + tl.arange(0, BR)
         ok = r < n
-        x = tl.load(X + (s * N + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
+        x = tl.load(X + (s * N + base + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
         y = (x - of[None, :]) / div[None, :] + 0.5
         y = tl.minimum(tl.maximum(y, 0.0), top)
         code = tl.where(sf[None, :] == 0.0, 0, y.to(tl.int32))

@@ -43,6 +43,8 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 _MODES = {"dense": 0, "channel": 1, "token_groups": 2}
 _SUPPORTED = ("full", "uniform", "zipcache", "mikv", "eviction")
 _F16_MAX = 65504.0
+#: Decoding steps between reads of the device-side non-finite flag (each read synchronizes).
+_BAD_CHECK_STEPS = 32
 
 
 def _device_ints(values: list[int], device: Any, dtype: torch.dtype = torch.int64) -> torch.Tensor:
@@ -253,29 +255,60 @@ class _Tier:
         pos: torch.Tensor,
         acc: torch.Tensor | None = None,
         count: torch.Tensor | None = None,
+        blocks: int = 1,
     ) -> None:
-        """Append rows ``[S, n, D]`` (fp32) as one segment; rows with ``pos < 0`` are holes,
-        and a stream's real rows come first."""
+        """Append rows ``[S, n, D]`` (fp32) as ``blocks`` segments of ``n / blocks`` rows each
+        (one kernel launch per codec for all of them); rows with ``pos < 0`` are holes, and a
+        stream's real rows come first in each segment. In a segmented tier every segment
+        starts on a fresh page."""
         n = keys.shape[1]
         if n == 0:
             return
+        rb = n // blocks
+        stride = -(-rb // PAGE) * PAGE if self.segmented and blocks > 1 else rb
+        if stride != rb:  # lay the segments out on their pages, holes between them
+            s, d, dev = self.s, self.d, keys.device
+
+            def spread(t: torch.Tensor, fill: float) -> torch.Tensor:
+                out = torch.full((s, blocks, stride, *t.shape[2:]), fill, dtype=t.dtype, device=dev)
+                out[:, :, :rb] = t.reshape(s, blocks, rb, *t.shape[2:])
+                return out.reshape(s, blocks * stride, *t.shape[2:])
+
+            keys, values, pos = spread(keys, 0.0), spread(values, 0.0), spread(pos, -1)
+            acc = None if acc is None else spread(acc, 0.0)
+            count = None if count is None else spread(count, 0.0)
+            n = blocks * stride
         row0 = -(-self.fill // PAGE) * PAGE if self.segmented else self.fill
-        self._grow(row0 + n, self.nseg + 1)
-        nr = (pos >= 0).sum(1, dtype=torch.int32)
-        self._encode(kern, self.k, keys, row0, nr, key=True)
-        self._encode(kern, self.v, values, row0, nr, key=False)
+        self._grow(row0 + n, self.nseg + blocks)
+        nr = (pos.reshape(self.s, blocks, stride) >= 0).sum(2, dtype=torch.int32)
+        self._encode(kern, self.k, keys, row0, nr, key=True, blocks=(blocks, stride, rb))
+        self._encode(kern, self.v, values, row0, nr, key=False, blocks=(blocks, stride, rb))
         self.pos[:, row0 : row0 + n] = pos
         if self.segmented:
-            self.seg[:, row0 // PAGE : -(-(row0 + n) // PAGE)] = self.nseg
-            self.nseg += 1
+            first, pages = row0 // PAGE, -(-n // PAGE)
+            if blocks == 1:
+                self.seg[:, first : first + pages] = self.nseg
+            else:  # segment b covers pages [b * stride / PAGE, (b + 1) * stride / PAGE)
+                ids = self.nseg + torch.arange(pages, device=pos.device) // (stride // PAGE)
+                self.seg[:, first : first + pages] = ids.to(torch.int32)
+            self.nseg += blocks
         if self.scored:
             self.acc[:, row0 : row0 + n] = 0 if acc is None else acc
             self.count[:, row0 : row0 + n] = 0 if count is None else count
-        self.fill = row0 + n
+        self.fill = row0 + n - (stride - rb)  # the last segment's trailing holes stay free
 
     def _encode(
-        self, kern: Any, c: _Codec, x: torch.Tensor, row0: int, nr: torch.Tensor, key: bool
+        self,
+        kern: Any,
+        c: _Codec,
+        x: torch.Tensor,
+        row0: int,
+        nr: torch.Tensor,
+        key: bool,
+        blocks: tuple[int, int, int] = (1, 0, 0),
     ) -> None:
+        """Quantize and write rows ``x [S, n, D]`` at ``row0``; ``nr [S, blocks]``: real rows
+        per segment; ``blocks``: (segments, rows between their starts, rows in each)."""
         n = x.shape[1]
         data = self.kd if key else self.vd
         if c.kind == "dense":
@@ -285,9 +318,12 @@ class _Tier:
         if c.kind == "channel":
             sc, of = self.ks, self.ko
             cb = min(self.d, 32)
-            kern.quantize_channels_kernel[(self.s, self.d // cb)](
+            nblk, stride, rb = blocks
+            if nblk == 1:
+                stride = rb = n
+            kern.quantize_channels_kernel[(self.s, self.d // cb, nblk)](
                 x,
-                nr,
+                nr.contiguous(),
                 data,
                 sc,
                 of,
@@ -296,6 +332,9 @@ class _Tier:
                 row0,
                 self.nseg,
                 self.seg_cap,
+                nblk,
+                stride,
+                rb,
                 D=self.d,
                 BITS=c.bits,
                 CB=cb,
@@ -308,7 +347,8 @@ class _Tier:
             assert self.kfix is not None, "the key balancer is set before quantizing"
             fac = self.kfix.float().contiguous()
         elif c.factor == "separable":
-            valid = (torch.arange(n, device=x.device)[None, :] < nr[:, None])[:, :, None]
+            assert blocks[0] == 1, "separable factors are per push"
+            valid = (torch.arange(n, device=x.device)[None, :] < nr[:, :1])[:, :, None]
             amax = torch.where(valid, x.abs(), 0.0).amax(1)
             f = torch.where(amax > 0, amax.sqrt(), 1.0).to(torch.float16)
             self.vf[:, self.nseg] = f
@@ -501,6 +541,7 @@ class TritonLayerStore:
         self._since = 0
         self._classified = False
         self._bad: torch.Tensor | None = None
+        self._bad_steps = 0
         self.device: torch.device | None = None
 
     @property
@@ -585,9 +626,10 @@ class TritonLayerStore:
                         "keys/values contain NaN/Inf or magnitudes beyond the fp16 range (65504)"
                     )
             else:
-                # A decoding step must not wait for the device: the flag is read at the next
-                # classification (every `streaming_gap` steps), which then refuses.
+                # A decoding step must not wait for the device: the flag is read at a later
+                # classification (at most every _BAD_CHECK_STEPS steps), which then refuses.
                 self._bad = bad if self._bad is None else self._bad | bad
+                self._bad_steps += 1
         if not self.batch:
             self._init(b, keys.device)
         buf = self._tiers["buffer"]
@@ -750,8 +792,10 @@ class TritonLayerStore:
         due = not self._classified or (self.gap is not None and self._since >= self.gap)
         if not (force or due) or not self.batch:
             return False
-        if self._bad is not None:
-            bad, self._bad = bool(self._bad), None
+        # Reading the flag waits for the device: not at every step of a policy that classifies
+        # at every step (MiKV, eviction), but before those steps' tokens get far.
+        if self._bad is not None and (force or self._bad_steps >= _BAD_CHECK_STEPS):
+            bad, self._bad, self._bad_steps = bool(self._bad), None, 0
             if bad:
                 raise NonFiniteError(
                     "a decoding step appended NaN/Inf or magnitudes beyond the fp16 range (65504)"
@@ -840,12 +884,15 @@ class TritonLayerStore:
             gp = torch.where(torch.arange(mp, device=dev)[None, :] < pad_s, p[:, :mp], -1)
             low.push(self._kern(), k[:, :mp], v[:, :mp], gp)
         blk_s = _device_ints(blocks, dev).repeat_interleave(h)[:, None]
-        w = k.shape[1]
-        for j in range(max(blocks)):
-            idx = (pad_s + j * r + torch.arange(r, device=dev)[None, :]).clamp(max=w - 1)
-            gp = torch.where(blk_s > j, p.gather(1, idx), -1)
+        w, nb = k.shape[1], max(blocks)
+        if nb:
+            # Every block of every stream in one push (a segment each); a stream with fewer
+            # blocks leaves its last ones as holes.
+            rows = torch.arange(nb * r, device=dev)[None, :]
+            idx = (pad_s + rows).clamp(max=w - 1)
+            gp = torch.where(rows // r < blk_s, p.gather(1, idx), -1)
             ix = idx[:, :, None].expand(-1, -1, d)
-            low.push(self._kern(), k.gather(1, ix), v.gather(1, ix), gp)
+            low.push(self._kern(), k.gather(1, ix), v.gather(1, ix), gp, blocks=nb)
 
     def _classify_zipcache(self) -> None:
         buf = self._tiers["buffer"]

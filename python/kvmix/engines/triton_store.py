@@ -267,7 +267,7 @@ class _Tier:
         rb = n // blocks
         stride = -(-rb // PAGE) * PAGE if self.segmented and blocks > 1 else rb
         if stride != rb:  # lay the segments out on their pages, holes between them
-            s, d, dev = self.s, self.d, keys.device
+            s, dev = self.s, keys.device
 
             def spread(t: torch.Tensor, fill: float) -> torch.Tensor:
                 out = torch.full((s, blocks, stride, *t.shape[2:]), fill, dtype=t.dtype, device=dev)

@@ -329,3 +329,18 @@ def test_heavy_hitter_policies_trim_as_the_rust_store(policy: str, config: Any) 
         np.testing.assert_array_equal(vt.numpy(), vr)
     # The high tier's holes were compacted: it holds about the budget, not every step's row.
     assert tri._tiers["high"].fill <= 2 * max(tri._high_real) + PAGE
+
+
+@pytest.mark.parametrize("preset", ["zipcache", "mikv"])
+def test_beam_search_on_the_triton_engine(preset: str) -> None:
+    """Beam search expands the batch (``repeat_interleave``) and reorders it at every step
+    (``select_batch``): the Triton store follows as the Rust store does."""
+    out = {}
+    for engine in ("rust", "triton"):
+        model = _model(True)
+        ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(2))
+        cache = PRESETS[preset](model.config, engine)
+        out[engine] = model.generate(
+            ids, past_key_values=cache, max_new_tokens=6, do_sample=False, num_beams=2
+        )
+    torch.testing.assert_close(out["triton"], out["rust"], rtol=0, atol=0)

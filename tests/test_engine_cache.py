@@ -308,7 +308,7 @@ def test_heavy_hitter_policies_trim_as_the_rust_store(policy: str, config: Any) 
     rust.add_scores(0, acc.numpy(), torch.ones(b, h, n).numpy())
     tri.add_scores(0, acc, torch.ones(b, h, n))
     assert rust.maybe_classify(True) and tri.maybe_classify(True)
-    for step in range(30):
+    for step in range(20):
         k1, v1 = torch.randn(b, h, 1, d, generator=g), torch.randn(b, h, 1, d, generator=g)
         rust.append(k1.numpy(), v1.numpy())
         tri.append(k1, v1)

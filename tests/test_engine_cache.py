@@ -53,11 +53,14 @@ def _inputs() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def _generate(preset: str, engine: str, fused: bool) -> tuple[torch.Tensor, kvmix.KvmixCache]:
-    model = _model(fused)
+def _generate(
+    preset: str, engine: str, fused: bool, device: str = "cpu"
+) -> tuple[torch.Tensor, kvmix.KvmixCache]:
+    model = _model(fused).to(device)
     cache = PRESETS[preset](model.config, engine)
-    out = model.generate(**_inputs(), past_key_values=cache, max_new_tokens=NEW, do_sample=False)
-    return out[:, PROMPT:], cache
+    inputs = {k: v.to(device) for k, v in _inputs().items()}
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, do_sample=False)
+    return out[:, PROMPT:].cpu(), cache
 
 
 def _tiers(cache: kvmix.KvmixCache) -> list[dict[str, list[int]]]:
@@ -66,7 +69,8 @@ def _tiers(cache: kvmix.KvmixCache) -> list[dict[str, list[int]]]:
         store = layer.store
         for s in range(store.batch * store.kv_heads):
             tiers = store.tier_positions(s)
-            out.append({t: sorted(int(p) for p in np.asarray(tiers[t])) for t in tiers})
+            held = {t: torch.as_tensor(tiers[t]).cpu().tolist() for t in tiers}
+            out.append({t: sorted(int(p) for p in held[t]) for t in held})
     return out
 
 
@@ -344,3 +348,19 @@ def test_beam_search_on_the_triton_engine(preset: str) -> None:
             ids, past_key_values=cache, max_new_tokens=6, do_sample=False, num_beams=2
         )
     torch.testing.assert_close(out["triton"], out["rust"], rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    ("preset", "fused"), CASES, ids=[f"{p}-{'fused' if f else 'portable'}" for p, f in CASES]
+)
+def test_cuda_triton_engine_generates_as_the_cpu_rust_engine(preset: str, fused: bool) -> None:
+    """On a GPU (``pytest -m cuda``): the model on CUDA with ``engine="auto"`` (the Triton
+    engine, compiled) against the model on the CPU with the Rust engine: the same tokens and
+    tiers (as ``gpu/engine_e2e.py`` measured on an H200 for five presets)."""
+    want, rust = _generate(preset, "rust", fused)
+    got, tri = _generate(preset, "auto", fused, "cuda")
+    assert tri.layers[0].engine_name == "triton"
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert _tiers(tri) == _tiers(rust)

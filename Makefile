@@ -12,7 +12,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 .PHONY: help env build test lint rust-test py-test bench demo clean fuzz
 
 help:
-	@echo "make test    - set up, build (release) and run every check: lints, cargo test, stubtest, pytest"
+	@echo "make test    - set up, build (release) and run every check: lints, mypy, cargo test, stubtest, pytest"
 	@echo "make demo    - SmolLM2-135M answers a ~4k-token passkey prompt from a ZipCache (fused attention)"
 	@echo "make build   - set up the environment and build the extension in release mode"
 	@echo "make bench   - quantization throughput: kvmix vs a torch implementation"
@@ -40,6 +40,7 @@ lint: build
 	cargo clippy --features python -- -D warnings
 	$(VENV)/bin/ruff check python tests
 	$(VENV)/bin/ruff format --check python tests
+	$(PY) -m mypy  # strict, on python/kvmix ([tool.mypy] in pyproject.toml)
 
 rust-test:
 	cargo test

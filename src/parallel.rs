@@ -54,7 +54,7 @@ pub fn run<R: Send>(elements: usize, f: impl FnOnce(bool) -> R + Send) -> R {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub fn has_avx2() -> bool {
-    crate::isa::cpu().avx2
+    crate::isa::best() >= crate::isa::Isa::Avx2
 }
 
 /// Run `f` compiled for AVX2+FMA+F16C when the CPU has them (one binary, portable and fast).

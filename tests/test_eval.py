@@ -28,13 +28,11 @@ from kvmix.models import tiny_random_model
 # Short gaps so that decoding crosses classification boundaries within a few steps.
 REPLAYED = {
     "full": METHODS["full"],
-    "uniform2": kvmix.eval.Method("u", "u", "uniform", "uniform", {"bits": 2, "residual": 8}),
-    "h2o": kvmix.eval.Method("e", "e", "eviction", "eviction", {"budget": 0.3}),
+    "uniform2": METHODS["uniform2"].derive("u", "u", residual=8),
+    "h2o": METHODS["h2o20"].derive("e", "e", budget=0.3),
     "mikv": METHODS["mikv"],
-    "zipcache": kvmix.eval.Method("z", "z", "zipcache", "zipcache", {"streaming_gap": 5}),
-    "zipcache-accumulated": kvmix.eval.Method(
-        "za", "za", "zipcache", "zipcache", {"streaming_gap": 5, "normalized": False}
-    ),
+    "zipcache": METHODS["zipcache"].derive("z", "z", streaming_gap=5),
+    "zipcache-accumulated": METHODS["zipcache-accumulated"].derive("za", "za", streaming_gap=5),
 }
 
 
@@ -131,13 +129,14 @@ def test_cache_memory_of_a_dynamic_cache_is_read_from_its_tensors(tiny):
 def test_eviction_budget_holds_the_bytes_of_its_target():
     """The matched eviction baseline holds (within 1%) the bytes of the method it is matched
     with, both measured on real stores of the same token count."""
-    for target in ("zipcache", "mikv"):
+    for target in ("zipcache", "mikv", "kvmix-5x"):
         (method,) = resolve_methods([f"h2o@{target}"], 4096, 3, 64)
         assert method.options["budget"] == eviction_budget_matching(METHODS[target], 4096, 3, 64)
         ratios = []
         for m in (method, METHODS[target]):
+            options = m.store_options()
             r = kvmix.bench.memory.measure(
-                m.policy, m.options, tokens=4096, decode=0, layers=2, kv_heads=3, head_dim=64
+                m.policy, options, tokens=4096, decode=0, layers=2, kv_heads=3, head_dim=64
             )
             ratios.append(r["bytes"])
         assert abs(ratios[0] / ratios[1] - 1) < 0.01

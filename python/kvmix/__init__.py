@@ -40,6 +40,7 @@ from kvmix.quant import (
     separable_channel_scale,
     unpack_bits,
 )
+from kvmix.registry import Preset, make_cache, preset_info, presets
 
 __all__ = [
     "BUFFER_DTYPES",
@@ -54,6 +55,7 @@ __all__ = [
     "LayerStore",
     "MiKVCache",
     "NonFiniteError",
+    "Preset",
     "QuantizedKVCache",
     "QuantizedTensor",
     "ShapeError",
@@ -66,9 +68,12 @@ __all__ = [
     "enable_portable_scoring",
     "key_balancer",
     "kvmix_attention",
+    "make_cache",
     "num_threads",
     "pack_bits",
     "policy_defaults",
+    "preset_info",
+    "presets",
     "probe_positions",
     "probe_scores",
     "quant",

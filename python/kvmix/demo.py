@@ -1,7 +1,8 @@
 """The main job: SmolLM2-135M-Instruct answers a ~4k-token passkey prompt from a compressed cache.
 
-``python -m kvmix.demo [--method zipcache|zipcache-k3|mikv|uniform2|uniform4|eviction]``
-``[--tokens N]``
+``python -m kvmix.demo [--method PRESET] [--tokens N]``: ``PRESET`` is any kvmix preset of
+:mod:`kvmix.registry` (``kvmix presets`` lists them), e.g. ``zipcache`` (the default),
+``zipcache20-k3``, ``mikv``, ``uniform2``, ``uniform4``, ``h2o20``, ``kvmix-5x``.
 
 Generates greedily once with transformers' full ``DynamicCache`` (the reference) and once with
 the kvmix cache (fused attention), then prints both answers, the bytes the kvmix cache holds
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,18 +22,10 @@ from transformers import DynamicCache
 import kvmix
 from kvmix.data import passkey_prompt
 from kvmix.models import load_smollm2
+from kvmix.registry import PRESETS
 
-METHODS: dict[str, tuple[str, Callable[[Any], kvmix.KvmixCache]]] = {
-    "zipcache": ("ZipCache (40% 4-bit, 60% 2-bit)", lambda c: kvmix.ZipCache(c)),
-    "zipcache-k3": (
-        "ZipCache (20% 4-bit, 80% 3-bit keys / 2-bit values)",
-        lambda c: kvmix.ZipCache(c, salient_ratio=0.2, low_key_bits=3),
-    ),
-    "mikv": ("MiKV (20% fp16, others int2)", lambda c: kvmix.MiKVCache(c)),
-    "uniform2": ("uniform 2-bit (KIVI)", lambda c: kvmix.QuantizedKVCache(c, bits=2)),
-    "uniform4": ("uniform 4-bit (KIVI)", lambda c: kvmix.QuantizedKVCache(c, bits=4)),
-    "eviction": ("H2O eviction (keep 20%)", lambda c: kvmix.EvictionCache(c)),
-}
+#: The presets the demo can run: those that hold kvmix stores.
+METHODS: tuple[str, ...] = tuple(name for name, p in PRESETS.items() if p.is_kvmix)
 
 
 def _generate(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int) -> dict[str, Any]:
@@ -59,9 +51,15 @@ def _generate(model: Any, ids: torch.Tensor, cache: Any, new_tokens: int) -> dic
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kvmix.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--method", choices=sorted(METHODS), default="zipcache")
+def main(argv: list[str] | None = None, prog: str = "python -m kvmix.demo") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="zipcache",
+        metavar="PRESET",
+        help="a kvmix preset (`kvmix presets` lists them; default zipcache)",
+    )
     p.add_argument("--tokens", type=int, default=4096, help="prompt length (default 4096)")
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--seed", type=int, default=0, help="chooses the passkey and its depth")
@@ -78,14 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         f"kvmix threads: {kvmix.num_threads()}, torch threads: {torch.get_num_threads()}"
     )
 
-    label, make = METHODS[args.method]
+    preset = PRESETS[args.method]
     full = _generate(model, ids, DynamicCache(config=model.config), args.new_tokens)
-    cache = make(model.config)
+    cache = preset.make_cache(model.config)
     ours = _generate(model, ids, cache, args.new_tokens)
     report = cache.memory_report()
 
     def text(t: torch.Tensor) -> str:
-        return tokenizer.decode(t, skip_special_tokens=True).strip()
+        decoded = tokenizer.decode(t, skip_special_tokens=True)
+        assert isinstance(decoded, str)  # one sequence decodes to one string
+        return decoded.strip()
 
     agree = 0
     for a, b in zip(full["tokens"].tolist(), ours["tokens"].tolist(), strict=False):
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     mib = 2**20
     print()
     print(f"full cache (DynamicCache): {text(full['tokens'])!r}")
-    print(f"{label}: {text(ours['tokens'])!r}")
+    print(f"{preset.description}: {text(ours['tokens'])!r}")
     print(
         f"passkey: full {'correct' if prompt.is_correct(text(full['tokens'])) else 'WRONG'}, "
         f"kvmix {'correct' if prompt.is_correct(text(ours['tokens'])) else 'WRONG'}"

@@ -114,7 +114,7 @@ def _is_valid_cache(cache_dir: Path, manifest: dict[str, Any]) -> bool:
     if not manifest_path.is_file():
         return False
     try:
-        return json.loads(manifest_path.read_text()) == manifest
+        return bool(json.loads(manifest_path.read_text()) == manifest)
     except (OSError, ValueError):
         return False
 
@@ -205,7 +205,7 @@ def load_smollm2(
         str(folder), dtype=dtype, local_files_only=True, attn_implementation=attn_implementation
     )
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]
     return model, tokenizer
 
 
@@ -348,5 +348,5 @@ def tiny_random_model(
     model.to(dtype=dtype)  # type: ignore[call-arg]
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = fields["pad_token_id"]
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]
     return model

@@ -154,6 +154,7 @@ def quantize_balanced_keys(
     if balancer is None:
         raise _kvmix.ConfigError("`balancer` is required (see `kvmix.key_balancer`)")
     b = _channel_scale_array(balancer)
+    assert b is not None  # `balancer` is not None
     if not (np.all(np.isfinite(b)) and np.all(b > 0)):
         raise _kvmix.NonFiniteError("`balancer` factors must be finite and positive")
     if group_size is None:

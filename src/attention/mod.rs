@@ -24,6 +24,7 @@ use crate::parallel;
 use crate::store::LayerStore;
 use rayon::prelude::*;
 use rows::{accumulate_values, key_logits, runs, Run};
+use simd::{Strided, StridedMut};
 
 /// The result of [`attend`]: outputs, and for every stream and tier the attention each row
 /// received (summed over the GQA group's heads and the queries) and how many queries saw it.
@@ -108,16 +109,7 @@ fn attend_impl(
     let rep = hq / hk;
     let nq = rep * tq;
     let work: usize = store.streams.iter().map(|s| s.len()).sum::<usize>() * nq * d;
-    let queries = Queries {
-        q,
-        hq,
-        tq,
-        d,
-        rep,
-        positions: q_positions,
-        scale,
-        track,
-    };
+    let queries = Queries::new(q, [hq, tq, d], hk, q_positions, scale, track);
     let (parts, results) = parallel::run(work, |par| {
         // Streams are cut into parts only for threads that will run them.
         let threads = if par { parallel::num_threads() } else { 1 };
@@ -314,6 +306,29 @@ struct Queries<'a> {
     track: bool,
 }
 
+impl<'a> Queries<'a> {
+    /// Queries `q` of shape `[_, hq, tq, d]` for a store of `kv_heads` kv-heads.
+    fn new(
+        q: &'a [f32],
+        [hq, tq, d]: [usize; 3],
+        kv_heads: usize,
+        positions: &'a [usize],
+        scale: f32,
+        track: bool,
+    ) -> Self {
+        Queries {
+            q,
+            hq,
+            tq,
+            d,
+            rep: hq / kv_heads,
+            positions,
+            scale,
+            track,
+        }
+    }
+}
+
 /// [`attend_part`] compiled for AVX-512 (F/BW/VL/VBMI) or else AVX2+FMA+F16C when the CPU
 /// has them, else for the baseline target.
 fn dispatch_part(store: &LayerStore, p: &Part, qs: &Queries<'_>) -> PartResult {
@@ -425,15 +440,8 @@ fn attend_part<S: simd::Simd>(
             continue;
         }
         for run in runs(&tier.keys).iter().filter_map(|r| clip(r, a, b)) {
-            key_logits(
-                simd,
-                &tier.keys,
-                &run,
-                &queries,
-                nq,
-                &mut logits[col0[t]..],
-                width,
-            );
+            let out = StridedMut::new(&mut logits[col0[t]..], width);
+            key_logits(simd, &tier.keys, &run, &queries, out);
         }
         // Mask: invisible tokens get -inf. Query i is head i / tq at position q_positions[i % tq].
         // Decoding sees every stored token, so the per-element test runs only when needed.
@@ -474,15 +482,8 @@ fn attend_part<S: simd::Simd>(
         }
         for run in runs(&tier.values).iter().filter_map(|r| clip(r, a, b)) {
             // Row r of this tier sits at column col0[t] + r.
-            accumulate_values(
-                simd,
-                &tier.values,
-                &run,
-                &probs[col0[t]..],
-                width,
-                nq,
-                &mut out,
-            );
+            let p = Strided::new(&probs[col0[t]..], width, nq);
+            accumulate_values(simd, &tier.values, &run, p, &mut out);
         }
         if track && tier.scores.is_some() {
             let p = |i: usize| &probs[i * width + col0[t] + a..i * width + col0[t] + b];
@@ -518,36 +519,6 @@ fn attend_part<S: simd::Simd>(
         received,
         seen_by,
         whole,
-    }
-}
-
-impl LayerStore {
-    /// [`attend`], then add the attention each token received to the importance scores of
-    /// the tiers that track them.
-    pub fn attend_and_track(
-        &mut self,
-        q: &[f32],
-        q_dims: &[usize],
-        q_positions: &[usize],
-        scale: f32,
-    ) -> Result<Vec<f32>> {
-        let a = attend(self, q, q_dims, q_positions, scale)?;
-        for (stream, (rec, cnt)) in self
-            .streams
-            .iter_mut()
-            .zip(a.received.iter().zip(&a.seen_by))
-        {
-            for (t, tier) in [&mut stream.buffer, &mut stream.high, &mut stream.low]
-                .into_iter()
-                .enumerate()
-            {
-                if let Some(sc) = tier.scores.as_mut() {
-                    sc.acc.iter_mut().zip(&rec[t]).for_each(|(a, r)| *a += r);
-                    sc.count.iter_mut().zip(&cnt[t]).for_each(|(c, n)| *c += n);
-                }
-            }
-        }
-        Ok(a.out)
     }
 }
 

@@ -10,8 +10,9 @@
 //! * values: `Σ_j p_j v̂_j = f ⊙ Σ_j p_j (α_j c_j + β_j)` (per-token groups) or
 //!   `f ⊙ (α ⊙ Σ_j p_j c_j + β Σ_j p_j)` (per-channel), with `f` applied once per run.
 
-use super::simd::{unpack_f32, Simd};
-use crate::store::codec::{Codec, EncodedRows, RowData};
+use super::simd::{CodeBlock, Simd, Strided, StridedMut};
+use crate::store::codec::Codec;
+use crate::store::rows::{EncodedRows, RowData};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
@@ -64,18 +65,17 @@ fn to_f32<S: Simd>(simd: S, v: &[f16]) -> Vec<f32> {
     out
 }
 
-/// Decode the raw contents of row `r` (codes as `f32`, or dense elements) into `buf`.
+/// Row `r` of a full-precision tier as `f32`, in `buf`. F16 rows go through
+/// [`Simd::f16_to_f32`] (sixteen at a time with AVX-512; `half`'s conversion calls a function
+/// for every eight).
 #[inline(always)]
-fn load_row(rows: &EncodedRows, r: usize, bits: u8, buf: &mut [f32]) {
+fn load_dense_row<S: Simd>(simd: S, rows: &EncodedRows, r: usize, buf: &mut [f32]) {
     let d = rows.dim;
     match &rows.data {
-        RowData::Packed(codes) => {
-            let rb = d * bits as usize / 8;
-            unpack_f32(&codes[r * rb..(r + 1) * rb], bits, buf);
-        }
-        RowData::F16(v) => v[r * d..(r + 1) * d].convert_to_f32_slice(buf),
+        RowData::F16(v) => simd.f16_to_f32(&v[r * d..(r + 1) * d], buf),
         RowData::BF16(v) => v[r * d..(r + 1) * d].convert_to_f32_slice(buf),
         RowData::F32(v) => buf.copy_from_slice(&v[r * d..(r + 1) * d]),
+        RowData::Packed(_) => unreachable!("packed rows are read by the code kernels"),
     }
 }
 
@@ -115,8 +115,8 @@ fn group_params<'a>(
     buf.split_at(m)
 }
 
-/// Logits of `nq` queries (`queries`, `nq × d`, already scaled) against the rows of `run`:
-/// `logits[i * stride + r]` for row `r`. Visibility is applied by the caller.
+/// Logits of the queries (`queries`, `nq × d`, already scaled) against the rows of `run`:
+/// `logits.data[i * logits.stride + r]` for row `r`. Visibility is applied by the caller.
 ///
 /// Rejected: a lookup table for 2-bit keys (per byte position, 256 entries of the partial
 /// dot products of four codes with the GQA group's queries). Its 128 KiB of tables (head_dim
@@ -128,11 +128,14 @@ pub fn key_logits<S: Simd>(
     rows: &EncodedRows,
     run: &Run,
     queries: &[f32],
-    nq: usize,
-    logits: &mut [f32],
-    stride: usize,
+    logits: StridedMut<'_>,
 ) {
     let d = rows.dim;
+    let nq = queries.len() / d.max(1);
+    let StridedMut {
+        data: logits,
+        stride,
+    } = logits;
     let mut buf = vec![0f32; d];
     // q' = q ⊙ f
     let qf: Vec<f32> = match run.factor {
@@ -148,7 +151,7 @@ pub fn key_logits<S: Simd>(
     match rows.codec {
         Codec::Dense(_) => {
             for r in run.start..run.end {
-                load_row(rows, r, 8, &mut buf);
+                load_dense_row(simd, rows, r, &mut buf);
                 for i in 0..nq {
                     logits[i * stride + r] = simd.dot(&qf[i * d..(i + 1) * d], &buf);
                 }
@@ -175,14 +178,14 @@ pub fn key_logits<S: Simd>(
             // Blocks of rows keep a block's codes in L1 for every group of four queries. A
             // decode step has one group, so its blocks are long: the kernel's per-call setup
             // is paid less often (16k tokens, one thread: keys 1.307 → 1.259 ms).
-            let rb = d * bits as usize / 8;
             let block = if nq <= 4 { 4096 } else { 256 };
+            let q = Strided::new(&qa, d, nq);
+            let kernels = simd.code_kernels(bits, d);
             for b0 in (run.start..run.end).step_by(block) {
                 let b1 = (b0 + block).min(run.end);
-                let codes = &all_codes[b0 * rb..];
-                let out = &mut logits[b0..];
-                let m = b1 - b0;
-                simd.code_rows_dots_biased(&qa, d, nq, codes, rb, m, bits, d, out, stride, &qb);
+                let codes = CodeBlock::of_rows(all_codes, bits, d, b0..b1, 0, d);
+                let out = StridedMut::new(&mut logits[b0..], stride);
+                kernels.dots(q, codes, out, &qb);
             }
         }
         Codec::TokenGroups {
@@ -193,15 +196,14 @@ pub fn key_logits<S: Simd>(
             let groups = d / g;
             let gsum: Vec<f32> = qf.chunks_exact(g).map(|x| x.iter().sum()).collect();
             let (scales, offsets) = run_params(simd, rows, run, groups);
-            let gbytes = g * bits as usize / 8;
             let RowData::Packed(all_codes) = &rows.data else {
                 return;
             };
             if nq == 0 {
                 return;
             }
-            let rb = d * bits as usize / 8;
             const BLOCK: usize = 256;
+            let kernels = simd.code_kernels(bits, g);
             // Query-major: dots[i * BLOCK + t] for row r0 + t.
             let mut dots = vec![0f32; BLOCK * nq];
             let mut sab = Vec::new();
@@ -212,9 +214,9 @@ pub fn key_logits<S: Simd>(
                     logits[i * stride + r0..i * stride + r1].fill(0.0);
                 }
                 for gi in 0..groups {
-                    let codes = &all_codes[r0 * rb + gi * gbytes..];
-                    let q = &qf[gi * g..];
-                    simd.code_rows_dots(q, d, nq, codes, rb, m, bits, g, &mut dots, BLOCK);
+                    let codes = CodeBlock::of_rows(all_codes, bits, d, r0..r1, gi * g, g);
+                    let q = Strided::new(&qf[gi * g..], d, nq);
+                    kernels.dots(q, codes, StridedMut::new(&mut dots, BLOCK), &[]);
                     // This group's scales and offsets for the block's rows, contiguous.
                     let k0 = (r0 - run.start) * groups + gi;
                     let (sa, sb) = group_params(&scales, &offsets, k0, groups, m, &mut sab);
@@ -232,18 +234,22 @@ pub fn key_logits<S: Simd>(
     }
 }
 
-/// `out_i += Σ_r probs[i * stride + r] · v̂_r` over the rows of `run`.
+/// `out_i += Σ_r probs_i[r] · v̂_r` over the rows of `run`, for each of the `probs.count`
+/// queries.
 #[inline(always)]
 pub fn accumulate_values<S: Simd>(
     simd: S,
     rows: &EncodedRows,
     run: &Run,
-    probs: &[f32],
-    stride: usize,
-    nq: usize,
+    probs: Strided<'_>,
     out: &mut [f32],
 ) {
     let d = rows.dim;
+    let Strided {
+        data: probs,
+        stride,
+        count: nq,
+    } = probs;
     let mut buf = vec![0f32; d];
     // Accumulate in the normalized domain, apply the factor once at the end.
     let mut acc = vec![0f32; nq * d];
@@ -251,7 +257,7 @@ pub fn accumulate_values<S: Simd>(
     match rows.codec {
         Codec::Dense(_) => {
             for r in run.start..run.end {
-                load_row(rows, r, 8, &mut buf);
+                load_dense_row(simd, rows, r, &mut buf);
                 for i in 0..nq {
                     let w = p(i, r);
                     if w != 0.0 {
@@ -261,28 +267,18 @@ pub fn accumulate_values<S: Simd>(
             }
         }
         Codec::Channel { bits } => {
-            let rb = d * bits as usize / 8;
             let RowData::Packed(all_codes) = &rows.data else {
                 return;
             };
             // The probabilities are the weights as they are. Blocks of rows keep a block's
             // codes in L1 while the kernel sweeps it once per span of channels.
             const BLOCK: usize = 256;
+            let kernels = simd.code_kernels(bits, d);
             for r0 in (run.start..run.end).step_by(BLOCK) {
                 let r1 = (r0 + BLOCK).min(run.end);
-                let codes = &all_codes[r0 * rb..];
-                simd.code_rows_axpy(
-                    &mut acc,
-                    d,
-                    nq,
-                    &probs[r0..],
-                    stride,
-                    codes,
-                    rb,
-                    r1 - r0,
-                    bits,
-                    d,
-                );
+                let codes = CodeBlock::of_rows(all_codes, bits, d, r0..r1, 0, d);
+                let w = Strided::new(&probs[r0..], stride, nq);
+                kernels.axpy(StridedMut::new(&mut acc, d), w, codes);
             }
             let psum: Vec<f32> = (0..nq)
                 .map(|i| {
@@ -308,10 +304,8 @@ pub fn accumulate_values<S: Simd>(
         } => {
             let groups = d / g;
             let (scales, offsets) = run_params(simd, rows, run, groups);
-            let gbytes = g * bits as usize / 8;
             // Σ_r p·β per (query, group), added to every channel of the group at the end.
             let mut bias = vec![0f32; nq * groups];
-            let rb = d * bits as usize / 8;
             let RowData::Packed(all_codes) = &rows.data else {
                 return;
             };
@@ -319,6 +313,7 @@ pub fn accumulate_values<S: Simd>(
             // A decode step (one group of four queries) takes longer blocks, as for keys
             // (values 1.071 → 1.051 ms; 512 to 2048 rows measured alike).
             let block = if nq <= 4 { 1024 } else { 256 };
+            let kernels = simd.code_kernels(bits, g);
             let mut w = vec![0f32; block * nq];
             let mut sab = Vec::new();
             for r0 in (run.start..run.end).step_by(block) {
@@ -337,19 +332,9 @@ pub fn accumulate_values<S: Simd>(
                         // dot): 16k step 2.44 → 2.49 ms.
                         bias[i * groups + gi] += simd.dot(pr, sb);
                     }
-                    let codes = &all_codes[r0 * rb + gi * gbytes..];
-                    simd.code_rows_axpy(
-                        &mut acc[gi * g..],
-                        d,
-                        nq,
-                        &w,
-                        block,
-                        codes,
-                        rb,
-                        m,
-                        bits,
-                        g,
-                    );
+                    let codes = CodeBlock::of_rows(all_codes, bits, d, r0..r1, gi * g, g);
+                    let acc = StridedMut::new(&mut acc[gi * g..], d);
+                    kernels.axpy(acc, Strided::new(&w, block, nq), codes);
                 }
             }
             for i in 0..nq {

@@ -288,17 +288,7 @@ fn attend_with<S: simd::Simd>(
     scale: f32,
 ) -> Vec<f32> {
     let [_, hq, tq, d] = dims;
-    let rep = hq / store.kv_heads;
-    let queries = Queries {
-        q,
-        hq,
-        tq,
-        d,
-        rep,
-        positions: q_positions,
-        scale,
-        track: true,
-    };
+    let queries = Queries::new(q, [hq, tq, d], store.kv_heads, q_positions, scale, true);
     let parts = split_streams(store, 1, None);
     let results = parts
         .iter()

@@ -12,6 +12,7 @@
 
 use super::packing::unpack;
 use crate::element::Element;
+use crate::isa::Isa;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -106,36 +107,12 @@ pub(crate) fn decode_packed<T: Element>(
     decode_codes(scratch, slab, dst);
 }
 
-/// The instruction sets of the decoders, in increasing order of preference.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Isa {
-    Portable,
-    /// AVX2, FMA and F16C.
-    Avx2,
-    /// AVX-512 F/BW/VL on top of [`Isa::Avx2`].
-    Avx512,
-}
-
-impl Isa {
-    /// The best instruction set this CPU supports.
-    pub(crate) fn detect() -> Isa {
-        let cpu = crate::isa::cpu();
-        if cpu.avx512 {
-            Isa::Avx512
-        } else if cpu.avx2 {
-            Isa::Avx2
-        } else {
-            Isa::Portable
-        }
-    }
-}
-
 /// [`decode_packed`] with the fastest kernel that `isa` and the slab's shape allow; every
 /// kernel gives the same result, bit for bit. `stream` asks for stores that bypass the caches
 /// where the kernel has them (for outputs much larger than the caches).
 ///
 /// # Safety
-/// The CPU must support `isa` (it came from [`Isa::detect`], or is below it).
+/// The CPU must support `isa` (it is [`crate::isa::best`], or below it).
 #[inline(always)]
 pub(crate) unsafe fn decode_packed_fastest<T: Element>(
     packed: &[u8],
@@ -180,7 +157,7 @@ mod tests {
         pack(codes, bits, &mut packed);
         let mut portable = vec![T::from_f32(0.0); codes.len()];
         decode_packed(&packed, bits, slab, &mut Vec::new(), &mut portable);
-        let isa = Isa::detect();
+        let isa = crate::isa::best();
         if isa >= Isa::Avx2 && avx2::fits(&slab) {
             let mut fused = vec![T::from_f32(-1.0); codes.len()];
             // SAFETY: `detect` checked the CPU features.

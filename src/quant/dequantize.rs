@@ -2,11 +2,12 @@
 //! [`TOKENS_PER_UNIT`] tokens of one row, and each run is decoded by the fastest kernel the
 //! CPU has (see [`super::decode`]), in parallel for large tensors.
 
-use super::decode::{decode_codes, decode_packed_fastest, Isa, Params, Slab};
+use super::decode::{decode_codes, decode_packed_fastest, Params, Slab};
 use super::packing::packed_len;
 use super::tensor::{split_mut, units, Grouping, QuantizedTensor, Unit, TOKENS_PER_UNIT};
 use crate::element::Element;
 use crate::error::{KvmixError, Result};
+use crate::isa::Isa;
 use crate::parallel;
 use rayon::prelude::*;
 
@@ -92,7 +93,7 @@ impl QuantizedTensor {
         let work: Vec<_> = units.into_iter().zip(parts).collect();
         let job = Job {
             all_codes: all_codes.as_deref(),
-            isa: Isa::detect(),
+            isa: crate::isa::best(),
             stream,
         };
         let one = |params: &mut UnitParams, (u, dst): (Unit, &mut [T])| {
@@ -178,7 +179,7 @@ impl QuantizedTensor {
         self.dequantize_unit(job, u, params, dst)
     }
 
-    /// [`Self::dequantize_unit`] for `job.isa`, which must be what [`Isa::detect`] returned.
+    /// [`Self::dequantize_unit`] for `job.isa`, which must be what [`crate::isa::best`] returned.
     fn dequantize_unit_best<T: Element>(
         &self,
         job: &Job<'_>,
@@ -188,7 +189,7 @@ impl QuantizedTensor {
     ) {
         #[cfg(target_arch = "x86_64")]
         if job.isa >= Isa::Avx2 {
-            // SAFETY: `job.isa` came from `Isa::detect`, which confirmed every feature the
+            // SAFETY: `job.isa` came from `isa::best`, which confirmed every feature the
             // function is compiled for.
             return unsafe { self.dequantize_unit_avx2(job, u, params, dst) };
         }

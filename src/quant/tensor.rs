@@ -560,5 +560,4 @@ impl QuantizedTensor {
 }
 
 #[cfg(test)]
-#[path = "tensor_tests.rs"]
 mod tests;

@@ -461,6 +461,31 @@ impl LayerStore {
         Ok(())
     }
 
+    /// [`crate::attention::attend`], then add the attention each token received to the
+    /// importance scores of the tiers that track them; returns the attention's output.
+    pub fn attend_and_track(
+        &mut self,
+        q: &[f32],
+        q_dims: &[usize],
+        q_positions: &[usize],
+        scale: f32,
+    ) -> Result<Vec<f32>> {
+        let a = crate::attention::attend(self, q, q_dims, q_positions, scale)?;
+        for (stream, (rec, cnt)) in self
+            .streams
+            .iter_mut()
+            .zip(a.received.iter().zip(&a.seen_by))
+        {
+            for (t, tier) in stream.tiers_mut().into_iter().enumerate() {
+                if let Some(sc) = tier.scores.as_mut() {
+                    sc.acc.iter_mut().zip(&rec[t]).for_each(|(a, r)| *a += r);
+                    sc.count.iter_mut().zip(&cnt[t]).for_each(|(c, n)| *c += n);
+                }
+            }
+        }
+        Ok(a.out)
+    }
+
     /// Classify the buffer if the policy says it is time (first call, or `streaming_gap`
     /// appends since the last classification), or if `force`. Returns whether it ran.
     pub fn maybe_classify(&mut self, force: bool) -> Result<bool> {
@@ -707,9 +732,7 @@ fn set_stream_balancer(s: &mut Stream, inverse: &[f32]) -> Result<()> {
 }
 
 #[cfg(test)]
-#[path = "layer_tests.rs"]
 mod tests;
 
 #[cfg(test)]
-#[path = "fuzz_tests.rs"]
 mod fuzz_tests;

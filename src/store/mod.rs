@@ -6,6 +6,7 @@ mod dense;
 pub mod layer;
 pub mod policy;
 pub mod reference;
+pub mod rows;
 pub mod tier;
 
 pub use codec::{Codec, DenseDtype, Factor};

@@ -1,7 +1,8 @@
 //! A tier: key rows, value rows, their positions and (optionally) their importance scores,
 //! all aligned row by row so that every operation moves them together.
 
-use super::codec::{Codec, EncodedRows, EncodedSegment, RowBytes};
+use super::codec::Codec;
+use super::rows::{EncodedRows, EncodedSegment, RowBytes};
 use crate::error::Result;
 
 /// Give back memory a shrunken vector no longer needs (not on every small change).

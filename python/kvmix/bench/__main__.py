@@ -18,7 +18,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     ),
     "memory": (
         "kvmix.bench.memory",
-        "bytes held by a compressed cache under each policy vs a dense fp16 cache",
+        "bytes held by a compressed cache under each preset vs a dense fp16 cache",
     ),
     "attention": (
         "kvmix.bench.attention",
@@ -35,9 +35,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m kvmix.bench") -> argparse.ArgumentParser:
     """The top-level parser with one subcommand per benchmark."""
-    parser = argparse.ArgumentParser(prog="python -m kvmix.bench", description="kvmix benchmarks.")
+    parser = argparse.ArgumentParser(prog=prog, description="kvmix benchmarks.")
     sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name, (module_name, help_text) in BENCHMARKS.items():
         module = importlib.import_module(module_name)
@@ -52,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m kvmix.bench") -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``) and run the chosen benchmark."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     return int(args.run(args))
 
 

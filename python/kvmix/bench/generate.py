@@ -3,19 +3,22 @@
 One run loads the model once and, for each prompt length, times every method on the same
 passkey prompt (``kvmix.data.passkey_prompt``, batch 1):
 
-* ``dynamic``: transformers' ``DynamicCache`` (fp32, the reference);
+Methods are presets of :mod:`kvmix.registry` (``kvmix presets`` lists them):
+
+* ``full``: transformers' ``DynamicCache`` (fp32, the reference);
 * ``quanto-int4`` / ``quanto-int2``: transformers' ``QuantizedCache`` with the optimum-quanto
   backend (KIVI-style, 128-token residual), when ``optimum-quanto`` is installed;
-* kvmix's presets with the fused attention (``attn_implementation="kvmix"``): ``zipcache``
-  (40% 4-bit, 2-bit rest), ``mikv`` (20% fp16, int2), ``uniform2``/``uniform4`` (KIVI);
-* ``<preset>-portable``: the same cache under transformers' ``sdpa`` (dense dequantized
+* kvmix's presets with the fused attention (``attn_implementation="kvmix"``), e.g. ``zipcache``
+  (40% 4-bit, 2-bit rest), ``mikv`` (20% fp16, int2), ``uniform2``/``uniform4`` (KIVI),
+  ``kvmix-5x``;
+* ``<preset>-portable``: the same kvmix cache under transformers' ``sdpa`` (dense dequantized
   keys/values every step), on request with ``--methods``.
 
 Prefill: a forward pass over the prompt into an empty cache (logits of the last position only),
 ``--rounds`` times per method, methods interleaved. Decode: greedy steps (one forward pass per
 token) on each method's last prefilled cache, timed in ``--chunks`` chunks of ``--steps`` steps,
 methods interleaved, so that bursts of load from other processes hit them alike. The table shows
-medians and, in the same run, ratios to ``dynamic``: "overhead" is
+medians and, in the same run, ratios to ``full`` (DynamicCache): "overhead" is
 the prefill time beyond ``DynamicCache``'s (scoring + compression, as a share of its prefill),
 "decode" the decode speed over ``DynamicCache``'s. For kvmix caches, "compress" and "scoring"
 are the shares of the method's own prefill spent building the compressed store (copying the
@@ -30,51 +33,57 @@ Memory is the cache's bytes against a dense fp16 cache of the same tokens (kvmix
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
 import sysconfig
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache, QuantizedCache
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 import kvmix
 from kvmix.bench.quantization import machine_info
+from kvmix.registry import PRESETS, Preset
 
-#: method -> (description, attention implementation, cache factory from the model config)
-METHODS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
-    "dynamic": ("DynamicCache (fp32)", "kvmix", lambda c: DynamicCache(config=c)),
-    "quanto-int4": (
-        "transformers QuantizedCache, quanto int4",
-        "kvmix",
-        lambda c: QuantizedCache(backend="quanto", config=c, nbits=4),
-    ),
-    "quanto-int2": (
-        "transformers QuantizedCache, quanto int2",
-        "kvmix",
-        lambda c: QuantizedCache(backend="quanto", config=c, nbits=2),
-    ),
-    "zipcache": ("kvmix ZipCache (40% 4-bit, 2-bit)", "kvmix", lambda c: kvmix.ZipCache(c)),
-    "mikv": ("kvmix MiKV (20% fp16, int2)", "kvmix", lambda c: kvmix.MiKVCache(c)),
-    "uniform2": ("kvmix uniform 2-bit (KIVI)", "kvmix", lambda c: kvmix.QuantizedKVCache(c)),
-    "uniform4": (
-        "kvmix uniform 4-bit (KIVI)",
-        "kvmix",
-        lambda c: kvmix.QuantizedKVCache(c, bits=4),
-    ),
-    "kvmix-5x": (
-        "kvmix-5x (rotated, 20% 4-bit, K3/V2)",
-        "kvmix",
-        lambda c: kvmix.Kvmix5xCache(c),
-    ),
-    "zipcache-portable": ("kvmix ZipCache, sdpa (portable)", "sdpa", lambda c: kvmix.ZipCache(c)),
-    "mikv-portable": ("kvmix MiKV, sdpa (portable)", "sdpa", lambda c: kvmix.MiKVCache(c)),
-}
-DEFAULT_METHODS = ["dynamic", "quanto-int4", "quanto-int2", "zipcache", "mikv", "uniform2"]
+PORTABLE = "-portable"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A preset timed under one attention implementation."""
+
+    name: str
+    preset: Preset
+    #: ``"kvmix"``: the fused attention; ``"sdpa"``: sdpa with kvmix's portable scoring.
+    implementation: str
+
+    @property
+    def label(self) -> str:
+        if self.implementation == "sdpa":
+            return f"{self.preset.description}, sdpa (portable)"
+        return self.preset.description
+
+
+def method(name: str) -> Method:
+    """``<preset>`` or ``<kvmix preset>-portable`` (argparse type: a bad name names the valid
+    ones)."""
+    if name in PRESETS:
+        return Method(name, PRESETS[name], "kvmix")
+    base = name.removesuffix(PORTABLE)
+    if name.endswith(PORTABLE) and base in PRESETS and PRESETS[base].is_kvmix:
+        return Method(name, PRESETS[base], "sdpa")
+    kvmix_names = [n for n, p in PRESETS.items() if p.is_kvmix]
+    raise argparse.ArgumentTypeError(
+        f"unknown method {name!r}; valid methods: {', '.join(PRESETS)}, or <preset>{PORTABLE} "
+        f"for a kvmix preset ({', '.join(kvmix_names)})"
+    )
+
+
+DEFAULT_METHODS = ["full", "quanto-int4", "quanto-int2", "zipcache", "mikv", "uniform2"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -87,9 +96,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--methods",
         nargs="+",
-        default=DEFAULT_METHODS,
-        choices=sorted(METHODS),
-        help=f"methods to time (default: {' '.join(DEFAULT_METHODS)})",
+        type=method,
+        default=[method(m) for m in DEFAULT_METHODS],
+        metavar="METHOD",
+        help=f"presets to time, <preset>{PORTABLE} for the portable path "
+        f"(default: {' '.join(DEFAULT_METHODS)})",
     )
     p.add_argument("--seed", type=int, default=0, help="passkey prompt seed")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -97,7 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def quanto_available() -> bool:
     """Whether transformers' QuantizedCache can use its quanto backend here."""
-    return importlib.util.find_spec("optimum.quanto") is not None
+    return PRESETS["quanto-int4"].available()
 
 
 def prefill(model: Any, ids: torch.Tensor, cache: Any) -> tuple[float, torch.Tensor]:
@@ -128,7 +139,9 @@ def cache_ratio(cache: Any) -> float | None:
     if isinstance(cache, kvmix.KvmixCache):
         return float(cache.memory_report()["compression_ratio"])
     if type(cache) is DynamicCache:
-        return 2.0 / cache.layers[0].keys.element_size()
+        layer = cache.layers[0]
+        assert isinstance(layer, DynamicLayer) and layer.keys is not None  # filled by prefill
+        return 2.0 / layer.keys.element_size()
     return None
 
 
@@ -143,56 +156,58 @@ def _use(model: Any, implementation: str) -> None:
 
 
 def measure(
-    model: Any, ids: torch.Tensor, methods: list[str], rounds: int, chunks: int, steps: int
+    model: Any, ids: torch.Tensor, methods: list[Method], rounds: int, chunks: int, steps: int
 ) -> dict[str, dict[str, Any]]:
     """Interleaved prefill rounds of every method on one prompt, then interleaved decode chunks
     of ``steps`` tokens on each method's last prefilled cache; medians and same-run ratios."""
     for m in methods:  # warm up on a short prompt (quanto's extension, first-call paths)
-        _use(model, METHODS[m][1])
-        cache = METHODS[m][2](model.config)
+        _use(model, m.implementation)
+        cache = m.preset.make_cache(model.config)
         decode(model, prefill(model, ids[:, :256], cache)[1], cache, 2)
-    prefills: dict[str, list[float]] = {m: [] for m in methods}
-    phases: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
+    names = [m.name for m in methods]
+    prefills: dict[str, list[float]] = {m: [] for m in names}
+    phases: dict[str, list[dict[str, float]]] = {m: [] for m in names}
     state: dict[str, tuple[Any, torch.Tensor, list[int]]] = {}
     for _ in range(rounds):
         for m in methods:
-            _use(model, METHODS[m][1])
-            cache = METHODS[m][2](model.config)
+            _use(model, m.implementation)
+            cache = m.preset.make_cache(model.config)
             seconds, token = prefill(model, ids, cache)
-            prefills[m].append(seconds)
+            prefills[m.name].append(seconds)
             if isinstance(cache, kvmix.KvmixCache):
-                phases[m].append({k: v / seconds for k, v in cache.prefill_timings().items()})
-            state[m] = (cache, token, [int(token)])
+                shares = {k: v / seconds for k, v in cache.prefill_timings().items()}
+                phases[m.name].append(shares)
+            state[m.name] = (cache, token, [int(token)])
     # Decoding is timed in short chunks, alternating methods, so that a burst of load from
     # other processes hits every method alike.
-    speeds: dict[str, list[float]] = {m: [] for m in methods}
+    speeds: dict[str, list[float]] = {m: [] for m in names}
     for _ in range(chunks):
         for m in methods:
-            _use(model, METHODS[m][1])
-            cache, token, tokens = state[m]
+            _use(model, m.implementation)
+            cache, token, tokens = state[m.name]
             seconds, new = decode(model, token, cache, steps)
-            speeds[m].append(steps / seconds)
-            state[m] = (cache, torch.tensor([[new[-1]]]), tokens + new)
+            speeds[m.name].append(steps / seconds)
+            state[m.name] = (cache, torch.tensor([[new[-1]]]), tokens + new)
     _use(model, "kvmix")
     results: dict[str, dict[str, Any]] = {}
     for m in methods:
-        cache, _, tokens = state[m]
-        results[m] = {
-            "label": METHODS[m][0],
-            "prefill_s": statistics.median(prefills[m]),
-            "decode_tok_s": statistics.median(speeds[m]),
-            "prefill_runs": prefills[m],
-            "decode_runs": speeds[m],
+        cache, _, tokens = state[m.name]
+        res = results[m.name] = {
+            "label": m.label,
+            "prefill_s": statistics.median(prefills[m.name]),
+            "decode_tok_s": statistics.median(speeds[m.name]),
+            "prefill_runs": prefills[m.name],
+            "decode_runs": speeds[m.name],
             "tokens": tokens,
             "cache_vs_fp16": cache_ratio(cache),
         }
-        if phases[m]:
+        if phases[m.name]:
             # Shares of the method's own prefill, median over rounds.
-            for phase in phases[m][0]:
-                share = statistics.median(p[phase] for p in phases[m])
-                results[m][f"{phase}_share"] = share
-    if "dynamic" in results:
-        base = results["dynamic"]
+            for phase in phases[m.name][0]:
+                share = statistics.median(p[phase] for p in phases[m.name])
+                res[f"{phase}_share"] = share
+    if "full" in results:
+        base = results["full"]
         for res in results.values():
             res["prefill_overhead"] = res["prefill_s"] / base["prefill_s"] - 1.0
             res["decode_vs_dynamic"] = res["decode_tok_s"] / base["decode_tok_s"]
@@ -234,12 +249,12 @@ def main(args: argparse.Namespace) -> int:
     from kvmix.data import passkey_prompt
     from kvmix.models import load_smollm2
 
-    methods = list(dict.fromkeys(args.methods))
+    methods = list({m.name: m for m in args.methods}.values())
     if not quanto_available():
-        skipped = [m for m in methods if m.startswith("quanto")]
+        skipped = [m.name for m in methods if not m.preset.available()]
         if skipped:
             print(f"optimum-quanto is not installed: skipping {', '.join(skipped)}")
-        methods = [m for m in methods if not m.startswith("quanto")]
+        methods = [m for m in methods if m.preset.available()]
     else:
         # quanto compiles its CPU kernels with ninja on first use; torch looks for the `ninja`
         # command on PATH, which misses the environment's own scripts folder unless activated.

@@ -1,10 +1,13 @@
-"""Memory held by a compressed cache under each policy, read from the real store buffers.
+"""Memory held by a compressed cache under each preset, read from the real store buffers.
 
-Builds one :class:`kvmix.LayerStore` per layer for a cache shaped like SmolLM2-135M's
-(30 layers, 3 kv-heads, head_dim 64), prefills it with ``--tokens`` tokens, optionally
-decodes ``--decode`` more, and prints the bytes each tier holds against a dense fp16 cache
+For each kvmix preset (``--presets``, names of :mod:`kvmix.registry`), builds one
+:class:`kvmix.LayerStore` per layer for a cache shaped like SmolLM2-135M's (30 layers,
+3 kv-heads, head_dim 64), prefills it with ``--tokens`` tokens, optionally decodes ``--decode``
+more, and prints the bytes each tier holds against a dense fp16 cache
 of the same tokens. Byte counts depend only on how many tokens each tier holds, not on the
-values, so the keys/values are Gaussian and the importance scores random.
+values, so the keys/values are Gaussian and the importance scores random. A rotated preset's
+rotation matrix (``kvmix-5x``: ``head_dim**2`` floats per cache) is not a store buffer and not
+counted here; ``KvmixCache.memory_report`` counts it.
 """
 
 from __future__ import annotations
@@ -17,17 +20,30 @@ import numpy as np
 
 import kvmix
 from kvmix.cache import combine_memory_reports
+from kvmix.registry import PRESETS
+from kvmix.types import BufferDtype, PolicyName
 
-#: (label, policy, config) — the papers' presets and the baselines.
-POLICIES: list[tuple[str, str, dict[str, Any] | None]] = [
-    ("zipcache (40% 4-bit, 60% 2-bit)", "zipcache", None),
-    ("zipcache demo (60% 4-bit)", "zipcache", {"salient_ratio": 0.6}),
-    ("mikv (20% fp16, int2)", "mikv", None),
-    ("mikv (20% int8, int2)", "mikv", {"high_bits": 8}),
-    ("uniform 2-bit (KIVI, R=128)", "uniform", {"bits": 2}),
-    ("uniform 4-bit (KIVI, R=128)", "uniform", {"bits": 4}),
-    ("eviction (H2O, keep 20%)", "eviction", None),
-]
+#: The presets measured by default (any kvmix preset of :mod:`kvmix.registry` can be named):
+#: the papers' presets and the baselines.
+DEFAULT_PRESETS: tuple[str, ...] = (
+    "zipcache",
+    "zipcache60",
+    "mikv",
+    "mikv-int8",
+    "uniform2",
+    "uniform4",
+    "h2o20",
+)
+
+
+def _kvmix_preset(name: str) -> str:
+    """argparse type: a preset that holds kvmix stores."""
+    valid = [n for n, p in PRESETS.items() if p.is_kvmix]
+    if name not in valid:
+        raise argparse.ArgumentTypeError(
+            f"{name!r} is not a kvmix preset; valid presets: {', '.join(valid)}"
+        )
+    return name
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,11 +53,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-heads", type=int, default=3)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--buffer-dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument(
+        "--presets",
+        nargs="+",
+        type=_kvmix_preset,
+        default=list(DEFAULT_PRESETS),
+        metavar="PRESET",
+        help=f"kvmix presets to measure (default: {' '.join(DEFAULT_PRESETS)})",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
 
 def measure(
-    policy: str,
+    policy: PolicyName,
     config: dict[str, Any] | None,
     *,
     tokens: int,
@@ -49,7 +73,7 @@ def measure(
     layers: int,
     kv_heads: int,
     head_dim: int,
-    buffer_dtype: str = "float16",
+    buffer_dtype: BufferDtype = "float16",
     seed: int = 0,
 ) -> dict[str, Any]:
     """Prefill (and decode) ``layers`` stores and return their summed memory report."""
@@ -81,14 +105,17 @@ def main(args: argparse.Namespace) -> int:
     shape = f"{args.layers} layers x {args.kv_heads} kv-heads x head_dim {args.head_dim}"
     print(f"cache: {args.tokens} prompt tokens + {args.decode} decoded, {shape}")
     print(f"dense fp16 cache of the same tokens: see fp16 column; buffer dtype {args.buffer_dtype}")
-    header = f"{'policy':34} {'bytes':>12} {'fp16 bytes':>12} {'ratio':>7}  tiers (buffer/high/low)"
+    header = f"{'preset':46} {'bytes':>12} {'fp16 bytes':>12} {'ratio':>7}  tiers (buffer/high/low)"
     print(header)
     print("-" * len(header))
     results = {}
-    for label, policy, config in POLICIES:
+    for name in args.presets:
+        preset = PRESETS[name]
+        assert preset.policy is not None  # _kvmix_preset admits kvmix presets only
+        label = f"{name}: {preset.description}"
         r = measure(
-            policy,
-            config,
+            preset.policy,
+            preset.store_options(),
             tokens=args.tokens,
             decode=args.decode,
             layers=args.layers,
@@ -96,10 +123,10 @@ def main(args: argparse.Namespace) -> int:
             head_dim=args.head_dim,
             buffer_dtype=args.buffer_dtype,
         )
-        results[label] = r
+        results[name] = {"description": preset.description, **r}
         tiers = "/".join(f"{r['tiers'][t]['total']:,}" for t in ("buffer", "high", "low"))
         print(
-            f"{label:34} {r['bytes']:>12,} {r['fp16_bytes']:>12,} "
+            f"{label:46} {r['bytes']:>12,} {r['fp16_bytes']:>12,} "
             f"{r['compression_ratio']:>6.2f}x  {tiers}"
         )
     if args.json:

@@ -184,7 +184,8 @@ def kvmix_quantize(x: torch.Tensor, case: Case) -> kvmix.QuantizedTensor:
 
 
 def kvmix_dequantize(q: kvmix.QuantizedTensor) -> torch.Tensor:
-    return kvmix.dequantize(q, torch.float32)
+    out: torch.Tensor = kvmix.dequantize(q, torch.float32)
+    return out
 
 
 def check_same_work(x: torch.Tensor, case: Case) -> None:

@@ -170,7 +170,12 @@ def evaluate(
     results: dict[str, Any] = {
         "meta": _meta(config, model),
         "methods": {
-            m.name: {"label": m.label, "family": m.family, "policy": m.policy, "options": m.options}
+            m.name: {
+                "label": m.label,
+                "family": m.family,
+                "policy": m.policy,
+                "options": dict(m.options),
+            }
             for m in methods
         },
         "passkey": [],

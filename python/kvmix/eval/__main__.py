@@ -14,10 +14,10 @@ import sys
 from kvmix.eval import DEFAULT_METHODS, METHODS, SWEEP_METHODS, EvalConfig, evaluate
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m kvmix.eval") -> argparse.ArgumentParser:
     d = EvalConfig()
     p = argparse.ArgumentParser(
-        prog="python -m kvmix.eval",
+        prog=prog,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m kvmix.eval") -> int:
+    args = build_parser(prog).parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     if args.sweep:
         methods += [m for m in SWEEP_METHODS if m not in methods]

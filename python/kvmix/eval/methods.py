@@ -1,22 +1,24 @@
-"""The methods an evaluation compares: a name, a label, and how to build its cache.
+"""The methods an evaluation compares: presets of :mod:`kvmix.registry`.
 
 A method is a recipe, not a cache: every trial builds a fresh cache from the model's config.
-The registry holds the papers' presets, the baselines, ZipCache's ablations and the budget
-sweeps of the trade-off plots; ``"h2o@mikv"``-style names build an eviction baseline whose
-budget holds the same bytes as another method (MiKV's thesis compares them at equal memory).
+The evaluation runs every preset whose memory it can read (kvmix's caches and the full
+``DynamicCache``; not quanto's ``QuantizedCache``): the papers' presets, the baselines,
+ZipCache's ablations and the budget sweeps of the trade-off plots. ``"h2o@mikv"``-style names
+build an eviction baseline whose budget holds the same bytes as another method (MiKV's thesis
+compares them at equal memory).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 from transformers import DynamicCache
 
-import kvmix
 from kvmix.bench.memory import measure
+from kvmix.registry import PRESETS, Preset
+from kvmix.types import PolicyName
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -27,115 +29,12 @@ __all__ = [
     "resolve_methods",
 ]
 
+#: An evaluated method is a preset (name, label, family, policy, options, ``make_cache``).
+Method = Preset
 
-@dataclass(frozen=True)
-class Method:
-    """One cache configuration under evaluation.
-
-    Args:
-        name: short identifier used on the command line and in result files.
-        label: what tables and plots print.
-        family: ``"full"``, ``"uniform"``, ``"eviction"``, ``"mikv"`` or ``"zipcache"`` (the
-            plots draw one line per family).
-        policy: the kvmix store policy, ``None`` for transformers' ``DynamicCache``.
-        options: the policy's options (the keyword arguments of its ``Cache`` class).
-    """
-
-    name: str
-    label: str
-    family: str
-    policy: str | None
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def make_cache(self, config: Any) -> Any:
-        """A fresh cache for a model with ``config``."""
-        if self.policy is None:
-            return DynamicCache(config=config)
-        return _CACHE_CLASSES[self.policy](config, **self.options)
-
-
-_CACHE_CLASSES: dict[str, Callable[..., kvmix.KvmixCache]] = {
-    "uniform": kvmix.QuantizedKVCache,
-    "eviction": kvmix.EvictionCache,
-    "mikv": kvmix.MiKVCache,
-    "zipcache": kvmix.ZipCache,
-    "kvmix5x": kvmix.Kvmix5xCache,
-}
-
-
-def _m(name: str, label: str, family: str, policy: str | None, **options: Any) -> Method:
-    return Method(name, label, family, policy, options)
-
-
-#: Every named method. The presets use the papers' defaults (design.md §1).
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in [
-        _m("full", "full cache (DynamicCache)", "full", None),
-        _m("uniform4", "uniform 4-bit (KIVI)", "uniform", "uniform", bits=4),
-        _m("uniform2", "uniform 2-bit (KIVI)", "uniform", "uniform", bits=2),
-        _m("h2o20", "H2O eviction, keep 20%", "eviction", "eviction", budget=0.2),
-        _m("mikv", "MiKV (20% fp16, rest int2)", "mikv", "mikv"),
-        _m("zipcache", "ZipCache (40% 4-bit, rest 2-bit)", "zipcache", "zipcache"),
-        # The public code's selection: one salient set per kv-head instead of per layer.
-        _m(
-            "zipcache-kvhead",
-            "ZipCache, salient sets per kv-head (public code)",
-            "zipcache-ablation",
-            "zipcache",
-            selection="kv_head",
-        ),
-        # ZipCache's two claims, each ablated alone.
-        _m(
-            "zipcache-accumulated",
-            "ZipCache, accumulated scores",
-            "zipcache-ablation",
-            "zipcache",
-            normalized=False,
-        ),
-        _m(
-            "zipcache-tokenwise",
-            "ZipCache, plain tokenwise values",
-            "zipcache-ablation",
-            "zipcache",
-            channel_separable=False,
-        ),
-        # 3-bit keys for the regular tokens: what retrieval needs on SmolLM2 (2-bit per-channel
-        # keys lose the passkey); at 20% salient the same bytes as the paper's preset.
-        _m(
-            "zipcache-k3",
-            "ZipCache, regular keys 3-bit",
-            "zipcache-keys",
-            "zipcache",
-            low_key_bits=3,
-        ),
-        _m(
-            "zipcache20-k3",
-            "ZipCache (20% 4-bit), regular keys 3-bit",
-            "zipcache-keys",
-            "zipcache",
-            salient_ratio=0.2,
-            low_key_bits=3,
-        ),
-        # kvmix's own preset at ~5x, and its rotation ablated.
-        _m("kvmix-5x", "kvmix-5x (rotated, 20% 4-bit, K3/V2)", "kvmix", "kvmix5x"),
-        _m(
-            "kvmix-5x-norot",
-            "kvmix-5x without the rotation",
-            "kvmix-ablation",
-            "kvmix5x",
-            rotation_seed=None,
-        ),
-        # Budget sweeps for the trade-off plots.
-        _m("uniform8", "uniform 8-bit (KIVI)", "uniform", "uniform", bits=8),
-        _m("h2o10", "H2O eviction, keep 10%", "eviction", "eviction", budget=0.1),
-        _m("h2o50", "H2O eviction, keep 50%", "eviction", "eviction", budget=0.5),
-        _m("mikv10", "MiKV (10% fp16, rest int2)", "mikv", "mikv", ratio=0.1),
-        _m("mikv-int8", "MiKV (20% int8, rest int2)", "mikv", "mikv", high_bits=8),
-        _m("mikv-int3", "MiKV (20% fp16, rest int3)", "mikv", "mikv", low_bits=3),
-        _m("zipcache20", "ZipCache (20% 4-bit)", "zipcache", "zipcache", salient_ratio=0.2),
-        _m("zipcache60", "ZipCache (60% 4-bit, demo)", "zipcache", "zipcache", salient_ratio=0.6),
-    ]
+#: Every method the evaluation can run, by name.
+METHODS: Mapping[str, Method] = {
+    name: p for name, p in PRESETS.items() if p.is_kvmix or p.factory is DynamicCache
 }
 
 #: The README's table: the presets, the baselines (eviction at MiKV's bytes), ZipCache's ablations.
@@ -168,7 +67,9 @@ SWEEP_METHODS: tuple[str, ...] = (
 
 
 @functools.lru_cache(maxsize=64)
-def _ratio(policy: str, options: tuple[tuple[str, Any], ...], geometry: tuple[int, ...]) -> float:
+def _ratio(
+    policy: PolicyName, options: tuple[tuple[str, Any], ...], geometry: tuple[int, ...]
+) -> float:
     tokens, kv_heads, head_dim = geometry
     report = measure(
         policy,
@@ -191,9 +92,9 @@ def eviction_budget_matching(
     depend only on how many tokens each tier holds), and the budget is found by bisection.
     """
     if target.policy is None:
-        raise ValueError("the full cache has no compressed memory to match")
+        raise ValueError(f"{target.name!r} is not a kvmix cache: no compressed memory to match")
     geometry = (tokens, kv_heads, head_dim)
-    goal = _ratio(target.policy, tuple(sorted(target.options.items())), geometry)
+    goal = _ratio(target.policy, tuple(sorted(target.store_options().items())), geometry)
     lo, hi = 0.0, 1.0
     while hi - lo > tolerance:
         mid = (lo + hi) / 2
@@ -215,12 +116,12 @@ def resolve_methods(
         if name in METHODS:
             out.append(METHODS[name])
             continue
-        if name.startswith("h2o@") and name[4:] in METHODS:
+        if name.startswith("h2o@") and name[4:] in METHODS and METHODS[name[4:]].is_kvmix:
             target = METHODS[name[4:]]
             budget = eviction_budget_matching(target, tokens, kv_heads, head_dim)
             label = f"H2O eviction at {target.name}'s bytes (keep {budget:.1%})"
-            out.append(_m(name, label, "eviction", "eviction", budget=budget))
+            out.append(PRESETS["h2o20"].derive(name, label, budget=budget))
             continue
-        valid = sorted(METHODS) + [f"h2o@{n}" for n in sorted(METHODS) if n != "full"]
+        valid = sorted(METHODS) + [f"h2o@{n}" for n in sorted(METHODS) if METHODS[n].is_kvmix]
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(valid)}")
     return out

@@ -82,8 +82,8 @@ def suite_tables(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kvmix.eval.suite", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "python -m kvmix.eval.suite") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("--methods", default="full,uniform4,uniform2,mikv,zipcache,kvmix-5x")
     p.add_argument("--lengths", default="2048", help="comma-separated token counts")
     p.add_argument("--depths", type=int, default=3)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from kvmix.cache import KvmixCache
+from kvmix.cache import KvmixCache, KvmixLayer
 from kvmix.data import KjvPassages, PasskeyPrompt
 from kvmix.eval.methods import METHODS, Method
 from kvmix.eval.prefill import PrefillStates, capture_prefill, replay_prefill
@@ -71,7 +71,8 @@ def _generate_after(
             do_sample=False,
             pad_token_id=0,
         )
-    return out[0, ids.shape[1] :].tolist()
+    tokens: list[int] = out[0, ids.shape[1] :].tolist()
+    return tokens
 
 
 def passkey_records(
@@ -191,6 +192,7 @@ def precision_map(cache: KvmixCache, tokens: int, sequence: int = 0) -> Any:
 
     rows = []
     for layer in cache.layers:
+        assert isinstance(layer, KvmixLayer)  # a KvmixCache holds KvmixLayers only
         store = layer.store
         for h in range(store.kv_heads):
             row = np.zeros(tokens, dtype=np.float32)

@@ -29,7 +29,9 @@ def _splitmix64(state: int) -> tuple[int, int]:
     return state, z ^ (z >> 31)
 
 
-def probe_positions(length: int, recent: float = 0.05, random: float = 0.05, seed: int = 0):
+def probe_positions(
+    length: int, recent: float = 0.05, random: float = 0.05, seed: int = 0
+) -> list[int]:
     n_recent = min(max(int(np.ceil(recent * length)), 1 if length > 0 else 0), length)
     earlier = length - n_recent
     n_random = min(int(np.ceil(random * length)), earlier)
@@ -78,7 +80,8 @@ def probe_scores(
 def normalized(acc: npt.ArrayLike, count: npt.ArrayLike) -> npt.NDArray[np.float32]:
     acc = np.asarray(acc, dtype=F32)
     count = np.asarray(count, dtype=F32)
-    return np.divide(acc, count, out=np.zeros_like(acc), where=count > 0)
+    out: npt.NDArray[np.float32] = np.divide(acc, count, out=np.zeros_like(acc), where=count > 0)
+    return out
 
 
 def top_k(scores: npt.ArrayLike, k: int) -> list[int]:

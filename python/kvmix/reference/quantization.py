@@ -49,12 +49,14 @@ def encode(x: Array, scale: Array, offset: Array, bits: int) -> npt.NDArray[np.u
     return np.where(scale == 0, np.uint8(0), codes).astype(np.uint8)
 
 
-def _normalize(x: npt.ArrayLike, channel_scale: npt.ArrayLike | None, param_dtype: str):
-    x = np.asarray(x, dtype=F32)
+def _normalize(
+    x: npt.ArrayLike, channel_scale: npt.ArrayLike | None, param_dtype: str
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
+    arr: npt.NDArray[np.float32] = np.asarray(x, dtype=F32)
     if channel_scale is None:
-        return x, None
+        return arr, None
     f = _round_param(channel_scale, param_dtype)
-    return x / f[..., None, :], f
+    return arr / f[..., None, :], f
 
 
 def quantize_token_groups(
@@ -145,4 +147,7 @@ def pack_bits(codes: npt.ArrayLike, bits: int) -> npt.NDArray[np.uint8]:
 def unpack_bits(packed: npt.ArrayLike, bits: int, n: int) -> npt.NDArray[np.uint8]:
     stream = np.unpackbits(np.asarray(packed, dtype=np.uint8), bitorder="little")[: n * bits]
     weights = (1 << np.arange(bits)).astype(np.uint16)
-    return (stream.reshape(n, bits).astype(np.uint16) * weights).sum(axis=1).astype(np.uint8)
+    codes: npt.NDArray[np.uint8] = (
+        (stream.reshape(n, bits).astype(np.uint16) * weights).sum(axis=1).astype(np.uint8)
+    )
+    return codes

@@ -14,12 +14,12 @@
 //! of the table lookup. Same uop count, and it adds a large constant term to every dot
 //! product that must be subtracted again, costing precision.
 
-use super::{Avx2, Simd};
+use super::{Avx2, CodeKernels, Simd};
 use codes::{code_rows_axpy, code_rows_dots};
 use std::arch::x86_64::*;
 
-#[path = "simd_x86_512_codes.rs"]
 mod codes;
+mod strided;
 
 /// AVX-512 F/BW/VL/VBMI plus everything [`Avx2`] needs. Only [`Avx512::detect`] makes one.
 #[derive(Clone, Copy)]
@@ -32,7 +32,7 @@ pub struct Avx512 {
 impl Avx512 {
     pub fn detect() -> Option<Avx512> {
         let avx2 = Avx2::detect()?;
-        crate::isa::cpu().avx512_vbmi.then_some(Avx512 { avx2 })
+        (crate::isa::best() >= crate::isa::Isa::Avx512Vbmi).then_some(Avx512 { avx2 })
     }
 }
 
@@ -166,7 +166,7 @@ fn row_fits<const B: usize>(at: usize, n: usize, len: usize) -> bool {
     units == 0 || at + (units - 1) * 2 * B + load_bytes(B) <= len
 }
 
-/// `e^x` in sixteen lanes: [`super::x86::exp8`]'s Cephes polynomial, with the same
+/// `e^x` in sixteen lanes: [`super::avx2::exp8`]'s Cephes polynomial, with the same
 /// guarantees (2 ulp; lanes below -87.3 and `-inf` give exactly 0).
 ///
 /// Softmax is bound by this function's dependency chain (20 cycles per sixteen lanes
@@ -272,121 +272,21 @@ fn specialised(bits: u8, n: usize) -> bool {
 }
 
 impl Simd for Avx512 {
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn code_rows_dots(
-        self,
-        q: &[f32],
-        stride: usize,
-        nq: usize,
-        codes: &[u8],
-        row_bytes: usize,
-        rows: usize,
-        bits: u8,
-        n: usize,
-        out: &mut [f32],
-        out_stride: usize,
-    ) {
-        let (rb, os) = (row_bytes, out_stride);
-        self.code_rows_dots_biased(q, stride, nq, codes, rb, rows, bits, n, out, os, &[]);
-    }
-
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn code_rows_dots_biased(
-        self,
-        q: &[f32],
-        stride: usize,
-        nq: usize,
-        codes: &[u8],
-        row_bytes: usize,
-        rows: usize,
-        bits: u8,
-        n: usize,
-        out: &mut [f32],
-        out_stride: usize,
-        bias: &[f32],
-    ) {
-        let (rb, os, b) = (row_bytes, out_stride, bias);
-        if !specialised(bits, n) {
-            return self
-                .avx2
-                .code_rows_dots_biased(q, stride, nq, codes, rb, rows, bits, n, out, os, b);
+    fn code_kernels(self, bits: u8, width: usize) -> CodeKernels {
+        if !specialised(bits, width) {
+            return self.avx2.code_kernels(bits, width);
         }
-        // SAFETY: an `Avx512` exists only on CPUs with the features; `n % 8 == 0` is checked
-        // and the bounds are asserted inside.
+        // SAFETY: an `Avx512` exists only on CPUs with the features; the kernels take rows of
+        // whole steps of eight codes (checked) and assert their bounds.
         unsafe {
             match bits {
-                1 => code_rows_dots::<1>(q, stride, nq, codes, rb, rows, n, out, os, b),
-                2 => code_rows_dots::<2>(q, stride, nq, codes, rb, rows, n, out, os, b),
-                3 => code_rows_dots::<3>(q, stride, nq, codes, rb, rows, n, out, os, b),
-                4 => code_rows_dots::<4>(q, stride, nq, codes, rb, rows, n, out, os, b),
-                _ => code_rows_dots::<8>(q, stride, nq, codes, rb, rows, n, out, os, b),
+                1 => CodeKernels::new(bits, width, code_rows_dots::<1>, code_rows_axpy::<1>),
+                2 => CodeKernels::new(bits, width, code_rows_dots::<2>, code_rows_axpy::<2>),
+                3 => CodeKernels::new(bits, width, code_rows_dots::<3>, code_rows_axpy::<3>),
+                4 => CodeKernels::new(bits, width, code_rows_dots::<4>, code_rows_axpy::<4>),
+                _ => CodeKernels::new(bits, width, code_rows_dots::<8>, code_rows_axpy::<8>),
             }
         }
-    }
-
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn code_rows_axpy(
-        self,
-        acc: &mut [f32],
-        stride: usize,
-        nq: usize,
-        w: &[f32],
-        w_stride: usize,
-        codes: &[u8],
-        row_bytes: usize,
-        rows: usize,
-        bits: u8,
-        n: usize,
-    ) {
-        let (ws, rb) = (w_stride, row_bytes);
-        if !specialised(bits, n) {
-            return self
-                .avx2
-                .code_rows_axpy(acc, stride, nq, w, ws, codes, rb, rows, bits, n);
-        }
-        // SAFETY: as in `code_rows_dots`.
-        unsafe {
-            match bits {
-                1 => code_rows_axpy::<1>(acc, stride, nq, w, ws, codes, rb, rows, n),
-                2 => code_rows_axpy::<2>(acc, stride, nq, w, ws, codes, rb, rows, n),
-                3 => code_rows_axpy::<3>(acc, stride, nq, w, ws, codes, rb, rows, n),
-                4 => code_rows_axpy::<4>(acc, stride, nq, w, ws, codes, rb, rows, n),
-                _ => code_rows_axpy::<8>(acc, stride, nq, w, ws, codes, rb, rows, n),
-            }
-        }
-    }
-
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn code_dots(
-        self,
-        q: &[f32],
-        stride: usize,
-        nq: usize,
-        codes: &[u8],
-        bits: u8,
-        n: usize,
-        out: &mut [f32],
-    ) {
-        self.code_rows_dots(q, stride, nq, codes, 0, 1, bits, n, out, 1);
-    }
-
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn code_axpys(
-        self,
-        acc: &mut [f32],
-        stride: usize,
-        nq: usize,
-        w: &[f32],
-        codes: &[u8],
-        bits: u8,
-        n: usize,
-    ) {
-        self.code_rows_axpy(acc, stride, nq, w, 1, codes, 0, 1, bits, n);
     }
 
     #[inline(always)]
@@ -409,10 +309,5 @@ impl Simd for Avx512 {
     #[inline(always)]
     fn axpy(self, acc: &mut [f32], a: f32, x: &[f32]) {
         self.avx2.axpy(acc, a, x)
-    }
-
-    #[inline(always)]
-    fn axpb(self, acc: &mut [f32], a: f32, x: &[f32], b: f32) {
-        self.avx2.axpb(acc, a, x, b)
     }
 }

@@ -1,12 +1,10 @@
 //! The AVX-512 code kernels: dot products of the queries with blocks of key rows, and
 //! weighted sums of blocks of value rows, straight from the packed codes ([`super::codes16`]).
 
+use super::strided::{self, axpy_span2, row_dots4_strided, strided_keys, strided_queries};
 use super::{codes16, codes16_exact, decoder, prefetch_rows, row_fits, Decoder, PREFETCH_AHEAD};
+use crate::attention::simd::{axpy_in_bounds, dots_in_bounds, CodeBlock, Strided, StridedMut};
 use std::arch::x86_64::*;
-use strided::{axpy_span2, row_dots4_strided, strided_keys, strided_queries};
-
-#[path = "simd_x86_512_strided.rs"]
-mod strided;
 
 /// The `M ≤ 4` query accumulators of one row's dot products (lanes still to be summed;
 /// unused queries stay zero). `SAFE` reads only the row's own bytes.
@@ -141,7 +139,7 @@ fn fold_rows(r: [__m512; 4]) -> __m512 {
 /// holding its dots with the sixteen rows in order: a 4×4 transpose of 128-bit blocks.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-fn rows_by_query(g: [__m512; 4]) -> [__m512; 4] {
+pub(super) fn rows_by_query(g: [__m512; 4]) -> [__m512; 4] {
     let a = _mm512_shuffle_f32x4::<0x44>(g[0], g[1]);
     let b = _mm512_shuffle_f32x4::<0x44>(g[2], g[3]);
     let c = _mm512_shuffle_f32x4::<0xee>(g[0], g[1]);
@@ -156,21 +154,20 @@ fn rows_by_query(g: [__m512; 4]) -> [__m512; 4] {
 
 /// One row's [`row_dots`], folded by [`fold_queries`].
 ///
-/// SAFETY: as [`row_dots`] for the row at byte `at` of `len` readable bytes at `codes`.
+/// SAFETY: as [`row_dots`] for the row at byte `at` of `block.codes`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
 unsafe fn row_folded<const B: usize, const M: usize>(
     dec: Decoder,
     q: *const f32,
     stride: usize,
-    codes: *const u8,
-    len: usize,
+    block: CodeBlock<'_>,
     at: usize,
-    n: usize,
 ) -> __m512 {
+    let (codes, n) = (block.codes.as_ptr(), block.width);
     // SAFETY: the caller's bounds; `row_fits` decides whether the over-read stays inside.
     let acc = unsafe {
-        if row_fits::<B>(at, n, len) {
+        if row_fits::<B>(at, n, block.codes.len()) {
             row_dots::<B, M, false>(dec, q, stride, codes.add(at), n)
         } else {
             row_dots::<B, M, true>(dec, q, stride, codes.add(at), n)
@@ -187,16 +184,12 @@ unsafe fn row_folded<const B: usize, const M: usize>(
 #[inline(never)]
 #[cold]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn rows_folded_partial<const B: usize, const M: usize>(
     dec: Decoder,
     q: *const f32,
     stride: usize,
-    codes: *const u8,
-    len: usize,
+    block: CodeBlock<'_>,
     at: usize,
-    row_bytes: usize,
-    n: usize,
     m: usize,
 ) -> [__m512; 4] {
     let mut groups = [_mm512_setzero_ps(); 4];
@@ -206,9 +199,7 @@ unsafe fn rows_folded_partial<const B: usize, const M: usize>(
             let r = 4 * g + k;
             if r < m {
                 // SAFETY: the caller's bounds cover row r.
-                *f = unsafe {
-                    row_folded::<B, M>(dec, q, stride, codes, len, at + r * row_bytes, n)
-                };
+                *f = unsafe { row_folded::<B, M>(dec, q, stride, block, at + r * block.row_bytes) };
             }
         }
         *gv = fold_rows(folded);
@@ -219,24 +210,21 @@ unsafe fn rows_folded_partial<const B: usize, const M: usize>(
 /// `Simd::code_rows_dots` for `M ≤ 4` queries starting at `q`, writing
 /// `out[j·out_stride + r]` (plus `bias[j]`) for `j < M`, sixteen rows per store.
 ///
-/// SAFETY: AVX-512 F/BW/VL/VBMI available; `n % 8 == 0`; `codes` holds every row's
-/// `n·B/8` bytes, `q` `(M-1)·stride + n` floats and `out` `(M-1)·out_stride + rows`.
+/// SAFETY: AVX-512 F/BW/VL/VBMI available; `block.width % 8 == 0`; `block.codes` holds
+/// every row's `width·B/8` bytes, `q` `(M-1)·stride + width` floats and `out`
+/// `(M-1)·out.stride + rows`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn dots_group<const B: usize, const M: usize>(
-    q: &[f32],
-    stride: usize,
-    codes: &[u8],
-    row_bytes: usize,
-    rows: usize,
-    n: usize,
-    out: &mut [f32],
-    out_stride: usize,
+    q: Strided<'_>,
+    block: CodeBlock<'_>,
+    out: StridedMut<'_>,
     bias: [f32; 4],
 ) {
+    let (rows, row_bytes, n) = (block.rows, block.row_bytes, block.width);
     let dec = decoder::<B>();
-    let (qp, cp, len) = (q.as_ptr(), codes.as_ptr(), codes.len());
+    let stride = q.stride;
+    let (qp, cp, len) = (q.data.as_ptr(), block.codes.as_ptr(), block.codes.len());
     let zero = _mm512_setzero_ps();
     let strided = strided_keys::<B>(n);
     // SAFETY: `q` holds M queries of n channels (the caller's bounds), `strided_keys` holds.
@@ -273,59 +261,47 @@ unsafe fn dots_group<const B: usize, const M: usize>(
                 }
                 groups
             } else {
-                rows_folded_partial::<B, M>(dec, qp, stride, cp, len, at, row_bytes, n, m)
+                rows_folded_partial::<B, M>(dec, qp, stride, block, at, m)
             }
         };
         let mask: __mmask16 = ((1u32 << m) - 1) as __mmask16;
         for (j, v) in rows_by_query(groups).into_iter().enumerate().take(M) {
             let v = _mm512_add_ps(v, _mm512_set1_ps(bias[j]));
             // SAFETY: rows r0 .. r0 + m of query j lie inside `out` (the caller's bound).
-            unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(j * out_stride + r0), mask, v) };
+            unsafe {
+                _mm512_mask_storeu_ps(out.data.as_mut_ptr().add(j * out.stride + r0), mask, v)
+            };
         }
     }
 }
 
-/// `Simd::code_rows_dots_biased`; an empty `bias` adds nothing.
+/// [`CodeKernels::dots`](crate::attention::simd::CodeKernels::dots) for `B`-bit
+/// codes; an empty `bias` adds nothing.
 ///
-/// SAFETY: AVX-512 F/BW/VL/VBMI available; `n % 8 == 0`; bounds are asserted.
+/// SAFETY: AVX-512 F/BW/VL/VBMI available; `block.width % 8 == 0`; bounds are asserted.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn code_rows_dots<const B: usize>(
-    q: &[f32],
-    stride: usize,
-    nq: usize,
-    codes: &[u8],
-    row_bytes: usize,
-    rows: usize,
-    n: usize,
-    out: &mut [f32],
-    out_stride: usize,
+    q: Strided<'_>,
+    block: CodeBlock<'_>,
+    mut out: StridedMut<'_>,
     bias: &[f32],
 ) {
-    if rows == 0 || nq == 0 {
+    if !dots_in_bounds(&q, &block, &out) {
         return;
     }
-    assert!(
-        codes.len() >= (rows - 1) * row_bytes + n * B / 8
-            && q.len() >= (nq - 1) * stride + n
-            && out.len() >= (nq - 1) * out_stride + rows
-    );
+    // The bias of query i + j, or 0.
+    let bias_from = |i: usize| std::array::from_fn(|j| bias.get(i + j).copied().unwrap_or(0.0));
     // Groups of up to four queries share each decoded vector of codes; the group size is a
     // constant so the per-query loops unroll.
-    for i0 in (0..nq).step_by(4) {
-        let (qi, oi) = (&q[i0 * stride..], &mut out[i0 * out_stride..]);
-        let (rb, os) = (row_bytes, out_stride);
-        let b: [f32; 4] = std::array::from_fn(|j| bias.get(i0 + j).copied().unwrap_or(0.0));
-        // SAFETY: as asserted above, for the queries from i0 on.
-        unsafe {
-            match nq - i0 {
-                1 => dots_group::<B, 1>(qi, stride, codes, rb, rows, n, oi, os, b),
-                2 => dots_group::<B, 2>(qi, stride, codes, rb, rows, n, oi, os, b),
-                3 => dots_group::<B, 3>(qi, stride, codes, rb, rows, n, oi, os, b),
-                _ => dots_group::<B, 4>(qi, stride, codes, rb, rows, n, oi, os, b),
-            }
-        }
+    // SAFETY: as asserted above, for every group of queries.
+    unsafe {
+        for_query_groups!(q.count, |i| dots_group::<B>(
+            q.skip(i),
+            block,
+            out.skip(i),
+            bias_from(i)
+        ))
     }
 }
 
@@ -336,18 +312,16 @@ pub(super) unsafe fn code_rows_dots<const B: usize>(
 /// SAFETY: AVX-512 available; `k + 16·V <= n`; the bounds of [`code_rows_axpy`].
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn axpy_span<const B: usize, const M: usize, const V: usize>(
     dec: Decoder,
     acc: *mut f32,
     stride: usize,
-    w_stride: usize,
     w: *const f32,
-    codes: &[u8],
-    row_bytes: usize,
-    rows: usize,
+    w_stride: usize,
+    block: CodeBlock<'_>,
     k: usize,
 ) {
+    let (codes, row_bytes, rows) = (block.codes, block.row_bytes, block.rows);
     // SAFETY: the caller's bounds cover every access; `row_fits` guards the over-read.
     unsafe {
         let mut a = [[_mm512_setzero_ps(); V]; M];
@@ -390,18 +364,16 @@ unsafe fn axpy_span<const B: usize, const M: usize, const V: usize>(
 /// SAFETY: as [`axpy_span`] with `k + 8 == n`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn axpy_tail8<const B: usize, const M: usize>(
     dec: Decoder,
     acc: *mut f32,
     stride: usize,
-    w_stride: usize,
     w: *const f32,
-    codes: &[u8],
-    row_bytes: usize,
-    rows: usize,
+    w_stride: usize,
+    block: CodeBlock<'_>,
     k: usize,
 ) {
+    let (codes, row_bytes, rows) = (block.codes, block.row_bytes, block.rows);
     // SAFETY: masked accesses touch only the eight channels / `B` bytes that exist.
     unsafe {
         let mut a = [_mm512_setzero_ps(); M];
@@ -425,19 +397,15 @@ unsafe fn axpy_tail8<const B: usize, const M: usize>(
 /// SAFETY: as [`code_rows_axpy`] for the first `M` of `nq` queries.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn axpy_group<const B: usize, const M: usize>(
-    acc: &mut [f32],
-    stride: usize,
-    w_stride: usize,
-    w: &[f32],
-    codes: &[u8],
-    row_bytes: usize,
-    rows: usize,
-    n: usize,
+    acc: StridedMut<'_>,
+    w: Strided<'_>,
+    block: CodeBlock<'_>,
 ) {
+    let n = block.width;
     let dec = decoder::<B>();
-    let (ap, wp) = (acc.as_mut_ptr(), w.as_ptr());
+    let (stride, w_stride) = (acc.stride, w.stride);
+    let (ap, wp) = (acc.data.as_mut_ptr(), w.data.as_ptr());
     let mut k = 0;
     // SAFETY (all calls): the caller's bounds, with k + span <= n.
     unsafe {
@@ -445,56 +413,35 @@ unsafe fn axpy_group<const B: usize, const M: usize>(
         // the 32 registers for M ≤ 4.
         while k + 64 <= n {
             if B == 2 {
-                axpy_span2::<M>(ap, stride, w_stride, wp, codes, row_bytes, rows, k);
+                axpy_span2::<M>(ap, stride, wp, w_stride, block, k);
             } else {
-                axpy_span::<B, M, 4>(dec, ap, stride, w_stride, wp, codes, row_bytes, rows, k);
+                axpy_span::<B, M, 4>(dec, ap, stride, wp, w_stride, block, k);
             }
             k += 64;
         }
         while k + 16 <= n {
-            axpy_span::<B, M, 1>(dec, ap, stride, w_stride, wp, codes, row_bytes, rows, k);
+            axpy_span::<B, M, 1>(dec, ap, stride, wp, w_stride, block, k);
             k += 16;
         }
         if k < n {
-            axpy_tail8::<B, M>(dec, ap, stride, w_stride, wp, codes, row_bytes, rows, k);
+            axpy_tail8::<B, M>(dec, ap, stride, wp, w_stride, block, k);
         }
     }
 }
 
-/// SAFETY: AVX-512 F/BW/VL/VBMI available; `n % 8 == 0`; bounds are asserted.
+/// [`CodeKernels::axpy`](crate::attention::simd::CodeKernels::axpy) for `B`-bit codes.
+///
+/// SAFETY: AVX-512 F/BW/VL/VBMI available; `block.width % 8 == 0`; bounds are asserted.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn code_rows_axpy<const B: usize>(
-    acc: &mut [f32],
-    stride: usize,
-    nq: usize,
-    w: &[f32],
-    w_stride: usize,
-    codes: &[u8],
-    row_bytes: usize,
-    rows: usize,
-    n: usize,
+    mut acc: StridedMut<'_>,
+    w: Strided<'_>,
+    block: CodeBlock<'_>,
 ) {
-    if rows == 0 || nq == 0 {
+    if !axpy_in_bounds(&acc, &w, &block) {
         return;
     }
-    assert!(
-        codes.len() >= (rows - 1) * row_bytes + n * B / 8
-            && acc.len() >= (nq - 1) * stride + n
-            && w.len() >= (nq - 1) * w_stride + rows
-    );
-    for i0 in (0..nq).step_by(4) {
-        let (a, wi) = (&mut acc[i0 * stride..], &w[i0 * w_stride..]);
-        let (ws, rb) = (w_stride, row_bytes);
-        // SAFETY: as asserted above, for the queries from i0 on.
-        unsafe {
-            match nq - i0 {
-                1 => axpy_group::<B, 1>(a, stride, ws, wi, codes, rb, rows, n),
-                2 => axpy_group::<B, 2>(a, stride, ws, wi, codes, rb, rows, n),
-                3 => axpy_group::<B, 3>(a, stride, ws, wi, codes, rb, rows, n),
-                _ => axpy_group::<B, 4>(a, stride, ws, wi, codes, rb, rows, n),
-            }
-        }
-    }
+    // SAFETY: as asserted above, for every group of queries.
+    unsafe { for_query_groups!(w.count, |i| axpy_group::<B>(acc.skip(i), w.skip(i), block)) }
 }

@@ -1,4 +1,4 @@
-//! Tests of the row codecs and containers.
+//! Tests of the row container under every codec.
 
 use super::*;
 

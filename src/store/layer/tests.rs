@@ -120,10 +120,10 @@ proptest! {
                 for t in s.tiers() {
                     for rows in [&t.keys, &t.values] {
                         let data = match &rows.data {
-                            crate::store::codec::RowData::F16(v) => v.len() * 2,
-                            crate::store::codec::RowData::BF16(v) => v.len() * 2,
-                            crate::store::codec::RowData::F32(v) => v.len() * 4,
-                            crate::store::codec::RowData::Packed(v) => v.len(),
+                            crate::store::rows::RowData::F16(v) => v.len() * 2,
+                            crate::store::rows::RowData::BF16(v) => v.len() * 2,
+                            crate::store::rows::RowData::F32(v) => v.len() * 4,
+                            crate::store::rows::RowData::Packed(v) => v.len(),
                         };
                         let seg: usize = rows.segments.iter().map(|g| 2 * (g.factor.len() + g.scale.len() + g.offset.len())).sum();
                         total += data + seg + 2 * (rows.row_scale.len() + rows.row_offset.len() + rows.fixed_factor.len()) + 4 * rows.segment_start.len();

@@ -10,9 +10,9 @@ fn check<S: Simd>(s: S) {
         let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
         assert!((s.dot(&a, &b) - naive).abs() < 1e-3, "n={n}");
         let mut acc = vec![1f32; n];
-        s.axpb(&mut acc, 2.0, &a, 0.5);
+        s.axpy(&mut acc, 2.0, &a);
         for (o, x) in acc.iter().zip(&a) {
-            assert_eq!(*o, 1.0 + 2.0 * x + 0.5);
+            assert_eq!(*o, 1.0 + 2.0 * x);
         }
     }
 }
@@ -24,6 +24,33 @@ fn primitives_match_naive_for_every_tail() {
     if let Some(avx) = Avx2::detect() {
         check(avx);
     }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(avx512) = Avx512::detect() {
+        check(avx512);
+    }
+}
+
+/// `n` floats from `data`, `stride` apart, as the kernels' [`Strided`] input.
+fn strided(data: &[f32], stride: usize, count: usize) -> Strided<'_> {
+    Strided {
+        data,
+        stride,
+        count,
+    }
+}
+
+fn block(codes: &[u8], row_bytes: usize, rows: usize, bits: u8, width: usize) -> CodeBlock<'_> {
+    CodeBlock {
+        codes,
+        row_bytes,
+        rows,
+        bits,
+        width,
+    }
+}
+
+fn out(data: &mut [f32], stride: usize) -> StridedMut<'_> {
+    StridedMut { data, stride }
 }
 
 fn check_codes<S: Simd>(s: S) {
@@ -34,18 +61,16 @@ fn check_codes<S: Simd>(s: S) {
             crate::quant::pack(&codes, bits, &mut packed);
             let nq = 5;
             let q: Vec<f32> = (0..nq * n).map(|i| (i % 11) as f32 * 0.25 - 1.0).collect();
-            let mut out = vec![0f32; nq];
-            s.code_dots(&q, n, nq, &packed, bits, n, &mut out);
-            for i in 0..nq {
-                let want: f32 = (0..n).map(|c| q[i * n + c] * codes[c] as f32).sum();
-                assert!((out[i] - want).abs() < 1e-3, "bits={bits} n={n}");
-            }
-            // Query-major: out2[i * 2 + r].
+            // Query-major: out2[i * 2 + r]; two rows holding the same codes.
             let mut out2 = vec![0f32; 2 * nq];
             let rows2: Vec<u8> = packed.iter().chain(&packed).copied().collect();
-            s.code_rows_dots(&q, n, nq, &rows2, packed.len(), 2, bits, n, &mut out2, 2);
+            let q2 = strided(&q, n, nq);
+            let b2 = block(&rows2, packed.len(), 2, bits, n);
+            s.code_kernels(bits, n).dots(q2, b2, out(&mut out2, 2), &[]);
             for i in 0..nq {
-                assert_eq!([out2[2 * i], out2[2 * i + 1]], [out[i], out[i]]);
+                let want: f32 = (0..n).map(|c| q[i * n + c] * codes[c] as f32).sum();
+                assert!((out2[2 * i] - want).abs() < 1e-3, "bits={bits} n={n}");
+                assert_eq!(out2[2 * i], out2[2 * i + 1]);
             }
             let w: Vec<f32> = (0..nq).map(|i| i as f32 * 0.5).collect();
             // Three rows: the same codes, weights w, 2w, 3w.
@@ -61,17 +86,12 @@ fn check_codes<S: Simd>(s: S) {
                 .flat_map(|x| (1..=3).map(move |m| x * m as f32))
                 .collect();
             let mut acc3 = vec![1f32; nq * n];
-            s.code_rows_axpy(&mut acc3, n, nq, &w3, 3, &rows3, packed.len(), 3, bits, n);
+            let b3 = block(&rows3, packed.len(), 3, bits, n);
+            s.code_kernels(bits, n)
+                .axpy(out(&mut acc3, n), strided(&w3, 3, nq), b3);
             for i in 0..nq {
                 for c in 0..n {
                     assert_eq!(acc3[i * n + c], 1.0 + 6.0 * w[i] * codes[c] as f32);
-                }
-            }
-            let mut acc = vec![1f32; nq * n];
-            s.code_axpys(&mut acc, n, nq, &w, &packed, bits, n);
-            for i in 0..nq {
-                for c in 0..n {
-                    assert_eq!(acc[i * n + c], 1.0 + w[i] * codes[c] as f32);
                 }
             }
         }
@@ -124,24 +144,25 @@ fn check_against_portable<S: Simd>(s: S) {
                         let os = rows + 2;
                         let mut want = vec![7f32; nq * os];
                         let mut got = want.clone();
-                        Portable.code_rows_dots(
-                            &q, stride, nq, tail, row_bytes, rows, bits, n, &mut want, os,
+                        let (qs, bl) = (
+                            strided(&q, stride, nq),
+                            block(tail, row_bytes, rows, bits, n),
                         );
-                        s.code_rows_dots(
-                            &q, stride, nq, tail, row_bytes, rows, bits, n, &mut got, os,
-                        );
+                        Portable
+                            .code_kernels(bits, n)
+                            .dots(qs, bl, out(&mut want, os), &[]);
+                        s.code_kernels(bits, n).dots(qs, bl, out(&mut got, os), &[]);
                         let what = format!("bits={bits} n={n} row_n={row_n} rows={rows} nq={nq}");
                         for (g, w) in got.iter().zip(&want) {
                             assert!(close(*g, *w), "dots {what}: {g} vs {w}");
                         }
                         // The same with a per-query offset added as the dots are stored.
                         let bias: Vec<f32> = (0..nq).map(|i| i as f32 * 0.75 - 1.0).collect();
-                        Portable.code_rows_dots_biased(
-                            &q, stride, nq, tail, row_bytes, rows, bits, n, &mut want, os, &bias,
-                        );
-                        s.code_rows_dots_biased(
-                            &q, stride, nq, tail, row_bytes, rows, bits, n, &mut got, os, &bias,
-                        );
+                        Portable
+                            .code_kernels(bits, n)
+                            .dots(qs, bl, out(&mut want, os), &bias);
+                        s.code_kernels(bits, n)
+                            .dots(qs, bl, out(&mut got, os), &bias);
                         for (g, w) in got.iter().zip(&want) {
                             assert!(close(*g, *w), "biased dots {what}: {g} vs {w}");
                         }
@@ -152,12 +173,11 @@ fn check_against_portable<S: Simd>(s: S) {
                             .collect();
                         let mut want = vec![0.5f32; nq * stride];
                         let mut got = want.clone();
-                        Portable.code_rows_axpy(
-                            &mut want, stride, nq, &w, ws, tail, row_bytes, rows, bits, n,
-                        );
-                        s.code_rows_axpy(
-                            &mut got, stride, nq, &w, ws, tail, row_bytes, rows, bits, n,
-                        );
+                        let wq = strided(&w, ws, nq);
+                        Portable
+                            .code_kernels(bits, n)
+                            .axpy(out(&mut want, stride), wq, bl);
+                        s.code_kernels(bits, n).axpy(out(&mut got, stride), wq, bl);
                         for (g, w) in got.iter().zip(&want) {
                             assert!(close(*g, *w), "axpy {what}: {g} vs {w}");
                         }
@@ -184,6 +204,16 @@ fn avx512_matches_portable_for_every_width_and_tail() {
     }
 }
 
+/// Softmax of `row` in place from [`Simd::exp_shifted`], as the attention kernel's merge
+/// normalises it.
+fn softmax<S: Simd>(s: S, row: &mut [f32]) {
+    let (_, sum) = s.exp_shifted(row);
+    if sum > 0.0 {
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|l| *l *= inv);
+    }
+}
+
 fn check_softmax<S: Simd>(s: S) {
     for n in [0usize, 1, 7, 8, 9, 15, 16, 17, 33, 300] {
         let mut row: Vec<f32> = (0..n)
@@ -195,9 +225,9 @@ fn check_softmax<S: Simd>(s: S) {
             row[2] = -1e4;
         }
         let mut want = row.clone();
-        Portable.softmax(&mut want);
+        softmax(Portable, &mut want);
         let mut got = row.clone();
-        s.softmax(&mut got);
+        softmax(s, &mut got);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!(
                 (g - w).abs() <= 1e-6 * w.max(1e-30) + 1e-30,
@@ -215,7 +245,7 @@ fn check_softmax<S: Simd>(s: S) {
     }
     for n in [1usize, 20] {
         let mut masked = vec![f32::NEG_INFINITY; n];
-        s.softmax(&mut masked);
+        softmax(s, &mut masked);
         assert_eq!(masked, vec![0.0; n]);
         let (m, sum) = s.exp_shifted(&mut vec![f32::NEG_INFINITY; n]);
         assert_eq!((m, sum), (f32::NEG_INFINITY, 0.0));
@@ -245,7 +275,7 @@ fn vector_exp_matches_libm() {
         let mut lanes = [0f32; 16];
         if avx.is_some() {
             // SAFETY: the CPU has the features (`Avx2::detect`).
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), x86::exp8(_mm256_set1_ps(x))) };
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), avx2::exp8(_mm256_set1_ps(x))) };
             assert!(
                 (lanes[0] - want).abs() <= 3e-7 * want,
                 "exp8({x}) = {}",
@@ -254,7 +284,7 @@ fn vector_exp_matches_libm() {
         }
         if avx512.is_some() {
             // SAFETY: the CPU has the features (`Avx512::detect`).
-            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), x86_512::exp16(_mm512_set1_ps(x))) };
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), avx512::exp16(_mm512_set1_ps(x))) };
             assert!(
                 (lanes[0] - want).abs() <= 3e-7 * want,
                 "exp16({x}) = {}",
@@ -300,4 +330,27 @@ fn unpack_f32_matches_unpack() {
         let want: Vec<f32> = codes.iter().map(|&c| c as f32).collect();
         assert_eq!(out, want, "bits={bits}");
     }
+}
+
+/// Kernels chosen for one bit width refuse a block of another: they would read its bytes by
+/// the wrong width, past the block's bounds.
+#[test]
+#[should_panic(expected = "kernels for 2-bit codes, 64 per row, given 4-bit codes")]
+fn kernels_refuse_a_block_of_another_width() {
+    let codes = vec![0u8; 32];
+    let q = vec![0f32; 64];
+    let mut o = vec![0f32; 1];
+    let best = |bits: u8, width: usize| {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(s) = Avx512::detect() {
+            return s.code_kernels(bits, width);
+        }
+        Portable.code_kernels(bits, width)
+    };
+    best(2, 64).dots(
+        strided(&q, 64, 1),
+        block(&codes, 32, 1, 4, 64),
+        out(&mut o, 1),
+        &[],
+    );
 }

@@ -14,7 +14,9 @@
 //! `vpermps`, four instructions per 32 codes, as many as `codes16` takes (measured: 4-bit
 //! values 6.61 → 6.54 ns per row, not worth a second channel order).
 
-use super::{prefetch_rows, rows_by_query, PREFETCH_AHEAD};
+use super::codes::rows_by_query;
+use super::{prefetch_rows, PREFETCH_AHEAD};
+use crate::attention::simd::CodeBlock;
 use std::arch::x86_64::*;
 
 /// `vpermps` tables: index `i` (two codes, low first) → the low code, → the high code.
@@ -77,24 +79,22 @@ pub(super) fn from_strided(v: [__m512; 4]) -> [__m512; 4] {
     rows_by_query(v).map(|x| transpose_lanes(x))
 }
 
-/// [`super::axpy_span`] for 2-bit codes and four vectors (64 channels from `k`), decoding
+/// `codes::axpy_span` for 2-bit codes and four vectors (64 channels from `k`), decoding
 /// with [`codes64`]. Reads exactly the span's sixteen bytes of each row.
 ///
 /// SAFETY: AVX-512 F/BW/VL/VBMI available; `k + 64 <= n`; the bounds of
-/// [`super::code_rows_axpy`] for 2-bit codes.
+/// [`super::codes::code_rows_axpy`] for 2-bit codes.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn axpy_span2<const M: usize>(
     acc: *mut f32,
     stride: usize,
-    w_stride: usize,
     w: *const f32,
-    codes: &[u8],
-    row_bytes: usize,
-    rows: usize,
+    w_stride: usize,
+    block: CodeBlock<'_>,
     k: usize,
 ) {
+    let (codes, row_bytes, rows) = (block.codes, block.row_bytes, block.rows);
     let t = tables();
     // SAFETY: the caller's bounds cover every access (each row's bytes k/4 .. k/4 + 16).
     unsafe {
@@ -158,7 +158,7 @@ pub(super) unsafe fn strided_queries<const M: usize>(
     out
 }
 
-/// [`super::row_dots4`] for 2-bit codes decoded by [`codes64`], with the queries from
+/// `codes::row_dots4` for 2-bit codes decoded by [`codes64`], with the queries from
 /// [`strided_queries`] (a dot product does not care in which lane a channel is summed).
 /// Reads exactly each row's `n/4` bytes.
 ///

@@ -279,6 +279,11 @@ def test_three_bit_codes_are_packed_as_the_rust_packer_packs_them() -> None:
             np.testing.assert_array_equal(low.kd[s, r].numpy(), kvmix.pack_bits(codes, 3))
             checked += 1
     assert checked == b * h * (n - 40)  # every regular token of both kv-heads
+    # The attention kernel reads the 3-bit rows as the Rust kernel reads its own.
+    q = torch.randn(b, 4, 1, d, generator=g)
+    out_r = rust.attend(q.numpy(), [n], 0.2, True)
+    out_t = tri.attend(q, [n], 0.2, True)
+    np.testing.assert_allclose(out_t.numpy(), out_r, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -719,21 +719,15 @@ class TritonLayerStore:
         names = ("buffer", "high", "low")
         tiers = [self._tiers[n] for n in names]
         want = [track and t.scored for t in tiers]
-        # Code widths the attention kernel reads (``CODE_BITS`` where the kernel states it;
-        # 1, 2, 4 and 8 before 3-bit reading was added to it).
-        kernel_bits = tuple(getattr(attn, "CODE_BITS", (1, 2, 4, 8)))
-        if all(c.kind == "dense" or c.bits in kernel_bits for t in tiers for c in (t.k, t.v)):
-            out, received = attn.attend_tiers(
-                [t.view() for t in tiers],
-                q,
-                q_positions,
-                self._fv_dev,
-                scale,
-                self.kv_heads,
-                want,
-            )
-        else:
-            out, received = self._attend_dense(tiers, q, q_positions, scale, want)
+        out, received = attn.attend_tiers(
+            [t.view() for t in tiers],
+            q,
+            q_positions,
+            self._fv_dev,
+            scale,
+            self.kv_heads,
+            want,
+        )
         if track:
             qp = attn.positions_tensor(q_positions, q.device)
             fv = self._first_valid_dev().repeat_interleave(self.kv_heads)[:, None]
@@ -747,46 +741,6 @@ class TritonLayerStore:
                 t.count[:, : t.fill] += seen_by
         result: torch.Tensor = out
         return result
-
-    def _attend_dense(
-        self,
-        tiers: list[_Tier],
-        q: torch.Tensor,
-        q_positions: list[int],
-        scale: float,
-        want: list[bool],
-    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """What ``attend_tiers`` returns, computed with torch on the dequantized tiers: for
-        codes the attention kernel does not read (its ``CODE_BITS``). Every held token is
-        dequantized once per call (the portable path's cost), so this is a fallback, not the
-        fused path's speed."""
-        b, hq, tq, d = q.shape
-        h = self.kv_heads
-        grp, s = hq // h, self._streams
-        k, v, held = self.dense_all()
-        qs = q.float().reshape(b, h, grp, tq, d).reshape(s, grp * tq, d)
-        logits = (qs @ k.transpose(1, 2)) * scale  # [S, rows, seen]
-        dev = q.device
-        qp = _device_ints(list(q_positions), dev).repeat(grp)
-        kp = torch.arange(self.seen, device=dev)
-        fv = self._first_valid_dev().repeat_interleave(h).long()
-        visible = (
-            held[:, None, :]
-            & (kp[None, None, :] <= qp[None, :, None])
-            & (kp[None, None, :] >= fv.reshape(-1, 1, 1))
-        )
-        p = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-        out = (p @ v).reshape(b, h, grp, tq, d).reshape(b, hq, tq, d)
-        by_position = p.sum(1)  # [S, seen]: attention each position received
-        received: list[torch.Tensor | None] = []
-        for t, w in zip(tiers, want, strict=True):
-            if not w or t.fill == 0:
-                received.append(None if not w else torch.zeros_like(t.acc))
-                continue
-            pos = t.pos[:, : t.fill].long()
-            got = by_position.gather(1, pos.clamp(min=0))
-            received.append(torch.where(pos >= 0, got, 0.0))
-        return out, received
 
     def maybe_classify(self, force: bool = False) -> bool:
         due = not self._classified or (self.gap is not None and self._since >= self.gap)

@@ -22,7 +22,7 @@ from kvmix.models import tiny_random_model
 pytest.importorskip("triton")
 from kvmix.engines.triton_store import PAGE, TritonLayerStore
 
-PROMPT, NEW = 40, 8
+PROMPT, NEW = 40, 6
 
 PRESETS: dict[str, Callable[[Any, str], kvmix.KvmixCache]] = {
     "full": lambda c, e: kvmix.FullPrecisionCache(c, engine=e),
@@ -340,6 +340,7 @@ def test_heavy_hitter_policies_trim_as_the_rust_store(policy: str, config: Any) 
     assert tri._tiers["high"].fill <= 2 * max(tri._high_real) + PAGE
 
 
+@pytest.mark.slow  # ~25 s under the interpreter: beam search doubles every step's work
 @pytest.mark.parametrize("preset", ["zipcache", "mikv"])
 def test_beam_search_on_the_triton_engine(preset: str) -> None:
     """Beam search expands the batch (``repeat_interleave``) and reorders it at every step

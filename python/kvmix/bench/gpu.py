@@ -14,8 +14,9 @@ speed and the memory of a cache do not depend on the weights' values. For every
   the portable path's dense buffers); kvmix caches also give ``memory_report()``'s bytes;
 * ``peak_mib``: ``torch.cuda.max_memory_allocated`` over the prefill and the steps.
 
-Methods: ``dynamic`` (transformers' DynamicCache, bf16), ``quanto-int4`` / ``quanto-int2``
-(QuantizedCache, optimum-quanto backend, when installed) and kvmix's presets on the Triton
+Methods (names of the preset registry): ``full`` (transformers' DynamicCache, bf16),
+``quanto-int4`` / ``quanto-int2`` (QuantizedCache, optimum-quanto backend, when installed) and
+kvmix's presets on the Triton
 engine, fused (``kvmix`` attention) and ``-portable`` (sdpa on dense dequantized keys/values).
 ``--max-batch`` also searches, per method, the largest batch that prefills and decodes
 ``--max-batch-context`` tokens without running out of memory (doubling, then bisection).
@@ -35,28 +36,30 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, QuantizedCache
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvmix
 
-#: method -> (attention: "sdpa", "fused" or "portable"; cache factory from the model config)
+#: method -> (attention: "sdpa", "fused" or "portable"; cache factory from the model config).
+#: Every cache comes from the preset registry (``kvmix.make_cache``): transformers' caches
+#: (``full``, ``quanto-int4``/``quanto-int2``) run sdpa; kvmix's presets run fused, and as
+#: ``<preset>-portable`` sdpa on dense dequantized keys/values.
+_TRANSFORMERS = ("full", "quanto-int4", "quanto-int2")
+_KVMIX = ("zipcache", "kvmix-5x", "mikv", "uniform2", "uniform4")
+
+
+def _maker(name: str) -> Callable[[Any], Any]:
+    return lambda c: kvmix.make_cache(name, c)
+
+
 METHODS: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    "dynamic": ("sdpa", lambda c: DynamicCache(config=c)),
-    "quanto-int4": ("sdpa", lambda c: QuantizedCache(backend="quanto", config=c, nbits=4)),
-    "quanto-int2": ("sdpa", lambda c: QuantizedCache(backend="quanto", config=c, nbits=2)),
+    name: ("sdpa", _maker(name)) for name in _TRANSFORMERS
 }
-_PRESETS: dict[str, Callable[[Any], Any]] = {
-    "zipcache": lambda c: kvmix.ZipCache(c),
-    "kvmix-5x": lambda c: kvmix.Kvmix5xCache(c),
-    "mikv": lambda c: kvmix.MiKVCache(c),
-    "uniform2": lambda c: kvmix.QuantizedKVCache(c, bits=2),
-    "uniform4": lambda c: kvmix.QuantizedKVCache(c, bits=4),
-}
-for _name, _make in _PRESETS.items():
-    METHODS[_name] = ("fused", _make)
-    METHODS[f"{_name}-portable"] = ("portable", _make)
+for _name in _KVMIX:
+    METHODS[_name] = ("fused", _maker(_name))
+    METHODS[f"{_name}-portable"] = ("portable", _maker(_name))
 DEFAULT_METHODS = [
-    "dynamic",
+    "full",
     "quanto-int4",
     "quanto-int2",
     "zipcache",

@@ -98,3 +98,50 @@ def test_kvmix5x_keeps_the_passkey_on_an_untuned_family() -> None:
     assert len(full) == len(mine) == 6
     assert all(r["compression_ratio"] >= 4.9 for r in mine)
     assert sum(r["correct"] for r in mine) >= sum(r["correct"] for r in full) - 1
+
+
+def test_suite_resume_runs_only_the_missing_pairs(tokenizer, monkeypatch, tmp_path) -> None:
+    """An interrupted suite keeps its records and runs only the (prompt, method) pairs it lacks;
+    a saved run with other arguments is refused before the model loads."""
+    from types import SimpleNamespace
+
+    from kvmix.eval import suite
+
+    asked: list[tuple[int, list[str]]] = []
+
+    def fake_records(model, tok, prompt, methods, new_tokens, trial):
+        asked.append((trial, [m.name for m in methods]))
+        return [{"method": m.name, "trial": trial, "correct": True} for m in methods]
+
+    monkeypatch.setattr(suite, "passkey_records", fake_records)
+    cfg = SimpleNamespace(
+        num_key_value_heads=3, head_dim=64, hidden_size=576, num_attention_heads=9
+    )
+    model = SimpleNamespace(config=cfg)
+    # Prompt 0 has both methods, prompt 1 only "full"; the two others have nothing.
+    earlier = [
+        {"method": "full", "trial": 0, "correct": False},
+        {"method": "kvmix-5x", "trial": 0, "correct": False},
+        {"method": "full", "trial": 1, "correct": False},
+    ]
+    saved: list[int] = []
+    records = suite.run_suite(
+        model,
+        tokenizer,
+        ["full", "kvmix-5x"],
+        lengths=(256,),
+        depths=2,
+        haystacks=("kjv",),
+        phrasings=("standard", "secret-code"),
+        earlier=earlier,
+        on_prompt=lambda rs: saved.append(len(rs)),
+    )
+    assert asked == [(1, ["kvmix-5x"]), (2, ["full", "kvmix-5x"]), (3, ["full", "kvmix-5x"])]
+    assert records[:3] == earlier and len(records) == 8
+    assert saved == [4, 6, 8]
+    assert {(r["trial"], r["method"]) for r in records} == {
+        (t, m) for t in range(4) for m in ("full", "kvmix-5x")
+    }
+
+    (tmp_path / "suite.json").write_text('{"args": {"depths": 3}, "records": []}')
+    assert suite.main(["--resume", "--out", str(tmp_path), "--depths", "2"]) == 2

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +34,30 @@ def run_suite(
     seed: int = 0,
     new_tokens: int = 8,
     progress: bool = False,
+    earlier: list[dict[str, Any]] | None = None,
+    on_prompt: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One record per (prompt, method), tagged with the prompt's haystack, phrasing and length."""
+    """One record per (prompt, method), tagged with the prompt's haystack, phrasing and length.
+
+    ``earlier``: records of an interrupted run with the same arguments (other than ``methods``);
+    they are kept and only the missing (prompt, method) pairs run. ``on_prompt`` is called with
+    all records after every prompt (to save them as they come).
+    """
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     resolved = resolve_methods(methods, max(lengths), cfg.num_key_value_heads, head_dim)
-    records: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = list(earlier or [])
     prompts = passkey_suite(tokenizer, lengths, depths, haystacks, phrasings, seed)
     for i, sp in enumerate(prompts):
-        for r in passkey_records(model, tokenizer, sp.prompt, resolved, new_tokens, i):
+        have = {r["method"] for r in records if r["trial"] == i}
+        todo = [m for m in resolved if m.name not in have]
+        if not todo:
+            continue
+        for r in passkey_records(model, tokenizer, sp.prompt, todo, new_tokens, i):
             r.update(haystack=sp.haystack, phrasing=sp.phrasing, length=sp.n_tokens)
             records.append(r)
+        if on_prompt is not None:
+            on_prompt(records)
         if progress:
             done = [r for r in records if r["trial"] == i]
             line = " ".join(f"{r['method']}={'Y' if r['correct'] else 'n'}" for r in done)
@@ -91,7 +105,33 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvmix.eval.suite"
     p.add_argument("--phrasings", default=",".join(PHRASINGS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/suite")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the records of an earlier run in --out (same arguments but --methods)",
+    )
     a = p.parse_args(argv)
+    out = Path(a.out)
+    earlier: list[dict[str, Any]] = []
+    if a.resume and (out / "suite.json").exists():
+        saved = json.loads((out / "suite.json").read_text())
+        ignored = ("methods", "out", "resume")
+        mine = {k: v for k, v in vars(a).items() if k not in ignored}
+        theirs = {k: saved["args"].get(k) for k in mine}
+        if theirs != mine:
+            print(
+                f"error: {out / 'suite.json'} was written with {theirs}, not {mine}; only "
+                "--methods may differ when resuming",
+                file=sys.stderr,
+            )
+            return 2
+        earlier = saved["records"]
+
+    def save(records: list[dict[str, Any]]) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "suite.json.tmp"
+        tmp.write_text(json.dumps({"args": vars(a), "records": records}, indent=1))
+        tmp.replace(out / "suite.json")
 
     import kvmix
     from kvmix.models import load_smollm2
@@ -108,12 +148,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvmix.eval.suite"
         tuple(a.phrasings.split(",")),
         a.seed,
         progress=True,
+        earlier=earlier,
+        on_prompt=save,
     )
     tables = suite_tables(records)
     print(tables)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "suite.json").write_text(json.dumps({"args": vars(a), "records": records}, indent=1))
+    save(records)
     (out / "suite.md").write_text(tables + "\n")
     return 0
 

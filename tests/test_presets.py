@@ -202,7 +202,12 @@ def test_every_tool_names_registry_presets():
         assert name in METHODS or METHODS[name.removeprefix("h2o@")].is_kvmix
 
 
-RESULTS = ["results/eval.json", "results/suite-2k/suite.json", "results/suite-filler-2k/suite.json"]
+RESULTS = [
+    "results/eval.json",
+    "results/suite-2k/suite.json",
+    "results/suite-4k/suite.json",
+    "results/suite-filler-2k/suite.json",
+]
 
 
 @pytest.mark.parametrize("path", RESULTS)

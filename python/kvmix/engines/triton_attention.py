@@ -34,7 +34,14 @@ the dots where the algebra allows it:
 Dense tiers (the full-precision buffer) use fp32 dots.
 """
 
+# Triton's kernel language is untyped (its decorators, and parameters whose annotations
+# Triton itself reads, e.g. `tl.constexpr`), and so are the launchers that hand kernels their
+# arguments: mypy checks everything else in strict mode.
+# mypy: disable-error-code="no-untyped-def,untyped-decorator,no-untyped-call"
+
 from __future__ import annotations
+
+from typing import Any
 
 import triton
 import triton.language as tl
@@ -918,7 +925,7 @@ def _word_view(data, mode: int, bits: int, d: int):
 # Partials of the splits and merged row statistics, reused between calls: [capacity] fp32 per
 # device and stream
 # (consumed by the merge launch before the next call on the same CUDA stream can write them).
-_WORKSPACE: dict = {}
+_WORKSPACE: dict[Any, Any] = {}
 
 
 def _workspace(dev, n_m: int, n_acc: int):
@@ -938,7 +945,7 @@ def _workspace(dev, n_m: int, n_acc: int):
 
 
 # Compiled kernels by launch key, for the fast launch path (see _launch).
-_COMPILED: dict = {}
+_COMPILED: dict[Any, Any] = {}
 
 
 def _launch(fn, grid, args, consts, num_warps, num_stages, fast):
@@ -952,7 +959,9 @@ def _launch(fn, grid, args, consts, num_warps, num_stages, fast):
         return
     import torch
 
-    sig = [(a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)]
+    sig: list[tuple[Any, bool]] = [
+        (a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)
+    ]
     sig += [(a == 1, a % 16 == 0) for a in args if type(a) is int]
     key = (fn, num_warps, num_stages, tuple(consts.items()), tuple(sig))
     kernel = _COMPILED.get(key)
@@ -1020,9 +1029,9 @@ def attend_tiers(
     first = int(q_positions[0]) if n_q else 0
     consecutive = all(int(p) == first + i for i, p in enumerate(q_positions))
     qpos = pm if consecutive else positions_tensor(q_positions, dev)
-    logits = [None] * len(tiers)
-    targs: list = []
-    cargs: dict = {}
+    logits: list[Any] = [None] * len(tiers)
+    targs: list[Any] = []
+    cargs: dict[str, Any] = {}
     for i in range(3):
         if i >= len(tiers) or splits[i] == 0:
             # An empty tier: no program reaches its branch; any tensors do.

@@ -5,9 +5,10 @@ fp32 buffer; 4-bit and 2-bit tiers with per-channel keys and per-token values in
 128 with a separable factor; 32 query / 8 kv-heads, one query), captures the attend launch's
 arguments, compiles the same kernel with Triton for ``cuda:90`` and prints, per loop of the
 PTX (the buffer's page loop, then each packed tier's), the per-thread instruction count of one
-iteration (one page of ``BLOCK_N`` rows) and its shared-memory, barrier and mma parts.
+iteration (one page of ``BLOCK_N`` rows: divide by ``BLOCK_N * 2 * D`` codes per page for a
+per-code figure) and its shared-memory, barrier and mma parts.
 
-    .venv/bin/python benches/triton_ptx_counts.py [flat] [join] [fast]
+    .venv/bin/python benches/triton_ptx_counts.py [flat] [join] [fast] [n128] [w8]
 """
 
 import collections
@@ -101,6 +102,7 @@ def loops(ptx):
 
 def main():
     kw = dict(flat="flat" in sys.argv, join="join" in sys.argv, precise="fast" not in sys.argv)
+    kw.update(block_n=128 if "n128" in sys.argv else 64, num_warps=8 if "w8" in sys.argv else 4)
     args, consts, nw, ns = capture(**kw)
     ptx = compile_ptx(args, consts, nw, ns)
     print(f"triton {triton.__version__}, sm_90, {kw}, {nw} warps, {ns} stages")

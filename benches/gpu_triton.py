@@ -1,10 +1,17 @@
-"""Device check and timing of the Triton engine, runnable without the compiled core.
+"""Device check and timing of the Triton decode attention kernel, runnable without the core.
 
 Loads ``kvmix.engines`` by path (a GPU host may not have the Rust wheel), takes the policies'
 layouts from ``benches/triton_layouts.json`` (written by ``LayerStore(...).layout`` on a host
-with the core), checks the CUDA engine against the interpreter (same codes) and against an
-fp64 torch reference (attention on the dequantized cache), then times the fused kernel
-against SDPA on the dense bf16 cache and against the bandwidth bound. Prints one table.
+with the core). Checks the compiled kernel against a float64 torch reference: on stores of
+every policy (attention on the dequantized cache) and on synthetic tiers of every codec
+(``kvmix.engines.triton_reference``; 1/2/3/4/8-bit, grouped), with the received attention.
+Then times kernel variants against SDPA on the dense bf16 cache of the same shape and against
+the bandwidth bound (compressed bytes / measured copy bandwidth). Two times per variant:
+``eager`` (CUDA events around 10 back-to-back calls, as a model calls it: includes the host's
+launch cost when that exceeds the GPU's time) and ``graph`` (the same calls replayed from a
+CUDA graph: the GPU's time alone). Medians. Prints one table.
+
+    python3 benches/gpu_triton.py [--quick]
 """
 
 import json
@@ -16,107 +23,156 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-pkg = types.ModuleType("kvmix")
-pkg.__path__ = [str(ROOT / "python" / "kvmix")]
-sys.modules["kvmix"] = pkg
+if "kvmix" not in sys.modules:
+    try:
+        import kvmix  # noqa: F401
+    except ImportError:
+        pkg = types.ModuleType("kvmix")
+        pkg.__path__ = [str(ROOT / "python" / "kvmix")]
+        sys.modules["kvmix"] = pkg
 from kvmix.engines import load_attention  # noqa: E402
+from kvmix.engines import triton_reference as ref  # noqa: E402
 from kvmix.engines.triton_store import TritonLayerStore  # noqa: E402
 
 LAYOUTS = json.loads((ROOT / "benches" / "triton_layouts.json").read_text())
 HQ, HK, D = 32, 8, 128
+TIERS = ("buffer", "high", "low")
 
 
-def store(name, device, b, n, seed=0, dtype=torch.bfloat16):
+def store(name, device, b, n, seed=0, extra=0):
     lay = LAYOUTS[name]
     st = TritonLayerStore(lay["policy"], HK, D, lay["config"], "float32", layout=lay["layout"])
-    gdev = "cpu" if n * b < 100_000 else device  # small: identical inputs on both devices
-    g = torch.Generator(device=gdev).manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     # Keys with a few outlier channels, as real keys have.
-    boost = 1 + 4 * (torch.arange(D, device=gdev) % 17 == 0)
-    k = torch.randn(b, HK, n, D, generator=g, device=gdev) * boost
-    v = torch.randn(b, HK, n, D, generator=g, device=gdev)
-    st.append(k.to(dtype).float().to(device), v.to(dtype).float().to(device))
+    boost = 1 + 4 * (torch.arange(D, device=device) % 17 == 0)
+    k = torch.randn(b, HK, n, D, generator=g, device=device) * boost
+    v = torch.randn(b, HK, n, D, generator=g, device=device)
+    st.append(k.bfloat16().float(), v.bfloat16().float())
     del k, v
     if lay["policy"] == "zipcache":
-        acc = torch.rand(b, HK, n, generator=g, device=gdev).to(device)
+        acc = torch.rand(b, HK, n, generator=g, device=device)
         st.add_scores(0, acc, torch.ones(b, HK, n, device=device))
     st.maybe_classify(force=True)
+    if extra:  # rows in the buffer tier too
+        k = torch.randn(b, HK, extra, D, generator=g, device=device)
+        st.append(k, torch.randn(b, HK, extra, D, generator=g, device=device))
     return st
 
 
-def reference(st, q, qpos, scale):
-    k, v, held = st.dense_all()
-    b = q.shape[0]
-    k = k.double().reshape(b, HK, -1, D).repeat_interleave(HQ // HK, 1)
-    v = v.double().reshape(b, HK, -1, D).repeat_interleave(HQ // HK, 1)
-    mask = held.reshape(b, HK, -1).repeat_interleave(HQ // HK, 1)[:, :, None, :]
-    pos = torch.arange(k.shape[2], device=q.device)
-    mask = mask & (
-        pos[None, None, None, :] <= torch.tensor(qpos, device=q.device)[None, None, :, None]
-    )
-    logits = (q.double() @ k.transpose(-1, -2)) * scale
-    logits = logits.masked_fill(~mask, float("-inf"))
-    return torch.softmax(logits, -1) @ v
-
-
 def check():
-    rows = []
+    attn = load_attention("cuda")
+    print(
+        "correctness vs float64 torch: case | batch x queries | precise | "
+        "max |out - ref| / max |ref| | max |received - ref|"
+    )
+    worst = {True: 0.0, False: 0.0}
     for name in ("zipcache", "uniform2", "uniform4", "full"):
-        gpu = store(name, "cuda", 2, 700)
-        try:
-            cpu = store(name, "cpu", 2, 700)
-        except Exception as e:  # an older Triton's interpreter; gpu/parity.py checks vs Rust
-            print(f"  {name}: Triton interpreter failed ({type(e).__name__}); codes not compared")
-            cpu = None
-        same = cpu is not None
-        for t in ("high", "low", "buffer") if cpu is not None else ():
-            a, c = gpu._tiers[t], cpu._tiers[t]
-            for f in ("pos", "kd", "vd", "ks", "ko", "vs", "vo", "vf"):
-                x, y = getattr(a, f), getattr(c, f)
-                if x.numel() > 1 and not torch.equal(x.cpu(), y):
-                    diff = (x.cpu().float() != y.float()).float().mean().item()
-                    print(f"  {name}/{t}/{f}: {diff:.2e} of elements differ")
-                    same = False
+        st = store(name, "cuda", 2, 700, extra=5)
+        views = [st._tiers[t].view() for t in TIERS]
+        for tq in (1, 3):
+            q = torch.randn(2, HQ, tq, D, device="cuda", dtype=torch.bfloat16)
+            qpos = [st.seen - tq + i for i in range(tq)]
+            want, want_rec = ref.attention(views, q, qpos, st._fv_dev, D**-0.5, HK)
+            for precise in (True, False):
+                out, rec = attn.attend_tiers(
+                    views, q, qpos, st._fv_dev, D**-0.5, HK, [True] * 3, precise=precise
+                )
+                err = ((out.double() - want).abs().max() / want.abs().max()).item()
+                rerr = max(
+                    (r.double() - w).abs().max().item() if r.numel() else 0.0
+                    for r, w in zip(rec, want_rec, strict=True)
+                )
+                worst[precise] = max(worst[precise], err)
+                print(f"  {name:9s} | 2 x {tq} | {precise!s:5} | {err:.2e} | {rerr:.2e}")
+    g = torch.Generator().manual_seed(0)
+    S = 2 * HK
+    synth = [
+        ref.synthetic_tier(S, 40, D, ("dense", 0, D), ("dense", 0, D), pos_offset=900, generator=g),
+        ref.synthetic_tier(S, 500, D, ("channel", 3, D), ("token", 3, D), v_sep=True, generator=g),
+        ref.synthetic_tier(
+            S, 400, D, ("token", 4, 32), ("token", 1, 64), pos_offset=500, generator=g
+        ),
+    ]
+    synth2 = [
+        ref.synthetic_tier(S, 0, D, ("dense", 0, D), ("dense", 0, D), generator=g),
+        ref.synthetic_tier(S, 300, D, ("channel", 8, D), ("token", 2, D), generator=g),
+        ref.synthetic_tier(
+            S, 300, D, ("token", 2, 16), ("token", 8, 128), pos_offset=300, generator=g
+        ),
+    ]
+    for label, views in (("synth 3/4/1-bit", synth), ("synth 8/2-bit", synth2)):
+        views = [_to(v, "cuda") for v in views]
         q = torch.randn(2, HQ, 1, D, device="cuda")
-        ref = reference(gpu, q, [699], D**-0.5)
-        for f16 in (False, True):
-            attn = load_attention("cuda")
-            out, _ = attn.attend_tiers(
-                [gpu._tiers[t].view() for t in ("buffer", "high", "low")],
-                q,
-                [699],
-                gpu._fv_dev,
-                D**-0.5,
-                HK,
-                None,
-                dot_f16=f16,
+        top = max(int(v.pos.max()) for v in views)
+        fv = torch.tensor([0, 17], dtype=torch.int32, device="cuda")
+        want, want_rec = ref.attention(views, q, [top], fv, D**-0.5, HK)
+        for precise in (True, False):
+            out, rec = attn.attend_tiers(
+                views, q, [top], fv, D**-0.5, HK, [True] * 3, precise=precise
             )
-            err = (out.double() - ref).abs().max().item()
-            rows.append((name, "f16 dots" if f16 else "fp32 dots", same, err))
-        if cpu is not None:
-            try:
-                oc = cpu.attend(q.cpu(), [699], D**-0.5, track=False)
-            except Exception as e:  # Triton 3.6's interpreter cannot loop over tensor bounds
-                print(f"  {name}: interpreter attention failed ({type(e).__name__})")
-                continue
-            rows.append((name, "interpreter", same, (oc.double() - ref.cpu()).abs().max().item()))
-    print("correctness: policy | kernel | codes == interpreter | max |out - fp64 ref|")
-    for r in rows:
-        print(f"  {r[0]:9s} | {r[1]:11s} | {r[2]} | {r[3]:.2e}")
+            err = ((out.double() - want).abs().max() / want.abs().max()).item()
+            rerr = max(
+                (r.double() - w).abs().max().item() if r.numel() else 0.0
+                for r, w in zip(rec, want_rec, strict=True)
+            )
+            worst[precise] = max(worst[precise], err)
+            print(f"  {label:9s} | 2 x 1 | {precise!s:5} | {err:.2e} | {rerr:.2e}")
+    print(f"worst relative error: precise {worst[True]:.2e}, fast {worst[False]:.2e}")
 
 
-def bench(fn, reps=50):
-    for _ in range(5):
+def _to(view, device):
+    import dataclasses
+
+    return dataclasses.replace(
+        view,
+        **{
+            f.name: getattr(view, f.name).to(device)
+            for f in dataclasses.fields(view)
+            if isinstance(getattr(view, f.name), torch.Tensor)
+        },
+    )
+
+
+def events(fn, reps=30, inner=10):
+    """Median ms per call over ``reps`` timings of ``inner`` back-to-back calls."""
+    for _ in range(3):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(inner):
+            fn()
         b.record()
         torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / inner)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def graph(fn, reps=20, inner=10):
+    """Median ms per call replaying ``inner`` calls captured in a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(inner):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / inner)
     times.sort()
     return times[len(times) // 2]
 
@@ -124,55 +180,132 @@ def bench(fn, reps=50):
 def copy_bandwidth():
     x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
-    ms = bench(lambda: y.copy_(x), 20)
-    return 2 * x.numel() / (ms * 1e-3)
+    ms = events(lambda: y.copy_(x), 10, 2)
+    return 2 * x.numel() / (ms * 1e-3)  # bytes read + written per second
 
 
-def timing(variants):
+def case(attn, bw, name, b, n, variants):
+    st = store(name, "cuda", b, n)
+    mem = st.memory()
+    read = mem["bytes"]
+    q = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+    kd = torch.randn(b, HK, n, D, device="cuda", dtype=torch.bfloat16)
+    vd = torch.randn_like(kd)
+
+    def sdpa():
+        return torch.nn.functional.scaled_dot_product_attention(q, kd, vd, enable_gqa=True)
+
+    sd_e, sd_g = events(sdpa), graph(sdpa)
+    views = [st._tiers[t].view() for t in TIERS]
+    res = []
+    for label, kw, with_graph in variants:
+
+        def fn(kw=kw):
+            return attn.attend_tiers(views, q, [n], st._fv_dev, D**-0.5, HK, None, **kw)
+
+        try:
+            e = events(fn)
+            gtxt = f"/{graph(fn) * 1e3:.0f}" if with_graph else ""
+            res.append(f"{label}={e * 1e3:.0f}{gtxt}")
+        except Exception as err:  # a variant over the shared-memory limit, say
+            res.append(f"{label}=failed({type(err).__name__})")
+    # The store's own call as a decode step makes it (tracking the buffer's attention).
+    e = events(lambda: st.attend(q, [n], D**-0.5, track=True))
+    res.append(f"store.attend(track)={e * 1e3:.0f}")
+    bound = read / bw * 1e3
+    print(
+        f"{name:8s} B{b} {n // 1024}k | {read / 1e6:.0f} MB "
+        f"({mem['fp16_bytes'] / read:.2f}x < fp16) | bound {bound * 1e3:.0f} | "
+        f"SDPA bf16 {sd_e * 1e3:.0f}/{sd_g * 1e3:.0f} | " + " ".join(res),
+        flush=True,
+    )
+
+
+def timing(variants, policies, shapes):
     bw = copy_bandwidth()
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     attn = load_attention("cuda")
-    for name in ("zipcache", "uniform2"):
-        for b, n in ((1, 8192), (1, 32768), (8, 8192), (8, 32768)):
-            st = store(name, "cuda", b, n)
-            mem = st.memory()
-            read = mem["bytes"]
-            q = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
-            kd = torch.randn(b, HK, n, D, device="cuda", dtype=torch.bfloat16)
-            vd = torch.randn_like(kd)
-            sdpa = bench(
-                lambda: torch.nn.functional.scaled_dot_product_attention(q, kd, vd, enable_gqa=True)
-            )
-            views = [st._tiers[t].view() for t in ("buffer", "high", "low")]
-            res = []
-            for label, kw in variants:
-                ms = bench(
-                    lambda: attn.attend_tiers(views, q, [n], st._fv_dev, D**-0.5, HK, None, **kw)
-                )
-                res.append(f"{label}={ms * 1e3:.0f}")
-            bound = read / bw * 1e3
-            print(
-                f"{name:8s} B{b} {n // 1024}k | bytes {read / 1e6:.0f} MB ({mem['fp16_bytes'] / read:.2f}x smaller) "
-                f"| bound {bound * 1e3:.0f} us | SDPA bf16 {sdpa * 1e3:.0f} us | "
-                + " ".join(res)
-                + " (us)"
-            )
-            del st, kd, vd
+    for name in policies:
+        for b, n in shapes:
+            case(attn, bw, name, b, n, variants)
             torch.cuda.empty_cache()
+    print("(us; eager/graph: eager = events around back-to-back calls, graph = CUDA-graph replay)")
 
 
-if __name__ == "__main__":
+def final():
+    """A short run: the flat and stacked formulations and the fast launch path against the
+    fp64 reference on a ZipCache store and a 3-bit synthetic tier, then their times."""
+    attn = load_attention("cuda")
+    st = store("zipcache", "cuda", 2, 700, extra=5)
+    views = [st._tiers[t].view() for t in TIERS]
+    q = torch.randn(2, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+    want, want_rec = ref.attention(views, q, [st.seen - 1], st._fv_dev, D**-0.5, HK)
+    g = torch.Generator().manual_seed(0)
+    synth = [
+        ref.synthetic_tier(2 * HK, 40, D, ("dense", 0, D), ("dense", 0, D), generator=g),
+        ref.synthetic_tier(
+            2 * HK, 500, D, ("channel", 3, D), ("token", 3, D), v_sep=True, generator=g
+        ),
+        ref.synthetic_tier(2 * HK, 300, D, ("token", 2, 64), ("token", 2, 64), generator=g),
+    ]
+    synth = [_to(v, "cuda") for v in synth]
+    top = max(int(v.pos.max()) for v in synth)
+    swant, _ = ref.attention(synth, q, [top], st._fv_dev, D**-0.5, HK)
+    outs = {}
+    for label, kw in (
+        ("flat", {}),
+        ("stacked", {"flat": False}),
+        ("slow launch", {"fast_launch": False}),
+    ):
+        for _rep in range(3):  # the fast path launches the cached kernel from the second call
+            out, rec = attn.attend_tiers(
+                views, q, [st.seen - 1], st._fv_dev, D**-0.5, HK, [True] * 3, **kw
+            )
+            sout, _ = attn.attend_tiers(synth, q, [top], st._fv_dev, D**-0.5, HK, None, **kw)
+        err = ((out.double() - want).abs().max() / want.abs().max()).item()
+        serr = ((sout.double() - swant).abs().max() / swant.abs().max()).item()
+        rerr = max(
+            (r.double() - w).abs().max().item() if r.numel() else 0.0
+            for r, w in zip(rec, want_rec, strict=True)
+        )
+        outs[label] = out
+        print(f"  {label:11s}: zipcache {err:.2e} (received {rerr:.2e}), synth 3/2-bit {serr:.2e}")
+    same = torch.equal(outs["flat"], outs["slow launch"])
+    print(f"  fast launch == slow launch: {same}")
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    variants = [
+        ("flat", dict(), True),
+        ("stacked", dict(flat=False), True),
+        ("slow-launch", dict(fast_launch=False), False),
+    ]
+    for b, n in ((1, 8192), (8, 32768)):
+        case(attn, bw, "zipcache", b, n, variants)
+        torch.cuda.empty_cache()
+    print("(us; eager/graph)")
+
+
+if __name__ == "__main__" and "--final" in sys.argv:
+    t0 = time.time()
+    print(torch.__version__, __import__("triton").__version__, torch.cuda.get_device_name())
+    final()
+    print(f"total {time.time() - t0:.0f}s")
+elif __name__ == "__main__":
     t0 = time.time()
     print(torch.__version__, __import__("triton").__version__, torch.cuda.get_device_name())
     check()
-    print(f"check {time.time() - t0:.0f}s")
+    print(f"check {time.time() - t0:.0f}s", flush=True)
     variants = [
-        ("f32", dict()),
-        ("f16", dict(dot_f16=True)),
-        ("f16x2", dict(dot_f16=True, target_programs=1056)),
-        ("f16x4", dict(dot_f16=True, target_programs=2112)),
-        ("f16w8", dict(dot_f16=True, target_programs=1056, num_warps=8)),
-        ("f16s3", dict(dot_f16=True, target_programs=1056, num_stages=3)),
+        ("base", dict(), True),
+        ("t528", dict(target_programs=528), True),
+        ("t2112", dict(target_programs=2112), True),
+        ("fast", dict(precise=False), True),
+        ("w8", dict(num_warps=8), True),
+        ("s1", dict(num_stages=1), True),
+        ("s3", dict(num_stages=3), False),
+        ("nomagic", dict(magic=False), False),
+        ("gather", dict(bcast=False, num_stages=1), False),
     ]
-    timing(variants)
+    shapes = ((1, 8192), (1, 32768), (8, 8192), (8, 32768))
+    timing(variants, ("zipcache", "uniform2"), shapes)
     print(f"total {time.time() - t0:.0f}s")

@@ -154,12 +154,18 @@ def test_mistral_with_a_sliding_window_is_refused():
         kvmix.MiKVCache(model.config)
 
 
-def test_tensors_off_the_cpu_are_refused():
+def test_tensors_on_devices_no_engine_runs_on_are_refused():
+    """The Rust engine takes CPU tensors only; the Triton engine CUDA and CPU tensors. A refused
+    first update leaves the layer uninitialized."""
     model = kvmix.enable_fused_attention(tiny_random_model("llama"))
-    cache = kvmix.ZipCache(model.config)
     k = torch.empty(1, 2, 4, 16, device="meta")
-    with pytest.raises(kvmix.DTypeError, match="CPU"):
+    cache = kvmix.ZipCache(model.config, engine="rust")
+    with pytest.raises(kvmix.ConfigError, match=r"engine='rust'.*CPU tensors.*meta"):
         cache.update(k, k, 0)
+    cache = kvmix.ZipCache(model.config)
+    with pytest.raises(kvmix.DTypeError, match=r"Triton engine.*meta"):
+        cache.update(k, k, 0)
+    assert not cache.layers[0].is_initialized and cache.layers[0].engine_name == "rust"
 
 
 @pytest.mark.parametrize(

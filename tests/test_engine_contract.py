@@ -52,5 +52,5 @@ def test_engine_resolution_and_refusals():
     assert resolve_engine("triton", torch.device("cpu")) == "triton"
     with pytest.raises(kvmix.ConfigError, match="engine"):
         resolve_engine("gpu", torch.device("cpu"))
-    with pytest.raises(kvmix.ConfigError, match=r"triton engine.*mikv"):
-        TritonLayerStore("mikv", H, D)
+    with pytest.raises(kvmix.ConfigError, match=r"triton engine.*MiKV.*high_bits"):
+        TritonLayerStore("mikv", H, D, {"high_bits": 4})

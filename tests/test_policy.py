@@ -214,8 +214,10 @@ def test_cache_classes_take_every_option_and_document_its_default(policy):
     cls = CACHE_CLASSES[policy]
     params = inspect.signature(cls.__init__).parameters
     keywords = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    assert keywords == set(NON_DEFAULT[policy]) | {"buffer_dtype"}
-    for name in keywords:
+    assert keywords == set(NON_DEFAULT[policy]) | {"buffer_dtype", "engine"}
+    # `engine` is where the store lives, not a policy option: its default is Python's.
+    assert params["engine"].default == "auto"
+    for name in keywords - {"engine"}:
         assert params[name].default is None, name  # the default lives in Rust
     documented = _documented_defaults(cls)
     defaults = kvmix.policy_defaults(policy)

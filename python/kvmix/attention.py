@@ -130,7 +130,9 @@ def _scoring_pool(threads: int) -> ThreadPoolExecutor:
     return _pool[1]
 
 
-def _map_blocks(fn: Callable[[int, int], T], blocks: list[tuple[int, int]]) -> Iterator[T]:
+def _map_blocks(
+    fn: Callable[[int, int], T], blocks: list[tuple[int, int]], on_cpu: bool = True
+) -> Iterator[T]:
     """``fn(start, end)`` for every block, results in order: blocks run side by side on
     :func:`_scoring_threads` Python threads, each running torch on one thread.
 
@@ -139,9 +141,10 @@ def _map_blocks(fn: Callable[[int, int], T], blocks: list[tuple[int, int]]) -> I
     MiKV's prefill attention (4096 rows) took 5.3 s that way, against 0.58 s with the blocks on
     threads of their own (torch ops release the GIL, so they overlap with no barrier at all). A
     single block (a prompt of at most :data:`_ROWS_PER_BLOCK` scored rows) keeps torch's threads;
-    one scoring thread runs the blocks inline on one torch thread."""
-    if len(blocks) == 1:
-        yield fn(*blocks[0])
+    one scoring thread runs the blocks inline on one torch thread. Blocks of GPU tensors run
+    inline: their ops queue on the device's stream, which threads would not make wider."""
+    if len(blocks) == 1 or not on_cpu:
+        yield from (fn(a, b) for a, b in blocks)
         return
     threads = min(_scoring_threads(), len(blocks))
     before = torch.get_num_threads()
@@ -170,12 +173,23 @@ def _map_blocks(fn: Callable[[int, int], T], blocks: list[tuple[int, int]]) -> I
         torch.set_num_threads(before)
 
 
-def _row_blocks(positions: list[int]) -> list[tuple[int, int]]:
-    """``(start, end)`` slices of the query ``positions``, :data:`_ROWS_PER_BLOCK` rows each."""
-    return [
-        (start, min(start + _ROWS_PER_BLOCK, len(positions)))
-        for start in range(0, len(positions), _ROWS_PER_BLOCK)
-    ]
+#: Logits per block on a GPU (float32: 512 MiB): GPU blocks are sized by memory, not by
+#: cache, and fewer, larger blocks launch fewer kernels.
+_GPU_BLOCK_LOGITS = 1 << 27
+
+
+def _row_blocks(positions: list[int], rows: int = _ROWS_PER_BLOCK) -> list[tuple[int, int]]:
+    """``(start, end)`` slices of the query ``positions``, ``rows`` rows each."""
+    return [(start, min(start + rows, len(positions))) for start in range(0, len(positions), rows)]
+
+
+def _rows_per_block(query: torch.Tensor, keys: int) -> int:
+    """Query rows per block: :data:`_ROWS_PER_BLOCK` on the CPU; on a GPU as many as keep a
+    block's logits (batch x query heads x rows x keys) within :data:`_GPU_BLOCK_LOGITS`."""
+    if query.device.type == "cpu":
+        return _ROWS_PER_BLOCK
+    per_row = query.shape[0] * query.shape[1] * max(keys, 1)
+    return max(_ROWS_PER_BLOCK, _GPU_BLOCK_LOGITS // per_row)
 
 
 def _block_probabilities(
@@ -205,7 +219,10 @@ def _block_probabilities(
     # Keys before the block's first query are visible to all its rows: only [lo, hi) needs the
     # causal mask.
     if hi - lo > 1:
-        future = torch.arange(lo, hi).view(1, -1) > torch.tensor(rows).view(-1, 1)
+        dev = query.device
+        future = torch.arange(lo, hi, device=dev).view(1, -1) > torch.tensor(rows, device=dev).view(
+            -1, 1
+        )
         logits[..., lo:hi].masked_fill_(future, float("-inf"))
     padded = False
     for bi, fv in enumerate(first_valid):
@@ -229,13 +246,14 @@ def _probabilities(
     index) over ``key``, summed over the query rows and over the query heads of each kv-head's
     GQA group: ``(B, H_kv, T)``."""
     b, hk, t = query.shape[0], key.shape[1], key.shape[2]
-    out = torch.zeros(b, hk, t)
+    out = torch.zeros(b, hk, t, device=query.device)
 
     def block(start: int, end: int) -> tuple[torch.Tensor, int]:
         probs, hi = _block_probabilities(query, key, rows[start:end], first_valid, scaling)
         return probs.sum(dim=(2, 3)), hi
 
-    for received, hi in _map_blocks(block, _row_blocks(rows)):
+    blocks = _row_blocks(rows, _rows_per_block(query, t))
+    for received, hi in _map_blocks(block, blocks, query.device.type == "cpu"):
         out[:, :, :hi] += received
     return out
 
@@ -255,8 +273,8 @@ def _attention_and_column_sums(
     b, hq, t, d = query.shape
     hk = key.shape[1]
     rep = hq // hk
-    out = torch.empty(b, hk, rep, t, d)
-    acc = torch.zeros(b, hk, t)
+    out = torch.empty(b, hk, rep, t, d, device=query.device)
+    acc = torch.zeros(b, hk, t, device=query.device)
     values = value.float()
     positions = list(range(t))
 
@@ -269,7 +287,8 @@ def _attention_and_column_sums(
         out[:, :, :, start:end] = torch.matmul(flat, values[:, :, :hi]).view(b, hk, rep, n, d)
         return probs.sum(dim=(2, 3)), hi
 
-    for received, hi in _map_blocks(block, _row_blocks(positions)):
+    blocks = _row_blocks(positions, _rows_per_block(query, t))
+    for received, hi in _map_blocks(block, blocks, query.device.type == "cpu"):
         acc[:, :, :hi] += received
     attn = out.view(b, hq, t, d).to(query.dtype).transpose(1, 2).contiguous()
     return attn, acc
@@ -325,10 +344,17 @@ def _score_prefill(
                 acc = _probabilities(query, key, rows, fvs, scaling)
             else:
                 if acc is None:
-                    acc = torch.zeros(b, key.shape[1], t)
+                    acc = torch.zeros(b, key.shape[1], t, device=query.device)
                 acc[idx] = _probabilities(query[idx], key[idx], rows, fvs, scaling)
     if scored and acc is not None:
-        store.add_scores(0, acc.numpy(), np.ascontiguousarray(np.broadcast_to(counts, acc.shape)))
+        if layer.on_device:
+            # The Triton store takes torch tensors on its device.
+            dev_counts = torch.from_numpy(counts).to(acc.device).expand(acc.shape)
+            store.add_scores(0, acc, dev_counts.contiguous())
+        else:
+            store.add_scores(
+                0, acc.numpy(), np.ascontiguousarray(np.broadcast_to(counts, acc.shape))
+            )
     t1 = time.perf_counter()
     store.maybe_classify(True)
     layer.prefill_seconds["scoring"] += t1 - t0
@@ -352,7 +378,10 @@ def _visible_counts(rows: list[int], t: int, first_valid: list[int], mode: str) 
 
 
 def _as_numpy(query: torch.Tensor, key: torch.Tensor) -> tuple[Any, Any]:
-    return query.detach().float().contiguous().numpy(), key.detach().float().contiguous().numpy()
+    return (
+        query.detach().float().contiguous().cpu().numpy(),
+        key.detach().float().contiguous().cpu().numpy(),
+    )
 
 
 def kvmix_attention(
@@ -393,9 +422,15 @@ def kvmix_attention(
     qf = query.detach().float()
     if rotation is not None:
         qf = qf @ rotation  # the store holds rotated keys: (qR)(kR)^T = qk^T
-    out = layer.store.attend(qf.contiguous().numpy(), list(range(end - tq, end)), scale, True)
-    layer.store.maybe_classify()
-    result = torch.from_numpy(out)
+    positions = list(range(end - tq, end))
+    if layer.on_device:
+        # Torch in and out, on the device: no copy through the host.
+        result = layer.store.attend(qf.contiguous(), positions, scale, True)
+        layer.store.maybe_classify()
+    else:
+        out = layer.store.attend(qf.contiguous().numpy(), positions, scale, True)
+        layer.store.maybe_classify()
+        result = torch.from_numpy(out)
     if rotation is not None:
         result = result @ rotation.T  # the output is sum p (vR): rotate it back
     attn = result.to(query.dtype).transpose(1, 2).contiguous()
@@ -415,7 +450,7 @@ def _portable(original_name: str) -> Callable[..., Any]:
         attention_mask: torch.Tensor | None,
         **kwargs: Any,
     ) -> Any:
-        fn = AttentionInterface().get(original_name)
+        fn = AttentionInterface().get(original_name)  # type: ignore[no-untyped-call]
         if fn is None:  # "eager" is per model file
             fn = sys.modules[type(module).__module__].eager_attention_forward
         out = fn(module, query, key, value, attention_mask, **kwargs)
@@ -446,7 +481,8 @@ def _track_dense(layer: Any, query: torch.Tensor, scale: float) -> None:
         qf = query.detach().float()
         if getattr(layer, "rotation", None) is not None:
             qf = qf @ layer.rotation  # the store holds rotated keys
-        store.attend(qf.contiguous().numpy(), list(range(end - tq, end)), scale, True)
+        qs = qf.contiguous() if getattr(layer, "on_device", False) else qf.contiguous().numpy()
+        store.attend(qs, list(range(end - tq, end)), scale, True)
     store.maybe_classify()
 
 
@@ -514,7 +550,7 @@ def enable_portable_scoring(model: torch.nn.Module) -> torch.nn.Module:
     base = current.removeprefix(PORTABLE_PREFIX)
     name = PORTABLE_PREFIX + base
     AttentionInterface.register(name, _portable(base))
-    masks = AttentionMaskInterface()
+    masks = AttentionMaskInterface()  # type: ignore[no-untyped-call]
     if base in masks:
         AttentionMaskInterface.register(name, masks[base])
     _set_implementation(model, name)

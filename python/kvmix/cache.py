@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvmix import _kvmix
 from kvmix.attention import FUSED_ATTENTION, attention_mode
+from kvmix.engines import ENGINES, EngineName, resolve_engine
 from kvmix.errors import ConfigError, DTypeError
 from kvmix.quant import as_core_array
 from kvmix.types import AttentionMode, BufferDtype, CountMode, PolicyName, Selection
@@ -105,7 +106,8 @@ def randomized_hadamard(dim: int, seed: int) -> torch.Tensor:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     g = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (dim,), generator=g, dtype=torch.float64) * 2 - 1
-    return (signs[:, None] * h / dim**0.5).float()
+    rotation: torch.Tensor = (signs[:, None] * h / dim**0.5).float()
+    return rotation
 
 
 def _head_dims(config: Any) -> tuple[int, int, int]:
@@ -134,7 +136,7 @@ def combine_memory_reports(reports: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-class KvmixLayer(CacheLayerMixin):
+class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped base
     """One decoder layer's cache: a :class:`kvmix.LayerStore` plus what transformers needs.
 
     Args:
@@ -146,6 +148,9 @@ class KvmixLayer(CacheLayerMixin):
         buffer_dtype: storage of the not-yet-classified newest tokens (``None``: the policy's
             default, :func:`kvmix.default_buffer_dtype`).
         owner: the :class:`KvmixCache` holding this layer (for its attention mode).
+        engine: ``"auto"`` (the Rust store for CPU tensors, the Triton store otherwise),
+            ``"rust"`` or ``"triton"`` (also on CPU tensors, under Triton's interpreter). The
+            store is built for the device of the first tensors the layer receives.
     """
 
     is_compileable = False
@@ -159,22 +164,34 @@ class KvmixLayer(CacheLayerMixin):
         head_dim: int,
         buffer_dtype: BufferDtype | None,
         owner: KvmixCache,
+        engine: EngineName = "auto",
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # transformers' untyped base
+        if engine not in ENGINES:
+            raise ConfigError(
+                f"`engine` must be one of {', '.join(map(repr, ENGINES))}, got {engine!r}"
+            )
         self.kv_heads = kv_heads
         self.head_dim = head_dim
         self.owner = owner
-        self.store = _kvmix.LayerStore(policy, kv_heads, head_dim, options, buffer_dtype)
+        #: The engine asked for; :attr:`engine_name` is the one the store runs on.
+        self.engine = engine
+        #: ``"rust"`` until the first tensors arrive, then the engine of the store built for
+        #: their device.
+        self.engine_name = "rust"
+        # The Rust store validates the options and resolves their defaults (the one definition
+        # of every policy); the Triton store is built from its `layout`.
+        self.store: Any = _kvmix.LayerStore(policy, kv_heads, head_dim, options, buffer_dtype)
         # Read once from the store (each read builds a new dict); what the store resolved,
         # defaults included, so a rebuilt store is the same configuration.
         self.policy: PolicyName = self.store.policy
         self.options: dict[str, Any] = self.store.options
         self.scoring = self.store.scoring
         self.buffer_dtype: BufferDtype = self.store.buffer_dtype
-        #: The orthogonal rotation ``R`` of stored keys and values (``None``: none). The store
-        #: holds ``kR`` and ``vR``; since ``(qR)(kR)^T = qk^T`` and ``sum p vR = (sum p v)R``,
-        #: attention rotates the query once and the output back, with no kernel change.
-        self.rotation: torch.Tensor | None = getattr(owner, "rotation", None)
+        self._layout: dict[str, Any] = self.store.layout
+        if engine == "triton":
+            # Refuse a policy the Triton engine does not implement now, not at the first update.
+            self._new_store("triton", kv_heads)
         self.cumulative_length = 0
         #: Set by an update whose tokens have not been scored and classified yet.
         self.needs_prefill = False
@@ -182,37 +199,83 @@ class KvmixLayer(CacheLayerMixin):
         self.first_valid: list[int] = []
         #: Seconds the last prefill spent per phase (see :meth:`KvmixCache.prefill_timings`).
         self.prefill_seconds = dict.fromkeys(PREFILL_PHASES, 0.0)
-        #: Reused float32 buffers of the portable path, ``(B, H_kv, capacity, D)`` each.
-        self._dense: tuple[np.ndarray, np.ndarray] | None = None
+        #: Reused buffers of the portable path, ``(B, H_kv, capacity, D)`` each: float32 numpy
+        #: arrays (Rust engine) or torch tensors on the device (Triton engine).
+        self._dense: tuple[Any, Any] | None = None
+
+    @property
+    def rotation(self) -> torch.Tensor | None:
+        """The orthogonal rotation ``R`` of stored keys and values (``None``: none), shared by
+        every layer of the cache and moved to the device of its tensors. The store holds ``kR``
+        and ``vR``; since ``(qR)(kR)^T = qk^T`` and ``sum p vR = (sum p v)R``, attention rotates
+        the query once and the output back, with no kernel change."""
+        r: torch.Tensor | None = getattr(self.owner, "rotation", None)
+        return r
+
+    @property
+    def on_device(self) -> bool:
+        """Whether the store is the Triton engine's (torch tensors in, torch tensors out)."""
+        return self.engine_name == "triton"
+
+    def _new_store(self, engine: str, heads: int) -> Any:
+        """An empty store of ``engine`` for ``heads`` kv-heads, with this layer's policy."""
+        if engine == "rust":
+            return _kvmix.LayerStore(
+                self.policy, heads, self.head_dim, self.options, self.buffer_dtype
+            )
+        from kvmix.engines.triton_store import TritonLayerStore
+
+        return TritonLayerStore(
+            self.policy,
+            heads,
+            self.head_dim,
+            self.options,
+            self.buffer_dtype,
+            layout=self._layout,
+        )
 
     # -- transformers' layer contract -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if key_states.device.type != "cpu":
-            raise DTypeError(
-                f"kvmix caches run on the CPU; got key states on {key_states.device}. Move the "
-                "model to the CPU or use transformers' own caches on accelerators."
-            )
         if key_states.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise DTypeError(
                 f"key/value states must be float32, float16 or bfloat16, got {key_states.dtype}"
             )
-        self._fit_store_to_heads(key_states)
+        if value_states.device != key_states.device:
+            raise DTypeError(
+                f"key states on {key_states.device} but value states on {value_states.device}"
+            )
+        # Every check (engine for the device, policy on that engine, head count) runs before
+        # the layer changes, so a refused first update leaves it as it was.
+        engine = resolve_engine(self.engine, key_states.device)
+        if engine == "triton" and key_states.device.type not in ("cpu", "cuda"):
+            raise DTypeError(
+                f"kvmix's Triton engine runs on CUDA (or ROCm) tensors, and on CPU tensors under "
+                f"Triton's interpreter; got tensors on {key_states.device}"
+            )
+        self._fit_store_to_heads(key_states, engine)
+        owner_rotation = getattr(self.owner, "rotation", None)
+        if owner_rotation is not None and owner_rotation.device != key_states.device:
+            # One matrix for every layer, on the tensors' device (memory_report counts it once).
+            self.owner.rotation = owner_rotation.to(key_states.device)
         self.dtype = key_states.dtype
         self.device = key_states.device
         self.is_initialized = True
 
-    def _fit_store_to_heads(self, key_states: torch.Tensor) -> None:
-        """Rebuild the (still empty) store for the kv-heads this process actually receives.
+    def _fit_store_to_heads(self, key_states: torch.Tensor, engine: str = "rust") -> None:
+        """Rebuild the (still empty) store for the engine ``engine`` and for the kv-heads this
+        process actually receives.
 
         Under transformers' tensor parallelism (``tp_plan="auto"``) each rank's attention holds
         ``kv_heads / world_size`` of the config's kv-heads, so the head count comes from the
         tensors; the config's count only sizes the store built at construction."""
-        if key_states.dim() != 4:
-            return  # the store's append names the shape problem
-        heads = int(key_states.shape[1])
-        if heads == self.kv_heads or not 0 < heads < self.kv_heads:
-            return  # more heads than the config has is a shape error the append reports
-        if self.options.get("selection") == "layer":
+        heads = self.kv_heads
+        if key_states.dim() == 4 and 0 < int(key_states.shape[1]) < self.kv_heads:
+            # More heads than the config has is a shape error the append reports; so is a
+            # tensor of the wrong rank.
+            heads = int(key_states.shape[1])
+        if heads == self.kv_heads and engine == self.engine_name:
+            return
+        if heads != self.kv_heads and self.options.get("selection") == "layer":
             # Checked before anything changes, so the refused call leaves the layer as it was.
             raise ConfigError(
                 f"this layer receives {heads} of the config's {self.kv_heads} kv-heads (tensor "
@@ -221,10 +284,10 @@ class KvmixLayer(CacheLayerMixin):
                 "collective across ranks at every classification. Use `selection='kv_head'` "
                 "(one salient set per kv-head, as the paper's public code), which needs none."
             )
+        store = self._new_store(engine, heads)
         self.kv_heads = heads
-        self.store = _kvmix.LayerStore(
-            self.policy, heads, self.head_dim, self.options, self.buffer_dtype
-        )
+        self.store = store
+        self.engine_name = engine
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -245,16 +308,25 @@ class KvmixLayer(CacheLayerMixin):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        elif key_states.device != self.device or value_states.device != self.device:
+            raise DTypeError(
+                f"this layer's cache lives on {self.device}; got key states on "
+                f"{key_states.device} and value states on {value_states.device}"
+            )
         stored_k, stored_v = key_states, value_states
-        if self.rotation is not None:
-            r = self.rotation
+        r = self.rotation
+        if r is not None:
             stored_k = (key_states.float() @ r).to(key_states.dtype)
             stored_v = (value_states.float() @ r).to(value_states.dtype)
-        k, bf16 = as_core_array(stored_k, "key_states")
-        v, _ = as_core_array(stored_v, "value_states")
         first = self.cumulative_length == 0
         t0 = time.perf_counter()
-        self.store.append(np.ascontiguousarray(k), np.ascontiguousarray(v), bf16)
+        if self.on_device:
+            # Torch tensors end to end: the store quantizes on their device.
+            self.store.append(stored_k.detach(), stored_v.detach())
+        else:
+            k, bf16 = as_core_array(stored_k, "key_states")
+            v, _ = as_core_array(stored_v, "value_states")
+            self.store.append(np.ascontiguousarray(k), np.ascontiguousarray(v), bf16)
         if first:
             self.prefill_seconds = dict.fromkeys(PREFILL_PHASES, 0.0)
             self.prefill_seconds["compression"] = time.perf_counter() - t0
@@ -280,6 +352,8 @@ class KvmixLayer(CacheLayerMixin):
         the dequantization). For a float32 model the tensors are views of those buffers, valid
         until the next call.
         """
+        if self.on_device:
+            return self._dense_device()
         b, held = self.store.batch, self.store.seen  # the portable path never evicts
         dense = self._dense
         reuse = dense is not None and dense[0].shape[0] == b and dense[0].shape[2] >= held
@@ -291,6 +365,34 @@ class KvmixLayer(CacheLayerMixin):
         # (the new token; the tokens a classification moved).
         n = self.store.dense_into(*dense, changed_only=reuse)
         keys, values = (torch.from_numpy(a)[:, :, :n] for a in dense)
+        if self.rotation is not None:
+            keys, values = keys @ self.rotation.T, values @ self.rotation.T
+        return keys.to(self.dtype), values.to(self.dtype)
+
+    def _dense_device(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`dense` of the Triton store: its kernel dequantizes every tier into device
+        buffers kept by the layer (grown by 1.5x), written in the model's dtype on a GPU (the
+        kernel casts as it stores, so no second pass converts them) and in float32 under the
+        interpreter (numpy has no bfloat16). A rotated cache rotates back in float32."""
+        b, held = self.store.batch, self.store.seen
+        dtype = self.dtype
+        if self.device.type == "cpu" or self.rotation is not None:
+            dtype = torch.float32
+        dense = self._dense
+        reuse = (
+            dense is not None
+            and dense[0].shape[0] == b
+            and dense[0].shape[2] >= held
+            and dense[0].dtype == dtype
+        )
+        if dense is None or not reuse:
+            shape = (b, self.kv_heads, max(64, held * 3 // 2), self.head_dim)
+            dense = self._dense = (
+                torch.zeros(shape, dtype=dtype, device=self.device),
+                torch.zeros(shape, dtype=dtype, device=self.device),
+            )
+        n = self.store.dense_into(*dense)
+        keys, values = dense[0][:, :, :n], dense[1][:, :, :n]
         if self.rotation is not None:
             keys, values = keys @ self.rotation.T, values @ self.rotation.T
         return keys.to(self.dtype), values.to(self.dtype)
@@ -343,7 +445,7 @@ class KvmixLayer(CacheLayerMixin):
         self.store.crop(keep)
         self.cumulative_length = keep
 
-    def offload(self) -> None:  # the store lives in host memory already
+    def offload(self) -> None:  # the store stays where its tensors are
         pass
 
     def prefetch(self) -> None:
@@ -362,6 +464,16 @@ class KvmixCache(Cache):
             ``"bfloat16"`` or ``"float32"``. Default (``None``): ``"float16"`` (the papers'
             full precision) for every compressed policy, ``"float32"`` for ``"full"``
             (:func:`kvmix.default_buffer_dtype`).
+        rotation_seed: seeds a randomized Hadamard rotation of stored keys and values
+            (:func:`randomized_hadamard`); ``None``: no rotation.
+        engine: where each layer's store lives. ``"auto"`` (default): the Rust store in host
+            memory for CPU tensors, the Triton store in device memory for CUDA (or any other
+            non-CPU) tensors, chosen by each layer from the first tensors it receives.
+            ``"rust"``: CPU tensors only. ``"triton"``: the Triton store on any device (CPU
+            tensors run its kernels under Triton's interpreter, for tests). A policy the Triton
+            engine does not implement (MiKV with ``high_bits`` 4 or 8) raises
+            :class:`kvmix.ConfigError` here with ``"triton"``, at the first update with
+            ``"auto"`` on a GPU.
     """
 
     def __init__(
@@ -372,24 +484,29 @@ class KvmixCache(Cache):
         *,
         buffer_dtype: BufferDtype | None = None,
         rotation_seed: int | None = None,
+        engine: EngineName = "auto",
     ) -> None:
         n_layers = _full_attention_layers(config)
         self.num_query_heads, kv_heads, head_dim = _head_dims(config)
         self.config = config
-        #: See :func:`randomized_hadamard`; one matrix shared by every layer (not in the bytes
-        #: of :meth:`memory_report`: ``head_dim**2`` floats per cache).
+        #: See :func:`randomized_hadamard`; one matrix shared by every layer, moved to the
+        #: device of the first tensors (counted once by :meth:`memory_report`).
         self.rotation = (
             None if rotation_seed is None else randomized_hadamard(head_dim, rotation_seed)
         )
         layers = [
-            KvmixLayer(policy, options, kv_heads, head_dim, buffer_dtype, self)
+            KvmixLayer(policy, options, kv_heads, head_dim, buffer_dtype, self, engine)
             for _ in range(n_layers)
         ]
         #: The policy, its options with every default filled in, and the buffer dtype.
         self.policy: PolicyName = layers[0].policy
         self.options: dict[str, Any] = dict(layers[0].options)
         self.buffer_dtype: BufferDtype = layers[0].buffer_dtype
-        super().__init__(layers=layers)
+        #: The engine asked for (each layer's ``engine_name`` is the one it runs).
+        self.engine: EngineName = engine
+        #: The layers, typed as what they are (``Cache.layers`` is typed as the base classes).
+        self.kvmix_layers: list[KvmixLayer] = layers
+        super().__init__(layers=cast("list[Any]", layers))
 
     @property
     def attention_implementation(self) -> str | None:
@@ -425,17 +542,23 @@ class KvmixCache(Cache):
         Returns:
             ``bytes`` (everything held, metadata included), ``fp16_bytes`` (a dense fp16 cache of
             every token seen), ``compression_ratio`` (``fp16_bytes / bytes``), ``tokens`` (held,
-            summed over sequences and heads), ``tiers`` (per-tier breakdown, summed over layers)
-            and ``rotation_bytes`` (the rotation matrix of a rotated cache, counted in ``bytes``;
-            0 without one).
+            summed over sequences and heads), ``tiers`` (per-tier breakdown, summed over layers),
+            ``rotation_bytes`` (the rotation matrix of a rotated cache, counted in ``bytes``;
+            0 without one) and ``allocated_bytes``: what the stores' buffers hold with their
+            spare capacity. A Triton-engine layer grows its tensors by doubling, so this is
+            what ``torch.cuda.memory_allocated()`` sees of the cache (up to the allocator's
+            rounding of each tensor to 512 bytes), while ``bytes`` counts the rows written; a
+            Rust-engine layer adds its ``bytes`` (its vectors' spare capacity is not reported).
         """
-        reports = [layer.store.memory() for layer in self.layers]
+        reports = [layer.store.memory() for layer in self.kvmix_layers]
+        allocated = sum(int(m.get("allocated_bytes", m["bytes"])) for m in reports)
         rotation = 0
         if self.rotation is not None:
             rotation = self.rotation.numel() * self.rotation.element_size()
             reports.append({"bytes": rotation, "fp16_bytes": 0, "tokens": 0, "tiers": {}})
         total = combine_memory_reports(reports)
         total["rotation_bytes"] = rotation
+        total["allocated_bytes"] = allocated + rotation
         return total
 
     def memory_report_across_ranks(self, group: Any = None) -> dict[str, Any]:
@@ -473,7 +596,7 @@ class KvmixCache(Cache):
             into the store and quantizing it into its tiers.
         """
         total = dict.fromkeys(PREFILL_PHASES, 0.0)
-        for layer in self.layers:
+        for layer in self.kvmix_layers:
             for phase, seconds in layer.prefill_seconds.items():
                 total[phase] += seconds
         return total
@@ -520,6 +643,7 @@ class ZipCache(KvmixCache):
         streaming_gap: decoding steps buffered in full precision before being classified.
             Default ``100``.
         buffer_dtype: see :class:`KvmixCache`.
+        engine: see :class:`KvmixCache` (``"auto"``: Rust on the CPU, Triton on a GPU).
     """
 
     def __init__(
@@ -538,6 +662,7 @@ class ZipCache(KvmixCache):
         selection: Selection | None = None,
         streaming_gap: int | None = None,
         buffer_dtype: BufferDtype | None = None,
+        engine: EngineName = "auto",
     ) -> None:
         options = _options(
             salient_ratio=salient_ratio,
@@ -552,7 +677,7 @@ class ZipCache(KvmixCache):
             selection=selection,
             streaming_gap=streaming_gap,
         )
-        super().__init__(config, "zipcache", options, buffer_dtype=buffer_dtype)
+        super().__init__(config, "zipcache", options, buffer_dtype=buffer_dtype, engine=engine)
 
 
 class Kvmix5xCache(KvmixCache):
@@ -570,6 +695,7 @@ class Kvmix5xCache(KvmixCache):
         rotation_seed: seeds the rotation's signs; ``None`` turns the rotation off (an ablation).
         streaming_gap: decoding steps buffered in full precision before being classified.
         buffer_dtype: see :class:`KvmixCache`.
+        engine: see :class:`KvmixCache` (``"auto"``: Rust on the CPU, Triton on a GPU).
     """
 
     def __init__(
@@ -583,6 +709,7 @@ class Kvmix5xCache(KvmixCache):
         rotation_seed: int | None = 0,
         streaming_gap: int | None = None,
         buffer_dtype: BufferDtype | None = None,
+        engine: EngineName = "auto",
     ) -> None:
         super().__init__(
             config,
@@ -596,6 +723,7 @@ class Kvmix5xCache(KvmixCache):
             ),
             buffer_dtype=buffer_dtype,
             rotation_seed=rotation_seed,
+            engine=engine,
         )
 
 
@@ -620,6 +748,7 @@ class MiKVCache(KvmixCache):
         streaming_gap: steps between trims of the important set (1 = every step, as H2O).
             Default ``1``.
         buffer_dtype: see :class:`KvmixCache`.
+        engine: see :class:`KvmixCache` (``"auto"``: Rust on the CPU, Triton on a GPU).
     """
 
     def __init__(
@@ -634,6 +763,7 @@ class MiKVCache(KvmixCache):
         recent_share: float | None = None,
         streaming_gap: int | None = None,
         buffer_dtype: BufferDtype | None = None,
+        engine: EngineName = "auto",
     ) -> None:
         options = _options(
             ratio=ratio,
@@ -644,7 +774,7 @@ class MiKVCache(KvmixCache):
             recent_share=recent_share,
             streaming_gap=streaming_gap,
         )
-        super().__init__(config, "mikv", options, buffer_dtype=buffer_dtype)
+        super().__init__(config, "mikv", options, buffer_dtype=buffer_dtype, engine=engine)
 
 
 class QuantizedKVCache(KvmixCache):
@@ -662,6 +792,7 @@ class QuantizedKVCache(KvmixCache):
         group_size: value group size (``None``: the largest divisor of ``head_dim`` up to 64:
             64 for head_dim 64/128/256, 40 for 80, 48 for 96). Default ``None``.
         buffer_dtype: see :class:`KvmixCache`.
+        engine: see :class:`KvmixCache` (``"auto"``: Rust on the CPU, Triton on a GPU).
     """
 
     def __init__(
@@ -672,9 +803,10 @@ class QuantizedKVCache(KvmixCache):
         residual: int | None = None,
         group_size: int | None = None,
         buffer_dtype: BufferDtype | None = None,
+        engine: EngineName = "auto",
     ) -> None:
         options = _options(bits=bits, residual=residual, group_size=group_size)
-        super().__init__(config, "uniform", options, buffer_dtype=buffer_dtype)
+        super().__init__(config, "uniform", options, buffer_dtype=buffer_dtype, engine=engine)
 
 
 class EvictionCache(KvmixCache):
@@ -690,6 +822,7 @@ class EvictionCache(KvmixCache):
         recent_share: share of the budget reserved for the most recent tokens. Default ``0.5``.
         streaming_gap: steps between evictions. Default ``1``.
         buffer_dtype: see :class:`KvmixCache`.
+        engine: see :class:`KvmixCache` (``"auto"``: Rust on the CPU, Triton on a GPU).
     """
 
     def __init__(
@@ -700,9 +833,10 @@ class EvictionCache(KvmixCache):
         recent_share: float | None = None,
         streaming_gap: int | None = None,
         buffer_dtype: BufferDtype | None = None,
+        engine: EngineName = "auto",
     ) -> None:
         options = _options(budget=budget, recent_share=recent_share, streaming_gap=streaming_gap)
-        super().__init__(config, "eviction", options, buffer_dtype=buffer_dtype)
+        super().__init__(config, "eviction", options, buffer_dtype=buffer_dtype, engine=engine)
 
 
 class FullPrecisionCache(KvmixCache):
@@ -713,7 +847,14 @@ class FullPrecisionCache(KvmixCache):
         config: the model config.
         buffer_dtype: see :class:`KvmixCache`; for this policy the default is ``"float32"``
             (:func:`kvmix.default_buffer_dtype`), so an fp32 model's outputs are unchanged.
+        engine: see :class:`KvmixCache` (``"auto"``: Rust on the CPU, Triton on a GPU).
     """
 
-    def __init__(self, config: Any, *, buffer_dtype: BufferDtype | None = None) -> None:
-        super().__init__(config, "full", None, buffer_dtype=buffer_dtype)
+    def __init__(
+        self,
+        config: Any,
+        *,
+        buffer_dtype: BufferDtype | None = None,
+        engine: EngineName = "auto",
+    ) -> None:
+        super().__init__(config, "full", None, buffer_dtype=buffer_dtype, engine=engine)

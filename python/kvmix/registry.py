@@ -76,7 +76,7 @@ class Preset:
     fixed: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        # Frozen and hashable-free: a read-only copy so no caller can change the registry.
+        # A read-only copy: no caller can change a registered preset's options.
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
         self.check_overrides(self.options)
 

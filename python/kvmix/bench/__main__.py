@@ -28,6 +28,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "kvmix.bench.generate",
         "SmolLM2 prefill and decode speed: DynamicCache, QuantizedCache, kvmix presets",
     ),
+    "gpu": (
+        "kvmix.bench.gpu",
+        "8B-shaped model on one GPU: prefill, decode step, memory and max batch of every cache",
+    ),
 }
 
 

@@ -217,7 +217,7 @@ def measure(
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     lines = [
-        f"{'method':42} {'prefill s':>9} {'overhead':>9} {'decode tok/s':>12} "
+        f"{'method':50} {'prefill s':>9} {'overhead':>9} {'decode tok/s':>12} "
         f"{'vs dynamic':>10} {'vs fp16':>8} {'compress':>8} {'scoring':>8}"
     ]
     lines.append("-" * len(lines[0]))
@@ -226,7 +226,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         rel = res.get("decode_vs_dynamic")
         ratio = res["cache_vs_fp16"]
         lines.append(
-            f"{res['label']:42} {res['prefill_s']:9.2f} "
+            f"{res['label']:50} {res['prefill_s']:9.2f} "
             f"{'' if over is None else f'{100 * over:+.1f}%':>9} {res['decode_tok_s']:12.2f} "
             f"{'' if rel is None else f'{rel:.2f}x':>10} "
             f"{'n/a' if ratio is None else f'{ratio:.2f}x':>8} "

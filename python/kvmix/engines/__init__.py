@@ -3,13 +3,24 @@ Triton's interpreter). :func:`resolve_engine` picks one; :func:`make_store` buil
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from kvmix.engines.base import ConfigError, Store, load_attention, load_kernels
+from kvmix.types import BufferDtype, PolicyName
 
-ENGINES = ("auto", "rust", "triton")
+#: The engines a cache can ask for (``engine=``).
+EngineName = Literal["auto", "rust", "triton"]
+ENGINES: tuple[EngineName, ...] = ("auto", "rust", "triton")
 
-__all__ = ["ENGINES", "Store", "load_attention", "load_kernels", "make_store", "resolve_engine"]
+__all__ = [
+    "ENGINES",
+    "EngineName",
+    "Store",
+    "load_attention",
+    "load_kernels",
+    "make_store",
+    "resolve_engine",
+]
 
 
 def resolve_engine(engine: str, device: Any) -> str:
@@ -32,11 +43,11 @@ def resolve_engine(engine: str, device: Any) -> str:
 
 def make_store(
     engine: str,
-    policy: str,
+    policy: PolicyName,
     kv_heads: int,
     head_dim: int,
     config: dict[str, Any] | None = None,
-    buffer_dtype: str = "float32",
+    buffer_dtype: BufferDtype = "float32",
 ) -> Any:
     """A store of ``engine`` (already resolved) for one layer."""
     from kvmix._kvmix import LayerStore

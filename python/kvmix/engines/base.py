@@ -88,6 +88,16 @@ _HERE = Path(__file__).resolve().parent
 _LOCK = threading.Lock()
 _LOADED: dict[tuple[str, bool], ModuleType] = {}
 
+#: The kernels' own reduction combine functions, and triton's standard ones they stand for.
+#: The interpreter recognises the standard functions and reduces with one numpy call; any
+#: other combine function it runs element by element in Python (95% of an interpreted
+#: attention call). Compiled kernels keep their own (see ``triton_kernels.py``).
+_STANDARD_COMBINE = {
+    "_add": "_sum_combine",
+    "_maxf": "_elementwise_max",
+    "_minf": "_elementwise_min",
+}
+
 
 def _load(name: str, interpret: bool) -> ModuleType:
     """Load ``name``.py of this folder as a private module, compiled or interpreted.
@@ -115,6 +125,11 @@ def _load(name: str, interpret: bool) -> ModuleType:
                 knobs.runtime.interpret = interpret
             sys.modules[mod_name] = module
             spec.loader.exec_module(module)
+            if interpret:
+                # The reductions look their combine function up in the module at each call.
+                for own, standard in _STANDARD_COMBINE.items():
+                    if hasattr(module, own):
+                        setattr(module, own, getattr(triton.language.standard, standard))
         finally:
             if knobs is not None:
                 knobs.runtime.interpret = prev

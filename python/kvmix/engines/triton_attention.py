@@ -1,26 +1,47 @@
 """Decode attention computed directly on the Triton engine's packed tiers.
 
-One program per (stream, block of query rows, split of a tier's pages): it reads the packed
-codes of its pages once, unpacks them with vectorized shifts into a *field-major* channel
-order (column ``j`` of a tile holds channel ``(j % B) * PER + j // B``, where ``PER`` codes
-share a byte and ``B`` is the bytes per row), so a tile is one contiguous byte load repeated
-``PER`` times out of L1 instead of ``D`` scalar byte loads. The queries, the per-channel
-parameters and the output are permuted the same way, so no unpacked copy of the cache is
-ever made. Dequantization is folded into the dots where the algebra allows it:
+One launch covers every tier of a layer: program ``(stream, split)`` finds its tier from the
+split index (the splits of the buffer, then the high tier, then the low tier), reads the
+packed codes of its pages once and keeps an online softmax (base 2, fp32) over them. A GQA
+group's query heads are the rows of one program, so a kv-head's codes are read once for all
+its query heads. A second launch merges the splits with the log-sum-exp rule and writes the
+output; with ``track`` a third computes each tracked tier's received attention from the
+logits the first wrote. Nothing is read back to the host, and per call the host only
+computes page counts and launches (no tensor is built for the queries: the kernel reads
+``q`` through its strides and folds ``scale * log2(e)`` in).
+
+Unpacking. A tile's column ``j`` holds channel ``(j % NW) * FPW + j // NW``, where ``FPW``
+codes share a word and ``NW`` words make a row (*field-major* order): one load of a row's
+words, repeated ``FPW`` times out of L1, then a shift and a mask per element, and the
+integer code becomes an exact fp16 through its bit pattern (``code | 0x6400`` is
+``1024 + code``). The queries, the per-channel parameters and the output are permuted the
+same way, so no unpacked copy of the cache is ever made. 3-bit codes follow the Rust packing
+(a least-significant-bit-first bitstream: 8 codes in 3 bytes), read as 24-bit groups.
+
+Dots. Codes are exact in fp16, so the other operand is split into ``hi + lo`` fp16 parts
+after a per-row power-of-two scaling (no overflow, no precision lost to the range):
+``x·c = hi·c + lo·c`` with fp32 accumulation is within ~2^-22 of the fp32 product. Tensor-core
+dots need 16 rows; a decode step has ``group`` rows (4 for 32 query / 8 kv-heads), so the
+parts are stacked into the padding rows and cost no extra dot. Dequantization is folded into
+the dots where the algebra allows it:
 
 * per-channel keys (one segment per page): ``q·k̂ = (q∘s)·code + q·o``;
-* per-token keys/values with one group per row: ``q·k̂_t = s_t (q·code_t) + o_t Σq``,
-  ``Σ_t p_t v̂_t = Σ_t (p_t s_t) code_t + Σ_t p_t o_t``;
+* per-token groups ``g``: ``q·k̂_t = Σ_g s_tg (q_g·code_t) + o_tg Σq_g`` (the groups' masked
+  queries are stacked rows too), ``Σ_t p_t v̂_t = Σ_g [Σ_t (p_t s_tg) code_t]_g + Σ_t p_t o_tg``;
 * the fixed key factor (MiKV's balancer) is folded into the queries once per program,
   ZipCache's separable value factor (per page) multiplies the page's contribution.
 
-Each program keeps an online softmax (base 2, fp32) and writes its partial maximum, sum and
-unnormalized output; a small merge kernel combines every split of every tier with the
-log-sum-exp rule. With ``track`` the tier's base-2 logits are written too, and the received
-attention follows from the merged maximum and sum (torch ops on the device, no host sync).
+Dense tiers (the full-precision buffer) use fp32 dots.
 """
 
+# Triton's kernel language is untyped (its decorators, and parameters whose annotations
+# Triton itself reads, e.g. `tl.constexpr`), and so are the launchers that hand kernels their
+# arguments: mypy checks everything else in strict mode.
+# mypy: disable-error-code="no-untyped-def,untyped-decorator,no-untyped-call"
+
 from __future__ import annotations
+
+from typing import Any
 
 import triton
 import triton.language as tl
@@ -40,11 +61,6 @@ def _maxf(a, b):
 
 
 @triton.jit
-def _minf(a, b):
-    return tl.minimum(a, b)
-
-
-@triton.jit
 def _sum(x, axis: tl.constexpr):
     return tl.reduce(x, axis, _add)
 
@@ -52,11 +68,6 @@ def _sum(x, axis: tl.constexpr):
 @triton.jit
 def _max(x, axis: tl.constexpr):
     return tl.reduce(x, axis, _maxf)
-
-
-@triton.jit
-def _min(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, _minf)
 
 
 # Modes of a tier's keys or values (constexpr kernel arguments).
@@ -67,131 +78,247 @@ TOKEN = tl.constexpr(2)  # per-token groups of channels
 
 
 @triton.jit
-def _tier_split_kernel(
-    Q,  # fp32 [S, ROWS, D], pre-multiplied by scale*log2(e) (and the fixed key factor)
-    QPOS,  # int32 [ROWS]: position of each query row
-    FIRST_VALID,  # int32 [S]
-    POS,  # int32 [S, cap] (-1: empty row)
-    KD,  # key codes uint8 [S, cap, KB] or dense [S, cap, D]
-    KS,  # key scale fp16: CHANNEL [S, nseg, D]; TOKEN [S, cap, KG]
+def _channel_order(D: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr, WB: tl.constexpr):
+    """Channel of each tile column (see the module docstring)."""
+    j = tl.arange(0, D)
+    if MODE == DENSE:
+        ch = j
+    elif BITS == 3:
+        NG3: tl.constexpr = D // 8
+        ch = (j % NG3) * 8 + j // NG3
+    else:
+        FPW: tl.constexpr = 8 * WB // BITS
+        NW: tl.constexpr = D // FPW
+        ch = (j % NW) * FPW + j // NW
+    return ch
+
+
+@triton.jit
+def _codes(
+    DATA,
+    row,  # int64 [BLOCK_N]: stream * cap + token
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+    WB: tl.constexpr,
+    MAGIC: tl.constexpr,
+    BCAST: tl.constexpr,
+):
+    """The codes of rows ``row`` as an exact fp16 tile ``[BLOCK_N, D]`` in field-major order.
+    ``DATA`` is the tier's packed rows viewed as words of ``WB`` bytes (bytes for 3 bits).
+    ``BCAST``: load each row's words once (``[BLOCK_N, NW]``) and broadcast them over the
+    fields in registers; else gather a word per element (``FPW`` times the loads, and as much
+    shared memory when the loop is pipelined)."""
+    j = tl.arange(0, D)
+    if BITS == 3:
+        NG3: tl.constexpr = D // 8
+        RB: tl.constexpr = 3 * D // 8
+        if BCAST:
+            gi = tl.arange(0, NG3)
+            base = DATA + row[:, None] * RB + 3 * gi[None, :]
+            w = (
+                tl.load(base).to(tl.int32)
+                | (tl.load(base + 1).to(tl.int32) << 8)
+                | (tl.load(base + 2).to(tl.int32) << 16)
+            )
+            sh = 3 * tl.arange(0, 8)
+            code = tl.reshape((w[:, None, :] >> sh[None, :, None]) & 7, (row.shape[0], D))
+        else:
+            gi = j % NG3
+            base = DATA + row[:, None] * RB + 3 * gi[None, :]
+            w = (
+                tl.load(base).to(tl.int32)
+                | (tl.load(base + 1).to(tl.int32) << 8)
+                | (tl.load(base + 2).to(tl.int32) << 16)
+            )
+            code = (w >> (3 * (j // NG3))[None, :]) & 7
+    else:
+        FPW: tl.constexpr = 8 * WB // BITS
+        NW: tl.constexpr = D // FPW
+        MASK: tl.constexpr = (1 << BITS) - 1
+        if BCAST:
+            w = tl.load(DATA + row[:, None] * NW + tl.arange(0, NW)[None, :]).to(tl.int32)
+            sh = BITS * tl.arange(0, FPW)
+            code = tl.reshape((w[:, None, :] >> sh[None, :, None]) & MASK, (row.shape[0], D))
+        else:
+            w = tl.load(DATA + row[:, None] * NW + (j % NW)[None, :]).to(tl.int32)
+            code = (w >> (BITS * (j // NW))[None, :]) & MASK
+    if MAGIC:
+        # 0x6400 is fp16 1024.0 with a zero mantissa: OR-ing a code below 1024 into it gives
+        # 1024 + code exactly, without an int-to-float conversion (a slow instruction).
+        return (code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+    return code.to(tl.float16)
+
+
+@triton.jit
+def _stack_f16(x, M: tl.constexpr, K: tl.constexpr, NP: tl.constexpr, NPART: tl.constexpr):
+    """fp32 ``x [M, K]`` as fp16 blocks ``[NP * M, K]`` (hi, lo, zero padding) scaled per row
+    by a power of two, and the inverse scale ``[M]``: ``x = inv * Σ_blocks``."""
+    amax = _max(tl.abs(x), 1)
+    e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    # Biased exponent of the scale: brings |x| below 2^15 (fp16's range ends at 65504).
+    re = tl.minimum(tl.maximum(268 - e, 1), 253)
+    r = (re << 23).to(tl.float32, bitcast=True)
+    inv = ((254 - re) << 23).to(tl.float32, bitcast=True)
+    xs = x * r[:, None]
+    hi = xs.to(tl.float16).to(tl.float32)
+    part = tl.arange(0, NP)[:, None, None]
+    if NPART == 1:
+        val = tl.where(part == 0, hi[None, :, :], 0.0)
+    else:
+        val = tl.where(part == 0, hi[None, :, :], tl.where(part == 1, (xs - hi)[None, :, :], 0.0))
+    return tl.reshape(val.to(tl.float16), (NP * M, K)), inv
+
+
+@triton.jit
+def _pad_rows(x, M: tl.constexpr, K: tl.constexpr, NP: tl.constexpr):
+    part = tl.arange(0, NP)[:, None, None]
+    return tl.reshape(tl.where(part == 0, x[None, :, :], 0.0), (NP * M, K))
+
+
+@triton.jit
+def _unstack(y, M: tl.constexpr, N: tl.constexpr, NP: tl.constexpr):
+    return _sum(tl.reshape(y, (NP, M, N)), 0)
+
+
+@triton.jit
+def _tier_stacked(
+    Q,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    qscale,
+    QPOS,
+    qpos0,
+    FV,
+    KFIX,
+    POS,
+    KD,
+    KS,
     KO,
-    KSEG,  # int32 [S, cap // BLOCK_N] segment of each page (CHANNEL keys, separable values)
+    SEG,
     VD,
-    VS,  # value scale fp16 TOKEN [S, cap, VG]
+    VS,
     VO,
-    VF,  # separable value factor fp16 [S, nseg, D]
-    PM,  # fp32 [S, NSPLIT, ROWS]
+    VF,
+    LG,
+    PM,
     PL,
-    PACC,  # fp32 [S, NSPLIT, ROWS, D]
-    LOGITS,  # fp32 [S, ROWS, cap] (TRACK only)
+    PACC,
+    s,
+    split,  # this program's split within the tier
+    out_split,  # and among every tier's splits (where its partials go)
     cap,
     n_pages,
     pages_per_split,
-    split_offset,
     n_split,
     nseg,
     kv_heads,
     ROWS: tl.constexpr,
-    ROWS_P: tl.constexpr,
+    RP: tl.constexpr,
+    TQ: tl.constexpr,
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    QPOS_RANGE: tl.constexpr,
     K_MODE: tl.constexpr,
     K_BITS: tl.constexpr,
     K_GS: tl.constexpr,
+    K_WB: tl.constexpr,
+    K_FIX: tl.constexpr,
     V_MODE: tl.constexpr,
     V_BITS: tl.constexpr,
     V_GS: tl.constexpr,
+    V_WB: tl.constexpr,
     V_SEP: tl.constexpr,
     TRACK: tl.constexpr,
-    DOT_F16: tl.constexpr,
+    NPART: tl.constexpr,
+    MAGIC: tl.constexpr,
+    BCAST: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    s = tl.program_id(0)
-    sp = tl.program_id(1)
     s64 = s.to(tl.int64)
     cap64 = cap.to(tl.int64)
-
-    rows = tl.arange(0, ROWS_P)
-    j = tl.arange(0, D)
-    # Field-major channel order of the packed keys and values.
-    if K_MODE == DENSE:
-        kch = j
-    else:
-        KPER: tl.constexpr = 8 // K_BITS
-        KB: tl.constexpr = D // KPER
-        kbyte = j % KB
-        kshift = (j // KB) * K_BITS
-        kch = kbyte * KPER + j // KB
-    if V_MODE == DENSE:
-        vch = j
-    else:
-        VPER: tl.constexpr = 8 // V_BITS
-        VB: tl.constexpr = D // VPER
-        vbyte = j % VB
-        vshift = (j // VB) * V_BITS
-        vch = vbyte * VPER + j // VB
-
+    rows = tl.arange(0, RP)
     row_ok = rows < ROWS
+    kch = _channel_order(D, K_MODE, K_BITS, K_WB)
+    vch = _channel_order(D, V_MODE, V_BITS, V_WB)
+    # Row r of stream s = (b, h) is query head h * G + r // TQ, query r % TQ.
+    b = s // kv_heads
+    h = s % kv_heads
+    G: tl.constexpr = ROWS // TQ
+    head = h * G + rows // TQ
+    qi = rows % TQ
+    qoff = b.to(tl.int64) * sqb + head.to(tl.int64) * sqh + qi.to(tl.int64) * sqt
     q = tl.load(
-        Q + (s64 * ROWS + rows[:, None]) * D + kch[None, :], mask=row_ok[:, None], other=0.0
+        Q + qoff[:, None] + kch[None, :].to(tl.int64) * sqd, mask=row_ok[:, None], other=0.0
     )
-    qpos = tl.load(QPOS + rows, mask=row_ok, other=-1)
-    qsum = _sum(q, 1)
-    fv = tl.load(FIRST_VALID + s)
+    q = q.to(tl.float32) * qscale
+    if K_FIX:
+        q = q * tl.load(KFIX + s64 * D + kch).to(tl.float32)[None, :]
+    if QPOS_RANGE:
+        qpos = tl.where(row_ok, qpos0 + qi, -1)
+    else:
+        qpos = tl.load(QPOS + qi, mask=row_ok, other=-1)
+    fv = tl.load(FV + b)
 
-    m_i = tl.full([ROWS_P], float("-inf"), tl.float32)
-    l_i = tl.full([ROWS_P], 0.0, tl.float32)
-    acc = tl.full([ROWS_P, D], 0.0, tl.float32)
+    m_i = tl.full([RP], float("-inf"), tl.float32)
+    l_i = tl.full([RP], 0.0, tl.float32)
+    acc = tl.full([RP, D], 0.0, tl.float32)
 
-    p_lo = sp * pages_per_split
+    # Key-side constants hoisted out of the page loop.
+    if K_MODE == TOKEN:
+        KG: tl.constexpr = D // K_GS
+        kg = tl.arange(0, KG)
+        # Queries masked to each channel group, stacked as rows [KG * RP, D].
+        qg3 = tl.where((kch // K_GS)[None, None, :] == kg[:, None, None], q[None, :, :], 0.0)
+        qg_sum = _sum(qg3, 2)  # [KG, RP]
+        NPK: tl.constexpr = NPART if NPART * KG * RP >= 16 else 16 // (KG * RP)
+        qstack, qinv = _stack_f16(tl.reshape(qg3, (KG * RP, D)), KG * RP, D, NPK, NPART)
+    elif K_MODE == DENSE:
+        NPD: tl.constexpr = 1 if RP >= 16 else 16 // RP
+        qpad = _pad_rows(q, RP, D, NPD)
+    if V_MODE == TOKEN:
+        VG: tl.constexpr = D // V_GS
+        vg = tl.arange(0, VG)
+        vsel = (vch // V_GS)[None, None, :] == vg[:, None, None]  # [VG, 1, D]
+        NPV: tl.constexpr = NPART if NPART * VG * RP >= 16 else 16 // (VG * RP)
+    else:
+        NPV2: tl.constexpr = 1 if RP >= 16 else 16 // RP
+
+    p_lo = split * pages_per_split
     p_hi = tl.minimum(p_lo + pages_per_split, n_pages)
-    for page in range(p_lo, p_hi):
+    # Dense tiles are large and dense tiers (the buffer) short: no multi-buffering for them,
+    # which would take shared memory from the packed tiers' pipeline (one kernel holds both).
+    NSL: tl.constexpr = 1 if K_MODE == DENSE or V_MODE == DENSE else STAGES
+    for page in tl.range(p_lo, p_hi, num_stages=NSL):
         t = page * BLOCK_N + tl.arange(0, BLOCK_N)
-        t64 = t.to(tl.int64)
-        pos = tl.load(POS + s64 * cap64 + t64)
-        # ---- keys: logits [ROWS_P, BLOCK_N]
+        row = s64 * cap64 + t.to(tl.int64)
+        pos = tl.load(POS + row)
+        # ---- keys: logits [RP, BLOCK_N] (base 2, scaled)
         if K_MODE == DENSE:
-            k = tl.load(KD + (s64 * cap64 + t64[:, None]) * D + kch[None, :]).to(tl.float32)
-            if DOT_F16:
-                logits = tl.dot(q.to(tl.float16), tl.trans(k.to(tl.float16)))
-            else:
-                logits = tl.dot(q, tl.trans(k), input_precision="ieee")
+            k = tl.load(KD + row[:, None] * D + kch[None, :]).to(tl.float32)
+            logits = _unstack(tl.dot(qpad, tl.trans(k), input_precision="ieee"), RP, BLOCK_N, NPD)
+        elif K_MODE == CHANNEL:
+            codes = _codes(KD, row, D, K_BITS, K_WB, MAGIC, BCAST)
+            seg = tl.load(SEG + s64 * (cap64 // BLOCK_N) + page).to(tl.int64)
+            ks = tl.load(KS + (s64 * nseg + seg) * D + kch).to(tl.float32)
+            ko = tl.load(KO + (s64 * nseg + seg) * D + kch).to(tl.float32)
+            NPC: tl.constexpr = NPART if NPART * RP >= 16 else 16 // RP
+            a, ainv = _stack_f16(q * ks[None, :], RP, D, NPC, NPART)
+            logits = _unstack(tl.dot(a, tl.trans(codes)), RP, BLOCK_N, NPC) * ainv[:, None]
+            logits += _sum(q * ko[None, :], 1)[:, None]
         else:
-            raw = tl.load(KD + (s64 * cap64 + t64[:, None]) * KB + kbyte[None, :]).to(tl.int32)
-            codes = ((raw >> kshift[None, :]) & ((1 << K_BITS) - 1)).to(tl.float32)
-            if K_MODE == CHANNEL:
-                seg = tl.load(KSEG + s64 * (cap64 // BLOCK_N) + page).to(tl.int64)
-                ks = tl.load(KS + (s64 * nseg + seg) * D + kch).to(tl.float32)
-                ko = tl.load(KO + (s64 * nseg + seg) * D + kch).to(tl.float32)
-                qs = q * ks[None, :]
-                if DOT_F16:
-                    logits = tl.dot(qs.to(tl.float16), tl.trans(codes.to(tl.float16)))
-                else:
-                    logits = tl.dot(qs, tl.trans(codes), input_precision="ieee")
-                logits += _sum(q * ko[None, :], 1)[:, None]
-            else:
-                KG: tl.constexpr = D // K_GS
-                if KG == 1:
-                    sc = tl.load(KS + s64 * cap64 + t64).to(tl.float32)
-                    of = tl.load(KO + s64 * cap64 + t64).to(tl.float32)
-                    if DOT_F16:
-                        dots = tl.dot(q.to(tl.float16), tl.trans(codes.to(tl.float16)))
-                    else:
-                        dots = tl.dot(q, tl.trans(codes), input_precision="ieee")
-                    logits = dots * sc[None, :] + qsum[:, None] * of[None, :]
-                else:
-                    g = (kch // K_GS)[None, :]
-                    sc = tl.load(KS + (s64 * cap64 + t64[:, None]) * KG + g).to(tl.float32)
-                    of = tl.load(KO + (s64 * cap64 + t64[:, None]) * KG + g).to(tl.float32)
-                    k = codes * sc + of
-                    if DOT_F16:
-                        logits = tl.dot(q.to(tl.float16), tl.trans(k.to(tl.float16)))
-                    else:
-                        logits = tl.dot(q, tl.trans(k), input_precision="ieee")
+            codes = _codes(KD, row, D, K_BITS, K_WB, MAGIC, BCAST)
+            dots = _unstack(tl.dot(qstack, tl.trans(codes)), KG * RP, BLOCK_N, NPK)
+            dots = tl.reshape(dots * qinv[:, None], (KG, RP, BLOCK_N))
+            sc = tl.load(KS + row[None, :] * KG + kg[:, None]).to(tl.float32)  # [KG, N]
+            of = tl.load(KO + row[None, :] * KG + kg[:, None]).to(tl.float32)
+            logits = _sum(dots * sc[:, None, :] + qg_sum[:, :, None] * of[:, None, :], 0)
         visible = (pos[None, :] >= fv) & (pos[None, :] <= qpos[:, None]) & row_ok[:, None]
         logits = tl.where(visible, logits, float("-inf"))
         if TRACK:
             tl.store(
-                LOGITS + (s64 * ROWS + rows[:, None]) * cap64 + t64[None, :],
+                LG + (s64 * ROWS + rows[:, None]) * cap64 + t[None, :].to(tl.int64),
                 logits,
                 mask=row_ok[:, None],
             )
@@ -201,46 +328,472 @@ def _tier_split_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + _sum(p, 1)
         m_i = m_new
-        # ---- values: contribution [ROWS_P, D] in the values' field order
+        # ---- values: contribution [RP, D] in the values' field order
         if V_MODE == DENSE:
-            v = tl.load(VD + (s64 * cap64 + t64[:, None]) * D + vch[None, :]).to(tl.float32)
-            if DOT_F16:
-                contrib = tl.dot(p.to(tl.float16), v.to(tl.float16))
-            else:
-                contrib = tl.dot(p, v, input_precision="ieee")
+            v = tl.load(VD + row[:, None] * D + vch[None, :]).to(tl.float32)
+            contrib = _unstack(
+                tl.dot(_pad_rows(p, RP, BLOCK_N, NPV2), v, input_precision="ieee"), RP, D, NPV2
+            )
         else:
-            raw = tl.load(VD + (s64 * cap64 + t64[:, None]) * VB + vbyte[None, :]).to(tl.int32)
-            codes = ((raw >> vshift[None, :]) & ((1 << V_BITS) - 1)).to(tl.float32)
-            VG: tl.constexpr = D // V_GS
-            if VG == 1:
-                sc = tl.load(VS + s64 * cap64 + t64).to(tl.float32)
-                of = tl.load(VO + s64 * cap64 + t64).to(tl.float32)
-                ps = p * sc[None, :]
-                if DOT_F16:
-                    contrib = tl.dot(ps.to(tl.float16), codes.to(tl.float16))
-                else:
-                    contrib = tl.dot(ps, codes, input_precision="ieee")
-                contrib += _sum(p * of[None, :], 1)[:, None]
-            else:
-                g = (vch // V_GS)[None, :]
-                sc = tl.load(VS + (s64 * cap64 + t64[:, None]) * VG + g).to(tl.float32)
-                of = tl.load(VO + (s64 * cap64 + t64[:, None]) * VG + g).to(tl.float32)
-                v = codes * sc + of
-                if DOT_F16:
-                    contrib = tl.dot(p.to(tl.float16), v.to(tl.float16))
-                else:
-                    contrib = tl.dot(p, v, input_precision="ieee")
+            codes = _codes(VD, row, D, V_BITS, V_WB, MAGIC, BCAST)
+            sc = tl.load(VS + row[None, :] * VG + vg[:, None]).to(tl.float32)  # [VG, N]
+            of = tl.load(VO + row[None, :] * VG + vg[:, None]).to(tl.float32)
+            ps = p[None, :, :] * sc[:, None, :]  # [VG, RP, N]
+            a, ainv = _stack_f16(tl.reshape(ps, (VG * RP, BLOCK_N)), VG * RP, BLOCK_N, NPV, NPART)
+            part = _unstack(tl.dot(a, codes), VG * RP, D, NPV) * ainv[:, None]
+            part = tl.reshape(part, (VG, RP, D))
+            po = _sum(p[None, :, :] * of[:, None, :], 2)  # [VG, RP]
+            contrib = _sum(tl.where(vsel, part + po[:, :, None], 0.0), 0)
             if V_SEP:
-                vseg = tl.load(KSEG + s64 * (cap64 // BLOCK_N) + page).to(tl.int64)
+                vseg = tl.load(SEG + s64 * (cap64 // BLOCK_N) + page).to(tl.int64)
                 vf = tl.load(VF + (s64 * nseg + vseg) * D + vch).to(tl.float32)
                 contrib = contrib * vf[None, :]
         acc = acc * alpha[:, None] + contrib
 
     # Only the real query rows are written: the partials are a small fraction of the bytes read.
-    out = (s64 * n_split + split_offset + sp) * ROWS + rows
+    out = (s64 * n_split + out_split) * ROWS + rows
     tl.store(PM + out, m_i, mask=row_ok)
     tl.store(PL + out, l_i, mask=row_ok)
     tl.store(PACC + out[:, None] * D + vch[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _split16(x):
+    """fp32 ``x [R, K]`` as fp16 ``hi`` and ``lo`` parts of its rows scaled by powers of two
+    (no overflow, nothing lost to fp16's range), and the inverse scales ``[R]``."""
+    amax = _max(tl.abs(x), 1)
+    e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    re = tl.minimum(tl.maximum(268 - e, 1), 253)
+    r = (re << 23).to(tl.float32, bitcast=True)
+    inv = ((254 - re) << 23).to(tl.float32, bitcast=True)
+    xs = x * r[:, None]
+    hi = xs.to(tl.float16)
+    lo = (xs - hi.to(tl.float32)).to(tl.float16)
+    return hi, lo, inv
+
+
+@triton.jit
+def _dot_exact(x, codes, NPART: tl.constexpr):
+    """``x [R, K] @ codes [K, N]`` for fp32 ``x`` and exact fp16 ``codes``: fp16 tensor-core
+    dots of ``x``'s hi (and lo) parts, fp32 accumulation."""
+    hi, lo, inv = _split16(x)
+    y = tl.dot(hi, codes)
+    if NPART == 2:
+        y = tl.dot(lo, codes, y)
+    return y * inv[:, None]
+
+
+@triton.jit
+def _tier_flat(
+    Q,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    qscale,
+    QPOS,
+    qpos0,
+    FV,
+    KFIX,
+    POS,
+    KD,
+    KS,
+    KO,
+    SEG,
+    VD,
+    VS,
+    VO,
+    VF,
+    LG,
+    PM,
+    PL,
+    PACC,
+    s,
+    split,  # this program's split within the tier
+    out_split,  # and among every tier's splits (where its partials go)
+    cap,
+    n_pages,
+    pages_per_split,
+    n_split,
+    nseg,
+    kv_heads,
+    ROWS: tl.constexpr,
+    RP: tl.constexpr,
+    TQ: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    QPOS_RANGE: tl.constexpr,
+    K_MODE: tl.constexpr,
+    K_BITS: tl.constexpr,
+    K_GS: tl.constexpr,
+    K_WB: tl.constexpr,
+    K_FIX: tl.constexpr,
+    V_MODE: tl.constexpr,
+    V_BITS: tl.constexpr,
+    V_GS: tl.constexpr,
+    V_WB: tl.constexpr,
+    V_SEP: tl.constexpr,
+    TRACK: tl.constexpr,
+    NPART: tl.constexpr,
+    MAGIC: tl.constexpr,
+    BCAST: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """``_tier_stacked`` with every tile two-dimensional: the ``R >= 16`` rows tl.dot needs
+    repeat the ``RP`` query rows (row ``i`` is query row ``i % RP``), and the hi/lo parts are
+    two dots accumulating into one result, so no tile is reshaped (each reshape or 3-D
+    broadcast is a trip through shared memory)."""
+    s64 = s.to(tl.int64)
+    cap64 = cap.to(tl.int64)
+    R: tl.constexpr = 16 if RP < 16 else RP
+    ri = tl.arange(0, R)
+    rows = ri % RP
+    row_ok = rows < ROWS
+    first = ri < ROWS  # the rows written out (one copy of each query row)
+    kch = _channel_order(D, K_MODE, K_BITS, K_WB)
+    vch = _channel_order(D, V_MODE, V_BITS, V_WB)
+    b = s // kv_heads
+    h = s % kv_heads
+    G: tl.constexpr = ROWS // TQ
+    head = h * G + rows // TQ
+    qi = rows % TQ
+    qoff = b.to(tl.int64) * sqb + head.to(tl.int64) * sqh + qi.to(tl.int64) * sqt
+    q = tl.load(
+        Q + qoff[:, None] + kch[None, :].to(tl.int64) * sqd, mask=row_ok[:, None], other=0.0
+    )
+    q = q.to(tl.float32) * qscale
+    if K_FIX:
+        q = q * tl.load(KFIX + s64 * D + kch).to(tl.float32)[None, :]
+    if QPOS_RANGE:
+        qpos = tl.where(row_ok, qpos0 + qi, -1)
+    else:
+        qpos = tl.load(QPOS + qi, mask=row_ok, other=-1)
+    fv = tl.load(FV + b)
+
+    m_i = tl.full([R], float("-inf"), tl.float32)
+    l_i = tl.full([R], 0.0, tl.float32)
+    acc = tl.full([R, D], 0.0, tl.float32)
+    NSL: tl.constexpr = 1 if K_MODE == DENSE or V_MODE == DENSE else STAGES
+    p_lo = split * pages_per_split
+    p_hi = tl.minimum(p_lo + pages_per_split, n_pages)
+    for page in tl.range(p_lo, p_hi, num_stages=NSL):
+        t = page * BLOCK_N + tl.arange(0, BLOCK_N)
+        row = s64 * cap64 + t.to(tl.int64)
+        pos = tl.load(POS + row)
+        if K_MODE == DENSE:
+            k = tl.load(KD + row[:, None] * D + kch[None, :]).to(tl.float32)
+            logits = tl.dot(q, tl.trans(k), input_precision="ieee")
+        elif K_MODE == CHANNEL:
+            codes = tl.trans(_codes(KD, row, D, K_BITS, K_WB, MAGIC, BCAST))
+            seg = tl.load(SEG + s64 * (cap64 // BLOCK_N) + page).to(tl.int64)
+            ks = tl.load(KS + (s64 * nseg + seg) * D + kch).to(tl.float32)
+            ko = tl.load(KO + (s64 * nseg + seg) * D + kch).to(tl.float32)
+            logits = _dot_exact(q * ks[None, :], codes, NPART)
+            logits += _sum(q * ko[None, :], 1)[:, None]
+        else:
+            codes = tl.trans(_codes(KD, row, D, K_BITS, K_WB, MAGIC, BCAST))
+            KG: tl.constexpr = D // K_GS
+            logits = tl.full([R, BLOCK_N], 0.0, tl.float32)
+            for g in tl.static_range(KG):
+                qg = tl.where((kch // K_GS == g)[None, :], q, 0.0)
+                sc = tl.load(KS + row * KG + g).to(tl.float32)
+                of = tl.load(KO + row * KG + g).to(tl.float32)
+                logits += _dot_exact(qg, codes, NPART) * sc[None, :]
+                logits += _sum(qg, 1)[:, None] * of[None, :]
+        visible = (pos[None, :] >= fv) & (pos[None, :] <= qpos[:, None]) & row_ok[:, None]
+        logits = tl.where(visible, logits, float("-inf"))
+        if TRACK:
+            tl.store(
+                LG + (s64 * ROWS + ri[:, None]) * cap64 + t[None, :].to(tl.int64),
+                logits,
+                mask=first[:, None],
+            )
+        m_new = tl.maximum(m_i, _max(logits, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(logits - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + _sum(p, 1)
+        m_i = m_new
+        if V_MODE == DENSE:
+            v = tl.load(VD + row[:, None] * D + vch[None, :]).to(tl.float32)
+            contrib = tl.dot(p, v, input_precision="ieee")
+        else:
+            codes = _codes(VD, row, D, V_BITS, V_WB, MAGIC, BCAST)
+            VG: tl.constexpr = D // V_GS
+            contrib = tl.full([R, D], 0.0, tl.float32)
+            for g in tl.static_range(VG):
+                sc = tl.load(VS + row * VG + g).to(tl.float32)
+                of = tl.load(VO + row * VG + g).to(tl.float32)
+                c = _dot_exact(p * sc[None, :], codes, NPART)
+                c += _sum(p * of[None, :], 1)[:, None]
+                if VG == 1:
+                    contrib += c
+                else:
+                    contrib += tl.where((vch // V_GS == g)[None, :], c, 0.0)
+            if V_SEP:
+                vseg = tl.load(SEG + s64 * (cap64 // BLOCK_N) + page).to(tl.int64)
+                vf = tl.load(VF + (s64 * nseg + vseg) * D + vch).to(tl.float32)
+                contrib = contrib * vf[None, :]
+        acc = acc * alpha[:, None] + contrib
+
+    out = (s64 * n_split + out_split) * ROWS + ri
+    tl.store(PM + out, m_i, mask=first)
+    tl.store(PL + out, l_i, mask=first)
+    tl.store(PACC + out[:, None] * D + vch[None, :], acc, mask=first[:, None])
+
+
+@triton.jit
+def _tier(
+    Q,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    qscale,
+    QPOS,
+    qpos0,
+    FV,
+    KFIX,
+    POS,
+    KD,
+    KS,
+    KO,
+    SEG,
+    VD,
+    VS,
+    VO,
+    VF,
+    LG,
+    PM,
+    PL,
+    PACC,
+    s,
+    split,  # this program's split within the tier
+    out_split,  # and among every tier's splits (where its partials go)
+    cap,
+    n_pages,
+    pages_per_split,
+    n_split,
+    nseg,
+    kv_heads,
+    ROWS: tl.constexpr,
+    RP: tl.constexpr,
+    TQ: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    QPOS_RANGE: tl.constexpr,
+    K_MODE: tl.constexpr,
+    K_BITS: tl.constexpr,
+    K_GS: tl.constexpr,
+    K_WB: tl.constexpr,
+    K_FIX: tl.constexpr,
+    V_MODE: tl.constexpr,
+    V_BITS: tl.constexpr,
+    V_GS: tl.constexpr,
+    V_WB: tl.constexpr,
+    V_SEP: tl.constexpr,
+    TRACK: tl.constexpr,
+    NPART: tl.constexpr,
+    MAGIC: tl.constexpr,
+    BCAST: tl.constexpr,
+    STAGES: tl.constexpr,
+    FLAT: tl.constexpr,
+):
+    if FLAT:
+        _tier_flat(
+            Q,
+            sqb,
+            sqh,
+            sqt,
+            sqd,
+            qscale,
+            QPOS,
+            qpos0,
+            FV,
+            KFIX,
+            POS,
+            KD,
+            KS,
+            KO,
+            SEG,
+            VD,
+            VS,
+            VO,
+            VF,
+            LG,
+            PM,
+            PL,
+            PACC,
+            s,
+            split,
+            out_split,
+            cap,
+            n_pages,
+            pages_per_split,
+            n_split,
+            nseg,
+            kv_heads,
+            ROWS,
+            RP,
+            TQ,
+            D,
+            BLOCK_N,
+            QPOS_RANGE,
+            K_MODE,
+            K_BITS,
+            K_GS,
+            K_WB,
+            K_FIX,
+            V_MODE,
+            V_BITS,
+            V_GS,
+            V_WB,
+            V_SEP,
+            TRACK,
+            NPART,
+            MAGIC,
+            BCAST,
+            STAGES,
+        )
+    else:
+        _tier_stacked(
+            Q,
+            sqb,
+            sqh,
+            sqt,
+            sqd,
+            qscale,
+            QPOS,
+            qpos0,
+            FV,
+            KFIX,
+            POS,
+            KD,
+            KS,
+            KO,
+            SEG,
+            VD,
+            VS,
+            VO,
+            VF,
+            LG,
+            PM,
+            PL,
+            PACC,
+            s,
+            split,
+            out_split,
+            cap,
+            n_pages,
+            pages_per_split,
+            n_split,
+            nseg,
+            kv_heads,
+            ROWS,
+            RP,
+            TQ,
+            D,
+            BLOCK_N,
+            QPOS_RANGE,
+            K_MODE,
+            K_BITS,
+            K_GS,
+            K_WB,
+            K_FIX,
+            V_MODE,
+            V_BITS,
+            V_GS,
+            V_WB,
+            V_SEP,
+            TRACK,
+            NPART,
+            MAGIC,
+            BCAST,
+            STAGES,
+        )
+
+
+@triton.jit
+def _attend_kernel(
+    Q,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    qscale,
+    QPOS,
+    qpos0,
+    FV,
+    PM,
+    PL,
+    PACC,
+    n_split,
+    pages_per_split,
+    kv_heads,
+    # tier 0 (buffer)
+    POS0, KD0, KS0, KO0, SEG0, VD0, VS0, VO0, VF0, KF0, LG0, cap0, pages0, ns0, nseg0,
+    # tier 1 (high)
+    POS1, KD1, KS1, KO1, SEG1, VD1, VS1, VO1, VF1, KF1, LG1, cap1, pages1, ns1, nseg1,
+    # tier 2 (low)
+    POS2, KD2, KS2, KO2, SEG2, VD2, VS2, VO2, VF2, KF2, LG2, cap2, pages2, ns2, nseg2,
+    ROWS: tl.constexpr,
+    RP: tl.constexpr,
+    TQ: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    QPOS_RANGE: tl.constexpr,
+    NPART: tl.constexpr,
+    MAGIC: tl.constexpr,
+    BCAST: tl.constexpr,
+    STAGES: tl.constexpr,
+    FLAT: tl.constexpr,
+    ON0: tl.constexpr,  # whether each tier has pages (an empty tier's code is left out)
+    ON1: tl.constexpr,
+    ON2: tl.constexpr,
+    # per tier: key mode, bits, group size, word bytes, fixed factor; the same for values
+    # (separable factor instead of the fixed one); tracking
+    KM0: tl.constexpr, KB0: tl.constexpr, KG0: tl.constexpr, KW0: tl.constexpr, KX0: tl.constexpr,
+    VM0: tl.constexpr, VB0: tl.constexpr, VG0: tl.constexpr, VW0: tl.constexpr, VX0: tl.constexpr,
+    TR0: tl.constexpr,
+    KM1: tl.constexpr, KB1: tl.constexpr, KG1: tl.constexpr, KW1: tl.constexpr, KX1: tl.constexpr,
+    VM1: tl.constexpr, VB1: tl.constexpr, VG1: tl.constexpr, VW1: tl.constexpr, VX1: tl.constexpr,
+    TR1: tl.constexpr,
+    KM2: tl.constexpr, KB2: tl.constexpr, KG2: tl.constexpr, KW2: tl.constexpr, KX2: tl.constexpr,
+    VM2: tl.constexpr, VB2: tl.constexpr, VG2: tl.constexpr, VW2: tl.constexpr, VX2: tl.constexpr,
+    TR2: tl.constexpr,
+):  # fmt: skip
+    s = tl.program_id(0)
+    sp = tl.program_id(1)
+    if sp < ns0:
+        if ON0:
+            _tier(
+                Q, sqb, sqh, sqt, sqd, qscale, QPOS, qpos0, FV, KF0,
+                POS0, KD0, KS0, KO0, SEG0, VD0, VS0, VO0, VF0, LG0, PM, PL, PACC,
+                s, sp, sp, cap0, pages0, pages_per_split, n_split, nseg0, kv_heads,
+                ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
+                KM0, KB0, KG0, KW0, KX0, VM0, VB0, VG0, VW0, VX0, TR0, NPART, MAGIC,
+                BCAST, STAGES, FLAT,
+            )  # fmt: skip
+    elif sp < ns0 + ns1:
+        if ON1:
+            _tier(
+                Q, sqb, sqh, sqt, sqd, qscale, QPOS, qpos0, FV, KF1,
+                POS1, KD1, KS1, KO1, SEG1, VD1, VS1, VO1, VF1, LG1, PM, PL, PACC,
+                s, sp - ns0, sp, cap1, pages1, pages_per_split, n_split, nseg1, kv_heads,
+                ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
+                KM1, KB1, KG1, KW1, KX1, VM1, VB1, VG1, VW1, VX1, TR1, NPART, MAGIC,
+                BCAST, STAGES, FLAT,
+            )  # fmt: skip
+    else:
+        if ON2:
+            _tier(
+                Q, sqb, sqh, sqt, sqd, qscale, QPOS, qpos0, FV, KF2,
+                POS2, KD2, KS2, KO2, SEG2, VD2, VS2, VO2, VF2, LG2, PM, PL, PACC,
+                s, sp - ns0 - ns1, sp, cap2, pages2, pages_per_split, n_split, nseg2, kv_heads,
+                ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
+                KM2, KB2, KG2, KW2, KX2, VM2, VB2, VG2, VW2, VX2, TR2, NPART, MAGIC,
+                BCAST, STAGES, FLAT,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -290,6 +843,34 @@ def _merge_kernel(
     tl.store(LF + s64 * ROWS + r, lsum)
 
 
+@triton.jit
+def _received_kernel(
+    LG,  # fp32 [S, ROWS, cap] base-2 logits (-inf where not visible)
+    MF,
+    LF,
+    REC,  # fp32 [S, fill]
+    cap,
+    fill,
+    ROWS: tl.constexpr,
+    RP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    s = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    rows = tl.arange(0, RP)
+    ok = rows < ROWS
+    m = tl.load(MF + s * ROWS + rows, mask=ok, other=0.0)
+    lsum = tl.load(LF + s * ROWS + rows, mask=ok, other=0.0)
+    inv = tl.where(lsum > 0.0, 1.0 / lsum, 0.0)
+    lg = tl.load(
+        LG + (s * ROWS + rows[:, None]) * cap + t[None, :],
+        mask=ok[:, None] & (t < fill)[None, :],
+        other=float("-inf"),
+    )
+    p = tl.exp2(lg - m[:, None]) * inv[:, None]
+    tl.store(REC + s * fill + t, _sum(p, 0), mask=t < fill)
+
+
 # ----------------------------------------------------------------------------------------
 # Launcher (plain Python: it runs the kernels of the module it was loaded with, compiled or
 # under the interpreter).
@@ -323,6 +904,76 @@ def plan_splits(pages: list[int], streams: int, target_programs: int) -> int:
     return max(1, -(-streams * total // max(1, target_programs)))
 
 
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _word_view(data, mode: int, bits: int, d: int):
+    """Packed rows viewed as the widest words (up to 4 bytes) that tile a row, and the word
+    size in bytes: fewer, wider loads. 3-bit rows stay bytes (24-bit groups)."""
+    import torch
+
+    if mode == 0 or bits == 3:
+        return data, 1
+    row = d * bits // 8
+    for wb, dt in ((4, torch.int32), (2, torch.int16)):
+        if row % wb == 0 and data.numel() > 1:
+            return data.view(dt), wb
+    return data, 1
+
+
+# Partials of the splits and merged row statistics, reused between calls: [capacity] fp32 per
+# device and stream
+# (consumed by the merge launch before the next call on the same CUDA stream can write them).
+_WORKSPACE: dict[Any, Any] = {}
+
+
+def _workspace(dev, n_m: int, n_acc: int):
+    import torch
+
+    key = (dev, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
+    ws = _WORKSPACE.get(key)
+    if ws is None or ws[0].numel() < n_m or ws[2].numel() < n_acc:
+        m_cap = max(n_m, 2 * (ws[0].numel() if ws is not None else 0))
+        a_cap = max(n_acc, 2 * (ws[2].numel() if ws is not None else 0))
+        ws = tuple(
+            torch.empty(n, dtype=torch.float32, device=dev)
+            for n in (m_cap, m_cap, a_cap, m_cap, m_cap)
+        )
+        _WORKSPACE[key] = ws
+    return ws
+
+
+# Compiled kernels by launch key, for the fast launch path (see _launch).
+_COMPILED: dict[Any, Any] = {}
+
+
+def _launch(fn, grid, args, consts, num_warps, num_stages, fast):
+    """``fn[grid](*args, **consts)``; with ``fast`` (compiled kernels only) later calls with
+    the same key go straight to the compiled kernel, skipping Triton's per-call binding,
+    cache-key and option formatting, which cost more host time than a decode step's GPU time.
+    The key holds what Triton specializes on: the constexprs, each tensor's dtype and 16-byte
+    alignment, and whether each integer argument is 1 or a multiple of 16."""
+    if not fast:
+        fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        return
+    import torch
+
+    sig: list[tuple[Any, bool]] = [
+        (a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)
+    ]
+    sig += [(a == 1, a % 16 == 0) for a in args if type(a) is int]
+    key = (fn, num_warps, num_stages, tuple(consts.items()), tuple(sig))
+    kernel = _COMPILED.get(key)
+    if kernel is None:
+        _COMPILED[key] = fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        return
+    full = list(args) + [consts[n] for n in fn.arg_names[len(args) :]]
+    # A compiled kernel's runner indexes all three grid dimensions.
+    grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+    kernel[grid3](*full, stream=torch.cuda.current_stream(args[0].device).cuda_stream)
+
+
 def attend_tiers(
     tiers,
     q,
@@ -332,108 +983,141 @@ def attend_tiers(
     kv_heads,
     track,
     *,
-    dot_f16=False,
-    target_programs=528,
+    precise=True,
+    magic=True,
+    bcast=True,
+    flat=False,
+    fast_launch=False,
+    target_programs=1056,
     block_n=64,
     num_warps=4,
     num_stages=2,
 ):
-    """Attention of ``q`` ``[B, Hq, Tq, D]`` over ``tiers`` (see ``TierView``).
+    """Attention of ``q`` ``[B, Hq, Tq, D]`` over ``tiers`` (up to three ``TierView``).
 
     Returns ``(out [B, Hq, Tq, D] fp32, received)`` where ``received[i]`` is, for tier ``i``
-    when ``track`` lists it, the attention each of its rows received ``[S, cap]`` (summed
-    over the GQA group's heads and the queries), else ``None``. Everything stays on the
-    tensors' device; no value is read back to the host.
+    when ``track`` lists it, the attention each of its rows received ``[S, fill]`` (summed
+    over the GQA group's heads and the queries), else ``None``. ``first_valid`` is ``[B]``
+    int32 on the device. Everything stays on the tensors' device; no value is read back to
+    the host. ``precise=False`` drops the low fp16 part of the dots (fp16-rounded operands);
+    ``magic=False`` unpacks with int-to-float conversions; ``bcast=False`` gathers a word per
+    code instead of loading each row's words once; the rest are launch parameters.
+    Not yet measured on a GPU, so off by default: ``flat=True`` (the 2-D formulation,
+    ``_tier_flat``: checked here under the interpreter, it compiled on an H200 but its speed
+    was not timed) and ``fast_launch=True`` (compiled kernels launched from a cache, see
+    ``_launch``; its first GPU run failed on the grid's missing third dimension, fixed since).
     """
     import torch
 
+    if len(tiers) > 3:
+        raise ValueError(f"attend_tiers takes at most 3 tiers, got {len(tiers)}")
     b, hq, tq, d = q.shape
     group = hq // kv_heads
     streams = b * kv_heads
     rows = group * tq
+    rp = _next_pow2(rows)
     dev = q.device
-    # Rows of a stream: (head in group, query), head-major; scale and log2(e) folded in.
-    qs = (q.float() * (scale * LOG2E)).reshape(b, kv_heads, group, tq, d).reshape(streams, rows, d)
-    qpos = positions_tensor(q_positions, dev).repeat(group)
-    fv = first_valid.repeat_interleave(kv_heads)
-    rows_p = max(16, triton.next_power_of_2(rows))
+    fast = fast_launch and dev.type == "cuda"
     pages = [t.fill_pages(block_n) for t in tiers]
     pps = plan_splits(pages, streams, target_programs)
     splits = [-(-p // pps) for p in pages]
     n_split = max(1, sum(splits))
-    pm = torch.empty((streams, n_split, rows), dtype=torch.float32, device=dev)
-    pl = torch.empty_like(pm)
-    pacc = torch.empty((streams, n_split, rows, d), dtype=torch.float32, device=dev)
-    if sum(splits) == 0:
-        pm.fill_(float("-inf"))
-        pl.zero_()
-        pacc.zero_()
-    logits = [None] * len(tiers)
-    offset = 0
-    for i, (t, ns) in enumerate(zip(tiers, splits, strict=True)):
-        if ns == 0:
+    # Partials, then the merged maximum and sum of each row ([S, ROWS] <= the partials' size).
+    pm, pl, pacc, mf, lf = _workspace(dev, streams * n_split * rows, streams * n_split * rows * d)
+    out = torch.empty((b, hq, tq, d), dtype=torch.float32, device=dev)
+    n_q = len(q_positions)
+    first = int(q_positions[0]) if n_q else 0
+    consecutive = all(int(p) == first + i for i, p in enumerate(q_positions))
+    qpos = pm if consecutive else positions_tensor(q_positions, dev)
+    logits: list[Any] = [None] * len(tiers)
+    targs: list[Any] = []
+    cargs: dict[str, Any] = {}
+    for i in range(3):
+        if i >= len(tiers) or splits[i] == 0:
+            # An empty tier: no program reaches its branch; any tensors do.
+            targs += [pm] * 11 + [64, 0, 0, 1]
+            cargs.update(
+                {
+                    f"KM{i}": 0, f"KB{i}": 8, f"KG{i}": d, f"KW{i}": 1, f"KX{i}": False,
+                    f"VM{i}": 0, f"VB{i}": 8, f"VG{i}": d, f"VW{i}": 1, f"VX{i}": False,
+                    f"TR{i}": False,
+                }
+            )  # fmt: skip
             continue
-        qt = qs if t.kfix is None else qs * t.kfix.float().reshape(streams, 1, d)
+        t = tiers[i]
+        kd, kw = _word_view(t.kd, t.k_mode, t.k_bits, d)
+        vd, vw = _word_view(t.vd, t.v_mode, t.v_bits, d)
         do_track = bool(track and track[i])
-        lg = (
-            torch.empty((streams, rows, t.cap), dtype=torch.float32, device=dev) if do_track else pm
-        )
+        lg = pm
         if do_track:
-            lg.fill_(float("-inf"))
+            lg = torch.empty((streams, rows, t.cap), dtype=torch.float32, device=dev)
             logits[i] = lg
-        _tier_split_kernel[(streams, ns)](
-            qt.contiguous(),
-            qpos,
-            fv,
-            t.pos,
-            t.kd,
-            t.ks,
-            t.ko,
-            t.seg,
-            t.vd,
-            t.vs,
-            t.vo,
-            t.vf,
-            pm,
-            pl,
-            pacc,
-            lg,
-            t.cap,
-            pages[i],
-            pps,
-            offset,
-            n_split,
-            t.nseg,
-            kv_heads,
+        kfix = t.kfix
+        targs += [t.pos, kd, t.ks, t.ko, t.seg, vd, t.vs, t.vo, t.vf]
+        targs += [pm if kfix is None else kfix, lg, t.cap, pages[i], splits[i], t.nseg]
+        cargs.update(
+            {
+                f"KM{i}": t.k_mode, f"KB{i}": t.k_bits, f"KG{i}": t.k_gs, f"KW{i}": kw,
+                f"KX{i}": kfix is not None,
+                f"VM{i}": t.v_mode, f"VB{i}": t.v_bits, f"VG{i}": t.v_gs, f"VW{i}": vw,
+                f"VX{i}": bool(t.v_sep), f"TR{i}": do_track,
+            }
+        )  # fmt: skip
+    if sum(splits):
+        consts = dict(
             ROWS=rows,
-            ROWS_P=rows_p,
+            RP=rp,
+            TQ=tq,
             D=d,
             BLOCK_N=block_n,
-            K_MODE=t.k_mode,
-            K_BITS=t.k_bits,
-            K_GS=t.k_gs,
-            V_MODE=t.v_mode,
-            V_BITS=t.v_bits,
-            V_GS=t.v_gs,
-            V_SEP=t.v_sep,
-            TRACK=do_track,
-            DOT_F16=dot_f16,
-            num_warps=num_warps,
-            num_stages=num_stages,
+            QPOS_RANGE=consecutive,
+            NPART=2 if precise else 1,
+            MAGIC=magic,
+            BCAST=bcast,
+            STAGES=num_stages,
+            FLAT=flat,
+            ON0=len(splits) > 0 and splits[0] > 0,
+            ON1=len(splits) > 1 and splits[1] > 0,
+            ON2=len(splits) > 2 and splits[2] > 0,
+            **cargs,
         )
-        offset += ns
-    out = torch.empty((streams, rows, d), dtype=torch.float32, device=dev)
-    mf = torch.empty((streams, rows), dtype=torch.float32, device=dev)
-    lf = torch.empty_like(mf)
-    _merge_kernel[(streams, rows)](
-        pm, pl, pacc, out, mf, lf, n_split, ROWS=rows, D=d, SPLIT_BLOCK=16
+        args = [q, q.stride(0), q.stride(1), q.stride(2), q.stride(3), float(scale) * LOG2E]
+        args += [qpos, first, first_valid, pm, pl, pacc, n_split, pps, kv_heads, *targs]
+        _launch(_attend_kernel, (streams, n_split), args, consts, num_warps, num_stages, fast)
+    else:
+        out.zero_()
+        return out, [
+            torch.zeros((streams, t.fill), dtype=torch.float32, device=dev)
+            if track and track[i]
+            else None
+            for i, t in enumerate(tiers)
+        ]
+    _launch(
+        _merge_kernel,
+        (streams, rows),
+        [pm, pl, pacc, out, mf, lf, n_split],
+        dict(ROWS=rows, D=d, SPLIT_BLOCK=16),
+        4,
+        2,
+        fast,
     )
     received = []
-    for lg in logits:
+    for i, (t, lg) in enumerate(zip(tiers, logits, strict=True)):
         if lg is None:
-            received.append(None)
+            # A tracked tier without rows received nothing.
+            empty = track and track[i]
+            received.append(torch.zeros((streams, t.fill), device=dev) if empty else None)
             continue
-        p = torch.exp2(lg - mf[:, :, None]) / torch.where(lf > 0, lf, 1.0)[:, :, None]
-        received.append(p.sum(1))
-    out = out.reshape(b, kv_heads, group, tq, d).reshape(b, hq, tq, d)
+        rec = torch.empty((streams, t.fill), dtype=torch.float32, device=dev)
+        rb = 128
+        _launch(
+            _received_kernel,
+            (streams, -(-t.fill // rb)),
+            [lg, mf, lf, rec, t.cap, t.fill],
+            dict(ROWS=rows, RP=rp, BLOCK=rb),
+            4,
+            2,
+            fast,
+        )
+        received.append(rec)
     return out, received

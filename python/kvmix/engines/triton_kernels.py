@@ -11,6 +11,10 @@ grid points may round the other way where the GPU's fp32 division differs from I
 ulp (the documented rounding ties).
 """
 
+# Triton's kernel language is untyped (its decorators, and parameters whose annotations
+# Triton itself reads, e.g. `tl.constexpr`): mypy checks everything else in strict mode.
+# mypy: disable-error-code="no-untyped-def,untyped-decorator"
+
 from __future__ import annotations
 
 import triton
@@ -86,13 +90,8 @@ def quantize_token_groups_kernel(
     y = (xg - of[:, :, None]) / tl.where(sf == 0.0, 1.0, sf)[:, :, None] + 0.5
     y = tl.minimum(tl.maximum(y, 0.0), top)
     code = tl.where(sf[:, :, None] == 0.0, 0, y.to(tl.int32))
-    PER: tl.constexpr = 8 // BITS
-    B: tl.constexpr = D // PER
-    fields = tl.reshape(code, [BR, B, PER])
-    shifts = tl.arange(0, PER) * BITS
-    packed = _sum(fields << shifts[None, None, :], 2).to(tl.uint8)
     dst = s * cap + row0 + r
-    tl.store(CODES + dst[:, None] * B + tl.arange(0, B)[None, :], packed, mask=ok[:, None])
+    _store_codes(CODES, tl.reshape(code, [BR, D]), dst, ok, 0, BR, D, D, BITS)
     gi = tl.arange(0, G)
     tl.store(SC + dst[:, None] * G + gi[None, :], scale, mask=ok[:, None])
     tl.store(OF + dst[:, None] * G + gi[None, :], offset, mask=ok[:, None])
@@ -100,16 +99,19 @@ def quantize_token_groups_kernel(
 
 @triton.jit
 def quantize_channels_kernel(
-    X,  # fp32 [S, N, D]
-    NR,  # int32 [S]: rows of each stream's segment (the rest is padding)
+    X,  # fp32 [S, N, D]: NBLK segments, segment b at rows [b * BSTRIDE, b * BSTRIDE + RB)
+    NR,  # int32 [S, NBLK]: real rows of each stream's segment (the rest are holes)
     CODES,  # uint8 [S, cap, D*BITS/8]
     SC,  # fp16 [S, nseg, D]
     OF,
     N,
     cap,
-    row0,
-    seg,
+    row0,  # destination row of segment 0; segment b goes to row0 + b * BSTRIDE
+    seg,  # index of segment 0; segment b is seg + b
     nseg,
+    NBLK,
+    BSTRIDE,
+    RB,
     D: tl.constexpr,
     BITS: tl.constexpr,
     CB: tl.constexpr,  # channels per program (a multiple of 8)
@@ -117,13 +119,17 @@ def quantize_channels_kernel(
 ):
     s = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * CB + tl.arange(0, CB)
-    n = tl.load(NR + s)
+    blk = tl.program_id(2)
+    n = tl.load(NR + s * NBLK + blk)
+    base = blk * BSTRIDE  # the segment's first row, in X and (plus row0) in the tier
+    seg = seg + blk
+    row0 = row0 + base
     lo = tl.full([CB], float("inf"), tl.float32)
     hi = tl.full([CB], float("-inf"), tl.float32)
-    for r0 in range(0, N, BR):
+    for r0 in range(0, RB, BR):
         r = r0 + tl.arange(0, BR)
         ok = r < n
-        x = tl.load(X + (s * N + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
+        x = tl.load(X + (s * N + base + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
         lo = tl.minimum(lo, _min(tl.where(ok[:, None], x, float("inf")), 0))
         hi = tl.maximum(hi, _max(tl.where(ok[:, None], x, float("-inf")), 0))
     lo = tl.where(n > 0, lo, 0.0)
@@ -136,21 +142,47 @@ def quantize_channels_kernel(
     sf = scale.to(tl.float32)
     of = offset.to(tl.float32)
     div = tl.where(sf == 0.0, 1.0, sf)
-    PER: tl.constexpr = 8 // BITS
-    CBB: tl.constexpr = CB // PER
-    B: tl.constexpr = D // PER
-    shifts = tl.arange(0, PER) * BITS
-    bcol = tl.program_id(1) * CBB + tl.arange(0, CBB)
-    for r0 in range(0, N, BR):
+    for r0 in range(0, RB, BR):
         r = r0 + tl.arange(0, BR)
         ok = r < n
-        x = tl.load(X + (s * N + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
+        x = tl.load(X + (s * N + base + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
         y = (x - of[None, :]) / div[None, :] + 0.5
         y = tl.minimum(tl.maximum(y, 0.0), top)
         code = tl.where(sf[None, :] == 0.0, 0, y.to(tl.int32))
-        packed = _sum(tl.reshape(code, [BR, CBB, PER]) << shifts[None, None, :], 2)
         dst = s * cap + row0 + r
-        tl.store(CODES + dst[:, None] * B + bcol[None, :], packed.to(tl.uint8), mask=ok[:, None])
+        _store_codes(CODES, code, dst, ok, tl.program_id(1) * CB, BR, CB, D, BITS)
+
+
+@triton.jit
+def _store_codes(
+    CODES,
+    code,  # int32 [BR, W]: the codes of channels c0 .. c0 + W of rows `dst`
+    dst,
+    ok,
+    c0,
+    BR: tl.constexpr,
+    W: tl.constexpr,
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+):
+    """Pack ``code`` least significant bit first into rows of ``D * BITS / 8`` bytes, as the
+    Rust packer (``src/quant/packing.rs``) packs a row: code ``i`` at bits ``[i*BITS,
+    (i+1)*BITS)`` of the row. ``c0`` and ``W`` are multiples of 8 (whole bytes for any width)."""
+    B: tl.constexpr = D * BITS // 8
+    if 8 % BITS == 0:
+        PER: tl.constexpr = 8 // BITS
+        shifts = tl.arange(0, PER) * BITS
+        packed = _sum(tl.reshape(code, [BR, W // PER, PER]) << shifts[None, None, :], 2)
+        col = c0 // PER + tl.arange(0, W // PER)
+        tl.store(CODES + dst[:, None] * B + col[None, :], packed.to(tl.uint8), mask=ok[:, None])
+    else:
+        # Eight codes make BITS whole bytes: pack them into one word, store its bytes.
+        shifts = tl.arange(0, 8) * BITS
+        word = _sum(tl.reshape(code, [BR, W // 8, 8]) << shifts[None, None, :], 2)
+        base = (c0 // 8 + tl.arange(0, W // 8)) * BITS
+        for k in tl.static_range(BITS):
+            byte = ((word >> (8 * k)) & 255).to(tl.uint8)
+            tl.store(CODES + dst[:, None] * B + (base + k)[None, :], byte, mask=ok[:, None])
 
 
 @triton.jit
@@ -219,10 +251,20 @@ def _decode(
     if MODE == 0:
         x = tl.load(DATA + (s * cap64 + t[:, None]) * D + c[None, :]).to(tl.float32)
     else:
-        PER: tl.constexpr = 8 // BITS
-        B: tl.constexpr = D // PER
-        raw = tl.load(DATA + (s * cap64 + t[:, None]) * B + (c // PER)[None, :]).to(tl.int32)
-        code = ((raw >> ((c % PER) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+        B: tl.constexpr = D * BITS // 8
+        row = DATA + (s * cap64 + t[:, None]) * B
+        if 8 % BITS == 0:
+            PER: tl.constexpr = 8 // BITS
+            raw = tl.load(row + (c // PER)[None, :]).to(tl.int32)
+            code = ((raw >> ((c % PER) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+        else:
+            # A code may straddle two bytes: read both (the second past the row's end is 0).
+            bit = c * BITS
+            lo = tl.load(row + (bit // 8)[None, :]).to(tl.int32)
+            nxt = bit // 8 + 1
+            hi = tl.load(row + tl.minimum(nxt, B - 1)[None, :], mask=(nxt < B)[None, :], other=0)
+            word = lo | (hi.to(tl.int32) << 8)
+            code = ((word >> (bit % 8)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
         if MODE == 1:
             sc = tl.load(SC + (s * nseg + seg) * D + c).to(tl.float32)[None, :]
             of = tl.load(OF + (s * nseg + seg) * D + c).to(tl.float32)[None, :]

@@ -27,19 +27,34 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvmix.engines.base import ConfigError, NonFiniteError, ShapeError, load_kernels
+
+if TYPE_CHECKING:
+    from kvmix.types import BufferDtype, PolicyName
 
 #: Rows per page (and per attention block).
 PAGE = 64
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _MODES = {"dense": 0, "channel": 1, "token_groups": 2}
-_SUPPORTED = ("full", "uniform", "zipcache")
+_SUPPORTED = ("full", "uniform", "zipcache", "mikv", "eviction")
 _F16_MAX = 65504.0
+#: Decoding steps between reads of the device-side non-finite flag (each read synchronizes).
+_BAD_CHECK_STEPS = 32
+
+
+def _device_ints(values: list[int], device: Any, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Host integers as a tensor on ``device`` without waiting for it: a plain copy from
+    pageable memory synchronizes with the GPU, so small per-step counts go through pinned
+    memory asynchronously (the caching host allocator keeps the block until the copy ran)."""
+    host = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def _round_half_away(x: float) -> int:
@@ -87,20 +102,16 @@ class _Codec:
         self.group_size = int(spec.get("group_size", head_dim))
         self.factor = spec.get("factor", "none")
         if self.kind != "dense":
-            if self.bits not in (1, 2, 4, 8):
+            if self.bits not in (1, 2, 3, 4, 8):
                 raise ConfigError(
-                    f"the triton engine packs 1, 2, 4 or 8-bit codes, got {self.bits}-bit "
-                    "(3-bit codes cross byte boundaries); use engine='rust' for this policy"
+                    f"the triton engine packs 1, 2, 3, 4 or 8-bit codes, got {self.bits}-bit; "
+                    "use engine='rust' for this policy"
                 )
             if self.kind == "token_groups" and (self.group_size * self.bits) % 8:
                 raise ConfigError(
                     f"the triton engine needs each group of {self.group_size} {self.bits}-bit "
                     "codes to fill whole bytes; choose another group_size or engine='rust'"
                 )
-        if self.factor == "fixed":
-            raise ConfigError(
-                "the triton engine does not implement MiKV's key balancer yet; use engine='rust'"
-            )
         self.row_bytes = (
             head_dim * self.dtype.itemsize if self.kind == "dense" else head_dim * self.bits // 8
         )
@@ -122,6 +133,9 @@ class _Tier:
         self.k, self.v, self.scored = kcodec, vcodec, scored
         self.s, self.d, self.device = streams, head_dim, device
         self.segmented = kcodec.kind == "channel" or vcodec.factor == "separable"
+        #: MiKV's fixed key factor ``fp16 [S, D]`` (the key balancer's inverse), set by the
+        #: store for a tier whose keys use it.
+        self.kfix: torch.Tensor | None = None
         self.cap = 0
         self.fill = 0
         self.nseg = 0
@@ -159,30 +173,11 @@ class _Tier:
     # -- capacity -------------------------------------------------------------------------
 
     def _grow(self, rows: int, segs: int) -> None:
-        """Make room for ``rows`` rows and ``segs`` segments (capacity doubles: amortized)."""
+        """Make room for ``rows`` rows and ``segs`` segments. Row capacity grows by a quarter
+        (amortized O(1) per row; a doubling would leave up to half of a long tier unused, and
+        ``torch.cuda.memory_allocated`` would see it); segment slots double (they are small)."""
         if rows > self.cap:
-            new = max(PAGE, -(-max(rows, 2 * self.cap) // PAGE) * PAGE)
-            old_rows = self.cap
-
-            def widen(t: torch.Tensor, fill: float) -> torch.Tensor:
-                out = torch.full(
-                    (t.shape[0], new, *t.shape[2:]), fill, dtype=t.dtype, device=t.device
-                )
-                out[:, :old_rows] = t[:, :old_rows]
-                return out
-
-            self.pos = widen(self.pos, -1)
-            self.kd = widen(self.kd, 0)
-            self.vd = widen(self.vd, 0)
-            seg = torch.zeros((self.s, new // PAGE), dtype=torch.int32, device=self.device)
-            seg[:, : old_rows // PAGE] = self.seg
-            self.seg = seg
-            if self.k.kind == "token_groups":
-                self.ks, self.ko = widen(self.ks, 0), widen(self.ko, 0)
-            if self.v.kind == "token_groups":
-                self.vs, self.vo = widen(self.vs, 0), widen(self.vo, 0)
-            self.acc, self.count = widen(self.acc, 0), widen(self.count, 0)
-            self.cap = new
+            self._resize(max(PAGE, -(-max(rows, self.cap * 5 // 4) // PAGE) * PAGE))
         if segs > self.seg_cap:
             new_s = max(4, segs, 2 * self.seg_cap)
             old = self.seg_cap
@@ -198,6 +193,58 @@ class _Tier:
                 self.vf = widen_s(self.vf, 1)
             self.seg_cap = new_s
 
+    def _resize(self, new: int) -> None:
+        """Row capacity ``new`` (a multiple of :data:`PAGE`, at least the fill): every per-row
+        tensor is reallocated and its first ``min(cap, new)`` rows copied."""
+        keep = min(self.cap, new)
+
+        def resized(t: torch.Tensor, fill: float) -> torch.Tensor:
+            out = torch.full((t.shape[0], new, *t.shape[2:]), fill, dtype=t.dtype, device=t.device)
+            out[:, :keep] = t[:, :keep]
+            return out
+
+        self.pos = resized(self.pos, -1)
+        self.kd = resized(self.kd, 0)
+        self.vd = resized(self.vd, 0)
+        seg = torch.zeros((self.s, new // PAGE), dtype=torch.int32, device=self.device)
+        seg[:, : keep // PAGE] = self.seg[:, : keep // PAGE]
+        self.seg = seg
+        if self.k.kind == "token_groups":
+            self.ks, self.ko = resized(self.ks, 0), resized(self.ko, 0)
+        if self.v.kind == "token_groups":
+            self.vs, self.vo = resized(self.vs, 0), resized(self.vo, 0)
+        if self.scored:  # an unscored tier keeps empty score tensors
+            self.acc, self.count = resized(self.acc, 0), resized(self.count, 0)
+        self.cap = new
+
+    def shrink(self, headroom: int) -> None:
+        """Give back rows past ``fill + headroom`` when they are more than half the capacity
+        (the buffer after a classification moved a long prompt out of it)."""
+        need = max(PAGE, -(-(self.fill + headroom) // PAGE) * PAGE)
+        if self.cap > 2 * need:
+            self._resize(need)
+
+    def compact(self, rows: int) -> None:
+        """Move each stream's real rows (in row order) to the front and keep ``rows`` of them:
+        a tier that only unsegmented rows leave (MiKV's high tier) stops growing with holes."""
+        assert not self.segmented, "segment pages cannot move"
+        f = self.fill
+        order = torch.sort((self.pos[:, :f] < 0).int(), dim=1, stable=True).indices[:, :rows]
+        names = ["pos", "kd", "vd"]
+        if self.k.kind == "token_groups":
+            names += ["ks", "ko"]
+        if self.v.kind == "token_groups":
+            names += ["vs", "vo"]
+        if self.scored:
+            names += ["acc", "count"]
+        for name in names:
+            t = getattr(self, name)
+            idx = order if t.dim() == 2 else order[:, :, None].expand(-1, -1, t.shape[2])
+            moved = t[:, :f].gather(1, idx)
+            t[:, :rows] = moved
+        self.pos[:, rows:f] = -1
+        self.fill = rows
+
     # -- writing --------------------------------------------------------------------------
 
     def push(
@@ -208,29 +255,60 @@ class _Tier:
         pos: torch.Tensor,
         acc: torch.Tensor | None = None,
         count: torch.Tensor | None = None,
+        blocks: int = 1,
     ) -> None:
-        """Append rows ``[S, n, D]`` (fp32) as one segment; rows with ``pos < 0`` are holes,
-        and a stream's real rows come first."""
+        """Append rows ``[S, n, D]`` (fp32) as ``blocks`` segments of ``n / blocks`` rows each
+        (one kernel launch per codec for all of them); rows with ``pos < 0`` are holes, and a
+        stream's real rows come first in each segment. In a segmented tier every segment
+        starts on a fresh page."""
         n = keys.shape[1]
         if n == 0:
             return
+        rb = n // blocks
+        stride = -(-rb // PAGE) * PAGE if self.segmented and blocks > 1 else rb
+        if stride != rb:  # lay the segments out on their pages, holes between them
+            s, dev = self.s, keys.device
+
+            def spread(t: torch.Tensor, fill: float) -> torch.Tensor:
+                out = torch.full((s, blocks, stride, *t.shape[2:]), fill, dtype=t.dtype, device=dev)
+                out[:, :, :rb] = t.reshape(s, blocks, rb, *t.shape[2:])
+                return out.reshape(s, blocks * stride, *t.shape[2:])
+
+            keys, values, pos = spread(keys, 0.0), spread(values, 0.0), spread(pos, -1)
+            acc = None if acc is None else spread(acc, 0.0)
+            count = None if count is None else spread(count, 0.0)
+            n = blocks * stride
         row0 = -(-self.fill // PAGE) * PAGE if self.segmented else self.fill
-        self._grow(row0 + n, self.nseg + 1)
-        nr = (pos >= 0).sum(1, dtype=torch.int32)
-        self._encode(kern, self.k, keys, row0, nr, key=True)
-        self._encode(kern, self.v, values, row0, nr, key=False)
+        self._grow(row0 + n, self.nseg + blocks)
+        nr = (pos.reshape(self.s, blocks, stride) >= 0).sum(2, dtype=torch.int32)
+        self._encode(kern, self.k, keys, row0, nr, key=True, blocks=(blocks, stride, rb))
+        self._encode(kern, self.v, values, row0, nr, key=False, blocks=(blocks, stride, rb))
         self.pos[:, row0 : row0 + n] = pos
         if self.segmented:
-            self.seg[:, row0 // PAGE : -(-(row0 + n) // PAGE)] = self.nseg
-            self.nseg += 1
+            first, pages = row0 // PAGE, -(-n // PAGE)
+            if blocks == 1:
+                self.seg[:, first : first + pages] = self.nseg
+            else:  # segment b covers pages [b * stride / PAGE, (b + 1) * stride / PAGE)
+                ids = self.nseg + torch.arange(pages, device=pos.device) // (stride // PAGE)
+                self.seg[:, first : first + pages] = ids.to(torch.int32)
+            self.nseg += blocks
         if self.scored:
             self.acc[:, row0 : row0 + n] = 0 if acc is None else acc
             self.count[:, row0 : row0 + n] = 0 if count is None else count
-        self.fill = row0 + n
+        self.fill = row0 + n - (stride - rb)  # the last segment's trailing holes stay free
 
     def _encode(
-        self, kern: Any, c: _Codec, x: torch.Tensor, row0: int, nr: torch.Tensor, key: bool
+        self,
+        kern: Any,
+        c: _Codec,
+        x: torch.Tensor,
+        row0: int,
+        nr: torch.Tensor,
+        key: bool,
+        blocks: tuple[int, int, int] = (1, 0, 0),
     ) -> None:
+        """Quantize and write rows ``x [S, n, D]`` at ``row0``; ``nr [S, blocks]``: real rows
+        per segment; ``blocks``: (segments, rows between their starts, rows in each)."""
         n = x.shape[1]
         data = self.kd if key else self.vd
         if c.kind == "dense":
@@ -240,9 +318,12 @@ class _Tier:
         if c.kind == "channel":
             sc, of = self.ks, self.ko
             cb = min(self.d, 32)
-            kern.quantize_channels_kernel[(self.s, self.d // cb)](
+            nblk, stride, rb = blocks
+            if nblk == 1:
+                stride = rb = n
+            kern.quantize_channels_kernel[(self.s, self.d // cb, nblk)](
                 x,
-                nr,
+                nr.contiguous(),
                 data,
                 sc,
                 of,
@@ -251,6 +332,9 @@ class _Tier:
                 row0,
                 self.nseg,
                 self.seg_cap,
+                nblk,
+                stride,
+                rb,
                 D=self.d,
                 BITS=c.bits,
                 CB=cb,
@@ -259,8 +343,12 @@ class _Tier:
             return
         sc, of = (self.ks, self.ko) if key else (self.vs, self.vo)
         fac = self._dummy
-        if c.factor == "separable":
-            valid = (torch.arange(n, device=x.device)[None, :] < nr[:, None])[:, :, None]
+        if c.factor == "fixed":
+            assert self.kfix is not None, "the key balancer is set before quantizing"
+            fac = self.kfix.float().contiguous()
+        elif c.factor == "separable":
+            assert blocks[0] == 1, "separable factors are per push"
+            valid = (torch.arange(n, device=x.device)[None, :] < nr[:, :1])[:, :, None]
             amax = torch.where(valid, x.abs(), 0.0).amax(1)
             f = torch.where(amax > 0, amax.sqrt(), 1.0).to(torch.float16)
             self.vf[:, self.nseg] = f
@@ -278,7 +366,7 @@ class _Tier:
             D=self.d,
             GS=c.group_size,
             BITS=c.bits,
-            HAS_FAC=c.factor == "separable",
+            HAS_FAC=c.factor in ("separable", "fixed"),
             BR=br,
         )
 
@@ -295,7 +383,7 @@ class _Tier:
             vs=self.vs,
             vo=self.vo,
             vf=self.vf,
-            kfix=None,
+            kfix=self.kfix,
             cap=self.cap,
             nseg=self.seg_cap,
             fill=self.fill,
@@ -320,7 +408,7 @@ class _Tier:
             v.ks,
             v.ko,
             v.seg,
-            self._dummy,
+            self._dummy if self.kfix is None else self.kfix,
             v.vd,
             v.vs,
             v.vo,
@@ -335,7 +423,7 @@ class _Tier:
             K_MODE=v.k_mode,
             K_BITS=v.k_bits,
             K_GS=v.k_gs,
-            K_FIX=False,
+            K_FIX=self.kfix is not None,
             V_MODE=v.v_mode,
             V_BITS=v.v_bits,
             V_GS=v.v_gs,
@@ -349,6 +437,8 @@ class _Tier:
             t = getattr(self, name)
             if t is not self._dummy:
                 setattr(self, name, t.index_select(0, idx).contiguous())
+        if self.kfix is not None:
+            self.kfix = self.kfix.index_select(0, idx).contiguous()
         self.s = int(idx.numel())
 
     def nbytes(self) -> dict[str, int]:
@@ -388,11 +478,11 @@ class TritonLayerStore:
 
     def __init__(
         self,
-        policy: str,
+        policy: PolicyName,
         kv_heads: int,
         head_dim: int,
         config: dict[str, Any] | None = None,
-        buffer_dtype: str = "float32",
+        buffer_dtype: BufferDtype = "float32",
         *,
         layout: dict[str, Any] | None = None,
     ) -> None:
@@ -405,6 +495,12 @@ class TritonLayerStore:
             from kvmix._kvmix import LayerStore  # validates the options, resolves defaults
 
             layout = LayerStore(policy, kv_heads, head_dim, config, buffer_dtype).layout
+        if policy == "mikv" and layout["high"][0]["kind"] != "dense":
+            raise ConfigError(
+                "the triton engine keeps MiKV's important tokens at full precision only "
+                "(high_bits=None): demoting a quantized high tier is not implemented; use "
+                "engine='rust' for high_bits 4 or 8"
+            )
         if head_dim & (head_dim - 1) or head_dim < 16:
             raise ConfigError(
                 f"the triton engine needs a power-of-two head_dim of at least 16, got {head_dim}"
@@ -419,10 +515,11 @@ class TritonLayerStore:
         self.kv_heads = kv_heads
         self.head_dim = head_dim
         self.buffer_dtype = buffer_dtype
-        self._codecs = {
-            "buffer": (_Codec({"kind": "dense", "dtype": buffer_dtype}, head_dim),) * 2,
-            "high": tuple(_Codec(c, head_dim) for c in layout["high"]),
-            "low": tuple(_Codec(c, head_dim) for c in layout["low"]),
+        dense = _Codec({"kind": "dense", "dtype": buffer_dtype}, head_dim)
+        self._codecs: dict[str, tuple[_Codec, _Codec]] = {
+            "buffer": (dense, dense),
+            "high": (_Codec(layout["high"][0], head_dim), _Codec(layout["high"][1], head_dim)),
+            "low": (_Codec(layout["low"][0], head_dim), _Codec(layout["low"][1], head_dim)),
         }
         self.gap = layout["streaming_gap"]
         self.high_scored = bool(layout["high_scored"])
@@ -434,11 +531,17 @@ class TritonLayerStore:
         self.batch = 0
         self.seen = 0
         self.first_valid: list[int] = []
+        #: Buffered positions of each sequence (every kv-head of it holds the same ones).
+        self._buf_len: list[int] = []
         self._fv_dev: torch.Tensor | None = None
         self._tiers: dict[str, _Tier] = {}
+        self._kfix: torch.Tensor | None = None
+        #: Real rows of the high tier per sequence (heavy-hitter policies), known on the host.
+        self._high_real: list[int] = []
         self._since = 0
         self._classified = False
         self._bad: torch.Tensor | None = None
+        self._bad_steps = 0
         self.device: torch.device | None = None
 
     @property
@@ -447,11 +550,34 @@ class TritonLayerStore:
 
     @property
     def needs_balancer(self) -> bool:
-        return False
+        """Whether MiKV's key balancer is on and not set yet."""
+        return bool(self.options.get("key_balancer")) and self._kfix is None
+
+    @property
+    def evicts(self) -> bool:
+        """Whether the policy drops tokens (the eviction baseline)."""
+        return self.policy == "eviction"
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the store holds (each once): what it allocated on its device."""
+        held: dict[int, torch.Tensor] = {}
+        if self._fv_dev is not None:
+            held[id(self._fv_dev)] = self._fv_dev
+        for t in self._tiers.values():
+            for y in (t._dummy, t.pos, t.kd, t.vd, t.seg, t.acc, t.count):
+                held[id(y)] = y
+            for y in (t.ks, t.ko, t.vs, t.vo, t.vf):
+                held[id(y)] = y
+        return list(held.values())
 
     @property
     def _streams(self) -> int:
         return self.batch * self.kv_heads
+
+    def _first_valid_dev(self) -> torch.Tensor:
+        """Each sequence's first valid position, on the device (set by the first append)."""
+        assert self._fv_dev is not None, "the store holds no tokens yet"
+        return self._fv_dev
 
     def _kern(self) -> Any:
         assert self.device is not None
@@ -460,6 +586,8 @@ class TritonLayerStore:
     def _init(self, b: int, device: torch.device) -> None:
         self.batch, self.device = b, device
         self.first_valid = [0] * b
+        self._buf_len = [0] * b
+        self._high_real = [0] * b
         self._fv_dev = torch.zeros(b, dtype=torch.int32, device=device)
         s = self._streams
         self._tiers = {
@@ -498,9 +626,10 @@ class TritonLayerStore:
                         "keys/values contain NaN/Inf or magnitudes beyond the fp16 range (65504)"
                     )
             else:
-                # A decoding step must not wait for the device: the flag is read at the next
-                # classification (every `streaming_gap` steps), which then refuses.
+                # A decoding step must not wait for the device: the flag is read at a later
+                # classification (at most every _BAD_CHECK_STEPS steps), which then refuses.
                 self._bad = bad if self._bad is None else self._bad | bad
+                self._bad_steps += 1
         if not self.batch:
             self._init(b, keys.device)
         buf = self._tiers["buffer"]
@@ -513,6 +642,7 @@ class TritonLayerStore:
             pos.expand(s, n),
         )
         self.seen += n
+        self._buf_len = [x + n for x in self._buf_len]
         self._since += 1
 
     def set_first_valid(self, first_valid: list[int]) -> None:
@@ -525,7 +655,33 @@ class TritonLayerStore:
         self._fv_dev = torch.tensor(self.first_valid, dtype=torch.int32, device=self.device)
 
     def set_key_balancer(self, balancer: Any) -> None:
-        raise ConfigError("the triton engine does not implement MiKV's key balancer yet")
+        """MiKV's key balancer ``b`` ``[batch, kv_heads, head_dim]`` (numpy or torch): keys of
+        the tiers that use it are stored as ``Q(k / f)``, ``f = fp16(1 / b)``, and read back
+        times ``f``, as the Rust store does."""
+        if self._kfix is not None:
+            raise ConfigError(
+                "the key balancer is already set: keys already quantized were scaled by it "
+                "(reset() the store to start over)"
+            )
+        b = torch.as_tensor(balancer).to(device=self.device, dtype=torch.float32)
+        if not self.batch or b.numel() != self._streams * self.head_dim:
+            raise ShapeError(
+                f"the key balancer must be [batch, kv_heads, head_dim] = "
+                f"{self._streams * self.head_dim} values after the first append, got "
+                f"{b.numel()}"
+            )
+        inverse = 1.0 / b.reshape(self._streams, self.head_dim)
+        ok = torch.isfinite(b).all() & (b > 0).all()
+        ok &= ((inverse >= 2.0**-14) & (inverse <= _F16_MAX)).all()
+        if not bool(ok):  # once per prompt: the prefill may read this back
+            raise NonFiniteError(
+                "key balancer factors must be finite, positive, and have inverses that are "
+                "normal fp16 numbers"
+            )
+        self._kfix = inverse.to(torch.float16)
+        for t in self._tiers.values():
+            if t.k.factor == "fixed":
+                t.kfix = self._kfix
 
     def add_scores(self, start: int, acc: torch.Tensor, count: torch.Tensor) -> None:
         s = self._streams
@@ -574,7 +730,7 @@ class TritonLayerStore:
         )
         if track:
             qp = attn.positions_tensor(q_positions, q.device)
-            fv = self._fv_dev.repeat_interleave(self.kv_heads)[:, None]
+            fv = self._first_valid_dev().repeat_interleave(self.kv_heads)[:, None]
             for t, rec in zip(tiers, received, strict=True):
                 if rec is None:
                     continue
@@ -583,14 +739,17 @@ class TritonLayerStore:
                 seen_by = torch.where((p >= fv) & (p >= 0), seen_by, 0.0)
                 t.acc[:, : t.fill] += rec[:, : t.fill]
                 t.count[:, : t.fill] += seen_by
-        return out
+        result: torch.Tensor = out
+        return result
 
     def maybe_classify(self, force: bool = False) -> bool:
         due = not self._classified or (self.gap is not None and self._since >= self.gap)
         if not (force or due) or not self.batch:
             return False
-        if self._bad is not None:
-            bad, self._bad = bool(self._bad), None
+        # Reading the flag waits for the device: not at every step of a policy that classifies
+        # at every step (MiKV, eviction), but before those steps' tokens get far.
+        if self._bad is not None and (force or self._bad_steps >= _BAD_CHECK_STEPS):
+            bad, self._bad, self._bad_steps = bool(self._bad), None, 0
             if bad:
                 raise NonFiniteError(
                     "a decoding step appended NaN/Inf or magnitudes beyond the fp16 range (65504)"
@@ -599,35 +758,95 @@ class TritonLayerStore:
             self._classify_zipcache()
         elif self.policy == "uniform":
             self._classify_uniform()
+        elif self.policy in ("mikv", "eviction"):
+            if self.needs_balancer:
+                raise ConfigError(
+                    "MiKV's key balancer is on: call `set_key_balancer` (from the prompt's "
+                    "queries and keys) before the first classification, or disable `key_balancer`"
+                )
+            self._classify_retain(demote=self.policy == "mikv")
+        # The buffer refills for `streaming_gap` steps (uniform: up to `residual` tokens) before
+        # the next classification: room for that, not for the prompt it held.
+        room = int(self.options.get("residual", self.gap or 0) or 0) + 1
+        self._tiers["buffer"].shrink(room)
         self._since = 0
         self._classified = True
         return True
 
-    def _take_buffer(self, n: int) -> tuple[torch.Tensor, ...]:
-        """The first ``n`` buffered rows (fp32), and shift the rest to the front."""
-        buf = self._tiers["buffer"]
-        k = buf.kd[:, :n].float().clone()  # .float() of an fp32 buffer is a view
-        v = buf.vd[:, :n].float().clone()
-        p, a, c = buf.pos[:, :n].clone(), buf.acc[:, :n].clone(), buf.count[:, :n].clone()
-        rest = buf.fill - n
-        for name in ("kd", "vd", "pos", "acc", "count"):
-            t = getattr(buf, name)
-            t[:, :rest] = t[:, n : buf.fill].clone()
-        buf.pos[:, rest : buf.fill] = -1
-        buf.fill = rest
+    def _padding(self) -> list[int]:
+        """Per sequence, how many of its buffered positions are left padding (before its
+        first valid position): the buffer holds positions ``[seen - len, seen)``."""
+        return [
+            min(n, max(0, fv - (self.seen - n)))
+            for fv, n in zip(self.first_valid, self._buf_len, strict=True)
+        ]
+
+    def _take_buffer(self, take: list[int]) -> tuple[torch.Tensor, ...]:
+        """Every kv-head of sequence ``b`` gives its first ``take[b]`` buffered rows, in
+        position order: keys and values (fp32), positions, scores ``[S, max(take)]``, rows
+        past a stream's share being holes. The rest of each stream moves to the front.
+
+        A stream's rows are in position order with holes between them (an append writes every
+        stream at the same rows, and a stream that gave more rows than another has holes at
+        its end until then), so real rows are first sorted to the front."""
+        buf, h, dev = self._tiers["buffer"], self.kv_heads, self.device
+        f, w = buf.fill, max(take)
+        order = torch.sort((buf.pos[:, :f] < 0).int(), dim=1, stable=True).indices
+        take_s = _device_ints(take, dev).repeat_interleave(h)[:, None]
+
+        def rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            if t.dim() == 3:
+                return t[:, :f].gather(1, idx[:, :, None].expand(-1, -1, t.shape[2]))
+            return t[:, :f].gather(1, idx)
+
+        idx = order[:, :w]
+        mine = torch.arange(w, device=dev)[None, :] < take_s
+        k, v = rows(buf.kd, idx).float(), rows(buf.vd, idx).float()
+        p = torch.where(mine, rows(buf.pos, idx), -1)
+        a, c = rows(buf.acc, idx), rows(buf.count, idx)
+        left = [n - t for n, t in zip(self._buf_len, take, strict=True)]
+        nf = max(left)
+        if nf:
+            src = torch.arange(nf, device=dev)[None, :] + take_s
+            idx = order.gather(1, src.clamp(max=f - 1))
+            kept = src < f
+            moved = {name: rows(getattr(buf, name), idx) for name in ("kd", "vd", "acc", "count")}
+            moved["pos"] = torch.where(kept, rows(buf.pos, idx), -1)
+            for name, t in moved.items():
+                getattr(buf, name)[:, :nf] = t
+        buf.pos[:, nf:f] = -1
+        buf.fill = nf
+        self._buf_len = left
         return k, v, p, a, c
 
     def _classify_uniform(self) -> None:
+        """As the Rust store: each sequence's left padding is one segment of the low tier, then
+        its whole blocks of ``residual`` valid tokens (counted from its first valid one, as the
+        sequence alone would count them), one segment per block."""
         r = int(self.options["residual"])
-        buf = self._tiers["buffer"]
-        n_flush = buf.fill // r * r
-        if n_flush == 0:
+        pads = self._padding()
+        blocks = [(n - pad) // r for n, pad in zip(self._buf_len, pads, strict=True)]
+        take = [pad + nb * r for pad, nb in zip(pads, blocks, strict=True)]
+        if max(take) == 0:
             return
-        k, v, p, _, _ = self._take_buffer(n_flush)
+        k, v, p, _, _ = self._take_buffer(take)
+        h, d, dev = self.kv_heads, self.head_dim, self.device
+        pad_s = _device_ints(pads, dev).repeat_interleave(h)[:, None]
         low = self._tiers["low"]
-        for blk in range(n_flush // r):  # one segment per block of `residual` tokens
-            sl = slice(blk * r, (blk + 1) * r)
-            low.push(self._kern(), k[:, sl], v[:, sl], p[:, sl])
+        mp = max(pads)
+        if mp:
+            gp = torch.where(torch.arange(mp, device=dev)[None, :] < pad_s, p[:, :mp], -1)
+            low.push(self._kern(), k[:, :mp], v[:, :mp], gp)
+        blk_s = _device_ints(blocks, dev).repeat_interleave(h)[:, None]
+        w, nb = k.shape[1], max(blocks)
+        if nb:
+            # Every block of every stream in one push (a segment each); a stream with fewer
+            # blocks leaves its last ones as holes.
+            rows = torch.arange(nb * r, device=dev)[None, :]
+            idx = (pad_s + rows).clamp(max=w - 1)
+            gp = torch.where(rows // r < blk_s, p.gather(1, idx), -1)
+            ix = idx[:, :, None].expand(-1, -1, d)
+            low.push(self._kern(), k.gather(1, ix), v.gather(1, ix), gp, blocks=nb)
 
     def _classify_zipcache(self) -> None:
         buf = self._tiers["buffer"]
@@ -635,8 +854,11 @@ class TritonLayerStore:
         if n == 0:
             return
         o = self.options
-        start = self.seen - n  # the buffer holds the newest n positions, in order
-        k, v, p, acc, cnt = self._take_buffer(n)
+        # ZipCache classifies the whole buffer each time, so every stream holds the same
+        # newest n positions, in order, without holes.
+        start = self.seen - n
+        pads = self._padding()
+        k, v, p, acc, cnt = self._take_buffer(list(self._buf_len))
         b, h = self.batch, self.kv_heads
         if o["selection"] == "layer":
             acc = acc.reshape(b, h, n).sum(1, keepdim=True).expand(b, h, n).reshape(b * h, n)
@@ -645,14 +867,14 @@ class TritonLayerStore:
             score = torch.where(cnt > 0, acc / torch.where(cnt > 0, cnt, 1.0), 0.0)
         else:
             score = acc
-        fv = self._fv_dev.repeat_interleave(h)[:, None]
+        fv = self._first_valid_dev().repeat_interleave(h)[:, None]
         valid = p >= fv
         # Salient counts per sequence from host-known numbers: no read-back.
         k_seq = [
             _round_half_away(o["salient_ratio"] * max(0, n - max(0, fv_b - start)))
             for fv_b in self.first_valid
         ]
-        k_s = torch.tensor(k_seq, dtype=torch.int64, device=p.device).repeat_interleave(h)
+        k_s = _device_ints(k_seq, p.device).repeat_interleave(h)
         # Rank by (valid, score, index) descending: ties go to the more recent token, NaN
         # ranks lowest (importance::top_k).
         key = torch.nan_to_num(score, nan=float("-inf")).flip(-1)
@@ -665,7 +887,92 @@ class TritonLayerStore:
         rank.scatter_(1, order, torch.arange(n, device=p.device).expand_as(order))
         salient = rank < k_s[:, None]
         self._split_push("high", salient, k, v, p, max(k_seq))
-        self._split_push("low", ~salient, k, v, p, n - min(k_seq))
+        # As the Rust store: a sequence's left padding is a low-tier segment of its own, so
+        # the padding's range does not set its regular tokens' per-channel key codes.
+        self._split_push("low", ~valid, k, v, p, max(pads))
+        rest = [n - pad - ks for pad, ks in zip(pads, k_seq, strict=True)]
+        self._split_push("low", ~salient & valid, k, v, p, max(rest))
+
+    def _classify_retain(self, demote: bool) -> None:
+        """MiKV / H2O (``src/store/classify.rs``, ``plan_retain_important``): the important set
+        among the high tier's and the buffer's tokens is each sequence's ``n_recent`` most
+        recent valid tokens plus the best accumulated scores among the others (ties to the more
+        recent, NaN lowest), ``budget`` in all; it stays in (or enters) the high tier with its
+        scores, the rest is demoted to the low tier (MiKV) or dropped (eviction). Counts come
+        from the host; the ranking runs on the device."""
+        o = self.options
+        buf, high = self._tiers["buffer"], self._tiers["high"]
+        nb, nh = buf.fill, high.fill
+        if nb == 0:
+            return
+        h, dev = self.kv_heads, self.device
+        ratio = float(o["ratio"] if self.policy == "mikv" else o["budget"])
+        share = float(o["recent_share"])
+        budgets = [_round_half_away(ratio * max(0, self.seen - fv)) for fv in self.first_valid]
+        recents = [_round_half_away(share * x) for x in budgets]
+        start = self.seen - nb  # the buffer holds positions [start, seen) of every stream
+        incoming = [max(0, nb - max(0, fv - start)) for fv in self.first_valid]  # valid ones
+        new_real = [
+            min(bud, hr + inc)
+            for bud, hr, inc in zip(budgets, self._high_real, incoming, strict=True)
+        ]
+        leave_w = max(
+            hr + inc - nr for hr, inc, nr in zip(self._high_real, incoming, new_real, strict=True)
+        )
+
+        def per_stream(values: list[int]) -> torch.Tensor:
+            return _device_ints(values, dev).repeat_interleave(h)[:, None]
+
+        pos = torch.cat([high.pos[:, :nh], buf.pos[:, :nb]], 1).long()
+        score = torch.cat([high.acc[:, :nh], buf.acc[:, :nb]], 1)
+        fv = self._first_valid_dev().repeat_interleave(h)[:, None].long()
+        valid = (pos >= 0) & (pos >= fv)
+        n = pos.shape[1]
+        ar = torch.arange(n, device=dev).expand_as(pos)
+
+        def ranks(order: torch.Tensor) -> torch.Tensor:
+            r = torch.empty_like(order)
+            r.scatter_(1, order, ar)
+            return r
+
+        newest = torch.where(valid, pos, -1)
+        by_pos = torch.sort(newest, dim=1, descending=True, stable=True).indices
+        n_valid = valid.sum(1, keepdim=True)
+        budget_s = per_stream(budgets)
+        n_rec = torch.minimum(torch.minimum(per_stream(recents), budget_s), n_valid)
+        recent = valid & (ranks(by_pos) < n_rec)
+        eligible = valid & ~recent
+        key = torch.nan_to_num(score, nan=float("-inf")).gather(1, by_pos)
+        order = by_pos.gather(1, torch.sort(key, dim=1, descending=True, stable=True).indices)
+        first = torch.sort(eligible.gather(1, order).int(), dim=1, descending=True, stable=True)
+        order = order.gather(1, first.indices)
+        heavy = eligible & (ranks(order) < budget_s - n_rec)
+        important = recent | heavy
+        keep_high, to_high = important[:, :nh], important[:, nh:]
+        leaving = ~keep_high & (pos[:, :nh] >= 0)
+        k_buf, v_buf = buf.kd[:, :nb].float(), buf.vd[:, :nb].float()
+        p_buf = buf.pos[:, :nb]
+        self._split_push(
+            "high", to_high, k_buf, v_buf, p_buf, min(nb, max(new_real)),
+            buf.acc[:, :nb], buf.count[:, :nb],
+        )  # fmt: skip
+        if demote:
+            kh, vh = high.kd[:, :nh].float(), high.vd[:, :nh].float()
+            self._split_push(
+                "low",
+                torch.cat([leaving, ~to_high & (p_buf >= 0)], 1),
+                torch.cat([kh, k_buf], 1),
+                torch.cat([vh, v_buf], 1),
+                torch.cat([high.pos[:, :nh], p_buf], 1),
+                min(nh, leave_w) + nb,
+            )
+        high.pos[:, :nh] = torch.where(leaving, -1, high.pos[:, :nh])
+        buf.pos[:, :nb] = -1
+        buf.fill = 0
+        self._buf_len = [0] * self.batch
+        self._high_real = new_real
+        if high.fill > 2 * max(new_real) + PAGE:
+            high.compact(max(new_real))
 
     def _split_push(
         self,
@@ -675,8 +982,11 @@ class TritonLayerStore:
         v: torch.Tensor,
         p: torch.Tensor,
         width: int,
+        acc: torch.Tensor | None = None,
+        count: torch.Tensor | None = None,
     ) -> None:
-        """Push the rows where ``pick`` holds, in position order, real rows first."""
+        """Push the rows where ``pick`` holds, in position order, real rows first (with their
+        scores, when given)."""
         if width == 0:
             return
         idx = torch.sort((~pick).int(), dim=1, stable=True).indices[:, :width]
@@ -685,7 +995,9 @@ class TritonLayerStore:
         gk = k.gather(1, idx[:, :, None].expand(-1, -1, d))
         gv = v.gather(1, idx[:, :, None].expand(-1, -1, d))
         gp = torch.where(kept, p.gather(1, idx), -1)
-        self._tiers[tier].push(self._kern(), gk, gv, gp)
+        ga = None if acc is None else acc.gather(1, idx)
+        gc = None if count is None else count.gather(1, idx)
+        self._tiers[tier].push(self._kern(), gk, gv, gp, ga, gc)
 
     def crop(self, length: int) -> None:
         if length >= self.seen or not self.batch:
@@ -694,6 +1006,8 @@ class TritonLayerStore:
             t.pos[:, : t.fill] = torch.where(t.pos[:, : t.fill] >= length, -1, t.pos[:, : t.fill])
         buf = self._tiers["buffer"]
         buf.fill = max(0, buf.fill - (self.seen - length))
+        # A sequence's buffer holds positions [seen - n, seen); those from `length` on go.
+        self._buf_len = [min(n, max(0, length - (self.seen - n))) for n in self._buf_len]
         self.seen = length
 
     def select_batch(self, indices: list[int]) -> None:
@@ -707,6 +1021,10 @@ class TritonLayerStore:
         for t in self._tiers.values():
             t.select(idx)
         self.first_valid = [self.first_valid[i] for i in indices]
+        self._buf_len = [self._buf_len[i] for i in indices]
+        self._high_real = [self._high_real[i] for i in indices]
+        if self._kfix is not None:
+            self._kfix = self._kfix.index_select(0, idx).contiguous()
         self.batch = len(indices)
         if self.device is not None:
             self._fv_dev = torch.tensor(self.first_valid, dtype=torch.int32, device=self.device)
@@ -784,15 +1102,7 @@ class TritonLayerStore:
             }
         )
         tokens = sum(int((t.pos[:, : t.fill] >= 0).sum()) for t in self._tiers.values())
-        allocated = sum(
-            x.numel() * x.element_size()
-            for t in self._tiers.values()
-            for x in {
-                id(y): y
-                for y in (t.pos, t.kd, t.vd, t.seg, t.acc, t.count, t.ks, t.ko, t.vs, t.vo, t.vf)
-                if y is not t._dummy
-            }.values()
-        )
+        allocated = sum(x.numel() * x.element_size() for x in self.tensors())
         return {
             "bytes": sum(t["total"] for t in tiers.values()),
             "fp16_bytes": self._streams * self.seen * 2 * self.head_dim * 2,

@@ -1,0 +1,271 @@
+"""End to end on one GPU: an 8B-shaped model with random bf16 weights, every cache.
+
+The model is Llama-3.1-8B's configuration (32 layers, 32 query / 8 kv-heads, head_dim 128,
+hidden 4096, intermediate 14336, vocabulary 128256) with random bf16 weights and sdpa: the
+speed and the memory of a cache do not depend on the weights' values. For every
+``(batch, context)`` and every method:
+
+* ``prefill_s``: one forward pass over ``batch x context`` random tokens into an empty cache
+  (logits of the last position only), after a warm-up prefill of the same method;
+* ``step_ms``: the median of ``--steps`` greedy decoding steps (one token per sequence per step),
+  each timed with a device synchronisation before and after; ``tok_s`` is ``batch / step``;
+* ``cache_bytes``: what the device allocator holds once the prefill and the steps are done,
+  beyond the model's weights (``torch.cuda.memory_allocated`` growth: the cache itself, plus
+  the portable path's dense buffers); kvmix caches also give ``memory_report()``'s bytes;
+* ``peak_mib``: ``torch.cuda.max_memory_allocated`` over the prefill and the steps.
+
+Methods (names of the preset registry): ``full`` (transformers' DynamicCache, bf16),
+``quanto-int4`` / ``quanto-int2`` (QuantizedCache, optimum-quanto backend, when installed) and
+kvmix's presets on the Triton
+engine, fused (``kvmix`` attention) and ``-portable`` (sdpa on dense dequantized keys/values).
+``--max-batch`` also searches, per method, the largest batch that prefills and decodes
+``--max-batch-context`` tokens without running out of memory (doubling, then bisection).
+An out-of-memory error is a result (``"oom"``), not a failure.
+
+    python -m kvmix.bench gpu --json results/gpu/bench-gpu.json
+    python -m kvmix.bench gpu --tiny --device cpu     # a smoke test (Triton's interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import kvmix
+
+#: method -> (attention: "sdpa", "fused" or "portable"; cache factory from the model config).
+#: Every cache comes from the preset registry (``kvmix.make_cache``): transformers' caches
+#: (``full``, ``quanto-int4``/``quanto-int2``) run sdpa; kvmix's presets run fused, and as
+#: ``<preset>-portable`` sdpa on dense dequantized keys/values.
+_TRANSFORMERS = ("full", "quanto-int4", "quanto-int2")
+_KVMIX = ("zipcache", "kvmix-5x", "mikv", "uniform2", "uniform4")
+
+
+def _maker(name: str) -> Callable[[Any], Any]:
+    return lambda c: kvmix.make_cache(name, c)
+
+
+METHODS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    name: ("sdpa", _maker(name)) for name in _TRANSFORMERS
+}
+for _name in _KVMIX:
+    METHODS[_name] = ("fused", _maker(_name))
+    METHODS[f"{_name}-portable"] = ("portable", _maker(_name))
+DEFAULT_METHODS = [
+    "full",
+    "quanto-int4",
+    "quanto-int2",
+    "zipcache",
+    "zipcache-portable",
+    "kvmix-5x",
+    "uniform2",
+    "uniform4",
+    "mikv",
+]
+
+
+def llama_8b_config(tiny: bool = False) -> LlamaConfig:
+    """Llama-3.1-8B's shape (``tiny``: 2 layers of 4 / 2 heads, head_dim 16, for smoke tests)."""
+    if tiny:
+        return LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=4096,
+        )
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cuda", help="cuda (default), or cpu for --tiny")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+    p.add_argument("--steps", type=int, default=16, help="decoding steps timed (median)")
+    p.add_argument(
+        "--methods", nargs="+", default=DEFAULT_METHODS, choices=sorted(METHODS), metavar="M"
+    )
+    p.add_argument("--max-batch", action="store_true", help="search each method's max batch")
+    p.add_argument("--max-batch-context", type=int, default=32768)
+    p.add_argument("--max-batch-limit", type=int, default=256, help="largest batch tried")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer toy model (smoke test)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _model(config: LlamaConfig, device: torch.device, dtype: torch.dtype) -> Any:
+    torch.manual_seed(0)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build the weights in bf16 directly (no fp32 copy)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(before)
+    model.train(False)  # eval mode (`eval()` is untyped in torch's stubs)
+    return model
+
+
+def _enable(model: Any, attention: str) -> None:
+    if attention == "fused":
+        kvmix.enable_fused_attention(model)
+    elif attention == "portable":
+        model.set_attn_implementation("sdpa")
+        kvmix.enable_portable_scoring(model)
+    else:
+        model.set_attn_implementation("sdpa")
+
+
+def run_one(
+    model: Any, method: str, batch: int, context: int, steps: int, device: torch.device
+) -> dict[str, Any]:
+    """Prefill and decode one method at one shape; ``{"oom": True}`` if it runs out of memory."""
+    attention, make = METHODS[method]
+    _enable(model, attention)
+    gen = torch.Generator().manual_seed(batch * 100003 + context)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
+    base = _allocated(device)
+    cache = None
+    try:
+        with torch.inference_mode():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            cache = make(model.config)
+            _sync(device)
+            t0 = time.perf_counter()
+            out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1:].argmax(-1)
+            _sync(device)
+            prefill = time.perf_counter() - t0
+            del out
+            times = []
+            for _ in range(steps):
+                _sync(device)
+                t0 = time.perf_counter()
+                out = model(token, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+                del out
+        step = statistics.median(times)
+        result: dict[str, Any] = {
+            "oom": False,
+            "prefill_s": prefill,
+            "step_ms": 1e3 * step,
+            "tok_s": batch / step,
+            "cache_bytes": _allocated(device) - base,
+            "peak_mib": (
+                torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+            ),
+        }
+        if isinstance(cache, kvmix.KvmixCache):
+            rep = cache.memory_report()
+            result["kvmix_bytes"] = rep["bytes"]
+            result["kvmix_allocated_bytes"] = rep["allocated_bytes"]
+            result["compression_ratio"] = rep["compression_ratio"]
+        return result
+    except torch.cuda.OutOfMemoryError:
+        return {"oom": True}
+    finally:
+        del cache
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def max_batch(
+    model: Any, method: str, context: int, limit: int, device: torch.device
+) -> dict[str, Any]:
+    """The largest batch (up to ``limit``) that prefills ``context`` tokens and decodes two
+    steps with ``method``: doubling from 1, then bisection between the last fit and the first
+    out-of-memory batch."""
+    fits, fails = 0, None
+    b = 1
+    while b <= limit:
+        if run_one(model, method, b, context, 2, device)["oom"]:
+            fails = b
+            break
+        fits, b = b, b * 2
+    if fails is not None:
+        lo, hi = fits, fails
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if run_one(model, method, mid, context, 2, device)["oom"]:
+                hi = mid
+            else:
+                lo = mid
+        fits = lo
+    return {"max_batch": fits, "limit_reached": fails is None}
+
+
+def _row(method: str, batch: int, context: int, r: dict[str, Any]) -> str:
+    if r["oom"]:
+        return f"{method:20s} B={batch:<3d} T={context:<6d} out of memory"
+    extra = ""
+    if "compression_ratio" in r:
+        extra = f", {r['compression_ratio']:.2f}x smaller than fp16 (memory_report)"
+    return (
+        f"{method:20s} B={batch:<3d} T={context:<6d} prefill {r['prefill_s']:7.3f} s, step "
+        f"{r['step_ms']:8.2f} ms, {r['tok_s']:8.1f} tok/s, cache {r['cache_bytes'] / 2**20:9.1f} "
+        f"MiB, peak {r['peak_mib']:9.0f} MiB{extra}"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    config = llama_8b_config(args.tiny)
+    model = _model(config, device, torch.float32 if args.tiny else torch.bfloat16)
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "model": "tiny Llama" if args.tiny else "Llama-3.1-8B shape, random bf16 weights",
+    }
+    print(info)
+    results: list[dict[str, Any]] = []
+    for context in args.contexts:
+        for batch in args.batches:
+            for method in args.methods:
+                run_one(model, method, batch, min(context, 256), 2, device)  # warm-up/compile
+                r = run_one(model, method, batch, context, args.steps, device)
+                print(_row(method, batch, context, r), flush=True)
+                results.append({"method": method, "batch": batch, "context": context, **r})
+    capacity: dict[str, Any] = {}
+    if args.max_batch:
+        for method in args.methods:
+            capacity[method] = max_batch(
+                model, method, args.max_batch_context, args.max_batch_limit, device
+            )
+            print(f"{method:20s} largest batch at {args.max_batch_context}: {capacity[method]}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "results": results, "max_batch": capacity}, f, indent=1)
+    return 0

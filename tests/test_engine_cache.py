@@ -1,0 +1,372 @@
+"""The caches on the Triton engine against the same caches on the Rust engine (the reference).
+
+A tiny random Llama generates greedily with ``engine="triton"`` (CPU tensors: Triton's
+interpreter runs the device kernels) and with ``engine="rust"``: the same tokens, every token
+of every (sequence, kv-head) in the same tier of every layer, fused and portable, with a
+left-padded batch. Both engines hold torch/numpy data of their own layout, so their byte
+counts are each checked against their own buffers (see :func:`_triton_bytes_from_tensors`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import kvmix
+from kvmix.models import tiny_random_model
+
+pytest.importorskip("triton")
+from kvmix.engines.triton_store import PAGE, TritonLayerStore
+
+PROMPT, NEW = 40, 6
+
+PRESETS: dict[str, Callable[[Any, str], kvmix.KvmixCache]] = {
+    "full": lambda c, e: kvmix.FullPrecisionCache(c, engine=e),
+    # A residual below the prompt length, so the prompt is quantized in blocks.
+    "uniform": lambda c, e: kvmix.QuantizedKVCache(c, residual=16, engine=e),
+    # A short streaming gap, so decoding classifies twice within NEW tokens.
+    "zipcache": lambda c, e: kvmix.ZipCache(c, streaming_gap=3, engine=e),
+    # kvmix's preset: rotated keys and values, 3-bit regular keys.
+    "kvmix-5x": lambda c, e: kvmix.Kvmix5xCache(c, streaming_gap=3, engine=e),
+    # Heavy hitters + recent tokens trimmed at every step; demoted to 2 bits, or dropped.
+    "mikv": lambda c, e: kvmix.MiKVCache(c, ratio=0.3, engine=e),
+    "eviction": lambda c, e: kvmix.EvictionCache(c, budget=0.3, engine=e),
+}
+#: The eviction baseline needs the fused path (it has no dense keys to hand back).
+CASES = [(p, f) for p in PRESETS for f in (True, False) if not (p == "eviction" and not f)]
+
+
+def _model(fused: bool) -> Any:
+    model = tiny_random_model("llama", num_hidden_layers=2)
+    enable = kvmix.enable_fused_attention if fused else kvmix.enable_portable_scoring
+    return enable(model)
+
+
+def _inputs() -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, 128, (2, PROMPT), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # a left-padded second sequence
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _generate(
+    preset: str, engine: str, fused: bool, device: str = "cpu"
+) -> tuple[torch.Tensor, kvmix.KvmixCache]:
+    model = _model(fused).to(device)
+    cache = PRESETS[preset](model.config, engine)
+    inputs = {k: v.to(device) for k, v in _inputs().items()}
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, do_sample=False)
+    return out[:, PROMPT:].cpu(), cache
+
+
+def _tiers(cache: kvmix.KvmixCache) -> list[dict[str, list[int]]]:
+    out = []
+    for layer in cache.layers:
+        store = layer.store
+        for s in range(store.batch * store.kv_heads):
+            tiers = store.tier_positions(s)
+            held = {t: torch.as_tensor(tiers[t]).cpu().tolist() for t in tiers}
+            out.append({t: sorted(int(p) for p in held[t]) for t in held})
+    return out
+
+
+def _triton_bytes_from_tensors(store: TritonLayerStore) -> int:
+    """What the Triton store holds, read from its tensors' shapes and dtypes: every tier's rows
+    up to its fill (codes, per-row parameters, positions, and scores where scored), per-segment
+    parameters of the segments written, and the page-to-segment index of segmented tiers.
+
+    It differs from the Rust store's count by design: pushes with per-segment parameters start
+    on a fresh 64-row page, and the streams of a layer share one row index per tier (a stream
+    with fewer rows to store, e.g. a padded sequence's salient set, leaves holes), so the
+    device never has to read sizes back."""
+    total = 0
+    for tier in store._tiers.values():
+        f, nseg = tier.fill, tier.nseg
+        rows = [tier.pos, tier.kd, tier.vd]
+        if tier.scored:
+            rows += [tier.acc, tier.count]
+        for codec, sc, of in ((tier.k, tier.ks, tier.ko), (tier.v, tier.vs, tier.vo)):
+            if codec.kind == "token_groups":
+                rows += [sc, of]
+            elif codec.kind == "channel":
+                total += sum(t[:, :nseg].numel() * t.element_size() for t in (sc, of))
+        if tier.v.factor == "separable":
+            total += tier.vf[:, :nseg].numel() * tier.vf.element_size()
+        total += sum(t[:, :f].numel() * t.element_size() for t in rows)
+        if tier.segmented:
+            total += tier.seg[:, : -(-f // PAGE)].numel() * tier.seg.element_size()
+    return total
+
+
+@pytest.mark.parametrize(
+    ("preset", "fused"), CASES, ids=[f"{p}-{'fused' if f else 'portable'}" for p, f in CASES]
+)
+def test_triton_engine_generates_as_the_rust_engine(preset: str, fused: bool) -> None:
+    want, rust = _generate(preset, "rust", fused)
+    got, tri = _generate(preset, "triton", fused)
+    assert [layer.engine_name for layer in tri.layers] == ["triton", "triton"]
+    assert [layer.engine_name for layer in rust.layers] == ["rust", "rust"]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert _tiers(tri) == _tiers(rust)
+    r, t = rust.memory_report(), tri.memory_report()
+    held = 2 * 2 * 2 * (PROMPT + NEW - 1)
+    assert t["tokens"] == r["tokens"] and (
+        t["tokens"] < held if preset == "eviction" else t["tokens"] == held
+    )
+    assert t["fp16_bytes"] == r["fp16_bytes"]
+    assert (
+        t["rotation_bytes"] == r["rotation_bytes"] == (16 * 16 * 4 if preset == "kvmix-5x" else 0)
+    )
+    rotation = t["rotation_bytes"]
+    assert t["bytes"] == sum(_triton_bytes_from_tensors(x.store) for x in tri.layers) + rotation
+    # Allocated: every tensor the stores hold, spare capacity included.
+    held = sum(x.numel() * x.element_size() for layer in tri.layers for x in layer.store.tensors())
+    assert t["allocated_bytes"] == held + rotation >= t["bytes"]
+
+
+def test_triton_engine_refuses_what_it_does_not_implement_before_anything_changes() -> None:
+    config = _model(True).config
+    with pytest.raises(kvmix.ConfigError, match=r"triton engine.*MiKV.*high_bits.*rust"):
+        kvmix.MiKVCache(config, high_bits=4, engine="triton")
+    with pytest.raises(kvmix.ConfigError, match="`engine` must be one of"):
+        kvmix.ZipCache(config, engine="cuda")  # type: ignore[arg-type]
+    # The same policy is accepted on the Rust engine and by "auto", which only builds a
+    # Triton store for non-CPU tensors.
+    kvmix.MiKVCache(config, high_bits=4, engine="rust")
+    kvmix.MiKVCache(config, high_bits=4, engine="auto")
+
+
+def test_triton_layer_takes_its_head_count_from_the_tensors() -> None:
+    """Under tensor parallelism a rank receives a share of the kv-heads: the Triton store is
+    built for those (one of the config's two here) and holds what the Rust store holds."""
+    config = _model(True).config
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 1, 70, 16, generator=g), torch.randn(1, 1, 70, 16, generator=g)
+    layers = []
+    for engine in ("rust", "triton"):
+        layer = kvmix.QuantizedKVCache(config, residual=16, engine=engine).layers[0]
+        layer.update(k, v)
+        layer.store.maybe_classify(True)
+        assert layer.kv_heads == layer.store.kv_heads == 1
+        layers.append(layer)
+    rust, tri = layers
+    assert isinstance(tri.store, TritonLayerStore)
+    for tier in ("buffer", "high", "low"):
+        np.testing.assert_array_equal(
+            rust.store.tier_positions(0)[tier], tri.store.tier_positions(0)[tier].numpy()
+        )
+    dk_r, dv_r = rust.dense()
+    dk_t, dv_t = tri.dense()
+    # Same codes and parameters: the dequantized rows are bit-identical.
+    torch.testing.assert_close(dk_t, dk_r, rtol=0, atol=0)
+    torch.testing.assert_close(dv_t, dv_r, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_engine_takes_half_precision_tensors(dtype: torch.dtype) -> None:
+    """fp16/bf16 keys and values are stored and dequantized as the Rust engine does them."""
+    config = _model(True).config
+    g = torch.Generator().manual_seed(2)
+    k = torch.randn(2, 2, 50, 16, generator=g).to(dtype)
+    v = torch.randn(2, 2, 50, 16, generator=g).to(dtype)
+    dense = []
+    for engine in ("rust", "triton"):
+        layer = kvmix.QuantizedKVCache(config, residual=16, engine=engine).layers[0]
+        layer.update(k, v)
+        layer.store.maybe_classify(True)
+        dk, dv = layer.dense()
+        assert dk.dtype == dtype and dk.shape == (2, 2, 50, 16)
+        dense.append((dk, dv))
+    torch.testing.assert_close(dense[1][0], dense[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(dense[1][1], dense[0][1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("policy", "config"),
+    [("zipcache", {"streaming_gap": 5}), ("uniform", {"residual": 16})],
+)
+def test_left_padding_is_quantized_as_by_the_rust_store(policy: str, config: Any) -> None:
+    """Sequences padded by different amounts: each one's padding is a segment of its own and
+    uniform's blocks count from each one's first valid token, so the codes (dequantized rows)
+    are bit-identical to the Rust store's, after the prefill and after decoding steps."""
+    b, h, d, n = 3, 2, 16, 45
+    g = torch.Generator().manual_seed(3)
+    rust = kvmix.LayerStore(policy, h, d, config, "float16")
+    tri = TritonLayerStore(policy, h, d, config, "float16")
+    k, v = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, d, generator=g)
+    rust.append(k.numpy(), v.numpy())
+    tri.append(k, v)
+    for store in (rust, tri):
+        store.set_first_valid([0, 7, 20])
+    acc, cnt = torch.rand(b, h, n, generator=g), torch.ones(b, h, n)
+    rust.add_scores(0, acc.numpy(), cnt.numpy())
+    tri.add_scores(0, acc, cnt)
+    assert rust.maybe_classify(True) and tri.maybe_classify(True)
+    for step in range(12):
+        k1, v1 = torch.randn(b, h, 1, d, generator=g), torch.randn(b, h, 1, d, generator=g)
+        rust.append(k1.numpy(), v1.numpy())
+        tri.append(k1, v1)
+        assert rust.maybe_classify() == tri.maybe_classify(), step
+    for s in range(b * h):
+        pr, kr, vr = rust.dense(s)
+        pt, kt, vt = tri.dense(s)
+        np.testing.assert_array_equal(pt.numpy(), pr)
+        np.testing.assert_array_equal(kt.numpy(), kr)
+        np.testing.assert_array_equal(vt.numpy(), vr)
+        rt, tt = rust.tier_positions(s), tri.tier_positions(s)
+        for tier in rt:
+            np.testing.assert_array_equal(tt[tier].numpy(), rt[tier])
+
+
+def test_triton_store_gives_back_the_prompts_buffer_rows() -> None:
+    """After the prompt moves from the buffer to the tiers, the buffer keeps room for the
+    decoding steps until the next classification, not for the prompt; the tiers hold what
+    they were pushed, so what the store allocates stays close to what it holds."""
+    g = torch.Generator().manual_seed(4)
+    store = TritonLayerStore("zipcache", 2, 16, {"streaming_gap": 10}, "float16")
+    k, v = torch.randn(1, 2, 1000, 16, generator=g), torch.randn(1, 2, 1000, 16, generator=g)
+    store.append(k, v)
+    store.add_scores(0, torch.rand(1, 2, 1000, generator=g), torch.ones(1, 2, 1000))
+    assert store._tiers["buffer"].cap >= 1000
+    store.maybe_classify(True)
+    assert store._tiers["buffer"].cap == PAGE  # 10 steps + 1 fit one page
+    m = store.memory()
+    buf = store._tiers["buffer"]
+    room = sum(t.numel() * t.element_size() for t in (buf.pos, buf.kd, buf.vd, buf.acc, buf.count))
+    # The tiers were sized by their one push (rounded up to whole pages: 400 -> 448 and
+    # 600 -> 640 rows here); the buffer holds one empty page.
+    assert m["bytes"] <= m["allocated_bytes"] <= 1.2 * m["bytes"] + room
+
+
+def test_three_bit_codes_are_packed_as_the_rust_packer_packs_them() -> None:
+    """kvmix-5x's 3-bit keys: each stored row is ``kvmix.pack_bits`` of the codes recovered
+    from the row's dequantized values and its segment's per-channel parameters (eight codes
+    to three bytes, least significant bit first), and dequantizes to the Rust store's rows."""
+    b, h, d, n = 1, 2, 32, 200
+    g = torch.Generator().manual_seed(5)
+    config = {"salient_ratio": 0.2, "low_key_bits": 3}
+    rust = kvmix.LayerStore("zipcache", h, d, config, "float16")
+    tri = TritonLayerStore("zipcache", h, d, config, "float16")
+    k, v = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, d, generator=g)
+    rust.append(k.numpy(), v.numpy())
+    tri.append(k, v)
+    acc = torch.rand(b, h, n, generator=g)
+    rust.add_scores(0, acc.numpy(), torch.ones(b, h, n).numpy())
+    tri.add_scores(0, acc, torch.ones(b, h, n))
+    rust.maybe_classify(True)
+    tri.maybe_classify(True)
+    low = tri._tiers["low"]
+    assert low.k.bits == 3 and low.kd.shape[2] == d * 3 // 8
+    checked = 0
+    for s in range(b * h):
+        pr, kr, _ = rust.dense(s)
+        pt, kt, _ = tri.dense(s)
+        np.testing.assert_array_equal(pt.numpy(), pr)
+        np.testing.assert_array_equal(kt.numpy(), kr)
+        dense = dict(zip(pt.tolist(), kt, strict=True))
+        for r in range(low.fill):
+            p = int(low.pos[s, r])
+            if p < 0:
+                continue
+            seg = int(low.seg[s, r // PAGE])
+            sc, of = low.ks[s, seg].float(), low.ko[s, seg].float()
+            codes = torch.where(sc > 0, (dense[p] - of) / torch.where(sc > 0, sc, 1.0), 0.0)
+            codes = codes.round().to(torch.uint8).numpy()
+            np.testing.assert_array_equal(low.kd[s, r].numpy(), kvmix.pack_bits(codes, 3))
+            checked += 1
+    assert checked == b * h * (n - 40)  # every regular token of both kv-heads
+    # The attention kernel reads the 3-bit rows as the Rust kernel reads its own.
+    q = torch.randn(b, 4, 1, d, generator=g)
+    out_r = rust.attend(q.numpy(), [n], 0.2, True)
+    out_t = tri.attend(q, [n], 0.2, True)
+    np.testing.assert_allclose(out_t.numpy(), out_r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("policy", "config"),
+    [
+        ("mikv", {"ratio": 0.3}),
+        ("mikv", {"ratio": 0.3, "key_balancer": False}),
+        ("eviction", {"budget": 0.3}),
+    ],
+)
+def test_heavy_hitter_policies_trim_as_the_rust_store(policy: str, config: Any) -> None:
+    """MiKV and H2O eviction trim the important set at every decoding step on the device: the
+    same tokens in the same tiers as the Rust store at every step (a left-padded sequence, the
+    key balancer on), bit-identical dequantized rows, attention within fp32 rounding."""
+    b, h, d, n = 2, 2, 16, 60
+    g = torch.Generator().manual_seed(3)
+    rust = kvmix.LayerStore(policy, h, d, config, "float16")
+    tri = TritonLayerStore(policy, h, d, config, "float16")
+    k, v = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, d, generator=g)
+    rust.append(k.numpy(), v.numpy())
+    tri.append(k, v)
+    for store in (rust, tri):
+        store.set_first_valid([0, 7])
+    wants = policy == "mikv" and config.get("key_balancer", True)
+    assert rust.needs_balancer == tri.needs_balancer == wants
+    if policy == "mikv" and tri.needs_balancer:
+        balancer = torch.rand(b, h, d, generator=g) + 0.5
+        rust.set_key_balancer(balancer.numpy())
+        tri.set_key_balancer(balancer)
+    acc = torch.rand(b, h, n, generator=g)
+    rust.add_scores(0, acc.numpy(), torch.ones(b, h, n).numpy())
+    tri.add_scores(0, acc, torch.ones(b, h, n))
+    assert rust.maybe_classify(True) and tri.maybe_classify(True)
+    for step in range(20):
+        k1, v1 = torch.randn(b, h, 1, d, generator=g), torch.randn(b, h, 1, d, generator=g)
+        rust.append(k1.numpy(), v1.numpy())
+        tri.append(k1, v1)
+        q = torch.randn(b, 4, 1, d, generator=g)
+        out_r = rust.attend(q.numpy(), [n + step], 0.25, True)
+        out_t = tri.attend(q, [n + step], 0.25, True)
+        np.testing.assert_allclose(out_t.numpy(), out_r, rtol=1e-5, atol=1e-5)
+        assert rust.maybe_classify() and tri.maybe_classify()
+        for s in range(b * h):
+            rt, tt = rust.tier_positions(s), tri.tier_positions(s)
+            for tier in rt:
+                assert sorted(tt[tier].tolist()) == sorted(rt[tier].tolist()), (step, s, tier)
+    for s in range(b * h):
+        pr, kr, vr = rust.dense(s)
+        pt, kt, vt = tri.dense(s)
+        np.testing.assert_array_equal(pt.numpy(), pr)
+        np.testing.assert_array_equal(kt.numpy(), kr)
+        np.testing.assert_array_equal(vt.numpy(), vr)
+    # The high tier's holes were compacted: it holds about the budget, not every step's row.
+    assert tri._tiers["high"].fill <= 2 * max(tri._high_real) + PAGE
+
+
+@pytest.mark.slow  # ~25 s under the interpreter: beam search doubles every step's work
+@pytest.mark.parametrize("preset", ["zipcache", "mikv"])
+def test_beam_search_on_the_triton_engine(preset: str) -> None:
+    """Beam search expands the batch (``repeat_interleave``) and reorders it at every step
+    (``select_batch``): the Triton store follows as the Rust store does."""
+    out = {}
+    for engine in ("rust", "triton"):
+        model = _model(True)
+        ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(2))
+        cache = PRESETS[preset](model.config, engine)
+        out[engine] = model.generate(
+            ids, past_key_values=cache, max_new_tokens=6, do_sample=False, num_beams=2
+        )
+    torch.testing.assert_close(out["triton"], out["rust"], rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    ("preset", "fused"), CASES, ids=[f"{p}-{'fused' if f else 'portable'}" for p, f in CASES]
+)
+def test_cuda_triton_engine_generates_as_the_cpu_rust_engine(preset: str, fused: bool) -> None:
+    """On a GPU (``pytest -m cuda``): the model on CUDA with ``engine="auto"`` (the Triton
+    engine, compiled) against the model on the CPU with the Rust engine: the same tokens and
+    tiers (as ``gpu/engine_e2e.py`` measured on an H200 for five presets)."""
+    want, rust = _generate(preset, "rust", fused)
+    got, tri = _generate(preset, "auto", fused, "cuda")
+    assert tri.layers[0].engine_name == "triton"
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert _tiers(tri) == _tiers(rust)

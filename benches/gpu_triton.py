@@ -233,8 +233,9 @@ def timing(variants, policies, shapes):
 
 
 def final():
-    """A short run: the flat and stacked formulations and the fast launch path against the
-    fp64 reference on a ZipCache store and a 3-bit synthetic tier, then their times."""
+    """A short run: the default, flat, fast-launch and join variants against the fp64
+    reference on a ZipCache store and 3/2-bit synthetic tiers, then their times, and the GPU
+    time of each launch (attend, merge, received) from the profiler."""
     attn = load_attention("cuda")
     st = store("zipcache", "cuda", 2, 700, extra=5)
     views = [st._tiers[t].view() for t in TIERS]
@@ -253,9 +254,11 @@ def final():
     swant, _ = ref.attention(synth, q, [top], st._fv_dev, D**-0.5, HK)
     outs = {}
     for label, kw in (
-        ("flat", {}),
-        ("stacked", {"flat": False}),
-        ("slow launch", {"fast_launch": False}),
+        ("default", {}),
+        ("flat", {"flat": True}),
+        ("fast launch", {"fast_launch": True}),
+        ("flat+fast", {"flat": True, "fast_launch": True}),
+        ("join", {"join": True}),
     ):
         for _rep in range(3):  # the fast path launches the cached kernel from the second call
             out, rec = attn.attend_tiers(
@@ -270,19 +273,55 @@ def final():
         )
         outs[label] = out
         print(f"  {label:11s}: zipcache {err:.2e} (received {rerr:.2e}), synth 3/2-bit {serr:.2e}")
-    same = torch.equal(outs["flat"], outs["slow launch"])
-    print(f"  fast launch == slow launch: {same}")
+    same = torch.equal(outs["default"], outs["fast launch"])
+    print(f"  fast launch == default launch (bitwise): {same}")
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     variants = [
-        ("flat", dict(), True),
-        ("stacked", dict(flat=False), True),
-        ("slow-launch", dict(fast_launch=False), False),
+        ("default", dict(), True),
+        ("flat", dict(flat=True), True),
+        ("fast", dict(fast_launch=True), True),
+        ("flat+fast", dict(flat=True, fast_launch=True), True),
+        ("join", dict(join=True), True),
+        ("join+fast", dict(join=True, fast_launch=True), True),
+        ("n128", dict(block_n=128, num_stages=1), True),
+        ("n32", dict(block_n=32), True),
     ]
     for b, n in ((1, 8192), (8, 32768)):
         case(attn, bw, "zipcache", b, n, variants)
+        breakdown(attn, b, n)
         torch.cuda.empty_cache()
     print("(us; eager/graph)")
+
+
+def breakdown(attn, b, n, reps=10):
+    """GPU time of each launch of a tracked call (attend, merge, received), from the profiler's
+    kernel records: which share of the step the split kernel itself takes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    st = store("zipcache", "cuda", b, n)
+    views = [st._tiers[t].view() for t in TIERS]
+    q = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+    track = [True, True, True]  # every tier's received attention: the most a step computes
+
+    def fn():
+        return attn.attend_tiers(views, q, [n], st._fv_dev, D**-0.5, HK, track)
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    per = {}
+    for ev in prof.events():
+        if ev.device_type.name == "CUDA":
+            per.setdefault(ev.name, []).append(ev.device_time)
+    parts = " ".join(
+        f"{k[:24]}={sum(v) / reps:.1f}x{len(v) // reps}" for k, v in sorted(per.items())
+    )
+    print(f"  per-launch GPU us (B{b} {n // 1024}k, every tier tracked): {parts}", flush=True)
 
 
 if __name__ == "__main__" and "--final" in sys.argv:

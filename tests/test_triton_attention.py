@@ -59,6 +59,9 @@ def test_three_tiers_three_bit_codes_and_groups():
     _check(views, 1, [3, 0], bcast=False, magic=False)
     # The flat formulation (2-D tiles, hi/lo parts as two dots, per-group loops).
     _check(views, 1, [0, 9], flat=True)
+    # Codes unpacked by repeated joins into the packing order (1, 3 and 4 bits), both forms.
+    _check(views, 2, [0, 11], join=True)
+    _check(views, 1, [4, 0], join=True, flat=True)
 
 
 def test_wide_codes_and_fast_mode():
@@ -71,6 +74,7 @@ def test_wide_codes_and_fast_mode():
     _check(views, 1, [0, 0])
     # precise=False: one fp16 part per operand (fp16 rounding of the queries' side).
     _check(views, 1, [0, 0], precise=False)
+    _check(views, 1, [2, 0], join=True)  # 2 and 8 bits, joined
 
 
 def test_bench_attention_cuda_mode_refuses_without_gpu():

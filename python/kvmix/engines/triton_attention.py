@@ -34,7 +34,14 @@ the dots where the algebra allows it:
 Dense tiers (the full-precision buffer) use fp32 dots.
 """
 
+# Triton's kernel language is untyped (its decorators, and parameters whose annotations
+# Triton itself reads, e.g. `tl.constexpr`), and so are the launchers that hand kernels their
+# arguments: mypy checks everything else in strict mode.
+# mypy: disable-error-code="no-untyped-def,untyped-decorator,no-untyped-call"
+
 from __future__ import annotations
+
+from typing import Any
 
 import triton
 import triton.language as tl
@@ -71,10 +78,14 @@ TOKEN = tl.constexpr(2)  # per-token groups of channels
 
 
 @triton.jit
-def _channel_order(D: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr, WB: tl.constexpr):
+def _channel_order(
+    D: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr, WB: tl.constexpr, BCAST: tl.constexpr
+):
     """Channel of each tile column (see the module docstring)."""
     j = tl.arange(0, D)
     if MODE == DENSE:
+        ch = j
+    elif BCAST == 2:
         ch = j
     elif BITS == 3:
         NG3: tl.constexpr = D // 8
@@ -87,6 +98,33 @@ def _channel_order(D: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr, WB: 
 
 
 @triton.jit
+def _fields(w, BITS: tl.constexpr, FPW: tl.constexpr):
+    """The ``FPW`` fields of words ``w [N, NW]`` as ``[N, NW * FPW]`` in natural (packing)
+    order, built by repeated ``tl.join``: each join adds a last dimension of 2 held by the same
+    thread, so a thread ends up owning a word's ``FPW`` consecutive codes and the conversion to
+    the dot operand's layout can store them as vectors instead of one fp16 at a time."""
+    # Each join's new index bit is below the previous ones': halves first, single fields last.
+    x = w[:, :, None]
+    half: tl.constexpr = FPW // 2
+    if half >= 16:
+        x = tl.join(x, x >> (BITS * 16))
+        x = tl.reshape(x, (w.shape[0], w.shape[1], x.shape[2] * 2))
+    if half >= 8:
+        x = tl.join(x, x >> (BITS * 8))
+        x = tl.reshape(x, (w.shape[0], w.shape[1], x.shape[2] * 2))
+    if half >= 4:
+        x = tl.join(x, x >> (BITS * 4))
+        x = tl.reshape(x, (w.shape[0], w.shape[1], x.shape[2] * 2))
+    if half >= 2:
+        x = tl.join(x, x >> (BITS * 2))
+        x = tl.reshape(x, (w.shape[0], w.shape[1], x.shape[2] * 2))
+    if half >= 1:
+        x = tl.join(x, x >> BITS)
+        x = tl.reshape(x, (w.shape[0], w.shape[1], x.shape[2] * 2))
+    return tl.reshape(x, (w.shape[0], w.shape[1] * FPW))
+
+
+@triton.jit
 def _codes(
     DATA,
     row,  # int64 [BLOCK_N]: stream * cap + token
@@ -96,16 +134,26 @@ def _codes(
     MAGIC: tl.constexpr,
     BCAST: tl.constexpr,
 ):
-    """The codes of rows ``row`` as an exact fp16 tile ``[BLOCK_N, D]`` in field-major order.
+    """The codes of rows ``row`` as an exact fp16 tile ``[BLOCK_N, D]`` (``_channel_order``).
     ``DATA`` is the tier's packed rows viewed as words of ``WB`` bytes (bytes for 3 bits).
-    ``BCAST``: load each row's words once (``[BLOCK_N, NW]``) and broadcast them over the
+    ``BCAST``: 2 = load each row's words once and split them by joins (``_fields``, packing
+    order); 1 = load each row's words once (``[BLOCK_N, NW]``) and broadcast them over the
     fields in registers; else gather a word per element (``FPW`` times the loads, and as much
     shared memory when the loop is pipelined)."""
     j = tl.arange(0, D)
     if BITS == 3:
         NG3: tl.constexpr = D // 8
         RB: tl.constexpr = 3 * D // 8
-        if BCAST:
+        if BCAST == 2:
+            gi = tl.arange(0, NG3)
+            base = DATA + row[:, None] * RB + 3 * gi[None, :]
+            w = (
+                tl.load(base).to(tl.int32)
+                | (tl.load(base + 1).to(tl.int32) << 8)
+                | (tl.load(base + 2).to(tl.int32) << 16)
+            )
+            code = _fields(w, 3, 8) & 7
+        elif BCAST:
             gi = tl.arange(0, NG3)
             base = DATA + row[:, None] * RB + 3 * gi[None, :]
             w = (
@@ -128,7 +176,10 @@ def _codes(
         FPW: tl.constexpr = 8 * WB // BITS
         NW: tl.constexpr = D // FPW
         MASK: tl.constexpr = (1 << BITS) - 1
-        if BCAST:
+        if BCAST == 2:
+            w = tl.load(DATA + row[:, None] * NW + tl.arange(0, NW)[None, :]).to(tl.int32)
+            code = _fields(w, BITS, FPW) & MASK
+        elif BCAST:
             w = tl.load(DATA + row[:, None] * NW + tl.arange(0, NW)[None, :]).to(tl.int32)
             sh = BITS * tl.arange(0, FPW)
             code = tl.reshape((w[:, None, :] >> sh[None, :, None]) & MASK, (row.shape[0], D))
@@ -233,8 +284,8 @@ def _tier_stacked(
     cap64 = cap.to(tl.int64)
     rows = tl.arange(0, RP)
     row_ok = rows < ROWS
-    kch = _channel_order(D, K_MODE, K_BITS, K_WB)
-    vch = _channel_order(D, V_MODE, V_BITS, V_WB)
+    kch = _channel_order(D, K_MODE, K_BITS, K_WB, BCAST)
+    vch = _channel_order(D, V_MODE, V_BITS, V_WB, BCAST)
     # Row r of stream s = (b, h) is query head h * G + r // TQ, query r % TQ.
     b = s // kv_heads
     h = s % kv_heads
@@ -443,8 +494,8 @@ def _tier_flat(
     rows = ri % RP
     row_ok = rows < ROWS
     first = ri < ROWS  # the rows written out (one copy of each query row)
-    kch = _channel_order(D, K_MODE, K_BITS, K_WB)
-    vch = _channel_order(D, V_MODE, V_BITS, V_WB)
+    kch = _channel_order(D, K_MODE, K_BITS, K_WB, BCAST)
+    vch = _channel_order(D, V_MODE, V_BITS, V_WB, BCAST)
     b = s // kv_heads
     h = s % kv_heads
     G: tl.constexpr = ROWS // TQ
@@ -918,7 +969,7 @@ def _word_view(data, mode: int, bits: int, d: int):
 # Partials of the splits and merged row statistics, reused between calls: [capacity] fp32 per
 # device and stream
 # (consumed by the merge launch before the next call on the same CUDA stream can write them).
-_WORKSPACE: dict = {}
+_WORKSPACE: dict[Any, Any] = {}
 
 
 def _workspace(dev, n_m: int, n_acc: int):
@@ -938,7 +989,7 @@ def _workspace(dev, n_m: int, n_acc: int):
 
 
 # Compiled kernels by launch key, for the fast launch path (see _launch).
-_COMPILED: dict = {}
+_COMPILED: dict[Any, Any] = {}
 
 
 def _launch(fn, grid, args, consts, num_warps, num_stages, fast):
@@ -952,7 +1003,9 @@ def _launch(fn, grid, args, consts, num_warps, num_stages, fast):
         return
     import torch
 
-    sig = [(a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)]
+    sig: list[tuple[Any, bool]] = [
+        (a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)
+    ]
     sig += [(a == 1, a % 16 == 0) for a in args if type(a) is int]
     key = (fn, num_warps, num_stages, tuple(consts.items()), tuple(sig))
     kernel = _COMPILED.get(key)
@@ -977,6 +1030,7 @@ def attend_tiers(
     precise=True,
     magic=True,
     bcast=True,
+    join=False,
     flat=False,
     fast_launch=False,
     target_programs=1056,
@@ -992,7 +1046,10 @@ def attend_tiers(
     int32 on the device. Everything stays on the tensors' device; no value is read back to
     the host. ``precise=False`` drops the low fp16 part of the dots (fp16-rounded operands);
     ``magic=False`` unpacks with int-to-float conversions; ``bcast=False`` gathers a word per
-    code instead of loading each row's words once; the rest are launch parameters.
+    code instead of loading each row's words once; ``join=True`` unpacks by ``tl.join`` into
+    the packing order (``_fields``: compiled offline for sm_90 it stores the code tiles to shared
+    memory as vectors, 16 instead of 144 scalar fp16 stores per thread and page, but with 60
+    instead of 26 barriers; not timed on a GPU yet); the rest are launch parameters.
     Not yet measured on a GPU, so off by default: ``flat=True`` (the 2-D formulation,
     ``_tier_flat``: checked here under the interpreter, it compiled on an H200 but its speed
     was not timed) and ``fast_launch=True`` (compiled kernels launched from a cache, see
@@ -1020,9 +1077,9 @@ def attend_tiers(
     first = int(q_positions[0]) if n_q else 0
     consecutive = all(int(p) == first + i for i, p in enumerate(q_positions))
     qpos = pm if consecutive else positions_tensor(q_positions, dev)
-    logits = [None] * len(tiers)
-    targs: list = []
-    cargs: dict = {}
+    logits: list[Any] = [None] * len(tiers)
+    targs: list[Any] = []
+    cargs: dict[str, Any] = {}
     for i in range(3):
         if i >= len(tiers) or splits[i] == 0:
             # An empty tier: no program reaches its branch; any tensors do.
@@ -1064,7 +1121,7 @@ def attend_tiers(
             QPOS_RANGE=consecutive,
             NPART=2 if precise else 1,
             MAGIC=magic,
-            BCAST=bcast,
+            BCAST=2 if join else int(bcast),
             STAGES=num_stages,
             FLAT=flat,
             ON0=len(splits) > 0 and splits[0] > 0,

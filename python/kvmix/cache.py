@@ -642,6 +642,10 @@ class ZipCache(KvmixCache):
             break the copy. Default ``'layer'``.
         streaming_gap: decoding steps buffered in full precision before being classified.
             Default ``100``.
+        sink_tokens: the first ``sink_tokens`` valid tokens of each sequence (attention sinks,
+            Xiao et al., 2024) are always salient, within the salient budget, and stored as a
+            high-tier segment of their own, so their outlying keys and values set no other
+            token's per-channel statistics. ``0``: none (the paper). Default ``0``.
         buffer_dtype: see :class:`KvmixCache`.
         engine: see :class:`KvmixCache` (``"auto"``: Rust on the CPU, Triton on a GPU).
     """
@@ -661,6 +665,7 @@ class ZipCache(KvmixCache):
         channel_separable: bool | None = None,
         selection: Selection | None = None,
         streaming_gap: int | None = None,
+        sink_tokens: int | None = None,
         buffer_dtype: BufferDtype | None = None,
         engine: EngineName = "auto",
     ) -> None:
@@ -676,6 +681,7 @@ class ZipCache(KvmixCache):
             channel_separable=channel_separable,
             selection=selection,
             streaming_gap=streaming_gap,
+            sink_tokens=sink_tokens,
         )
         super().__init__(config, "zipcache", options, buffer_dtype=buffer_dtype, engine=engine)
 
@@ -708,6 +714,7 @@ class Kvmix5xCache(KvmixCache):
         low_bits: int = 2,
         rotation_seed: int | None = 0,
         streaming_gap: int | None = None,
+        sink_tokens: int = 0,
         buffer_dtype: BufferDtype | None = None,
         engine: EngineName = "auto",
     ) -> None:
@@ -720,6 +727,7 @@ class Kvmix5xCache(KvmixCache):
                 low_bits=low_bits,
                 low_key_bits=low_key_bits,
                 streaming_gap=streaming_gap,
+                sink_tokens=sink_tokens,
             ),
             buffer_dtype=buffer_dtype,
             rotation_seed=rotation_seed,

@@ -26,7 +26,7 @@ state them and a test checks them against that source.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 import numpy as np
@@ -108,6 +108,34 @@ def randomized_hadamard(dim: int, seed: int) -> torch.Tensor:
     signs = torch.randint(0, 2, (dim,), generator=g, dtype=torch.float64) * 2 - 1
     rotation: torch.Tensor = (signs[:, None] * h / dim**0.5).float()
     return rotation
+
+
+def _check_layer_options(
+    layer_options: Mapping[int, Mapping[str, Any]] | None, n_layers: int
+) -> dict[int, dict[str, Any]]:
+    """``layer_options`` as a plain dict, after checking every key is a layer index.
+
+    Raises:
+        ConfigError: a key that is not an ``int`` in ``[0, n_layers)``, or a value that is
+            not a mapping of option names.
+    """
+    if layer_options is None:
+        return {}
+    if not isinstance(layer_options, Mapping):
+        raise ConfigError(
+            f"`layer_options` must map layer indices to option dicts, got "
+            f"{type(layer_options).__name__}"
+        )
+    out: dict[int, dict[str, Any]] = {}
+    for i, opts in layer_options.items():
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers:
+            raise ConfigError(
+                f"`layer_options` keys must be layer indices in [0, {n_layers}), got {i!r}"
+            )
+        if not isinstance(opts, Mapping) or not all(isinstance(k, str) for k in opts):
+            raise ConfigError(f"`layer_options[{i}]` must map option names to values, got {opts!r}")
+        out[i] = dict(opts)
+    return out
 
 
 def _head_dims(config: Any) -> tuple[int, int, int]:
@@ -466,6 +494,9 @@ class KvmixCache(Cache):
             (:func:`kvmix.default_buffer_dtype`).
         rotation_seed: seeds a randomized Hadamard rotation of stored keys and values
             (:func:`randomized_hadamard`); ``None``: no rotation.
+        layer_options: per-layer overrides of ``options``, ``{layer index: {option: value}}``
+            (e.g. more bits for the layers where the codes lose most); ``None``: every layer
+            takes ``options``. Each layer's store validates its own merged options.
         engine: where each layer's store lives. ``"auto"`` (default): the Rust store in host
             memory for CPU tensors, the Triton store in device memory for CUDA (or any other
             non-CPU) tensors, chosen by each layer from the first tensors it receives.
@@ -484,9 +515,11 @@ class KvmixCache(Cache):
         *,
         buffer_dtype: BufferDtype | None = None,
         rotation_seed: int | None = None,
+        layer_options: Mapping[int, Mapping[str, Any]] | None = None,
         engine: EngineName = "auto",
     ) -> None:
         n_layers = _full_attention_layers(config)
+        per_layer = _check_layer_options(layer_options, n_layers)
         self.num_query_heads, kv_heads, head_dim = _head_dims(config)
         self.config = config
         #: See :func:`randomized_hadamard`; one matrix shared by every layer, moved to the
@@ -495,12 +528,24 @@ class KvmixCache(Cache):
             None if rotation_seed is None else randomized_hadamard(head_dim, rotation_seed)
         )
         layers = [
-            KvmixLayer(policy, options, kv_heads, head_dim, buffer_dtype, self, engine)
-            for _ in range(n_layers)
+            KvmixLayer(
+                policy,
+                {**(options or {}), **per_layer.get(i, {})},
+                kv_heads,
+                head_dim,
+                buffer_dtype,
+                self,
+                engine,
+            )
+            for i in range(n_layers)
         ]
-        #: The policy, its options with every default filled in, and the buffer dtype.
+        #: The policy, its options with every default filled in (of a layer without
+        #: overrides), and the buffer dtype.
         self.policy: PolicyName = layers[0].policy
-        self.options: dict[str, Any] = dict(layers[0].options)
+        plain = next((i for i in range(n_layers) if i not in per_layer), 0)
+        self.options: dict[str, Any] = dict(layers[plain].options)
+        #: The per-layer overrides given (``layer_options``).
+        self.layer_options: dict[int, dict[str, Any]] = per_layer
         self.buffer_dtype: BufferDtype = layers[0].buffer_dtype
         #: The engine asked for (each layer's ``engine_name`` is the one it runs).
         self.engine: EngineName = engine
@@ -715,6 +760,7 @@ class Kvmix5xCache(KvmixCache):
         rotation_seed: int | None = 0,
         streaming_gap: int | None = None,
         sink_tokens: int = 0,
+        layer_options: Mapping[int, Mapping[str, Any]] | None = None,
         buffer_dtype: BufferDtype | None = None,
         engine: EngineName = "auto",
     ) -> None:
@@ -731,6 +777,7 @@ class Kvmix5xCache(KvmixCache):
             ),
             buffer_dtype=buffer_dtype,
             rotation_seed=rotation_seed,
+            layer_options=layer_options,
             engine=engine,
         )
 

@@ -40,7 +40,7 @@ CLAIMS: dict[str, dict[str, object]] = {
     "zipcache-k3": {"salient_ratio": 0.4, "low_key_bits": 3, "low_bits": 2},
     "zipcache20-k3": {"salient_ratio": 0.2, "high_bits": 4, "low_key_bits": 3, "low_bits": 2},
     "kvmix-5x": {
-        "salient_ratio": 0.15,
+        "salient_ratio": 0.14,
         "high_bits": 4,
         "low_key_bits": 3,
         "low_bits": 2,
@@ -53,8 +53,15 @@ CLAIMS: dict[str, dict[str, object]] = {
         "low_bits": 2,
         "sink_tokens": 0,
     },
+    "kvmix-5x-v1-norot": {
+        "salient_ratio": 0.2,
+        "high_bits": 4,
+        "low_key_bits": 3,
+        "low_bits": 2,
+        "sink_tokens": 0,
+    },
     "kvmix-5x-norot": {
-        "salient_ratio": 0.15,
+        "salient_ratio": 0.14,
         "high_bits": 4,
         "low_key_bits": 3,
         "low_bits": 2,

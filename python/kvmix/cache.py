@@ -761,7 +761,7 @@ def _calibrated_layers(config: Any) -> dict[int, dict[str, int]]:
 
 class Kvmix5xCache(KvmixCache):
     """kvmix's own preset at ~5x smaller than fp16 (``"kvmix-5x"``): ZipCache's tiers (salient
-    tokens by normalized attention, He et al., 2024) at 15% salient 4-bit, the regular tokens'
+    tokens by normalized attention, He et al., 2024) at 14% salient 4-bit, the regular tokens'
     keys at 3 bits and values at 2, with
 
     * keys and values rotated by a seeded randomized Hadamard matrix before quantizing (QuaRot,
@@ -772,12 +772,12 @@ class Kvmix5xCache(KvmixCache):
       segment of their own (ZipCache's ``sink_tokens``);
     * more bits in the layers where the regular tokens' codes lose most (``layer_options``):
       for a model in :data:`KVMIX5X_CALIBRATED_LAYERS` (SmolLM2-135M), 4-bit regular keys in
-      5 of its 30 layers and 3-bit regular values in one, bought by the 20% -> 15% salient
+      5 of its 30 layers and 3-bit regular values in one, bought by the 20% -> 14% salient
       share, so the cache stays >= 4.9x smaller than fp16 (``notes/kvmix-5x.md``).
 
     Args:
         config: the model config.
-        salient_ratio / high_bits / low_key_bits / low_bits: ZipCache's tiers (0.15, 4, 3, 2).
+        salient_ratio / high_bits / low_key_bits / low_bits: ZipCache's tiers (0.14, 4, 3, 2).
         rotation_seed: seeds the rotation's signs; ``None`` turns the rotation off (an ablation).
         streaming_gap: decoding steps buffered in full precision before being classified.
         sink_tokens: attention sinks kept salient (ZipCache's option; default 4).
@@ -792,7 +792,7 @@ class Kvmix5xCache(KvmixCache):
         self,
         config: Any,
         *,
-        salient_ratio: float = 0.15,
+        salient_ratio: float = 0.14,
         high_bits: int = 4,
         low_key_bits: int = 3,
         low_bits: int = 2,

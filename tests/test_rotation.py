@@ -133,3 +133,33 @@ def test_layer_options_override_one_layer_and_bad_ones_are_refused() -> None:
     ):
         with pytest.raises(kvmix.ConfigError, match=match):
             kvmix.Kvmix5xCache(cfg, layer_options=bad)  # type: ignore[arg-type]
+
+
+def test_kvmix5x_applies_its_calibrated_layers_only_to_the_model_they_were_measured_on() -> None:
+    """SmolLM2-135M's shape gets the per-layer bits of ``KVMIX5X_CALIBRATED_LAYERS``; another
+    shape gets none (its layers all take the preset's options), and ``layer_options=None`` turns
+    them off; any other string is refused."""
+    from transformers import LlamaConfig
+
+    from kvmix.cache import KVMIX5X_CALIBRATED_LAYERS
+
+    smollm2 = LlamaConfig(
+        num_hidden_layers=30,
+        hidden_size=576,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=64,
+    )
+    table = KVMIX5X_CALIBRATED_LAYERS[("llama", 30, 576, 3)]
+    cache = kvmix.Kvmix5xCache(smollm2)
+    for i, layer in enumerate(cache.layers):
+        want = {"low_key_bits": 3, "low_bits": 2, **table.get(i, {})}
+        assert {k: layer.options[k] for k in want} == want, i
+    assert sum(layer.options["low_key_bits"] == 4 for layer in cache.layers) == 5
+    off = kvmix.Kvmix5xCache(smollm2, layer_options=None)
+    assert {layer.options["low_key_bits"] for layer in off.layers} == {3}
+    other = kvmix.Kvmix5xCache(tiny_random_model("llama", num_hidden_layers=2).config)
+    assert other.layer_options == {}
+    with pytest.raises(kvmix.ConfigError, match="'calibrated' or None"):
+        kvmix.Kvmix5xCache(smollm2, layer_options="auto")  # type: ignore[arg-type]

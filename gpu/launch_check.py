@@ -119,7 +119,7 @@ rows = {
         accumulate=acc_add,
         out=out,
         out_layout="bthd",
-    ),  # fmt: skip
+    ),
     "attend_tiers, fast launch": lambda: attn.attend_tiers(
         views,
         q,
@@ -131,7 +131,7 @@ rows = {
         accumulate=acc_add,
         out=out,
         out_layout="bthd",
-    ),  # fmt: skip
+    ),
     "store.attend(out=..., track) (views included)": lambda: store.attend(
         q, pos, 0.088, True, out=out
     ),

@@ -35,6 +35,7 @@ both. An out-of-memory error is a result (``"oom"``), not a failure.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -213,6 +214,9 @@ def run_one(
         return {"oom": True}
     finally:
         del cache
+        # A cache in a reference cycle (and an out-of-memory error's traceback) would keep
+        # its device memory until the collector runs: the next attempt must not see it.
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -277,6 +281,9 @@ def fits(
         return False, 0
     finally:
         del cache
+        # A cache in a reference cycle (and an out-of-memory error's traceback) would keep
+        # its device memory until the collector runs: the next attempt must not see it.
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

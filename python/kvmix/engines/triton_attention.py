@@ -1058,7 +1058,9 @@ def _launch(fn, grid, args, consts, num_warps, num_stages, fast, stream=None):
     the same key go straight to the compiled kernel, skipping Triton's per-call binding,
     cache-key and option formatting, which cost more host time than a decode step's GPU time.
     The key holds what Triton specializes on: the constexprs, each tensor's dtype and 16-byte
-    alignment, and whether each integer argument is 1 or a multiple of 16. ``stream``: the
+    alignment, and whether each integer argument is 1, a multiple of 16, and fits in 32 bits.
+    Every positional argument comes before the constexprs (given by name) in the kernels
+    launched this way. ``stream``: the
     current CUDA stream's handle (looked up when not given)."""
     if not fast:
         fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
@@ -1069,7 +1071,7 @@ def _launch(fn, grid, args, consts, num_warps, num_stages, fast, stream=None):
     sig = tuple(
         (a.dtype, a.data_ptr() & 15 == 0)
         if isinstance(a, tensor)
-        else (a == 1, a & 15 == 0)
+        else (a == 1, a & 15 == 0, -0x80000000 <= a <= 0x7FFFFFFF)
         if type(a) is int
         else None
         for a in args

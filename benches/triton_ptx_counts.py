@@ -32,6 +32,7 @@ HK, HQ, D, B = 8, 32, 128, 1
 # ``plain``: no argument specialization (how the counts in results/gpu/triton-kernel-h200.txt
 # were made; byte loads are then not vectorized).
 SPECIALIZE = "plain" not in sys.argv
+BITS_LIST = (2,) if "only2" in sys.argv else (4,) if "only4" in sys.argv else (4, 2)
 DTYPES = {
     torch.float32: "*fp32",
     torch.int32: "*i32",
@@ -152,7 +153,7 @@ def main():
     codes = kw["block_n"] * 2 * D  # key and value codes of one page
     threads = kw["num_warps"] * 32
     # One kernel per packed tier (a buffer and that tier), so that each loop is known.
-    for nb in (4, 2):
+    for nb in BITS_LIST:
         args, consts, nw, ns = capture(bits=(nb,), **kw)
         if consts["FIELDS"]:
             consts["FIELDS"] = 2  # the inline-PTX unpacking a GPU runs (the capture interprets)

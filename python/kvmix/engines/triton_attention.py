@@ -605,7 +605,6 @@ def _tier_fields(
     VNE: tl.constexpr = D // VFN
     ke = tl.arange(0, KNE)
     ve = tl.arange(0, VNE)
-    vf_idx = tl.arange(0, VFN)
     b = s // kv_heads
     h = s % kv_heads
     G: tl.constexpr = ROWS // TQ
@@ -621,15 +620,26 @@ def _tier_fields(
 
     m_i = tl.full([RP], float("-inf"), tl.float32)
     l_i = tl.full([RP], 0.0, tl.float32)
-    # Output channel i * VFN + f at [row, f, i].
-    acc = tl.full([RP, VFN, VNE], 0.0, tl.float32)
+    VG: tl.constexpr = D // V_GS
+    vg = tl.arange(0, VG)
+    NPV: tl.constexpr = NPART if NPART * VG * RP >= 16 else 16 // (VG * RP)
+    MS: tl.constexpr = NPV * VG * RP  # rows of the values' stacked operand
+    # One accumulator per value field, kept as the dots' stacked rows (part, group, row):
+    # the parts and groups are summed once, after the loop.
+    acc0 = tl.full([MS, VNE], 0.0, tl.float32)
+    acc1 = tl.full([MS, VNE], 0.0, tl.float32)
+    if VFN > 2:
+        acc2 = tl.full([MS, VNE], 0.0, tl.float32)
+        acc3 = tl.full([MS, VNE], 0.0, tl.float32)
+    if VFN > 4:
+        acc4 = tl.full([MS, VNE], 0.0, tl.float32)
+        acc5 = tl.full([MS, VNE], 0.0, tl.float32)
+        acc6 = tl.full([MS, VNE], 0.0, tl.float32)
+        acc7 = tl.full([MS, VNE], 0.0, tl.float32)
     if K_MODE == TOKEN:
         KG: tl.constexpr = D // K_GS
         kg = tl.arange(0, KG)
         NPK: tl.constexpr = NPART if NPART * KG * RP >= 16 else 16 // (KG * RP)
-    VG: tl.constexpr = D // V_GS
-    vg = tl.arange(0, VG)
-    NPV: tl.constexpr = NPART if NPART * VG * RP >= 16 else 16 // (VG * RP)
     NPC: tl.constexpr = NPART if NPART * RP >= 16 else 16 // RP
 
     p_lo = split * pages_per_split
@@ -645,21 +655,23 @@ def _tier_fields(
         if K_MODE == CHANNEL:
             seg = tl.load(SEG + s64 * (cap64 // BLOCK_N) + page).to(tl.int64)
             sb = (s64 * nseg + seg) * D
-            amax = tl.full([RP], 0.0, tl.float32)
-            qo = tl.full([RP], 0.0, tl.float32)
+            # The segment's parameters are loaded per query row (L1 hits) so that they come
+            # in the queries' layout; maxima and offset products are reduced once.
+            amax = tl.full([RP, KNE], 0.0, tl.float32)
+            qo = tl.full([RP, KNE], 0.0, tl.float32)
             for f in tl.static_range(KF):
-                ch = ke * KF + f
+                ch = rows[:, None] * 0 + (ke * KF + f)[None, :]
                 q = _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D, K_FIX)
-                amax = tl.maximum(amax, _max(tl.abs(q * tl.load(KS + sb + ch).to(tl.float32)), 1))
-                qo += _sum(q * tl.load(KO + sb + ch).to(tl.float32), 1)
-            ar, ainv = _row_scale(amax)
+                amax = tl.maximum(amax, tl.abs(q * tl.load(KS + sb + ch).to(tl.float32)))
+                qo += q * tl.load(KO + sb + ch).to(tl.float32)
+            ar, ainv = _row_scale(_max(amax, 1))
             y = tl.full([NPC * RP, BLOCK_N], 0.0, tl.float32)
             for f in tl.static_range(KF):
-                ch = ke * KF + f
+                ch = rows[:, None] * 0 + (ke * KF + f)[None, :]
                 q = _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D, K_FIX)
                 a = _stack_scaled(q * tl.load(KS + sb + ch).to(tl.float32), ar, RP, KNE, NPC, NPART)
                 y = tl.dot(a, tl.trans(_field(kp, K_BITS, f, ASM)), y)
-            logits = _unstack(y, RP, BLOCK_N, NPC) * ainv[:, None] + qo[:, None]
+            logits = _unstack(y, RP, BLOCK_N, NPC) * ainv[:, None] + _sum(qo, 1)[:, None]
         else:
             # Queries masked to each channel group, stacked as rows [KG * RP, KNE].
             amax = tl.full([KG * RP], 0.0, tl.float32)
@@ -704,39 +716,91 @@ def _tier_fields(
         of = tl.load(VO + row[None, :] * VG + vg[:, None]).to(tl.float32)
         ps = tl.reshape(p[None, :, :] * sc[:, None, :], (VG * RP, BLOCK_N))
         a, ainv = _stack_f16(ps, VG * RP, BLOCK_N, NPV, NPART)
-        po = _sum(p[None, :, :] * of[:, None, :], 2)  # [VG, RP]
+        po = tl.reshape(_sum(p[None, :, :] * of[:, None, :], 2), (VG * RP,))
+        # Per stacked row: the inverse scale, the offsets' part (on the first part's rows)
+        # and the softmax rescaling.
+        part = tl.arange(0, NPV)[:, None]
+        ainv_s = tl.reshape(tl.broadcast_to(ainv[None, :], (NPV, VG * RP)), (MS,))
+        po_s = tl.reshape(tl.where(part == 0, po[None, :], 0.0), (MS,))
+        alpha_s = tl.reshape(tl.broadcast_to(alpha[None, None, :], (NPV, VG, RP)), (MS,))
+        vfb = 0
         if V_SEP:
             vseg = tl.load(SEG + s64 * (cap64 // BLOCK_N) + page).to(tl.int64)
             vfb = (s64 * nseg + vseg) * D
-        acc = acc * alpha[:, None, None]
-        for f in tl.static_range(VFN):
-            ch = ve * VFN + f
-            part = _unstack(tl.dot(a, _field(vp, V_BITS, f, ASM)), VG * RP, VNE, NPV)
-            part = part * ainv[:, None]
-            if VG == 1:
-                c = part + tl.reshape(po, (RP,))[:, None]
-            else:
-                part = tl.reshape(part, (VG, RP, VNE)) + po[:, :, None]
-                vsel = (ch // V_GS)[None, None, :] == vg[:, None, None]
-                c = _sum(tl.where(vsel, part, 0.0), 0)
-            if V_SEP:
-                c = c * tl.load(VF + vfb + ch).to(tl.float32)[None, :]
-            acc += tl.where((vf_idx == f)[None, :, None], c[:, None, :], 0.0)
+        acc0 = _vfield(acc0, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 0, V_BITS, VFN, V_SEP, ASM)
+        acc1 = _vfield(acc1, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 1, V_BITS, VFN, V_SEP, ASM)
+        if VFN > 2:
+            acc2 = _vfield(
+                acc2, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 2, V_BITS, VFN, V_SEP, ASM
+            )
+            acc3 = _vfield(
+                acc3, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 3, V_BITS, VFN, V_SEP, ASM
+            )
+        if VFN > 4:
+            acc4 = _vfield(
+                acc4, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 4, V_BITS, VFN, V_SEP, ASM
+            )
+            acc5 = _vfield(
+                acc5, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 5, V_BITS, VFN, V_SEP, ASM
+            )
+            acc6 = _vfield(
+                acc6, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 6, V_BITS, VFN, V_SEP, ASM
+            )
+            acc7 = _vfield(
+                acc7, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 7, V_BITS, VFN, V_SEP, ASM
+            )
 
     out = (s64 * n_split + out_split) * ROWS + rows
     tl.store(PM + out, m_i, mask=row_ok)
     tl.store(PL + out, l_i, mask=row_ok)
-    och = vf_idx[None, :, None] + VFN * ve[None, None, :]
-    tl.store(PACC + out[:, None, None] * D + och, acc, mask=row_ok[:, None, None])
+    ob = PACC + out[:, None] * D
+    _vstore(ob, acc0, 0, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
+    _vstore(ob, acc1, 1, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
+    if VFN > 2:
+        _vstore(ob, acc2, 2, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
+        _vstore(ob, acc3, 3, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
+    if VFN > 4:
+        _vstore(ob, acc4, 4, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
+        _vstore(ob, acc5, 5, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
+        _vstore(ob, acc6, 6, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
+        _vstore(ob, acc7, 7, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
+
+
+@triton.jit
+def _vfield(acc, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, F: tl.constexpr, BITS: tl.constexpr,
+            VFN: tl.constexpr, V_SEP: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    """One page's step of value field ``F``'s stacked accumulator: elementwise in the dot's
+    own layout (no reduction or layout conversion per page)."""
+    y = tl.dot(a, _field(vp, BITS, F, ASM)) * ainv_s[:, None] + po_s[:, None]
+    if V_SEP:
+        y = y * tl.load(VF + vfb + ve * VFN + F).to(tl.float32)[None, :]
+    return acc * alpha_s[:, None] + y
+
+
+@triton.jit
+def _vstore(ob, acc, F: tl.constexpr, ve, row_ok, RP: tl.constexpr, VG: tl.constexpr,
+            V_GS: tl.constexpr, VNE: tl.constexpr, NPV: tl.constexpr,
+            VFN: tl.constexpr):  # fmt: skip
+    """Value field ``F``'s stacked accumulator summed over its parts and each channel's own
+    group, stored at channels ``i * VFN + F``."""
+    ch = ve * VFN + F
+    x = _sum(tl.reshape(acc, (NPV, VG * RP, VNE)), 0)
+    if VG > 1:
+        vsel = (ch // V_GS)[None, None, :] == tl.arange(0, VG)[:, None, None]
+        x = _sum(tl.where(vsel, tl.reshape(x, (VG, RP, VNE)), 0.0), 0)
+    tl.store(ob + ch[None, :], x, mask=row_ok[:, None])
 
 
 @triton.jit
 def _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D: tl.constexpr, K_FIX: tl.constexpr):
-    """The queries ``[RP, len(ch)]`` at channels ``ch``, scaled (and by the fixed key factor)."""
-    q = tl.load(qrow + ch[None, :].to(tl.int64) * sqd, mask=row_ok[:, None], other=0.0)
+    """The queries ``[RP, K]`` at channels ``ch`` (``[RP, K]``, or ``[K]`` for every row),
+    scaled (and by the fixed key factor)."""
+    if len(ch.shape) == 1:
+        ch = ch[None, :]
+    q = tl.load(qrow + ch.to(tl.int64) * sqd, mask=row_ok[:, None], other=0.0)
     q = q.to(tl.float32) * qscale
     if K_FIX:
-        q = q * tl.load(KFIX + s64 * D + ch).to(tl.float32)[None, :]
+        q = q * tl.load(KFIX + s64 * D + ch).to(tl.float32)
     return q
 
 

@@ -429,13 +429,12 @@ def _stack_scaled(x, r, M: tl.constexpr, K: tl.constexpr, NP: tl.constexpr, NPAR
 
 @triton.jit
 def _field_asm(x, BITS: tl.constexpr, F: tl.constexpr):
-    """Field ``F`` of int16 elements as exact fp16, two elements (one 32-bit register) per
-    inline-PTX instance: the field, masked in place, is OR-ed into the bits of fp16 1024.0
-    (``0x6400 | c << S`` is ``1024 + c * 2^S``), then one f16x2 subtraction (``S = 0``) or
-    fused multiply-add (``* 2^-S - 1024 * 2^-S``, exact) leaves the code. A field that would
-    reach the exponent bits (``S + BITS > 10``) is shifted down first. A pure unary
-    elementwise op: Triton's compiler moves the conversion to the dot operand's layout above
-    it, onto the load."""
+    """Field ``F`` of the low byte of int16 elements (bits ``S = F * BITS < 8``) as exact
+    fp16, two elements (one 32-bit register) per inline-PTX instance: the field, masked in
+    place, is OR-ed into the bits of fp16 1024.0 (``0x6400 | c << S`` is ``1024 + c * 2^S``),
+    then one f16x2 subtraction (``S = 0``) or fused multiply-add (``* 2^-S - 1024 * 2^-S``,
+    exact) leaves the code. A pure unary elementwise op: Triton's compiler moves the
+    conversion to the dot operand's layout above it, onto the load."""
     if BITS == 2 and F == 0:
         return _pack2(
             x,
@@ -460,30 +459,6 @@ def _field_asm(x, BITS: tl.constexpr, F: tl.constexpr):
             "{ .reg .b32 t, k, b; mov.b32 k, 0x24002400; mov.b32 b, 0xcc00cc00; "
             "lop3.b32 t, $1, 0x00c000c0, 0x64006400, 0xea; fma.rn.f16x2 $0, t, k, b; }",
         )
-    elif BITS == 2 and F == 4:
-        return _pack2(
-            x,
-            "{ .reg .b32 t, k, b; mov.b32 k, 0x1c001c00; mov.b32 b, 0xc400c400; "
-            "lop3.b32 t, $1, 0x03000300, 0x64006400, 0xea; fma.rn.f16x2 $0, t, k, b; }",
-        )
-    elif BITS == 2 and F == 5:
-        return _pack2(
-            x,
-            "{ .reg .b32 t, k; mov.b32 k, 0x64006400; "
-            "shr.b32 t, $1, 10; lop3.b32 t, t, 0x00030003, 0x64006400, 0xea; sub.f16x2 $0, t, k; }",
-        )
-    elif BITS == 2 and F == 6:
-        return _pack2(
-            x,
-            "{ .reg .b32 t, k; mov.b32 k, 0x64006400; "
-            "shr.b32 t, $1, 12; lop3.b32 t, t, 0x00030003, 0x64006400, 0xea; sub.f16x2 $0, t, k; }",
-        )
-    elif BITS == 2 and F == 7:
-        return _pack2(
-            x,
-            "{ .reg .b32 t, k; mov.b32 k, 0x64006400; "
-            "shr.b32 t, $1, 14; lop3.b32 t, t, 0x00030003, 0x64006400, 0xea; sub.f16x2 $0, t, k; }",
-        )
     elif BITS == 4 and F == 0:
         return _pack2(
             x,
@@ -496,29 +471,11 @@ def _field_asm(x, BITS: tl.constexpr, F: tl.constexpr):
             "{ .reg .b32 t, k, b; mov.b32 k, 0x2c002c00; mov.b32 b, 0xd400d400; "
             "lop3.b32 t, $1, 0x00f000f0, 0x64006400, 0xea; fma.rn.f16x2 $0, t, k, b; }",
         )
-    elif BITS == 4 and F == 2:
-        return _pack2(
-            x,
-            "{ .reg .b32 t, k; mov.b32 k, 0x64006400; "
-            "shr.b32 t, $1, 8; lop3.b32 t, t, 0x000f000f, 0x64006400, 0xea; sub.f16x2 $0, t, k; }",
-        )
-    elif BITS == 4 and F == 3:
-        return _pack2(
-            x,
-            "{ .reg .b32 t, k; mov.b32 k, 0x64006400; "
-            "shr.b32 t, $1, 12; lop3.b32 t, t, 0x000f000f, 0x64006400, 0xea; sub.f16x2 $0, t, k; }",
-        )
     elif BITS == 8 and F == 0:
         return _pack2(
             x,
             "{ .reg .b32 t, k; mov.b32 k, 0x64006400; "
             "lop3.b32 t, $1, 0x00ff00ff, 0x64006400, 0xea; sub.f16x2 $0, t, k; }",
-        )
-    elif BITS == 8 and F == 1:
-        return _pack2(
-            x,
-            "{ .reg .b32 t, k; mov.b32 k, 0x64006400; "
-            "shr.b32 t, $1, 8; lop3.b32 t, t, 0x00ff00ff, 0x64006400, 0xea; sub.f16x2 $0, t, k; }",
         )
 
 
@@ -531,9 +488,19 @@ def _pack2(x, asm: tl.constexpr):
 def _field(x, BITS: tl.constexpr, F: tl.constexpr, ASM: tl.constexpr):
     """Field ``F`` (bits ``F * BITS ..``) of int16 elements ``x`` as an exact fp16 tile."""
     if ASM:
-        return _field_asm(x, BITS, F)
-    c = (x >> (BITS * F)) & ((1 << BITS) - 1)
-    return (c | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        if BITS * F >= 8:
+            # The high byte's fields from one shift per register, shared by those fields
+            # (identical pure ops are merged).
+            hi = tl.inline_asm_elementwise(
+                "shr.b32 $0, $1, 8;", "=r,r", [x], dtype=tl.int16, is_pure=True, pack=2
+            )
+            out = _field_asm(hi, BITS, F - 8 // BITS)
+        else:
+            out = _field_asm(x, BITS, F)
+    else:
+        c = (x >> (BITS * F)) & ((1 << BITS) - 1)
+        out = (c | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    return out
 
 
 @triton.jit

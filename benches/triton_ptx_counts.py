@@ -58,10 +58,10 @@ def capture(bits=(4, 2), **kw):
     got = {}
     launch = attn._launch
 
-    def spy(fn, grid, args, consts, nw, ns, fast):
+    def spy(fn, grid, args, consts, nw, ns, fast, stream=None):
         if fn is attn._attend_kernel:
             got["a"] = (args, consts, nw, ns)
-        return launch(fn, grid, args, consts, nw, ns, fast)
+        return launch(fn, grid, args, consts, nw, ns, fast, stream)
 
     attn._launch = spy
     try:

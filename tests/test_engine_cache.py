@@ -242,6 +242,41 @@ def test_triton_store_gives_back_the_prompts_buffer_rows() -> None:
     assert m["bytes"] <= m["allocated_bytes"] <= 1.2 * m["bytes"] + room
 
 
+@pytest.mark.parametrize("buffer_dtype", ["float16", "bfloat16", "float32"])
+def test_a_decoding_steps_append_writes_the_rows_as_the_prompts_push(buffer_dtype: str) -> None:
+    """A decoding step's token goes into the buffer by one kernel (not the prompt's push):
+    the same rows (rounded to the buffer's dtype as torch rounds, from bf16 or strided input),
+    positions and zero scores; a non-finite value is refused on the CPU with the store as it
+    was."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 2, 41, 16, generator=g) * 3).to(torch.bfloat16)
+    step = TritonLayerStore("zipcache", 2, 16, {"streaming_gap": 10}, buffer_dtype)  # type: ignore[arg-type]
+    whole = TritonLayerStore("zipcache", 2, 16, {"streaming_gap": 10}, buffer_dtype)  # type: ignore[arg-type]
+    step.append(x[:, :, :40], -x[:, :, :40])
+    whole.append(x, -x)
+    # A strided bf16 token (a view of a [B, T, H, D] tensor), as a model hands it over.
+    tok = x[:, :, 40:].transpose(1, 2).contiguous().transpose(1, 2)
+    step.append(tok, -tok)
+    bs, bw = step._tiers["buffer"], whole._tiers["buffer"]
+    assert (step.seen, bs.fill) == (whole.seen, bw.fill) == (41, 41)
+    for name in ("kd", "vd", "pos", "acc", "count"):
+        assert torch.equal(getattr(bs, name)[:, :41], getattr(bw, name)[:, :41]), name
+    bad = tok.clone()
+    bad[1, 0, 0, 3] = float("nan")
+    before = {n: getattr(bs, n).clone() for n in ("pos", "kd")}
+    with pytest.raises(kvmix.NonFiniteError, match="NaN"):
+        step.append(bad, tok)
+    big = tok.clone()
+    big[0, 1, 0, 0] = 70000.0
+    with pytest.raises(kvmix.NonFiniteError, match="fp16 range"):
+        step.append(tok, big)
+    assert (step.seen, bs.fill) == (41, 41)
+    assert torch.equal(bs.pos, before["pos"])
+    assert torch.equal(bs.kd[:, :41], before["kd"][:, :41])
+    step.append(tok, -tok)  # the flag was cleared: the next token is taken
+    assert step.seen == 42 and int(bs.pos[0, 41]) == 41
+
+
 def test_three_bit_codes_are_packed_as_the_rust_packer_packs_them() -> None:
     """kvmix-5x's 3-bit keys: each stored row is ``kvmix.pack_bits`` of the codes recovered
     from the row's dequantized values and its segment's per-channel parameters (eight codes

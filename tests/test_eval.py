@@ -208,6 +208,40 @@ def test_tradeoff_plot_is_written(tmp_path):
     assert len(fig.axes) == 2
 
 
+def _suite_records(length, answers):
+    return [
+        {"method": m, "trial": t, "correct": c, "compression_ratio": r, "length": length}
+        for t, (m, c, r) in enumerate(answers)
+    ]
+
+
+def test_suite_overall_and_the_suite_panel(tmp_path):
+    """The suite panel: one line per method through its lengths, at the suites' accuracies."""
+    pytest.importorskip("matplotlib")
+    from kvmix.eval import plot_tradeoffs
+    from kvmix.eval.report import suite_overall
+
+    two = _suite_records(
+        2048, [("full", True, 0.5), ("a", True, 3.0), ("a", False, 3.2), ("a", True, 2.8)]
+    )
+    four = _suite_records(4096, [("full", False, 0.5), ("a", True, 3.1), ("b", False, 5.0)])
+    s = suite_overall(two)
+    assert list(s) == ["full", "a"]
+    assert (s["a"]["correct"], s["a"]["total"]) == (2, 3)
+    assert s["a"]["accuracy"] == pytest.approx(2 / 3) and s["a"]["compression_ratio"] == 3.0
+    assert s["a"]["length"] == 2048
+    fig = plot_tradeoffs(_synthetic_results(), tmp_path / "t.png", suites={"2k": two, "4k": four})
+    assert (tmp_path / "t.png").stat().st_size > 10_000
+    panel = fig.axes[2]
+    lines = {line.get_label().split(" (")[0]: line for line in panel.get_lines()}
+    assert set(lines) == {"full", "a", "b"}
+    assert list(lines["a"].get_xdata()) == [2048, 4096]
+    assert list(lines["a"].get_ydata()) == pytest.approx([2 / 3, 1.0])
+    assert list(lines["full"].get_ydata()) == [1.0, 0.0]
+    assert lines["a"].get_label() == "a (3.00–3.10x smaller)"
+    assert lines["full"].get_label() == "full (2.00x larger)"
+
+
 @pytest.mark.slow
 def test_evaluate_on_smollm2_writes_consistent_results(tmp_path):
     """A small run on the real model: files written, records consistent with the summary, the
@@ -240,3 +274,26 @@ def test_evaluate_on_smollm2_writes_consistent_results(tmp_path):
         kvmix.eval.evaluate(
             dataclasses.replace(config, passkey_trials=3), out=tmp_path, resume=True
         )
+
+
+def test_replot_reads_the_suites_beside_the_evaluation(tmp_path):
+    """``--replot`` rewrites the table and the plot from saved records alone; the suite panel
+    takes every ``suite-<N>k`` run (shortest first), not single-family runs."""
+    pytest.importorskip("matplotlib")
+    from kvmix.eval.__main__ import main
+    from kvmix.eval.report import load_suites
+
+    results = _synthetic_results()
+    results["meta"].update(transformers="5", torch="2", kvmix="0", passkey_trials=3, passages=2)
+    (tmp_path / "eval.json").write_text(json.dumps(results))
+    for name, length in (("suite-4k", 4096), ("suite-2k", 2048), ("suite-filler-2k", 2048)):
+        (tmp_path / name).mkdir()
+        records = _suite_records(length, [("full", True, 0.5), ("a", True, 3.0)])
+        (tmp_path / name / "suite.json").write_text(json.dumps({"records": records}))
+    suites = load_suites(tmp_path)
+    assert list(suites) == ["suite-2k", "suite-4k"]
+    assert suites["suite-4k"][0]["length"] == 4096
+    assert main(["--out", str(tmp_path), "--replot"]) == 0
+    assert (tmp_path / "tradeoffs.png").stat().st_size > 10_000
+    assert "| A | 3.00x smaller |" in (tmp_path / "eval.md").read_text()
+    assert main(["--out", str(tmp_path / "none"), "--replot"]) == 2

@@ -145,3 +145,47 @@ def test_suite_resume_runs_only_the_missing_pairs(tokenizer, monkeypatch, tmp_pa
 
     (tmp_path / "suite.json").write_text('{"args": {"depths": 3}, "records": []}')
     assert suite.main(["--resume", "--out", str(tmp_path), "--depths", "2"]) == 2
+
+
+def test_suite_redo_replaces_a_methods_earlier_records(tokenizer, monkeypatch, tmp_path) -> None:
+    """``redo``: a method's earlier records (stale after its preset changed) are dropped and every
+    prompt runs it again; the other methods' records stay and are not re-run. A redo of a method
+    not being run, or without --resume, is refused."""
+    from types import SimpleNamespace
+
+    from kvmix.eval import suite
+
+    asked: list[tuple[int, list[str]]] = []
+
+    def fake_records(model, tok, prompt, methods, new_tokens, trial):
+        asked.append((trial, [m.name for m in methods]))
+        return [{"method": m.name, "trial": trial, "correct": True} for m in methods]
+
+    monkeypatch.setattr(suite, "passkey_records", fake_records)
+    cfg = SimpleNamespace(
+        num_key_value_heads=3, head_dim=64, hidden_size=576, num_attention_heads=9
+    )
+    model = SimpleNamespace(config=cfg)
+    earlier = [
+        {"method": m, "trial": t, "correct": False} for t in range(2) for m in ("full", "kvmix-5x")
+    ]
+    records = suite.run_suite(
+        model,
+        tokenizer,
+        ["kvmix-5x"],
+        lengths=(256,),
+        depths=1,
+        haystacks=("kjv",),
+        phrasings=("standard", "secret-code"),
+        earlier=earlier,
+        redo=("kvmix-5x",),
+    )
+    assert asked == [(0, ["kvmix-5x"]), (1, ["kvmix-5x"])]
+    assert [r for r in records if r["method"] == "full"] == earlier[0::2]
+    new = [r for r in records if r["method"] == "kvmix-5x"]
+    assert [(r["trial"], r["correct"]) for r in new] == [(0, True), (1, True)]
+    with pytest.raises(ValueError, match="redo names"):
+        suite.run_suite(model, tokenizer, ["full"], lengths=(256,), redo=("kvmix-5x",))
+    for argv in (["--redo", "kvmix-5x"], ["--resume", "--methods", "full", "--redo", "kvmix-5x"]):
+        with pytest.raises(SystemExit):
+            suite.main([*argv, "--out", str(tmp_path)])

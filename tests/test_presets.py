@@ -206,6 +206,7 @@ RESULTS = [
     "results/eval.json",
     "results/suite-2k/suite.json",
     "results/suite-4k/suite.json",
+    "results/suite-8k/suite.json",
     "results/suite-filler-2k/suite.json",
 ]
 

@@ -117,3 +117,48 @@ def test_bench_attention_cuda_mode_refuses_without_gpu():
         pytest.skip("a GPU is present: the mode would run")
     with pytest.raises(SystemExit, match="needs a CUDA device"):
         bench.main(args)
+
+
+def test_in_place_accumulation_and_output_layout_match_the_returned_tensors():
+    """What the store uses at every decoding step: the received attention added in place to a
+    tier's scores with the count of queries that saw each row, and the output written in the
+    model's dtype and layout ([B, Tq, Hq, D]), equal the returned tensors of the plain call."""
+    g = torch.Generator().manual_seed(3)
+    views = [
+        ref.synthetic_tier(S, 40, D, ("dense", 0, D), ("dense", 0, D), pos_offset=220, generator=g),
+        ref.synthetic_tier(S, 100, D, ("token", 4, 16), ("token", 4, 16), generator=g),
+        ref.synthetic_tier(
+            S, 120, D, ("channel", 2, D), ("token", 2, D), pos_offset=100, generator=g
+        ),
+    ]
+    attn = load_attention("cpu")
+    track = [True, True, False]
+    for tq, fv in ((1, [0, 30]), (3, [7, 0])):
+        # bf16-exact queries: the output's bf16 rounding is then all that differs.
+        q = torch.randn(B, HQ, tq, D, generator=g).to(torch.bfloat16).float()
+        top = max(int(v.pos.max()) for v in views)
+        qpos = [top - tq + 1 + i for i in range(tq)]
+        first_valid = torch.tensor(fv, dtype=torch.int32)
+        out, rec = attn.attend_tiers(views, q, qpos, first_valid, 0.3, HK, track)
+        adds = [
+            (torch.rand(S, v.cap, generator=g), torch.rand(S, v.cap, generator=g))
+            for v in views[:2]
+        ]
+        before = [(a.clone(), c.clone()) for a, c in adds]
+        out2 = torch.empty(B, tq, HQ, D, dtype=torch.bfloat16)
+        got, rec2 = attn.attend_tiers(
+            views, q, qpos, first_valid, 0.3, HK, track,
+            accumulate=[*adds, None], out=out2, out_layout="bthd",
+        )  # fmt: skip
+        assert got is out2 and rec2 == [None, None, None]
+        # Rounded to bfloat16 as torch rounds (to nearest even), bit for bit.
+        assert torch.equal(out2.transpose(1, 2), out.to(torch.bfloat16))
+        for v, r, (a, c), (a0, c0) in zip(views, rec, adds, before, strict=False):
+            f = v.fill
+            p = v.pos[:, :f].long()
+            fv_s = first_valid.repeat_interleave(HK)[:, None]
+            seen = (torch.tensor(qpos)[None, None, :] >= p[:, :, None]).sum(-1).float()
+            seen = torch.where((p >= fv_s) & (p >= 0), seen, 0.0)
+            torch.testing.assert_close(a[:, :f], a0[:, :f] + r, rtol=0, atol=1e-6)
+            torch.testing.assert_close(c[:, :f], c0[:, :f] + seen, rtol=0, atol=0)
+            assert torch.equal(a[:, f:], a0[:, f:]) and torch.equal(c[:, f:], c0[:, f:])

@@ -419,22 +419,44 @@ def kvmix_attention(
     tq = query.shape[2]
     end = layer.cumulative_length
     rotation = getattr(layer, "rotation", None)
-    qf = query.detach().float()
+    positions = list(range(end - tq, end))
+    if layer.on_device and rotation is None:
+        # Torch in and out, on the device: the kernel reads the query in its dtype through
+        # its strides and writes the output in the model's dtype and layout, so the step
+        # makes no conversion, copy or transpose of its own.
+        b, hq, _, d = query.shape
+        dev_out = torch.empty((b, tq, hq, d), dtype=query.dtype, device=query.device)
+        q = query.detach() if query.requires_grad else query  # no op in inference
+        layer.store.attend(q, positions, scale, True, out=dev_out)
+        layer.store.maybe_classify()
+        return dev_out, None
+    qf = (query.detach() if query.requires_grad else query).float()
     if rotation is not None:
         qf = qf @ rotation  # the store holds rotated keys: (qR)(kR)^T = qk^T
-    positions = list(range(end - tq, end))
     if layer.on_device:
-        # Torch in and out, on the device: no copy through the host.
-        result = layer.store.attend(qf.contiguous(), positions, scale, True)
+        # Torch in and out, on the device: fp32 output in the returned layout, rotated back
+        # (sum p vR = (sum p v)R) and cast by two ops.
+        assert rotation is not None
+        b, hq, _, d = query.shape
+        dev_out = torch.empty((b, tq, hq, d), dtype=torch.float32, device=query.device)
+        layer.store.attend(qf, positions, scale, True, out=dev_out)
         layer.store.maybe_classify()
-    else:
-        out = layer.store.attend(qf.contiguous().numpy(), positions, scale, True)
-        layer.store.maybe_classify()
-        result = torch.from_numpy(out)
+        return (dev_out @ _transposed(layer, rotation)).to(query.dtype), None
+    result = torch.from_numpy(layer.store.attend(qf.contiguous().numpy(), positions, scale, True))
+    layer.store.maybe_classify()
     if rotation is not None:
         result = result @ rotation.T  # the output is sum p (vR): rotate it back
     attn = result.to(query.dtype).transpose(1, 2).contiguous()
     return attn, None
+
+
+def _transposed(layer: Any, rotation: torch.Tensor) -> torch.Tensor:
+    """``rotation.T`` made contiguous once per layer (not a transpose op per decoding step)."""
+    cached = getattr(layer, "_rotation_t", None)
+    if cached is None or cached[0] is not rotation:
+        cached = layer._rotation_t = (rotation, rotation.T.contiguous())
+    t: torch.Tensor = cached[1]
+    return t
 
 
 def _portable(original_name: str) -> Callable[..., Any]:
@@ -478,8 +500,15 @@ def _track_dense(layer: Any, query: torch.Tensor, scale: float) -> None:
     store = layer.store
     if layer.scoring != "none":
         end, tq = layer.cumulative_length, query.shape[2]
-        qf = query.detach().float()
-        if getattr(layer, "rotation", None) is not None:
+        q = query.detach() if query.requires_grad else query
+        rotated = getattr(layer, "rotation", None) is not None
+        if getattr(layer, "on_device", False) and not rotated:
+            # The Triton kernel reads the query in its dtype through its strides.
+            store.attend(q, list(range(end - tq, end)), scale, True)
+            store.maybe_classify()
+            return
+        qf = q.float()
+        if rotated:
             qf = qf @ layer.rotation  # the store holds rotated keys
         qs = qf.contiguous() if getattr(layer, "on_device", False) else qf.contiguous().numpy()
         store.attend(qs, list(range(end - tq, end)), scale, True)

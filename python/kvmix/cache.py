@@ -321,8 +321,11 @@ class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped b
         first = self.cumulative_length == 0
         t0 = time.perf_counter()
         if self.on_device:
-            # Torch tensors end to end: the store quantizes on their device.
-            self.store.append(stored_k.detach(), stored_v.detach())
+            # Torch tensors end to end: the store quantizes on their device (kernels read the
+            # data; detaching only what autograd tracks keeps a decoding step free of ops).
+            if stored_k.requires_grad or stored_v.requires_grad:
+                stored_k, stored_v = stored_k.detach(), stored_v.detach()
+            self.store.append(stored_k, stored_v)
         else:
             k, bf16 = as_core_array(stored_k, "key_states")
             v, _ = as_core_array(stored_v, "value_states")
@@ -395,6 +398,8 @@ class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped b
         keys, values = dense[0][:, :, :n], dense[1][:, :, :n]
         if self.rotation is not None:
             keys, values = keys @ self.rotation.T, values @ self.rotation.T
+        if keys.dtype == self.dtype:  # the GPU's buffers are in the model's dtype: no op
+            return keys, values
         return keys.to(self.dtype), values.to(self.dtype)
 
     def get_seq_length(self) -> int:

@@ -32,6 +32,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "kvmix.bench.gpu",
         "8B-shaped model on one GPU: prefill, decode step, memory and max batch of every cache",
     ),
+    "host": (
+        "kvmix.bench.host",
+        "host work of a decoding step per layer: torch ops, Triton launches, host time",
+    ),
 }
 
 

@@ -70,6 +70,23 @@ def _max(x, axis: tl.constexpr):
     return tl.reduce(x, axis, _maxf)
 
 
+@triton.jit
+def _cast_rtne(x, DT: tl.constexpr):
+    """fp32 ``x`` as ``DT``, rounded to nearest even as torch's ``.to()`` rounds. bfloat16 is
+    rounded by hand: Triton's interpreter truncates fp32 to bfloat16 (the GPU rounds to
+    nearest even), so the two would disagree in the last bit; the rounded fp32 is exact in
+    bfloat16, so the final conversion is the same everywhere."""
+    if DT == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16) << 16
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    if DT == tl.float16:
+        # What rounds past the largest fp16 is infinite, made explicit: the interpreter's
+        # numpy cast would warn about it.
+        x = tl.where(tl.abs(x) < 65520.0, x, x * float("inf"))
+    return x.to(DT)
+
+
 # Modes of a tier's keys or values (constexpr kernel arguments).
 # Compiled kernels may only read globals that are constexpr (the interpreter reads any).
 DENSE = tl.constexpr(0)
@@ -1230,17 +1247,27 @@ def _merge_kernel(
     PM,
     PL,
     PACC,
-    OUT,  # fp32 [S, ROWS, D]
+    OUT,  # [B, Hq, Tq, D] in any layout (strides below) and float dtype
     MF,  # fp32 [S, ROWS]: merged maximum and sum (for the received attention)
     LF,
     n_split,
+    kv_heads,
+    sob,
+    soh,
+    sot,
+    sod,
     ROWS: tl.constexpr,
+    TQ: tl.constexpr,
     D: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr,
 ):
     s = tl.program_id(0)
     r = tl.program_id(1)
     s64 = s.to(tl.int64)
+    # Row r of stream s = (b, h) is query head h * G + r // TQ, query r % TQ.
+    G: tl.constexpr = ROWS // TQ
+    ob = (s // kv_heads).to(tl.int64) * sob
+    oh = ((s % kv_heads) * G + r // TQ).to(tl.int64) * soh + (r % TQ).to(tl.int64) * sot
     j = tl.arange(0, D)
     mv = tl.full([SPLIT_BLOCK], float("-inf"), tl.float32)
     lv = tl.full([SPLIT_BLOCK], 0.0, tl.float32)
@@ -1266,8 +1293,8 @@ def _merge_kernel(
         )
         acc += _sum(pa * w[:, None], 0)
     lsum = _sum(lv, 0)
-    inv = tl.where(lsum > 0.0, 1.0 / lsum, 0.0)
-    tl.store(OUT + (s64 * ROWS + r) * D + j, acc * inv)
+    inv = tl.where(lsum > 0.0, 1.0 / tl.where(lsum > 0.0, lsum, 1.0), 0.0)  # no 1/0
+    tl.store(OUT + ob + oh + j.to(tl.int64) * sod, _cast_rtne(acc * inv, OUT.dtype.element_ty))
     tl.store(MF + s64 * ROWS + r, m_safe)
     tl.store(LF + s64 * ROWS + r, lsum)
 
@@ -1277,12 +1304,23 @@ def _received_kernel(
     LG,  # fp32 [S, ROWS, cap] base-2 logits (-inf where not visible)
     MF,
     LF,
-    REC,  # fp32 [S, fill]
+    REC,  # fp32 [S, fill] (not ACCUMULATE)
+    ACC,  # fp32 [S, cap] the tier's scores, accumulated in place (ACCUMULATE)
+    CNT,
+    POS,  # int32 [S, cap] the tier's positions (ACCUMULATE)
+    FV,  # int32 [B] first valid position of each sequence (ACCUMULATE)
+    QPOS,  # int32 [TQ] query positions (ACCUMULATE and not QPOS_RANGE)
+    qpos0,
+    kv_heads,
     cap,
     fill,
     ROWS: tl.constexpr,
     RP: tl.constexpr,
     BLOCK: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    TQ: tl.constexpr,
+    TQP: tl.constexpr,  # TQ rounded up to a power of two
+    QPOS_RANGE: tl.constexpr,
 ):
     s = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -1290,14 +1328,33 @@ def _received_kernel(
     ok = rows < ROWS
     m = tl.load(MF + s * ROWS + rows, mask=ok, other=0.0)
     lsum = tl.load(LF + s * ROWS + rows, mask=ok, other=0.0)
-    inv = tl.where(lsum > 0.0, 1.0 / lsum, 0.0)
+    inv = tl.where(lsum > 0.0, 1.0 / tl.where(lsum > 0.0, lsum, 1.0), 0.0)  # no 1/0
     lg = tl.load(
         LG + (s * ROWS + rows[:, None]) * cap + t[None, :],
         mask=ok[:, None] & (t < fill)[None, :],
         other=float("-inf"),
     )
     p = tl.exp2(lg - m[:, None]) * inv[:, None]
-    tl.store(REC + s * fill + t, _sum(p, 0), mask=t < fill)
+    if ACCUMULATE:
+        # What the store adds to a tracked tier's rows: the attention each received, and how
+        # many of the queries could see it (queries at or after its position; none for holes
+        # and left padding).
+        live = t < fill
+        pos = tl.load(POS + s * cap + t, mask=live, other=-1)
+        fv = tl.load(FV + s // kv_heads)
+        if QPOS_RANGE:
+            seen = tl.minimum(tl.maximum(qpos0 + TQ - pos, 0), TQ)
+        else:
+            qi = tl.arange(0, TQP)
+            qp = tl.load(QPOS + qi, mask=qi < TQ, other=-1)
+            seen = _sum((qp[None, :] >= pos[:, None]).to(tl.int32), 1)
+        seen = tl.where((pos >= fv) & (pos >= 0), seen, 0).to(tl.float32)
+        acc = tl.load(ACC + s * cap + t, mask=live, other=0.0)
+        tl.store(ACC + s * cap + t, acc + _sum(p, 0), mask=live)
+        cnt = tl.load(CNT + s * cap + t, mask=live, other=0.0)
+        tl.store(CNT + s * cap + t, cnt + seen, mask=live)
+    else:
+        tl.store(REC + s * fill + t, _sum(p, 0), mask=t < fill)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1360,56 +1417,69 @@ def _fields_tier(t, d: int) -> bool:
     return t.k_mode != 0 and t.v_mode == 2 and ok(t.k_bits) and ok(t.v_bits)
 
 
-# Partials of the splits and merged row statistics, reused between calls: [capacity] fp32 per
-# device and stream
-# (consumed by the merge launch before the next call on the same CUDA stream can write them).
+# Partials of the splits, merged row statistics and the tracked tiers' logits, reused between
+# calls: [capacity] fp32 per device and stream (consumed by the merge and received launches
+# before the next call on the same CUDA stream can write them).
 _WORKSPACE: dict[Any, Any] = {}
 
 
-def _workspace(dev, n_m: int, n_acc: int):
+def _workspace(dev, n_m: int, n_acc: int, n_lg: int = 0):
     import torch
 
     key = (dev, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
     ws = _WORKSPACE.get(key)
-    if ws is None or ws[0].numel() < n_m or ws[2].numel() < n_acc:
-        m_cap = max(n_m, 2 * (ws[0].numel() if ws is not None else 0))
-        a_cap = max(n_acc, 2 * (ws[2].numel() if ws is not None else 0))
+    if ws is None or ws[0].numel() < n_m or ws[2].numel() < n_acc or ws[5].numel() < n_lg:
+        old = [0] * 6 if ws is None else [w.numel() for w in ws]
+        m_cap = max(n_m, 2 * old[0])
+        a_cap = max(n_acc, 2 * old[2])
+        # Logits of the tracked tiers grow with the tier (by a quarter, as tiers do).
+        g_cap = max(n_lg, old[5] * 5 // 4, 1)
         ws = tuple(
             torch.empty(n, dtype=torch.float32, device=dev)
-            for n in (m_cap, m_cap, a_cap, m_cap, m_cap)
+            for n in (m_cap, m_cap, a_cap, m_cap, m_cap, g_cap)
         )
         _WORKSPACE[key] = ws
     return ws
 
 
-# Compiled kernels by launch key, for the fast launch path (see _launch).
+# Compiled kernels by launch key, for the fast launch path (see _launch): (kernel, the
+# constexpr values in the order of the kernel's parameters).
 _COMPILED: dict[Any, Any] = {}
 
 
-def _launch(fn, grid, args, consts, num_warps, num_stages, fast):
+def _launch(fn, grid, args, consts, num_warps, num_stages, fast, stream=None):
     """``fn[grid](*args, **consts)``; with ``fast`` (compiled kernels only) later calls with
     the same key go straight to the compiled kernel, skipping Triton's per-call binding,
     cache-key and option formatting, which cost more host time than a decode step's GPU time.
     The key holds what Triton specializes on: the constexprs, each tensor's dtype and 16-byte
-    alignment, and whether each integer argument is 1 or a multiple of 16."""
+    alignment, and whether each integer argument is 1 or a multiple of 16. ``stream``: the
+    current CUDA stream's handle (looked up when not given)."""
     if not fast:
         fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
         return
     import torch
 
-    sig: list[tuple[Any, bool]] = [
-        (a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)
-    ]
-    sig += [(a == 1, a % 16 == 0) for a in args if type(a) is int]
-    key = (fn, num_warps, num_stages, tuple(consts.items()), tuple(sig))
-    kernel = _COMPILED.get(key)
-    if kernel is None:
-        _COMPILED[key] = fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+    tensor = torch.Tensor
+    sig = tuple(
+        (a.dtype, a.data_ptr() & 15 == 0)
+        if isinstance(a, tensor)
+        else (a == 1, a & 15 == 0)
+        if type(a) is int
+        else None
+        for a in args
+    )
+    key = (fn, num_warps, num_stages, tuple(consts.items()), sig)
+    hit = _COMPILED.get(key)
+    if hit is None:
+        kernel = fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        _COMPILED[key] = (kernel, [consts[n] for n in fn.arg_names[len(args) :]])
         return
-    full = list(args) + [consts[n] for n in fn.arg_names[len(args) :]]
+    kernel, tail = hit
+    if stream is None:
+        stream = torch.cuda.current_stream(args[0].device).cuda_stream
     # A compiled kernel's runner indexes all three grid dimensions.
     grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-    kernel[grid3](*full, stream=torch.cuda.current_stream(args[0].device).cuda_stream)
+    kernel[grid3](*args, *tail, stream=stream)
 
 
 def attend_tiers(
@@ -1421,6 +1491,9 @@ def attend_tiers(
     kv_heads,
     track,
     *,
+    accumulate=None,
+    out=None,
+    out_layout="bhtd",
     precise=True,
     magic=True,
     bcast=True,
@@ -1428,28 +1501,36 @@ def attend_tiers(
     flat=False,
     fields=False,
     asm=None,
-    fast_launch=False,
+    fast_launch=True,
     target_programs=1056,
     block_n=64,
     num_warps=4,
     num_stages=2,
 ):
-    """Attention of ``q`` ``[B, Hq, Tq, D]`` over ``tiers`` (up to three ``TierView``).
+    """Attention of ``q`` ``[B, Hq, Tq, D]`` (any float dtype and strides) over ``tiers`` (up
+    to three ``TierView``).
 
-    Returns ``(out [B, Hq, Tq, D] fp32, received)`` where ``received[i]`` is, for tier ``i``
-    when ``track`` lists it, the attention each of its rows received ``[S, fill]`` (summed
-    over the GQA group's heads and the queries), else ``None``. ``first_valid`` is ``[B]``
-    int32 on the device. Everything stays on the tensors' device; no value is read back to
-    the host. ``precise=False`` drops the low fp16 part of the dots (fp16-rounded operands);
+    Returns ``(out, received)``: ``out`` is ``[B, Hq, Tq, D]`` fp32, or the tensor given as
+    ``out`` (any float dtype and strides; ``out_layout="bthd"``: it is ``[B, Tq, Hq, D]``,
+    the layout transformers' attention functions return), written in its dtype.
+    ``received[i]`` is, for tier ``i`` when ``track`` lists it, the attention each of its
+    rows received ``[S, fill]`` (summed over the GQA group's heads and the queries), else
+    ``None``; with ``accumulate[i] = (acc, count)`` (the tier's ``[S, cap]`` fp32 scores)
+    it is instead added to ``acc`` in place, and to ``count`` how many queries saw each row
+    (queries at or after its position; none for holes and left padding), and
+    ``received[i]`` is ``None``. ``first_valid`` is ``[B]`` int32 on the
+    device. Everything stays on the tensors' device; no value is read back to the host.
+    ``precise=False`` drops the low fp16 part of the dots (fp16-rounded operands);
     ``magic=False`` unpacks with int-to-float conversions; ``bcast=False`` gathers a word per
     code instead of loading each row's words once; ``join=True`` unpacks by ``tl.join`` into
     the packing order (``_fields``: compiled offline for sm_90 it stores the code tiles to shared
     memory as vectors, 16 instead of 144 scalar fp16 stores per thread and page, but with 60
     instead of 26 barriers; not timed on a GPU yet); the rest are launch parameters.
-    Not yet measured on a GPU, so off by default: ``flat=True`` (the 2-D formulation,
-    ``_tier_flat``: checked here under the interpreter, it compiled on an H200 but its speed
-    was not timed) and ``fast_launch=True`` (compiled kernels launched from a cache, see
-    ``_launch``; its first GPU run failed on the grid's missing third dimension, fixed since).
+    ``flat=True``: the 2-D formulation (``_tier_flat``: checked here under the interpreter,
+    compiled on an H200 but not timed, so off by default). ``fast_launch`` (on by default;
+    compiled kernels only): kernels already compiled for the same specialization are
+    launched directly (see ``_launch``), which the CUDA tests check against Triton's own
+    launch.
     """
     import torch
 
@@ -1465,13 +1546,28 @@ def attend_tiers(
     if asm is None:
         # Inline PTX needs a compiled kernel (the interpreter runs the plain unpacking).
         asm = dev.type == "cuda"
+    stream = torch.cuda.current_stream(dev).cuda_stream if fast else None
     pages = [t.fill_pages(block_n) for t in tiers]
     pps = plan_splits(pages, streams, target_programs)
     splits = [-(-p // pps) for p in pages]
     n_split = max(1, sum(splits))
-    # Partials, then the merged maximum and sum of each row ([S, ROWS] <= the partials' size).
-    pm, pl, pacc, mf, lf = _workspace(dev, streams * n_split * rows, streams * n_split * rows * d)
-    out = torch.empty((b, hq, tq, d), dtype=torch.float32, device=dev)
+    # The tracked tiers' logits, one after another: [S, ROWS, cap] each.
+    lg_at = []
+    n_lg = 0
+    for i, t in enumerate(tiers):
+        lg_at.append(n_lg)
+        if track and track[i] and splits[i]:
+            n_lg += streams * rows * t.cap
+    # Partials, merged row statistics and the logits (flat; kernels index them with each
+    # tier's capacity), reused between calls.
+    pm, pl, pacc, mf, lf, lgw = _workspace(
+        dev, streams * n_split * rows, streams * n_split * rows * d, n_lg
+    )
+    if out is None:
+        out = torch.empty((b, hq, tq, d), dtype=torch.float32, device=dev)
+        out_layout = "bhtd"
+    sb, s1, s2, sd = out.stride()
+    out_strides = (sb, s2, s1, sd) if out_layout == "bthd" else (sb, s1, s2, sd)
     n_q = len(q_positions)
     first = int(q_positions[0]) if n_q else 0
     consecutive = all(int(p) == first + i for i, p in enumerate(q_positions))
@@ -1496,12 +1592,16 @@ def attend_tiers(
             # The field path (``_tier_fields``) reads int16 elements.
             kd, kw, vd, vw = t.kd.view(torch.int16), 2, t.vd.view(torch.int16), 2
         else:
-            kd, kw = _word_view(t.kd, t.k_mode, t.k_bits, d)
-            vd, vw = _word_view(t.vd, t.v_mode, t.v_bits, d)
+            words = t.words
+            if words is None:
+                kd, kw = _word_view(t.kd, t.k_mode, t.k_bits, d)
+                vd, vw = _word_view(t.vd, t.v_mode, t.v_bits, d)
+            else:
+                kd, kw, vd, vw = words
         do_track = bool(track and track[i])
         lg = pm
         if do_track:
-            lg = torch.empty((streams, rows, t.cap), dtype=torch.float32, device=dev)
+            lg = lgw if lg_at[i] == 0 else lgw[lg_at[i] :]
             logits[i] = lg
         kfix = t.kfix
         targs += [t.pos, kd, t.ks, t.ko, t.seg, vd, t.vs, t.vo, t.vf]
@@ -1535,41 +1635,64 @@ def attend_tiers(
         )
         args = [q, q.stride(0), q.stride(1), q.stride(2), q.stride(3), float(scale) * LOG2E]
         args += [qpos, first, first_valid, pm, pl, pacc, n_split, pps, kv_heads, *targs]
-        _launch(_attend_kernel, (streams, n_split), args, consts, num_warps, num_stages, fast)
+        grid = (streams, n_split)
+        _launch(_attend_kernel, grid, args, consts, num_warps, num_stages, fast, stream)
     else:
         out.zero_()
-        return out, [
-            torch.zeros((streams, t.fill), dtype=torch.float32, device=dev)
-            if track and track[i]
-            else None
-            for i, t in enumerate(tiers)
-        ]
+        received: list[Any] = []
+        for i, t in enumerate(tiers):
+            tracked = bool(track and track[i])
+            if tracked and accumulate is not None and accumulate[i] is not None:
+                received.append(None)  # nothing was received: nothing to add
+            else:
+                received.append(
+                    torch.zeros((streams, t.fill), dtype=torch.float32, device=dev)
+                    if tracked
+                    else None
+                )
+        return out, received
     _launch(
         _merge_kernel,
         (streams, rows),
-        [pm, pl, pacc, out, mf, lf, n_split],
-        dict(ROWS=rows, D=d, SPLIT_BLOCK=16),
+        [pm, pl, pacc, out, mf, lf, n_split, kv_heads, *out_strides],
+        dict(ROWS=rows, TQ=tq, D=d, SPLIT_BLOCK=16),
         4,
         2,
         fast,
+        stream,
     )
     received = []
+    tqp = _next_pow2(tq)
     for i, (t, lg) in enumerate(zip(tiers, logits, strict=True)):
+        add = accumulate[i] if accumulate is not None else None
         if lg is None:
             # A tracked tier without rows received nothing.
-            empty = track and track[i]
+            empty = track and track[i] and add is None
             received.append(torch.zeros((streams, t.fill), device=dev) if empty else None)
             continue
-        rec = torch.empty((streams, t.fill), dtype=torch.float32, device=dev)
         rb = 128
+        if add is None:
+            rec = torch.empty((streams, t.fill), dtype=torch.float32, device=dev)
+            acc = cnt = pm
+        else:
+            rec, (acc, cnt) = pm, add
         _launch(
             _received_kernel,
             (streams, -(-t.fill // rb)),
-            [lg, mf, lf, rec, t.cap, t.fill],
-            dict(ROWS=rows, RP=rp, BLOCK=rb),
+            [lg, mf, lf, rec, acc, cnt, t.pos, first_valid, qpos, first, kv_heads, t.cap, t.fill],
+            dict(
+                ROWS=rows,
+                RP=rp,
+                BLOCK=rb,
+                ACCUMULATE=add is not None,
+                TQ=tq,
+                TQP=tqp,
+                QPOS_RANGE=consecutive,
+            ),
             4,
             2,
             fast,
+            stream,
         )
-        received.append(rec)
+        received.append(rec if add is None else None)
     return out, received

@@ -55,6 +55,70 @@ def _min(x, axis: tl.constexpr):
 
 
 @triton.jit
+def _cast_rtne(x, DT: tl.constexpr):
+    """fp32 ``x`` as ``DT``, rounded to nearest even as torch's ``.to()`` rounds. bfloat16 is
+    rounded by hand: Triton's interpreter truncates fp32 to bfloat16 (the GPU rounds to
+    nearest even), so the two would disagree in the last bit; the rounded fp32 is exact in
+    bfloat16, so the final conversion is the same everywhere."""
+    if DT == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16) << 16
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    if DT == tl.float16:
+        # What rounds past the largest fp16 is infinite, made explicit: the interpreter's
+        # numpy cast would warn about it.
+        x = tl.where(tl.abs(x) < 65520.0, x, x * float("inf"))
+    return x.to(DT)
+
+
+@triton.jit
+def append_row_kernel(
+    K,  # [B, H, 1, D] any float dtype, read through its strides
+    V,
+    skb,
+    skh,
+    skd,
+    svb,
+    svh,
+    svd,
+    KD,  # [S, cap, D] the buffer tier's dense rows (its dtype)
+    VD,
+    POS,  # int32 [S, cap]
+    ACC,  # fp32 [S, cap] scores (SCORED)
+    CNT,
+    BAD,  # int32 [1]: set to 1 if a value is NaN/Inf or beyond the fp16 range (CHECK)
+    row,
+    cap,
+    position,
+    kv_heads,
+    D: tl.constexpr,
+    SCORED: tl.constexpr,
+    CHECK: tl.constexpr,
+):
+    """One decoding step's token of every stream into the dense buffer at ``row``: the rows
+    (converted as ``x.float().to(buffer dtype)``), the position, zero scores, and the
+    non-finite flag, in one launch instead of a dozen small torch ops."""
+    s = tl.program_id(0)
+    b = (s // kv_heads).to(tl.int64)
+    h = (s % kv_heads).to(tl.int64)
+    j = tl.arange(0, D).to(tl.int64)
+    k = tl.load(K + b * skb + h * skh + j * skd).to(tl.float32)
+    v = tl.load(V + b * svb + h * svh + j * svd).to(tl.float32)
+    dst = s.to(tl.int64) * cap + row
+    tl.store(KD + dst * D + j, _cast_rtne(k, KD.dtype.element_ty))
+    tl.store(VD + dst * D + j, _cast_rtne(v, VD.dtype.element_ty))
+    tl.store(POS + dst, position)
+    if SCORED:
+        tl.store(ACC + dst, 0.0)
+        tl.store(CNT + dst, 0.0)
+    if CHECK:
+        # NaN fails every comparison: `!(|x| <= max)` flags it with the infinities.
+        ok = (tl.abs(k) <= 65504.0).to(tl.int32) + (tl.abs(v) <= 65504.0).to(tl.int32)
+        bad = _sum(2 - ok, 0)
+        tl.store(BAD, 1, mask=bad > 0)
+
+
+@triton.jit
 def quantize_token_groups_kernel(
     X,  # fp32 [S, N, D]
     FAC,  # fp32 [S, D] channel factors (HAS_FAC)

@@ -86,6 +86,9 @@ class TierView:
     v_bits: int
     v_gs: int
     v_sep: bool
+    #: The packed rows as the kernel's words ``(kd, key word bytes, vd, value word bytes)``,
+    #: when the tier has them at hand (else the launcher views them).
+    words: tuple[torch.Tensor, int, torch.Tensor, int] | None = None
 
     def fill_pages(self, block_n: int) -> int:
         return -(-self.fill // block_n)
@@ -150,6 +153,7 @@ class _Tier:
         self._alloc_params(0)
         self.acc = torch.zeros((streams, 0), dtype=torch.float32, device=device)
         self.count = torch.zeros((streams, 0), dtype=torch.float32, device=device)
+        self._word_cache: tuple[torch.Tensor, torch.Tensor, Any] | None = None
 
     def _data(self, c: _Codec, rows: int) -> torch.Tensor:
         if c.kind == "dense":
@@ -372,6 +376,18 @@ class _Tier:
 
     # -- reading --------------------------------------------------------------------------
 
+    def _words(self) -> tuple[torch.Tensor, int, torch.Tensor, int]:
+        """``kd``/``vd`` viewed as the attention kernel's words, made again only when a
+        resize replaced them (two tensor views less per tier and decoding step)."""
+        cached = self._word_cache
+        if cached is None or cached[0] is not self.kd or cached[1] is not self.vd:
+            from kvmix.engines.triton_attention import _word_view
+
+            kd, kw = _word_view(self.kd, self.k.mode, self.k.bits, self.d)
+            vd, vw = _word_view(self.vd, self.v.mode, self.v.bits, self.d)
+            cached = self._word_cache = (self.kd, self.vd, (kd, kw, vd, vw))
+        return cached[2]
+
     def view(self) -> TierView:
         return TierView(
             pos=self.pos,
@@ -394,10 +410,12 @@ class _Tier:
             v_bits=self.v.bits,
             v_gs=self.v.group_size,
             v_sep=self.v.factor == "separable",
+            words=self._words(),
         )
 
     def decode_into(self, kern: Any, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
-        """Dequantize every row into ``out_k/out_v [S, T, D]`` at its position."""
+        """Dequantize every row into ``out_k/out_v`` (contiguous ``[S, T, D]``, or
+        ``[B, H, T, D]``: the same memory) at its position."""
         pages = -(-self.fill // PAGE)
         if pages == 0:
             return
@@ -417,7 +435,7 @@ class _Tier:
             out_v,
             self.cap,
             self.seg_cap,
-            out_k.shape[1],
+            out_k.shape[-2],
             D=self.d,
             BLOCK_N=PAGE,
             K_MODE=v.k_mode,
@@ -540,7 +558,9 @@ class TritonLayerStore:
         self._high_real: list[int] = []
         self._since = 0
         self._classified = False
-        self._bad: torch.Tensor | None = None
+        #: Device flag set by a decoding step's append when a value is NaN/Inf or beyond the
+        #: fp16 range; read (a synchronization) at a later classification.
+        self._bad_flag: torch.Tensor | None = None
         self._bad_steps = 0
         self.device: torch.device | None = None
 
@@ -561,8 +581,9 @@ class TritonLayerStore:
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the store holds (each once): what it allocated on its device."""
         held: dict[int, torch.Tensor] = {}
-        if self._fv_dev is not None:
-            held[id(self._fv_dev)] = self._fv_dev
+        for y in (self._fv_dev, self._bad_flag):
+            if y is not None:
+                held[id(y)] = y
         for t in self._tiers.values():
             for y in (t._dummy, t.pos, t.kd, t.vd, t.seg, t.acc, t.count):
                 held[id(y)] = y
@@ -589,6 +610,7 @@ class TritonLayerStore:
         self._buf_len = [0] * b
         self._high_real = [0] * b
         self._fv_dev = torch.zeros(b, dtype=torch.int32, device=device)
+        self._bad_flag = torch.zeros(1, dtype=torch.int32, device=device)
         s = self._streams
         self._tiers = {
             "buffer": _Tier(*self._codecs["buffer"], True, s, self.head_dim, device),
@@ -617,19 +639,15 @@ class TritonLayerStore:
             raise ShapeError(f"the store lives on {self.device}, got tensors on {keys.device}")
         if n == 0 or b == 0:
             return
+        if n == 1 and self.batch:
+            self._append_step(keys, values)
+            return
         if self.policy != "full":
             worst = torch.maximum(keys.abs().amax(), values.abs().amax()).float()
-            bad = ~torch.isfinite(worst) | (worst > _F16_MAX)
-            if n > 1 or keys.device.type == "cpu":
-                if bool(bad):
-                    raise NonFiniteError(
-                        "keys/values contain NaN/Inf or magnitudes beyond the fp16 range (65504)"
-                    )
-            else:
-                # A decoding step must not wait for the device: the flag is read at a later
-                # classification (at most every _BAD_CHECK_STEPS steps), which then refuses.
-                self._bad = bad if self._bad is None else self._bad | bad
-                self._bad_steps += 1
+            if not torch.isfinite(worst) or worst > _F16_MAX:  # prefill: read back once
+                raise NonFiniteError(
+                    "keys/values contain NaN/Inf or magnitudes beyond the fp16 range (65504)"
+                )
         if not self.batch:
             self._init(b, keys.device)
         buf = self._tiers["buffer"]
@@ -643,6 +661,55 @@ class TritonLayerStore:
         )
         self.seen += n
         self._buf_len = [x + n for x in self._buf_len]
+        self._since += 1
+
+    def _append_step(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """A decoding step's token (one per sequence) into the buffer: one kernel launch
+        writes the rows, positions and zero scores and flags non-finite values on the device.
+        On a GPU nothing waits: the flag is read at a later classification (at most every
+        ``_BAD_CHECK_STEPS`` steps), which then refuses. On the CPU it is read at once and the
+        row is taken back, so a refused append changes nothing."""
+        buf = self._tiers["buffer"]
+        row = buf.fill
+        buf._grow(row + 1, 0)
+        check = self.policy != "full"
+        flag = self._bad_flag
+        assert flag is not None
+        self._kern().append_row_kernel[(self._streams,)](
+            keys,
+            values,
+            keys.stride(0),
+            keys.stride(1),
+            keys.stride(3),
+            values.stride(0),
+            values.stride(1),
+            values.stride(3),
+            buf.kd,
+            buf.vd,
+            buf.pos,
+            buf.acc,
+            buf.count,
+            flag,
+            row,
+            buf.cap,
+            self.seen,
+            self.kv_heads,
+            D=self.head_dim,
+            SCORED=buf.scored,
+            CHECK=check,
+        )
+        if check and keys.device.type == "cpu":
+            if bool(flag[0]):
+                flag.zero_()
+                buf.pos[:, row] = -1
+                raise NonFiniteError(
+                    "keys/values contain NaN/Inf or magnitudes beyond the fp16 range (65504)"
+                )
+        elif check:
+            self._bad_steps += 1
+        buf.fill = row + 1
+        self.seen += 1
+        self._buf_len = [x + 1 for x in self._buf_len]
         self._since += 1
 
     def set_first_valid(self, first_valid: list[int]) -> None:
@@ -698,8 +765,19 @@ class TritonLayerStore:
             t.count[:, : t.fill] += torch.where(hit, count.gather(1, idx), 0.0)
 
     def attend(
-        self, q: torch.Tensor, q_positions: list[int], scale: float, track: bool = True
+        self,
+        q: torch.Tensor,
+        q_positions: list[int],
+        scale: float,
+        track: bool = True,
+        *,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Attention of ``q [B, Hq, Tq, D]`` (any float dtype and strides; read as fp32) over
+        every tier: ``[B, Hq, Tq, D]`` fp32, or, with ``out`` (``[B, Tq, Hq, D]``, e.g. in the
+        model's dtype: the layout transformers' attention functions return), written into
+        ``out`` in its dtype and returned. ``track``: add the attention each tracked token
+        received to its score."""
         if (
             q.dim() != 4
             or q.shape[0] != self.batch
@@ -713,13 +791,25 @@ class TritonLayerStore:
             )
         if not math.isfinite(scale):
             raise NonFiniteError(f"`scale` must be finite, got {scale}")
+        if out is not None and (
+            out.shape != (q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+            or out.device != q.device
+            or not out.dtype.is_floating_point
+        ):
+            raise ShapeError(
+                f"`out` must be a floating-point [batch, q_len, q_heads, head_dim] = "
+                f"{(q.shape[0], q.shape[2], q.shape[1], q.shape[3])} tensor on {q.device}, got "
+                f"{tuple(out.shape)} {out.dtype} on {out.device}"
+            )
         from kvmix.engines import load_attention
 
         attn = load_attention(q.device)
-        names = ("buffer", "high", "low")
-        tiers = [self._tiers[n] for n in names]
+        tiers = [self._tiers["buffer"], self._tiers["high"], self._tiers["low"]]
         want = [track and t.scored for t in tiers]
-        out, received = attn.attend_tiers(
+        # Tracked tiers get their received attention and visible-query counts added in place
+        # by the kernel (no tensor of them is made).
+        add = [(t.acc, t.count) if w else None for t, w in zip(tiers, want, strict=True)]
+        result, _ = attn.attend_tiers(
             [t.view() for t in tiers],
             q,
             q_positions,
@@ -727,20 +817,11 @@ class TritonLayerStore:
             scale,
             self.kv_heads,
             want,
+            accumulate=add,
+            out=out,
+            out_layout="bthd",
         )
-        if track:
-            qp = attn.positions_tensor(q_positions, q.device)
-            fv = self._first_valid_dev().repeat_interleave(self.kv_heads)[:, None]
-            for t, rec in zip(tiers, received, strict=True):
-                if rec is None:
-                    continue
-                p = t.pos[:, : t.fill]
-                seen_by = (qp[None, None, :] >= p[:, :, None]).sum(-1).float()
-                seen_by = torch.where((p >= fv) & (p >= 0), seen_by, 0.0)
-                t.acc[:, : t.fill] += rec[:, : t.fill]
-                t.count[:, : t.fill] += seen_by
-        result: torch.Tensor = out
-        return result
+        return out if out is not None else result
 
     def maybe_classify(self, force: bool = False) -> bool:
         due = not self._classified or (self.gap is not None and self._since >= self.gap)
@@ -748,9 +829,11 @@ class TritonLayerStore:
             return False
         # Reading the flag waits for the device: not at every step of a policy that classifies
         # at every step (MiKV, eviction), but before those steps' tokens get far.
-        if self._bad is not None and (force or self._bad_steps >= _BAD_CHECK_STEPS):
-            bad, self._bad, self._bad_steps = bool(self._bad), None, 0
+        flag = self._bad_flag
+        if self._bad_steps and flag is not None and (force or self._bad_steps >= _BAD_CHECK_STEPS):
+            bad, self._bad_steps = bool(flag[0]), 0
             if bad:
+                flag.zero_()
                 raise NonFiniteError(
                     "a decoding step appended NaN/Inf or magnitudes beyond the fp16 range (65504)"
                 )
@@ -1064,10 +1147,11 @@ class TritonLayerStore:
                 f"`keys` must be [batch={self.batch}, kv_heads={self.kv_heads}, capacity >= "
                 f"{self.seen}, head_dim={self.head_dim}], got {tuple(keys.shape)}"
             )
-        kk = keys.view(s, keys.shape[2], self.head_dim)
-        vv = values.view(s, values.shape[2], self.head_dim)
+        if not (keys.is_contiguous() and values.is_contiguous()) or values.shape != keys.shape:
+            raise ShapeError("`keys` and `values` must be contiguous and of the same shape")
+        del s  # [B, H, T, D] contiguous is [S, T, D]: the kernel takes the tensors as they are
         for t in self._tiers.values():
-            t.decode_into(self._kern(), kk, vv)
+            t.decode_into(self._kern(), keys, values)
         return self.seen
 
     def tier_positions(self, stream: int) -> dict[str, torch.Tensor]:

@@ -45,7 +45,13 @@ from kvmix.eval.methods import (
     eviction_budget_matching,
     resolve_methods,
 )
-from kvmix.eval.report import markdown_table, plot_high_precision, plot_tradeoffs, summarize
+from kvmix.eval.report import (
+    load_suites,
+    markdown_table,
+    plot_high_precision,
+    plot_tradeoffs,
+    summarize,
+)
 from kvmix.eval.tasks import cache_memory, fidelity_records, passkey_records, precision_map
 
 __all__ = [
@@ -57,6 +63,7 @@ __all__ = [
     "cache_memory",
     "evaluate",
     "eviction_budget_matching",
+    "load_suites",
     "markdown_table",
     "plot_high_precision",
     "plot_tradeoffs",
@@ -249,7 +256,8 @@ def evaluate(
 
 
 def save_results(results: dict[str, Any], folder: str | Path, tables: bool = True) -> None:
-    """Write ``eval.json`` to ``folder``; with ``tables`` also ``eval.md`` and ``tradeoffs.png``."""
+    """Write ``eval.json`` to ``folder``; with ``tables`` also ``eval.md`` and ``tradeoffs.png``
+    (with a panel for the passkey-suite runs saved beside it, :func:`load_suites`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "eval.json.tmp"
@@ -266,5 +274,6 @@ def save_results(results: dict[str, Any], folder: str | Path, tables: bool = Tru
         (folder / "eval.md").write_text(head + markdown_table(results))
         import matplotlib.pyplot as plt
 
-        fig = plot_tradeoffs(results, folder / "tradeoffs.png")
+        # The suite runs saved beside the evaluation (results/suite-2k, ...) add their panel.
+        fig = plot_tradeoffs(results, folder / "tradeoffs.png", suites=load_suites(folder))
         plt.close(fig)

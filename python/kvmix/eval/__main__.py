@@ -39,11 +39,30 @@ def build_parser(prog: str = "python -m kvmix.eval") -> argparse.ArgumentParser:
     p.add_argument("--out", default="results", help="folder for eval.json/.md and tradeoffs.png")
     p.add_argument("--resume", action="store_true", help="keep the records already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--replot",
+        action="store_true",
+        help="run nothing: rewrite eval.md and tradeoffs.png from --out's eval.json and its "
+        "suite-<N>k/ runs",
+    )
     return p
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m kvmix.eval") -> int:
     args = build_parser(prog).parse_args(argv)
+    if args.replot:
+        import json
+        from pathlib import Path
+
+        from kvmix.eval import save_results
+
+        saved = Path(args.out) / "eval.json"
+        if not saved.exists():
+            print(f"error: --replot needs {saved}", file=sys.stderr)
+            return 2
+        save_results(json.loads(saved.read_text()), args.out)
+        print(f"rewritten: {args.out}/eval.md, tradeoffs.png")
+        return 0
     methods = [m for m in args.methods.split(",") if m]
     if args.sweep:
         methods += [m for m in SWEEP_METHODS if m not in methods]

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import re
 import statistics
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["markdown_table", "plot_high_precision", "plot_tradeoffs", "summarize"]
+__all__ = [
+    "load_suites",
+    "markdown_table",
+    "plot_high_precision",
+    "plot_tradeoffs",
+    "suite_overall",
+    "summarize",
+]
 
 
 def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -78,17 +88,63 @@ _FAMILY_STYLE = {
     "zipcache": ("tab:green", "D"),
     "zipcache-ablation": ("tab:olive", "x"),
     "zipcache-keys": ("tab:purple", "P"),
+    "kvmix": ("tab:orange", "h"),
 }
 
+# Families drawn as separate points rather than a budget sweep joined by a line.
+_UNJOINED = ("full", "zipcache-ablation", "zipcache-keys", "kvmix")
 
-def plot_tradeoffs(results: dict[str, Any], path: str | Path | None = None) -> Any:
+
+def load_suites(folder: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """The passkey-suite runs saved beside an evaluation: ``folder/suite-<N>k/suite.json``
+    (every haystack family, as the README's suite runs), records by folder name, shortest
+    prompts first. Single-family runs (``suite-filler-2k``) do not match the pattern."""
+    found = []
+    for d in Path(folder).glob("suite-*k"):
+        m = re.fullmatch(r"suite-(\d+)k", d.name)
+        if m and (d / "suite.json").exists():
+            found.append((int(m.group(1)), d.name, json.loads((d / "suite.json").read_text())))
+    return {name: saved["records"] for _, name, saved in sorted(found)}
+
+
+def suite_overall(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method of a passkey-suite run (``kvmix.eval.suite``'s records), in the records' order:
+    ``correct``, ``total``, ``accuracy``, the median ``compression_ratio`` and the prompt
+    ``length`` (the suite's requested token count; one per run, else the median)."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in dict.fromkeys(r["method"] for r in records):
+        mine = [r for r in records if r["method"] == m]
+        correct = sum(bool(r["correct"]) for r in mine)
+        out[m] = {
+            "correct": correct,
+            "total": len(mine),
+            "accuracy": correct / len(mine),
+            "compression_ratio": statistics.median(r["compression_ratio"] for r in mine),
+            "length": statistics.median(r["length"] for r in mine),
+        }
+    return out
+
+
+def plot_tradeoffs(
+    results: dict[str, Any],
+    path: str | Path | None = None,
+    suites: Mapping[str, list[dict[str, Any]]] | None = None,
+) -> Any:
     """The memory/quality trade-off: compression ratio against KL and against passkey accuracy,
-    one marker per method, one line per family. Saves a PNG to ``path`` if given; returns the
-    matplotlib figure."""
+    one marker per method, one line per family. A method with fewer passkey prompts than the
+    most any method ran is annotated with its count (its accuracy rests on fewer trials).
+
+    ``suites``: passkey-suite runs (``kvmix.eval.suite`` records, by a name such as ``"4k"``)
+    add a third panel, overall suite accuracy against prompt length, one line per method
+    labelled with its measured size, so that every method sits beside the full cache at each
+    length. Saves a PNG to ``path`` if given; returns the matplotlib figure."""
     import matplotlib.pyplot as plt
 
     summary = summarize(results)
-    fig, (ax_kl, ax_pk) = plt.subplots(1, 2, figsize=(12, 4.6))
+    panels = 3 if suites else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.6))
+    ax_kl, ax_pk = axes[0], axes[1]
+    most = max((s.get("passkey_trials", 0) for s in summary.values()), default=0)
     for family, (color, marker) in _FAMILY_STYLE.items():
         members = [s for s in summary.values() if s["family"] == family]
         # Each panel's sizes are those measured at the end of its own runs.
@@ -96,11 +152,11 @@ def plot_tradeoffs(results: dict[str, Any], path: str | Path | None = None) -> A
             (ax_kl, "kl", "fidelity_ratio"),
             (ax_pk, "passkey_accuracy", "passkey_ratio"),
         ):
-            pts = sorted((s[size], s[key], s["label"]) for s in members if key in s)
+            pts = sorted((s[size], s[key], _point_label(s, key, most)) for s in members if key in s)
             if not pts:
                 continue
             xs, ys, _ = zip(*pts, strict=True)
-            line = "-" if family not in ("full", "zipcache-ablation", "zipcache-keys") else "none"
+            line = "-" if family not in _UNJOINED else "none"
             ax.plot(xs, ys, linestyle=line, marker=marker, color=color, label=family)
             for x, y, label in pts:
                 ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
@@ -112,6 +168,8 @@ def plot_tradeoffs(results: dict[str, Any], path: str | Path | None = None) -> A
         ax.set_xlabel("cache size vs fp16 (x smaller, measured)")
         ax.grid(alpha=0.3)
     ax_pk.legend(fontsize=7, loc="lower left")
+    if suites:
+        _plot_suites(axes[2], results, suites)
     meta = results.get("meta", {})
     fig.suptitle(
         f"{meta.get('model', 'model')}: memory vs quality "
@@ -123,6 +181,56 @@ def plot_tradeoffs(results: dict[str, Any], path: str | Path | None = None) -> A
     if path is not None:
         fig.savefig(path, dpi=130)
     return fig
+
+
+def _point_label(s: dict[str, Any], key: str, most: int) -> str:
+    if key == "passkey_accuracy" and s["passkey_trials"] < most:
+        return f"{s['label']} ({s['passkey_correct']}/{s['passkey_trials']} prompts)"
+    return str(s["label"])
+
+
+def _plot_suites(
+    ax: Any, results: dict[str, Any], suites: Mapping[str, list[dict[str, Any]]]
+) -> None:
+    """Overall suite accuracy per method against prompt length (one line per method)."""
+    per_run = {name: suite_overall(records) for name, records in suites.items() if records}
+    methods = list(dict.fromkeys(m for run in per_run.values() for m in run))
+    families = {name: info.get("family") for name, info in results.get("methods", {}).items()}
+    lengths: set[float] = set()
+    for m in methods:
+        pts = sorted(
+            (run[m]["length"], run[m]["accuracy"], run[m]["compression_ratio"])
+            for run in per_run.values()
+            if m in run
+        )
+        xs, ys, ratios = zip(*pts, strict=True)
+        lengths.update(xs)
+        color, marker = _FAMILY_STYLE.get(families.get(m) or "", ("tab:brown", "o"))
+        lo, hi = min(ratios), max(ratios)
+        # The runs' sizes differ slightly with the prompt length; a range where they differ.
+        if hi - lo < 0.005 or lo < 1:
+            size = _ratio(statistics.median(ratios))
+        else:
+            size = f"{lo:.2f}–{hi:.2f}x smaller"
+        # The full cache is drawn dashed and on top: methods that equal it stay visible under it.
+        style, z = ("--", 3) if m == "full" else ("-", 2)
+        ax.plot(
+            xs, ys, linestyle=style, marker=marker, color=color, label=f"{m} ({size})", zorder=z
+        )
+    ax.set_xscale("log", base=2)
+    ticks = sorted(lengths)
+    ax.set_xticks(ticks, [f"{t / 1024:g}k" for t in ticks])
+    ax.minorticks_off()
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("prompt length, tokens")
+    ax.set_ylabel("passkey suite, overall accuracy (higher is better)")
+    totals = sorted({run[m]["total"] for run in per_run.values() for m in run})
+    ax.set_title(
+        f"passkey suite: haystacks x phrasings x depths ({'/'.join(map(str, totals))} prompts)",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
 
 
 def plot_high_precision(

@@ -36,17 +36,24 @@ def run_suite(
     progress: bool = False,
     earlier: list[dict[str, Any]] | None = None,
     on_prompt: Callable[[list[dict[str, Any]]], None] | None = None,
+    redo: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
     """One record per (prompt, method), tagged with the prompt's haystack, phrasing and length.
 
     ``earlier``: records of an interrupted run with the same arguments (other than ``methods``);
-    they are kept and only the missing (prompt, method) pairs run. ``on_prompt`` is called with
-    all records after every prompt (to save them as they come).
+    they are kept and only the missing (prompt, method) pairs run. ``redo``: methods whose
+    earlier records are dropped and run again (records are keyed by method name, so after a
+    preset's definition changes its old records would otherwise count as done, or be mixed with
+    the new ones). ``on_prompt`` is called with all records after every prompt (to save them as
+    they come).
     """
+    unknown = sorted(set(redo) - set(methods))
+    if unknown:
+        raise ValueError(f"redo names {unknown}, not among the methods {methods}")
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     resolved = resolve_methods(methods, max(lengths), cfg.num_key_value_heads, head_dim)
-    records: list[dict[str, Any]] = list(earlier or [])
+    records = [r for r in earlier or [] if r["method"] not in redo]
     prompts = passkey_suite(tokenizer, lengths, depths, haystacks, phrasings, seed)
     for i, sp in enumerate(prompts):
         have = {r["method"] for r in records if r["trial"] == i}
@@ -110,12 +117,23 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvmix.eval.suite"
         action="store_true",
         help="keep the records of an earlier run in --out (same arguments but --methods)",
     )
+    p.add_argument(
+        "--redo",
+        default="",
+        help="with --resume: comma-separated methods (among --methods) whose earlier records "
+        "are replaced by a new run (a preset whose definition changed)",
+    )
     a = p.parse_args(argv)
+    redo = tuple(m for m in a.redo.split(",") if m)
+    if redo and not a.resume:
+        p.error("--redo needs --resume (without it no earlier record is kept)")
+    if set(redo) - set(a.methods.split(",")):
+        p.error(f"--redo {a.redo}: every method it names must be in --methods ({a.methods})")
     out = Path(a.out)
     earlier: list[dict[str, Any]] = []
     if a.resume and (out / "suite.json").exists():
         saved = json.loads((out / "suite.json").read_text())
-        ignored = ("methods", "out", "resume")
+        ignored = ("methods", "out", "resume", "redo")
         mine = {k: v for k, v in vars(a).items() if k not in ignored}
         theirs = {k: saved["args"].get(k) for k in mine}
         if theirs != mine:
@@ -150,6 +168,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvmix.eval.suite"
         progress=True,
         earlier=earlier,
         on_prompt=save,
+        redo=redo,
     )
     tables = suite_tables(records)
     print(tables)

@@ -1,0 +1,93 @@
+"""Host work of a decoding step on the Triton engine: a budget of torch ops and Triton launches
+per layer (``python -m kvmix.bench host`` counts the same things).
+
+On a GPU a decoding step is host bound: every torch op and every launch of every layer runs
+one after another on the CPU while the GPU waits (an 8B-shaped model at 8k tokens decodes in
+~90 ms against a ~4 ms bytes floor), so each op kvmix adds to a layer is paid 32 times a step.
+The counts are the same under Triton's interpreter as on a GPU, so this catches, on the CPU, a
+change that puts ops back into the decoding step. It counts, it does not time.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvmix
+from kvmix.models import tiny_random_model
+
+pytest.importorskip("triton")
+from kvmix.bench.host import OpCounter, count_host_work
+
+LAYERS = 2
+
+
+def _step(preset: str, fused: bool) -> tuple[OpCounter, Counter[str], Any]:
+    """Prefill 70 tokens of two sequences, decode two steps, then count a third that does not
+    classify."""
+    model = tiny_random_model("llama", num_hidden_layers=LAYERS)
+    if preset == "dynamic":
+        model.set_attn_implementation("sdpa")
+        cache: Any = DynamicCache(config=model.config)
+    else:
+        (kvmix.enable_fused_attention if fused else kvmix.enable_portable_scoring)(model)
+        cache = kvmix.make_cache(preset, model.config, engine="triton")
+    ids = torch.randint(3, 128, (2, 70), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        token = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        for _ in range(2):
+            token = model(token, past_key_values=cache, use_cache=True).logits.argmax(-1)
+        if preset != "dynamic":
+            store = cache.kvmix_layers[0].store
+            assert store.gap is None or store._since + 1 < store.gap, "the step would classify"
+        with count_host_work() as (ops, launches):
+            model(token, past_key_values=cache, use_cache=True)
+    return ops, launches, cache
+
+
+def _per_layer(launches: Counter[str]) -> dict[str, float]:
+    return {name: n / LAYERS for name, n in launches.items()}
+
+
+def test_fused_decoding_step_makes_four_launches_and_one_op_per_layer() -> None:
+    dyn, _, _ = _step("dynamic", True)
+    zip_ops, zip_launches, _ = _step("zipcache", True)
+    # Append, attend over every tier, merge the splits, add the received attention.
+    assert _per_layer(zip_launches) == {
+        "append_row_kernel": 1,
+        "_attend_kernel": 1,
+        "_merge_kernel": 1,
+        "_received_kernel": 1,
+    }
+    # The output tensor, plus, on the CPU only, reading the non-finite flag at once (`select`,
+    # `is_nonzero`; a GPU reads it every 32 steps).
+    cpu_flag = {("update", "select"): LAYERS, ("update", "is_nonzero"): LAYERS}
+    kvmix_ops = {k: n for k, n in zip_ops.ops.items() if k[0] != "model"}
+    assert kvmix_ops == {("attention", "empty"): LAYERS, **cpu_flag}, kvmix_ops
+    # Fewer ops than DynamicCache (two cats) + sdpa (reshape, transpose, the call) at the
+    # whole step, the model's own ops included.
+    assert zip_ops.total() <= dyn.total() - LAYERS * 2
+    assert zip_ops.total("model") == dyn.total("model")
+
+
+@pytest.mark.parametrize(
+    ("preset", "fused", "launches", "budget"),
+    [
+        # The same four launches; the rotation costs float/matmul/cast ops on both sides.
+        ("kvmix-5x", True, 4, 13),
+        ("uniform2", True, 4, 3),
+        # Portable: the three tiers dequantized into the dense buffers, and the scoring call.
+        ("zipcache", False, 7, 8),
+    ],
+)
+def test_other_decoding_steps_stay_within_their_budget(
+    preset: str, fused: bool, launches: int, budget: int
+) -> None:
+    ops, counted, _ = _step(preset, fused)
+    assert sum(counted.values()) / LAYERS == launches, counted
+    kvmix_ops = ops.total("update") + ops.total("attention")
+    assert kvmix_ops / LAYERS <= budget, ops.ops

@@ -77,7 +77,7 @@ def test_wide_codes_and_fast_mode():
     _check(views, 1, [2, 0], join=True)  # 2 and 8 bits, joined
 
 
-def test_field_path():
+def test_field_path(monkeypatch):
     # fields=True: 2-, 4- and 8-bit tiers read as int16 elements, one dot per bit field
     # (_tier_fields); it needs D * bits >= 256, so D = 128 here. The 1-bit tier and the
     # buffer take the other paths in the same launch. Under the interpreter the fields are
@@ -102,6 +102,25 @@ def test_field_path():
         ),
     ]
     _check(views, 1, [0, 3], d=d, fields=True)
+    # KVMIX_TRITON_FIELDS=1 makes the field path the default: the same output, bit for bit.
+    attn = load_attention("cpu")
+    q = torch.randn(B, HQ, 1, d, generator=g)
+    args = (views, q, [159], torch.zeros(B, dtype=torch.int32), 0.3, HK, None)
+    want, _ = attn.attend_tiers(*args, fields=True)
+    launched = []
+    launch = attn._launch
+
+    def spy(fn, grid, a, consts, *rest):
+        if fn is attn._attend_kernel:
+            launched.append(consts["FIELDS"])
+        return launch(fn, grid, a, consts, *rest)
+
+    monkeypatch.setattr(attn, "_launch", spy)
+    monkeypatch.setenv("KVMIX_TRITON_FIELDS", "1")
+    assert torch.equal(attn.attend_tiers(*args)[0], want)
+    monkeypatch.setenv("KVMIX_TRITON_FIELDS", "0")
+    attn.attend_tiers(*args)
+    assert launched == [1, 0]  # field path (plain unpacking here), then the default one
 
 
 def test_bench_attention_cuda_mode_refuses_without_gpu():

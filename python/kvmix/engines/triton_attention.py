@@ -41,6 +41,7 @@ Dense tiers (the full-precision buffer) use fp32 dots.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import triton
@@ -1499,12 +1500,12 @@ def attend_tiers(
     bcast=True,
     join=False,
     flat=False,
-    fields=False,
+    fields=None,
     asm=None,
     fast_launch=True,
-    target_programs=1056,
+    target_programs=None,
     block_n=64,
-    num_warps=4,
+    num_warps=None,
     num_stages=2,
 ):
     """Attention of ``q`` ``[B, Hq, Tq, D]`` (any float dtype and strides) over ``tiers`` (up
@@ -1530,9 +1531,22 @@ def attend_tiers(
     compiled on an H200 but not timed, so off by default). ``fast_launch`` (on by default;
     compiled kernels only): kernels already compiled for the same specialization are
     launched directly (see ``_launch``), which the CUDA tests check against Triton's own
-    launch.
+    launch. ``fields=True`` (default: the environment variable ``KVMIX_TRITON_FIELDS=1``):
+    packed tiers of 2, 4 and 8 bits read as int16 elements with one dot per bit field, the
+    codes unpacked in the mma operand registers (``_tier_fields``, ``notes/triton-kernel.md``);
+    ``asm`` (default: on CUDA tensors) unpacks them by inline PTX, else by integer ops (the
+    interpreter's way). Not timed on a GPU yet, so off by default. ``num_warps`` defaults to
+    4, or 1 with ``fields`` (compiled offline, 1 warp issues the fewest instructions per code
+    and replicates no small dot across warps); ``target_programs`` to 1056 x 4 / num_warps.
     """
     import torch
+
+    if fields is None:
+        fields = os.environ.get("KVMIX_TRITON_FIELDS") == "1"
+    if num_warps is None:
+        num_warps = 1 if fields else 4
+    if target_programs is None:
+        target_programs = 1056 * 4 // num_warps
 
     if len(tiers) > 3:
         raise ValueError(f"attend_tiers takes at most 3 tiers, got {len(tiers)}")

@@ -13,6 +13,7 @@ per-code figure) and its shared-memory, barrier and mma parts.
 
 import collections
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -34,12 +35,12 @@ HK, HQ, D, B = 8, 32, 128, 1
 SPECIALIZE = "plain" not in sys.argv
 BITS_LIST = (2,) if "only2" in sys.argv else (4,) if "only4" in sys.argv else (4, 2)
 DTYPES = {
-    torch.float32: "*fp32",
-    torch.int32: "*i32",
-    torch.int16: "*i16",
-    torch.uint8: "*u8",
-    torch.bfloat16: "*bf16",
-    torch.float16: "*fp16",
+    "torch.float32": "*fp32",
+    "torch.int32": "*i32",
+    "torch.int16": "*i16",
+    "torch.uint8": "*u8",
+    "torch.bfloat16": "*bf16",
+    "torch.float16": "*fp16",
 }
 
 
@@ -60,7 +61,14 @@ def capture(bits=(4, 2), **kw):
 
     def spy(fn, grid, args, consts, nw, ns, fast, stream=None):
         if fn is attn._attend_kernel:
-            got["a"] = (args, consts, nw, ns)
+            # Tensors as what the compiler specializes on, so that a capture can be saved.
+            desc = [
+                ("tensor", str(a.dtype), a.data_ptr() % 16 == 0)
+                if isinstance(a, torch.Tensor)
+                else a
+                for a in args
+            ]
+            got["a"] = (desc, dict(consts), nw, ns)
         return launch(fn, grid, args, consts, nw, ns, fast, stream)
 
     attn._launch = spy
@@ -83,9 +91,9 @@ def compile_ptx(args, consts, num_warps, num_stages):
         # Specialized as Triton's launcher does on a GPU: 16-byte aligned tensors and integers
         # divisible by 16 get a divisibility hint (it decides how wide the loads are), and
         # integers equal to 1 become constants.
-        if isinstance(a, torch.Tensor):
-            sig[name] = DTYPES[a.dtype]
-            if a.data_ptr() % 16 == 0:
+        if isinstance(a, tuple):  # a tensor: ("tensor", dtype, 16-byte aligned)
+            sig[name] = DTYPES[a[1]]
+            if a[2]:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(a, float):
             sig[name] = "fp32"
@@ -153,8 +161,21 @@ def main():
     codes = kw["block_n"] * 2 * D  # key and value codes of one page
     threads = kw["num_warps"] * 32
     # One kernel per packed tier (a buffer and that tier), so that each loop is known.
+    # save=FILE / load=FILE: the captured launches pickled, to compile them with another
+    # Triton (the capture runs this Triton's interpreter), e.g.
+    #   PYTHONPATH=<triton 3.6 unpacked> python benches/triton_ptx_counts.py fields load=FILE
+    path = next((a.split("=", 1) for a in sys.argv if a.startswith(("save=", "load="))), None)
+    if path and path[0] == "load":
+        with open(path[1], "rb") as f:
+            captured = pickle.load(f)
+    else:
+        captured = {nb: capture(bits=(nb,), **kw) for nb in BITS_LIST}
+        if path:
+            with open(path[1], "wb") as f:
+                pickle.dump(captured, f)
+            print(f"saved {path[1]}")
     for nb in BITS_LIST:
-        args, consts, nw, ns = capture(bits=(nb,), **kw)
+        args, consts, nw, ns = captured[nb]
         if consts["FIELDS"]:
             consts["FIELDS"] = 2  # the inline-PTX unpacking a GPU runs (the capture interprets)
         asm = compile_ptx(args, consts, nw, ns)

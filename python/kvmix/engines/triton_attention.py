@@ -32,6 +32,12 @@ the dots where the algebra allows it:
   ZipCache's separable value factor (per page) multiplies the page's contribution.
 
 Dense tiers (the full-precision buffer) use fp32 dots.
+
+The field path (``fields=True``, ``_tier_fields``; opt-in, not yet timed on a GPU) reads 2-,
+4- and 8-bit tiers as int16 elements and gives each bit field its own dot, so that only
+elementwise work (one inline-PTX op per field) lies between a load and its dot: the packed
+elements then go from shared memory straight into the mma operand registers and are
+unpacked there, at about half the instructions per code (``notes/triton-kernel.md``).
 """
 
 # Triton's kernel language is untyped (its decorators, and parameters whose annotations

@@ -1564,8 +1564,9 @@ def attend_tiers(
     dev = q.device
     fast = fast_launch and dev.type == "cuda"
     if asm is None:
-        # Inline PTX needs a compiled kernel (the interpreter runs the plain unpacking).
-        asm = dev.type == "cuda"
+        # Inline PTX needs a compiled kernel on an NVIDIA GPU (the interpreter, which
+        # ``engines.base._load`` names ``*_interp``, runs the plain unpacking).
+        asm = dev.type == "cuda" and not __name__.endswith("_interp")
     stream = torch.cuda.current_stream(dev).cuda_stream if fast else None
     pages = [t.fill_pages(block_n) for t in tiers]
     pps = plan_splits(pages, streams, target_programs)

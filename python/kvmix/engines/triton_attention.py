@@ -1566,7 +1566,9 @@ def attend_tiers(
     if asm is None:
         # Inline PTX needs a compiled kernel on an NVIDIA GPU (the interpreter, which
         # ``engines.base._load`` names ``*_interp``, runs the plain unpacking).
-        asm = dev.type == "cuda" and not __name__.endswith("_interp")
+        # ROCm builds of torch also call their devices "cuda"; PTX is NVIDIA's.
+        nvidia = dev.type == "cuda" and torch.version.hip is None
+        asm = nvidia and not __name__.endswith("_interp")
     stream = torch.cuda.current_stream(dev).cuda_stream if fast else None
     pages = [t.fill_pages(block_n) for t in tiers]
     pps = plan_splits(pages, streams, target_programs)

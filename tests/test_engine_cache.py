@@ -412,3 +412,24 @@ def test_cuda_triton_engine_generates_as_the_cpu_rust_engine(preset: str, fused:
     assert tri.layers[0].engine_name == "triton"
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert _tiers(tri) == _tiers(rust)
+
+
+def test_deleting_a_cache_frees_its_store_without_the_garbage_collector() -> None:
+    """No reference cycle between a cache and its layers: `del cache` gives the stores'
+    (device) tensors back at once, not at the collector's next run (a GPU capacity search
+    that allocates cache after cache depends on it)."""
+    import gc
+    import weakref
+
+    model = _model(True)
+    cache = kvmix.make_cache("kvmix-5x", model.config, engine="triton")
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(2))
+    model.generate(ids, past_key_values=cache, max_new_tokens=2, do_sample=False)
+    held = weakref.ref(cache.kvmix_layers[0].store._tiers["low"].kd)
+    gone = weakref.ref(cache)
+    gc.disable()
+    try:
+        del cache
+        assert gone() is None and held() is None
+    finally:
+        gc.enable()

@@ -164,6 +164,35 @@ def combine_memory_reports(reports: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
+def _implementation(config: Any) -> str | None:
+    """The attention implementation a model with ``config`` runs."""
+    name = getattr(_text_config(config), "_attn_implementation", None)
+    return name if isinstance(name, str) else None
+
+
+class _Shared:
+    """What a cache's layers read from the cache, held by both (a layer holding the cache
+    itself would make a reference cycle: see :class:`KvmixLayer`)."""
+
+    def __init__(self, config: Any, cache_name: str, rotation: torch.Tensor | None) -> None:
+        self.config = config
+        self.cache_name = cache_name
+        self.rotation = rotation
+
+    def attention_mode(self) -> AttentionMode:
+        """See :meth:`KvmixCache.attention_mode`."""
+        mode = attention_mode(self.config)
+        if mode is None:
+            raise ConfigError(
+                f"this {self.cache_name} is used by a model whose attention implementation "
+                f"({_implementation(self.config)!r}) does not score tokens for kvmix, so its "
+                "tiers would be chosen blindly. Call `kvmix.enable_fused_attention(model)` (fast "
+                "decoding on the compressed cache) or `kvmix.enable_portable_scoring(model)` "
+                "(the model's own attention on dequantized keys/values) first."
+            )
+        return mode
+
+
 class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped base
     """One decoder layer's cache: a :class:`kvmix.LayerStore` plus what transformers needs.
 
@@ -201,7 +230,10 @@ class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped b
             )
         self.kv_heads = kv_heads
         self.head_dim = head_dim
-        self.owner = owner
+        # What the layer reads from its cache, not the cache itself: the cache holds its
+        # layers, and a layer pointing back at it would make a reference cycle that keeps every
+        # tier's (GPU) memory until the garbage collector runs, long after `del cache`.
+        self._shared: _Shared = owner._shared
         #: The engine asked for; :attr:`engine_name` is the one the store runs on.
         self.engine = engine
         #: ``"rust"`` until the first tensors arrive, then the engine of the store built for
@@ -237,8 +269,7 @@ class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped b
         every layer of the cache and moved to the device of its tensors. The store holds ``kR``
         and ``vR``; since ``(qR)(kR)^T = qk^T`` and ``sum p vR = (sum p v)R``, attention rotates
         the query once and the output back, with no kernel change."""
-        r: torch.Tensor | None = getattr(self.owner, "rotation", None)
-        return r
+        return self._shared.rotation
 
     @property
     def on_device(self) -> bool:
@@ -281,10 +312,10 @@ class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped b
                 f"Triton's interpreter; got tensors on {key_states.device}"
             )
         self._fit_store_to_heads(key_states, engine)
-        owner_rotation = getattr(self.owner, "rotation", None)
-        if owner_rotation is not None and owner_rotation.device != key_states.device:
+        shared = self._shared.rotation
+        if shared is not None and shared.device != key_states.device:
             # One matrix for every layer, on the tensors' device (memory_report counts it once).
-            self.owner.rotation = owner_rotation.to(key_states.device)
+            self._shared.rotation = shared.to(key_states.device)
         self.dtype = key_states.dtype
         self.device = key_states.device
         self.is_initialized = True
@@ -321,12 +352,12 @@ class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped b
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the new tokens ``(B, H_kv, q_len, D)``; return what attention reads."""
-        mode = self.owner.attention_mode()  # before anything changes
+        mode = self._shared.attention_mode()  # before anything changes
         if self.needs_prefill:
             raise ConfigError(
                 "the previous update's tokens were never seen by kvmix's attention function, so "
                 "they were not scored: the model runs an attention implementation kvmix does not "
-                f"know ({self.owner.attention_implementation!r}). Call "
+                f"know ({_implementation(self._shared.config)!r}). Call "
                 "`kvmix.enable_fused_attention(model)` or `kvmix.enable_portable_scoring(model)`."
             )
         if mode == "portable" and self.store.evicts:
@@ -527,10 +558,10 @@ class KvmixCache(Cache):
         per_layer = _check_layer_options(layer_options, n_layers)
         self.num_query_heads, kv_heads, head_dim = _head_dims(config)
         self.config = config
-        #: See :func:`randomized_hadamard`; one matrix shared by every layer, moved to the
-        #: device of the first tensors (counted once by :meth:`memory_report`).
-        self.rotation = (
-            None if rotation_seed is None else randomized_hadamard(head_dim, rotation_seed)
+        self._shared = _Shared(
+            config,
+            type(self).__name__,
+            None if rotation_seed is None else randomized_hadamard(head_dim, rotation_seed),
         )
         layers = [
             KvmixLayer(
@@ -559,10 +590,15 @@ class KvmixCache(Cache):
         super().__init__(layers=cast("list[Any]", layers))
 
     @property
+    def rotation(self) -> torch.Tensor | None:
+        """See :func:`randomized_hadamard`; one matrix shared by every layer, moved to the
+        device of the first tensors (counted once by :meth:`memory_report`)."""
+        return self._shared.rotation
+
+    @property
     def attention_implementation(self) -> str | None:
         """The attention implementation the model with this cache's config runs."""
-        name = getattr(_text_config(self.config), "_attn_implementation", None)
-        return name if isinstance(name, str) else None
+        return _implementation(self.config)
 
     def attention_mode(self) -> AttentionMode:
         """``"fused"`` or ``"portable"``: how the model was enabled for kvmix.
@@ -570,16 +606,7 @@ class KvmixCache(Cache):
         Raises:
             ConfigError: the model was not enabled (its attention would not score the tokens).
         """
-        mode = attention_mode(self.config)
-        if mode is None:
-            raise ConfigError(
-                f"this {type(self).__name__} is used by a model whose attention implementation "
-                f"({self.attention_implementation!r}) does not score tokens for kvmix, so its "
-                "tiers would be chosen blindly. Call `kvmix.enable_fused_attention(model)` (fast "
-                "decoding on the compressed cache) or `kvmix.enable_portable_scoring(model)` "
-                "(the model's own attention on dequantized keys/values) first."
-            )
-        return mode
+        return self._shared.attention_mode()
 
     @property
     def fused(self) -> bool:

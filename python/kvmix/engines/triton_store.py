@@ -57,6 +57,17 @@ def _device_ints(values: list[int], device: Any, dtype: torch.dtype = torch.int6
     return host.to(device)
 
 
+def _run(fn: Any, grid: tuple[int, ...], *args: Any, **consts: Any) -> None:
+    """``fn[grid](*args, **consts)`` through the attention module's launcher: on a GPU, a
+    kernel already compiled for the same specialization is launched directly, skipping
+    Triton's per-call binding (~300 us of host time per launch on the H200's host, against
+    tens of microseconds), with Triton's default warps and stages."""
+    from kvmix.engines import load_attention
+
+    dev = next(a.device for a in args if isinstance(a, torch.Tensor))
+    load_attention(dev)._launch(fn, grid, list(args), consts, 4, 3, dev.type == "cuda")
+
+
 def _round_half_away(x: float) -> int:
     """Rust's ``f64::round`` (half away from zero), not Python's banker's rounding."""
     return math.floor(x + 0.5)
@@ -325,7 +336,9 @@ class _Tier:
             nblk, stride, rb = blocks
             if nblk == 1:
                 stride = rb = n
-            kern.quantize_channels_kernel[(self.s, self.d // cb, nblk)](
+            _run(
+                kern.quantize_channels_kernel,
+                (self.s, self.d // cb, nblk),
                 x,
                 nr.contiguous(),
                 data,
@@ -358,7 +371,9 @@ class _Tier:
             self.vf[:, self.nseg] = f
             fac = f.float().contiguous()
         br = 16
-        kern.quantize_token_groups_kernel[(self.s, -(-n // br))](
+        _run(
+            kern.quantize_token_groups_kernel,
+            (self.s, -(-n // br)),
             x,
             fac,
             data,
@@ -420,7 +435,9 @@ class _Tier:
         if pages == 0:
             return
         v = self.view()
-        kern.dequantize_kernel[(self.s, pages)](
+        _run(
+            kern.dequantize_kernel,
+            (self.s, pages),
             v.pos,
             v.kd,
             v.ks,
@@ -675,7 +692,9 @@ class TritonLayerStore:
         check = self.policy != "full"
         flag = self._bad_flag
         assert flag is not None
-        self._kern().append_row_kernel[(self._streams,)](
+        _run(
+            self._kern().append_row_kernel,
+            (self._streams,),
             keys,
             values,
             keys.stride(0),

@@ -54,7 +54,7 @@ def capture(**kw):
 
     def spy(fn, grid, args, consts, nw, ns, fast, stream=None):
         if fn is attn._attend_kernel:
-            got["a"] = (args, consts, nw, ns)
+            got["a"] = (args, dict(consts), nw, ns)
         return launch(fn, grid, args, consts, nw, ns, fast, stream)
 
     attn._launch = spy

@@ -971,29 +971,39 @@ class TritonLayerStore:
             score = acc
         fv = self._first_valid_dev().repeat_interleave(h)[:, None]
         valid = p >= fv
+        # Attention sinks: the sequence's first `sink_tokens` valid positions, a high-tier
+        # segment of their own, counted in the salient budget (as the Rust store).
+        n_sink = int(o.get("sink_tokens") or 0)
+        sink = valid & (p < fv + n_sink)
+        sinks = [
+            max(0, min(self.seen, fv_b + n_sink) - max(start, fv_b)) for fv_b in self.first_valid
+        ]
         # Salient counts per sequence from host-known numbers: no read-back.
-        k_seq = [
+        k_all = [
             _round_half_away(o["salient_ratio"] * max(0, n - max(0, fv_b - start)))
             for fv_b in self.first_valid
         ]
+        k_seq = [max(0, ks - ns) for ks, ns in zip(k_all, sinks, strict=True)]
         k_s = _device_ints(k_seq, p.device).repeat_interleave(h)
-        # Rank by (valid, score, index) descending: ties go to the more recent token, NaN
+        # Rank by (eligible, score, index) descending: ties go to the more recent token, NaN
         # ranks lowest (importance::top_k).
+        eligible = valid & ~sink
         key = torch.nan_to_num(score, nan=float("-inf")).flip(-1)
         o1 = torch.sort(key, dim=1, descending=True, stable=True).indices
         o2 = torch.sort(
-            valid.flip(-1).gather(1, o1).int(), dim=1, descending=True, stable=True
+            eligible.flip(-1).gather(1, o1).int(), dim=1, descending=True, stable=True
         ).indices
         order = (n - 1) - o1.gather(1, o2)
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(n, device=p.device).expand_as(order))
-        salient = rank < k_s[:, None]
+        salient = (rank < k_s[:, None]) & eligible
+        self._split_push("high", sink, k, v, p, max(sinks))
         self._split_push("high", salient, k, v, p, max(k_seq))
         # As the Rust store: a sequence's left padding is a low-tier segment of its own, so
         # the padding's range does not set its regular tokens' per-channel key codes.
         self._split_push("low", ~valid, k, v, p, max(pads))
-        rest = [n - pad - ks for pad, ks in zip(pads, k_seq, strict=True)]
-        self._split_push("low", ~salient & valid, k, v, p, max(rest))
+        rest = [n - pad - ks - ns for pad, ks, ns in zip(pads, k_seq, sinks, strict=True)]
+        self._split_push("low", ~salient & ~sink & valid, k, v, p, max(rest))
 
     def _classify_retain(self, demote: bool) -> None:
         """MiKV / H2O (``src/store/classify.rs``, ``plan_retain_important``): the important set

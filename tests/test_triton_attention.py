@@ -112,7 +112,7 @@ def test_field_path(monkeypatch):
 
     def spy(fn, grid, a, consts, *rest):
         if fn is attn._attend_kernel:
-            launched.append(consts["FIELDS"])
+            launched.append(dict(consts)["FIELDS"])  # a dict or a tuple of its items
         return launch(fn, grid, a, consts, *rest)
 
     monkeypatch.setattr(attn, "_launch", spy)

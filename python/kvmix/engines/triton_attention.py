@@ -1453,9 +1453,30 @@ def _workspace(dev, n_m: int, n_acc: int, n_lg: int = 0):
 # constexpr values in the order of the kernel's parameters).
 _COMPILED: dict[Any, Any] = {}
 
+# The attention kernel's constexpr items, by their values: built once, not formatted and
+# gathered into a dict at every call.
+_CONSTS: dict[Any, tuple[tuple[str, Any], ...]] = {}
+_TIER_NAMES = ("KM", "KB", "KG", "KW", "KX", "VM", "VB", "VG", "VW", "VX", "TR")
+_BASE_NAMES = (
+    "ROWS", "RP", "TQ", "D", "BLOCK_N", "QPOS_RANGE", "NPART", "MAGIC", "BCAST", "STAGES",
+    "FLAT", "FIELDS", "ON0", "ON1", "ON2",
+)  # fmt: skip
+
+
+def _consts(values: tuple[Any, ...]) -> tuple[tuple[str, Any], ...]:
+    """The attention kernel's constexpr items for ``values``: the :data:`_BASE_NAMES` values,
+    then each tier's :data:`_TIER_NAMES` values (names suffixed by the tier's index)."""
+    items = _CONSTS.get(values)
+    if items is None:
+        names = list(_BASE_NAMES)
+        names += [f"{n}{i}" for i in range(3) for n in _TIER_NAMES]
+        items = _CONSTS[values] = tuple(zip(names, values, strict=True))
+    return items
+
 
 def _launch(fn, grid, args, consts, num_warps, num_stages, fast, stream=None):
-    """``fn[grid](*args, **consts)``; with ``fast`` (compiled kernels only) later calls with
+    """``fn[grid](*args, **consts)`` (``consts``: a dict, or a tuple of its items, which
+    spares building one); with ``fast`` (compiled kernels only) later calls with
     the same key go straight to the compiled kernel, skipping Triton's per-call binding,
     cache-key and option formatting, which cost more host time than a decode step's GPU time.
     The key holds what Triton specializes on: the constexprs, each tensor's dtype and 16-byte
@@ -1464,7 +1485,8 @@ def _launch(fn, grid, args, consts, num_warps, num_stages, fast, stream=None):
     launched this way. ``stream``: the
     current CUDA stream's handle (looked up when not given)."""
     if not fast:
-        fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        named = dict(consts) if type(consts) is tuple else consts
+        fn[grid](*args, **named, num_warps=num_warps, num_stages=num_stages)
         return
     import torch
 
@@ -1477,11 +1499,13 @@ def _launch(fn, grid, args, consts, num_warps, num_stages, fast, stream=None):
         else None
         for a in args
     )
-    key = (fn, num_warps, num_stages, tuple(consts.items()), sig)
+    items = consts if type(consts) is tuple else tuple(consts.items())
+    key = (fn, num_warps, num_stages, items, sig)
     hit = _COMPILED.get(key)
     if hit is None:
-        kernel = fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
-        _COMPILED[key] = (kernel, [consts[n] for n in fn.arg_names[len(args) :]])
+        named = dict(items)
+        kernel = fn[grid](*args, **named, num_warps=num_warps, num_stages=num_stages)
+        _COMPILED[key] = (kernel, [named[n] for n in fn.arg_names[len(args) :]])
         return
     kernel, tail = hit
     if stream is None:
@@ -1595,22 +1619,16 @@ def attend_tiers(
     out_strides = (sb, s2, s1, sd) if out_layout == "bthd" else (sb, s1, s2, sd)
     n_q = len(q_positions)
     first = int(q_positions[0]) if n_q else 0
-    consecutive = all(int(p) == first + i for i, p in enumerate(q_positions))
+    consecutive = n_q == 1 or all(int(p) == first + i for i, p in enumerate(q_positions))
     qpos = pm if consecutive else positions_tensor(q_positions, dev)
     logits: list[Any] = [None] * len(tiers)
     targs: list[Any] = []
-    cargs: dict[str, Any] = {}
+    cvals: list[Any] = []
     for i in range(3):
         if i >= len(tiers) or splits[i] == 0:
             # An empty tier: no program reaches its branch; any tensors do.
             targs += [pm] * 11 + [64, 0, 0, 1]
-            cargs.update(
-                {
-                    f"KM{i}": 0, f"KB{i}": 8, f"KG{i}": d, f"KW{i}": 1, f"KX{i}": False,
-                    f"VM{i}": 0, f"VB{i}": 8, f"VG{i}": d, f"VW{i}": 1, f"VX{i}": False,
-                    f"TR{i}": False,
-                }
-            )  # fmt: skip
+            cvals += [0, 8, d, 1, False, 0, 8, d, 1, False, False]
             continue
         t = tiers[i]
         if fields and _fields_tier(t, d):
@@ -1631,33 +1649,19 @@ def attend_tiers(
         kfix = t.kfix
         targs += [t.pos, kd, t.ks, t.ko, t.seg, vd, t.vs, t.vo, t.vf]
         targs += [pm if kfix is None else kfix, lg, t.cap, pages[i], splits[i], t.nseg]
-        cargs.update(
-            {
-                f"KM{i}": t.k_mode, f"KB{i}": t.k_bits, f"KG{i}": t.k_gs, f"KW{i}": kw,
-                f"KX{i}": kfix is not None,
-                f"VM{i}": t.v_mode, f"VB{i}": t.v_bits, f"VG{i}": t.v_gs, f"VW{i}": vw,
-                f"VX{i}": bool(t.v_sep), f"TR{i}": do_track,
-            }
-        )  # fmt: skip
+        cvals += [t.k_mode, t.k_bits, t.k_gs, kw, kfix is not None]
+        cvals += [t.v_mode, t.v_bits, t.v_gs, vw, bool(t.v_sep), do_track]
     if sum(splits):
-        consts = dict(
-            ROWS=rows,
-            RP=rp,
-            TQ=tq,
-            D=d,
-            BLOCK_N=block_n,
-            QPOS_RANGE=consecutive,
-            NPART=2 if precise else 1,
-            MAGIC=magic,
-            BCAST=2 if join else int(bcast),
-            STAGES=num_stages,
-            FLAT=flat,
-            FIELDS=(2 if asm else 1) if fields else 0,
-            ON0=len(splits) > 0 and splits[0] > 0,
-            ON1=len(splits) > 1 and splits[1] > 0,
-            ON2=len(splits) > 2 and splits[2] > 0,
-            **cargs,
-        )
+        on = [len(splits) > i and splits[i] > 0 for i in range(3)]
+        base = [rows, rp, tq, d, block_n, consecutive, 2 if precise else 1, magic]
+        base += [
+            2 if join else int(bcast),
+            num_stages,
+            flat,
+            (2 if asm else 1) if fields else 0,
+            *on,
+        ]
+        consts = _consts((*base, *cvals))
         args = [q, q.stride(0), q.stride(1), q.stride(2), q.stride(3), float(scale) * LOG2E]
         args += [qpos, first, first_valid, pm, pl, pacc, n_split, pps, kv_heads, *targs]
         grid = (streams, n_split)

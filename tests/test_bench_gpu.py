@@ -26,4 +26,30 @@ def test_gpu_bench_smoke(tmp_path: Path) -> None:
     for name in ("zipcache", "zipcache-portable", "mikv"):
         assert rows[name]["compression_ratio"] > 1.0
     # No out-of-memory on the CPU: the search stops at its limit.
-    assert data["max_batch"]["zipcache"] == {"max_batch": 2, "limit_reached": True}
+    for method in ("full", "zipcache", "zipcache-portable", "mikv"):
+        got = data["max_batch"][method]
+        assert (got["max_batch"], got["first_oom"], got["limit_reached"]) == (2, None, True)
+
+
+@pytest.mark.parametrize(("largest", "limit"), [(37, 256), (1, 256), (0, 256), (256, 256), (5, 9)])
+def test_max_batch_search_finds_the_largest_fit(
+    monkeypatch: pytest.MonkeyPatch, largest: int, limit: int
+) -> None:
+    """The search's bracketing and bisection against a known capacity (each attempt's fit
+    decided by a stand-in for the real fill-and-decode)."""
+    import torch
+
+    from kvmix.bench import gpu
+
+    tried: list[int] = []
+
+    def fits(model, method, batch, context, chunk, device):  # type: ignore[no-untyped-def]
+        tried.append(batch)
+        return batch <= largest, 1000 * batch
+
+    monkeypatch.setattr(gpu, "fits", fits)
+    got = gpu.max_batch(None, "full", 1024, limit, torch.device("cpu"), tolerance=0.0)
+    assert got["max_batch"] == min(largest, limit)
+    assert got["first_oom"] == (None if largest >= limit else got["max_batch"] + 1)
+    assert got["limit_reached"] == (largest >= limit)
+    assert got["attempts"] == len(tried) <= 20

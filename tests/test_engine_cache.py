@@ -32,6 +32,9 @@ PRESETS: dict[str, Callable[[Any, str], kvmix.KvmixCache]] = {
     "zipcache": lambda c, e: kvmix.ZipCache(c, streaming_gap=3, engine=e),
     # kvmix's preset: rotated keys and values, 3-bit regular keys.
     "kvmix-5x": lambda c, e: kvmix.Kvmix5xCache(c, streaming_gap=3, engine=e),
+    # Attention sinks: the first 4 valid tokens of each sequence (the padded one's start
+    # later) salient, a high-tier segment of their own.
+    "zipcache-sinks": lambda c, e: kvmix.ZipCache(c, streaming_gap=3, sink_tokens=4, engine=e),
     # Heavy hitters + recent tokens trimmed at every step; demoted to 2 bits, or dropped.
     "mikv": lambda c, e: kvmix.MiKVCache(c, ratio=0.3, engine=e),
     "eviction": lambda c, e: kvmix.EvictionCache(c, budget=0.3, engine=e),
@@ -187,7 +190,11 @@ def test_triton_engine_takes_half_precision_tensors(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize(
     ("policy", "config"),
-    [("zipcache", {"streaming_gap": 5}), ("uniform", {"residual": 16})],
+    [
+        ("zipcache", {"streaming_gap": 5}),
+        ("zipcache", {"streaming_gap": 5, "sink_tokens": 4}),
+        ("uniform", {"residual": 16}),
+    ],
 )
 def test_left_padding_is_quantized_as_by_the_rust_store(policy: str, config: Any) -> None:
     """Sequences padded by different amounts: each one's padding is a segment of its own and
@@ -405,3 +412,24 @@ def test_cuda_triton_engine_generates_as_the_cpu_rust_engine(preset: str, fused:
     assert tri.layers[0].engine_name == "triton"
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert _tiers(tri) == _tiers(rust)
+
+
+def test_deleting_a_cache_frees_its_store_without_the_garbage_collector() -> None:
+    """No reference cycle between a cache and its layers: `del cache` gives the stores'
+    (device) tensors back at once, not at the collector's next run (a GPU capacity search
+    that allocates cache after cache depends on it)."""
+    import gc
+    import weakref
+
+    model = _model(True)
+    cache = kvmix.make_cache("kvmix-5x", model.config, engine="triton")
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(2))
+    model.generate(ids, past_key_values=cache, max_new_tokens=2, do_sample=False)
+    held = weakref.ref(cache.kvmix_layers[0].store._tiers["low"].kd)
+    gone = weakref.ref(cache)
+    gc.disable()
+    try:
+        del cache
+        assert gone() is None and held() is None
+    finally:
+        gc.enable()

@@ -80,8 +80,10 @@ def test_suite_deterministic_and_families_differ(tokenizer: PreTrainedTokenizerB
 
 @pytest.mark.slow
 def test_kvmix5x_keeps_the_passkey_on_an_untuned_family() -> None:
-    """kvmix-5x was tuned on the filler haystack only; on KJV verses (every phrasing, two depths,
-    2k tokens) it answers at least as many keys as the full cache minus one, at >= 4.9x."""
+    """kvmix-5x was tuned on the filler haystack (passkeys) and on the standard library's
+    docstrings (fidelity: sinks, salient share, per-layer bits); on KJV verses (every phrasing,
+    two depths, 2k tokens) it answers at least as many keys as the full cache minus one, at
+    >= 4.9x."""
     from kvmix.eval.suite import run_suite
     from kvmix.models import load_smollm2
 

@@ -42,6 +42,7 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
         "channel_separable": False,
         "selection": "kv_head",
         "streaming_gap": 7,
+        "sink_tokens": 4,
     },
     "eviction": {"budget": 0.3, "recent_share": 0.25, "streaming_gap": 2},
 }
@@ -71,6 +72,7 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
         "channel_separable": True,
         "selection": "layer",
         "streaming_gap": 100,
+        "sink_tokens": 0,  # not in the paper: kvmix's addition, off by default
     },
     "eviction": {"budget": 0.2, "recent_share": 0.5, "streaming_gap": 1},
 }

@@ -39,8 +39,34 @@ CLAIMS: dict[str, dict[str, object]] = {
     "zipcache-tokenwise": {"salient_ratio": 0.4, "channel_separable": False},
     "zipcache-k3": {"salient_ratio": 0.4, "low_key_bits": 3, "low_bits": 2},
     "zipcache20-k3": {"salient_ratio": 0.2, "high_bits": 4, "low_key_bits": 3, "low_bits": 2},
-    "kvmix-5x": {"salient_ratio": 0.2, "high_bits": 4, "low_key_bits": 3, "low_bits": 2},
-    "kvmix-5x-norot": {"salient_ratio": 0.2, "high_bits": 4, "low_key_bits": 3, "low_bits": 2},
+    "kvmix-5x": {
+        "salient_ratio": 0.14,
+        "high_bits": 4,
+        "low_key_bits": 3,
+        "low_bits": 2,
+        "sink_tokens": 4,
+    },
+    "kvmix-5x-v1": {
+        "salient_ratio": 0.2,
+        "high_bits": 4,
+        "low_key_bits": 3,
+        "low_bits": 2,
+        "sink_tokens": 0,
+    },
+    "kvmix-5x-v1-norot": {
+        "salient_ratio": 0.2,
+        "high_bits": 4,
+        "low_key_bits": 3,
+        "low_bits": 2,
+        "sink_tokens": 0,
+    },
+    "kvmix-5x-norot": {
+        "salient_ratio": 0.14,
+        "high_bits": 4,
+        "low_key_bits": 3,
+        "low_bits": 2,
+        "sink_tokens": 4,
+    },
 }
 # The store policy each preset family runs (kvmix-5x is ZipCache's store, rotated).
 POLICY = {
@@ -50,7 +76,7 @@ POLICY = {
     "zipcache": "zipcache",
     "kvmix": "zipcache",
 }
-ROTATED = {"kvmix-5x"}
+ROTATED = {"kvmix-5x", "kvmix-5x-v1"}
 
 
 def small_config() -> LlamaConfig:

@@ -97,3 +97,69 @@ def test_memory_report_counts_the_rotation_matrix() -> None:
     assert got["rotation_bytes"] == head_dim * head_dim * 4 and base["rotation_bytes"] == 0
     assert got["bytes"] == stores + head_dim * head_dim * 4
     assert got["compression_ratio"] == got["fp16_bytes"] / got["bytes"]
+
+
+def test_layer_options_override_one_layer_and_bad_ones_are_refused() -> None:
+    """``layer_options={1: {"low_key_bits": 4}}``: layer 1's store has 4-bit regular keys (and
+    holds more key bytes for the same tokens), layer 0 keeps the preset's 3 bits; a key that
+    is not a layer index, or an option the policy does not have, is refused at construction."""
+    model = kvmix.enable_portable_scoring(tiny_random_model("llama", num_hidden_layers=2))
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    cache = kvmix.Kvmix5xCache(cfg, layer_options={1: {"low_key_bits": 4}})
+    assert [layer.options["low_key_bits"] for layer in cache.layers] == [3, 4]
+    assert cache.options["low_key_bits"] == 3 and cache.layer_options == {1: {"low_key_bits": 4}}
+    k = torch.randn(1, cfg.num_key_value_heads, 60, head_dim)
+    acc = torch.rand(1, cfg.num_key_value_heads, 60).numpy()
+    for layer in cache.layers:
+        layer.update(k, k)
+        layer.store.add_scores(0, acc, acc * 0 + 1)
+        layer.store.maybe_classify(True)
+    low = [layer.store.memory()["tiers"]["low"] for layer in cache.layers]
+    rows = [
+        sum(len(layer.store.tier_positions(s)["low"]) for s in range(layer.store.kv_heads))
+        for layer in cache.layers
+    ]
+    assert rows[0] == rows[1] > 0
+    assert (low[0]["key_data"], low[1]["key_data"]) == (
+        rows[0] * head_dim * 3 // 8,
+        rows[1] * head_dim * 4 // 8,
+    )
+    for bad, match in (
+        ({2: {"low_bits": 3}}, r"layer indices in \[0, 2\)"),
+        ({"1": {"low_bits": 3}}, "layer indices"),
+        ({0: {"lowbits": 3}}, "unknown option `lowbits`"),
+        ({0: 3}, r"layer_options\[0\]"),
+    ):
+        with pytest.raises(kvmix.ConfigError, match=match):
+            kvmix.Kvmix5xCache(cfg, layer_options=bad)  # type: ignore[arg-type]
+
+
+def test_kvmix5x_applies_its_calibrated_layers_only_to_the_model_they_were_measured_on() -> None:
+    """SmolLM2-135M's shape gets the per-layer bits of ``KVMIX5X_CALIBRATED_LAYERS``; another
+    shape gets none (its layers all take the preset's options), and ``layer_options=None`` turns
+    them off; any other string is refused."""
+    from transformers import LlamaConfig
+
+    from kvmix.cache import KVMIX5X_CALIBRATED_LAYERS
+
+    smollm2 = LlamaConfig(
+        num_hidden_layers=30,
+        hidden_size=576,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=64,
+    )
+    table = KVMIX5X_CALIBRATED_LAYERS[("llama", 30, 576, 3)]
+    cache = kvmix.Kvmix5xCache(smollm2)
+    for i, layer in enumerate(cache.layers):
+        want = {"low_key_bits": 3, "low_bits": 2, **table.get(i, {})}
+        assert {k: layer.options[k] for k in want} == want, i
+    assert sum(layer.options["low_key_bits"] == 4 for layer in cache.layers) == 5
+    off = kvmix.Kvmix5xCache(smollm2, layer_options=None)
+    assert {layer.options["low_key_bits"] for layer in off.layers} == {3}
+    other = kvmix.Kvmix5xCache(tiny_random_model("llama", num_hidden_layers=2).config)
+    assert other.layer_options == {}
+    with pytest.raises(kvmix.ConfigError, match="'calibrated' or None"):
+        kvmix.Kvmix5xCache(smollm2, layer_options="auto")  # type: ignore[arg-type]

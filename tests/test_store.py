@@ -84,6 +84,47 @@ def test_zipcache_low_key_bits_changes_only_the_regular_keys():
     assert low["value_data"] == paper["value_data"]
 
 
+def test_zipcache_sink_tokens_are_salient_in_a_segment_of_their_own():
+    """`sink_tokens=3`: the first 3 valid tokens are in the high tier whatever their scores
+    (here the lowest), inside the salient budget, and quantized as a segment of their own:
+    the other salient tokens' per-channel key statistics do not see them."""
+    rng = np.random.default_rng(7)
+    n, h, ratio = 50, 2, 0.2
+    k = rng.standard_normal((1, h, n, D), dtype=np.float32)
+    v = rng.standard_normal((1, h, n, D), dtype=np.float32)
+    k[:, :, 0] *= 30  # a sink's outlying key
+    store = kvmix.LayerStore(
+        "zipcache", h, D, {"sink_tokens": 3, "salient_ratio": ratio}, "float32"
+    )
+    store.append(k, v)
+    acc = rng.random((1, h, n), dtype=np.float32) + 1.0
+    acc[:, :, :3] = 0.0  # the sinks score lowest: only the rule keeps them salient
+    store.add_scores(0, acc, np.ones_like(acc))
+    store.maybe_classify()
+    budget = round(ratio * n)
+    for s in range(h):
+        high = store.tier_positions(s)["high"]
+        assert len(high) == budget and set(range(3)) <= set(high.tolist())
+        # The rest of the budget: the best-scored of the others (selection="layer" pools the
+        # layer's heads).
+        best = np.argsort(-acc[0].sum(0)[3:], kind="stable")[: budget - 3] + 3
+        assert set(high.tolist()) == set(range(3)) | set(best.tolist())
+        pos, kd, _ = store.dense(s)
+        idx = np.searchsorted(pos, high)
+        for seg in (np.arange(3), np.sort(best)):
+            kx = k[0, s, seg]
+            qk = rq.quantize_channel_blocks(kx, 4, len(seg))
+            rows = idx[np.searchsorted(high, seg)]
+            np.testing.assert_allclose(
+                kd[rows], rq.dequantize_channel_blocks(qk, len(seg)), atol=1e-5
+            )
+    plain = kvmix.LayerStore("zipcache", h, D, {"salient_ratio": ratio})
+    plain.append(k, v)
+    plain.add_scores(0, acc, np.ones_like(acc))
+    plain.maybe_classify()
+    assert not set(range(3)) & set(plain.tier_positions(0)["high"].tolist())
+
+
 @pytest.mark.parametrize("bits", [0, 5, 8])
 def test_zipcache_low_key_bits_out_of_range_is_refused(bits):
     with pytest.raises(kvmix.ConfigError, match="low_key_bits"):

@@ -15,9 +15,9 @@ B, HK, HQ, D = 2, 2, 8, 32
 S = B * HK
 
 
-def _check(views, tq, fv, precise=True, **kw):
+def _check(views, tq, fv, precise=True, d=D, **kw):
     gen = torch.Generator().manual_seed(7)
-    q = torch.randn(B, HQ, tq, D, generator=gen) * 2
+    q = torch.randn(B, HQ, tq, d, generator=gen) * 2
     top = max(int(v.pos.max()) for v in views)
     qpos = [top - tq + 1 + i for i in range(tq)]
     first_valid = torch.tensor(fv, dtype=torch.int32)
@@ -75,6 +75,52 @@ def test_wide_codes_and_fast_mode():
     # precise=False: one fp16 part per operand (fp16 rounding of the queries' side).
     _check(views, 1, [0, 0], precise=False)
     _check(views, 1, [2, 0], join=True)  # 2 and 8 bits, joined
+
+
+def test_field_path(monkeypatch):
+    # fields=True: 2-, 4- and 8-bit tiers read as int16 elements, one dot per bit field
+    # (_tier_fields); it needs D * bits >= 256, so D = 128 here. The 1-bit tier and the
+    # buffer take the other paths in the same launch. Under the interpreter the fields are
+    # unpacked with plain integer operations (a GPU runs the inline PTX of _field_asm).
+    d = 128
+    g = torch.Generator().manual_seed(3)
+    views = [
+        ref.synthetic_tier(S, 20, d, ("dense", 0, d), ("dense", 0, d), pos_offset=300, generator=g),
+        ref.synthetic_tier(S, 150, d, ("channel", 4, d), ("token", 2, d), v_sep=True, generator=g),
+        ref.synthetic_tier(
+            S, 130, d, ("token", 2, 32), ("token", 4, 32), pos_offset=150, generator=g
+        ),
+    ]
+    _check(views, 1, [0, 37], d=d, fields=True)
+    _check(views, 2, [5, 0], d=d, fields=True)
+    _check(views, 1, [0, 4], d=d, fields=True, precise=False)
+    views = [
+        ref.synthetic_tier(S, 0, d, ("dense", 0, d), ("dense", 0, d), generator=g),
+        ref.synthetic_tier(S, 70, d, ("token", 8, 64), ("token", 8, 64), generator=g),
+        ref.synthetic_tier(
+            S, 90, d, ("channel", 1, d), ("token", 2, d), pos_offset=70, generator=g
+        ),
+    ]
+    _check(views, 1, [0, 3], d=d, fields=True)
+    # KVMIX_TRITON_FIELDS=1 makes the field path the default: the same output, bit for bit.
+    attn = load_attention("cpu")
+    q = torch.randn(B, HQ, 1, d, generator=g)
+    args = (views, q, [159], torch.zeros(B, dtype=torch.int32), 0.3, HK, None)
+    want, _ = attn.attend_tiers(*args, fields=True)
+    launched = []
+    launch = attn._launch
+
+    def spy(fn, grid, a, consts, *rest):
+        if fn is attn._attend_kernel:
+            launched.append(consts["FIELDS"])
+        return launch(fn, grid, a, consts, *rest)
+
+    monkeypatch.setattr(attn, "_launch", spy)
+    monkeypatch.setenv("KVMIX_TRITON_FIELDS", "1")
+    assert torch.equal(attn.attend_tiers(*args)[0], want)
+    monkeypatch.setenv("KVMIX_TRITON_FIELDS", "0")
+    attn.attend_tiers(*args)
+    assert launched == [1, 0]  # field path (plain unpacking here), then the default one
 
 
 def test_bench_attention_cuda_mode_refuses_without_gpu():

@@ -358,14 +358,25 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 salient_ratio=0.2,
                 low_key_bits=3,
             ),
-            # kvmix's own preset at ~5x, and its rotation ablated.
+            # kvmix's own preset at ~5x, its first definition, and its rotation ablated.
             _p(
                 "kvmix-5x",
-                "kvmix-5x (rotated, 20% 4-bit, K3/V2)",
+                "kvmix-5x (rotated, 14% 4-bit, K3/V2, 4 sinks, per-layer bits)",
                 KVMIX,
                 "kvmix",
                 Kvmix5xCache,
                 "zipcache",
+            ),
+            _p(
+                "kvmix-5x-v1",
+                "kvmix-5x, first definition (rotated, 20% 4-bit, K3/V2)",
+                KVMIX,
+                "kvmix-ablation",
+                Kvmix5xCache,
+                "zipcache",
+                salient_ratio=0.2,
+                sink_tokens=0,
+                layer_options=None,
             ),
             _p(
                 "kvmix-5x-norot",
@@ -374,6 +385,18 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 "kvmix-ablation",
                 Kvmix5xCache,
                 "zipcache",
+                rotation_seed=None,
+            ),
+            _p(
+                "kvmix-5x-v1-norot",
+                "kvmix-5x's first definition without the rotation",
+                KVMIX,
+                "kvmix-ablation",
+                Kvmix5xCache,
+                "zipcache",
+                salient_ratio=0.2,
+                sink_tokens=0,
+                layer_options=None,
                 rotation_seed=None,
             ),
         ]

@@ -43,7 +43,7 @@ pub const MIKV_OPTIONS: [&str; 7] = [
     "key_balancer",
     "streaming_gap",
 ];
-pub const ZIPCACHE_OPTIONS: [&str; 11] = [
+pub const ZIPCACHE_OPTIONS: [&str; 12] = [
     "salient_ratio",
     "high_bits",
     "low_bits",
@@ -55,6 +55,7 @@ pub const ZIPCACHE_OPTIONS: [&str; 11] = [
     "channel_separable",
     "selection",
     "streaming_gap",
+    "sink_tokens",
 ];
 pub const UNIFORM_OPTIONS: [&str; 3] = ["bits", "residual", "group_size"];
 pub const EVICTION_OPTIONS: [&str; 3] = ["budget", "recent_share", "streaming_gap"];
@@ -129,6 +130,7 @@ fn set_zipcache(c: &mut ZipCacheConfig, o: &Opt<'_, '_, '_>) -> PyResult<()> {
         "channel_separable" => c.channel_separable = o.flag()?,
         "selection" => c.selection = o.choice(&SELECTIONS)?,
         "streaming_gap" => c.streaming_gap = o.count()?,
+        "sink_tokens" => c.sink_tokens = o.count()?,
         _ => return Err(unknown(&Policy::ZipCache(*c), o.key)),
     }
     Ok(())
@@ -180,6 +182,7 @@ pub fn options_dict<'py>(py: Python<'py>, policy: &Policy) -> PyResult<Bound<'py
             d.set_item("channel_separable", c.channel_separable)?;
             d.set_item("selection", name_of(&SELECTIONS, c.selection))?;
             d.set_item("streaming_gap", c.streaming_gap)?;
+            d.set_item("sink_tokens", c.sink_tokens)?;
         }
         Policy::Uniform(c) => {
             d.set_item("bits", c.bits)?;

@@ -156,21 +156,36 @@ pub(super) fn plan_stream(
                     &own
                 }
             };
-            let valid: Vec<usize> = (0..n)
-                .filter(|&i| all.positions[i] >= first_valid)
+            // Attention sinks: the sequence's first `sink_tokens` valid positions.
+            let sink_end = first_valid as u64 + c.sink_tokens as u64;
+            let sink: Vec<bool> = all
+                .positions
+                .iter()
+                .map(|&p| p >= first_valid && (p as u64) < sink_end)
                 .collect();
-            let n_salient = (c.salient_ratio * valid.len() as f64).round() as usize;
-            let valid_scores: Vec<f32> = valid.iter().map(|&i| scores[i]).collect();
+            let n_valid = all.positions.iter().filter(|&&p| p >= first_valid).count();
+            let ranked: Vec<usize> = (0..n)
+                .filter(|&i| all.positions[i] >= first_valid && !sink[i])
+                .collect();
+            // The sinks are part of the salient budget, not on top of it.
+            let n_sinks = sink.iter().filter(|&&x| x).count();
+            let n_salient =
+                ((c.salient_ratio * n_valid as f64).round() as usize).saturating_sub(n_sinks);
+            let ranked_scores: Vec<f32> = ranked.iter().map(|&i| scores[i]).collect();
             let mut salient = vec![false; n];
-            for j in top_k(&valid_scores, n_salient) {
-                salient[valid[j]] = true;
+            for j in top_k(&ranked_scores, n_salient) {
+                salient[ranked[j]] = true;
             }
-            let regular: Vec<bool> = salient.iter().map(|&x| !x).collect();
+            let regular: Vec<bool> = (0..n).map(|i| !salient[i] && !sink[i]).collect();
             let [pad, rest] = split_padding(&all.select(&regular, d), first_valid, d);
             Ok(Plan {
                 take_buffer: vec![true; n],
                 take_high: None,
-                to_high: vec![s.high.prepare(&all.select(&salient, d))?],
+                // The sinks first, as a segment of their own (empty without sinks).
+                to_high: vec![
+                    s.high.prepare(&all.select(&sink, d))?,
+                    s.high.prepare(&all.select(&salient, d))?,
+                ],
                 to_low: vec![s.low.prepare(&pad)?, s.low.prepare(&rest)?],
                 moved: all.positions,
             })

@@ -71,6 +71,11 @@ pub struct ZipCacheConfig {
     pub channel_separable: bool,
     pub selection: Selection,
     pub streaming_gap: usize,
+    /// The first `sink_tokens` valid tokens of each sequence (attention sinks, Xiao et al.,
+    /// 2024, "Efficient Streaming Language Models with Attention Sinks") are always salient,
+    /// within the salient budget, and go to the high tier as a segment of their own, so their
+    /// outlying keys and values set no other token's per-channel statistics.
+    pub sink_tokens: usize,
 }
 
 impl Default for ZipCacheConfig {
@@ -87,6 +92,7 @@ impl Default for ZipCacheConfig {
             channel_separable: true,
             selection: Selection::Layer,
             streaming_gap: 100,
+            sink_tokens: 0,
         }
     }
 }

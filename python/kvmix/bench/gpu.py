@@ -18,9 +18,15 @@ Methods (names of the preset registry): ``full`` (transformers' DynamicCache, bf
 ``quanto-int4`` / ``quanto-int2`` (QuantizedCache, optimum-quanto backend, when installed) and
 kvmix's presets on the Triton
 engine, fused (``kvmix`` attention) and ``-portable`` (sdpa on dense dequantized keys/values).
-``--max-batch`` also searches, per method, the largest batch that prefills and decodes
-``--max-batch-context`` tokens without running out of memory (doubling, then bisection).
-An out-of-memory error is a result (``"oom"``), not a failure.
+``--max-batch`` also searches, per method, the largest batch whose cache holds
+``--max-batch-context`` tokens per sequence and then decodes two steps without running out
+of memory. Capacity is what the cache holds, so the search does not run the model's prefill
+(a forward pass over batch x 32k tokens per attempt would cost minutes): it fills each layer
+through the cache's own ``update`` in chunks of ``--max-batch-chunk`` tokens, as a chunked
+prefill stores them (kvmix's layers scored and classified after each chunk), then decodes.
+One sequence's peak memory gives the first guess; the search brackets and bisects until the
+first out-of-memory batch is within ``--max-batch-tolerance`` of the last fit, and reports
+both. An out-of-memory error is a result (``"oom"``), not a failure.
 
     python -m kvmix.bench gpu --json results/gpu/bench-gpu.json
     python -m kvmix.bench gpu --tiny --device cpu     # a smoke test (Triton's interpreter)
@@ -29,6 +35,7 @@ An out-of-memory error is a result (``"oom"``), not a failure.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -110,6 +117,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", action="store_true", help="search each method's max batch")
     p.add_argument("--max-batch-context", type=int, default=32768)
     p.add_argument("--max-batch-limit", type=int, default=256, help="largest batch tried")
+    p.add_argument(
+        "--max-batch-chunk", type=int, default=8192, help="tokens per update when filling"
+    )
+    p.add_argument(
+        "--max-batch-tolerance",
+        type=float,
+        default=0.05,
+        help="stop when the first out-of-memory batch is within this fraction of the last fit",
+    )
     p.add_argument("--tiny", action="store_true", help="a 2-layer toy model (smoke test)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
@@ -198,33 +214,131 @@ def run_one(
         return {"oom": True}
     finally:
         del cache
+        # A cache in a reference cycle (and an out-of-memory error's traceback) would keep
+        # its device memory until the collector runs: the next attempt must not see it.
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def fill_cache(
+    model: Any, method: str, batch: int, context: int, chunk: int, device: torch.device
+) -> Any:
+    """A cache of ``method`` holding ``batch x context`` random tokens in every layer, filled
+    through the cache's own ``update`` in chunks of ``chunk`` tokens, as a chunked prefill
+    stores them, without running the model: kvmix's layers are scored (random queries over
+    the first chunk, as its attention scores a prompt) and classified after every chunk, so
+    the full-precision buffer never holds more than one chunk of one layer."""
+    from kvmix.attention import _score_prefill
+
+    attention, make = METHODS[method]
+    _enable(model, attention)
+    cfg = model.config
+    hk, hq, d = cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim
+    dtype = next(model.parameters()).dtype
+    cache = make(cfg)
+    with torch.inference_mode():
+        for layer in range(cfg.num_hidden_layers):
+            for start in range(0, context, chunk):
+                n = min(chunk, context - start)
+                k = torch.randn((batch, hk, n, d), device=device, dtype=dtype)
+                v = torch.randn_like(k)
+                cache.update(k, v, layer)
+                if isinstance(cache, kvmix.KvmixCache):
+                    kl = cache.kvmix_layers[layer]
+                    if kl.needs_prefill:
+                        q = torch.randn((batch, hq, n, d), device=device, dtype=dtype)
+                        _score_prefill(kl, q, k, None, d**-0.5)
+                        del q
+                    else:
+                        kl.store.maybe_classify(True)
+                del k, v
+    return cache
+
+
+def fits(
+    model: Any, method: str, batch: int, context: int, chunk: int, device: torch.device
+) -> tuple[bool, int]:
+    """Whether ``batch`` sequences of ``context`` tokens fit (:func:`fill_cache`, then two
+    decoding steps of the model), and the peak bytes allocated beyond what was allocated
+    before."""
+    base = _allocated(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    cache = None
+    try:
+        cache = fill_cache(model, method, batch, context, chunk, device)
+        token = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        with torch.inference_mode():
+            for _ in range(2):
+                out = model(token, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+                del out
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else 0
+        return True, peak
+    except torch.cuda.OutOfMemoryError:
+        return False, 0
+    finally:
+        del cache
+        # A cache in a reference cycle (and an out-of-memory error's traceback) would keep
+        # its device memory until the collector runs: the next attempt must not see it.
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
 def max_batch(
-    model: Any, method: str, context: int, limit: int, device: torch.device
+    model: Any,
+    method: str,
+    context: int,
+    limit: int,
+    device: torch.device,
+    chunk: int = 8192,
+    tolerance: float = 0.05,
 ) -> dict[str, Any]:
-    """The largest batch (up to ``limit``) that prefills ``context`` tokens and decodes two
-    steps with ``method``: doubling from 1, then bisection between the last fit and the first
-    out-of-memory batch."""
-    fits, fails = 0, None
-    b = 1
-    while b <= limit:
-        if run_one(model, method, b, context, 2, device)["oom"]:
-            fails = b
-            break
-        fits, b = b, b * 2
-    if fails is not None:
-        lo, hi = fits, fails
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if run_one(model, method, mid, context, 2, device)["oom"]:
-                hi = mid
-            else:
-                lo = mid
-        fits = lo
-    return {"max_batch": fits, "limit_reached": fails is None}
+    """The largest batch (up to ``limit``) whose cache holds ``context`` tokens per sequence
+    and decodes two steps (:func:`fits`). One sequence's peak bytes give a first guess (the
+    free device memory over them); the search then brackets the answer (steps of an eighth,
+    doubling) and bisects until the last fit and the first out-of-memory batch are within
+    ``tolerance`` of each other (``max_batch`` is the last fit, ``first_oom`` the first
+    failure; ``None`` when ``limit`` fit)."""
+    attempts = 0
+
+    def test(b: int) -> bool:
+        nonlocal attempts
+        attempts += 1
+        return fits(model, method, b, context, chunk, device)[0]
+
+    ok, one = fits(model, method, 1, context, chunk, device)
+    attempts += 1
+    if not ok:
+        return {"max_batch": 0, "first_oom": 1, "limit_reached": False, "attempts": attempts}
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    guess = limit if one <= 0 else max(1, min(limit, free // one))
+    lo, hi = 1, None
+    if guess > 1 and test(guess):
+        lo = guess
+    elif guess > 1:
+        hi = guess
+    step = max(1, lo // 8)
+    while hi is None and lo < limit:  # bracket from below
+        b = min(limit, lo + step)
+        if test(b):
+            lo, step = b, 2 * step
+        else:
+            hi = b
+    while hi is not None and lo * 2 < hi and not test(max(1, hi // 2)):  # or from above
+        hi = max(1, hi // 2)
+    if hi is not None and lo < hi // 2:
+        lo = hi // 2
+    while hi is not None and hi - lo > max(1, int(lo * tolerance)):
+        mid = (lo + hi) // 2
+        if test(mid):
+            lo = mid
+        else:
+            hi = mid
+    return {"max_batch": lo, "first_oom": hi, "limit_reached": hi is None, "attempts": attempts}
 
 
 def _row(method: str, batch: int, context: int, r: dict[str, Any]) -> str:
@@ -262,7 +376,13 @@ def main(args: argparse.Namespace) -> int:
     if args.max_batch:
         for method in args.methods:
             capacity[method] = max_batch(
-                model, method, args.max_batch_context, args.max_batch_limit, device
+                model,
+                method,
+                args.max_batch_context,
+                args.max_batch_limit,
+                device,
+                args.max_batch_chunk,
+                args.max_batch_tolerance,
             )
             print(f"{method:20s} largest batch at {args.max_batch_context}: {capacity[method]}")
     if args.json:

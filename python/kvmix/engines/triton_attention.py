@@ -32,6 +32,12 @@ the dots where the algebra allows it:
   ZipCache's separable value factor (per page) multiplies the page's contribution.
 
 Dense tiers (the full-precision buffer) use fp32 dots.
+
+The field path (``fields=True``, ``_tier_fields``; opt-in, not yet timed on a GPU) reads 2-,
+4- and 8-bit tiers as int16 elements and gives each bit field its own dot, so that only
+elementwise work (one inline-PTX op per field) lies between a load and its dot: the packed
+elements then go from shared memory straight into the mma operand registers and are
+unpacked there, at about half the instructions per code (``notes/triton-kernel.md``).
 """
 
 # Triton's kernel language is untyped (its decorators, and parameters whose annotations
@@ -41,6 +47,7 @@ Dense tiers (the full-precision buffer) use fp32 dots.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import triton
@@ -419,6 +426,376 @@ def _tier_stacked(
 
 
 @triton.jit
+def _row_scale(amax):
+    """Per-row power-of-two scale bringing ``amax`` below 2^15 (fp16's range ends at 65504)
+    and its inverse (see ``_stack_f16``)."""
+    e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    re = tl.minimum(tl.maximum(268 - e, 1), 253)
+    r = (re << 23).to(tl.float32, bitcast=True)
+    inv = ((254 - re) << 23).to(tl.float32, bitcast=True)
+    return r, inv
+
+
+@triton.jit
+def _stack_scaled(x, r, M: tl.constexpr, K: tl.constexpr, NP: tl.constexpr, NPART: tl.constexpr):
+    """fp32 ``x [M, K]`` times the row scales ``r [M]`` as fp16 blocks ``[NP * M, K]`` (hi,
+    lo, zero padding): ``_stack_f16`` with the scale given, so that several operands (the
+    fields of a byte) can share one accumulator."""
+    xs = x * r[:, None]
+    hi = xs.to(tl.float16).to(tl.float32)
+    part = tl.arange(0, NP)[:, None, None]
+    if NPART == 1:
+        val = tl.where(part == 0, hi[None, :, :], 0.0)
+    else:
+        val = tl.where(part == 0, hi[None, :, :], tl.where(part == 1, (xs - hi)[None, :, :], 0.0))
+    return tl.reshape(val.to(tl.float16), (NP * M, K))
+
+
+@triton.jit
+def _field_asm(x, BITS: tl.constexpr, F: tl.constexpr):
+    """Field ``F`` of the low byte of int16 elements (bits ``S = F * BITS < 8``) as exact
+    fp16, two elements (one 32-bit register) per inline-PTX instance: the field, masked in
+    place, is OR-ed into the bits of fp16 1024.0 (``0x6400 | c << S`` is ``1024 + c * 2^S``),
+    then one f16x2 subtraction (``S = 0``) or fused multiply-add (``* 2^-S - 1024 * 2^-S``,
+    exact) leaves the code. A pure unary elementwise op: Triton's compiler moves the
+    conversion to the dot operand's layout above it, onto the load."""
+    if BITS == 2 and F == 0:
+        return _pack2(
+            x,
+            "{ .reg .b32 t, k; mov.b32 k, 0x64006400; "
+            "lop3.b32 t, $1, 0x00030003, 0x64006400, 0xea; sub.f16x2 $0, t, k; }",
+        )
+    elif BITS == 2 and F == 1:
+        return _pack2(
+            x,
+            "{ .reg .b32 t, k, b; mov.b32 k, 0x34003400; mov.b32 b, 0xdc00dc00; "
+            "lop3.b32 t, $1, 0x000c000c, 0x64006400, 0xea; fma.rn.f16x2 $0, t, k, b; }",
+        )
+    elif BITS == 2 and F == 2:
+        return _pack2(
+            x,
+            "{ .reg .b32 t, k, b; mov.b32 k, 0x2c002c00; mov.b32 b, 0xd400d400; "
+            "lop3.b32 t, $1, 0x00300030, 0x64006400, 0xea; fma.rn.f16x2 $0, t, k, b; }",
+        )
+    elif BITS == 2 and F == 3:
+        return _pack2(
+            x,
+            "{ .reg .b32 t, k, b; mov.b32 k, 0x24002400; mov.b32 b, 0xcc00cc00; "
+            "lop3.b32 t, $1, 0x00c000c0, 0x64006400, 0xea; fma.rn.f16x2 $0, t, k, b; }",
+        )
+    elif BITS == 4 and F == 0:
+        return _pack2(
+            x,
+            "{ .reg .b32 t, k; mov.b32 k, 0x64006400; "
+            "lop3.b32 t, $1, 0x000f000f, 0x64006400, 0xea; sub.f16x2 $0, t, k; }",
+        )
+    elif BITS == 4 and F == 1:
+        return _pack2(
+            x,
+            "{ .reg .b32 t, k, b; mov.b32 k, 0x2c002c00; mov.b32 b, 0xd400d400; "
+            "lop3.b32 t, $1, 0x00f000f0, 0x64006400, 0xea; fma.rn.f16x2 $0, t, k, b; }",
+        )
+    elif BITS == 8 and F == 0:
+        return _pack2(
+            x,
+            "{ .reg .b32 t, k; mov.b32 k, 0x64006400; "
+            "lop3.b32 t, $1, 0x00ff00ff, 0x64006400, 0xea; sub.f16x2 $0, t, k; }",
+        )
+
+
+@triton.jit
+def _pack2(x, asm: tl.constexpr):
+    return tl.inline_asm_elementwise(asm, "=r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
+
+
+@triton.jit
+def _field(x, BITS: tl.constexpr, F: tl.constexpr, ASM: tl.constexpr):
+    """Field ``F`` (bits ``F * BITS ..``) of int16 elements ``x`` as an exact fp16 tile."""
+    if ASM:
+        if BITS * F >= 8:
+            # The high byte's fields from one shift per register, shared by those fields
+            # (identical pure ops are merged).
+            hi = tl.inline_asm_elementwise(
+                "shr.b32 $0, $1, 8;", "=r,r", [x], dtype=tl.int16, is_pure=True, pack=2
+            )
+            out = _field_asm(hi, BITS, F - 8 // BITS)
+        else:
+            out = _field_asm(x, BITS, F)
+    else:
+        c = (x >> (BITS * F)) & ((1 << BITS) - 1)
+        out = (c | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    return out
+
+
+@triton.jit
+def _tier_fields(
+    Q,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    qscale,
+    QPOS,
+    qpos0,
+    FV,
+    KFIX,
+    POS,
+    KD,
+    KS,
+    KO,
+    SEG,
+    VD,
+    VS,
+    VO,
+    VF,
+    LG,
+    PM,
+    PL,
+    PACC,
+    s,
+    split,
+    out_split,
+    cap,
+    n_pages,
+    pages_per_split,
+    n_split,
+    nseg,
+    kv_heads,
+    ROWS: tl.constexpr,
+    RP: tl.constexpr,
+    TQ: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    QPOS_RANGE: tl.constexpr,
+    K_MODE: tl.constexpr,
+    K_BITS: tl.constexpr,
+    K_GS: tl.constexpr,
+    K_FIX: tl.constexpr,
+    V_BITS: tl.constexpr,
+    V_GS: tl.constexpr,
+    V_SEP: tl.constexpr,
+    TRACK: tl.constexpr,
+    NPART: tl.constexpr,
+    STAGES: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """``_tier_stacked`` for packed tiers read as int16 elements: field ``f`` of element ``i``
+    is channel ``i * F + f`` (``F = 16 / bits``), and each field is its own dot over the
+    elements (``K`` split for the keys, ``N`` for the values: as many mma as one dot over all
+    channels). Between the load and each dot there is one elementwise operation
+    (``_field``), so the compiler loads the packed elements from shared memory straight into
+    the mma operand's registers and unpacks them there: no unpacked tile goes through shared
+    memory. The query side (a few values per thread) is recomputed per field and page."""
+    s64 = s.to(tl.int64)
+    cap64 = cap.to(tl.int64)
+    rows = tl.arange(0, RP)
+    row_ok = rows < ROWS
+    KF: tl.constexpr = 16 // K_BITS  # fields per element
+    KNE: tl.constexpr = D // KF  # elements per row
+    VFN: tl.constexpr = 16 // V_BITS
+    VNE: tl.constexpr = D // VFN
+    ke = tl.arange(0, KNE)
+    ve = tl.arange(0, VNE)
+    b = s // kv_heads
+    h = s % kv_heads
+    G: tl.constexpr = ROWS // TQ
+    head = h * G + rows // TQ
+    qi = rows % TQ
+    qoff = b.to(tl.int64) * sqb + head.to(tl.int64) * sqh + qi.to(tl.int64) * sqt
+    qrow = Q + qoff[:, None]
+    if QPOS_RANGE:
+        qpos = tl.where(row_ok, qpos0 + qi, -1)
+    else:
+        qpos = tl.load(QPOS + qi, mask=row_ok, other=-1)
+    fv = tl.load(FV + b)
+
+    m_i = tl.full([RP], float("-inf"), tl.float32)
+    l_i = tl.full([RP], 0.0, tl.float32)
+    VG: tl.constexpr = D // V_GS
+    vg = tl.arange(0, VG)
+    NPV: tl.constexpr = NPART if NPART * VG * RP >= 16 else 16 // (VG * RP)
+    MS: tl.constexpr = NPV * VG * RP  # rows of the values' stacked operand
+    # One accumulator per value field, kept as the dots' stacked rows (part, group, row):
+    # the parts and groups are summed once, after the loop.
+    acc0 = tl.full([MS, VNE], 0.0, tl.float32)
+    acc1 = tl.full([MS, VNE], 0.0, tl.float32)
+    if VFN > 2:
+        acc2 = tl.full([MS, VNE], 0.0, tl.float32)
+        acc3 = tl.full([MS, VNE], 0.0, tl.float32)
+    if VFN > 4:
+        acc4 = tl.full([MS, VNE], 0.0, tl.float32)
+        acc5 = tl.full([MS, VNE], 0.0, tl.float32)
+        acc6 = tl.full([MS, VNE], 0.0, tl.float32)
+        acc7 = tl.full([MS, VNE], 0.0, tl.float32)
+    if K_MODE == TOKEN:
+        KG: tl.constexpr = D // K_GS
+        kg = tl.arange(0, KG)
+        NPK: tl.constexpr = NPART if NPART * KG * RP >= 16 else 16 // (KG * RP)
+    NPC: tl.constexpr = NPART if NPART * RP >= 16 else 16 // RP
+
+    p_lo = split * pages_per_split
+    p_hi = tl.minimum(p_lo + pages_per_split, n_pages)
+    for page in tl.range(p_lo, p_hi, num_stages=STAGES):
+        t = page * BLOCK_N + tl.arange(0, BLOCK_N)
+        row = s64 * cap64 + t.to(tl.int64)
+        pos = tl.load(POS + row)
+        kp = tl.load(KD + row[:, None] * KNE + ke[None, :])  # int16 [N, KNE]
+        # ---- keys: logits [RP, BLOCK_N] (base 2, scaled). First pass over the fields: the
+        # rows' common power-of-two scale (so that every field's dot accumulates into one
+        # result) and the offsets' part; second pass: the dots.
+        if K_MODE == CHANNEL:
+            seg = tl.load(SEG + s64 * (cap64 // BLOCK_N) + page).to(tl.int64)
+            sb = (s64 * nseg + seg) * D
+            # The segment's parameters are loaded per query row (L1 hits) so that they come
+            # in the queries' layout; maxima and offset products are reduced once.
+            amax = tl.full([RP, KNE], 0.0, tl.float32)
+            qo = tl.full([RP, KNE], 0.0, tl.float32)
+            for f in tl.static_range(KF):
+                ch = rows[:, None] * 0 + (ke * KF + f)[None, :]
+                q = _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D, K_FIX)
+                amax = tl.maximum(amax, tl.abs(q * tl.load(KS + sb + ch).to(tl.float32)))
+                qo += q * tl.load(KO + sb + ch).to(tl.float32)
+            ar, ainv = _row_scale(_max(amax, 1))
+            y = tl.full([NPC * RP, BLOCK_N], 0.0, tl.float32)
+            for f in tl.static_range(KF):
+                ch = rows[:, None] * 0 + (ke * KF + f)[None, :]
+                q = _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D, K_FIX)
+                a = _stack_scaled(q * tl.load(KS + sb + ch).to(tl.float32), ar, RP, KNE, NPC, NPART)
+                y = tl.dot(a, tl.trans(_field(kp, K_BITS, f, ASM)), y)
+            logits = _unstack(y, RP, BLOCK_N, NPC) * ainv[:, None] + _sum(qo, 1)[:, None]
+        else:
+            # Queries masked to each channel group, stacked as rows [KG * RP, KNE].
+            amax = tl.full([KG * RP], 0.0, tl.float32)
+            qg_sum = tl.full([KG * RP], 0.0, tl.float32)
+            for f in tl.static_range(KF):
+                ch = ke * KF + f
+                q = _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D, K_FIX)
+                qg = tl.where((ch // K_GS)[None, None, :] == kg[:, None, None], q[None, :, :], 0.0)
+                qg = tl.reshape(qg, (KG * RP, KNE))
+                amax = tl.maximum(amax, _max(tl.abs(qg), 1))
+                qg_sum += _sum(qg, 1)
+            qr, qinv = _row_scale(amax)
+            y = tl.full([NPK * KG * RP, BLOCK_N], 0.0, tl.float32)
+            for f in tl.static_range(KF):
+                ch = ke * KF + f
+                q = _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D, K_FIX)
+                qg = tl.where((ch // K_GS)[None, None, :] == kg[:, None, None], q[None, :, :], 0.0)
+                a = _stack_scaled(tl.reshape(qg, (KG * RP, KNE)), qr, KG * RP, KNE, NPK, NPART)
+                y = tl.dot(a, tl.trans(_field(kp, K_BITS, f, ASM)), y)
+            dots = tl.reshape(_unstack(y, KG * RP, BLOCK_N, NPK) * qinv[:, None], (KG, RP, BLOCK_N))
+            sc = tl.load(KS + row[None, :] * KG + kg[:, None]).to(tl.float32)  # [KG, N]
+            of = tl.load(KO + row[None, :] * KG + kg[:, None]).to(tl.float32)
+            qg_sum3 = tl.reshape(qg_sum, (KG, RP))
+            logits = _sum(dots * sc[:, None, :] + qg_sum3[:, :, None] * of[:, None, :], 0)
+        visible = (pos[None, :] >= fv) & (pos[None, :] <= qpos[:, None]) & row_ok[:, None]
+        logits = tl.where(visible, logits, float("-inf"))
+        if TRACK:
+            tl.store(
+                LG + (s64 * ROWS + rows[:, None]) * cap64 + t[None, :].to(tl.int64),
+                logits,
+                mask=row_ok[:, None],
+            )
+        m_new = tl.maximum(m_i, _max(logits, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(logits - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + _sum(p, 1)
+        m_i = m_new
+        # ---- values: one dot per field, the same stacked probabilities for each
+        vp = tl.load(VD + row[:, None] * VNE + ve[None, :])  # int16 [N, VNE]
+        sc = tl.load(VS + row[None, :] * VG + vg[:, None]).to(tl.float32)  # [VG, N]
+        of = tl.load(VO + row[None, :] * VG + vg[:, None]).to(tl.float32)
+        ps = tl.reshape(p[None, :, :] * sc[:, None, :], (VG * RP, BLOCK_N))
+        a, ainv = _stack_f16(ps, VG * RP, BLOCK_N, NPV, NPART)
+        po = tl.reshape(_sum(p[None, :, :] * of[:, None, :], 2), (VG * RP,))
+        # Per stacked row: the inverse scale, the offsets' part (on the first part's rows)
+        # and the softmax rescaling.
+        part = tl.arange(0, NPV)[:, None]
+        ainv_s = tl.reshape(tl.broadcast_to(ainv[None, :], (NPV, VG * RP)), (MS,))
+        po_s = tl.reshape(tl.where(part == 0, po[None, :], 0.0), (MS,))
+        alpha_s = tl.reshape(tl.broadcast_to(alpha[None, None, :], (NPV, VG, RP)), (MS,))
+        vfb = 0
+        if V_SEP:
+            vseg = tl.load(SEG + s64 * (cap64 // BLOCK_N) + page).to(tl.int64)
+            vfb = (s64 * nseg + vseg) * D
+        acc0 = _vfield(acc0, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 0, V_BITS, VFN, V_SEP, ASM)
+        acc1 = _vfield(acc1, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 1, V_BITS, VFN, V_SEP, ASM)
+        if VFN > 2:
+            acc2 = _vfield(
+                acc2, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 2, V_BITS, VFN, V_SEP, ASM
+            )
+            acc3 = _vfield(
+                acc3, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 3, V_BITS, VFN, V_SEP, ASM
+            )
+        if VFN > 4:
+            acc4 = _vfield(
+                acc4, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 4, V_BITS, VFN, V_SEP, ASM
+            )
+            acc5 = _vfield(
+                acc5, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 5, V_BITS, VFN, V_SEP, ASM
+            )
+            acc6 = _vfield(
+                acc6, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 6, V_BITS, VFN, V_SEP, ASM
+            )
+            acc7 = _vfield(
+                acc7, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 7, V_BITS, VFN, V_SEP, ASM
+            )
+
+    out = (s64 * n_split + out_split) * ROWS + rows
+    tl.store(PM + out, m_i, mask=row_ok)
+    tl.store(PL + out, l_i, mask=row_ok)
+    ob = PACC + out[:, None] * D
+    _vstore(ob, acc0, 0, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
+    _vstore(ob, acc1, 1, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
+    if VFN > 2:
+        _vstore(ob, acc2, 2, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
+        _vstore(ob, acc3, 3, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
+    if VFN > 4:
+        _vstore(ob, acc4, 4, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
+        _vstore(ob, acc5, 5, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
+        _vstore(ob, acc6, 6, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
+        _vstore(ob, acc7, 7, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
+
+
+@triton.jit
+def _vfield(acc, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, F: tl.constexpr, BITS: tl.constexpr,
+            VFN: tl.constexpr, V_SEP: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    """One page's step of value field ``F``'s stacked accumulator: elementwise in the dot's
+    own layout (no reduction or layout conversion per page)."""
+    y = tl.dot(a, _field(vp, BITS, F, ASM)) * ainv_s[:, None] + po_s[:, None]
+    if V_SEP:
+        y = y * tl.load(VF + vfb + ve * VFN + F).to(tl.float32)[None, :]
+    return acc * alpha_s[:, None] + y
+
+
+@triton.jit
+def _vstore(ob, acc, F: tl.constexpr, ve, row_ok, RP: tl.constexpr, VG: tl.constexpr,
+            V_GS: tl.constexpr, VNE: tl.constexpr, NPV: tl.constexpr,
+            VFN: tl.constexpr):  # fmt: skip
+    """Value field ``F``'s stacked accumulator summed over its parts and each channel's own
+    group, stored at channels ``i * VFN + F``."""
+    ch = ve * VFN + F
+    x = _sum(tl.reshape(acc, (NPV, VG * RP, VNE)), 0)
+    if VG > 1:
+        vsel = (ch // V_GS)[None, None, :] == tl.arange(0, VG)[:, None, None]
+        x = _sum(tl.where(vsel, tl.reshape(x, (VG, RP, VNE)), 0.0), 0)
+    tl.store(ob + ch[None, :], x, mask=row_ok[:, None])
+
+
+@triton.jit
+def _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D: tl.constexpr, K_FIX: tl.constexpr):
+    """The queries ``[RP, K]`` at channels ``ch`` (``[RP, K]``, or ``[K]`` for every row),
+    scaled (and by the fixed key factor)."""
+    if len(ch.shape) == 1:
+        ch = ch[None, :]
+    q = tl.load(qrow + ch.to(tl.int64) * sqd, mask=row_ok[:, None], other=0.0)
+    q = q.to(tl.float32) * qscale
+    if K_FIX:
+        q = q * tl.load(KFIX + s64 * D + ch).to(tl.float32)
+    return q
+
+
+@triton.jit
 def _split16(x):
     """fp32 ``x [R, K]`` as fp16 ``hi`` and ``lo`` parts of its rows scaled by powers of two
     (no overflow, nothing lost to fp16's range), and the inverse scales ``[R]``."""
@@ -659,8 +1036,22 @@ def _tier(
     BCAST: tl.constexpr,
     STAGES: tl.constexpr,
     FLAT: tl.constexpr,
+    FIELDS: tl.constexpr,
 ):
-    if FLAT:
+    # The field path (FIELDS 1: plain unpacking, 2: inline PTX) takes packed tiers of 2, 4 or
+    # 8 bits whose rows give each field's dot at least 16 elements (tl.dot's smallest size);
+    # ``_fields_tier`` is the same rule on the host.
+    F16_K: tl.constexpr = K_MODE != DENSE and K_BITS != 1 and K_BITS != 3 and K_BITS * D >= 256
+    F16_V: tl.constexpr = V_MODE == TOKEN and V_BITS != 1 and V_BITS != 3 and V_BITS * D >= 256
+    if FIELDS and F16_K and F16_V:
+        _tier_fields(
+            Q, sqb, sqh, sqt, sqd, qscale, QPOS, qpos0, FV, KFIX,
+            POS, KD, KS, KO, SEG, VD, VS, VO, VF, LG, PM, PL, PACC,
+            s, split, out_split, cap, n_pages, pages_per_split, n_split, nseg, kv_heads,
+            ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
+            K_MODE, K_BITS, K_GS, K_FIX, V_BITS, V_GS, V_SEP, TRACK, NPART, STAGES, FIELDS == 2,
+        )  # fmt: skip
+    elif FLAT:
         _tier_flat(
             Q,
             sqb,
@@ -808,6 +1199,7 @@ def _attend_kernel(
     BCAST: tl.constexpr,
     STAGES: tl.constexpr,
     FLAT: tl.constexpr,
+    FIELDS: tl.constexpr,
     ON0: tl.constexpr,  # whether each tier has pages (an empty tier's code is left out)
     ON1: tl.constexpr,
     ON2: tl.constexpr,
@@ -833,7 +1225,7 @@ def _attend_kernel(
                 s, sp, sp, cap0, pages0, pages_per_split, n_split, nseg0, kv_heads,
                 ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
                 KM0, KB0, KG0, KW0, KX0, VM0, VB0, VG0, VW0, VX0, TR0, NPART, MAGIC,
-                BCAST, STAGES, FLAT,
+                BCAST, STAGES, FLAT, FIELDS,
             )  # fmt: skip
     elif sp < ns0 + ns1:
         if ON1:
@@ -843,7 +1235,7 @@ def _attend_kernel(
                 s, sp - ns0, sp, cap1, pages1, pages_per_split, n_split, nseg1, kv_heads,
                 ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
                 KM1, KB1, KG1, KW1, KX1, VM1, VB1, VG1, VW1, VX1, TR1, NPART, MAGIC,
-                BCAST, STAGES, FLAT,
+                BCAST, STAGES, FLAT, FIELDS,
             )  # fmt: skip
     else:
         if ON2:
@@ -853,7 +1245,7 @@ def _attend_kernel(
                 s, sp - ns0 - ns1, sp, cap2, pages2, pages_per_split, n_split, nseg2, kv_heads,
                 ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
                 KM2, KB2, KG2, KW2, KX2, VM2, VB2, VG2, VW2, VX2, TR2, NPART, MAGIC,
-                BCAST, STAGES, FLAT,
+                BCAST, STAGES, FLAT, FIELDS,
             )  # fmt: skip
 
 
@@ -1023,6 +1415,15 @@ def _word_view(data, mode: int, bits: int, d: int):
     return data, 1
 
 
+def _fields_tier(t, d: int) -> bool:
+    """Whether ``_tier`` sends tier ``t`` down the field path (``F16_K and F16_V``)."""
+
+    def ok(bits: int) -> bool:
+        return bits in (2, 4, 8) and bits * d >= 256
+
+    return t.k_mode != 0 and t.v_mode == 2 and ok(t.k_bits) and ok(t.v_bits)
+
+
 # Partials of the splits, merged row statistics and the tracked tiers' logits, reused between
 # calls: [capacity] fp32 per device and stream (consumed by the merge and received launches
 # before the next call on the same CUDA stream can write them).
@@ -1058,7 +1459,9 @@ def _launch(fn, grid, args, consts, num_warps, num_stages, fast, stream=None):
     the same key go straight to the compiled kernel, skipping Triton's per-call binding,
     cache-key and option formatting, which cost more host time than a decode step's GPU time.
     The key holds what Triton specializes on: the constexprs, each tensor's dtype and 16-byte
-    alignment, and whether each integer argument is 1 or a multiple of 16. ``stream``: the
+    alignment, and whether each integer argument is 1, a multiple of 16, and fits in 32 bits.
+    Every positional argument comes before the constexprs (given by name) in the kernels
+    launched this way. ``stream``: the
     current CUDA stream's handle (looked up when not given)."""
     if not fast:
         fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
@@ -1069,7 +1472,7 @@ def _launch(fn, grid, args, consts, num_warps, num_stages, fast, stream=None):
     sig = tuple(
         (a.dtype, a.data_ptr() & 15 == 0)
         if isinstance(a, tensor)
-        else (a == 1, a & 15 == 0)
+        else (a == 1, a & 15 == 0, -0x80000000 <= a <= 0x7FFFFFFF)
         if type(a) is int
         else None
         for a in args
@@ -1105,10 +1508,12 @@ def attend_tiers(
     bcast=True,
     join=False,
     flat=False,
+    fields=None,
+    asm=None,
     fast_launch=True,
-    target_programs=1056,
+    target_programs=None,
     block_n=64,
-    num_warps=4,
+    num_warps=None,
     num_stages=2,
 ):
     """Attention of ``q`` ``[B, Hq, Tq, D]`` (any float dtype and strides) over ``tiers`` (up
@@ -1134,9 +1539,22 @@ def attend_tiers(
     compiled on an H200 but not timed, so off by default). ``fast_launch`` (on by default;
     compiled kernels only): kernels already compiled for the same specialization are
     launched directly (see ``_launch``), which the CUDA tests check against Triton's own
-    launch.
+    launch. ``fields=True`` (default: the environment variable ``KVMIX_TRITON_FIELDS=1``):
+    packed tiers of 2, 4 and 8 bits read as int16 elements with one dot per bit field, the
+    codes unpacked in the mma operand registers (``_tier_fields``, ``notes/triton-kernel.md``);
+    ``asm`` (default: on CUDA tensors) unpacks them by inline PTX, else by integer ops (the
+    interpreter's way). Not timed on a GPU yet, so off by default. ``num_warps`` defaults to
+    4, or 1 with ``fields`` (compiled offline, 1 warp issues the fewest instructions per code
+    and replicates no small dot across warps); ``target_programs`` to 1056 x 4 / num_warps.
     """
     import torch
+
+    if fields is None:
+        fields = os.environ.get("KVMIX_TRITON_FIELDS") == "1"
+    if num_warps is None:
+        num_warps = 1 if fields else 4
+    if target_programs is None:
+        target_programs = 1056 * 4 // num_warps
 
     if len(tiers) > 3:
         raise ValueError(f"attend_tiers takes at most 3 tiers, got {len(tiers)}")
@@ -1147,6 +1565,12 @@ def attend_tiers(
     rp = _next_pow2(rows)
     dev = q.device
     fast = fast_launch and dev.type == "cuda"
+    if asm is None:
+        # Inline PTX needs a compiled kernel on an NVIDIA GPU (the interpreter, which
+        # ``engines.base._load`` names ``*_interp``, runs the plain unpacking).
+        # ROCm builds of torch also call their devices "cuda"; PTX is NVIDIA's.
+        nvidia = dev.type == "cuda" and torch.version.hip is None
+        asm = nvidia and not __name__.endswith("_interp")
     stream = torch.cuda.current_stream(dev).cuda_stream if fast else None
     pages = [t.fill_pages(block_n) for t in tiers]
     pps = plan_splits(pages, streams, target_programs)
@@ -1189,12 +1613,16 @@ def attend_tiers(
             )  # fmt: skip
             continue
         t = tiers[i]
-        words = t.words
-        if words is None:
-            kd, kw = _word_view(t.kd, t.k_mode, t.k_bits, d)
-            vd, vw = _word_view(t.vd, t.v_mode, t.v_bits, d)
+        if fields and _fields_tier(t, d):
+            # The field path (``_tier_fields``) reads int16 elements.
+            kd, kw, vd, vw = t.kd.view(torch.int16), 2, t.vd.view(torch.int16), 2
         else:
-            kd, kw, vd, vw = words
+            words = t.words
+            if words is None:
+                kd, kw = _word_view(t.kd, t.k_mode, t.k_bits, d)
+                vd, vw = _word_view(t.vd, t.v_mode, t.v_bits, d)
+            else:
+                kd, kw, vd, vw = words
         do_track = bool(track and track[i])
         lg = pm
         if do_track:
@@ -1224,6 +1652,7 @@ def attend_tiers(
             BCAST=2 if join else int(bcast),
             STAGES=num_stages,
             FLAT=flat,
+            FIELDS=(2 if asm else 1) if fields else 0,
             ON0=len(splits) > 0 and splits[0] > 0,
             ON1=len(splits) > 1 and splits[1] > 0,
             ON2=len(splits) > 2 and splits[2] > 0,

@@ -240,9 +240,7 @@ def _plot_suites(
     ax.set_xlabel("prompt length, tokens")
     ax.set_ylabel("passkey suite, overall accuracy (higher is better)")
     most = max(r["total"] for run in per_run.values() for r in run.values())
-    ax.set_title(
-        f"passkey suite: haystacks x phrasings x depths ({most} prompts per length)", fontsize=9
-    )
+    ax.set_title(f"passkey suite, overall ({most} prompts per length)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
 

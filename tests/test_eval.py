@@ -240,6 +240,10 @@ def test_suite_overall_and_the_suite_panel(tmp_path):
     assert list(lines["full"].get_ydata()) == [1.0, 0.0]
     assert lines["a"].get_label() == "a (3.00–3.10x smaller)"
     assert lines["full"].get_label() == "full (2.00x larger)"
+    # At 4k every method has 1 prompt (none partial); at 2k "full" has 1 against "a"'s 3, so
+    # only that point is annotated with its count.
+    notes = [t.get_text() for t in panel.texts]
+    assert notes == ["full: 1/1 prompts"]
 
 
 @pytest.mark.slow

@@ -89,10 +89,11 @@ _FAMILY_STYLE = {
     "zipcache-ablation": ("tab:olive", "x"),
     "zipcache-keys": ("tab:purple", "P"),
     "kvmix": ("tab:orange", "h"),
+    "kvmix-ablation": ("goldenrod", "p"),
 }
 
 # Families drawn as separate points rather than a budget sweep joined by a line.
-_UNJOINED = ("full", "zipcache-ablation", "zipcache-keys", "kvmix")
+_UNJOINED = ("full", "zipcache-ablation", "zipcache-keys", "kvmix", "kvmix-ablation")
 
 
 def load_suites(folder: str | Path) -> dict[str, list[dict[str, Any]]]:
@@ -192,8 +193,22 @@ def _point_label(s: dict[str, Any], key: str, most: int) -> str:
 def _plot_suites(
     ax: Any, results: dict[str, Any], suites: Mapping[str, list[dict[str, Any]]]
 ) -> None:
-    """Overall suite accuracy per method against prompt length (one line per method)."""
+    """Overall suite accuracy per method against prompt length (one line per method). A point
+    from fewer prompts than its run's most (a method stopped early) is annotated with its
+    count, so a partial score is not read as the whole suite's."""
     per_run = {name: suite_overall(records) for name, records in suites.items() if records}
+    for run in per_run.values():
+        most = max(r["total"] for r in run.values())
+        for m, r in run.items():
+            if r["total"] < most:
+                ax.annotate(
+                    f"{m}: {r['correct']}/{r['total']} prompts",
+                    (r["length"], r["accuracy"]),
+                    fontsize=6,
+                    xytext=(-4, 4),
+                    textcoords="offset points",
+                    ha="right",
+                )
     methods = list(dict.fromkeys(m for run in per_run.values() for m in run))
     families = {name: info.get("family") for name, info in results.get("methods", {}).items()}
     lengths: set[float] = set()
@@ -224,11 +239,8 @@ def _plot_suites(
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("prompt length, tokens")
     ax.set_ylabel("passkey suite, overall accuracy (higher is better)")
-    totals = sorted({run[m]["total"] for run in per_run.values() for m in run})
-    ax.set_title(
-        f"passkey suite: haystacks x phrasings x depths ({'/'.join(map(str, totals))} prompts)",
-        fontsize=9,
-    )
+    most = max(r["total"] for run in per_run.values() for r in run.values())
+    ax.set_title(f"passkey suite, overall ({most} prompts per length)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
 

@@ -112,7 +112,7 @@ def row_lse_kernel(
     q = tl.load(qrow[:, None] + d[None, :], mask=im[:, None], other=0.0)
     kbase = K + b.to(tl.int64) * skb + (h // rep).to(tl.int64) * skh
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
     # Keys below the sequence's first valid position are invisible to every row; those past
     # the block's last row too.
     top = _max(r, 0)
@@ -170,7 +170,7 @@ def received_kernel(
     nr = tl.load(NROWS + b)
     kbase = K + b.to(tl.int64) * skb + g.to(tl.int64) * skh
     k = tl.load(kbase + j.to(tl.int64)[:, None] * skt + d[None, :], mask=jm[:, None], other=0.0)
-    acc = tl.zeros((BLOCK_N,), tl.float32)
+    acc = tl.full((BLOCK_N,), 0.0, tl.float32)
     # Rows before the block's first key see none of it: start at the first row at or after it.
     r0 = tl.load(RSTART + b.to(tl.int64) * n_blocks + kb)
     rows = ROWS + b.to(tl.int64) * n_max

@@ -180,25 +180,37 @@ def kernel_alone(args: argparse.Namespace, device: torch.device) -> list[str]:
             f"{1e3 * tt:9.2f} ms ({tt / tk:5.1f}x), max |diff| / max {err:.1e}"
         )
         print(lines[-1], flush=True)
-        if args.sweep and device.type == "cuda":
-            for bm, bn, w, s in [
-                (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 2),
-                (32, 64, 4, 3), (64, 32, 4, 4),
-            ]:  # fmt: skip
-                tiles = {"lse": (bm, bn, w, s), "received": (bm, bn, w, s)}
-                try:
-                    ts = timed(
-                        lambda r=rows, tl=tiles: scoring_mod.received_attention(
-                            q, k, r, fv, scale, blocks=tl
-                        ),
-                        device,
-                        3,
+        if args.sweep:
+            # One kernel's tile at a time, the other's at its default: the difference in the
+            # total is the swept kernel's.
+            default = dict(scoring_mod.GPU_BLOCKS)
+            for which in ("lse", "received"):
+                for tile in [
+                    (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 2),
+                    (32, 128, 4, 3), (32, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3),
+                ]:  # fmt: skip
+                    tiles = {**default, which: tile}
+                    try:
+                        out = scoring_mod.received_attention(q, k, rows, fv, scale, blocks=tiles)
+                        diff = float((out - want).abs().max() / want.abs().max())
+                        ts = timed(
+                            lambda r=rows, tl=tiles: scoring_mod.received_attention(
+                                q, k, r, fv, scale, blocks=tl
+                            ),
+                            device,
+                            3,
+                        )
+                        msg = f"{1e3 * ts:9.2f} ms, max |diff| / max {diff:.1e}"
+                    except Exception as e:  # report, and go on with the next tile
+                        msg = f"failed: {type(e).__name__}: {str(e)[:80]}"
+                    fitted = {
+                        key[0]: ran for key, ran in scoring_mod._FITTED.items() if key[3] == tile
+                    }
+                    lines.append(
+                        f"    {which:8s} tile (BM, BN, warps, stages) = {tile}: {msg}"
+                        + (f" (ran as {fitted[which]})" if fitted.get(which, tile) != tile else "")
                     )
-                    msg = f"{1e3 * ts:9.2f} ms"
-                except Exception as e:  # a tile that does not fit the GPU's shared memory
-                    msg = f"failed: {type(e).__name__}"
-                lines.append(f"    tiles BM={bm:3d} BN={bn:3d} warps={w} stages={s}: {msg}")
-                print(lines[-1], flush=True)
+                    print(lines[-1], flush=True)
     return lines
 
 

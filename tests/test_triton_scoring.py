@@ -74,6 +74,17 @@ def test_kernel_matches_the_torch_reference(
         assert float(got[bi, :, :f].abs().sum()) == 0.0  # padding receives nothing
 
 
+def test_the_gpu_tiles_give_the_same_sums() -> None:
+    """The GPU's default tiles (larger than the interpreter's 16 x 16, and different for the
+    two kernels) run under the interpreter too: the same sums, across tile edges."""
+    q, k = _qk(2, 8, 2, 200, 32, torch.float16, seed=7)
+    rows = [*range(0, 150, 3), *range(150, 200)]
+    fv = [0, 41]
+    want = A._probabilities(q, k, rows, fv, 0.2)
+    got = _received(q, k, rows, fv, 0.2, blocks=load_scoring("cpu").GPU_BLOCKS)
+    torch.testing.assert_close(got, want, **TOL)
+
+
 def test_rows_per_sequence_match_each_sequence_alone() -> None:
     """One launch with each sequence's own rows (as the prefill passes ZipCache's probes of
     sequences padded differently) gives each sequence what the reference gives it alone."""

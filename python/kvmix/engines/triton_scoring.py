@@ -76,7 +76,9 @@ def _logits(q, k, qk_scale, IEEE: tl.constexpr):
     return s * qk_scale
 
 
-@triton.jit
+# Sizes are not specialized on (Triton would compile a variant per pattern of "is 1" / "is a
+# multiple of 16" among them, i.e. again for a new prompt length); strides are.
+@triton.jit(do_not_specialize=["n_max", "hq", "rep"])
 def row_lse_kernel(
     Q,  # [B, Hq, T, D], read through its strides
     sqb,
@@ -132,7 +134,7 @@ def row_lse_kernel(
     tl.store(LSE + bh.to(tl.int64) * n_max + i, lse, mask=im)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_max", "t", "hk", "rep", "n_blocks"])
 def received_kernel(
     Q,
     sqb,

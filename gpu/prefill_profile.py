@@ -4,9 +4,10 @@ target: scoring + compression <= 10% of DynamicCache's prefill at 32k).
 
 1. End to end: Llama-3.1-8B's shape with random bf16 weights (``--layers`` of its 32 layers),
    ``--batch`` x ``--context`` random tokens, one forward pass into an empty cache (logits of
-   the last position only), synchronized, the median of ``--repeats`` after a warm-up. kvmix
-   caches run fused on the Triton engine, once per scoring path (``KVMIX_PREFILL_SCORING``:
-   ``triton``, ``torch``); one more prefill, with every phase timer synchronized, gives
+   the last position only), synchronized, the median of ``--repeats`` after a warm-up (the
+   torch path: ``--torch-repeats``, no warm-up of its own). kvmix caches run fused on the
+   Triton engine, once per scoring path (``KVMIX_PREFILL_SCORING``: ``triton``, ``torch``);
+   one more prefill, with every phase timer synchronized, gives
    ``cache.prefill_timings()``'s split (attention kvmix computes itself, scoring,
    compression) and the share of scoring + compression in DynamicCache's prefill.
 2. The kernels alone against the torch path on the model's head shapes: ZipCache's probe rows
@@ -14,7 +15,9 @@ target: scoring + compression <= 10% of DynamicCache's prefill at 32k).
    times other GPU tiles (``triton_scoring.GPU_BLOCKS``).
 
     python3 gpu/prefill_profile.py                      # one H200: B=8 x 32k, 8 layers
-    python3 gpu/prefill_profile.py --device cpu --tiny  # smoke test (Triton's interpreter)
+    python3 gpu/prefill_profile.py --skip-e2e --sweep   # the kernels' tiles
+    python3 gpu/prefill_profile.py --device cpu --tiny --batch 2 --context 40 --layers 2
+                                                        # smoke test (Triton's interpreter)
 """
 
 from __future__ import annotations
@@ -46,9 +49,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warm: bool = True) -> float:
     """Median seconds of ``fn()`` over ``repeats`` synchronized calls (after one warm-up)."""
-    fn()
+    if warm:
+        fn()
     times = []
     for _ in range(repeats):
         sync(device)
@@ -122,11 +126,16 @@ def end_to_end(args: argparse.Namespace, device: torch.device) -> list[dict[str,
         else:
             kvmix.enable_fused_attention(model)
         with scoring(path if path != "-" else "torch"):
-            try:  # timed() warms up with a prefill of the same shape (kernels compiled)
+            try:
+                # A warm-up prefill of the same shape compiles the kernels; the torch path
+                # runs after the Triton path of the same method (the store's kernels are
+                # compiled) and costs minutes at 32k for MiKV: no warm-up, --torch-repeats.
+                torch_path = path == "torch"
                 sec = timed(
                     lambda m=method: prefill_once(model, ids, make_cache(m, config, engine)),
                     device,
-                    args.repeats,
+                    args.torch_repeats if torch_path else args.repeats,
+                    warm=not torch_path or "triton" not in args.scoring,
                 )
                 phases: dict[str, float] = {}
                 if method != "full":
@@ -216,6 +225,7 @@ def main() -> int:
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--layers", type=int, default=8, help="of the 32 (prefill scales with it)")
     p.add_argument("--repeats", type=int, default=2, help="timed prefills per run (median)")
+    p.add_argument("--torch-repeats", type=int, default=1, help="the same, torch scoring")
     p.add_argument(
         "--methods", nargs="+", default=["full", *KVMIX_METHODS], choices=["full", *KVMIX_METHODS]
     )

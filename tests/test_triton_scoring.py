@@ -5,7 +5,9 @@ fp32 softmax of each block of rows) and ``_attention_and_column_sums``.
 The kernels take the same bf16/fp16 values as the reference (whose products are exact in
 fp32), so they differ only in the order of fp32 sums and in ``exp2`` against ``exp``: column
 sums within 1e-5 absolute and relative. Each sum of a row's probabilities is also checked
-against 1, an invariant the reference does not set."""
+against 1, an invariant the reference does not set. At the cache level, ZipCache (probes, a
+left-padded batch) and MiKV (every row, SDPA's output) on the Triton engine keep every token
+in the same tier with either scoring, on inputs checked to have no near-tie at a boundary."""
 
 from __future__ import annotations
 
@@ -232,6 +234,54 @@ def test_zipcache_tiers_on_the_triton_engine_are_the_torch_scorings(
         torch.testing.assert_close(cnt_k, cnt_t, rtol=0, atol=0)
         err = float(((acc_k - acc_t).abs() / acc_t.abs().clamp_min(1e-6)).max())
         gap = _boundary_gap(acc_t, cnt_t, [0, 9], ratio)
+        assert gap > 20 * err, (gap, err)
+
+
+def test_mikv_tiers_on_the_triton_engine_are_the_torch_scorings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MiKV on the Triton engine (an unpadded batch: the fused path's one-pass attention)
+    holds every token in the same tier with SDPA's output and the kernels' column sums as with
+    the explicit softmax; as above, every heavy-hitter boundary is checked to be 20 times the
+    scores' difference apart."""
+    from kvmix.engines.triton_store import TritonLayerStore
+
+    model = kvmix.enable_fused_attention(tiny_random_model("llama", num_hidden_layers=2))
+    ids = torch.randint(3, 128, (2, 90), generator=torch.Generator().manual_seed(8))
+    add_scores = TritonLayerStore.add_scores
+    one_pass = A._attention_and_column_sums
+    passes: list[str] = []
+    monkeypatch.setattr(
+        A, "_attention_and_column_sums", lambda *a: passes.append("one") or one_pass(*a)
+    )
+    held, scores = [], []
+    for scoring in ("torch", "triton"):
+        given: list[torch.Tensor] = []
+
+        def spy(self: Any, start: int, acc: torch.Tensor, count: torch.Tensor) -> None:
+            given.append(acc.clone())  # noqa: B023 (used in this iteration)
+            add_scores(self, start, acc, count)
+
+        monkeypatch.setattr(TritonLayerStore, "add_scores", spy)
+        monkeypatch.setenv(A.SCORING_KERNEL_ENV, scoring)
+        cache = kvmix.MiKVCache(model.config, engine="triton")
+        with torch.inference_mode():
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+        held.append(_held(cache))
+        scores.append(given)
+    assert passes == ["one"] * 4  # two layers, two scorings: the fused path's one pass
+    assert all(h["high"] and h["low"] for h in held[0])
+    assert held[1] == held[0]
+    opts = cache.layers[0].options
+    budget = int(np.floor(opts["ratio"] * 90 + 0.5))
+    recent = int(np.floor(opts["recent_share"] * budget + 0.5))
+    for acc_t, acc_k in zip(scores[0], scores[1], strict=True):
+        torch.testing.assert_close(acc_k, acc_t, **TOL)
+        err = float(((acc_k - acc_t).abs() / acc_t.abs().clamp_min(1e-6)).max())
+        # Per stream: the heavy hitters are the best `budget - recent` among the older tokens.
+        older = acc_t[..., : 90 - recent].reshape(-1, 90 - recent).sort(1, descending=True)
+        a, c = older.values[:, budget - recent - 1], older.values[:, budget - recent]
+        gap = float(((a - c) / a).min())
         assert gap > 20 * err, (gap, err)
 
 

@@ -229,6 +229,41 @@ def test_left_padding_is_quantized_as_by_the_rust_store(policy: str, config: Any
             np.testing.assert_array_equal(tt[tier].numpy(), rt[tier])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_whole_buffer_is_taken_without_sorting_as_it_was_appended(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ZipCache's classification takes every stream's whole buffer; when no stream has a hole
+    the rows come back as they were written (no sort, no gather): the prompt's keys and values
+    as the fp16 buffer rounds them (the prompt converted once, from any dtype), positions in
+    order, the scores added, and the buffer left empty. A buffer with holes takes the sorting
+    path (covered by the uniform and MiKV cases above)."""
+    g = torch.Generator().manual_seed(6)
+    k = torch.randn(2, 40, 3, 16, generator=g).to(dtype).transpose(1, 2)  # strided, as models
+    v = torch.randn(2, 40, 3, 16, generator=g).to(dtype).transpose(1, 2)
+    store = TritonLayerStore("zipcache", 3, 16, {"streaming_gap": 10}, "float16")
+    store.append(k, v)
+    acc, cnt = torch.rand(2, 3, 40, generator=g), torch.rand(2, 3, 40, generator=g)
+    store.add_scores(0, acc, cnt)
+
+    def no_sort(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a whole buffer without holes needs no sort")
+
+    monkeypatch.setattr(torch, "sort", no_sort)
+    got = store._take_buffer(list(store._buf_len))
+    monkeypatch.undo()
+    want = (
+        k.float().to(torch.float16).float().reshape(6, 40, 16),
+        v.float().to(torch.float16).float().reshape(6, 40, 16),
+        torch.arange(40, dtype=torch.int32).expand(6, 40),
+        acc.reshape(6, 40),
+        cnt.reshape(6, 40),
+    )
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert store._tiers["buffer"].fill == 0 and store._buf_len == [0, 0]
+
+
 def test_triton_store_gives_back_the_prompts_buffer_rows() -> None:
     """After the prompt moves from the buffer to the tiers, the buffer keeps room for the
     decoding steps until the next classification, not for the prompt; the tiers hold what

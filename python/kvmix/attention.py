@@ -35,7 +35,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvmix import _kvmix
-from kvmix.errors import ConfigError
+from kvmix.errors import ConfigError, NonFiniteError
 from kvmix.types import AttentionMode
 
 __all__ = [
@@ -235,6 +235,43 @@ def _block_probabilities(
     return probs, hi
 
 
+#: Environment variable: which prefill scoring runs. ``auto`` (the default): the Triton
+#: kernels of :mod:`kvmix.engines.triton_scoring` for CUDA tensors, the torch code below for
+#: the others; ``torch``: the torch code everywhere (the reference, and the "before" of
+#: ``gpu/prefill_profile.py``); ``triton``: the kernels everywhere (CPU tensors run them under
+#: Triton's interpreter, as the tests do).
+SCORING_KERNEL_ENV = "KVMIX_PREFILL_SCORING"
+_SCORING_CHOICES = ("auto", "torch", "triton")
+
+
+def _scoring_kernel(query: torch.Tensor) -> bool:
+    """Whether the prefill scoring of ``query``'s tensors runs the Triton kernels."""
+    value = os.environ.get(SCORING_KERNEL_ENV) or "auto"
+    if value not in _SCORING_CHOICES:
+        raise ConfigError(
+            f"`{SCORING_KERNEL_ENV}` must be one of {', '.join(_SCORING_CHOICES)}, got {value!r}"
+        )
+    if value == "auto":
+        return query.device.type == "cuda"
+    return value == "triton"
+
+
+def _received(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    rows: list[int] | list[list[int]],
+    first_valid: list[int],
+    scaling: float,
+) -> torch.Tensor:
+    """:func:`kvmix.engines.triton_scoring.received_attention` for ``query``'s device."""
+    from kvmix.engines import load_scoring
+
+    out: torch.Tensor = load_scoring(query.device).received_attention(
+        query, key, rows, first_valid, scaling
+    )
+    return out
+
+
 def _probabilities(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -245,6 +282,8 @@ def _probabilities(
     """Softmax attention of the prompt's query rows ``rows`` (ascending; row = position = key
     index) over ``key``, summed over the query rows and over the query heads of each kv-head's
     GQA group: ``(B, H_kv, T)``."""
+    if _scoring_kernel(query):
+        return _received(query, key, rows, first_valid, scaling)
     b, hk, t = query.shape[0], key.shape[1], key.shape[2]
     out = torch.zeros(b, hk, t, device=query.device)
 
@@ -268,11 +307,19 @@ def _attention_and_column_sums(
 
     H2O/MiKV accumulation needs every row's probabilities; computing them in a second pass after
     SDPA repeated the whole attention and doubled the prefill's attention time, while one pass
-    costs about what SDPA alone does.
+    costs about what SDPA alone does. With the device kernels (:func:`_scoring_kernel`) the
+    output is torch's SDPA and the column sums come from
+    :func:`kvmix.engines.triton_scoring.received_attention`, which keeps no probability.
     """
     b, hq, t, d = query.shape
     hk = key.shape[1]
     rep = hq // hk
+    if _scoring_kernel(query):
+        attn = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scaling, enable_gqa=rep > 1
+        )
+        acc = _received(query, key, list(range(t)), [0] * b, scaling)
+        return attn.transpose(1, 2).contiguous(), acc
     out = torch.empty(b, hk, rep, t, d, device=query.device)
     acc = torch.zeros(b, hk, t, device=query.device)
     values = value.float()
@@ -310,7 +357,9 @@ def _score_prefill(
     first_valid = _first_valid(attention_mask, b)
     store.set_first_valid(first_valid)
     layer.first_valid = first_valid
-    if store.needs_balancer:
+    if store.needs_balancer and layer.on_device:
+        store.set_key_balancer(_key_balancer(query, key, first_valid))
+    elif store.needs_balancer:
         if any(first_valid):
             # Each sequence's balancer from its own tokens: padding must not set its scale.
             parts = [
@@ -332,6 +381,9 @@ def _score_prefill(
     scored = False
     counts = np.zeros((b, 1, t), np.float32)
     given = acc
+    # The device kernels take each sequence's rows: one launch for the batch, no gather.
+    kernel = given is None and _scoring_kernel(query)
+    per_sequence: list[list[int]] = [[] for _ in range(b)]
     for fv, idx in groups.items():
         rows = _probe_rows(layer, t, fv)
         if not rows:
@@ -339,17 +391,25 @@ def _score_prefill(
         scored = True
         fvs = [fv] * len(idx)
         counts[idx] = _visible_counts(rows, t, fvs, mode)
-        if given is None:
+        for bi in idx:
+            per_sequence[bi] = rows
+        if given is None and not kernel:
             if len(groups) == 1:
                 acc = _probabilities(query, key, rows, fvs, scaling)
             else:
                 if acc is None:
                     acc = torch.zeros(b, key.shape[1], t, device=query.device)
                 acc[idx] = _probabilities(query[idx], key[idx], rows, fvs, scaling)
+    if scored and kernel:
+        acc = _received(query, key, per_sequence, first_valid, scaling)
     if scored and acc is not None:
         if layer.on_device:
-            # The Triton store takes torch tensors on its device.
-            dev_counts = torch.from_numpy(counts).to(acc.device).expand(acc.shape)
+            # The Triton store takes torch tensors on its device; the counts go up without
+            # waiting for the device (pinned memory, as the store's own host counts).
+            host = torch.from_numpy(counts)
+            if acc.device.type == "cuda":
+                host = host.pin_memory()
+            dev_counts = host.to(acc.device, non_blocking=True).expand(acc.shape)
             store.add_scores(0, acc, dev_counts.contiguous())
         else:
             store.add_scores(
@@ -360,6 +420,41 @@ def _score_prefill(
     layer.prefill_seconds["scoring"] += t1 - t0
     layer.prefill_seconds["compression"] += time.perf_counter() - t1
     layer.needs_prefill = False
+
+
+def _key_balancer(query: torch.Tensor, key: torch.Tensor, first_valid: list[int]) -> torch.Tensor:
+    """MiKV's key balancer ``sqrt(max|q_c| / max|k_c|)`` ``(B, H_kv, D)`` float32 on the
+    tensors' device, as ``_kvmix.key_balancer`` computes it on the host (the maxima over each
+    sequence's own tokens and its GQA group's query heads; a zero maximum gives 1).
+
+    On a GPU the host function would need the whole prompt's queries and keys copied to host
+    memory as fp32 (5 GB per layer at 32k tokens, batch 8): here two reductions per tensor
+    read them in place (``aminmax``, no ``abs`` temporary). Maxima are exact in any dtype, the
+    quotient is IEEE fp32 and the root is rounded once, so the result is the host function's."""
+    b, hq, _, d = query.shape
+    hk = key.shape[1]
+
+    def absmax(x: torch.Tensor) -> torch.Tensor:  # (B, H, T, D) -> (B, H, D) fp32
+        if any(first_valid):  # each sequence over its own tokens: views, one per sequence
+            parts = [absmax_of(x[bi : bi + 1, :, fv:]) for bi, fv in enumerate(first_valid)]
+            return torch.cat(parts, 0)
+        return absmax_of(x)
+
+    def absmax_of(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2] == 0:
+            return torch.zeros((x.shape[0], x.shape[1], d), device=x.device)
+        lo, hi = torch.aminmax(x, dim=2)
+        return torch.maximum(hi.float(), -lo.float())
+
+    qm = absmax(query).view(b, hk, hq // hk, d).amax(2)
+    km = absmax(key)
+    if not bool(torch.isfinite(qm).all() & torch.isfinite(km).all()):  # one read per prompt
+        raise NonFiniteError("input contains NaN or Inf; channel statistics are undefined")
+    ok = (qm > 0) & (km > 0)
+    # The square root in float64, rounded once to float32, is the correctly rounded fp32 root
+    # the host computes (torch's vectorized fp32 sqrt on the CPU can be an ulp off).
+    root = torch.sqrt((qm / torch.where(ok, km, 1.0)).double()).float()
+    return torch.where(ok, root, 1.0)
 
 
 def _visible_counts(rows: list[int], t: int, first_valid: list[int], mode: str) -> np.ndarray:

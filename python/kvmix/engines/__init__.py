@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from kvmix.engines.base import ConfigError, Store, load_attention, load_kernels
+from kvmix.engines.base import ConfigError, Store, load_attention, load_kernels, load_scoring
 from kvmix.types import BufferDtype, PolicyName
 
 #: The engines a cache can ask for (``engine=``).
@@ -18,6 +18,7 @@ __all__ = [
     "Store",
     "load_attention",
     "load_kernels",
+    "load_scoring",
     "make_store",
     "resolve_engine",
 ]

@@ -18,13 +18,16 @@ from types import ModuleType
 from typing import Any, Protocol, runtime_checkable
 
 try:
-    from kvmix.errors import ConfigError, KvmixError, NonFiniteError, ShapeError
+    from kvmix.errors import ConfigError, DTypeError, KvmixError, NonFiniteError, ShapeError
 except ImportError:  # the device engine loaded by path on a host without the compiled core
 
     class KvmixError(ValueError):  # type: ignore[no-redef]
         pass
 
     class ConfigError(KvmixError):  # type: ignore[no-redef]
+        pass
+
+    class DTypeError(KvmixError):  # type: ignore[no-redef]
         pass
 
     class NonFiniteError(KvmixError):  # type: ignore[no-redef]
@@ -36,12 +39,14 @@ except ImportError:  # the device engine loaded by path on a host without the co
 
 __all__ = [
     "ConfigError",
+    "DTypeError",
     "KvmixError",
     "NonFiniteError",
     "ShapeError",
     "Store",
     "load_attention",
     "load_kernels",
+    "load_scoring",
 ]
 
 
@@ -153,3 +158,8 @@ def load_kernels(device: Any) -> ModuleType:
 def load_attention(device: Any) -> ModuleType:
     """The decode attention kernels and launcher for ``device`` (interpreted on the CPU)."""
     return _load("triton_attention", _interpret(device))
+
+
+def load_scoring(device: Any) -> ModuleType:
+    """The prefill scoring kernels for tensors on ``device`` (interpreted on the CPU)."""
+    return _load("triton_scoring", _interpret(device))

@@ -272,10 +272,10 @@ class _Tier:
         count: torch.Tensor | None = None,
         blocks: int = 1,
     ) -> None:
-        """Append rows ``[S, n, D]`` (fp32) as ``blocks`` segments of ``n / blocks`` rows each
-        (one kernel launch per codec for all of them); rows with ``pos < 0`` are holes, and a
-        stream's real rows come first in each segment. In a segmented tier every segment
-        starts on a fresh page."""
+        """Append rows ``[S, n, D]`` (fp32; a dense tier takes any float dtype) as ``blocks``
+        segments of ``n / blocks`` rows each (one kernel launch per codec for all of them);
+        rows with ``pos < 0`` are holes, and a stream's real rows come first in each segment.
+        In a segmented tier every segment starts on a fresh page."""
         n = keys.shape[1]
         if n == 0:
             return
@@ -327,7 +327,7 @@ class _Tier:
         n = x.shape[1]
         data = self.kd if key else self.vd
         if c.kind == "dense":
-            data[:, row0 : row0 + n] = x.to(c.dtype)
+            data[:, row0 : row0 + n] = x  # converted to the tier's dtype by the copy
             return
         x = x.contiguous()
         if c.kind == "channel":
@@ -660,7 +660,9 @@ class TritonLayerStore:
             self._append_step(keys, values)
             return
         if self.policy != "full":
-            worst = torch.maximum(keys.abs().amax(), values.abs().amax()).float()
+            # Extremes by aminmax: no |x| temporary the size of the prompt.
+            worst = torch.stack([x.float() for x in (*keys.aminmax(), *values.aminmax())])
+            worst = worst.abs().max()
             if not torch.isfinite(worst) or worst > _F16_MAX:  # prefill: read back once
                 raise NonFiniteError(
                     "keys/values contain NaN/Inf or magnitudes beyond the fp16 range (65504)"
@@ -670,12 +672,10 @@ class TritonLayerStore:
         buf = self._tiers["buffer"]
         s = self._streams
         pos = torch.arange(self.seen, self.seen + n, dtype=torch.int32, device=keys.device)
-        buf.push(
-            self._kern(),
-            keys.reshape(s, n, d).float(),
-            values.reshape(s, n, d).float(),
-            pos.expand(s, n),
-        )
+        # The buffer is dense: its push converts to the buffer's dtype in one copy (no fp32
+        # copy of the prompt first; the values are the same, every dtype here widens exactly
+        # to fp32).
+        buf.push(self._kern(), keys.reshape(s, n, d), values.reshape(s, n, d), pos.expand(s, n))
         self.seen += n
         self._buf_len = [x + n for x in self._buf_len]
         self._since += 1
@@ -893,6 +893,21 @@ class TritonLayerStore:
         its end until then), so real rows are first sorted to the front."""
         buf, h, dev = self._tiers["buffer"], self.kv_heads, self.device
         f, w = buf.fill, max(take)
+        if take == self._buf_len and min(take) == f:
+            # Every stream gives all of its `f` rows, so it has no hole: its rows are already
+            # in position order, and sorting and gathering them (two more copies of the
+            # prompt, ~2 GB at 32k tokens, batch 8) would give them back unchanged.
+            out = (
+                buf.kd[:, :f].float(),
+                buf.vd[:, :f].float(),
+                buf.pos[:, :f].clone(),
+                buf.acc[:, :f].clone(),
+                buf.count[:, :f].clone(),
+            )
+            buf.pos[:, :f] = -1
+            buf.fill = 0
+            self._buf_len = [0] * self.batch
+            return out
         order = torch.sort((buf.pos[:, :f] < 0).int(), dim=1, stable=True).indices
         take_s = _device_ints(take, dev).repeat_interleave(h)[:, None]
 
@@ -1069,13 +1084,17 @@ class TritonLayerStore:
             buf.acc[:, :nb], buf.count[:, :nb],
         )  # fmt: skip
         if demote:
-            kh, vh = high.kd[:, :nh].float(), high.vd[:, :nh].float()
+
+            def joined(hi: torch.Tensor, bu: torch.Tensor) -> torch.Tensor:
+                # The prompt's classification has no high tier yet: no copy of the buffer.
+                return torch.cat([hi, bu], 1) if nh else bu
+
             self._split_push(
                 "low",
-                torch.cat([leaving, ~to_high & (p_buf >= 0)], 1),
-                torch.cat([kh, k_buf], 1),
-                torch.cat([vh, v_buf], 1),
-                torch.cat([high.pos[:, :nh], p_buf], 1),
+                joined(leaving, ~to_high & (p_buf >= 0)),
+                joined(high.kd[:, :nh].float(), k_buf),
+                joined(high.vd[:, :nh].float(), v_buf),
+                joined(high.pos[:, :nh], p_buf),
                 min(nh, leave_w) + nb,
             )
         high.pos[:, :nh] = torch.where(leaving, -1, high.pos[:, :nh])

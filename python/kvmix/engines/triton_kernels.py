@@ -72,6 +72,33 @@ def _cast_rtne(x, DT: tl.constexpr):
 
 
 @triton.jit
+def _butterfly(x, M: tl.constexpr, D: tl.constexpr):
+    """One stage of the fast Walsh-Hadamard transform of the rows of ``x [M, D]`` (the
+    attention module's ``_butterfly``; each kernel module is loaded on its own)."""
+    a, b = tl.split(tl.reshape(x, (M, D // 2, 2)))
+    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (M, D))
+
+
+@triton.jit
+def _hadamard(x, M: tl.constexpr, D: tl.constexpr):
+    """``x [M, D] @ H``, ``H`` the Sylvester Hadamard matrix (see the attention module's
+    ``_hadamard``)."""
+    for i in tl.static_range(16):
+        if (2 << i) <= D:
+            x = _butterfly(x, M, D)
+    return x
+
+
+@triton.jit
+def _rotate_row(x, ROT, j, D: tl.constexpr, DT: tl.constexpr):
+    """fp32 row ``x [D]`` times the randomized Hadamard matrix ``ROT = diag(ROT[:, 0]) H``
+    (``(x * ROT[:, 0]) @ H``), rounded to ``DT`` as the torch path rounds ``(x.float() @
+    R).to(dtype)``, returned in fp32."""
+    y = tl.reshape(_hadamard((x * tl.load(ROT + j * D))[None, :], 1, D), (D,))
+    return _cast_rtne(y, DT).to(tl.float32)
+
+
+@triton.jit
 def append_row_kernel(
     K,  # [B, H, 1, D] any float dtype, read through its strides
     V,
@@ -87,6 +114,7 @@ def append_row_kernel(
     ACC,  # fp32 [S, cap] scores (SCORED)
     CNT,
     BAD,  # int32 [1]: set to 1 if a value is NaN/Inf or beyond the fp16 range (CHECK)
+    ROT,  # fp32 [D, D] the store's randomized Hadamard rotation (ROTATE)
     row,
     cap,
     position,
@@ -94,16 +122,21 @@ def append_row_kernel(
     D: tl.constexpr,
     SCORED: tl.constexpr,
     CHECK: tl.constexpr,
+    ROTATE: tl.constexpr,
 ):
     """One decoding step's token of every stream into the dense buffer at ``row``: the rows
-    (converted as ``x.float().to(buffer dtype)``), the position, zero scores, and the
-    non-finite flag, in one launch instead of a dozen small torch ops."""
+    (converted as ``x.float().to(buffer dtype)``; with ``ROTATE``, first rotated as
+    ``(x.float() @ ROT).to(x.dtype)``), the position, zero scores, and the non-finite flag
+    (of the rows stored), in one launch instead of a dozen small torch ops."""
     s = tl.program_id(0)
     b = (s // kv_heads).to(tl.int64)
     h = (s % kv_heads).to(tl.int64)
     j = tl.arange(0, D).to(tl.int64)
     k = tl.load(K + b * skb + h * skh + j * skd).to(tl.float32)
     v = tl.load(V + b * svb + h * svh + j * svd).to(tl.float32)
+    if ROTATE:
+        k = _rotate_row(k, ROT, j, D, K.dtype.element_ty)
+        v = _rotate_row(v, ROT, j, D, V.dtype.element_ty)
     dst = s.to(tl.int64) * cap + row
     tl.store(KD + dst * D + j, _cast_rtne(k, KD.dtype.element_ty))
     tl.store(VD + dst * D + j, _cast_rtne(v, VD.dtype.element_ty))

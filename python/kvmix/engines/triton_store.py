@@ -558,6 +558,9 @@ class TritonLayerStore:
         }
         self.gap = layout["streaming_gap"]
         self.high_scored = bool(layout["high_scored"])
+        #: The randomized Hadamard rotation the rows are stored under (``set_rotation``); a
+        #: setting like the policy, so ``reset`` keeps it.
+        self.rotation: torch.Tensor | None = None
         self.reset()
 
     # -- state ------------------------------------------------------------------------------
@@ -659,6 +662,11 @@ class TritonLayerStore:
         if n == 1 and self.batch:
             self._append_step(keys, values)
             return
+        r = self.rotation
+        if r is not None:
+            # A prompt (or several tokens) at once: one matmul each, as the unfused path.
+            keys = (keys.float() @ r).to(keys.dtype)
+            values = (values.float() @ r).to(values.dtype)
         if self.policy != "full":
             worst = torch.maximum(keys.abs().amax(), values.abs().amax()).float()
             if not torch.isfinite(worst) or worst > _F16_MAX:  # prefill: read back once
@@ -709,6 +717,7 @@ class TritonLayerStore:
             buf.acc,
             buf.count,
             flag,
+            flag if self.rotation is None else self.rotation,
             row,
             buf.cap,
             self.seen,
@@ -716,6 +725,7 @@ class TritonLayerStore:
             D=self.head_dim,
             SCORED=buf.scored,
             CHECK=check,
+            ROTATE=self.rotation is not None,
         )
         if check and keys.device.type == "cpu":
             if bool(flag[0]):
@@ -769,6 +779,52 @@ class TritonLayerStore:
             if t.k.factor == "fixed":
                 t.kfix = self._kfix
 
+    def set_rotation(self, rotation: torch.Tensor) -> None:
+        """Store keys and values rotated by ``rotation`` (``R``, fp32 ``[D, D]``, on the
+        store's device, held by the caller, not counted here): ``append`` takes unrotated
+        rows and stores ``x @ R`` (rounded to the rows' dtype, as ``(x.float() @
+        R).to(x.dtype)``), ``attend`` takes unrotated queries and returns unrotated outputs,
+        both in the kernels (``q @ R`` in the attention launch, ``out @ R^T`` in its merge, a
+        decoding step's rows in the append), so a rotated store costs a decoding step no host
+        op. ``dense``/``dense_into`` return the stored, rotated rows.
+
+        ``R`` must be a randomized Hadamard matrix ``diag(c) H`` (``H`` the Sylvester
+        Hadamard matrix, ``c = R[:, 0]``; ``kvmix.cache.randomized_hadamard``): the kernels
+        apply it as signs and a fast Walsh-Hadamard transform.
+
+        Raises:
+            ConfigError: ``R`` is not of that form, or rows are already stored.
+        """
+        d = self.head_dim
+        if self.seen:
+            raise ConfigError("set the rotation before the first append: rows are stored")
+        if (
+            not isinstance(rotation, torch.Tensor)
+            or rotation.shape != (d, d)
+            or rotation.dtype != torch.float32
+            or not rotation.is_contiguous()
+        ):
+            raise ConfigError(
+                f"`rotation` must be a contiguous float32 [{d}, {d}] tensor, got "
+                f"{getattr(rotation, 'dtype', type(rotation))} "
+                f"{tuple(getattr(rotation, 'shape', ()))}"
+            )
+        # H[i, j] = (-1)^popcount(i & j): an independent definition of Sylvester's matrix.
+        i = torch.arange(d)
+        x = i[:, None] & i[None, :]
+        parity = torch.zeros_like(x)
+        for bit in range(d.bit_length()):
+            parity ^= (x >> bit) & 1
+        h = (1 - 2 * parity).float()
+        r = rotation.detach().cpu()
+        if not torch.equal(r, r[:, :1] * h):
+            raise ConfigError(
+                "`rotation` must be a randomized Hadamard matrix diag(c) H (e.g. "
+                "kvmix.cache.randomized_hadamard): the kernels apply it as a fast "
+                "Walsh-Hadamard transform"
+            )
+        self.rotation = rotation
+
     def add_scores(self, start: int, acc: torch.Tensor, count: torch.Tensor) -> None:
         s = self._streams
         acc = torch.as_tensor(acc, device=self.device).reshape(s, -1).float()
@@ -796,7 +852,8 @@ class TritonLayerStore:
         every tier: ``[B, Hq, Tq, D]`` fp32, or, with ``out`` (``[B, Tq, Hq, D]``, e.g. in the
         model's dtype: the layout transformers' attention functions return), written into
         ``out`` in its dtype and returned. ``track``: add the attention each tracked token
-        received to its score."""
+        received to its score. With a rotation (``set_rotation``), ``q`` and the output are
+        unrotated."""
         if (
             q.dim() != 4
             or q.shape[0] != self.batch
@@ -839,6 +896,7 @@ class TritonLayerStore:
             accumulate=add,
             out=out,
             out_layout="bthd",
+            rotation=self.rotation,
         )
         return out if out is not None else result
 

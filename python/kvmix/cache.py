@@ -455,10 +455,13 @@ class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped b
         """:meth:`dense` of the Triton store: its kernel dequantizes every tier into device
         buffers kept by the layer (grown by 1.5x), written in the model's dtype on a GPU (the
         kernel casts as it stores, so no second pass converts them) and in float32 under the
-        interpreter (numpy has no bfloat16). A rotated cache rotates back in float32."""
+        interpreter (numpy has no bfloat16). A rotated store rotates back as it dequantizes;
+        with the rotation around the store (the reference), the layer rotates back in
+        float32."""
         b, held = self.store.batch, self.store.seen
         dtype = self.dtype
-        if self.device.type == "cpu" or self.rotation is not None:
+        rotation = self.host_rotation
+        if self.device.type == "cpu" or rotation is not None:
             dtype = torch.float32
         dense = self._dense
         reuse = (
@@ -475,8 +478,8 @@ class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped b
             )
         n = self.store.dense_into(*dense)
         keys, values = dense[0][:, :, :n], dense[1][:, :, :n]
-        if self.rotation is not None:
-            keys, values = keys @ self.rotation.T, values @ self.rotation.T
+        if rotation is not None:
+            keys, values = keys @ rotation.T, values @ rotation.T
         if keys.dtype == self.dtype:  # the GPU's buffers are in the model's dtype: no op
             return keys, values
         return keys.to(self.dtype), values.to(self.dtype)

@@ -99,8 +99,9 @@ def _cast_rtne(x, DT: tl.constexpr):
         x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
     if DT == tl.float16:
         # What rounds past the largest fp16 is infinite, made explicit: the interpreter's
-        # numpy cast would warn about it.
-        x = tl.where(tl.abs(x) < 65520.0, x, x * float("inf"))
+        # numpy cast would warn about it (as it would about 0 * inf: no product here).
+        inf = tl.where(x > 0, float("inf"), float("-inf"))
+        x = tl.where((tl.abs(x) < 65520.0) | (x != x), x, inf)
     return x.to(DT)
 
 

@@ -66,8 +66,9 @@ def _cast_rtne(x, DT: tl.constexpr):
         x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
     if DT == tl.float16:
         # What rounds past the largest fp16 is infinite, made explicit: the interpreter's
-        # numpy cast would warn about it.
-        x = tl.where(tl.abs(x) < 65520.0, x, x * float("inf"))
+        # numpy cast would warn about it (as it would about 0 * inf: no product here).
+        inf = tl.where(x > 0, float("inf"), float("-inf"))
+        x = tl.where((tl.abs(x) < 65520.0) | (x != x), x, inf)
     return x.to(DT)
 
 
@@ -296,6 +297,7 @@ def dequantize_kernel(
     VF,
     OUTK,  # fp32 [S, T, D]: row `pos` of the stream receives the token at `pos`
     OUTV,
+    ROT,  # fp32 [D, D] the store's randomized Hadamard rotation (ROTATE)
     cap,
     nseg,
     T,
@@ -309,6 +311,7 @@ def dequantize_kernel(
     V_BITS: tl.constexpr,
     V_GS: tl.constexpr,
     V_SEP: tl.constexpr,
+    ROTATE: tl.constexpr,  # rows rotated back, x @ ROT^T = (x @ H) * ROT[:, 0]
 ):
     s = tl.program_id(0).to(tl.int64)
     page = tl.program_id(1)
@@ -322,10 +325,14 @@ def dequantize_kernel(
     k = _decode(KD, KS, KO, s, t, c, seg, cap64, nseg, D, K_MODE, K_BITS, K_GS)
     if K_FIX:
         k = k * tl.load(KFIX + s * D + c).to(tl.float32)[None, :]
+    if ROTATE:
+        k = _hadamard(k, BLOCK_N, D) * tl.load(ROT + c * D)[None, :]
     tl.store(OUTK + dst, k, mask=ok)
     v = _decode(VD, VS, VO, s, t, c, seg, cap64, nseg, D, V_MODE, V_BITS, V_GS)
     if V_SEP:
         v = v * tl.load(VF + (s * nseg + seg) * D + c).to(tl.float32)[None, :]
+    if ROTATE:
+        v = _hadamard(v, BLOCK_N, D) * tl.load(ROT + c * D)[None, :]
     tl.store(OUTV + dst, v, mask=ok)
 
 

@@ -428,9 +428,16 @@ class _Tier:
             words=self._words(),
         )
 
-    def decode_into(self, kern: Any, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
+    def decode_into(
+        self,
+        kern: Any,
+        out_k: torch.Tensor,
+        out_v: torch.Tensor,
+        rotation: torch.Tensor | None = None,
+    ) -> None:
         """Dequantize every row into ``out_k/out_v`` (contiguous ``[S, T, D]``, or
-        ``[B, H, T, D]``: the same memory) at its position."""
+        ``[B, H, T, D]``: the same memory) at its position; rows stored rotated by
+        ``rotation`` are rotated back."""
         pages = -(-self.fill // PAGE)
         if pages == 0:
             return
@@ -450,6 +457,7 @@ class _Tier:
             v.vf,
             out_k,
             out_v,
+            self._dummy if rotation is None else rotation,
             self.cap,
             self.seg_cap,
             out_k.shape[-2],
@@ -463,6 +471,7 @@ class _Tier:
             V_BITS=v.v_bits,
             V_GS=v.v_gs,
             V_SEP=v.v_sep,
+            ROTATE=rotation is not None,
         )
 
     def select(self, idx: torch.Tensor) -> None:
@@ -786,7 +795,8 @@ class TritonLayerStore:
         R).to(x.dtype)``), ``attend`` takes unrotated queries and returns unrotated outputs,
         both in the kernels (``q @ R`` in the attention launch, ``out @ R^T`` in its merge, a
         decoding step's rows in the append), so a rotated store costs a decoding step no host
-        op. ``dense``/``dense_into`` return the stored, rotated rows.
+        op. ``dense``/``dense_into`` rotate back as they dequantize: they return what
+        ``append`` took (in the portable path, written in the model's dtype).
 
         ``R`` must be a randomized Hadamard matrix ``diag(c) H`` (``H`` the Sylvester
         Hadamard matrix, ``c = R[:, 0]``; ``kvmix.cache.randomized_hadamard``): the kernels
@@ -1212,7 +1222,7 @@ class TritonLayerStore:
         v = torch.zeros_like(k)
         held = torch.zeros((s, self.seen), dtype=torch.int32, device=self.device)
         for t in self._tiers.values():
-            t.decode_into(self._kern(), k, v)
+            t.decode_into(self._kern(), k, v, self.rotation)
             p = t.pos[:, : t.fill].long()
             held.scatter_reduce_(1, p.clamp(min=0), (p >= 0).int(), reduce="amax")
         return k, v, held.bool()
@@ -1238,7 +1248,7 @@ class TritonLayerStore:
             raise ShapeError("`keys` and `values` must be contiguous and of the same shape")
         del s  # [B, H, T, D] contiguous is [S, T, D]: the kernel takes the tensors as they are
         for t in self._tiers.values():
-            t.decode_into(self._kern(), keys, values)
+            t.decode_into(self._kern(), keys, values, self.rotation)
         return self.seen
 
     def tier_positions(self, stream: int) -> dict[str, torch.Tensor]:

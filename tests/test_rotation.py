@@ -167,12 +167,12 @@ def test_kvmix5x_applies_its_calibrated_layers_only_to_the_model_they_were_measu
         kvmix.Kvmix5xCache(smollm2, layer_options="auto")  # type: ignore[arg-type]
 
 
-def _rotated_run(fuse: bool, fused_attention: bool) -> dict[str, list[Any]]:
+def _rotated_run(fuse: bool, fused_attention: bool, device: str = "cpu") -> dict[str, list[Any]]:
     """A tiny random Llama (fp32, a left-padded batch of two) decoding with kvmix-5x on the
     Triton engine (interpreted on the CPU), the rotation in the store's kernels (``fuse``) or
     as torch ops around the store (the reference): per step, each layer's attention output
-    (the input of ``o_proj``), the tiers and the scores the store holds."""
-    model = tiny_random_model("llama", num_hidden_layers=2)
+    (the input of ``o_proj``), the tiers and the scores the store holds (on the CPU)."""
+    model = tiny_random_model("llama", num_hidden_layers=2).to(device)
     (kvmix.enable_fused_attention if fused_attention else kvmix.enable_portable_scoring)(model)
     cache = kvmix.Kvmix5xCache(model.config, streaming_gap=2, engine="triton")
     cache._shared.fuse_rotation = fuse
@@ -195,18 +195,23 @@ def _rotated_run(fuse: bool, fused_attention: bool) -> dict[str, list[Any]]:
                 outputs.clear()
                 tokens = ids if i == 0 else steps[:, i - 1 : i]
                 mask = mask if i == 0 else torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
-                model(tokens, attention_mask=mask, past_key_values=cache, use_cache=True)
-                got["out"].append(torch.cat(outputs) if i else None)  # prefill: sdpa, exact
+                model(
+                    tokens.to(device),
+                    attention_mask=mask.to(device),
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                got["out"].append(torch.cat(outputs).cpu() if i else None)  # prefill: exact
                 got["tiers"].append(
                     [
-                        {t: sorted(p.tolist()) for t, p in x.store.tier_positions(s).items()}
+                        {t: sorted(p.cpu().tolist()) for t, p in x.store.tier_positions(s).items()}
                         for x in cache.layers
                         for s in range(4)
                     ]
                 )
                 got["scores"].append(
                     [
-                        (t.acc[:, : t.fill].clone(), t.count[:, : t.fill].clone())
+                        (t.acc[:, : t.fill].cpu(), t.count[:, : t.fill].cpu())
                         for x in cache.layers
                         for t in x.store._tiers.values()
                         if t.scored
@@ -221,19 +226,34 @@ def _rotated_run(fuse: bool, fused_attention: bool) -> dict[str, list[Any]]:
     return got
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.cuda,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+            ],
+        ),
+    ],
+)
 @pytest.mark.parametrize("fused_attention", [True, False], ids=["fused", "portable"])
 def test_the_rotation_in_the_triton_kernels_matches_the_torch_rotation(
-    fused_attention: bool,
+    fused_attention: bool, device: str
 ) -> None:
     """kvmix-5x on the Triton engine, the rotation in the kernels (append: a decoding step's
     rows times R; attention: the query times R; merge: the output times R^T) against the
     same cache with the rotation as torch ops around the store (``fuse_rotation=False``),
     fused and portable attention, a left-padded batch, 5 decoding steps with two
     classifications: every layer's attention output within 1e-5 of its largest value, the
-    received-attention scores within 1e-5, the same tokens in the same tiers at every step."""
+    received-attention scores within 1e-5, the same tokens in the same tiers at every step.
+    On CUDA (``pytest -m cuda``) the kernels are compiled: the query slab written and read
+    back across a barrier, the transforms in the GPU's layouts."""
     pytest.importorskip("triton")
-    fused = _rotated_run(True, fused_attention)
-    ref = _rotated_run(False, fused_attention)
+    fused = _rotated_run(True, fused_attention, device)
+    ref = _rotated_run(False, fused_attention, device)
     for step in range(1, len(ref["out"])):
         got, want = fused["out"][step], ref["out"][step]
         err = ((got - want).abs().max() / want.abs().max()).item()

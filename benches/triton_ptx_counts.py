@@ -8,7 +8,7 @@ PTX (the buffer's page loop, then each packed tier's), the per-thread instructio
 iteration (one page of ``BLOCK_N`` rows: divide by ``BLOCK_N * 2 * D`` codes per page for a
 per-code figure) and its shared-memory, barrier and mma parts.
 
-    .venv/bin/python benches/triton_ptx_counts.py [flat] [join] [fast] [n128] [w8]
+    .venv/bin/python benches/triton_ptx_counts.py [flat] [join] [fast] [n128] [w8] [fields] [rot]
 """
 
 import collections
@@ -157,7 +157,14 @@ def main():
     kw.update(num_warps=next((int(a[1:]) for a in sys.argv if re.fullmatch(r"w\d", a)), 4))
     if "fields" in sys.argv:
         kw["fields"] = True
-    print(f"triton {triton.__version__}, sm_90, {kw}, {'specialized' if SPECIALIZE else 'plain'}")
+    if "rot" in sys.argv:
+        # kvmix-5x's rotation in the kernel (the query rotated into a slab per program).
+        from kvmix.cache import randomized_hadamard
+
+        kw["rotation"] = randomized_hadamard(D, 0)
+    shown = {k: "R" if k == "rotation" else v for k, v in kw.items()}
+    mode = "specialized" if SPECIALIZE else "plain"
+    print(f"triton {triton.__version__}, sm_90, {shown}, {mode}")
     codes = kw["block_n"] * 2 * D  # key and value codes of one page
     threads = kw["num_warps"] * 32
     # One kernel per packed tier (a buffer and that tier), so that each loop is known.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -163,3 +165,152 @@ def test_kvmix5x_applies_its_calibrated_layers_only_to_the_model_they_were_measu
     assert other.layer_options == {}
     with pytest.raises(kvmix.ConfigError, match="'calibrated' or None"):
         kvmix.Kvmix5xCache(smollm2, layer_options="auto")  # type: ignore[arg-type]
+
+
+def _rotated_run(fuse: bool, fused_attention: bool, device: str = "cpu") -> dict[str, list[Any]]:
+    """A tiny random Llama (fp32, a left-padded batch of two) decoding with kvmix-5x on the
+    Triton engine (interpreted on the CPU), the rotation in the store's kernels (``fuse``) or
+    as torch ops around the store (the reference): per step, each layer's attention output
+    (the input of ``o_proj``), the tiers and the scores the store holds (on the CPU)."""
+    model = tiny_random_model("llama", num_hidden_layers=2).to(device)
+    (kvmix.enable_fused_attention if fused_attention else kvmix.enable_portable_scoring)(model)
+    cache = kvmix.Kvmix5xCache(model.config, streaming_gap=2, engine="triton")
+    cache._shared.fuse_rotation = fuse
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    outputs: list[torch.Tensor] = []
+    hooks = [
+        layer.self_attn.o_proj.register_forward_pre_hook(
+            lambda _m, args: outputs.append(args[0].detach().clone())
+        )
+        for layer in model.model.layers
+    ]
+    # Teacher-forced tokens, the same for both runs: only the cache differs.
+    steps = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(5))
+    got: dict[str, list[Any]] = {"out": [], "tiers": [], "scores": []}
+    try:
+        with torch.inference_mode():
+            for i in range(steps.shape[1] + 1):
+                outputs.clear()
+                tokens = ids if i == 0 else steps[:, i - 1 : i]
+                mask = mask if i == 0 else torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+                model(
+                    tokens.to(device),
+                    attention_mask=mask.to(device),
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                got["out"].append(torch.cat(outputs).cpu() if i else None)  # prefill: exact
+                got["tiers"].append(
+                    [
+                        {t: sorted(p.cpu().tolist()) for t, p in x.store.tier_positions(s).items()}
+                        for x in cache.layers
+                        for s in range(4)
+                    ]
+                )
+                got["scores"].append(
+                    [
+                        (t.acc[:, : t.fill].cpu(), t.count[:, : t.fill].cpu())
+                        for x in cache.layers
+                        for t in x.store._tiers.values()
+                        if t.scored
+                    ]
+                )
+    finally:
+        for h in hooks:
+            h.remove()
+    layer = cache.layers[0]
+    assert layer.rotation is not None
+    assert (layer.host_rotation is None) == fuse == (layer.store.rotation is not None)
+    return got
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.cuda,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+            ],
+        ),
+    ],
+)
+@pytest.mark.parametrize("fused_attention", [True, False], ids=["fused", "portable"])
+def test_the_rotation_in_the_triton_kernels_matches_the_torch_rotation(
+    fused_attention: bool, device: str
+) -> None:
+    """kvmix-5x on the Triton engine, the rotation in the kernels (append: a decoding step's
+    rows times R; attention: the query times R; merge: the output times R^T) against the
+    same cache with the rotation as torch ops around the store (``fuse_rotation=False``),
+    fused and portable attention, a left-padded batch, 5 decoding steps with two
+    classifications: every layer's attention output within 1e-5 of its largest value, the
+    received-attention scores within 1e-5, the same tokens in the same tiers at every step.
+    On CUDA (``pytest -m cuda``) the kernels are compiled: the query slab written and read
+    back across a barrier, the transforms in the GPU's layouts."""
+    pytest.importorskip("triton")
+    fused = _rotated_run(True, fused_attention, device)
+    ref = _rotated_run(False, fused_attention, device)
+    for step in range(1, len(ref["out"])):
+        got, want = fused["out"][step], ref["out"][step]
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        assert err < 1e-5, (step, err)
+    for step, (got_t, want_t) in enumerate(zip(fused["tiers"], ref["tiers"], strict=True)):
+        assert got_t == want_t, step
+    for got_s, want_s in zip(fused["scores"], ref["scores"], strict=True):
+        for (acc, cnt), (acc_r, cnt_r) in zip(got_s, want_s, strict=True):
+            torch.testing.assert_close(acc, acc_r, rtol=0, atol=1e-5)
+            assert torch.equal(cnt, cnt_r)
+
+
+@pytest.mark.parametrize("buffer_dtype", ["float16", "bfloat16", "float32"])
+def test_a_rotating_triton_store_stores_the_rotated_rows(buffer_dtype: str) -> None:
+    """``set_rotation``: a prompt (torch matmul) and a decoding step's token (the append
+    kernel's Walsh-Hadamard transform), bf16 and strided, are stored as ``(x.float() @
+    R).to(bf16)`` in the buffer's dtype: the prompt bit for bit, the step within one bf16
+    rounding (the two sum in different orders); ``dense`` gives the rows back unrotated; the
+    non-finite check sees the rotated row; a matrix that is not a randomized Hadamard, or one
+    set after rows are stored, is refused."""
+    pytest.importorskip("triton")
+    from kvmix.engines.triton_store import TritonLayerStore
+
+    d = 32
+    r = randomized_hadamard(d, 2)
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(2, 2, 41, d, generator=g) * 3).to(torch.bfloat16)
+    store = TritonLayerStore("zipcache", 2, d, {"streaming_gap": 10}, buffer_dtype)  # type: ignore[arg-type]
+    for bad, match in (
+        (torch.eye(d), "randomized Hadamard"),
+        (r[:, :16], "float32"),
+        (r.double(), "float32"),
+    ):
+        with pytest.raises(kvmix.ConfigError, match=match):
+            store.set_rotation(bad)
+    store.set_rotation(r)
+    store.append(x[:, :, :40], -x[:, :, :40])
+    tok = x[:, :, 40:].transpose(1, 2).contiguous().transpose(1, 2)
+    store.append(tok, -tok)
+    dt = store._tiers["buffer"].kd.dtype
+    want_k = (x.float() @ r).to(torch.bfloat16).to(dt).reshape(4, 41, d)
+    want_v = (-x.float() @ r).to(torch.bfloat16).to(dt).reshape(4, 41, d)
+    buf = store._tiers["buffer"]
+    assert torch.equal(buf.kd[:, :40], want_k[:, :40])
+    assert torch.equal(buf.vd[:, :40], want_v[:, :40])
+    for got, want in ((buf.kd[:, 40], want_k[:, 40]), (buf.vd[:, 40], want_v[:, 40])):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=0)
+        assert not torch.allclose(got.float(), tok.reshape(4, d).float(), atol=0.1)
+    # `dense` rotates back as it dequantizes: what `append` took, within the roundings.
+    pos, k1, v1 = store.dense(1)
+    assert pos.tolist() == list(range(41))
+    torch.testing.assert_close(k1, x[0, 1].float(), rtol=0, atol=0.1)
+    torch.testing.assert_close(v1, -x[0, 1].float(), rtol=0, atol=0.1)
+    # |x R| can pass the fp16 range where |x| does not (a row's norm gathers in one channel).
+    big = torch.zeros(1, 2, 1, d)
+    big[0, 0, 0, :] = 60000.0 * r[:, 0] / r[:, 0].abs()  # (big R)[0] = 60000 * sqrt(d)
+    with pytest.raises(kvmix.NonFiniteError, match="fp16 range"):
+        store.append(torch.cat([big, big]), torch.cat([big, big]) * 0)
+    with pytest.raises(kvmix.ConfigError, match="before the first append"):
+        store.set_rotation(r)

@@ -181,3 +181,53 @@ def test_in_place_accumulation_and_output_layout_match_the_returned_tensors():
             torch.testing.assert_close(a[:, :f], a0[:, :f] + r, rtol=0, atol=1e-6)
             torch.testing.assert_close(c[:, :f], c0[:, :f] + seen, rtol=0, atol=0)
             assert torch.equal(a[:, f:], a0[:, f:]) and torch.equal(c[:, f:], c0[:, f:])
+
+
+@pytest.mark.parametrize(
+    ("d", "kw"),
+    [(32, {}), (32, {"flat": True}), (64, {}), (128, {"fields": True})],
+    ids=["stacked-d32", "flat-d32", "stacked-d64", "fields-d128"],
+)
+def test_rotation_in_the_kernel_matches_rotating_around_it(d, kw):
+    """A store of rotated rows (kvmix-5x: keys and values times a randomized Hadamard ``R``)
+    attended with the unrotated query: the kernel rotates the query it loads (``q @ R``, into
+    a slab per program that every tier path reads) and the merge rotates the output back
+    (``@ R^T``). Against the float64 reference over the same tiers with the query rotated
+    and the output rotated back outside: output within 2e-5 relative, received attention
+    within 1e-5, as without a rotation (fp32 adds only, no dot that could drop to TF32).
+    Without the rotation the same call is far off, so both halves are checked."""
+    from kvmix.cache import randomized_hadamard
+
+    g = torch.Generator().manual_seed(11)
+    gs = min(32, d // 2)
+    views = [
+        ref.synthetic_tier(S, 20, d, ("dense", 0, d), ("dense", 0, d), pos_offset=300, generator=g),
+        ref.synthetic_tier(S, 150, d, ("channel", 4, d), ("token", 2, d), v_sep=True, generator=g),
+        ref.synthetic_tier(
+            S, 130, d, ("token", 4, gs), ("token", 4, gs), pos_offset=150, generator=g
+        ),
+    ]
+    r = randomized_hadamard(d, 5)
+    attn = load_attention("cpu")
+    for tq, fv in ((1, [0, 37]), (2, [5, 0])):
+        q = torch.randn(B, HQ, tq, d, generator=g) * 2
+        qpos = [319 - tq + 1 + i for i in range(tq)]
+        first_valid = torch.tensor(fv, dtype=torch.int32)
+        out, rec = attn.attend_tiers(
+            views, q, qpos, first_valid, 0.3, HK, [True] * 3, rotation=r, **kw
+        )
+        want, want_rec = ref.attention(views, q.double() @ r.double(), qpos, first_valid, 0.3, HK)
+        want = want @ r.double().T
+        err = ((out.double() - want).abs().max() / want.abs().max()).item()
+        assert err < 2e-5, err
+        for got, exp in zip(rec, want_rec, strict=True):
+            torch.testing.assert_close(got.double(), exp, rtol=0, atol=1e-5)
+        plain, _ = attn.attend_tiers(views, q, qpos, first_valid, 0.3, HK, None, **kw)
+        assert ((plain.double() - want).abs().max() / want.abs().max()).item() > 0.1
+    # The model's dtype and layout ([B, Tq, Hq, D], bf16): the fp32 output rounded as torch
+    # rounds, bit for bit.
+    out2 = torch.empty(B, 2, HQ, d, dtype=torch.bfloat16)
+    attn.attend_tiers(
+        views, q, qpos, first_valid, 0.3, HK, None, rotation=r, out=out2, out_layout="bthd", **kw
+    )
+    assert torch.equal(out2.transpose(1, 2), out.to(torch.bfloat16))

@@ -513,12 +513,14 @@ def kvmix_attention(
         return out
     tq = query.shape[2]
     end = layer.cumulative_length
-    rotation = getattr(layer, "rotation", None)
+    # A Triton store applies a rotation in its kernels: then this is None, as unrotated.
+    rotation = layer.host_rotation
     positions = list(range(end - tq, end))
     if layer.on_device and rotation is None:
         # Torch in and out, on the device: the kernel reads the query in its dtype through
         # its strides and writes the output in the model's dtype and layout, so the step
-        # makes no conversion, copy or transpose of its own.
+        # makes no conversion, copy or transpose of its own (a rotated store rotates the
+        # query it reads and the output it writes).
         b, hq, _, d = query.shape
         dev_out = torch.empty((b, tq, hq, d), dtype=query.dtype, device=query.device)
         q = query.detach() if query.requires_grad else query  # no op in inference
@@ -529,8 +531,9 @@ def kvmix_attention(
     if rotation is not None:
         qf = qf @ rotation  # the store holds rotated keys: (qR)(kR)^T = qk^T
     if layer.on_device:
-        # Torch in and out, on the device: fp32 output in the returned layout, rotated back
-        # (sum p vR = (sum p v)R) and cast by two ops.
+        # The reference for the fused rotation (``_Shared.fuse_rotation = False``): fp32
+        # output in the returned layout, rotated back (sum p vR = (sum p v)R) and cast by
+        # two ops.
         assert rotation is not None
         b, hq, _, d = query.shape
         dev_out = torch.empty((b, tq, hq, d), dtype=torch.float32, device=query.device)
@@ -596,15 +599,16 @@ def _track_dense(layer: Any, query: torch.Tensor, scale: float) -> None:
     if layer.scoring != "none":
         end, tq = layer.cumulative_length, query.shape[2]
         q = query.detach() if query.requires_grad else query
-        rotated = getattr(layer, "rotation", None) is not None
+        rotated = layer.host_rotation is not None
         if getattr(layer, "on_device", False) and not rotated:
-            # The Triton kernel reads the query in its dtype through its strides.
+            # The Triton kernel reads the query in its dtype through its strides (and
+            # rotates it, for a store that rotates).
             store.attend(q, list(range(end - tq, end)), scale, True)
             store.maybe_classify()
             return
         qf = q.float()
         if rotated:
-            qf = qf @ layer.rotation  # the store holds rotated keys
+            qf = qf @ layer.host_rotation  # the store holds rotated keys
         qs = qf.contiguous() if getattr(layer, "on_device", False) else qf.contiguous().numpy()
         store.attend(qs, list(range(end - tq, end)), scale, True)
     store.maybe_classify()

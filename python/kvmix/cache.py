@@ -178,6 +178,10 @@ class _Shared:
         self.config = config
         self.cache_name = cache_name
         self.rotation = rotation
+        #: Whether Triton-engine stores apply the rotation in their kernels (the default);
+        #: ``False`` keeps the torch ops around the store of every engine (the reference the
+        #: fused path is tested against; read when a layer builds its store).
+        self.fuse_rotation = True
 
     def attention_mode(self) -> AttentionMode:
         """See :meth:`KvmixCache.attention_mode`."""
@@ -252,6 +256,9 @@ class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped b
         if engine == "triton":
             # Refuse a policy the Triton engine does not implement now, not at the first update.
             self._new_store("triton", kv_heads)
+        #: Whether the store applies the rotation itself (a Triton store, see
+        #: :attr:`host_rotation`).
+        self._store_rotates = False
         self.cumulative_length = 0
         #: Set by an update whose tokens have not been scored and classified yet.
         self.needs_prefill = False
@@ -268,8 +275,18 @@ class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped b
         """The orthogonal rotation ``R`` of stored keys and values (``None``: none), shared by
         every layer of the cache and moved to the device of its tensors. The store holds ``kR``
         and ``vR``; since ``(qR)(kR)^T = qk^T`` and ``sum p vR = (sum p v)R``, attention rotates
-        the query once and the output back, with no kernel change."""
+        the query once and the output back (around the Rust store; inside the Triton store's
+        kernels, see :attr:`host_rotation`)."""
         return self._shared.rotation
+
+    @property
+    def host_rotation(self) -> torch.Tensor | None:
+        """The rotation the layer applies around its store with torch ops (``None``: none).
+        The Rust store holds what it is given, so the layer rotates keys, values and queries
+        and rotates outputs back; a Triton store does all of it in its kernels
+        (``TritonLayerStore.set_rotation``), so a rotated cache costs a decoding step the
+        host work of an unrotated one."""
+        return None if self._store_rotates else self._shared.rotation
 
     @property
     def on_device(self) -> bool:
@@ -315,7 +332,10 @@ class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped b
         shared = self._shared.rotation
         if shared is not None and shared.device != key_states.device:
             # One matrix for every layer, on the tensors' device (memory_report counts it once).
-            self._shared.rotation = shared.to(key_states.device)
+            self._shared.rotation = shared = shared.to(key_states.device)
+        if shared is not None and self.on_device and self._shared.fuse_rotation:
+            self.store.set_rotation(shared)
+            self._store_rotates = True
         self.dtype = key_states.dtype
         self.device = key_states.device
         self.is_initialized = True
@@ -373,7 +393,7 @@ class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped b
                 f"{key_states.device} and value states on {value_states.device}"
             )
         stored_k, stored_v = key_states, value_states
-        r = self.rotation
+        r = self.host_rotation
         if r is not None:
             stored_k = (key_states.float() @ r).to(key_states.dtype)
             stored_v = (value_states.float() @ r).to(value_states.dtype)
@@ -435,10 +455,13 @@ class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped b
         """:meth:`dense` of the Triton store: its kernel dequantizes every tier into device
         buffers kept by the layer (grown by 1.5x), written in the model's dtype on a GPU (the
         kernel casts as it stores, so no second pass converts them) and in float32 under the
-        interpreter (numpy has no bfloat16). A rotated cache rotates back in float32."""
+        interpreter (numpy has no bfloat16). A rotated store rotates back as it dequantizes;
+        with the rotation around the store (the reference), the layer rotates back in
+        float32."""
         b, held = self.store.batch, self.store.seen
         dtype = self.dtype
-        if self.device.type == "cpu" or self.rotation is not None:
+        rotation = self.host_rotation
+        if self.device.type == "cpu" or rotation is not None:
             dtype = torch.float32
         dense = self._dense
         reuse = (
@@ -455,8 +478,8 @@ class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped b
             )
         n = self.store.dense_into(*dense)
         keys, values = dense[0][:, :, :n], dense[1][:, :, :n]
-        if self.rotation is not None:
-            keys, values = keys @ self.rotation.T, values @ self.rotation.T
+        if rotation is not None:
+            keys, values = keys @ rotation.T, values @ rotation.T
         if keys.dtype == self.dtype:  # the GPU's buffers are in the model's dtype: no op
             return keys, values
         return keys.to(self.dtype), values.to(self.dtype)

@@ -33,6 +33,16 @@ the dots where the algebra allows it:
 
 Dense tiers (the full-precision buffer) use fp32 dots.
 
+Rotation (kvmix-5x's ``rotation=``). A store whose keys and values are held rotated by a
+randomized Hadamard matrix ``R = diag(c) H`` (``H`` the Sylvester Hadamard matrix of entries
+±1, ``c = R[:, 0]`` the random signs over ``sqrt(D)``; ``kvmix.cache.randomized_hadamard``) is
+attended with the unrotated query: each program writes ``q @ R = (q * c) @ H`` of its rows to a
+slab of its own (the tiers read the query from there, through the same strided loads), and the
+merge writes ``out @ R^T = (out @ H) * c``. ``@ H`` is a fast Walsh-Hadamard transform
+(``_hadamard``: ``log2(D)`` add/subtract stages in fp32, no dot, so nothing can drop to TF32),
+and only ``R``'s first column is read: a ``D x D`` matrix read per program would be 64 KiB at
+``D = 128``, ~70 MB of L2 reads per launch of ~1000 programs.
+
 The field path (``fields=True``, ``_tier_fields``; opt-in, not yet timed on a GPU) reads 2-,
 4- and 8-bit tiers as int16 elements and gives each bit field its own dot, so that only
 elementwise work (one inline-PTX op per field) lies between a load and its dot: the packed
@@ -89,9 +99,32 @@ def _cast_rtne(x, DT: tl.constexpr):
         x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
     if DT == tl.float16:
         # What rounds past the largest fp16 is infinite, made explicit: the interpreter's
-        # numpy cast would warn about it.
-        x = tl.where(tl.abs(x) < 65520.0, x, x * float("inf"))
+        # numpy cast would warn about it (as it would about 0 * inf: no product here).
+        inf = tl.where(x > 0, float("inf"), float("-inf"))
+        x = tl.where((tl.abs(x) < 65520.0) | (x != x), x, inf)
     return x.to(DT)
+
+
+@triton.jit
+def _butterfly(x, M: tl.constexpr, D: tl.constexpr):
+    """One stage of the fast Walsh-Hadamard transform of the rows of ``x [M, D]``:
+    ``out[:, k] = x[:, 2k] + x[:, 2k + 1]``, ``out[:, D/2 + k] = x[:, 2k] - x[:, 2k + 1]``."""
+    a, b = tl.split(tl.reshape(x, (M, D // 2, 2)))
+    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (M, D))
+
+
+@triton.jit
+def _hadamard(x, M: tl.constexpr, D: tl.constexpr):
+    """``x [M, D] @ H`` for the ``D x D`` Sylvester Hadamard matrix ``H`` (entries ±1):
+    ``log2(D)`` equal stages (``_butterfly``), each taking the lowest index bit and putting its
+    result at the top, so the order is natural again after the last (a constant-geometry
+    transform: the same reshape at every stage). fp32 adds only: within a few fp32 ulps of the
+    exact product, and ``x @ R`` is ``_hadamard(x * c)`` with the products ``x * c`` exactly
+    those of the matrix product."""
+    for i in tl.static_range(16):
+        if (2 << i) <= D:
+            x = _butterfly(x, M, D)
+    return x
 
 
 # Modes of a tier's keys or values (constexpr kernel arguments).
@@ -1166,6 +1199,27 @@ def _tier(
 
 
 @triton.jit
+def _rotate_query(
+    Q, sqb, sqh, sqt, sqd, ROT, QR, s, kv_heads,
+    ROWS: tl.constexpr, RP: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr,
+):  # fmt: skip
+    """``q @ R`` of stream ``s``'s rows (its GQA group's heads times the queries) in fp32,
+    stored at ``QR`` as a contiguous ``[B, Hq, TQ, D]`` tensor would hold them."""
+    rows = tl.arange(0, RP)
+    ok = rows < ROWS
+    G: tl.constexpr = ROWS // TQ
+    head = (s % kv_heads) * G + rows // TQ
+    qi = rows % TQ
+    qoff = (s // kv_heads).to(tl.int64) * sqb + head.to(tl.int64) * sqh + qi.to(tl.int64) * sqt
+    c = tl.arange(0, D)
+    q = tl.load(Q + qoff[:, None] + c[None, :].to(tl.int64) * sqd, mask=ok[:, None], other=0.0)
+    signs = tl.load(ROT + c * D)  # R[:, 0]
+    qr = _hadamard(q.to(tl.float32) * signs[None, :], RP, D)
+    dst = (s.to(tl.int64) * ROWS + rows[:, None]) * D + c[None, :]
+    tl.store(QR + dst, qr, mask=ok[:, None])
+
+
+@triton.jit
 def _attend_kernel(
     Q,
     sqb,
@@ -1182,6 +1236,8 @@ def _attend_kernel(
     n_split,
     pages_per_split,
     kv_heads,
+    ROT,  # fp32 [D, D] the store's rotation (ROTATE; only its first column is read)
+    QR,  # fp32 [n_split, B, Hq, TQ, D] the rotated queries, a slab per split (ROTATE)
     # tier 0 (buffer)
     POS0, KD0, KS0, KO0, SEG0, VD0, VS0, VO0, VF0, KF0, LG0, cap0, pages0, ns0, nseg0,
     # tier 1 (high)
@@ -1203,6 +1259,7 @@ def _attend_kernel(
     ON0: tl.constexpr,  # whether each tier has pages (an empty tier's code is left out)
     ON1: tl.constexpr,
     ON2: tl.constexpr,
+    ROTATE: tl.constexpr,  # q @ ROT first (the tiers hold rotated keys and values)
     # per tier: key mode, bits, group size, word bytes, fixed factor; the same for values
     # (separable factor instead of the fixed one); tracking
     KM0: tl.constexpr, KB0: tl.constexpr, KG0: tl.constexpr, KW0: tl.constexpr, KX0: tl.constexpr,
@@ -1217,6 +1274,19 @@ def _attend_kernel(
 ):  # fmt: skip
     s = tl.program_id(0)
     sp = tl.program_id(1)
+    if ROTATE:
+        # This program's rows of q @ R go to its own slab (no other program writes there),
+        # and the tiers read them back as a contiguous [B, Hq, TQ, D] query: every path
+        # (stacked, flat, field) loads the query through its strides as before.
+        qr = QR + sp.to(tl.int64) * tl.num_programs(0) * ROWS * D
+        _rotate_query(Q, sqb, sqh, sqt, sqd, ROT, qr, s, kv_heads, ROWS, RP, TQ, D)
+        # The rows were stored by other threads of this program than those that load them.
+        tl.debug_barrier()
+        Q = qr
+        sqb = kv_heads * ROWS * D
+        sqh = TQ * D
+        sqt = D
+        sqd = 1
     if sp < ns0:
         if ON0:
             _tier(
@@ -1257,6 +1327,7 @@ def _merge_kernel(
     OUT,  # [B, Hq, Tq, D] in any layout (strides below) and float dtype
     MF,  # fp32 [S, ROWS]: merged maximum and sum (for the received attention)
     LF,
+    ROT,  # fp32 [D, D] the store's rotation (ROTATE; only its first column is read)
     n_split,
     kv_heads,
     sob,
@@ -1267,6 +1338,7 @@ def _merge_kernel(
     TQ: tl.constexpr,
     D: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr,
+    ROTATE: tl.constexpr,  # write out @ ROT^T (the tiers hold rotated values)
 ):
     s = tl.program_id(0)
     r = tl.program_id(1)
@@ -1301,7 +1373,11 @@ def _merge_kernel(
         acc += _sum(pa * w[:, None], 0)
     lsum = _sum(lv, 0)
     inv = tl.where(lsum > 0.0, 1.0 / tl.where(lsum > 0.0, lsum, 1.0), 0.0)  # no 1/0
-    tl.store(OUT + ob + oh + j.to(tl.int64) * sod, _cast_rtne(acc * inv, OUT.dtype.element_ty))
+    o = acc * inv
+    if ROTATE:
+        # sum p (v R) = (sum p v) R: rotated back, o @ R^T = (o @ H) * R[:, 0].
+        o = tl.reshape(_hadamard(o[None, :], 1, D), (D,)) * tl.load(ROT + j * D)
+    tl.store(OUT + ob + oh + j.to(tl.int64) * sod, _cast_rtne(o, OUT.dtype.element_ty))
     tl.store(MF + s64 * ROWS + r, m_safe)
     tl.store(LF + s64 * ROWS + r, lsum)
 
@@ -1424,26 +1500,35 @@ def _fields_tier(t, d: int) -> bool:
     return t.k_mode != 0 and t.v_mode == 2 and ok(t.k_bits) and ok(t.v_bits)
 
 
-# Partials of the splits, merged row statistics and the tracked tiers' logits, reused between
-# calls: [capacity] fp32 per device and stream (consumed by the merge and received launches
-# before the next call on the same CUDA stream can write them).
+# Partials of the splits, merged row statistics, the tracked tiers' logits and the rotated
+# queries, reused between calls: [capacity] fp32 per device and stream (consumed by the
+# merge and received launches before the next call on the same CUDA stream can write them).
 _WORKSPACE: dict[Any, Any] = {}
 
 
-def _workspace(dev, n_m: int, n_acc: int, n_lg: int = 0):
+def _workspace(dev, n_m: int, n_acc: int, n_lg: int = 0, n_q: int = 0):
     import torch
 
     key = (dev, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
     ws = _WORKSPACE.get(key)
-    if ws is None or ws[0].numel() < n_m or ws[2].numel() < n_acc or ws[5].numel() < n_lg:
-        old = [0] * 6 if ws is None else [w.numel() for w in ws]
+    if (
+        ws is None
+        or ws[0].numel() < n_m
+        or ws[2].numel() < n_acc
+        or ws[5].numel() < n_lg
+        or ws[6].numel() < n_q
+    ):
+        old = [0] * 7 if ws is None else [w.numel() for w in ws]
         m_cap = max(n_m, 2 * old[0])
         a_cap = max(n_acc, 2 * old[2])
         # Logits of the tracked tiers grow with the tier (by a quarter, as tiers do).
         g_cap = max(n_lg, old[5] * 5 // 4, 1)
+        # Rotated queries (a slab per split, as the partial outputs): none until asked for,
+        # and kept as they are when another buffer grows.
+        q_cap = max(n_q, 2 * old[6]) if n_q > old[6] else max(old[6], 1)
         ws = tuple(
             torch.empty(n, dtype=torch.float32, device=dev)
-            for n in (m_cap, m_cap, a_cap, m_cap, m_cap, g_cap)
+            for n in (m_cap, m_cap, a_cap, m_cap, m_cap, g_cap, q_cap)
         )
         _WORKSPACE[key] = ws
     return ws
@@ -1459,7 +1544,7 @@ _CONSTS: dict[Any, tuple[tuple[str, Any], ...]] = {}
 _TIER_NAMES = ("KM", "KB", "KG", "KW", "KX", "VM", "VB", "VG", "VW", "VX", "TR")
 _BASE_NAMES = (
     "ROWS", "RP", "TQ", "D", "BLOCK_N", "QPOS_RANGE", "NPART", "MAGIC", "BCAST", "STAGES",
-    "FLAT", "FIELDS", "ON0", "ON1", "ON2",
+    "FLAT", "FIELDS", "ON0", "ON1", "ON2", "ROTATE",
 )  # fmt: skip
 
 
@@ -1527,6 +1612,7 @@ def attend_tiers(
     accumulate=None,
     out=None,
     out_layout="bhtd",
+    rotation=None,
     precise=True,
     magic=True,
     bcast=True,
@@ -1552,7 +1638,12 @@ def attend_tiers(
     it is instead added to ``acc`` in place, and to ``count`` how many queries saw each row
     (queries at or after its position; none for holes and left padding), and
     ``received[i]`` is ``None``. ``first_valid`` is ``[B]`` int32 on the
-    device. Everything stays on the tensors' device; no value is read back to the host.
+    device. ``rotation``: the fp32 ``[D, D]`` randomized Hadamard matrix ``R`` the tiers'
+    keys and values were rotated by (``x @ R``); ``q`` is then the unrotated query, rotated
+    in the kernel, and ``out`` is rotated back (see the module docstring); ``R`` must be
+    ``diag(R[:, 0]) H`` (``TritonLayerStore.set_rotation`` checks it), and only its first
+    column is read. Everything stays on the tensors' device; no value is read back to the
+    host.
     ``precise=False`` drops the low fp16 part of the dots (fp16-rounded operands);
     ``magic=False`` unpacks with int-to-float conversions; ``bcast=False`` gathers a word per
     code instead of loading each row's words once; ``join=True`` unpacks by ``tl.join`` into
@@ -1609,9 +1700,11 @@ def attend_tiers(
             n_lg += streams * rows * t.cap
     # Partials, merged row statistics and the logits (flat; kernels index them with each
     # tier's capacity), reused between calls.
-    pm, pl, pacc, mf, lf, lgw = _workspace(
-        dev, streams * n_split * rows, streams * n_split * rows * d, n_lg
+    n_acc = streams * n_split * rows * d
+    pm, pl, pacc, mf, lf, lgw, qrw = _workspace(
+        dev, streams * n_split * rows, n_acc, n_lg, n_acc if rotation is not None else 0
     )
+    rot = pm if rotation is None else rotation
     if out is None:
         out = torch.empty((b, hq, tq, d), dtype=torch.float32, device=dev)
         out_layout = "bhtd"
@@ -1660,10 +1753,12 @@ def attend_tiers(
             flat,
             (2 if asm else 1) if fields else 0,
             *on,
+            rotation is not None,
         ]
         consts = _consts((*base, *cvals))
         args = [q, q.stride(0), q.stride(1), q.stride(2), q.stride(3), float(scale) * LOG2E]
-        args += [qpos, first, first_valid, pm, pl, pacc, n_split, pps, kv_heads, *targs]
+        args += [qpos, first, first_valid, pm, pl, pacc, n_split, pps, kv_heads, rot, qrw]
+        args += targs
         grid = (streams, n_split)
         _launch(_attend_kernel, grid, args, consts, num_warps, num_stages, fast, stream)
     else:
@@ -1683,8 +1778,8 @@ def attend_tiers(
     _launch(
         _merge_kernel,
         (streams, rows),
-        [pm, pl, pacc, out, mf, lf, n_split, kv_heads, *out_strides],
-        dict(ROWS=rows, TQ=tq, D=d, SPLIT_BLOCK=16),
+        [pm, pl, pacc, out, mf, lf, rot, n_split, kv_heads, *out_strides],
+        dict(ROWS=rows, TQ=tq, D=d, SPLIT_BLOCK=16, ROTATE=rotation is not None),
         4,
         2,
         fast,

@@ -66,9 +66,37 @@ def _cast_rtne(x, DT: tl.constexpr):
         x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
     if DT == tl.float16:
         # What rounds past the largest fp16 is infinite, made explicit: the interpreter's
-        # numpy cast would warn about it.
-        x = tl.where(tl.abs(x) < 65520.0, x, x * float("inf"))
+        # numpy cast would warn about it (as it would about 0 * inf: no product here).
+        inf = tl.where(x > 0, float("inf"), float("-inf"))
+        x = tl.where((tl.abs(x) < 65520.0) | (x != x), x, inf)
     return x.to(DT)
+
+
+@triton.jit
+def _butterfly(x, M: tl.constexpr, D: tl.constexpr):
+    """One stage of the fast Walsh-Hadamard transform of the rows of ``x [M, D]`` (the
+    attention module's ``_butterfly``; each kernel module is loaded on its own)."""
+    a, b = tl.split(tl.reshape(x, (M, D // 2, 2)))
+    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (M, D))
+
+
+@triton.jit
+def _hadamard(x, M: tl.constexpr, D: tl.constexpr):
+    """``x [M, D] @ H``, ``H`` the Sylvester Hadamard matrix (see the attention module's
+    ``_hadamard``)."""
+    for i in tl.static_range(16):
+        if (2 << i) <= D:
+            x = _butterfly(x, M, D)
+    return x
+
+
+@triton.jit
+def _rotate_row(x, ROT, j, D: tl.constexpr, DT: tl.constexpr):
+    """fp32 row ``x [D]`` times the randomized Hadamard matrix ``ROT = diag(ROT[:, 0]) H``
+    (``(x * ROT[:, 0]) @ H``), rounded to ``DT`` as the torch path rounds ``(x.float() @
+    R).to(dtype)``, returned in fp32."""
+    y = tl.reshape(_hadamard((x * tl.load(ROT + j * D))[None, :], 1, D), (D,))
+    return _cast_rtne(y, DT).to(tl.float32)
 
 
 @triton.jit
@@ -87,6 +115,7 @@ def append_row_kernel(
     ACC,  # fp32 [S, cap] scores (SCORED)
     CNT,
     BAD,  # int32 [1]: set to 1 if a value is NaN/Inf or beyond the fp16 range (CHECK)
+    ROT,  # fp32 [D, D] the store's randomized Hadamard rotation (ROTATE)
     row,
     cap,
     position,
@@ -94,16 +123,21 @@ def append_row_kernel(
     D: tl.constexpr,
     SCORED: tl.constexpr,
     CHECK: tl.constexpr,
+    ROTATE: tl.constexpr,
 ):
     """One decoding step's token of every stream into the dense buffer at ``row``: the rows
-    (converted as ``x.float().to(buffer dtype)``), the position, zero scores, and the
-    non-finite flag, in one launch instead of a dozen small torch ops."""
+    (converted as ``x.float().to(buffer dtype)``; with ``ROTATE``, first rotated as
+    ``(x.float() @ ROT).to(x.dtype)``), the position, zero scores, and the non-finite flag
+    (of the rows stored), in one launch instead of a dozen small torch ops."""
     s = tl.program_id(0)
     b = (s // kv_heads).to(tl.int64)
     h = (s % kv_heads).to(tl.int64)
     j = tl.arange(0, D).to(tl.int64)
     k = tl.load(K + b * skb + h * skh + j * skd).to(tl.float32)
     v = tl.load(V + b * svb + h * svh + j * svd).to(tl.float32)
+    if ROTATE:
+        k = _rotate_row(k, ROT, j, D, K.dtype.element_ty)
+        v = _rotate_row(v, ROT, j, D, V.dtype.element_ty)
     dst = s.to(tl.int64) * cap + row
     tl.store(KD + dst * D + j, _cast_rtne(k, KD.dtype.element_ty))
     tl.store(VD + dst * D + j, _cast_rtne(v, VD.dtype.element_ty))
@@ -263,6 +297,7 @@ def dequantize_kernel(
     VF,
     OUTK,  # fp32 [S, T, D]: row `pos` of the stream receives the token at `pos`
     OUTV,
+    ROT,  # fp32 [D, D] the store's randomized Hadamard rotation (ROTATE)
     cap,
     nseg,
     T,
@@ -276,6 +311,7 @@ def dequantize_kernel(
     V_BITS: tl.constexpr,
     V_GS: tl.constexpr,
     V_SEP: tl.constexpr,
+    ROTATE: tl.constexpr,  # rows rotated back, x @ ROT^T = (x @ H) * ROT[:, 0]
 ):
     s = tl.program_id(0).to(tl.int64)
     page = tl.program_id(1)
@@ -289,10 +325,14 @@ def dequantize_kernel(
     k = _decode(KD, KS, KO, s, t, c, seg, cap64, nseg, D, K_MODE, K_BITS, K_GS)
     if K_FIX:
         k = k * tl.load(KFIX + s * D + c).to(tl.float32)[None, :]
+    if ROTATE:
+        k = _hadamard(k, BLOCK_N, D) * tl.load(ROT + c * D)[None, :]
     tl.store(OUTK + dst, k, mask=ok)
     v = _decode(VD, VS, VO, s, t, c, seg, cap64, nseg, D, V_MODE, V_BITS, V_GS)
     if V_SEP:
         v = v * tl.load(VF + (s * nseg + seg) * D + c).to(tl.float32)[None, :]
+    if ROTATE:
+        v = _hadamard(v, BLOCK_N, D) * tl.load(ROT + c * D)[None, :]
     tl.store(OUTV + dst, v, mask=ok)
 
 

@@ -428,9 +428,16 @@ class _Tier:
             words=self._words(),
         )
 
-    def decode_into(self, kern: Any, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
+    def decode_into(
+        self,
+        kern: Any,
+        out_k: torch.Tensor,
+        out_v: torch.Tensor,
+        rotation: torch.Tensor | None = None,
+    ) -> None:
         """Dequantize every row into ``out_k/out_v`` (contiguous ``[S, T, D]``, or
-        ``[B, H, T, D]``: the same memory) at its position."""
+        ``[B, H, T, D]``: the same memory) at its position; rows stored rotated by
+        ``rotation`` are rotated back."""
         pages = -(-self.fill // PAGE)
         if pages == 0:
             return
@@ -450,6 +457,7 @@ class _Tier:
             v.vf,
             out_k,
             out_v,
+            self._dummy if rotation is None else rotation,
             self.cap,
             self.seg_cap,
             out_k.shape[-2],
@@ -463,6 +471,7 @@ class _Tier:
             V_BITS=v.v_bits,
             V_GS=v.v_gs,
             V_SEP=v.v_sep,
+            ROTATE=rotation is not None,
         )
 
     def select(self, idx: torch.Tensor) -> None:
@@ -558,6 +567,9 @@ class TritonLayerStore:
         }
         self.gap = layout["streaming_gap"]
         self.high_scored = bool(layout["high_scored"])
+        #: The randomized Hadamard rotation the rows are stored under (``set_rotation``); a
+        #: setting like the policy, so ``reset`` keeps it.
+        self.rotation: torch.Tensor | None = None
         self.reset()
 
     # -- state ------------------------------------------------------------------------------
@@ -659,6 +671,11 @@ class TritonLayerStore:
         if n == 1 and self.batch:
             self._append_step(keys, values)
             return
+        r = self.rotation
+        if r is not None:
+            # A prompt (or several tokens) at once: one matmul each, as the unfused path.
+            keys = (keys.float() @ r).to(keys.dtype)
+            values = (values.float() @ r).to(values.dtype)
         if self.policy != "full":
             # Extremes by aminmax: no |x| temporary the size of the prompt.
             worst = torch.stack([x.float() for x in (*keys.aminmax(), *values.aminmax())])
@@ -709,6 +726,7 @@ class TritonLayerStore:
             buf.acc,
             buf.count,
             flag,
+            flag if self.rotation is None else self.rotation,
             row,
             buf.cap,
             self.seen,
@@ -716,6 +734,7 @@ class TritonLayerStore:
             D=self.head_dim,
             SCORED=buf.scored,
             CHECK=check,
+            ROTATE=self.rotation is not None,
         )
         if check and keys.device.type == "cpu":
             if bool(flag[0]):
@@ -769,6 +788,53 @@ class TritonLayerStore:
             if t.k.factor == "fixed":
                 t.kfix = self._kfix
 
+    def set_rotation(self, rotation: torch.Tensor) -> None:
+        """Store keys and values rotated by ``rotation`` (``R``, fp32 ``[D, D]``, on the
+        store's device, held by the caller, not counted here): ``append`` takes unrotated
+        rows and stores ``x @ R`` (rounded to the rows' dtype, as ``(x.float() @
+        R).to(x.dtype)``), ``attend`` takes unrotated queries and returns unrotated outputs,
+        both in the kernels (``q @ R`` in the attention launch, ``out @ R^T`` in its merge, a
+        decoding step's rows in the append), so a rotated store costs a decoding step no host
+        op. ``dense``/``dense_into`` rotate back as they dequantize: they return what
+        ``append`` took (in the portable path, written in the model's dtype).
+
+        ``R`` must be a randomized Hadamard matrix ``diag(c) H`` (``H`` the Sylvester
+        Hadamard matrix, ``c = R[:, 0]``; ``kvmix.cache.randomized_hadamard``): the kernels
+        apply it as signs and a fast Walsh-Hadamard transform.
+
+        Raises:
+            ConfigError: ``R`` is not of that form, or rows are already stored.
+        """
+        d = self.head_dim
+        if self.seen:
+            raise ConfigError("set the rotation before the first append: rows are stored")
+        if (
+            not isinstance(rotation, torch.Tensor)
+            or rotation.shape != (d, d)
+            or rotation.dtype != torch.float32
+            or not rotation.is_contiguous()
+        ):
+            raise ConfigError(
+                f"`rotation` must be a contiguous float32 [{d}, {d}] tensor, got "
+                f"{getattr(rotation, 'dtype', type(rotation))} "
+                f"{tuple(getattr(rotation, 'shape', ()))}"
+            )
+        # H[i, j] = (-1)^popcount(i & j): an independent definition of Sylvester's matrix.
+        i = torch.arange(d)
+        x = i[:, None] & i[None, :]
+        parity = torch.zeros_like(x)
+        for bit in range(d.bit_length()):
+            parity ^= (x >> bit) & 1
+        h = (1 - 2 * parity).float()
+        r = rotation.detach().cpu()
+        if not torch.equal(r, r[:, :1] * h):
+            raise ConfigError(
+                "`rotation` must be a randomized Hadamard matrix diag(c) H (e.g. "
+                "kvmix.cache.randomized_hadamard): the kernels apply it as a fast "
+                "Walsh-Hadamard transform"
+            )
+        self.rotation = rotation
+
     def add_scores(self, start: int, acc: torch.Tensor, count: torch.Tensor) -> None:
         s = self._streams
         acc = torch.as_tensor(acc, device=self.device).reshape(s, -1).float()
@@ -796,7 +862,8 @@ class TritonLayerStore:
         every tier: ``[B, Hq, Tq, D]`` fp32, or, with ``out`` (``[B, Tq, Hq, D]``, e.g. in the
         model's dtype: the layout transformers' attention functions return), written into
         ``out`` in its dtype and returned. ``track``: add the attention each tracked token
-        received to its score."""
+        received to its score. With a rotation (``set_rotation``), ``q`` and the output are
+        unrotated."""
         if (
             q.dim() != 4
             or q.shape[0] != self.batch
@@ -839,6 +906,7 @@ class TritonLayerStore:
             accumulate=add,
             out=out,
             out_layout="bthd",
+            rotation=self.rotation,
         )
         return out if out is not None else result
 
@@ -1173,7 +1241,7 @@ class TritonLayerStore:
         v = torch.zeros_like(k)
         held = torch.zeros((s, self.seen), dtype=torch.int32, device=self.device)
         for t in self._tiers.values():
-            t.decode_into(self._kern(), k, v)
+            t.decode_into(self._kern(), k, v, self.rotation)
             p = t.pos[:, : t.fill].long()
             held.scatter_reduce_(1, p.clamp(min=0), (p >= 0).int(), reduce="amax")
         return k, v, held.bool()
@@ -1199,7 +1267,7 @@ class TritonLayerStore:
             raise ShapeError("`keys` and `values` must be contiguous and of the same shape")
         del s  # [B, H, T, D] contiguous is [S, T, D]: the kernel takes the tensors as they are
         for t in self._tiers.values():
-            t.decode_into(self._kern(), keys, values)
+            t.decode_into(self._kern(), keys, values, self.rotation)
         return self.seen
 
     def tier_positions(self, stream: int) -> dict[str, torch.Tensor]:

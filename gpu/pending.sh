@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU measurements written but not yet run (session 10 had no device time), in calls that
+# each fit the device's 10-minute limit. Here: `bash gpu/make_carry.sh`; then one `run` per
+# stage, carrying carry/:  bash gpu/pending.sh STAGE   (outputs under $OUT, one file each).
+#   A: the CUDA tests on the default kernel and on the field path, the fused rotation's check
+#      and its decode timing at 8k (B=1, B=8).
+#   B: the prefill profile at B=8 x 32k on 8 of the 32 layers, kernels vs the torch scoring.
+#   C: `kvmix.bench gpu` at 8k B=8 (not re-measured since the host work was cut) and the
+#      capacity searches at 32k (the earlier ones were not clean).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source gpu/setup.sh > "$OUT/setup.txt" 2>&1
+cp /tmp/kvmixpy/kvmix/_kvmix*.so python/kvmix/
+export PYTHONPATH=$PWD/python:$PYTHONPATH
+nvidia-smi --query-gpu=name,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+case "${1:-}" in
+A)
+  timeout 150 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
+  KVMIX_TRITON_FIELDS=1 timeout 150 python3 -m pytest -q -m cuda tests \
+    > "$OUT/pytest-cuda-fields.txt" 2>&1
+  timeout 260 python3 -u gpu/rotation_fused.py > "$OUT/rotation-fused.txt" 2>&1
+  ;;
+B)
+  timeout 540 python3 -u gpu/prefill_profile.py --layers 8 > "$OUT/prefill-profile.txt" 2>&1
+  ;;
+C)
+  timeout 280 python3 -u -m kvmix.bench gpu --batches 8 --contexts 8192 --steps 8 \
+    --methods full quanto-int2 zipcache kvmix-5x --json "$OUT/bench-8k-b8.json" \
+    > "$OUT/bench-8k-b8.txt" 2>&1
+  timeout 280 python3 -u -m kvmix.bench gpu --max-batch --batches 1 --contexts 8192 --steps 2 \
+    --methods full zipcache --json "$OUT/capacity.json" > "$OUT/capacity.txt" 2>&1
+  ;;
+*)
+  echo "usage: bash gpu/pending.sh A|B|C" >&2
+  exit 2
+  ;;
+esac
+tail -n 5 "$OUT"/*.txt

@@ -28,6 +28,7 @@ from kvmix.models import load_smollm2
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--passages", type=int, default=1, help="stdlib passages to calibrate on")
     p.add_argument("--prefix-tokens", type=int, default=1024)
     p.add_argument("--continuation-tokens", type=int, default=128)
     p.add_argument("--min-ratio", type=float, default=4.9)
@@ -36,11 +37,11 @@ def main() -> None:
 
     model, tok = load_smollm2()
     enable_fused_attention(model)
-    text = stdlib_passages(tok, 1, args.prefix_tokens, args.continuation_tokens)
+    text = stdlib_passages(tok, args.passages, args.prefix_tokens, args.continuation_tokens)
     ids = torch.cat([text.prefix_ids, text.continuation_ids], dim=1)
     t0 = time.time()
     result = calibrate_layer_options(model, ids, args.prefix_tokens, min_ratio=args.min_ratio)
-    length = f"{args.prefix_tokens}+{args.continuation_tokens}"
+    length = f"{args.passages} x {args.prefix_tokens}+{args.continuation_tokens}"
     print(f"calibration: {time.time() - t0:.0f} s, stdlib {length}")
     print(f"preset alone: KL {result.base_kl:.4f} at {result.base_ratio:.3f}x after the prompt")
     print("layer upgrade  KL      extra bytes  KL saved per KiB")

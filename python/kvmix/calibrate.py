@@ -4,13 +4,14 @@ kvmix-5x spends some of its bytes on wider low-tier codes in a few layers (``lay
 :data:`kvmix.cache.KVMIX5X_CALIBRATED_LAYERS` holds the choice made by hand for SmolLM2-135M.
 :func:`calibrate_layer_options` makes that choice for any model from any text the user gives:
 
-1. an exact forward pass over ``prefix + continuation`` gives the reference next-token
-   distributions;
+1. an exact forward pass over each passage's ``prefix + continuation`` (a row of ``input_ids``)
+   gives the reference next-token distributions;
 2. the preset without per-layer options, then the preset with one *upgrade* (e.g. 4-bit regular
    keys) in one layer, for every layer and upgrade: the prefix is replayed into the cache (as a
    prefill stores it), the continuation teacher-forced one token at a time (as generation
-   compresses it), and the mean KL(reference || cache) measured, with the bytes the cache holds
-   once the prompt is compressed (``memory_report()``, before any decoding step);
+   compresses it), and the mean KL(reference || cache) measured over every passage, with the
+   bytes the caches hold once the prompts are compressed (``memory_report()``, before any
+   decoding step);
 3. upgrades are taken greedily by KL saved per extra byte while the cache stays at least
    ``min_ratio`` times smaller than fp16; the chosen set is measured once more together (the
    layers interact), dropping the least efficient upgrade until the measured ratio holds.
@@ -19,8 +20,9 @@ Layers are scored one at a time, as in mixed-precision bit allocation by layer s
 (e.g. HAWQ, Dong et al., 2019; KVTuner, Li et al., 2025, for KV caches). Tune on one text
 family, report on another: the choice is a claim about the text it was measured on.
 
-Cost: ``1 + layers x len(upgrades) + (1 or a few)`` prefills and ``continuation`` decoding
-steps each (SmolLM2-135M, 30 layers, 2 upgrades, 1024 + 128 tokens: ~10 minutes on 2 cores).
+Cost per passage: ``1 + layers x len(upgrades) + (1 or a few)`` prefills and ``continuation``
+decoding steps each (SmolLM2-135M, 30 layers, 2 upgrades, one passage of 1024 + 128 tokens:
+62 runs, 50 minutes on 2 cores shared with other jobs).
 """
 
 from __future__ import annotations
@@ -89,25 +91,33 @@ class _Run:
     fp16_bytes: int
 
 
-def _measure(
-    model: Any,
-    prefill: PrefillStates,
-    reference: torch.Tensor,
-    continuation: torch.Tensor,
-    cache: KvmixCache,
-) -> _Run:
-    """Mean KL(reference || cache) over the continuation, and the bytes after the prompt."""
-    replay_prefill(model, prefill, cache)
-    report = cache.memory_report()
-    # The first prediction comes from the exact prefill, the same for every cache.
-    kls = [0.0]
-    with torch.inference_mode():
-        for i in range(continuation.shape[0] - 1):
-            out = model(input_ids=continuation[i].view(1, 1), past_key_values=cache, use_cache=True)
-            own = torch.log_softmax(out.logits[0, -1].double(), dim=-1)
-            ref = reference[i + 1]
-            kls.append(max(float((ref.exp() * (ref - own)).sum()), 0.0))
-    return _Run(sum(kls) / len(kls), int(report["bytes"]), int(report["fp16_bytes"]))
+@dataclass(frozen=True)
+class _Passage:
+    prefill: PrefillStates
+    reference: torch.Tensor  # log-probabilities of each continuation token's prediction
+    continuation: torch.Tensor
+
+
+def _measure(model: Any, passages: Sequence[_Passage], make: Callable[[], KvmixCache]) -> _Run:
+    """Mean KL(reference || cache) over every passage's continuation (a fresh cache each), and
+    the bytes the caches hold after their prompts, summed."""
+    kls: list[float] = []
+    held = fp16 = 0
+    for passage in passages:
+        cache = make()
+        replay_prefill(model, passage.prefill, cache)
+        report = cache.memory_report()
+        held, fp16 = held + int(report["bytes"]), fp16 + int(report["fp16_bytes"])
+        # The first prediction comes from the exact prefill, the same for every cache.
+        kls.append(0.0)
+        cont, reference = passage.continuation, passage.reference
+        with torch.inference_mode():
+            for i in range(cont.shape[0] - 1):
+                out = model(input_ids=cont[i].view(1, 1), past_key_values=cache, use_cache=True)
+                own = torch.log_softmax(out.logits[0, -1].double(), dim=-1)
+                ref = reference[i + 1]
+                kls.append(max(float((ref.exp() * (ref - own)).sum()), 0.0))
+    return _Run(sum(kls) / len(kls), held, fp16)
 
 
 def _merge(chosen: Sequence[LayerUpgrade]) -> dict[int, dict[str, int]]:
@@ -120,9 +130,11 @@ def _merge(chosen: Sequence[LayerUpgrade]) -> dict[int, dict[str, int]]:
 def _check(
     input_ids: Any, prefix_tokens: int, min_ratio: float, upgrades: Mapping[str, Any]
 ) -> None:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] < 1:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
-        raise ShapeError(f"`input_ids` must be a (1, tokens) tensor of token ids, got {shape}")
+        raise ShapeError(
+            f"`input_ids` must be a (passages, tokens) tensor of token ids, got {shape}"
+        )
     if input_ids.dtype not in (torch.int32, torch.int64):
         raise ShapeError(f"`input_ids` must hold integer token ids, got {input_ids.dtype}")
     if not 1 <= prefix_tokens <= input_ids.shape[1] - 2:
@@ -155,8 +167,10 @@ def calibrate_layer_options(
         model: a transformers causal LM with kvmix attention enabled as it will be used
             (``kvmix.enable_fused_attention(model)`` or ``enable_portable_scoring``), and an
             sdpa-style attention implementation (the prefill is recorded once and replayed).
-        input_ids: ``(1, tokens)`` token ids of the calibration text: the first
-            ``prefix_tokens`` are the prompt, the rest is teacher-forced.
+        input_ids: ``(passages, tokens)`` token ids of the calibration text, one passage per
+            row: the first ``prefix_tokens`` are the prompt, the rest is teacher-forced. KL is
+            averaged over every passage's tokens (one passage of ~100 decoded tokens leaves
+            single-layer differences near its noise: use several).
         prefix_tokens: the prompt's length.
         min_ratio: the smallest fp16-to-cache bytes ratio allowed once the prompt is compressed.
         upgrades: name -> layer options tried in each layer (:data:`DEFAULT_UPGRADES`).
@@ -185,14 +199,15 @@ def calibrate_layer_options(
         make_cache(config, {chosen_layers[0] if chosen_layers else 0: dict(opts)})
 
     ids = input_ids.to(torch.long)
-    prefix, continuation = ids[:, :prefix_tokens], ids[0, prefix_tokens:]
-    states = capture_prefill(model, ids[:, :-1])
-    assert states.logits is not None
-    reference = torch.log_softmax(states.logits[0, prefix_tokens - 1 :].double(), dim=-1)
-    prefill = states.prefix(prefix.shape[1])
+    passages = []
+    for row in ids:
+        states = capture_prefill(model, row[None, :-1])
+        assert states.logits is not None
+        reference = torch.log_softmax(states.logits[0, prefix_tokens - 1 :].double(), dim=-1)
+        passages.append(_Passage(states.prefix(prefix_tokens), reference, row[prefix_tokens:]))
 
     def run(layer_options: Mapping[int, Mapping[str, Any]]) -> _Run:
-        return _measure(model, prefill, reference, continuation, make_cache(config, layer_options))
+        return _measure(model, passages, lambda: make_cache(config, layer_options))
 
     base = run({})
     budget = base.fp16_bytes / min_ratio

@@ -4,6 +4,7 @@
 use super::codec::{Codec, DenseDtype, Factor};
 use crate::error::{KvmixError, Result};
 use crate::importance::CountMode;
+use crate::quant::Clip;
 
 /// MiKV (Yang et al., 2024): important tokens (heavy hitters + recent) at high precision,
 /// every other token kept at low precision; the important set is trimmed back to its budget
@@ -76,6 +77,11 @@ pub struct ZipCacheConfig {
     /// within the salient budget, and go to the high tier as a segment of their own, so their
     /// outlying keys and values set no other token's per-channel statistics.
     pub sink_tokens: usize,
+    /// How the regular tokens' groups choose their range (keys and values):
+    /// [`Clip::MinMax`] (the paper) or [`Clip::Mse`] (the range of least squared error).
+    pub low_clip: Clip,
+    /// The same for the salient tokens.
+    pub high_clip: Clip,
 }
 
 impl Default for ZipCacheConfig {
@@ -93,6 +99,8 @@ impl Default for ZipCacheConfig {
             selection: Selection::Layer,
             streaming_gap: 100,
             sink_tokens: 0,
+            low_clip: Clip::MinMax,
+            high_clip: Clip::MinMax,
         }
     }
 }
@@ -193,7 +201,7 @@ impl Layout {
         let codec = |c: Codec| match c {
             Codec::Dense(DenseDtype::F16) => F16_MAX,
             Codec::Dense(_) => DENSE_MAX,
-            Codec::TokenGroups { bits, .. } | Codec::Channel { bits } => {
+            Codec::TokenGroups { bits, .. } | Codec::Channel { bits, .. } => {
                 F16_MAX.min(F16_MAX * ((1u32 << bits) - 1) as f32 / 2.0)
             }
         };
@@ -333,6 +341,7 @@ impl Policy {
                     bits,
                     group_size: g,
                     factor,
+                    clip: Clip::MinMax,
                 };
                 let high = match c.high_bits {
                     None => (Codec::Dense(DenseDtype::F16), Codec::Dense(DenseDtype::F16)),
@@ -363,23 +372,25 @@ impl Policy {
                 } else {
                     Factor::None
                 };
-                let tier = |bits| {
+                let tier = |bits, clip| {
                     (
-                        Codec::Channel { bits },
+                        Codec::Channel { bits, clip },
                         Codec::TokenGroups {
                             bits,
                             group_size: head_dim,
                             factor: value_factor,
+                            clip,
                         },
                     )
                 };
-                let (_, low_values) = tier(c.low_bits);
+                let (_, low_values) = tier(c.low_bits, c.low_clip);
                 let low_keys = Codec::Channel {
                     bits: c.low_key_bits.unwrap_or(c.low_bits),
+                    clip: c.low_clip,
                 };
                 Layout {
                     buffer,
-                    high: tier(c.high_bits),
+                    high: tier(c.high_bits, c.high_clip),
                     low: (low_keys, low_values),
                     high_scored: false,
                 }
@@ -399,11 +410,15 @@ impl Policy {
                         .unwrap_or(1)
                 });
                 let low = (
-                    Codec::Channel { bits: c.bits },
+                    Codec::Channel {
+                        bits: c.bits,
+                        clip: Clip::MinMax,
+                    },
                     Codec::TokenGroups {
                         bits: c.bits,
                         group_size: g,
                         factor: Factor::None,
+                        clip: Clip::MinMax,
                     },
                 );
                 Layout {

@@ -115,6 +115,10 @@ class _Codec:
         self.bits = int(spec.get("bits", 8))
         self.group_size = int(spec.get("group_size", head_dim))
         self.factor = spec.get("factor", "none")
+        #: How each group chooses its range (``"minmax"`` or ``"mse"``, the Rust codec's), and
+        #: the shrink factors ``"mse"`` searches (from the layout: ``src/quant/clip.rs``).
+        self.clip = spec.get("clip", "minmax")
+        self.shrink = [float(s) for s in spec.get("shrink", [1.0])]
         if self.kind != "dense":
             if self.bits not in (1, 2, 3, 4, 8):
                 raise ConfigError(
@@ -330,6 +334,8 @@ class _Tier:
             data[:, row0 : row0 + n] = x.to(c.dtype)
             return
         x = x.contiguous()
+        clip = {"CLIP": c.clip == "mse", "NSHR": len(c.shrink)}
+        shrink = torch.tensor(c.shrink, dtype=torch.float32, device=x.device)
         if c.kind == "channel":
             sc, of = self.ks, self.ko
             cb = min(self.d, 32)
@@ -344,6 +350,7 @@ class _Tier:
                 data,
                 sc,
                 of,
+                shrink,
                 n,
                 self.cap,
                 row0,
@@ -356,6 +363,7 @@ class _Tier:
                 BITS=c.bits,
                 CB=cb,
                 BR=32,
+                **clip,
             )
             return
         sc, of = (self.ks, self.ko) if key else (self.vs, self.vo)
@@ -379,6 +387,7 @@ class _Tier:
             data,
             sc,
             of,
+            shrink,
             n,
             self.cap,
             row0,
@@ -387,6 +396,7 @@ class _Tier:
             BITS=c.bits,
             HAS_FAC=c.factor in ("separable", "fixed"),
             BR=br,
+            **clip,
         )
 
     # -- reading --------------------------------------------------------------------------

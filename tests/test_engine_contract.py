@@ -17,7 +17,7 @@ B, H, D, N = 2, 2, 32, 150
 CASES = [
     ("zipcache", {"streaming_gap": 4}),
     # clip="mse": the range search runs in both engines' quantizers and picks the same grids.
-    ("zipcache", {"streaming_gap": 4, "low_clip": "mse", "high_clip": "mse", "low_key_bits": 3}),
+    ("zipcache", {"streaming_gap": 4, "key_clip": "mse", "value_clip": "mse", "low_key_bits": 3}),
     ("uniform", {"residual": 32}),
     ("full", None),
 ]

@@ -43,8 +43,8 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
         "selection": "kv_head",
         "streaming_gap": 7,
         "sink_tokens": 4,
-        "low_clip": "mse",
-        "high_clip": "mse",
+        "key_clip": "mse",
+        "value_clip": "mse",
     },
     "eviction": {"budget": 0.3, "recent_share": 0.25, "streaming_gap": 2},
 }
@@ -75,8 +75,8 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
         "selection": "layer",
         "streaming_gap": 100,
         "sink_tokens": 0,  # not in the paper: kvmix's addition, off by default
-        "low_clip": "minmax",  # the paper's round-to-nearest over each group's range
-        "high_clip": "minmax",
+        "key_clip": "minmax",  # the paper's round-to-nearest over each group's range
+        "value_clip": "minmax",
     },
     "eviction": {"budget": 0.2, "recent_share": 0.5, "streaming_gap": 1},
 }

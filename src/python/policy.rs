@@ -57,8 +57,8 @@ pub const ZIPCACHE_OPTIONS: [&str; 14] = [
     "selection",
     "streaming_gap",
     "sink_tokens",
-    "low_clip",
-    "high_clip",
+    "key_clip",
+    "value_clip",
 ];
 pub const UNIFORM_OPTIONS: [&str; 3] = ["bits", "residual", "group_size"];
 pub const EVICTION_OPTIONS: [&str; 3] = ["budget", "recent_share", "streaming_gap"];
@@ -135,8 +135,8 @@ fn set_zipcache(c: &mut ZipCacheConfig, o: &Opt<'_, '_, '_>) -> PyResult<()> {
         "selection" => c.selection = o.choice(&SELECTIONS)?,
         "streaming_gap" => c.streaming_gap = o.count()?,
         "sink_tokens" => c.sink_tokens = o.count()?,
-        "low_clip" => c.low_clip = o.choice(&CLIPS)?,
-        "high_clip" => c.high_clip = o.choice(&CLIPS)?,
+        "key_clip" => c.key_clip = o.choice(&CLIPS)?,
+        "value_clip" => c.value_clip = o.choice(&CLIPS)?,
         _ => return Err(unknown(&Policy::ZipCache(*c), o.key)),
     }
     Ok(())
@@ -189,8 +189,8 @@ pub fn options_dict<'py>(py: Python<'py>, policy: &Policy) -> PyResult<Bound<'py
             d.set_item("selection", name_of(&SELECTIONS, c.selection))?;
             d.set_item("streaming_gap", c.streaming_gap)?;
             d.set_item("sink_tokens", c.sink_tokens)?;
-            d.set_item("low_clip", name_of(&CLIPS, c.low_clip))?;
-            d.set_item("high_clip", name_of(&CLIPS, c.high_clip))?;
+            d.set_item("key_clip", name_of(&CLIPS, c.key_clip))?;
+            d.set_item("value_clip", name_of(&CLIPS, c.value_clip))?;
         }
         Policy::Uniform(c) => {
             d.set_item("bits", c.bits)?;

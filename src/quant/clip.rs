@@ -78,19 +78,29 @@ pub fn shrunk_range(lo: f32, hi: f32, s: f32) -> (f32, f32) {
 }
 
 /// Squared reconstruction error of `xs` on grid `a`, summed in f64 (each square is exact).
+/// Eight independent lanes so the loop vectorizes (one serial f64 sum made the search 60x
+/// the cost of min-max quantization instead of ~12x).
 #[inline(always)]
 pub fn squared_error(a: &Affine, xs: &[f32], bits: u8) -> f64 {
     let top = max_code(bits);
-    let mut e = 0f64;
-    for &x in xs {
-        let d = (a.decode(a.code(x, top)) - x) as f64;
-        e += d * d;
+    let mut lanes = [0f64; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for (e, &x) in lanes.iter_mut().zip(c) {
+            let d = (a.decode(a.code(x, top)) - x) as f64;
+            *e += d * d;
+        }
     }
-    e
+    for (e, &x) in lanes.iter_mut().zip(chunks.remainder()) {
+        let d = (a.decode(a.code(x, top)) - x) as f64;
+        *e += d * d;
+    }
+    lanes.iter().sum()
 }
 
-/// The grid of the group `xs` (min `lo`, max `hi`) under `clip`.
-#[inline]
+/// The grid of the group `xs` (min `lo`, max `hi`) under `clip`. Inlined into the caller so
+/// that it is compiled for the caller's instruction set (AVX2 in the quantizer).
+#[inline(always)]
 pub fn fit(
     xs: &[f32],
     lo: f32,

@@ -537,7 +537,9 @@ fn encode_unit(
 /// Each channel's grid over the tokens `vals` (`tokens × d`) with minima `lo` and maxima `hi`:
 /// [`clip::fit`] per channel, with every channel's error for one candidate summed in one pass
 /// over the tokens (the channels are contiguous; walking one channel down the tokens at a
-/// time would stride through the block once per channel and candidate).
+/// time would stride through the block once per channel and candidate). Inlined so that it is
+/// compiled for the caller's instruction set.
+#[inline(always)]
 fn channel_grids(
     vals: &[f32],
     d: usize,

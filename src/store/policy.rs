@@ -77,11 +77,13 @@ pub struct ZipCacheConfig {
     /// within the salient budget, and go to the high tier as a segment of their own, so their
     /// outlying keys and values set no other token's per-channel statistics.
     pub sink_tokens: usize,
-    /// How the regular tokens' groups choose their range (keys and values):
-    /// [`Clip::MinMax`] (the paper) or [`Clip::Mse`] (the range of least squared error).
-    pub low_clip: Clip,
-    /// The same for the salient tokens.
-    pub high_clip: Clip,
+    /// How the keys' groups (both tiers) choose their range: [`Clip::MinMax`] (the paper)
+    /// or [`Clip::Mse`] (the range of least squared error). Split by keys and values, not by
+    /// tier: squared error is attention error for values at every width, not for keys
+    /// (`notes/kvmix-5x.md`, session 10).
+    pub key_clip: Clip,
+    /// The same for the values' groups.
+    pub value_clip: Clip,
 }
 
 impl Default for ZipCacheConfig {
@@ -99,8 +101,8 @@ impl Default for ZipCacheConfig {
             selection: Selection::Layer,
             streaming_gap: 100,
             sink_tokens: 0,
-            low_clip: Clip::MinMax,
-            high_clip: Clip::MinMax,
+            key_clip: Clip::MinMax,
+            value_clip: Clip::MinMax,
         }
     }
 }
@@ -372,25 +374,28 @@ impl Policy {
                 } else {
                     Factor::None
                 };
-                let tier = |bits, clip| {
+                let tier = |bits| {
                     (
-                        Codec::Channel { bits, clip },
+                        Codec::Channel {
+                            bits,
+                            clip: c.key_clip,
+                        },
                         Codec::TokenGroups {
                             bits,
                             group_size: head_dim,
                             factor: value_factor,
-                            clip,
+                            clip: c.value_clip,
                         },
                     )
                 };
-                let (_, low_values) = tier(c.low_bits, c.low_clip);
+                let (_, low_values) = tier(c.low_bits);
                 let low_keys = Codec::Channel {
                     bits: c.low_key_bits.unwrap_or(c.low_bits),
-                    clip: c.low_clip,
+                    clip: c.key_clip,
                 };
                 Layout {
                     buffer,
-                    high: tier(c.high_bits, c.high_clip),
+                    high: tier(c.high_bits),
                     low: (low_keys, low_values),
                     high_scored: false,
                 }

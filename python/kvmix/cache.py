@@ -726,7 +726,9 @@ class ZipCache(KvmixCache):
         key_clip: how the keys' groups (every tier) choose their range: ``"minmax"`` (the
             paper: each group's min and max) or ``"mse"`` (the range of least squared error
             among min-max and 11 shrunk ranges, MSE-optimal clipping as in OmniQuant/Atom; the
-            same stored format and kernels, only the quantizer searches). Default ``'minmax'``.
+            same stored format and kernels, only the quantizer searches). Less squared error is
+            not less KL: on kvmix-5x it lowered KL on one text and raised it on KJV
+            (``notes/kvmix-5x.md``, session 10). Default ``'minmax'``.
         value_clip: the same for the values' groups. Default ``'minmax'``.
         buffer_dtype: see :class:`KvmixCache`.
         engine: see :class:`KvmixCache` (``"auto"``: Rust on the CPU, Triton on a GPU).

@@ -13,6 +13,7 @@ Prints relative squared error and the attention-output error of the last 256 que
 
     KVMIX_NUM_THREADS=1 OMP_NUM_THREADS=1 python benches/clip_probe.py capture
     KVMIX_NUM_THREADS=1 OMP_NUM_THREADS=1 python benches/clip_probe.py analyze /tmp/clip/qkv_stdlib0.npz
+    KVMIX_NUM_THREADS=1 OMP_NUM_THREADS=1 python benches/clip_probe.py kjv-diagnostic
 """
 # ruff: noqa
 import sys
@@ -199,9 +200,63 @@ def main():
 
 
 
+def kjv_diagnostic():
+    """Report-only diagnostic of session 10's KJV result (no tuning): on the eval's first KJV
+    passage, 2-bit regular values of every layer, min-max vs the clip search: attention-output
+    error, the output's projection on the exact output, and the values' signed shrinkage."""
+    import torch
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    CAP = {}
+    def cap(module, query, key, value, attention_mask, **kw):
+        CAP[module.layer_idx] = (query[0, :, -256:].float().numpy().copy(), key[0].float().numpy().copy(), value[0].float().numpy().copy())
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+    AttentionInterface.register("capture", cap)
+    from kvmix.models import load_smollm2
+    from kvmix.data import kjv_passages
+    from kvmix.cache import randomized_hadamard
+    model, tok = load_smollm2(attn_implementation="capture")
+    p = kjv_passages(tok, 4, 2048, 256)
+    R = randomized_hadamard(64, 0).numpy()
+    with torch.no_grad():
+        model(p.prefix_ids[:1], use_cache=False)
+    rng = np.random.default_rng(0)
+    res = {}
+    for layer in range(30):
+        q, K, V = (a @ R for a in CAP[layer])
+        T = K.shape[1]
+        sal = np.sort(rng.choice(np.arange(4, T), int(0.14 * T), replace=False))
+        o = attn(q, K, V); on = (o ** 2).sum()
+        for name, kind, bits, sub in (("V2 regular", "v", 2, "reg"),):
+            idx = np.arange(4, T) if sub == "reg" else sal
+            for mode in ("minmax", "mid"):
+                Kh, Vh = K.copy(), V.copy(); se = sx = 0.0
+                for h in range(3):
+                    x = (K if kind == "k" else V)[h][idx]
+                    xh, _ = (quant_keys if kind == "k" else quant_values)(x, bits, mode)
+                    se += ((x - xh) ** 2).sum(); sx += (x ** 2).sum()
+                    (Kh if kind == "k" else Vh)[h, idx] = xh
+                oh = attn(q, Kh, Vh)
+                oe = ((oh - o) ** 2).sum() / on
+                res.setdefault((name, mode, "proj"), []).append(float((oh * o).sum() / on))
+                # signed error of the values themselves: mean of (x̂ - x) * sign(x), i.e. shrinkage
+                res.setdefault((name, mode, "shrink"), []).append(float(np.mean([((Vh[h, idx] - V[h, idx]) * np.sign(V[h, idx])).mean() / np.abs(V[h, idx]).mean() for h in range(3)])))
+                r = res.setdefault((name, mode), [0, 0, []]); r[0] += se; r[1] += sx; r[2].append(oe)
+    a, b = res[("V2 regular", "minmax")], res[("V2 regular", "mid")]
+    r = np.array(b[2]) / np.array(a[2])
+    print("per-layer attn ratio (clip / minmax), V2 regular:", " ".join(f"{x:.2f}" for x in r))
+    print("worst layers:", np.argsort(-r)[:5], "max", r.max(), "min", r.min())
+    for mode in ("minmax", "mid"):
+        p = np.array(res[("V2 regular", mode, "proj")]); sh = np.array(res[("V2 regular", mode, "shrink")])
+        print(mode, "output projection <o_hat,o>/<o,o>: mean %.4f min %.4f max %.4f" % (p.mean(), p.min(), p.max()),
+              "| value shrinkage E[(x_hat-x) sign x]/E|x|: mean %.4f" % sh.mean())
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "capture":
         capture()
+    elif sys.argv[1] == "kjv-diagnostic":
+        kjv_diagnostic()
     else:
         sys.argv = sys.argv[1:]
         main()

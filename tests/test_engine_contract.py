@@ -18,6 +18,7 @@ CASES = [
     ("zipcache", {"streaming_gap": 4}),
     # clip="mse": the range search runs in both engines' quantizers and picks the same grids.
     ("zipcache", {"streaming_gap": 4, "key_clip": "mse", "value_clip": "mse", "low_key_bits": 3}),
+    ("zipcache", {"streaming_gap": 4, "key_clip": "mse_unbiased", "value_clip": "mse_unbiased"}),
     ("uniform", {"residual": 32}),
     ("full", None),
 ]

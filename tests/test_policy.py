@@ -120,7 +120,7 @@ def test_the_literal_types_list_exactly_the_core_values():
     assert set(get_args(BufferDtype)) == set(kvmix.BUFFER_DTYPES)
     assert set(get_args(CountMode)) == {"exact", "full_matrix"}
     assert set(get_args(Selection)) == {"layer", "kv_head"}
-    assert set(get_args(Clip)) == set(kvmix._kvmix.CLIPS) == {"minmax", "mse"}
+    assert set(get_args(Clip)) == set(kvmix._kvmix.CLIPS) == {"minmax", "mse", "mse_unbiased"}
     assert set(get_args(Scoring)) == set(SCORING.values())
 
 

@@ -323,7 +323,7 @@ LARGE = [
 ]
 
 
-@pytest.mark.parametrize("clip", ["minmax", "mse"])
+@pytest.mark.parametrize("clip", ["minmax", "mse", "mse_unbiased"])
 @pytest.mark.parametrize("param_dtype", ["float16", "float32"])
 @pytest.mark.parametrize(("shape", "bits", "grouping", "size"), LARGE)
 def test_large_tensors_match_reference(
@@ -437,7 +437,7 @@ def test_mse_clip_is_deterministic_and_validated() -> None:
     b = kvmix.quantize(x.copy(), 2, grouping="channel", clip="mse")
     np.testing.assert_array_equal(a.codes, b.codes)
     np.testing.assert_array_equal(a.scale, b.scale)
-    with pytest.raises(kvmix.ConfigError, match="`clip` must be 'minmax' or 'mse'"):
+    with pytest.raises(kvmix.ConfigError, match="`clip` must be 'minmax', 'mse' or 'mse_unbiased'"):
         kvmix.quantize(x, 2, clip="max")  # type: ignore[arg-type]
 
 

@@ -724,10 +724,12 @@ class ZipCache(KvmixCache):
             high-tier segment of their own, so their outlying keys and values set no other
             token's per-channel statistics. ``0``: none (the paper). Default ``0``.
         key_clip: how the keys' groups (every tier) choose their range: ``"minmax"`` (the
-            paper: each group's min and max) or ``"mse"`` (the range of least squared error
+            paper: each group's min and max), ``"mse"`` (the range of least squared error
             among min-max and 11 shrunk ranges, MSE-optimal clipping as in OmniQuant/Atom; the
-            same stored format and kernels, only the quantizer searches). Less squared error is
-            not less KL: on kvmix-5x it lowered KL on one text and raised it on KJV
+            same stored format and kernels, only the quantizer searches) or ``"mse_unbiased"``
+            (the same among the ranges whose reconstruction does not shrink the group: a
+            shrinking grid shrinks every layer's attention output). On kvmix-5x, ``"mse"``
+            lowered KL on one text and raised it on KJV; ``"mse_unbiased"`` lowered it on both
             (``notes/kvmix-5x.md``, session 10). Default ``'minmax'``.
         value_clip: the same for the values' groups. Default ``'minmax'``.
         buffer_dtype: see :class:`KvmixCache`.

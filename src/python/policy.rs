@@ -67,7 +67,11 @@ const COUNT_MODES: [(&str, CountMode); 2] = [
     ("exact", CountMode::Exact),
     ("full_matrix", CountMode::FullMatrix),
 ];
-const CLIPS: [(&str, Clip); 2] = [("minmax", Clip::MinMax), ("mse", Clip::Mse)];
+const CLIPS: [(&str, Clip); 3] = [
+    ("minmax", Clip::MinMax),
+    ("mse", Clip::Mse),
+    ("mse_unbiased", Clip::MseUnbiased),
+];
 const SELECTIONS: [(&str, Selection); 2] =
     [("layer", Selection::Layer), ("kv_head", Selection::KvHead)];
 

@@ -549,7 +549,7 @@ fn codec_dict<'py>(py: Python<'py>, c: &Codec) -> PyResult<Bound<'py, PyDict>> {
 /// the layout: it may run where the compiled core is not installed).
 fn clip_items(d: &Bound<'_, PyDict>, clip: Clip) -> PyResult<()> {
     d.set_item("clip", clip.name())?;
-    if clip == Clip::Mse {
+    if clip != Clip::MinMax {
         d.set_item("shrink", quant::clip::SHRINK.map(f64::from).to_vec())?;
     }
     Ok(())

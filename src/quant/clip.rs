@@ -43,16 +43,22 @@ pub enum Clip {
     MinMax,
     /// The range of least squared error among min-max and [`SHRINK`]'s shrunk ranges.
     Mse,
+    /// As `Mse`, among the candidates whose reconstruction does not shrink the group
+    /// (`<x̂ - x, x> >= 0`, summed in f64 from exact products); min-max when none qualifies.
+    /// A least-squares grid shrinks its values toward the middle, and attention does not
+    /// average a shared shrinkage away (session 10: attention outputs x0.90 per layer).
+    MseUnbiased,
 }
 
 impl Clip {
     /// Every name, as [`Self::parse`] reads it and [`Self::name`] writes it.
-    pub const NAMES: [&'static str; 2] = ["minmax", "mse"];
+    pub const NAMES: [&'static str; 3] = ["minmax", "mse", "mse_unbiased"];
 
     pub fn name(self) -> &'static str {
         match self {
             Clip::MinMax => "minmax",
             Clip::Mse => "mse",
+            Clip::MseUnbiased => "mse_unbiased",
         }
     }
 
@@ -60,8 +66,9 @@ impl Clip {
         match name {
             "minmax" => Ok(Clip::MinMax),
             "mse" => Ok(Clip::Mse),
+            "mse_unbiased" => Ok(Clip::MseUnbiased),
             _ => Err(KvmixError::Config(format!(
-                "`clip` must be 'minmax' or 'mse', got {name:?}"
+                "`clip` must be 'minmax', 'mse' or 'mse_unbiased', got {name:?}"
             ))),
         }
     }
@@ -102,6 +109,15 @@ pub fn squared_error(a: &Affine, xs: &[f32], bits: u8) -> f64 {
     lanes.iter().sum()
 }
 
+/// `<x̂ - x, x>` in f64 (negative: the grid shrinks the group).
+#[inline(always)]
+pub fn shrinkage(a: &Affine, xs: &[f32], bits: u8) -> f64 {
+    let top = max_code(bits);
+    xs.iter()
+        .map(|&x| (a.decode(a.code(x, top)) - x) as f64 * x as f64)
+        .sum()
+}
+
 /// The grid of the group `xs` (min `lo`, max `hi`) under `clip`. Inlined into the caller so
 /// that it is compiled for the caller's instruction set (AVX2 in the quantizer).
 #[inline(always)]
@@ -118,10 +134,16 @@ pub fn fit(
         return Ok(best);
     }
     let mut best_err = squared_error(&best, xs, bits);
+    if clip == Clip::MseUnbiased && shrinkage(&best, xs, bits) < 0.0 {
+        best_err = f64::MAX;
+    }
     for s in SHRINK {
         let (a, b) = shrunk_range(lo, hi, s);
         let cand = Affine::from_range(a, b, bits, dtype)?;
         let err = squared_error(&cand, xs, bits);
+        if clip == Clip::MseUnbiased && shrinkage(&cand, xs, bits) < 0.0 {
+            continue;
+        }
         if err < best_err {
             (best, best_err) = (cand, err);
         }
@@ -177,6 +199,9 @@ mod tests {
             let mm = fit(&xs, lo, hi, bits, dtype, Clip::MinMax).unwrap();
             let mse = fit(&xs, lo, hi, bits, dtype, Clip::Mse).unwrap();
             prop_assert!(squared_error(&mse, &xs, bits) <= squared_error(&mm, &xs, bits));
+            // The unbiased search leaves min-max only for a grid that does not shrink.
+            let unb = fit(&xs, lo, hi, bits, dtype, Clip::MseUnbiased).unwrap();
+            prop_assert!(unb == mm || shrinkage(&unb, &xs, bits) >= 0.0);
         }
     }
 }

@@ -562,17 +562,31 @@ fn channel_grids(
     let top = super::affine::max_code(spec.bits);
     let errors = |grid: &[Affine]| {
         let mut e = vec![0f64; d];
+        let mut p = vec![0f64; d];
         for tok in vals.chunks_exact(d) {
-            for ((ec, a), &x) in e.iter_mut().zip(grid).zip(tok) {
+            for (((ec, pc), a), &x) in e.iter_mut().zip(p.iter_mut()).zip(grid).zip(tok) {
                 // A grid whose scale rounded to 0 decodes every code to its offset, as
                 // `Affine::code` (any code) and the encoder (code 0) both give.
                 let diff = (a.decode(a.code(x, top)) - x) as f64;
                 *ec += diff * diff;
+                *pc += diff * x as f64;
+            }
+        }
+        if spec.clip == Clip::MseUnbiased {
+            for (ec, pc) in e.iter_mut().zip(&p) {
+                if *pc < 0.0 {
+                    *ec = f64::INFINITY;
+                }
             }
         }
         e
     };
     let mut best_err = errors(&best);
+    best_err.iter_mut().for_each(|e| {
+        if e.is_infinite() {
+            *e = f64::MAX;
+        }
+    });
     // A channel whose min-max scale is 0 keeps that grid (code 0), as `clip::fit` does.
     let searched: Vec<bool> = best.iter().map(|a| a.scale != 0.0).collect();
     for s in clip::SHRINK {

@@ -13,7 +13,8 @@ ulp (the documented rounding ties).
 With ``CLIP`` (``clip="mse"``, ``src/quant/clip.rs``) each group also tries its range shrunk
 about the midpoint by each factor of ``SHR`` (the layout's ``shrink``) and keeps the grid of
 least squared error, summed in float64 from exact squares as the Rust quantizer sums them; the
-GPU may fuse ``mid - s * half`` into one rounding, another documented tie.
+GPU may fuse ``mid - s * half`` into one rounding, another documented tie. ``CLIP == 2``
+(``"mse_unbiased"``) keeps only the grids with ``sum((x̂ - x) * x) >= 0`` (float64).
 """
 
 # Triton's kernel language is untyped (its decorators, and parameters whose annotations
@@ -159,7 +160,7 @@ def quantize_token_groups_kernel(
     offset = lo.to(tl.float16)
     if CLIP:
         searched = scale != 0.0
-        best = _group_error(xg, scale, offset, top, 2)
+        best = _group_error(xg, scale, offset, top, 2, CLIP)
         mid = (lo + hi) * 0.5
         half = (hi - lo) * 0.5
         for i in range(NSHR):
@@ -168,7 +169,7 @@ def quantize_token_groups_kernel(
             b = mid + s_i * half
             sc_i = ((b - a) / top).to(tl.float16)
             of_i = a.to(tl.float16)
-            err = _group_error(xg, sc_i, of_i, top, 2)
+            err = _group_error(xg, sc_i, of_i, top, 2, CLIP)
             better = searched & (err < best)
             scale = tl.where(better, sc_i, scale)
             offset = tl.where(better, of_i, offset)
@@ -194,29 +195,51 @@ def _reconstruct(x, sf, of, top):
 
 
 @triton.jit
-def _group_error(xg, scale, offset, top, AXIS: tl.constexpr):
+def _group_error(xg, scale, offset, top, AXIS: tl.constexpr, CLIP: tl.constexpr):
     """Squared error of the token groups ``xg [BR, G, GS]`` on their fp16 grids ``[BR, G]``,
-    summed over ``AXIS`` in float64."""
+    summed over ``AXIS`` in float64; with ``CLIP == 2`` a grid that shrinks its group
+    (``sum((x̂ - x) * x) < 0``) scores the largest float64."""
     sf = scale.to(tl.float32)[:, :, None]
     of = offset.to(tl.float32)[:, :, None]
     d = (_reconstruct(xg, sf, of, top) - xg).to(tl.float64)
-    return _sum(d * d, AXIS)
+    err = _sum(d * d, AXIS)
+    if CLIP == 2:
+        err = tl.where(_sum(d * xg.to(tl.float64), AXIS) < 0.0, 1.7976931348623157e308, err)
+    return err
 
 
 @triton.jit
 def _channel_error(
-    X, s, N, base, n, c, D: tl.constexpr, scale, offset, top, RB, BR: tl.constexpr, CB: tl.constexpr
+    X,
+    s,
+    N,
+    base,
+    n,
+    c,
+    D: tl.constexpr,
+    scale,
+    offset,
+    top,
+    RB,
+    BR: tl.constexpr,
+    CB: tl.constexpr,
+    CLIP: tl.constexpr,
 ):
-    """Squared error of channels ``c`` of a segment's ``n`` rows on their fp16 grids, float64."""
+    """Squared error of channels ``c`` of a segment's ``n`` rows on their fp16 grids, float64
+    (the largest float64 for a grid that shrinks its channel, with ``CLIP == 2``)."""
     sf = scale.to(tl.float32)[None, :]
     of = offset.to(tl.float32)[None, :]
     err = tl.full([CB], 0.0, tl.float64)
+    grow = tl.full([CB], 0.0, tl.float64)
     for r0 in range(0, RB, BR):
         r = r0 + tl.arange(0, BR)
         ok = r < n
         x = tl.load(X + (s * N + base + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
         d = (_reconstruct(x, sf, of, top) - x).to(tl.float64)
         err += _sum(tl.where(ok[:, None], d * d, 0.0), 0)
+        grow += _sum(tl.where(ok[:, None], d * x.to(tl.float64), 0.0), 0)
+    if CLIP == 2:
+        err = tl.where(grow < 0.0, 1.7976931348623157e308, err)
     return err
 
 
@@ -265,7 +288,7 @@ def quantize_channels_kernel(
     offset = lo.to(tl.float16)
     if CLIP:
         searched = scale != 0.0
-        best = _channel_error(X, s, N, base, n, c, D, scale, offset, top, RB, BR, CB)
+        best = _channel_error(X, s, N, base, n, c, D, scale, offset, top, RB, BR, CB, CLIP)
         mid = (lo + hi) * 0.5
         half = (hi - lo) * 0.5
         for i in range(NSHR):
@@ -274,7 +297,7 @@ def quantize_channels_kernel(
             b = mid + s_i * half
             sc_i = ((b - a) / top).to(tl.float16)
             of_i = a.to(tl.float16)
-            err = _channel_error(X, s, N, base, n, c, D, sc_i, of_i, top, RB, BR, CB)
+            err = _channel_error(X, s, N, base, n, c, D, sc_i, of_i, top, RB, BR, CB, CLIP)
             better = searched & (err < best)
             scale = tl.where(better, sc_i, scale)
             offset = tl.where(better, of_i, offset)

@@ -73,6 +73,10 @@ def _round_half_away(x: float) -> int:
     return math.floor(x + 0.5)
 
 
+#: The Rust codecs' `clip` names as the quantize kernels' ``CLIP`` switch.
+_CLIPS = {"minmax": 0, "mse": 1, "mse_unbiased": 2}
+
+
 @dataclass
 class TierView:
     """What the attention kernel needs of one tier (unused tensors are 1-element dummies)."""
@@ -334,7 +338,8 @@ class _Tier:
             data[:, row0 : row0 + n] = x.to(c.dtype)
             return
         x = x.contiguous()
-        clip = {"CLIP": c.clip == "mse", "NSHR": len(c.shrink)}
+        # CLIP: 0 min-max, 1 least squared error, 2 the same among grids that do not shrink.
+        clip = {"CLIP": _CLIPS[c.clip], "NSHR": len(c.shrink)}
         shrink = torch.tensor(c.shrink, dtype=torch.float32, device=x.device)
         if c.kind == "channel":
             sc, of = self.ks, self.ko

@@ -11,7 +11,8 @@ core does the same, so codes match exactly.
 ``clip="mse"`` (``src/quant/clip.rs``): each group tries its min-max range, then that range
 shrunk about its midpoint by each factor of ``CLIP_SHRINK``, and keeps the grid of least squared
 error (the first on a tie; errors summed in float64 from exact squares). A group whose min-max
-scale is 0 keeps it.
+scale is 0 keeps it. ``clip="mse_unbiased"``: the same among the candidates whose reconstruction
+does not shrink the group (``sum((x̂ - x) * x) >= 0``, float64); min-max when none qualifies.
 """
 
 from __future__ import annotations
@@ -57,18 +58,23 @@ def fit_params(
     if clip == "minmax":
         return scale, offset
 
-    def error(sc: Array, of: Array) -> npt.NDArray[np.float64]:
+    unbiased = clip == "mse_unbiased"
+
+    def error(sc: Array, of: Array) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+        """Squared error, and whether the grid keeps the group from shrinking."""
         sc_x, of_x = np.expand_dims(sc, axis), np.expand_dims(of, axis)
         d = (sc_x * encode(x, sc_x, of_x, bits) + of_x - x).astype(np.float64)
-        return np.asarray((d * d).sum(axis))
+        grows = (d * x.astype(np.float64)).sum(axis) >= 0
+        return np.asarray((d * d).sum(axis)), np.asarray(grows | (not unbiased))
 
-    best = error(scale, offset)
+    best, allowed = error(scale, offset)
+    best = np.where(allowed, best, np.finfo(np.float64).max)
     searched = scale != 0
     mid, half = (lo + hi) * F32(0.5), (hi - lo) * F32(0.5)
     for s in map(F32, CLIP_SHRINK):
         sc, of = affine_params(mid - s * half, mid + s * half, bits, param_dtype)
-        err = error(sc, of)
-        better = searched & (err < best)
+        err, allowed = error(sc, of)
+        better = searched & allowed & (err < best)
         scale, offset = np.where(better, sc, scale), np.where(better, of, offset)
         best = np.where(better, err, best)
     return scale, offset

@@ -19,6 +19,7 @@ CASES = [
     # The range search of clip="mse" (float64 error sums on the device). The GPU may fuse
     # `mid - s * half` into one rounding: a documented tie, seen as a few differing rows.
     ("zipcache", {"streaming_gap": 16, "key_clip": "mse", "value_clip": "mse", "low_key_bits": 3}),
+    ("zipcache", {"streaming_gap": 16, "key_clip": "mse_unbiased", "value_clip": "mse_unbiased"}),
     ("uniform", {"residual": 64}),
     ("full", None),
 ]
@@ -54,7 +55,7 @@ for n in LENGTHS:
         got = tri.attend(q.to(DEV), [n - 1], D**-0.5, track=False).cpu().numpy()
         err = np.abs(np.asarray(want) - got).max()
         ok = same_tiers and max_row == 0 and err < 1e-4
-        name = policy + ("+clip" if config and "key_clip" in config else "")
+        name = policy + (f"+{config['key_clip']}" if config and "key_clip" in config else "")
         print(
             f"{name:14s} n={n:5d} | tiers equal {same_tiers} | max |row diff| {max_row:.1e} "
             f"({differ}/{total} values) | max |attn diff| {err:.1e} | {'OK' if ok else 'FAIL'}"

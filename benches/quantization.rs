@@ -3,7 +3,7 @@
 //! Run with `cargo bench --bench quantization`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use kvmix::quant::{quantize, Grouping, ParamDtype, QuantSpec};
+use kvmix::quant::{quantize, Clip, Grouping, ParamDtype, QuantSpec};
 
 fn data(n: usize) -> Vec<f32> {
     // A cheap deterministic pseudo-random signal with a few outlier channels.
@@ -52,9 +52,18 @@ fn bench(c: &mut Criterion) {
             bits,
             grouping,
             param_dtype: ParamDtype::F16,
+            clip: Clip::MinMax,
         };
         group.bench_function(format!("quantize/{name}"), |b| {
             b.iter(|| quantize(&x, &dims, spec, None).map(|q| q.codes.len()))
+        });
+        // The range search of `clip="mse"`: 12 candidate grids per group.
+        let mse = QuantSpec {
+            clip: Clip::Mse,
+            ..spec
+        };
+        group.bench_function(format!("quantize_mse/{name}"), |b| {
+            b.iter(|| quantize(&x, &dims, mse, None).map(|q| q.codes.len()))
         });
         let q = quantize(&x, &dims, spec, None).expect("benchmark data is finite");
         let mut out = vec![0f32; x.len()];

@@ -14,7 +14,14 @@ from kvmix.engines import resolve_engine
 from kvmix.engines.triton_store import TritonLayerStore
 
 B, H, D, N = 2, 2, 32, 150
-CASES = [("zipcache", {"streaming_gap": 4}), ("uniform", {"residual": 32}), ("full", None)]
+CASES = [
+    ("zipcache", {"streaming_gap": 4}),
+    # clip="mse": the range search runs in both engines' quantizers and picks the same grids.
+    ("zipcache", {"streaming_gap": 4, "key_clip": "mse", "value_clip": "mse", "low_key_bits": 3}),
+    ("zipcache", {"streaming_gap": 4, "key_clip": "mse_unbiased", "value_clip": "mse_unbiased"}),
+    ("uniform", {"residual": 32}),
+    ("full", None),
+]
 
 
 @pytest.mark.parametrize(("policy", "config"), CASES)

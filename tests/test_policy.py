@@ -12,7 +12,7 @@ import pytest
 
 import kvmix
 from kvmix.models import tiny_random_model
-from kvmix.types import BufferDtype, CountMode, PolicyName, Scoring, Selection
+from kvmix.types import BufferDtype, Clip, CountMode, PolicyName, Scoring, Selection
 
 D = 64
 
@@ -43,6 +43,8 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
         "selection": "kv_head",
         "streaming_gap": 7,
         "sink_tokens": 4,
+        "key_clip": "mse",
+        "value_clip": "mse",
     },
     "eviction": {"budget": 0.3, "recent_share": 0.25, "streaming_gap": 2},
 }
@@ -73,6 +75,8 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
         "selection": "layer",
         "streaming_gap": 100,
         "sink_tokens": 0,  # not in the paper: kvmix's addition, off by default
+        "key_clip": "minmax",  # the paper's round-to-nearest over each group's range
+        "value_clip": "minmax",
     },
     "eviction": {"budget": 0.2, "recent_share": 0.5, "streaming_gap": 1},
 }
@@ -116,6 +120,7 @@ def test_the_literal_types_list_exactly_the_core_values():
     assert set(get_args(BufferDtype)) == set(kvmix.BUFFER_DTYPES)
     assert set(get_args(CountMode)) == {"exact", "full_matrix"}
     assert set(get_args(Selection)) == {"layer", "kv_head"}
+    assert set(get_args(Clip)) == set(kvmix._kvmix.CLIPS) == {"minmax", "mse", "mse_unbiased"}
     assert set(get_args(Scoring)) == set(SCORING.values())
 
 

@@ -84,6 +84,33 @@ def test_zipcache_low_key_bits_changes_only_the_regular_keys():
     assert low["value_data"] == paper["value_data"]
 
 
+@pytest.mark.parametrize(("key_clip", "value_clip"), [("mse", "minmax"), ("minmax", "mse")])
+def test_zipcache_clip_reaches_only_its_stream(key_clip, value_clip):
+    """`key_clip` / `value_clip`: both tiers' keys (values) equal the reference quantizers with
+    that clipping, and a clipped stream's squared error is below min-max's (it can never be
+    above it: min-max is one of the candidates)."""
+    store, k, v = _prefilled("zipcache", {"key_clip": key_clip, "value_clip": value_clip})
+    paper, _, _ = _prefilled("zipcache")
+    for s in range(2):
+        for tier, bits in (("high", 4), ("low", 2)):
+            positions, kh, vh = _rows(store, s, tier)
+            kx, vx = k[0, s, positions], v[0, s, positions]
+            qk = rq.quantize_channel_blocks(kx, bits, len(positions), clip=key_clip)
+            np.testing.assert_array_equal(kh, rq.dequantize_channel_blocks(qk, len(positions)))
+            f = rq.separable_channel_scale(vx)
+            qv = rq.quantize_token_groups(vx, bits, D, channel_scale=f, clip=value_clip)
+            np.testing.assert_allclose(vh, rq.dequantize_token_groups(qv, D), rtol=1e-6, atol=1e-6)
+            _, kp, vp = _rows(paper, s, tier)
+            # 2-bit: well below (Gaussian groups: ~0.55x); 4-bit: below.
+            bound = 0.9 if bits == 2 else 1.0
+            for clip, got, want in (
+                (key_clip, ((kh - kx) ** 2).sum(), ((kp - kx) ** 2).sum()),
+                (value_clip, ((vh / f - vx / f) ** 2).sum(), ((vp / f - vx / f) ** 2).sum()),
+            ):
+                assert got < bound * want if clip == "mse" else got == want
+    assert store.memory()["bytes"] == paper.memory()["bytes"]
+
+
 def test_zipcache_sink_tokens_are_salient_in_a_segment_of_their_own():
     """`sink_tokens=3`: the first 3 valid tokens are in the high tier whatever their scores
     (here the lowest), inside the salient budget, and quantized as a segment of their own:

@@ -5,10 +5,12 @@ from typing import Any, final
 import numpy as np
 import numpy.typing as npt
 
-from kvmix.types import BufferDtype, CountMode, PolicyName, Scoring
+from kvmix.types import BufferDtype, Clip, CountMode, PolicyName, Scoring
 
 __all__ = [
     "BUFFER_DTYPES",
+    "CLIPS",
+    "CLIP_SHRINK",
     "POLICIES",
     "ConfigError",
     "DTypeError",
@@ -35,6 +37,8 @@ __all__ = [
 __version__: str
 POLICIES: tuple[PolicyName, ...]
 BUFFER_DTYPES: tuple[BufferDtype, ...]
+CLIPS: tuple[Clip, ...]
+CLIP_SHRINK: tuple[float, ...]
 
 def policy_defaults(policy: PolicyName) -> dict[str, Any]: ...
 def default_buffer_dtype(policy: PolicyName) -> BufferDtype: ...
@@ -79,6 +83,7 @@ def quantize(
     channel_scale: npt.NDArray[np.float32] | None = None,
     param_dtype: str = "float16",
     bfloat16: bool = False,
+    clip: Clip = "minmax",
 ) -> QuantizedTensor: ...
 def channel_absmax(x: npt.NDArray[Any], bfloat16: bool = False) -> npt.NDArray[np.float32]: ...
 def separable_channel_scale(

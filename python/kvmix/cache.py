@@ -38,7 +38,7 @@ from kvmix.attention import FUSED_ATTENTION, attention_mode
 from kvmix.engines import ENGINES, EngineName, resolve_engine
 from kvmix.errors import ConfigError, DTypeError
 from kvmix.quant import as_core_array
-from kvmix.types import AttentionMode, BufferDtype, CountMode, PolicyName, Selection
+from kvmix.types import AttentionMode, BufferDtype, Clip, CountMode, PolicyName, Selection
 
 __all__ = [
     "PREFILL_PHASES",
@@ -746,6 +746,15 @@ class ZipCache(KvmixCache):
             Xiao et al., 2024) are always salient, within the salient budget, and stored as a
             high-tier segment of their own, so their outlying keys and values set no other
             token's per-channel statistics. ``0``: none (the paper). Default ``0``.
+        key_clip: how the keys' groups (every tier) choose their range: ``"minmax"`` (the
+            paper: each group's min and max), ``"mse"`` (the range of least squared error
+            among min-max and 11 shrunk ranges, MSE-optimal clipping as in OmniQuant/Atom; the
+            same stored format and kernels, only the quantizer searches) or ``"mse_unbiased"``
+            (the same among the ranges whose reconstruction does not shrink the group: a
+            shrinking grid shrinks every layer's attention output). On kvmix-5x, ``"mse"``
+            lowered KL on one text and raised it on KJV; ``"mse_unbiased"`` lowered it on both
+            (``notes/kvmix-5x.md``, session 10). Default ``'minmax'``.
+        value_clip: the same for the values' groups. Default ``'minmax'``.
         buffer_dtype: see :class:`KvmixCache`.
         engine: see :class:`KvmixCache` (``"auto"``: Rust on the CPU, Triton on a GPU).
     """
@@ -766,6 +775,8 @@ class ZipCache(KvmixCache):
         selection: Selection | None = None,
         streaming_gap: int | None = None,
         sink_tokens: int | None = None,
+        key_clip: Clip | None = None,
+        value_clip: Clip | None = None,
         buffer_dtype: BufferDtype | None = None,
         engine: EngineName = "auto",
     ) -> None:
@@ -782,6 +793,8 @@ class ZipCache(KvmixCache):
             selection=selection,
             streaming_gap=streaming_gap,
             sink_tokens=sink_tokens,
+            key_clip=key_clip,
+            value_clip=value_clip,
         )
         super().__init__(config, "zipcache", options, buffer_dtype=buffer_dtype, engine=engine)
 
@@ -843,6 +856,9 @@ class Kvmix5xCache(KvmixCache):
         rotation_seed: seeds the rotation's signs; ``None`` turns the rotation off (an ablation).
         streaming_gap: decoding steps buffered in full precision before being classified.
         sink_tokens: attention sinks kept salient (ZipCache's option; default 4).
+        key_clip / value_clip: how the keys' / values' groups choose their range (ZipCache's
+            options; default ``"minmax"`` for both; ``"mse"``: the range of least squared
+            error, see :class:`ZipCache`).
         layer_options: per-layer overrides (see :class:`KvmixCache`); ``"calibrated"``
             (default): the entry of :data:`KVMIX5X_CALIBRATED_LAYERS` for this model, none for
             a model not in it; ``None``: none.
@@ -861,6 +877,8 @@ class Kvmix5xCache(KvmixCache):
         rotation_seed: int | None = 0,
         streaming_gap: int | None = None,
         sink_tokens: int = 4,
+        key_clip: Clip = "minmax",
+        value_clip: Clip = "minmax",
         layer_options: Mapping[int, Mapping[str, Any]] | Literal["calibrated"] | None = (
             "calibrated"
         ),
@@ -884,6 +902,8 @@ class Kvmix5xCache(KvmixCache):
                 low_key_bits=low_key_bits,
                 streaming_gap=streaming_gap,
                 sink_tokens=sink_tokens,
+                key_clip=key_clip,
+                value_clip=value_clip,
             ),
             buffer_dtype=buffer_dtype,
             rotation_seed=rotation_seed,

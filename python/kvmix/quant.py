@@ -24,6 +24,7 @@ import numpy.typing as npt
 from kvmix import _kvmix
 from kvmix._kvmix import QuantizedTensor
 from kvmix.errors import DTypeError
+from kvmix.types import Clip
 
 __all__ = [
     "channel_absmax",
@@ -92,6 +93,7 @@ def quantize(
     token_block: int | None = None,
     channel_scale: Any = None,
     param_dtype: ParamDtype = "float16",
+    clip: Clip = "minmax",
 ) -> QuantizedTensor:
     """Asymmetric round-to-nearest quantization of ``x`` (``[..., tokens, channels]``).
 
@@ -106,6 +108,9 @@ def quantize(
         channel_scale: optional positive factors ``[..., channels]``: ``x / f`` is quantized
             and ``f · x̂`` reconstructed (channel-separable values, balanced keys).
         param_dtype: storage of scales, offsets and channel factors.
+        clip: each group's range: ``"minmax"`` (its values' min and max) or ``"mse"`` (of
+            min-max and that range shrunk about its midpoint by ``kvmix._kvmix.CLIP_SHRINK``'s
+            factors, the grid of least squared error; never more error than min-max).
 
     Returns:
         A :class:`QuantizedTensor` holding packed codes and parameters.
@@ -123,7 +128,7 @@ def quantize(
             raise _kvmix.ConfigError("`group_size` applies to grouping='token' only")
         size = token_block
     return _kvmix.quantize(
-        arr, bits, grouping, size, _channel_scale_array(channel_scale), param_dtype, bf16
+        arr, bits, grouping, size, _channel_scale_array(channel_scale), param_dtype, bf16, clip
     )
 
 

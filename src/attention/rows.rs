@@ -157,7 +157,7 @@ pub fn key_logits<S: Simd>(
                 }
             }
         }
-        Codec::Channel { bits } => {
+        Codec::Channel { bits, .. } => {
             let (alpha, beta) = (
                 to_f32(simd, run.scale.unwrap_or(&[])),
                 to_f32(simd, run.offset.unwrap_or(&[])),
@@ -266,7 +266,7 @@ pub fn accumulate_values<S: Simd>(
                 }
             }
         }
-        Codec::Channel { bits } => {
+        Codec::Channel { bits, .. } => {
             let RowData::Packed(all_codes) = &rows.data else {
                 return;
             };

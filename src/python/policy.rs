@@ -8,6 +8,7 @@
 
 use crate::error::KvmixError;
 use crate::importance::CountMode;
+use crate::quant::Clip;
 use crate::store::{
     DenseDtype, EvictionConfig, MikvConfig, Policy, Selection, UniformConfig, ZipCacheConfig,
 };
@@ -43,7 +44,7 @@ pub const MIKV_OPTIONS: [&str; 7] = [
     "key_balancer",
     "streaming_gap",
 ];
-pub const ZIPCACHE_OPTIONS: [&str; 12] = [
+pub const ZIPCACHE_OPTIONS: [&str; 14] = [
     "salient_ratio",
     "high_bits",
     "low_bits",
@@ -56,6 +57,8 @@ pub const ZIPCACHE_OPTIONS: [&str; 12] = [
     "selection",
     "streaming_gap",
     "sink_tokens",
+    "key_clip",
+    "value_clip",
 ];
 pub const UNIFORM_OPTIONS: [&str; 3] = ["bits", "residual", "group_size"];
 pub const EVICTION_OPTIONS: [&str; 3] = ["budget", "recent_share", "streaming_gap"];
@@ -63,6 +66,11 @@ pub const EVICTION_OPTIONS: [&str; 3] = ["budget", "recent_share", "streaming_ga
 const COUNT_MODES: [(&str, CountMode); 2] = [
     ("exact", CountMode::Exact),
     ("full_matrix", CountMode::FullMatrix),
+];
+const CLIPS: [(&str, Clip); 3] = [
+    ("minmax", Clip::MinMax),
+    ("mse", Clip::Mse),
+    ("mse_unbiased", Clip::MseUnbiased),
 ];
 const SELECTIONS: [(&str, Selection); 2] =
     [("layer", Selection::Layer), ("kv_head", Selection::KvHead)];
@@ -131,6 +139,8 @@ fn set_zipcache(c: &mut ZipCacheConfig, o: &Opt<'_, '_, '_>) -> PyResult<()> {
         "selection" => c.selection = o.choice(&SELECTIONS)?,
         "streaming_gap" => c.streaming_gap = o.count()?,
         "sink_tokens" => c.sink_tokens = o.count()?,
+        "key_clip" => c.key_clip = o.choice(&CLIPS)?,
+        "value_clip" => c.value_clip = o.choice(&CLIPS)?,
         _ => return Err(unknown(&Policy::ZipCache(*c), o.key)),
     }
     Ok(())
@@ -183,6 +193,8 @@ pub fn options_dict<'py>(py: Python<'py>, policy: &Policy) -> PyResult<Bound<'py
             d.set_item("selection", name_of(&SELECTIONS, c.selection))?;
             d.set_item("streaming_gap", c.streaming_gap)?;
             d.set_item("sink_tokens", c.sink_tokens)?;
+            d.set_item("key_clip", name_of(&CLIPS, c.key_clip))?;
+            d.set_item("value_clip", name_of(&CLIPS, c.value_clip))?;
         }
         Policy::Uniform(c) => {
             d.set_item("bits", c.bits)?;

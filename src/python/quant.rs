@@ -5,7 +5,7 @@ use super::arrays::{to_numpy, FloatArray};
 use super::errors::detached;
 use crate::element::Element;
 use crate::error::KvmixError;
-use crate::quant::{self, Grouping, ParamDtype, ParamVec, QuantSpec, QuantizedTensor};
+use crate::quant::{self, Clip, Grouping, ParamDtype, ParamVec, QuantSpec, QuantizedTensor};
 use crate::with_float_slice;
 use half::slice::HalfBitsSliceExt;
 use half::{bf16, f16};
@@ -18,6 +18,13 @@ use pyo3::types::PyDict;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyQuantizedTensor>()?;
+    m.add("CLIPS", pyo3::types::PyTuple::new(m.py(), Clip::NAMES)?)?;
+    // The shrink factors of `clip="mse"`, for the reference quantizer and the Triton kernels
+    // (each f32 exactly, as a Python float).
+    m.add(
+        "CLIP_SHRINK",
+        pyo3::types::PyTuple::new(m.py(), quant::clip::SHRINK.map(f64::from))?,
+    )?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(channel_absmax, m)?)?;
     m.add_function(wrap_pyfunction!(separable_channel_scale, m)?)?;
@@ -276,7 +283,7 @@ fn parse_grouping(grouping: &str, size: Option<i64>, dims: &[usize]) -> PyResult
 
 /// Quantize `x` of shape `[..., tokens, channels]`.
 #[pyfunction]
-#[pyo3(signature = (x, bits, grouping = "token", size = None, channel_scale = None, param_dtype = "float16", bfloat16 = false))]
+#[pyo3(signature = (x, bits, grouping = "token", size = None, channel_scale = None, param_dtype = "float16", bfloat16 = false, clip = "minmax"))]
 #[allow(clippy::too_many_arguments)]
 fn quantize(
     py: Python<'_>,
@@ -287,6 +294,7 @@ fn quantize(
     channel_scale: Option<PyReadonlyArrayDyn<'_, f32>>,
     param_dtype: &str,
     bfloat16: bool,
+    clip: &str,
 ) -> PyResult<PyQuantizedTensor> {
     let bits = u8::try_from(bits)
         .map_err(|_| KvmixError::Config(format!("`bits` must be between 1 and 8, got {bits}")))?;
@@ -296,6 +304,7 @@ fn quantize(
         bits,
         grouping: parse_grouping(grouping, size, &dims)?,
         param_dtype: ParamDtype::parse(param_dtype)?,
+        clip: Clip::parse(clip)?,
     };
     if let Some(cs) = &channel_scale {
         let expected: Vec<usize> = match dims.as_slice() {

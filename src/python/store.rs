@@ -6,6 +6,7 @@ use super::errors::detached;
 use super::policy;
 use crate::error::KvmixError;
 use crate::importance;
+use crate::quant::{self, Clip};
 use crate::store::{
     Codec, DenseDtype, Factor, LayerStore, Layout, MemoryReport, Policy, TierBytes,
 };
@@ -522,6 +523,7 @@ fn codec_dict<'py>(py: Python<'py>, c: &Codec) -> PyResult<Bound<'py, PyDict>> {
             bits,
             group_size,
             factor,
+            clip,
         } => {
             d.set_item("kind", "token_groups")?;
             d.set_item("bits", bits)?;
@@ -532,13 +534,25 @@ fn codec_dict<'py>(py: Python<'py>, c: &Codec) -> PyResult<Bound<'py, PyDict>> {
                 Factor::Fixed => "fixed",
             };
             d.set_item("factor", f)?;
+            clip_items(&d, clip)?;
         }
-        Codec::Channel { bits } => {
+        Codec::Channel { bits, clip } => {
             d.set_item("kind", "channel")?;
             d.set_item("bits", bits)?;
+            clip_items(&d, clip)?;
         }
     }
     Ok(d)
+}
+
+/// `clip` and, for `"mse"`, the shrink factors it searches (the device engine reads them from
+/// the layout: it may run where the compiled core is not installed).
+fn clip_items(d: &Bound<'_, PyDict>, clip: Clip) -> PyResult<()> {
+    d.set_item("clip", clip.name())?;
+    if clip != Clip::MinMax {
+        d.set_item("shrink", quant::clip::SHRINK.map(f64::from).to_vec())?;
+    }
+    Ok(())
 }
 
 fn layout_dict<'py>(py: Python<'py>, p: &Policy, l: &Layout) -> PyResult<Bound<'py, PyDict>> {

@@ -161,15 +161,23 @@ impl Affine {
             return;
         }
         let top = max_code(bits);
+        for (c, &x) in codes.iter_mut().zip(xs) {
+            *c = self.code(x, top);
+        }
+    }
+
+    /// The code of `x`; `top` is [`max_code`] of the width. With a zero scale the code is
+    /// arbitrary (0 or `top`) and decodes to the offset, as [`Self::encode_into`]'s code 0.
+    #[inline(always)]
+    pub fn code(&self, x: f32, top: f32) -> u8 {
         // clamp(floor(y), 0, top) == trunc(clamp(y, 0, top)) for an integer `top`, and the
         // truncating conversion vectorizes where `floor` is a libm call on the baseline target.
-        for (c, &x) in codes.iter_mut().zip(xs) {
-            // `max` then `min` equals clamp for numbers and sends NaN to 0.
-            let y = ((x - self.offset) / self.scale + 0.5).max(0.0).min(top);
-            // SAFETY: `y` is finite and in [0, top] (see above), so it fits an i32; the checked
-            // `as` cast would not vectorize.
-            *c = unsafe { y.to_int_unchecked::<i32>() } as u8;
-        }
+        // `max` then `min` equals clamp for numbers and sends NaN (and 0/0) to 0, ±Inf (x/0)
+        // to `top` or 0.
+        let y = ((x - self.offset) / self.scale + 0.5).max(0.0).min(top);
+        // SAFETY: `y` is finite and in [0, top] (see above), so it fits an i32; the checked
+        // `as` cast would not vectorize.
+        unsafe { y.to_int_unchecked::<i32>() as u8 }
     }
 
     #[inline(always)]

@@ -3,6 +3,7 @@
 
 pub mod affine;
 pub mod channel;
+pub mod clip;
 mod decode;
 mod dequantize;
 pub mod packing;
@@ -10,6 +11,7 @@ pub mod tensor;
 
 pub use affine::{Affine, ParamDtype, ParamVec};
 pub use channel::{channel_absmax, key_balancer, separable_channel_scale};
+pub use clip::Clip;
 pub(crate) use decode::{decode_packed, Params, Slab};
 pub use dequantize::STREAM_MIN_BYTES;
 pub use packing::{check_bits, pack, packed_len, unpack};

@@ -15,6 +15,7 @@
 //! parallel; otherwise the packing runs once over the whole tensor.
 
 use super::affine::{min_max_finite, Affine, ParamDtype, ParamVec};
+use super::clip::{self, Clip};
 use super::packing::{check_bits, pack, packed_len, unpack};
 use crate::element::Element;
 use crate::error::{KvmixError, Result};
@@ -36,6 +37,8 @@ pub struct QuantSpec {
     pub bits: u8,
     pub grouping: Grouping,
     pub param_dtype: ParamDtype,
+    /// How each group's range is chosen ([`Clip::MinMax`]: the papers' quantizers).
+    pub clip: Clip,
 }
 
 impl QuantSpec {
@@ -474,7 +477,7 @@ fn encode_unit(
                 if !finite {
                     return Err(non_finite_error());
                 }
-                let a = Affine::from_range(lo, hi, spec.bits, spec.param_dtype)?;
+                let a = clip::fit(g, lo, hi, spec.bits, spec.param_dtype, spec.clip)?;
                 a.encode_into(g, spec.bits, c);
                 *s = a.scale;
                 *o = a.offset;
@@ -500,12 +503,12 @@ fn encode_unit(
             if probe.iter().any(|&p| p != 0.0) {
                 return Err(non_finite_error());
             }
+            let grid = channel_grids(vals, d, &lo, &hi, spec)?;
             // A constant channel (scale 0) gets code 0: divide by 1 and mask the code to 0.
             let mut divisor = vec![1f32; d];
             let mut keep = vec![0f32; d];
             let mut offset = vec![0f32; d];
-            for c in 0..d {
-                let a = Affine::from_range(lo[c], hi[c], spec.bits, spec.param_dtype)?;
+            for (c, a) in grid.iter().enumerate() {
                 scale_out[c] = a.scale;
                 offset_out[c] = a.offset;
                 offset[c] = a.offset;
@@ -529,6 +532,74 @@ fn encode_unit(
         }
     }
     Ok(())
+}
+
+/// Each channel's grid over the tokens `vals` (`tokens × d`) with minima `lo` and maxima `hi`:
+/// [`clip::fit`] per channel, with every channel's error for one candidate summed in one pass
+/// over the tokens (the channels are contiguous; walking one channel down the tokens at a
+/// time would stride through the block once per channel and candidate). Inlined so that it is
+/// compiled for the caller's instruction set.
+#[inline(always)]
+fn channel_grids(
+    vals: &[f32],
+    d: usize,
+    lo: &[f32],
+    hi: &[f32],
+    spec: QuantSpec,
+) -> Result<Vec<Affine>> {
+    let fit = |range: &dyn Fn(usize) -> (f32, f32)| {
+        (0..d)
+            .map(|c| {
+                let (a, b) = range(c);
+                Affine::from_range(a, b, spec.bits, spec.param_dtype)
+            })
+            .collect::<Result<Vec<Affine>>>()
+    };
+    let mut best = fit(&|c| (lo[c], hi[c]))?;
+    if spec.clip == Clip::MinMax {
+        return Ok(best);
+    }
+    let top = super::affine::max_code(spec.bits);
+    let errors = |grid: &[Affine]| {
+        let mut e = vec![0f64; d];
+        let mut p = vec![0f64; d];
+        for tok in vals.chunks_exact(d) {
+            for (((ec, pc), a), &x) in e.iter_mut().zip(p.iter_mut()).zip(grid).zip(tok) {
+                // A grid whose scale rounded to 0 decodes every code to its offset, as
+                // `Affine::code` (any code) and the encoder (code 0) both give.
+                let diff = (a.decode(a.code(x, top)) - x) as f64;
+                *ec += diff * diff;
+                *pc += diff * x as f64;
+            }
+        }
+        if spec.clip == Clip::MseUnbiased {
+            for (ec, pc) in e.iter_mut().zip(&p) {
+                if *pc < 0.0 {
+                    *ec = f64::INFINITY;
+                }
+            }
+        }
+        e
+    };
+    let mut best_err = errors(&best);
+    best_err.iter_mut().for_each(|e| {
+        if e.is_infinite() {
+            *e = f64::MAX;
+        }
+    });
+    // A channel whose min-max scale is 0 keeps that grid (code 0), as `clip::fit` does.
+    let searched: Vec<bool> = best.iter().map(|a| a.scale != 0.0).collect();
+    for s in clip::SHRINK {
+        let cand = fit(&|c| clip::shrunk_range(lo[c], hi[c], s))?;
+        let err = errors(&cand);
+        for c in 0..d {
+            if searched[c] && err[c] < best_err[c] {
+                best[c] = cand[c];
+                best_err[c] = err[c];
+            }
+        }
+    }
+    Ok(best)
 }
 
 impl QuantizedTensor {

@@ -3,7 +3,7 @@
 //! [`super::rows::EncodedRows`].
 
 use crate::error::{KvmixError, Result};
-use crate::quant;
+use crate::quant::{self, Clip};
 
 /// Element type of a full-precision tier or buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -64,10 +64,12 @@ pub enum Codec {
         bits: u8,
         group_size: usize,
         factor: Factor,
+        clip: Clip,
     },
     /// Asymmetric per-channel over each segment's tokens (KIVI / ZipCache keys).
     Channel {
         bits: u8,
+        clip: Clip,
     },
 }
 
@@ -87,7 +89,7 @@ impl Codec {
                 }
                 check_row_bytes(head_dim, bits)
             }
-            Codec::Channel { bits } => {
+            Codec::Channel { bits, .. } => {
                 quant::check_bits(bits)?;
                 check_row_bytes(head_dim, bits)
             }
@@ -98,7 +100,7 @@ impl Codec {
     pub(super) fn bits(&self) -> Option<u8> {
         match *self {
             Codec::Dense(_) => None,
-            Codec::TokenGroups { bits, .. } | Codec::Channel { bits } => Some(bits),
+            Codec::TokenGroups { bits, .. } | Codec::Channel { bits, .. } => Some(bits),
         }
     }
 

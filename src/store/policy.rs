@@ -4,6 +4,7 @@
 use super::codec::{Codec, DenseDtype, Factor};
 use crate::error::{KvmixError, Result};
 use crate::importance::CountMode;
+use crate::quant::Clip;
 
 /// MiKV (Yang et al., 2024): important tokens (heavy hitters + recent) at high precision,
 /// every other token kept at low precision; the important set is trimmed back to its budget
@@ -76,6 +77,13 @@ pub struct ZipCacheConfig {
     /// within the salient budget, and go to the high tier as a segment of their own, so their
     /// outlying keys and values set no other token's per-channel statistics.
     pub sink_tokens: usize,
+    /// How the keys' groups (both tiers) choose their range: [`Clip::MinMax`] (the paper)
+    /// or [`Clip::Mse`] (the range of least squared error). Split by keys and values, not by
+    /// tier: squared error is attention error for values at every width, not for keys
+    /// (`notes/kvmix-5x.md`, session 10).
+    pub key_clip: Clip,
+    /// The same for the values' groups.
+    pub value_clip: Clip,
 }
 
 impl Default for ZipCacheConfig {
@@ -93,6 +101,8 @@ impl Default for ZipCacheConfig {
             selection: Selection::Layer,
             streaming_gap: 100,
             sink_tokens: 0,
+            key_clip: Clip::MinMax,
+            value_clip: Clip::MinMax,
         }
     }
 }
@@ -193,7 +203,7 @@ impl Layout {
         let codec = |c: Codec| match c {
             Codec::Dense(DenseDtype::F16) => F16_MAX,
             Codec::Dense(_) => DENSE_MAX,
-            Codec::TokenGroups { bits, .. } | Codec::Channel { bits } => {
+            Codec::TokenGroups { bits, .. } | Codec::Channel { bits, .. } => {
                 F16_MAX.min(F16_MAX * ((1u32 << bits) - 1) as f32 / 2.0)
             }
         };
@@ -333,6 +343,7 @@ impl Policy {
                     bits,
                     group_size: g,
                     factor,
+                    clip: Clip::MinMax,
                 };
                 let high = match c.high_bits {
                     None => (Codec::Dense(DenseDtype::F16), Codec::Dense(DenseDtype::F16)),
@@ -365,17 +376,22 @@ impl Policy {
                 };
                 let tier = |bits| {
                     (
-                        Codec::Channel { bits },
+                        Codec::Channel {
+                            bits,
+                            clip: c.key_clip,
+                        },
                         Codec::TokenGroups {
                             bits,
                             group_size: head_dim,
                             factor: value_factor,
+                            clip: c.value_clip,
                         },
                     )
                 };
                 let (_, low_values) = tier(c.low_bits);
                 let low_keys = Codec::Channel {
                     bits: c.low_key_bits.unwrap_or(c.low_bits),
+                    clip: c.key_clip,
                 };
                 Layout {
                     buffer,
@@ -399,11 +415,15 @@ impl Policy {
                         .unwrap_or(1)
                 });
                 let low = (
-                    Codec::Channel { bits: c.bits },
+                    Codec::Channel {
+                        bits: c.bits,
+                        clip: Clip::MinMax,
+                    },
                     Codec::TokenGroups {
                         bits: c.bits,
                         group_size: g,
                         factor: Factor::None,
+                        clip: Clip::MinMax,
                     },
                 );
                 Layout {

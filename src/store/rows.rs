@@ -212,16 +212,18 @@ impl EncodedRows {
 
     fn encode_quantized(&self, rows: &[f32], n: usize, codec: Codec) -> Result<EncodedSegment> {
         let d = self.dim;
-        let (bits, grouping, factor) = match codec {
+        let (bits, grouping, factor, clip) = match codec {
             Codec::TokenGroups {
                 bits,
                 group_size,
                 factor,
-            } => (bits, Grouping::TokenGroups { group_size }, factor),
-            Codec::Channel { bits } => (
+                clip,
+            } => (bits, Grouping::TokenGroups { group_size }, factor, clip),
+            Codec::Channel { bits, clip } => (
                 bits,
                 Grouping::ChannelBlocks { token_block: n },
                 Factor::None,
+                clip,
             ),
             Codec::Dense(_) => unreachable!("dense rows are not quantized"),
         };
@@ -242,6 +244,7 @@ impl EncodedRows {
             bits,
             grouping,
             param_dtype: ParamDtype::F16,
+            clip,
         };
         let mut q = quant::quantize(rows, &[n, d], spec, factor_values.as_deref())?;
         let halves = |p: &ParamVec| match p {

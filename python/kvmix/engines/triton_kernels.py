@@ -9,6 +9,12 @@ factors (ZipCache's separable factors, MiKV's fixed key factor) are applied by d
 input before quantizing, as the Rust quantizer does. A value exactly half-way between two
 grid points may round the other way where the GPU's fp32 division differs from IEEE by an
 ulp (the documented rounding ties).
+
+With ``CLIP`` (``clip="mse"``, ``src/quant/clip.rs``) each group also tries its range shrunk
+about the midpoint by each factor of ``SHR`` (the layout's ``shrink``) and keeps the grid of
+least squared error, summed in float64 from exact squares as the Rust quantizer sums them; the
+GPU may fuse ``mid - s * half`` into one rounding, another documented tie. ``CLIP == 2``
+(``"mse_unbiased"``) keeps only the grids with ``sum((x̂ - x) * x) >= 0`` (float64).
 """
 
 # Triton's kernel language is untyped (its decorators, and parameters whose annotations
@@ -159,6 +165,7 @@ def quantize_token_groups_kernel(
     CODES,  # uint8 [S, cap, D*BITS/8]
     SC,  # fp16 [S, cap, G]
     OF,
+    SHR,  # fp32 [NSHR] shrink factors (CLIP)
     N,
     cap,
     row0,  # first destination row
@@ -167,6 +174,8 @@ def quantize_token_groups_kernel(
     BITS: tl.constexpr,
     HAS_FAC: tl.constexpr,
     BR: tl.constexpr,
+    CLIP: tl.constexpr,
+    NSHR: tl.constexpr,
 ):
     s = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1) * BR + tl.arange(0, BR)
@@ -183,6 +192,22 @@ def quantize_token_groups_kernel(
     top: tl.constexpr = (1 << BITS) - 1
     scale = ((hi - lo) / top).to(tl.float16)
     offset = lo.to(tl.float16)
+    if CLIP:
+        searched = scale != 0.0
+        best = _group_error(xg, scale, offset, top, 2, CLIP)
+        mid = (lo + hi) * 0.5
+        half = (hi - lo) * 0.5
+        for i in range(NSHR):
+            s_i = tl.load(SHR + i)
+            a = mid - s_i * half
+            b = mid + s_i * half
+            sc_i = ((b - a) / top).to(tl.float16)
+            of_i = a.to(tl.float16)
+            err = _group_error(xg, sc_i, of_i, top, 2, CLIP)
+            better = searched & (err < best)
+            scale = tl.where(better, sc_i, scale)
+            offset = tl.where(better, of_i, offset)
+            best = tl.where(better, err, best)
     sf = scale.to(tl.float32)
     of = offset.to(tl.float32)
     y = (xg - of[:, :, None]) / tl.where(sf == 0.0, 1.0, sf)[:, :, None] + 0.5
@@ -196,12 +221,70 @@ def quantize_token_groups_kernel(
 
 
 @triton.jit
+def _reconstruct(x, sf, of, top):
+    """``x`` on the grid (fp32 ``sf``, ``of`` broadcast to it), as the decoder rebuilds it."""
+    y = (x - of) / tl.where(sf == 0.0, 1.0, sf) + 0.5
+    code = tl.where(sf == 0.0, 0.0, tl.minimum(tl.maximum(y, 0.0), top).to(tl.int32).to(tl.float32))
+    return sf * code + of
+
+
+@triton.jit
+def _group_error(xg, scale, offset, top, AXIS: tl.constexpr, CLIP: tl.constexpr):
+    """Squared error of the token groups ``xg [BR, G, GS]`` on their fp16 grids ``[BR, G]``,
+    summed over ``AXIS`` in float64; with ``CLIP == 2`` a grid that shrinks its group
+    (``sum((x̂ - x) * x) < 0``) scores the largest float64."""
+    sf = scale.to(tl.float32)[:, :, None]
+    of = offset.to(tl.float32)[:, :, None]
+    d = (_reconstruct(xg, sf, of, top) - xg).to(tl.float64)
+    err = _sum(d * d, AXIS)
+    if CLIP == 2:
+        err = tl.where(_sum(d * xg.to(tl.float64), AXIS) < 0.0, 1.7976931348623157e308, err)
+    return err
+
+
+@triton.jit
+def _channel_error(
+    X,
+    s,
+    N,
+    base,
+    n,
+    c,
+    D: tl.constexpr,
+    scale,
+    offset,
+    top,
+    RB,
+    BR: tl.constexpr,
+    CB: tl.constexpr,
+    CLIP: tl.constexpr,
+):
+    """Squared error of channels ``c`` of a segment's ``n`` rows on their fp16 grids, float64
+    (the largest float64 for a grid that shrinks its channel, with ``CLIP == 2``)."""
+    sf = scale.to(tl.float32)[None, :]
+    of = offset.to(tl.float32)[None, :]
+    err = tl.full([CB], 0.0, tl.float64)
+    grow = tl.full([CB], 0.0, tl.float64)
+    for r0 in range(0, RB, BR):
+        r = r0 + tl.arange(0, BR)
+        ok = r < n
+        x = tl.load(X + (s * N + base + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
+        d = (_reconstruct(x, sf, of, top) - x).to(tl.float64)
+        err += _sum(tl.where(ok[:, None], d * d, 0.0), 0)
+        grow += _sum(tl.where(ok[:, None], d * x.to(tl.float64), 0.0), 0)
+    if CLIP == 2:
+        err = tl.where(grow < 0.0, 1.7976931348623157e308, err)
+    return err
+
+
+@triton.jit
 def quantize_channels_kernel(
     X,  # fp32 [S, N, D]: NBLK segments, segment b at rows [b * BSTRIDE, b * BSTRIDE + RB)
     NR,  # int32 [S, NBLK]: real rows of each stream's segment (the rest are holes)
     CODES,  # uint8 [S, cap, D*BITS/8]
     SC,  # fp16 [S, nseg, D]
     OF,
+    SHR,  # fp32 [NSHR] shrink factors (CLIP)
     N,
     cap,
     row0,  # destination row of segment 0; segment b goes to row0 + b * BSTRIDE
@@ -214,6 +297,8 @@ def quantize_channels_kernel(
     BITS: tl.constexpr,
     CB: tl.constexpr,  # channels per program (a multiple of 8)
     BR: tl.constexpr,
+    CLIP: tl.constexpr,
+    NSHR: tl.constexpr,
 ):
     s = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * CB + tl.arange(0, CB)
@@ -235,6 +320,22 @@ def quantize_channels_kernel(
     top: tl.constexpr = (1 << BITS) - 1
     scale = ((hi - lo) / top).to(tl.float16)
     offset = lo.to(tl.float16)
+    if CLIP:
+        searched = scale != 0.0
+        best = _channel_error(X, s, N, base, n, c, D, scale, offset, top, RB, BR, CB, CLIP)
+        mid = (lo + hi) * 0.5
+        half = (hi - lo) * 0.5
+        for i in range(NSHR):
+            s_i = tl.load(SHR + i)
+            a = mid - s_i * half
+            b = mid + s_i * half
+            sc_i = ((b - a) / top).to(tl.float16)
+            of_i = a.to(tl.float16)
+            err = _channel_error(X, s, N, base, n, c, D, sc_i, of_i, top, RB, BR, CB, CLIP)
+            better = searched & (err < best)
+            scale = tl.where(better, sc_i, scale)
+            offset = tl.where(better, of_i, offset)
+            best = tl.where(better, err, best)
     tl.store(SC + (s * nseg + seg) * D + c, scale)
     tl.store(OF + (s * nseg + seg) * D + c, offset)
     sf = scale.to(tl.float32)

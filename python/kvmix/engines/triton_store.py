@@ -73,6 +73,10 @@ def _round_half_away(x: float) -> int:
     return math.floor(x + 0.5)
 
 
+#: The Rust codecs' `clip` names as the quantize kernels' ``CLIP`` switch.
+_CLIPS = {"minmax": 0, "mse": 1, "mse_unbiased": 2}
+
+
 @dataclass
 class TierView:
     """What the attention kernel needs of one tier (unused tensors are 1-element dummies)."""
@@ -115,6 +119,10 @@ class _Codec:
         self.bits = int(spec.get("bits", 8))
         self.group_size = int(spec.get("group_size", head_dim))
         self.factor = spec.get("factor", "none")
+        #: How each group chooses its range (``"minmax"`` or ``"mse"``, the Rust codec's), and
+        #: the shrink factors ``"mse"`` searches (from the layout: ``src/quant/clip.rs``).
+        self.clip = spec.get("clip", "minmax")
+        self.shrink = [float(s) for s in spec.get("shrink", [1.0])]
         if self.kind != "dense":
             if self.bits not in (1, 2, 3, 4, 8):
                 raise ConfigError(
@@ -330,6 +338,9 @@ class _Tier:
             data[:, row0 : row0 + n] = x  # converted to the tier's dtype by the copy
             return
         x = x.contiguous()
+        # CLIP: 0 min-max, 1 least squared error, 2 the same among grids that do not shrink.
+        clip = {"CLIP": _CLIPS[c.clip], "NSHR": len(c.shrink)}
+        shrink = torch.tensor(c.shrink, dtype=torch.float32, device=x.device)
         if c.kind == "channel":
             sc, of = self.ks, self.ko
             cb = min(self.d, 32)
@@ -344,6 +355,7 @@ class _Tier:
                 data,
                 sc,
                 of,
+                shrink,
                 n,
                 self.cap,
                 row0,
@@ -356,6 +368,7 @@ class _Tier:
                 BITS=c.bits,
                 CB=cb,
                 BR=32,
+                **clip,
             )
             return
         sc, of = (self.ks, self.ko) if key else (self.vs, self.vo)
@@ -379,6 +392,7 @@ class _Tier:
             data,
             sc,
             of,
+            shrink,
             n,
             self.cap,
             row0,
@@ -387,6 +401,7 @@ class _Tier:
             BITS=c.bits,
             HAS_FAC=c.factor in ("separable", "fixed"),
             BR=br,
+            **clip,
         )
 
     # -- reading --------------------------------------------------------------------------

@@ -7,6 +7,12 @@ rounded to the parameter dtype first; ``code = clip(floor((x - offset) / scale +
 
 Rounding ties: ``floor(v + 0.5)`` rounds halves up (not to even, as ``np.round`` would); the
 core does the same, so codes match exactly.
+
+``clip="mse"`` (``src/quant/clip.rs``): each group tries its min-max range, then that range
+shrunk about its midpoint by each factor of ``CLIP_SHRINK``, and keeps the grid of least squared
+error (the first on a tie; errors summed in float64 from exact squares). A group whose min-max
+scale is 0 keeps it. ``clip="mse_unbiased"``: the same among the candidates whose reconstruction
+does not shrink the group (``sum((x̂ - x) * x) >= 0``, float64); min-max when none qualifies.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+
+from kvmix._kvmix import CLIP_SHRINK
 
 F32 = np.float32
 Array = npt.NDArray[np.float32]
@@ -38,6 +46,37 @@ def affine_params(lo: Array, hi: Array, bits: int, param_dtype: str) -> tuple[Ar
     """Stored (scale, offset) of groups spanning ``[lo, hi]``."""
     scale = _round_param((hi - lo) / F32(2**bits - 1), param_dtype)
     offset = _round_param(lo, param_dtype)
+    return scale, offset
+
+
+def fit_params(
+    x: Array, axis: int, bits: int, param_dtype: str, clip: str = "minmax"
+) -> tuple[Array, Array]:
+    """Stored (scale, offset) of the groups of ``x`` along ``axis`` (the axis is dropped)."""
+    lo, hi = x.min(axis), x.max(axis)
+    scale, offset = affine_params(lo, hi, bits, param_dtype)
+    if clip == "minmax":
+        return scale, offset
+
+    unbiased = clip == "mse_unbiased"
+
+    def error(sc: Array, of: Array) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+        """Squared error, and whether the grid keeps the group from shrinking."""
+        sc_x, of_x = np.expand_dims(sc, axis), np.expand_dims(of, axis)
+        d = (sc_x * encode(x, sc_x, of_x, bits) + of_x - x).astype(np.float64)
+        grows = (d * x.astype(np.float64)).sum(axis) >= 0
+        return np.asarray((d * d).sum(axis)), np.asarray(grows | (not unbiased))
+
+    best, allowed = error(scale, offset)
+    best = np.where(allowed, best, np.finfo(np.float64).max)
+    searched = scale != 0
+    mid, half = (lo + hi) * F32(0.5), (hi - lo) * F32(0.5)
+    for s in map(F32, CLIP_SHRINK):
+        sc, of = affine_params(mid - s * half, mid + s * half, bits, param_dtype)
+        err, allowed = error(sc, of)
+        better = searched & allowed & (err < best)
+        scale, offset = np.where(better, sc, scale), np.where(better, of, offset)
+        best = np.where(better, err, best)
     return scale, offset
 
 
@@ -65,12 +104,13 @@ def quantize_token_groups(
     group_size: int,
     param_dtype: str = "float16",
     channel_scale: npt.ArrayLike | None = None,
+    clip: str = "minmax",
 ) -> Quantized:
     """Groups of ``group_size`` consecutive channels within each token."""
     xn, f = _normalize(x, channel_scale, param_dtype)
     *lead, t, d = xn.shape
     g = xn.reshape(*lead, t, d // group_size, group_size)
-    scale, offset = affine_params(g.min(-1), g.max(-1), bits, param_dtype)
+    scale, offset = fit_params(g, -1, bits, param_dtype, clip)
     codes = encode(g, scale[..., None], offset[..., None], bits).reshape(xn.shape)
     return Quantized(codes, scale, offset, f)
 
@@ -81,6 +121,7 @@ def quantize_channel_blocks(
     token_block: int,
     param_dtype: str = "float16",
     channel_scale: npt.ArrayLike | None = None,
+    clip: str = "minmax",
 ) -> Quantized:
     """Each channel over blocks of ``token_block`` consecutive tokens (last block shorter)."""
     xn, f = _normalize(x, channel_scale, param_dtype)
@@ -89,7 +130,7 @@ def quantize_channel_blocks(
     scales, offsets = [], []
     for start in range(0, t, token_block):
         blk = xn[..., start : start + token_block, :]
-        scale, offset = affine_params(blk.min(-2), blk.max(-2), bits, param_dtype)
+        scale, offset = fit_params(blk, -2, bits, param_dtype, clip)
         codes[..., start : start + token_block, :] = encode(
             blk, scale[..., None, :], offset[..., None, :], bits
         )

@@ -10,6 +10,7 @@ fn spec(bits: u8, grouping: Grouping, param_dtype: ParamDtype) -> QuantSpec {
         bits,
         grouping,
         param_dtype,
+        clip: Clip::MinMax,
     }
 }
 

@@ -215,6 +215,7 @@ fn demotion_quantizes_from_high_precision_values() {
         bits: 2,
         grouping: crate::quant::Grouping::TokenGroups { group_size: D / 2 },
         param_dtype: crate::quant::ParamDtype::F16,
+        clip: crate::quant::Clip::MinMax,
     };
     let want: Vec<f32> = crate::quant::quantize(&fp16, &[1, D], spec, None)
         .unwrap()

@@ -1,6 +1,7 @@
 //! Tests of the row container under every codec.
 
 use super::*;
+use crate::quant::Clip;
 
 fn rows(n: usize, d: usize, seed: u32) -> Vec<f32> {
     (0..n * d)
@@ -24,7 +25,14 @@ fn dense_rows_round_trip() {
 
 #[test]
 fn segments_follow_rows_through_retain() {
-    let mut r = EncodedRows::new(Codec::Channel { bits: 4 }, 8).unwrap();
+    let mut r = EncodedRows::new(
+        Codec::Channel {
+            bits: 4,
+            clip: Clip::MinMax,
+        },
+        8,
+    )
+    .unwrap();
     let (a, b) = (rows(4, 8, 1), rows(3, 8, 2));
     r.push_segment(&a).unwrap();
     r.push_segment(&b).unwrap();
@@ -44,6 +52,7 @@ fn fixed_factor_is_required_and_applied() {
         bits: 8,
         group_size: 4,
         factor: Factor::Fixed,
+        clip: Clip::MinMax,
     };
     let mut r = EncodedRows::new(codec, 8).unwrap();
     assert!(r.push_segment(&rows(1, 8, 0)).is_err());
@@ -64,13 +73,20 @@ fn bulk_decode_equals_row_by_row_for_every_codec() {
         bits,
         group_size,
         factor,
+        clip: Clip::Mse,
     };
     let codecs = [
         Codec::Dense(DenseDtype::F16),
         Codec::Dense(DenseDtype::BF16),
         Codec::Dense(DenseDtype::F32),
-        Codec::Channel { bits: 2 },
-        Codec::Channel { bits: 3 },
+        Codec::Channel {
+            bits: 2,
+            clip: Clip::MinMax,
+        },
+        Codec::Channel {
+            bits: 3,
+            clip: Clip::Mse,
+        },
         tg(2, 8, Factor::None),
         tg(4, 16, Factor::Separable),
         tg(3, 8, Factor::Fixed),
@@ -96,6 +112,20 @@ fn bulk_decode_equals_row_by_row_for_every_codec() {
 
 #[test]
 fn unaligned_rows_are_refused() {
-    assert!(EncodedRows::new(Codec::Channel { bits: 3 }, 12).is_err());
-    assert!(EncodedRows::new(Codec::Channel { bits: 3 }, 16).is_ok());
+    assert!(EncodedRows::new(
+        Codec::Channel {
+            bits: 3,
+            clip: Clip::Mse
+        },
+        12
+    )
+    .is_err());
+    assert!(EncodedRows::new(
+        Codec::Channel {
+            bits: 3,
+            clip: Clip::Mse
+        },
+        16
+    )
+    .is_ok());
 }

@@ -36,6 +36,7 @@ import torch
 from kvmix.cache import Kvmix5xCache, KvmixCache
 from kvmix.errors import ConfigError, ShapeError
 from kvmix.eval.prefill import PrefillStates, capture_prefill, replay_prefill
+from kvmix.eval.tasks import _next_token_stats
 
 __all__ = ["DEFAULT_UPGRADES", "Calibration", "LayerUpgrade", "calibrate_layer_options"]
 
@@ -114,9 +115,8 @@ def _measure(model: Any, passages: Sequence[_Passage], make: Callable[[], KvmixC
         with torch.inference_mode():
             for i in range(cont.shape[0] - 1):
                 out = model(input_ids=cont[i].view(1, 1), past_key_values=cache, use_cache=True)
-                own = torch.log_softmax(out.logits[0, -1].double(), dim=-1)
-                ref = reference[i + 1]
-                kls.append(max(float((ref.exp() * (ref - own)).sum()), 0.0))
+                stats = _next_token_stats(reference[i + 1], out.logits[0, -1], int(cont[i + 1]))
+                kls.append(stats[0])
     return _Run(sum(kls) / len(kls), held, fp16)
 
 

@@ -30,8 +30,36 @@ C)
   timeout 280 python3 -u -m kvmix.bench gpu --max-batch --batches 1 --contexts 8192 --steps 2 \
     --methods full zipcache --json "$OUT/capacity.json" > "$OUT/capacity.txt" 2>&1
   ;;
+D)
+  # Session 11: the flash forward's LSE in the scoring (its CUDA test), where one layer's
+  # scoring + compression spend their time, the prefill end to end with the kernels' tiles
+  # swept, and the capacity searches with the fill's chunk at 2048 tokens.
+  timeout 120 python3 -m pytest -q -m cuda tests/test_triton_scoring.py \
+    > "$OUT/pytest-cuda-scoring.txt" 2>&1
+  timeout 90 python3 -u gpu/compression_profile.py > "$OUT/compression-profile.txt" 2>&1
+  timeout 150 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --sweep > "$OUT/prefill-profile.txt" 2>&1
+  timeout 220 python3 -u -m kvmix.bench gpu --max-batch --max-batch-chunk 2048 --batches 1 \
+    --contexts 1024 --steps 2 --methods full zipcache kvmix-5x --json "$OUT/capacity.json" \
+    > "$OUT/capacity.txt" 2>&1
+  ;;
+E)
+  # Session 11, second call: the LSE from the kernel SDPA chooses (cuDNN on the H200), its
+  # CUDA test, and the stacked-heads column pass in the tile sweep.
+  timeout 120 python3 -m pytest -q -m cuda tests/test_triton_scoring.py \
+    > "$OUT/pytest-cuda-scoring.txt" 2>&1
+  timeout 300 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --sweep > "$OUT/prefill-profile.txt" 2>&1
+  ;;
+F)
+  # Session 11, last call: every CUDA test on the final code, and the prefill end to end with
+  # the stacked column pass as the default.
+  timeout 100 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 110 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    > "$OUT/prefill-profile.txt" 2>&1
+  ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|C" >&2
+  echo "usage: bash gpu/pending.sh A|B|C|D|E|F" >&2
   exit 2
   ;;
 esac

@@ -150,6 +150,8 @@ def end_to_end(args: argparse.Namespace, device: torch.device) -> list[dict[str,
             torch.cuda.empty_cache()
         rows.append({"method": method, "path": path, "prefill_s": sec, **phases})
         print(f"  {method:9s} {path:6s} prefill {sec:8.3f} s  {phases}", flush=True)
+    # Which fused SDPA op gave the prompt's attention and its rows' LSE (None: not tried).
+    print(f"  fused LSE ops: GQA native {kattn._FUSED_GQA}, LSE checked {kattn._FUSED_LSE_OK}")
     return rows
 
 
@@ -188,12 +190,20 @@ def kernel_alone(args: argparse.Namespace, device: torch.device) -> list[str]:
             # One kernel's tile at a time, the other's at its default: the difference in the
             # total is the swept kernel's.
             default = dict(scoring_mod.GPU_BLOCKS)
-            for which in ("lse", "received"):
-                for tile in [
-                    (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 2),
-                    (32, 128, 4, 3), (32, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3),
-                ]:  # fmt: skip
-                    tiles = {**default, which: tile}
+            plain = [
+                (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 2),
+                (32, 128, 4, 3), (32, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3),
+            ]  # fmt: skip
+            # The stacked kernel's BLOCK_M is rows per head (the tile has rep x that).
+            stacked = [
+                (32, 128, 8, 2), (32, 128, 4, 3), (16, 128, 4, 3), (32, 64, 4, 3),
+                (64, 64, 8, 2), (16, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2),
+            ]  # fmt: skip
+            for which in ("lse", "received", "received_stacked"):
+                for tile in stacked if which == "received_stacked" else plain:
+                    # The per-head kernel runs when no stacked tile is given.
+                    base = {n: x for n, x in default.items() if n != "received_stacked"}
+                    tiles = {**(base if which == "received" else default), which: tile}
                     try:
                         out = scoring_mod.received_attention(q, k, rows, fv, scale, blocks=tiles)
                         diff = float((out - want).abs().max() / want.abs().max())

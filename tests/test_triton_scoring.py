@@ -87,6 +87,22 @@ def test_the_gpu_tiles_give_the_same_sums() -> None:
     torch.testing.assert_close(got, want, **TOL)
 
 
+@pytest.mark.parametrize("kernel", ["received", "received_stacked"])
+@pytest.mark.parametrize(("hq", "hk"), [(8, 2), (9, 3), (4, 4)], ids=["rep4", "rep3", "rep1"])
+@pytest.mark.parametrize("tile", [(16, 16, 1, 1), (32, 64, 4, 2)], ids=["small", "gpu-like"])
+def test_both_column_kernels_give_the_same_sums(
+    kernel: str, hq: int, hk: int, tile: tuple[int, int, int, int]
+) -> None:
+    """The column pass per head and with the GQA group's heads stacked in one tile (a group
+    of 3 padded to 4) give the reference's sums, padded sequences and tile edges included."""
+    q, k = _qk(2, hq, hk, 90, 32, torch.bfloat16, seed=8)
+    rows = [*range(0, 60, 4), *range(60, 90)]
+    fv = [0, 13]
+    want = A._probabilities(q, k, rows, fv, 0.2)
+    blocks = {"lse": (16, 16, 1, 1), kernel: tile}
+    torch.testing.assert_close(_received(q, k, rows, fv, 0.2, blocks=blocks), want, **TOL)
+
+
 def test_rows_per_sequence_match_each_sequence_alone() -> None:
     """One launch with each sequence's own rows (as the prefill passes ZipCache's probes of
     sequences padded differently) gives each sequence what the reference gives it alone."""
@@ -126,6 +142,44 @@ def test_probabilities_and_column_sums_use_the_kernel_when_asked(
     monkeypatch.setenv(A.SCORING_KERNEL_ENV, "gpu")
     with pytest.raises(kvmix.ConfigError, match="KVMIX_PREFILL_SCORING"):
         A._probabilities(q, k, [3], [0, 0], 0.125)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flash_lse_replaces_the_first_pass(dtype: torch.dtype) -> None:
+    """The flash forward's output is SDPA's and its LSE (base 2) each row's log-sum-exp of
+    the scaled causal logits (an independent float64 computation); the kernels given that
+    LSE (first pass skipped) give the column sums they compute alone."""
+    q, k = _qk(2, 8, 2, 45, 64, dtype, seed=4)
+    v = torch.randn(2, 45, 2, 64, generator=torch.Generator().manual_seed(5)).to(dtype)
+    v = v.transpose(1, 2)
+    flash = A._flash_attention_with_lse(q, k, v, 0.125)
+    assert flash is not None
+    out, lse = flash
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=0.125, enable_gqa=True
+    )
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(out, sdpa.transpose(1, 2), **tol)
+    logits = (q.double() @ k.double().repeat_interleave(4, 1).transpose(-1, -2)) * 0.125
+    causal = torch.ones(45, 45, dtype=torch.bool).tril()
+    want_lse = torch.logsumexp(logits.masked_fill(~causal, float("-inf")), -1) / np.log(2)
+    assert lse.shape == (2, 8, 45) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-4)
+    # The once-per-process check of a private op's LSE accepts it and refuses it shifted.
+    natural = lse * float(np.log(2))
+    assert A._lse_is_right(q, k, natural, 0.125)
+    assert not A._lse_is_right(q, k, natural.roll(1, dims=2), 0.125)
+    rows = [0, 3, 17, 30, 44]
+    alone = _received(q, k, rows, [0, 0], 0.125)
+    given = _received(q, k, rows, [0, 0], 0.125, row_lse=lse)
+    # bf16: the flash forward's logits round differently from the kernels' (~5e-5 relative).
+    torch.testing.assert_close(
+        given, alone, **(TOL if dtype == torch.float32 else {"rtol": 2e-4, "atol": 1e-5})
+    )
+    with pytest.raises(kvmix.ShapeError, match="row_lse"):
+        _received(q, k, rows, [0, 0], 0.125, row_lse=lse[:, :4])
+    with pytest.raises(kvmix.ShapeError, match="row_lse"):
+        _received(q, k, rows, [0, 0], 0.125, row_lse=lse.double())
 
 
 def test_bad_input_is_refused_with_a_clear_error() -> None:
@@ -195,20 +249,31 @@ def _boundary_gap(acc: torch.Tensor, count: torch.Tensor, fv: list[int], ratio: 
     return worst
 
 
+@pytest.mark.parametrize("padded", [True, False], ids=["left-padded", "unpadded"])
 def test_zipcache_tiers_on_the_triton_engine_are_the_torch_scorings(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, padded: bool
 ) -> None:
-    """ZipCache on the Triton engine (a tiny random Llama, a left-padded batch) holds every
-    token in the same tier whether the prefill's probe scores come from the kernels or from
-    the torch code. A flip needs two tokens' scores within the kernels' error (~1e-6
-    relative here); the test checks that every salient/regular boundary is 20 times that
-    apart, so the comparison cannot hinge on a near-tie."""
+    """ZipCache on the Triton engine (a tiny random Llama, a batch left-padded or not) holds
+    every token in the same tier whether the prefill's probe scores come from the kernels or
+    from the torch code. Unpadded, the kernels take the rows' LSE from the flash forward that
+    computes the attention (its first pass skipped). A flip needs two tokens' scores within
+    the kernels' error (~1e-6 relative here); the test checks that every salient/regular
+    boundary is 20 times that apart, so the comparison cannot hinge on a near-tie."""
     from kvmix.engines.triton_store import TritonLayerStore
 
     model = kvmix.enable_fused_attention(tiny_random_model("llama", num_hidden_layers=2))
-    ids = torch.randint(3, 128, (2, 120), generator=torch.Generator().manual_seed(5))
+    # Seeds whose salient/regular boundaries are far from ties (see the gap check below).
+    seed = 5 if padded else 11
+    ids = torch.randint(3, 128, (2, 120), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones_like(ids)
-    mask[1, :9] = 0
+    if padded:
+        mask[1, :9] = 0
+    fv = [0, 9] if padded else [0, 0]
+    flash_calls: list[int] = []
+    real_flash = A._flash_attention_with_lse
+    monkeypatch.setattr(
+        A, "_flash_attention_with_lse", lambda *a: flash_calls.append(1) or real_flash(*a)
+    )
     add_scores = TritonLayerStore.add_scores
     held, scores = [], []
     for scoring in ("torch", "triton"):
@@ -225,7 +290,8 @@ def test_zipcache_tiers_on_the_triton_engine_are_the_torch_scorings(
             model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
         held.append(_held(cache))
         scores.append(given)
-    assert [x.first_valid for x in cache.layers] == [[0, 9], [0, 9]]
+    assert [x.first_valid for x in cache.layers] == [fv, fv]
+    assert len(flash_calls) == (0 if padded else 2)  # one per layer, kernels only
     assert all(h["high"] and h["low"] for h in held[0])
     assert held[1] == held[0]
     ratio = float(cache.layers[0].options["salient_ratio"])
@@ -233,7 +299,7 @@ def test_zipcache_tiers_on_the_triton_engine_are_the_torch_scorings(
         torch.testing.assert_close(acc_k, acc_t, **TOL)
         torch.testing.assert_close(cnt_k, cnt_t, rtol=0, atol=0)
         err = float(((acc_k - acc_t).abs() / acc_t.abs().clamp_min(1e-6)).max())
-        gap = _boundary_gap(acc_t, cnt_t, [0, 9], ratio)
+        gap = _boundary_gap(acc_t, cnt_t, fv, ratio)
         assert gap > 20 * err, (gap, err)
 
 
@@ -302,3 +368,23 @@ def test_compiled_kernel_matches_the_torch_reference_on_cuda(
     got = load_scoring(q.device).received_attention(q, k, rows, fv, 128**-0.5)
     # fp32 inputs: IEEE dots; half inputs: exact products, fp32 sums in another order.
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    if dtype != torch.float32:
+        # Unpadded, with the rows' LSE from the flash forward (GQA 4:1, as the 8B shape).
+        v = torch.randn_like(k)
+        flash = A._flash_attention_with_lse(q, k, v, 128**-0.5)
+        assert flash is not None
+        sdpa = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=128**-0.5, enable_gqa=True
+        )
+        torch.testing.assert_close(flash[0], sdpa.transpose(1, 2), rtol=2e-2, atol=2e-2)
+        want0 = A._probabilities(q, k, rows, [0, 0], 128**-0.5)
+        got0 = load_scoring(q.device).received_attention(
+            q, k, rows, [0, 0], 128**-0.5, row_lse=flash[1]
+        )
+        torch.testing.assert_close(got0, want0, rtol=1e-4, atol=1e-4)
+        # The stacked-heads column pass, at the tiles the profile sweeps.
+        for tile in [(32, 128, 8, 2), (16, 128, 4, 3), (32, 64, 4, 3)]:
+            got1 = load_scoring(q.device).received_attention(
+                q, k, rows, fv, 128**-0.5, blocks={"lse": (128, 64, 8, 3), "received_stacked": tile}
+            )
+            torch.testing.assert_close(got1, want, rtol=1e-4, atol=1e-4)

@@ -262,14 +262,122 @@ def _received(
     rows: list[int] | list[list[int]],
     first_valid: list[int],
     scaling: float,
+    row_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`kvmix.engines.triton_scoring.received_attention` for ``query``'s device."""
     from kvmix.engines import load_scoring
 
     out: torch.Tensor = load_scoring(query.device).received_attention(
-        query, key, rows, first_valid, scaling
+        query, key, rows, first_valid, scaling, row_lse=row_lse
     )
     return out
+
+
+#: Per fused SDPA backend ("flash", "cudnn"): whether its forward took fewer key/value heads
+#: than query heads and whether its LSE passed :func:`_lse_is_right` (``None``: not tried).
+_FUSED_GQA: dict[str, bool | None] = {"flash": None, "cudnn": None}
+_FUSED_LSE_OK: dict[str, bool | None] = {"flash": None, "cudnn": None}
+
+
+def _lse_is_right(
+    query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scaling: float
+) -> bool:
+    """Whether ``lse`` (natural log, ``(B, H_q, T)``) is the causal log-sum-exp of the last
+    row of sequence 0, every query head, computed here in fp32: the private ops' LSE layout
+    is checked once per process before it is trusted."""
+    _, hq, t, _ = query.shape
+    rep = hq // key.shape[1]
+    q = query[0, :, t - 1].float()  # (H_q, D)
+    k = key[0].float().repeat_interleave(rep, 0)  # (H_q, T, D)
+    want = torch.logsumexp(torch.einsum("hd,htd->ht", q, k) * scaling, dim=-1)
+    return bool(torch.allclose(lse[0, :, t - 1].float(), want, rtol=1e-3, atol=1e-2))
+
+
+def _flash_attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Causal attention of an unpadded prompt over itself by the fused kernel SDPA itself
+    chooses for these tensors (flash, or cuDNN on Hopper GPUs), called through its op, which
+    returns each row's log-sum-exp beside the output: ``(output (B, T, H_q, D) as
+    transformers' sdpa returns it, LSE base 2 (B, H_q, T) float32)``. ``None`` where SDPA
+    would run another kernel (calling a different one would slow the prefill's attention by
+    more than the LSE saves) or the op refuses the tensors: then the caller runs SDPA and the
+    scoring kernels compute the LSE themselves.
+
+    The scoring kernels' first pass (:func:`~kvmix.engines.triton_scoring.row_lse_kernel`)
+    computes exactly this LSE, for the scored rows, by a second ``q·k`` sweep: taking it from
+    the attention the model runs anyway halves the prefill's scoring work (as FlashAttention's
+    backward reuses the forward's LSE, Dao 2023)."""
+    from torch.nn.attention import SDPBackend
+
+    b, hq, t, _ = query.shape
+    hk = key.shape[1]
+    gqa = hk != hq
+    try:
+        choice = int(
+            torch._fused_sdp_choice(
+                query, key, value, None, 0.0, True, scale=scaling, enable_gqa=gqa
+            )
+        )
+    except (RuntimeError, TypeError, AttributeError):
+        return None
+    if query.device.type != "cuda":
+        if choice != SDPBackend.FLASH_ATTENTION.value:
+            return None
+        try:
+            op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+            out, lse = op(query, key, value, 0.0, True, scale=scaling)[:2]
+        except (RuntimeError, NotImplementedError, AttributeError):
+            return None
+        lse = lse.reshape(b, hq, -1)[:, :, :t].float()
+        return out.transpose(1, 2).contiguous(), (lse * float(np.log2(np.e))).contiguous()
+    if choice == SDPBackend.FLASH_ATTENTION.value:
+        name = "flash"
+
+        def run(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            op = torch.ops.aten._scaled_dot_product_flash_attention
+            res = op(query, k, v, 0.0, True, False, scale=scaling)
+            return res[0], res[1]
+
+    elif choice == SDPBackend.CUDNN_ATTENTION.value:
+        name = "cudnn"
+
+        def run(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            op = torch.ops.aten._scaled_dot_product_cudnn_attention
+            res = op(query, k, v, None, True, 0.0, True, False, scale=scaling)
+            return res[0], res[1]
+
+    else:
+        return None
+    if _FUSED_LSE_OK[name] is False:
+        return None
+    try:
+        res = None
+        if gqa and _FUSED_GQA[name] is not False:
+            try:
+                res = run(key, value)
+                _FUSED_GQA[name] = True
+            except RuntimeError:
+                _FUSED_GQA[name] = False
+        if res is None:
+            k, v = key, value
+            if gqa:  # the op wants one key/value head per query head
+                k = key.repeat_interleave(hq // hk, dim=1)
+                v = value.repeat_interleave(hq // hk, dim=1)
+            res = run(k, v)
+    except (RuntimeError, NotImplementedError, AttributeError):
+        _FUSED_LSE_OK[name] = False
+        return None
+    out, lse = res
+    if lse.numel() < b * hq * t:
+        _FUSED_LSE_OK[name] = False
+        return None
+    lse = lse.reshape(b, hq, -1)[:, :, :t].float()
+    if _FUSED_LSE_OK[name] is None:
+        _FUSED_LSE_OK[name] = _lse_is_right(query, key, lse, scaling)
+        if not _FUSED_LSE_OK[name]:
+            return None
+    return out.transpose(1, 2).contiguous(), (lse * float(np.log2(np.e))).contiguous()
 
 
 def _probabilities(
@@ -315,6 +423,9 @@ def _attention_and_column_sums(
     hk = key.shape[1]
     rep = hq // hk
     if _scoring_kernel(query):
+        flash = _flash_attention_with_lse(query, key, value, scaling)
+        if flash is not None:
+            return flash[0], _received(query, key, list(range(t)), [0] * b, scaling, flash[1])
         attn = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scaling, enable_gqa=rep > 1
         )
@@ -348,9 +459,12 @@ def _score_prefill(
     attention_mask: torch.Tensor | None,
     scaling: float,
     acc: torch.Tensor | None = None,
+    row_lse: torch.Tensor | None = None,
 ) -> None:
     """Importance of the prompt tokens, the key balancer if needed, then compression. ``acc``:
-    the attention every row gave each token, when the caller computed it with the output."""
+    the attention every row gave each token, when the caller computed it with the output;
+    ``row_lse``: every row's log-sum-exp (base 2) from the caller's attention of an unpadded
+    prompt, for the scoring kernels (:func:`_flash_attention_with_lse`)."""
     t0 = time.perf_counter()
     store = layer.store
     b, _, t, _ = query.shape
@@ -401,7 +515,8 @@ def _score_prefill(
                     acc = torch.zeros(b, key.shape[1], t, device=query.device)
                 acc[idx] = _probabilities(query[idx], key[idx], rows, fvs, scaling)
     if scored and kernel:
-        acc = _received(query, key, per_sequence, first_valid, scaling)
+        lse = row_lse if not any(first_valid) else None
+        acc = _received(query, key, per_sequence, first_valid, scaling, lse)
     if scored and acc is not None:
         if layer.on_device:
             # The Triton store takes torch tensors on its device; the counts go up without
@@ -506,6 +621,12 @@ def kvmix_attention(
             layer.prefill_seconds["attention"] += time.perf_counter() - t0
             _score_prefill(layer, query, key, attention_mask, scale, acc)
             return attn, None
+        if causal and dropout == 0.0 and layer.scoring == "probes" and _scoring_kernel(query):
+            # Probe rows' LSE from the attention itself: the kernels' first pass is skipped.
+            flash = _flash_attention_with_lse(query, key, value, scale)
+            if flash is not None:
+                _score_prefill(layer, query, key, attention_mask, scale, row_lse=flash[1])
+                return flash[0], None
         out = sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scale, dropout=dropout, **kwargs
         )

@@ -24,6 +24,11 @@ of memory. Capacity is what the cache holds, so the search does not run the mode
 (a forward pass over batch x 32k tokens per attempt would cost minutes): it fills each layer
 through the cache's own ``update`` in chunks of ``--max-batch-chunk`` tokens, as a chunked
 prefill stores them (kvmix's layers scored and classified after each chunk), then decodes.
+The chunk (default 2048 tokens per sequence) bounds the fill's transient tensors, which scale
+with batch x chunk (at 120 sequences an 8k chunk's keys, values and probe queries of one layer
+are ~20 GiB, none of it cache): a serving engine's chunked prefill takes far fewer tokens per
+step across all its sequences. DynamicCache's transient (its ``torch.cat`` copy of one layer)
+does not depend on the chunk.
 One sequence's peak memory gives the first guess; the search brackets and bisects until the
 first out-of-memory batch is within ``--max-batch-tolerance`` of the last fit, and reports
 both. An out-of-memory error is a result (``"oom"``), not a failure.
@@ -118,7 +123,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-context", type=int, default=32768)
     p.add_argument("--max-batch-limit", type=int, default=256, help="largest batch tried")
     p.add_argument(
-        "--max-batch-chunk", type=int, default=8192, help="tokens per update when filling"
+        "--max-batch-chunk", type=int, default=2048, help="tokens per update when filling"
     )
     p.add_argument(
         "--max-batch-tolerance",
@@ -294,7 +299,7 @@ def max_batch(
     context: int,
     limit: int,
     device: torch.device,
-    chunk: int = 8192,
+    chunk: int = 2048,
     tolerance: float = 0.05,
 ) -> dict[str, Any]:
     """The largest batch (up to ``limit``) whose cache holds ``context`` tokens per sequence

@@ -196,14 +196,84 @@ def received_kernel(
     tl.store(OUT + bg.to(tl.int64) * t + j, acc, mask=jm)
 
 
-#: ``(BLOCK_M rows, BLOCK_N keys, warps, stages)`` per kernel on a GPU. Not tuned on hardware
-#: yet (``gpu/prefill_profile.py --sweep`` times alternatives). The log-sum-exp pass starts
-#: from flash attention's forward tiles for head_dim 128 (128 rows amortize each key tile);
-#: the column pass from its backward's dK/dV tiles (128 keys amortize each query tile, which
-#: every key block reloads).
+@triton.jit(do_not_specialize=["n_max", "t", "hk", "rep", "n_blocks"])
+def received_stacked_kernel(
+    Q,
+    sqb,
+    sqh,
+    sqt,
+    K,
+    skb,
+    skh,
+    skt,
+    ROWS,
+    NROWS,
+    FV,
+    LSE,
+    RSTART,
+    OUT,
+    n_max,
+    t,
+    hk,
+    rep,
+    n_blocks,
+    qk_scale,
+    D: tl.constexpr,
+    HH: tl.constexpr,  # a power of two >= rep: the GQA group's heads stacked in one tile
+    BLOCK_M: tl.constexpr,  # rows per head: the tile is HH * BLOCK_M query rows
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """:func:`received_kernel` with the GQA group's query heads stacked along the tile's rows:
+    one ``(HH * BLOCK_M) x BLOCK_N`` dot per block of rows instead of ``rep`` dots of
+    ``BLOCK_M`` rows each (the key tile is shared by the group's heads; a larger M keeps the
+    tensor cores busier per loaded key)."""
+    bg = tl.program_id(0)
+    kb = tl.program_id(1)
+    b = bg // hk
+    g = bg % hk
+    j = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    jm = j < t
+    d = tl.arange(0, D)
+    fv = tl.load(FV + b)
+    nr = tl.load(NROWS + b)
+    kbase = K + b.to(tl.int64) * skb + g.to(tl.int64) * skh
+    k = tl.load(kbase + j.to(tl.int64)[:, None] * skt + d[None, :], mask=jm[:, None], other=0.0)
+    acc = tl.full((BLOCK_N,), 0.0, tl.float32)
+    r0 = tl.load(RSTART + b.to(tl.int64) * n_blocks + kb)
+    rows = ROWS + b.to(tl.int64) * n_max
+    m = tl.arange(0, HH * BLOCK_M)
+    hh = m // BLOCK_M
+    h = g * rep + hh
+    head_ok = hh < rep
+    qhead = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    lhead = LSE + (b * (hk * rep) + h).to(tl.int64) * n_max
+    for i0 in range(r0, nr, BLOCK_M):
+        i = i0 + m % BLOCK_M
+        im = (i < nr) & head_ok
+        r = tl.load(rows + i, mask=im, other=-1)
+        q = tl.load(
+            qhead[:, None] + r.to(tl.int64)[:, None] * sqt + d[None, :], mask=im[:, None], other=0.0
+        )
+        lse = tl.load(lhead + i, mask=im, other=float("inf"))
+        s = _logits(q, k, qk_scale, IEEE)
+        visible = (j[None, :] <= r[:, None]) & (j[None, :] >= fv) & im[:, None]
+        p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
+        acc += _sum(p, 0)
+    tl.store(OUT + bg.to(tl.int64) * t + j, acc, mask=jm)
+
+
+#: ``(BLOCK_M rows, BLOCK_N keys, warps, stages)`` per kernel on a GPU, from
+#: ``gpu/prefill_profile.py --sweep`` on one H200 (B=8 x 32k, Llama-3.1-8B's heads, ZipCache's
+#: 3278 probe rows; LSE pass + column pass): the log-sum-exp pass at flash attention's forward
+#: tile for head_dim 128 (43.6-46 ms for the best four, within noise); the column pass with
+#: the GQA group's heads stacked (``"received_stacked"``, 32 rows per head: 38.5 ms in all
+#: against 45.8 ms for the best per-head tile, ``"received"``, which stays for reference and
+#: the sweep). A ``"received_stacked"`` entry selects the stacked kernel.
 GPU_BLOCKS: dict[str, tuple[int, int, int, int]] = {
     "lse": (128, 64, 8, 3),
     "received": (32, 128, 4, 3),
+    "received_stacked": (32, 128, 4, 3),
 }
 #: Tiles under the interpreter: the smallest tl.dot takes, so small test shapes cross blocks.
 INTERPRETED_BLOCKS: tuple[int, int, int, int] = (16, 16, 1, 1)
@@ -240,6 +310,7 @@ def received_attention(
     scale: float,
     *,
     blocks: dict[str, tuple[int, int, int, int]] | None = None,
+    row_lse: Any = None,
 ) -> Any:
     """Softmax attention of the query rows ``rows`` over ``key``, summed over the rows and
     over the query heads of each kv-head's GQA group: ``(B, H_kv, T)`` float32.
@@ -253,7 +324,13 @@ def received_attention(
         first_valid: each sequence's first non-padding position.
         scale: the softmax scale (logits are ``scale * q·k``).
         blocks: tiles per kernel (default :data:`GPU_BLOCKS` on a GPU,
-            :data:`INTERPRETED_BLOCKS` under the interpreter).
+            :data:`INTERPRETED_BLOCKS` under the interpreter); a ``"received_stacked"``
+            entry runs :func:`received_stacked_kernel` (its ``BLOCK_M`` rows per head)
+            instead of :func:`received_kernel`.
+        row_lse: optional ``(B, H_q, >= T_q)`` float32, the log-sum-exp **base 2** of every
+            query row's scaled logits over the keys it sees (``ln``-based LSE times
+            ``log2(e)``), as a flash-attention forward of the same prompt returns it: then
+            the first kernel (:func:`row_lse_kernel`, half the work) is skipped.
 
     Returns:
         ``(B, H_kv, T)`` float32 on the inputs' device.
@@ -291,6 +368,17 @@ def received_attention(
             f"`first_valid` needs one non-negative position per sequence ({b}), got "
             f"{list(first_valid)}"
         )
+    if row_lse is not None and (
+        row_lse.dim() != 3
+        or tuple(row_lse.shape[:2]) != (b, hq)
+        or row_lse.shape[2] < tq
+        or row_lse.dtype != torch.float32
+        or row_lse.device != query.device
+    ):
+        raise ShapeError(
+            f"`row_lse` must be float32 [batch {b}, query heads {hq}, >= {tq} rows] on "
+            f"{query.device}, got {row_lse.dtype} {tuple(row_lse.shape)} on {row_lse.device}"
+        )
     per = _row_arrays(rows, b)
     limit = min(tq, t)
     for seq in {id(x): x for x in per}.values():
@@ -308,7 +396,8 @@ def received_attention(
     # Tiles asked for run under the interpreter too (how the tests check the GPU's tiles).
     tiles = blocks or GPU_BLOCKS
     lse_tile = INTERPRETED_BLOCKS if interpreted and not blocks else tiles["lse"]
-    rec_tile = INTERPRETED_BLOCKS if interpreted and not blocks else tiles["received"]
+    rec_name = "received_stacked" if "received_stacked" in tiles else "received"
+    rec_tile = INTERPRETED_BLOCKS if interpreted and not blocks else tiles[rec_name]
     dev = query.device
     # Padding past a sequence's rows sorts last, so one searchsorted finds every block's first
     # row; the kernels stop at the sequence's row count.
@@ -327,7 +416,13 @@ def received_attention(
     qk_scale = float(scale) * math.log2(math.e)
     rep = hq // hk
 
-    lse = torch.empty((b, hq, n), dtype=torch.float32, device=dev)
+    if row_lse is not None:
+        # Each scored row's LSE, gathered by position (padding past a sequence's rows reads
+        # row 0: the kernel masks it).
+        idx = torch.where(row_t < tq, row_t, 0).long()
+        lse = torch.gather(row_lse, 2, idx[:, None, :].expand(b, hq, n)).contiguous()
+    else:
+        lse = torch.empty((b, hq, n), dtype=torch.float32, device=dev)
 
     def lse_pass(tile: tuple[int, int, int, int]) -> None:
         bm, bn, warps, stages = tile
@@ -338,21 +433,33 @@ def received_attention(
             D=d, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
+    stacked = "received_stacked" in tiles
+
     def received_pass(tile: tuple[int, int, int, int]) -> None:
         bm, bn, warps, stages = tile
         n_blocks = triton.cdiv(t, bn)
         starts = torch.arange(0, n_blocks * bn, bn, dtype=torch.int32, device=dev)
         rstart = torch.searchsorted(row_t, starts.expand(b, n_blocks).contiguous())
-        received_kernel[(b * hk, n_blocks)](
+        args = (
             query, query.stride(0), query.stride(1), query.stride(2),
             key, key.stride(0), key.stride(1), key.stride(2),
             row_t, nrow_t, fv_t, lse, rstart.to(torch.int32), out, n, t, hk, rep, n_blocks,
             qk_scale,
-            D=d, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, num_warps=warps, num_stages=stages,
         )  # fmt: skip
+        if stacked:
+            received_stacked_kernel[(b * hk, n_blocks)](
+                *args, D=d, HH=triton.next_power_of_2(rep), BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee,
+                num_warps=warps, num_stages=stages,
+            )  # fmt: skip
+        else:
+            received_kernel[(b * hk, n_blocks)](
+                *args, D=d, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, num_warps=warps,
+                num_stages=stages,
+            )  # fmt: skip
 
-    _fitted(lse_pass, lse_tile, ("lse", str(query.dtype), d, lse_tile), interpreted)
-    _fitted(received_pass, rec_tile, ("received", str(query.dtype), d, rec_tile), interpreted)
+    if row_lse is None:
+        _fitted(lse_pass, lse_tile, ("lse", str(query.dtype), d, lse_tile), interpreted)
+    _fitted(received_pass, rec_tile, (rec_name, str(query.dtype), d, rec_tile), interpreted)
     return out
 
 

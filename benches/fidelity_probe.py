@@ -4,7 +4,8 @@ chosen text, through the evaluation's own measurement (:func:`kvmix.eval.tasks.f
 Issue 16's rule of evidence: tune on one family, report on others. ``--text stdlib`` (the
 passkey suite's standard-library docstrings, technical English) is the tuning text; ``--text
 kjv`` is the evaluation's own passages (``python -m kvmix.eval``'s fidelity task, the same cut
-with the same seed), for reporting only.
+with the same seed), for reporting only; ``--text pydoc`` (Python's reference topics, shipped
+with CPython) a third family, also for reporting only.
 
     KVMIX_NUM_THREADS=1 OMP_NUM_THREADS=1 .venv/bin/python benches/fidelity_probe.py \
         --text stdlib --passages 2 --methods kvmix-5x \
@@ -29,11 +30,25 @@ from kvmix.eval.methods import METHODS, Method
 from kvmix.eval.tasks import fidelity_records
 
 
-def stdlib_passages(tokenizer: Any, n: int, prefix: int, cont: int) -> KjvPassages:
-    """``n`` passages of the stdlib docstring haystack, evenly spaced through its text."""
+def pydoc_text() -> str:
+    """Python's language and library reference topics as shipped with every CPython
+    (``pydoc_data.topics``: ~465k characters of reference-manual prose with grammar rules and
+    examples), a text family that no kvmix choice was tuned on."""
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def stdlib_passages(
+    tokenizer: Any, n: int, prefix: int, cont: int, text: str | None = None
+) -> KjvPassages:
+    """``n`` passages of the stdlib docstring haystack (or of ``text``), evenly spaced
+    through it."""
     from kvmix.passkey import haystack_sentences
 
-    text = " ".join(haystack_sentences("stdlib"))
+    if text is None:
+        text = " ".join(haystack_sentences("stdlib"))
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = _bos_ids(tokenizer)
     need = prefix + cont - len(bos)
@@ -45,7 +60,7 @@ def stdlib_passages(tokenizer: Any, n: int, prefix: int, cont: int) -> KjvPassag
     return KjvPassages(
         prefix_ids=batch[:, :prefix].contiguous(),
         continuation_ids=batch[:, prefix:].contiguous(),
-        references=tuple(f"stdlib@{i * step}" for i in range(n)),
+        references=tuple(f"text@{i * step}" for i in range(n)),
         texts=tuple("" for _ in range(n)),
     )
 
@@ -62,7 +77,7 @@ def parse_variant(spec: str) -> Method:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--text", choices=("stdlib", "kjv"), default="stdlib")
+    p.add_argument("--text", choices=("stdlib", "kjv", "pydoc"), default="stdlib")
     p.add_argument("--passages", type=int, default=2)
     p.add_argument("--prefix-tokens", type=int, default=2048)
     p.add_argument("--continuation-tokens", type=int, default=256)
@@ -80,7 +95,10 @@ def main() -> None:
     if args.text == "kjv":
         passages = kjv_passages(tok, args.passages, args.prefix_tokens, args.continuation_tokens)
     else:
-        passages = stdlib_passages(tok, args.passages, args.prefix_tokens, args.continuation_tokens)
+        text = pydoc_text() if args.text == "pydoc" else None
+        passages = stdlib_passages(
+            tok, args.passages, args.prefix_tokens, args.continuation_tokens, text
+        )
     t0 = time.time()
     recs = []
     for i in range(len(passages)):

@@ -285,11 +285,11 @@ def _lse_is_right(
     """Whether ``lse`` (natural log, ``(B, H_q, T)``) is the causal log-sum-exp of the last
     row of sequence 0, every query head, computed here in fp32: the private ops' LSE layout
     is checked once per process before it is trusted."""
-    _, hq, t, _ = query.shape
-    rep = hq // key.shape[1]
-    q = query[0, :, t - 1].float()  # (H_q, D)
-    k = key[0].float().repeat_interleave(rep, 0)  # (H_q, T, D)
-    want = torch.logsumexp(torch.einsum("hd,htd->ht", q, k) * scaling, dim=-1)
+    _, hq, t, d = query.shape
+    hk = key.shape[1]
+    q = query[0, :, t - 1].float().view(hk, hq // hk, d)  # (H_kv, rep, D): GQA groups
+    logits = torch.einsum("grd,gtd->grt", q, key[0].float()).reshape(hq, t)
+    want = torch.logsumexp(logits * scaling, dim=-1)
     return bool(torch.allclose(lse[0, :, t - 1].float(), want, rtol=1e-3, atol=1e-2))
 
 

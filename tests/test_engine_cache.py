@@ -255,13 +255,74 @@ def test_a_whole_buffer_is_taken_without_sorting_as_it_was_appended(
     want = (
         k.float().to(torch.float16).float().reshape(6, 40, 16),
         v.float().to(torch.float16).float().reshape(6, 40, 16),
-        torch.arange(40, dtype=torch.int32).expand(6, 40),
+        torch.arange(40, dtype=torch.int16).expand(6, 40),  # 2-byte positions (POS16_LIMIT)
         acc.reshape(6, 40),
         cnt.reshape(6, 40),
     )
     for x, y in zip(got, want, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     assert store._tiers["buffer"].fill == 0 and store._buf_len == [0, 0]
+
+
+@pytest.mark.parametrize("policy", ["zipcache", "mikv"])
+def test_positions_widen_to_int32_past_the_16_bit_limit(
+    policy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Positions are stored in 2 bytes while they fit (as the Rust store stores them) and
+    every tier widens them to 4 bytes before the first one past the limit is written (the
+    limit lowered to 45 here): the positions held, the tiers, every attention output and the
+    received scores are those of a store whose positions are 4 bytes from the start, and the
+    bytes reported follow the dtype."""
+    import kvmix.engines.triton_store as ts
+
+    g = torch.Generator().manual_seed(9)
+    k, v = torch.randn(2, 2, 40, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g)
+    opts = {"streaming_gap": 4} if policy == "zipcache" else {"ratio": 0.5}
+    stores = {}
+    real = ts.POS16_LIMIT
+    for limit in (real, 45, -1):  # 2 bytes throughout; widened at 46; 4 bytes
+        monkeypatch.setattr(ts, "POS16_LIMIT", limit)
+        store = TritonLayerStore(policy, 2, 16, opts, "float16")
+        store.append(k, v)
+        if policy == "mikv":
+            store.set_key_balancer(torch.ones(2, 2, 16))
+        store.add_scores(
+            0,
+            torch.rand(2, 2, 40, generator=torch.Generator().manual_seed(1)),
+            torch.ones(2, 2, 40),
+        )
+        store.maybe_classify(True)
+        outs = []
+        for step in range(12):
+            x = torch.randn(2, 2, 1, 16, generator=torch.Generator().manual_seed(100 + step))
+            store.append(x, -x)
+            q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(200 + step))
+            outs.append(store.attend(q, [40 + step], 0.25, True))
+            store.maybe_classify()
+            dtypes = {t.pos.dtype for t in store._tiers.values()}
+            if limit == 45:
+                assert dtypes == {torch.int16 if 40 + step <= 45 else torch.int32}, step
+        stores[limit] = (store, outs)
+    base = stores[real][0]
+    wide, wide_outs = stores[-1]
+    assert {t.pos.dtype for t in base._tiers.values()} == {torch.int16}
+    assert {t.pos.dtype for t in wide._tiers.values()} == {torch.int32}
+    for limit in (real, 45):
+        store, outs = stores[limit]
+        for a, b in zip(outs, wide_outs, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for s in range(4):
+            got, want = store.tier_positions(s), wide.tier_positions(s)
+            assert {n: x.tolist() for n, x in got.items()} == {
+                n: x.tolist() for n, x in want.items()
+            }
+        for name, t in store._tiers.items():
+            torch.testing.assert_close(t.acc[:, : t.fill], wide._tiers[name].acc[:, : t.fill])
+    held = {n: t.s * t.fill * 2 for n, t in base._tiers.items()}  # 2 bytes per row
+    assert {n: t.nbytes()["positions"] for n, t in base._tiers.items()} == held
+    assert {n: t.nbytes()["positions"] for n, t in wide._tiers.items()} == {
+        n: 2 * x for n, x in held.items()
+    }
 
 
 def test_triton_store_gives_back_the_prompts_buffer_rows() -> None:

@@ -45,6 +45,11 @@ _SUPPORTED = ("full", "uniform", "zipcache", "mikv", "eviction")
 _F16_MAX = 65504.0
 #: Decoding steps between reads of the device-side non-finite flag (each read synchronizes).
 _BAD_CHECK_STEPS = 32
+#: Positions are stored in 2 bytes (int16; ``-1`` marks a hole) while every position written
+#: is at most this, then every tier widens them to int32 once: as the Rust store's 2-byte
+#: positions while they fit in 16 bits (there unsigned, to 65535), a quarter of the metadata
+#: of a 3-bit row of 64 channels less.
+POS16_LIMIT = 32767
 
 
 def _device_ints(values: list[int], device: Any, dtype: torch.dtype = torch.int64) -> torch.Tensor:
@@ -164,7 +169,7 @@ class _Tier:
         self.seg_cap = 0
         dummy = torch.zeros(1, dtype=torch.float16, device=device)
         self._dummy = dummy
-        self.pos = torch.full((streams, 0), -1, dtype=torch.int32, device=device)
+        self.pos = torch.full((streams, 0), -1, dtype=torch.int16, device=device)
         self.kd = self._data(kcodec, 0)
         self.vd = self._data(vcodec, 0)
         self.ks = self.ko = self.vs = self.vo = self.vf = dummy
@@ -239,6 +244,11 @@ class _Tier:
         if self.scored:  # an unscored tier keeps empty score tensors
             self.acc, self.count = resized(self.acc, 0), resized(self.count, 0)
         self.cap = new
+
+    def widen_positions(self) -> None:
+        """Positions to int32 (see :data:`POS16_LIMIT`); kernels specialize on the dtype."""
+        if self.pos.dtype != torch.int32:
+            self.pos = self.pos.to(torch.int32)
 
     def shrink(self, headroom: int) -> None:
         """Give back rows past ``fill + headroom`` when they are more than half the capacity
@@ -524,7 +534,7 @@ class _Tier:
             "value_data": s * f * self.v.row_bytes,
             "value_params": params(self.v, False),
             "value_index": index if self.k.kind != "channel" else 0,
-            "positions": s * f * 4,
+            "positions": s * f * self.pos.element_size(),
             "scores": s * f * 8 if self.scored else 0,
         }
         out["total"] = sum(out.values())
@@ -703,6 +713,7 @@ class TritonLayerStore:
             self._init(b, keys.device)
         buf = self._tiers["buffer"]
         s = self._streams
+        self._fit_positions(self.seen + n - 1)
         pos = torch.arange(self.seen, self.seen + n, dtype=torch.int32, device=keys.device)
         # The buffer is dense: its push converts to the buffer's dtype in one copy (no fp32
         # copy of the prompt first; the values are the same, every dtype here widens exactly
@@ -720,6 +731,7 @@ class TritonLayerStore:
         row is taken back, so a refused append changes nothing."""
         buf = self._tiers["buffer"]
         row = buf.fill
+        self._fit_positions(self.seen)
         buf._grow(row + 1, 0)
         check = self.policy != "full"
         flag = self._bad_flag
@@ -764,6 +776,13 @@ class TritonLayerStore:
         self.seen += 1
         self._buf_len = [x + 1 for x in self._buf_len]
         self._since += 1
+
+    def _fit_positions(self, last: int) -> None:
+        """Widen every tier's positions to int32 before one above :data:`POS16_LIMIT` is
+        written (the host knows ``last``: nothing is read back)."""
+        if last > POS16_LIMIT:
+            for t in self._tiers.values():
+                t.widen_positions()
 
     def set_first_valid(self, first_valid: list[int]) -> None:
         if len(first_valid) != self.batch:

@@ -19,14 +19,13 @@ from the cache at the end, as the eval does), mean KL, top-1, perplexity.
 from __future__ import annotations
 
 import argparse
-import ast
 import time
 from typing import Any
 
 import torch
 
 from kvmix.data import KjvPassages, _bos_ids, kjv_passages
-from kvmix.eval.methods import METHODS, Method
+from kvmix.eval.methods import METHODS, parse_variant
 from kvmix.eval.tasks import fidelity_records
 
 
@@ -63,16 +62,6 @@ def stdlib_passages(
         references=tuple(f"text@{i * step}" for i in range(n)),
         texts=tuple("" for _ in range(n)),
     )
-
-
-def parse_variant(spec: str) -> Method:
-    name, _, rest = spec.partition("=")
-    base, _, opts = rest.partition(":")
-    overrides = {}
-    for item in filter(None, opts.split(",")):
-        k, _, v = item.partition("=")
-        overrides[k] = ast.literal_eval(v)
-    return METHODS[base].derive(name, f"{base} {overrides}", **overrides)
 
 
 def main() -> None:

@@ -142,6 +142,22 @@ def test_eviction_budget_holds_the_bytes_of_its_target():
         assert abs(ratios[0] / ratios[1] - 1) < 0.01
 
 
+def test_a_variant_is_its_preset_with_the_options_it_names():
+    """``NAME=PRESET:key=value,...`` (the suite's and the fidelity probe's ``--variant``)
+    builds the preset's cache with those options and nothing else changed; a malformed spec
+    is refused with the format it needs."""
+    spec = 'clipu=kvmix-5x:key_clip="mse_unbiased",value_clip="mse_unbiased",sink_tokens=2'
+    (method,) = resolve_methods([spec], 128, 1, 16)
+    base = METHODS["kvmix-5x"]
+    assert method.name == "clipu" and method.factory is base.factory
+    want = {**base.options, "key_clip": "mse_unbiased", "value_clip": "mse_unbiased"}
+    want["sink_tokens"] = 2
+    assert method.options == want
+    for bad in ("=kvmix-5x:a=1", "x=nope:a=1", "x=kvmix-5x:sink_tokens=two"):
+        with pytest.raises(ValueError, match="variant"):
+            resolve_methods([bad], 128, 1, 16)
+
+
 def test_unknown_methods_and_bad_configs_are_refused():
     with pytest.raises(ValueError, match="unknown method 'zip'; valid methods: full"):
         resolve_methods(["zip"], 128, 1, 16)

@@ -10,6 +10,7 @@ compares them at equal memory).
 
 from __future__ import annotations
 
+import ast
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +27,7 @@ __all__ = [
     "SWEEP_METHODS",
     "Method",
     "eviction_budget_matching",
+    "parse_variant",
     "resolve_methods",
 ]
 
@@ -106,13 +108,38 @@ def eviction_budget_matching(
     return round((lo + hi) / 2, 4)
 
 
+def parse_variant(spec: str) -> Method:
+    """A method derived from a preset with overridden options, for measuring one idea at a
+    time: ``"NAME=PRESET:key=value,key=value"`` (values parsed as Python literals), e.g.
+    ``'clipu=kvmix-5x:key_clip="mse_unbiased",value_clip="mse_unbiased"'``."""
+    name, eq, rest = spec.partition("=")
+    base, _, opts = rest.partition(":")
+    if not eq or not name or base not in METHODS:
+        raise ValueError(
+            f"a variant is NAME=PRESET:key=value,... with PRESET among {', '.join(sorted(METHODS))}"
+            f"; got {spec!r}"
+        )
+    overrides = {}
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError) as e:
+            raise ValueError(f"variant {spec!r}: {key}={value} is not a Python literal") from e
+    return METHODS[base].derive(name, f"{base} {overrides}", **overrides)
+
+
 def resolve_methods(
     names: list[str] | tuple[str, ...], tokens: int, kv_heads: int, head_dim: int
 ) -> list[Method]:
     """Turn names into methods; ``"h2o@<method>"`` is eviction at ``<method>``'s bytes for a cache
-    of ``tokens`` tokens of ``kv_heads`` x ``head_dim``."""
+    of ``tokens`` tokens of ``kv_heads`` x ``head_dim``; ``"NAME=PRESET:key=value,..."`` a
+    variant (:func:`parse_variant`)."""
     out = []
     for name in names:
+        if "=" in name:
+            out.append(parse_variant(name))
+            continue
         if name in METHODS:
             out.append(METHODS[name])
             continue

@@ -106,6 +106,12 @@ def suite_tables(records: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None, prog: str = "python -m kvmix.eval.suite") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("--methods", default="full,uniform4,uniform2,mikv,zipcache,kvmix-5x")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="a method derived from a preset, NAME=PRESET:key=value,... (repeatable)",
+    )
     p.add_argument("--lengths", default="2048", help="comma-separated token counts")
     p.add_argument("--depths", type=int, default=3)
     p.add_argument("--haystacks", default=",".join(HAYSTACKS))
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvmix.eval.suite"
     earlier: list[dict[str, Any]] = []
     if a.resume and (out / "suite.json").exists():
         saved = json.loads((out / "suite.json").read_text())
-        ignored = ("methods", "out", "resume", "redo")
+        ignored = ("methods", "variant", "out", "resume", "redo")
         mine = {k: v for k, v in vars(a).items() if k not in ignored}
         theirs = {k: saved["args"].get(k) for k in mine}
         if theirs != mine:
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvmix.eval.suite"
     records = run_suite(
         model,
         tokenizer,
-        a.methods.split(","),
+        a.methods.split(",") + a.variant,
         tuple(int(x) for x in a.lengths.split(",")),
         a.depths,
         tuple(a.haystacks.split(",")),

@@ -357,6 +357,8 @@ def _flash_attention_with_lse(
             try:
                 res = run(key, value)
                 _FUSED_GQA[name] = True
+            except torch.cuda.OutOfMemoryError:
+                raise  # not a refusal of the tensors: the caller's prefill is out of memory
             except RuntimeError:
                 _FUSED_GQA[name] = False
         if res is None:
@@ -365,6 +367,8 @@ def _flash_attention_with_lse(
                 k = key.repeat_interleave(hq // hk, dim=1)
                 v = value.repeat_interleave(hq // hk, dim=1)
             res = run(k, v)
+    except torch.cuda.OutOfMemoryError:
+        raise
     except (RuntimeError, NotImplementedError, AttributeError):
         _FUSED_LSE_OK[name] = False
         return None

@@ -58,8 +58,17 @@ F)
   timeout 110 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
     > "$OUT/prefill-profile.txt" 2>&1
   ;;
+G)
+  # Session 12, first call: every CUDA test with kvmix-5x's unbiased range search as its
+  # default, real-device parity (the clipped cases included), and the prefill end to end with
+  # and without the search (what it costs the compression on a GPU).
+  timeout 150 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 120 python3 -u gpu/parity.py > "$OUT/parity.txt" 2>&1
+  timeout 200 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x kvmix-5x-minmax > "$OUT/prefill-profile.txt" 2>&1
+  ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|C|D|E|F" >&2
+  echo "usage: bash gpu/pending.sh A|B|C|D|E|F|G" >&2
   exit 2
   ;;
 esac

@@ -41,6 +41,8 @@ from kvmix.bench.gpu import _model, llama_8b_config
 from kvmix.engines import load_scoring
 
 KVMIX_METHODS = ("zipcache", "kvmix-5x", "mikv")
+#: Also accepted by --methods: kvmix-5x without its range search (what the search costs).
+EXTRA_METHODS = ("kvmix-5x-minmax",)
 ENV = kattn.SCORING_KERNEL_ENV
 
 
@@ -237,7 +239,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2, help="timed prefills per run (median)")
     p.add_argument("--torch-repeats", type=int, default=1, help="the same, torch scoring")
     p.add_argument(
-        "--methods", nargs="+", default=["full", *KVMIX_METHODS], choices=["full", *KVMIX_METHODS]
+        "--methods", nargs="+", default=["full", *KVMIX_METHODS], choices=["full", *KVMIX_METHODS, *EXTRA_METHODS]
     )
     p.add_argument("--scoring", nargs="+", default=["triton", "torch"], choices=["triton", "torch"])
     p.add_argument("--kernel-context", type=int, help="tokens for part 2 (default --context)")

@@ -32,8 +32,13 @@ def test_haystacks_have_no_digits_and_differ() -> None:
         # A digit in the haystack could be read as the key.
         assert not any(c.isdigit() for s in sentences for c in s), name
         seen.append(set(sentences))
-    assert not (seen[0] & seen[1]) and not (seen[1] & seen[2]) and not (seen[0] & seen[2])
+    for i, a in enumerate(seen):
+        for b in seen[i + 1 :]:
+            assert not (a & b)
     assert len(haystack_sentences("stdlib")) > 200
+    assert len(haystack_sentences("pydoc")) > 1000
+    # Reference-manual tables are layout, not prose.
+    assert not any(s.startswith(("|", "+-")) for s in haystack_sentences("pydoc"))
 
 
 @pytest.mark.parametrize("haystack", HAYSTACKS)
@@ -66,7 +71,7 @@ def test_suite_deterministic_and_families_differ(tokenizer: PreTrainedTokenizerB
     b = passkey_suite(tokenizer, lengths=(512,), depths=2)
     assert len(a) == len(HAYSTACKS) * len(PHRASINGS) * 2
     assert [x.prompt.text for x in a] == [x.prompt.text for x in b]
-    assert len({x.family for x in a}) == 9
+    assert len({x.family for x in a}) == len(HAYSTACKS) * len(PHRASINGS)
     assert len({x.prompt.text for x in a}) == len(a)
     assert len({x.prompt.passkey for x in a}) > len(a) // 2
     assert sorted({x.prompt.depth for x in a}) == [0.25, 0.75]
@@ -80,10 +85,11 @@ def test_suite_deterministic_and_families_differ(tokenizer: PreTrainedTokenizerB
 
 @pytest.mark.slow
 def test_kvmix5x_keeps_the_passkey_on_an_untuned_family() -> None:
-    """kvmix-5x was tuned on the filler haystack (passkeys) and on the standard library's
-    docstrings (fidelity: sinks, salient share, per-layer bits); on KJV verses (every phrasing,
-    two depths, 2k tokens) it answers at least as many keys as the full cache minus one, at
-    >= 4.9x."""
+    """kvmix-5x was tuned on the filler haystack (passkeys), on the standard library's
+    docstrings (fidelity: sinks, salient share, per-layer bits) and, for its unbiased clipping,
+    on a diagnostic of KJV's rows; on Python's reference topics (the ``pydoc`` haystack, added
+    after those choices: every phrasing, two depths, 2k tokens) it answers at least as many keys
+    as the full cache minus one, at >= 4.9x."""
     from kvmix.eval.suite import run_suite
     from kvmix.models import load_smollm2
 
@@ -91,7 +97,7 @@ def test_kvmix5x_keeps_the_passkey_on_an_untuned_family() -> None:
     kvmix.enable_fused_attention(model)
     try:
         records = run_suite(
-            model, tokenizer, ["full", "kvmix-5x"], lengths=(2048,), depths=2, haystacks=("kjv",)
+            model, tokenizer, ["full", "kvmix-5x"], lengths=(2048,), depths=2, haystacks=("pydoc",)
         )
     finally:
         model.set_attn_implementation("sdpa")

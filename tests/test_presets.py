@@ -45,6 +45,17 @@ CLAIMS: dict[str, dict[str, object]] = {
         "low_key_bits": 3,
         "low_bits": 2,
         "sink_tokens": 4,
+        "key_clip": "mse_unbiased",
+        "value_clip": "mse_unbiased",
+    },
+    "kvmix-5x-minmax": {
+        "salient_ratio": 0.14,
+        "high_bits": 4,
+        "low_key_bits": 3,
+        "low_bits": 2,
+        "sink_tokens": 4,
+        "key_clip": "minmax",
+        "value_clip": "minmax",
     },
     "kvmix-5x-v1": {
         "salient_ratio": 0.2,
@@ -52,6 +63,8 @@ CLAIMS: dict[str, dict[str, object]] = {
         "low_key_bits": 3,
         "low_bits": 2,
         "sink_tokens": 0,
+        "key_clip": "minmax",
+        "value_clip": "minmax",
     },
     "kvmix-5x-v1-norot": {
         "salient_ratio": 0.2,
@@ -59,6 +72,8 @@ CLAIMS: dict[str, dict[str, object]] = {
         "low_key_bits": 3,
         "low_bits": 2,
         "sink_tokens": 0,
+        "key_clip": "minmax",
+        "value_clip": "minmax",
     },
     "kvmix-5x-norot": {
         "salient_ratio": 0.14,
@@ -66,6 +81,8 @@ CLAIMS: dict[str, dict[str, object]] = {
         "low_key_bits": 3,
         "low_bits": 2,
         "sink_tokens": 4,
+        "key_clip": "mse_unbiased",
+        "value_clip": "mse_unbiased",
     },
 }
 # The store policy each preset family runs (kvmix-5x is ZipCache's store, rotated).
@@ -76,7 +93,7 @@ POLICY = {
     "zipcache": "zipcache",
     "kvmix": "zipcache",
 }
-ROTATED = {"kvmix-5x", "kvmix-5x-v1"}
+ROTATED = {"kvmix-5x", "kvmix-5x-minmax", "kvmix-5x-v1"}
 
 
 def small_config() -> LlamaConfig:

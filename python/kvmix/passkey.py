@@ -2,9 +2,10 @@
 
 One family of prompts (the repeated grass/sky filler with "The pass key is ...") is a claim about
 that family only: issue 16 found a preset that answered 17/20 on it and 2/10 with scripture
-verses as the haystack and another phrasing. The suite crosses three haystacks (the standard
-filler, King James verses, the Python standard library's docstrings) with three phrasings of the
-key and the question, at depths spread evenly over each prompt, at several lengths, all seeded.
+verses as the haystack and another phrasing. The suite crosses four haystacks (the standard
+filler, King James verses, the Python standard library's docstrings, Python's reference manual
+topics) with three phrasings of the key and the question, at depths spread evenly over each
+prompt, at several lengths, all seeded.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import functools
 import inspect
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -86,12 +88,15 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 @functools.lru_cache(maxsize=4)
 def haystack_sentences(name: str) -> tuple[str, ...]:
-    """The sentences of haystack ``name`` (``"filler"``, ``"kjv"`` or ``"stdlib"``), in order.
+    """The sentences of haystack ``name`` (one of :data:`HAYSTACKS`), in order.
 
     ``"kjv"`` is every verse of the King James Bible (one verse per "sentence"); ``"stdlib"`` the
-    docstrings of a fixed list of standard-library modules and their public members, split into
-    sentences, with whitespace collapsed, keeping only sentences of 4 to 60 words without digits
-    (a digit in the haystack could pass for the key).
+    docstrings of a fixed list of standard-library modules and their public members; ``"pydoc"``
+    Python's language and library reference topics as every CPython ships them
+    (``pydoc_data.topics``: reference-manual prose with grammar rules and examples, the fourth
+    family, added after every kvmix choice had been made so that one family stays untuned). The
+    last two are split into sentences, with whitespace collapsed, keeping only sentences of 4 to
+    60 words without digits (a digit in the haystack could pass for the key).
     """
     if name == "filler":
         return tuple(_FILLER_SENTENCES)
@@ -110,16 +115,33 @@ def haystack_sentences(name: str) -> tuple[str, ...]:
                 doc = inspect.getdoc(obj) if inspect.getmodule(obj) is module else None
                 if not doc:
                     continue
-                for sentence in _SENTENCE_END.split(" ".join(doc.split())):
-                    words = sentence.split()
-                    if 4 <= len(words) <= 60 and not any(c.isdigit() for c in sentence):
-                        out.append(sentence)
+                out.append(doc)
         # A docstring shared by aliases appears once.
-        return tuple(dict.fromkeys(out))
+        return _sentences(dict.fromkeys(out))
+    if name == "pydoc":
+        import pydoc_data.topics
+
+        topics = pydoc_data.topics.topics
+        # Table rows (lines drawn with "|" and "+---") are layout, not prose: dropped.
+        return _sentences(
+            "\n".join(line for line in topics[k].splitlines() if line.strip()[:1] not in "|+")
+            for k in sorted(topics)
+        )
     raise ValueError(f"unknown haystack {name!r}; valid: {', '.join(HAYSTACKS)}")
 
 
-HAYSTACKS: tuple[str, ...] = ("filler", "kjv", "stdlib")
+HAYSTACKS: tuple[str, ...] = ("filler", "kjv", "stdlib", "pydoc")
+
+
+def _sentences(texts: Iterable[str]) -> tuple[str, ...]:
+    """The sentences of ``texts`` (whitespace collapsed) of 4 to 60 words without digits, each
+    once, in order."""
+    out: list[str] = []
+    for text in texts:
+        for sentence in _SENTENCE_END.split(" ".join(text.split())):
+            if 4 <= len(sentence.split()) <= 60 and not any(c.isdigit() for c in sentence):
+                out.append(sentence)
+    return tuple(dict.fromkeys(out))
 
 
 @dataclass(frozen=True)

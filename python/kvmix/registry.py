@@ -361,11 +361,21 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
             # kvmix's own preset at ~5x, its first definition, and its rotation ablated.
             _p(
                 "kvmix-5x",
-                "kvmix-5x (rotated, 14% 4-bit, K3/V2, 4 sinks, per-layer bits)",
+                "kvmix-5x (rotated, 14% 4-bit, K3/V2, 4 sinks, per-layer bits, unbiased clipping)",
                 KVMIX,
                 "kvmix",
                 Kvmix5xCache,
                 "zipcache",
+            ),
+            _p(
+                "kvmix-5x-minmax",
+                "kvmix-5x with min-max ranges (its definition before clipping)",
+                KVMIX,
+                "kvmix-ablation",
+                Kvmix5xCache,
+                "zipcache",
+                key_clip="minmax",
+                value_clip="minmax",
             ),
             _p(
                 "kvmix-5x-v1",
@@ -377,6 +387,8 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 salient_ratio=0.2,
                 sink_tokens=0,
                 layer_options=None,
+                key_clip="minmax",
+                value_clip="minmax",
             ),
             _p(
                 "kvmix-5x-norot",
@@ -397,6 +409,8 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 salient_ratio=0.2,
                 sink_tokens=0,
                 layer_options=None,
+                key_clip="minmax",
+                value_clip="minmax",
                 rotation_seed=None,
             ),
         ]

@@ -15,6 +15,11 @@ about the midpoint by each factor of ``SHR`` (the layout's ``shrink``) and keeps
 least squared error, summed in float64 from exact squares as the Rust quantizer sums them; the
 GPU may fuse ``mid - s * half`` into one rounding, another documented tie. ``CLIP == 2``
 (``"mse_unbiased"``) keeps only the grids with ``sum((x̂ - x) * x) >= 0`` (float64).
+
+Per-channel grids (keys) span a whole segment, up to a prompt's length: their rows are cut into
+chunks, one program each (:func:`channel_partials_kernel` for the minima, maxima and every
+candidate's errors, :func:`encode_channels_kernel` for the codes), and the caller combines the
+chunks and makes the choice with torch (``TritonLayerStore``'s tiers).
 """
 
 # Triton's kernel language is untyped (its decorators, and parameters whose annotations
@@ -243,112 +248,113 @@ def _group_error(xg, scale, offset, top, AXIS: tl.constexpr, CLIP: tl.constexpr)
 
 
 @triton.jit
-def _channel_error(
-    X,
-    s,
+def channel_partials_kernel(
+    X,  # [S, N, D] fp32/bf16/fp16: NBLK segments, segment b at rows [b * BSTRIDE, + NR[s, b])
+    NR,  # int32 [S, NBLK]: real rows of each stream's segment (the rest are holes)
+    OUT0,  # MODE 0: fp32 [S, NBLK, NCH, D] chunk minima; else f64 [S, NBLK, NCH, NCP, D] errors
+    OUT1,  # MODE 0: chunk maxima; else f64 sums of (x̂ - x) * x (does the grid shrink?)
+    CSC,  # fp32 [S, NBLK, NCP, D]: the candidate grids' fp16 scales (MODE != 0)
+    COF,  # the same, offsets
     N,
-    base,
-    n,
-    c,
+    BSTRIDE,
+    NBLK,
+    NCH,  # chunks of CHUNK rows per segment
+    CHUNK,
     D: tl.constexpr,
-    scale,
-    offset,
-    top,
-    RB,
+    BITS: tl.constexpr,
+    CB: tl.constexpr,  # channels per program
     BR: tl.constexpr,
-    CB: tl.constexpr,
-    CLIP: tl.constexpr,
+    MODE: tl.constexpr,  # 0: min and max; 1: errors of NCP candidate grids
+    NCP: tl.constexpr,
 ):
-    """Squared error of channels ``c`` of a segment's ``n`` rows on their fp16 grids, float64
-    (the largest float64 for a grid that shrinks its channel, with ``CLIP == 2``)."""
-    sf = scale.to(tl.float32)[None, :]
-    of = offset.to(tl.float32)[None, :]
-    err = tl.full([CB], 0.0, tl.float64)
-    grow = tl.full([CB], 0.0, tl.float64)
-    for r0 in range(0, RB, BR):
-        r = r0 + tl.arange(0, BR)
-        ok = r < n
-        x = tl.load(X + (s * N + base + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
-        d = (_reconstruct(x, sf, of, top) - x).to(tl.float64)
-        err += _sum(tl.where(ok[:, None], d * d, 0.0), 0)
-        grow += _sum(tl.where(ok[:, None], d * x.to(tl.float64), 0.0), 0)
-    if CLIP == 2:
-        err = tl.where(grow < 0.0, 1.7976931348623157e308, err)
-    return err
+    """One chunk of one segment's rows for ``CB`` channels: its minima and maxima, or every
+    candidate grid's squared error and shrink sum (float64 from exact squares, as
+    ``src/quant/clip.rs`` sums them). The chunks' partials are combined by the caller, so a
+    long segment is spread over the whole GPU instead of one program per channel block."""
+    s = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * CB + tl.arange(0, CB)
+    q = tl.program_id(2)
+    blk = q // NCH
+    ch = q % NCH
+    n = tl.load(NR + s * NBLK + blk)
+    r_lo = ch * CHUNK
+    r_hi = tl.minimum(r_lo + CHUNK, n)
+    rows = X + (s * N + blk * BSTRIDE) * D
+    part = (s * NBLK + blk) * NCH + ch
+    if MODE == 0:
+        lo = tl.full([CB], float("inf"), tl.float32)
+        hi = tl.full([CB], float("-inf"), tl.float32)
+        for r0 in range(r_lo, r_hi, BR):
+            r = r0 + tl.arange(0, BR)
+            ok = r < r_hi
+            x = tl.load(rows + r[:, None] * D + c[None, :], mask=ok[:, None], other=0.0)
+            x = x.to(tl.float32)
+            lo = tl.minimum(lo, _min(tl.where(ok[:, None], x, float("inf")), 0))
+            hi = tl.maximum(hi, _max(tl.where(ok[:, None], x, float("-inf")), 0))
+        tl.store(OUT0 + part * D + c, lo)
+        tl.store(OUT1 + part * D + c, hi)
+    else:
+        top: tl.constexpr = (1 << BITS) - 1
+        i = tl.arange(0, NCP)
+        grid = ((s * NBLK + blk) * NCP + i[:, None]) * D + c[None, :]
+        sf = tl.load(CSC + grid)[:, None, :]  # [NCP, 1, CB]
+        of = tl.load(COF + grid)[:, None, :]
+        err = tl.full([NCP, CB], 0.0, tl.float64)
+        grow = tl.full([NCP, CB], 0.0, tl.float64)
+        for r0 in range(r_lo, r_hi, BR):
+            r = r0 + tl.arange(0, BR)
+            ok = (r < r_hi)[None, :, None]
+            x = tl.load(rows + r[:, None] * D + c[None, :], mask=(r < r_hi)[:, None], other=0.0)
+            x = x.to(tl.float32)[None, :, :]  # [1, BR, CB]
+            d = (_reconstruct(x, sf, of, top) - x).to(tl.float64)  # [NCP, BR, CB]
+            err += _sum(tl.where(ok, d * d, 0.0), 1)
+            grow += _sum(tl.where(ok, d * x.to(tl.float64), 0.0), 1)
+        out = (part * NCP + i[:, None]) * D + c[None, :]
+        tl.store(OUT0 + out, err)
+        tl.store(OUT1 + out, grow)
 
 
 @triton.jit
-def quantize_channels_kernel(
-    X,  # fp32 [S, N, D]: NBLK segments, segment b at rows [b * BSTRIDE, b * BSTRIDE + RB)
-    NR,  # int32 [S, NBLK]: real rows of each stream's segment (the rest are holes)
+def encode_channels_kernel(
+    X,  # [S, N, D] fp32/bf16/fp16, laid out as for channel_partials_kernel
+    NR,  # int32 [S, NBLK]
     CODES,  # uint8 [S, cap, D*BITS/8]
-    SC,  # fp16 [S, nseg, D]
-    OF,
-    SHR,  # fp32 [NSHR] shrink factors (CLIP)
+    SCF,  # fp32 [S, NBLK, D]: each segment's chosen scales (fp16 values)
+    OFF,  # the same, offsets
     N,
     cap,
     row0,  # destination row of segment 0; segment b goes to row0 + b * BSTRIDE
-    seg,  # index of segment 0; segment b is seg + b
-    nseg,
-    NBLK,
     BSTRIDE,
-    RB,
+    NBLK,
+    NCH,
+    CHUNK,
     D: tl.constexpr,
     BITS: tl.constexpr,
-    CB: tl.constexpr,  # channels per program (a multiple of 8)
+    CB: tl.constexpr,
     BR: tl.constexpr,
-    CLIP: tl.constexpr,
-    NSHR: tl.constexpr,
 ):
+    """The codes of one chunk of one segment's rows for ``CB`` channels on their chosen grid."""
     s = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * CB + tl.arange(0, CB)
-    blk = tl.program_id(2)
+    q = tl.program_id(2)
+    blk = q // NCH
+    ch = q % NCH
     n = tl.load(NR + s * NBLK + blk)
-    base = blk * BSTRIDE  # the segment's first row, in X and (plus row0) in the tier
-    seg = seg + blk
-    row0 = row0 + base
-    lo = tl.full([CB], float("inf"), tl.float32)
-    hi = tl.full([CB], float("-inf"), tl.float32)
-    for r0 in range(0, RB, BR):
-        r = r0 + tl.arange(0, BR)
-        ok = r < n
-        x = tl.load(X + (s * N + base + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
-        lo = tl.minimum(lo, _min(tl.where(ok[:, None], x, float("inf")), 0))
-        hi = tl.maximum(hi, _max(tl.where(ok[:, None], x, float("-inf")), 0))
-    lo = tl.where(n > 0, lo, 0.0)
-    hi = tl.where(n > 0, hi, 0.0)
-    top: tl.constexpr = (1 << BITS) - 1
-    scale = ((hi - lo) / top).to(tl.float16)
-    offset = lo.to(tl.float16)
-    if CLIP:
-        searched = scale != 0.0
-        best = _channel_error(X, s, N, base, n, c, D, scale, offset, top, RB, BR, CB, CLIP)
-        mid = (lo + hi) * 0.5
-        half = (hi - lo) * 0.5
-        for i in range(NSHR):
-            s_i = tl.load(SHR + i)
-            a = mid - s_i * half
-            b = mid + s_i * half
-            sc_i = ((b - a) / top).to(tl.float16)
-            of_i = a.to(tl.float16)
-            err = _channel_error(X, s, N, base, n, c, D, sc_i, of_i, top, RB, BR, CB, CLIP)
-            better = searched & (err < best)
-            scale = tl.where(better, sc_i, scale)
-            offset = tl.where(better, of_i, offset)
-            best = tl.where(better, err, best)
-    tl.store(SC + (s * nseg + seg) * D + c, scale)
-    tl.store(OF + (s * nseg + seg) * D + c, offset)
-    sf = scale.to(tl.float32)
-    of = offset.to(tl.float32)
+    r_lo = ch * CHUNK
+    r_hi = tl.minimum(r_lo + CHUNK, n)
+    sf = tl.load(SCF + (s * NBLK + blk) * D + c)
+    of = tl.load(OFF + (s * NBLK + blk) * D + c)
     div = tl.where(sf == 0.0, 1.0, sf)
-    for r0 in range(0, RB, BR):
+    top: tl.constexpr = (1 << BITS) - 1
+    base = blk * BSTRIDE  # the segment's first row, in X and (plus row0) in the tier
+    for r0 in range(r_lo, r_hi, BR):
         r = r0 + tl.arange(0, BR)
-        ok = r < n
+        ok = r < r_hi
         x = tl.load(X + (s * N + base + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
-        y = (x - of[None, :]) / div[None, :] + 0.5
+        y = (x.to(tl.float32) - of[None, :]) / div[None, :] + 0.5
         y = tl.minimum(tl.maximum(y, 0.0), top)
         code = tl.where(sf[None, :] == 0.0, 0, y.to(tl.int32))
-        dst = s * cap + row0 + r
+        dst = s * cap + row0 + base + r
         _store_codes(CODES, code, dst, ok, tl.program_id(1) * CB, BR, CB, D, BITS)
 
 

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 #: Rows per page (and per attention block).
 PAGE = 64
+#: Rows per program when a segment's per-channel grids are fitted and its keys encoded.
+CHANNEL_CHUNK = 256
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _MODES = {"dense": 0, "channel": 1, "token_groups": 2}
@@ -352,34 +354,7 @@ class _Tier:
         clip = {"CLIP": _CLIPS[c.clip], "NSHR": len(c.shrink)}
         shrink = torch.tensor(c.shrink, dtype=torch.float32, device=x.device)
         if c.kind == "channel":
-            sc, of = self.ks, self.ko
-            cb = min(self.d, 32)
-            nblk, stride, rb = blocks
-            if nblk == 1:
-                stride = rb = n
-            _run(
-                kern.quantize_channels_kernel,
-                (self.s, self.d // cb, nblk),
-                x,
-                nr.contiguous(),
-                data,
-                sc,
-                of,
-                shrink,
-                n,
-                self.cap,
-                row0,
-                self.nseg,
-                self.seg_cap,
-                nblk,
-                stride,
-                rb,
-                D=self.d,
-                BITS=c.bits,
-                CB=cb,
-                BR=32,
-                **clip,
-            )
+            self._encode_channels(kern, c, x, nr.contiguous(), data, row0, blocks)
             return
         sc, of = (self.ks, self.ko) if key else (self.vs, self.vo)
         fac = self._dummy
@@ -413,6 +388,73 @@ class _Tier:
             BR=br,
             **clip,
         )
+
+    def _encode_channels(
+        self,
+        kern: Any,
+        c: _Codec,
+        x: torch.Tensor,
+        nr: torch.Tensor,
+        data: torch.Tensor,
+        row0: int,
+        blocks: tuple[int, int, int],
+    ) -> None:
+        """Per-channel codes of each segment (keys): its min-max grid, or with a clip the grid
+        chosen among min-max and the shrunk candidates, as ``src/quant/clip.rs`` chooses.
+
+        The rows are cut into chunks of :data:`CHANNEL_CHUNK`, one program each per block of
+        channels, and the chunks' partial minima, maxima and errors combined here: one
+        program per channel block and segment (the first design) left a 32k-token prefill's
+        keys to ~256 programs looping over every row once per candidate, most of an H200
+        idle. The candidates' grids are computed by torch in fp32 without fused multiply-adds,
+        as the Rust quantizer computes them."""
+        n = x.shape[1]
+        nblk, stride, rb = blocks
+        if nblk == 1:
+            stride = rb = n
+        s, d, dev = self.s, self.d, x.device
+        nch = max(1, -(-rb // CHANNEL_CHUNK))
+        cb = min(d, 32)
+        grid = (s, d // cb, nblk * nch)
+        common = (n, stride, nblk, nch, CHANNEL_CHUNK)
+        lo = torch.empty((s, nblk, nch, d), dtype=torch.float32, device=dev)
+        hi = torch.empty_like(lo)
+        consts = {"D": d, "BITS": c.bits, "CB": cb}
+        dummy = self._dummy
+        _run(kern.channel_partials_kernel, grid, x, nr, lo, hi, dummy, dummy, *common,
+             **consts, BR=32, MODE=0, NCP=1)  # fmt: skip
+        empty = (nr == 0)[:, :, None]
+        lo = lo.amin(2).masked_fill(empty, 0.0)  # [S, NBLK, D]
+        hi = hi.amax(2).masked_fill(empty, 0.0)
+        top = (1 << c.bits) - 1
+        scale, offset = ((hi - lo) / top).half(), lo.half()
+        clip = _CLIPS[c.clip]
+        if clip:
+            shrink = torch.tensor(c.shrink, dtype=torch.float32, device=dev)[:, None, None, None]
+            mid, half = (lo + hi) * 0.5, (hi - lo) * 0.5
+            a, b = mid - shrink * half, mid + shrink * half
+            cand_sc = torch.cat([scale[None], ((b - a) / top).half()])  # [NC, S, NBLK, D]
+            cand_of = torch.cat([offset[None], a.half()])
+            nc = cand_sc.shape[0]
+            ncp = 1 << (nc - 1).bit_length()
+            pad = [0] * (ncp - nc)  # padding candidates repeat min-max; never chosen
+            csc = cand_sc[[*range(nc), *pad]].float().permute(1, 2, 0, 3).contiguous()
+            cof = cand_of[[*range(nc), *pad]].float().permute(1, 2, 0, 3).contiguous()
+            err = torch.empty((s, nblk, nch, ncp, d), dtype=torch.float64, device=dev)
+            grow = torch.empty_like(err)
+            _run(kern.channel_partials_kernel, grid, x, nr, err, grow, csc, cof, *common,
+                 **consts, BR=8, MODE=1, NCP=ncp)  # fmt: skip
+            total = err.sum(2)[:, :, :nc].permute(2, 0, 1, 3)  # [NC, S, NBLK, D]
+            if clip == 2:  # a grid that shrinks its channel is not a candidate
+                total = total.masked_fill(grow.sum(2)[:, :, :nc].permute(2, 0, 1, 3) < 0, math.inf)
+            # The first least error, as the Rust search keeps a candidate only when strictly
+            # better; a constant channel (min-max scale 0) keeps min-max.
+            best = torch.where(scale != 0, total.argmin(0), 0)[None]
+            scale, offset = cand_sc.gather(0, best)[0], cand_of.gather(0, best)[0]
+        self.ks[:, self.nseg : self.nseg + nblk] = scale
+        self.ko[:, self.nseg : self.nseg + nblk] = offset
+        _run(kern.encode_channels_kernel, grid, x, nr, data, scale.float(), offset.float(),
+             n, self.cap, row0, *common[1:], **consts, BR=32)  # fmt: skip
 
     # -- reading --------------------------------------------------------------------------
 

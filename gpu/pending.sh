@@ -67,8 +67,17 @@ G)
   timeout 200 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
     --methods full zipcache kvmix-5x kvmix-5x-minmax > "$OUT/prefill-profile.txt" 2>&1
   ;;
+H)
+  # Session 12, second call: per-channel grids fitted in row chunks across the GPU (the range
+  # search's 12 passes over a segment were one program per channel block): parity with the
+  # Rust engine, every CUDA test, and the prefill again with and without the search.
+  timeout 120 python3 -u gpu/parity.py > "$OUT/parity.txt" 2>&1
+  timeout 150 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 200 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x kvmix-5x-minmax > "$OUT/prefill-profile.txt" 2>&1
+  ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|C|D|E|F|G" >&2
+  echo "usage: bash gpu/pending.sh A|B|C|D|E|F|G|H" >&2
   exit 2
   ;;
 esac

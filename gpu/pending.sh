@@ -76,8 +76,18 @@ H)
   timeout 200 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
     --methods full zipcache kvmix-5x kvmix-5x-minmax > "$OUT/prefill-profile.txt" 2>&1
   ;;
+I)
+  # Session 12, third call: the channel kernels accumulate elementwise and reduce once, one
+  # program per clip candidate; the prefill with and without the search, and one layer's
+  # kernel table for kvmix-5x (where the search's time goes).
+  timeout 100 python3 -u gpu/parity.py > "$OUT/parity.txt" 2>&1
+  timeout 200 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x kvmix-5x-minmax > "$OUT/prefill-profile.txt" 2>&1
+  timeout 120 python3 -u gpu/compression_profile.py --methods kvmix-5x --rows 20 \
+    > "$OUT/compression-profile.txt" 2>&1
+  ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|C|D|E|F|G|H" >&2
+  echo "usage: bash gpu/pending.sh A|B|C|D|E|F|G|H|I" >&2
   exit 2
   ;;
 esac

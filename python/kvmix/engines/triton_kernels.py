@@ -251,9 +251,9 @@ def _group_error(xg, scale, offset, top, AXIS: tl.constexpr, CLIP: tl.constexpr)
 def channel_partials_kernel(
     X,  # [S, N, D] fp32/bf16/fp16: NBLK segments, segment b at rows [b * BSTRIDE, + NR[s, b])
     NR,  # int32 [S, NBLK]: real rows of each stream's segment (the rest are holes)
-    OUT0,  # MODE 0: fp32 [S, NBLK, NCH, D] chunk minima; else f64 [S, NBLK, NCH, NCP, D] errors
+    OUT0,  # MODE 0: fp32 [S, NBLK, NCH, D] chunk minima; else f64 [NC, S, NBLK, NCH, D] errors
     OUT1,  # MODE 0: chunk maxima; else f64 sums of (x̂ - x) * x (does the grid shrink?)
-    CSC,  # fp32 [S, NBLK, NCP, D]: the candidate grids' fp16 scales (MODE != 0)
+    CSC,  # fp32 [NC, S, NBLK, D]: the candidate grids' fp16 scales (MODE 1)
     COF,  # the same, offsets
     N,
     BSTRIDE,
@@ -264,17 +264,20 @@ def channel_partials_kernel(
     BITS: tl.constexpr,
     CB: tl.constexpr,  # channels per program
     BR: tl.constexpr,
-    MODE: tl.constexpr,  # 0: min and max; 1: errors of NCP candidate grids
-    NCP: tl.constexpr,
+    MODE: tl.constexpr,  # 0: min and max; 1: one candidate grid's errors (grid axis 2)
 ):
-    """One chunk of one segment's rows for ``CB`` channels: its minima and maxima, or every
+    """One chunk of one segment's rows for ``CB`` channels: its minima and maxima, or one
     candidate grid's squared error and shrink sum (float64 from exact squares, as
     ``src/quant/clip.rs`` sums them). The chunks' partials are combined by the caller, so a
-    long segment is spread over the whole GPU instead of one program per channel block."""
+    long segment is spread over the whole GPU instead of one program per channel block; each
+    program accumulates elementwise and reduces once (a reduction per tile synchronizes the
+    program's warps every few rows)."""
     s = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * CB + tl.arange(0, CB)
     q = tl.program_id(2)
-    blk = q // NCH
+    NQ = NBLK * NCH
+    cand = q // NQ
+    blk = (q % NQ) // NCH
     ch = q % NCH
     n = tl.load(NR + s * NBLK + blk)
     r_lo = ch * CHUNK
@@ -282,36 +285,34 @@ def channel_partials_kernel(
     rows = X + (s * N + blk * BSTRIDE) * D
     part = (s * NBLK + blk) * NCH + ch
     if MODE == 0:
-        lo = tl.full([CB], float("inf"), tl.float32)
-        hi = tl.full([CB], float("-inf"), tl.float32)
+        lo = tl.full([BR, CB], float("inf"), tl.float32)
+        hi = tl.full([BR, CB], float("-inf"), tl.float32)
         for r0 in range(r_lo, r_hi, BR):
             r = r0 + tl.arange(0, BR)
-            ok = r < r_hi
-            x = tl.load(rows + r[:, None] * D + c[None, :], mask=ok[:, None], other=0.0)
-            x = x.to(tl.float32)
-            lo = tl.minimum(lo, _min(tl.where(ok[:, None], x, float("inf")), 0))
-            hi = tl.maximum(hi, _max(tl.where(ok[:, None], x, float("-inf")), 0))
-        tl.store(OUT0 + part * D + c, lo)
-        tl.store(OUT1 + part * D + c, hi)
+            ok = (r < r_hi)[:, None]
+            x = tl.load(rows + r[:, None] * D + c[None, :], mask=ok, other=0.0).to(tl.float32)
+            lo = tl.minimum(lo, tl.where(ok, x, float("inf")))
+            hi = tl.maximum(hi, tl.where(ok, x, float("-inf")))
+        tl.store(OUT0 + part * D + c, _min(lo, 0))
+        tl.store(OUT1 + part * D + c, _max(hi, 0))
     else:
         top: tl.constexpr = (1 << BITS) - 1
-        i = tl.arange(0, NCP)
-        grid = ((s * NBLK + blk) * NCP + i[:, None]) * D + c[None, :]
-        sf = tl.load(CSC + grid)[:, None, :]  # [NCP, 1, CB]
-        of = tl.load(COF + grid)[:, None, :]
-        err = tl.full([NCP, CB], 0.0, tl.float64)
-        grow = tl.full([NCP, CB], 0.0, tl.float64)
+        streams = tl.num_programs(0)
+        at = ((cand * streams + s) * NBLK + blk) * D + c
+        sf = tl.load(CSC + at)[None, :]
+        of = tl.load(COF + at)[None, :]
+        err = tl.full([BR, CB], 0.0, tl.float64)
+        grow = tl.full([BR, CB], 0.0, tl.float64)
         for r0 in range(r_lo, r_hi, BR):
             r = r0 + tl.arange(0, BR)
-            ok = (r < r_hi)[None, :, None]
-            x = tl.load(rows + r[:, None] * D + c[None, :], mask=(r < r_hi)[:, None], other=0.0)
-            x = x.to(tl.float32)[None, :, :]  # [1, BR, CB]
-            d = (_reconstruct(x, sf, of, top) - x).to(tl.float64)  # [NCP, BR, CB]
-            err += _sum(tl.where(ok, d * d, 0.0), 1)
-            grow += _sum(tl.where(ok, d * x.to(tl.float64), 0.0), 1)
-        out = (part * NCP + i[:, None]) * D + c[None, :]
-        tl.store(OUT0 + out, err)
-        tl.store(OUT1 + out, grow)
+            ok = (r < r_hi)[:, None]
+            x = tl.load(rows + r[:, None] * D + c[None, :], mask=ok, other=0.0).to(tl.float32)
+            d = (_reconstruct(x, sf, of, top) - x).to(tl.float64)
+            err += tl.where(ok, d * d, 0.0)
+            grow += tl.where(ok, d * x.to(tl.float64), 0.0)
+        out = (cand * streams * NQ + part) * D + c
+        tl.store(OUT0 + out, _sum(err, 0))
+        tl.store(OUT1 + out, _sum(grow, 0))
 
 
 @triton.jit

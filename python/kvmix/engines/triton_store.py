@@ -419,10 +419,10 @@ class _Tier:
         common = (n, stride, nblk, nch, CHANNEL_CHUNK)
         lo = torch.empty((s, nblk, nch, d), dtype=torch.float32, device=dev)
         hi = torch.empty_like(lo)
-        consts = {"D": d, "BITS": c.bits, "CB": cb}
+        consts = {"D": d, "BITS": c.bits, "CB": cb, "BR": 32}
         dummy = self._dummy
         _run(kern.channel_partials_kernel, grid, x, nr, lo, hi, dummy, dummy, *common,
-             **consts, BR=32, MODE=0, NCP=1)  # fmt: skip
+             **consts, MODE=0)  # fmt: skip
         empty = (nr == 0)[:, :, None]
         lo = lo.amin(2).masked_fill(empty, 0.0)  # [S, NBLK, D]
         hi = hi.amax(2).masked_fill(empty, 0.0)
@@ -436,17 +436,13 @@ class _Tier:
             cand_sc = torch.cat([scale[None], ((b - a) / top).half()])  # [NC, S, NBLK, D]
             cand_of = torch.cat([offset[None], a.half()])
             nc = cand_sc.shape[0]
-            ncp = 1 << (nc - 1).bit_length()
-            pad = [0] * (ncp - nc)  # padding candidates repeat min-max; never chosen
-            csc = cand_sc[[*range(nc), *pad]].float().permute(1, 2, 0, 3).contiguous()
-            cof = cand_of[[*range(nc), *pad]].float().permute(1, 2, 0, 3).contiguous()
-            err = torch.empty((s, nblk, nch, ncp, d), dtype=torch.float64, device=dev)
+            err = torch.empty((nc, s, nblk, nch, d), dtype=torch.float64, device=dev)
             grow = torch.empty_like(err)
-            _run(kern.channel_partials_kernel, grid, x, nr, err, grow, csc, cof, *common,
-                 **consts, BR=8, MODE=1, NCP=ncp)  # fmt: skip
-            total = err.sum(2)[:, :, :nc].permute(2, 0, 1, 3)  # [NC, S, NBLK, D]
+            _run(kern.channel_partials_kernel, (*grid[:2], nc * grid[2]), x, nr, err, grow,
+                 cand_sc.float(), cand_of.float(), *common, **consts, MODE=1)  # fmt: skip
+            total = err.sum(3)  # [NC, S, NBLK, D]
             if clip == 2:  # a grid that shrinks its channel is not a candidate
-                total = total.masked_fill(grow.sum(2)[:, :, :nc].permute(2, 0, 1, 3) < 0, math.inf)
+                total = total.masked_fill(grow.sum(3) < 0, math.inf)
             # The first least error, as the Rust search keeps a candidate only when strictly
             # better; a constant channel (min-max scale 0) keeps min-max.
             best = torch.where(scale != 0, total.argmin(0), 0)[None]
@@ -454,7 +450,7 @@ class _Tier:
         self.ks[:, self.nseg : self.nseg + nblk] = scale
         self.ko[:, self.nseg : self.nseg + nblk] = offset
         _run(kern.encode_channels_kernel, grid, x, nr, data, scale.float(), offset.float(),
-             n, self.cap, row0, *common[1:], **consts, BR=32)  # fmt: skip
+             n, self.cap, row0, *common[1:], **consts)  # fmt: skip
 
     # -- reading --------------------------------------------------------------------------
 

@@ -259,25 +259,23 @@ def channel_partials_kernel(
     BSTRIDE,
     NBLK,
     NCH,  # chunks of CHUNK rows per segment
-    CHUNK,
+    NC,  # candidate grids (MODE 1)
     D: tl.constexpr,
     BITS: tl.constexpr,
     CB: tl.constexpr,  # channels per program
+    CHUNK: tl.constexpr,
     BR: tl.constexpr,
-    MODE: tl.constexpr,  # 0: min and max; 1: one candidate grid's errors (grid axis 2)
+    MODE: tl.constexpr,  # 0: min and max; 1: every candidate grid's errors
 ):
-    """One chunk of one segment's rows for ``CB`` channels: its minima and maxima, or one
+    """One chunk of one segment's rows for ``CB`` channels: its minima and maxima, or every
     candidate grid's squared error and shrink sum (float64 from exact squares, as
     ``src/quant/clip.rs`` sums them). The chunks' partials are combined by the caller, so a
-    long segment is spread over the whole GPU instead of one program per channel block; each
-    program accumulates elementwise and reduces once (a reduction per tile synchronizes the
-    program's warps every few rows)."""
+    long segment is spread over the whole GPU instead of one program per channel block. The
+    candidates are tried on the chunk held in registers: it is read from memory once."""
     s = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * CB + tl.arange(0, CB)
     q = tl.program_id(2)
-    NQ = NBLK * NCH
-    cand = q // NQ
-    blk = (q % NQ) // NCH
+    blk = q // NCH
     ch = q % NCH
     n = tl.load(NR + s * NBLK + blk)
     r_lo = ch * CHUNK
@@ -297,22 +295,19 @@ def channel_partials_kernel(
         tl.store(OUT1 + part * D + c, _max(hi, 0))
     else:
         top: tl.constexpr = (1 << BITS) - 1
+        r = r_lo + tl.arange(0, CHUNK)
+        ok = (r < r_hi)[:, None]
+        x = tl.load(rows + r[:, None] * D + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        xd = x.to(tl.float64)
         streams = tl.num_programs(0)
-        at = ((cand * streams + s) * NBLK + blk) * D + c
-        sf = tl.load(CSC + at)[None, :]
-        of = tl.load(COF + at)[None, :]
-        err = tl.full([BR, CB], 0.0, tl.float64)
-        grow = tl.full([BR, CB], 0.0, tl.float64)
-        for r0 in range(r_lo, r_hi, BR):
-            r = r0 + tl.arange(0, BR)
-            ok = (r < r_hi)[:, None]
-            x = tl.load(rows + r[:, None] * D + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        for i in range(NC):
+            at = ((i * streams + s) * NBLK + blk) * D + c
+            sf = tl.load(CSC + at)[None, :]
+            of = tl.load(COF + at)[None, :]
             d = (_reconstruct(x, sf, of, top) - x).to(tl.float64)
-            err += tl.where(ok, d * d, 0.0)
-            grow += tl.where(ok, d * x.to(tl.float64), 0.0)
-        out = (cand * streams * NQ + part) * D + c
-        tl.store(OUT0 + out, _sum(err, 0))
-        tl.store(OUT1 + out, _sum(grow, 0))
+            out = (i * streams * NBLK * NCH + part) * D + c
+            tl.store(OUT0 + out, _sum(tl.where(ok, d * d, 0.0), 0))
+            tl.store(OUT1 + out, _sum(tl.where(ok, d * xd, 0.0), 0))
 
 
 @triton.jit
@@ -328,10 +323,10 @@ def encode_channels_kernel(
     BSTRIDE,
     NBLK,
     NCH,
-    CHUNK,
     D: tl.constexpr,
     BITS: tl.constexpr,
     CB: tl.constexpr,
+    CHUNK: tl.constexpr,
     BR: tl.constexpr,
 ):
     """The codes of one chunk of one segment's rows for ``CB`` channels on their chosen grid."""

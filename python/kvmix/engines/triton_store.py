@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 #: Rows per page (and per attention block).
 PAGE = 64
 #: Rows per program when a segment's per-channel grids are fitted and its keys encoded.
-CHANNEL_CHUNK = 256
+CHANNEL_CHUNK = 128
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _MODES = {"dense": 0, "channel": 1, "token_groups": 2}
@@ -414,14 +414,14 @@ class _Tier:
             stride = rb = n
         s, d, dev = self.s, self.d, x.device
         nch = max(1, -(-rb // CHANNEL_CHUNK))
-        cb = min(d, 32)
+        cb = min(d, 16)
         grid = (s, d // cb, nblk * nch)
-        common = (n, stride, nblk, nch, CHANNEL_CHUNK)
+        common = (n, stride, nblk, nch)
         lo = torch.empty((s, nblk, nch, d), dtype=torch.float32, device=dev)
         hi = torch.empty_like(lo)
-        consts = {"D": d, "BITS": c.bits, "CB": cb, "BR": 32}
+        consts = {"D": d, "BITS": c.bits, "CB": cb, "CHUNK": CHANNEL_CHUNK, "BR": 32}
         dummy = self._dummy
-        _run(kern.channel_partials_kernel, grid, x, nr, lo, hi, dummy, dummy, *common,
+        _run(kern.channel_partials_kernel, grid, x, nr, lo, hi, dummy, dummy, *common, 0,
              **consts, MODE=0)  # fmt: skip
         empty = (nr == 0)[:, :, None]
         lo = lo.amin(2).masked_fill(empty, 0.0)  # [S, NBLK, D]
@@ -438,8 +438,8 @@ class _Tier:
             nc = cand_sc.shape[0]
             err = torch.empty((nc, s, nblk, nch, d), dtype=torch.float64, device=dev)
             grow = torch.empty_like(err)
-            _run(kern.channel_partials_kernel, (*grid[:2], nc * grid[2]), x, nr, err, grow,
-                 cand_sc.float(), cand_of.float(), *common, **consts, MODE=1)  # fmt: skip
+            _run(kern.channel_partials_kernel, grid, x, nr, err, grow, cand_sc.float(),
+                 cand_of.float(), *common, nc, **consts, MODE=1)  # fmt: skip
             total = err.sum(3)  # [NC, S, NBLK, D]
             if clip == 2:  # a grid that shrinks its channel is not a candidate
                 total = total.masked_fill(grow.sum(3) < 0, math.inf)

@@ -406,11 +406,12 @@ def test_three_bit_codes_are_packed_as_the_rust_packer_packs_them() -> None:
         np.testing.assert_array_equal(pt.numpy(), pr)
         np.testing.assert_array_equal(kt.numpy(), kr)
         dense = dict(zip(pt.tolist(), kt, strict=True))
+        segs = low.row_segments()
         for r in range(low.fill):
             p = int(low.pos[s, r])
             if p < 0:
                 continue
-            seg = int(low.seg[s, r // PAGE])
+            seg = segs[r]
             sc, of = low.ks[s, seg].float(), low.ko[s, seg].float()
             codes = torch.where(sc > 0, (dense[p] - of) / torch.where(sc > 0, sc, 1.0), 0.0)
             codes = codes.round().to(torch.uint8).numpy()

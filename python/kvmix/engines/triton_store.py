@@ -508,6 +508,14 @@ class _Tier:
             ROTATE=rotation is not None,
         )
 
+    def row_segments(self) -> list[int]:
+        """Each row's segment (a segmented tier's rows up to its fill), from the host's copy
+        of the block table."""
+        starts = [*self.blocks[0::2], self.fill]
+        return [
+            seg for b, seg in enumerate(self.blocks[1::2]) for _ in range(starts[b + 1] - starts[b])
+        ]
+
     def select(self, idx: torch.Tensor) -> None:
         # The block table is the same for every stream: it stays.
         for name in ("pos", "kd", "vd", "acc", "count"):

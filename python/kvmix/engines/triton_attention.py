@@ -282,15 +282,15 @@ def _unstack(y, M: tl.constexpr, N: tl.constexpr, NP: tl.constexpr):
 
 
 @triton.jit
-def _block_rows(SEG, blk, cap, BLOCK_N: tl.constexpr):
-    """Block ``blk`` of a segmented tier (``TierView.seg``: rows of one segment, at most
-    ``BLOCK_N``, starting anywhere): the rows of the ``BLOCK_N``-row window that holds it
-    (from its first row, or the capacity's last window), its segment, and which rows of the
-    window are its own (the others belong to the blocks around it, or lie past the fill)."""
+def _block_rows(SEG, blk, BLOCK_N: tl.constexpr):
+    """Block ``blk`` of a segmented tier (``TierView.seg``: rows of one segment within one
+    page): the page's rows (a page-aligned tile, as in an unsegmented tier), the block's
+    segment, and which of the page's rows are the block's (the others belong to the blocks
+    around it, or lie past the fill)."""
     r0 = tl.load(SEG + 2 * blk)
     seg = tl.load(SEG + 2 * blk + 1).to(tl.int64)
     r1 = tl.load(SEG + 2 * blk + 2)
-    t = tl.minimum(r0, cap - BLOCK_N) + tl.arange(0, BLOCK_N)
+    t = (r0 // BLOCK_N) * BLOCK_N + tl.arange(0, BLOCK_N)
     return t, seg, (t >= r0) & (t < r1)
 
 
@@ -408,7 +408,7 @@ def _tier_stacked(
     SEGD: tl.constexpr = K_MODE == CHANNEL or V_SEP
     for page in tl.range(p_lo, p_hi, num_stages=NSL):
         if SEGD:
-            t, seg, mine = _block_rows(SEG, page, cap, BLOCK_N)
+            t, seg, mine = _block_rows(SEG, page, BLOCK_N)
         else:
             t = page * BLOCK_N + tl.arange(0, BLOCK_N)
         row = s64 * cap64 + t.to(tl.int64)
@@ -691,7 +691,7 @@ def _tier_fields(
     SEGD: tl.constexpr = K_MODE == CHANNEL or V_SEP
     for page in tl.range(p_lo, p_hi, num_stages=STAGES):
         if SEGD:
-            t, seg, mine = _block_rows(SEG, page, cap, BLOCK_N)
+            t, seg, mine = _block_rows(SEG, page, BLOCK_N)
         else:
             t = page * BLOCK_N + tl.arange(0, BLOCK_N)
         row = s64 * cap64 + t.to(tl.int64)
@@ -977,7 +977,7 @@ def _tier_flat(
     SEGD: tl.constexpr = K_MODE == CHANNEL or V_SEP
     for page in tl.range(p_lo, p_hi, num_stages=NSL):
         if SEGD:
-            t, seg, mine = _block_rows(SEG, page, cap, BLOCK_N)
+            t, seg, mine = _block_rows(SEG, page, BLOCK_N)
         else:
             t = page * BLOCK_N + tl.arange(0, BLOCK_N)
         row = s64 * cap64 + t.to(tl.int64)

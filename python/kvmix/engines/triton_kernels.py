@@ -419,11 +419,11 @@ def dequantize_kernel(
     cap64 = cap.to(tl.int64)
     if K_MODE == 1 or V_SEP:
         # A segmented tier: program `page` takes block `page` of the block table (KSEG, see
-        # `TierView.seg`), the rows of one segment within a BLOCK_N-row window.
+        # `TierView.seg`), the rows of one segment within one page.
         r0 = tl.load(KSEG + 2 * page)
         seg = tl.load(KSEG + 2 * page + 1).to(tl.int64)
         r1 = tl.load(KSEG + 2 * page + 2)
-        t = (tl.minimum(r0, cap - BLOCK_N) + tl.arange(0, BLOCK_N)).to(tl.int64)
+        t = ((r0 // BLOCK_N) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         pos = tl.load(POS + s * cap64 + t)
         pos = tl.where((t >= r0) & (t < r1), pos, -1)
     else:

@@ -72,7 +72,8 @@ def synthetic_tier(
         while start < fill:
             end = min(fill, start + int(torch.randint(1, 101, (1,), generator=cg)))
             sid = int(torch.randint(0, nseg, (1,), generator=cg))
-            table += [x for r in range(start, end, PAGE) for x in (r, sid)]
+            cuts = sorted({start, *range(-(-start // PAGE) * PAGE, end, PAGE)})
+            table += [x for r in cuts for x in (r, sid)]
             start = end
         table.append(fill)
     dummy = torch.zeros(1, dtype=torch.float16, device=dev)

@@ -15,16 +15,18 @@ Layout (what differs from the Rust store, and why):
   decoding.
 * Segments (the rows of one push, or of one block of a push, that share per-segment
   parameters: per-channel keys, separable value factors) are packed back to back, so a
-  segmented tier holds exactly the Rust store's rows. The kernels walk a segmented tier by
-  *blocks*, not pages: a block is at most ``PAGE`` rows of one segment, starting anywhere
-  (:attr:`_Tier.seg`, a table of each block's first row and segment shared by the layer's
-  streams, since every stream's segment starts at the same row). A kernel loads the
-  ``PAGE``-row window that holds the block (ending at the capacity at most) and masks the
-  rows outside it, so each iteration loads one segment's parameters, as a page of one
-  segment did. Starting each segment on a fresh page instead (the layout before) left up to
-  63 rows of holes per segment: kvmix-5x's 4-token sink segment cost 60 rows per stream and
-  layer, and each decoding classification's ~14 salient rows a 64-row page; the block
-  count, hence the kernels' work, is the same as then.
+  segmented tier holds the Rust store's rows (a page may hold several segments). The
+  kernels walk a segmented tier by *blocks*: a block is the rows of one segment within one
+  page (:attr:`TierView.seg`, a table of each block's first row and segment, one for the
+  layer's streams since every stream's segment starts at the same row). A kernel loads the
+  block's page as it loads a page of an unsegmented tier and masks the rows outside the
+  block, so each iteration loads one segment's parameters, and a page of one segment (the
+  common case) is one iteration, as before. Starting each segment on a fresh page instead
+  (the layout before) left up to 63 rows of holes per segment: kvmix-5x's 4-token sink
+  segment cost 60 rows per stream and layer, each decoding classification's ~14 salient
+  rows a 64-row page. A page shared by segments costs one iteration per segment (a
+  classification's segments are about one extra iteration each), so the kernels walk about
+  as many blocks as they walked pages then.
 * Removing rows (``crop``) turns them into holes rather than moving data.
 
 Which tokens go to which tier is decided on the device with the Rust store's rules
@@ -99,9 +101,10 @@ class TierView:
     kd: torch.Tensor
     ks: torch.Tensor
     ko: torch.Tensor
-    #: A segmented tier's blocks, int32 ``[2 * blocks + 1]``: block ``b``'s first row at
-    #: ``2b`` and its segment at ``2b + 1``; its rows end where the next block's start (the
-    #: last entry is the fill). Unused (a 1-element tensor) in other tiers.
+    #: A segmented tier's blocks (the rows of one segment within one page), int32
+    #: ``[2 * blocks + 1]``: block ``b``'s first row at ``2b`` and its segment at ``2b + 1``;
+    #: its rows end where the next block's start (the last entry is the fill). Unused (a
+    #: 1-element tensor) in other tiers.
     seg: torch.Tensor
     vd: torch.Tensor
     vs: torch.Tensor
@@ -129,7 +132,7 @@ class TierView:
 
     def fill_pages(self, block_n: int) -> int:
         """Iterations of a kernel's row loop: pages of ``block_n`` rows, or the blocks of a
-        segmented tier (at most :data:`PAGE` rows each, which a ``PAGE``-row tile holds)."""
+        segmented tier (each within one page of :data:`PAGE` rows)."""
         if self.segmented:
             if block_n != PAGE:
                 raise ValueError(f"a segmented tier is read in blocks of {PAGE} rows")
@@ -316,7 +319,8 @@ class _Tier:
         segments of ``n / blocks`` rows each (one kernel launch per codec for all of them);
         rows with ``pos < 0`` are holes, and a stream's real rows come first in each segment.
         Segments follow each other without holes; a segmented tier's block table gets each
-        new segment's blocks (from counts the host knows: no read back)."""
+        new segment's blocks, its rows cut at page boundaries (from counts the host knows: no
+        read back)."""
         n = keys.shape[1]
         if n == 0:
             return
@@ -330,7 +334,8 @@ class _Tier:
         if self.segmented:
             for b in range(blocks):
                 start = row0 + b * rb
-                for r in range(start, start + rb, PAGE):
+                cuts = range(-(-start // PAGE) * PAGE, start + rb, PAGE)
+                for r in sorted({start, *cuts}):
                     self.blocks += [r, self.nseg + b]
             self.seg = _device_ints([*self.blocks, row0 + n], self.device, torch.int32)
             self.nseg += blocks

@@ -29,11 +29,10 @@ Layout (what differs from the Rust store, and why):
   as many blocks as they walked pages then. ``memory()`` counts the block table as the
   segment index (one per layer, 8 bytes per block), where the Rust store counts 4 bytes per
   segment, stream and codec; every other count is the Rust store's (where no stream leaves
-  holes). Rejected: a loop over a
-  page's segments inside the page loop (a dot per segment, rows picked by ``tl.where``):
-  every page would carry a loop inside the software-pipelined page loop, for the few pages
-  that need it, and Triton's pipeliner passes over loops that hold loops (not measured
-  here); blocks keep the page loop's body as it was.
+  holes). Rejected: a loop over a page's segments inside the page loop (a dot per segment,
+  rows picked by ``tl.where``): every page would carry a loop inside the software-pipelined
+  page loop, for the few pages that need it, and Triton's pipeliner passes over loops that
+  hold loops (not measured here); blocks keep the page loop's body as it was.
 * Removing rows (``crop``) turns them into holes rather than moving data.
 
 Which tokens go to which tier is decided on the device with the Rust store's rules

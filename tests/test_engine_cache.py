@@ -80,12 +80,12 @@ def _tiers(cache: kvmix.KvmixCache) -> list[dict[str, list[int]]]:
 def _triton_bytes_from_tensors(store: TritonLayerStore) -> int:
     """What the Triton store holds, read from its tensors' shapes and dtypes: every tier's rows
     up to its fill (codes, per-row parameters, positions, and scores where scored), per-segment
-    parameters of the segments written, and the page-to-segment index of segmented tiers.
+    parameters of the segments written, and the block table of segmented tiers.
 
-    It differs from the Rust store's count by design: pushes with per-segment parameters start
-    on a fresh 64-row page, and the streams of a layer share one row index per tier (a stream
-    with fewer rows to store, e.g. a padded sequence's salient set, leaves holes), so the
-    device never has to read sizes back."""
+    It differs from the Rust store's count by design: the streams of a layer share one row
+    index per tier (a stream with fewer rows to store, e.g. a padded sequence's salient set,
+    leaves holes), so the device never has to read sizes back, and share one block table
+    where the Rust store keeps each stream's segment starts."""
     total = 0
     for tier in store._tiers.values():
         f, nseg = tier.fill, tier.nseg
@@ -101,7 +101,7 @@ def _triton_bytes_from_tensors(store: TritonLayerStore) -> int:
             total += tier.vf[:, :nseg].numel() * tier.vf.element_size()
         total += sum(t[:, :f].numel() * t.element_size() for t in rows)
         if tier.segmented:
-            total += tier.seg[:, : -(-f // PAGE)].numel() * tier.seg.element_size()
+            total += tier.seg.numel() * tier.seg.element_size()
     return total
 
 
@@ -406,11 +406,12 @@ def test_three_bit_codes_are_packed_as_the_rust_packer_packs_them() -> None:
         np.testing.assert_array_equal(pt.numpy(), pr)
         np.testing.assert_array_equal(kt.numpy(), kr)
         dense = dict(zip(pt.tolist(), kt, strict=True))
+        segs = low.row_segments()
         for r in range(low.fill):
             p = int(low.pos[s, r])
             if p < 0:
                 continue
-            seg = int(low.seg[s, r // PAGE])
+            seg = segs[r]
             sc, of = low.ks[s, seg].float(), low.ko[s, seg].float()
             codes = torch.where(sc > 0, (dense[p] - of) / torch.where(sc > 0, sc, 1.0), 0.0)
             codes = codes.round().to(torch.uint8).numpy()

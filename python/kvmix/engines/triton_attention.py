@@ -282,6 +282,19 @@ def _unstack(y, M: tl.constexpr, N: tl.constexpr, NP: tl.constexpr):
 
 
 @triton.jit
+def _block_rows(SEG, blk, BLOCK_N: tl.constexpr):
+    """Block ``blk`` of a segmented tier (``TierView.seg``: rows of one segment within one
+    page): the page's rows (a page-aligned tile, as in an unsegmented tier), the block's
+    segment, and which of the page's rows are the block's (the others belong to the blocks
+    around it, or lie past the fill)."""
+    r0 = tl.load(SEG + 2 * blk)
+    seg = tl.load(SEG + 2 * blk + 1).to(tl.int64)
+    r1 = tl.load(SEG + 2 * blk + 2)
+    t = (r0 // BLOCK_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return t, seg, (t >= r0) & (t < r1)
+
+
+@triton.jit
 def _tier_stacked(
     Q,
     sqb,
@@ -391,8 +404,13 @@ def _tier_stacked(
     # Dense tiles are large and dense tiers (the buffer) short: no multi-buffering for them,
     # which would take shared memory from the packed tiers' pipeline (one kernel holds both).
     NSL: tl.constexpr = 1 if K_MODE == DENSE or V_MODE == DENSE else STAGES
+    # A segmented tier is walked by its blocks (one segment's rows each), others by pages.
+    SEGD: tl.constexpr = K_MODE == CHANNEL or V_SEP
     for page in tl.range(p_lo, p_hi, num_stages=NSL):
-        t = page * BLOCK_N + tl.arange(0, BLOCK_N)
+        if SEGD:
+            t, seg, mine = _block_rows(SEG, page, BLOCK_N)
+        else:
+            t = page * BLOCK_N + tl.arange(0, BLOCK_N)
         row = s64 * cap64 + t.to(tl.int64)
         pos = tl.load(POS + row)
         # ---- keys: logits [RP, BLOCK_N] (base 2, scaled)
@@ -401,7 +419,6 @@ def _tier_stacked(
             logits = _unstack(tl.dot(qpad, tl.trans(k), input_precision="ieee"), RP, BLOCK_N, NPD)
         elif K_MODE == CHANNEL:
             codes = _codes(KD, row, D, K_BITS, K_WB, MAGIC, BCAST)
-            seg = tl.load(SEG + s64 * (cap64 // BLOCK_N) + page).to(tl.int64)
             ks = tl.load(KS + (s64 * nseg + seg) * D + kch).to(tl.float32)
             ko = tl.load(KO + (s64 * nseg + seg) * D + kch).to(tl.float32)
             NPC: tl.constexpr = NPART if NPART * RP >= 16 else 16 // RP
@@ -416,12 +433,16 @@ def _tier_stacked(
             of = tl.load(KO + row[None, :] * KG + kg[:, None]).to(tl.float32)
             logits = _sum(dots * sc[:, None, :] + qg_sum[:, :, None] * of[:, None, :], 0)
         visible = (pos[None, :] >= fv) & (pos[None, :] <= qpos[:, None]) & row_ok[:, None]
+        lg_ok = row_ok[:, None]
+        if SEGD:  # the window's rows of other blocks are theirs to score and write
+            visible = visible & mine[None, :]
+            lg_ok = lg_ok & mine[None, :]
         logits = tl.where(visible, logits, float("-inf"))
         if TRACK:
             tl.store(
                 LG + (s64 * ROWS + rows[:, None]) * cap64 + t[None, :].to(tl.int64),
                 logits,
-                mask=row_ok[:, None],
+                mask=lg_ok,
             )
         m_new = tl.maximum(m_i, _max(logits, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -446,8 +467,7 @@ def _tier_stacked(
             po = _sum(p[None, :, :] * of[:, None, :], 2)  # [VG, RP]
             contrib = _sum(tl.where(vsel, part + po[:, :, None], 0.0), 0)
             if V_SEP:
-                vseg = tl.load(SEG + s64 * (cap64 // BLOCK_N) + page).to(tl.int64)
-                vf = tl.load(VF + (s64 * nseg + vseg) * D + vch).to(tl.float32)
+                vf = tl.load(VF + (s64 * nseg + seg) * D + vch).to(tl.float32)
                 contrib = contrib * vf[None, :]
         acc = acc * alpha[:, None] + contrib
 
@@ -668,8 +688,12 @@ def _tier_fields(
 
     p_lo = split * pages_per_split
     p_hi = tl.minimum(p_lo + pages_per_split, n_pages)
+    SEGD: tl.constexpr = K_MODE == CHANNEL or V_SEP
     for page in tl.range(p_lo, p_hi, num_stages=STAGES):
-        t = page * BLOCK_N + tl.arange(0, BLOCK_N)
+        if SEGD:
+            t, seg, mine = _block_rows(SEG, page, BLOCK_N)
+        else:
+            t = page * BLOCK_N + tl.arange(0, BLOCK_N)
         row = s64 * cap64 + t.to(tl.int64)
         pos = tl.load(POS + row)
         kp = tl.load(KD + row[:, None] * KNE + ke[None, :])  # int16 [N, KNE]
@@ -677,7 +701,6 @@ def _tier_fields(
         # rows' common power-of-two scale (so that every field's dot accumulates into one
         # result) and the offsets' part; second pass: the dots.
         if K_MODE == CHANNEL:
-            seg = tl.load(SEG + s64 * (cap64 // BLOCK_N) + page).to(tl.int64)
             sb = (s64 * nseg + seg) * D
             # The segment's parameters are loaded per query row (L1 hits) so that they come
             # in the queries' layout; maxima and offset products are reduced once.
@@ -721,12 +744,16 @@ def _tier_fields(
             qg_sum3 = tl.reshape(qg_sum, (KG, RP))
             logits = _sum(dots * sc[:, None, :] + qg_sum3[:, :, None] * of[:, None, :], 0)
         visible = (pos[None, :] >= fv) & (pos[None, :] <= qpos[:, None]) & row_ok[:, None]
+        lg_ok = row_ok[:, None]
+        if SEGD:  # the window's rows of other blocks are theirs to score and write
+            visible = visible & mine[None, :]
+            lg_ok = lg_ok & mine[None, :]
         logits = tl.where(visible, logits, float("-inf"))
         if TRACK:
             tl.store(
                 LG + (s64 * ROWS + rows[:, None]) * cap64 + t[None, :].to(tl.int64),
                 logits,
-                mask=row_ok[:, None],
+                mask=lg_ok,
             )
         m_new = tl.maximum(m_i, _max(logits, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -749,8 +776,7 @@ def _tier_fields(
         alpha_s = tl.reshape(tl.broadcast_to(alpha[None, None, :], (NPV, VG, RP)), (MS,))
         vfb = 0
         if V_SEP:
-            vseg = tl.load(SEG + s64 * (cap64 // BLOCK_N) + page).to(tl.int64)
-            vfb = (s64 * nseg + vseg) * D
+            vfb = (s64 * nseg + seg) * D
         acc0 = _vfield(acc0, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 0, V_BITS, VFN, V_SEP, ASM)
         acc1 = _vfield(acc1, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 1, V_BITS, VFN, V_SEP, ASM)
         if VFN > 2:
@@ -947,8 +973,13 @@ def _tier_flat(
     NSL: tl.constexpr = 1 if K_MODE == DENSE or V_MODE == DENSE else STAGES
     p_lo = split * pages_per_split
     p_hi = tl.minimum(p_lo + pages_per_split, n_pages)
+    # A segmented tier is walked by its blocks (one segment's rows each), others by pages.
+    SEGD: tl.constexpr = K_MODE == CHANNEL or V_SEP
     for page in tl.range(p_lo, p_hi, num_stages=NSL):
-        t = page * BLOCK_N + tl.arange(0, BLOCK_N)
+        if SEGD:
+            t, seg, mine = _block_rows(SEG, page, BLOCK_N)
+        else:
+            t = page * BLOCK_N + tl.arange(0, BLOCK_N)
         row = s64 * cap64 + t.to(tl.int64)
         pos = tl.load(POS + row)
         if K_MODE == DENSE:
@@ -956,7 +987,6 @@ def _tier_flat(
             logits = tl.dot(q, tl.trans(k), input_precision="ieee")
         elif K_MODE == CHANNEL:
             codes = tl.trans(_codes(KD, row, D, K_BITS, K_WB, MAGIC, BCAST))
-            seg = tl.load(SEG + s64 * (cap64 // BLOCK_N) + page).to(tl.int64)
             ks = tl.load(KS + (s64 * nseg + seg) * D + kch).to(tl.float32)
             ko = tl.load(KO + (s64 * nseg + seg) * D + kch).to(tl.float32)
             logits = _dot_exact(q * ks[None, :], codes, NPART)
@@ -972,12 +1002,16 @@ def _tier_flat(
                 logits += _dot_exact(qg, codes, NPART) * sc[None, :]
                 logits += _sum(qg, 1)[:, None] * of[None, :]
         visible = (pos[None, :] >= fv) & (pos[None, :] <= qpos[:, None]) & row_ok[:, None]
+        lg_ok = row_ok[:, None]
+        if SEGD:  # the window's rows of other blocks are theirs to score and write
+            visible = visible & mine[None, :]
+            lg_ok = lg_ok & mine[None, :]
         logits = tl.where(visible, logits, float("-inf"))
         if TRACK:
             tl.store(
                 LG + (s64 * ROWS + ri[:, None]) * cap64 + t[None, :].to(tl.int64),
                 logits,
-                mask=first[:, None],
+                mask=lg_ok & first[:, None],
             )
         m_new = tl.maximum(m_i, _max(logits, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -1002,8 +1036,7 @@ def _tier_flat(
                 else:
                     contrib += tl.where((vch // V_GS == g)[None, :], c, 0.0)
             if V_SEP:
-                vseg = tl.load(SEG + s64 * (cap64 // BLOCK_N) + page).to(tl.int64)
-                vf = tl.load(VF + (s64 * nseg + vseg) * D + vch).to(tl.float32)
+                vf = tl.load(VF + (s64 * nseg + seg) * D + vch).to(tl.float32)
                 contrib = contrib * vf[None, :]
         acc = acc * alpha[:, None] + contrib
 

@@ -392,7 +392,7 @@ def dequantize_kernel(
     KD,
     KS,
     KO,
-    KSEG,
+    KSEG,  # int32 block table of a segmented tier (`TierView.seg`)
     KFIX,  # fp16 [S, D] fixed key factor (K_FIX)
     VD,
     VS,
@@ -418,13 +418,23 @@ def dequantize_kernel(
 ):
     s = tl.program_id(0).to(tl.int64)
     page = tl.program_id(1)
-    t = (page * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     cap64 = cap.to(tl.int64)
-    pos = tl.load(POS + s * cap64 + t)
+    if K_MODE == 1 or V_SEP:
+        # A segmented tier: program `page` takes block `page` of the block table (KSEG, see
+        # `TierView.seg`), the rows of one segment within one page.
+        r0 = tl.load(KSEG + 2 * page)
+        seg = tl.load(KSEG + 2 * page + 1).to(tl.int64)
+        r1 = tl.load(KSEG + 2 * page + 2)
+        t = ((r0 // BLOCK_N) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        pos = tl.load(POS + s * cap64 + t)
+        pos = tl.where((t >= r0) & (t < r1), pos, -1)
+    else:
+        seg = 0
+        t = (page * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        pos = tl.load(POS + s * cap64 + t)
     ok = (pos >= 0)[:, None]
     c = tl.arange(0, D)
     dst = (s * T + tl.maximum(pos, 0).to(tl.int64))[:, None] * D + c[None, :]
-    seg = tl.load(KSEG + s * (cap64 // BLOCK_N) + page).to(tl.int64)
     k = _decode(KD, KS, KO, s, t, c, seg, cap64, nseg, D, K_MODE, K_BITS, K_GS)
     if K_FIX:
         k = k * tl.load(KFIX + s * D + c).to(tl.float32)[None, :]

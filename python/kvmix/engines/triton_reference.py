@@ -47,7 +47,9 @@ def synthetic_tier(
 ) -> TierView:
     """A tier of ``fill`` rows per stream with random codes and parameters. ``k``/``v`` are
     ``(mode, bits, group_size)`` with mode ``"dense"`` (fp32), ``"channel"`` (keys) or
-    ``"token"``; a fraction ``holes`` of the rows are holes (position -1)."""
+    ``"token"``; a fraction ``holes`` of the rows are holes (position -1). A segmented tier
+    (channel keys or ``v_sep``) is cut into runs of 1 to 100 rows, anywhere (so pages hold
+    several), each with a random one of the ``nseg`` parameter sets."""
     g = generator
     cap = max(PAGE, -(-fill // PAGE) * PAGE)
     dev = torch.device(device)
@@ -58,7 +60,22 @@ def synthetic_tier(
     pos = torch.full((streams, cap), -1, dtype=torch.int32)
     pos[:, :fill] = torch.arange(fill, dtype=torch.int32) + pos_offset
     pos[:, :fill][torch.rand(streams, fill, generator=g) < holes] = -1
-    seg = torch.randint(0, nseg, (streams, cap // PAGE), generator=g, dtype=torch.int32)
+    # The cuts come from a generator of their own, seeded by as many draws of ``g`` as one
+    # segment id per page takes, so that the other draws (codes, parameters, the tiers made
+    # next) do not depend on how a tier is cut.
+    cg = torch.Generator().manual_seed(
+        int(torch.randint(0, nseg, (streams, cap // PAGE), generator=g, dtype=torch.int32).sum())
+    )
+    table = [0]
+    if k[0] == "channel" or v_sep:
+        start, table = 0, []
+        while start < fill:
+            end = min(fill, start + int(torch.randint(1, 101, (1,), generator=cg)))
+            sid = int(torch.randint(0, nseg, (1,), generator=cg))
+            cuts = sorted({start, *range(-(-start // PAGE) * PAGE, end, PAGE)})
+            table += [x for r in cuts for x in (r, sid)]
+            start = end
+        table.append(fill)
     dummy = torch.zeros(1, dtype=torch.float16, device=dev)
     parts: dict[str, Any] = {}
     for side, (mode, bits, gs) in (("k", k), ("v", v)):
@@ -84,7 +101,7 @@ def synthetic_tier(
         kd=parts["kd"],
         ks=parts["ks"],
         ko=parts["ko"],
-        seg=seg.to(dev),
+        seg=torch.tensor(table, dtype=torch.int32, device=dev),
         vd=parts["vd"],
         vs=parts["vs"],
         vo=parts["vo"],
@@ -106,8 +123,12 @@ def synthetic_tier(
 def dequantize(view: TierView, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A view's rows ``(pos [S, fill], keys, values [S, fill, D] float64)``."""
     f = view.fill
-    page = torch.arange(f, device=view.pos.device) // PAGE
-    seg = view.seg.long()[:, page]  # [S, fill]
+    seg = torch.zeros((view.pos.shape[0], f), dtype=torch.long, device=view.pos.device)
+    if view.segmented:  # each row's segment, from the block table
+        table = view.seg.long()
+        starts, ids = table[0:-1:2].contiguous(), table[1::2]
+        block = torch.searchsorted(starts, torch.arange(f, device=table.device), right=True) - 1
+        seg = ids[block][None, :].expand(view.pos.shape[0], -1)
     out = []
     for data, sc, of, mode, bits, gs, key in (
         (view.kd, view.ks, view.ko, view.k_mode, view.k_bits, view.k_gs, True),

@@ -13,9 +13,26 @@ Layout (what differs from the Rust store, and why):
   left-padded sequence) leaves the rest as holes, position ``-1``, which every kernel masks.
   So tier sizes follow from counts the host already knows and nothing is read back while
   decoding.
-* A push whose codec has per-segment parameters (per-channel keys, separable value factors)
-  starts on a fresh page of ``PAGE`` rows, so each page belongs to one segment and the
-  attention kernel loads the segment's parameters once per page.
+* Segments (the rows of one push, or of one block of a push, that share per-segment
+  parameters: per-channel keys, separable value factors) are packed back to back, so a
+  segmented tier holds the Rust store's rows (a page may hold several segments). The
+  kernels walk a segmented tier by *blocks*: a block is the rows of one segment within one
+  page (:attr:`TierView.seg`, a table of each block's first row and segment, one for the
+  layer's streams since every stream's segment starts at the same row). A kernel loads the
+  block's page as it loads a page of an unsegmented tier and masks the rows outside the
+  block, so each iteration loads one segment's parameters, and a page of one segment (the
+  common case) is one iteration, as before. Starting each segment on a fresh page instead
+  (the layout before) left up to 63 rows of holes per segment: kvmix-5x's 4-token sink
+  segment cost 60 rows per stream and layer, each decoding classification's ~14 salient
+  rows a 64-row page. A page shared by segments costs one iteration per segment (a
+  classification's segments are about one extra iteration each), so the kernels walk about
+  as many blocks as they walked pages then. ``memory()`` counts the block table as the
+  segment index (one per layer, 8 bytes per block), where the Rust store counts 4 bytes per
+  segment, stream and codec; every other count is the Rust store's (where no stream leaves
+  holes). Rejected: a loop over a page's segments inside the page loop (a dot per segment,
+  rows picked by ``tl.where``): every page would carry a loop inside the software-pipelined
+  page loop, for the few pages that need it, and Triton's pipeliner passes over loops that
+  hold loops (not measured here); blocks keep the page loop's body as it was.
 * Removing rows (``crop``) turns them into holes rather than moving data.
 
 Which tokens go to which tier is decided on the device with the Rust store's rules
@@ -92,6 +109,10 @@ class TierView:
     kd: torch.Tensor
     ks: torch.Tensor
     ko: torch.Tensor
+    #: A segmented tier's blocks (the rows of one segment within one page), int32
+    #: ``[2 * blocks + 1]``: block ``b``'s first row at ``2b`` and its segment at ``2b + 1``;
+    #: its rows end where the next block's start (the last entry is the fill). Unused (a
+    #: 1-element tensor) in other tiers.
     seg: torch.Tensor
     vd: torch.Tensor
     vs: torch.Tensor
@@ -112,7 +133,18 @@ class TierView:
     #: when the tier has them at hand (else the launcher views them).
     words: tuple[torch.Tensor, int, torch.Tensor, int] | None = None
 
+    @property
+    def segmented(self) -> bool:
+        """Whether ``seg`` is a block table (per-segment parameters) the kernels walk."""
+        return self.k_mode == _MODES["channel"] or self.v_sep
+
     def fill_pages(self, block_n: int) -> int:
+        """Iterations of a kernel's row loop: pages of ``block_n`` rows, or the blocks of a
+        segmented tier (each within one page of :data:`PAGE` rows)."""
+        if self.segmented:
+            if block_n != PAGE:
+                raise ValueError(f"a segmented tier is read in blocks of {PAGE} rows")
+            return (self.seg.numel() - 1) // 2
         return -(-self.fill // block_n)
 
 
@@ -175,7 +207,9 @@ class _Tier:
         self.kd = self._data(kcodec, 0)
         self.vd = self._data(vcodec, 0)
         self.ks = self.ko = self.vs = self.vo = self.vf = dummy
-        self.seg = torch.zeros((streams, 0), dtype=torch.int32, device=device)
+        #: The block table (see :attr:`TierView.seg`), with its host copy ``blocks``.
+        self.blocks: list[int] = []
+        self.seg = torch.zeros(1, dtype=torch.int32, device=device)
         self._alloc_params(0)
         self.acc = torch.zeros((streams, 0), dtype=torch.float32, device=device)
         self.count = torch.zeros((streams, 0), dtype=torch.float32, device=device)
@@ -236,9 +270,6 @@ class _Tier:
         self.pos = resized(self.pos, -1)
         self.kd = resized(self.kd, 0)
         self.vd = resized(self.vd, 0)
-        seg = torch.zeros((self.s, new // PAGE), dtype=torch.int32, device=self.device)
-        seg[:, : keep // PAGE] = self.seg[:, : keep // PAGE]
-        self.seg = seg
         if self.k.kind == "token_groups":
             self.ks, self.ko = resized(self.ks, 0), resized(self.ko, 0)
         if self.v.kind == "token_groups":
@@ -262,7 +293,7 @@ class _Tier:
     def compact(self, rows: int) -> None:
         """Move each stream's real rows (in row order) to the front and keep ``rows`` of them:
         a tier that only unsegmented rows leave (MiKV's high tier) stops growing with holes."""
-        assert not self.segmented, "segment pages cannot move"
+        assert not self.segmented, "the block table's segments cannot move"
         f = self.fill
         order = torch.sort((self.pos[:, :f] < 0).int(), dim=1, stable=True).indices[:, :rows]
         names = ["pos", "kd", "vd"]
@@ -295,42 +326,31 @@ class _Tier:
         """Append rows ``[S, n, D]`` (fp32; a dense tier takes any float dtype) as ``blocks``
         segments of ``n / blocks`` rows each (one kernel launch per codec for all of them);
         rows with ``pos < 0`` are holes, and a stream's real rows come first in each segment.
-        In a segmented tier every segment starts on a fresh page."""
+        Segments follow each other without holes; a segmented tier's block table gets each
+        new segment's blocks, its rows cut at page boundaries (from counts the host knows: no
+        read back)."""
         n = keys.shape[1]
         if n == 0:
             return
         rb = n // blocks
-        stride = -(-rb // PAGE) * PAGE if self.segmented and blocks > 1 else rb
-        if stride != rb:  # lay the segments out on their pages, holes between them
-            s, dev = self.s, keys.device
-
-            def spread(t: torch.Tensor, fill: float) -> torch.Tensor:
-                out = torch.full((s, blocks, stride, *t.shape[2:]), fill, dtype=t.dtype, device=dev)
-                out[:, :, :rb] = t.reshape(s, blocks, rb, *t.shape[2:])
-                return out.reshape(s, blocks * stride, *t.shape[2:])
-
-            keys, values, pos = spread(keys, 0.0), spread(values, 0.0), spread(pos, -1)
-            acc = None if acc is None else spread(acc, 0.0)
-            count = None if count is None else spread(count, 0.0)
-            n = blocks * stride
-        row0 = -(-self.fill // PAGE) * PAGE if self.segmented else self.fill
+        row0 = self.fill
         self._grow(row0 + n, self.nseg + blocks)
-        nr = (pos.reshape(self.s, blocks, stride) >= 0).sum(2, dtype=torch.int32)
-        self._encode(kern, self.k, keys, row0, nr, key=True, blocks=(blocks, stride, rb))
-        self._encode(kern, self.v, values, row0, nr, key=False, blocks=(blocks, stride, rb))
+        nr = (pos.reshape(self.s, blocks, rb) >= 0).sum(2, dtype=torch.int32)
+        self._encode(kern, self.k, keys, row0, nr, key=True, blocks=(blocks, rb, rb))
+        self._encode(kern, self.v, values, row0, nr, key=False, blocks=(blocks, rb, rb))
         self.pos[:, row0 : row0 + n] = pos
         if self.segmented:
-            first, pages = row0 // PAGE, -(-n // PAGE)
-            if blocks == 1:
-                self.seg[:, first : first + pages] = self.nseg
-            else:  # segment b covers pages [b * stride / PAGE, (b + 1) * stride / PAGE)
-                ids = self.nseg + torch.arange(pages, device=pos.device) // (stride // PAGE)
-                self.seg[:, first : first + pages] = ids.to(torch.int32)
+            for b in range(blocks):
+                start = row0 + b * rb
+                cuts = range(-(-start // PAGE) * PAGE, start + rb, PAGE)
+                for r in sorted({start, *cuts}):
+                    self.blocks += [r, self.nseg + b]
+            self.seg = _device_ints([*self.blocks, row0 + n], self.device, torch.int32)
             self.nseg += blocks
         if self.scored:
             self.acc[:, row0 : row0 + n] = 0 if acc is None else acc
             self.count[:, row0 : row0 + n] = 0 if count is None else count
-        self.fill = row0 + n - (stride - rb)  # the last segment's trailing holes stay free
+        self.fill = row0 + n
 
     def _encode(
         self,
@@ -501,10 +521,10 @@ class _Tier:
         """Dequantize every row into ``out_k/out_v`` (contiguous ``[S, T, D]``, or
         ``[B, H, T, D]``: the same memory) at its position; rows stored rotated by
         ``rotation`` are rotated back."""
-        pages = -(-self.fill // PAGE)
+        v = self.view()
+        pages = v.fill_pages(PAGE)
         if pages == 0:
             return
-        v = self.view()
         _run(
             kern.dequantize_kernel,
             (self.s, pages),
@@ -537,8 +557,17 @@ class _Tier:
             ROTATE=rotation is not None,
         )
 
+    def row_segments(self) -> list[int]:
+        """Each row's segment (a segmented tier's rows up to its fill), from the host's copy
+        of the block table."""
+        starts = [*self.blocks[0::2], self.fill]
+        return [
+            seg for b, seg in enumerate(self.blocks[1::2]) for _ in range(starts[b + 1] - starts[b])
+        ]
+
     def select(self, idx: torch.Tensor) -> None:
-        for name in ("pos", "kd", "vd", "seg", "acc", "count"):
+        # The block table is the same for every stream: it stays.
+        for name in ("pos", "kd", "vd", "acc", "count"):
             setattr(self, name, getattr(self, name).index_select(0, idx).contiguous())
         for name in ("ks", "ko", "vs", "vo", "vf"):
             t = getattr(self, name)
@@ -551,7 +580,6 @@ class _Tier:
     def nbytes(self) -> dict[str, int]:
         """Bytes this tier's tensors hold up to its fill (holes included: they are written)."""
         s, f, d = self.s, self.fill, self.d
-        pages = -(-f // PAGE)
 
         def params(c: _Codec, key: bool) -> int:
             if c.kind == "token_groups":
@@ -564,7 +592,9 @@ class _Tier:
                 per += s * self.nseg * d * 2
             return per
 
-        index = s * pages * 4 if self.segmented else 0
+        # The block table, one for the layer's streams (the Rust store keeps each stream's
+        # segment starts: 4 bytes per segment and stream).
+        index = self.seg.numel() * 4 if self.segmented else 0
         out = {
             "key_data": s * f * self.k.row_bytes,
             "key_params": params(self.k, True),

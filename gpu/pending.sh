@@ -86,8 +86,22 @@ I)
   timeout 120 python3 -u gpu/compression_profile.py --methods kvmix-5x --rows 20 \
     > "$OUT/compression-profile.txt" 2>&1
   ;;
+J)
+  # Session 12, fourth call: segments packed back to back (no page holes). Bytes against the
+  # Rust store and the decode attention time, this tree and (oldpy/: the package at e57ac2a,
+  # carried, same extension) the tree before; every CUDA test; decode end to end at B8 x 8k.
+  timeout 120 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 150 python3 -u gpu/pages_check.py --rust > "$OUT/pages.txt" 2>&1
+  if [ -d oldpy/kvmix ]; then
+    cp /tmp/kvmixpy/kvmix/_kvmix*.so oldpy/kvmix/
+    PYTHONPATH=$PWD/oldpy:$PYTHONPATH timeout 100 python3 -u gpu/pages_check.py \
+      > "$OUT/pages-before.txt" 2>&1
+  fi
+  timeout 180 python3 -u -m kvmix.bench gpu --batches 8 --contexts 8192 --steps 8 \
+    --methods full zipcache kvmix-5x --json "$OUT/bench-8k-b8.json" > "$OUT/bench-8k-b8.txt" 2>&1
+  ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|C|D|E|F|G|H|I" >&2
+  echo "usage: bash gpu/pending.sh A|B|C|D|E|F|G|H|I|J" >&2
   exit 2
   ;;
 esac

@@ -105,6 +105,7 @@ def test_kvmix_5x_triton_store_holds_the_rust_stores_bytes(new: int, device: str
         assert rot is not None and lt.host_rotation is None
         out_r = torch.from_numpy(s_r.attend((q @ rot).numpy(), pos, 0.25, True)) @ rot.T
         out_t = s_t.attend(q.to(device), pos, 0.25, True).cpu()
-        # As the kernel's tests ask (tests/test_triton_attention.py): within 2e-5 of the
-        # largest output.
-        torch.testing.assert_close(out_t, out_r, rtol=0, atol=2e-5 * float(out_r.abs().max()))
+        # As the engines' parity tests ask (tests/test_engine_cache.py): on a GPU the field
+        # path's fp16 parts put the outputs ~6e-5 apart relative to the largest (H200), more
+        # than the interpreter's exact fp32 (within 2e-5 there).
+        torch.testing.assert_close(out_t, out_r, rtol=1e-5, atol=1e-5)

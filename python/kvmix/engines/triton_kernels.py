@@ -187,27 +187,8 @@ def quantize_token_groups_kernel(
         x = x / f[None, :]
     G: tl.constexpr = D // GS
     xg = tl.reshape(x, [BR, G, GS])
-    lo = _min(xg, 2)
-    hi = _max(xg, 2)
     top: tl.constexpr = (1 << BITS) - 1
-    scale = ((hi - lo) / top).to(tl.float16)
-    offset = lo.to(tl.float16)
-    if CLIP:
-        searched = scale != 0.0
-        best = _group_error(xg, scale, offset, top, 2, CLIP)
-        mid = (lo + hi) * 0.5
-        half = (hi - lo) * 0.5
-        for i in range(NSHR):
-            s_i = tl.load(SHR + i)
-            a = mid - s_i * half
-            b = mid + s_i * half
-            sc_i = ((b - a) / top).to(tl.float16)
-            of_i = a.to(tl.float16)
-            err = _group_error(xg, sc_i, of_i, top, 2, CLIP)
-            better = searched & (err < best)
-            scale = tl.where(better, sc_i, scale)
-            offset = tl.where(better, of_i, offset)
-            best = tl.where(better, err, best)
+    scale, offset = _grid(_min(xg, 2), _max(xg, 2), top, SHR, NSHR, CLIP, _group_error, xg)
     sf = scale.to(tl.float32)
     of = offset.to(tl.float32)
     y = (xg - of[:, :, None]) / tl.where(sf == 0.0, 1.0, sf)[:, :, None] + 0.5
@@ -221,6 +202,34 @@ def quantize_token_groups_kernel(
 
 
 @triton.jit
+def _grid(lo, hi, top: tl.constexpr, SHR, NSHR: tl.constexpr, CLIP: tl.constexpr, error, data):
+    """The fp16 grid ``(scale, offset)`` of each range ``[lo, hi]`` (fp32, any shape): its
+    min-max grid, or with ``CLIP`` the grid of least ``error(data, scale, offset, top, CLIP)``
+    among that one and the range shrunk about its midpoint by each factor of ``SHR``, the
+    first on a tie (``src/quant/clip.rs``; a constant range, scale 0, is not searched). The
+    token groups and the channels differ only in ``error`` and the ``data`` it reads."""
+    scale = ((hi - lo) / top).to(tl.float16)
+    offset = lo.to(tl.float16)
+    if CLIP:
+        searched = scale != 0.0
+        best = error(data, scale, offset, top, CLIP)
+        mid = (lo + hi) * 0.5
+        half = (hi - lo) * 0.5
+        for i in range(NSHR):
+            s_i = tl.load(SHR + i)
+            a = mid - s_i * half
+            b = mid + s_i * half
+            sc_i = ((b - a) / top).to(tl.float16)
+            of_i = a.to(tl.float16)
+            err = error(data, sc_i, of_i, top, CLIP)
+            better = searched & (err < best)
+            scale = tl.where(better, sc_i, scale)
+            offset = tl.where(better, of_i, offset)
+            best = tl.where(better, err, best)
+    return scale, offset
+
+
+@triton.jit
 def _reconstruct(x, sf, of, top):
     """``x`` on the grid (fp32 ``sf``, ``of`` broadcast to it), as the decoder rebuilds it."""
     y = (x - of) / tl.where(sf == 0.0, 1.0, sf) + 0.5
@@ -229,46 +238,36 @@ def _reconstruct(x, sf, of, top):
 
 
 @triton.jit
-def _group_error(xg, scale, offset, top, AXIS: tl.constexpr, CLIP: tl.constexpr):
+def _group_error(xg, scale, offset, top, CLIP: tl.constexpr):
     """Squared error of the token groups ``xg [BR, G, GS]`` on their fp16 grids ``[BR, G]``,
-    summed over ``AXIS`` in float64; with ``CLIP == 2`` a grid that shrinks its group
+    summed over each group in float64; with ``CLIP == 2`` a grid that shrinks its group
     (``sum((x̂ - x) * x) < 0``) scores the largest float64."""
     sf = scale.to(tl.float32)[:, :, None]
     of = offset.to(tl.float32)[:, :, None]
     d = (_reconstruct(xg, sf, of, top) - xg).to(tl.float64)
-    err = _sum(d * d, AXIS)
+    err = _sum(d * d, 2)
     if CLIP == 2:
-        err = tl.where(_sum(d * xg.to(tl.float64), AXIS) < 0.0, 1.7976931348623157e308, err)
+        err = tl.where(_sum(d * xg.to(tl.float64), 2) < 0.0, 1.7976931348623157e308, err)
     return err
 
 
 @triton.jit
-def _channel_error(
-    X,
-    s,
-    N,
-    base,
-    n,
-    c,
-    D: tl.constexpr,
-    scale,
-    offset,
-    top,
-    RB,
-    BR: tl.constexpr,
-    CB: tl.constexpr,
-    CLIP: tl.constexpr,
-):
-    """Squared error of channels ``c`` of a segment's ``n`` rows on their fp16 grids, float64
-    (the largest float64 for a grid that shrinks its channel, with ``CLIP == 2``)."""
+def _channel_error(rows, scale, offset, top, CLIP: tl.constexpr):
+    """Squared error of channels ``c`` of a segment's ``n`` rows on their fp16 grids ``[CB]``,
+    float64 (the largest float64 for a grid that shrinks its channel, with ``CLIP == 2``).
+    ``rows``: ``(X, first, n, c, RB, D, BR)``, the segment's rows ``first + [0, n)`` of ``X``
+    (``D`` channels each), read ``BR`` at a time up to ``RB``."""
+    X, first, n, c, RB = rows[0], rows[1], rows[2], rows[3], rows[4]
+    D: tl.constexpr = rows[5]  # (a constexpr unpacked into a plain name becomes a tensor)
+    BR: tl.constexpr = rows[6]
     sf = scale.to(tl.float32)[None, :]
     of = offset.to(tl.float32)[None, :]
-    err = tl.full([CB], 0.0, tl.float64)
-    grow = tl.full([CB], 0.0, tl.float64)
+    err = tl.zeros(c.shape, tl.float64)
+    grow = tl.zeros(c.shape, tl.float64)
     for r0 in range(0, RB, BR):
         r = r0 + tl.arange(0, BR)
         ok = r < n
-        x = tl.load(X + (s * N + base + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
+        x = tl.load(X + (first + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
         d = (_reconstruct(x, sf, of, top) - x).to(tl.float64)
         err += _sum(tl.where(ok[:, None], d * d, 0.0), 0)
         grow += _sum(tl.where(ok[:, None], d * x.to(tl.float64), 0.0), 0)
@@ -318,24 +317,10 @@ def quantize_channels_kernel(
     lo = tl.where(n > 0, lo, 0.0)
     hi = tl.where(n > 0, hi, 0.0)
     top: tl.constexpr = (1 << BITS) - 1
-    scale = ((hi - lo) / top).to(tl.float16)
-    offset = lo.to(tl.float16)
-    if CLIP:
-        searched = scale != 0.0
-        best = _channel_error(X, s, N, base, n, c, D, scale, offset, top, RB, BR, CB, CLIP)
-        mid = (lo + hi) * 0.5
-        half = (hi - lo) * 0.5
-        for i in range(NSHR):
-            s_i = tl.load(SHR + i)
-            a = mid - s_i * half
-            b = mid + s_i * half
-            sc_i = ((b - a) / top).to(tl.float16)
-            of_i = a.to(tl.float16)
-            err = _channel_error(X, s, N, base, n, c, D, sc_i, of_i, top, RB, BR, CB, CLIP)
-            better = searched & (err < best)
-            scale = tl.where(better, sc_i, scale)
-            offset = tl.where(better, of_i, offset)
-            best = tl.where(better, err, best)
+    # The segment's rows as a tuple built in the call: one assigned to a name first would
+    # turn its constexprs D and BR into tensors.
+    first = s * N + base
+    scale, offset = _grid(lo, hi, top, SHR, NSHR, CLIP, _channel_error, (X, first, n, c, RB, D, BR))
     tl.store(SC + (s * nseg + seg) * D + c, scale)
     tl.store(OF + (s * nseg + seg) * D + c, offset)
     sf = scale.to(tl.float32)

@@ -159,8 +159,18 @@ def append_row_kernel(
 
 
 @triton.jit
+def _rows(X, first, r, c, ok, D: tl.constexpr):
+    """Rows ``first + r`` (where ``ok``; else 0) and channels ``c`` of ``X [., D]`` in fp32.
+    ``X`` may be fp16 or bf16 (the buffer's rows as they are stored, without a full-size fp32
+    copy of the prompt first): every such value widens to fp32 exactly, so the quantizers see
+    the values an fp32 input would give them."""
+    x = tl.load(X + (first + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def quantize_token_groups_kernel(
-    X,  # fp32 [S, N, D]
+    X,  # [S, N, D] fp32, fp16 or bf16 (see `_rows`)
     FAC,  # fp32 [S, D] channel factors (HAS_FAC)
     CODES,  # uint8 [S, cap, D*BITS/8]
     SC,  # fp16 [S, cap, G]
@@ -181,7 +191,7 @@ def quantize_token_groups_kernel(
     r = tl.program_id(1) * BR + tl.arange(0, BR)
     ok = r < N
     c = tl.arange(0, D)
-    x = tl.load(X + (s * N + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
+    x = _rows(X, s * N, r, c, ok, D)
     if HAS_FAC:
         f = tl.load(FAC + s * D + c)
         x = x / f[None, :]
@@ -267,7 +277,7 @@ def _channel_error(rows, scale, offset, top, CLIP: tl.constexpr):
     for r0 in range(0, RB, BR):
         r = r0 + tl.arange(0, BR)
         ok = r < n
-        x = tl.load(X + (first + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
+        x = _rows(X, first, r, c, ok, D)
         d = (_reconstruct(x, sf, of, top) - x).to(tl.float64)
         err += _sum(tl.where(ok[:, None], d * d, 0.0), 0)
         grow += _sum(tl.where(ok[:, None], d * x.to(tl.float64), 0.0), 0)
@@ -278,7 +288,8 @@ def _channel_error(rows, scale, offset, top, CLIP: tl.constexpr):
 
 @triton.jit
 def quantize_channels_kernel(
-    X,  # fp32 [S, N, D]: NBLK segments, segment b at rows [b * BSTRIDE, b * BSTRIDE + RB)
+    X,  # [S, N, D], any float dtype (see `_rows`): NBLK segments, segment b at rows
+    #     [b * BSTRIDE, b * BSTRIDE + RB)
     NR,  # int32 [S, NBLK]: real rows of each stream's segment (the rest are holes)
     CODES,  # uint8 [S, cap, D*BITS/8]
     SC,  # fp16 [S, nseg, D]
@@ -311,7 +322,7 @@ def quantize_channels_kernel(
     for r0 in range(0, RB, BR):
         r = r0 + tl.arange(0, BR)
         ok = r < n
-        x = tl.load(X + (s * N + base + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
+        x = _rows(X, s * N + base, r, c, ok, D)
         lo = tl.minimum(lo, _min(tl.where(ok[:, None], x, float("inf")), 0))
         hi = tl.maximum(hi, _max(tl.where(ok[:, None], x, float("-inf")), 0))
     lo = tl.where(n > 0, lo, 0.0)
@@ -329,7 +340,7 @@ def quantize_channels_kernel(
     for r0 in range(0, RB, BR):
         r = r0 + tl.arange(0, BR)
         ok = r < n
-        x = tl.load(X + (s * N + base + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
+        x = _rows(X, s * N + base, r, c, ok, D)
         y = (x - of[None, :]) / div[None, :] + 0.5
         y = tl.minimum(tl.maximum(y, 0.0), top)
         code = tl.where(sf[None, :] == 0.0, 0, y.to(tl.int32))

@@ -1,20 +1,31 @@
-"""Where one layer's prefill scoring and compression spend their device time: the torch
-profiler's kernel table for ``kvmix.attention._score_prefill`` (probe scoring, then the
-classification that quantizes the prompt into the tiers) on one layer of Llama-3.1-8B's
-shape, ``--batch`` x ``--context`` random bf16 keys/values, the Triton engine. Run twice
-(the first compiles); the second is profiled, with the rows' LSE from the flash forward
-(``_flash_attention_with_lse``) as the unpadded prefill passes it and, for comparison,
-without.
+"""Where one layer's prefill scoring and compression spend their device time, on one layer of
+Llama-3.1-8B's shape, ``--batch`` x ``--context`` random bf16 keys/values, the Triton engine:
+
+1. compression alone: ``maybe_classify`` of a store whose buffer holds the prompt with its
+   scores (the classification that quantizes the prompt into the tiers: the torch glue
+   around the quantize kernels and the kernels), synchronized, the median of ``--reps``
+   after a warm-up, and the device memory it allocates beyond the filled store (its peak);
+2. unless ``--skip-profile``, the torch profiler's kernel table for
+   ``kvmix.attention._score_prefill`` (probe scoring, then the classification). Run twice
+   (the first compiles); the second is profiled, with the rows' LSE from the flash forward
+   (``_flash_attention_with_lse``) as the unpadded prefill passes it and, for comparison,
+   without.
+
+The first line names the kvmix it imported: to compare two versions of the engine, run the
+script once per tree (``PYTHONPATH=<tree>/python``).
 
     python3 gpu/compression_profile.py                     # one H200: B=8 x 32k
-    python3 gpu/compression_profile.py --device cpu --batch 1 --context 64 --tiny
+    python3 gpu/compression_profile.py --skip-profile      # compression alone
+    python3 gpu/compression_profile.py --device cpu --batch 1 --context 64 --tiny --reps 1
                                                            # smoke test (interpreter)
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -25,12 +36,18 @@ from kvmix import attention as kattn
 from kvmix.bench.gpu import METHODS, llama_8b_config
 
 
-def _one(method: str, args: argparse.Namespace, lse: bool, table: bool) -> float:
-    device = torch.device(args.device)
+def _config(args: argparse.Namespace) -> Any:
+    """One layer of Llama-3.1-8B's shape, the config switched to kvmix's attention."""
     cfg = llama_8b_config(args.tiny)
     cfg.num_hidden_layers = 1
-    with torch.device("meta"):  # the config switched to kvmix's attention, no weights
+    with torch.device("meta"):  # no weights
         kvmix.enable_fused_attention(LlamaForCausalLM(cfg))
+    return cfg
+
+
+def _one(method: str, args: argparse.Namespace, lse: bool, table: bool) -> float:
+    device = torch.device(args.device)
+    cfg = _config(args)
     b, t = args.batch, args.context
     hk, hq, d = cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -62,6 +79,49 @@ def _one(method: str, args: argparse.Namespace, lse: bool, table: bool) -> float
     return seconds
 
 
+def _compression(method: str, args: argparse.Namespace) -> None:
+    """Compression alone (1. above): a fresh Triton-engine cache per run, filled with the
+    prompt and random scores, then its classification timed."""
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    cfg = _config(args)
+    b, t = args.batch, args.context
+    hk, d = cfg.num_key_value_heads, cfg.head_dim
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(0)
+    k = torch.randn((b, hk, t, d), device=device, dtype=dtype, generator=g)
+    v = torch.randn((b, hk, t, d), device=device, dtype=dtype, generator=g)
+    acc = torch.rand((b, hk, t), device=device, generator=g)
+    times: list[float] = []
+    peaks: list[int] = []
+    for rep in range(args.reps + 1):  # the first compiles
+        cache = kvmix.make_cache(method, cfg, engine="triton")
+        with torch.inference_mode():
+            cache.update(k, v, 0)
+            store = cache.kvmix_layers[0].store
+            store.set_first_valid([0] * b)
+            store.add_scores(0, acc, torch.ones_like(acc))
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                start = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            store.maybe_classify(True)
+            if cuda:
+                torch.cuda.synchronize()
+            if rep:
+                times.append(time.perf_counter() - t0)
+                if cuda:
+                    peaks.append(torch.cuda.max_memory_allocated() - start)
+        del cache, store
+    peak = f", peak device memory +{max(peaks) / 2**30:.2f} GiB" if peaks else ""
+    print(
+        f"   {method}: compression alone {1e3 * statistics.median(times):.2f} ms (median of "
+        f"{len(times)}, min {1e3 * min(times):.2f}){peak}",
+        flush=True,
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
@@ -70,12 +130,20 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["zipcache", "kvmix-5x"])
     p.add_argument("--rows", type=int, default=14, help="profiler table rows")
     p.add_argument("--tiny", action="store_true", help="toy head shapes (CPU smoke test)")
+    p.add_argument("--reps", type=int, default=5, help="timed runs of compression alone")
+    p.add_argument("--skip-profile", action="store_true", help="compression alone only")
     args = p.parse_args()
     print(
         f"# {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'} "
-        f"torch {torch.__version__}, B={args.batch} T={args.context}, one layer",
+        f"torch {torch.__version__}, B={args.batch} T={args.context}, one layer; kvmix from "
+        f"{kvmix.__file__}",
         flush=True,
     )
+    print("## compression alone (maybe_classify of the filled store, synchronized)", flush=True)
+    for method in args.methods:
+        _compression(method, args)
+    if args.skip_profile:
+        return
     for method in args.methods:
         _one(method, args, True, False)  # compile
         for lse in (True, False):

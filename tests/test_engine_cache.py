@@ -234,10 +234,11 @@ def test_a_whole_buffer_is_taken_without_sorting_as_it_was_appended(
     dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """ZipCache's classification takes every stream's whole buffer; when no stream has a hole
-    the rows come back as they were written (no sort, no gather): the prompt's keys and values
-    as the fp16 buffer rounds them (the prompt converted once, from any dtype), positions in
-    order, the scores added, and the buffer left empty. A buffer with holes takes the sorting
-    path (covered by the uniform and MiKV cases above)."""
+    the rows come back as they were written (no sort, no gather, no copy: the keys and values
+    are the buffer's own fp16 rows, which the quantize kernels widen as they load them): the
+    prompt's keys and values as the fp16 buffer rounds them (the prompt converted once, from
+    any dtype), positions in order, the scores added, and the buffer left empty. A buffer
+    with holes takes the sorting path (covered by the uniform and MiKV cases above)."""
     g = torch.Generator().manual_seed(6)
     k = torch.randn(2, 40, 3, 16, generator=g).to(dtype).transpose(1, 2)  # strided, as models
     v = torch.randn(2, 40, 3, 16, generator=g).to(dtype).transpose(1, 2)
@@ -250,11 +251,13 @@ def test_a_whole_buffer_is_taken_without_sorting_as_it_was_appended(
         raise AssertionError("a whole buffer without holes needs no sort")
 
     monkeypatch.setattr(torch, "sort", no_sort)
+    buf = store._tiers["buffer"]
     got = store._take_buffer(list(store._buf_len))
     monkeypatch.undo()
+    assert got[0].data_ptr() == buf.kd.data_ptr() and got[1].data_ptr() == buf.vd.data_ptr()
     want = (
-        k.float().to(torch.float16).float().reshape(6, 40, 16),
-        v.float().to(torch.float16).float().reshape(6, 40, 16),
+        k.float().to(torch.float16).reshape(6, 40, 16),
+        v.float().to(torch.float16).reshape(6, 40, 16),
         torch.arange(40, dtype=torch.int16).expand(6, 40),  # 2-byte positions (POS16_LIMIT)
         acc.reshape(6, 40),
         cnt.reshape(6, 40),

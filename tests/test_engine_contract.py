@@ -1,7 +1,8 @@
 """The Triton device engine against the Rust engine (its reference), under Triton's
 interpreter on CPU tensors: same tokens in the same tiers, the same codes (dequantized rows
-equal), attention within fp32 tolerances. Small shapes: the interpreter runs the kernels in
-numpy."""
+equal), attention within fp32 tolerances, with a float32 and a half-precision buffer (whose
+rows the Triton quantizers read as they are stored, widening them in the kernel). Small
+shapes: the interpreter runs the kernels in numpy."""
 
 import numpy as np
 import pytest
@@ -24,11 +25,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("buffer_dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize(("policy", "config"), CASES)
-def test_triton_matches_rust(policy, config):
+def test_triton_matches_rust(policy, config, buffer_dtype):
     torch.manual_seed(0)
-    rust = kvmix.LayerStore(policy, H, D, config, "float32")
-    tri = TritonLayerStore(policy, H, D, config, "float32")
+    rust = kvmix.LayerStore(policy, H, D, config, buffer_dtype)
+    tri = TritonLayerStore(policy, H, D, config, buffer_dtype)
     k, v = torch.randn(B, H, N, D), torch.randn(B, H, N, D)
     rust.append(k.numpy(), v.numpy())
     tri.append(k, v)

@@ -164,8 +164,18 @@ def append_row_kernel(
 
 
 @triton.jit
+def _rows(X, first, r, c, ok, D: tl.constexpr):
+    """Rows ``first + r`` (where ``ok``; else 0) and channels ``c`` of ``X [., D]`` in fp32.
+    ``X`` may be fp16 or bf16 (the buffer's rows as they are stored, without a full-size fp32
+    copy of the prompt first): every such value widens to fp32 exactly, so the quantizers see
+    the values an fp32 input would give them."""
+    x = tl.load(X + (first + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def quantize_token_groups_kernel(
-    X,  # fp32 [S, N, D]
+    X,  # [S, N, D] fp32, fp16 or bf16 (see `_rows`)
     FAC,  # fp32 [S, D] channel factors (HAS_FAC)
     CODES,  # uint8 [S, cap, D*BITS/8]
     SC,  # fp16 [S, cap, G]
@@ -186,33 +196,14 @@ def quantize_token_groups_kernel(
     r = tl.program_id(1) * BR + tl.arange(0, BR)
     ok = r < N
     c = tl.arange(0, D)
-    x = tl.load(X + (s * N + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
+    x = _rows(X, s * N, r, c, ok, D)
     if HAS_FAC:
         f = tl.load(FAC + s * D + c)
         x = x / f[None, :]
     G: tl.constexpr = D // GS
     xg = tl.reshape(x, [BR, G, GS])
-    lo = _min(xg, 2)
-    hi = _max(xg, 2)
     top: tl.constexpr = (1 << BITS) - 1
-    scale = ((hi - lo) / top).to(tl.float16)
-    offset = lo.to(tl.float16)
-    if CLIP:
-        searched = scale != 0.0
-        best = _group_error(xg, scale, offset, top, 2, CLIP)
-        mid = (lo + hi) * 0.5
-        half = (hi - lo) * 0.5
-        for i in range(NSHR):
-            s_i = tl.load(SHR + i)
-            a = mid - s_i * half
-            b = mid + s_i * half
-            sc_i = ((b - a) / top).to(tl.float16)
-            of_i = a.to(tl.float16)
-            err = _group_error(xg, sc_i, of_i, top, 2, CLIP)
-            better = searched & (err < best)
-            scale = tl.where(better, sc_i, scale)
-            offset = tl.where(better, of_i, offset)
-            best = tl.where(better, err, best)
+    scale, offset = _grid(xg, top, SHR, NSHR, CLIP)
     sf = scale.to(tl.float32)
     of = offset.to(tl.float32)
     y = (xg - of[:, :, None]) / tl.where(sf == 0.0, 1.0, sf)[:, :, None] + 0.5
@@ -226,6 +217,37 @@ def quantize_token_groups_kernel(
 
 
 @triton.jit
+def _grid(xg, top: tl.constexpr, SHR, NSHR: tl.constexpr, CLIP: tl.constexpr):
+    """The fp16 grid ``(scale, offset)`` of each token group of ``xg [BR, G, GS]``: its
+    min-max grid, or with ``CLIP`` the grid of least :func:`_group_error` among that one and
+    the range shrunk about its midpoint by each factor of ``SHR``, the first on a tie
+    (``src/quant/clip.rs``; a constant range, scale 0, is not searched). The per-channel
+    grids make the same choice from chunked partial sums (``TritonLayerStore``'s
+    ``_encode_channels``)."""
+    lo = _min(xg, 2)
+    hi = _max(xg, 2)
+    scale = ((hi - lo) / top).to(tl.float16)
+    offset = lo.to(tl.float16)
+    if CLIP:
+        searched = scale != 0.0
+        best = _group_error(xg, scale, offset, top, CLIP)
+        mid = (lo + hi) * 0.5
+        half = (hi - lo) * 0.5
+        for i in range(NSHR):
+            s_i = tl.load(SHR + i)
+            a = mid - s_i * half
+            b = mid + s_i * half
+            sc_i = ((b - a) / top).to(tl.float16)
+            of_i = a.to(tl.float16)
+            err = _group_error(xg, sc_i, of_i, top, CLIP)
+            better = searched & (err < best)
+            scale = tl.where(better, sc_i, scale)
+            offset = tl.where(better, of_i, offset)
+            best = tl.where(better, err, best)
+    return scale, offset
+
+
+@triton.jit
 def _reconstruct(x, sf, of, top):
     """``x`` on the grid (fp32 ``sf``, ``of`` broadcast to it), as the decoder rebuilds it."""
     y = (x - of) / tl.where(sf == 0.0, 1.0, sf) + 0.5
@@ -234,16 +256,16 @@ def _reconstruct(x, sf, of, top):
 
 
 @triton.jit
-def _group_error(xg, scale, offset, top, AXIS: tl.constexpr, CLIP: tl.constexpr):
+def _group_error(xg, scale, offset, top, CLIP: tl.constexpr):
     """Squared error of the token groups ``xg [BR, G, GS]`` on their fp16 grids ``[BR, G]``,
-    summed over ``AXIS`` in float64; with ``CLIP == 2`` a grid that shrinks its group
+    summed over each group in float64; with ``CLIP == 2`` a grid that shrinks its group
     (``sum((x̂ - x) * x) < 0``) scores the largest float64."""
     sf = scale.to(tl.float32)[:, :, None]
     of = offset.to(tl.float32)[:, :, None]
     d = (_reconstruct(xg, sf, of, top) - xg).to(tl.float64)
-    err = _sum(d * d, AXIS)
+    err = _sum(d * d, 2)
     if CLIP == 2:
-        err = tl.where(_sum(d * xg.to(tl.float64), AXIS) < 0.0, 1.7976931348623157e308, err)
+        err = tl.where(_sum(d * xg.to(tl.float64), 2) < 0.0, 1.7976931348623157e308, err)
     return err
 
 
@@ -288,7 +310,7 @@ def channel_partials_kernel(
         for r0 in range(r_lo, r_hi, BR):
             r = r0 + tl.arange(0, BR)
             ok = (r < r_hi)[:, None]
-            x = tl.load(rows + r[:, None] * D + c[None, :], mask=ok, other=0.0).to(tl.float32)
+            x = _rows(rows, 0, r, c, r < r_hi, D)
             lo = tl.minimum(lo, tl.where(ok, x, float("inf")))
             hi = tl.maximum(hi, tl.where(ok, x, float("-inf")))
         tl.store(OUT0 + part * D + c, _min(lo, 0))
@@ -297,7 +319,7 @@ def channel_partials_kernel(
         top: tl.constexpr = (1 << BITS) - 1
         r = r_lo + tl.arange(0, CHUNK)
         ok = (r < r_hi)[:, None]
-        x = tl.load(rows + r[:, None] * D + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        x = _rows(rows, 0, r, c, r < r_hi, D)
         xd = x.to(tl.float64)
         streams = tl.num_programs(0)
         for i in range(NC):
@@ -346,8 +368,8 @@ def encode_channels_kernel(
     for r0 in range(r_lo, r_hi, BR):
         r = r0 + tl.arange(0, BR)
         ok = r < r_hi
-        x = tl.load(X + (s * N + base + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
-        y = (x.to(tl.float32) - of[None, :]) / div[None, :] + 0.5
+        x = _rows(X, s * N + base, r, c, ok, D)
+        y = (x - of[None, :]) / div[None, :] + 0.5
         y = tl.minimum(tl.maximum(y, 0.0), top)
         code = tl.where(sf[None, :] == 0.0, 0, y.to(tl.int32))
         dst = s * cap + row0 + base + r

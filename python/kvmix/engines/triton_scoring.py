@@ -14,7 +14,9 @@ same sums come from two kernels that keep every logit in registers:
 2. :func:`received_kernel`, one program per ``(sequence, kv-head, block of keys)``: for every
    row that can see the block and every query head of the kv-head's GQA group, recompute the
    logits and add ``2^(logit - lse)``, so each key's column sum is finished by one program
-   and written once (no atomics; the result does not depend on scheduling).
+   and written once (no atomics; the result does not depend on scheduling). The group's
+   heads go one per tile or stacked along the tile's rows (a larger dot per loaded key
+   tile, faster on an H200).
 
 Recomputing the logits costs a second ``q·k`` pass (a flash-attention backward does the same);
 keeping the probabilities instead would be the memory traffic this module exists to remove.
@@ -157,10 +159,17 @@ def received_kernel(
     n_blocks,
     qk_scale,
     D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    HH: tl.constexpr,  # query heads stacked per tile, a power of two (1: a tile per head)
+    BLOCK_M: tl.constexpr,  # rows per head: the tile is HH * BLOCK_M query rows
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
 ):
+    """One key block's column sums over the GQA group's ``rep`` query heads, taken ``HH`` at a
+    time: each ``(HH * BLOCK_M) x BLOCK_N`` tile stacks ``BLOCK_M`` rows of each of ``HH``
+    heads (rows of a head past the group masked). ``HH = 1`` is a tile per head and per block
+    of rows; ``HH >= rep`` stacks the whole group in one dot per block of rows (the key tile
+    is shared by the group's heads; a larger M keeps the tensor cores busier per loaded key).
+    """
     bg = tl.program_id(0)
     kb = tl.program_id(1)
     b = bg // hk
@@ -176,90 +185,28 @@ def received_kernel(
     # Rows before the block's first key see none of it: start at the first row at or after it.
     r0 = tl.load(RSTART + b.to(tl.int64) * n_blocks + kb)
     rows = ROWS + b.to(tl.int64) * n_max
-    for hh in range(0, rep):
+    m = tl.arange(0, HH * BLOCK_M)
+    for h0 in range(0, rep, HH):
+        hh = h0 + m // BLOCK_M
         h = g * rep + hh
-        qbase = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-        lrow = LSE + (b * (hk * rep) + h).to(tl.int64) * n_max
+        head_ok = hh < rep
+        qhead = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        lhead = LSE + (b * (hk * rep) + h).to(tl.int64) * n_max
         for i0 in range(r0, nr, BLOCK_M):
-            i = i0 + tl.arange(0, BLOCK_M)
-            im = i < nr
+            i = i0 + m % BLOCK_M
+            im = (i < nr) & head_ok
             r = tl.load(rows + i, mask=im, other=-1)
             q = tl.load(
-                qbase + r.to(tl.int64)[:, None] * sqt + d[None, :], mask=im[:, None], other=0.0
+                qhead[:, None] + r.to(tl.int64)[:, None] * sqt + d[None, :],
+                mask=im[:, None],
+                other=0.0,
             )
-            lse = tl.load(lrow + i, mask=im, other=float("inf"))
+            lse = tl.load(lhead + i, mask=im, other=float("inf"))
             s = _logits(q, k, qk_scale, IEEE)
             visible = (j[None, :] <= r[:, None]) & (j[None, :] >= fv) & im[:, None]
             # A row that sees nothing has lse = +inf: 2^(s - inf) = 0.
             p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
             acc += _sum(p, 0)
-    tl.store(OUT + bg.to(tl.int64) * t + j, acc, mask=jm)
-
-
-@triton.jit(do_not_specialize=["n_max", "t", "hk", "rep", "n_blocks"])
-def received_stacked_kernel(
-    Q,
-    sqb,
-    sqh,
-    sqt,
-    K,
-    skb,
-    skh,
-    skt,
-    ROWS,
-    NROWS,
-    FV,
-    LSE,
-    RSTART,
-    OUT,
-    n_max,
-    t,
-    hk,
-    rep,
-    n_blocks,
-    qk_scale,
-    D: tl.constexpr,
-    HH: tl.constexpr,  # a power of two >= rep: the GQA group's heads stacked in one tile
-    BLOCK_M: tl.constexpr,  # rows per head: the tile is HH * BLOCK_M query rows
-    BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    """:func:`received_kernel` with the GQA group's query heads stacked along the tile's rows:
-    one ``(HH * BLOCK_M) x BLOCK_N`` dot per block of rows instead of ``rep`` dots of
-    ``BLOCK_M`` rows each (the key tile is shared by the group's heads; a larger M keeps the
-    tensor cores busier per loaded key)."""
-    bg = tl.program_id(0)
-    kb = tl.program_id(1)
-    b = bg // hk
-    g = bg % hk
-    j = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    jm = j < t
-    d = tl.arange(0, D)
-    fv = tl.load(FV + b)
-    nr = tl.load(NROWS + b)
-    kbase = K + b.to(tl.int64) * skb + g.to(tl.int64) * skh
-    k = tl.load(kbase + j.to(tl.int64)[:, None] * skt + d[None, :], mask=jm[:, None], other=0.0)
-    acc = tl.full((BLOCK_N,), 0.0, tl.float32)
-    r0 = tl.load(RSTART + b.to(tl.int64) * n_blocks + kb)
-    rows = ROWS + b.to(tl.int64) * n_max
-    m = tl.arange(0, HH * BLOCK_M)
-    hh = m // BLOCK_M
-    h = g * rep + hh
-    head_ok = hh < rep
-    qhead = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    lhead = LSE + (b * (hk * rep) + h).to(tl.int64) * n_max
-    for i0 in range(r0, nr, BLOCK_M):
-        i = i0 + m % BLOCK_M
-        im = (i < nr) & head_ok
-        r = tl.load(rows + i, mask=im, other=-1)
-        q = tl.load(
-            qhead[:, None] + r.to(tl.int64)[:, None] * sqt + d[None, :], mask=im[:, None], other=0.0
-        )
-        lse = tl.load(lhead + i, mask=im, other=float("inf"))
-        s = _logits(q, k, qk_scale, IEEE)
-        visible = (j[None, :] <= r[:, None]) & (j[None, :] >= fv) & im[:, None]
-        p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
-        acc += _sum(p, 0)
     tl.store(OUT + bg.to(tl.int64) * t + j, acc, mask=jm)
 
 
@@ -269,7 +216,9 @@ def received_stacked_kernel(
 #: tile for head_dim 128 (43.6-46 ms for the best four, within noise); the column pass with
 #: the GQA group's heads stacked (``"received_stacked"``, 32 rows per head: 38.5 ms in all
 #: against 45.8 ms for the best per-head tile, ``"received"``, which stays for reference and
-#: the sweep). A ``"received_stacked"`` entry selects the stacked kernel.
+#: the sweep). Both are :func:`received_kernel`: a ``"received_stacked"`` entry runs it with
+#: the group's heads stacked (``HH`` = ``rep`` rounded up to a power of two), else one head
+#: per tile (``HH = 1``).
 GPU_BLOCKS: dict[str, tuple[int, int, int, int]] = {
     "lse": (128, 64, 8, 3),
     "received": (32, 128, 4, 3),
@@ -325,8 +274,9 @@ def received_attention(
         scale: the softmax scale (logits are ``scale * q·k``).
         blocks: tiles per kernel (default :data:`GPU_BLOCKS` on a GPU,
             :data:`INTERPRETED_BLOCKS` under the interpreter); a ``"received_stacked"``
-            entry runs :func:`received_stacked_kernel` (its ``BLOCK_M`` rows per head)
-            instead of :func:`received_kernel`.
+            entry runs :func:`received_kernel` with the GQA group's heads stacked in one
+            tile (its ``BLOCK_M`` rows per head), else the ``"received"`` tile runs it one
+            head per tile.
         row_lse: optional ``(B, H_q, >= T_q)`` float32, the log-sum-exp **base 2** of every
             query row's scaled logits over the keys it sees (``ln``-based LSE times
             ``log2(e)``), as a flash-attention forward of the same prompt returns it: then
@@ -433,29 +383,21 @@ def received_attention(
             D=d, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
-    stacked = "received_stacked" in tiles
+    # One head per tile, or the GQA group's heads stacked in one (padded to a power of two).
+    hh = triton.next_power_of_2(rep) if rec_name == "received_stacked" else 1
 
     def received_pass(tile: tuple[int, int, int, int]) -> None:
         bm, bn, warps, stages = tile
         n_blocks = triton.cdiv(t, bn)
         starts = torch.arange(0, n_blocks * bn, bn, dtype=torch.int32, device=dev)
         rstart = torch.searchsorted(row_t, starts.expand(b, n_blocks).contiguous())
-        args = (
+        received_kernel[(b * hk, n_blocks)](
             query, query.stride(0), query.stride(1), query.stride(2),
             key, key.stride(0), key.stride(1), key.stride(2),
             row_t, nrow_t, fv_t, lse, rstart.to(torch.int32), out, n, t, hk, rep, n_blocks,
             qk_scale,
+            D=d, HH=hh, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, num_warps=warps, num_stages=stages,
         )  # fmt: skip
-        if stacked:
-            received_stacked_kernel[(b * hk, n_blocks)](
-                *args, D=d, HH=triton.next_power_of_2(rep), BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee,
-                num_warps=warps, num_stages=stages,
-            )  # fmt: skip
-        else:
-            received_kernel[(b * hk, n_blocks)](
-                *args, D=d, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, num_warps=warps,
-                num_stages=stages,
-            )  # fmt: skip
 
     if row_lse is None:
         _fitted(lse_pass, lse_tile, ("lse", str(query.dtype), d, lse_tile), interpreted)

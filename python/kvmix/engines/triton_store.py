@@ -97,6 +97,16 @@ def _round_half_away(x: float) -> int:
     return math.floor(x + 0.5)
 
 
+def _real_first(pick: torch.Tensor, width: int) -> torch.Tensor:
+    """Column indices ``[S, width]`` of each row of ``pick [S, n]``'s stable partition: the
+    columns where it holds first, each part in column order. A stable sort of the bool keys
+    ``~pick`` (not of int32 ones: a radix sort's passes go with the key's bits).
+
+    Rejected: a cumulative sum and a scatter (no sort) take about three times the torch ops
+    of the sort, and MiKV's decoding steps, host bound on a GPU, partition twice per layer."""
+    return torch.sort(~pick, dim=1, stable=True).indices[:, :width]
+
+
 #: The Rust codecs' `clip` names as the quantize kernels' ``CLIP`` switch.
 _CLIPS = {"minmax": 0, "mse": 1, "mse_unbiased": 2}
 
@@ -323,7 +333,7 @@ class _Tier:
         count: torch.Tensor | None = None,
         blocks: int = 1,
     ) -> None:
-        """Append rows ``[S, n, D]`` (fp32; a dense tier takes any float dtype) as ``blocks``
+        """Append rows ``[S, n, D]`` (fp32, fp16 or bf16, any tier) as ``blocks``
         segments of ``n / blocks`` rows each (one kernel launch per codec for all of them);
         rows with ``pos < 0`` are holes, and a stream's real rows come first in each segment.
         Segments follow each other without holes; a segmented tier's block table gets each
@@ -384,7 +394,7 @@ class _Tier:
         elif c.factor == "separable":
             assert blocks[0] == 1, "separable factors are per push"
             valid = (torch.arange(n, device=x.device)[None, :] < nr[:, :1])[:, :, None]
-            amax = torch.where(valid, x.abs(), 0.0).amax(1)
+            amax = torch.where(valid, x.abs(), 0.0).amax(1).float()  # exact in x's dtype
             f = torch.where(amax > 0, amax.sqrt(), 1.0).to(torch.float16)
             self.vf[:, self.nseg] = f
             fac = f.float().contiguous()
@@ -1055,21 +1065,25 @@ class TritonLayerStore:
 
     def _take_buffer(self, take: list[int]) -> tuple[torch.Tensor, ...]:
         """Every kv-head of sequence ``b`` gives its first ``take[b]`` buffered rows, in
-        position order: keys and values (fp32), positions, scores ``[S, max(take)]``, rows
-        past a stream's share being holes. The rest of each stream moves to the front.
+        position order: keys and values (in the buffer's dtype: the quantize kernels widen
+        them to fp32 as they load them, so no fp32 copy of the prompt is made), positions,
+        scores ``[S, max(take)]``, rows past a stream's share being holes. The rest of each
+        stream moves to the front.
 
         A stream's rows are in position order with holes between them (an append writes every
         stream at the same rows, and a stream that gave more rows than another has holes at
-        its end until then), so real rows are first sorted to the front."""
+        its end until then), so real rows are first moved to the front (a stable partition).
+        """
         buf, h, dev = self._tiers["buffer"], self.kv_heads, self.device
         f, w = buf.fill, max(take)
         if take == self._buf_len and min(take) == f:
             # Every stream gives all of its `f` rows, so it has no hole: its rows are already
-            # in position order, and sorting and gathering them (two more copies of the
-            # prompt, ~2 GB at 32k tokens, batch 8) would give them back unchanged.
+            # in position order, and partitioning and gathering them would give them back
+            # unchanged. The keys and values are the buffer's own rows (views: the buffer is
+            # emptied, and nothing writes it before the classification has pushed them).
             out = (
-                buf.kd[:, :f].float(),
-                buf.vd[:, :f].float(),
+                buf.kd[:, :f],
+                buf.vd[:, :f],
                 buf.pos[:, :f].clone(),
                 buf.acc[:, :f].clone(),
                 buf.count[:, :f].clone(),
@@ -1078,7 +1092,7 @@ class TritonLayerStore:
             buf.fill = 0
             self._buf_len = [0] * self.batch
             return out
-        order = torch.sort((buf.pos[:, :f] < 0).int(), dim=1, stable=True).indices
+        order = _real_first(buf.pos[:, :f] >= 0, f)
         take_s = _device_ints(take, dev).repeat_interleave(h)[:, None]
 
         def rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -1088,7 +1102,7 @@ class TritonLayerStore:
 
         idx = order[:, :w]
         mine = torch.arange(w, device=dev)[None, :] < take_s
-        k, v = rows(buf.kd, idx).float(), rows(buf.vd, idx).float()
+        k, v = rows(buf.kd, idx), rows(buf.vd, idx)
         p = torch.where(mine, rows(buf.pos, idx), -1)
         a, c = rows(buf.acc, idx), rows(buf.count, idx)
         left = [n - t for n, t in zip(self._buf_len, take, strict=True)]
@@ -1176,7 +1190,7 @@ class TritonLayerStore:
         key = torch.nan_to_num(score, nan=float("-inf")).flip(-1)
         o1 = torch.sort(key, dim=1, descending=True, stable=True).indices
         o2 = torch.sort(
-            eligible.flip(-1).gather(1, o1).int(), dim=1, descending=True, stable=True
+            eligible.flip(-1).gather(1, o1), dim=1, descending=True, stable=True
         ).indices
         order = (n - 1) - o1.gather(1, o2)
         rank = torch.empty_like(order)
@@ -1241,13 +1255,14 @@ class TritonLayerStore:
         eligible = valid & ~recent
         key = torch.nan_to_num(score, nan=float("-inf")).gather(1, by_pos)
         order = by_pos.gather(1, torch.sort(key, dim=1, descending=True, stable=True).indices)
-        first = torch.sort(eligible.gather(1, order).int(), dim=1, descending=True, stable=True)
+        first = torch.sort(eligible.gather(1, order), dim=1, descending=True, stable=True)
         order = order.gather(1, first.indices)
         heavy = eligible & (ranks(order) < budget_s - n_rec)
         important = recent | heavy
         keep_high, to_high = important[:, :nh], important[:, nh:]
         leaving = ~keep_high & (pos[:, :nh] >= 0)
-        k_buf, v_buf = buf.kd[:, :nb].float(), buf.vd[:, :nb].float()
+        # The buffer's rows in its dtype (the quantize kernels widen them as they load them).
+        k_buf, v_buf = buf.kd[:, :nb], buf.vd[:, :nb]
         p_buf = buf.pos[:, :nb]
         self._split_push(
             "high", to_high, k_buf, v_buf, p_buf, min(nb, max(new_real)),
@@ -1257,13 +1272,14 @@ class TritonLayerStore:
 
             def joined(hi: torch.Tensor, bu: torch.Tensor) -> torch.Tensor:
                 # The prompt's classification has no high tier yet: no copy of the buffer.
+                # (Rows of two dtypes are promoted to one that holds both exactly.)
                 return torch.cat([hi, bu], 1) if nh else bu
 
             self._split_push(
                 "low",
                 joined(leaving, ~to_high & (p_buf >= 0)),
-                joined(high.kd[:, :nh].float(), k_buf),
-                joined(high.vd[:, :nh].float(), v_buf),
+                joined(high.kd[:, :nh], k_buf),
+                joined(high.vd[:, :nh], v_buf),
                 joined(high.pos[:, :nh], p_buf),
                 min(nh, leave_w) + nb,
             )
@@ -1287,10 +1303,10 @@ class TritonLayerStore:
         count: torch.Tensor | None = None,
     ) -> None:
         """Push the rows where ``pick`` holds, in position order, real rows first (with their
-        scores, when given)."""
+        scores, when given); ``k``, ``v`` in any float dtype (the buffer's)."""
         if width == 0:
             return
-        idx = torch.sort((~pick).int(), dim=1, stable=True).indices[:, :width]
+        idx = _real_first(pick, width)
         kept = pick.gather(1, idx)
         d = self.head_dim
         gk = k.gather(1, idx[:, :, None].expand(-1, -1, d))

@@ -100,8 +100,17 @@ J)
   timeout 180 python3 -u -m kvmix.bench gpu --batches 8 --contexts 8192 --steps 8 \
     --methods full zipcache kvmix-5x --json "$OUT/bench-8k-b8.json" > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
+K)
+  # Session 12, last call: the merged tree (packed segments, one column kernel, compression in
+  # the buffer's dtype, channel grids in chunks): the CUDA tests of the changed parts, and the
+  # prefill end to end.
+  timeout 90 python3 -m pytest -q -m cuda tests/test_triton_segments.py \
+    tests/test_engine_cache.py tests/test_triton_scoring.py > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 140 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x > "$OUT/prefill-profile.txt" 2>&1
+  ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|C|D|E|F|G|H|I|J" >&2
+  echo "usage: bash gpu/pending.sh A|B|C|D|E|F|G|H|I|J|K" >&2
   exit 2
   ;;
 esac

@@ -104,9 +104,9 @@ K)
   # Session 12, last call: the merged tree (packed segments, one column kernel, compression in
   # the buffer's dtype, channel grids in chunks): the CUDA tests of the changed parts, and the
   # prefill end to end.
-  timeout 90 python3 -m pytest -q -m cuda tests/test_triton_segments.py \
+  timeout 80 python3 -m pytest -q -m cuda tests/test_triton_segments.py \
     tests/test_engine_cache.py tests/test_triton_scoring.py > "$OUT/pytest-cuda.txt" 2>&1
-  timeout 140 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+  timeout 130 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
     --methods full zipcache kvmix-5x > "$OUT/prefill-profile.txt" 2>&1
   ;;
 *)

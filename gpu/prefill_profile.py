@@ -239,7 +239,10 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2, help="timed prefills per run (median)")
     p.add_argument("--torch-repeats", type=int, default=1, help="the same, torch scoring")
     p.add_argument(
-        "--methods", nargs="+", default=["full", *KVMIX_METHODS], choices=["full", *KVMIX_METHODS, *EXTRA_METHODS]
+        "--methods",
+        nargs="+",
+        default=["full", *KVMIX_METHODS],
+        choices=["full", *KVMIX_METHODS, *EXTRA_METHODS],
     )
     p.add_argument("--scoring", nargs="+", default=["triton", "torch"], choices=["triton", "torch"])
     p.add_argument("--kernel-context", type=int, help="tokens for part 2 (default --context)")

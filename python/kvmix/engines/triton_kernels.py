@@ -270,8 +270,20 @@ def _group_error(xg, scale, offset, top, CLIP: tl.constexpr):
 
 
 @triton.jit
+def _chunk(NR, s, NBLK, NCH, CHUNK: tl.constexpr):
+    """The chunk of grid axis 2 in the channel kernels: its segment ``blk``, its index ``ch``
+    in the segment, and its rows ``[r_lo, r_hi)`` of the segment (none past the stream's real
+    rows ``NR[s, blk]``)."""
+    q = tl.program_id(2)
+    blk = q // NCH
+    ch = q % NCH
+    r_lo = ch * CHUNK
+    return blk, ch, r_lo, tl.minimum(r_lo + CHUNK, tl.load(NR + s * NBLK + blk))
+
+
+@triton.jit
 def channel_partials_kernel(
-    X,  # [S, N, D] fp32/bf16/fp16: NBLK segments, segment b at rows [b * BSTRIDE, + NR[s, b])
+    X,  # [S, N, D] fp32/bf16/fp16: NBLK segments of BSTRIDE rows, b's real rows NR[s, b]
     NR,  # int32 [S, NBLK]: real rows of each stream's segment (the rest are holes)
     OUT0,  # MODE 0: fp32 [S, NBLK, NCH, D] chunk minima; else f64 [NC, S, NBLK, NCH, D] errors
     OUT1,  # MODE 0: chunk maxima; else f64 sums of (x̂ - x) * x (does the grid shrink?)
@@ -296,12 +308,7 @@ def channel_partials_kernel(
     candidates are tried on the chunk held in registers: it is read from memory once."""
     s = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * CB + tl.arange(0, CB)
-    q = tl.program_id(2)
-    blk = q // NCH
-    ch = q % NCH
-    n = tl.load(NR + s * NBLK + blk)
-    r_lo = ch * CHUNK
-    r_hi = tl.minimum(r_lo + CHUNK, n)
+    blk, ch, r_lo, r_hi = _chunk(NR, s, NBLK, NCH, CHUNK)
     rows = X + (s * N + blk * BSTRIDE) * D
     part = (s * NBLK + blk) * NCH + ch
     if MODE == 0:
@@ -354,12 +361,7 @@ def encode_channels_kernel(
     """The codes of one chunk of one segment's rows for ``CB`` channels on their chosen grid."""
     s = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * CB + tl.arange(0, CB)
-    q = tl.program_id(2)
-    blk = q // NCH
-    ch = q % NCH
-    n = tl.load(NR + s * NBLK + blk)
-    r_lo = ch * CHUNK
-    r_hi = tl.minimum(r_lo + CHUNK, n)
+    blk, _, r_lo, r_hi = _chunk(NR, s, NBLK, NCH, CHUNK)
     sf = tl.load(SCF + (s * NBLK + blk) * D + c)
     of = tl.load(OFF + (s * NBLK + blk) * D + c)
     div = tl.where(sf == 0.0, 1.0, sf)

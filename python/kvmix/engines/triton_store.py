@@ -346,8 +346,8 @@ class _Tier:
         row0 = self.fill
         self._grow(row0 + n, self.nseg + blocks)
         nr = (pos.reshape(self.s, blocks, rb) >= 0).sum(2, dtype=torch.int32)
-        self._encode(kern, self.k, keys, row0, nr, key=True, blocks=(blocks, rb, rb))
-        self._encode(kern, self.v, values, row0, nr, key=False, blocks=(blocks, rb, rb))
+        self._encode(kern, self.k, keys, row0, nr, key=True)
+        self._encode(kern, self.v, values, row0, nr, key=False)
         self.pos[:, row0 : row0 + n] = pos
         if self.segmented:
             for b in range(blocks):
@@ -370,29 +370,28 @@ class _Tier:
         row0: int,
         nr: torch.Tensor,
         key: bool,
-        blocks: tuple[int, int, int] = (1, 0, 0),
     ) -> None:
-        """Quantize and write rows ``x [S, n, D]`` at ``row0``; ``nr [S, blocks]``: real rows
-        per segment; ``blocks``: (segments, rows between their starts, rows in each)."""
+        """Quantize and write rows ``x [S, n, D]`` at ``row0``: ``nr [S, blocks]`` real rows
+        in each of ``blocks`` segments of ``n / blocks`` rows, back to back."""
         n = x.shape[1]
         data = self.kd if key else self.vd
         if c.kind == "dense":
             data[:, row0 : row0 + n] = x  # converted to the tier's dtype by the copy
             return
         x = x.contiguous()
+        if c.kind == "channel":
+            self._encode_channels(kern, c, x, nr.contiguous(), data, row0)
+            return
         # CLIP: 0 min-max, 1 least squared error, 2 the same among grids that do not shrink.
         clip = {"CLIP": _CLIPS[c.clip], "NSHR": len(c.shrink)}
         shrink = torch.tensor(c.shrink, dtype=torch.float32, device=x.device)
-        if c.kind == "channel":
-            self._encode_channels(kern, c, x, nr.contiguous(), data, row0, blocks)
-            return
         sc, of = (self.ks, self.ko) if key else (self.vs, self.vo)
         fac = self._dummy
         if c.factor == "fixed":
             assert self.kfix is not None, "the key balancer is set before quantizing"
             fac = self.kfix.float().contiguous()
         elif c.factor == "separable":
-            assert blocks[0] == 1, "separable factors are per push"
+            assert nr.shape[1] == 1, "separable factors are per push"
             valid = (torch.arange(n, device=x.device)[None, :] < nr[:, :1])[:, :, None]
             amax = torch.where(valid, x.abs(), 0.0).amax(1).float()  # exact in x's dtype
             f = torch.where(amax > 0, amax.sqrt(), 1.0).to(torch.float16)
@@ -427,7 +426,6 @@ class _Tier:
         nr: torch.Tensor,
         data: torch.Tensor,
         row0: int,
-        blocks: tuple[int, int, int],
     ) -> None:
         """Per-channel codes of each segment (keys): its min-max grid, or with a clip the grid
         chosen among min-max and the shrunk candidates, as ``src/quant/clip.rs`` chooses.
@@ -438,15 +436,13 @@ class _Tier:
         keys to ~256 programs looping over every row once per candidate, most of an H200
         idle. The candidates' grids are computed by torch in fp32 without fused multiply-adds,
         as the Rust quantizer computes them."""
-        n = x.shape[1]
-        nblk, stride, rb = blocks
-        if nblk == 1:
-            stride = rb = n
+        n, nblk = x.shape[1], nr.shape[1]
+        rb = n // nblk  # rows of each segment (back to back)
         s, d, dev = self.s, self.d, x.device
         nch = max(1, -(-rb // CHANNEL_CHUNK))
         cb = min(d, 16)
         grid = (s, d // cb, nblk * nch)
-        common = (n, stride, nblk, nch)
+        common = (n, rb, nblk, nch)
         lo = torch.empty((s, nblk, nch, d), dtype=torch.float32, device=dev)
         hi = torch.empty_like(lo)
         consts = {"D": d, "BITS": c.bits, "CB": cb, "CHUNK": CHANNEL_CHUNK, "BR": 32}

@@ -20,7 +20,7 @@ import kvmix
 from kvmix.models import tiny_random_model
 
 pytest.importorskip("triton")
-from kvmix.engines.triton_store import PAGE, TritonLayerStore
+from kvmix.engines.triton_store import CHANNEL_CHUNK, PAGE, TritonLayerStore
 
 PROMPT, NEW = 40, 6
 
@@ -200,15 +200,36 @@ def test_left_padding_is_quantized_as_by_the_rust_store(policy: str, config: Any
     """Sequences padded by different amounts: each one's padding is a segment of its own and
     uniform's blocks count from each one's first valid token, so the codes (dequantized rows)
     are bit-identical to the Rust store's, after the prefill and after decoding steps."""
-    b, h, d, n = 3, 2, 16, 45
-    g = torch.Generator().manual_seed(3)
+    _padded_stores_agree(policy, config, 16, 45, [0, 7, 20], torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("clip", ["minmax", "mse_unbiased"])
+def test_channel_grids_span_chunks_and_padded_segments(clip: str) -> None:
+    """The Triton store fits per-channel key grids from chunks of ``CHANNEL_CHUNK`` rows,
+    combined on the host: a prompt whose tiers span several chunks, left-padded differently
+    per sequence (so one push writes several segments), gives the Rust store's codes bit for
+    bit, with and without the range search, and after classifications while decoding."""
+    config = {"streaming_gap": 5, "salient_ratio": 0.3, "key_clip": clip, "value_clip": clip}
+    g = torch.Generator().manual_seed(5)
+    rust = _padded_stores_agree("zipcache", config, 32, 2 * CHANNEL_CHUNK + 90, [0, 37, 150], g)
+    # The first sequence's regular tokens span two chunks of one segment.
+    assert len(rust.tier_positions(0)["low"]) > CHANNEL_CHUNK
+
+
+def _padded_stores_agree(
+    policy: str, config: Any, d: int, n: int, first_valid: list[int], g: torch.Generator
+) -> Any:
+    """A Rust and a Triton store fed the same left-padded prompt (``first_valid`` per
+    sequence; 2 kv-heads), classified, then 12 decoding steps: the same tiers and bit-identical
+    dequantized rows for every stream. Returns the Rust store."""
+    b, h = len(first_valid), 2
     rust = kvmix.LayerStore(policy, h, d, config, "float16")
     tri = TritonLayerStore(policy, h, d, config, "float16")
     k, v = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, d, generator=g)
     rust.append(k.numpy(), v.numpy())
     tri.append(k, v)
     for store in (rust, tri):
-        store.set_first_valid([0, 7, 20])
+        store.set_first_valid(first_valid)
     acc, cnt = torch.rand(b, h, n, generator=g), torch.ones(b, h, n)
     rust.add_scores(0, acc.numpy(), cnt.numpy())
     tri.add_scores(0, acc, cnt)
@@ -227,6 +248,7 @@ def test_left_padding_is_quantized_as_by_the_rust_store(policy: str, config: Any
         rt, tt = rust.tier_positions(s), tri.tier_positions(s)
         for tier in rt:
             np.testing.assert_array_equal(tt[tier].numpy(), rt[tier])
+    return rust
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -55,48 +55,6 @@ def test_triton_matches_rust(policy, config, buffer_dtype):
     np.testing.assert_allclose(out_t.numpy(), out_r, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("clip", ["minmax", "mse_unbiased"])
-def test_channel_grids_span_chunks_and_padded_segments(clip):
-    """The Triton store fits per-channel key grids from chunks of ``CHANNEL_CHUNK`` rows,
-    combined on the host: a prompt whose tiers span several chunks, left-padded differently
-    per sequence (each padding a segment of its own, so one push writes several segments),
-    gives the Rust store's codes bit for bit, with and without the range search, and again
-    after a classification during decoding."""
-    from kvmix.engines.triton_store import CHANNEL_CHUNK
-
-    b, h, d, n = 3, 2, 32, 2 * CHANNEL_CHUNK + 90
-    config = {"streaming_gap": 4, "salient_ratio": 0.3, "key_clip": clip, "value_clip": clip}
-    g = torch.Generator().manual_seed(5)
-    rust = kvmix.LayerStore("zipcache", h, d, config, "float32")
-    tri = TritonLayerStore("zipcache", h, d, config, "float32")
-    k, v = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, d, generator=g)
-    k[..., ::7] *= 4  # outlier channels: the search has ranges to shrink
-    rust.append(k.numpy(), v.numpy())
-    tri.append(k, v)
-    for store in (rust, tri):
-        store.set_first_valid([0, 37, 150])
-    acc, cnt = torch.rand(b, h, n, generator=g), torch.ones(b, h, n)
-    rust.add_scores(0, acc.numpy(), cnt.numpy())
-    tri.add_scores(0, acc, cnt)
-    assert rust.maybe_classify(True) and tri.maybe_classify(True)
-    # The first sequence's regular tokens span two chunks of one segment.
-    assert len(rust.tier_positions(0)["low"]) > CHANNEL_CHUNK
-    for step in range(5):
-        k1, v1 = torch.randn(b, h, 1, d, generator=g), torch.randn(b, h, 1, d, generator=g)
-        rust.append(k1.numpy(), v1.numpy())
-        tri.append(k1, v1)
-        assert rust.maybe_classify() == tri.maybe_classify(), step
-    for s in range(b * h):
-        rt, tt = rust.tier_positions(s), tri.tier_positions(s)
-        for tier in rt:
-            np.testing.assert_array_equal(tt[tier].numpy(), rt[tier])
-        pr, kr, vr = rust.dense(s)
-        pt, kt, vt = tri.dense(s)
-        np.testing.assert_array_equal(pt.numpy(), pr)
-        np.testing.assert_array_equal(kt.numpy(), kr)
-        np.testing.assert_array_equal(vt.numpy(), vr)
-
-
 def test_engine_resolution_and_refusals():
     assert resolve_engine("auto", torch.device("cpu")) == "rust"
     assert resolve_engine("auto", torch.device("cuda")) == "triton"

@@ -109,8 +109,30 @@ K)
   timeout 130 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
     --methods full zipcache kvmix-5x > "$OUT/prefill-profile.txt" 2>&1
   ;;
+L)
+  # Session 13, first call: the column pass with an unmasked run for the rows that see the
+  # whole key block (its CUDA tests, its tiles swept, the prefill end to end), and the pages
+  # branch's cheaper row masking (4c4864e, carried as pagespy/): its CUDA tests and the decode
+  # attention time against this tree's kernels.
+  timeout 60 python3 -m pytest -q -m cuda tests/test_triton_scoring.py \
+    > "$OUT/pytest-cuda-scoring.txt" 2>&1
+  timeout 150 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x > "$OUT/prefill-profile.txt" 2>&1
+  timeout 80 python3 -u gpu/prefill_profile.py --skip-e2e --scoring triton --skip-every-row \
+    --sweep --sweep-kernels received_stacked > "$OUT/prefill-sweep.txt" 2>&1
+  timeout 70 python3 -u gpu/pages_check.py --presets zipcache --contexts 32768 --decode 20 \
+    > "$OUT/pages-main.txt" 2>&1
+  if [ -d pagespy/kvmix ]; then
+    cp /tmp/kvmixpy/kvmix/_kvmix*.so pagespy/kvmix/
+    PYTHONPATH=$PWD/pagespy:$PYTHONPATH timeout 70 python3 -u gpu/pages_check.py \
+      --presets zipcache --contexts 32768 --decode 20 > "$OUT/pages-4c4864e.txt" 2>&1
+    PYTHONPATH=$PWD/pagespy:$PYTHONPATH timeout 90 python3 -m pytest -q -m cuda \
+      tests/test_engine_cache.py tests/test_triton_segments.py tests/test_triton_attention.py \
+      > "$OUT/pytest-cuda-4c4864e.txt" 2>&1
+  fi
+  ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|C|D|E|F|G|H|I|J|K" >&2
+  echo "usage: bash gpu/pending.sh A|B|C|D|E|F|G|H|I|J|K|L" >&2
   exit 2
   ;;
 esac

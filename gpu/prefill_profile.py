@@ -196,12 +196,14 @@ def kernel_alone(args: argparse.Namespace, device: torch.device) -> list[str]:
                 (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 2),
                 (32, 128, 4, 3), (32, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3),
             ]  # fmt: skip
-            # The stacked kernel's BLOCK_M is rows per head (the tile has rep x that).
+            # The stacked kernel's BLOCK_M is rows per head (the tile has rep x that); a fifth
+            # entry 1 sums the tiles elementwise and reduces over rows once (ACC2D).
             stacked = [
-                (32, 128, 8, 2), (32, 128, 4, 3), (16, 128, 4, 3), (32, 64, 4, 3),
-                (64, 64, 8, 2), (16, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2),
+                (32, 128, 4, 3), (32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 4, 3),
+                (32, 64, 4, 3), (16, 64, 4, 3), (32, 128, 8, 3, 1), (32, 128, 8, 2, 1),
+                (32, 64, 4, 3, 1), (16, 128, 4, 3, 1), (16, 64, 4, 3, 1), (32, 64, 8, 3, 1),
             ]  # fmt: skip
-            for which in ("lse", "received", "received_stacked"):
+            for which in args.sweep_kernels:
                 for tile in stacked if which == "received_stacked" else plain:
                     # The per-head kernel runs when no stacked tile is given.
                     base = {n: x for n, x in default.items() if n != "received_stacked"}
@@ -249,6 +251,13 @@ def main() -> int:
     p.add_argument("--skip-every-row", action="store_true", help="part 2: probes only")
     p.add_argument("--skip-e2e", action="store_true", help="part 2 only")
     p.add_argument("--sweep", action="store_true", help="part 2: time other GPU tiles")
+    p.add_argument(
+        "--sweep-kernels",
+        nargs="+",
+        default=["lse", "received", "received_stacked"],
+        choices=["lse", "received", "received_stacked"],
+        help="the kernels --sweep times",
+    )
     p.add_argument("--tiny", action="store_true", help="2-layer toy model (CPU smoke test)")
     args = p.parse_args()
     device = torch.device(args.device)

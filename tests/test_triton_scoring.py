@@ -89,12 +89,17 @@ def test_the_gpu_tiles_give_the_same_sums() -> None:
 
 @pytest.mark.parametrize("kernel", ["received", "received_stacked"])
 @pytest.mark.parametrize(("hq", "hk"), [(8, 2), (9, 3), (4, 4)], ids=["rep4", "rep3", "rep1"])
-@pytest.mark.parametrize("tile", [(16, 16, 1, 1), (32, 64, 4, 2)], ids=["small", "gpu-like"])
+@pytest.mark.parametrize(
+    "tile",
+    [(16, 16, 1, 1), (32, 64, 4, 2), (16, 32, 2, 2, 1)],
+    ids=["small", "gpu-like", "elementwise-sums"],
+)
 def test_both_column_kernels_give_the_same_sums(
-    kernel: str, hq: int, hk: int, tile: tuple[int, int, int, int]
+    kernel: str, hq: int, hk: int, tile: tuple[int, ...]
 ) -> None:
     """The column pass per head and with the GQA group's heads stacked in one tile (a group
-    of 3 padded to 4) give the reference's sums, padded sequences and tile edges included."""
+    of 3 padded to 4), its tiles reduced one by one or summed elementwise first (a fifth tile
+    entry), give the reference's sums, padded sequences and tile edges included."""
     q, k = _qk(2, hq, hk, 90, 32, torch.bfloat16, seed=8)
     rows = [*range(0, 60, 4), *range(60, 90)]
     fv = [0, 13]

@@ -136,6 +136,47 @@ def row_lse_kernel(
     tl.store(LSE + bh.to(tl.int64) * n_max + i, lse, mask=im)
 
 
+@triton.jit
+def _column_tile(
+    k,
+    qhead,
+    lhead,
+    rows,
+    sqt,
+    i0,
+    stop,
+    j,
+    fv,
+    head_ok,
+    qk_scale,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HH: tl.constexpr,
+    MASKED: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One tile's probabilities: the rows ``i0 .. i0 + BLOCK_M`` (below ``stop``) of
+    each stacked head against the key block ``j``. Masked rows (past ``stop``, heads past the
+    group) read lse = +inf, so ``2^(s - lse)`` is 0 without a select; ``MASKED`` adds the
+    causal / left-padding visibility, needed only on the tiles the block's keys cut."""
+    m = tl.arange(0, HH * BLOCK_M)
+    i = i0 + m % BLOCK_M
+    im = (i < stop) & head_ok
+    r = tl.load(rows + i, mask=im, other=-1)
+    d = tl.arange(0, D)
+    q = tl.load(
+        qhead[:, None] + r.to(tl.int64)[:, None] * sqt + d[None, :], mask=im[:, None], other=0.0
+    )
+    lse = tl.load(lhead + i, mask=im, other=float("inf"))
+    s = _logits(q, k, qk_scale, IEEE)
+    # A row that sees nothing has lse = +inf: 2^(s - inf) = 0.
+    p = tl.exp2(s - lse[:, None])
+    if MASKED:
+        visible = (j[None, :] <= r[:, None]) & (j[None, :] >= fv)
+        p = tl.where(visible, p, 0.0)
+    return p
+
+
 @triton.jit(do_not_specialize=["n_max", "t", "hk", "rep", "n_blocks"])
 def received_kernel(
     Q,
@@ -151,6 +192,7 @@ def received_kernel(
     FV,
     LSE,  # fp32 [B, Hq, N] from row_lse_kernel
     RSTART,  # int32 [B, n_blocks]: the first row (index) at or after each key block's start
+    RFULL,  # int32 [B, n_blocks]: the first row (index) at or after each key block's last key
     OUT,  # fp32 [B, Hk, T] out: attention received, summed over rows and the GQA group
     n_max,
     t,
@@ -162,6 +204,7 @@ def received_kernel(
     HH: tl.constexpr,  # query heads stacked per tile, a power of two (1: a tile per head)
     BLOCK_M: tl.constexpr,  # rows per head: the tile is HH * BLOCK_M query rows
     BLOCK_N: tl.constexpr,
+    ACC2D: tl.constexpr,  # sum the tiles elementwise, reduce over rows once at the end
     IEEE: tl.constexpr,
 ):
     """One key block's column sums over the GQA group's ``rep`` query heads, taken ``HH`` at a
@@ -169,6 +212,12 @@ def received_kernel(
     heads (rows of a head past the group masked). ``HH = 1`` is a tile per head and per block
     of rows; ``HH >= rep`` stacks the whole group in one dot per block of rows (the key tile
     is shared by the group's heads; a larger M keeps the tensor cores busier per loaded key).
+
+    Rows are ascending, so a block's rows split in two runs: those the block's keys cut
+    (``RSTART .. RFULL``: each tile masks causality and padding) and those that see the whole
+    block (``RFULL ..``: no visibility test at all, most of the work at long prompts). With
+    ``ACC2D`` the tiles are summed elementwise and reduced over rows once, instead of a
+    cross-warp reduction per tile (more registers).
     """
     bg = tl.program_id(0)
     kb = tl.program_id(1)
@@ -181,32 +230,43 @@ def received_kernel(
     nr = tl.load(NROWS + b)
     kbase = K + b.to(tl.int64) * skb + g.to(tl.int64) * skh
     k = tl.load(kbase + j.to(tl.int64)[:, None] * skt + d[None, :], mask=jm[:, None], other=0.0)
-    acc = tl.full((BLOCK_N,), 0.0, tl.float32)
     # Rows before the block's first key see none of it: start at the first row at or after it.
     r0 = tl.load(RSTART + b.to(tl.int64) * n_blocks + kb)
+    rf = tl.load(RFULL + b.to(tl.int64) * n_blocks + kb)
+    # A block that reaches into the left padding is cut for every row.
+    rf = tl.where(fv > kb * BLOCK_N, nr, tl.minimum(rf, nr))
     rows = ROWS + b.to(tl.int64) * n_max
     m = tl.arange(0, HH * BLOCK_M)
+    if ACC2D:
+        acc2 = tl.zeros((HH * BLOCK_M, BLOCK_N), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N,), tl.float32)
     for h0 in range(0, rep, HH):
         hh = h0 + m // BLOCK_M
         h = g * rep + hh
         head_ok = hh < rep
         qhead = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
         lhead = LSE + (b * (hk * rep) + h).to(tl.int64) * n_max
-        for i0 in range(r0, nr, BLOCK_M):
-            i = i0 + m % BLOCK_M
-            im = (i < nr) & head_ok
-            r = tl.load(rows + i, mask=im, other=-1)
-            q = tl.load(
-                qhead[:, None] + r.to(tl.int64)[:, None] * sqt + d[None, :],
-                mask=im[:, None],
-                other=0.0,
-            )
-            lse = tl.load(lhead + i, mask=im, other=float("inf"))
-            s = _logits(q, k, qk_scale, IEEE)
-            visible = (j[None, :] <= r[:, None]) & (j[None, :] >= fv) & im[:, None]
-            # A row that sees nothing has lse = +inf: 2^(s - inf) = 0.
-            p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
-            acc += _sum(p, 0)
+        for i0 in range(r0, rf, BLOCK_M):
+            p = _column_tile(
+                k, qhead, lhead, rows, sqt, i0, rf, j, fv, head_ok, qk_scale,
+                D=D, BLOCK_M=BLOCK_M, HH=HH, MASKED=True, IEEE=IEEE,
+            )  # fmt: skip
+            if ACC2D:
+                acc2 += p
+            else:
+                acc += _sum(p, 0)
+        for i0 in range(rf, nr, BLOCK_M):
+            p = _column_tile(
+                k, qhead, lhead, rows, sqt, i0, nr, j, fv, head_ok, qk_scale,
+                D=D, BLOCK_M=BLOCK_M, HH=HH, MASKED=False, IEEE=IEEE,
+            )  # fmt: skip
+            if ACC2D:
+                acc2 += p
+            else:
+                acc += _sum(p, 0)
+    if ACC2D:
+        acc = _sum(acc2, 0)
     tl.store(OUT + bg.to(tl.int64) * t + j, acc, mask=jm)
 
 
@@ -219,13 +279,13 @@ def received_kernel(
 #: the sweep). Both are :func:`received_kernel`: a ``"received_stacked"`` entry runs it with
 #: the group's heads stacked (``HH`` = ``rep`` rounded up to a power of two), else one head
 #: per tile (``HH = 1``).
-GPU_BLOCKS: dict[str, tuple[int, int, int, int]] = {
+GPU_BLOCKS: dict[str, tuple[int, ...]] = {
     "lse": (128, 64, 8, 3),
     "received": (32, 128, 4, 3),
     "received_stacked": (32, 128, 4, 3),
 }
 #: Tiles under the interpreter: the smallest tl.dot takes, so small test shapes cross blocks.
-INTERPRETED_BLOCKS: tuple[int, int, int, int] = (16, 16, 1, 1)
+INTERPRETED_BLOCKS: tuple[int, ...] = (16, 16, 1, 1)
 
 _DTYPES = ("torch.float16", "torch.bfloat16", "torch.float32")
 _INT32_MAX = 2**31 - 1
@@ -258,7 +318,7 @@ def received_attention(
     first_valid: Sequence[int],
     scale: float,
     *,
-    blocks: dict[str, tuple[int, int, int, int]] | None = None,
+    blocks: dict[str, tuple[int, ...]] | None = None,
     row_lse: Any = None,
 ) -> Any:
     """Softmax attention of the query rows ``rows`` over ``key``, summed over the rows and
@@ -374,8 +434,8 @@ def received_attention(
     else:
         lse = torch.empty((b, hq, n), dtype=torch.float32, device=dev)
 
-    def lse_pass(tile: tuple[int, int, int, int]) -> None:
-        bm, bn, warps, stages = tile
+    def lse_pass(tile: tuple[int, ...]) -> None:
+        bm, bn, warps, stages = tile[:4]
         row_lse_kernel[(b * hq, triton.cdiv(n, bm))](
             query, query.stride(0), query.stride(1), query.stride(2),
             key, key.stride(0), key.stride(1), key.stride(2),
@@ -386,17 +446,20 @@ def received_attention(
     # One head per tile, or the GQA group's heads stacked in one (padded to a power of two).
     hh = triton.next_power_of_2(rep) if rec_name == "received_stacked" else 1
 
-    def received_pass(tile: tuple[int, int, int, int]) -> None:
-        bm, bn, warps, stages = tile
+    def received_pass(tile: tuple[int, ...]) -> None:
+        bm, bn, warps, stages = tile[:4]
         n_blocks = triton.cdiv(t, bn)
         starts = torch.arange(0, n_blocks * bn, bn, dtype=torch.int32, device=dev)
-        rstart = torch.searchsorted(row_t, starts.expand(b, n_blocks).contiguous())
+        starts = starts.expand(b, n_blocks).contiguous()
+        # Each block's first row at or after its first key, and at or after its last key.
+        rstart = torch.searchsorted(row_t, starts).to(torch.int32)
+        rfull = torch.searchsorted(row_t, starts + (bn - 1)).to(torch.int32)
         received_kernel[(b * hk, n_blocks)](
             query, query.stride(0), query.stride(1), query.stride(2),
             key, key.stride(0), key.stride(1), key.stride(2),
-            row_t, nrow_t, fv_t, lse, rstart.to(torch.int32), out, n, t, hk, rep, n_blocks,
-            qk_scale,
-            D=d, HH=hh, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, num_warps=warps, num_stages=stages,
+            row_t, nrow_t, fv_t, lse, rstart, rfull, out, n, t, hk, rep, n_blocks, qk_scale,
+            D=d, HH=hh, BLOCK_M=bm, BLOCK_N=bn, ACC2D=bool(tile[4] if len(tile) > 4 else 0),
+            IEEE=ieee, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     if row_lse is None:
@@ -406,12 +469,10 @@ def received_attention(
 
 
 #: The tile that compiled for (kernel, dtype, head_dim, asked tile), after any halving.
-_FITTED: dict[tuple[Any, ...], tuple[int, int, int, int]] = {}
+_FITTED: dict[tuple[Any, ...], tuple[int, ...]] = {}
 
 
-def _fitted(
-    launch: Any, tile: tuple[int, int, int, int], key: tuple[Any, ...], interpreted: bool
-) -> None:
+def _fitted(launch: Any, tile: tuple[int, ...], key: tuple[Any, ...], interpreted: bool) -> None:
     """``launch(tile)``; on a GPU whose shared memory cannot hold the tile (fp32 inputs,
     head_dim 256, a smaller GPU), with the tile halved until it fits, remembered per ``key``
     so the search runs once per shape of kernel."""
@@ -425,10 +486,10 @@ def _fitted(
         try:
             launch(tile)
         except OutOfResources:
-            bm, bn, warps, stages = tile
+            bm, bn, warps, stages, *flags = tile
             if bm == bn == 16 and stages == 1:
                 raise
-            tile = (max(16, bm // 2), max(16, bn // 2), warps, max(1, stages - 1))
+            tile = (max(16, bm // 2), max(16, bn // 2), warps, max(1, stages - 1), *flags)
             continue
         _FITTED[key] = tile
         return

@@ -413,6 +413,8 @@ def _tier_stacked(
             t = page * BLOCK_N + tl.arange(0, BLOCK_N)
         row = s64 * cap64 + t.to(tl.int64)
         pos = tl.load(POS + row)
+        if SEGD:  # the page's rows of other blocks are holes to this block
+            pos = tl.where(mine, pos, -1)
         # ---- keys: logits [RP, BLOCK_N] (base 2, scaled)
         if K_MODE == DENSE:
             k = tl.load(KD + row[:, None] * D + kch[None, :]).to(tl.float32)
@@ -433,12 +435,11 @@ def _tier_stacked(
             of = tl.load(KO + row[None, :] * KG + kg[:, None]).to(tl.float32)
             logits = _sum(dots * sc[:, None, :] + qg_sum[:, :, None] * of[:, None, :], 0)
         visible = (pos[None, :] >= fv) & (pos[None, :] <= qpos[:, None]) & row_ok[:, None]
-        lg_ok = row_ok[:, None]
-        if SEGD:  # the window's rows of other blocks are theirs to score and write
-            visible = visible & mine[None, :]
-            lg_ok = lg_ok & mine[None, :]
         logits = tl.where(visible, logits, float("-inf"))
         if TRACK:
+            lg_ok = row_ok[:, None]
+            if SEGD:  # the page's rows of other blocks are theirs to write
+                lg_ok = lg_ok & mine[None, :]
             tl.store(
                 LG + (s64 * ROWS + rows[:, None]) * cap64 + t[None, :].to(tl.int64),
                 logits,
@@ -696,6 +697,8 @@ def _tier_fields(
             t = page * BLOCK_N + tl.arange(0, BLOCK_N)
         row = s64 * cap64 + t.to(tl.int64)
         pos = tl.load(POS + row)
+        if SEGD:  # the page's rows of other blocks are holes to this block
+            pos = tl.where(mine, pos, -1)
         kp = tl.load(KD + row[:, None] * KNE + ke[None, :])  # int16 [N, KNE]
         # ---- keys: logits [RP, BLOCK_N] (base 2, scaled). First pass over the fields: the
         # rows' common power-of-two scale (so that every field's dot accumulates into one
@@ -744,12 +747,11 @@ def _tier_fields(
             qg_sum3 = tl.reshape(qg_sum, (KG, RP))
             logits = _sum(dots * sc[:, None, :] + qg_sum3[:, :, None] * of[:, None, :], 0)
         visible = (pos[None, :] >= fv) & (pos[None, :] <= qpos[:, None]) & row_ok[:, None]
-        lg_ok = row_ok[:, None]
-        if SEGD:  # the window's rows of other blocks are theirs to score and write
-            visible = visible & mine[None, :]
-            lg_ok = lg_ok & mine[None, :]
         logits = tl.where(visible, logits, float("-inf"))
         if TRACK:
+            lg_ok = row_ok[:, None]
+            if SEGD:  # the page's rows of other blocks are theirs to write
+                lg_ok = lg_ok & mine[None, :]
             tl.store(
                 LG + (s64 * ROWS + rows[:, None]) * cap64 + t[None, :].to(tl.int64),
                 logits,
@@ -982,6 +984,8 @@ def _tier_flat(
             t = page * BLOCK_N + tl.arange(0, BLOCK_N)
         row = s64 * cap64 + t.to(tl.int64)
         pos = tl.load(POS + row)
+        if SEGD:  # the page's rows of other blocks are holes to this block
+            pos = tl.where(mine, pos, -1)
         if K_MODE == DENSE:
             k = tl.load(KD + row[:, None] * D + kch[None, :]).to(tl.float32)
             logits = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -1002,12 +1006,11 @@ def _tier_flat(
                 logits += _dot_exact(qg, codes, NPART) * sc[None, :]
                 logits += _sum(qg, 1)[:, None] * of[None, :]
         visible = (pos[None, :] >= fv) & (pos[None, :] <= qpos[:, None]) & row_ok[:, None]
-        lg_ok = row_ok[:, None]
-        if SEGD:  # the window's rows of other blocks are theirs to score and write
-            visible = visible & mine[None, :]
-            lg_ok = lg_ok & mine[None, :]
         logits = tl.where(visible, logits, float("-inf"))
         if TRACK:
+            lg_ok = row_ok[:, None]
+            if SEGD:  # the page's rows of other blocks are theirs to write
+                lg_ok = lg_ok & mine[None, :]
             tl.store(
                 LG + (s64 * ROWS + ri[:, None]) * cap64 + t[None, :].to(tl.int64),
                 logits,

@@ -131,8 +131,37 @@ L)
       > "$OUT/pytest-cuda-4c4864e.txt" 2>&1
   fi
   ;;
+M)
+  # Session 13, second call: the swept column tile as the default (16 rows per head, tiles
+  # summed elementwise); its CUDA tests, where ZipCache's and kvmix-5x's compression spend
+  # their time, the prefill end to end, and the decode attention of 4c4864e (pagespy/) with
+  # the time its first call needs to compile.
+  timeout 150 python3 -m pytest -q -m cuda tests/test_triton_scoring.py \
+    > "$OUT/pytest-cuda-scoring.txt" 2>&1
+  timeout 120 python3 -u gpu/compression_profile.py --methods zipcache kvmix-5x --rows 22 \
+    > "$OUT/compression-profile.txt" 2>&1
+  timeout 150 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x > "$OUT/prefill-profile.txt" 2>&1
+  if [ -d pagespy/kvmix ]; then
+    cp /tmp/kvmixpy/kvmix/_kvmix*.so pagespy/kvmix/
+    PYTHONPATH=$PWD/pagespy:$PYTHONPATH timeout 150 python3 -u gpu/pages_check.py \
+      --presets zipcache --contexts 32768 --decode 20 > "$OUT/pages-4c4864e.txt" 2>&1
+  fi
+  ;;
+N)
+  # Session 13, third call: the prompt copied into the buffer in one strided copy; one
+  # layer's prefill step by step (synchronized, as the phase timers see it), more column
+  # tiles, the CUDA tests of the store, and the prefill end to end.
+  timeout 100 python3 -u gpu/prefill_steps.py > "$OUT/prefill-steps.txt" 2>&1
+  timeout 120 python3 -m pytest -q -m cuda tests/test_engine_cache.py \
+    tests/test_triton_segments.py tests/test_engine_contract.py > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 100 python3 -u gpu/prefill_profile.py --skip-e2e --scoring triton --skip-every-row \
+    --sweep --sweep-kernels received_stacked > "$OUT/prefill-sweep.txt" 2>&1
+  timeout 150 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x > "$OUT/prefill-profile.txt" 2>&1
+  ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|C|D|E|F|G|H|I|J|K|L" >&2
+  echo "usage: bash gpu/pending.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N" >&2
   exit 2
   ;;
 esac

@@ -202,6 +202,8 @@ def kernel_alone(args: argparse.Namespace, device: torch.device) -> list[str]:
                 (32, 128, 4, 3), (32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 4, 3),
                 (32, 64, 4, 3), (16, 64, 4, 3), (32, 128, 8, 3, 1), (32, 128, 8, 2, 1),
                 (32, 64, 4, 3, 1), (16, 128, 4, 3, 1), (16, 64, 4, 3, 1), (32, 64, 8, 3, 1),
+                (16, 128, 4, 2, 1), (16, 128, 4, 4, 1), (16, 128, 8, 3, 1), (16, 256, 8, 3, 1),
+                (16, 256, 8, 2, 1), (32, 128, 4, 3, 1),
             ]  # fmt: skip
             for which in args.sweep_kernels:
                 for tile in stacked if which == "received_stacked" else plain:

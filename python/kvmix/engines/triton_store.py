@@ -333,13 +333,14 @@ class _Tier:
         count: torch.Tensor | None = None,
         blocks: int = 1,
     ) -> None:
-        """Append rows ``[S, n, D]`` (fp32, fp16 or bf16, any tier) as ``blocks``
+        """Append rows ``[S, n, D]`` (fp32, fp16 or bf16, any tier; a dense tier also takes
+        ``[B, H, n, D]`` with ``B * H = S``, in any strides) as ``blocks``
         segments of ``n / blocks`` rows each (one kernel launch per codec for all of them);
         rows with ``pos < 0`` are holes, and a stream's real rows come first in each segment.
         Segments follow each other without holes; a segmented tier's block table gets each
         new segment's blocks, its rows cut at page boundaries (from counts the host knows: no
         read back)."""
-        n = keys.shape[1]
+        n = keys.shape[-2]
         if n == 0:
             return
         rb = n // blocks
@@ -373,10 +374,12 @@ class _Tier:
     ) -> None:
         """Quantize and write rows ``x [S, n, D]`` at ``row0``: ``nr [S, blocks]`` real rows
         in each of ``blocks`` segments of ``n / blocks`` rows, back to back."""
-        n = x.shape[1]
+        n = x.shape[-2]
         data = self.kd if key else self.vd
         if c.kind == "dense":
-            data[:, row0 : row0 + n] = x  # converted to the tier's dtype by the copy
+            # One strided copy, converted to the tier's dtype by it: a prompt in the model's
+            # layout ((B, T, H, D) transposed) is not first made contiguous by a reshape.
+            data[:, row0 : row0 + n].unflatten(0, x.shape[:-2]).copy_(x)
             return
         x = x.contiguous()
         if c.kind == "channel":
@@ -792,7 +795,7 @@ class TritonLayerStore:
         # The buffer is dense: its push converts to the buffer's dtype in one copy (no fp32
         # copy of the prompt first; the values are the same, every dtype here widens exactly
         # to fp32).
-        buf.push(self._kern(), keys.reshape(s, n, d), values.reshape(s, n, d), pos.expand(s, n))
+        buf.push(self._kern(), keys, values, pos.expand(s, n))
         self.seen += n
         self._buf_len = [x + n for x in self._buf_len]
         self._since += 1

@@ -378,7 +378,31 @@ def fields():
             print(f"  {label:16s} | {vname} | {err:.2e} | {rerr:.2e} | {same}", flush=True)
 
 
-if __name__ == "__main__" and "--fields" in sys.argv:
+def fields_sweep():
+    """The field path's launch parameters at ZipCache B8 x 32k (the issue's kernel target):
+    warps, software-pipelining stages of the page loop, and programs (splits), with SDPA and
+    the bound beside them, then the per-launch GPU time of the default."""
+    attn = load_attention("cuda")
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    variants = [("default", dict(), True)]
+    for w, stages, progs in (
+        (1, 1, 4224), (1, 3, 4224), (1, 4, 4224), (1, 2, 2112), (1, 2, 8448), (1, 3, 8448),
+        (1, 2, 16896), (2, 2, 2112), (2, 3, 4224), (4, 3, 2112),
+    ):  # fmt: skip
+        kw = dict(fields=True, num_warps=w, num_stages=stages, target_programs=progs)
+        variants.append((f"w{w}s{stages}p{progs}", kw, True))
+    case(attn, bw, "zipcache", 8, 32768, variants)
+    breakdown(attn, 8, 32768)
+    print("(us; eager/graph)", flush=True)
+
+
+if __name__ == "__main__" and "--fields-sweep" in sys.argv:
+    t0 = time.time()
+    print(torch.__version__, __import__("triton").__version__, torch.cuda.get_device_name())
+    fields_sweep()
+    print(f"total {time.time() - t0:.0f}s")
+elif __name__ == "__main__" and "--fields" in sys.argv:
     t0 = time.time()
     print(torch.__version__, __import__("triton").__version__, torch.cuda.get_device_name())
     fields()

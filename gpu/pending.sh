@@ -160,8 +160,21 @@ N)
   timeout 150 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
     --methods full zipcache kvmix-5x > "$OUT/prefill-profile.txt" 2>&1
   ;;
+O)
+  # Session 13, fourth call: the field path's launch parameters (warps, pipelining stages,
+  # programs) at ZipCache B8 x 32k against SDPA and the bound.
+  timeout 400 python3 -u benches/gpu_triton.py --fields-sweep > "$OUT/fields-sweep.txt" 2>&1
+  ;;
+P)
+  # Session 13, last call: a prompt's rotation by one Walsh-Hadamard kernel on the GPU
+  # (kvmix-5x), every CUDA test, one layer step by step, and the prefill end to end.
+  timeout 170 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 80 python3 -u gpu/prefill_steps.py --methods kvmix-5x > "$OUT/prefill-steps.txt" 2>&1
+  timeout 150 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x > "$OUT/prefill-profile.txt" 2>&1
+  ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N" >&2
+  echo "usage: bash gpu/pending.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P" >&2
   exit 2
   ;;
 esac

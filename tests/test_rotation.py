@@ -314,3 +314,27 @@ def test_a_rotating_triton_store_stores_the_rotated_rows(buffer_dtype: str) -> N
         store.append(torch.cat([big, big]), torch.cat([big, big]) * 0)
     with pytest.raises(kvmix.ConfigError, match="before the first append"):
         store.set_rotation(r)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_prompt_rotation_kernel_is_the_torch_rotation(dtype: torch.dtype) -> None:
+    """``rotate_rows`` (how the Triton store rotates a prompt on a GPU; here under the
+    interpreter): a strided prompt in the model's layout, rows past a block of 32 included,
+    gives ``(x.float() @ R).to(dtype)`` within one rounding of the dtype (the two sum in
+    different orders), and is not the unrotated input."""
+    pytest.importorskip("triton")
+    from kvmix.engines import load_kernels
+    from kvmix.engines.triton_store import rotate_rows
+
+    d = 64
+    r = randomized_hadamard(d, 3)
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(2, 45, 3, d, generator=g) * 4).to(dtype).transpose(1, 2)  # (B, H, N, D)
+    got = rotate_rows(load_kernels(torch.device("cpu")), x, r)
+    want = (x.float() @ r).to(dtype)
+    assert got.shape == want.shape and got.dtype == dtype and got.is_contiguous()
+    # One rounding of the result, plus what the order of d fp32 sums can move it.
+    ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 2**-23}[dtype]
+    sums = d * 2**-24 * float(x.float().abs().max())
+    torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=sums)
+    assert not torch.allclose(got.float(), x.float(), atol=0.1)

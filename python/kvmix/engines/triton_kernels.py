@@ -111,6 +111,38 @@ def _rotate_row(x, ROT, j, D: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
+def rotate_rows_kernel(
+    X,  # [B, H, N, D] any float dtype, read through its strides
+    sxb,
+    sxh,
+    sxt,
+    sxd,
+    Y,  # [B, H, N, D] contiguous, X's dtype: the rotated rows
+    ROT,  # fp32 [D, D] the store's randomized Hadamard rotation
+    n,
+    heads,
+    D: tl.constexpr,
+    BR: tl.constexpr,
+):
+    """A prompt's rows times the randomized Hadamard matrix, ``BR`` rows per program: ``(x *
+    ROT[:, 0]) @ H`` by the fast Walsh-Hadamard transform in fp32 (no dot, so nothing drops
+    to TF32), rounded once to X's dtype, as ``(x.float() @ ROT).to(dtype)`` up to the order
+    of the fp32 sums (as :func:`append_row_kernel` does for a decoding step's row). One read
+    and one write of the rows, where the torch matmul writes and reads two fp32 copies."""
+    bh = tl.program_id(0)
+    b = (bh // heads).to(tl.int64)
+    h = (bh % heads).to(tl.int64)
+    r = tl.program_id(1) * BR + tl.arange(0, BR)
+    ok = r < n
+    j = tl.arange(0, D)
+    src = X + b * sxb + h * sxh + r.to(tl.int64)[:, None] * sxt + j.to(tl.int64)[None, :] * sxd
+    x = tl.load(src, mask=ok[:, None], other=0.0).to(tl.float32)
+    y = _hadamard(x * tl.load(ROT + j * D)[None, :], BR, D)
+    dst = Y + (bh.to(tl.int64) * n + r.to(tl.int64))[:, None] * D + j[None, :]
+    tl.store(dst, _cast_rtne(y, Y.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
 def append_row_kernel(
     K,  # [B, H, 1, D] any float dtype, read through its strides
     V,

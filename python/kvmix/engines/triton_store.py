@@ -92,6 +92,21 @@ def _run(fn: Any, grid: tuple[int, ...], *args: Any, **consts: Any) -> None:
     load_attention(dev)._launch(fn, grid, list(args), consts, 4, 3, dev.type == "cuda")
 
 
+def rotate_rows(kern: Any, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, N, D]`` (any strides) times the randomized Hadamard ``rotation``, in x's
+    dtype, by ``kern.rotate_rows_kernel``: ``(x.float() @ rotation).to(x.dtype)`` up to the
+    order of the fp32 sums (within one rounding of x's dtype)."""
+    b, h, n, d = x.shape
+    y = torch.empty((b, h, n, d), dtype=x.dtype, device=x.device)
+    if y.numel():
+        br = 32
+        _run(
+            kern.rotate_rows_kernel, (b * h, -(-n // br)), x, *x.stride(), y, rotation, n, h,
+            D=d, BR=br,
+        )  # fmt: skip
+    return y
+
+
 def _round_half_away(x: float) -> int:
     """Rust's ``f64::round`` (half away from zero), not Python's banker's rounding."""
     return math.floor(x + 0.5)
@@ -379,7 +394,7 @@ class _Tier:
         if c.kind == "dense":
             # One strided copy, converted to the tier's dtype by it: a prompt in the model's
             # layout ((B, T, H, D) transposed) is not first made contiguous by a reshape.
-            data[:, row0 : row0 + n].unflatten(0, x.shape[:-2]).copy_(x)
+            data[:, row0 : row0 + n].view(x.shape).copy_(x)
             return
         x = x.contiguous()
         if c.kind == "channel":
@@ -774,8 +789,12 @@ class TritonLayerStore:
             self._append_step(keys, values)
             return
         r = self.rotation
-        if r is not None:
-            # A prompt (or several tokens) at once: one matmul each, as the unfused path.
+        if r is not None and keys.device.type == "cuda":
+            # A prompt on the GPU: one read and one write per tensor (the fp32 matmul below
+            # writes and reads two fp32 copies, and runs on the fp32 cores).
+            keys, values = rotate_rows(self._kern(), keys, r), rotate_rows(self._kern(), values, r)
+        elif r is not None:
+            # On the CPU: one matmul each, as the unfused path (the same rows bit for bit).
             keys = (keys.float() @ r).to(keys.dtype)
             values = (values.float() @ r).to(values.dtype)
         if self.policy != "full":

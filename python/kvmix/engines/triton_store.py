@@ -792,7 +792,8 @@ class TritonLayerStore:
         if r is not None and keys.device.type == "cuda":
             # A prompt on the GPU: one read and one write per tensor (the fp32 matmul below
             # writes and reads two fp32 copies, and runs on the fp32 cores).
-            keys, values = rotate_rows(self._kern(), keys, r), rotate_rows(self._kern(), values, r)
+            kern = load_kernels(keys.device)  # the first prompt comes before `_init`
+            keys, values = rotate_rows(kern, keys, r), rotate_rows(kern, values, r)
         elif r is not None:
             # On the CPU: one matmul each, as the unfused path (the same rows bit for bit).
             keys = (keys.float() @ r).to(keys.dtype)

@@ -237,10 +237,12 @@ def received_kernel(
     rf = tl.where(fv > kb * BLOCK_N, nr, tl.minimum(rf, nr))
     rows = ROWS + b.to(tl.int64) * n_max
     m = tl.arange(0, HH * BLOCK_M)
+    # tl.full, not tl.zeros: tl.zeros is a jit function of triton.language, compiled (not
+    # interpreted) when this module is loaded for the interpreter without TRITON_INTERPRET.
     if ACC2D:
-        acc2 = tl.zeros((HH * BLOCK_M, BLOCK_N), tl.float32)
+        acc2 = tl.full((HH * BLOCK_M, BLOCK_N), 0.0, tl.float32)
     else:
-        acc = tl.zeros((BLOCK_N,), tl.float32)
+        acc = tl.full((BLOCK_N,), 0.0, tl.float32)
     for h0 in range(0, rep, HH):
         hh = h0 + m // BLOCK_M
         h = g * rep + hh

@@ -79,6 +79,19 @@ def _one(method: str, args: argparse.Namespace, lse: bool, table: bool) -> float
     return seconds
 
 
+#: (chunk, channel block, tile rows) of the channel kernels tried by ``--channel-sweep``.
+CHANNEL_LAUNCHES = [
+    (128, 16, 32),
+    (256, 16, 32),
+    (1024, 16, 32),
+    (2048, 16, 32),
+    (512, 32, 32),
+    (512, 16, 64),
+    (1024, 32, 16),
+    (512, 8, 64),
+]
+
+
 def _compression(method: str, args: argparse.Namespace) -> None:
     """Compression alone (1. above): a fresh Triton-engine cache per run, filled with the
     prompt and random scores, then its classification timed."""
@@ -132,6 +145,11 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="toy head shapes (CPU smoke test)")
     p.add_argument("--reps", type=int, default=5, help="timed runs of compression alone")
     p.add_argument("--skip-profile", action="store_true", help="compression alone only")
+    p.add_argument(
+        "--channel-sweep",
+        action="store_true",
+        help="compression alone for several launches of the channel kernels (chunk, block, tile)",
+    )
     args = p.parse_args()
     print(
         f"# {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'} "
@@ -142,6 +160,22 @@ def main() -> None:
     print("## compression alone (maybe_classify of the filled store, synchronized)", flush=True)
     for method in args.methods:
         _compression(method, args)
+    if args.channel_sweep:
+        from kvmix.engines import triton_store
+
+        default = (
+            triton_store.CHANNEL_CHUNK,
+            triton_store.CHANNEL_BLOCK,
+            triton_store.CHANNEL_TILE,
+        )
+        for launch in CHANNEL_LAUNCHES:
+            print(f"## channel kernels: chunk {launch[0]}, block {launch[1]}, tile {launch[2]}")
+            triton_store.CHANNEL_CHUNK, triton_store.CHANNEL_BLOCK, triton_store.CHANNEL_TILE = (
+                launch
+            )
+            for method in args.methods:
+                _compression(method, args)
+        triton_store.CHANNEL_CHUNK, triton_store.CHANNEL_BLOCK, triton_store.CHANNEL_TILE = default
     if args.skip_profile:
         return
     for method in args.methods:

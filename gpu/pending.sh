@@ -173,8 +173,21 @@ P)
   timeout 150 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
     --methods full zipcache kvmix-5x > "$OUT/prefill-profile.txt" 2>&1
   ;;
+Q)
+  # Session 14: the classification reads the buffer's rows where they are (no gathered
+  # copies; separable factors from the channel kernel's extremes), the candidates' errors
+  # summed elementwise over a chunk's tiles (chunks of 512), the column pass's two row runs in
+  # one helper: one layer step by step, the channel kernels' launch swept, every CUDA test,
+  # and the prefill end to end.
+  timeout 90 python3 -u gpu/prefill_steps.py > "$OUT/prefill-steps.txt" 2>&1
+  timeout 120 python3 -u gpu/compression_profile.py --skip-profile --channel-sweep --reps 3 \
+    --methods kvmix-5x > "$OUT/channel-sweep.txt" 2>&1
+  timeout 130 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 150 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x > "$OUT/prefill-profile.txt" 2>&1
+  ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|Q" >&2
   exit 2
   ;;
 esac

@@ -196,18 +196,25 @@ def append_row_kernel(
 
 
 @triton.jit
-def _rows(X, first, r, c, ok, D: tl.constexpr):
-    """Rows ``first + r`` (where ``ok``; else 0) and channels ``c`` of ``X [., D]`` in fp32.
-    ``X`` may be fp16 or bf16 (the buffer's rows as they are stored, without a full-size fp32
-    copy of the prompt first): every such value widens to fp32 exactly, so the quantizers see
-    the values an fp32 input would give them."""
-    x = tl.load(X + (first + r[:, None]) * D + c[None, :], mask=ok[:, None], other=0.0)
+def _rows(X, XS, IDX, NI, s, r, ok, c, D: tl.constexpr, HAS_IDX: tl.constexpr):
+    """Rows ``r`` (where ``ok``; else 0) of stream ``s`` and channels ``c`` of ``X`` in fp32:
+    ``X`` holds each stream's rows of ``D`` channels back to back, streams ``XS`` elements
+    apart; with ``HAS_IDX`` row ``r`` is the stream's row ``IDX[s * NI + r]`` (the tiers' rows
+    are read where the buffer holds them, not first gathered into a copy). ``X`` may be fp16 or
+    bf16 (the buffer's rows as they are stored, without a full-size fp32 copy of the prompt
+    first): every such value widens to fp32 exactly, so the quantizers see the values an fp32
+    input would give them."""
+    if HAS_IDX:
+        r = tl.load(IDX + s * NI + r, mask=ok, other=0)
+    x = tl.load(X + s * XS + r[:, None] * D + c[None, :], mask=ok[:, None], other=0.0)
     return x.to(tl.float32)
 
 
 @triton.jit
 def quantize_token_groups_kernel(
-    X,  # [S, N, D] fp32, fp16 or bf16 (see `_rows`)
+    X,  # each stream's rows, fp32, fp16 or bf16 (see `_rows`)
+    XS,  # elements between streams in X
+    IDX,  # int64 [S, N]: the source row of each row (HAS_IDX)
     FAC,  # fp32 [S, D] channel factors (HAS_FAC)
     CODES,  # uint8 [S, cap, D*BITS/8]
     SC,  # fp16 [S, cap, G]
@@ -223,12 +230,13 @@ def quantize_token_groups_kernel(
     BR: tl.constexpr,
     CLIP: tl.constexpr,
     NSHR: tl.constexpr,
+    HAS_IDX: tl.constexpr,
 ):
     s = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1) * BR + tl.arange(0, BR)
     ok = r < N
     c = tl.arange(0, D)
-    x = _rows(X, s * N, r, c, ok, D)
+    x = _rows(X, XS, IDX, N, s, r, ok, c, D, HAS_IDX)
     if HAS_FAC:
         f = tl.load(FAC + s * D + c)
         x = x / f[None, :]
@@ -315,7 +323,9 @@ def _chunk(NR, s, NBLK, NCH, CHUNK: tl.constexpr):
 
 @triton.jit
 def channel_partials_kernel(
-    X,  # [S, N, D] fp32/bf16/fp16: NBLK segments of BSTRIDE rows, b's real rows NR[s, b]
+    X,  # each stream's rows (as `_rows` reads them): NBLK segments of BSTRIDE rows
+    XS,  # elements between streams in X
+    IDX,  # int64 [S, N]: the source row of each row (HAS_IDX)
     NR,  # int32 [S, NBLK]: real rows of each stream's segment (the rest are holes)
     OUT0,  # MODE 0: fp32 [S, NBLK, NCH, D] chunk minima; else f64 [NC, S, NBLK, NCH, D] errors
     OUT1,  # MODE 0: chunk maxima; else f64 sums of (x̂ - x) * x (does the grid shrink?)
@@ -332,16 +342,21 @@ def channel_partials_kernel(
     CHUNK: tl.constexpr,
     BR: tl.constexpr,
     MODE: tl.constexpr,  # 0: min and max; 1: every candidate grid's errors
+    HAS_IDX: tl.constexpr,
 ):
     """One chunk of one segment's rows for ``CB`` channels: its minima and maxima, or every
     candidate grid's squared error and shrink sum (float64 from exact squares, as
     ``src/quant/clip.rs`` sums them). The chunks' partials are combined by the caller, so a
-    long segment is spread over the whole GPU instead of one program per channel block. The
-    candidates are tried on the chunk held in registers: it is read from memory once."""
+    long segment is spread over the whole GPU instead of one program per channel block.
+
+    A candidate's sums run elementwise over the chunk's tiles of ``BR`` rows and are reduced
+    over the rows once: reducing every tile across the program's warps (the first design,
+    with the chunk held in registers) cost more than the errors themselves. The tiles are
+    read again for each candidate, from the cache."""
     s = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * CB + tl.arange(0, CB)
     blk, ch, r_lo, r_hi = _chunk(NR, s, NBLK, NCH, CHUNK)
-    rows = X + (s * N + blk * BSTRIDE) * D
+    base = blk * BSTRIDE  # the segment's first row
     part = (s * NBLK + blk) * NCH + ch
     if MODE == 0:
         lo = tl.full([BR, CB], float("inf"), tl.float32)
@@ -349,31 +364,37 @@ def channel_partials_kernel(
         for r0 in range(r_lo, r_hi, BR):
             r = r0 + tl.arange(0, BR)
             ok = (r < r_hi)[:, None]
-            x = _rows(rows, 0, r, c, r < r_hi, D)
+            x = _rows(X, XS, IDX, N, s, base + r, r < r_hi, c, D, HAS_IDX)
             lo = tl.minimum(lo, tl.where(ok, x, float("inf")))
             hi = tl.maximum(hi, tl.where(ok, x, float("-inf")))
         tl.store(OUT0 + part * D + c, _min(lo, 0))
         tl.store(OUT1 + part * D + c, _max(hi, 0))
     else:
         top: tl.constexpr = (1 << BITS) - 1
-        r = r_lo + tl.arange(0, CHUNK)
-        ok = (r < r_hi)[:, None]
-        x = _rows(rows, 0, r, c, r < r_hi, D)
-        xd = x.to(tl.float64)
         streams = tl.num_programs(0)
         for i in range(NC):
             at = ((i * streams + s) * NBLK + blk) * D + c
             sf = tl.load(CSC + at)[None, :]
             of = tl.load(COF + at)[None, :]
-            d = (_reconstruct(x, sf, of, top) - x).to(tl.float64)
+            e2 = tl.full([BR, CB], 0.0, tl.float64)
+            ex = tl.full([BR, CB], 0.0, tl.float64)
+            for r0 in range(r_lo, r_hi, BR):
+                r = r0 + tl.arange(0, BR)
+                ok = (r < r_hi)[:, None]
+                x = _rows(X, XS, IDX, N, s, base + r, r < r_hi, c, D, HAS_IDX)
+                d = tl.where(ok, _reconstruct(x, sf, of, top) - x, 0.0).to(tl.float64)
+                e2 += d * d
+                ex += d * x.to(tl.float64)
             out = (i * streams * NBLK * NCH + part) * D + c
-            tl.store(OUT0 + out, _sum(tl.where(ok, d * d, 0.0), 0))
-            tl.store(OUT1 + out, _sum(tl.where(ok, d * xd, 0.0), 0))
+            tl.store(OUT0 + out, _sum(e2, 0))
+            tl.store(OUT1 + out, _sum(ex, 0))
 
 
 @triton.jit
 def encode_channels_kernel(
-    X,  # [S, N, D] fp32/bf16/fp16, laid out as for channel_partials_kernel
+    X,  # each stream's rows, laid out as for channel_partials_kernel
+    XS,
+    IDX,
     NR,  # int32 [S, NBLK]
     CODES,  # uint8 [S, cap, D*BITS/8]
     SCF,  # fp32 [S, NBLK, D]: each segment's chosen scales (fp16 values)
@@ -389,6 +410,7 @@ def encode_channels_kernel(
     CB: tl.constexpr,
     CHUNK: tl.constexpr,
     BR: tl.constexpr,
+    HAS_IDX: tl.constexpr,
 ):
     """The codes of one chunk of one segment's rows for ``CB`` channels on their chosen grid."""
     s = tl.program_id(0).to(tl.int64)
@@ -402,7 +424,7 @@ def encode_channels_kernel(
     for r0 in range(r_lo, r_hi, BR):
         r = r0 + tl.arange(0, BR)
         ok = r < r_hi
-        x = _rows(X, s * N + base, r, c, ok, D)
+        x = _rows(X, XS, IDX, N, s, base + r, ok, c, D, HAS_IDX)
         y = (x - of[None, :]) / div[None, :] + 0.5
         y = tl.minimum(tl.maximum(y, 0.0), top)
         code = tl.where(sf[None, :] == 0.0, 0, y.to(tl.int32))

@@ -177,6 +177,41 @@ def _column_tile(
     return p
 
 
+@triton.jit
+def _column_run(
+    acc,
+    k,
+    qhead,
+    lhead,
+    rows,
+    sqt,
+    j,
+    fv,
+    head_ok,
+    qk_scale,
+    lo,
+    hi,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HH: tl.constexpr,
+    MASKED: tl.constexpr,
+    IEEE: tl.constexpr,
+    ACC2D: tl.constexpr,
+):
+    """``acc`` plus the column sums of the tiles of rows ``lo .. hi`` (elementwise with
+    ``ACC2D``, else reduced tile by tile): one of a key block's two runs of rows."""
+    for i0 in range(lo, hi, BLOCK_M):
+        p = _column_tile(
+            k, qhead, lhead, rows, sqt, i0, hi, j, fv, head_ok, qk_scale,
+            D=D, BLOCK_M=BLOCK_M, HH=HH, MASKED=MASKED, IEEE=IEEE,
+        )  # fmt: skip
+        if ACC2D:
+            acc += p
+        else:
+            acc += _sum(p, 0)
+    return acc
+
+
 @triton.jit(do_not_specialize=["n_max", "t", "hk", "rep", "n_blocks"])
 def received_kernel(
     Q,
@@ -240,7 +275,7 @@ def received_kernel(
     # tl.full, not tl.zeros: tl.zeros is a jit function of triton.language, compiled (not
     # interpreted) when this module is loaded for the interpreter without TRITON_INTERPRET.
     if ACC2D:
-        acc2 = tl.full((HH * BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        acc = tl.full((HH * BLOCK_M, BLOCK_N), 0.0, tl.float32)
     else:
         acc = tl.full((BLOCK_N,), 0.0, tl.float32)
     for h0 in range(0, rep, HH):
@@ -249,26 +284,17 @@ def received_kernel(
         head_ok = hh < rep
         qhead = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
         lhead = LSE + (b * (hk * rep) + h).to(tl.int64) * n_max
-        for i0 in range(r0, rf, BLOCK_M):
-            p = _column_tile(
-                k, qhead, lhead, rows, sqt, i0, rf, j, fv, head_ok, qk_scale,
-                D=D, BLOCK_M=BLOCK_M, HH=HH, MASKED=True, IEEE=IEEE,
-            )  # fmt: skip
-            if ACC2D:
-                acc2 += p
-            else:
-                acc += _sum(p, 0)
-        for i0 in range(rf, nr, BLOCK_M):
-            p = _column_tile(
-                k, qhead, lhead, rows, sqt, i0, nr, j, fv, head_ok, qk_scale,
-                D=D, BLOCK_M=BLOCK_M, HH=HH, MASKED=False, IEEE=IEEE,
-            )  # fmt: skip
-            if ACC2D:
-                acc2 += p
-            else:
-                acc += _sum(p, 0)
+        # The rows the block's keys cut, then the rows that see all of it.
+        acc = _column_run(
+            acc, k, qhead, lhead, rows, sqt, j, fv, head_ok, qk_scale, r0, rf,
+            D, BLOCK_M, HH, True, IEEE, ACC2D,
+        )  # fmt: skip
+        acc = _column_run(
+            acc, k, qhead, lhead, rows, sqt, j, fv, head_ok, qk_scale, rf, nr,
+            D, BLOCK_M, HH, False, IEEE, ACC2D,
+        )  # fmt: skip
     if ACC2D:
-        acc = _sum(acc2, 0)
+        acc = _sum(acc, 0)
     tl.store(OUT + bg.to(tl.int64) * t + j, acc, mask=jm)
 
 

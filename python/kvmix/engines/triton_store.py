@@ -55,8 +55,11 @@ if TYPE_CHECKING:
 
 #: Rows per page (and per attention block).
 PAGE = 64
-#: Rows per program when a segment's per-channel grids are fitted and its keys encoded.
-CHANNEL_CHUNK = 128
+#: Rows per program when a segment's per-channel grids are fitted and its keys encoded; the
+#: channels per program, and the rows of one tile in a program's loop over its chunk.
+CHANNEL_CHUNK = 512
+CHANNEL_BLOCK = 16
+CHANNEL_TILE = 32
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _MODES = {"dense": 0, "channel": 1, "token_groups": 2}
@@ -347,23 +350,26 @@ class _Tier:
         acc: torch.Tensor | None = None,
         count: torch.Tensor | None = None,
         blocks: int = 1,
+        rows: torch.Tensor | None = None,
     ) -> None:
         """Append rows ``[S, n, D]`` (fp32, fp16 or bf16, any tier; a dense tier also takes
         ``[B, H, n, D]`` with ``B * H = S``, in any strides) as ``blocks``
         segments of ``n / blocks`` rows each (one kernel launch per codec for all of them);
         rows with ``pos < 0`` are holes, and a stream's real rows come first in each segment.
+        With ``rows`` (int64 ``[S, n]``) the rows pushed are ``keys[s, rows[s, i]]`` (and the
+        values'): the quantize kernels read them where they are, without a gathered copy.
         Segments follow each other without holes; a segmented tier's block table gets each
         new segment's blocks, its rows cut at page boundaries (from counts the host knows: no
         read back)."""
-        n = keys.shape[-2]
+        n = keys.shape[-2] if rows is None else rows.shape[1]
         if n == 0:
             return
         rb = n // blocks
         row0 = self.fill
         self._grow(row0 + n, self.nseg + blocks)
         nr = (pos.reshape(self.s, blocks, rb) >= 0).sum(2, dtype=torch.int32)
-        self._encode(kern, self.k, keys, row0, nr, key=True)
-        self._encode(kern, self.v, values, row0, nr, key=False)
+        self._encode(kern, self.k, keys, row0, nr, rows, key=True)
+        self._encode(kern, self.v, values, row0, nr, rows, key=False)
         self.pos[:, row0 : row0 + n] = pos
         if self.segmented:
             for b in range(blocks):
@@ -385,20 +391,30 @@ class _Tier:
         x: torch.Tensor,
         row0: int,
         nr: torch.Tensor,
+        rows: torch.Tensor | None,
         key: bool,
     ) -> None:
-        """Quantize and write rows ``x [S, n, D]`` at ``row0``: ``nr [S, blocks]`` real rows
-        in each of ``blocks`` segments of ``n / blocks`` rows, back to back."""
-        n = x.shape[-2]
+        """Quantize and write rows ``x [S, n, D]`` (or ``x[s, rows[s]]``) at ``row0``: ``nr
+        [S, blocks]`` real rows in each of ``blocks`` segments of ``n / blocks`` rows, back to
+        back."""
         data = self.kd if key else self.vd
         if c.kind == "dense":
+            if rows is not None:
+                x = x.gather(1, rows[:, :, None].expand(-1, -1, self.d))
+            n = x.shape[-2]
             # One strided copy, converted to the tier's dtype by it: a prompt in the model's
             # layout ((B, T, H, D) transposed) is not first made contiguous by a reshape.
             data[:, row0 : row0 + n].view(x.shape).copy_(x)
             return
-        x = x.contiguous()
+        if x.stride(-1) != 1 or x.stride(-2) != self.d:
+            x = x.contiguous()
+        # The kernels read stream s's row r at x[s, r] (a view of the buffer's rows keeps the
+        # buffer's stride between streams), or at x[s, rows[s, r]].
+        n = x.shape[1] if rows is None else rows.shape[1]
+        src = (x, x.stride(0), self._dummy if rows is None else rows.contiguous())
+        has_idx = {"HAS_IDX": rows is not None}
         if c.kind == "channel":
-            self._encode_channels(kern, c, x, nr.contiguous(), data, row0)
+            self._encode_channels(kern, c, src, n, has_idx, nr.contiguous(), data, row0)
             return
         # CLIP: 0 min-max, 1 least squared error, 2 the same among grids that do not shrink.
         clip = {"CLIP": _CLIPS[c.clip], "NSHR": len(c.shrink)}
@@ -410,8 +426,10 @@ class _Tier:
             fac = self.kfix.float().contiguous()
         elif c.factor == "separable":
             assert nr.shape[1] == 1, "separable factors are per push"
-            valid = (torch.arange(n, device=x.device)[None, :] < nr[:, :1])[:, :, None]
-            amax = torch.where(valid, x.abs(), 0.0).amax(1).float()  # exact in x's dtype
+            # Each channel's largest |x| over the stream's real rows, from the channel
+            # kernels' minima and maxima (exact: every input widens to fp32 exactly).
+            lo, hi = self._channel_extremes(kern, src, n, has_idx, nr.contiguous())
+            amax = torch.maximum(-lo, hi)[:, 0]  # no real row: -inf, factor 1
             f = torch.where(amax > 0, amax.sqrt(), 1.0).to(torch.float16)
             self.vf[:, self.nseg] = f
             fac = f.float().contiguous()
@@ -419,7 +437,7 @@ class _Tier:
         _run(
             kern.quantize_token_groups_kernel,
             (self.s, -(-n // br)),
-            x,
+            *src,
             fac,
             data,
             sc,
@@ -434,13 +452,42 @@ class _Tier:
             HAS_FAC=c.factor in ("separable", "fixed"),
             BR=br,
             **clip,
+            **has_idx,
         )
+
+    def _channel_launch(
+        self, src: tuple[Any, ...], n: int, has_idx: dict[str, bool], nr: torch.Tensor, bits: int
+    ) -> tuple[tuple[int, ...], tuple[Any, ...], dict[str, Any]]:
+        """The channel kernels' grid, their arguments after the source rows and ``NR``-side
+        tensors (``N, BSTRIDE, NBLK, NCH``), and their constants, for ``n`` rows in
+        ``nr.shape[1]`` segments back to back."""
+        nblk = nr.shape[1]
+        rb = n // nblk  # rows of each segment
+        nch = max(1, -(-rb // CHANNEL_CHUNK))
+        cb = min(self.d, CHANNEL_BLOCK)
+        consts = {"D": self.d, "BITS": bits, "CB": cb, "CHUNK": CHANNEL_CHUNK, "BR": CHANNEL_TILE}
+        return (self.s, self.d // cb, nblk * nch), (n, rb, nblk, nch), consts | has_idx
+
+    def _channel_extremes(
+        self, kern: Any, src: tuple[Any, ...], n: int, has_idx: dict[str, bool], nr: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each segment's per-channel minima and maxima over its real rows, fp32 ``[S, NBLK,
+        D]`` (``+inf`` / ``-inf`` for a segment with none)."""
+        grid, common, consts = self._channel_launch(src, n, has_idx, nr, 8)
+        lo = torch.empty((self.s, *common[2:], self.d), dtype=torch.float32, device=nr.device)
+        hi = torch.empty_like(lo)
+        dummy = self._dummy
+        _run(kern.channel_partials_kernel, grid, *src, nr, lo, hi, dummy, dummy, *common, 0,
+             **consts, MODE=0)  # fmt: skip
+        return lo.amin(2), hi.amax(2)
 
     def _encode_channels(
         self,
         kern: Any,
         c: _Codec,
-        x: torch.Tensor,
+        src: tuple[Any, ...],
+        n: int,
+        has_idx: dict[str, bool],
         nr: torch.Tensor,
         data: torch.Tensor,
         row0: int,
@@ -454,22 +501,13 @@ class _Tier:
         keys to ~256 programs looping over every row once per candidate, most of an H200
         idle. The candidates' grids are computed by torch in fp32 without fused multiply-adds,
         as the Rust quantizer computes them."""
-        n, nblk = x.shape[1], nr.shape[1]
-        rb = n // nblk  # rows of each segment (back to back)
-        s, d, dev = self.s, self.d, x.device
-        nch = max(1, -(-rb // CHANNEL_CHUNK))
-        cb = min(d, 16)
-        grid = (s, d // cb, nblk * nch)
-        common = (n, rb, nblk, nch)
-        lo = torch.empty((s, nblk, nch, d), dtype=torch.float32, device=dev)
-        hi = torch.empty_like(lo)
-        consts = {"D": d, "BITS": c.bits, "CB": cb, "CHUNK": CHANNEL_CHUNK, "BR": 32}
-        dummy = self._dummy
-        _run(kern.channel_partials_kernel, grid, x, nr, lo, hi, dummy, dummy, *common, 0,
-             **consts, MODE=0)  # fmt: skip
+        s, d, dev = self.s, self.d, nr.device
+        nblk = nr.shape[1]
+        grid, common, consts = self._channel_launch(src, n, has_idx, nr, c.bits)
+        nch = common[3]
         empty = (nr == 0)[:, :, None]
-        lo = lo.amin(2).masked_fill(empty, 0.0)  # [S, NBLK, D]
-        hi = hi.amax(2).masked_fill(empty, 0.0)
+        lo, hi = self._channel_extremes(kern, src, n, has_idx, nr)
+        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)  # [S, NBLK, D]
         top = (1 << c.bits) - 1
         scale, offset = ((hi - lo) / top).half(), lo.half()
         clip = _CLIPS[c.clip]
@@ -482,7 +520,7 @@ class _Tier:
             nc = cand_sc.shape[0]
             err = torch.empty((nc, s, nblk, nch, d), dtype=torch.float64, device=dev)
             grow = torch.empty_like(err)
-            _run(kern.channel_partials_kernel, grid, x, nr, err, grow, cand_sc.float(),
+            _run(kern.channel_partials_kernel, grid, *src, nr, err, grow, cand_sc.float(),
                  cand_of.float(), *common, nc, **consts, MODE=1)  # fmt: skip
             total = err.sum(3)  # [NC, S, NBLK, D]
             if clip == 2:  # a grid that shrinks its channel is not a candidate
@@ -493,7 +531,7 @@ class _Tier:
             scale, offset = cand_sc.gather(0, best)[0], cand_of.gather(0, best)[0]
         self.ks[:, self.nseg : self.nseg + nblk] = scale
         self.ko[:, self.nseg : self.nseg + nblk] = offset
-        _run(kern.encode_channels_kernel, grid, x, nr, data, scale.float(), offset.float(),
+        _run(kern.encode_channels_kernel, grid, *src, nr, data, scale.float(), offset.float(),
              n, self.cap, row0, *common[1:], **consts)  # fmt: skip
 
     # -- reading --------------------------------------------------------------------------
@@ -1150,7 +1188,7 @@ class TritonLayerStore:
         if max(take) == 0:
             return
         k, v, p, _, _ = self._take_buffer(take)
-        h, d, dev = self.kv_heads, self.head_dim, self.device
+        h, dev = self.kv_heads, self.device
         pad_s = _device_ints(pads, dev).repeat_interleave(h)[:, None]
         low = self._tiers["low"]
         mp = max(pads)
@@ -1165,8 +1203,7 @@ class TritonLayerStore:
             rows = torch.arange(nb * r, device=dev)[None, :]
             idx = (pad_s + rows).clamp(max=w - 1)
             gp = torch.where(rows // r < blk_s, p.gather(1, idx), -1)
-            ix = idx[:, :, None].expand(-1, -1, d)
-            low.push(self._kern(), k.gather(1, ix), v.gather(1, ix), gp, blocks=nb)
+            low.push(self._kern(), k, v, gp, blocks=nb, rows=idx)
 
     def _classify_zipcache(self) -> None:
         buf = self._tiers["buffer"]
@@ -1327,13 +1364,10 @@ class TritonLayerStore:
             return
         idx = _real_first(pick, width)
         kept = pick.gather(1, idx)
-        d = self.head_dim
-        gk = k.gather(1, idx[:, :, None].expand(-1, -1, d))
-        gv = v.gather(1, idx[:, :, None].expand(-1, -1, d))
         gp = torch.where(kept, p.gather(1, idx), -1)
         ga = None if acc is None else acc.gather(1, idx)
         gc = None if count is None else count.gather(1, idx)
-        self._tiers[tier].push(self._kern(), gk, gv, gp, ga, gc)
+        self._tiers[tier].push(self._kern(), k, v, gp, ga, gc, rows=idx)
 
     def crop(self, length: int) -> None:
         if length >= self.seen or not self.batch:

@@ -186,8 +186,33 @@ Q)
   timeout 150 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
     --methods full zipcache kvmix-5x > "$OUT/prefill-profile.txt" 2>&1
   ;;
+R)
+  # Session 14, second call: the visible counts by a running count (no search per key); one
+  # layer step by step, and the prefill end to end at B=8 and at B=1 (32k).
+  timeout 90 python3 -u gpu/prefill_steps.py > "$OUT/prefill-steps.txt" 2>&1
+  timeout 170 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x kvmix-5x-minmax --repeats 3 > "$OUT/prefill-profile.txt" 2>&1
+  timeout 120 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
+  ;;
+S)
+  # Session 14, third call: where the host's time goes at B=1 x 32k (step table, cProfile).
+  timeout 120 python3 -u gpu/prefill_steps.py --batch 1 --reps 5 --cprofile 30 \
+    > "$OUT/prefill-steps-b1.txt" 2>&1
+  ;;
+T)
+  # Session 14, last call: the shrink factors and first valid positions copied to the device
+  # once and without waiting, each tier grown once per classification: every CUDA test, the
+  # prefill end to end at B=8 and B=1 (32k), one layer step by step at B=1.
+  timeout 130 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 150 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x --repeats 3 > "$OUT/prefill-profile.txt" 2>&1
+  timeout 100 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
+  timeout 60 python3 -u gpu/prefill_steps.py --batch 1 --reps 5 > "$OUT/prefill-steps-b1.txt" 2>&1
+  ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|Q" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|T" >&2
   exit 2
   ;;
 esac

@@ -41,6 +41,12 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["zipcache", "kvmix-5x"])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--tiny", action="store_true")
+    p.add_argument(
+        "--cprofile",
+        type=int,
+        default=0,
+        help="then one more prefill per method, unwrapped, under cProfile: its top N functions",
+    )
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -63,7 +69,16 @@ def main() -> None:
 
         return wrapper
 
-    # The steps, wrapped where the prefill calls them.
+    # The steps, wrapped where the prefill calls them (the originals kept for --cprofile).
+    originals = {
+        (owner, name): getattr(owner, name)
+        for owner, name in [
+            (kattn, "_probe_rows"),
+            (kattn, "_visible_counts"),
+            (kattn, "_received"),
+            *((triton_store.TritonLayerStore, n) for n in STORE_STEPS),
+        ]
+    }
     kattn._probe_rows = timed("probe rows (host)", kattn._probe_rows)
     kattn._visible_counts = timed("visible counts (host)", kattn._visible_counts)
     kattn._received = timed("column sums (kernel + setup)", kattn._received)
@@ -120,6 +135,42 @@ def main() -> None:
             listed += ms
             print(f"   {name:34s} {ms:8.2f} ms")
         print(f"   {'(the rest: host glue)':34s} {1e3 * total - listed:8.2f} ms", flush=True)
+    if args.cprofile:
+        for method in args.methods:
+
+            def prefill(method: str = method) -> None:
+                cache = kvmix.make_cache(method, cfg, engine="triton")
+                with torch.inference_mode():
+                    cache.update(k, v, 0)
+                    kattn._score_prefill(
+                        cache.kvmix_layers[0], q, k, None, d**-0.5, row_lse=row_lse
+                    )
+                    sync()
+
+            print(f"## {method}: host profile of one prefill (cProfile, by own time)", flush=True)
+            host_profile(originals, prefill, args.cprofile)
+
+
+#: The store's methods timed as steps.
+STORE_STEPS = ("add_scores", "set_first_valid", "maybe_classify", "append")
+
+
+def host_profile(originals: dict[tuple[Any, str], Any], run: Callable[[], None], top: int) -> None:
+    """One more ``run()`` with the steps unwrapped (no synchronization but the prefill's own)
+    under cProfile: where the host's time goes, waits for the device included (a function
+    that synchronizes shows the device's queued work as its own time)."""
+    import cProfile
+    import pstats
+
+    for (owner, name), fn in originals.items():
+        setattr(owner, name, fn)
+    prof = cProfile.Profile()
+    prof.enable()
+    run()
+    prof.disable()
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats("kvmix", top)  # kvmix's own functions
 
 
 if __name__ == "__main__":

@@ -74,8 +74,10 @@ _BAD_CHECK_STEPS = 32
 POS16_LIMIT = 32767
 
 
-def _device_ints(values: list[int], device: Any, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """Host integers as a tensor on ``device`` without waiting for it: a plain copy from
+def _device_values(
+    values: list[int] | list[float], device: Any, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
+    """Host numbers as a tensor on ``device`` without waiting for it: a plain copy from
     pageable memory synchronizes with the GPU, so small per-step counts go through pinned
     memory asynchronously (the caching host allocator keeps the block until the copy ran)."""
     host = torch.tensor(values, dtype=dtype)
@@ -190,6 +192,7 @@ class _Codec:
         #: the shrink factors ``"mse"`` searches (from the layout: ``src/quant/clip.rs``).
         self.clip = spec.get("clip", "minmax")
         self.shrink = [float(s) for s in spec.get("shrink", [1.0])]
+        self._shrink_on: dict[torch.device, torch.Tensor] = {}
         if self.kind != "dense":
             if self.bits not in (1, 2, 3, 4, 8):
                 raise ConfigError(
@@ -205,6 +208,15 @@ class _Codec:
             head_dim * self.dtype.itemsize if self.kind == "dense" else head_dim * self.bits // 8
         )
         self.groups = head_dim // self.group_size if self.kind == "token_groups" else 0
+
+    def shrink_tensor(self, device: torch.device) -> torch.Tensor:
+        """:attr:`shrink` as fp32 on ``device``, copied once and without waiting (a copy from
+        pageable host memory at every push waited for the device's queued work: a host
+        synchronization per push, the host and the device no longer overlapping)."""
+        t = self._shrink_on.get(device)
+        if t is None:
+            t = self._shrink_on[device] = _device_values(self.shrink, device, torch.float32)
+        return t
 
 
 class _Tier:
@@ -285,6 +297,10 @@ class _Tier:
                 self.vf = widen_s(self.vf, 1)
             self.seg_cap = new_s
 
+    def reserve(self, rows: int, segs: int) -> None:
+        """Room for ``rows`` more rows in ``segs`` more segments (pushes that follow fit)."""
+        self._grow(self.fill + rows, self.nseg + segs)
+
     def _resize(self, new: int) -> None:
         """Row capacity ``new`` (a multiple of :data:`PAGE`, at least the fill): every per-row
         tensor is reallocated and its first ``min(cap, new)`` rows copied."""
@@ -292,7 +308,8 @@ class _Tier:
 
         def resized(t: torch.Tensor, fill: float) -> torch.Tensor:
             out = torch.full((t.shape[0], new, *t.shape[2:]), fill, dtype=t.dtype, device=t.device)
-            out[:, :keep] = t[:, :keep]
+            if keep:  # an empty tier (a prompt's first push) has nothing to copy
+                out[:, :keep] = t[:, :keep]
             return out
 
         self.pos = resized(self.pos, -1)
@@ -377,7 +394,7 @@ class _Tier:
                 cuts = range(-(-start // PAGE) * PAGE, start + rb, PAGE)
                 for r in sorted({start, *cuts}):
                     self.blocks += [r, self.nseg + b]
-            self.seg = _device_ints([*self.blocks, row0 + n], self.device, torch.int32)
+            self.seg = _device_values([*self.blocks, row0 + n], self.device, torch.int32)
             self.nseg += blocks
         if self.scored:
             self.acc[:, row0 : row0 + n] = 0 if acc is None else acc
@@ -418,7 +435,7 @@ class _Tier:
             return
         # CLIP: 0 min-max, 1 least squared error, 2 the same among grids that do not shrink.
         clip = {"CLIP": _CLIPS[c.clip], "NSHR": len(c.shrink)}
-        shrink = torch.tensor(c.shrink, dtype=torch.float32, device=x.device)
+        shrink = c.shrink_tensor(x.device)
         sc, of = (self.ks, self.ko) if key else (self.vs, self.vo)
         fac = self._dummy
         if c.factor == "fixed":
@@ -512,7 +529,7 @@ class _Tier:
         scale, offset = ((hi - lo) / top).half(), lo.half()
         clip = _CLIPS[c.clip]
         if clip:
-            shrink = torch.tensor(c.shrink, dtype=torch.float32, device=dev)[:, None, None, None]
+            shrink = c.shrink_tensor(dev)[:, None, None, None]
             mid, half = (lo + hi) * 0.5, (hi - lo) * 0.5
             a, b = mid - shrink * half, mid + shrink * half
             cand_sc = torch.cat([scale[None], ((b - a) / top).half()])  # [NC, S, NBLK, D]
@@ -926,7 +943,7 @@ class TritonLayerStore:
             )
         self.first_valid = [int(x) for x in first_valid]
         assert self.device is not None
-        self._fv_dev = torch.tensor(self.first_valid, dtype=torch.int32, device=self.device)
+        self._fv_dev = _device_values(self.first_valid, self.device, torch.int32)
 
     def set_key_balancer(self, balancer: Any) -> None:
         """MiKV's key balancer ``b`` ``[batch, kv_heads, head_dim]`` (numpy or torch): keys of
@@ -1150,7 +1167,7 @@ class TritonLayerStore:
             self._buf_len = [0] * self.batch
             return out
         order = _real_first(buf.pos[:, :f] >= 0, f)
-        take_s = _device_ints(take, dev).repeat_interleave(h)[:, None]
+        take_s = _device_values(take, dev).repeat_interleave(h)[:, None]
 
         def rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             if t.dim() == 3:
@@ -1189,13 +1206,13 @@ class TritonLayerStore:
             return
         k, v, p, _, _ = self._take_buffer(take)
         h, dev = self.kv_heads, self.device
-        pad_s = _device_ints(pads, dev).repeat_interleave(h)[:, None]
+        pad_s = _device_values(pads, dev).repeat_interleave(h)[:, None]
         low = self._tiers["low"]
         mp = max(pads)
         if mp:
             gp = torch.where(torch.arange(mp, device=dev)[None, :] < pad_s, p[:, :mp], -1)
             low.push(self._kern(), k[:, :mp], v[:, :mp], gp)
-        blk_s = _device_ints(blocks, dev).repeat_interleave(h)[:, None]
+        blk_s = _device_values(blocks, dev).repeat_interleave(h)[:, None]
         w, nb = k.shape[1], max(blocks)
         if nb:
             # Every block of every stream in one push (a segment each); a stream with fewer
@@ -1239,7 +1256,7 @@ class TritonLayerStore:
             for fv_b in self.first_valid
         ]
         k_seq = [max(0, ks - ns) for ks, ns in zip(k_all, sinks, strict=True)]
-        k_s = _device_ints(k_seq, p.device).repeat_interleave(h)
+        k_s = _device_values(k_seq, p.device).repeat_interleave(h)
         # Rank by (eligible, score, index) descending: ties go to the more recent token, NaN
         # ranks lowest (importance::top_k).
         eligible = valid & ~sink
@@ -1252,12 +1269,15 @@ class TritonLayerStore:
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(n, device=p.device).expand_as(order))
         salient = (rank < k_s[:, None]) & eligible
+        # Room for this classification's pushes at once: one reallocation per tier.
+        rest = [n - pad - ks - ns for pad, ks, ns in zip(pads, k_seq, sinks, strict=True)]
+        self._tiers["high"].reserve(max(sinks) + max(k_seq), 2)
+        self._tiers["low"].reserve(max(pads) + max(rest), 2)
         self._split_push("high", sink, k, v, p, max(sinks))
         self._split_push("high", salient, k, v, p, max(k_seq))
         # As the Rust store: a sequence's left padding is a low-tier segment of its own, so
         # the padding's range does not set its regular tokens' per-channel key codes.
         self._split_push("low", ~valid, k, v, p, max(pads))
-        rest = [n - pad - ks - ns for pad, ks, ns in zip(pads, k_seq, sinks, strict=True)]
         self._split_push("low", ~salient & ~sink & valid, k, v, p, max(rest))
 
     def _classify_retain(self, demote: bool) -> None:
@@ -1288,7 +1308,7 @@ class TritonLayerStore:
         )
 
         def per_stream(values: list[int]) -> torch.Tensor:
-            return _device_ints(values, dev).repeat_interleave(h)[:, None]
+            return _device_values(values, dev).repeat_interleave(h)[:, None]
 
         pos = torch.cat([high.pos[:, :nh], buf.pos[:, :nb]], 1).long()
         score = torch.cat([high.acc[:, :nh], buf.acc[:, :nb]], 1)
@@ -1397,7 +1417,7 @@ class TritonLayerStore:
             self._kfix = self._kfix.index_select(0, idx).contiguous()
         self.batch = len(indices)
         if self.device is not None:
-            self._fv_dev = torch.tensor(self.first_valid, dtype=torch.int32, device=self.device)
+            self._fv_dev = _device_values(self.first_valid, self.device, torch.int32)
 
     def repeat_interleave(self, repeats: int) -> None:
         if repeats < 1:

@@ -211,8 +211,17 @@ T)
     --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
   timeout 60 python3 -u gpu/prefill_steps.py --batch 1 --reps 5 > "$OUT/prefill-steps-b1.txt" 2>&1
   ;;
+U)
+  # Session 14, the range search off the conversion pipe: candidates 4 at a time sharing a
+  # row's float64 widening, codes by the 2^23 trick (no F2I/I2F), whole tiles unmasked.
+  timeout 60 python3 -u gpu/compression_profile.py --skip-profile > "$OUT/compression.txt" 2>&1
+  timeout 70 python3 -u gpu/prefill_steps.py > "$OUT/prefill-steps.txt" 2>&1
+  timeout 130 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 120 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x --repeats 3 > "$OUT/prefill-profile.txt" 2>&1
+  ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|T" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|U" >&2
   exit 2
   ;;
 esac

@@ -20,6 +20,7 @@ import kvmix
 from kvmix.models import tiny_random_model
 
 pytest.importorskip("triton")
+from kvmix.engines import triton_store
 from kvmix.engines.triton_store import CHANNEL_CHUNK, PAGE, TritonLayerStore
 
 PROMPT, NEW = 40, 6
@@ -203,15 +204,23 @@ def test_left_padding_is_quantized_as_by_the_rust_store(policy: str, config: Any
     _padded_stores_agree(policy, config, 16, 45, [0, 7, 20], torch.Generator().manual_seed(3))
 
 
+@pytest.mark.parametrize("chunk", [CHANNEL_CHUNK, 64])
 @pytest.mark.parametrize("clip", ["minmax", "mse_unbiased"])
-def test_channel_grids_span_chunks_and_padded_segments(clip: str) -> None:
+def test_channel_grids_span_chunks_and_padded_segments(
+    clip: str, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The Triton store fits per-channel key grids from chunks of ``CHANNEL_CHUNK`` rows,
     combined on the host: a prompt whose tiers span several chunks, left-padded differently
     per sequence (so one push writes several segments), gives the Rust store's codes bit for
-    bit, with and without the range search, and after classifications while decoding."""
+    bit, with and without the range search, and after classifications while decoding. With
+    chunks of 64 rows a stream with fewer real rows than another in the same push has whole
+    chunks past its rows (the unpadded sequence in the padding's push: 0 rows of 150), which
+    must count nothing."""
+    monkeypatch.setattr(triton_store, "CHANNEL_CHUNK", chunk)
     config = {"streaming_gap": 5, "salient_ratio": 0.3, "key_clip": clip, "value_clip": clip}
     g = torch.Generator().manual_seed(5)
-    rust = _padded_stores_agree("zipcache", config, 32, 2 * CHANNEL_CHUNK + 90, [0, 37, 150], g)
+    n = 2 * CHANNEL_CHUNK + 90
+    rust = _padded_stores_agree("zipcache", config, 32, n, [0, 37, 150], g)
     # The first sequence's regular tokens span two chunks of one segment.
     assert len(rust.tier_positions(0)["low"]) > CHANNEL_CHUNK
 

@@ -321,12 +321,15 @@ def _group_error(xg, scale, offset, top, CLIP: tl.constexpr):
 def _chunk(NR, s, NBLK, NCH, CHUNK: tl.constexpr):
     """The chunk of grid axis 2 in the channel kernels: its segment ``blk``, its index ``ch``
     in the segment, and its rows ``[r_lo, r_hi)`` of the segment (none past the stream's real
-    rows ``NR[s, blk]``)."""
+    rows ``NR[s, blk]``: a chunk past them is empty, ``r_hi = r_lo``, so that the count of
+    whole tiles ``(r_hi - r_lo) // BR`` is never negative and means the same whether integer
+    division truncates, as Triton's does, or floors, as Python's)."""
     q = tl.program_id(2)
     blk = q // NCH
     ch = q % NCH
     r_lo = ch * CHUNK
-    return blk, ch, r_lo, tl.minimum(r_lo + CHUNK, tl.load(NR + s * NBLK + blk))
+    r_hi = tl.minimum(r_lo + CHUNK, tl.load(NR + s * NBLK + blk))
+    return blk, ch, r_lo, tl.maximum(r_hi, r_lo)
 
 
 @triton.jit

@@ -579,10 +579,10 @@ def _key_balancer(query: torch.Tensor, key: torch.Tensor, first_valid: list[int]
 def _visible_counts(rows: list[int], t: int, first_valid: list[int], mode: str) -> np.ndarray:
     """How many scored query rows can see each key: ``(B, 1, T)`` float32.
 
-    NumPy, not torch: this is a few microseconds of work, and torch's ``searchsorted`` hands it
-    to its thread team (7 ms per layer on a busy machine). The rows at or after each key are
-    a reversed running count of the rows (no search per key), computed once per distinct
-    left padding (a batch usually has one)."""
+    NumPy on the host: the counts are known from the rows alone, and torch's ops on CPU
+    tensors hand such small work to their thread team (7 ms per layer on a busy machine).
+    The rows at or after each key are a reversed running count of the rows (no search per
+    key), computed once per distinct left padding (a batch usually has one)."""
     j = np.arange(t)
     if mode == "full_matrix":
         base = t - j

@@ -354,7 +354,7 @@ def channel_partials_kernel(
     BR: tl.constexpr,
     MODE: tl.constexpr,  # 0: min and max; 1: every candidate grid's errors
     HAS_IDX: tl.constexpr,
-    NCP: tl.constexpr = 4,  # candidates per pass over the chunk (MODE 1), a power of two
+    NCP: tl.constexpr,  # candidates per pass over the chunk (MODE 1), a power of two
 ):
     """One chunk of one segment's rows for ``CB`` channels: its minima and maxima, or every
     candidate grid's squared error and shrink sum (float64 from exact squares, as
@@ -364,7 +364,7 @@ def channel_partials_kernel(
     A candidate's sums run elementwise over the chunk's tiles of ``BR`` rows and are reduced
     over the rows once: reducing every tile across the program's warps (the first design,
     with the chunk held in registers) cost more than the errors themselves. The tiles are
-    read again for each candidate, from the cache."""
+    read again for each pass of ``NCP`` candidates, from the cache."""
     s = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * CB + tl.arange(0, CB)
     blk, ch, r_lo, r_hi = _chunk(NR, s, NBLK, NCH, CHUNK)
@@ -388,6 +388,7 @@ def channel_partials_kernel(
         # float64 widening is shared by the NCP candidates (the conversions, at a quarter of
         # the float64 rate, bound the search), and the sums run elementwise, reduced over the
         # rows once. Candidates past NC are computed on a dummy grid and not stored.
+        full = r_lo + (r_hi - r_lo) // BR * BR  # whole tiles without a row mask, then the rest
         for i0 in range(0, NC, NCP):
             ci = i0 + tl.arange(0, NCP)
             cm = (ci < NC)[:, None]
@@ -396,8 +397,6 @@ def channel_partials_kernel(
             of = tl.load(COF + at, mask=cm, other=0.0)[:, None, :]
             e2 = tl.full([NCP, BR, CB], 0.0, tl.float64)
             ex = tl.full([NCP, BR, CB], 0.0, tl.float64)
-            # Whole tiles without a row mask, then the last, partial one.
-            full = r_lo + (r_hi - r_lo) // BR * BR
             for r0 in range(r_lo, full, BR):
                 r = r0 + tl.arange(0, BR)
                 x = _rows(X, XS, IDX, N, s, base + r, r < r_hi, c, D, HAS_IDX)[None, :, :]

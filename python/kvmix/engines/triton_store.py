@@ -60,6 +60,9 @@ PAGE = 64
 CHANNEL_CHUNK = 512
 CHANNEL_BLOCK = 16
 CHANNEL_TILE = 32
+#: Candidate grids of the range search evaluated together per pass over a chunk (sharing
+#: each row's float64 widening).
+CHANNEL_CANDIDATES = 4
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _MODES = {"dense": 0, "channel": 1, "token_groups": 2}
@@ -308,7 +311,7 @@ class _Tier:
 
         def resized(t: torch.Tensor, fill: float) -> torch.Tensor:
             out = torch.full((t.shape[0], new, *t.shape[2:]), fill, dtype=t.dtype, device=t.device)
-            if keep:  # an empty tier (a prompt's first push) has nothing to copy
+            if keep:  # a first allocation (capacity 0) has nothing to copy
                 out[:, :keep] = t[:, :keep]
             return out
 
@@ -385,6 +388,8 @@ class _Tier:
         row0 = self.fill
         self._grow(row0 + n, self.nseg + blocks)
         nr = (pos.reshape(self.s, blocks, rb) >= 0).sum(2, dtype=torch.int32)
+        if rows is not None:
+            rows = rows.contiguous()
         self._encode(kern, self.k, keys, row0, nr, rows, key=True)
         self._encode(kern, self.v, values, row0, nr, rows, key=False)
         self.pos[:, row0 : row0 + n] = pos
@@ -428,7 +433,7 @@ class _Tier:
         # The kernels read stream s's row r at x[s, r] (a view of the buffer's rows keeps the
         # buffer's stride between streams), or at x[s, rows[s, r]].
         n = x.shape[1] if rows is None else rows.shape[1]
-        src = (x, x.stride(0), self._dummy if rows is None else rows.contiguous())
+        src = (x, x.stride(0), self._dummy if rows is None else rows)
         has_idx = {"HAS_IDX": rows is not None}
         if c.kind == "channel":
             self._encode_channels(kern, c, src, n, has_idx, nr.contiguous(), data, row0)
@@ -473,11 +478,13 @@ class _Tier:
         )
 
     def _channel_launch(
-        self, src: tuple[Any, ...], n: int, has_idx: dict[str, bool], nr: torch.Tensor, bits: int
+        self, n: int, has_idx: dict[str, bool], nr: torch.Tensor, bits: int
     ) -> tuple[tuple[int, ...], tuple[Any, ...], dict[str, Any]]:
         """The channel kernels' grid, their arguments after the source rows and ``NR``-side
         tensors (``N, BSTRIDE, NBLK, NCH``), and their constants, for ``n`` rows in
-        ``nr.shape[1]`` segments back to back."""
+        ``nr.shape[1]`` segments back to back. (Every constant of a kernel is passed, ``NCP``
+        and ``MODE`` by the partials' launches: the GPU's direct launcher takes them by name,
+        with no defaults.)"""
         nblk = nr.shape[1]
         rb = n // nblk  # rows of each segment
         nch = max(1, -(-rb // CHANNEL_CHUNK))
@@ -490,12 +497,12 @@ class _Tier:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each segment's per-channel minima and maxima over its real rows, fp32 ``[S, NBLK,
         D]`` (``+inf`` / ``-inf`` for a segment with none)."""
-        grid, common, consts = self._channel_launch(src, n, has_idx, nr, 8)
+        grid, common, consts = self._channel_launch(n, has_idx, nr, 8)  # BITS: unused here
         lo = torch.empty((self.s, *common[2:], self.d), dtype=torch.float32, device=nr.device)
         hi = torch.empty_like(lo)
         dummy = self._dummy
         _run(kern.channel_partials_kernel, grid, *src, nr, lo, hi, dummy, dummy, *common, 0,
-             **consts, MODE=0)  # fmt: skip
+             **consts, MODE=0, NCP=CHANNEL_CANDIDATES)  # fmt: skip
         return lo.amin(2), hi.amax(2)
 
     def _encode_channels(
@@ -520,7 +527,7 @@ class _Tier:
         as the Rust quantizer computes them."""
         s, d, dev = self.s, self.d, nr.device
         nblk = nr.shape[1]
-        grid, common, consts = self._channel_launch(src, n, has_idx, nr, c.bits)
+        grid, common, consts = self._channel_launch(n, has_idx, nr, c.bits)
         nch = common[3]
         empty = (nr == 0)[:, :, None]
         lo, hi = self._channel_extremes(kern, src, n, has_idx, nr)
@@ -538,7 +545,8 @@ class _Tier:
             err = torch.empty((nc, s, nblk, nch, d), dtype=torch.float64, device=dev)
             grow = torch.empty_like(err)
             _run(kern.channel_partials_kernel, grid, *src, nr, err, grow, cand_sc.float(),
-                 cand_of.float(), *common, nc, **consts, MODE=1)  # fmt: skip
+                 cand_of.float(), *common, nc, **consts, MODE=1,
+                 NCP=CHANNEL_CANDIDATES)  # fmt: skip
             total = err.sum(3)  # [NC, S, NBLK, D]
             if clip == 2:  # a grid that shrinks its channel is not a candidate
                 total = total.masked_fill(grow.sum(3) < 0, math.inf)

@@ -70,23 +70,19 @@ def main() -> None:
         return wrapper
 
     # The steps, wrapped where the prefill calls them (the originals kept for --cprofile).
-    originals = {
-        (owner, name): getattr(owner, name)
-        for owner, name in [
-            (kattn, "_probe_rows"),
-            (kattn, "_visible_counts"),
-            (kattn, "_received"),
-            *((triton_store.TritonLayerStore, n) for n in STORE_STEPS),
-        ]
-    }
-    kattn._probe_rows = timed("probe rows (host)", kattn._probe_rows)
-    kattn._visible_counts = timed("visible counts (host)", kattn._visible_counts)
-    kattn._received = timed("column sums (kernel + setup)", kattn._received)
     store_cls = triton_store.TritonLayerStore
-    store_cls.add_scores = timed("add_scores", store_cls.add_scores)
-    store_cls.set_first_valid = timed("set_first_valid", store_cls.set_first_valid)
-    store_cls.maybe_classify = timed("classification", store_cls.maybe_classify)
-    store_cls.append = timed("append (prompt into the buffer)", store_cls.append)
+    steps = [
+        (kattn, "_probe_rows", "probe rows (host)"),
+        (kattn, "_visible_counts", "visible counts (host)"),
+        (kattn, "_received", "column sums (kernel + setup)"),
+        (store_cls, "add_scores", "add_scores"),
+        (store_cls, "set_first_valid", "set_first_valid"),
+        (store_cls, "maybe_classify", "classification"),
+        (store_cls, "append", "append (prompt into the buffer)"),
+    ]
+    originals = {(owner, name): getattr(owner, name) for owner, name, _ in steps}
+    for owner, name, label in steps:
+        setattr(owner, name, timed(label, getattr(owner, name)))
 
     cfg = llama_8b_config(args.tiny)
     cfg.num_hidden_layers = 1
@@ -149,10 +145,6 @@ def main() -> None:
 
             print(f"## {method}: host profile of one prefill (cProfile, by own time)", flush=True)
             host_profile(originals, prefill, args.cprofile)
-
-
-#: The store's methods timed as steps.
-STORE_STEPS = ("add_scores", "set_first_valid", "maybe_classify", "append")
 
 
 def host_profile(originals: dict[tuple[Any, str], Any], run: Callable[[], None], top: int) -> None:

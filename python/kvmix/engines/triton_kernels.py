@@ -333,6 +333,26 @@ def _chunk(NR, s, NBLK, NCH, CHUNK: tl.constexpr):
 
 
 @triton.jit
+def _errors_run(
+    e2, ex, X, XS, IDX, N, s, base, lo, hi, r_hi, c, sf, of, top,
+    D: tl.constexpr, BR: tl.constexpr, HAS_IDX: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """``e2`` and ``ex`` plus the squared errors and shrink terms of the candidate grids
+    ``sf``, ``of`` ``[NCP, 1, CB]`` on the tiles of rows ``lo .. hi`` (elementwise, float64);
+    ``MASKED``: rows at or past ``r_hi`` add nothing (the last, partial tile)."""
+    for r0 in range(lo, hi, BR):
+        r = r0 + tl.arange(0, BR)
+        x = _rows(X, XS, IDX, N, s, base + r, r < r_hi, c, D, HAS_IDX)[None, :, :]
+        d = _reconstruct(x, sf, of, top) - x
+        if MASKED:
+            d = tl.where((r < r_hi)[None, :, None], d, 0.0)
+        d = d.to(tl.float64)
+        e2 += d * d
+        ex += d * x.to(tl.float64)
+    return e2, ex
+
+
+@triton.jit
 def channel_partials_kernel(
     X,  # each stream's rows (as `_rows` reads them): NBLK segments of BSTRIDE rows
     XS,  # elements between streams in X
@@ -388,7 +408,7 @@ def channel_partials_kernel(
         # float64 widening is shared by the NCP candidates (the conversions, at a quarter of
         # the float64 rate, bound the search), and the sums run elementwise, reduced over the
         # rows once. Candidates past NC are computed on a dummy grid and not stored.
-        full = r_lo + (r_hi - r_lo) // BR * BR  # whole tiles without a row mask, then the rest
+        full = r_lo + (r_hi - r_lo) // BR * BR  # whole tiles unmasked, then the partial one
         for i0 in range(0, NC, NCP):
             ci = i0 + tl.arange(0, NCP)
             cm = (ci < NC)[:, None]
@@ -397,19 +417,14 @@ def channel_partials_kernel(
             of = tl.load(COF + at, mask=cm, other=0.0)[:, None, :]
             e2 = tl.full([NCP, BR, CB], 0.0, tl.float64)
             ex = tl.full([NCP, BR, CB], 0.0, tl.float64)
-            for r0 in range(r_lo, full, BR):
-                r = r0 + tl.arange(0, BR)
-                x = _rows(X, XS, IDX, N, s, base + r, r < r_hi, c, D, HAS_IDX)[None, :, :]
-                d = (_reconstruct(x, sf, of, top) - x).to(tl.float64)
-                e2 += d * d
-                ex += d * x.to(tl.float64)
-            for r0 in range(full, r_hi, BR):
-                r = r0 + tl.arange(0, BR)
-                ok = (r < r_hi)[None, :, None]
-                x = _rows(X, XS, IDX, N, s, base + r, r < r_hi, c, D, HAS_IDX)[None, :, :]
-                d = tl.where(ok, _reconstruct(x, sf, of, top) - x, 0.0).to(tl.float64)
-                e2 += d * d
-                ex += d * x.to(tl.float64)
+            e2, ex = _errors_run(
+                e2, ex, X, XS, IDX, N, s, base, r_lo, full, r_hi, c, sf, of, top,
+                D, BR, HAS_IDX, False,
+            )  # fmt: skip
+            e2, ex = _errors_run(
+                e2, ex, X, XS, IDX, N, s, base, full, r_hi, r_hi, c, sf, of, top,
+                D, BR, HAS_IDX, True,
+            )  # fmt: skip
             out = (ci[:, None] * streams * NBLK * NCH + part) * D + c[None, :]
             tl.store(OUT0 + out, _sum(e2, 1), mask=cm)
             tl.store(OUT1 + out, _sum(ex, 1), mask=cm)

@@ -153,7 +153,22 @@ def test_a_variant_is_its_preset_with_the_options_it_names():
     want = {**base.options, "key_clip": "mse_unbiased", "value_clip": "mse_unbiased"}
     want["sink_tokens"] = 2
     assert method.options == want
-    for bad in ("=kvmix-5x:a=1", "x=nope:a=1", "x=kvmix-5x:sink_tokens=two"):
+    # A value may hold commas: per-layer options are a dict of dicts.
+    nested = 'l=kvmix-5x:layer_options={18: {"low_key_bits": 4, "low_bits": 3}},salient_ratio=0.2'
+    (method,) = resolve_methods([nested], 128, 1, 16)
+    assert method.options == {
+        **base.options,
+        "layer_options": {18: {"low_key_bits": 4, "low_bits": 3}},
+        "salient_ratio": 0.2,
+    }
+    for bad in (
+        "=kvmix-5x:a=1",
+        "x=nope:a=1",
+        "x=kvmix-5x:sink_tokens=two",
+        "x=kvmix-5x:sink_tokens=(1",
+        "x=kvmix-5x:2",
+        "x=kvmix-5x:**d",
+    ):
         with pytest.raises(ValueError, match="variant"):
             resolve_methods([bad], 128, 1, 16)
 

@@ -110,8 +110,9 @@ def eviction_budget_matching(
 
 def parse_variant(spec: str) -> Method:
     """A method derived from a preset with overridden options, for measuring one idea at a
-    time: ``"NAME=PRESET:key=value,key=value"`` (values parsed as Python literals), e.g.
-    ``'clipu=kvmix-5x:key_clip="mse_unbiased",value_clip="mse_unbiased"'``."""
+    time: ``"NAME=PRESET:key=value,key=value"`` (values parsed as Python literals, which may
+    hold commas), e.g. ``'clipu=kvmix-5x:key_clip="mse_unbiased",value_clip="mse_unbiased"'``
+    or ``'l18=kvmix-5x:layer_options={18: {"low_key_bits": 4}}'``."""
     name, eq, rest = spec.partition("=")
     base, _, opts = rest.partition(":")
     if not eq or not name or base not in METHODS:
@@ -119,13 +120,19 @@ def parse_variant(spec: str) -> Method:
             f"a variant is NAME=PRESET:key=value,... with PRESET among {', '.join(sorted(METHODS))}"
             f"; got {spec!r}"
         )
-    overrides = {}
-    for item in filter(None, opts.split(",")):
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError) as e:
-            raise ValueError(f"variant {spec!r}: {key}={value} is not a Python literal") from e
+    # Parsed as a call's keywords, so a value may itself hold commas (a dict of per-layer
+    # options, a tuple).
+    problem = f"variant {spec!r}: the overrides must be key=value pairs of Python literals"
+    try:
+        call = ast.parse(f"f({opts})", mode="eval").body
+    except SyntaxError as e:
+        raise ValueError(problem) from e
+    if not isinstance(call, ast.Call) or call.args or any(kw.arg is None for kw in call.keywords):
+        raise ValueError(problem)
+    try:
+        overrides = {str(kw.arg): ast.literal_eval(kw.value) for kw in call.keywords}
+    except ValueError as e:
+        raise ValueError(problem) from e
     return METHODS[base].derive(name, f"{base} {overrides}", **overrides)
 
 

@@ -13,12 +13,16 @@ with CPython) a third family, also for reporting only.
 
 ``--variant NAME=PRESET:key=value,key=value`` derives a method from a preset with overrides
 (values parsed as Python literals). Prints one line per method: bytes ratio against fp16 (read
-from the cache at the end, as the eval does), mean KL, top-1, perplexity.
+from the cache at the end, as the eval does), mean KL, top-1, perplexity, and for every method
+after the first its KL change against the first on the same tokens with a 95% interval
+(:func:`kvmix.eval.report.paired_kl_change`): a change whose interval holds 0 is not shown by
+this text. ``--json PATH`` keeps the records, per-token figures included.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from typing import Any
 
@@ -26,6 +30,7 @@ import torch
 
 from kvmix.data import KjvPassages, _bos_ids, kjv_passages
 from kvmix.eval.methods import METHODS, parse_variant
+from kvmix.eval.report import paired_kl_change
 from kvmix.eval.tasks import fidelity_records
 
 
@@ -72,6 +77,7 @@ def main() -> None:
     p.add_argument("--continuation-tokens", type=int, default=256)
     p.add_argument("--methods", default="")
     p.add_argument("--variant", action="append", default=[])
+    p.add_argument("--json", metavar="PATH", help="also write the records (per-token figures too)")
     args = p.parse_args()
 
     from kvmix import enable_fused_attention
@@ -91,19 +97,28 @@ def main() -> None:
     t0 = time.time()
     recs = []
     for i in range(len(passages)):
-        recs += fidelity_records(model, passages, i, methods)
+        recs += fidelity_records(model, passages, i, methods, keep_steps=True)
     for m in methods:
         rs = [r for r in recs if r["method"] == m.name]
         kl = sum(r["kl"] for r in rs) / len(rs)
         top1 = sum(r["top1"] for r in rs) / len(rs)
         nll = sum(r["nll"] for r in rs) / len(rs)
         ratio = sum(r["fp16_bytes"] for r in rs) / sum(r["bytes"] for r in rs)
+        versus = ""
+        if m is not methods[0]:
+            c = paired_kl_change(recs, m.name, methods[0].name)
+            versus = (
+                f"  KL {c['change']:+.1%} [{c['low']:+.1%}, {c['high']:+.1%}] vs {methods[0].name}"
+            )
         print(
             f"{m.name:28s} ratio {ratio:5.3f}  KL {kl:.4f}  top1 {top1:.3f}  "
             f"ppl {float(torch.tensor(nll).exp()):.2f}  ({args.text}, {len(rs)} x "
-            f"{args.prefix_tokens}+{args.continuation_tokens})",
+            f"{args.prefix_tokens}+{args.continuation_tokens}){versus}",
             flush=True,
         )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(recs, f)
     print(f"{time.time() - t0:.0f} s")
 
 

@@ -16,6 +16,7 @@ from kvmix.data import KjvPassages
 from kvmix.eval import EvalConfig, markdown_table, resolve_methods, summarize
 from kvmix.eval.methods import METHODS, eviction_budget_matching
 from kvmix.eval.prefill import capture_prefill, replay_prefill
+from kvmix.eval.report import paired_kl_change
 from kvmix.eval.tasks import (
     _next_token_stats,
     cache_memory,
@@ -111,6 +112,60 @@ def test_fidelity_of_the_full_cache_is_exact_and_compression_is_not(tiny):
     # Perplexity is exp of the mean NLL of the true next tokens.
     assert full["perplexity"] == pytest.approx(math.exp(full["nll"]))
     assert low["compression_ratio"] > 1 > full["compression_ratio"]
+
+
+def test_kept_steps_are_the_records_means(tiny):
+    """``keep_steps`` adds the per-token figures whose means are the record's ``kl``/``top1``."""
+    methods = [METHODS["full"], REPLAYED["uniform2"]]
+    for r in fidelity_records(tiny, _passages(48, 16), 0, methods, keep_steps=True):
+        assert len(r["steps"]["kl"]) == len(r["steps"]["top1"]) == 16
+        assert np.mean(r["steps"]["kl"]) == pytest.approx(r["kl"], rel=1e-5, abs=1e-12)
+        assert np.mean(r["steps"]["top1"]) == pytest.approx(r["top1"])
+
+
+def _steps_records(name: str, kls: dict[str, np.ndarray]) -> list[dict]:
+    return [{"method": name, "passage": k, "steps": {"kl": v.tolist()}} for k, v in kls.items()]
+
+
+def test_paired_kl_change_against_the_delta_method():
+    """The bootstrap interval of the ratio of two paired means: exact for a constant ratio,
+    and for independent per-token noise (block 1) as wide as the delta method's normal
+    interval, ``1.96 * sd(a - R b) / (sqrt(n) mean(b))``, within 15%."""
+    rng = np.random.default_rng(3)
+    base = {f"p{i}": rng.exponential(0.01, 500) for i in range(4)}
+    doubled = {k: 2 * v for k, v in base.items()}
+    recs = _steps_records("base", base) + _steps_records("doubled", doubled)
+    c = paired_kl_change(recs, "doubled", "base")
+    assert c == pytest.approx({"change": 1.0, "low": 1.0, "high": 1.0})
+    assert paired_kl_change(recs, "base", "base") == pytest.approx(
+        {"change": 0.0, "low": 0.0, "high": 0.0}
+    )
+    noisy = {k: v * 0.9 + rng.normal(0, 0.004, v.size) for k, v in base.items()}
+    recs += _steps_records("noisy", noisy)
+    c = paired_kl_change(recs, "noisy", "base", block=1, resamples=4000)
+    a, b = np.concatenate(list(noisy.values())), np.concatenate(list(base.values()))
+    ratio = a.sum() / b.sum()
+    half = 1.96 * np.std(a - ratio * b) / (np.sqrt(a.size) * b.mean())
+    assert c["change"] == pytest.approx(ratio - 1)
+    assert c["low"] < ratio - 1 < c["high"]
+    assert (c["high"] - c["low"]) / 2 == pytest.approx(half, rel=0.15)
+
+
+def test_paired_kl_change_refuses_what_it_cannot_pair():
+    base = {"p0": np.ones(8)}
+    recs = _steps_records("a", base) + _steps_records("b", {"p1": np.ones(8)})
+    recs += _steps_records("c", {"p0": np.ones(7)})
+    recs.append({"method": "d", "passage": "p0", "kl": 0.1})
+    with pytest.raises(ValueError, match="same tokens"):
+        paired_kl_change(recs, "b", "a")
+    with pytest.raises(ValueError, match="same tokens"):
+        paired_kl_change(recs, "c", "a")
+    with pytest.raises(ValueError, match="no per-token steps"):
+        paired_kl_change(recs, "d", "a")
+    with pytest.raises(ValueError, match="no fidelity records of 'e'"):
+        paired_kl_change(recs, "e", "a")
+    with pytest.raises(ValueError, match="`block` must be at least 1"):
+        paired_kl_change(recs, "a", "a", block=0)
 
 
 def test_cache_memory_of_a_dynamic_cache_is_read_from_its_tensors(tiny):

@@ -132,6 +132,7 @@ def fidelity_records(
     passages: KjvPassages,
     index: int,
     methods: list[Method],
+    keep_steps: bool = False,
 ) -> list[dict[str, Any]]:
     """Teacher-force passage ``index``'s continuation through each method's cache after its
     compressed prefix, and compare every next-token distribution with the full-cache one.
@@ -139,6 +140,8 @@ def fidelity_records(
     The reference is one exact forward pass over prefix + continuation; each method prefills the
     prefix (replayed) and then decodes the continuation one token at a time, as in generation,
     so its cache compresses the continuation as it would compress generated tokens.
+    ``keep_steps`` adds each record's per-token ``kl`` / ``top1`` lists (``steps``), for
+    paired comparisons between methods (:func:`paired_kl_change`).
     """
     prefix = passages.prefix_ids[index : index + 1]
     cont = passages.continuation_ids[index]
@@ -162,6 +165,7 @@ def fidelity_records(
                 )
         s = torch.tensor(stats)
         nll = float(s[:, 2].mean())
+        steps = {"kl": s[:, 0].tolist(), "top1": s[:, 1].tolist()}
         records.append(
             {
                 "method": method.name,
@@ -172,6 +176,7 @@ def fidelity_records(
                 "top1": float(s[:, 1].mean()),
                 "nll": nll,
                 "perplexity": float(torch.tensor(nll).exp()),
+                **({"steps": steps} if keep_steps else {}),
                 **cache_memory(cache),
                 "seconds": round(time.perf_counter() - t0, 3),
             }

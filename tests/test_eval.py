@@ -223,6 +223,7 @@ def test_a_variant_is_its_preset_with_the_options_it_names():
         "x=kvmix-5x:sink_tokens=(1",
         "x=kvmix-5x:2",
         "x=kvmix-5x:**d",
+        "x=kvmix-5x:sink_tokens=1,sink_tokens=2",
     ):
         with pytest.raises(ValueError, match="variant"):
             resolve_methods([bad], 128, 1, 16)

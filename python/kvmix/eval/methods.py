@@ -129,6 +129,10 @@ def parse_variant(spec: str) -> Method:
         raise ValueError(problem) from e
     if not isinstance(call, ast.Call) or call.args or any(kw.arg is None for kw in call.keywords):
         raise ValueError(problem)
+    names = [str(kw.arg) for kw in call.keywords]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"variant {spec!r} sets {', '.join(twice)} more than once")
     try:
         overrides = {str(kw.arg): ast.literal_eval(kw.value) for kw in call.keywords}
     except ValueError as e:

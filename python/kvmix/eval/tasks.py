@@ -165,22 +165,21 @@ def fidelity_records(
                 )
         s = torch.tensor(stats)
         nll = float(s[:, 2].mean())
-        steps = {"kl": s[:, 0].tolist(), "top1": s[:, 1].tolist()}
-        records.append(
-            {
-                "method": method.name,
-                "passage": passages.references[index],
-                "prefix_tokens": p,
-                "continuation_tokens": c,
-                "kl": float(s[:, 0].mean()),
-                "top1": float(s[:, 1].mean()),
-                "nll": nll,
-                "perplexity": float(torch.tensor(nll).exp()),
-                **({"steps": steps} if keep_steps else {}),
-                **cache_memory(cache),
-                "seconds": round(time.perf_counter() - t0, 3),
-            }
-        )
+        record = {
+            "method": method.name,
+            "passage": passages.references[index],
+            "prefix_tokens": p,
+            "continuation_tokens": c,
+            "kl": float(s[:, 0].mean()),
+            "top1": float(s[:, 1].mean()),
+            "nll": nll,
+            "perplexity": float(torch.tensor(nll).exp()),
+            **cache_memory(cache),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        if keep_steps:
+            record["steps"] = {"kl": s[:, 0].tolist(), "top1": s[:, 1].tolist()}
+        records.append(record)
     return records
 
 

@@ -220,8 +220,16 @@ U)
   timeout 120 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
     --methods full zipcache kvmix-5x --repeats 3 > "$OUT/prefill-profile.txt" 2>&1
   ;;
+V)
+  # Session 16: kvmix-5x redefined (key ranges per 512 regular tokens, 11% salient): decode
+  # and prefill end to end at B=8 x 32k beside ZipCache and DynamicCache (session 11: kvmix-5x
+  # 25.0 ms, ZipCache 34.2 ms, DynamicCache 42.3 ms a step).
+  timeout 420 python3 -u -m kvmix.bench gpu --batches 8 --contexts 32768 --steps 8 \
+    --methods full zipcache kvmix-5x --json "$OUT/bench-32k-b8.json" \
+    > "$OUT/bench-32k-b8.txt" 2>&1
+  ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|U" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|V" >&2
   exit 2
   ;;
 esac

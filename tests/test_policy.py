@@ -43,6 +43,7 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
         "selection": "kv_head",
         "streaming_gap": 7,
         "sink_tokens": 4,
+        "key_block": 64,
         "key_clip": "mse",
         "value_clip": "mse",
     },
@@ -75,6 +76,7 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
         "selection": "layer",
         "streaming_gap": 100,
         "sink_tokens": 0,  # not in the paper: kvmix's addition, off by default
+        "key_block": 0,  # the paper: one per-channel range per classification's regular keys
         "key_clip": "minmax",  # the paper's round-to-nearest over each group's range
         "value_clip": "minmax",
     },

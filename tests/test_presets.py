@@ -40,11 +40,22 @@ CLAIMS: dict[str, dict[str, object]] = {
     "zipcache-k3": {"salient_ratio": 0.4, "low_key_bits": 3, "low_bits": 2},
     "zipcache20-k3": {"salient_ratio": 0.2, "high_bits": 4, "low_key_bits": 3, "low_bits": 2},
     "kvmix-5x": {
+        "salient_ratio": 0.11,
+        "high_bits": 4,
+        "low_key_bits": 3,
+        "low_bits": 2,
+        "sink_tokens": 4,
+        "key_block": 512,
+        "key_clip": "mse_unbiased",
+        "value_clip": "mse_unbiased",
+    },
+    "kvmix-5x-v2": {
         "salient_ratio": 0.14,
         "high_bits": 4,
         "low_key_bits": 3,
         "low_bits": 2,
         "sink_tokens": 4,
+        "key_block": 0,
         "key_clip": "mse_unbiased",
         "value_clip": "mse_unbiased",
     },
@@ -54,6 +65,7 @@ CLAIMS: dict[str, dict[str, object]] = {
         "low_key_bits": 3,
         "low_bits": 2,
         "sink_tokens": 4,
+        "key_block": 0,
         "key_clip": "minmax",
         "value_clip": "minmax",
     },
@@ -63,6 +75,7 @@ CLAIMS: dict[str, dict[str, object]] = {
         "low_key_bits": 3,
         "low_bits": 2,
         "sink_tokens": 0,
+        "key_block": 0,
         "key_clip": "minmax",
         "value_clip": "minmax",
     },
@@ -72,15 +85,17 @@ CLAIMS: dict[str, dict[str, object]] = {
         "low_key_bits": 3,
         "low_bits": 2,
         "sink_tokens": 0,
+        "key_block": 0,
         "key_clip": "minmax",
         "value_clip": "minmax",
     },
     "kvmix-5x-norot": {
-        "salient_ratio": 0.14,
+        "salient_ratio": 0.11,
         "high_bits": 4,
         "low_key_bits": 3,
         "low_bits": 2,
         "sink_tokens": 4,
+        "key_block": 512,
         "key_clip": "mse_unbiased",
         "value_clip": "mse_unbiased",
     },
@@ -93,7 +108,7 @@ POLICY = {
     "zipcache": "zipcache",
     "kvmix": "zipcache",
 }
-ROTATED = {"kvmix-5x", "kvmix-5x-minmax", "kvmix-5x-v1"}
+ROTATED = {"kvmix-5x", "kvmix-5x-v2", "kvmix-5x-minmax", "kvmix-5x-v1"}
 
 
 def small_config() -> LlamaConfig:

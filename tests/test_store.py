@@ -152,6 +152,45 @@ def test_zipcache_sink_tokens_are_salient_in_a_segment_of_their_own():
     assert not set(range(3)) & set(plain.tier_positions(0)["high"].tolist())
 
 
+@pytest.mark.parametrize("block", [0, 7, 16, 1000])
+def test_zipcache_key_block_gives_each_block_of_regular_tokens_its_own_key_ranges(block):
+    """`key_block=B`: the regular tokens, in position order, are cut every B tokens (the last
+    block shorter) and each block's keys are quantized per channel over that block alone, as
+    the reference quantizer's channel blocks; `0` (or a block longer than the set) is one
+    range per channel over the whole set (the paper). Each extra block costs its per-channel
+    key scale and offset and its value factors (2 + 2 + 2 bytes per channel), and a segment
+    start in the keys' and the values' index (4 + 4 bytes)."""
+    rng = np.random.default_rng(11)
+    n, h, ratio = 60, 2, 0.25
+    k = rng.standard_normal((1, h, n, D), dtype=np.float32)
+    k[:, :, 40] *= 20  # one outlying regular key: only its own block's ranges see it
+    v = rng.standard_normal((1, h, n, D), dtype=np.float32)
+    acc = rng.random((1, h, n), dtype=np.float32)
+    acc[:, :, 40] = 0.0  # ranked last: regular
+
+    def store_with(config):
+        store = kvmix.LayerStore("zipcache", h, D, {"salient_ratio": ratio, **config}, "float32")
+        store.append(k, v)
+        store.add_scores(0, acc, np.ones_like(acc))
+        store.maybe_classify()
+        return store
+
+    store, whole = store_with({"key_block": block}), store_with({})
+    low = store.tier_positions(0)["low"]
+    assert len(low) == n - round(ratio * n) and 40 in low.tolist()
+    blocks = -(-len(low) // block) if block else 1
+    for s in range(h):
+        pos, kd, _ = store.dense(s)
+        rows = np.searchsorted(pos, store.tier_positions(s)["low"])
+        kx = k[0, s, store.tier_positions(s)["low"]]
+        want = rq.dequantize_channel_blocks(
+            rq.quantize_channel_blocks(kx, 2, block or len(kx)), block or len(kx)
+        )
+        np.testing.assert_allclose(kd[rows], want, atol=1e-5)
+    extra = (blocks - 1) * h * (D * 6 + 8)
+    assert store.memory()["bytes"] - whole.memory()["bytes"] == extra
+
+
 @pytest.mark.parametrize("bits", [0, 5, 8])
 def test_zipcache_low_key_bits_out_of_range_is_refused(bits):
     with pytest.raises(kvmix.ConfigError, match="low_key_bits"):

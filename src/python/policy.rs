@@ -44,7 +44,7 @@ pub const MIKV_OPTIONS: [&str; 7] = [
     "key_balancer",
     "streaming_gap",
 ];
-pub const ZIPCACHE_OPTIONS: [&str; 14] = [
+pub const ZIPCACHE_OPTIONS: [&str; 15] = [
     "salient_ratio",
     "high_bits",
     "low_bits",
@@ -57,6 +57,7 @@ pub const ZIPCACHE_OPTIONS: [&str; 14] = [
     "selection",
     "streaming_gap",
     "sink_tokens",
+    "key_block",
     "key_clip",
     "value_clip",
 ];
@@ -139,6 +140,7 @@ fn set_zipcache(c: &mut ZipCacheConfig, o: &Opt<'_, '_, '_>) -> PyResult<()> {
         "selection" => c.selection = o.choice(&SELECTIONS)?,
         "streaming_gap" => c.streaming_gap = o.count()?,
         "sink_tokens" => c.sink_tokens = o.count()?,
+        "key_block" => c.key_block = o.count()?,
         "key_clip" => c.key_clip = o.choice(&CLIPS)?,
         "value_clip" => c.value_clip = o.choice(&CLIPS)?,
         _ => return Err(unknown(&Policy::ZipCache(*c), o.key)),
@@ -193,6 +195,7 @@ pub fn options_dict<'py>(py: Python<'py>, policy: &Policy) -> PyResult<Bound<'py
             d.set_item("selection", name_of(&SELECTIONS, c.selection))?;
             d.set_item("streaming_gap", c.streaming_gap)?;
             d.set_item("sink_tokens", c.sink_tokens)?;
+            d.set_item("key_block", c.key_block)?;
             d.set_item("key_clip", name_of(&CLIPS, c.key_clip))?;
             d.set_item("value_clip", name_of(&CLIPS, c.value_clip))?;
         }

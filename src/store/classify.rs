@@ -178,6 +178,20 @@ pub(super) fn plan_stream(
             }
             let regular: Vec<bool> = (0..n).map(|i| !salient[i] && !sink[i]).collect();
             let [pad, rest] = split_padding(&all.select(&regular, d), first_valid, d);
+            let mut to_low = vec![s.low.prepare(&pad)?];
+            // The regular tokens in position order, `key_block` per segment (the last one
+            // shorter); one segment when `key_block` is 0 or not smaller than their count.
+            let block = if c.key_block == 0 {
+                rest.len()
+            } else {
+                c.key_block
+            }
+            .max(1);
+            for start in (0..rest.len().max(1)).step_by(block) {
+                let span = start..start + block;
+                let pick: Vec<bool> = (0..rest.len()).map(|i| span.contains(&i)).collect();
+                to_low.push(s.low.prepare(&rest.select(&pick, d))?);
+            }
             Ok(Plan {
                 take_buffer: vec![true; n],
                 take_high: None,
@@ -186,7 +200,7 @@ pub(super) fn plan_stream(
                     s.high.prepare(&all.select(&sink, d))?,
                     s.high.prepare(&all.select(&salient, d))?,
                 ],
-                to_low: vec![s.low.prepare(&pad)?, s.low.prepare(&rest)?],
+                to_low,
                 moved: all.positions,
             })
         }

@@ -77,6 +77,11 @@ pub struct ZipCacheConfig {
     /// within the salient budget, and go to the high tier as a segment of their own, so their
     /// outlying keys and values set no other token's per-channel statistics.
     pub sink_tokens: usize,
+    /// Regular tokens per low-tier segment (`0`: one segment per classification, the paper).
+    /// Each segment has its own per-channel key ranges and value factors, so a long prompt's
+    /// regular keys are not all quantized on the range of its most outlying token (KIVI's
+    /// per-channel keys are grouped over token blocks in the same way: Liu et al., 2024).
+    pub key_block: usize,
     /// How the keys' groups (both tiers) choose their range: [`Clip::MinMax`] (the paper)
     /// or [`Clip::Mse`] (the range of least squared error). Split by keys and values, not by
     /// tier: squared error is attention error for values at every width, not for keys
@@ -101,6 +106,7 @@ impl Default for ZipCacheConfig {
             selection: Selection::Layer,
             streaming_gap: 100,
             sink_tokens: 0,
+            key_block: 0,
             key_clip: Clip::MinMax,
             value_clip: Clip::MinMax,
         }

@@ -215,12 +215,13 @@ def quantize_token_groups_kernel(
     X,  # each stream's rows, fp32, fp16 or bf16 (see `_rows`)
     XS,  # elements between streams in X
     IDX,  # int64 [S, N]: the source row of each row (HAS_IDX)
-    FAC,  # fp32 [S, D] channel factors (HAS_FAC)
+    FAC,  # fp32 [S, N / RB, D] channel factors of each segment (HAS_FAC)
     CODES,  # uint8 [S, cap, D*BITS/8]
     SC,  # fp16 [S, cap, G]
     OF,
     SHR,  # fp32 [NSHR] shrink factors (CLIP)
     N,
+    RB,  # rows of each segment (the rows are N / RB segments back to back)
     cap,
     row0,  # first destination row
     D: tl.constexpr,
@@ -238,8 +239,9 @@ def quantize_token_groups_kernel(
     c = tl.arange(0, D)
     x = _rows(X, XS, IDX, N, s, r, ok, c, D, HAS_IDX)
     if HAS_FAC:
-        f = tl.load(FAC + s * D + c)
-        x = x / f[None, :]
+        seg = s * (N // RB) + r // RB
+        f = tl.load(FAC + seg[:, None] * D + c[None, :], mask=ok[:, None], other=1.0)
+        x = x / f
     G: tl.constexpr = D // GS
     xg = tl.reshape(x, [BR, G, GS])
     top: tl.constexpr = (1 << BITS) - 1

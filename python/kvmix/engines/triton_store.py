@@ -445,15 +445,14 @@ class _Tier:
         fac = self._dummy
         if c.factor == "fixed":
             assert self.kfix is not None, "the key balancer is set before quantizing"
-            fac = self.kfix.float().contiguous()
+            fac = self.kfix.float()[:, None].expand(-1, nr.shape[1], -1).contiguous()
         elif c.factor == "separable":
-            assert nr.shape[1] == 1, "separable factors are per push"
-            # Each channel's largest |x| over the stream's real rows, from the channel
-            # kernels' minima and maxima (exact: every input widens to fp32 exactly).
+            # Each segment's channels' largest |x| over the stream's real rows, from the
+            # channel kernels' minima and maxima (exact: every input widens to fp32 exactly).
             lo, hi = self._channel_extremes(kern, src, n, has_idx, nr.contiguous())
-            amax = torch.maximum(-lo, hi)[:, 0]  # no real row: -inf, factor 1
+            amax = torch.maximum(-lo, hi)  # [S, NBLK, D]; no real row: -inf, factor 1
             f = torch.where(amax > 0, amax.sqrt(), 1.0).to(torch.float16)
-            self.vf[:, self.nseg] = f
+            self.vf[:, self.nseg : self.nseg + nr.shape[1]] = f
             fac = f.float().contiguous()
         br = 16
         _run(
@@ -466,6 +465,7 @@ class _Tier:
             of,
             shrink,
             n,
+            n // nr.shape[1],
             self.cap,
             row0,
             D=self.d,
@@ -1280,13 +1280,28 @@ class TritonLayerStore:
         # Room for this classification's pushes at once: one reallocation per tier.
         rest = [n - pad - ks - ns for pad, ks, ns in zip(pads, k_seq, sinks, strict=True)]
         self._tiers["high"].reserve(max(sinks) + max(k_seq), 2)
-        self._tiers["low"].reserve(max(pads) + max(rest), 2)
+        kb = int(o.get("key_block") or 0)
+        self._tiers["low"].reserve(max(pads) + max(rest), 2 + (max(rest) // kb if kb else 0))
         self._split_push("high", sink, k, v, p, max(sinks))
         self._split_push("high", salient, k, v, p, max(k_seq))
         # As the Rust store: a sequence's left padding is a low-tier segment of its own, so
         # the padding's range does not set its regular tokens' per-channel key codes.
         self._split_push("low", ~valid, k, v, p, max(pads))
-        self._split_push("low", ~salient & ~sink & valid, k, v, p, max(rest))
+        # The regular tokens in position order, `key_block` per segment (the last one shorter),
+        # as the Rust store cuts them: whole blocks in one push, the rest in another.
+        regular, width = ~salient & ~sink & valid, max(rest)
+        block = int(o.get("key_block") or 0) or max(1, width)
+        whole = width // block
+        if whole > 1 or (whole == 1 and width > block):
+            idx = _real_first(regular, width)
+            gp = torch.where(regular.gather(1, idx), p.gather(1, idx), -1)
+            low = self._tiers["low"]
+            cut = whole * block
+            low.push(self._kern(), k, v, gp[:, :cut], blocks=whole, rows=idx[:, :cut])
+            if width > cut:
+                low.push(self._kern(), k, v, gp[:, cut:], rows=idx[:, cut:].contiguous())
+        else:
+            self._split_push("low", regular, k, v, p, width)
 
     def _classify_retain(self, demote: bool) -> None:
         """MiKV / H2O (``src/store/classify.rs``, ``plan_retain_important``): the important set

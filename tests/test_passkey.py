@@ -86,10 +86,10 @@ def test_suite_deterministic_and_families_differ(tokenizer: PreTrainedTokenizerB
 @pytest.mark.slow
 def test_kvmix5x_keeps_the_passkey_on_an_untuned_family() -> None:
     """kvmix-5x was tuned on the filler haystack (passkeys), on the standard library's
-    docstrings (fidelity: sinks, salient share, per-layer bits) and, for its unbiased clipping,
-    on a diagnostic of KJV's rows; on Python's reference topics (the ``pydoc`` haystack, added
-    after those choices: every phrasing, two depths, 2k tokens) it answers at least as many keys
-    as the full cache minus one, at >= 4.9x."""
+    docstrings (fidelity: sinks, salient share, per-layer bits, key blocks) and, for its
+    unbiased clipping, on a diagnostic of KJV's rows; on Python's reference topics (the
+    ``pydoc`` haystack, never tuned on: every phrasing, two depths, 2k tokens) it answers at
+    least as many keys as the full cache minus one, at >= 4.9x."""
     from kvmix.eval.suite import run_suite
     from kvmix.models import load_smollm2
 

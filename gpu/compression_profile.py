@@ -5,6 +5,10 @@ Llama-3.1-8B's shape, ``--batch`` x ``--context`` random bf16 keys/values, the T
    scores (the classification that quantizes the prompt into the tiers: the torch glue
    around the quantize kernels and the kernels), synchronized, the median of ``--reps``
    after a warm-up, and the device memory it allocates beyond the filled store (its peak);
+   With ``--kernel-table``, the last run is also profiled and its kernels tabled (where the
+   classification's device time goes); ``--variant NAME=PRESET:key=value,...`` (repeatable,
+   :func:`kvmix.eval.methods.parse_variant`) adds a preset with options overridden, e.g. the
+   range search off: ``'mm=kvmix-5x:key_clip="minmax",value_clip="minmax"'``;
 2. unless ``--skip-profile``, the torch profiler's kernel table for
    ``kvmix.attention._score_prefill`` (probe scoring, then the classification). Run twice
    (the first compiles); the second is profiled, with the rows' LSE from the flash forward
@@ -23,6 +27,7 @@ script once per tree (``PYTHONPATH=<tree>/python``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from typing import Any
@@ -34,6 +39,7 @@ from transformers import LlamaForCausalLM
 import kvmix
 from kvmix import attention as kattn
 from kvmix.bench.gpu import METHODS, llama_8b_config
+from kvmix.eval.methods import parse_variant
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -92,6 +98,15 @@ CHANNEL_LAUNCHES = [
 ]
 
 
+def _make(method: str, cfg: Any, args: argparse.Namespace) -> Any:
+    """A Triton-engine cache of preset ``method`` or of one of ``--variant``'s."""
+    for spec in args.variant:
+        preset = parse_variant(spec)
+        if preset.name == method:
+            return preset.make_cache(cfg, engine="triton")
+    return kvmix.make_cache(method, cfg, engine="triton")
+
+
 def _compression(method: str, args: argparse.Namespace) -> None:
     """Compression alone (1. above): a fresh Triton-engine cache per run, filled with the
     prompt and random scores, then its classification timed."""
@@ -107,8 +122,8 @@ def _compression(method: str, args: argparse.Namespace) -> None:
     acc = torch.rand((b, hk, t), device=device, generator=g)
     times: list[float] = []
     peaks: list[int] = []
-    for rep in range(args.reps + 1):  # the first compiles
-        cache = kvmix.make_cache(method, cfg, engine="triton")
+    for rep in range(args.reps + 1 + args.kernel_table):  # the first compiles; then timed
+        cache = _make(method, cfg, args)
         with torch.inference_mode():
             cache.update(k, v, 0)
             store = cache.kvmix_layers[0].store
@@ -118,11 +133,17 @@ def _compression(method: str, args: argparse.Namespace) -> None:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 start = torch.cuda.memory_allocated()
-            t0 = time.perf_counter()
-            store.maybe_classify(True)
-            if cuda:
-                torch.cuda.synchronize()
-            if rep:
+            table = args.kernel_table and rep == args.reps + 1  # after the timed runs
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=acts) if table else contextlib.nullcontext() as prof:
+                t0 = time.perf_counter()
+                store.maybe_classify(True)
+                if cuda:
+                    torch.cuda.synchronize()
+            if table:
+                sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+                print(prof.key_averages().table(sort_by=sort, row_limit=args.rows), flush=True)
+            elif rep:
                 times.append(time.perf_counter() - t0)
                 if cuda:
                     peaks.append(torch.cuda.max_memory_allocated() - start)
@@ -144,6 +165,12 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=14, help="profiler table rows")
     p.add_argument("--tiny", action="store_true", help="toy head shapes (CPU smoke test)")
     p.add_argument("--reps", type=int, default=5, help="timed runs of compression alone")
+    p.add_argument(
+        "--variant", action="append", default=[], help="NAME=PRESET:key=value,... (repeatable)"
+    )
+    p.add_argument(
+        "--kernel-table", action="store_true", help="profile compression alone's last run"
+    )
     p.add_argument("--skip-profile", action="store_true", help="compression alone only")
     p.add_argument(
         "--channel-sweep",
@@ -158,7 +185,7 @@ def main() -> None:
         flush=True,
     )
     print("## compression alone (maybe_classify of the filled store, synchronized)", flush=True)
-    for method in args.methods:
+    for method in args.methods + [spec.partition("=")[0] for spec in args.variant]:
         _compression(method, args)
     if args.channel_sweep:
         from kvmix.engines import triton_store

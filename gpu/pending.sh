@@ -228,8 +228,37 @@ V)
     --methods full zipcache kvmix-5x --json "$OUT/bench-32k-b8.json" \
     > "$OUT/bench-32k-b8.txt" 2>&1
   ;;
+W)
+  # Session 17: where kvmix-5x's compression (12.9 ms against ZipCache's 3.8 ms at B=8 x 32k,
+  # one layer) spends its device time: kernel tables, and the range search, the key blocks and
+  # the rotation switched off one at a time.
+  timeout 300 python3 -u gpu/compression_profile.py --skip-profile --kernel-table --rows 16 \
+    --variant 'kmm=kvmix-5x:key_clip="minmax"' --variant 'vmm=kvmix-5x:value_clip="minmax"' \
+    --variant 'mm=kvmix-5x:key_clip="minmax",value_clip="minmax"' \
+    --variant 'kb0=kvmix-5x:key_block=0' --variant 'norot=kvmix-5x:rotation_seed=None' \
+    > "$OUT/compression-table.txt" 2>&1
+  ;;
+X)
+  # Session 17: the per-channel choice and the separable factors made by kernels (the
+  # classification's host ops: kvmix-5x 438 -> 180, ZipCache 202 -> 136 at B=1); compression
+  # alone beside the previous commit's tree (carry/old/python, when carried), the CUDA tests,
+  # the step tables and the prefill at B=8 and B=1 x 32k.
+  timeout 60 python3 -u gpu/compression_profile.py --skip-profile > "$OUT/compression.txt" 2>&1
+  if [ -d carry/old/python ]; then
+    cp /tmp/kvmixpy/kvmix/_kvmix*.so carry/old/python/kvmix/
+    PYTHONPATH=$PWD/carry/old/python:$PYTHONPATH timeout 60 python3 -u \
+      gpu/compression_profile.py --skip-profile > "$OUT/compression-old.txt" 2>&1
+  fi
+  timeout 150 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 60 python3 -u gpu/prefill_steps.py > "$OUT/prefill-steps.txt" 2>&1
+  timeout 40 python3 -u gpu/prefill_steps.py --batch 1 --reps 5 > "$OUT/prefill-steps-b1.txt" 2>&1
+  timeout 130 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x --repeats 3 > "$OUT/prefill-profile.txt" 2>&1
+  timeout 70 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
+  ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|V" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|X" >&2
   exit 2
   ;;
 esac

@@ -103,3 +103,41 @@ def test_other_decoding_steps_stay_within_their_budget(
     assert sum(counted.values()) / LAYERS == launches, counted
     kvmix_ops = ops.total("update") + ops.total("attention")
     assert kvmix_ops / LAYERS <= budget, ops.ops
+
+
+@pytest.mark.parametrize(
+    ("preset", "op_budget", "launch_budget"),
+    [
+        # The counts measured (session 17, 2 sequences of 1100 tokens): ZipCache 136 ops and
+        # 12 launches, kvmix-5x 180 and 28 (its sinks' segment, its key blocks' tail push, the
+        # range search's launches). Before the chunks' choice and the separable factors moved
+        # into kernels: about 200 and 440 ops.
+        ("zipcache", 136, 12),
+        ("kvmix-5x", 180, 28),
+    ],
+)
+def test_the_prompts_classification_stays_within_its_host_budget(
+    preset: str, op_budget: int, launch_budget: int
+) -> None:
+    """The prompt's classification is host work per layer too: at batch 1 it is most of the
+    prefill's overhead on a GPU (session 14, B=1 x 32k: ~10 ms of kvmix-5x's per layer)."""
+    model = tiny_random_model("llama", num_hidden_layers=1)
+    kvmix.enable_fused_attention(model)
+    cache = kvmix.make_cache(preset, model.config, engine="triton")
+    b, h, t, d = 2, model.config.num_key_value_heads, 1100, model.config.head_dim
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn((b, h, t, d), generator=g), torch.randn((b, h, t, d), generator=g)
+    acc = torch.rand((b, h, t), generator=g)
+    with torch.inference_mode():
+        cache.update(k, v, 0)
+        store = cache.kvmix_layers[0].store
+        store.set_first_valid([0] * b)
+        store.add_scores(0, acc, torch.ones_like(acc))
+        with count_host_work() as (ops, launches):
+            assert store.maybe_classify(True)
+    assert ops.total() <= op_budget, ops.ops
+    assert sum(launches.values()) <= launch_budget, launches
+    # The classification put every token somewhere (a count that could go wrong if a push
+    # were skipped): each stream's tiers hold the t tokens.
+    tiers = [store._tiers[name] for name in ("high", "low")]
+    assert sum(int((tier.pos[:, : tier.fill] >= 0).sum()) for tier in tiers) == b * h * t

@@ -18,8 +18,9 @@ GPU may fuse ``mid - s * half`` into one rounding, another documented tie. ``CLI
 
 Per-channel grids (keys) span a whole segment, up to a prompt's length: their rows are cut into
 chunks, one program each (:func:`channel_partials_kernel` for the minima, maxima and every
-candidate's errors, :func:`encode_channels_kernel` for the codes), and the caller combines the
-chunks and makes the choice with torch (``TritonLayerStore``'s tiers).
+candidate's errors, :func:`encode_channels_kernel` for the codes); one program per segment and
+channel block combines the chunks and writes the chosen grid into the tier
+(:func:`channel_choose_kernel`) or ZipCache's separable factors (:func:`channel_factor_kernel`).
 """
 
 # Triton's kernel language is untyped (its decorators, and parameters whose annotations
@@ -215,11 +216,14 @@ def quantize_token_groups_kernel(
     X,  # each stream's rows, fp32, fp16 or bf16 (see `_rows`)
     XS,  # elements between streams in X
     IDX,  # int64 [S, N]: the source row of each row (HAS_IDX)
-    FAC,  # fp32 [S, N / RB, D] channel factors of each segment (HAS_FAC)
+    FAC,  # fp16 channel factors (HAS_FAC): row r's at FAC + s * FSS + (F0 + r // RB) * FBS
     CODES,  # uint8 [S, cap, D*BITS/8]
     SC,  # fp16 [S, cap, G]
     OF,
     SHR,  # fp32 [NSHR] shrink factors (CLIP)
+    FSS,  # FAC's stream stride, first segment and segment stride (elements)
+    F0,
+    FBS,
     N,
     RB,  # rows of each segment (the rows are N / RB segments back to back)
     cap,
@@ -239,9 +243,9 @@ def quantize_token_groups_kernel(
     c = tl.arange(0, D)
     x = _rows(X, XS, IDX, N, s, r, ok, c, D, HAS_IDX)
     if HAS_FAC:
-        seg = s * (N // RB) + r // RB
-        f = tl.load(FAC + seg[:, None] * D + c[None, :], mask=ok[:, None], other=1.0)
-        x = x / f
+        at = s * FSS + (F0 + r // RB).to(tl.int64) * FBS
+        f = tl.load(FAC + at[:, None] + c[None, :], mask=ok[:, None], other=1.0)
+        x = x / f.to(tl.float32)
     G: tl.constexpr = D // GS
     xg = tl.reshape(x, [BR, G, GS])
     top: tl.constexpr = (1 << BITS) - 1
@@ -362,8 +366,9 @@ def channel_partials_kernel(
     NR,  # int32 [S, NBLK]: real rows of each stream's segment (the rest are holes)
     OUT0,  # MODE 0: fp32 [S, NBLK, NCH, D] chunk minima; else f64 [NC, S, NBLK, NCH, D] errors
     OUT1,  # MODE 0: chunk maxima; else f64 sums of (x̂ - x) * x (does the grid shrink?)
-    CSC,  # fp32 [NC, S, NBLK, D]: the candidate grids' fp16 scales (MODE 1)
-    COF,  # the same, offsets
+    LO,  # MODE 1: MODE 0's chunk minima and maxima, whose candidate grids are tried
+    HI,
+    SHR,  # fp32 [NC - 1] shrink factors (MODE 1)
     N,
     BSTRIDE,
     NBLK,
@@ -406,6 +411,7 @@ def channel_partials_kernel(
     else:
         top: tl.constexpr = (1 << BITS) - 1
         streams = tl.num_programs(0)
+        lo, hi = _segment_range(LO, HI, NR, s, blk, NBLK, NCH, c, D)
         # NCP candidates at a time, a [NCP, BR, CB] tile of errors per row tile: a row's
         # float64 widening is shared by the NCP candidates (the conversions, at a quarter of
         # the float64 rate, bound the search), and the sums run elementwise, reduced over the
@@ -414,9 +420,8 @@ def channel_partials_kernel(
         for i0 in range(0, NC, NCP):
             ci = i0 + tl.arange(0, NCP)
             cm = (ci < NC)[:, None]
-            at = ((ci[:, None] * streams + s) * NBLK + blk) * D + c[None, :]
-            sf = tl.load(CSC + at, mask=cm, other=1.0)[:, None, :]
-            of = tl.load(COF + at, mask=cm, other=0.0)[:, None, :]
+            sf, of = _candidate(lo[None, :], hi[None, :], tl.minimum(ci, NC - 1)[:, None], SHR, top)
+            sf, of = sf[:, None, :], of[:, None, :]
             e2 = tl.full([NCP, BR, CB], 0.0, tl.float64)
             ex = tl.full([NCP, BR, CB], 0.0, tl.float64)
             e2, ex = _errors_run(
@@ -433,14 +438,128 @@ def channel_partials_kernel(
 
 
 @triton.jit
+def _segment_range(LO, HI, NR, s, blk, NBLK, NCH, c, D: tl.constexpr):
+    """Segment ``blk``'s per-channel minima and maxima ``[CB]`` from its chunks' partials
+    (``channel_partials_kernel`` MODE 0: a chunk past the real rows holds +inf / -inf), or 0
+    and 0 for a segment with no real row (as the Rust quantizer ranges an empty group)."""
+    at = (s * NBLK + blk) * NCH
+    lo = tl.load(LO + at * D + c)
+    hi = tl.load(HI + at * D + c)
+    for ch in range(1, NCH):
+        lo = tl.minimum(lo, tl.load(LO + (at + ch) * D + c))
+        hi = tl.maximum(hi, tl.load(HI + (at + ch) * D + c))
+    empty = tl.load(NR + s * NBLK + blk) == 0
+    return tl.where(empty, 0.0, lo), tl.where(empty, 0.0, hi)
+
+
+@triton.jit
+def _candidate(lo, hi, i, SHR, top: tl.constexpr):
+    """Candidate grid ``i`` of the range ``[lo, hi]`` as fp16 values in fp32: ``i == 0`` the
+    min-max grid, ``i >= 1`` the range shrunk about its midpoint by ``SHR[i - 1]``
+    (``src/quant/clip.rs``; as :func:`_grid` for token groups). The divisions are correctly
+    rounded, as the Rust quantizer's; the GPU may fuse ``mid - s * half`` into one rounding
+    (the documented tie)."""
+    s_i = tl.load(SHR + tl.maximum(i - 1, 0))
+    mid = (lo + hi) * 0.5
+    half = (hi - lo) * 0.5
+    a = tl.where(i == 0, lo, mid - s_i * half)
+    b = tl.where(i == 0, hi, mid + s_i * half)
+    scale = tl.div_rn(b - a, tl.full(a.shape, top, tl.float32)).to(tl.float16)
+    return scale.to(tl.float32), a.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def channel_choose_kernel(
+    LO,  # fp32 [S, NBLK, NCH, D]: the chunks' minima (channel_partials_kernel MODE 0)
+    HI,  # their maxima
+    NR,  # int32 [S, NBLK]: real rows of each segment
+    ERR,  # f64 [NC, S, NBLK, NCH, D]: the candidates' chunk errors (MODE 1; CLIP)
+    GROW,  # f64, the same shape: their sums of (x̂ - x) * x
+    SHR,  # fp32 [NC - 1] shrink factors (CLIP)
+    SC,  # fp16 [S, SEGCAP, D]: the tier's per-channel scales; segment b goes to SEG0 + b
+    OF,  # the same, offsets
+    NBLK,
+    NCH,
+    NC,
+    SEGCAP,
+    SEG0,
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+    CB: tl.constexpr,
+    CLIP: tl.constexpr,  # 0 min-max, 1 least squared error, 2 the same among unshrinking grids
+):
+    """Each segment's per-channel grid, written into the tier: min-max, or with ``CLIP`` the
+    candidate of least error summed over the chunks (float64), the first on a tie, as the
+    Rust search keeps a candidate only when strictly better; ``CLIP == 2`` skips a grid that
+    shrinks its channel (``sum((x̂ - x) * x) < 0``); a constant channel (min-max scale 0)
+    keeps min-max. One program per (stream, channel block, segment): the choice stays on
+    the device, without the torch ops that combined the chunks (a few dozen host ops per
+    push, the classification's largest host cost)."""
+    s = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * CB + tl.arange(0, CB)
+    blk = tl.program_id(2)
+    top: tl.constexpr = (1 << BITS) - 1
+    lo, hi = _segment_range(LO, HI, NR, s, blk, NBLK, NCH, c, D)
+    scale, offset = _candidate(lo, hi, tl.full([CB], 0, tl.int32), SHR, top)
+    if CLIP:
+        streams = tl.num_programs(0)
+        at = (s * NBLK + blk) * NCH
+        best = tl.full([CB], float("inf"), tl.float64)
+        best_i = tl.full([CB], 0, tl.int32)
+        for i in range(0, NC):
+            err = tl.full([CB], 0.0, tl.float64)
+            grow = tl.full([CB], 0.0, tl.float64)
+            for ch in range(0, NCH):
+                o = ((i * streams * NBLK * NCH) + at + ch) * D + c
+                err += tl.load(ERR + o)
+                grow += tl.load(GROW + o)
+            if CLIP == 2:
+                err = tl.where(grow < 0.0, float("inf"), err)
+            better = (err < best) | (i == 0)
+            best_i = tl.where(better, i, best_i)
+            best = tl.where(better, err, best)
+        best_i = tl.where(scale != 0.0, best_i, 0)
+        scale, offset = _candidate(lo, hi, best_i, SHR, top)
+    dst = (s * SEGCAP + SEG0 + blk) * D + c
+    tl.store(SC + dst, scale.to(tl.float16))
+    tl.store(OF + dst, offset.to(tl.float16))
+
+
+@triton.jit
+def channel_factor_kernel(
+    LO,  # fp32 [S, NBLK, NCH, D]: the chunks' minima (channel_partials_kernel MODE 0)
+    HI,
+    NR,  # int32 [S, NBLK]
+    VF,  # fp16 [S, SEGCAP, D]: the tier's separable factors; segment b goes to SEG0 + b
+    NBLK,
+    NCH,
+    SEGCAP,
+    SEG0,
+    D: tl.constexpr,
+    CB: tl.constexpr,
+):
+    """ZipCache's channel-separable factors of each segment: ``sqrt(max |x|)`` per channel
+    over its real rows, in fp16 (1 for a channel of zeros or a segment with no real row)."""
+    s = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * CB + tl.arange(0, CB)
+    blk = tl.program_id(2)
+    lo, hi = _segment_range(LO, HI, NR, s, blk, NBLK, NCH, c, D)
+    amax = tl.maximum(-lo, hi)
+    f = tl.where(amax > 0.0, tl.sqrt_rn(tl.maximum(amax, 0.0)), 1.0)
+    tl.store(VF + (s * SEGCAP + SEG0 + blk) * D + c, f.to(tl.float16))
+
+
+@triton.jit
 def encode_channels_kernel(
     X,  # each stream's rows, laid out as for channel_partials_kernel
     XS,
     IDX,
     NR,  # int32 [S, NBLK]
     CODES,  # uint8 [S, cap, D*BITS/8]
-    SCF,  # fp32 [S, NBLK, D]: each segment's chosen scales (fp16 values)
-    OFF,  # the same, offsets
+    SC,  # fp16 [S, SEGCAP, D]: the tier's per-channel scales, segment b's at SEG0 + b
+    OF,  # the same, offsets
+    SEGCAP,
+    SEG0,
     N,
     cap,
     row0,  # destination row of segment 0; segment b goes to row0 + b * BSTRIDE
@@ -458,8 +577,8 @@ def encode_channels_kernel(
     s = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * CB + tl.arange(0, CB)
     blk, _, r_lo, r_hi = _chunk(NR, s, NBLK, NCH, CHUNK)
-    sf = tl.load(SCF + (s * NBLK + blk) * D + c)
-    of = tl.load(OFF + (s * NBLK + blk) * D + c)
+    sf = tl.load(SC + (s * SEGCAP + SEG0 + blk) * D + c).to(tl.float32)
+    of = tl.load(OF + (s * SEGCAP + SEG0 + blk) * D + c).to(tl.float32)
     div = tl.where(sf == 0.0, 1.0, sf)
     top: tl.constexpr = (1 << BITS) - 1
     base = blk * BSTRIDE  # the segment's first row, in X and (plus row0) in the tier

@@ -291,7 +291,8 @@ class _Tier:
 
             def widen_s(t: torch.Tensor, fill: float) -> torch.Tensor:
                 out = torch.full((self.s, new_s, self.d), fill, dtype=t.dtype, device=t.device)
-                out[:, :old] = t[:, :old]
+                if old:  # a first allocation has nothing to copy
+                    out[:, :old] = t[:, :old]
                 return out
 
             if self.k.kind == "channel":
@@ -435,25 +436,29 @@ class _Tier:
         n = x.shape[1] if rows is None else rows.shape[1]
         src = (x, x.stride(0), self._dummy if rows is None else rows)
         has_idx = {"HAS_IDX": rows is not None}
+        nr = nr.contiguous()
         if c.kind == "channel":
-            self._encode_channels(kern, c, src, n, has_idx, nr.contiguous(), data, row0)
+            self._encode_channels(kern, c, src, n, has_idx, nr, data, row0)
             return
         # CLIP: 0 min-max, 1 least squared error, 2 the same among grids that do not shrink.
         clip = {"CLIP": _CLIPS[c.clip], "NSHR": len(c.shrink)}
         shrink = c.shrink_tensor(x.device)
         sc, of = (self.ks, self.ko) if key else (self.vs, self.vo)
-        fac = self._dummy
+        # The channel factors, read by the kernel where they are kept: the fixed key factor
+        # [S, D] for every segment, or each segment's separable factors in the tier.
+        fac, fac_at = self._dummy, (0, 0, 0)  # stream stride, first segment, segment stride
         if c.factor == "fixed":
             assert self.kfix is not None, "the key balancer is set before quantizing"
-            fac = self.kfix.float()[:, None].expand(-1, nr.shape[1], -1).contiguous()
+            fac, fac_at = self.kfix, (self.d, 0, 0)
         elif c.factor == "separable":
             # Each segment's channels' largest |x| over the stream's real rows, from the
             # channel kernels' minima and maxima (exact: every input widens to fp32 exactly).
-            lo, hi = self._channel_extremes(kern, src, n, has_idx, nr.contiguous())
-            amax = torch.maximum(-lo, hi)  # [S, NBLK, D]; no real row: -inf, factor 1
-            f = torch.where(amax > 0, amax.sqrt(), 1.0).to(torch.float16)
-            self.vf[:, self.nseg : self.nseg + nr.shape[1]] = f
-            fac = f.float().contiguous()
+            grid, common, consts = self._channel_launch(n, has_idx, nr, 8)  # BITS: unused
+            lo, hi = self._channel_extremes(kern, src, nr, grid, common, consts)
+            consts = {"D": self.d, "CB": consts["CB"]}
+            _run(kern.channel_factor_kernel, (*grid[:2], nr.shape[1]), lo, hi, nr, self.vf,
+                 *common[2:], self.seg_cap, self.nseg, **consts)  # fmt: skip
+            fac, fac_at = self.vf, (self.seg_cap * self.d, self.nseg, self.d)
         br = 16
         _run(
             kern.quantize_token_groups_kernel,
@@ -464,6 +469,7 @@ class _Tier:
             sc,
             of,
             shrink,
+            *fac_at,
             n,
             n // nr.shape[1],
             self.cap,
@@ -493,17 +499,23 @@ class _Tier:
         return (self.s, self.d // cb, nblk * nch), (n, rb, nblk, nch), consts | has_idx
 
     def _channel_extremes(
-        self, kern: Any, src: tuple[Any, ...], n: int, has_idx: dict[str, bool], nr: torch.Tensor
+        self,
+        kern: Any,
+        src: tuple[Any, ...],
+        nr: torch.Tensor,
+        grid: Any,
+        common: Any,
+        consts: dict[str, Any],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each segment's per-channel minima and maxima over its real rows, fp32 ``[S, NBLK,
-        D]`` (``+inf`` / ``-inf`` for a segment with none)."""
-        grid, common, consts = self._channel_launch(n, has_idx, nr, 8)  # BITS: unused here
-        lo = torch.empty((self.s, *common[2:], self.d), dtype=torch.float32, device=nr.device)
+        """Each chunk's per-channel minima and maxima over its real rows, fp32 ``[S, NBLK,
+        NCH, D]`` (``+inf`` / ``-inf`` for a chunk with none), for the choose and factor
+        kernels to combine."""
+        lo = torch.empty((self.s, *common[2:], self.d), dtype=torch.float32, device=self.device)
         hi = torch.empty_like(lo)
         dummy = self._dummy
-        _run(kern.channel_partials_kernel, grid, *src, nr, lo, hi, dummy, dummy, *common, 0,
-             **consts, MODE=0, NCP=CHANNEL_CANDIDATES)  # fmt: skip
-        return lo.amin(2), hi.amax(2)
+        _run(kern.channel_partials_kernel, grid, *src, nr, lo, hi, dummy, dummy, dummy,
+             *common, 0, **consts, MODE=0, NCP=CHANNEL_CANDIDATES)  # fmt: skip
+        return lo, hi
 
     def _encode_channels(
         self,
@@ -520,43 +532,28 @@ class _Tier:
         chosen among min-max and the shrunk candidates, as ``src/quant/clip.rs`` chooses.
 
         The rows are cut into chunks of :data:`CHANNEL_CHUNK`, one program each per block of
-        channels, and the chunks' partial minima, maxima and errors combined here: one
-        program per channel block and segment (the first design) left a 32k-token prefill's
-        keys to ~256 programs looping over every row once per candidate, most of an H200
-        idle. The candidates' grids are computed by torch in fp32 without fused multiply-adds,
-        as the Rust quantizer computes them."""
-        s, d, dev = self.s, self.d, nr.device
-        nblk = nr.shape[1]
+        channels, and the chunks' partial minima, maxima and errors combined by one program
+        per segment and channel block (``channel_choose_kernel``), which writes the chosen
+        grids into the tier: one program per channel block and segment for the whole search
+        (the first design) left a 32k-token prefill's keys to ~256 programs looping over
+        every row once per candidate, most of an H200 idle; the choice made with torch (the
+        second) cost ~35 host ops per push."""
         grid, common, consts = self._channel_launch(n, has_idx, nr, c.bits)
-        nch = common[3]
-        empty = (nr == 0)[:, :, None]
-        lo, hi = self._channel_extremes(kern, src, n, has_idx, nr)
-        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)  # [S, NBLK, D]
-        top = (1 << c.bits) - 1
-        scale, offset = ((hi - lo) / top).half(), lo.half()
+        lo, hi = self._channel_extremes(kern, src, nr, grid, common, consts)
         clip = _CLIPS[c.clip]
+        shrink = c.shrink_tensor(self.device)
+        nc = 1 + len(c.shrink) if clip else 1
+        err = grow = self._dummy
         if clip:
-            shrink = c.shrink_tensor(dev)[:, None, None, None]
-            mid, half = (lo + hi) * 0.5, (hi - lo) * 0.5
-            a, b = mid - shrink * half, mid + shrink * half
-            cand_sc = torch.cat([scale[None], ((b - a) / top).half()])  # [NC, S, NBLK, D]
-            cand_of = torch.cat([offset[None], a.half()])
-            nc = cand_sc.shape[0]
-            err = torch.empty((nc, s, nblk, nch, d), dtype=torch.float64, device=dev)
+            err = torch.empty((nc, *lo.shape), dtype=torch.float64, device=self.device)
             grow = torch.empty_like(err)
-            _run(kern.channel_partials_kernel, grid, *src, nr, err, grow, cand_sc.float(),
-                 cand_of.float(), *common, nc, **consts, MODE=1,
-                 NCP=CHANNEL_CANDIDATES)  # fmt: skip
-            total = err.sum(3)  # [NC, S, NBLK, D]
-            if clip == 2:  # a grid that shrinks its channel is not a candidate
-                total = total.masked_fill(grow.sum(3) < 0, math.inf)
-            # The first least error, as the Rust search keeps a candidate only when strictly
-            # better; a constant channel (min-max scale 0) keeps min-max.
-            best = torch.where(scale != 0, total.argmin(0), 0)[None]
-            scale, offset = cand_sc.gather(0, best)[0], cand_of.gather(0, best)[0]
-        self.ks[:, self.nseg : self.nseg + nblk] = scale
-        self.ko[:, self.nseg : self.nseg + nblk] = offset
-        _run(kern.encode_channels_kernel, grid, *src, nr, data, scale.float(), offset.float(),
+            _run(kern.channel_partials_kernel, grid, *src, nr, err, grow, lo, hi, shrink,
+                 *common, nc, **consts, MODE=1, NCP=CHANNEL_CANDIDATES)  # fmt: skip
+        seg = (self.seg_cap, self.nseg)
+        _run(kern.channel_choose_kernel, (*grid[:2], nr.shape[1]), lo, hi, nr, err, grow,
+             shrink, self.ks, self.ko, *common[2:], nc, *seg, D=self.d, BITS=c.bits,
+             CB=consts["CB"], CLIP=clip)  # fmt: skip
+        _run(kern.encode_channels_kernel, grid, *src, nr, data, self.ks, self.ko, *seg,
              n, self.cap, row0, *common[1:], **consts)  # fmt: skip
 
     # -- reading --------------------------------------------------------------------------

@@ -171,6 +171,12 @@ def main() -> None:
     p.add_argument(
         "--kernel-table", action="store_true", help="profile compression alone's last run"
     )
+    p.add_argument(
+        "--search",
+        choices=["fp32", "float64", "fp32-unchecked"],
+        default="fp32",
+        help="how the range searches decide (kvmix.engines.triton_store.SEARCH)",
+    )
     p.add_argument("--skip-profile", action="store_true", help="compression alone only")
     p.add_argument(
         "--channel-sweep",
@@ -184,12 +190,18 @@ def main() -> None:
         f"{kvmix.__file__}",
         flush=True,
     )
-    print("## compression alone (maybe_classify of the filled store, synchronized)", flush=True)
+    from kvmix.engines import triton_store
+
+    if hasattr(triton_store, "SEARCH"):  # a tree before session 17 has no such switch
+        triton_store.SEARCH = args.search
+    print(
+        f"## compression alone (maybe_classify of the filled store, synchronized), range "
+        f"search {getattr(triton_store, 'SEARCH', 'float64')}",
+        flush=True,
+    )
     for method in args.methods + [spec.partition("=")[0] for spec in args.variant]:
         _compression(method, args)
     if args.channel_sweep:
-        from kvmix.engines import triton_store
-
         default = (
             triton_store.CHANNEL_CHUNK,
             triton_store.CHANNEL_BLOCK,

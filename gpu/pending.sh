@@ -240,16 +240,24 @@ W)
   ;;
 X)
   # Session 17: the per-channel choice and the separable factors made by kernels (the
-  # classification's host ops: kvmix-5x 438 -> 180, ZipCache 202 -> 136 at B=1); compression
-  # alone beside the previous commit's tree (carry/old/python, when carried), the CUDA tests,
-  # the step tables and the prefill at B=8 and B=1 x 32k.
+  # classification's host ops: kvmix-5x 438 -> 180, ZipCache 202 -> 136 at B=1), and the
+  # range searches in fp32 with a float64 re-search where rounding could matter; compression
+  # alone with each search and beside the tree before (carry/old/python, when carried), and
+  # the CUDA tests.
   timeout 60 python3 -u gpu/compression_profile.py --skip-profile > "$OUT/compression.txt" 2>&1
+  for search in float64 fp32-unchecked; do
+    timeout 50 python3 -u gpu/compression_profile.py --skip-profile --search $search \
+      > "$OUT/compression-$search.txt" 2>&1
+  done
   if [ -d carry/old/python ]; then
     cp /tmp/kvmixpy/kvmix/_kvmix*.so carry/old/python/kvmix/
     PYTHONPATH=$PWD/carry/old/python:$PYTHONPATH timeout 60 python3 -u \
       gpu/compression_profile.py --skip-profile > "$OUT/compression-old.txt" 2>&1
   fi
   timeout 150 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
+  ;;
+Y)
+  # Session 17, after X: the step tables and the prefill at B=8 and B=1 x 32k.
   timeout 60 python3 -u gpu/prefill_steps.py > "$OUT/prefill-steps.txt" 2>&1
   timeout 40 python3 -u gpu/prefill_steps.py --batch 1 --reps 5 > "$OUT/prefill-steps-b1.txt" 2>&1
   timeout 130 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
@@ -258,7 +266,7 @@ X)
     --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|X" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|Y" >&2
   exit 2
   ;;
 esac

@@ -228,6 +228,25 @@ def test_channel_grids_span_chunks_and_padded_segments(
     assert len(rust.tier_positions(0)["low"]) > CHANNEL_CHUNK
 
 
+@pytest.mark.parametrize("search", ["float64", "fp32-unchecked"])
+def test_the_fp32_range_search_and_its_float64_check_choose_the_rust_grids(
+    search: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Triton quantizers search ranges in fp32 and again in float64 only where fp32
+    rounding could have changed a decision (the default, checked by every case above). Each
+    path alone gives the Rust store's codes bit for bit here too: every search in float64
+    (the re-search, run everywhere), and the fp32 decisions left unchecked (so a wrong fp32
+    choice is not hidden by the float64 re-search), per-channel keys over several chunks and
+    key blocks, per-token values with separable factors."""
+    monkeypatch.setattr(triton_store, "SEARCH", search)
+    monkeypatch.setattr(triton_store, "CHANNEL_CHUNK", 64)
+    config = {"streaming_gap": 5, "salient_ratio": 0.3, "key_block": 96}
+    config |= {"key_clip": "mse_unbiased", "value_clip": "mse_unbiased"}
+    _padded_stores_agree(
+        "zipcache", config, 32, 300, [0, 37, 150], torch.Generator().manual_seed(6)
+    )
+
+
 def _padded_stores_agree(
     policy: str, config: Any, d: int, n: int, first_valid: list[int], g: torch.Generator
 ) -> Any:

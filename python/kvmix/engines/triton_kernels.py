@@ -236,6 +236,7 @@ def quantize_token_groups_kernel(
     CLIP: tl.constexpr,
     NSHR: tl.constexpr,
     HAS_IDX: tl.constexpr,
+    MARGIN: tl.constexpr,  # see `_grid`
 ):
     s = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1) * BR + tl.arange(0, BR)
@@ -249,7 +250,7 @@ def quantize_token_groups_kernel(
     G: tl.constexpr = D // GS
     xg = tl.reshape(x, [BR, G, GS])
     top: tl.constexpr = (1 << BITS) - 1
-    scale, offset = _grid(xg, top, SHR, NSHR, CLIP)
+    scale, offset = _grid(xg, top, SHR, NSHR, CLIP, MARGIN)
     sf = scale.to(tl.float32)
     of = offset.to(tl.float32)
     y = (xg - of[:, :, None]) / tl.where(sf == 0.0, 1.0, sf)[:, :, None] + 0.5
@@ -262,35 +263,117 @@ def quantize_token_groups_kernel(
     tl.store(OF + dst[:, None] * G + gi[None, :], offset, mask=ok[:, None])
 
 
+#: Below this, an fp32 sum of squares may have lost terms to underflow (a squared error under
+#: fp32's smallest normal, ~1.2e-38): the float64 search decides (see :func:`_grid`).
+_TINY: tl.constexpr = tl.constexpr(1e-28)
+
+
 @triton.jit
-def _grid(xg, top: tl.constexpr, SHR, NSHR: tl.constexpr, CLIP: tl.constexpr):
+def _grid(xg, top: tl.constexpr, SHR, NSHR: tl.constexpr, CLIP: tl.constexpr, MARGIN: tl.constexpr):
     """The fp16 grid ``(scale, offset)`` of each token group of ``xg [BR, G, GS]``: its
     min-max grid, or with ``CLIP`` the grid of least :func:`_group_error` among that one and
     the range shrunk about its midpoint by each factor of ``SHR``, the first on a tie
     (``src/quant/clip.rs``; a constant range, scale 0, is not searched). The per-channel
-    grids make the same choice from chunked partial sums (``TritonLayerStore``'s
-    ``_encode_channels``)."""
+    grids make the same choice from chunked partial sums (``channel_choose_kernel``).
+
+    The search runs in fp32 first (:func:`_group_error32`: no float64 conversion, the
+    search's bottleneck on the GPU), and its choice is the float64 one unless a decision is
+    within ``MARGIN`` of flipping, relative to what fp32 rounding can move it: the best two
+    errors, or a grid's shrink sum against 0. Then the whole tile is searched again in
+    float64 (:func:`_grid64`), so the grids are the float64 search's in every case (a
+    negative ``MARGIN`` always searches in float64)."""
     lo = _min(xg, 2)
     hi = _max(xg, 2)
     scale = ((hi - lo) / top).to(tl.float16)
     offset = lo.to(tl.float16)
     if CLIP:
         searched = scale != 0.0
-        best = _group_error(xg, scale, offset, top, CLIP)
+        inf = float("inf")
+        best, ok, near = _group_error32(xg, scale, offset, top, CLIP, MARGIN)
+        best = tl.where(ok, best, inf)
+        second = tl.full(best.shape, inf, tl.float32)
         mid = (lo + hi) * 0.5
         half = (hi - lo) * 0.5
+        chosen_sc, chosen_of = scale, offset
         for i in range(NSHR):
-            s_i = tl.load(SHR + i)
-            a = mid - s_i * half
-            b = mid + s_i * half
-            sc_i = ((b - a) / top).to(tl.float16)
-            of_i = a.to(tl.float16)
-            err = _group_error(xg, sc_i, of_i, top, CLIP)
-            better = searched & (err < best)
-            scale = tl.where(better, sc_i, scale)
-            offset = tl.where(better, of_i, offset)
+            sc_i, of_i = _shrunk(mid, half, SHR, i, top)
+            err, ok, near_i = _group_error32(xg, sc_i, of_i, top, CLIP, MARGIN)
+            near = near | near_i
+            err = tl.where(ok, err, inf)
+            better = err < best
+            second = tl.where(better, best, tl.minimum(second, err))
+            chosen_sc = tl.where(better, sc_i, chosen_sc)
+            chosen_of = tl.where(better, of_i, chosen_of)
             best = tl.where(better, err, best)
+        near = near | _near_tie(best, second, MARGIN) | (best < _TINY)
+        if MARGIN >= 0:
+            redo = _max(_max((near & searched).to(tl.int32), 1), 0) > 0
+        else:
+            redo = True
+        if redo:
+            scale, offset = _grid64(xg, scale, offset, lo, hi, top, SHR, NSHR, CLIP)
+        else:
+            scale = tl.where(searched, chosen_sc, scale)
+            offset = tl.where(searched, chosen_of, offset)
     return scale, offset
+
+
+@triton.jit
+def _shrunk(mid, half, SHR, i, top: tl.constexpr):
+    """The fp16 grid of the range ``mid -+ half`` shrunk by ``SHR[i]`` about its midpoint."""
+    s_i = tl.load(SHR + i)
+    a = mid - s_i * half
+    b = mid + s_i * half
+    return ((b - a) / top).to(tl.float16), a.to(tl.float16)
+
+
+@triton.jit
+def _near_tie(best, second, MARGIN: tl.constexpr):
+    """Whether the runner-up's error ``second`` is within ``MARGIN`` of the ``best`` (both
+    finite: an infinite runner-up, no valid second grid, is no tie)."""
+    two = second < float("inf")  # then `best` is finite too
+    b = tl.where(two, best, 0.0)
+    return two & (tl.where(two, second, 0.0) - b <= MARGIN * b)
+
+
+@triton.jit
+def _grid64(
+    xg, scale, offset, lo, hi, top: tl.constexpr, SHR, NSHR: tl.constexpr, CLIP: tl.constexpr
+):
+    """:func:`_grid`'s search in float64, from the min-max grid ``scale``, ``offset``."""
+    searched = scale != 0.0
+    best = _group_error(xg, scale, offset, top, CLIP)
+    mid = (lo + hi) * 0.5
+    half = (hi - lo) * 0.5
+    for i in range(NSHR):
+        sc_i, of_i = _shrunk(mid, half, SHR, i, top)
+        err = _group_error(xg, sc_i, of_i, top, CLIP)
+        better = searched & (err < best)
+        scale = tl.where(better, sc_i, scale)
+        offset = tl.where(better, of_i, offset)
+        best = tl.where(better, err, best)
+    return scale, offset
+
+
+@triton.jit
+def _group_error32(xg, scale, offset, top, CLIP: tl.constexpr, MARGIN: tl.constexpr):
+    """:func:`_group_error` in fp32, with whether the grid passes the shrink test (``CLIP ==
+    2``) and whether that test is within ``MARGIN`` of the other answer (``|sum(d * x)| <=
+    MARGIN * sum(|d * x|)``: fp32 rounding could have flipped it)."""
+    sf = scale.to(tl.float32)[:, :, None]
+    of = offset.to(tl.float32)[:, :, None]
+    d = _reconstruct(xg, sf, of, top) - xg
+    err = _sum(d * d, 2)
+    if CLIP == 2:
+        dx = d * xg
+        shrink = _sum(dx, 2)
+        ok = shrink >= 0.0
+        mag = _sum(tl.abs(dx), 2)
+        near = (tl.abs(shrink) <= MARGIN * mag) | (mag < _TINY)
+    else:
+        ok = err == err
+        near = err != err
+    return err, ok, near
 
 
 @triton.jit
@@ -340,11 +423,13 @@ def _chunk(NR, s, NBLK, NCH, CHUNK: tl.constexpr):
 
 @triton.jit
 def _errors_run(
-    e2, ex, X, XS, IDX, N, s, base, lo, hi, r_hi, c, sf, of, top,
+    e2, ex, em, X, XS, IDX, N, s, base, lo, hi, r_hi, c, sf, of, top,
     D: tl.constexpr, BR: tl.constexpr, HAS_IDX: tl.constexpr, MASKED: tl.constexpr,
+    F64: tl.constexpr,
 ):  # fmt: skip
-    """``e2`` and ``ex`` plus the squared errors and shrink terms of the candidate grids
-    ``sf``, ``of`` ``[NCP, 1, CB]`` on the tiles of rows ``lo .. hi`` (elementwise, float64);
+    """``e2``, ``ex`` and ``em`` plus the squared errors, shrink terms ``(x̂ - x) * x`` and
+    their magnitudes of the candidate grids ``sf``, ``of`` ``[NCP, 1, CB]`` on the tiles of
+    rows ``lo .. hi`` (elementwise; in float64 with ``F64``, where ``em`` is not kept);
     ``MASKED``: rows at or past ``r_hi`` add nothing (the last, partial tile)."""
     for r0 in range(lo, hi, BR):
         r = r0 + tl.arange(0, BR)
@@ -352,10 +437,16 @@ def _errors_run(
         d = _reconstruct(x, sf, of, top) - x
         if MASKED:
             d = tl.where((r < r_hi)[None, :, None], d, 0.0)
-        d = d.to(tl.float64)
-        e2 += d * d
-        ex += d * x.to(tl.float64)
-    return e2, ex
+        if F64:
+            d = d.to(tl.float64)
+            e2 += d * d
+            ex += d * x.to(tl.float64)
+        else:
+            dx = d * x
+            e2 += d * d
+            ex += dx
+            em += tl.abs(dx)
+    return e2, ex, em
 
 
 @triton.jit
@@ -366,6 +457,7 @@ def channel_partials_kernel(
     NR,  # int32 [S, NBLK]: real rows of each stream's segment (the rest are holes)
     OUT0,  # MODE 0: fp32 [S, NBLK, NCH, D] chunk minima; else f64 [NC, S, NBLK, NCH, D] errors
     OUT1,  # MODE 0: chunk maxima; else f64 sums of (x̂ - x) * x (does the grid shrink?)
+    OUT2,  # MODE 1: f64 sums of |(x̂ - x) * x| (how far fp32 rounding could move OUT1)
     LO,  # MODE 1: MODE 0's chunk minima and maxima, whose candidate grids are tried
     HI,
     SHR,  # fp32 [NC - 1] shrink factors (MODE 1)
@@ -384,8 +476,9 @@ def channel_partials_kernel(
     NCP: tl.constexpr,  # candidates per pass over the chunk (MODE 1), a power of two
 ):
     """One chunk of one segment's rows for ``CB`` channels: its minima and maxima, or every
-    candidate grid's squared error and shrink sum (float64 from exact squares, as
-    ``src/quant/clip.rs`` sums them). The chunks' partials are combined by the caller, so a
+    candidate grid's squared error and shrink sum, in fp32 (``channel_choose_kernel``
+    combines the chunks in float64 and searches again in float64, from exact squares as
+    ``src/quant/clip.rs`` sums them, where fp32 rounding could have changed the choice), so a
     long segment is spread over the whole GPU instead of one program per channel block.
 
     A candidate's sums run elementwise over the chunk's tiles of ``BR`` rows and are reduced
@@ -422,19 +515,21 @@ def channel_partials_kernel(
             cm = (ci < NC)[:, None]
             sf, of = _candidate(lo[None, :], hi[None, :], tl.minimum(ci, NC - 1)[:, None], SHR, top)
             sf, of = sf[:, None, :], of[:, None, :]
-            e2 = tl.full([NCP, BR, CB], 0.0, tl.float64)
-            ex = tl.full([NCP, BR, CB], 0.0, tl.float64)
-            e2, ex = _errors_run(
-                e2, ex, X, XS, IDX, N, s, base, r_lo, full, r_hi, c, sf, of, top,
-                D, BR, HAS_IDX, False,
+            e2 = tl.full([NCP, BR, CB], 0.0, tl.float32)
+            ex = tl.full([NCP, BR, CB], 0.0, tl.float32)
+            em = tl.full([NCP, BR, CB], 0.0, tl.float32)
+            e2, ex, em = _errors_run(
+                e2, ex, em, X, XS, IDX, N, s, base, r_lo, full, r_hi, c, sf, of, top,
+                D, BR, HAS_IDX, False, False,
             )  # fmt: skip
-            e2, ex = _errors_run(
-                e2, ex, X, XS, IDX, N, s, base, full, r_hi, r_hi, c, sf, of, top,
-                D, BR, HAS_IDX, True,
+            e2, ex, em = _errors_run(
+                e2, ex, em, X, XS, IDX, N, s, base, full, r_hi, r_hi, c, sf, of, top,
+                D, BR, HAS_IDX, True, False,
             )  # fmt: skip
             out = (ci[:, None] * streams * NBLK * NCH + part) * D + c[None, :]
-            tl.store(OUT0 + out, _sum(e2, 1), mask=cm)
-            tl.store(OUT1 + out, _sum(ex, 1), mask=cm)
+            tl.store(OUT0 + out, _sum(e2, 1).to(tl.float64), mask=cm)
+            tl.store(OUT1 + out, _sum(ex, 1).to(tl.float64), mask=cm)
+            tl.store(OUT2 + out, _sum(em, 1).to(tl.float64), mask=cm)
 
 
 @triton.jit
@@ -470,14 +565,20 @@ def _candidate(lo, hi, i, SHR, top: tl.constexpr):
 
 @triton.jit
 def channel_choose_kernel(
+    X,  # each stream's rows, as for channel_partials_kernel (the float64 search reads them)
+    XS,
+    IDX,
     LO,  # fp32 [S, NBLK, NCH, D]: the chunks' minima (channel_partials_kernel MODE 0)
     HI,  # their maxima
     NR,  # int32 [S, NBLK]: real rows of each segment
     ERR,  # f64 [NC, S, NBLK, NCH, D]: the candidates' chunk errors (MODE 1; CLIP)
     GROW,  # f64, the same shape: their sums of (x̂ - x) * x
+    MAG,  # f64, the same shape: their sums of |(x̂ - x) * x|
     SHR,  # fp32 [NC - 1] shrink factors (CLIP)
     SC,  # fp16 [S, SEGCAP, D]: the tier's per-channel scales; segment b goes to SEG0 + b
     OF,  # the same, offsets
+    N,
+    BSTRIDE,
     NBLK,
     NCH,
     NC,
@@ -486,15 +587,20 @@ def channel_choose_kernel(
     D: tl.constexpr,
     BITS: tl.constexpr,
     CB: tl.constexpr,
+    BR: tl.constexpr,
+    HAS_IDX: tl.constexpr,
     CLIP: tl.constexpr,  # 0 min-max, 1 least squared error, 2 the same among unshrinking grids
+    MARGIN: tl.constexpr,  # see `_grid`; here relative to the chunks' fp32 sums
 ):
     """Each segment's per-channel grid, written into the tier: min-max, or with ``CLIP`` the
-    candidate of least error summed over the chunks (float64), the first on a tie, as the
-    Rust search keeps a candidate only when strictly better; ``CLIP == 2`` skips a grid that
-    shrinks its channel (``sum((x̂ - x) * x) < 0``); a constant channel (min-max scale 0)
-    keeps min-max. One program per (stream, channel block, segment): the choice stays on
-    the device, without the torch ops that combined the chunks (a few dozen host ops per
-    push, the classification's largest host cost)."""
+    candidate of least error summed over the chunks, the first on a tie, as the Rust search
+    keeps a candidate only when strictly better; ``CLIP == 2`` skips a grid that shrinks its
+    channel (``sum((x̂ - x) * x) < 0``); a constant channel (min-max scale 0) keeps min-max.
+    Where the chunks' fp32 sums leave a decision within ``MARGIN`` of flipping (as
+    :func:`_grid`), the program searches its channels again in float64 over the segment's
+    rows, so the choice is the float64 search's. One program per (stream, channel block,
+    segment): the choice stays on the device, without the torch ops that combined the chunks
+    (a few dozen host ops per push, the classification's largest host cost)."""
     s = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * CB + tl.arange(0, CB)
     blk = tl.program_id(2)
@@ -504,25 +610,78 @@ def channel_choose_kernel(
     if CLIP:
         streams = tl.num_programs(0)
         at = (s * NBLK + blk) * NCH
-        best = tl.full([CB], float("inf"), tl.float64)
+        inf = float("inf")
+        best = tl.full([CB], inf, tl.float64)
+        second = tl.full([CB], inf, tl.float64)
         best_i = tl.full([CB], 0, tl.int32)
+        near = best != best
         for i in range(0, NC):
             err = tl.full([CB], 0.0, tl.float64)
             grow = tl.full([CB], 0.0, tl.float64)
+            mag = tl.full([CB], 0.0, tl.float64)
             for ch in range(0, NCH):
                 o = ((i * streams * NBLK * NCH) + at + ch) * D + c
                 err += tl.load(ERR + o)
                 grow += tl.load(GROW + o)
+                mag += tl.load(MAG + o)
             if CLIP == 2:
-                err = tl.where(grow < 0.0, float("inf"), err)
-            better = (err < best) | (i == 0)
+                near = near | (tl.abs(grow) <= MARGIN * mag) | (mag < _TINY)
+                err = tl.where(grow < 0.0, inf, err)
+            better = err < best
+            second = tl.where(better, best, tl.minimum(second, err))
             best_i = tl.where(better, i, best_i)
             best = tl.where(better, err, best)
-        best_i = tl.where(scale != 0.0, best_i, 0)
+        near = near | _near_tie(best, second, MARGIN) | (best < _TINY)
+        searched = scale != 0.0
+        if MARGIN >= 0:
+            redo = _max((near & searched).to(tl.int32), 0) > 0
+        else:
+            redo = True
+        if redo:
+            best_i = _search64(
+                X, XS, IDX, N, tl.load(NR + s * NBLK + blk), s, blk * BSTRIDE, c, lo, hi,
+                SHR, NC, top, D, CB, BR, HAS_IDX, CLIP,
+            )  # fmt: skip
+        best_i = tl.where(searched, best_i, 0)
         scale, offset = _candidate(lo, hi, best_i, SHR, top)
     dst = (s * SEGCAP + SEG0 + blk) * D + c
     tl.store(SC + dst, scale.to(tl.float16))
     tl.store(OF + dst, offset.to(tl.float16))
+
+
+@triton.jit
+def _search64(
+    X, XS, IDX, N, nr, s, base, c, lo, hi, SHR, NC, top: tl.constexpr,
+    D: tl.constexpr, CB: tl.constexpr, BR: tl.constexpr, HAS_IDX: tl.constexpr,
+    CLIP: tl.constexpr,
+):  # fmt: skip
+    """The index of the chosen candidate grid of channels ``c`` over a segment's ``nr`` rows
+    from ``base``, searched in float64 (``src/quant/clip.rs``'s rule, as
+    ``channel_choose_kernel``), one candidate per pass over the rows: the rare path."""
+    full = nr // BR * BR
+    best = tl.full([CB], float("inf"), tl.float64)
+    best_i = tl.full([CB], 0, tl.int32)
+    for i in range(0, NC):
+        sf, of = _candidate(lo, hi, tl.full([CB], i, tl.int32), SHR, top)
+        sf, of = sf[None, None, :], of[None, None, :]
+        e2 = tl.full([1, BR, CB], 0.0, tl.float64)
+        ex = tl.full([1, BR, CB], 0.0, tl.float64)
+        unused = tl.full([1, BR, CB], 0.0, tl.float64)
+        e2, ex, unused = _errors_run(
+            e2, ex, unused, X, XS, IDX, N, s, base, 0, full, nr, c, sf, of, top,
+            D, BR, HAS_IDX, False, True,
+        )  # fmt: skip
+        e2, ex, unused = _errors_run(
+            e2, ex, unused, X, XS, IDX, N, s, base, full, nr, nr, c, sf, of, top,
+            D, BR, HAS_IDX, True, True,
+        )  # fmt: skip
+        err = _sum(_sum(e2, 1), 0)
+        if CLIP == 2:
+            err = tl.where(_sum(_sum(ex, 1), 0) < 0.0, float("inf"), err)
+        better = err < best
+        best_i = tl.where(better, i, best_i)
+        best = tl.where(better, err, best)
+    return best_i
 
 
 @triton.jit

@@ -77,6 +77,22 @@ _BAD_CHECK_STEPS = 32
 POS16_LIMIT = 32767
 
 
+#: How the range searches decide (see ``triton_kernels._grid``): ``"fp32"`` in fp32, again in
+#: float64 where fp32 rounding could have changed a decision (the grids are the float64
+#: search's); ``"float64"`` always in float64; ``"fp32-unchecked"`` in fp32 with no second
+#: search unless two errors tie exactly (for tests: the fp32 path's own choices).
+SEARCH = "fp32"
+
+
+def search_margin(terms: int) -> float:
+    """How close an fp32 range-search decision may come to flipping before the search is run
+    again in float64 (``triton_kernels._grid``): 4x the relative error of an fp32 sum of
+    ``terms`` products summed in any order, each rounded once (``(terms + 1) * 2^-24``), so
+    the decisions left to fp32 are the ones its rounding cannot have changed; -1 (always in
+    float64) or 0 as :data:`SEARCH` says."""
+    return {"fp32": 4.0 * (terms + 1) * 2.0**-24, "float64": -1.0, "fp32-unchecked": 0.0}[SEARCH]
+
+
 def _device_values(
     values: list[int] | list[float], device: Any, dtype: torch.dtype = torch.int64
 ) -> torch.Tensor:
@@ -481,6 +497,7 @@ class _Tier:
             BR=br,
             **clip,
             **has_idx,
+            MARGIN=search_margin(c.group_size),
         )
 
     def _channel_launch(
@@ -513,7 +530,7 @@ class _Tier:
         lo = torch.empty((self.s, *common[2:], self.d), dtype=torch.float32, device=self.device)
         hi = torch.empty_like(lo)
         dummy = self._dummy
-        _run(kern.channel_partials_kernel, grid, *src, nr, lo, hi, dummy, dummy, dummy,
+        _run(kern.channel_partials_kernel, grid, *src, nr, lo, hi, dummy, dummy, dummy, dummy,
              *common, 0, **consts, MODE=0, NCP=CHANNEL_CANDIDATES)  # fmt: skip
         return lo, hi
 
@@ -543,16 +560,18 @@ class _Tier:
         clip = _CLIPS[c.clip]
         shrink = c.shrink_tensor(self.device)
         nc = 1 + len(c.shrink) if clip else 1
-        err = grow = self._dummy
+        sums: tuple[torch.Tensor, ...] = (self._dummy,) * 3  # errors, shrink sums, magnitudes
         if clip:
-            err = torch.empty((nc, *lo.shape), dtype=torch.float64, device=self.device)
-            grow = torch.empty_like(err)
-            _run(kern.channel_partials_kernel, grid, *src, nr, err, grow, lo, hi, shrink,
+            shape, f64 = (nc, *lo.shape), torch.float64
+            sums = tuple(torch.empty(shape, dtype=f64, device=self.device) for _ in range(3))
+            _run(kern.channel_partials_kernel, grid, *src, nr, *sums, lo, hi, shrink,
                  *common, nc, **consts, MODE=1, NCP=CHANNEL_CANDIDATES)  # fmt: skip
         seg = (self.seg_cap, self.nseg)
-        _run(kern.channel_choose_kernel, (*grid[:2], nr.shape[1]), lo, hi, nr, err, grow,
-             shrink, self.ks, self.ko, *common[2:], nc, *seg, D=self.d, BITS=c.bits,
-             CB=consts["CB"], CLIP=clip)  # fmt: skip
+        margin = search_margin(CHANNEL_CHUNK // CHANNEL_TILE + CHANNEL_TILE)
+        _run(kern.channel_choose_kernel, (*grid[:2], nr.shape[1]), *src, lo, hi, nr, *sums,
+             shrink, self.ks, self.ko, *common, nc, *seg, D=self.d, BITS=c.bits,
+             CB=consts["CB"], BR=CHANNEL_TILE, HAS_IDX=has_idx["HAS_IDX"], CLIP=clip,
+             MARGIN=margin)  # fmt: skip
         _run(kern.encode_channels_kernel, grid, *src, nr, data, self.ks, self.ko, *seg,
              n, self.cap, row0, *common[1:], **consts)  # fmt: skip
 

@@ -268,7 +268,7 @@ Y)
 Z)
   # Session 17, X and Y in one call when device time is short: the CUDA tests first (the
   # kernels changed), compression alone (fp32 search, float64 search, the tree before), the
-  # prefill at B=8 and B=1 x 32k.
+  # prefill at B=8 x 32k, and with a second argument `b1` at B=1 x 32k.
   timeout 140 python3 -m pytest -q -x -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
   timeout 45 python3 -u gpu/compression_profile.py --skip-profile --reps 3 > "$OUT/compression.txt" 2>&1
   timeout 45 python3 -u gpu/compression_profile.py --skip-profile --reps 3 --search float64 \
@@ -280,8 +280,10 @@ Z)
   fi
   timeout 130 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
     --methods full zipcache kvmix-5x --repeats 3 > "$OUT/prefill-profile.txt" 2>&1
-  timeout 70 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
-    --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
+  if [ "${2:-}" = b1 ]; then
+    timeout 70 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+      --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
+  fi
   ;;
 *)
   echo "usage: bash gpu/pending.sh A|B|...|Z" >&2

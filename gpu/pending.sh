@@ -238,37 +238,11 @@ W)
     --variant 'kb0=kvmix-5x:key_block=0' --variant 'norot=kvmix-5x:rotation_seed=None' \
     > "$OUT/compression-table.txt" 2>&1
   ;;
-X)
-  # Session 17: the per-channel choice and the separable factors made by kernels (the
-  # classification's host ops: kvmix-5x 438 -> 180, ZipCache 202 -> 136 at B=1), and the
-  # range searches in fp32 with a float64 re-search where rounding could matter; compression
-  # alone with each search and beside the tree before (carry/old/python, when carried), and
-  # the CUDA tests.
-  timeout 60 python3 -u gpu/compression_profile.py --skip-profile > "$OUT/compression.txt" 2>&1
-  for search in float64 fp32-unchecked; do
-    timeout 50 python3 -u gpu/compression_profile.py --skip-profile --search $search \
-      > "$OUT/compression-$search.txt" 2>&1
-  done
-  if [ -d carry/old/python ]; then
-    cp /tmp/kvmixpy/kvmix/_kvmix*.so carry/old/python/kvmix/
-    PYTHONPATH=$PWD/carry/old/python:$PYTHONPATH timeout 60 python3 -u \
-      gpu/compression_profile.py --skip-profile > "$OUT/compression-old.txt" 2>&1
-  fi
-  timeout 150 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
-  ;;
-Y)
-  # Session 17, after X: the step tables and the prefill at B=8 and B=1 x 32k.
-  timeout 60 python3 -u gpu/prefill_steps.py > "$OUT/prefill-steps.txt" 2>&1
-  timeout 40 python3 -u gpu/prefill_steps.py --batch 1 --reps 5 > "$OUT/prefill-steps-b1.txt" 2>&1
-  timeout 130 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
-    --methods full zipcache kvmix-5x --repeats 3 > "$OUT/prefill-profile.txt" 2>&1
-  timeout 70 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
-    --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
-  ;;
 Z)
-  # Session 17, X and Y in one call when device time is short: the CUDA tests first (the
-  # kernels changed), compression alone (fp32 search, float64 search, the tree before), the
-  # prefill at B=8 x 32k, and with a second argument `b1` at B=1 x 32k.
+  # Session 17: the chunks' choice and the separable factors made by kernels, the range
+  # searches in fp32 with a float64 re-search. The CUDA tests first (the kernels changed),
+  # compression alone (fp32 search, float64 search, the tree before, carried as
+  # carry/old/python), the prefill at B=8 x 32k, and with a second argument `b1` at B=1 x 32k.
   timeout 140 python3 -m pytest -q -x -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
   timeout 45 python3 -u gpu/compression_profile.py --skip-profile --reps 3 > "$OUT/compression.txt" 2>&1
   timeout 45 python3 -u gpu/compression_profile.py --skip-profile --reps 3 --search float64 \
@@ -286,7 +260,7 @@ Z)
   fi
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|Z" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|W|Z" >&2
   exit 2
   ;;
 esac

@@ -450,6 +450,24 @@ def _errors_run(
 
 
 @triton.jit
+def _errors_span(
+    e2, ex, em, X, XS, IDX, N, s, base, r_lo, r_hi, c, sf, of, top,
+    D: tl.constexpr, BR: tl.constexpr, HAS_IDX: tl.constexpr, F64: tl.constexpr,
+):  # fmt: skip
+    """:func:`_errors_run` over rows ``r_lo .. r_hi``: the whole tiles unmasked, then the
+    partial one."""
+    full = r_lo + (r_hi - r_lo) // BR * BR
+    e2, ex, em = _errors_run(
+        e2, ex, em, X, XS, IDX, N, s, base, r_lo, full, r_hi, c, sf, of, top,
+        D, BR, HAS_IDX, False, F64,
+    )  # fmt: skip
+    return _errors_run(
+        e2, ex, em, X, XS, IDX, N, s, base, full, r_hi, r_hi, c, sf, of, top,
+        D, BR, HAS_IDX, True, F64,
+    )  # fmt: skip
+
+
+@triton.jit
 def channel_partials_kernel(
     X,  # each stream's rows (as `_rows` reads them): NBLK segments of BSTRIDE rows
     XS,  # elements between streams in X
@@ -505,11 +523,9 @@ def channel_partials_kernel(
         top: tl.constexpr = (1 << BITS) - 1
         streams = tl.num_programs(0)
         lo, hi = _segment_range(LO, HI, NR, s, blk, NBLK, NCH, c, D)
-        # NCP candidates at a time, a [NCP, BR, CB] tile of errors per row tile: a row's
-        # float64 widening is shared by the NCP candidates (the conversions, at a quarter of
-        # the float64 rate, bound the search), and the sums run elementwise, reduced over the
-        # rows once. Candidates past NC are computed on a dummy grid and not stored.
-        full = r_lo + (r_hi - r_lo) // BR * BR  # whole tiles unmasked, then the partial one
+        # NCP candidates at a time, a [NCP, BR, CB] tile of errors per row tile: a row's load
+        # is shared by the NCP candidates, and the sums run elementwise in fp32, reduced over
+        # the rows once. Candidates past NC are computed on a dummy grid and not stored.
         for i0 in range(0, NC, NCP):
             ci = i0 + tl.arange(0, NCP)
             cm = (ci < NC)[:, None]
@@ -518,13 +534,9 @@ def channel_partials_kernel(
             e2 = tl.full([NCP, BR, CB], 0.0, tl.float32)
             ex = tl.full([NCP, BR, CB], 0.0, tl.float32)
             em = tl.full([NCP, BR, CB], 0.0, tl.float32)
-            e2, ex, em = _errors_run(
-                e2, ex, em, X, XS, IDX, N, s, base, r_lo, full, r_hi, c, sf, of, top,
-                D, BR, HAS_IDX, False, False,
-            )  # fmt: skip
-            e2, ex, em = _errors_run(
-                e2, ex, em, X, XS, IDX, N, s, base, full, r_hi, r_hi, c, sf, of, top,
-                D, BR, HAS_IDX, True, False,
+            e2, ex, em = _errors_span(
+                e2, ex, em, X, XS, IDX, N, s, base, r_lo, r_hi, c, sf, of, top,
+                D, BR, HAS_IDX, False,
             )  # fmt: skip
             out = (ci[:, None] * streams * NBLK * NCH + part) * D + c[None, :]
             tl.store(OUT0 + out, _sum(e2, 1).to(tl.float64), mask=cm)
@@ -658,7 +670,6 @@ def _search64(
     """The index of the chosen candidate grid of channels ``c`` over a segment's ``nr`` rows
     from ``base``, searched in float64 (``src/quant/clip.rs``'s rule, as
     ``channel_choose_kernel``), one candidate per pass over the rows: the rare path."""
-    full = nr // BR * BR
     best = tl.full([CB], float("inf"), tl.float64)
     best_i = tl.full([CB], 0, tl.int32)
     for i in range(0, NC):
@@ -667,13 +678,8 @@ def _search64(
         e2 = tl.full([1, BR, CB], 0.0, tl.float64)
         ex = tl.full([1, BR, CB], 0.0, tl.float64)
         unused = tl.full([1, BR, CB], 0.0, tl.float64)
-        e2, ex, unused = _errors_run(
-            e2, ex, unused, X, XS, IDX, N, s, base, 0, full, nr, c, sf, of, top,
-            D, BR, HAS_IDX, False, True,
-        )  # fmt: skip
-        e2, ex, unused = _errors_run(
-            e2, ex, unused, X, XS, IDX, N, s, base, full, nr, nr, c, sf, of, top,
-            D, BR, HAS_IDX, True, True,
+        e2, ex, unused = _errors_span(
+            e2, ex, unused, X, XS, IDX, N, s, base, 0, nr, c, sf, of, top, D, BR, HAS_IDX, True,
         )  # fmt: skip
         err = _sum(_sum(e2, 1), 0)
         if CLIP == 2:

@@ -196,71 +196,21 @@ R)
     --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
   ;;
 S)
-  # Session 14, third call: where the host's time goes at B=1 x 32k (step table, cProfile).
-  timeout 120 python3 -u gpu/prefill_steps.py --batch 1 --reps 5 --cprofile 30 \
-    > "$OUT/prefill-steps-b1.txt" 2>&1
-  ;;
-T)
-  # Session 14, last call: the shrink factors and first valid positions copied to the device
-  # once and without waiting, each tier grown once per classification: every CUDA test, the
-  # prefill end to end at B=8 and B=1 (32k), one layer step by step at B=1.
-  timeout 130 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
-  timeout 150 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
-    --methods full zipcache kvmix-5x --repeats 3 > "$OUT/prefill-profile.txt" 2>&1
-  timeout 100 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
-    --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
-  timeout 60 python3 -u gpu/prefill_steps.py --batch 1 --reps 5 > "$OUT/prefill-steps-b1.txt" 2>&1
-  ;;
-U)
-  # Session 14, the range search off the conversion pipe: candidates 4 at a time sharing a
-  # row's float64 widening, codes by the 2^23 trick (no F2I/I2F), whole tiles unmasked.
-  timeout 60 python3 -u gpu/compression_profile.py --skip-profile > "$OUT/compression.txt" 2>&1
-  timeout 70 python3 -u gpu/prefill_steps.py > "$OUT/prefill-steps.txt" 2>&1
-  timeout 130 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
-  timeout 120 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
-    --methods full zipcache kvmix-5x --repeats 3 > "$OUT/prefill-profile.txt" 2>&1
-  ;;
-V)
-  # Session 16: kvmix-5x redefined (key ranges per 512 regular tokens, 11% salient): decode
-  # and prefill end to end at B=8 x 32k beside ZipCache and DynamicCache (session 11: kvmix-5x
-  # 25.0 ms, ZipCache 34.2 ms, DynamicCache 42.3 ms a step).
-  timeout 420 python3 -u -m kvmix.bench gpu --batches 8 --contexts 32768 --steps 8 \
-    --methods full zipcache kvmix-5x --json "$OUT/bench-32k-b8.json" \
-    > "$OUT/bench-32k-b8.txt" 2>&1
-  ;;
-W)
-  # Session 17: where kvmix-5x's compression (12.9 ms against ZipCache's 3.8 ms at B=8 x 32k,
-  # one layer) spends its device time: kernel tables, and the range search, the key blocks and
-  # the rotation switched off one at a time.
-  timeout 300 python3 -u gpu/compression_profile.py --skip-profile --kernel-table --rows 16 \
-    --variant 'kmm=kvmix-5x:key_clip="minmax"' --variant 'vmm=kvmix-5x:value_clip="minmax"' \
-    --variant 'mm=kvmix-5x:key_clip="minmax",value_clip="minmax"' \
-    --variant 'kb0=kvmix-5x:key_block=0' --variant 'norot=kvmix-5x:rotation_seed=None' \
-    > "$OUT/compression-table.txt" 2>&1
-  ;;
-Z)
-  # Session 17: the chunks' choice and the separable factors made by kernels, the range
-  # searches in fp32 with a float64 re-search. The CUDA tests first (the kernels changed),
-  # compression alone (fp32 search, float64 search, the tree before, carried as
-  # carry/old/python), the prefill at B=8 x 32k, and with a second argument `b1` at B=1 x 32k.
-  timeout 140 python3 -m pytest -q -x -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
-  timeout 45 python3 -u gpu/compression_profile.py --skip-profile --reps 3 > "$OUT/compression.txt" 2>&1
-  timeout 45 python3 -u gpu/compression_profile.py --skip-profile --reps 3 --search float64 \
-    > "$OUT/compression-float64.txt" 2>&1
+  # Session 18: the device time of one layer's prefill (append, scoring, classification) by
+  # operator at B=8 and B=1 x 32k, beside the phase timers' steps; the CUDA tests first (the
+  # prompt's append kernel is new), and the tree before (carry/old/python) for comparison.
+  timeout 150 python3 -m pytest -q -x -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 150 python3 -u gpu/prefill_steps.py --reps 3 --kernel-table 30 > "$OUT/steps-b8.txt" 2>&1
+  timeout 90 python3 -u gpu/prefill_steps.py --batch 1 --reps 3 --kernel-table 30 \
+    > "$OUT/steps-b1.txt" 2>&1
   if [ -d carry/old/python ]; then
     cp /tmp/kvmixpy/kvmix/_kvmix*.so carry/old/python/kvmix/
-    PYTHONPATH=$PWD/carry/old/python:$PYTHONPATH timeout 45 python3 -u \
-      gpu/compression_profile.py --skip-profile --reps 3 > "$OUT/compression-old.txt" 2>&1
-  fi
-  timeout 130 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
-    --methods full zipcache kvmix-5x --repeats 3 > "$OUT/prefill-profile.txt" 2>&1
-  if [ "${2:-}" = b1 ]; then
-    timeout 70 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
-      --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
+    PYTHONPATH=$PWD/carry/old/python:$PYTHONPATH timeout 120 python3 -u gpu/prefill_steps.py \
+      --reps 3 > "$OUT/steps-b8-old.txt" 2>&1
   fi
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|W|Z" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|W|Z|S" >&2
   exit 2
   ;;
 esac

@@ -47,6 +47,13 @@ def main() -> None:
         default=0,
         help="then one more prefill per method, unwrapped, under cProfile: its top N functions",
     )
+    p.add_argument(
+        "--kernel-table",
+        type=int,
+        default=0,
+        help="then one more prefill per method, unwrapped, under torch's profiler: its top N "
+        "operators by device time",
+    )
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -145,6 +152,23 @@ def main() -> None:
 
             print(f"## {method}: host profile of one prefill (cProfile, by own time)", flush=True)
             host_profile(originals, prefill, args.cprofile)
+    if args.kernel_table and cuda:
+        from torch.profiler import ProfilerActivity, profile
+
+        for (owner, name), fn in originals.items():
+            setattr(owner, name, fn)
+        for method in args.methods:
+            cache = kvmix.make_cache(method, cfg, engine="triton")
+            with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+                cache.update(k, v, 0)
+                kattn._score_prefill(cache.kvmix_layers[0], q, k, None, d**-0.5, row_lse=row_lse)
+                sync()
+            del cache
+            events = prof.key_averages()
+            device_us = sum(e.self_device_time_total for e in events)
+            print(f"## {method}: device time of one prefill {device_us / 1e3:.2f} ms, by operator")
+            for e in sorted(events, key=lambda e: -e.self_device_time_total)[: args.kernel_table]:
+                print(f"   {e.self_device_time_total / 1e3:8.3f} ms {e.count:5d}x  {e.key[:70]}")
 
 
 def host_profile(originals: dict[tuple[Any, str], Any], run: Callable[[], None], top: int) -> None:

@@ -58,7 +58,7 @@ def test_fused_decoding_step_makes_four_launches_and_one_op_per_layer() -> None:
     zip_ops, zip_launches, _ = _step("zipcache", True)
     # Append, attend over every tier, merge the splits, add the received attention.
     assert _per_layer(zip_launches) == {
-        "append_row_kernel": 1,
+        "append_rows_kernel": 1,
         "_attend_kernel": 1,
         "_merge_kernel": 1,
         "_received_kernel": 1,

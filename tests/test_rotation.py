@@ -317,24 +317,36 @@ def test_a_rotating_triton_store_stores_the_rotated_rows(buffer_dtype: str) -> N
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_the_prompt_rotation_kernel_is_the_torch_rotation(dtype: torch.dtype) -> None:
-    """``rotate_rows`` (how the Triton store rotates a prompt on a GPU; here under the
-    interpreter): a strided prompt in the model's layout, rows past a block of 32 included,
-    gives ``(x.float() @ R).to(dtype)`` within one rounding of the dtype (the two sum in
-    different orders), and is not the unrotated input."""
+def test_the_prompt_append_kernel_rotates_as_the_torch_rotation(dtype: torch.dtype) -> None:
+    """How the Triton store takes a prompt on a GPU (``_append_rows`` with the rotation: one
+    launch rotates, converts and checks; here under the interpreter): a strided prompt in the
+    model's layout, rows past a block of 32 included, lands in the fp16 buffer as ``(x.float()
+    @ R).to(dtype).to(fp16)`` within one rounding of the dtype (the two sum in different
+    orders), with its positions and zero scores, and is not the unrotated input. A row whose
+    rotation leaves the fp16 range sets the flag."""
     pytest.importorskip("triton")
-    from kvmix.engines import load_kernels
-    from kvmix.engines.triton_store import rotate_rows
+    from kvmix.engines.triton_store import TritonLayerStore
 
     d = 64
     r = randomized_hadamard(d, 3)
     g = torch.Generator().manual_seed(9)
     x = (torch.randn(2, 45, 3, d, generator=g) * 4).to(dtype).transpose(1, 2)  # (B, H, N, D)
-    got = rotate_rows(load_kernels(torch.device("cpu")), x, r)
-    want = (x.float() @ r).to(dtype)
-    assert got.shape == want.shape and got.dtype == dtype and got.is_contiguous()
-    # One rounding of the result, plus what the order of d fp32 sums can move it.
-    ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 2**-23}[dtype]
-    sums = d * 2**-24 * float(x.float().abs().max())
-    torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=sums)
-    assert not torch.allclose(got.float(), x.float(), atol=0.1)
+    store = TritonLayerStore("zipcache", 3, d, {}, "float16")
+    store._init(2, x.device)
+    flag = torch.zeros(1, dtype=torch.int32)
+    store._append_rows(x, -x, 45, flag, r)
+    buf = store._tiers["buffer"]
+    assert int(flag[0]) == 0 and buf.fill == 0  # the caller advances the fill
+    for got, sign in ((buf.kd, 1), (buf.vd, -1)):
+        want = (sign * x.float() @ r).to(dtype).float().reshape(6, 45, d)
+        # One rounding of the result, plus what the order of d fp32 sums can move it.
+        ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 2**-10}[dtype]
+        sums = d * 2**-24 * float(x.float().abs().max())
+        torch.testing.assert_close(got[:, :45].float(), want, rtol=ulp, atol=sums)
+        assert not torch.allclose(got[:, :45].float(), sign * x.float().reshape(6, 45, d), atol=0.1)
+    assert buf.pos[:, :45].tolist() == [list(range(45))] * 6
+    assert not buf.acc[:, :45].any() and not buf.count[:, :45].any()
+    big = torch.zeros(2, 3, 1, d, dtype=dtype)
+    big[1, 2, 0, :] = (60000.0 * r[:, 0] / r[:, 0].abs()).to(dtype)  # (big R)[0] = 60000 sqrt(d)
+    store._append_rows(big, big * 0, 1, flag, r)
+    assert int(flag[0]) == 1

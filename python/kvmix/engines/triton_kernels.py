@@ -103,96 +103,71 @@ def _hadamard(x, M: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _rotate_row(x, ROT, j, D: tl.constexpr, DT: tl.constexpr):
-    """fp32 row ``x [D]`` times the randomized Hadamard matrix ``ROT = diag(ROT[:, 0]) H``
-    (``(x * ROT[:, 0]) @ H``), rounded to ``DT`` as the torch path rounds ``(x.float() @
-    R).to(dtype)``, returned in fp32."""
-    y = tl.reshape(_hadamard((x * tl.load(ROT + j * D))[None, :], 1, D), (D,))
-    return _cast_rtne(y, DT).to(tl.float32)
-
-
-@triton.jit
-def rotate_rows_kernel(
-    X,  # [B, H, N, D] any float dtype, read through its strides
-    sxb,
-    sxh,
-    sxt,
-    sxd,
-    Y,  # [B, H, N, D] contiguous, X's dtype: the rotated rows
-    ROT,  # fp32 [D, D] the store's randomized Hadamard rotation
-    n,
-    heads,
-    D: tl.constexpr,
-    BR: tl.constexpr,
-):
-    """A prompt's rows times the randomized Hadamard matrix, ``BR`` rows per program: ``(x *
-    ROT[:, 0]) @ H`` by the fast Walsh-Hadamard transform in fp32 (no dot, so nothing drops
-    to TF32), rounded once to X's dtype, as ``(x.float() @ ROT).to(dtype)`` up to the order
-    of the fp32 sums (as :func:`append_row_kernel` does for a decoding step's row). One read
-    and one write of the rows, where the torch matmul writes and reads two fp32 copies."""
-    bh = tl.program_id(0)
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
-    r = tl.program_id(1) * BR + tl.arange(0, BR)
-    ok = r < n
-    j = tl.arange(0, D)
-    src = X + b * sxb + h * sxh + r.to(tl.int64)[:, None] * sxt + j.to(tl.int64)[None, :] * sxd
-    x = tl.load(src, mask=ok[:, None], other=0.0).to(tl.float32)
-    y = _hadamard(x * tl.load(ROT + j * D)[None, :], BR, D)
-    dst = Y + (bh.to(tl.int64) * n + r.to(tl.int64))[:, None] * D + j[None, :]
-    tl.store(dst, _cast_rtne(y, Y.dtype.element_ty), mask=ok[:, None])
-
-
-@triton.jit
-def append_row_kernel(
-    K,  # [B, H, 1, D] any float dtype, read through its strides
+def append_rows_kernel(
+    K,  # [B, H, N, D] any float dtype, read through its strides
     V,
     skb,
     skh,
+    skt,
     skd,
     svb,
     svh,
+    svt,
     svd,
     KD,  # [S, cap, D] the buffer tier's dense rows (its dtype)
     VD,
-    POS,  # int32 [S, cap]
+    POS,  # int16/int32 [S, cap]
     ACC,  # fp32 [S, cap] scores (SCORED)
     CNT,
     BAD,  # int32 [1]: set to 1 if a value is NaN/Inf or beyond the fp16 range (CHECK)
     ROT,  # fp32 [D, D] the store's randomized Hadamard rotation (ROTATE)
-    row,
+    row0,
     cap,
     position,
+    n,
     kv_heads,
     D: tl.constexpr,
+    BR: tl.constexpr,
     SCORED: tl.constexpr,
     CHECK: tl.constexpr,
     ROTATE: tl.constexpr,
 ):
-    """One decoding step's token of every stream into the dense buffer at ``row``: the rows
-    (converted as ``x.float().to(buffer dtype)``; with ``ROTATE``, first rotated as
-    ``(x.float() @ ROT).to(x.dtype)``), the position, zero scores, and the non-finite flag
-    (of the rows stored), in one launch instead of a dozen small torch ops."""
+    """``n`` new tokens of every stream into the dense buffer at rows ``row0 ..``, ``BR`` rows
+    per program: the rows (converted as ``x.float().to(buffer dtype)``; with ``ROTATE``, first
+    rotated as ``(x.float() @ ROT).to(x.dtype)`` up to the order of the fp32 sums: ``(x *
+    ROT[:, 0]) @ H`` by the fast Walsh-Hadamard transform in fp32, no dot, so nothing drops to
+    TF32), positions ``position ..``, zero scores, and the non-finite flag (of the rows
+    stored). A decoding step is ``n = BR = 1``; a prompt is read once and written once (no
+    rotated copy, no zero-filled buffer rows, no separate pass for the finiteness check)."""
     s = tl.program_id(0)
     b = (s // kv_heads).to(tl.int64)
     h = (s % kv_heads).to(tl.int64)
+    t = tl.program_id(1) * BR + tl.arange(0, BR)
+    ok = t < n
+    t64 = t.to(tl.int64)
     j = tl.arange(0, D).to(tl.int64)
-    k = tl.load(K + b * skb + h * skh + j * skd).to(tl.float32)
-    v = tl.load(V + b * svb + h * svh + j * svd).to(tl.float32)
+    m = ok[:, None]
+    src_k = K + b * skb + h * skh + t64[:, None] * skt + j[None, :] * skd
+    src_v = V + b * svb + h * svh + t64[:, None] * svt + j[None, :] * svd
+    k = tl.load(src_k, mask=m, other=0.0).to(tl.float32)
+    v = tl.load(src_v, mask=m, other=0.0).to(tl.float32)
     if ROTATE:
-        k = _rotate_row(k, ROT, j, D, K.dtype.element_ty)
-        v = _rotate_row(v, ROT, j, D, V.dtype.element_ty)
-    dst = s.to(tl.int64) * cap + row
-    tl.store(KD + dst * D + j, _cast_rtne(k, KD.dtype.element_ty))
-    tl.store(VD + dst * D + j, _cast_rtne(v, VD.dtype.element_ty))
-    tl.store(POS + dst, position)
+        rot = tl.load(ROT + j * D)[None, :]
+        k = _cast_rtne(_hadamard(k * rot, BR, D), K.dtype.element_ty).to(tl.float32)
+        v = _cast_rtne(_hadamard(v * rot, BR, D), V.dtype.element_ty).to(tl.float32)
+    dst = s.to(tl.int64) * cap + row0 + t64
+    tl.store(KD + dst[:, None] * D + j[None, :], _cast_rtne(k, KD.dtype.element_ty), mask=m)
+    tl.store(VD + dst[:, None] * D + j[None, :], _cast_rtne(v, VD.dtype.element_ty), mask=m)
+    tl.store(POS + dst, position + t, mask=ok)
     if SCORED:
-        tl.store(ACC + dst, 0.0)
-        tl.store(CNT + dst, 0.0)
+        zero = tl.full((BR,), 0.0, tl.float32)
+        tl.store(ACC + dst, zero, mask=ok)
+        tl.store(CNT + dst, zero, mask=ok)
     if CHECK:
-        # NaN fails every comparison: `!(|x| <= max)` flags it with the infinities.
-        ok = (tl.abs(k) <= 65504.0).to(tl.int32) + (tl.abs(v) <= 65504.0).to(tl.int32)
-        bad = _sum(2 - ok, 0)
+        # NaN fails every comparison: `!(|x| <= max)` flags it with the infinities (masked
+        # rows load as 0 and pass).
+        ok2 = (tl.abs(k) <= 65504.0).to(tl.int32) + (tl.abs(v) <= 65504.0).to(tl.int32)
+        bad = _sum(_sum(2 - ok2, 1), 0)
         tl.store(BAD, 1, mask=bad > 0)
 
 

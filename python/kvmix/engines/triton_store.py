@@ -116,21 +116,6 @@ def _run(fn: Any, grid: tuple[int, ...], *args: Any, **consts: Any) -> None:
     load_attention(dev)._launch(fn, grid, list(args), consts, 4, 3, dev.type == "cuda")
 
 
-def rotate_rows(kern: Any, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """``x [B, H, N, D]`` (any strides) times the randomized Hadamard ``rotation``, in x's
-    dtype, by ``kern.rotate_rows_kernel``: ``(x.float() @ rotation).to(x.dtype)`` up to the
-    order of the fp32 sums (within one rounding of x's dtype)."""
-    b, h, n, d = x.shape
-    y = torch.empty((b, h, n, d), dtype=x.dtype, device=x.device)
-    if y.numel():
-        br = 32
-        _run(
-            kern.rotate_rows_kernel, (b * h, -(-n // br)), x, *x.stride(), y, rotation, n, h,
-            D=d, BR=br,
-        )  # fmt: skip
-    return y
-
-
 def _round_half_away(x: float) -> int:
     """Rust's ``f64::round`` (half away from zero), not Python's banker's rounding."""
     return math.floor(x + 0.5)
@@ -295,12 +280,15 @@ class _Tier:
 
     # -- capacity -------------------------------------------------------------------------
 
-    def _grow(self, rows: int, segs: int) -> None:
+    def _grow(self, rows: int, segs: int, written: bool = False) -> None:
         """Make room for ``rows`` rows and ``segs`` segments. Row capacity grows by a quarter
         (amortized O(1) per row; a doubling would leave up to half of a long tier unused, and
-        ``torch.cuda.memory_allocated`` would see it); segment slots double (they are small)."""
+        ``torch.cuda.memory_allocated`` would see it); segment slots double (they are small).
+        ``written``: the caller writes every per-row tensor's rows ``fill .. rows`` of every
+        stream next, so a reallocation leaves them uninitialized."""
         if rows > self.cap:
-            self._resize(max(PAGE, -(-max(rows, self.cap * 5 // 4) // PAGE) * PAGE))
+            new = max(PAGE, -(-max(rows, self.cap * 5 // 4) // PAGE) * PAGE)
+            self._resize(new, rows if written else 0)
         if segs > self.seg_cap:
             new_s = max(4, segs, 2 * self.seg_cap)
             old = self.seg_cap
@@ -321,13 +309,23 @@ class _Tier:
         """Room for ``rows`` more rows in ``segs`` more segments (pushes that follow fit)."""
         self._grow(self.fill + rows, self.nseg + segs)
 
-    def _resize(self, new: int) -> None:
+    def _resize(self, new: int, written_to: int = 0) -> None:
         """Row capacity ``new`` (a multiple of :data:`PAGE`, at least the fill): every per-row
-        tensor is reallocated and its first ``min(cap, new)`` rows copied."""
+        tensor is reallocated and its first ``min(cap, new)`` rows copied; the rows after them
+        are initialized (holes: position -1, zero rows, which the kernels read whole pages of)
+        but for ``cap .. written_to``, which the caller writes next (a prompt's rows: the
+        buffer is not zeroed first and then overwritten)."""
         keep = min(self.cap, new)
+        init = max(keep, written_to)
 
         def resized(t: torch.Tensor, fill: float) -> torch.Tensor:
-            out = torch.full((t.shape[0], new, *t.shape[2:]), fill, dtype=t.dtype, device=t.device)
+            shape = (t.shape[0], new, *t.shape[2:])
+            if init == keep:
+                out = torch.full(shape, fill, dtype=t.dtype, device=t.device)
+            else:
+                out = torch.empty(shape, dtype=t.dtype, device=t.device)
+                if init < new:
+                    out[:, init:] = fill
             if keep:  # a first allocation (capacity 0) has nothing to copy
                 out[:, :keep] = t[:, :keep]
             return out
@@ -868,36 +866,92 @@ class TritonLayerStore:
             self._append_step(keys, values)
             return
         r = self.rotation
-        if r is not None and keys.device.type == "cuda":
-            # A prompt on the GPU: one read and one write per tensor (the fp32 matmul below
-            # writes and reads two fp32 copies, and runs on the fp32 cores).
-            kern = load_kernels(keys.device)  # the first prompt comes before `_init`
-            keys, values = rotate_rows(kern, keys, r), rotate_rows(kern, values, r)
-        elif r is not None:
-            # On the CPU: one matmul each, as the unfused path (the same rows bit for bit).
+        # On a GPU the rows are rotated inside the append kernel (one read and one write of
+        # the prompt). On the CPU, one matmul each first, as the unfused path (the same rows
+        # bit for bit).
+        fused_rotation = r is not None and keys.device.type == "cuda"
+        if r is not None and not fused_rotation:
             keys = (keys.float() @ r).to(keys.dtype)
             values = (values.float() @ r).to(values.dtype)
-        if self.policy != "full":
-            # Extremes by aminmax: no |x| temporary the size of the prompt.
-            worst = torch.stack([x.float() for x in (*keys.aminmax(), *values.aminmax())])
-            worst = worst.abs().max()
-            if not torch.isfinite(worst) or worst > _F16_MAX:  # prefill: read back once
-                raise NonFiniteError(
-                    "keys/values contain NaN/Inf or magnitudes beyond the fp16 range (65504)"
-                )
-        if not self.batch:
+        first = not self.batch
+        if first:
             self._init(b, keys.device)
         buf = self._tiers["buffer"]
-        s = self._streams
+        pos_dtypes = {name: t.pos.dtype for name, t in self._tiers.items()}
+        cap = buf.cap
         self._fit_positions(self.seen + n - 1)
-        pos = torch.arange(self.seen, self.seen + n, dtype=torch.int32, device=keys.device)
-        # The buffer is dense: its push converts to the buffer's dtype in one copy (no fp32
-        # copy of the prompt first; the values are the same, every dtype here widens exactly
-        # to fp32).
-        buf.push(self._kern(), keys, values, pos.expand(s, n))
+        check = self.policy != "full"
+        # Its own flag: a decoding step's (read at a later classification) stays as it is.
+        flag = torch.zeros(1, dtype=torch.int32, device=keys.device) if check else None
+        self._append_rows(keys, values, n, flag, r if fused_rotation else None)
+        if flag is not None and bool(flag[0]):  # prefill: read back once
+            # Refused: the store is put back as it was (the rows written past the fill are
+            # zeroed, as rows the kernels read whole pages of must be).
+            if first:
+                self.reset()
+            else:
+                buf.kd[:, buf.fill : buf.fill + n] = 0
+                buf.vd[:, buf.fill : buf.fill + n] = 0
+                buf.pos[:, buf.fill : buf.fill + n] = -1
+                if buf.cap != cap:
+                    buf._resize(cap)
+                for name, t in self._tiers.items():
+                    t.pos = t.pos.to(pos_dtypes[name])
+            raise NonFiniteError(
+                "keys/values contain NaN/Inf or magnitudes beyond the fp16 range (65504)"
+            )
+        buf.fill += n
         self.seen += n
         self._buf_len = [x + n for x in self._buf_len]
         self._since += 1
+
+    def _append_rows(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        n: int,
+        flag: torch.Tensor | None,
+        rotation: torch.Tensor | None,
+    ) -> None:
+        """Write ``n`` tokens of every stream (``[B, H, n, D]``, any strides and float dtype)
+        into the buffer after its fill, with their positions and zero scores, by one launch of
+        ``append_rows_kernel``: rotated by ``rotation`` if given, and ``flag`` set where a
+        value is NaN/Inf or beyond the fp16 range. The fill is not advanced."""
+        buf = self._tiers["buffer"]
+        row0 = buf.fill
+        buf._grow(row0 + n, 0, written=True)
+        br = 1 if n == 1 else 32
+        _run(
+            self._kern().append_rows_kernel,
+            (self._streams, -(-n // br)),
+            keys,
+            values,
+            keys.stride(0),
+            keys.stride(1),
+            keys.stride(2),
+            keys.stride(3),
+            values.stride(0),
+            values.stride(1),
+            values.stride(2),
+            values.stride(3),
+            buf.kd,
+            buf.vd,
+            buf.pos,
+            buf.acc,
+            buf.count,
+            buf.pos if flag is None else flag,
+            buf.pos if rotation is None else rotation,
+            row0,
+            buf.cap,
+            self.seen,
+            n,
+            self.kv_heads,
+            D=self.head_dim,
+            BR=br,
+            SCORED=buf.scored,
+            CHECK=flag is not None,
+            ROTATE=rotation is not None,
+        )
 
     def _append_step(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """A decoding step's token (one per sequence) into the buffer: one kernel launch
@@ -908,40 +962,15 @@ class TritonLayerStore:
         buf = self._tiers["buffer"]
         row = buf.fill
         self._fit_positions(self.seen)
-        buf._grow(row + 1, 0)
         check = self.policy != "full"
         flag = self._bad_flag
         assert flag is not None
-        _run(
-            self._kern().append_row_kernel,
-            (self._streams,),
-            keys,
-            values,
-            keys.stride(0),
-            keys.stride(1),
-            keys.stride(3),
-            values.stride(0),
-            values.stride(1),
-            values.stride(3),
-            buf.kd,
-            buf.vd,
-            buf.pos,
-            buf.acc,
-            buf.count,
-            flag,
-            flag if self.rotation is None else self.rotation,
-            row,
-            buf.cap,
-            self.seen,
-            self.kv_heads,
-            D=self.head_dim,
-            SCORED=buf.scored,
-            CHECK=check,
-            ROTATE=self.rotation is not None,
-        )
+        self._append_rows(keys, values, 1, flag if check else None, self.rotation)
         if check and keys.device.type == "cpu":
             if bool(flag[0]):
                 flag.zero_()
+                buf.kd[:, row] = 0
+                buf.vd[:, row] = 0
                 buf.pos[:, row] = -1
                 raise NonFiniteError(
                     "keys/values contain NaN/Inf or magnitudes beyond the fp16 range (65504)"

@@ -93,6 +93,10 @@ def search_margin(terms: int) -> float:
     return {"fp32": 4.0 * (terms + 1) * 2.0**-24, "float64": -1.0, "fp32-unchecked": 0.0}[SEARCH]
 
 
+#: Each codec's shrink factors on each device (:meth:`_Codec.shrink_tensor`).
+_SHRINK_ON: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
+
+
 def _device_values(
     values: list[int] | list[float], device: Any, dtype: torch.dtype = torch.int64
 ) -> torch.Tensor:
@@ -196,7 +200,6 @@ class _Codec:
         #: the shrink factors ``"mse"`` searches (from the layout: ``src/quant/clip.rs``).
         self.clip = spec.get("clip", "minmax")
         self.shrink = [float(s) for s in spec.get("shrink", [1.0])]
-        self._shrink_on: dict[torch.device, torch.Tensor] = {}
         if self.kind != "dense":
             if self.bits not in (1, 2, 3, 4, 8):
                 raise ConfigError(
@@ -217,9 +220,10 @@ class _Codec:
         """:attr:`shrink` as fp32 on ``device``, copied once and without waiting (a copy from
         pageable host memory at every push waited for the device's queued work: a host
         synchronization per push, the host and the device no longer overlapping)."""
-        t = self._shrink_on.get(device)
-        if t is None:
-            t = self._shrink_on[device] = _device_values(self.shrink, device, torch.float32)
+        key = (tuple(self.shrink), torch.device(device))
+        t = _SHRINK_ON.get(key)
+        if t is None:  # once per process and device (every layer's codec has the same)
+            t = _SHRINK_ON[key] = _device_values(self.shrink, device, torch.float32)
         return t
 
 
@@ -253,11 +257,21 @@ class _Tier:
         self.ks = self.ko = self.vs = self.vo = self.vf = dummy
         #: The block table (see :attr:`TierView.seg`), with its host copy ``blocks``.
         self.blocks: list[int] = []
-        self.seg = torch.zeros(1, dtype=torch.int32, device=device)
+        self._seg = torch.zeros(1, dtype=torch.int32, device=device)
+        self._seg_stale = False  # `blocks` changed since `_seg` was uploaded
         self._alloc_params(0)
         self.acc = torch.zeros((streams, 0), dtype=torch.float32, device=device)
         self.count = torch.zeros((streams, 0), dtype=torch.float32, device=device)
         self._word_cache: tuple[torch.Tensor, torch.Tensor, Any] | None = None
+
+    @property
+    def seg(self) -> torch.Tensor:
+        """The block table on the device, uploaded when first read after pushes changed it
+        (a classification's pushes upload it once, not once each)."""
+        if self._seg_stale:
+            self._seg = _device_values([*self.blocks, self.fill], self.device, torch.int32)
+            self._seg_stale = False
+        return self._seg
 
     def _data(self, c: _Codec, rows: int) -> torch.Tensor:
         if c.kind == "dense":
@@ -414,7 +428,7 @@ class _Tier:
                 cuts = range(-(-start // PAGE) * PAGE, start + rb, PAGE)
                 for r in sorted({start, *cuts}):
                     self.blocks += [r, self.nseg + b]
-            self.seg = _device_values([*self.blocks, row0 + n], self.device, torch.int32)
+            self._seg_stale = True
             self.nseg += blocks
         if self.scored:
             self.acc[:, row0 : row0 + n] = 0 if acc is None else acc

@@ -209,8 +209,15 @@ S)
       --reps 3 > "$OUT/steps-b8-old.txt" 2>&1
   fi
   ;;
+T)
+  # Session 18: the prefill by the phase timers and end to end at B=8 and B=1 x 32k (8 layers).
+  timeout 200 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x --repeats 3 > "$OUT/prefill-profile.txt" 2>&1
+  timeout 90 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
+  ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|W|Z|S" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|W|Z|S|T" >&2
   exit 2
   ;;
 esac

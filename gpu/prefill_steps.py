@@ -79,8 +79,7 @@ def main() -> None:
     # The steps, wrapped where the prefill calls them (the originals kept for --cprofile).
     store_cls = triton_store.TritonLayerStore
     steps = [
-        (kattn, "_probe_rows", "probe rows (host)"),
-        (kattn, "_visible_counts", "visible counts (host)"),
+        (kattn, "_scoring_plan", "probe rows and counts (host)"),
         (kattn, "_received", "column sums (kernel + setup)"),
         (store_cls, "add_scores", "add_scores"),
         (store_cls, "set_first_valid", "set_first_valid"),

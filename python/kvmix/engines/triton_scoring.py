@@ -463,13 +463,21 @@ def received_attention(
     else:
         lse = torch.empty((b, hq, n), dtype=torch.float32, device=dev)
 
+    # On a GPU, a kernel compiled for the same specialization is launched directly (the
+    # attention module's launcher: ~150 us less host time per launch, twice per layer).
+    from kvmix.engines import load_attention
+
+    launch = load_attention(dev)._launch
+    fast = dev.type == "cuda"
+
     def lse_pass(tile: tuple[int, ...]) -> None:
         bm, bn, warps, stages = tile[:4]
-        row_lse_kernel[(b * hq, triton.cdiv(n, bm))](
-            query, query.stride(0), query.stride(1), query.stride(2),
-            key, key.stride(0), key.stride(1), key.stride(2),
-            row_t, nrow_t, fv_t, lse, n, hq, rep, qk_scale,
-            D=d, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, num_warps=warps, num_stages=stages,
+        launch(
+            row_lse_kernel, (b * hq, triton.cdiv(n, bm)),
+            [query, query.stride(0), query.stride(1), query.stride(2),
+             key, key.stride(0), key.stride(1), key.stride(2),
+             row_t, nrow_t, fv_t, lse, n, hq, rep, qk_scale],
+            (("D", d), ("BLOCK_M", bm), ("BLOCK_N", bn), ("IEEE", ieee)), warps, stages, fast,
         )  # fmt: skip
 
     # One head per tile, or the GQA group's heads stacked in one (padded to a power of two).
@@ -483,12 +491,15 @@ def received_attention(
         # Each block's first row at or after its first key, and at or after its last key.
         rstart = torch.searchsorted(row_t, starts).to(torch.int32)
         rfull = torch.searchsorted(row_t, starts + (bn - 1)).to(torch.int32)
-        received_kernel[(b * hk, n_blocks)](
-            query, query.stride(0), query.stride(1), query.stride(2),
-            key, key.stride(0), key.stride(1), key.stride(2),
-            row_t, nrow_t, fv_t, lse, rstart, rfull, out, n, t, hk, rep, n_blocks, qk_scale,
-            D=d, HH=hh, BLOCK_M=bm, BLOCK_N=bn, ACC2D=bool(tile[4] if len(tile) > 4 else 0),
-            IEEE=ieee, num_warps=warps, num_stages=stages,
+        acc2d = bool(tile[4] if len(tile) > 4 else 0)
+        launch(
+            received_kernel, (b * hk, n_blocks),
+            [query, query.stride(0), query.stride(1), query.stride(2),
+             key, key.stride(0), key.stride(1), key.stride(2),
+             row_t, nrow_t, fv_t, lse, rstart, rfull, out, n, t, hk, rep, n_blocks, qk_scale],
+            (("D", d), ("HH", hh), ("BLOCK_M", bm), ("BLOCK_N", bn), ("ACC2D", acc2d),
+             ("IEEE", ieee)),
+            warps, stages, fast,
         )  # fmt: skip
 
     if row_lse is None:

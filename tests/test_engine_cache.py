@@ -436,6 +436,47 @@ def test_a_decoding_steps_append_writes_the_rows_as_the_prompts_push(buffer_dtyp
     assert step.seen == 42 and int(bs.pos[0, 41]) == 41
 
 
+def test_a_refused_prompt_leaves_the_triton_store_as_it_was(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A prompt is taken by one kernel that writes and checks in the same pass, so a refused
+    one (NaN, beyond the fp16 range) has been written past the fill: the store is put back
+    (fill, positions, their width, capacity, bytes), the rows it wrote are zeroed (the
+    attention kernel reads whole pages of the buffer: a NaN left there would reach the output
+    through a zero probability), and a first prompt refused leaves a fresh store."""
+    g = torch.Generator().manual_seed(8)
+    h, d = 2, 16
+    x = torch.randn(1, h, 70, d, generator=g)
+    first = TritonLayerStore("zipcache", h, d, {"streaming_gap": 100}, "float16")
+    bad = x[:, :, :30].clone()
+    bad[0, 1, 29, 5] = float("nan")
+    with pytest.raises(kvmix.NonFiniteError, match="NaN"):
+        first.append(bad, bad)
+    assert first.batch == 0 and first.seen == 0 and not first._tiers
+    # Positions would widen past the (lowered) 16-bit limit: the refused prompt keeps int16.
+    monkeypatch.setattr(triton_store, "POS16_LIMIT", 60)
+    clean = TritonLayerStore("zipcache", h, d, {"streaming_gap": 100}, "float16")
+    store = TritonLayerStore("zipcache", h, d, {"streaming_gap": 100}, "float16")
+    for s in (clean, store):
+        s.append(x[:, :, :40], x[:, :, :40])
+    buf = store._tiers["buffer"]
+    before = (store.seen, buf.fill, buf.cap, buf.pos.dtype, store.memory())
+    big = x[:, :, 40:].clone() * 0
+    big[0, 0, 10, 0] = 70000.0  # 40 rows: the buffer grows a page, positions pass 60
+    with pytest.raises(kvmix.NonFiniteError, match="fp16 range"):
+        store.append(x[:, :, 40:], big)
+    assert (store.seen, buf.fill, buf.cap, buf.pos.dtype, store.memory()) == before
+    assert bool((buf.pos[:, 40:] == -1).all())
+    assert not buf.kd[:, 40:].any() and not buf.vd[:, 40:].any()
+    # The next prompt is taken, and attention over the page reads no trace of the refused one.
+    for s in (clean, store):
+        s.append(x[:, :, 40:45], -x[:, :, 40:45])
+    q = torch.randn(1, 4, 1, d, generator=g)
+    want, got = clean.attend(q, [44], 0.25, False), store.attend(q, [44], 0.25, False)
+    assert torch.isfinite(got).all() and torch.equal(got, want)
+    assert buf.pos.dtype == torch.int16 and store.seen == 45
+
+
 def test_three_bit_codes_are_packed_as_the_rust_packer_packs_them() -> None:
     """kvmix-5x's 3-bit keys: each stored row is ``kvmix.pack_bits`` of the codes recovered
     from the row's dequantized values and its segment's per-channel parameters (eight codes

@@ -477,6 +477,34 @@ def test_a_refused_prompt_leaves_the_triton_store_as_it_was(
     assert buf.pos.dtype == torch.int16 and store.seen == 45
 
 
+@pytest.mark.parametrize("preset", ["zipcache", "kvmix-5x"])
+def test_the_salient_ranking_breaks_ties_as_the_rust_store(preset: str) -> None:
+    """ZipCache's ranking on the device (one stable sort: eligible first, then by score, ties
+    to the more recent token) against the Rust store's ``importance::top_k``: normalized
+    scores with many ties (small integers over small counts, zero counts), a left-padded
+    sequence, sinks (kvmix-5x) -- every token of every stream in the same tier."""
+    b, h, d, n = 2, 2, 32, 150
+    g = torch.Generator().manual_seed(12)
+    opts = kvmix.make_cache(preset, tiny_random_model("llama").config).layers[0].options
+    k, v = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, d, generator=g)
+    acc = torch.randint(0, 4, (b, h, n), generator=g).float()
+    cnt = torch.randint(0, 3, (b, h, n), generator=g).float()
+    acc[cnt == 0] = 0.0
+    rust = kvmix.LayerStore("zipcache", h, d, opts, "float16")
+    tri = TritonLayerStore("zipcache", h, d, opts, "float16")
+    rust.append(k.numpy(), v.numpy())
+    tri.append(k, v)
+    for store in (rust, tri):
+        store.set_first_valid([0, 9])
+    rust.add_scores(0, acc.numpy(), cnt.numpy())
+    tri.add_scores(0, acc, cnt)
+    assert rust.maybe_classify(True) and tri.maybe_classify(True)
+    for s in range(b * h):
+        want = {t: sorted(int(x) for x in p) for t, p in rust.tier_positions(s).items()}
+        got = {t: sorted(int(x) for x in p.tolist()) for t, p in tri.tier_positions(s).items()}
+        assert got == want, s
+
+
 def test_three_bit_codes_are_packed_as_the_rust_packer_packs_them() -> None:
     """kvmix-5x's 3-bit keys: each stored row is ``kvmix.pack_bits`` of the codes recovered
     from the row's dequantized values and its segment's per-channel parameters (eight codes

@@ -109,12 +109,12 @@ def test_other_decoding_steps_stay_within_their_budget(
     ("preset", "op_budget", "launch_budget"),
     [
         # The counts measured (session 18, 2 sequences of 1100 tokens, a fresh process):
-        # ZipCache 121 ops and 12 launches, kvmix-5x 163 and 28 (its sinks' segment, its key
+        # ZipCache 119 ops and 12 launches, kvmix-5x 161 and 28 (its sinks' segment, its key
         # blocks' tail push, the range search's launches). Session 17: 136 and 184 (the block
         # table uploaded at every push, the shrink factors once per layer); before the chunks'
         # choice and the separable factors moved into kernels: about 200 and 440 ops.
-        ("zipcache", 121, 12),
-        ("kvmix-5x", 163, 28),
+        ("zipcache", 119, 12),
+        ("kvmix-5x", 161, 28),
     ],
 )
 def test_the_prompts_classification_stays_within_its_host_budget(

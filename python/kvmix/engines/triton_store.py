@@ -1325,14 +1325,13 @@ class TritonLayerStore:
         k_seq = [max(0, ks - ns) for ks, ns in zip(k_all, sinks, strict=True)]
         k_s = _device_values(k_seq, p.device).repeat_interleave(h)
         # Rank by (eligible, score, index) descending: ties go to the more recent token, NaN
-        # ranks lowest (importance::top_k).
+        # ranks lowest (importance::top_k). One stable ascending sort of the negated scores
+        # (a NaN score as -inf, so +inf here) with the ineligible tokens as NaN, which sorts
+        # after every number; the keys reversed so that ties keep the more recent first.
         eligible = valid & ~sink
-        key = torch.nan_to_num(score, nan=float("-inf")).flip(-1)
-        o1 = torch.sort(key, dim=1, descending=True, stable=True).indices
-        o2 = torch.sort(
-            eligible.flip(-1).gather(1, o1), dim=1, descending=True, stable=True
-        ).indices
-        order = (n - 1) - o1.gather(1, o2)
+        neg = -torch.nan_to_num(score, nan=float("-inf"))
+        key = torch.where(eligible, neg, float("nan")).flip(-1)
+        order = (n - 1) - torch.sort(key, dim=1, stable=True).indices
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(n, device=p.device).expand_as(order))
         salient = (rank < k_s[:, None]) & eligible

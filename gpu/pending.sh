@@ -217,14 +217,14 @@ T)
     --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
   ;;
 U)
-  # Session 18, S and T in one call: the CUDA tests, the step table with its kernel table
-  # at B=8, the prefill profile at B=8 and B=1 x 32k.
+  # Session 18, S and T in one call: the CUDA tests, the prefill profile at B=8 and B=1 x 32k,
+  # then the step table with its kernel table at B=8.
   timeout 150 python3 -m pytest -q -x -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
-  timeout 130 python3 -u gpu/prefill_steps.py --reps 2 --kernel-table 25 > "$OUT/steps-b8.txt" 2>&1
   timeout 150 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
     --methods full zipcache kvmix-5x --repeats 3 > "$OUT/prefill-profile.txt" 2>&1
   timeout 80 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
     --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
+  timeout 120 python3 -u gpu/prefill_steps.py --reps 2 --kernel-table 25 > "$OUT/steps-b8.txt" 2>&1
   ;;
 *)
   echo "usage: bash gpu/pending.sh A|B|...|W|Z|S|T|U" >&2

@@ -226,8 +226,14 @@ U)
     --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
   timeout 120 python3 -u gpu/prefill_steps.py --reps 2 --kernel-table 25 > "$OUT/steps-b8.txt" 2>&1
   ;;
+V)
+  # Session 18: the decoding step after the append kernel's change (a step is its n = 1
+  # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
+  timeout 260 python3 -u -m kvmix.bench gpu --batches 8 --contexts 8192 --steps 8 \
+    --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
+  ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|W|Z|S|T|U" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|W|Z|S|T|U|V" >&2
   exit 2
   ;;
 esac

@@ -6,7 +6,7 @@ speed and the memory of a cache do not depend on the weights' values. For every
 ``(batch, context)`` and every method:
 
 * ``prefill_s``: one forward pass over ``batch x context`` random tokens into an empty cache
-  (logits of the last position only), after a warm-up prefill of the same method;
+  (logits of the last position only), after a warm-up prefill of the same method and shape;
 * ``step_ms``: the median of ``--steps`` greedy decoding steps (one token per sequence per step),
   each timed with a device synchronisation before and after; ``tok_s`` is ``batch / step``;
 * ``cache_bytes``: what the device allocator holds once the prefill and the steps are done,
@@ -373,7 +373,14 @@ def main(args: argparse.Namespace) -> int:
     for context in args.contexts:
         for batch in args.batches:
             for method in args.methods:
-                run_one(model, method, batch, min(context, 256), 2, device)  # warm-up/compile
+                # The warm-up at the measured shape: Triton compiles a kernel per
+                # specialization (which integer arguments are 1 or multiples of 16, and the
+                # pushes a prompt of this length makes: a 256-token prompt has no whole
+                # 512-token key block), so a 256-token warm-up left compilations in the timed
+                # prefill (session 18, H100, B=8 x 8k: kvmix-5x 12.5 s, ZipCache 5.4 s,
+                # DynamicCache 2.1 s; gpu/prefill_profile.py, warmed at its shape, gives
+                # +7.4% / +4.8% at B=8 x 32k).
+                run_one(model, method, batch, context, 1, device)
                 r = run_one(model, method, batch, context, args.steps, device)
                 print(_row(method, batch, context, r), flush=True)
                 results.append({"method": method, "batch": batch, "context": context, **r})

@@ -195,30 +195,9 @@ R)
   timeout 120 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
     --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
   ;;
-S)
-  # Session 18: the device time of one layer's prefill (append, scoring, classification) by
-  # operator at B=8 and B=1 x 32k, beside the phase timers' steps; the CUDA tests first (the
-  # prompt's append kernel is new), and the tree before (carry/old/python) for comparison.
-  timeout 150 python3 -m pytest -q -x -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
-  timeout 150 python3 -u gpu/prefill_steps.py --reps 3 --kernel-table 30 > "$OUT/steps-b8.txt" 2>&1
-  timeout 90 python3 -u gpu/prefill_steps.py --batch 1 --reps 3 --kernel-table 30 \
-    > "$OUT/steps-b1.txt" 2>&1
-  if [ -d carry/old/python ]; then
-    cp /tmp/kvmixpy/kvmix/_kvmix*.so carry/old/python/kvmix/
-    PYTHONPATH=$PWD/carry/old/python:$PYTHONPATH timeout 120 python3 -u gpu/prefill_steps.py \
-      --reps 3 > "$OUT/steps-b8-old.txt" 2>&1
-  fi
-  ;;
-T)
-  # Session 18: the prefill by the phase timers and end to end at B=8 and B=1 x 32k (8 layers).
-  timeout 200 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
-    --methods full zipcache kvmix-5x --repeats 3 > "$OUT/prefill-profile.txt" 2>&1
-  timeout 90 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
-    --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
-  ;;
 U)
-  # Session 18, S and T in one call: the CUDA tests, the prefill profile at B=8 and B=1 x 32k,
-  # then the step table with its kernel table at B=8.
+  # Session 18: the CUDA tests, the prefill profile at B=8 and B=1 x 32k, then the step
+  # table with its kernel table at B=8.
   timeout 150 python3 -m pytest -q -x -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
   timeout 150 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
     --methods full zipcache kvmix-5x --repeats 3 > "$OUT/prefill-profile.txt" 2>&1
@@ -233,7 +212,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|W|Z|S|T|U|V" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|W|Z|U|V" >&2
   exit 2
   ;;
 esac

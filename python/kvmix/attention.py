@@ -529,14 +529,15 @@ def _score_prefill(
     given = acc
     # The device kernels take each sequence's rows: one launch for the batch, no gather.
     kernel = given is None and _scoring_kernel(query)
-    for fv, idx, rows in groups if given is None and not kernel else []:
-        fvs = [fv] * len(idx)
-        if len(groups) == 1:
-            acc = _probabilities(query, key, rows, fvs, scaling)
-        else:
-            if acc is None:
-                acc = torch.zeros(b, key.shape[1], t, device=query.device)
-            acc[idx] = _probabilities(query[idx], key[idx], rows, fvs, scaling)
+    if given is None and not kernel:
+        for fv, idx, rows in groups:
+            fvs = [fv] * len(idx)
+            if len(groups) == 1:
+                acc = _probabilities(query, key, rows, fvs, scaling)
+            else:
+                if acc is None:
+                    acc = torch.zeros(b, key.shape[1], t, device=query.device)
+                acc[idx] = _probabilities(query[idx], key[idx], rows, fvs, scaling)
     if scored and kernel:
         lse = row_lse if not any(first_valid) else None
         acc = _received(query, key, per_sequence, first_valid, scaling, lse)

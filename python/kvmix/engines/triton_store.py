@@ -355,6 +355,14 @@ class _Tier:
             self.acc, self.count = resized(self.acc, 0), resized(self.count, 0)
         self.cap = new
 
+    def clear_rows(self, lo: int, hi: int) -> None:
+        """Rows ``lo .. hi`` (past the fill) back to holes after a refused append wrote them:
+        position -1 and zero rows (the kernels read whole pages, and a NaN left there would
+        reach their output through a zero probability)."""
+        self.kd[:, lo:hi] = 0
+        self.vd[:, lo:hi] = 0
+        self.pos[:, lo:hi] = -1
+
     def widen_positions(self) -> None:
         """Positions to int32 (see :data:`POS16_LIMIT`); kernels specialize on the dtype."""
         if self.pos.dtype != torch.int32:
@@ -899,14 +907,11 @@ class TritonLayerStore:
         flag = torch.zeros(1, dtype=torch.int32, device=keys.device) if check else None
         self._append_rows(keys, values, n, flag, r if fused_rotation else None)
         if flag is not None and bool(flag[0]):  # prefill: read back once
-            # Refused: the store is put back as it was (the rows written past the fill are
-            # zeroed, as rows the kernels read whole pages of must be).
+            # Refused: the store is put back as it was.
             if first:
                 self.reset()
             else:
-                buf.kd[:, buf.fill : buf.fill + n] = 0
-                buf.vd[:, buf.fill : buf.fill + n] = 0
-                buf.pos[:, buf.fill : buf.fill + n] = -1
+                buf.clear_rows(buf.fill, buf.fill + n)
                 if buf.cap != cap:
                     buf._resize(cap)
                 for name, t in self._tiers.items():
@@ -983,9 +988,7 @@ class TritonLayerStore:
         if check and keys.device.type == "cpu":
             if bool(flag[0]):
                 flag.zero_()
-                buf.kd[:, row] = 0
-                buf.vd[:, row] = 0
-                buf.pos[:, row] = -1
+                buf.clear_rows(row, row + 1)
                 raise NonFiniteError(
                     "keys/values contain NaN/Inf or magnitudes beyond the fp16 range (65504)"
                 )

@@ -16,8 +16,8 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1
 LENGTHS = [int(x) for x in os.environ.get("PARITY_LENGTHS", "300,5000").split(",")]
 CASES = [
     ("zipcache", {"streaming_gap": 16}),
-    # The range search of clip="mse" (float64 error sums on the device). The GPU may fuse
-    # `mid - s * half` into one rounding: a documented tie, seen as a few differing rows.
+    # The range search of clip="mse" (float64 error sums on the device, `mid - s * half`
+    # rounded twice: the store's kernels are compiled without fp contraction).
     ("zipcache", {"streaming_gap": 16, "key_clip": "mse", "value_clip": "mse", "low_key_bits": 3}),
     ("zipcache", {"streaming_gap": 16, "key_clip": "mse_unbiased", "value_clip": "mse_unbiased"}),
     ("uniform", {"residual": 64}),

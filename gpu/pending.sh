@@ -205,6 +205,51 @@ U)
     --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
   timeout 120 python3 -u gpu/prefill_steps.py --reps 2 --kernel-table 25 > "$OUT/steps-b8.txt" 2>&1
   ;;
+X)
+  # Session 19: correctly rounded divisions and no fp contraction in the store's kernels.
+  # The CUDA tests (the contract against the Rust store at 10M values is new) and the parity
+  # script (before: 638 and 2019 differing ZipCache values, 56 uniform at 20k). (The run
+  # also tried the decode kernel at 16- and 32-row pages: refused, a segmented tier is read
+  # in pages of PAGE = 64 rows; the sweep is gone.)
+  timeout 240 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
+  PARITY_LENGTHS=5000,20000 timeout 120 python3 -u gpu/parity.py > "$OUT/parity.txt" 2>&1
+  ;;
+Y)
+  # Session 19, second call: the step table at B=8 before (carry/old: the tree of b1cd762,
+  # IEEE-approximate divisions, fp contraction) and after, then the prefill profile at B=8
+  # and B=1 x 32k.
+  cp /tmp/kvmixpy/kvmix/_kvmix*.so carry/old/python/kvmix/
+  PYTHONPATH=$PWD/carry/old/python:$PYTHONPATH timeout 100 python3 -u gpu/prefill_steps.py \
+    --reps 2 --kernel-table 8 > "$OUT/steps-b8-old.txt" 2>&1
+  timeout 100 python3 -u gpu/prefill_steps.py --reps 2 --kernel-table 8 > "$OUT/steps-b8.txt" 2>&1
+  timeout 170 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x --repeats 3 > "$OUT/prefill-profile.txt" 2>&1
+  timeout 100 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
+  ;;
+X2)
+  # Session 19, third call: the range-search kernels with fp contraction again (their one
+  # product that must round alone by an fma with a zero addend), the rest without: the CUDA
+  # contract tests, the parity script, the step table before (b1cd762) and after, and the
+  # prefill profile at B=8 x 32k.
+  timeout 120 python3 -m pytest -q -m cuda tests/test_engine_contract.py --tb=short \
+    > "$OUT/pytest-cuda-contract.txt" 2>&1
+  PARITY_LENGTHS=5000,20000 timeout 100 python3 -u gpu/parity.py > "$OUT/parity.txt" 2>&1
+  cp /tmp/kvmixpy/kvmix/_kvmix*.so carry/old/python/kvmix/
+  PYTHONPATH=$PWD/carry/old/python:$PYTHONPATH timeout 80 python3 -u gpu/prefill_steps.py \
+    --reps 2 --kernel-table 8 > "$OUT/steps-b8-old.txt" 2>&1
+  timeout 80 python3 -u gpu/prefill_steps.py --reps 2 --kernel-table 8 > "$OUT/steps-b8.txt" 2>&1
+  timeout 150 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x --repeats 3 > "$OUT/prefill-profile.txt" 2>&1
+  ;;
+X3)
+  # Session 19, last call: every quotient from one Markstein step (the encodes too, and
+  # the reciprocal from Triton's approximate `/`): all CUDA tests (the division test and
+  # the contract at 10M values are new), the parity script at 5000 tokens, the step table.
+  timeout 300 python3 -m pytest -q -m cuda tests --tb=short > "$OUT/pytest-cuda.txt" 2>&1
+  PARITY_LENGTHS=5000 timeout 60 python3 -u gpu/parity.py > "$OUT/parity.txt" 2>&1
+  timeout 80 python3 -u gpu/prefill_steps.py --reps 2 --kernel-table 8 > "$OUT/steps-b8.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -212,7 +257,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|W|Z|U|V" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3" >&2
   exit 2
   ;;
 esac

@@ -1595,9 +1595,11 @@ def _consts(values: tuple[Any, ...]) -> tuple[tuple[str, Any], ...]:
     return items
 
 
-def _launch(fn, grid, args, consts, num_warps, num_stages, fast, stream=None):
+def _launch(fn, grid, args, consts, num_warps, num_stages, fast, stream=None, fusion=True):
     """``fn[grid](*args, **consts)`` (``consts``: a dict, or a tuple of its items, which
-    spares building one); with ``fast`` (compiled kernels only) later calls with
+    spares building one); ``fusion=False`` compiles it without contracting a product and a
+    sum into one fma (one rounding instead of two: the store's kernels must round as the
+    Rust quantizer does); with ``fast`` (compiled kernels only) later calls with
     the same key go straight to the compiled kernel, skipping Triton's per-call binding,
     cache-key and option formatting, which cost more host time than a decode step's GPU time.
     The key holds what Triton specializes on: the constexprs, each tensor's dtype and 16-byte
@@ -1607,7 +1609,9 @@ def _launch(fn, grid, args, consts, num_warps, num_stages, fast, stream=None):
     current CUDA stream's handle (looked up when not given)."""
     if not fast:
         named = dict(consts) if type(consts) is tuple else consts
-        fn[grid](*args, **named, num_warps=num_warps, num_stages=num_stages)
+        fn[grid](
+            *args, **named, num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=fusion
+        )
         return
     import torch
 
@@ -1621,11 +1625,13 @@ def _launch(fn, grid, args, consts, num_warps, num_stages, fast, stream=None):
         for a in args
     )
     items = consts if type(consts) is tuple else tuple(consts.items())
-    key = (fn, num_warps, num_stages, items, sig)
+    key = (fn, num_warps, num_stages, fusion, items, sig)
     hit = _COMPILED.get(key)
     if hit is None:
         named = dict(items)
-        kernel = fn[grid](*args, **named, num_warps=num_warps, num_stages=num_stages)
+        kernel = fn[grid](
+            *args, **named, num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=fusion
+        )
         _COMPILED[key] = (kernel, [named[n] for n in fn.arg_names[len(args) :]])
         return
     kernel, tail = hit

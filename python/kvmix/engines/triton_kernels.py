@@ -6,14 +6,17 @@ The numerics are the Rust codec's (``src/quant/affine.rs``): for a group spannin
 truncated, and a constant group (scale 0) gets code 0. Codes are packed least significant bit
 first, ``8 / b`` to a byte, so the rows are byte-identical to the Rust store's. Channel
 factors (ZipCache's separable factors, MiKV's fixed key factor) are applied by dividing the
-input before quantizing, as the Rust quantizer does. A value exactly half-way between two
-grid points may round the other way where the GPU's fp32 division differs from IEEE by an
-ulp (the documented rounding ties).
+input before quantizing, as the Rust quantizer does. Every quotient is correctly rounded
+(``tl.div_rn``, or :func:`_div_fp16` per element in the encodes and the range searches' hot
+loop); Triton's ``/`` (the GPU's ``div.full.f32``, within 2 ulp) only gives the reciprocal
+:func:`_div_fp16` starts from. And no product that must round on its own is fused into a sum
+(the store launches these kernels without fp contraction, or uses :func:`_product`), so a
+value at a rounding boundary gets the Rust store's code on the GPU too.
 
 With ``CLIP`` (``clip="mse"``, ``src/quant/clip.rs``) each group also tries its range shrunk
 about the midpoint by each factor of ``SHR`` (the layout's ``shrink``) and keeps the grid of
-least squared error, summed in float64 from exact squares as the Rust quantizer sums them; the
-GPU may fuse ``mid - s * half`` into one rounding, another documented tie. ``CLIP == 2``
+least squared error, summed in float64 from exact squares as the Rust quantizer sums them
+(``mid - s * half`` rounded twice, as there). ``CLIP == 2``
 (``"mse_unbiased"``) keeps only the grids with ``sum((x̂ - x) * x) >= 0`` (float64).
 
 Per-channel grids (keys) span a whole segment, up to a prompt's length: their rows are cut into
@@ -221,14 +224,15 @@ def quantize_token_groups_kernel(
     if HAS_FAC:
         at = s * FSS + (F0 + r // RB).to(tl.int64) * FBS
         f = tl.load(FAC + at[:, None] + c[None, :], mask=ok[:, None], other=1.0)
-        x = x / f.to(tl.float32)
+        x = tl.div_rn(x, f.to(tl.float32))
     G: tl.constexpr = D // GS
     xg = tl.reshape(x, [BR, G, GS])
     top: tl.constexpr = (1 << BITS) - 1
     scale, offset = _grid(xg, top, SHR, NSHR, CLIP, MARGIN)
     sf = scale.to(tl.float32)
     of = offset.to(tl.float32)
-    y = (xg - of[:, :, None]) / tl.where(sf == 0.0, 1.0, sf)[:, :, None] + 0.5
+    div = tl.where(sf == 0.0, 1.0, sf)
+    y = _div_fp16(xg - of[:, :, None], div[:, :, None], (1.0 / div)[:, :, None]) + 0.5
     y = tl.minimum(tl.maximum(y, 0.0), top)
     code = tl.where(sf[:, :, None] == 0.0, 0, y.to(tl.int32))
     dst = s * cap + row0 + r
@@ -259,7 +263,7 @@ def _grid(xg, top: tl.constexpr, SHR, NSHR: tl.constexpr, CLIP: tl.constexpr, MA
     negative ``MARGIN`` always searches in float64)."""
     lo = _min(xg, 2)
     hi = _max(xg, 2)
-    scale = ((hi - lo) / top).to(tl.float16)
+    scale = tl.div_rn(hi - lo, tl.full(lo.shape, top, tl.float32)).to(tl.float16)
     offset = lo.to(tl.float16)
     if CLIP:
         searched = scale != 0.0
@@ -267,7 +271,7 @@ def _grid(xg, top: tl.constexpr, SHR, NSHR: tl.constexpr, CLIP: tl.constexpr, MA
         best, ok, near = _group_error32(xg, scale, offset, top, CLIP, MARGIN)
         best = tl.where(ok, best, inf)
         second = tl.full(best.shape, inf, tl.float32)
-        mid = (lo + hi) * 0.5
+        mid = _product(lo + hi, tl.full(lo.shape, 0.5, tl.float32))
         half = (hi - lo) * 0.5
         chosen_sc, chosen_of = scale, offset
         for i in range(NSHR):
@@ -294,12 +298,26 @@ def _grid(xg, top: tl.constexpr, SHR, NSHR: tl.constexpr, CLIP: tl.constexpr, MA
 
 
 @triton.jit
+def _product(a, b):
+    """``a * b`` rounded once on its own, never fused into a following sum: ``mid - s *
+    half`` must round twice, as in the Rust quantizer, but the range searches' kernels are
+    compiled with fp contraction (their fp32 error sums are filters checked by a margin, and
+    contracting them saves instructions in the hot loop), which would fuse the product into
+    the difference (the midpoint's ``(lo + hi) * 0.5`` too, which is exact but for
+    subnormals). An fma with a zero addend is the rounded product and is not a multiply the
+    compiler may contract (``x * y + 0.0`` differs from ``x * y`` for a product of -0;
+    compiled for sm_90 it stays an ``FFMA`` with the zero register)."""
+    return tl.fma(a, b, tl.full(b.shape, 0.0, tl.float32))
+
+
+@triton.jit
 def _shrunk(mid, half, SHR, i, top: tl.constexpr):
     """The fp16 grid of the range ``mid -+ half`` shrunk by ``SHR[i]`` about its midpoint."""
     s_i = tl.load(SHR + i)
-    a = mid - s_i * half
-    b = mid + s_i * half
-    return ((b - a) / top).to(tl.float16), a.to(tl.float16)
+    p = _product(s_i, half)
+    a = mid - p
+    b = mid + p
+    return tl.div_rn(b - a, tl.full(a.shape, top, tl.float32)).to(tl.float16), a.to(tl.float16)
 
 
 @triton.jit
@@ -318,7 +336,7 @@ def _grid64(
     """:func:`_grid`'s search in float64, from the min-max grid ``scale``, ``offset``."""
     searched = scale != 0.0
     best = _group_error(xg, scale, offset, top, CLIP)
-    mid = (lo + hi) * 0.5
+    mid = _product(lo + hi, tl.full(lo.shape, 0.5, tl.float32))
     half = (hi - lo) * 0.5
     for i in range(NSHR):
         sc_i, of_i = _shrunk(mid, half, SHR, i, top)
@@ -352,6 +370,30 @@ def _group_error32(xg, scale, offset, top, CLIP: tl.constexpr, MARGIN: tl.conste
 
 
 @triton.jit
+def _div_fp16(a, b, rb):
+    """``a / b`` correctly rounded, as an IEEE division (the Rust quantizer's), for divisors
+    ``b`` that are fp16 values (the stored scales), given ``rb``, ``1 / b`` within a few ulp
+    (Triton's ``/``, computed once per group, not per element).
+
+    Triton compiles ``/`` to the GPU's ``div.full.f32`` (within 2 ulp), so a code at a
+    rounding boundary could differ from the Rust store's; ``tl.div_rn`` is exact but costs a
+    dozen instructions and a slow-path check per element. Instead one Markstein step: ``q =
+    a * rb`` is within ~3 ulp of ``a / b``; its residual ``a - b * q`` is exact by an fma
+    (``b`` has 11 significant bits, so it fits in fp32); and ``q + residual * rb`` is within
+    2^-20 ulp of ``a / b``, which lies at least 2^-12 ulp from any midpoint between fp32
+    numbers (``a`` has 24 significant bits, ``b`` 11, and a quotient is never a midpoint), so
+    the fma rounds it to the correctly rounded quotient, whether ``rb`` was rounded
+    correctly (the interpreter) or not (the GPU). The interpreter's fma is exact too, so the
+    CPU tests run this arithmetic. No overflow: ``|a| <= 2 * 65504`` (the store refuses
+    larger inputs) and ``rb <= 2^24``; a residual that underflows (``|a| < 2^-100``) leaves
+    a quotient far below any code boundary. An infinite ``b`` (an fp16 scale that
+    overflowed) gives NaN where the division gives 0, and a dividend of -0 gives +0 where
+    it gives -0: code 0 either way."""
+    q = a * rb
+    return tl.fma(tl.fma(-q, b, a), rb, q)
+
+
+@triton.jit
 def _reconstruct(x, sf, of, top):
     """``x`` on the grid (fp32 ``sf``, ``of`` broadcast to it), as the decoder rebuilds it.
 
@@ -359,8 +401,10 @@ def _reconstruct(x, sf, of, top):
     conversion pipe (a quarter of the fp32 rate on the GPU): the code ``trunc(y)`` of
     ``0 <= y <= top`` is taken as ``round(y)`` by the 2^23 trick, less 1 where that rounded
     up, which is the same integer; and a constant group (``sf == 0``) needs no code of 0,
-    since ``0 * code + of`` is ``of`` for any code."""
-    y = (x - of) / tl.where(sf == 0.0, 1.0, sf) + 0.5
+    since ``0 * code + of`` is ``of`` for any code. The quotient is :func:`_div_fp16`'s, the
+    correctly rounded one, from one reciprocal per grid (not per element)."""
+    div = tl.where(sf == 0.0, 1.0, sf)
+    y = _div_fp16(x - of, div, 1.0 / div) + 0.5
     y = tl.minimum(tl.maximum(y, 0.0), top)
     code = (y + 8388608.0) - 8388608.0
     code = tl.where(code > y, code - 1.0, code)
@@ -539,13 +583,14 @@ def _candidate(lo, hi, i, SHR, top: tl.constexpr):
     """Candidate grid ``i`` of the range ``[lo, hi]`` as fp16 values in fp32: ``i == 0`` the
     min-max grid, ``i >= 1`` the range shrunk about its midpoint by ``SHR[i - 1]``
     (``src/quant/clip.rs``; as :func:`_grid` for token groups). The divisions are correctly
-    rounded, as the Rust quantizer's; the GPU may fuse ``mid - s * half`` into one rounding
-    (the documented tie)."""
+    rounded and ``mid - s * half`` rounds twice (the store compiles its kernels without fp
+    contraction), as in the Rust quantizer."""
     s_i = tl.load(SHR + tl.maximum(i - 1, 0))
-    mid = (lo + hi) * 0.5
+    mid = _product(lo + hi, tl.full(lo.shape, 0.5, tl.float32))
     half = (hi - lo) * 0.5
-    a = tl.where(i == 0, lo, mid - s_i * half)
-    b = tl.where(i == 0, hi, mid + s_i * half)
+    p = _product(s_i, half)
+    a = tl.where(i == 0, lo, mid - p)
+    b = tl.where(i == 0, hi, mid + p)
     scale = tl.div_rn(b - a, tl.full(a.shape, top, tl.float32)).to(tl.float16)
     return scale.to(tl.float32), a.to(tl.float16).to(tl.float32)
 
@@ -720,13 +765,14 @@ def encode_channels_kernel(
     sf = tl.load(SC + (s * SEGCAP + SEG0 + blk) * D + c).to(tl.float32)
     of = tl.load(OF + (s * SEGCAP + SEG0 + blk) * D + c).to(tl.float32)
     div = tl.where(sf == 0.0, 1.0, sf)
+    rdiv = 1.0 / div
     top: tl.constexpr = (1 << BITS) - 1
     base = blk * BSTRIDE  # the segment's first row, in X and (plus row0) in the tier
     for r0 in range(r_lo, r_hi, BR):
         r = r0 + tl.arange(0, BR)
         ok = r < r_hi
         x = _rows(X, XS, IDX, N, s, base + r, ok, c, D, HAS_IDX)
-        y = (x - of[None, :]) / div[None, :] + 0.5
+        y = _div_fp16(x - of[None, :], div[None, :], rdiv[None, :]) + 0.5
         y = tl.minimum(tl.maximum(y, 0.0), top)
         code = tl.where(sf[None, :] == 0.0, 0, y.to(tl.int32))
         dst = s * cap + row0 + base + r
@@ -871,3 +917,16 @@ def _decode(
             of = tl.load(OF + (s * cap64 + t[:, None]) * G + g).to(tl.float32)
         x = code * sc + of
     return x
+
+
+@triton.jit
+def divide_kernel(A, B, RB, OUT, N, HAS_RB: tl.constexpr, BLOCK: tl.constexpr):
+    """``OUT = A / B`` (fp32; ``B`` holding fp16 values) as the store's kernels divide
+    (:func:`_div_fp16`), from the reciprocals ``RB`` (``HAS_RB``) or from Triton's ``1 / B``
+    (on a GPU, ``div.full.f32``): for the tests, which compare it with IEEE division."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < N
+    a = tl.load(A + i, mask=ok, other=0.0)
+    b = tl.load(B + i, mask=ok, other=1.0)
+    rb = tl.load(RB + i, mask=ok, other=1.0) if HAS_RB else 1.0 / b
+    tl.store(OUT + i, _div_fp16(a, b, rb), mask=ok)

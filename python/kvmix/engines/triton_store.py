@@ -109,15 +109,21 @@ def _device_values(
     return host.to(device)
 
 
-def _run(fn: Any, grid: tuple[int, ...], *args: Any, **consts: Any) -> None:
+def _run(fn: Any, grid: tuple[int, ...], *args: Any, fusion: bool = False, **consts: Any) -> None:
     """``fn[grid](*args, **consts)`` through the attention module's launcher: on a GPU, a
     kernel already compiled for the same specialization is launched directly, skipping
     Triton's per-call binding (~300 us of host time per launch on the H200's host, against
-    tens of microseconds), with Triton's default warps and stages."""
+    tens of microseconds), with Triton's default warps and stages. Compiled without fp
+    contraction unless ``fusion``: a product and a sum then round twice, as in the Rust
+    quantizer and the interpreter (the rotation's products and sums), so the GPU writes what
+    they write. The range searches' kernels pass ``fusion=True`` for their hot loop (their
+    one product that must round on its own is ``triton_kernels._product``)."""
     from kvmix.engines import load_attention
 
     dev = next(a.device for a in args if isinstance(a, torch.Tensor))
-    load_attention(dev)._launch(fn, grid, list(args), consts, 4, 3, dev.type == "cuda")
+    load_attention(dev)._launch(
+        fn, grid, list(args), consts, 4, 3, dev.type == "cuda", fusion=fusion
+    )
 
 
 def _round_half_away(x: float) -> int:
@@ -518,6 +524,7 @@ class _Tier:
             **clip,
             **has_idx,
             MARGIN=search_margin(c.group_size),
+            fusion=True,
         )
 
     def _channel_launch(
@@ -551,7 +558,7 @@ class _Tier:
         hi = torch.empty_like(lo)
         dummy = self._dummy
         _run(kern.channel_partials_kernel, grid, *src, nr, lo, hi, dummy, dummy, dummy, dummy,
-             *common, 0, **consts, MODE=0, NCP=CHANNEL_CANDIDATES)  # fmt: skip
+             *common, 0, **consts, MODE=0, NCP=CHANNEL_CANDIDATES, fusion=True)  # fmt: skip
         return lo, hi
 
     def _encode_channels(
@@ -585,13 +592,13 @@ class _Tier:
             shape, f64 = (nc, *lo.shape), torch.float64
             sums = tuple(torch.empty(shape, dtype=f64, device=self.device) for _ in range(3))
             _run(kern.channel_partials_kernel, grid, *src, nr, *sums, lo, hi, shrink,
-                 *common, nc, **consts, MODE=1, NCP=CHANNEL_CANDIDATES)  # fmt: skip
+                 *common, nc, **consts, MODE=1, NCP=CHANNEL_CANDIDATES, fusion=True)  # fmt: skip
         seg = (self.seg_cap, self.nseg)
         margin = search_margin(CHANNEL_CHUNK // CHANNEL_TILE + CHANNEL_TILE)
         _run(kern.channel_choose_kernel, (*grid[:2], nr.shape[1]), *src, lo, hi, nr, *sums,
              shrink, self.ks, self.ko, *common, nc, *seg, D=self.d, BITS=c.bits,
              CB=consts["CB"], BR=CHANNEL_TILE, HAS_IDX=has_idx["HAS_IDX"], CLIP=clip,
-             MARGIN=margin)  # fmt: skip
+             MARGIN=margin, fusion=True)  # fmt: skip
         _run(kern.encode_channels_kernel, grid, *src, nr, data, self.ks, self.ko, *seg,
              n, self.cap, row0, *common[1:], **consts)  # fmt: skip
 

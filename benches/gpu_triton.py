@@ -210,8 +210,11 @@ def case(attn, bw, name, b, n, variants):
         except Exception as err:  # a variant over the shared-memory limit, say
             res.append(f"{label}=failed({type(err).__name__})")
     # The store's own call as a decode step makes it (tracking the buffer's attention).
-    e = events(lambda: st.attend(q, [n], D**-0.5, track=True))
-    res.append(f"store.attend(track)={e * 1e3:.0f}")
+    try:
+        e = events(lambda: st.attend(q, [n], D**-0.5, track=True))
+        res.append(f"store.attend(track)={e * 1e3:.0f}")
+    except ValueError as err:  # a page other than the store's default (page_sweep)
+        res.append(f"store.attend(track)=failed({err})")
     bound = read / bw * 1e3
     print(
         f"{name:8s} B{b} {n // 1024}k | {read / 1e6:.0f} MB "
@@ -397,7 +400,34 @@ def fields_sweep():
     print("(us; eager/graph)", flush=True)
 
 
-if __name__ == "__main__" and "--fields-sweep" in sys.argv:
+def page_sweep():
+    """The field path at ZipCache B8 x 32k with the store's page (``triton_store.PAGE``: the
+    rows a segmented tier's block table cuts at, and the kernel's ``block_n``) at 64, 32 and
+    16 rows: a smaller page holds fewer operand registers per warp (~250 at 64 rows, 1 warp)
+    for more warps in flight (session 19)."""
+    import kvmix.engines.triton_store as ts
+
+    attn = load_attention("cuda")
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    for page in (64, 32, 16):
+        ts.PAGE = page
+        variants = [
+            (f"p{page}w1", dict(fields=True, block_n=page, num_warps=1), True),
+            (f"p{page}w2", dict(fields=True, block_n=page, num_warps=2), True),
+        ]
+        case(attn, bw, "zipcache", 8, 32768, variants)
+        torch.cuda.empty_cache()
+    ts.PAGE = 64
+    print("(us; eager/graph)", flush=True)
+
+
+if __name__ == "__main__" and "--page-sweep" in sys.argv:
+    t0 = time.time()
+    print(torch.__version__, __import__("triton").__version__, torch.cuda.get_device_name())
+    page_sweep()
+    print(f"total {time.time() - t0:.0f}s")
+elif __name__ == "__main__" and "--fields-sweep" in sys.argv:
     t0 = time.time()
     print(torch.__version__, __import__("triton").__version__, torch.cuda.get_device_name())
     fields_sweep()

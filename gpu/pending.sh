@@ -250,6 +250,10 @@ X3)
   PARITY_LENGTHS=5000 timeout 60 python3 -u gpu/parity.py > "$OUT/parity.txt" 2>&1
   timeout 80 python3 -u gpu/prefill_steps.py --reps 2 --kernel-table 8 > "$OUT/steps-b8.txt" 2>&1
   ;;
+P2)
+  # Session 19: the decode kernel's page (the store's PAGE and block_n) at 64, 32, 16 rows.
+  timeout 100 python3 -u benches/gpu_triton.py --page-sweep > "$OUT/page-sweep.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -257,7 +261,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2" >&2
   exit 2
   ;;
 esac

@@ -10,8 +10,9 @@ input before quantizing, as the Rust quantizer does. Every quotient is correctly
 (``tl.div_rn``, or :func:`_div_fp16` per element in the encodes and the range searches' hot
 loop); Triton's ``/`` (the GPU's ``div.full.f32``, within 2 ulp) only gives the reciprocal
 :func:`_div_fp16` starts from. And no product that must round on its own is fused into a sum
-(the store launches these kernels without fp contraction, or uses :func:`_product`), so a
-value at a rounding boundary gets the Rust store's code on the GPU too.
+(the store launches these kernels without fp contraction, but for the three range-search
+kernels, which round such products by :func:`_product`), so a value at a rounding boundary
+gets the Rust store's code on the GPU too.
 
 With ``CLIP`` (``clip="mse"``, ``src/quant/clip.rs``) each group also tries its range shrunk
 about the midpoint by each factor of ``SHR`` (the layout's ``shrink``) and keeps the grid of
@@ -583,8 +584,8 @@ def _candidate(lo, hi, i, SHR, top: tl.constexpr):
     """Candidate grid ``i`` of the range ``[lo, hi]`` as fp16 values in fp32: ``i == 0`` the
     min-max grid, ``i >= 1`` the range shrunk about its midpoint by ``SHR[i - 1]``
     (``src/quant/clip.rs``; as :func:`_grid` for token groups). The divisions are correctly
-    rounded and ``mid - s * half`` rounds twice (the store compiles its kernels without fp
-    contraction), as in the Rust quantizer."""
+    rounded and ``mid - s * half`` rounds twice (:func:`_product`: the channel kernels that
+    call this are compiled with fp contraction), as in the Rust quantizer."""
     s_i = tl.load(SHR + tl.maximum(i - 1, 0))
     mid = _product(lo + hi, tl.full(lo.shape, 0.5, tl.float32))
     half = (hi - lo) * 0.5

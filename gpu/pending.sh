@@ -210,7 +210,7 @@ X)
   # The CUDA tests (the contract against the Rust store at 10M values is new) and the parity
   # script (before: 638 and 2019 differing ZipCache values, 56 uniform at 20k). (The run
   # also tried the decode kernel at 16- and 32-row pages: refused, a segmented tier is read
-  # in pages of PAGE = 64 rows; the sweep is gone.)
+  # in pages of PAGE = 64 rows: stage P2 sets the store's page with the kernel's.)
   timeout 240 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
   PARITY_LENGTHS=5000,20000 timeout 120 python3 -u gpu/parity.py > "$OUT/parity.txt" 2>&1
   ;;

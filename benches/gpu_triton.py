@@ -422,29 +422,8 @@ def page_sweep():
     print("(us; eager/graph)", flush=True)
 
 
-if __name__ == "__main__" and "--page-sweep" in sys.argv:
-    t0 = time.time()
-    print(torch.__version__, __import__("triton").__version__, torch.cuda.get_device_name())
-    page_sweep()
-    print(f"total {time.time() - t0:.0f}s")
-elif __name__ == "__main__" and "--fields-sweep" in sys.argv:
-    t0 = time.time()
-    print(torch.__version__, __import__("triton").__version__, torch.cuda.get_device_name())
-    fields_sweep()
-    print(f"total {time.time() - t0:.0f}s")
-elif __name__ == "__main__" and "--fields" in sys.argv:
-    t0 = time.time()
-    print(torch.__version__, __import__("triton").__version__, torch.cuda.get_device_name())
-    fields()
-    print(f"total {time.time() - t0:.0f}s")
-elif __name__ == "__main__" and "--final" in sys.argv:
-    t0 = time.time()
-    print(torch.__version__, __import__("triton").__version__, torch.cuda.get_device_name())
-    final()
-    print(f"total {time.time() - t0:.0f}s")
-elif __name__ == "__main__":
-    t0 = time.time()
-    print(torch.__version__, __import__("triton").__version__, torch.cuda.get_device_name())
+def default_run(t0):
+    """No flag: the device check, then the launch variants at the issue's four shapes."""
     check()
     print(f"check {time.time() - t0:.0f}s", flush=True)
     variants = [
@@ -460,4 +439,18 @@ elif __name__ == "__main__":
     ]
     shapes = ((1, 8192), (1, 32768), (8, 8192), (8, 32768))
     timing(variants, ("zipcache", "uniform2"), shapes)
+
+
+#: The runs a flag selects (the first given, in this order); no flag: ``default_run``.
+RUNS = {"--page-sweep": page_sweep, "--fields-sweep": fields_sweep, "--fields": fields,
+        "--final": final}  # fmt: skip
+
+if __name__ == "__main__":
+    t0 = time.time()
+    print(torch.__version__, __import__("triton").__version__, torch.cuda.get_device_name())
+    flag = next((f for f in RUNS if f in sys.argv), None)
+    if flag is None:
+        default_run(t0)
+    else:
+        RUNS[flag]()
     print(f"total {time.time() - t0:.0f}s")

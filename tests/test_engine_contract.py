@@ -19,7 +19,7 @@ B, H, D, N = 2, 2, 32, 150
 # outlier channels), where codes at rounding boundaries show whether the kernels divide and
 # round as the Rust quantizer (correctly rounded, no fp contraction): with the GPU's default
 # fp32 division (within 2 ulp) some 600 of them differed.
-SIZES = {"cpu": (2, 2, 32, 150), "cuda": (2, 4, 128, 5000)}
+SIZES = {"cpu": (B, H, D, N), "cuda": (2, 4, 128, 5000)}
 DEVICES = [
     "cpu",
     pytest.param(

@@ -264,7 +264,7 @@ def _grid(xg, top: tl.constexpr, SHR, NSHR: tl.constexpr, CLIP: tl.constexpr, MA
     negative ``MARGIN`` always searches in float64)."""
     lo = _min(xg, 2)
     hi = _max(xg, 2)
-    scale = tl.div_rn(hi - lo, tl.full(lo.shape, top, tl.float32)).to(tl.float16)
+    scale = _fp16_scale(lo, hi, top)
     offset = lo.to(tl.float16)
     if CLIP:
         searched = scale != 0.0
@@ -272,8 +272,7 @@ def _grid(xg, top: tl.constexpr, SHR, NSHR: tl.constexpr, CLIP: tl.constexpr, MA
         best, ok, near = _group_error32(xg, scale, offset, top, CLIP, MARGIN)
         best = tl.where(ok, best, inf)
         second = tl.full(best.shape, inf, tl.float32)
-        mid = _product(lo + hi, tl.full(lo.shape, 0.5, tl.float32))
-        half = (hi - lo) * 0.5
+        mid, half = _mid_half(lo, hi)
         chosen_sc, chosen_of = scale, offset
         for i in range(NSHR):
             sc_i, of_i = _shrunk(mid, half, SHR, i, top)
@@ -299,6 +298,20 @@ def _grid(xg, top: tl.constexpr, SHR, NSHR: tl.constexpr, CLIP: tl.constexpr, MA
 
 
 @triton.jit
+def _fp16_scale(lo, hi, top: tl.constexpr):
+    """The fp16 scale of the range ``[lo, hi]`` on ``top + 1`` codes, from the correctly
+    rounded quotient ``(hi - lo) / top`` (as ``Affine::from_range``)."""
+    return tl.div_rn(hi - lo, tl.full(lo.shape, top, tl.float32)).to(tl.float16)
+
+
+@triton.jit
+def _mid_half(lo, hi):
+    """The midpoint and half-width of ``[lo, hi]`` that the shrunk ranges start from, rounded
+    as ``src/quant/clip.rs``'s ``shrunk_range`` rounds them."""
+    return _product(lo + hi, tl.full(lo.shape, 0.5, tl.float32)), (hi - lo) * 0.5
+
+
+@triton.jit
 def _product(a, b):
     """``a * b`` rounded once on its own, never fused into a following sum: ``mid - s *
     half`` must round twice, as in the Rust quantizer, but the range searches' kernels are
@@ -318,7 +331,7 @@ def _shrunk(mid, half, SHR, i, top: tl.constexpr):
     p = _product(s_i, half)
     a = mid - p
     b = mid + p
-    return tl.div_rn(b - a, tl.full(a.shape, top, tl.float32)).to(tl.float16), a.to(tl.float16)
+    return _fp16_scale(a, b, top), a.to(tl.float16)
 
 
 @triton.jit
@@ -337,8 +350,7 @@ def _grid64(
     """:func:`_grid`'s search in float64, from the min-max grid ``scale``, ``offset``."""
     searched = scale != 0.0
     best = _group_error(xg, scale, offset, top, CLIP)
-    mid = _product(lo + hi, tl.full(lo.shape, 0.5, tl.float32))
-    half = (hi - lo) * 0.5
+    mid, half = _mid_half(lo, hi)
     for i in range(NSHR):
         sc_i, of_i = _shrunk(mid, half, SHR, i, top)
         err = _group_error(xg, sc_i, of_i, top, CLIP)
@@ -587,12 +599,11 @@ def _candidate(lo, hi, i, SHR, top: tl.constexpr):
     rounded and ``mid - s * half`` rounds twice (:func:`_product`: the channel kernels that
     call this are compiled with fp contraction), as in the Rust quantizer."""
     s_i = tl.load(SHR + tl.maximum(i - 1, 0))
-    mid = _product(lo + hi, tl.full(lo.shape, 0.5, tl.float32))
-    half = (hi - lo) * 0.5
+    mid, half = _mid_half(lo, hi)
     p = _product(s_i, half)
     a = tl.where(i == 0, lo, mid - p)
     b = tl.where(i == 0, hi, mid + p)
-    scale = tl.div_rn(b - a, tl.full(a.shape, top, tl.float32)).to(tl.float16)
+    scale = _fp16_scale(a, b, top)
     return scale.to(tl.float32), a.to(tl.float16).to(tl.float32)
 
 

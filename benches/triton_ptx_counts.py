@@ -8,7 +8,8 @@ PTX (the buffer's page loop, then each packed tier's), the per-thread instructio
 iteration (one page of ``BLOCK_N`` rows: divide by ``BLOCK_N * 2 * D`` codes per page for a
 per-code figure) and its shared-memory, barrier and mma parts.
 
-    .venv/bin/python benches/triton_ptx_counts.py [flat] [join] [fast] [n128] [w8] [fields] [rot]
+    .venv/bin/python benches/triton_ptx_counts.py [flat] [join] [fast] [n128] [w8] [rot]
+        [fields [perpage]]
 """
 
 import collections
@@ -157,6 +158,8 @@ def main():
     kw.update(num_warps=next((int(a[1:]) for a in sys.argv if re.fullmatch(r"w\d", a)), 4))
     if "fields" in sys.argv:
         kw["fields"] = True
+        # The field path's page loop: carried state (the default) or the per-page one.
+        kw["carried"] = "perpage" not in sys.argv
     if "rot" in sys.argv:
         # kvmix-5x's rotation in the kernel (the query rotated into a slab per program).
         from kvmix.cache import randomized_hadamard
@@ -184,7 +187,8 @@ def main():
     for nb in BITS_LIST:
         args, consts, nw, ns = captured[nb]
         if consts["FIELDS"]:
-            consts["FIELDS"] = 2  # the inline-PTX unpacking a GPU runs (the capture interprets)
+            # The inline-PTX unpacking a GPU runs (the capture interprets), same page loop.
+            consts["FIELDS"] = (consts["FIELDS"] & 4) | 2
         asm = compile_ptx(args, consts, nw, ns)
         name = f"{nb}-bit tier"
         # The packed tier's loop is the one with mma (the buffer's fp32 dots use FMAs).

@@ -254,6 +254,15 @@ P2)
   # Session 19: the decode kernel's page (the store's PAGE and block_n) at 64, 32, 16 rows.
   timeout 100 python3 -u benches/gpu_triton.py --page-sweep > "$OUT/page-sweep.txt" 2>&1
   ;;
+C20)
+  # Session 20 (not run: no device was lent): the carried page loop of the field path
+  # against the per-page one, after the device check; the CUDA attention, contract and cache
+  # tests with the carried loop on. If it is faster and they pass, make it the default.
+  timeout 200 python3 -u benches/gpu_triton.py --carried > "$OUT/carried.txt" 2>&1
+  KVMIX_TRITON_CARRIED=1 timeout 240 python3 -m pytest -q -m cuda tests/test_triton_attention.py \
+    tests/test_engine_contract.py tests/test_engine_cache.py --tb=short \
+    > "$OUT/pytest-cuda-carried.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -261,7 +270,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20" >&2
   exit 2
   ;;
 esac

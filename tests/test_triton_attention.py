@@ -91,17 +91,24 @@ def test_field_path(monkeypatch):
             S, 130, d, ("token", 2, 32), ("token", 4, 32), pos_offset=150, generator=g
         ),
     ]
-    _check(views, 1, [0, 37], d=d, fields=True)
-    _check(views, 2, [5, 0], d=d, fields=True)
-    _check(views, 1, [0, 4], d=d, fields=True, precise=False)
+    # Both page loops: the per-page one (the default) and the carried one (_tier_carried); with
+    # one program per tier (target_programs=1) a program walks every page, so the carried
+    # state (a segment's key operands, the rescaling behind a branch, the separable factor
+    # at each segment change: the tiers here change segment every page or two) is exercised.
+    for kw in (dict(), dict(carried=True), dict(carried=True, target_programs=1)):
+        _check(views, 1, [0, 37], d=d, fields=True, **kw)
+        _check(views, 2, [5, 0], d=d, fields=True, **kw)
+        _check(views, 1, [0, 4], d=d, fields=True, precise=False, **kw)
     views = [
         ref.synthetic_tier(S, 0, d, ("dense", 0, d), ("dense", 0, d), generator=g),
-        ref.synthetic_tier(S, 70, d, ("token", 8, 64), ("token", 8, 64), generator=g),
+        # Grouped per-token keys with a separable value factor: segmented by the values only.
+        ref.synthetic_tier(S, 70, d, ("token", 8, 64), ("token", 8, 64), v_sep=True, generator=g),
         ref.synthetic_tier(
             S, 90, d, ("channel", 1, d), ("token", 2, d), pos_offset=70, generator=g
         ),
     ]
     _check(views, 1, [0, 3], d=d, fields=True)
+    _check(views, 1, [0, 3], d=d, fields=True, carried=True, target_programs=1)
     # KVMIX_TRITON_FIELDS=1 forces the field path: the same output, bit for bit.
     attn = load_attention("cpu")
     q = torch.randn(B, HQ, 1, d, generator=g)
@@ -124,7 +131,11 @@ def test_field_path(monkeypatch):
     # compiled): not under the interpreter.
     monkeypatch.delenv("KVMIX_TRITON_FIELDS")
     attn.attend_tiers(*args)
-    assert launched == [1, 0, 0]  # field path (plain unpacking here), then the default one
+    # KVMIX_TRITON_CARRIED=1 takes the carried page loop (FIELDS 1 + 4).
+    monkeypatch.setenv("KVMIX_TRITON_CARRIED", "1")
+    attn.attend_tiers(*args, fields=True)
+    # The field path (plain unpacking here), the default one twice, the carried loop.
+    assert launched == [1, 0, 0, 5]
 
 
 def test_bench_attention_cuda_mode_refuses_without_gpu():

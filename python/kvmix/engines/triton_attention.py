@@ -48,6 +48,10 @@ The field path (``fields=True``, ``_tier_fields``; the default on NVIDIA GPUs) r
 elementwise work (one inline-PTX op per field) lies between a load and its dot: the packed
 elements then go from shared memory straight into the mma operand registers and are
 unpacked there, at about half the instructions per code (``notes/triton-kernel.md``).
+A second page loop for it (``_tier_carried``, ``carried=True``; opt-in until timed on a GPU)
+carries across pages what does not change between them: the keys' query operands are built
+once per run of pages of one segment, and the value accumulators are the value dots' own,
+rescaled only when a row's running maximum or operand scale changes.
 """
 
 # Triton's kernel language is untyped (its decorators, and parameters whose annotations
@@ -705,41 +709,22 @@ def _tier_fields(
         # result) and the offsets' part; second pass: the dots.
         if K_MODE == CHANNEL:
             sb = (s64 * nseg + seg) * D
-            # The segment's parameters are loaded per query row (L1 hits) so that they come
-            # in the queries' layout; maxima and offset products are reduced once.
-            amax = tl.full([RP, KNE], 0.0, tl.float32)
-            qo = tl.full([RP, KNE], 0.0, tl.float32)
-            for f in tl.static_range(KF):
-                ch = rows[:, None] * 0 + (ke * KF + f)[None, :]
-                q = _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D, K_FIX)
-                amax = tl.maximum(amax, tl.abs(q * tl.load(KS + sb + ch).to(tl.float32)))
-                qo += q * tl.load(KO + sb + ch).to(tl.float32)
-            ar, ainv = _row_scale(_max(amax, 1))
+            ar, ainv, qo = _kchannel_scale(qrow, sqd, row_ok, qscale, KFIX, s64, KS, KO, sb,
+                                           rows, ke, D, K_FIX, KF, RP, KNE)  # fmt: skip
             y = tl.full([NPC * RP, BLOCK_N], 0.0, tl.float32)
             for f in tl.static_range(KF):
-                ch = rows[:, None] * 0 + (ke * KF + f)[None, :]
-                q = _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D, K_FIX)
-                a = _stack_scaled(q * tl.load(KS + sb + ch).to(tl.float32), ar, RP, KNE, NPC, NPART)
+                a = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar, f,
+                                 D, K_FIX, KF, RP, KNE, NPC, NPART)  # fmt: skip
                 y = tl.dot(a, tl.trans(_field(kp, K_BITS, f, ASM)), y)
-            logits = _unstack(y, RP, BLOCK_N, NPC) * ainv[:, None] + _sum(qo, 1)[:, None]
+            logits = _unstack(y, RP, BLOCK_N, NPC) * ainv[:, None] + qo[:, None]
         else:
             # Queries masked to each channel group, stacked as rows [KG * RP, KNE].
-            amax = tl.full([KG * RP], 0.0, tl.float32)
-            qg_sum = tl.full([KG * RP], 0.0, tl.float32)
-            for f in tl.static_range(KF):
-                ch = ke * KF + f
-                q = _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D, K_FIX)
-                qg = tl.where((ch // K_GS)[None, None, :] == kg[:, None, None], q[None, :, :], 0.0)
-                qg = tl.reshape(qg, (KG * RP, KNE))
-                amax = tl.maximum(amax, _max(tl.abs(qg), 1))
-                qg_sum += _sum(qg, 1)
-            qr, qinv = _row_scale(amax)
+            qr, qinv, qg_sum = _ktoken_scale(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, D,
+                                             K_FIX, KF, K_GS, KG, RP, KNE)  # fmt: skip
             y = tl.full([NPK * KG * RP, BLOCK_N], 0.0, tl.float32)
             for f in tl.static_range(KF):
-                ch = ke * KF + f
-                q = _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D, K_FIX)
-                qg = tl.where((ch // K_GS)[None, None, :] == kg[:, None, None], q[None, :, :], 0.0)
-                a = _stack_scaled(tl.reshape(qg, (KG * RP, KNE)), qr, KG * RP, KNE, NPK, NPART)
+                a = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, f, D, K_FIX, KF,
+                               K_GS, KG, RP, KNE, NPK, NPART)  # fmt: skip
                 y = tl.dot(a, tl.trans(_field(kp, K_BITS, f, ASM)), y)
             dots = tl.reshape(_unstack(y, KG * RP, BLOCK_N, NPK) * qinv[:, None], (KG, RP, BLOCK_N))
             sc = tl.load(KS + row[None, :] * KG + kg[:, None]).to(tl.float32)  # [KG, N]
@@ -854,6 +839,429 @@ def _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D: tl.constexpr, K_FIX: t
     if K_FIX:
         q = q * tl.load(KFIX + s64 * D + ch).to(tl.float32)
     return q
+
+
+@triton.jit
+def _pow2_inv(r):
+    """``1 / r`` for a power of two ``r`` (``_row_scale``'s range), exactly."""
+    e = (r.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    return ((254 - e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _kchannel_scale(qrow, sqd, row_ok, qscale, KFIX, s64, KS, KO, sb, rows, ke,
+                    D: tl.constexpr, K_FIX: tl.constexpr, KF: tl.constexpr,
+                    RP: tl.constexpr, KNE: tl.constexpr):  # fmt: skip
+    """Per-channel keys of segment ``sb``: the rows' common power-of-two scale of ``q * s``
+    over every field (so that every field's dot accumulates into one result), its inverse,
+    and the offsets' part ``q · o``. The segment's parameters are loaded per query row (L1
+    hits) so that they come in the queries' layout; maxima and offset products are reduced
+    once."""
+    amax = tl.full([RP, KNE], 0.0, tl.float32)
+    qo = tl.full([RP, KNE], 0.0, tl.float32)
+    for f in tl.static_range(KF):
+        ch = rows[:, None] * 0 + (ke * KF + f)[None, :]
+        q = _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D, K_FIX)
+        amax = tl.maximum(amax, tl.abs(q * tl.load(KS + sb + ch).to(tl.float32)))
+        qo += q * tl.load(KO + sb + ch).to(tl.float32)
+    ar, ainv = _row_scale(_max(amax, 1))
+    return ar, ainv, _sum(qo, 1)
+
+
+@triton.jit
+def _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar,
+                 F: tl.constexpr, D: tl.constexpr, K_FIX: tl.constexpr, KF: tl.constexpr,
+                 RP: tl.constexpr, KNE: tl.constexpr, NPC: tl.constexpr,
+                 NPART: tl.constexpr):  # fmt: skip
+    """Field ``F``'s stacked query operand ``[NPC * RP, KNE]`` for per-channel keys:
+    ``q * s`` at the field's channels, scaled by ``ar``, in hi/lo fp16 parts."""
+    ch = rows[:, None] * 0 + (ke * KF + F)[None, :]
+    q = _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D, K_FIX)
+    return _stack_scaled(q * tl.load(KS + sb + ch).to(tl.float32), ar, RP, KNE, NPC, NPART)
+
+
+@triton.jit
+def _ktoken_scale(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, D: tl.constexpr,
+                  K_FIX: tl.constexpr, KF: tl.constexpr, K_GS: tl.constexpr, KG: tl.constexpr,
+                  RP: tl.constexpr, KNE: tl.constexpr):  # fmt: skip
+    """Grouped per-token keys: the power-of-two scale of the queries masked to each channel
+    group (stacked rows ``[KG * RP]``, common to every field), its inverse, and each masked
+    query's sum (the offsets' factor)."""
+    amax = tl.full([KG * RP], 0.0, tl.float32)
+    qg_sum = tl.full([KG * RP], 0.0, tl.float32)
+    for f in tl.static_range(KF):
+        ch = ke * KF + f
+        q = _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D, K_FIX)
+        qg = tl.where((ch // K_GS)[None, None, :] == kg[:, None, None], q[None, :, :], 0.0)
+        qg = tl.reshape(qg, (KG * RP, KNE))
+        amax = tl.maximum(amax, _max(tl.abs(qg), 1))
+        qg_sum += _sum(qg, 1)
+    qr, qinv = _row_scale(amax)
+    return qr, qinv, qg_sum
+
+
+@triton.jit
+def _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr,
+               F: tl.constexpr, D: tl.constexpr, K_FIX: tl.constexpr, KF: tl.constexpr,
+               K_GS: tl.constexpr, KG: tl.constexpr, RP: tl.constexpr, KNE: tl.constexpr,
+               NPK: tl.constexpr, NPART: tl.constexpr):  # fmt: skip
+    """Field ``F``'s stacked query operand ``[NPK * KG * RP, KNE]`` for grouped per-token
+    keys: the queries masked to each channel group (stacked rows), scaled by ``qr``."""
+    ch = ke * KF + F
+    q = _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D, K_FIX)
+    qg = tl.where((ch // K_GS)[None, None, :] == kg[:, None, None], q[None, :, :], 0.0)
+    return _stack_scaled(tl.reshape(qg, (KG * RP, KNE)), qr, KG * RP, KNE, NPK, NPART)
+
+
+@triton.jit
+def _tier_carried(
+    Q,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    qscale,
+    QPOS,
+    qpos0,
+    FV,
+    KFIX,
+    POS,
+    KD,
+    KS,
+    KO,
+    SEG,
+    VD,
+    VS,
+    VO,
+    VF,
+    LG,
+    PM,
+    PL,
+    PACC,
+    s,
+    split,
+    out_split,
+    cap,
+    n_pages,
+    pages_per_split,
+    n_split,
+    nseg,
+    kv_heads,
+    ROWS: tl.constexpr,
+    RP: tl.constexpr,
+    TQ: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    QPOS_RANGE: tl.constexpr,
+    K_MODE: tl.constexpr,
+    K_BITS: tl.constexpr,
+    K_GS: tl.constexpr,
+    K_FIX: tl.constexpr,
+    V_BITS: tl.constexpr,
+    V_GS: tl.constexpr,
+    V_SEP: tl.constexpr,
+    TRACK: tl.constexpr,
+    NPART: tl.constexpr,
+    STAGES: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """The field path (``_tier_fields``'s unpacking and dots) with what does not change from
+    one page to the next carried across the page loop instead of recomputed per page:
+
+    * the keys' stacked query operands: per-channel keys' (``q * s`` of the segment, hi/lo
+      parts, the common row scale, ``q · o``) once per run of pages of one segment (the loop
+      is nested: runs, found from the block table, then their pages, where the operands are
+      loop-invariant and stay in the dot operand's registers; a segment spans many pages: a
+      prefill's whole tier, or ``key_block`` rows); grouped per-token keys' once, before the
+      loops;
+    * the values' accumulators are the dots' own accumulators (``tl.dot(a, codes, acc)``: no
+      elementwise pass over them per page). What a page changed is applied to them only when
+      it changes, behind one branch per page, the same for the whole warp: the softmax
+      rescaling when a row's running maximum grows (rare after the first pages), the rows'
+      power-of-two operand scale when a page's ``p * s`` needs a smaller one (kept, not
+      re-fitted per page: the scale only shrinks, so nothing overflows fp16 and what is
+      lost to it is below 2^-24 of the largest term), and the separable value factor when
+      the segment changes (the accumulators are held divided by the segment's factor; the
+      offsets' part, per row and group, is folded in then);
+    * the offsets' part ``Σ p o`` as one value per row and group, added at the end.
+    """
+    s64 = s.to(tl.int64)
+    cap64 = cap.to(tl.int64)
+    rows = tl.arange(0, RP)
+    row_ok = rows < ROWS
+    KF: tl.constexpr = 16 // K_BITS  # fields per element
+    KNE: tl.constexpr = D // KF  # elements per row
+    VFN: tl.constexpr = 16 // V_BITS
+    VNE: tl.constexpr = D // VFN
+    ke = tl.arange(0, KNE)
+    ve = tl.arange(0, VNE)
+    b = s // kv_heads
+    h = s % kv_heads
+    G: tl.constexpr = ROWS // TQ
+    head = h * G + rows // TQ
+    qi = rows % TQ
+    qoff = b.to(tl.int64) * sqb + head.to(tl.int64) * sqh + qi.to(tl.int64) * sqt
+    qrow = Q + qoff[:, None]
+    if QPOS_RANGE:
+        qpos = tl.where(row_ok, qpos0 + qi, -1)
+    else:
+        qpos = tl.load(QPOS + qi, mask=row_ok, other=-1)
+    fv = tl.load(FV + b)
+
+    m_i = tl.full([RP], float("-inf"), tl.float32)
+    l_i = tl.full([RP], 0.0, tl.float32)
+    VG: tl.constexpr = D // V_GS
+    vg = tl.arange(0, VG)
+    NPV: tl.constexpr = NPART if NPART * VG * RP >= 16 else 16 // (VG * RP)
+    MS: tl.constexpr = NPV * VG * RP  # rows of the values' stacked operand
+    vpart = tl.arange(0, NPV)[:, None]
+    # The values' stacked rows (part, group, row) hold sum_t (p s r)_t code_t for the rows'
+    # power-of-two scale r [VG * RP] (2^126 until a page sets it: every accumulator is 0).
+    acc0 = tl.full([MS, VNE], 0.0, tl.float32)
+    acc1 = tl.full([MS, VNE], 0.0, tl.float32)
+    if VFN > 2:
+        acc2 = tl.full([MS, VNE], 0.0, tl.float32)
+        acc3 = tl.full([MS, VNE], 0.0, tl.float32)
+    if VFN > 4:
+        acc4 = tl.full([MS, VNE], 0.0, tl.float32)
+        acc5 = tl.full([MS, VNE], 0.0, tl.float32)
+        acc6 = tl.full([MS, VNE], 0.0, tl.float32)
+        acc7 = tl.full([MS, VNE], 0.0, tl.float32)
+    vr = tl.full([VG * RP], 8.507059173023462e37, tl.float32)
+    po_acc = tl.full([VG * RP], 0.0, tl.float32)
+
+    # ---- the keys' query operands, one per field: grouped per-token keys' here, per-channel
+    # keys' per run of pages of one segment (below)
+    if K_MODE == CHANNEL:
+        NPC: tl.constexpr = NPART if NPART * RP >= 16 else 16 // RP
+        KM: tl.constexpr = NPC * RP
+    else:
+        KG: tl.constexpr = D // K_GS
+        kg = tl.arange(0, KG)
+        NPK: tl.constexpr = NPART if NPART * KG * RP >= 16 else 16 // (KG * RP)
+        KM: tl.constexpr = NPK * KG * RP
+        qr, kinv, qg_sum = _ktoken_scale(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, D, K_FIX,
+                                         KF, K_GS, KG, RP, KNE)  # fmt: skip
+        qg_sum3 = tl.reshape(qg_sum, (KG, RP))
+        k0 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 0, D, K_FIX, KF,
+                        K_GS, KG, RP, KNE, NPK, NPART)  # fmt: skip
+        k1 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 1, D, K_FIX, KF,
+                        K_GS, KG, RP, KNE, NPK, NPART)  # fmt: skip
+        if KF > 2:
+            k2 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 2, D, K_FIX, KF,
+                            K_GS, KG, RP, KNE, NPK, NPART)  # fmt: skip
+            k3 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 3, D, K_FIX, KF,
+                            K_GS, KG, RP, KNE, NPK, NPART)  # fmt: skip
+        if KF > 4:
+            k4 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 4, D, K_FIX, KF,
+                            K_GS, KG, RP, KNE, NPK, NPART)  # fmt: skip
+            k5 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 5, D, K_FIX, KF,
+                            K_GS, KG, RP, KNE, NPK, NPART)  # fmt: skip
+            k6 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 6, D, K_FIX, KF,
+                            K_GS, KG, RP, KNE, NPK, NPART)  # fmt: skip
+            k7 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 7, D, K_FIX, KF,
+                            K_GS, KG, RP, KNE, NPK, NPART)  # fmt: skip
+
+    p_lo = split * pages_per_split
+    p_hi = tl.minimum(p_lo + pages_per_split, n_pages)
+    SEGD: tl.constexpr = K_MODE == CHANNEL or V_SEP
+    # The split's pages in runs of one segment (a segmented tier's blocks; an unsegmented
+    # tier is one run): what depends on the segment is set up once per run, and the page
+    # loop inside a run has loop-invariant key operands, which the compiler keeps in the
+    # dot operand's registers.
+    cur = s64 * 0 - 1  # the segment of the last run (none yet)
+    run = p_lo
+    while run < p_hi:
+        if SEGD:
+            seg = tl.load(SEG + 2 * run + 1).to(tl.int64)
+            end = run + 1
+            while (end < p_hi) & (tl.load(SEG + 2 * end + 1, mask=end < p_hi, other=-1) == seg):
+                end += 1
+            sb = (s64 * nseg + seg) * D
+            if K_MODE == CHANNEL:
+                ar, kinv, kqo = _kchannel_scale(qrow, sqd, row_ok, qscale, KFIX, s64, KS, KO, sb,
+                                                rows, ke, D, K_FIX, KF, RP, KNE)  # fmt: skip
+                k0 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar, 0,
+                                  D, K_FIX, KF, RP, KNE, NPC, NPART)  # fmt: skip
+                k1 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar, 1,
+                                  D, K_FIX, KF, RP, KNE, NPC, NPART)  # fmt: skip
+                if KF > 2:
+                    k2 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar,
+                                      2, D, K_FIX, KF, RP, KNE, NPC, NPART)  # fmt: skip
+                    k3 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar,
+                                      3, D, K_FIX, KF, RP, KNE, NPC, NPART)  # fmt: skip
+                if KF > 4:
+                    k4 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar,
+                                      4, D, K_FIX, KF, RP, KNE, NPC, NPART)  # fmt: skip
+                    k5 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar,
+                                      5, D, K_FIX, KF, RP, KNE, NPC, NPART)  # fmt: skip
+                    k6 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar,
+                                      6, D, K_FIX, KF, RP, KNE, NPC, NPART)  # fmt: skip
+                    k7 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar,
+                                      7, D, K_FIX, KF, RP, KNE, NPC, NPART)  # fmt: skip
+            if V_SEP:
+                # Fold the offsets' part in (it takes the old factor too), then hold the
+                # accumulators divided by the new segment's factor (the old one is reloaded
+                # rather than carried: registers are what the loop is short of).
+                po_s = tl.reshape(tl.where(vpart == 0, (po_acc * vr)[None, :], 0.0), (MS,))
+                old_b = (s64 * nseg + tl.maximum(cur, 0)) * D
+                had = cur >= 0
+                acc0 = _vsegment(acc0, po_s, VF, old_b, sb, had, ve, 0, VFN)
+                acc1 = _vsegment(acc1, po_s, VF, old_b, sb, had, ve, 1, VFN)
+                if VFN > 2:
+                    acc2 = _vsegment(acc2, po_s, VF, old_b, sb, had, ve, 2, VFN)
+                    acc3 = _vsegment(acc3, po_s, VF, old_b, sb, had, ve, 3, VFN)
+                if VFN > 4:
+                    acc4 = _vsegment(acc4, po_s, VF, old_b, sb, had, ve, 4, VFN)
+                    acc5 = _vsegment(acc5, po_s, VF, old_b, sb, had, ve, 5, VFN)
+                    acc6 = _vsegment(acc6, po_s, VF, old_b, sb, had, ve, 6, VFN)
+                    acc7 = _vsegment(acc7, po_s, VF, old_b, sb, had, ve, 7, VFN)
+                po_acc = po_acc * 0.0
+            cur = seg
+        else:
+            end = p_hi
+        for page in tl.range(run, end, num_stages=STAGES):
+            if SEGD:
+                t, _, mine = _block_rows(SEG, page, BLOCK_N)
+            else:
+                t = page * BLOCK_N + tl.arange(0, BLOCK_N)
+            row = s64 * cap64 + t.to(tl.int64)
+            pos = tl.load(POS + row)
+            if SEGD:  # the page's rows of other blocks are holes to this block
+                pos = tl.where(mine, pos, -1)
+            kp = tl.load(KD + row[:, None] * KNE + ke[None, :])  # int16 [N, KNE]
+            vp = tl.load(VD + row[:, None] * VNE + ve[None, :])  # int16 [N, VNE]
+            # ---- keys: logits [RP, BLOCK_N] (base 2, scaled)
+            y = tl.full([KM, BLOCK_N], 0.0, tl.float32)
+            y = tl.dot(k0, tl.trans(_field(kp, K_BITS, 0, ASM)), y)
+            y = tl.dot(k1, tl.trans(_field(kp, K_BITS, 1, ASM)), y)
+            if KF > 2:
+                y = tl.dot(k2, tl.trans(_field(kp, K_BITS, 2, ASM)), y)
+                y = tl.dot(k3, tl.trans(_field(kp, K_BITS, 3, ASM)), y)
+            if KF > 4:
+                y = tl.dot(k4, tl.trans(_field(kp, K_BITS, 4, ASM)), y)
+                y = tl.dot(k5, tl.trans(_field(kp, K_BITS, 5, ASM)), y)
+                y = tl.dot(k6, tl.trans(_field(kp, K_BITS, 6, ASM)), y)
+                y = tl.dot(k7, tl.trans(_field(kp, K_BITS, 7, ASM)), y)
+            if K_MODE == CHANNEL:
+                logits = _unstack(y, RP, BLOCK_N, NPC) * kinv[:, None] + kqo[:, None]
+            else:
+                dots = _unstack(y, KG * RP, BLOCK_N, NPK) * kinv[:, None]
+                dots = tl.reshape(dots, (KG, RP, BLOCK_N))
+                sc = tl.load(KS + row[None, :] * KG + kg[:, None]).to(tl.float32)  # [KG, N]
+                of = tl.load(KO + row[None, :] * KG + kg[:, None]).to(tl.float32)
+                logits = _sum(dots * sc[:, None, :] + qg_sum3[:, :, None] * of[:, None, :], 0)
+            visible = (pos[None, :] >= fv) & (pos[None, :] <= qpos[:, None]) & row_ok[:, None]
+            logits = tl.where(visible, logits, float("-inf"))
+            if TRACK:
+                lg_ok = row_ok[:, None]
+                if SEGD:  # the page's rows of other blocks are theirs to write
+                    lg_ok = lg_ok & mine[None, :]
+                tl.store(
+                    LG + (s64 * ROWS + rows[:, None]) * cap64 + t[None, :].to(tl.int64),
+                    logits,
+                    mask=lg_ok,
+                )
+            m_new = tl.maximum(m_i, _max(logits, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(logits - m_safe[:, None])
+            # ---- values: p times the tokens' scales, per group, as stacked rows
+            sc = tl.load(VS + row[None, :] * VG + vg[:, None]).to(tl.float32)  # [VG, N]
+            of = tl.load(VO + row[None, :] * VG + vg[:, None]).to(tl.float32)
+            ps = tl.reshape(p[None, :, :] * sc[:, None, :], (VG * RP, BLOCK_N))
+            r_page, _ = _row_scale(_max(tl.abs(ps), 1))
+            r_new = tl.minimum(vr, r_page)
+            grow = _max(tl.where(m_new > m_i, 1, 0), 0) + _max(tl.where(r_new < vr, 1, 0), 0)
+            if grow > 0:
+                # What the accumulators hold is rescaled only when it changes: exp2(m_old -
+                # m_new) (0 for a row's first visible page: its accumulators are 0), times
+                # the ratio of the operand scales (powers of two).
+                alpha = tl.exp2(m_i - m_safe)
+                alpha_g = tl.reshape(tl.broadcast_to(alpha[None, :], (VG, RP)), (VG * RP,))
+                f_g = alpha_g * (r_new * _pow2_inv(vr))
+                f_s = tl.reshape(tl.broadcast_to(f_g[None, :], (NPV, VG * RP)), (MS,))
+                acc0 = acc0 * f_s[:, None]
+                acc1 = acc1 * f_s[:, None]
+                if VFN > 2:
+                    acc2 = acc2 * f_s[:, None]
+                    acc3 = acc3 * f_s[:, None]
+                if VFN > 4:
+                    acc4 = acc4 * f_s[:, None]
+                    acc5 = acc5 * f_s[:, None]
+                    acc6 = acc6 * f_s[:, None]
+                    acc7 = acc7 * f_s[:, None]
+                l_i = l_i * alpha
+                po_acc = po_acc * alpha_g
+                m_i = m_new
+                vr = r_new
+            l_i += _sum(p, 1)
+            po_acc += tl.reshape(_sum(p[None, :, :] * of[:, None, :], 2), (VG * RP,))
+            a = _stack_scaled(ps, vr, VG * RP, BLOCK_N, NPV, NPART)
+            acc0 = tl.dot(a, _field(vp, V_BITS, 0, ASM), acc0)
+            acc1 = tl.dot(a, _field(vp, V_BITS, 1, ASM), acc1)
+            if VFN > 2:
+                acc2 = tl.dot(a, _field(vp, V_BITS, 2, ASM), acc2)
+                acc3 = tl.dot(a, _field(vp, V_BITS, 3, ASM), acc3)
+            if VFN > 4:
+                acc4 = tl.dot(a, _field(vp, V_BITS, 4, ASM), acc4)
+                acc5 = tl.dot(a, _field(vp, V_BITS, 5, ASM), acc5)
+                acc6 = tl.dot(a, _field(vp, V_BITS, 6, ASM), acc6)
+                acc7 = tl.dot(a, _field(vp, V_BITS, 7, ASM), acc7)
+        run = end
+
+    out = (s64 * n_split + out_split) * ROWS + rows
+    tl.store(PM + out, m_i, mask=row_ok)
+    tl.store(PL + out, l_i, mask=row_ok)
+    ob = PACC + out[:, None] * D
+    inv_s = tl.reshape(tl.broadcast_to(_pow2_inv(vr)[None, :], (NPV, VG * RP)), (MS,))
+    # The last segment's factor (V_SEP; a split without pages never had one: its
+    # accumulators are 0).
+    fb = (s64 * nseg + tl.maximum(cur, 0)) * D
+    _vstore_carried(ob, acc0, inv_s, po_acc, VF, fb, 0, ve, row_ok, RP, VG, V_GS, VNE, NPV,
+                    VFN, V_SEP)  # fmt: skip
+    _vstore_carried(ob, acc1, inv_s, po_acc, VF, fb, 1, ve, row_ok, RP, VG, V_GS, VNE, NPV,
+                    VFN, V_SEP)  # fmt: skip
+    if VFN > 2:
+        _vstore_carried(ob, acc2, inv_s, po_acc, VF, fb, 2, ve, row_ok, RP, VG, V_GS, VNE, NPV,
+                        VFN, V_SEP)  # fmt: skip
+        _vstore_carried(ob, acc3, inv_s, po_acc, VF, fb, 3, ve, row_ok, RP, VG, V_GS, VNE, NPV,
+                        VFN, V_SEP)  # fmt: skip
+    if VFN > 4:
+        _vstore_carried(ob, acc4, inv_s, po_acc, VF, fb, 4, ve, row_ok, RP, VG, V_GS, VNE, NPV,
+                        VFN, V_SEP)  # fmt: skip
+        _vstore_carried(ob, acc5, inv_s, po_acc, VF, fb, 5, ve, row_ok, RP, VG, V_GS, VNE, NPV,
+                        VFN, V_SEP)  # fmt: skip
+        _vstore_carried(ob, acc6, inv_s, po_acc, VF, fb, 6, ve, row_ok, RP, VG, V_GS, VNE, NPV,
+                        VFN, V_SEP)  # fmt: skip
+        _vstore_carried(ob, acc7, inv_s, po_acc, VF, fb, 7, ve, row_ok, RP, VG, V_GS, VNE, NPV,
+                        VFN, V_SEP)  # fmt: skip
+
+
+@triton.jit
+def _vsegment(acc, po_s, VF, ob, nb, had, ve, F: tl.constexpr, VFN: tl.constexpr):
+    """Value field ``F``'s accumulator at a segment change from the one at ``ob`` (if it
+    ``had`` one) to the one at ``nb``: the offsets' part folded in, then held divided by the
+    new segment's factor (floored at fp16's smallest normal: nonzero)."""
+    of = tl.load(VF + ob + ve * VFN + F).to(tl.float32)
+    nf = tl.load(VF + nb + ve * VFN + F).to(tl.float32)
+    return (acc + po_s[:, None]) * (tl.where(had, of, 1.0) / nf)[None, :]
+
+
+@triton.jit
+def _vstore_carried(ob, acc, inv_s, po, VF, fb, F: tl.constexpr, ve, row_ok, RP: tl.constexpr,
+                    VG: tl.constexpr, V_GS: tl.constexpr, VNE: tl.constexpr, NPV: tl.constexpr,
+                    VFN: tl.constexpr, V_SEP: tl.constexpr):  # fmt: skip
+    """Value field ``F``'s carried accumulator unscaled, summed over its parts, plus the
+    offsets' part, each channel from its own group, times the segment's factor, stored at
+    channels ``i * VFN + F``."""
+    ch = ve * VFN + F
+    x = _sum(tl.reshape(acc * inv_s[:, None], (NPV, VG * RP, VNE)), 0) + po[:, None]
+    if VG > 1:
+        vsel = (ch // V_GS)[None, None, :] == tl.arange(0, VG)[:, None, None]
+        x = _sum(tl.where(vsel, tl.reshape(x, (VG, RP, VNE)), 0.0), 0)
+    if V_SEP:
+        x = x * tl.load(VF + fb + ch).to(tl.float32)[None, :]
+    tl.store(ob + ch[None, :], x, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -1107,19 +1515,31 @@ def _tier(
     FLAT: tl.constexpr,
     FIELDS: tl.constexpr,
 ):
-    # The field path (FIELDS 1: plain unpacking, 2: inline PTX) takes packed tiers of 2, 4 or
+    # The field path (FIELDS 1: plain unpacking, 2: inline PTX; plus 4: the carried page loop,
+    # ``_tier_carried``) takes packed tiers of 2, 4 or
     # 8 bits whose rows give each field's dot at least 16 elements (tl.dot's smallest size);
     # ``_fields_tier`` is the same rule on the host.
     F16_K: tl.constexpr = K_MODE != DENSE and K_BITS != 1 and K_BITS != 3 and K_BITS * D >= 256
     F16_V: tl.constexpr = V_MODE == TOKEN and V_BITS != 1 and V_BITS != 3 and V_BITS * D >= 256
     if FIELDS and F16_K and F16_V:
-        _tier_fields(
-            Q, sqb, sqh, sqt, sqd, qscale, QPOS, qpos0, FV, KFIX,
-            POS, KD, KS, KO, SEG, VD, VS, VO, VF, LG, PM, PL, PACC,
-            s, split, out_split, cap, n_pages, pages_per_split, n_split, nseg, kv_heads,
-            ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
-            K_MODE, K_BITS, K_GS, K_FIX, V_BITS, V_GS, V_SEP, TRACK, NPART, STAGES, FIELDS == 2,
-        )  # fmt: skip
+        if FIELDS >= 4:
+            _tier_carried(
+                Q, sqb, sqh, sqt, sqd, qscale, QPOS, qpos0, FV, KFIX,
+                POS, KD, KS, KO, SEG, VD, VS, VO, VF, LG, PM, PL, PACC,
+                s, split, out_split, cap, n_pages, pages_per_split, n_split, nseg, kv_heads,
+                ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
+                K_MODE, K_BITS, K_GS, K_FIX, V_BITS, V_GS, V_SEP, TRACK, NPART, STAGES,
+                FIELDS % 4 == 2,
+            )  # fmt: skip
+        else:
+            _tier_fields(
+                Q, sqb, sqh, sqt, sqd, qscale, QPOS, qpos0, FV, KFIX,
+                POS, KD, KS, KO, SEG, VD, VS, VO, VF, LG, PM, PL, PACC,
+                s, split, out_split, cap, n_pages, pages_per_split, n_split, nseg, kv_heads,
+                ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
+                K_MODE, K_BITS, K_GS, K_FIX, V_BITS, V_GS, V_SEP, TRACK, NPART, STAGES,
+                FIELDS == 2,
+            )  # fmt: skip
     elif FLAT:
         _tier_flat(
             Q,
@@ -1662,6 +2082,7 @@ def attend_tiers(
     flat=False,
     fields=None,
     asm=None,
+    carried=None,
     fast_launch=True,
     target_programs=None,
     block_n=64,
@@ -1698,7 +2119,10 @@ def attend_tiers(
     launched directly (see ``_launch``), which the CUDA tests check against Triton's own
     launch. ``fields=True``: packed tiers of 2, 4 and 8 bits read as int16 elements with one
     dot per bit field, the codes unpacked in the mma operand registers (``_tier_fields``,
-    ``notes/triton-kernel.md``); ``asm`` (default: on CUDA tensors of an NVIDIA GPU, compiled)
+    ``notes/triton-kernel.md``); ``carried=True`` walks them with ``_tier_carried``'s page
+    loop (state carried across pages: compiled offline for sm_90, about 30% fewer
+    instructions per page; checked here under the interpreter, not yet run on a GPU, so off
+    by default; ``KVMIX_TRITON_CARRIED=1`` turns it on without a code change); ``asm`` (default: on CUDA tensors of an NVIDIA GPU, compiled)
     unpacks them by inline PTX, else by integer ops (the interpreter's way). ``fields``
     defaults to ``asm`` (on an H200: ZipCache B8 x 32k 182 us against 472 us, the CUDA tests
     pass with it); ``KVMIX_TRITON_FIELDS=0`` / ``=1`` overrides that. ``num_warps`` defaults to
@@ -1718,6 +2142,8 @@ def attend_tiers(
         # it on an H200, 2.6x faster than the default kernel at B8 x 32k); elsewhere opt-in.
         env = os.environ.get("KVMIX_TRITON_FIELDS")
         fields = env == "1" if env in ("0", "1") else bool(asm)
+    if carried is None:
+        carried = os.environ.get("KVMIX_TRITON_CARRIED") == "1"
     if num_warps is None:
         num_warps = 1 if fields else 4
     if target_programs is None:
@@ -1797,7 +2223,7 @@ def attend_tiers(
             2 if join else int(bcast),
             num_stages,
             flat,
-            (2 if asm else 1) if fields else 0,
+            ((2 if asm else 1) + (4 if carried else 0)) if fields else 0,
             *on,
             rotation is not None,
         ]

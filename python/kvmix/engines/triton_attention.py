@@ -1032,14 +1032,12 @@ def _tier_carried(
 
     # ---- the keys' query operands, one per field: grouped per-token keys' here, per-channel
     # keys' per run of pages of one segment (below)
-    if K_MODE == CHANNEL:
-        NPC: tl.constexpr = NPART if NPART * RP >= 16 else 16 // RP
-        KM: tl.constexpr = NPC * RP
-    else:
-        KG: tl.constexpr = D // K_GS
+    KG: tl.constexpr = D // K_GS
+    NPC: tl.constexpr = NPART if NPART * RP >= 16 else 16 // RP  # per-channel keys' parts
+    NPK: tl.constexpr = NPART if NPART * KG * RP >= 16 else 16 // (KG * RP)  # grouped keys'
+    KM: tl.constexpr = NPC * RP if K_MODE == CHANNEL else NPK * KG * RP  # operand rows
+    if K_MODE != CHANNEL:
         kg = tl.arange(0, KG)
-        NPK: tl.constexpr = NPART if NPART * KG * RP >= 16 else 16 // (KG * RP)
-        KM: tl.constexpr = NPK * KG * RP
         qr, kinv, qg_sum = _ktoken_scale(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, D, K_FIX,
                                          KF, K_GS, KG, RP, KNE)  # fmt: skip
         qg_sum3 = tl.reshape(qg_sum, (KG, RP))
@@ -2121,9 +2119,10 @@ def attend_tiers(
     dot per bit field, the codes unpacked in the mma operand registers (``_tier_fields``,
     ``notes/triton-kernel.md``); ``carried=True`` walks them with ``_tier_carried``'s page
     loop (state carried across pages: compiled offline for sm_90, about 30% fewer
-    instructions per page; checked here under the interpreter, not yet run on a GPU, so off
-    by default; ``KVMIX_TRITON_CARRIED=1`` turns it on without a code change); ``asm`` (default: on CUDA tensors of an NVIDIA GPU, compiled)
-    unpacks them by inline PTX, else by integer ops (the interpreter's way). ``fields``
+    instructions per page; checked under the interpreter, not yet run on a GPU, so off by
+    default; ``KVMIX_TRITON_CARRIED=1`` turns it on without a code change); ``asm``
+    (default: on CUDA tensors of an NVIDIA GPU, compiled) unpacks them by inline PTX, else
+    by integer ops (the interpreter's way). ``fields``
     defaults to ``asm`` (on an H200: ZipCache B8 x 32k 182 us against 472 us, the CUDA tests
     pass with it); ``KVMIX_TRITON_FIELDS=0`` / ``=1`` overrides that. ``num_warps`` defaults to
     4, or 1 with ``fields`` (compiled offline, 1 warp issues the fewest instructions per code

@@ -83,3 +83,52 @@ def test_engine_resolution_and_refusals():
         resolve_engine("gpu", torch.device("cpu"))
     with pytest.raises(kvmix.ConfigError, match=r"triton engine.*MiKV.*high_bits"):
         TritonLayerStore("mikv", H, D, {"high_bits": 4})
+
+
+# The field path (2-, 4- and 8-bit tiers read as int16 elements, one dot per bit field) needs
+# D * bits >= 256, so the contract's CPU size (D = 32) never takes it; a GPU takes it by
+# default. Here, at D = 128 with segments of several pages (key_block=128: two 64-row pages
+# each, the layout kvmix-5x's keys use), both of its page loops on the store's own tiers:
+# the output against the Rust engine's, the received attention against the float64 reference.
+@pytest.mark.parametrize("carried", [False, True])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"streaming_gap": 4},
+        {"streaming_gap": 4, "key_block": 128, "salient_ratio": 0.2, "sink_tokens": 4},
+    ],
+)
+def test_field_path_matches_rust_on_store_tiers(config, carried):
+    from kvmix.engines import load_attention
+    from kvmix.engines import triton_reference as ref
+
+    b, h, d, n = 2, 2, 128, 600
+    torch.manual_seed(1)
+    rust = kvmix.LayerStore("zipcache", h, d, config, "float32")
+    tri = TritonLayerStore("zipcache", h, d, config, "float32")
+    k, v = torch.randn(b, h, n + 3, d), torch.randn(b, h, n + 3, d)
+    k[..., ::17] *= 5
+    rust.append(k[:, :, :n].numpy(), v[:, :, :n].numpy())
+    tri.append(k[:, :, :n], v[:, :, :n])
+    acc, cnt = torch.rand(b, h, n), torch.ones(b, h, n)
+    rust.add_scores(0, acc.numpy(), cnt.numpy())
+    tri.add_scores(0, acc, cnt)
+    assert rust.maybe_classify() and tri.maybe_classify()
+    # Rows in the buffer too, so that every tier has rows.
+    rust.append(k[:, :, n:].numpy(), v[:, :, n:].numpy())
+    tri.append(k[:, :, n:], v[:, :, n:])
+    q = torch.randn(b, 4 * h, 1, d) * 3
+    views = [tri._tiers[t].view() for t in ("buffer", "high", "low")]
+    assert all(vw.fill for vw in views)
+    attn = load_attention("cpu")
+    # One program per tier: a program walks all of its tier's pages (runs of several pages,
+    # rescalings between them), as at long contexts; by default each would get one page here.
+    out, rec = attn.attend_tiers(
+        views, q, [n + 2], tri._fv_dev, d**-0.5, h, [True] * 3,
+        fields=True, carried=carried, target_programs=1,
+    )  # fmt: skip
+    out_r = rust.attend(q.numpy(), [n + 2], d**-0.5, False)
+    np.testing.assert_allclose(out.numpy(), out_r, rtol=1e-5, atol=1e-5)
+    _, want_rec = ref.attention(views, q, [n + 2], tri._fv_dev, d**-0.5, h)
+    for got, want in zip(rec, want_rec, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)

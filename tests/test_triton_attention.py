@@ -15,10 +15,10 @@ B, HK, HQ, D = 2, 2, 8, 32
 S = B * HK
 
 
-def _check(views, tq, fv, precise=True, d=D, **kw):
+def _check(views, tq, fv, precise=True, d=D, hq=HQ, behind=0, **kw):
     gen = torch.Generator().manual_seed(7)
-    q = torch.randn(B, HQ, tq, d, generator=gen) * 2
-    top = max(int(v.pos.max()) for v in views)
+    q = torch.randn(B, hq, tq, d, generator=gen) * 2
+    top = max(int(v.pos.max()) for v in views) - behind  # `behind`: later rows are invisible
     qpos = [top - tq + 1 + i for i in range(tq)]
     first_valid = torch.tensor(fv, dtype=torch.int32)
     track = [True] * len(views)
@@ -99,6 +99,9 @@ def test_field_path(monkeypatch):
         _check(views, 1, [0, 37], d=d, fields=True, **kw)
         _check(views, 2, [5, 0], d=d, fields=True, **kw)
         _check(views, 1, [0, 4], d=d, fields=True, precise=False, **kw)
+        # A GQA group of 3: rows padded to 4 (a padding row sees nothing); a query before
+        # the newest rows (they are invisible to it).
+        _check(views, 1, [0, 37], d=d, fields=True, hq=3 * HK, behind=60, **kw)
     views = [
         ref.synthetic_tier(S, 0, d, ("dense", 0, d), ("dense", 0, d), generator=g),
         # Grouped per-token keys with a separable value factor: segmented by the values only.

@@ -299,6 +299,19 @@ def _block_rows(SEG, blk, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _block_rows_u(SEG, blk, BLOCK_N: tl.constexpr):
+    """``_block_rows`` with the block's rows found by one unsigned compare per row
+    (``0 <= t - r0 < r1 - r0``)."""
+    r0 = tl.load(SEG + 2 * blk)
+    seg = tl.load(SEG + 2 * blk + 1).to(tl.int64)
+    r1 = tl.load(SEG + 2 * blk + 2)
+    base = (r0 // BLOCK_N) * BLOCK_N
+    j = tl.arange(0, BLOCK_N)
+    mine = (j - (r0 - base)).to(tl.uint32, bitcast=True) < (r1 - r0).to(tl.uint32, bitcast=True)
+    return base + j, seg, mine
+
+
+@triton.jit
 def _tier_stacked(
     Q,
     sqb,
@@ -1007,6 +1020,14 @@ def _tier_carried(
     else:
         qpos = tl.load(QPOS + qi, mask=row_ok, other=-1)
     fv = tl.load(FV + b)
+    if TQ == 1:
+        # A position p is visible iff 0 <= p - fv < qtop - fv + 1, one unsigned compare (p < fv
+        # wraps past the span; holes are -1); a query before fv has an empty span.
+        if QPOS_RANGE:
+            qtop = qpos0
+        else:
+            qtop = tl.load(QPOS)
+        q_span = tl.maximum(qtop - fv + 1, 0).to(tl.uint32, bitcast=True)
 
     m_i = tl.full([RP], float("-inf"), tl.float32)
     l_i = tl.full([RP], 0.0, tl.float32)
@@ -1120,13 +1141,11 @@ def _tier_carried(
             end = p_hi
         for page in tl.range(run, end, num_stages=STAGES):
             if SEGD:
-                t, _, mine = _block_rows(SEG, page, BLOCK_N)
+                t, _, mine = _block_rows_u(SEG, page, BLOCK_N)
             else:
                 t = page * BLOCK_N + tl.arange(0, BLOCK_N)
             row = s64 * cap64 + t.to(tl.int64)
             pos = tl.load(POS + row)
-            if SEGD:  # the page's rows of other blocks are holes to this block
-                pos = tl.where(mine, pos, -1)
             kp = tl.load(KD + row[:, None] * KNE + ke[None, :])  # int16 [N, KNE]
             vp = tl.load(VD + row[:, None] * VNE + ve[None, :])  # int16 [N, VNE]
             # ---- keys: logits [RP, BLOCK_N] (base 2, scaled)
@@ -1149,7 +1168,18 @@ def _tier_carried(
                 sc = tl.load(KS + row[None, :] * KG + kg[:, None]).to(tl.float32)  # [KG, N]
                 of = tl.load(KO + row[None, :] * KG + kg[:, None]).to(tl.float32)
                 logits = _sum(dots * sc[:, None, :] + qg_sum3[:, :, None] * of[:, None, :], 0)
-            visible = (pos[None, :] >= fv) & (pos[None, :] <= qpos[:, None]) & row_ok[:, None]
+            if TQ == 1:
+                # One query: a token is visible to every row or to none.
+                vis = (pos - fv).to(tl.uint32, bitcast=True) < q_span
+                if SEGD:  # the page's rows of other blocks are not this block's
+                    vis = vis & mine
+                visible = vis[None, :]
+                if RP != ROWS:
+                    visible = visible & row_ok[:, None]
+            else:
+                if SEGD:
+                    pos = tl.where(mine, pos, -1)
+                visible = (pos[None, :] >= fv) & (pos[None, :] <= qpos[:, None]) & row_ok[:, None]
             logits = tl.where(visible, logits, float("-inf"))
             if TRACK:
                 lg_ok = row_ok[:, None]

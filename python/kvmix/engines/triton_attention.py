@@ -1173,9 +1173,9 @@ def _tier_carried(
                 vis = (pos - fv).to(tl.uint32, bitcast=True) < q_span
                 if SEGD:  # the page's rows of other blocks are not this block's
                     vis = vis & mine
+                # (Padding rows, past ROWS, need no mask: their query is 0, so their logits
+                # are finite, and nothing of theirs is stored.)
                 visible = vis[None, :]
-                if RP != ROWS:
-                    visible = visible & row_ok[:, None]
             else:
                 if SEGD:
                     pos = tl.where(mine, pos, -1)

@@ -113,6 +113,7 @@ def test_field_path(monkeypatch):
     _check(views, 1, [0, 3], d=d, fields=True)
     _check(views, 1, [0, 3], d=d, fields=True, carried=True, target_programs=1)
     # KVMIX_TRITON_FIELDS=1 forces the field path: the same output, bit for bit.
+    monkeypatch.delenv("KVMIX_TRITON_CARRIED", raising=False)
     attn = load_attention("cpu")
     q = torch.randn(B, HQ, 1, d, generator=g)
     args = (views, q, [159], torch.zeros(B, dtype=torch.int32), 0.3, HK, None)

@@ -444,6 +444,14 @@ def carried():
     ):  # fmt: skip
         case(attn, bw, name, b, n, variants)
         torch.cuda.empty_cache()
+    # The carried loop's launch at B8 x 32k: its registers and branch differ from the
+    # per-page loop's, whose best launch session 13's sweep found (1 warp, 2 stages, 4224).
+    sweep = [
+        (f"carried w{w}s{st}p{pr}", dict(carried=True, num_warps=w, num_stages=st,
+                                          target_programs=pr), True)
+        for w, st, pr in ((1, 3, 4224), (1, 2, 2112), (1, 2, 8448), (2, 2, 2112))
+    ]  # fmt: skip
+    case(attn, bw, "zipcache", 8, 32768, sweep)
     print("(us; eager/graph)", flush=True)
 
 

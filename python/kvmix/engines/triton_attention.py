@@ -290,18 +290,8 @@ def _block_rows(SEG, blk, BLOCK_N: tl.constexpr):
     """Block ``blk`` of a segmented tier (``TierView.seg``: rows of one segment within one
     page): the page's rows (a page-aligned tile, as in an unsegmented tier), the block's
     segment, and which of the page's rows are the block's (the others belong to the blocks
-    around it, or lie past the fill)."""
-    r0 = tl.load(SEG + 2 * blk)
-    seg = tl.load(SEG + 2 * blk + 1).to(tl.int64)
-    r1 = tl.load(SEG + 2 * blk + 2)
-    t = (r0 // BLOCK_N) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return t, seg, (t >= r0) & (t < r1)
-
-
-@triton.jit
-def _block_rows_u(SEG, blk, BLOCK_N: tl.constexpr):
-    """``_block_rows`` with the block's rows found by one unsigned compare per row
-    (``0 <= t - r0 < r1 - r0``)."""
+    around it, or lie past the fill): ``0 <= t - r0 < r1 - r0``, one unsigned compare per
+    row."""
     r0 = tl.load(SEG + 2 * blk)
     seg = tl.load(SEG + 2 * blk + 1).to(tl.int64)
     r1 = tl.load(SEG + 2 * blk + 2)
@@ -1141,7 +1131,7 @@ def _tier_carried(
             end = p_hi
         for page in tl.range(run, end, num_stages=STAGES):
             if SEGD:
-                t, _, mine = _block_rows_u(SEG, page, BLOCK_N)
+                t, _, mine = _block_rows(SEG, page, BLOCK_N)
             else:
                 t = page * BLOCK_N + tl.arange(0, BLOCK_N)
             row = s64 * cap64 + t.to(tl.int64)

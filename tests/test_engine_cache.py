@@ -401,6 +401,40 @@ def test_triton_store_gives_back_the_prompts_buffer_rows() -> None:
     assert m["bytes"] <= m["allocated_bytes"] <= 1.2 * m["bytes"] + room
 
 
+def test_scores_reach_the_rows_of_their_positions() -> None:
+    """``add_scores(start, acc, count)`` adds ``acc[..., p - start]`` to the row holding
+    position ``p``, for windows inside, across and past the buffer's positions (a buffer
+    without holes takes them by slices; the reference here is each row's own position), and
+    to a scored tier's rows after a classification (H2O's kept tokens: a gather)."""
+    g = torch.Generator().manual_seed(6)
+    b, h, d = 2, 2, 16
+    store = TritonLayerStore("eviction", h, d, {"budget": 0.4}, "float32")
+    k, v = torch.randn(b, h, 50, d, generator=g), torch.randn(b, h, 50, d, generator=g)
+    store.append(k[:, :, :30], v[:, :, :30])
+    store.set_first_valid([0, 0])
+    store.add_scores(0, torch.rand(b, h, 30, generator=g), torch.ones(b, h, 30))
+    assert store.maybe_classify(True)
+    store.append(k[:, :, 30:], v[:, :, 30:])  # positions 30 .. 49 in the buffer
+    tiers = [t for t in store._tiers.values() if t.scored]
+    before = [(t.acc[:, : t.fill].clone(), t.count[:, : t.fill].clone()) for t in tiers]
+    want = [a.clone() for a, _ in before], [c.clone() for _, c in before]
+    for start, n in ((30, 20), (35, 5), (45, 10), (25, 10), (0, 60), (60, 4), (10, 5)):
+        acc = torch.rand(b, h, n, generator=g)
+        cnt = torch.randint(1, 5, (b, h, n), generator=g).float()
+        store.add_scores(start, acc, cnt)
+        for i, t in enumerate(tiers):
+            p = t.pos[:, : t.fill].long()
+            hit = (p >= start) & (p < start + n)
+            for s_, r in hit.nonzero().tolist():
+                want[0][i][s_, r] += acc.reshape(b * h, n)[s_, p[s_, r] - start]
+                want[1][i][s_, r] += cnt.reshape(b * h, n)[s_, p[s_, r] - start]
+    assert [t.fill > 0 for t in tiers] == [True, True]  # the buffer and the high tier
+    assert store._tiers["buffer"].fill == 20
+    for i, t in enumerate(tiers):
+        torch.testing.assert_close(t.acc[:, : t.fill], want[0][i], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(t.count[:, : t.fill], want[1][i], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("buffer_dtype", ["float16", "bfloat16", "float32"])
 def test_a_decoding_steps_append_writes_the_rows_as_the_prompts_push(buffer_dtype: str) -> None:
     """A decoding step's token goes into the buffer by one kernel (not the prompt's push):

@@ -331,11 +331,12 @@ class _Tier:
 
     def _resize(self, new: int, written_to: int = 0) -> None:
         """Row capacity ``new`` (a multiple of :data:`PAGE`, at least the fill): every per-row
-        tensor is reallocated and its first ``min(cap, new)`` rows copied; the rows after them
-        are initialized (holes: position -1, zero rows, which the kernels read whole pages of)
-        but for ``cap .. written_to``, which the caller writes next (a prompt's rows: the
-        buffer is not zeroed first and then overwritten)."""
-        keep = min(self.cap, new)
+        tensor is reallocated and its first ``fill`` rows copied; the rows after them are
+        initialized (holes: position -1, zero rows, which the kernels read whole pages of)
+        but for ``fill .. written_to``, which the caller writes next (a prompt's rows: the
+        buffer is not zeroed first and then overwritten). Rows past the fill are holes, so
+        none is copied: the buffer emptied by a classification is given back without a copy."""
+        keep = min(self.fill, new)
         init = max(keep, written_to)
 
         def resized(t: torch.Tensor, fill: float) -> torch.Tensor:
@@ -374,12 +375,15 @@ class _Tier:
         if self.pos.dtype != torch.int32:
             self.pos = self.pos.to(torch.int32)
 
-    def shrink(self, headroom: int) -> None:
+    def shrink(self, headroom: int) -> bool:
         """Give back rows past ``fill + headroom`` when they are more than half the capacity
-        (the buffer after a classification moved a long prompt out of it)."""
+        (the buffer after a classification moved a long prompt out of it); whether it did
+        (every per-row tensor is then a new one)."""
         need = max(PAGE, -(-(self.fill + headroom) // PAGE) * PAGE)
         if self.cap > 2 * need:
             self._resize(need)
+            return True
+        return False
 
     def compact(self, rows: int) -> None:
         """Move each stream's real rows (in row order) to the front and keep ``rows`` of them:
@@ -1100,11 +1104,27 @@ class TritonLayerStore:
 
     def add_scores(self, start: int, acc: torch.Tensor, count: torch.Tensor) -> None:
         s = self._streams
-        acc = torch.as_tensor(acc, device=self.device).reshape(s, -1).float()
-        count = torch.as_tensor(count, device=self.device).reshape(s, -1).float()
+
+        def fp32(x: Any) -> torch.Tensor:  # fp32 on the store's device, no op if it is already
+            t = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+            if t.dtype != torch.float32 or t.device != self.device:
+                t = t.to(self.device, torch.float32)
+            return t.reshape(s, -1)
+
+        acc, count = fp32(acc), fp32(count)
         n = acc.shape[1]
-        for t in self._tiers.values():
+        for name, t in self._tiers.items():
             if not t.scored or t.fill == 0:
+                continue
+            if name == "buffer" and min(self._buf_len) == t.fill:
+                # Every stream holds all of the buffer's rows (no holes), so row r is position
+                # seen - fill + r: the scores go in by slices (a prefill's prompt: 4 ops, not
+                # a gather per tensor).
+                first = self.seen - t.fill
+                lo, hi = max(start, first), min(start + n, self.seen)
+                if lo < hi:
+                    t.acc[:, lo - first : hi - first].add_(acc[:, lo - start : hi - start])
+                    t.count[:, lo - first : hi - first].add_(count[:, lo - start : hi - start])
                 continue
             p = t.pos[:, : t.fill].long()
             hit = (p >= start) & (p < start + n)
@@ -1198,13 +1218,16 @@ class TritonLayerStore:
                     "queries and keys) before the first classification, or disable `key_balancer`"
                 )
             self._classify_retain(demote=self.policy == "mikv")
-        # The buffer refills for `streaming_gap` steps (uniform: up to `residual` tokens) before
-        # the next classification: room for that, not for the prompt it held.
-        room = int(self.options.get("residual", self.gap or 0) or 0) + 1
-        self._tiers["buffer"].shrink(room)
+        self._tiers["buffer"].shrink(self._buffer_room())
         self._since = 0
         self._classified = True
         return True
+
+    def _buffer_room(self) -> int:
+        """Rows the buffer keeps room for after a classification: it refills for
+        `streaming_gap` steps (uniform: up to `residual` tokens) before the next one, so room
+        for that, not for the prompt it held."""
+        return int(self.options.get("residual", self.gap or 0) or 0) + 1
 
     def _padding(self) -> list[int]:
         """Per sequence, how many of its buffered positions are left padding (before its
@@ -1230,18 +1253,16 @@ class TritonLayerStore:
         if take == self._buf_len and min(take) == f:
             # Every stream gives all of its `f` rows, so it has no hole: its rows are already
             # in position order, and partitioning and gathering them would give them back
-            # unchanged. The keys and values are the buffer's own rows (views: the buffer is
-            # emptied, and nothing writes it before the classification has pushed them).
-            out = (
-                buf.kd[:, :f],
-                buf.vd[:, :f],
-                buf.pos[:, :f].clone(),
-                buf.acc[:, :f].clone(),
-                buf.count[:, :f].clone(),
-            )
-            buf.pos[:, :f] = -1
+            # unchanged. They are handed over as views of the buffer's own rows: the buffer is
+            # emptied, and nothing writes it before the classification has pushed them.
+            out = (buf.kd[:, :f], buf.vd[:, :f], buf.pos[:, :f], buf.acc[:, :f], buf.count[:, :f])
             buf.fill = 0
             self._buf_len = [0] * self.batch
+            # A long prompt's buffer is given back here (new tensors: the views stay as they
+            # are); otherwise its rows become holes, the positions and scores copied first.
+            if not buf.shrink(self._buffer_room()):
+                out = (*out[:2], out[2].clone(), out[3].clone(), out[4].clone())
+                buf.pos[:, :f] = -1
             return out
         order = _real_first(buf.pos[:, :f] >= 0, f)
         take_s = _device_values(take, dev).repeat_interleave(h)[:, None]

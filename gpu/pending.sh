@@ -263,6 +263,17 @@ C20)
     tests/test_engine_contract.py tests/test_engine_cache.py --tb=short \
     > "$OUT/pytest-cuda-carried.txt" 2>&1
   ;;
+C21)
+  # Session 21: C20 (the carried loop against the per-page one, the CUDA tests with it on),
+  # then where one layer's prefill spends its time at B=1 x 32k (steps, host profile, device
+  # kernels): the phase timers' target at B=1 is not met and the host side was never profiled.
+  timeout 200 python3 -u benches/gpu_triton.py --carried > "$OUT/carried.txt" 2>&1
+  KVMIX_TRITON_CARRIED=1 timeout 220 python3 -m pytest -q -m cuda tests/test_triton_attention.py \
+    tests/test_engine_contract.py tests/test_engine_cache.py --tb=short \
+    > "$OUT/pytest-cuda-carried.txt" 2>&1
+  timeout 150 python3 -u gpu/prefill_steps.py --batch 1 --reps 5 --cprofile 40 --kernel-table 14 \
+    > "$OUT/prefill-steps-b1.txt" 2>&1
+  ;;
 C20E)
   # Session 20 (not run): the decoding step end to end at B=8 x 32k with the field path's
   # carried page loop (KVMIX_TRITON_CARRIED=1) and without, DynamicCache beside them.
@@ -278,7 +289,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C20E" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C20E" >&2
   exit 2
   ;;
 esac

@@ -274,6 +274,13 @@ C21)
   timeout 150 python3 -u gpu/prefill_steps.py --batch 1 --reps 5 --cprofile 40 --kernel-table 14 \
     > "$OUT/prefill-steps-b1.txt" 2>&1
   ;;
+C21S)
+  # C21 without the prefill profile (for a call with less device time left).
+  timeout 200 python3 -u benches/gpu_triton.py --carried > "$OUT/carried.txt" 2>&1
+  KVMIX_TRITON_CARRIED=1 timeout 200 python3 -m pytest -q -m cuda tests/test_triton_attention.py \
+    tests/test_engine_contract.py tests/test_engine_cache.py --tb=short \
+    > "$OUT/pytest-cuda-carried.txt" 2>&1
+  ;;
 C20E)
   # Session 20 (not run): the decoding step end to end at B=8 x 32k with the field path's
   # carried page loop (KVMIX_TRITON_CARRIED=1) and without, DynamicCache beside them.
@@ -289,7 +296,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C20E" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C20E" >&2
   exit 2
   ;;
 esac

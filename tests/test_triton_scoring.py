@@ -108,6 +108,36 @@ def test_both_column_kernels_give_the_same_sums(
     torch.testing.assert_close(_received(q, k, rows, fv, 0.2, blocks=blocks), want, **TOL)
 
 
+def test_rows_uploaded_once_per_prompt_follow_the_rows_given() -> None:
+    """The rows and first valid positions are uploaded once and reused while a call gives the
+    same values (every layer of a prefill): calls in a row with the same rows, then rows of the
+    same length but other values, a numpy array of rows changed in place, other first valid
+    positions, and another key length each give the reference's sums for what they were
+    given."""
+    q, k = _qk(2, 8, 2, 70, 32, torch.bfloat16, seed=9)
+    rows = np.array([3, 10, 11, 40, 41, 69], dtype=np.int64)
+    calls = [(rows.copy(), [0, 5], 70), (rows.copy(), [0, 5], 70)]
+    calls.append((np.array([4, 10, 12, 40, 50, 68]), [0, 5], 70))  # same length, new rows
+    calls.append((np.array([4, 10, 12, 40, 50, 68]), [2, 0], 70))  # new first valid
+    calls.append((np.array([4, 10, 12, 40, 50, 60]), [2, 0], 70))
+    calls.append((np.array([4, 10, 12, 40, 50, 60]), [2, 0], 61))  # the same rows, fewer keys
+    from kvmix.bench.host import count_host_work
+
+    for i, (r, fv, t) in enumerate(calls):
+        qt, kt = q[:, :, :t], k[:, :, :t]
+        want = A._probabilities(qt, kt, r.tolist(), fv, 0.2)
+        with count_host_work() as (ops, _):
+            got = _received(qt, kt, r, fv, 0.2)
+        torch.testing.assert_close(got, want, **TOL)
+        if i == 1:  # the same rows again: only the sums' and the LSE's tensors are made
+            assert ops.total() <= 2, ops.ops
+    # The caller's own array, changed in place between two calls.
+    _received(q, k, rows, [0, 0], 0.2)
+    rows[2] = 12
+    want = A._probabilities(q, k, rows.tolist(), [0, 0], 0.2)
+    torch.testing.assert_close(_received(q, k, rows, [0, 0], 0.2), want, **TOL)
+
+
 def test_rows_per_sequence_match_each_sequence_alone() -> None:
     """One launch with each sequence's own rows (as the prefill passes ZipCache's probes of
     sequences padded differently) gives each sequence what the reference gives it alone."""

@@ -263,23 +263,19 @@ C20)
     tests/test_engine_contract.py tests/test_engine_cache.py --tb=short \
     > "$OUT/pytest-cuda-carried.txt" 2>&1
   ;;
-C21)
-  # Session 21: C20 (the carried loop against the per-page one, the CUDA tests with it on),
-  # then where one layer's prefill spends its time at B=1 x 32k (steps, host profile, device
-  # kernels): the phase timers' target at B=1 is not met and the host side was never profiled.
-  timeout 200 python3 -u benches/gpu_triton.py --carried > "$OUT/carried.txt" 2>&1
-  KVMIX_TRITON_CARRIED=1 timeout 220 python3 -m pytest -q -m cuda tests/test_triton_attention.py \
-    tests/test_engine_contract.py tests/test_engine_cache.py --tb=short \
-    > "$OUT/pytest-cuda-carried.txt" 2>&1
-  timeout 150 python3 -u gpu/prefill_steps.py --batch 1 --reps 5 --cprofile 40 --kernel-table 14 \
-    > "$OUT/prefill-steps-b1.txt" 2>&1
-  ;;
-C21S)
-  # C21 without the prefill profile (for a call with less device time left).
+C21|C21S)
+  # Session 21: C20 (the carried loop against the per-page one, the CUDA tests with it on);
+  # C21 then adds where one layer's prefill spends its time at B=1 x 32k (steps, host
+  # profile, device kernels): the phase timers' target at B=1 is not met and the host side
+  # was never profiled. C21S leaves that out, for a call with less device time left.
   timeout 200 python3 -u benches/gpu_triton.py --carried > "$OUT/carried.txt" 2>&1
   KVMIX_TRITON_CARRIED=1 timeout 200 python3 -m pytest -q -m cuda tests/test_triton_attention.py \
     tests/test_engine_contract.py tests/test_engine_cache.py --tb=short \
     > "$OUT/pytest-cuda-carried.txt" 2>&1
+  if [ "$1" = C21 ]; then
+    timeout 150 python3 -u gpu/prefill_steps.py --batch 1 --reps 5 --cprofile 40 \
+      --kernel-table 14 > "$OUT/prefill-steps-b1.txt" 2>&1
+  fi
   ;;
 C20E)
   # Session 20 (not run): the decoding step end to end at B=8 x 32k with the field path's

@@ -422,39 +422,6 @@ def page_sweep():
     print("(us; eager/graph)", flush=True)
 
 
-def carried():
-    """The field path's two page loops (session 20): the carried one (``_tier_carried``: a
-    segment's key operands built once per run of its pages, the value accumulators as the
-    dots' own, rescaled behind a branch) against the per-page one (the default), after the
-    device check with the carried loop on (``KVMIX_TRITON_CARRIED=1``) against the fp64
-    reference; ZipCache at the issue's four shapes and uniform 2-bit (per-token keys) at
-    B8 x 32k."""
-    import os
-
-    os.environ["KVMIX_TRITON_CARRIED"] = "1"
-    check()
-    del os.environ["KVMIX_TRITON_CARRIED"]
-    attn = load_attention("cuda")
-    bw = copy_bandwidth()
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
-    variants = [("carried", dict(carried=True), True), ("perpage", dict(carried=False), True)]
-    for name, b, n in (
-        ("zipcache", 8, 32768), ("zipcache", 1, 8192), ("zipcache", 1, 32768),
-        ("zipcache", 8, 8192), ("uniform2", 8, 32768),
-    ):  # fmt: skip
-        case(attn, bw, name, b, n, variants)
-        torch.cuda.empty_cache()
-    # The carried loop's launch at B8 x 32k: its registers and branch differ from the
-    # per-page loop's, whose best launch session 13's sweep found (1 warp, 2 stages, 4224).
-    sweep = [
-        (f"carried w{w}s{st}p{pr}", dict(carried=True, num_warps=w, num_stages=st,
-                                          target_programs=pr), True)
-        for w, st, pr in ((1, 3, 4224), (1, 2, 2112), (1, 2, 8448), (2, 2, 2112))
-    ]  # fmt: skip
-    case(attn, bw, "zipcache", 8, 32768, sweep)
-    print("(us; eager/graph)", flush=True)
-
-
 def default_run(t0):
     """No flag: the device check, then the launch variants at the issue's four shapes."""
     check()
@@ -476,7 +443,7 @@ def default_run(t0):
 
 #: The runs a flag selects (the first given, in this order); no flag: ``default_run``.
 RUNS = {"--page-sweep": page_sweep, "--fields-sweep": fields_sweep, "--fields": fields,
-        "--final": final, "--carried": carried}  # fmt: skip
+        "--final": final}  # fmt: skip
 
 if __name__ == "__main__":
     t0 = time.time()

@@ -9,7 +9,7 @@ iteration (one page of ``BLOCK_N`` rows: divide by ``BLOCK_N * 2 * D`` codes per
 per-code figure) and its shared-memory, barrier and mma parts.
 
     .venv/bin/python benches/triton_ptx_counts.py [flat] [join] [fast] [n128] [w8] [rot]
-        [fields [perpage]]
+        [fields]
 """
 
 import collections
@@ -158,8 +158,6 @@ def main():
     kw.update(num_warps=next((int(a[1:]) for a in sys.argv if re.fullmatch(r"w\d", a)), 4))
     if "fields" in sys.argv:
         kw["fields"] = True
-        # The field path's page loop: carried state (the default) or the per-page one.
-        kw["carried"] = "perpage" not in sys.argv
     if "rot" in sys.argv:
         # kvmix-5x's rotation in the kernel (the query rotated into a slab per program).
         from kvmix.cache import randomized_hadamard

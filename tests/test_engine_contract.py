@@ -88,9 +88,11 @@ def test_engine_resolution_and_refusals():
 # The field path (2-, 4- and 8-bit tiers read as int16 elements, one dot per bit field) needs
 # D * bits >= 256, so the contract's CPU size (D = 32) never takes it; a GPU takes it by
 # default. Here, at D = 128 with segments of several pages (key_block=128: two 64-row pages
-# each, the layout kvmix-5x's keys use), both of its page loops on the store's own tiers:
-# the output against the Rust engine's, the received attention against the float64 reference.
-@pytest.mark.parametrize("carried", [False, True])
+# each, the layout kvmix-5x's keys use), on the store's own tiers, with the default launch
+# (a page per program here) and one program per tier (a program walks all of its tier's
+# pages: runs of several pages, rescalings between them, as at long contexts): the output
+# against the Rust engine's, the received attention against the float64 reference.
+@pytest.mark.parametrize("programs", [None, 1])
 @pytest.mark.parametrize(
     "config",
     [
@@ -98,7 +100,7 @@ def test_engine_resolution_and_refusals():
         {"streaming_gap": 4, "key_block": 128, "salient_ratio": 0.2, "sink_tokens": 4},
     ],
 )
-def test_field_path_matches_rust_on_store_tiers(config, carried):
+def test_field_path_matches_rust_on_store_tiers(config, programs):
     from kvmix.engines import load_attention
     from kvmix.engines import triton_reference as ref
 
@@ -121,11 +123,9 @@ def test_field_path_matches_rust_on_store_tiers(config, carried):
     views = [tri._tiers[t].view() for t in ("buffer", "high", "low")]
     assert all(vw.fill for vw in views)
     attn = load_attention("cpu")
-    # One program per tier: a program walks all of its tier's pages (runs of several pages,
-    # rescalings between them), as at long contexts; by default each would get one page here.
     out, rec = attn.attend_tiers(
         views, q, [n + 2], tri._fv_dev, d**-0.5, h, [True] * 3,
-        fields=True, carried=carried, target_programs=1,
+        fields=True, target_programs=programs,
     )  # fmt: skip
     out_r = rust.attend(q.numpy(), [n + 2], d**-0.5, False)
     np.testing.assert_allclose(out.numpy(), out_r, rtol=1e-5, atol=1e-5)

@@ -91,11 +91,11 @@ def test_field_path(monkeypatch):
             S, 130, d, ("token", 2, 32), ("token", 4, 32), pos_offset=150, generator=g
         ),
     ]
-    # Both page loops: the per-page one (the default) and the carried one (_tier_carried); with
-    # one program per tier (target_programs=1) a program walks every page, so the carried
-    # state (a segment's key operands, the rescaling behind a branch, the separable factor
-    # at each segment change: the tiers here change segment every page or two) is exercised.
-    for kw in (dict(), dict(carried=True), dict(carried=True, target_programs=1)):
+    # The default launch, and one program per tier (target_programs=1): a program then walks
+    # every page, so the state its page loop carries (a segment's key operands, the rescaling
+    # behind a branch, the separable factor at each segment change: the tiers here change
+    # segment every page or two) is exercised.
+    for kw in (dict(), dict(target_programs=1)):
         _check(views, 1, [0, 37], d=d, fields=True, **kw)
         _check(views, 2, [5, 0], d=d, fields=True, **kw)
         _check(views, 1, [0, 4], d=d, fields=True, precise=False, **kw)
@@ -111,9 +111,8 @@ def test_field_path(monkeypatch):
         ),
     ]
     _check(views, 1, [0, 3], d=d, fields=True)
-    _check(views, 1, [0, 3], d=d, fields=True, carried=True, target_programs=1)
+    _check(views, 1, [0, 3], d=d, fields=True, target_programs=1)
     # KVMIX_TRITON_FIELDS=1 forces the field path: the same output, bit for bit.
-    monkeypatch.delenv("KVMIX_TRITON_CARRIED", raising=False)
     attn = load_attention("cpu")
     q = torch.randn(B, HQ, 1, d, generator=g)
     args = (views, q, [159], torch.zeros(B, dtype=torch.int32), 0.3, HK, None)
@@ -135,11 +134,8 @@ def test_field_path(monkeypatch):
     # compiled): not under the interpreter.
     monkeypatch.delenv("KVMIX_TRITON_FIELDS")
     attn.attend_tiers(*args)
-    # KVMIX_TRITON_CARRIED=1 takes the carried page loop (FIELDS 1 + 4).
-    monkeypatch.setenv("KVMIX_TRITON_CARRIED", "1")
-    attn.attend_tiers(*args, fields=True)
-    # The field path (plain unpacking here), the default one twice, the carried loop.
-    assert launched == [1, 0, 0, 5]
+    # The field path (plain unpacking here), then the default one twice.
+    assert launched == [1, 0, 0]
 
 
 def test_bench_attention_cuda_mode_refuses_without_gpu():

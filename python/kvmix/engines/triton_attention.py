@@ -48,10 +48,9 @@ The field path (``fields=True``, ``_tier_fields``; the default on NVIDIA GPUs) r
 elementwise work (one inline-PTX op per field) lies between a load and its dot: the packed
 elements then go from shared memory straight into the mma operand registers and are
 unpacked there, at about half the instructions per code (``notes/triton-kernel.md``).
-A second page loop for it (``_tier_carried``, ``carried=True``; opt-in until timed on a GPU)
-carries across pages what does not change between them: the keys' query operands are built
-once per run of pages of one segment, and the value accumulators are the value dots' own,
-rescaled only when a row's running maximum or operand scale changes.
+Its page loop carries across pages what does not change between them: the keys' query
+operands are built once per run of pages of one segment, and the value accumulators are the
+value dots' own, rescaled only when a row's running maximum or operand scale changes.
 """
 
 # Triton's kernel language is untyped (its decorators, and parameters whose annotations
@@ -589,249 +588,6 @@ def _field(x, BITS: tl.constexpr, F: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _tier_fields(
-    Q,
-    sqb,
-    sqh,
-    sqt,
-    sqd,
-    qscale,
-    QPOS,
-    qpos0,
-    FV,
-    KFIX,
-    POS,
-    KD,
-    KS,
-    KO,
-    SEG,
-    VD,
-    VS,
-    VO,
-    VF,
-    LG,
-    PM,
-    PL,
-    PACC,
-    s,
-    split,
-    out_split,
-    cap,
-    n_pages,
-    pages_per_split,
-    n_split,
-    nseg,
-    kv_heads,
-    ROWS: tl.constexpr,
-    RP: tl.constexpr,
-    TQ: tl.constexpr,
-    D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    QPOS_RANGE: tl.constexpr,
-    K_MODE: tl.constexpr,
-    K_BITS: tl.constexpr,
-    K_GS: tl.constexpr,
-    K_FIX: tl.constexpr,
-    V_BITS: tl.constexpr,
-    V_GS: tl.constexpr,
-    V_SEP: tl.constexpr,
-    TRACK: tl.constexpr,
-    NPART: tl.constexpr,
-    STAGES: tl.constexpr,
-    ASM: tl.constexpr,
-):
-    """``_tier_stacked`` for packed tiers read as int16 elements: field ``f`` of element ``i``
-    is channel ``i * F + f`` (``F = 16 / bits``), and each field is its own dot over the
-    elements (``K`` split for the keys, ``N`` for the values: as many mma as one dot over all
-    channels). Between the load and each dot there is one elementwise operation
-    (``_field``), so the compiler loads the packed elements from shared memory straight into
-    the mma operand's registers and unpacks them there: no unpacked tile goes through shared
-    memory. The query side (a few values per thread) is recomputed per field and page."""
-    s64 = s.to(tl.int64)
-    cap64 = cap.to(tl.int64)
-    rows = tl.arange(0, RP)
-    row_ok = rows < ROWS
-    KF: tl.constexpr = 16 // K_BITS  # fields per element
-    KNE: tl.constexpr = D // KF  # elements per row
-    VFN: tl.constexpr = 16 // V_BITS
-    VNE: tl.constexpr = D // VFN
-    ke = tl.arange(0, KNE)
-    ve = tl.arange(0, VNE)
-    b = s // kv_heads
-    h = s % kv_heads
-    G: tl.constexpr = ROWS // TQ
-    head = h * G + rows // TQ
-    qi = rows % TQ
-    qoff = b.to(tl.int64) * sqb + head.to(tl.int64) * sqh + qi.to(tl.int64) * sqt
-    qrow = Q + qoff[:, None]
-    if QPOS_RANGE:
-        qpos = tl.where(row_ok, qpos0 + qi, -1)
-    else:
-        qpos = tl.load(QPOS + qi, mask=row_ok, other=-1)
-    fv = tl.load(FV + b)
-
-    m_i = tl.full([RP], float("-inf"), tl.float32)
-    l_i = tl.full([RP], 0.0, tl.float32)
-    VG: tl.constexpr = D // V_GS
-    vg = tl.arange(0, VG)
-    NPV: tl.constexpr = NPART if NPART * VG * RP >= 16 else 16 // (VG * RP)
-    MS: tl.constexpr = NPV * VG * RP  # rows of the values' stacked operand
-    # One accumulator per value field, kept as the dots' stacked rows (part, group, row):
-    # the parts and groups are summed once, after the loop.
-    acc0 = tl.full([MS, VNE], 0.0, tl.float32)
-    acc1 = tl.full([MS, VNE], 0.0, tl.float32)
-    if VFN > 2:
-        acc2 = tl.full([MS, VNE], 0.0, tl.float32)
-        acc3 = tl.full([MS, VNE], 0.0, tl.float32)
-    if VFN > 4:
-        acc4 = tl.full([MS, VNE], 0.0, tl.float32)
-        acc5 = tl.full([MS, VNE], 0.0, tl.float32)
-        acc6 = tl.full([MS, VNE], 0.0, tl.float32)
-        acc7 = tl.full([MS, VNE], 0.0, tl.float32)
-    if K_MODE == TOKEN:
-        KG: tl.constexpr = D // K_GS
-        kg = tl.arange(0, KG)
-        NPK: tl.constexpr = NPART if NPART * KG * RP >= 16 else 16 // (KG * RP)
-    NPC: tl.constexpr = NPART if NPART * RP >= 16 else 16 // RP
-
-    p_lo = split * pages_per_split
-    p_hi = tl.minimum(p_lo + pages_per_split, n_pages)
-    SEGD: tl.constexpr = K_MODE == CHANNEL or V_SEP
-    for page in tl.range(p_lo, p_hi, num_stages=STAGES):
-        if SEGD:
-            t, seg, mine = _block_rows(SEG, page, BLOCK_N)
-        else:
-            t = page * BLOCK_N + tl.arange(0, BLOCK_N)
-        row = s64 * cap64 + t.to(tl.int64)
-        pos = tl.load(POS + row)
-        if SEGD:  # the page's rows of other blocks are holes to this block
-            pos = tl.where(mine, pos, -1)
-        kp = tl.load(KD + row[:, None] * KNE + ke[None, :])  # int16 [N, KNE]
-        # ---- keys: logits [RP, BLOCK_N] (base 2, scaled). First pass over the fields: the
-        # rows' common power-of-two scale (so that every field's dot accumulates into one
-        # result) and the offsets' part; second pass: the dots.
-        if K_MODE == CHANNEL:
-            sb = (s64 * nseg + seg) * D
-            ar, ainv, qo = _kchannel_scale(qrow, sqd, row_ok, qscale, KFIX, s64, KS, KO, sb,
-                                           rows, ke, D, K_FIX, KF, RP, KNE)  # fmt: skip
-            y = tl.full([NPC * RP, BLOCK_N], 0.0, tl.float32)
-            for f in tl.static_range(KF):
-                a = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar, f,
-                                 D, K_FIX, KF, RP, KNE, NPC, NPART)  # fmt: skip
-                y = tl.dot(a, tl.trans(_field(kp, K_BITS, f, ASM)), y)
-            logits = _unstack(y, RP, BLOCK_N, NPC) * ainv[:, None] + qo[:, None]
-        else:
-            # Queries masked to each channel group, stacked as rows [KG * RP, KNE].
-            qr, qinv, qg_sum = _ktoken_scale(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, D,
-                                             K_FIX, KF, K_GS, KG, RP, KNE)  # fmt: skip
-            y = tl.full([NPK * KG * RP, BLOCK_N], 0.0, tl.float32)
-            for f in tl.static_range(KF):
-                a = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, f, D, K_FIX, KF,
-                               K_GS, KG, RP, KNE, NPK, NPART)  # fmt: skip
-                y = tl.dot(a, tl.trans(_field(kp, K_BITS, f, ASM)), y)
-            dots = tl.reshape(_unstack(y, KG * RP, BLOCK_N, NPK) * qinv[:, None], (KG, RP, BLOCK_N))
-            sc = tl.load(KS + row[None, :] * KG + kg[:, None]).to(tl.float32)  # [KG, N]
-            of = tl.load(KO + row[None, :] * KG + kg[:, None]).to(tl.float32)
-            qg_sum3 = tl.reshape(qg_sum, (KG, RP))
-            logits = _sum(dots * sc[:, None, :] + qg_sum3[:, :, None] * of[:, None, :], 0)
-        visible = (pos[None, :] >= fv) & (pos[None, :] <= qpos[:, None]) & row_ok[:, None]
-        logits = tl.where(visible, logits, float("-inf"))
-        if TRACK:
-            lg_ok = row_ok[:, None]
-            if SEGD:  # the page's rows of other blocks are theirs to write
-                lg_ok = lg_ok & mine[None, :]
-            tl.store(
-                LG + (s64 * ROWS + rows[:, None]) * cap64 + t[None, :].to(tl.int64),
-                logits,
-                mask=lg_ok,
-            )
-        m_new = tl.maximum(m_i, _max(logits, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(logits - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + _sum(p, 1)
-        m_i = m_new
-        # ---- values: one dot per field, the same stacked probabilities for each
-        vp = tl.load(VD + row[:, None] * VNE + ve[None, :])  # int16 [N, VNE]
-        sc = tl.load(VS + row[None, :] * VG + vg[:, None]).to(tl.float32)  # [VG, N]
-        of = tl.load(VO + row[None, :] * VG + vg[:, None]).to(tl.float32)
-        ps = tl.reshape(p[None, :, :] * sc[:, None, :], (VG * RP, BLOCK_N))
-        a, ainv = _stack_f16(ps, VG * RP, BLOCK_N, NPV, NPART)
-        po = tl.reshape(_sum(p[None, :, :] * of[:, None, :], 2), (VG * RP,))
-        # Per stacked row: the inverse scale, the offsets' part (on the first part's rows)
-        # and the softmax rescaling.
-        part = tl.arange(0, NPV)[:, None]
-        ainv_s = tl.reshape(tl.broadcast_to(ainv[None, :], (NPV, VG * RP)), (MS,))
-        po_s = tl.reshape(tl.where(part == 0, po[None, :], 0.0), (MS,))
-        alpha_s = tl.reshape(tl.broadcast_to(alpha[None, None, :], (NPV, VG, RP)), (MS,))
-        vfb = 0
-        if V_SEP:
-            vfb = (s64 * nseg + seg) * D
-        acc0 = _vfield(acc0, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 0, V_BITS, VFN, V_SEP, ASM)
-        acc1 = _vfield(acc1, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 1, V_BITS, VFN, V_SEP, ASM)
-        if VFN > 2:
-            acc2 = _vfield(
-                acc2, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 2, V_BITS, VFN, V_SEP, ASM
-            )
-            acc3 = _vfield(
-                acc3, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 3, V_BITS, VFN, V_SEP, ASM
-            )
-        if VFN > 4:
-            acc4 = _vfield(
-                acc4, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 4, V_BITS, VFN, V_SEP, ASM
-            )
-            acc5 = _vfield(
-                acc5, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 5, V_BITS, VFN, V_SEP, ASM
-            )
-            acc6 = _vfield(
-                acc6, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 6, V_BITS, VFN, V_SEP, ASM
-            )
-            acc7 = _vfield(
-                acc7, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, 7, V_BITS, VFN, V_SEP, ASM
-            )
-
-    out = (s64 * n_split + out_split) * ROWS + rows
-    tl.store(PM + out, m_i, mask=row_ok)
-    tl.store(PL + out, l_i, mask=row_ok)
-    ob = PACC + out[:, None] * D
-    _vstore(ob, acc0, 0, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
-    _vstore(ob, acc1, 1, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
-    if VFN > 2:
-        _vstore(ob, acc2, 2, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
-        _vstore(ob, acc3, 3, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
-    if VFN > 4:
-        _vstore(ob, acc4, 4, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
-        _vstore(ob, acc5, 5, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
-        _vstore(ob, acc6, 6, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
-        _vstore(ob, acc7, 7, ve, row_ok, RP, VG, V_GS, VNE, NPV, VFN)
-
-
-@triton.jit
-def _vfield(acc, a, vp, ainv_s, po_s, alpha_s, VF, vfb, ve, F: tl.constexpr, BITS: tl.constexpr,
-            VFN: tl.constexpr, V_SEP: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
-    """One page's step of value field ``F``'s stacked accumulator: elementwise in the dot's
-    own layout (no reduction or layout conversion per page)."""
-    y = tl.dot(a, _field(vp, BITS, F, ASM)) * ainv_s[:, None] + po_s[:, None]
-    if V_SEP:
-        y = y * tl.load(VF + vfb + ve * VFN + F).to(tl.float32)[None, :]
-    return acc * alpha_s[:, None] + y
-
-
-@triton.jit
-def _vstore(ob, acc, F: tl.constexpr, ve, row_ok, RP: tl.constexpr, VG: tl.constexpr,
-            V_GS: tl.constexpr, VNE: tl.constexpr, NPV: tl.constexpr,
-            VFN: tl.constexpr):  # fmt: skip
-    """Value field ``F``'s stacked accumulator summed over its parts and each channel's own
-    group, stored at channels ``i * VFN + F``."""
-    ch = ve * VFN + F
-    x = _sum(tl.reshape(acc, (NPV, VG * RP, VNE)), 0)
-    if VG > 1:
-        vsel = (ch // V_GS)[None, None, :] == tl.arange(0, VG)[:, None, None]
-        x = _sum(tl.where(vsel, tl.reshape(x, (VG, RP, VNE)), 0.0), 0)
-    tl.store(ob + ch[None, :], x, mask=row_ok[:, None])
-
-
-@triton.jit
 def _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D: tl.constexpr, K_FIX: tl.constexpr):
     """The queries ``[RP, K]`` at channels ``ch`` (``[RP, K]``, or ``[K]`` for every row),
     scaled (and by the fixed key factor)."""
@@ -917,7 +673,7 @@ def _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr,
 
 
 @triton.jit
-def _tier_carried(
+def _tier_fields(
     Q,
     sqb,
     sqh,
@@ -968,8 +724,10 @@ def _tier_carried(
     STAGES: tl.constexpr,
     ASM: tl.constexpr,
 ):
-    """The field path (``_tier_fields``'s unpacking and dots) with what does not change from
-    one page to the next carried across the page loop instead of recomputed per page:
+    """A packed tier of 2-, 4- or 8-bit codes read as int16 elements, one dot per bit field
+    (``_field``: the codes unpacked in the dot operand's registers), with what does not change
+    from one page to the next carried across the page loop instead of recomputed per page
+    (a first version recomputed it per page: ~30% more instructions per page, session 20):
 
     * the keys' stacked query operands: per-channel keys' (``q * s`` of the segment, hi/lo
       parts, the common row scale, ``q · o``) once per run of pages of one segment (the loop
@@ -1235,23 +993,23 @@ def _tier_carried(
     # The last segment's factor (V_SEP; a split without pages never had one: its
     # accumulators are 0).
     fb = (s64 * nseg + tl.maximum(cur, 0)) * D
-    _vstore_carried(ob, acc0, inv_s, po_acc, VF, fb, 0, ve, row_ok, RP, VG, V_GS, VNE, NPV,
+    _vstore(ob, acc0, inv_s, po_acc, VF, fb, 0, ve, row_ok, RP, VG, V_GS, VNE, NPV,
                     VFN, V_SEP)  # fmt: skip
-    _vstore_carried(ob, acc1, inv_s, po_acc, VF, fb, 1, ve, row_ok, RP, VG, V_GS, VNE, NPV,
+    _vstore(ob, acc1, inv_s, po_acc, VF, fb, 1, ve, row_ok, RP, VG, V_GS, VNE, NPV,
                     VFN, V_SEP)  # fmt: skip
     if VFN > 2:
-        _vstore_carried(ob, acc2, inv_s, po_acc, VF, fb, 2, ve, row_ok, RP, VG, V_GS, VNE, NPV,
+        _vstore(ob, acc2, inv_s, po_acc, VF, fb, 2, ve, row_ok, RP, VG, V_GS, VNE, NPV,
                         VFN, V_SEP)  # fmt: skip
-        _vstore_carried(ob, acc3, inv_s, po_acc, VF, fb, 3, ve, row_ok, RP, VG, V_GS, VNE, NPV,
+        _vstore(ob, acc3, inv_s, po_acc, VF, fb, 3, ve, row_ok, RP, VG, V_GS, VNE, NPV,
                         VFN, V_SEP)  # fmt: skip
     if VFN > 4:
-        _vstore_carried(ob, acc4, inv_s, po_acc, VF, fb, 4, ve, row_ok, RP, VG, V_GS, VNE, NPV,
+        _vstore(ob, acc4, inv_s, po_acc, VF, fb, 4, ve, row_ok, RP, VG, V_GS, VNE, NPV,
                         VFN, V_SEP)  # fmt: skip
-        _vstore_carried(ob, acc5, inv_s, po_acc, VF, fb, 5, ve, row_ok, RP, VG, V_GS, VNE, NPV,
+        _vstore(ob, acc5, inv_s, po_acc, VF, fb, 5, ve, row_ok, RP, VG, V_GS, VNE, NPV,
                         VFN, V_SEP)  # fmt: skip
-        _vstore_carried(ob, acc6, inv_s, po_acc, VF, fb, 6, ve, row_ok, RP, VG, V_GS, VNE, NPV,
+        _vstore(ob, acc6, inv_s, po_acc, VF, fb, 6, ve, row_ok, RP, VG, V_GS, VNE, NPV,
                         VFN, V_SEP)  # fmt: skip
-        _vstore_carried(ob, acc7, inv_s, po_acc, VF, fb, 7, ve, row_ok, RP, VG, V_GS, VNE, NPV,
+        _vstore(ob, acc7, inv_s, po_acc, VF, fb, 7, ve, row_ok, RP, VG, V_GS, VNE, NPV,
                         VFN, V_SEP)  # fmt: skip
 
 
@@ -1266,7 +1024,7 @@ def _vsegment(acc, po_s, VF, ob, nb, had, ve, F: tl.constexpr, VFN: tl.constexpr
 
 
 @triton.jit
-def _vstore_carried(ob, acc, inv_s, po, VF, fb, F: tl.constexpr, ve, row_ok, RP: tl.constexpr,
+def _vstore(ob, acc, inv_s, po, VF, fb, F: tl.constexpr, ve, row_ok, RP: tl.constexpr,
                     VG: tl.constexpr, V_GS: tl.constexpr, VNE: tl.constexpr, NPV: tl.constexpr,
                     VFN: tl.constexpr, V_SEP: tl.constexpr):  # fmt: skip
     """Value field ``F``'s carried accumulator unscaled, summed over its parts, plus the
@@ -1533,31 +1291,20 @@ def _tier(
     FLAT: tl.constexpr,
     FIELDS: tl.constexpr,
 ):
-    # The field path (FIELDS 1: plain unpacking, 2: inline PTX; plus 4: the carried page loop,
-    # ``_tier_carried``) takes packed tiers of 2, 4 or
-    # 8 bits whose rows give each field's dot at least 16 elements (tl.dot's smallest size);
-    # ``_fields_tier`` is the same rule on the host.
+    # The field path (``_tier_fields``; FIELDS 1: plain unpacking, 2: inline PTX) takes
+    # packed tiers of 2, 4 or 8 bits whose rows give each field's dot at least 16 elements
+    # (tl.dot's smallest size); ``_fields_tier`` is the same rule on the host.
     F16_K: tl.constexpr = K_MODE != DENSE and K_BITS != 1 and K_BITS != 3 and K_BITS * D >= 256
     F16_V: tl.constexpr = V_MODE == TOKEN and V_BITS != 1 and V_BITS != 3 and V_BITS * D >= 256
     if FIELDS and F16_K and F16_V:
-        if FIELDS >= 4:
-            _tier_carried(
-                Q, sqb, sqh, sqt, sqd, qscale, QPOS, qpos0, FV, KFIX,
-                POS, KD, KS, KO, SEG, VD, VS, VO, VF, LG, PM, PL, PACC,
-                s, split, out_split, cap, n_pages, pages_per_split, n_split, nseg, kv_heads,
-                ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
-                K_MODE, K_BITS, K_GS, K_FIX, V_BITS, V_GS, V_SEP, TRACK, NPART, STAGES,
-                FIELDS % 4 == 2,
-            )  # fmt: skip
-        else:
-            _tier_fields(
-                Q, sqb, sqh, sqt, sqd, qscale, QPOS, qpos0, FV, KFIX,
-                POS, KD, KS, KO, SEG, VD, VS, VO, VF, LG, PM, PL, PACC,
-                s, split, out_split, cap, n_pages, pages_per_split, n_split, nseg, kv_heads,
-                ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
-                K_MODE, K_BITS, K_GS, K_FIX, V_BITS, V_GS, V_SEP, TRACK, NPART, STAGES,
-                FIELDS == 2,
-            )  # fmt: skip
+        _tier_fields(
+            Q, sqb, sqh, sqt, sqd, qscale, QPOS, qpos0, FV, KFIX,
+            POS, KD, KS, KO, SEG, VD, VS, VO, VF, LG, PM, PL, PACC,
+            s, split, out_split, cap, n_pages, pages_per_split, n_split, nseg, kv_heads,
+            ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
+            K_MODE, K_BITS, K_GS, K_FIX, V_BITS, V_GS, V_SEP, TRACK, NPART, STAGES,
+            FIELDS == 2,
+        )  # fmt: skip
     elif FLAT:
         _tier_flat(
             Q,
@@ -2100,7 +1847,6 @@ def attend_tiers(
     flat=False,
     fields=None,
     asm=None,
-    carried=None,
     fast_launch=True,
     target_programs=None,
     block_n=64,
@@ -2137,10 +1883,7 @@ def attend_tiers(
     launched directly (see ``_launch``), which the CUDA tests check against Triton's own
     launch. ``fields=True``: packed tiers of 2, 4 and 8 bits read as int16 elements with one
     dot per bit field, the codes unpacked in the mma operand registers (``_tier_fields``,
-    ``notes/triton-kernel.md``); ``carried=True`` walks them with ``_tier_carried``'s page
-    loop (state carried across pages: compiled offline for sm_90, about 30% fewer
-    instructions per page; checked under the interpreter, not yet run on a GPU, so off by
-    default; ``KVMIX_TRITON_CARRIED=1`` turns it on without a code change); ``asm``
+    ``notes/triton-kernel.md``); ``asm``
     (default: on CUDA tensors of an NVIDIA GPU, compiled) unpacks them by inline PTX, else
     by integer ops (the interpreter's way). ``fields``
     defaults to ``asm`` (on an H200: ZipCache B8 x 32k 182 us against 472 us, the CUDA tests
@@ -2161,8 +1904,6 @@ def attend_tiers(
         # it on an H200, 2.6x faster than the default kernel at B8 x 32k); elsewhere opt-in.
         env = os.environ.get("KVMIX_TRITON_FIELDS")
         fields = env == "1" if env in ("0", "1") else bool(asm)
-    if carried is None:
-        carried = os.environ.get("KVMIX_TRITON_CARRIED") == "1"
     if num_warps is None:
         num_warps = 1 if fields else 4
     if target_programs is None:
@@ -2242,7 +1983,7 @@ def attend_tiers(
             2 if join else int(bcast),
             num_stages,
             flat,
-            ((2 if asm else 1) + (4 if carried else 0)) if fields else 0,
+            (2 if asm else 1) if fields else 0,
             *on,
             rotation is not None,
         ]

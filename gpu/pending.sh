@@ -277,6 +277,31 @@ C21|C21S)
       --kernel-table 14 > "$OUT/prefill-steps-b1.txt" 2>&1
   fi
   ;;
+C22)
+  # Session 22: carried-default merged (C21 on H100: carried 149/138 us against per-page
+  # 185/174 at ZipCache B8 x 32k). The CUDA attention, contract and cache tests on the
+  # merged code, then the decoding step end to end at B=8 x 32k beside DynamicCache.
+  timeout 200 python3 -m pytest -q -m cuda tests/test_triton_attention.py \
+    tests/test_engine_contract.py tests/test_engine_cache.py --tb=short \
+    > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 280 python3 -u -m kvmix.bench gpu --batches 8 --contexts 32768 --steps 8 \
+    --methods full zipcache kvmix-5x > "$OUT/bench-32k-b8.txt" 2>&1
+  ;;
+C22S)
+  # Session 22: the launch parameters (warps, stages, programs) and the page size again, now
+  # that the carried loop is the field path's only loop: it keeps a segment's operands across
+  # pages, so fewer programs (more pages each) and smaller pages may now pay.
+  timeout 240 python3 -u benches/gpu_triton.py --fields-sweep > "$OUT/fields-sweep.txt" 2>&1
+  timeout 150 python3 -u benches/gpu_triton.py --page-sweep > "$OUT/page-sweep.txt" 2>&1
+  # Then the prefill by the phase timers at B=1 and B=8 x 32k after session 21's host cuts,
+  # and B=1's host profile in microseconds (C21's printed seconds to 3 decimals: all 0.000).
+  timeout 100 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
+  timeout 80 python3 -u gpu/prefill_steps.py --batch 1 --reps 5 --cprofile 45 \
+    > "$OUT/prefill-steps-b1.txt" 2>&1
+  timeout 170 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x --repeats 3 > "$OUT/prefill-profile.txt" 2>&1
+  ;;
 C20E)
   # Session 20 (not run): the decoding step end to end at B=8 x 32k with the field path's
   # carried page loop (KVMIX_TRITON_CARRIED=1) and without, DynamicCache beside them.
@@ -292,7 +317,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C20E" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C20E" >&2
   exit 2
   ;;
 esac

@@ -294,7 +294,7 @@ C22S)
   # (it keeps a segment's operands across pages: fewer programs, more pages each, may now pay);
   # B=1's host profile in microseconds (C21's printed seconds to 3 decimals: all 0.000); last,
   # the prefill at B=8 x 32k.
-  timeout 90 python3 -u gpu/sync_points.py --batch 1 --context 32768 --layers 2 \
+  timeout 120 python3 -u gpu/sync_points.py --batch 1 --context 32768 --layers 2 \
     > "$OUT/sync-points.txt" 2>&1
   timeout 100 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
     --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1

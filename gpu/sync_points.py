@@ -1,7 +1,13 @@
-"""Where a prefill makes the host wait for the GPU: each synchronizing call (``.item()``,
-``bool(t)``, ``.tolist()``, a device-to-host copy) that torch's sync debug mode reports during
-one prefill of Llama-3.1-8B's shape (random bf16 weights, ``--layers`` layers) into each
-method's cache, with the kvmix / transformers frames that made it, counted per place.
+"""Where a prefill makes the host wait for the GPU, and the GPU wait for the host.
+
+1. Each synchronizing call (``.item()``, ``bool(t)``, ``.tolist()``, a device-to-host copy)
+   that torch's sync debug mode reports during one prefill of Llama-3.1-8B's shape (random
+   bf16 weights, ``--layers`` layers) into each method's cache, with the kvmix / transformers
+   frames that made it, counted per place.
+2. The GPU's idle time in one more prefill (torch profiler, CPU and CUDA): every gap of at
+   least ``--gap-us`` between one device operation's end and the next one's start, charged to
+   the code that launched the next one (its innermost kvmix frames and torch op), summed per
+   place: host work the GPU waited for.
 
 A synchronizing read costs more than its own time in a prefill: the host, which otherwise runs
 ahead of the GPU, waits there until every queued kernel has run, then pays its own host work
@@ -14,9 +20,13 @@ is the device time of kvmix's kernels plus such waits.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import tempfile
 import traceback
 import warnings
 from collections import Counter
+from typing import Any
 
 import torch
 
@@ -37,12 +47,63 @@ def frames() -> str:
     )
 
 
+def idle_gaps(
+    trace: dict[str, Any], gap_us: float
+) -> tuple[float, float, Counter[str], Counter[str]]:
+    """From a chrome trace of the torch profiler: the device's busy and idle microseconds
+    between its first and last operation, and the idle time (gaps >= ``gap_us``) and gap
+    count per place that launched the operation after the gap."""
+    events = trace["traceEvents"]
+    device = sorted(
+        (e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+        key=lambda e: e["ts"],
+    )
+    launch_at = {
+        e["args"]["correlation"]: e["ts"]
+        for e in events
+        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})
+    }
+    host = [
+        e for e in events if e.get("cat") in ("python_function", "cpu_op") and "dur" in e
+    ]  # fmt: skip
+    busy, idle = 0.0, 0.0
+    where_us: Counter[str] = Counter()
+    where_n: Counter[str] = Counter()
+    end = None
+    for e in device:
+        start = float(e["ts"])
+        if end is not None and start - end >= gap_us:
+            idle += start - end
+            at = launch_at.get(e.get("args", {}).get("correlation"))
+            place = "(launch not found)" if at is None else describe(host, at)
+            where_us[place] += start - end
+            where_n[place] += 1
+        busy += float(e["dur"])
+        end = max(end or 0.0, start + float(e["dur"]))
+    return busy, idle, where_us, where_n
+
+
+def describe(host: list[dict[str, Any]], at: float) -> str:
+    """The innermost kvmix frames (and torch op) running on the host at time ``at``."""
+    around = [e for e in host if e["ts"] <= at <= e["ts"] + e["dur"]]
+    around.sort(key=lambda e: e["ts"])  # outermost first
+    op = next((e["name"] for e in reversed(around) if e.get("cat") == "cpu_op"), "")
+    frames = [
+        e["name"].split("kvmix/", 1)[-1]
+        for e in around
+        if e.get("cat") == "python_function" and "kvmix/" in e["name"]
+    ]
+    return " < ".join(frames[-3:][::-1]) + (f" [{op}]" if op else "")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--methods", nargs="+", default=["full", "zipcache", "kvmix-5x"])
+    p.add_argument("--gap-us", type=float, default=20.0)
+    p.add_argument("--top", type=int, default=15)
     args = p.parse_args()
     dev = torch.device("cuda")
     config = llama_8b_config(False)
@@ -74,11 +135,11 @@ def main() -> int:
         def record(*_: object, seen: Counter[str] = seen, **__: object) -> None:
             seen[frames()] += 1
 
-        warnings.showwarning = record  # type: ignore[assignment]
+        warnings.showwarning = record
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always")
-                warnings.showwarning = record  # type: ignore[assignment]
+                warnings.showwarning = record
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
                     prefill()
@@ -89,6 +150,28 @@ def main() -> int:
         print(f"## {method}: {sum(seen.values())} synchronizing calls in one prefill")
         for where, n in seen.most_common():
             print(f"  {n:4d}x  {where}")
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        # Without Python stacks first (the idle total as it is), then with them (which slows
+        # the host, so its gaps grow, but says which code launched what came after a gap).
+        for stacks in (False, True):
+            with profile(activities=acts, with_stack=stacks) as prof:
+                prefill()
+                torch.cuda.synchronize()
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "trace.json")
+                prof.export_chrome_trace(path)
+                with open(path) as f:
+                    trace = json.load(f)
+            busy, idle, where_us, where_n = idle_gaps(trace, args.gap_us)
+            print(
+                f"## {method}: GPU busy {busy / 1e3:.2f} ms, idle {idle / 1e3:.2f} ms in gaps "
+                f">= {args.gap_us:.0f} us (one prefill, profiled"
+                f"{' with Python stacks' if stacks else ''}); idle by what launched next:"
+            )
+            for where, us in where_us.most_common(args.top):
+                print(f"  {us / 1e3:7.3f} ms {where_n[where]:4d}x  {where}")
         torch.cuda.empty_cache()
     return 0
 

@@ -49,7 +49,7 @@ def frames() -> str:
 
 def idle_gaps(
     trace: dict[str, Any], gap_us: float
-) -> tuple[float, float, Counter[str], Counter[str]]:
+) -> tuple[float, float, dict[str, float], Counter[str]]:
     """From a chrome trace of the torch profiler: the device's busy and idle microseconds
     between its first and last operation, and the idle time (gaps >= ``gap_us``) and gap
     count per place that launched the operation after the gap."""
@@ -67,7 +67,7 @@ def idle_gaps(
         e for e in events if e.get("cat") in ("python_function", "cpu_op") and "dur" in e
     ]  # fmt: skip
     busy, idle = 0.0, 0.0
-    where_us: Counter[str] = Counter()
+    where_us: dict[str, float] = {}
     where_n: Counter[str] = Counter()
     end = None
     for e in device:
@@ -76,7 +76,7 @@ def idle_gaps(
             idle += start - end
             at = launch_at.get(e.get("args", {}).get("correlation"))
             place = "(launch not found)" if at is None else describe(host, at)
-            where_us[place] += start - end
+            where_us[place] = where_us.get(place, 0.0) + start - end
             where_n[place] += 1
         busy += float(e["dur"])
         end = max(end or 0.0, start + float(e["dur"]))
@@ -170,7 +170,7 @@ def main() -> int:
                 f">= {args.gap_us:.0f} us (one prefill, profiled"
                 f"{' with Python stacks' if stacks else ''}); idle by what launched next:"
             )
-            for where, us in where_us.most_common(args.top):
+            for where, us in sorted(where_us.items(), key=lambda x: -x[1])[: args.top]:
                 print(f"  {us / 1e3:7.3f} ms {where_n[where]:4d}x  {where}")
         torch.cuda.empty_cache()
     return 0

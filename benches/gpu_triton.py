@@ -395,6 +395,11 @@ def fields_sweep():
     ):  # fmt: skip
         kw = dict(fields=True, num_warps=w, num_stages=stages, target_programs=progs)
         variants.append((f"w{w}s{stages}p{progs}", kw, True))
+    # Registers capped (the field path takes ~240-255 a thread: 8 one-warp programs per SM;
+    # 200 allow 10, 168 allow 12, at a few spills: offline SASS of Triton 3.6, 4-bit tier, +3%
+    # and +8% instructions per page).
+    for reg in (200, 168, 128):
+        variants.append((f"r{reg}", dict(fields=True, maxnreg=reg), True))
     case(attn, bw, "zipcache", 8, 32768, variants)
     breakdown(attn, 8, 32768)
     print("(us; eager/graph)", flush=True)

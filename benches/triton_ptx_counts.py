@@ -35,6 +35,8 @@ HK, HQ, D, B = 8, 32, 128, 1
 # were made; byte loads are then not vectorized).
 SPECIALIZE = "plain" not in sys.argv
 BITS_LIST = (2,) if "only2" in sys.argv else (4,) if "only4" in sys.argv else (4, 2)
+#: ``r168`` etc.: compile with at most that many registers per thread (``maxnreg``).
+MAXNREG = next((int(a[1:]) for a in sys.argv if re.fullmatch(r"r\d+", a)), None)
 DTYPES = {
     "torch.float32": "*fp32",
     "torch.int32": "*i32",
@@ -60,7 +62,7 @@ def capture(bits=(4, 2), **kw):
     got = {}
     launch = attn._launch
 
-    def spy(fn, grid, args, consts, nw, ns, fast, stream=None):
+    def spy(fn, grid, args, consts, nw, ns, fast, stream=None, *rest):
         if fn is attn._attend_kernel:
             # Tensors as what the compiler specializes on, so that a capture can be saved.
             desc = [
@@ -70,7 +72,7 @@ def capture(bits=(4, 2), **kw):
                 for a in args
             ]
             got["a"] = (desc, dict(consts), nw, ns)
-        return launch(fn, grid, args, consts, nw, ns, fast, stream)
+        return launch(fn, grid, args, consts, nw, ns, fast, stream, *rest)
 
     attn._launch = spy
     try:
@@ -112,7 +114,25 @@ def compile_ptx(args, consts, num_warps, num_stages):
         attrs = {}
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs)
     opts = {"num_warps": num_warps, "num_stages": num_stages}
+    if MAXNREG:
+        opts["maxnreg"] = MAXNREG
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm
+
+
+def registers(cubin):
+    """Registers per thread and local-memory (spill) bytes of ``cubin``'s kernel, from the
+    cuobjdump that ships with Triton."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True
+        ).stdout
+    reg = re.search(r"REG:(\d+)", out)
+    stack = re.search(r"STACK:(\d+)", out)
+    local = re.search(r"LOCAL:(\d+)", out)
+    return tuple(int(m.group(1)) if m else -1 for m in (reg, stack, local))
 
 
 def loops(ptx):
@@ -208,9 +228,11 @@ def main():
             re.sub(r"^@!?U?P\w+\s+", "", x).split()[0].split(".")[0] for x in body
         )
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(10))
+        reg, stack, local = registers(asm["cubin"])
         print(
             f"  SASS {name}: {len(body)} per thread and page ({len(body) * threads / codes:.2f}"
-            f" per code) | {top}"
+            f" per code) | {top} | LDL {ops['LDL']} STL {ops['STL']} | registers {reg}, "
+            f"stack {stack} B, local {local} B"
         )
 
 

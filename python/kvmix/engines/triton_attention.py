@@ -1780,7 +1780,9 @@ def _consts(values: tuple[Any, ...]) -> tuple[tuple[str, Any], ...]:
     return items
 
 
-def _launch(fn, grid, args, consts, num_warps, num_stages, fast, stream=None, fusion=True):
+def _launch(
+    fn, grid, args, consts, num_warps, num_stages, fast, stream=None, fusion=True, maxnreg=None
+):
     """``fn[grid](*args, **consts)`` (``consts``: a dict, or a tuple of its items, which
     spares building one); ``fusion=False`` compiles it without contracting a product and a
     sum into one fma (one rounding instead of two: the store's kernels must round as the
@@ -1791,11 +1793,18 @@ def _launch(fn, grid, args, consts, num_warps, num_stages, fast, stream=None, fu
     alignment, and whether each integer argument is 1, a multiple of 16, and fits in 32 bits.
     Every positional argument comes before the constexprs (given by name) in the kernels
     launched this way. ``stream``: the
-    current CUDA stream's handle (looked up when not given)."""
+    current CUDA stream's handle (looked up when not given). ``maxnreg``: a cap on the
+    registers per thread (NVIDIA), for more warps per SM at the price of spills."""
+    opts = {} if maxnreg is None else {"maxnreg": maxnreg}
     if not fast:
         named = dict(consts) if type(consts) is tuple else consts
         fn[grid](
-            *args, **named, num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=fusion
+            *args,
+            **named,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            enable_fp_fusion=fusion,
+            **opts,
         )
         return
     import torch
@@ -1810,12 +1819,17 @@ def _launch(fn, grid, args, consts, num_warps, num_stages, fast, stream=None, fu
         for a in args
     )
     items = consts if type(consts) is tuple else tuple(consts.items())
-    key = (fn, num_warps, num_stages, fusion, items, sig)
+    key = (fn, num_warps, num_stages, fusion, maxnreg, items, sig)
     hit = _COMPILED.get(key)
     if hit is None:
         named = dict(items)
         kernel = fn[grid](
-            *args, **named, num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=fusion
+            *args,
+            **named,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            enable_fp_fusion=fusion,
+            **opts,
         )
         _COMPILED[key] = (kernel, [named[n] for n in fn.arg_names[len(args) :]])
         return
@@ -1852,6 +1866,7 @@ def attend_tiers(
     block_n=64,
     num_warps=None,
     num_stages=2,
+    maxnreg=None,
 ):
     """Attention of ``q`` ``[B, Hq, Tq, D]`` (any float dtype and strides) over ``tiers`` (up
     to three ``TierView``).
@@ -1890,6 +1905,8 @@ def attend_tiers(
     pass with it); ``KVMIX_TRITON_FIELDS=0`` / ``=1`` overrides that. ``num_warps`` defaults to
     4, or 1 with ``fields`` (compiled offline, 1 warp issues the fewest instructions per code
     and replicates no small dot across warps); ``target_programs`` to 1056 x 4 / num_warps.
+    ``maxnreg`` caps the attend kernel's registers per thread (NVIDIA; a launch sweep's
+    parameter: the field path's ~240 registers allow 8 warps per SM).
     """
     import torch
 
@@ -1992,7 +2009,9 @@ def attend_tiers(
         args += [qpos, first, first_valid, pm, pl, pacc, n_split, pps, kv_heads, rot, qrw]
         args += targs
         grid = (streams, n_split)
-        _launch(_attend_kernel, grid, args, consts, num_warps, num_stages, fast, stream)
+        _launch(
+            _attend_kernel, grid, args, consts, num_warps, num_stages, fast, stream, True, maxnreg
+        )
     else:
         out.zero_()
         received: list[Any] = []

@@ -288,17 +288,16 @@ C22)
     --methods full zipcache kvmix-5x > "$OUT/bench-32k-b8.txt" 2>&1
   ;;
 C22S)
-  # Session 22: where a B=1 x 32k prefill makes the host wait for the GPU; the prefill by the
-  # phase timers at B=1 x 32k after session 21's host cuts; the field path's launch parameters
-  # (warps, stages, programs) and page size again, now that the carried loop is its only loop
-  # (it keeps a segment's operands across pages: fewer programs, more pages each, may now pay);
-  # B=1's host profile in microseconds (C21's printed seconds to 3 decimals: all 0.000); last,
-  # the prefill at B=8 x 32k.
+  # Session 22: the field path's launch parameters (warps, stages, programs, a register cap)
+  # now that the carried loop is its only loop; where a B=1 x 32k prefill makes the host wait
+  # for the GPU and the GPU for the host; the prefill by the phase timers at B=1 x 32k after
+  # session 21's host cuts; the page size again; B=1's host profile in microseconds (C21's
+  # printed seconds to 3 decimals: all 0.000); last, the prefill at B=8 x 32k.
+  timeout 200 python3 -u benches/gpu_triton.py --fields-sweep > "$OUT/fields-sweep.txt" 2>&1
   timeout 120 python3 -u gpu/sync_points.py --batch 1 --context 32768 --layers 2 \
     > "$OUT/sync-points.txt" 2>&1
   timeout 100 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
     --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
-  timeout 200 python3 -u benches/gpu_triton.py --fields-sweep > "$OUT/fields-sweep.txt" 2>&1
   timeout 120 python3 -u benches/gpu_triton.py --page-sweep > "$OUT/page-sweep.txt" 2>&1
   timeout 80 python3 -u gpu/prefill_steps.py --batch 1 --reps 5 --cprofile 45 \
     > "$OUT/prefill-steps-b1.txt" 2>&1

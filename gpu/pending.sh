@@ -304,6 +304,10 @@ C22S)
   timeout 170 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
     --methods full zipcache kvmix-5x --repeats 3 > "$OUT/prefill-profile.txt" 2>&1
   ;;
+C22K)
+  # C22S's first part alone (for a call with little device time left): the launch sweep.
+  timeout 190 python3 -u benches/gpu_triton.py --fields-sweep > "$OUT/fields-sweep.txt" 2>&1
+  ;;
 C20E)
   # Session 20 (not run): the decoding step end to end at B=8 x 32k with the field path's
   # carried page loop (KVMIX_TRITON_CARRIED=1) and without, DynamicCache beside them.
@@ -319,7 +323,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C20E" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C20E" >&2
   exit 2
   ;;
 esac

@@ -390,7 +390,7 @@ def fields_sweep():
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     variants = [("default", dict(), True)]
     for w, stages, progs in (
-        (1, 1, 4224), (1, 3, 4224), (1, 2, 528), (1, 2, 1056), (1, 2, 2112), (1, 2, 8448),
+        (1, 1, 2112), (1, 3, 2112), (1, 2, 528), (1, 2, 1056), (1, 2, 4224), (1, 2, 8448),
         (1, 1, 1056), (2, 2, 1056), (2, 2, 2112), (2, 2, 4224), (4, 2, 1056),
     ):  # fmt: skip
         kw = dict(fields=True, num_warps=w, num_stages=stages, target_programs=progs)

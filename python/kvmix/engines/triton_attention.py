@@ -1904,7 +1904,10 @@ def attend_tiers(
     defaults to ``asm`` (on an H200: ZipCache B8 x 32k 182 us against 472 us, the CUDA tests
     pass with it); ``KVMIX_TRITON_FIELDS=0`` / ``=1`` overrides that. ``num_warps`` defaults to
     4, or 1 with ``fields`` (compiled offline, 1 warp issues the fewest instructions per code
-    and replicates no small dot across warps); ``target_programs`` to 1056 x 4 / num_warps.
+    and replicates no small dot across warps); ``target_programs`` to 2112 with ``fields``
+    (session 22's sweep on an H100, ZipCache B8 x 32k: 136 / 126 us eager / CUDA graph against
+    150 / 138 at 4224, 174 / 163 at 1056: the carried page loop keeps a segment's operands
+    across a program's pages, so longer runs of pages pay), else 1056 x 4 / num_warps.
     ``maxnreg`` caps the attend kernel's registers per thread (NVIDIA; a launch sweep's
     parameter: the field path's ~240 registers allow 8 warps per SM).
     """
@@ -1924,7 +1927,7 @@ def attend_tiers(
     if num_warps is None:
         num_warps = 1 if fields else 4
     if target_programs is None:
-        target_programs = 1056 * 4 // num_warps
+        target_programs = 2112 if fields else 1056 * 4 // num_warps
 
     if len(tiers) > 3:
         raise ValueError(f"attend_tiers takes at most 3 tiers, got {len(tiers)}")

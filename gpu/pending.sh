@@ -308,6 +308,21 @@ C22K)
   # C22S's first part alone (for a call with little device time left): the launch sweep.
   timeout 190 python3 -u benches/gpu_triton.py --fields-sweep > "$OUT/fields-sweep.txt" 2>&1
   ;;
+C23)
+  # Session 23 (the rest of C22S, which no device ran): where a B=1 x 32k prefill makes the
+  # host wait for the GPU and the GPU for the host (sync debug mode, idle gaps charged to
+  # what launched next); the prefill by the phase timers at B=1 x 32k after session 21's host
+  # cuts; B=1's host profile in microseconds; the decoding step end to end at B=8 x 32k with
+  # the field path's new default (2112 programs; C22's 28.9 / 35.8 ms were at 4224).
+  timeout 120 python3 -u gpu/sync_points.py --batch 1 --context 32768 --layers 2 \
+    > "$OUT/sync-points.txt" 2>&1
+  timeout 100 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
+  timeout 80 python3 -u gpu/prefill_steps.py --batch 1 --reps 5 --cprofile 45 \
+    > "$OUT/prefill-steps-b1.txt" 2>&1
+  timeout 250 python3 -u -m kvmix.bench gpu --batches 8 --contexts 32768 --steps 8 \
+    --methods zipcache kvmix-5x > "$OUT/bench-32k-b8.txt" 2>&1
+  ;;
 C20E)
   # Session 20 (not run): the decoding step end to end at B=8 x 32k with the field path's
   # carried page loop (KVMIX_TRITON_CARRIED=1) and without, DynamicCache beside them.
@@ -323,7 +338,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C20E" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C20E" >&2
   exit 2
   ;;
 esac

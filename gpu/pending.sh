@@ -323,14 +323,6 @@ C23)
   timeout 250 python3 -u -m kvmix.bench gpu --batches 8 --contexts 32768 --steps 8 \
     --methods zipcache kvmix-5x > "$OUT/bench-32k-b8.txt" 2>&1
   ;;
-C20E)
-  # Session 20 (not run): the decoding step end to end at B=8 x 32k with the field path's
-  # carried page loop (KVMIX_TRITON_CARRIED=1) and without, DynamicCache beside them.
-  KVMIX_TRITON_CARRIED=1 timeout 280 python3 -u -m kvmix.bench gpu --batches 8 \
-    --contexts 32768 --steps 8 --methods full zipcache kvmix-5x > "$OUT/bench-32k-b8-carried.txt" 2>&1
-  timeout 280 python3 -u -m kvmix.bench gpu --batches 8 --contexts 32768 --steps 8 \
-    --methods zipcache kvmix-5x > "$OUT/bench-32k-b8-perpage.txt" 2>&1
-  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -338,7 +330,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C20E" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23" >&2
   exit 2
   ;;
 esac

@@ -29,6 +29,7 @@ from collections import Counter
 from typing import Any
 
 import torch
+from prefill_profile import make_cache, prefill_once  # this folder's (DynamicCache for "full")
 
 import kvmix
 from kvmix.bench.gpu import _model, llama_8b_config
@@ -119,34 +120,23 @@ def main() -> int:
             kvmix.enable_fused_attention(model)
 
         def prefill(method: str = method) -> None:
-            cache = (
-                kvmix.make_cache(method, config)
-                if method == "full"
-                else kvmix.make_cache(method, config, engine="triton")
-            )
-            with torch.inference_mode():
-                model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            prefill_once(model, ids, make_cache(method, config, "triton"))
 
         prefill()  # compiles the kernels
         torch.cuda.synchronize()
         seen: Counter[str] = Counter()
-        shown = warnings.showwarning
 
         def record(*_: object, seen: Counter[str] = seen, **__: object) -> None:
             seen[frames()] += 1
 
-        warnings.showwarning = record
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("always")
-                warnings.showwarning = record
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    prefill()
-                finally:
-                    torch.cuda.set_sync_debug_mode(0)
-        finally:
-            warnings.showwarning = shown
+        with warnings.catch_warnings():  # restores showwarning and the filters on exit
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                prefill()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
         print(f"## {method}: {sum(seen.values())} synchronizing calls in one prefill")
         for where, n in seen.most_common():
             print(f"  {n:4d}x  {where}")

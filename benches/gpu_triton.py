@@ -47,6 +47,11 @@ def store(name, device, b, n, seed=0, extra=0):
     boost = 1 + 4 * (torch.arange(D, device=device) % 17 == 0)
     k = torch.randn(b, HK, n, D, generator=g, device=device) * boost
     v = torch.randn(b, HK, n, D, generator=g, device=device)
+    if lay.get("rotation_seed") is not None:  # kvmix-5x stores rotated rows
+        from kvmix.cache import randomized_hadamard
+        from kvmix.engines.triton_store import hadamard_to
+
+        st.set_rotation(hadamard_to(randomized_hadamard(D, lay["rotation_seed"]), device))
     st.append(k.bfloat16().float(), v.bfloat16().float())
     del k, v
     if lay["policy"] == "zipcache":
@@ -297,12 +302,12 @@ def final():
     print("(us; eager/graph)")
 
 
-def breakdown(attn, b, n, reps=10):
+def breakdown(attn, b, n, reps=10, name="zipcache"):
     """GPU time of each launch of a tracked call (attend, merge, received), from the profiler's
     kernel records: which share of the step the split kernel itself takes."""
     from torch.profiler import ProfilerActivity, profile
 
-    st = store("zipcache", "cuda", b, n)
+    st = store(name, "cuda", b, n)
     views = [st._tiers[t].view() for t in TIERS]
     q = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
     track = [True, True, True]  # every tier's received attention: the most a step computes
@@ -324,7 +329,8 @@ def breakdown(attn, b, n, reps=10):
     parts = " ".join(
         f"{k[:24]}={sum(v) / reps:.1f}x{len(v) // reps}" for k, v in sorted(per.items())
     )
-    print(f"  per-launch GPU us (B{b} {n // 1024}k, every tier tracked): {parts}", flush=True)
+    label = f"{name} B{b} {n // 1024}k, every tier tracked"
+    print(f"  per-launch GPU us ({label}): {parts}", flush=True)
 
 
 def fields():
@@ -405,6 +411,30 @@ def fields_sweep():
     print("(us; eager/graph)", flush=True)
 
 
+def presets():
+    """The presets' own layouts at B8 x 32k: ZipCache, and kvmix-5x, whose low tier's 3-bit
+    keys are no field of an int16 (the field path takes 2, 4 and 8 bits), so that tier runs
+    the integer path inside the field path's launch (1 warp, 2112 programs by default):
+    launch variants beside the default, then each one's per-launch GPU time."""
+    attn = load_attention("cuda")
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    variants = [
+        ("default", dict(), True),
+        ("int-w4", dict(fields=False), True),  # the integer path for every tier, 4 warps
+        ("int-w2", dict(fields=False, num_warps=2), True),
+        ("int-w8", dict(fields=False, num_warps=8), True),
+        ("fields-w1p4224", dict(fields=True, num_warps=1, target_programs=4224), True),
+        ("fields-w2", dict(fields=True, num_warps=2, target_programs=2112), True),
+        ("fields-w4", dict(fields=True, num_warps=4, target_programs=1056), True),
+    ]
+    for name in ("kvmix-5x", "zipcache"):
+        case(attn, bw, name, 8, 32768, variants)
+        breakdown(attn, 8, 32768, name=name)
+        torch.cuda.empty_cache()
+    print("(us; eager/graph)", flush=True)
+
+
 def page_sweep():
     """The field path at ZipCache B8 x 32k with the store's page (``triton_store.PAGE``: the
     rows a segmented tier's block table cuts at, and the kernel's ``block_n``) at 64, 32 and
@@ -448,7 +478,7 @@ def default_run(t0):
 
 #: The runs a flag selects (the first given, in this order); no flag: ``default_run``.
 RUNS = {"--page-sweep": page_sweep, "--fields-sweep": fields_sweep, "--fields": fields,
-        "--final": final}  # fmt: skip
+        "--final": final, "--presets": presets}  # fmt: skip
 
 if __name__ == "__main__":
     t0 = time.time()

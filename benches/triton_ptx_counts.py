@@ -9,7 +9,7 @@ iteration (one page of ``BLOCK_N`` rows: divide by ``BLOCK_N * 2 * D`` codes per
 per-code figure) and its shared-memory, barrier and mma parts.
 
     .venv/bin/python benches/triton_ptx_counts.py [flat] [join] [fast] [n128] [w8] [rot]
-        [fields]
+        [fields] [only2 | only3 | only4]
 """
 
 import collections
@@ -34,7 +34,12 @@ HK, HQ, D, B = 8, 32, 128, 1
 # ``plain``: no argument specialization (how the counts in results/gpu/triton-kernel-h200.txt
 # were made; byte loads are then not vectorized).
 SPECIALIZE = "plain" not in sys.argv
-BITS_LIST = (2,) if "only2" in sys.argv else (4,) if "only4" in sys.argv else (4, 2)
+BITS_LIST = (
+    (2,) if "only2" in sys.argv
+    else (4,) if "only4" in sys.argv
+    else (3,) if "only3" in sys.argv  # kvmix-5x's low tier: 3-bit keys, 2-bit values
+    else (4, 2)
+)  # fmt: skip
 #: ``r168`` etc.: compile with at most that many registers per thread (``maxnreg``).
 MAXNREG = next((int(a[1:]) for a in sys.argv if re.fullmatch(r"r\d+", a)), None)
 DTYPES = {
@@ -56,7 +61,13 @@ def capture(bits=(4, 2), **kw):
     for nb in bits:
         views.append(
             ref.synthetic_tier(
-                B * HK, 256, D, ("channel", nb, D), ("token", nb, D), v_sep=True, generator=g
+                B * HK,
+                256,
+                D,
+                ("channel", nb, D),
+                ("token", 2 if nb == 3 else nb, D),
+                v_sep=True,
+                generator=g,
             )
         )
     got = {}

@@ -323,6 +323,25 @@ C23)
   timeout 250 python3 -u -m kvmix.bench gpu --batches 8 --contexts 32768 --steps 8 \
     --methods zipcache kvmix-5x > "$OUT/bench-32k-b8.txt" 2>&1
   ;;
+C23B)
+  # Session 23, second call: the B=1 x 32k prefill after the rotation is checked once on the
+  # CPU (C23: set_rotation's read-back drained the queue at every layer, and the store
+  # allocations after it left the GPU idle, ~1.6 ms a layer for kvmix-5x), end to end and by
+  # its idle gaps; then whether a decoding step at B=8 x 32k is host bound (GPU busy against
+  # wall time per step, device time by kernel; C23's 42.5 / 54.6 ms against C22's 28.9 / 35.8).
+  timeout 120 python3 -u gpu/sync_points.py --batch 1 --context 32768 --layers 2 \
+    --methods zipcache kvmix-5x > "$OUT/sync-points.txt" 2>&1
+  timeout 100 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
+  timeout 200 python3 -u gpu/sync_points.py --batch 8 --context 32768 --layers 4 --decode 4 \
+    --methods full zipcache kvmix-5x > "$OUT/sync-points-decode.txt" 2>&1
+  ;;
+C23C)
+  # Session 23, third call: C23B's decode profile at B=8 x 32k put kvmix-5x's attend kernel
+  # at 812 us a layer against ZipCache's 205 (H200): its low tier's 3-bit keys take the
+  # integer path at the field path's launch (1 warp). The presets' layouts, launch variants.
+  timeout 420 python3 -u benches/gpu_triton.py --presets > "$OUT/presets.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -330,7 +349,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C" >&2
   exit 2
   ;;
 esac

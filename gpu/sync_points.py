@@ -7,7 +7,10 @@
 2. The GPU's idle time in one more prefill (torch profiler, CPU and CUDA): every gap of at
    least ``--gap-us`` between one device operation's end and the next one's start, charged to
    the code that launched the next one (its innermost kvmix frames and torch op), summed per
-   place: host work the GPU waited for.
+   place: host work the GPU waited for; and the device time by kernel.
+
+With ``--decode STEPS`` the same for decoding steps (one token per sequence each) after one
+prefill, per step: a step is host bound where the GPU is busy for well under its wall time.
 
 A synchronizing read costs more than its own time in a prefill: the host, which otherwise runs
 ahead of the GPU, waits there until every queued kernel has run, then pays its own host work
@@ -15,6 +18,7 @@ with the GPU idle. The prefill's overhead over DynamicCache end to end (``prefil
 is the device time of kvmix's kernels plus such waits.
 
     python3 gpu/sync_points.py --batch 1 --context 32768 --layers 2
+    python3 gpu/sync_points.py --batch 8 --context 32768 --layers 4 --decode 4
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ import argparse
 import json
 import os
 import tempfile
+import time
 import traceback
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -97,12 +103,81 @@ def describe(host: list[dict[str, Any]], at: float) -> str:
     return " < ".join(frames[-3:][::-1]) + (f" [{op}]" if op else "")
 
 
+def by_kernel(trace: dict[str, Any]) -> Counter[str]:
+    """Device microseconds per kernel name (memcpy / memset included) in a chrome trace."""
+    total: Counter[str] = Counter()
+    for e in trace["traceEvents"]:
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            total[e["name"][:70]] += float(e["dur"])
+    return total
+
+
+def report(label: str, work: Callable[[], None], per: int, args: argparse.Namespace) -> None:
+    """The synchronizing calls of one ``work()`` and the GPU's idle gaps in a profiled one
+    (without, then with Python stacks), ``per`` units (prefills or steps) per call."""
+    seen: Counter[str] = Counter()
+
+    def record(*_: object, **__: object) -> None:
+        seen[frames()] += 1
+
+    with warnings.catch_warnings():  # restores showwarning and the filters on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            work()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    print(f"## {label}: {sum(seen.values())} synchronizing calls")
+    for where, n in seen.most_common():
+        print(f"  {n:4d}x  {where}")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    work()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / per
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    # Without Python stacks first (the idle total as it is), then with them (which slows
+    # the host, so its gaps grow, but says which code launched what came after a gap).
+    for stacks in (False, True):
+        with profile(activities=acts, with_stack=stacks) as prof:
+            work()
+            torch.cuda.synchronize()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(path)
+            with open(path) as f:
+                trace = json.load(f)
+        busy, idle, where_us, where_n = idle_gaps(trace, args.gap_us)
+        print(
+            f"## {label}: wall {wall * 1e3:.2f} ms (unprofiled), GPU busy "
+            f"{busy / 1e3 / per:.2f} ms, idle {idle / 1e3 / per:.2f} ms in gaps >= "
+            f"{args.gap_us:.0f} us, per unit (profiled"
+            f"{' with Python stacks' if stacks else ''}); idle by what launched next:"
+        )
+        for where, us in sorted(where_us.items(), key=lambda x: -x[1])[: args.top]:
+            print(f"  {us / 1e3 / per:7.3f} ms {where_n[where] / per:6.1f}x  {where}")
+        if not stacks:
+            print(f"## {label}: device time by kernel, per unit")
+            for name, us in by_kernel(trace).most_common(args.top):
+                print(f"  {us / 1e3 / per:7.3f} ms  {name}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--methods", nargs="+", default=["full", "zipcache", "kvmix-5x"])
+    p.add_argument(
+        "--decode",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="report decoding steps (this many per measurement) after one prefill, not prefills",
+    )
     p.add_argument("--gap-us", type=float, default=20.0)
     p.add_argument("--top", type=int, default=15)
     args = p.parse_args()
@@ -118,50 +193,28 @@ def main() -> int:
             model.set_attn_implementation("sdpa")
         else:
             kvmix.enable_fused_attention(model)
+        if args.decode:
+            cache = make_cache(method, config, "triton")
+            prefill_once(model, ids, cache)
+            token = ids[:, -1:]
 
-        def prefill(method: str = method) -> None:
-            prefill_once(model, ids, make_cache(method, config, "triton"))
+            def steps(cache: Any = cache, token: torch.Tensor = token) -> None:
+                with torch.inference_mode():
+                    for _ in range(args.decode):
+                        model(token, past_key_values=cache, use_cache=True)
 
-        prefill()  # compiles the kernels
-        torch.cuda.synchronize()
-        seen: Counter[str] = Counter()
+            steps()  # compiles the decoding kernels
+            torch.cuda.synchronize()
+            report(f"{method} decoding step", steps, args.decode, args)
+            del cache
+        else:
 
-        def record(*_: object, seen: Counter[str] = seen, **__: object) -> None:
-            seen[frames()] += 1
+            def prefill(method: str = method) -> None:
+                prefill_once(model, ids, make_cache(method, config, "triton"))
 
-        with warnings.catch_warnings():  # restores showwarning and the filters on exit
-            warnings.simplefilter("always")
-            warnings.showwarning = record
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                prefill()
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-        print(f"## {method}: {sum(seen.values())} synchronizing calls in one prefill")
-        for where, n in seen.most_common():
-            print(f"  {n:4d}x  {where}")
-        from torch.profiler import ProfilerActivity, profile
-
-        acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
-        # Without Python stacks first (the idle total as it is), then with them (which slows
-        # the host, so its gaps grow, but says which code launched what came after a gap).
-        for stacks in (False, True):
-            with profile(activities=acts, with_stack=stacks) as prof:
-                prefill()
-                torch.cuda.synchronize()
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "trace.json")
-                prof.export_chrome_trace(path)
-                with open(path) as f:
-                    trace = json.load(f)
-            busy, idle, where_us, where_n = idle_gaps(trace, args.gap_us)
-            print(
-                f"## {method}: GPU busy {busy / 1e3:.2f} ms, idle {idle / 1e3:.2f} ms in gaps "
-                f">= {args.gap_us:.0f} us (one prefill, profiled"
-                f"{' with Python stacks' if stacks else ''}); idle by what launched next:"
-            )
-            for where, us in sorted(where_us.items(), key=lambda x: -x[1])[: args.top]:
-                print(f"  {us / 1e3:7.3f} ms {where_n[where]:4d}x  {where}")
+            prefill()  # compiles the kernels
+            torch.cuda.synchronize()
+            report(f"{method} prefill", prefill, 1, args)
         torch.cuda.empty_cache()
     return 0
 

@@ -316,6 +316,57 @@ def test_a_rotating_triton_store_stores_the_rotated_rows(buffer_dtype: str) -> N
         store.set_rotation(r)
 
 
+def test_a_rotation_checked_where_it_was_made_is_not_read_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``hadamard_to`` checks the matrix on the host and marks its copy, so ``set_rotation``
+    (once per layer) reads nothing back from the device; a marked matrix changed in place is
+    checked again, and refused when it is no longer a randomized Hadamard matrix; an inference
+    tensor (no version counter) is checked every time."""
+    pytest.importorskip("triton")
+    from kvmix.engines import triton_store
+    from kvmix.engines.triton_store import TritonLayerStore, hadamard_to
+
+    d = 16
+    r = randomized_hadamard(d, 5)
+    moved = hadamard_to(r, torch.device("cpu"))
+    assert torch.equal(moved, r)
+    with pytest.raises(kvmix.ConfigError, match="randomized Hadamard"):
+        hadamard_to(torch.eye(d), torch.device("cpu"))
+    reads: list[int] = []
+    real = triton_store.check_randomized_hadamard
+
+    def counted(rotation: Any, dim: int) -> None:
+        reads.append(dim)
+        real(rotation, dim)
+
+    monkeypatch.setattr(triton_store, "check_randomized_hadamard", counted)
+
+    def store() -> Any:
+        return TritonLayerStore("zipcache", 2, d, {"streaming_gap": 10}, "float16")  # type: ignore[arg-type]
+
+    store().set_rotation(moved)
+    store().set_rotation(moved)
+    assert reads == []
+    store().set_rotation(r.clone())  # an unmarked matrix is checked
+    assert reads == [d]
+    moved[0, 0] = -moved[0, 0]  # in place: the version counter moves, the mark is stale
+    with pytest.raises(kvmix.ConfigError, match="randomized Hadamard"):
+        store().set_rotation(moved)
+    assert reads == [d, d]
+    # Under inference mode (as a benchmark's prefill runs): hadamard_to's copy is still a
+    # normal tensor, so it is remembered; an inference tensor has no version counter, so it is
+    # checked each time.
+    with torch.inference_mode():
+        inferred = randomized_hadamard(d, 5)
+        moved = hadamard_to(inferred, torch.device("cpu"))
+        assert inferred.is_inference() and not moved.is_inference()
+        store().set_rotation(moved)
+        store().set_rotation(inferred)
+        store().set_rotation(inferred)
+    assert reads == [d] * 5  # hadamard_to, then the inference tensor's two set_rotation
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_the_prompt_append_kernel_rotates_as_the_torch_rotation(dtype: torch.dtype) -> None:
     """How the Triton store takes a prompt on a GPU (``_append_rows`` with the rotation: one

@@ -331,8 +331,12 @@ class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped b
         self._fit_store_to_heads(key_states, engine)
         shared = self._shared.rotation
         if shared is not None and shared.device != key_states.device:
-            # One matrix for every layer, on the tensors' device (memory_report counts it once).
-            self._shared.rotation = shared = shared.to(key_states.device)
+            # One matrix for every layer, on the tensors' device (memory_report counts it once),
+            # checked here on the CPU: each layer's store then reads nothing back from the
+            # device (a synchronisation per layer at the prefill, the GPU idle after it).
+            from kvmix.engines.triton_store import hadamard_to
+
+            self._shared.rotation = shared = hadamard_to(shared, key_states.device)
         if shared is not None and self.on_device and self._shared.fuse_rotation:
             self.store.set_rotation(shared)
             self._store_rotates = True

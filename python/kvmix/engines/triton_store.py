@@ -43,6 +43,7 @@ budgets; the codecs come from the Rust store's ``layout`` (the one definition of
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -743,6 +744,72 @@ class _Tier:
         return out
 
 
+#: Rotations already checked to be randomized Hadamard matrices: ``id`` -> (a weak reference,
+#: the tensor's version counter then). The check reads the matrix on the host, which for a
+#: device tensor is a synchronisation; a cache's layers share one matrix, so it is checked once,
+#: where it was made (on the CPU), and each layer's store finds it here.
+_HADAMARD_CHECKED: dict[int, tuple[weakref.ReferenceType[torch.Tensor], int]] = {}
+
+
+def _known_hadamard(rotation: Any) -> bool:
+    entry = _HADAMARD_CHECKED.get(id(rotation))
+    return entry is not None and entry[0]() is rotation and entry[1] == rotation._version
+
+
+def _remember_hadamard(rotation: torch.Tensor) -> None:
+    if rotation.is_inference():  # no version counter to tell an in-place change by
+        return
+    key = id(rotation)
+    _HADAMARD_CHECKED[key] = (
+        weakref.ref(rotation, lambda _: _HADAMARD_CHECKED.pop(key, None)),
+        rotation._version,
+    )
+
+
+def check_randomized_hadamard(rotation: Any, d: int) -> None:
+    """Raise :class:`ConfigError` unless ``rotation`` is a contiguous float32 ``[d, d]``
+    randomized Hadamard matrix ``diag(c) H`` (``H`` Sylvester's, ``c = R[:, 0]``), the form the
+    kernels apply as signs and a fast Walsh-Hadamard transform. Reads it on the host (a
+    synchronisation for a device tensor); a passed matrix is remembered while it is unchanged."""
+    if (
+        not isinstance(rotation, torch.Tensor)
+        or rotation.shape != (d, d)
+        or rotation.dtype != torch.float32
+        or not rotation.is_contiguous()
+    ):
+        raise ConfigError(
+            f"`rotation` must be a contiguous float32 [{d}, {d}] tensor, got "
+            f"{getattr(rotation, 'dtype', type(rotation))} "
+            f"{tuple(getattr(rotation, 'shape', ()))}"
+        )
+    # H[i, j] = (-1)^popcount(i & j): an independent definition of Sylvester's matrix.
+    i = torch.arange(d)
+    x = i[:, None] & i[None, :]
+    parity = torch.zeros_like(x)
+    for bit in range(d.bit_length()):
+        parity ^= (x >> bit) & 1
+    h = (1 - 2 * parity).float()
+    r = rotation.detach().cpu()
+    if not torch.equal(r, r[:, :1] * h):
+        raise ConfigError(
+            "`rotation` must be a randomized Hadamard matrix diag(c) H (e.g. "
+            "kvmix.cache.randomized_hadamard): the kernels apply it as a fast "
+            "Walsh-Hadamard transform"
+        )
+    _remember_hadamard(rotation)
+
+
+def hadamard_to(rotation: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``rotation`` checked where it is (:func:`check_randomized_hadamard`), then copied to
+    ``device`` (a new tensor, also under inference mode): the copy is known to
+    :meth:`TritonLayerStore.set_rotation`, which then reads nothing back."""
+    check_randomized_hadamard(rotation, rotation.shape[0])
+    with torch.inference_mode(False):  # a normal tensor (changes told by its version counter)
+        moved = rotation.to(device, copy=True)
+    _remember_hadamard(moved)
+    return moved
+
+
 class TritonLayerStore:
     """The device engine's store of one layer: the Rust ``LayerStore``'s Python surface on
     torch tensors (any device; CPU tensors run the kernels under the Triton interpreter)."""
@@ -1072,34 +1139,10 @@ class TritonLayerStore:
         Raises:
             ConfigError: ``R`` is not of that form, or rows are already stored.
         """
-        d = self.head_dim
         if self.seen:
             raise ConfigError("set the rotation before the first append: rows are stored")
-        if (
-            not isinstance(rotation, torch.Tensor)
-            or rotation.shape != (d, d)
-            or rotation.dtype != torch.float32
-            or not rotation.is_contiguous()
-        ):
-            raise ConfigError(
-                f"`rotation` must be a contiguous float32 [{d}, {d}] tensor, got "
-                f"{getattr(rotation, 'dtype', type(rotation))} "
-                f"{tuple(getattr(rotation, 'shape', ()))}"
-            )
-        # H[i, j] = (-1)^popcount(i & j): an independent definition of Sylvester's matrix.
-        i = torch.arange(d)
-        x = i[:, None] & i[None, :]
-        parity = torch.zeros_like(x)
-        for bit in range(d.bit_length()):
-            parity ^= (x >> bit) & 1
-        h = (1 - 2 * parity).float()
-        r = rotation.detach().cpu()
-        if not torch.equal(r, r[:, :1] * h):
-            raise ConfigError(
-                "`rotation` must be a randomized Hadamard matrix diag(c) H (e.g. "
-                "kvmix.cache.randomized_hadamard): the kernels apply it as a fast "
-                "Walsh-Hadamard transform"
-            )
+        if not _known_hadamard(rotation):
+            check_randomized_hadamard(rotation, self.head_dim)
         self.rotation = rotation
 
     def add_scores(self, start: int, acc: torch.Tensor, count: torch.Tensor) -> None:

@@ -415,7 +415,9 @@ def presets():
     """The presets' own layouts at B8 x 32k: ZipCache, and kvmix-5x, whose low tier's 3-bit
     keys are no field of an int16 (the field path takes 2, 4 and 8 bits), so that tier runs
     the integer path inside the field path's launch (1 warp, 2112 programs by default):
-    launch variants beside the default, then each one's per-launch GPU time."""
+    first the default launch against the float64 reference and bitwise against its plain
+    unpacking (no inline PTX), then launch variants beside the default at B8 x 32k and each
+    one's per-launch GPU time."""
     attn = load_attention("cuda")
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
@@ -428,6 +430,23 @@ def presets():
         ("fields-w2", dict(fields=True, num_warps=2, target_programs=2112), True),
         ("fields-w4", dict(fields=True, num_warps=4, target_programs=1056), True),
     ]
+    print("correctness vs float64: preset | max |out - ref| / max |ref| | received | "
+          "== plain unpacking (bitwise)", flush=True)  # fmt: skip
+    for name in ("kvmix-5x", "zipcache"):
+        st = store(name, "cuda", 2, 1500, extra=5)
+        views = [st._tiers[t].view() for t in TIERS]
+        q = torch.randn(2, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+        top = max(int(v.pos.max()) for v in views if v.pos.numel())
+        want, want_rec = ref.attention(views, q, [top], st._fv_dev, D**-0.5, HK)
+        out, rec = attn.attend_tiers(views, q, [top], st._fv_dev, D**-0.5, HK, [True] * 3)
+        plain, _ = attn.attend_tiers(views, q, [top], st._fv_dev, D**-0.5, HK, [True] * 3,
+                                     asm=False)  # fmt: skip
+        err = ((out.double() - want).abs().max() / want.abs().max()).item()
+        rerr = max(
+            (r.double() - w).abs().max().item() if r.numel() else 0.0
+            for r, w in zip(rec, want_rec, strict=True)
+        )
+        print(f"  {name:9s} | {err:.2e} | {rerr:.2e} | {torch.equal(plain, out)}", flush=True)
     for name in ("kvmix-5x", "zipcache"):
         case(attn, bw, name, 8, 32768, variants)
         breakdown(attn, 8, 32768, name=name)

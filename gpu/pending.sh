@@ -342,6 +342,15 @@ C23C)
   # integer path at the field path's launch (1 warp). The presets' layouts, launch variants.
   timeout 420 python3 -u benches/gpu_triton.py --presets > "$OUT/presets.txt" 2>&1
   ;;
+C23D)
+  # Session 23, fourth call: kvmix-5x's 3-bit keys on the field path (int16 elements, three
+  # per two 24-bit groups, inline-PTX fields): the presets' correctness (float64 reference,
+  # bitwise against plain unpacking) and timing at B8 x 32k against C23C's 528 / 511 us, then
+  # the CUDA tests.
+  timeout 300 python3 -u benches/gpu_triton.py --presets > "$OUT/presets.txt" 2>&1
+  timeout 200 python3 -m pytest -q -m cuda tests/test_triton_attention.py \
+    tests/test_engine_contract.py tests/test_engine_cache.py > "$OUT/pytest-cuda.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -349,7 +358,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D" >&2
   exit 2
   ;;
 esac

@@ -588,6 +588,104 @@ def _field(x, BITS: tl.constexpr, F: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _groups3(KD, row, KNE: tl.constexpr):
+    """A 3-bit tier's rows (8 codes in each 3-byte group, channel ``8 g + f`` at bits ``3 f``
+    of group ``g``, as the Rust packer packs them; ``KD`` viewed as int16) as two int16 tiles
+    ``[N, KNE]``: each group's fields 0-4 (bits 0-14) and 5-7 (bits 0-8). Three int16
+    elements hold two groups (``m``: groups ``2 m`` and ``2 m + 1``), so the even and the odd
+    groups each come from the same 16-bit ops on three loads, joined in group order. (A
+    per-column shift or select, or 32-bit intermediates, stop the compiler from moving the
+    dot operand's layout conversion up onto the loads: it converted each field through
+    shared memory, 2637 instructions a page against 1818, Triton 3.6, sm_90; byte loads,
+    2007.)"""
+    m = tl.arange(0, KNE // 2)
+    base = KD + row[:, None] * (3 * KNE // 2) + 3 * m[None, :]
+    e0 = tl.load(base)
+    e1 = tl.load(base + 1)
+    e2 = tl.load(base + 2)
+    lo_e = e0 & 0x7FFF
+    hi_e = ((e0 >> 15) & 1) | ((e1 & 0xFF) << 1)
+    lo_o = ((e1 >> 8) & 0xFF) | ((e2 & 0x7F) << 8)
+    hi_o = (e2 >> 7) & 0x1FF
+    n: tl.constexpr = row.shape[0]
+    return (
+        tl.reshape(tl.join(lo_e, lo_o), (n, KNE)),
+        tl.reshape(tl.join(hi_e, hi_o), (n, KNE)),
+    )
+
+
+@triton.jit
+def _field3(lo, hi, F: tl.constexpr, ASM: tl.constexpr):
+    """Field ``F`` of 3-bit groups (``_groups3``'s two tiles) as an exact fp16 tile."""
+    if ASM:
+        # Fields 0-2 and 5-7 sit at bits 0, 3, 6 of a tile, 3 and 4 at bits 1, 4 of its
+        # high byte: all in reach of ``_field3_asm``'s fp16 magic (code << S below 1024).
+        if F < 3:
+            out = _field3_asm(lo, 3 * F)
+        elif F < 5:
+            hb = tl.inline_asm_elementwise(
+                "shr.b32 $0, $1, 8;", "=r,r", [lo], dtype=tl.int16, is_pure=True, pack=2
+            )
+            out = _field3_asm(hb, 3 * F - 8)
+        else:
+            out = _field3_asm(hi, 3 * (F - 5))
+    else:
+        if F < 5:
+            c = (lo >> (3 * F)) & 7
+        else:
+            c = (hi >> (3 * (F - 5))) & 7
+        out = (c | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    return out
+
+
+@triton.jit
+def _field3_asm(x, S: tl.constexpr):
+    """Bits ``S .. S + 2`` of int16 elements as exact fp16 (``_field_asm``'s way: masked in
+    place, OR-ed into fp16 1024.0, then ``* 2^-S - 1024 * 2^-S`` by one f16x2 FMA)."""
+    if S == 0:
+        out = _pack2(
+            x,
+            "{ .reg .b32 t, k; mov.b32 k, 0x64006400; "
+            "lop3.b32 t, $1, 0x00070007, 0x64006400, 0xea; sub.f16x2 $0, t, k; }",
+        )
+    elif S == 1:
+        out = _pack2(
+            x,
+            "{ .reg .b32 t, k, b; mov.b32 k, 0x38003800; mov.b32 b, 0xe000e000; "
+            "lop3.b32 t, $1, 0x000e000e, 0x64006400, 0xea; fma.rn.f16x2 $0, t, k, b; }",
+        )
+    elif S == 3:
+        out = _pack2(
+            x,
+            "{ .reg .b32 t, k, b; mov.b32 k, 0x30003000; mov.b32 b, 0xd800d800; "
+            "lop3.b32 t, $1, 0x00380038, 0x64006400, 0xea; fma.rn.f16x2 $0, t, k, b; }",
+        )
+    elif S == 4:
+        out = _pack2(
+            x,
+            "{ .reg .b32 t, k, b; mov.b32 k, 0x2c002c00; mov.b32 b, 0xd400d400; "
+            "lop3.b32 t, $1, 0x00700070, 0x64006400, 0xea; fma.rn.f16x2 $0, t, k, b; }",
+        )
+    else:  # S == 6
+        out = _pack2(
+            x,
+            "{ .reg .b32 t, k, b; mov.b32 k, 0x24002400; mov.b32 b, 0xcc00cc00; "
+            "lop3.b32 t, $1, 0x01c001c0, 0x64006400, 0xea; fma.rn.f16x2 $0, t, k, b; }",
+        )
+    return out
+
+
+@triton.jit
+def _kfield(kp, kq, BITS: tl.constexpr, F: tl.constexpr, ASM: tl.constexpr):
+    """Field ``F`` of a page's key codes: int16 elements ``kp``, or 3-bit groups' two tiles."""
+    if BITS == 3:
+        out = _field3(kp, kq, F, ASM)
+    else:
+        out = _field(kp, BITS, F, ASM)
+    return out
+
+
+@triton.jit
 def _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D: tl.constexpr, K_FIX: tl.constexpr):
     """The queries ``[RP, K]`` at channels ``ch`` (``[RP, K]``, or ``[K]`` for every row),
     scaled (and by the fixed key factor)."""
@@ -724,7 +822,8 @@ def _tier_fields(
     STAGES: tl.constexpr,
     ASM: tl.constexpr,
 ):
-    """A packed tier of 2-, 4- or 8-bit codes read as int16 elements, one dot per bit field
+    """A packed tier of 2-, 4- or 8-bit codes read as int16 elements (keys also of 3 bits, read
+    as their 24-bit groups, ``_groups3``), one dot per bit field
     (``_field``: the codes unpacked in the dot operand's registers), with what does not change
     from one page to the next carried across the page loop instead of recomputed per page
     (a first version recomputed it per page: ~30% more instructions per page, session 20):
@@ -750,8 +849,9 @@ def _tier_fields(
     cap64 = cap.to(tl.int64)
     rows = tl.arange(0, RP)
     row_ok = rows < ROWS
-    KF: tl.constexpr = 16 // K_BITS  # fields per element
-    KNE: tl.constexpr = D // KF  # elements per row
+    # Fields per element and elements per row: int16 elements, or 3-bit rows' 24-bit groups.
+    KF: tl.constexpr = 8 if K_BITS == 3 else 16 // K_BITS
+    KNE: tl.constexpr = D // KF
     VFN: tl.constexpr = 16 // V_BITS
     VNE: tl.constexpr = D // VFN
     ke = tl.arange(0, KNE)
@@ -894,20 +994,24 @@ def _tier_fields(
                 t = page * BLOCK_N + tl.arange(0, BLOCK_N)
             row = s64 * cap64 + t.to(tl.int64)
             pos = tl.load(POS + row)
-            kp = tl.load(KD + row[:, None] * KNE + ke[None, :])  # int16 [N, KNE]
+            if K_BITS == 3:
+                kp, kq = _groups3(KD, row, KNE)  # int16 [N, KNE] x 2
+            else:
+                kp = tl.load(KD + row[:, None] * KNE + ke[None, :])  # int16 [N, KNE]
+                kq = kp
             vp = tl.load(VD + row[:, None] * VNE + ve[None, :])  # int16 [N, VNE]
             # ---- keys: logits [RP, BLOCK_N] (base 2, scaled)
             y = tl.full([KM, BLOCK_N], 0.0, tl.float32)
-            y = tl.dot(k0, tl.trans(_field(kp, K_BITS, 0, ASM)), y)
-            y = tl.dot(k1, tl.trans(_field(kp, K_BITS, 1, ASM)), y)
+            y = tl.dot(k0, tl.trans(_kfield(kp, kq, K_BITS, 0, ASM)), y)
+            y = tl.dot(k1, tl.trans(_kfield(kp, kq, K_BITS, 1, ASM)), y)
             if KF > 2:
-                y = tl.dot(k2, tl.trans(_field(kp, K_BITS, 2, ASM)), y)
-                y = tl.dot(k3, tl.trans(_field(kp, K_BITS, 3, ASM)), y)
+                y = tl.dot(k2, tl.trans(_kfield(kp, kq, K_BITS, 2, ASM)), y)
+                y = tl.dot(k3, tl.trans(_kfield(kp, kq, K_BITS, 3, ASM)), y)
             if KF > 4:
-                y = tl.dot(k4, tl.trans(_field(kp, K_BITS, 4, ASM)), y)
-                y = tl.dot(k5, tl.trans(_field(kp, K_BITS, 5, ASM)), y)
-                y = tl.dot(k6, tl.trans(_field(kp, K_BITS, 6, ASM)), y)
-                y = tl.dot(k7, tl.trans(_field(kp, K_BITS, 7, ASM)), y)
+                y = tl.dot(k4, tl.trans(_kfield(kp, kq, K_BITS, 4, ASM)), y)
+                y = tl.dot(k5, tl.trans(_kfield(kp, kq, K_BITS, 5, ASM)), y)
+                y = tl.dot(k6, tl.trans(_kfield(kp, kq, K_BITS, 6, ASM)), y)
+                y = tl.dot(k7, tl.trans(_kfield(kp, kq, K_BITS, 7, ASM)), y)
             if K_MODE == CHANNEL:
                 logits = _unstack(y, RP, BLOCK_N, NPC) * kinv[:, None] + kqo[:, None]
             else:
@@ -1292,9 +1396,9 @@ def _tier(
     FIELDS: tl.constexpr,
 ):
     # The field path (``_tier_fields``; FIELDS 1: plain unpacking, 2: inline PTX) takes
-    # packed tiers of 2, 4 or 8 bits whose rows give each field's dot at least 16 elements
-    # (tl.dot's smallest size); ``_fields_tier`` is the same rule on the host.
-    F16_K: tl.constexpr = K_MODE != DENSE and K_BITS != 1 and K_BITS != 3 and K_BITS * D >= 256
+    # packed tiers of 2, 4 or 8 bits (keys also of 3) whose rows give each field's dot at
+    # least 16 elements (tl.dot's smallest size); ``_fields_tier`` is the same rule on the host.
+    F16_K: tl.constexpr = K_MODE != DENSE and K_BITS != 1 and K_BITS * D >= 256
     F16_V: tl.constexpr = V_MODE == TOKEN and V_BITS != 1 and V_BITS != 3 and V_BITS * D >= 256
     if FIELDS and F16_K and F16_V:
         _tier_fields(
@@ -1715,10 +1819,12 @@ def _word_view(data, mode: int, bits: int, d: int):
 def _fields_tier(t, d: int) -> bool:
     """Whether ``_tier`` sends tier ``t`` down the field path (``F16_K and F16_V``)."""
 
-    def ok(bits: int) -> bool:
-        return bits in (2, 4, 8) and bits * d >= 256
+    def ok(bits: int, widths: tuple[int, ...]) -> bool:
+        return bits in widths and bits * d >= 256
 
-    return t.k_mode != 0 and t.v_mode == 2 and ok(t.k_bits) and ok(t.v_bits)
+    return (
+        t.k_mode != 0 and t.v_mode == 2 and ok(t.k_bits, (2, 3, 4, 8)) and ok(t.v_bits, (2, 4, 8))
+    )
 
 
 # Partials of the splits, merged row statistics, the tracked tiers' logits and the rotated

@@ -412,13 +412,12 @@ def fields_sweep():
 
 
 def presets():
-    """The presets' own layouts at B8 x 32k: ZipCache, and kvmix-5x, whose low tier's 3-bit
-    keys are no field of an int16 (the field path takes 2, 4 and 8 bits), so that tier runs
-    the integer path inside the field path's launch (1 warp, 2112 programs by default):
-    first the default launch against the float64 reference and bitwise against its plain
-    unpacking (no inline PTX), then launch variants beside the default at B8 x 32k and each
-    one's per-launch GPU time."""
+    """The presets' own layouts at B8 x 32k: ZipCache, and kvmix-5x (its low tier's 3-bit
+    keys ran the integer path inside the field path's launch until session 23): first
+    ``preset_check``, then launch variants beside the default at B8 x 32k and each one's
+    per-launch GPU time."""
     attn = load_attention("cuda")
+    preset_check(attn)
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     variants = [
@@ -430,6 +429,17 @@ def presets():
         ("fields-w2", dict(fields=True, num_warps=2, target_programs=2112), True),
         ("fields-w4", dict(fields=True, num_warps=4, target_programs=1056), True),
     ]
+    for name in ("kvmix-5x", "zipcache"):
+        case(attn, bw, name, 8, 32768, variants)
+        breakdown(attn, 8, 32768, name=name)
+        torch.cuda.empty_cache()
+    print("(us; eager/graph)", flush=True)
+
+
+def preset_check(attn=None):
+    """The presets' default launch (the field path, inline-PTX unpacking) against the float64
+    reference, and bitwise against the field path's plain integer unpacking."""
+    attn = attn or load_attention("cuda")
     print("correctness vs float64: preset | max |out - ref| / max |ref| | received | "
           "== plain unpacking (bitwise)", flush=True)  # fmt: skip
     for name in ("kvmix-5x", "zipcache"):
@@ -440,18 +450,13 @@ def presets():
         want, want_rec = ref.attention(views, q, [top], st._fv_dev, D**-0.5, HK)
         out, rec = attn.attend_tiers(views, q, [top], st._fv_dev, D**-0.5, HK, [True] * 3)
         plain, _ = attn.attend_tiers(views, q, [top], st._fv_dev, D**-0.5, HK, [True] * 3,
-                                     asm=False)  # fmt: skip
+                                     fields=True, asm=False)  # fmt: skip
         err = ((out.double() - want).abs().max() / want.abs().max()).item()
         rerr = max(
             (r.double() - w).abs().max().item() if r.numel() else 0.0
             for r, w in zip(rec, want_rec, strict=True)
         )
         print(f"  {name:9s} | {err:.2e} | {rerr:.2e} | {torch.equal(plain, out)}", flush=True)
-    for name in ("kvmix-5x", "zipcache"):
-        case(attn, bw, name, 8, 32768, variants)
-        breakdown(attn, 8, 32768, name=name)
-        torch.cuda.empty_cache()
-    print("(us; eager/graph)", flush=True)
 
 
 def page_sweep():
@@ -497,7 +502,7 @@ def default_run(t0):
 
 #: The runs a flag selects (the first given, in this order); no flag: ``default_run``.
 RUNS = {"--page-sweep": page_sweep, "--fields-sweep": fields_sweep, "--fields": fields,
-        "--final": final, "--presets": presets}  # fmt: skip
+        "--final": final, "--presets": presets, "--preset-check": preset_check}  # fmt: skip
 
 if __name__ == "__main__":
     t0 = time.time()

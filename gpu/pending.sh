@@ -351,6 +351,14 @@ C23D)
   timeout 200 python3 -m pytest -q -m cuda tests/test_triton_attention.py \
     tests/test_engine_contract.py tests/test_engine_cache.py > "$OUT/pytest-cuda.txt" 2>&1
   ;;
+C23E)
+  # Session 23, last call: C23D compared the inline PTX against the integer path, not the
+  # field path's plain unpacking; that check again, then the decoding step at B=8 x 32k on
+  # 4 layers (kernel time per layer; C23B: kvmix-5x 812 us, ZipCache 205 us, H200).
+  timeout 100 python3 -u benches/gpu_triton.py --preset-check > "$OUT/preset-check.txt" 2>&1
+  timeout 200 python3 -u gpu/sync_points.py --batch 8 --context 32768 --layers 4 --decode 4 \
+    --methods zipcache kvmix-5x --top 8 > "$OUT/sync-points-decode.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -358,7 +366,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E" >&2
   exit 2
   ;;
 esac

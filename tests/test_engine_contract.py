@@ -100,8 +100,13 @@ def test_engine_resolution_and_refusals():
         {"streaming_gap": 4},
         {"streaming_gap": 4, "key_block": 128, "salient_ratio": 0.2, "sink_tokens": 4},
         # kvmix-5x's low tier: 3-bit keys (24-bit groups).
-        {"streaming_gap": 4, "key_block": 128, "salient_ratio": 0.2, "sink_tokens": 4,
-         "low_key_bits": 3},
+        {
+            "streaming_gap": 4,
+            "key_block": 128,
+            "salient_ratio": 0.2,
+            "sink_tokens": 4,
+            "low_key_bits": 3,
+        },
     ],
 )
 def test_field_path_matches_rust_on_store_tiers(config, programs):

@@ -78,7 +78,8 @@ def test_wide_codes_and_fast_mode():
 
 
 def test_field_path(monkeypatch):
-    # fields=True: 2-, 4- and 8-bit tiers read as int16 elements, one dot per bit field
+    # fields=True: 2-, 4- and 8-bit tiers (keys also 3-bit) read as int16 elements, one dot
+    # per bit field
     # (_tier_fields); it needs D * bits >= 256, so D = 128 here. The 1-bit tier and the
     # buffer take the other paths in the same launch. Under the interpreter the fields are
     # unpacked with plain integer operations (a GPU runs the inline PTX of _field_asm).
@@ -112,6 +113,19 @@ def test_field_path(monkeypatch):
     ]
     _check(views, 1, [0, 3], d=d, fields=True)
     _check(views, 1, [0, 3], d=d, fields=True, target_programs=1)
+    # 3-bit keys (kvmix-5x's low tier): each 24-bit group of 8 codes from the int16 elements
+    # that hold it (_groups3), per channel and grouped per token.
+    views = [
+        ref.synthetic_tier(S, 10, d, ("dense", 0, d), ("dense", 0, d), generator=g),
+        ref.synthetic_tier(S, 140, d, ("channel", 3, d), ("token", 2, d), v_sep=True, generator=g),
+        ref.synthetic_tier(
+            S, 90, d, ("token", 3, 32), ("token", 4, 32), pos_offset=150, generator=g
+        ),
+    ]
+    assert [load_attention("cpu")._fields_tier(v, d) for v in views] == [False, True, True]
+    for kw in (dict(), dict(target_programs=1)):
+        _check(views, 1, [0, 37], d=d, fields=True, **kw)
+        _check(views, 2, [5, 0], d=d, fields=True, **kw)
     # KVMIX_TRITON_FIELDS=1 forces the field path: the same output, bit for bit.
     attn = load_attention("cpu")
     q = torch.randn(B, HQ, 1, d, generator=g)

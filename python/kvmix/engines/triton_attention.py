@@ -2002,7 +2002,8 @@ def attend_tiers(
     compiled on an H200 but not timed, so off by default). ``fast_launch`` (on by default;
     compiled kernels only): kernels already compiled for the same specialization are
     launched directly (see ``_launch``), which the CUDA tests check against Triton's own
-    launch. ``fields=True``: packed tiers of 2, 4 and 8 bits read as int16 elements with one
+    launch. ``fields=True``: packed tiers of 2, 4 and 8 bits (keys also of 3: kvmix-5x's
+    low tier, ``_groups3``) read as int16 elements with one
     dot per bit field, the codes unpacked in the mma operand registers (``_tier_fields``,
     ``notes/triton-kernel.md``); ``asm``
     (default: on CUDA tensors of an NVIDIA GPU, compiled) unpacks them by inline PTX, else

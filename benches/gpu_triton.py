@@ -51,7 +51,7 @@ def store(name, device, b, n, seed=0, extra=0):
         from kvmix.cache import randomized_hadamard
         from kvmix.engines.triton_store import hadamard_to
 
-        st.set_rotation(hadamard_to(randomized_hadamard(D, lay["rotation_seed"]), device))
+        st.set_rotation(hadamard_to(randomized_hadamard(D, lay["rotation_seed"]), D, device))
     st.append(k.bfloat16().float(), v.bfloat16().float())
     del k, v
     if lay["policy"] == "zipcache":
@@ -438,7 +438,8 @@ def presets():
 
 def preset_check(attn=None):
     """The presets' default launch (the field path, inline-PTX unpacking) against the float64
-    reference, and bitwise against the field path's plain integer unpacking."""
+    reference, and bitwise (output and received attention) against the field path's plain
+    integer unpacking."""
     attn = attn or load_attention("cuda")
     print("correctness vs float64: preset | max |out - ref| / max |ref| | received | "
           "== plain unpacking (bitwise)", flush=True)  # fmt: skip
@@ -449,14 +450,17 @@ def preset_check(attn=None):
         top = max(int(v.pos.max()) for v in views if v.pos.numel())
         want, want_rec = ref.attention(views, q, [top], st._fv_dev, D**-0.5, HK)
         out, rec = attn.attend_tiers(views, q, [top], st._fv_dev, D**-0.5, HK, [True] * 3)
-        plain, _ = attn.attend_tiers(views, q, [top], st._fv_dev, D**-0.5, HK, [True] * 3,
-                                     fields=True, asm=False)  # fmt: skip
+        plain, prec = attn.attend_tiers(views, q, [top], st._fv_dev, D**-0.5, HK, [True] * 3,
+                                        fields=True, asm=False)  # fmt: skip
         err = ((out.double() - want).abs().max() / want.abs().max()).item()
         rerr = max(
             (r.double() - w).abs().max().item() if r.numel() else 0.0
             for r, w in zip(rec, want_rec, strict=True)
         )
-        print(f"  {name:9s} | {err:.2e} | {rerr:.2e} | {torch.equal(plain, out)}", flush=True)
+        same = torch.equal(plain, out) and all(
+            torch.equal(a, b) for a, b in zip(rec, prec, strict=True)
+        )
+        print(f"  {name:9s} | {err:.2e} | {rerr:.2e} | {same}", flush=True)
 
 
 def page_sweep():

@@ -68,7 +68,8 @@ def idle_gaps(
     launch_at = {
         e["args"]["correlation"]: e["ts"]
         for e in events
-        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})
+        # Runtime launches (torch's kernels) and driver launches (Triton's).
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
     }
     host = [
         e for e in events if e.get("cat") in ("python_function", "cpu_op") and "dur" in e
@@ -198,6 +199,8 @@ def main() -> int:
             prefill_once(model, ids, cache)
             token = ids[:, -1:]
 
+            # Each call decodes --decode more tokens into the same cache, so the reports'
+            # passes (sync check, wall time, two profiles) time successive steps.
             def steps(cache: Any = cache, token: torch.Tensor = token) -> None:
                 with torch.inference_mode():
                     for _ in range(args.decode):
@@ -206,7 +209,7 @@ def main() -> int:
             steps()  # compiles the decoding kernels
             torch.cuda.synchronize()
             report(f"{method} decoding step", steps, args.decode, args)
-            del cache
+            del cache, steps  # steps' default holds the cache
         else:
 
             def prefill(method: str = method) -> None:

@@ -319,52 +319,60 @@ def test_a_rotating_triton_store_stores_the_rotated_rows(buffer_dtype: str) -> N
 def test_a_rotation_checked_where_it_was_made_is_not_read_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``hadamard_to`` checks the matrix on the host and marks its copy, so ``set_rotation``
-    (once per layer) reads nothing back from the device; a marked matrix changed in place is
-    checked again, and refused when it is no longer a randomized Hadamard matrix; an inference
-    tensor (no version counter) is checked every time."""
+    """``hadamard_to`` checks the matrix's values on the host and marks its copy, so
+    ``set_rotation`` (once per layer) reads nothing back from the device; its shape and dtype
+    are still checked against each store; a marked matrix changed in place, or given other
+    storage, has its values checked again (and refused when they are no longer a randomized
+    Hadamard matrix); an inference tensor (no version counter) is read every time."""
     pytest.importorskip("triton")
     from kvmix.engines import triton_store
     from kvmix.engines.triton_store import TritonLayerStore, hadamard_to
 
     d = 16
+    cpu = torch.device("cpu")
     r = randomized_hadamard(d, 5)
-    moved = hadamard_to(r, torch.device("cpu"))
+    moved = hadamard_to(r, d, cpu)
     assert torch.equal(moved, r)
     with pytest.raises(kvmix.ConfigError, match="randomized Hadamard"):
-        hadamard_to(torch.eye(d), torch.device("cpu"))
+        hadamard_to(torch.eye(d), d, cpu)
     reads: list[int] = []
-    real = triton_store.check_randomized_hadamard
+    real = triton_store._check_hadamard_values
 
     def counted(rotation: Any, dim: int) -> None:
         reads.append(dim)
         real(rotation, dim)
 
-    monkeypatch.setattr(triton_store, "check_randomized_hadamard", counted)
+    monkeypatch.setattr(triton_store, "_check_hadamard_values", counted)
 
-    def store() -> Any:
-        return TritonLayerStore("zipcache", 2, d, {"streaming_gap": 10}, "float16")  # type: ignore[arg-type]
+    def store(dim: int = d) -> Any:
+        return TritonLayerStore("zipcache", 2, dim, {"streaming_gap": 10}, "float16")  # type: ignore[arg-type]
 
     store().set_rotation(moved)
     store().set_rotation(moved)
     assert reads == []
-    store().set_rotation(r.clone())  # an unmarked matrix is checked
+    with pytest.raises(kvmix.ConfigError, match=r"float32 \[32, 32\]"):
+        store(32).set_rotation(moved)  # remembered, but not this store's head_dim
+    store().set_rotation(r.clone())  # an unmarked matrix is read
     assert reads == [d]
+    other = hadamard_to(randomized_hadamard(d, 6), d, cpu)
+    other.data = torch.eye(d)  # other storage (no version change): read again, refused
+    with pytest.raises(kvmix.ConfigError, match="randomized Hadamard"):
+        store().set_rotation(other)
     moved[0, 0] = -moved[0, 0]  # in place: the version counter moves, the mark is stale
     with pytest.raises(kvmix.ConfigError, match="randomized Hadamard"):
         store().set_rotation(moved)
-    assert reads == [d, d]
+    assert reads == [d] * 4  # the clone, hadamard_to(other), then the two changed matrices
     # Under inference mode (as a benchmark's prefill runs): hadamard_to's copy is still a
     # normal tensor, so it is remembered; an inference tensor has no version counter, so it is
-    # checked each time.
+    # read each time.
     with torch.inference_mode():
         inferred = randomized_hadamard(d, 5)
-        moved = hadamard_to(inferred, torch.device("cpu"))
+        moved = hadamard_to(inferred, d, cpu)
         assert inferred.is_inference() and not moved.is_inference()
         store().set_rotation(moved)
         store().set_rotation(inferred)
         store().set_rotation(inferred)
-    assert reads == [d] * 5  # hadamard_to, then the inference tensor's two set_rotation
+    assert reads == [d] * 7  # hadamard_to's, then the inference tensor's two
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

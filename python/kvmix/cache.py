@@ -336,7 +336,7 @@ class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped b
             # device (a synchronisation per layer at the prefill, the GPU idle after it).
             from kvmix.engines.triton_store import hadamard_to
 
-            self._shared.rotation = shared = hadamard_to(shared, key_states.device)
+            self._shared.rotation = shared = hadamard_to(shared, self.head_dim, key_states.device)
         if shared is not None and self.on_device and self._shared.fuse_rotation:
             self.store.set_rotation(shared)
             self._store_rotates = True

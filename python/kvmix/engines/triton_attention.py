@@ -1397,7 +1397,9 @@ def _tier(
 ):
     # The field path (``_tier_fields``; FIELDS 1: plain unpacking, 2: inline PTX) takes
     # packed tiers of 2, 4 or 8 bits (keys also of 3) whose rows give each field's dot at
-    # least 16 elements (tl.dot's smallest size); ``_fields_tier`` is the same rule on the host.
+    # least 16 elements (tl.dot's smallest size): D * bits / 16, or D / 8 for 3 bits, which
+    # for D a power of two (as the kernels need) is ``bits * D >= 256``; ``_fields_tier`` is
+    # the same rule on the host.
     F16_K: tl.constexpr = K_MODE != DENSE and K_BITS != 1 and K_BITS * D >= 256
     F16_V: tl.constexpr = V_MODE == TOKEN and V_BITS != 1 and V_BITS != 3 and V_BITS * D >= 256
     if FIELDS and F16_K and F16_V:

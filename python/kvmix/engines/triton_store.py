@@ -744,16 +744,23 @@ class _Tier:
         return out
 
 
-#: Rotations already checked to be randomized Hadamard matrices: ``id`` -> (a weak reference,
-#: the tensor's version counter then). The check reads the matrix on the host, which for a
-#: device tensor is a synchronisation; a cache's layers share one matrix, so it is checked once,
-#: where it was made (on the CPU), and each layer's store finds it here.
-_HADAMARD_CHECKED: dict[int, tuple[weakref.ReferenceType[torch.Tensor], int]] = {}
+#: Rotations whose values were checked to be a randomized Hadamard matrix: ``id`` -> (a weak
+#: reference, the tensor's version counter and data pointer then). The value check reads the
+#: matrix on the host, which for a device tensor is a synchronisation; a cache's layers share
+#: one matrix, so its values are checked once, where it was made (on the CPU), and each
+#: layer's store finds them here. (Writes that bypass the version counter, through ``.data``
+#: or a NumPy / DLPack view, are not seen; the caches hold their matrix privately.)
+_HADAMARD_CHECKED: dict[int, tuple[weakref.ReferenceType[torch.Tensor], int, int]] = {}
 
 
-def _known_hadamard(rotation: Any) -> bool:
+def _known_hadamard(rotation: torch.Tensor) -> bool:
     entry = _HADAMARD_CHECKED.get(id(rotation))
-    return entry is not None and entry[0]() is rotation and entry[1] == rotation._version
+    return (
+        entry is not None
+        and entry[0]() is rotation
+        and entry[1] == rotation._version
+        and entry[2] == rotation.data_ptr()
+    )
 
 
 def _remember_hadamard(rotation: torch.Tensor) -> None:
@@ -763,14 +770,16 @@ def _remember_hadamard(rotation: torch.Tensor) -> None:
     _HADAMARD_CHECKED[key] = (
         weakref.ref(rotation, lambda _: _HADAMARD_CHECKED.pop(key, None)),
         rotation._version,
+        rotation.data_ptr(),
     )
 
 
 def check_randomized_hadamard(rotation: Any, d: int) -> None:
     """Raise :class:`ConfigError` unless ``rotation`` is a contiguous float32 ``[d, d]``
     randomized Hadamard matrix ``diag(c) H`` (``H`` Sylvester's, ``c = R[:, 0]``), the form the
-    kernels apply as signs and a fast Walsh-Hadamard transform. Reads it on the host (a
-    synchronisation for a device tensor); a passed matrix is remembered while it is unchanged."""
+    kernels apply as signs and a fast Walsh-Hadamard transform. The values are read on the host
+    (a synchronisation for a device tensor) unless this tensor's were already checked and it
+    has not changed since."""
     if (
         not isinstance(rotation, torch.Tensor)
         or rotation.shape != (d, d)
@@ -782,6 +791,13 @@ def check_randomized_hadamard(rotation: Any, d: int) -> None:
             f"{getattr(rotation, 'dtype', type(rotation))} "
             f"{tuple(getattr(rotation, 'shape', ()))}"
         )
+    if not _known_hadamard(rotation):
+        _check_hadamard_values(rotation, d)
+        _remember_hadamard(rotation)
+
+
+def _check_hadamard_values(rotation: torch.Tensor, d: int) -> None:
+    """Whether ``rotation [d, d]`` equals ``diag(R[:, 0]) H``, read on the host."""
     # H[i, j] = (-1)^popcount(i & j): an independent definition of Sylvester's matrix.
     i = torch.arange(d)
     x = i[:, None] & i[None, :]
@@ -796,14 +812,13 @@ def check_randomized_hadamard(rotation: Any, d: int) -> None:
             "kvmix.cache.randomized_hadamard): the kernels apply it as a fast "
             "Walsh-Hadamard transform"
         )
-    _remember_hadamard(rotation)
 
 
-def hadamard_to(rotation: torch.Tensor, device: torch.device) -> torch.Tensor:
+def hadamard_to(rotation: torch.Tensor, d: int, device: torch.device) -> torch.Tensor:
     """``rotation`` checked where it is (:func:`check_randomized_hadamard`), then copied to
-    ``device`` (a new tensor, also under inference mode): the copy is known to
-    :meth:`TritonLayerStore.set_rotation`, which then reads nothing back."""
-    check_randomized_hadamard(rotation, rotation.shape[0])
+    ``device`` (a new tensor, also under inference mode) and remembered as checked, so that
+    :meth:`TritonLayerStore.set_rotation` reads nothing back."""
+    check_randomized_hadamard(rotation, d)
     with torch.inference_mode(False):  # a normal tensor (changes told by its version counter)
         moved = rotation.to(device, copy=True)
     _remember_hadamard(moved)
@@ -1141,8 +1156,7 @@ class TritonLayerStore:
         """
         if self.seen:
             raise ConfigError("set the rotation before the first append: rows are stored")
-        if not _known_hadamard(rotation):
-            check_randomized_hadamard(rotation, self.head_dim)
+        check_randomized_hadamard(rotation, self.head_dim)  # no read of a remembered matrix
         self.rotation = rotation
 
     def add_scores(self, start: int, acc: torch.Tensor, count: torch.Tensor) -> None:

@@ -359,6 +359,15 @@ C23E)
   timeout 200 python3 -u gpu/sync_points.py --batch 8 --context 32768 --layers 4 --decode 4 \
     --methods zipcache kvmix-5x --top 8 > "$OUT/sync-points-decode.txt" 2>&1
   ;;
+C23F)
+  # Session 23, after the review: the rotation memo now checks shape and dtype per store and
+  # keys on the data pointer too (hadamard_to takes head_dim): the rotation and engine-cache
+  # CUDA tests (kvmix-5x rotates on the GPU), and the bench's smoke test on CUDA.
+  timeout 120 python3 -m pytest -q -m cuda tests/test_rotation.py tests/test_engine_cache.py \
+    > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 60 python3 -u -m kvmix.bench gpu --tiny --device cuda --batches 1 --contexts 256 \
+    --steps 2 --methods zipcache kvmix-5x > "$OUT/bench-tiny.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -366,7 +375,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F" >&2
   exit 2
   ;;
 esac

@@ -360,9 +360,11 @@ C23E)
     --methods zipcache kvmix-5x --top 8 > "$OUT/sync-points-decode.txt" 2>&1
   ;;
 C23F)
-  # Session 23, after the review: the rotation memo now checks shape and dtype per store and
-  # keys on the data pointer too (hadamard_to takes head_dim): the rotation and engine-cache
-  # CUDA tests (kvmix-5x rotates on the GPU), and the bench's smoke test on CUDA.
+  # Session 23, after the review (not run: the session's device time was spent): the
+  # rotation memo checks shape and dtype per store and keys on the data pointer too
+  # (hadamard_to takes head_dim), and hadamard_to copies from pinned memory without waiting:
+  # the rotation and engine-cache CUDA tests (kvmix-5x rotates on the GPU), and the bench's
+  # smoke test on CUDA. Then C23B again: kvmix-5x's prefill should show 2 synchronizing calls.
   timeout 120 python3 -m pytest -q -m cuda tests/test_rotation.py tests/test_engine_cache.py \
     > "$OUT/pytest-cuda.txt" 2>&1
   timeout 60 python3 -u -m kvmix.bench gpu --tiny --device cuda --batches 1 --contexts 256 \

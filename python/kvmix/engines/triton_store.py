@@ -820,11 +820,15 @@ def hadamard_to(rotation: torch.Tensor, d: int, device: torch.device) -> torch.T
     :meth:`TritonLayerStore.set_rotation` reads nothing back."""
     check_randomized_hadamard(rotation, d)
     with torch.inference_mode(False):  # a normal tensor (changes told by its version counter)
+        moved = None
         if device.type == "cuda" and rotation.device.type == "cpu":
             # From pinned memory without waiting: a pageable copy synchronizes (the first
             # layer's prefill would drain the queue here; session 23's sync report).
-            moved = rotation.pin_memory().to(device, non_blocking=True)
-        else:
+            try:
+                moved = rotation.pin_memory().to(device, non_blocking=True)
+            except RuntimeError:  # no pinned memory to be had: the waiting copy
+                moved = None
+        if moved is None:
             moved = rotation.to(device, copy=True)
     _remember_hadamard(moved)
     return moved

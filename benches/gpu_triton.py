@@ -370,21 +370,30 @@ def fields():
     print("correctness vs float64: case | variant | max |out - ref| / max |ref| | received | "
           "== plain unpacking (bitwise)", flush=True)  # fmt: skip
     for label, views, fvd in cases:
-        q = torch.randn(2, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
-        top = max(int(v.pos.max()) for v in views if v.pos.numel())
-        want, want_rec = ref.attention(views, q, [top], fvd, D**-0.5, HK)
-        for vname, kw in (("fields w1", dict(fields=True, num_warps=1)),):
-            out, rec = attn.attend_tiers(views, q, [top], fvd, D**-0.5, HK, [True] * 3, **kw)
-            err = ((out.double() - want).abs().max() / want.abs().max()).item()
-            rerr = max(
-                (r.double() - w).abs().max().item() if r.numel() else 0.0
-                for r, w in zip(rec, want_rec, strict=True)
-            )
-            plain, _ = attn.attend_tiers(
-                views, q, [top], fvd, D**-0.5, HK, [True] * 3, asm=False, **kw
-            )
-            same = torch.equal(plain, out)
-            print(f"  {label:16s} | {vname} | {err:.2e} | {rerr:.2e} | {same}", flush=True)
+        err, rerr, same = asm_against_plain(attn, views, fvd, num_warps=1)
+        print(f"  {label:16s} | fields w1 | {err:.2e} | {rerr:.2e} | {same}", flush=True)
+
+
+def asm_against_plain(attn, views, fvd, **kw):
+    """The field path on ``views`` (2 sequences, one query) against the float64 reference
+    (largest relative error of the output, largest absolute error of the received attention)
+    and whether its inline-PTX unpacking equals its plain integer unpacking bit for bit
+    (output and received attention)."""
+    q = torch.randn(2, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+    top = max(int(v.pos.max()) for v in views if v.pos.numel())
+    want, want_rec = ref.attention(views, q, [top], fvd, D**-0.5, HK)
+    args = (views, q, [top], fvd, D**-0.5, HK, [True] * 3)
+    out, rec = attn.attend_tiers(*args, fields=True, **kw)
+    plain, prec = attn.attend_tiers(*args, fields=True, asm=False, **kw)
+    err = ((out.double() - want).abs().max() / want.abs().max()).item()
+    rerr = max(
+        (r.double() - w).abs().max().item() if r.numel() else 0.0
+        for r, w in zip(rec, want_rec, strict=True)
+    )
+    same = torch.equal(plain, out) and all(
+        torch.equal(a, b) for a, b in zip(rec, prec, strict=True)
+    )
+    return err, rerr, same
 
 
 def fields_sweep():
@@ -446,20 +455,7 @@ def preset_check(attn=None):
     for name in ("kvmix-5x", "zipcache"):
         st = store(name, "cuda", 2, 1500, extra=5)
         views = [st._tiers[t].view() for t in TIERS]
-        q = torch.randn(2, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
-        top = max(int(v.pos.max()) for v in views if v.pos.numel())
-        want, want_rec = ref.attention(views, q, [top], st._fv_dev, D**-0.5, HK)
-        out, rec = attn.attend_tiers(views, q, [top], st._fv_dev, D**-0.5, HK, [True] * 3)
-        plain, prec = attn.attend_tiers(views, q, [top], st._fv_dev, D**-0.5, HK, [True] * 3,
-                                        fields=True, asm=False)  # fmt: skip
-        err = ((out.double() - want).abs().max() / want.abs().max()).item()
-        rerr = max(
-            (r.double() - w).abs().max().item() if r.numel() else 0.0
-            for r, w in zip(rec, want_rec, strict=True)
-        )
-        same = torch.equal(plain, out) and all(
-            torch.equal(a, b) for a, b in zip(rec, prec, strict=True)
-        )
+        err, rerr, same = asm_against_plain(attn, views, st._fv_dev)
         print(f"  {name:9s} | {err:.2e} | {rerr:.2e} | {same}", flush=True)
 
 

@@ -569,16 +569,21 @@ def _pack2(x, asm: tl.constexpr):
 
 
 @triton.jit
+def _high_byte(x):
+    """int16 elements' high bytes moved to their low bytes (the high bytes then hold the next
+    element's low byte: a field's mask below 8 bits drops it), one shift per register of two
+    elements, shared by every field taken from it (identical pure ops are merged)."""
+    return tl.inline_asm_elementwise(
+        "shr.b32 $0, $1, 8;", "=r,r", [x], dtype=tl.int16, is_pure=True, pack=2
+    )
+
+
+@triton.jit
 def _field(x, BITS: tl.constexpr, F: tl.constexpr, ASM: tl.constexpr):
     """Field ``F`` (bits ``F * BITS ..``) of int16 elements ``x`` as an exact fp16 tile."""
     if ASM:
         if BITS * F >= 8:
-            # The high byte's fields from one shift per register, shared by those fields
-            # (identical pure ops are merged).
-            hi = tl.inline_asm_elementwise(
-                "shr.b32 $0, $1, 8;", "=r,r", [x], dtype=tl.int16, is_pure=True, pack=2
-            )
-            out = _field_asm(hi, BITS, F - 8 // BITS)
+            out = _field_asm(_high_byte(x), BITS, F - 8 // BITS)
         else:
             out = _field_asm(x, BITS, F)
     else:
@@ -623,18 +628,13 @@ def _field3(lo, hi, F: tl.constexpr, ASM: tl.constexpr):
         if F < 3:
             out = _field3_asm(lo, 3 * F)
         elif F < 5:
-            hb = tl.inline_asm_elementwise(
-                "shr.b32 $0, $1, 8;", "=r,r", [lo], dtype=tl.int16, is_pure=True, pack=2
-            )
-            out = _field3_asm(hb, 3 * F - 8)
+            out = _field3_asm(_high_byte(lo), 3 * F - 8)
         else:
             out = _field3_asm(hi, 3 * (F - 5))
+    elif F < 5:  # fields 0-4 of ``lo`` and 0-2 of ``hi`` at 3 bits each: ``_field``'s way
+        out = _field(lo, 3, F, False)
     else:
-        if F < 5:
-            c = (lo >> (3 * F)) & 7
-        else:
-            c = (hi >> (3 * (F - 5))) & 7
-        out = (c | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        out = _field(hi, 3, F - 5, False)
     return out
 
 

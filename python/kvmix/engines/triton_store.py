@@ -826,8 +826,8 @@ def hadamard_to(rotation: torch.Tensor, d: int, device: torch.device) -> torch.T
             # layer's prefill would drain the queue here; session 23's sync report).
             try:
                 moved = rotation.pin_memory().to(device, non_blocking=True)
-            except RuntimeError:  # no pinned memory to be had: the waiting copy
-                moved = None
+            except RuntimeError:  # no pinned memory to be had: the waiting copy below
+                pass
         if moved is None:
             moved = rotation.to(device, copy=True)
     _remember_hadamard(moved)

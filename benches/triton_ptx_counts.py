@@ -9,7 +9,7 @@ iteration (one page of ``BLOCK_N`` rows: divide by ``BLOCK_N * 2 * D`` codes per
 per-code figure) and its shared-memory, barrier and mma parts.
 
     .venv/bin/python benches/triton_ptx_counts.py [flat] [join] [fast] [n128] [w8] [rot]
-        [fields] [only2 | only3 | only4]
+        [fields] [only2 | only3 | only4] [nobuf]
 """
 
 import collections
@@ -57,7 +57,10 @@ def capture(bits=(4, 2), **kw):
     per entry of ``bits``."""
     attn = load_attention("cpu")
     g = torch.Generator().manual_seed(0)
-    views = [ref.synthetic_tier(B * HK, 40, D, ("dense", 0, D), ("dense", 0, D), generator=g)]
+    # ``nobuf``: an empty buffer, whose branch the kernel then leaves out (``ON0``), as in
+    # ``benches/gpu_triton.py``'s stores; a decoding step's buffer holds the recent rows.
+    rows = 0 if "nobuf" in sys.argv else 40
+    views = [ref.synthetic_tier(B * HK, rows, D, ("dense", 0, D), ("dense", 0, D), generator=g)]
     for nb in bits:
         views.append(
             ref.synthetic_tier(
@@ -101,6 +104,7 @@ def compile_ptx(args, consts, num_warps, num_stages):
     os.environ["TRITON_INTERPRET"] = "0"
     kernel = _load("triton_attention", False)._attend_kernel
     sig, const, attrs = {}, {}, {}
+    plain = {p.name for p in kernel.params if p.do_not_specialize}  # as the launcher does
     for i, (name, a) in enumerate(zip(kernel.arg_names, args, strict=False)):
         # Specialized as Triton's launcher does on a GPU: 16-byte aligned tensors and integers
         # divisible by 16 get a divisibility hint (it decides how wide the loads are), and
@@ -111,6 +115,8 @@ def compile_ptx(args, consts, num_warps, num_stages):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(a, float):
             sig[name] = "fp32"
+        elif name in plain:
+            sig[name] = "i32"
         elif SPECIALIZE and a == 1:
             sig[name] = "constexpr"
             const[name] = 1

@@ -370,6 +370,43 @@ C23F)
   timeout 60 python3 -u -m kvmix.bench gpu --tiny --device cuda --batches 1 --contexts 256 \
     --steps 2 --methods zipcache kvmix-5x > "$OUT/bench-tiny.txt" 2>&1
   ;;
+C24A)
+  # Session 24, first call: C23F (the review's rotation changes on a GPU: the rotation and
+  # engine-cache CUDA tests, the bench's smoke test on CUDA), then why the attend kernel takes
+  # ~1.6x longer inside the model than in the kernel bench at B=8 x 32k (gpu/attend_gap.py:
+  # the model's own store and call against the bench's store, one difference at a time).
+  timeout 150 python3 -m pytest -q -m cuda tests/test_rotation.py tests/test_engine_cache.py \
+    > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 60 python3 -u -m kvmix.bench gpu --tiny --device cuda --batches 1 --contexts 256 \
+    --steps 2 --methods zipcache kvmix-5x > "$OUT/bench-tiny.txt" 2>&1
+  (cd gpu && timeout 300 python3 -u attend_gap.py --batch 8 --context 32768) \
+    > "$OUT/attend-gap.txt" 2>&1
+  ;;
+C24B)
+  # Session 24, second call: a one-warp launch reads dense tiers (the buffer) in pages of 16
+  # rows with splits of their own (C24A: the buffer's 64-row pages spilled, 209 us against
+  # 122 us without them, ZipCache B8 x 32k). The attention CUDA tests, the gap again, and
+  # how often a decode compiles a kernel specialization.
+  timeout 150 python3 -m pytest -q -m cuda tests/test_triton_attention.py \
+    tests/test_engine_contract.py > "$OUT/pytest-cuda.txt" 2>&1
+  (cd gpu && timeout 200 python3 -u attend_gap.py --batch 8 --context 32768 --quick) \
+    > "$OUT/attend-gap.txt" 2>&1
+  (cd gpu && timeout 150 python3 -u compile_count.py --context 4096 --steps 80) \
+    > "$OUT/compile-count.txt" 2>&1
+  ;;
+C24C)
+  # Session 24, third call: the attention kernels no longer specialize on the integers that
+  # move between decoding steps (C24B: ~12 s compiles at steps 0, 1, 16 and 17). How often a
+  # decode compiles now, the CUDA tests of the fast launch, then the 32-layer decoding step at
+  # B=8 x 32k with the buffer's 16-row pages (C24B: the kernel 134 / 199 us a layer in the
+  # model, against 210 / 304 before).
+  (cd gpu && timeout 120 python3 -u compile_count.py --context 4096 --steps 80) \
+    > "$OUT/compile-count.txt" 2>&1
+  timeout 150 python3 -m pytest -q -m cuda tests/test_triton_attention.py \
+    tests/test_engine_cache.py > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 270 python3 -u -m kvmix.bench gpu --batches 8 --contexts 32768 --steps 8 \
+    --methods zipcache kvmix-5x > "$OUT/bench-32k-b8.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -377,7 +414,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C" >&2
   exit 2
   ;;
 esac

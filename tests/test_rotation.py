@@ -333,6 +333,7 @@ def test_a_rotation_checked_where_it_was_made_is_not_read_back(
     r = randomized_hadamard(d, 5)
     moved = hadamard_to(r, d, cpu)
     assert torch.equal(moved, r)
+    assert torch.equal(hadamard_to(r, d, "cpu"), r)  # a device's name, as torch takes it
     with pytest.raises(kvmix.ConfigError, match="randomized Hadamard"):
         hadamard_to(torch.eye(d), d, cpu)
     reads: list[int] = []

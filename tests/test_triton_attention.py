@@ -126,8 +126,35 @@ def test_field_path(monkeypatch):
     for kw in (dict(), dict(target_programs=1)):
         _check(views, 1, [0, 37], d=d, fields=True, **kw)
         _check(views, 2, [5, 0], d=d, fields=True, **kw)
-    # KVMIX_TRITON_FIELDS=1 forces the field path: the same output, bit for bit.
+    # A one-warp launch (the field path's) reads a dense tier in pages of 16 rows, with splits
+    # of their own (the 64-row pages spilled; see attend_tiers): MiKV's dense high tier and
+    # the buffer, across several pages and splits of every size.
     attn = load_attention("cpu")
+    dense = [
+        ref.synthetic_tier(S, 9, d, ("dense", 0, d), ("dense", 0, d), pos_offset=300, generator=g),
+        ref.synthetic_tier(S, 100, d, ("dense", 0, d), ("dense", 0, d), generator=g),
+        ref.synthetic_tier(
+            S, 200, d, ("token", 2, d), ("token", 2, d), pos_offset=100, generator=g
+        ),
+    ]
+    blocks = []
+    launch = attn._launch
+
+    def spy_blocks(fn, grid, a, consts, *rest):
+        if fn is attn._attend_kernel:
+            c = dict(consts)
+            blocks.append([c["BN0"], c["BN1"], c["BN2"]])
+        return launch(fn, grid, a, consts, *rest)
+
+    monkeypatch.setattr(attn, "_launch", spy_blocks)
+    # 4 streams of 7 pages of 64 rows: 2 and 4 such pages a split make dense splits of 1 and
+    # 2 pages of 16 rows (an eighth of the rows); then one program per tier and stream.
+    for kw in (dict(target_programs=14), dict(target_programs=7), dict(target_programs=1)):
+        _check(dense, 1, [0, 37], d=d, fields=True, **kw)
+    _check(dense, 1, [0, 37], d=d, fields=False)  # four warps: 64-row pages throughout
+    assert blocks == [[16, 16, 64]] * 3 + [[64, 64, 64]]
+    monkeypatch.setattr(attn, "_launch", launch)
+    # KVMIX_TRITON_FIELDS=1 forces the field path: the same output, bit for bit.
     q = torch.randn(B, HQ, 1, d, generator=g)
     args = (views, q, [159], torch.zeros(B, dtype=torch.int32), 0.3, HK, None)
     want, _ = attn.attend_tiers(*args, fields=True)

@@ -1546,7 +1546,19 @@ def _rotate_query(
     tl.store(QR + dst, qr, mask=ok[:, None])
 
 
-@triton.jit
+# Integer arguments that change between decoding steps are not specialized on (Triton
+# specializes an integer on being 1 or a multiple of 16, and each new combination compiles the
+# kernel again: ~12 s for this one on an H100's host, twice at the first steps and twice more
+# once the buffer's fill passed a page; session 24, gpu/compile_count.py). Capacities are
+# multiples of a page, so they stay specialized (aligned loads of the positions).
+_STEP_VARYING = (
+    "qpos0",
+    "n_split",
+    *(f"{n}{i}" for i in range(3) for n in ("pages", "ns", "nseg", "pps")),
+)
+
+
+@triton.jit(do_not_specialize=_STEP_VARYING)
 def _attend_kernel(
     Q,
     sqb,
@@ -1561,21 +1573,19 @@ def _attend_kernel(
     PL,
     PACC,
     n_split,
-    pages_per_split,
     kv_heads,
     ROT,  # fp32 [D, D] the store's rotation (ROTATE; only its first column is read)
     QR,  # fp32 [n_split, B, Hq, TQ, D] the rotated queries, a slab per split (ROTATE)
-    # tier 0 (buffer)
-    POS0, KD0, KS0, KO0, SEG0, VD0, VS0, VO0, VF0, KF0, LG0, cap0, pages0, ns0, nseg0,
+    # tier 0 (buffer); each tier's pages (of its BN rows) per split
+    POS0, KD0, KS0, KO0, SEG0, VD0, VS0, VO0, VF0, KF0, LG0, cap0, pages0, ns0, nseg0, pps0,
     # tier 1 (high)
-    POS1, KD1, KS1, KO1, SEG1, VD1, VS1, VO1, VF1, KF1, LG1, cap1, pages1, ns1, nseg1,
+    POS1, KD1, KS1, KO1, SEG1, VD1, VS1, VO1, VF1, KF1, LG1, cap1, pages1, ns1, nseg1, pps1,
     # tier 2 (low)
-    POS2, KD2, KS2, KO2, SEG2, VD2, VS2, VO2, VF2, KF2, LG2, cap2, pages2, ns2, nseg2,
+    POS2, KD2, KS2, KO2, SEG2, VD2, VS2, VO2, VF2, KF2, LG2, cap2, pages2, ns2, nseg2, pps2,
     ROWS: tl.constexpr,
     RP: tl.constexpr,
     TQ: tl.constexpr,
     D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     QPOS_RANGE: tl.constexpr,
     NPART: tl.constexpr,
     MAGIC: tl.constexpr,
@@ -1588,16 +1598,16 @@ def _attend_kernel(
     ON2: tl.constexpr,
     ROTATE: tl.constexpr,  # q @ ROT first (the tiers hold rotated keys and values)
     # per tier: key mode, bits, group size, word bytes, fixed factor; the same for values
-    # (separable factor instead of the fixed one); tracking
+    # (separable factor instead of the fixed one); tracking; rows per page
     KM0: tl.constexpr, KB0: tl.constexpr, KG0: tl.constexpr, KW0: tl.constexpr, KX0: tl.constexpr,
     VM0: tl.constexpr, VB0: tl.constexpr, VG0: tl.constexpr, VW0: tl.constexpr, VX0: tl.constexpr,
-    TR0: tl.constexpr,
+    TR0: tl.constexpr, BN0: tl.constexpr,
     KM1: tl.constexpr, KB1: tl.constexpr, KG1: tl.constexpr, KW1: tl.constexpr, KX1: tl.constexpr,
     VM1: tl.constexpr, VB1: tl.constexpr, VG1: tl.constexpr, VW1: tl.constexpr, VX1: tl.constexpr,
-    TR1: tl.constexpr,
+    TR1: tl.constexpr, BN1: tl.constexpr,
     KM2: tl.constexpr, KB2: tl.constexpr, KG2: tl.constexpr, KW2: tl.constexpr, KX2: tl.constexpr,
     VM2: tl.constexpr, VB2: tl.constexpr, VG2: tl.constexpr, VW2: tl.constexpr, VX2: tl.constexpr,
-    TR2: tl.constexpr,
+    TR2: tl.constexpr, BN2: tl.constexpr,
 ):  # fmt: skip
     s = tl.program_id(0)
     sp = tl.program_id(1)
@@ -1619,8 +1629,8 @@ def _attend_kernel(
             _tier(
                 Q, sqb, sqh, sqt, sqd, qscale, QPOS, qpos0, FV, KF0,
                 POS0, KD0, KS0, KO0, SEG0, VD0, VS0, VO0, VF0, LG0, PM, PL, PACC,
-                s, sp, sp, cap0, pages0, pages_per_split, n_split, nseg0, kv_heads,
-                ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
+                s, sp, sp, cap0, pages0, pps0, n_split, nseg0, kv_heads,
+                ROWS, RP, TQ, D, BN0, QPOS_RANGE,
                 KM0, KB0, KG0, KW0, KX0, VM0, VB0, VG0, VW0, VX0, TR0, NPART, MAGIC,
                 BCAST, STAGES, FLAT, FIELDS,
             )  # fmt: skip
@@ -1629,8 +1639,8 @@ def _attend_kernel(
             _tier(
                 Q, sqb, sqh, sqt, sqd, qscale, QPOS, qpos0, FV, KF1,
                 POS1, KD1, KS1, KO1, SEG1, VD1, VS1, VO1, VF1, LG1, PM, PL, PACC,
-                s, sp - ns0, sp, cap1, pages1, pages_per_split, n_split, nseg1, kv_heads,
-                ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
+                s, sp - ns0, sp, cap1, pages1, pps1, n_split, nseg1, kv_heads,
+                ROWS, RP, TQ, D, BN1, QPOS_RANGE,
                 KM1, KB1, KG1, KW1, KX1, VM1, VB1, VG1, VW1, VX1, TR1, NPART, MAGIC,
                 BCAST, STAGES, FLAT, FIELDS,
             )  # fmt: skip
@@ -1639,14 +1649,14 @@ def _attend_kernel(
             _tier(
                 Q, sqb, sqh, sqt, sqd, qscale, QPOS, qpos0, FV, KF2,
                 POS2, KD2, KS2, KO2, SEG2, VD2, VS2, VO2, VF2, LG2, PM, PL, PACC,
-                s, sp - ns0 - ns1, sp, cap2, pages2, pages_per_split, n_split, nseg2, kv_heads,
-                ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
+                s, sp - ns0 - ns1, sp, cap2, pages2, pps2, n_split, nseg2, kv_heads,
+                ROWS, RP, TQ, D, BN2, QPOS_RANGE,
                 KM2, KB2, KG2, KW2, KX2, VM2, VB2, VG2, VW2, VX2, TR2, NPART, MAGIC,
                 BCAST, STAGES, FLAT, FIELDS,
             )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_split"])
 def _merge_kernel(
     PM,
     PL,
@@ -1709,7 +1719,7 @@ def _merge_kernel(
     tl.store(LF + s64 * ROWS + r, lsum)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["qpos0", "fill"])
 def _received_kernel(
     LG,  # fp32 [S, ROWS, cap] base-2 logits (-inf where not visible)
     MF,
@@ -1800,6 +1810,10 @@ def plan_splits(pages: list[int], streams: int, target_programs: int) -> int:
     return max(1, -(-streams * total // max(1, target_programs)))
 
 
+#: Rows per page of a dense tier in a one-warp launch (see ``attend_tiers``).
+_DENSE_BLOCK_1W = 16
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -1866,13 +1880,15 @@ def _workspace(dev, n_m: int, n_acc: int, n_lg: int = 0, n_q: int = 0):
 # Compiled kernels by launch key, for the fast launch path (see _launch): (kernel, the
 # constexpr values in the order of the kernel's parameters).
 _COMPILED: dict[Any, Any] = {}
+# Per kernel, the indices of its integer arguments that are not specialized on.
+_UNSPECIALIZED: dict[Any, frozenset[int]] = {}
 
 # The attention kernel's constexpr items, by their values: built once, not formatted and
 # gathered into a dict at every call.
 _CONSTS: dict[Any, tuple[tuple[str, Any], ...]] = {}
-_TIER_NAMES = ("KM", "KB", "KG", "KW", "KX", "VM", "VB", "VG", "VW", "VX", "TR")
+_TIER_NAMES = ("KM", "KB", "KG", "KW", "KX", "VM", "VB", "VG", "VW", "VX", "TR", "BN")
 _BASE_NAMES = (
-    "ROWS", "RP", "TQ", "D", "BLOCK_N", "QPOS_RANGE", "NPART", "MAGIC", "BCAST", "STAGES",
+    "ROWS", "RP", "TQ", "D", "QPOS_RANGE", "NPART", "MAGIC", "BCAST", "STAGES",
     "FLAT", "FIELDS", "ON0", "ON1", "ON2", "ROTATE",
 )  # fmt: skip
 
@@ -1918,13 +1934,18 @@ def _launch(
     import torch
 
     tensor = torch.Tensor
+    plain = _UNSPECIALIZED.get(fn)
+    if plain is None:
+        plain = _UNSPECIALIZED[fn] = frozenset(p.num for p in fn.params if p.do_not_specialize)
     sig = tuple(
         (a.dtype, a.data_ptr() & 15 == 0)
         if isinstance(a, tensor)
+        else (-0x80000000 <= a <= 0x7FFFFFFF)  # Triton's i32 / i64 choice only
+        if type(a) is int and i in plain
         else (a == 1, a & 15 == 0, -0x80000000 <= a <= 0x7FFFFFFF)
         if type(a) is int
         else None
-        for a in args
+        for i, a in enumerate(args)
     )
     items = consts if type(consts) is tuple else tuple(consts.items())
     key = (fn, num_warps, num_stages, fusion, maxnreg, items, sig)
@@ -2048,9 +2069,23 @@ def attend_tiers(
     dev = q.device
     fast = fast_launch and dev.type == "cuda"
     stream = torch.cuda.current_stream(dev).cuda_stream if fast else None
-    pages = [t.fill_pages(block_n) for t in tiers]
-    pps = plan_splits(pages, streams, target_programs)
-    splits = [-(-p // pps) for p in pages]
+    pps = plan_splits([t.fill_pages(block_n) for t in tiers], streams, target_programs)
+    # Rows per page and pages per split, per tier. A one-warp launch (the field path's) holds
+    # a dense tier's fp32 dots (FMAs, no tensor cores) in one warp's registers: at 64 rows a
+    # page they spill (offline SASS, Triton 3.6: 19135 instructions and 5840 B of stack per
+    # thread and page, against ~1400 for a packed page), and the buffer's one program per
+    # stream outlasted the packed tiers' (session 24, H100, B8 x 32k: 209 us against 122 us
+    # without the buffer's 14 rows). Such a tier gets pages of 16 rows (3127 instructions, 296
+    # B of stack) and splits of an eighth of a packed split's rows, so that its programs,
+    # which start first, end before the packed tiers' do.
+    bns = [block_n] * len(tiers)
+    ppss = [pps] * len(tiers)
+    for i, t in enumerate(tiers):
+        if num_warps == 1 and t.k_mode == 0 and t.v_mode == 0 and block_n > _DENSE_BLOCK_1W:
+            bns[i] = _DENSE_BLOCK_1W
+            ppss[i] = max(1, pps * block_n // (_DENSE_BLOCK_1W * 8))
+    pages = [t.fill_pages(bn) for t, bn in zip(tiers, bns, strict=True)]
+    splits = [-(-p // n) for p, n in zip(pages, ppss, strict=True)]
     n_split = max(1, sum(splits))
     # The tracked tiers' logits, one after another: [S, ROWS, cap] each.
     lg_at = []
@@ -2081,8 +2116,8 @@ def attend_tiers(
     for i in range(3):
         if i >= len(tiers) or splits[i] == 0:
             # An empty tier: no program reaches its branch; any tensors do.
-            targs += [pm] * 11 + [64, 0, 0, 1]
-            cvals += [0, 8, d, 1, False, 0, 8, d, 1, False, False]
+            targs += [pm] * 11 + [64, 0, 0, 1, 1]
+            cvals += [0, 8, d, 1, False, 0, 8, d, 1, False, False, block_n]
             continue
         t = tiers[i]
         if fields and _fields_tier(t, d):
@@ -2102,12 +2137,12 @@ def attend_tiers(
             logits[i] = lg
         kfix = t.kfix
         targs += [t.pos, kd, t.ks, t.ko, t.seg, vd, t.vs, t.vo, t.vf]
-        targs += [pm if kfix is None else kfix, lg, t.cap, pages[i], splits[i], t.nseg]
+        targs += [pm if kfix is None else kfix, lg, t.cap, pages[i], splits[i], t.nseg, ppss[i]]
         cvals += [t.k_mode, t.k_bits, t.k_gs, kw, kfix is not None]
-        cvals += [t.v_mode, t.v_bits, t.v_gs, vw, bool(t.v_sep), do_track]
+        cvals += [t.v_mode, t.v_bits, t.v_gs, vw, bool(t.v_sep), do_track, bns[i]]
     if sum(splits):
         on = [len(splits) > i and splits[i] > 0 for i in range(3)]
-        base = [rows, rp, tq, d, block_n, consecutive, 2 if precise else 1, magic]
+        base = [rows, rp, tq, d, consecutive, 2 if precise else 1, magic]
         base += [
             2 if join else int(bcast),
             num_stages,
@@ -2118,7 +2153,7 @@ def attend_tiers(
         ]
         consts = _consts((*base, *cvals))
         args = [q, q.stride(0), q.stride(1), q.stride(2), q.stride(3), float(scale) * LOG2E]
-        args += [qpos, first, first_valid, pm, pl, pacc, n_split, pps, kv_heads, rot, qrw]
+        args += [qpos, first, first_valid, pm, pl, pacc, n_split, kv_heads, rot, qrw]
         args += targs
         grid = (streams, n_split)
         _launch(

@@ -814,11 +814,13 @@ def _check_hadamard_values(rotation: torch.Tensor, d: int) -> None:
         )
 
 
-def hadamard_to(rotation: torch.Tensor, d: int, device: torch.device) -> torch.Tensor:
+def hadamard_to(rotation: torch.Tensor, d: int, device: torch.device | str) -> torch.Tensor:
     """``rotation`` checked where it is (:func:`check_randomized_hadamard`), then copied to
-    ``device`` (a new tensor, also under inference mode) and remembered as checked, so that
-    :meth:`TritonLayerStore.set_rotation` reads nothing back."""
+    ``device`` (a ``torch.device`` or its name; a new tensor, also under inference mode) and
+    remembered as checked, so that :meth:`TritonLayerStore.set_rotation` reads nothing
+    back."""
     check_randomized_hadamard(rotation, d)
+    device = torch.device(device)
     with torch.inference_mode(False):  # a normal tensor (changes told by its version counter)
         moved = None
         if device.type == "cuda" and rotation.device.type == "cpu":

@@ -407,6 +407,18 @@ C24C)
   timeout 270 python3 -u -m kvmix.bench gpu --batches 8 --contexts 32768 --steps 8 \
     --methods zipcache kvmix-5x > "$OUT/bench-32k-b8.txt" 2>&1
   ;;
+C24D)
+  # Session 24, last call: the dense tiers' programs taking places of the packed tiers' in
+  # the split plan (C24B: 134 us in the model against 122 without the buffer's rows,
+  # ZipCache B8 x 32k: one wave late?). Measured and reverted: 136 / 213 us against C24B's
+  # 134 / 199 (longer packed programs). The gap, the presets against float64 and bitwise
+  # against plain unpacking (buffer rows included), the attention CUDA tests.
+  (cd gpu && timeout 200 python3 -u attend_gap.py --batch 8 --context 32768 --quick) \
+    > "$OUT/attend-gap.txt" 2>&1
+  timeout 100 python3 -u benches/gpu_triton.py --preset-check > "$OUT/preset-check.txt" 2>&1
+  timeout 120 python3 -m pytest -q -m cuda tests/test_triton_attention.py \
+    > "$OUT/pytest-cuda.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -414,7 +426,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D" >&2
   exit 2
   ;;
 esac

@@ -138,6 +138,17 @@ def one_method(method: str, model: Any, config: Any, ids: torch.Tensor, flush: t
           f"track {seen['track']}")  # fmt: skip
     print("  in the model's steps, per launch (us): "
           + " ".join(f"{k}={v:.1f}" for k, v in sorted(steps.items())))  # fmt: skip
+    if st.rotation is None:
+        # The model's store against the float64 reference (its fp16 buffer rows included).
+        from kvmix.engines import triton_reference as ref
+
+        views = [st._tiers[t].view() for t in TIERS]
+        top = [st.seen - 1]
+        got = st.attend(q_model, top, seen["scale"], False)
+        want, _ = ref.attention(views, q_model, top, st._fv_dev, seen["scale"], st.kv_heads)
+        err = ((got.double() - want).abs().max() / want.abs().max()).item()
+        print(f"  model's store against float64: max |out - ref| / max |ref| = {err:.2e}")
+        del views, got, want
     rows = st._tiers["buffer"].view().fill
     stores = [("model's store", st)]
     if not args.quick:

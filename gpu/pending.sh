@@ -419,6 +419,14 @@ C24D)
   timeout 120 python3 -m pytest -q -m cuda tests/test_triton_attention.py \
     > "$OUT/pytest-cuda.txt" 2>&1
   ;;
+C24E)
+  # Session 24: fp16 dense rows (the buffer of a bf16 / fp16 model) on tensor cores in a
+  # one-warp launch (offline SASS: 457 instructions a 16-row page, no stack, against 3127
+  # and 296 B). The model's store against float64 (ZipCache) and the kernel per layer in the
+  # model at B=8 x 32k (C24B: 134 / 199 us).
+  (cd gpu && timeout 230 python3 -u attend_gap.py --batch 8 --context 32768 --quick) \
+    > "$OUT/attend-gap.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -426,7 +434,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E" >&2
   exit 2
   ;;
 esac

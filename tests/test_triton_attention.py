@@ -4,6 +4,8 @@ grouped per-token codes of 1, 2, 3, 4 and 8 bits (3-bit in the Rust packing), se
 factors, holes, a left-padded sequence and several query rows. Outputs within 2e-5 relative
 (the hi/lo fp16 split keeps fp32-level accuracy); received attention within 1e-5."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -149,10 +151,19 @@ def test_field_path(monkeypatch):
     monkeypatch.setattr(attn, "_launch", spy_blocks)
     # 4 streams of 7 pages of 64 rows: 2 and 4 such pages a split make dense splits of 1 and
     # 2 pages of 16 rows (an eighth of the rows); then one program per tier and stream.
-    for kw in (dict(target_programs=14), dict(target_programs=7), dict(target_programs=1)):
-        _check(dense, 1, [0, 37], d=d, fields=True, **kw)
+    # fp16 rows (a bf16 or fp16 model's buffer) take tensor-core dots against fp16 parts of
+    # the query and probabilities in such a launch (_tier_stacked's DENSE_TC).
+    dense16 = [
+        dataclasses.replace(v, kd=v.kd.half(), vd=v.vd.half()) if v.k_mode == 0 else v
+        for v in dense
+    ]
+    for tiers in (dense, dense16):
+        for kw in (dict(target_programs=14), dict(target_programs=7), dict(target_programs=1)):
+            _check(tiers, 1, [0, 37], d=d, fields=True, **kw)
+    _check(dense16, 2, [5, 0], d=d, fields=True)
+    _check(dense16, 1, [0, 37], d=d, fields=True, hq=3 * HK, behind=20)
     _check(dense, 1, [0, 37], d=d, fields=False)  # four warps: 64-row pages throughout
-    assert blocks == [[16, 16, 64]] * 3 + [[64, 64, 64]]
+    assert blocks == [[16, 16, 64]] * 8 + [[64, 64, 64]]
     monkeypatch.setattr(attn, "_launch", launch)
     # KVMIX_TRITON_FIELDS=1 forces the field path: the same output, bit for bit.
     q = torch.randn(B, HQ, 1, d, generator=g)

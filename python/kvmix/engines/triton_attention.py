@@ -355,6 +355,7 @@ def _tier_stacked(
     MAGIC: tl.constexpr,
     BCAST: tl.constexpr,
     STAGES: tl.constexpr,
+    DENSE_TC: tl.constexpr,  # fp16 dense rows on tensor cores (one-warp launches)
 ):
     s64 = s.to(tl.int64)
     cap64 = cap.to(tl.int64)
@@ -397,6 +398,20 @@ def _tier_stacked(
     elif K_MODE == DENSE:
         NPD: tl.constexpr = 1 if RP >= 16 else 16 // RP
         qpad = _pad_rows(q, RP, D, NPD)
+    # fp16 dense rows are exact fp16 operands: in a one-warp launch (the field path's) their
+    # dots run on tensor cores with the other side split into fp16 parts (hi, lo), as the
+    # packed tiers' codes do; fp32 dots (FMAs) of a page do not fit one warp's registers
+    # (offline SASS, Triton 3.6: 3127 instructions and 296 B of stack per thread and 16-row
+    # page, against 457 and none). The extra roundings (parts summed, a dot per part) cost
+    # accuracy where logits are large and attention is peaked: interpreter, queries x20,
+    # 1.3e-5 against the FMAs' 1.2e-6 of the largest output (a third part changed nothing:
+    # it is fp32 accumulation, not the split); on an H100 the model's store (ZipCache, B8 x
+    # 32k, an fp16 buffer) is 1.2e-5 from float64.
+    TCK: tl.constexpr = DENSE_TC and K_MODE == DENSE and KD.dtype.element_ty == tl.float16
+    TCV: tl.constexpr = DENSE_TC and V_MODE == DENSE and VD.dtype.element_ty == tl.float16
+    NPT: tl.constexpr = NPART if NPART * RP >= 16 else 16 // RP
+    if TCK:
+        qd, qdinv = _stack_f16(q, RP, D, NPT, NPART)
     if V_MODE == TOKEN:
         VG: tl.constexpr = D // V_GS
         vg = tl.arange(0, VG)
@@ -422,7 +437,10 @@ def _tier_stacked(
         if SEGD:  # the page's rows of other blocks are holes to this block
             pos = tl.where(mine, pos, -1)
         # ---- keys: logits [RP, BLOCK_N] (base 2, scaled)
-        if K_MODE == DENSE:
+        if TCK:
+            k16 = tl.load(KD + row[:, None] * D + kch[None, :])
+            logits = _unstack(tl.dot(qd, tl.trans(k16)), RP, BLOCK_N, NPT) * qdinv[:, None]
+        elif K_MODE == DENSE:
             k = tl.load(KD + row[:, None] * D + kch[None, :]).to(tl.float32)
             logits = _unstack(tl.dot(qpad, tl.trans(k), input_precision="ieee"), RP, BLOCK_N, NPD)
         elif K_MODE == CHANNEL:
@@ -458,7 +476,11 @@ def _tier_stacked(
         l_i = l_i * alpha + _sum(p, 1)
         m_i = m_new
         # ---- values: contribution [RP, D] in the values' field order
-        if V_MODE == DENSE:
+        if TCV:
+            v16 = tl.load(VD + row[:, None] * D + vch[None, :])
+            a, ainv = _stack_f16(p, RP, BLOCK_N, NPT, NPART)
+            contrib = _unstack(tl.dot(a, v16), RP, D, NPT) * ainv[:, None]
+        elif V_MODE == DENSE:
             v = tl.load(VD + row[:, None] * D + vch[None, :]).to(tl.float32)
             contrib = _unstack(
                 tl.dot(_pad_rows(p, RP, BLOCK_N, NPV2), v, input_precision="ieee"), RP, D, NPV2
@@ -1522,6 +1544,7 @@ def _tier(
             MAGIC,
             BCAST,
             STAGES,
+            FIELDS != 0,
         )
 
 
@@ -1914,7 +1937,8 @@ def _launch(
     the same key go straight to the compiled kernel, skipping Triton's per-call binding,
     cache-key and option formatting, which cost more host time than a decode step's GPU time.
     The key holds what Triton specializes on: the constexprs, each tensor's dtype and 16-byte
-    alignment, and whether each integer argument is 1, a multiple of 16, and fits in 32 bits.
+    alignment, and whether each integer argument is 1, a multiple of 16, and fits in 32 bits
+    (only the last for the kernel's ``do_not_specialize`` arguments).
     Every positional argument comes before the constexprs (given by name) in the kernels
     launched this way. ``stream``: the
     current CUDA stream's handle (looked up when not given). ``maxnreg``: a cap on the
@@ -2075,15 +2099,18 @@ def attend_tiers(
     # page they spill (offline SASS, Triton 3.6: 19135 instructions and 5840 B of stack per
     # thread and page, against ~1400 for a packed page), and the buffer's one program per
     # stream outlasted the packed tiers' (session 24, H100, B8 x 32k: 209 us against 122 us
-    # without the buffer's 14 rows). Such a tier gets pages of 16 rows (3127 instructions, 296
-    # B of stack) and splits of an eighth of a packed split's rows, so that its programs,
-    # which start first, end before the packed tiers' do.
+    # without the buffer's 14 rows). Such a tier gets pages of 16 rows: fp16 rows on tensor
+    # cores (_tier_stacked's DENSE_TC: 457 instructions a page, no stack) in splits of about
+    # half a packed split's rows, others with FMAs (3127 instructions, 296 B of stack) in
+    # splits of about an eighth (at least one page), so that their programs, which start
+    # first, end before the packed tiers' do.
     bns = [block_n] * len(tiers)
     ppss = [pps] * len(tiers)
     for i, t in enumerate(tiers):
         if num_warps == 1 and t.k_mode == 0 and t.v_mode == 0 and block_n > _DENSE_BLOCK_1W:
+            half = fields and t.kd.dtype == torch.float16 and t.vd.dtype == torch.float16
             bns[i] = _DENSE_BLOCK_1W
-            ppss[i] = max(1, pps * block_n // (_DENSE_BLOCK_1W * 8))
+            ppss[i] = max(1, pps * block_n // (_DENSE_BLOCK_1W * (2 if half else 8)))
     pages = [t.fill_pages(bn) for t, bn in zip(tiers, bns, strict=True)]
     splits = [-(-p // n) for p, n in zip(pages, ppss, strict=True)]
     n_split = max(1, sum(splits))

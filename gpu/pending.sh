@@ -427,6 +427,18 @@ C24E)
   (cd gpu && timeout 230 python3 -u attend_gap.py --batch 8 --context 32768 --quick) \
     > "$OUT/attend-gap.txt" 2>&1
   ;;
+C24F)
+  # Session 24, staged for the next session (its device time was spent): every CUDA test on
+  # the final kernel (fp16 buffer rows on tensor cores, per-tier pages and splits, integers
+  # not specialized), the 32-layer decoding step at B=8 x 32k (C24C: 31.0 / 31.3 ms before
+  # the tensor-core buffer), then C23B's prefill at B=1 x 32k (kvmix-5x should make 2
+  # synchronizing calls now that the rotation goes from pinned memory without waiting).
+  timeout 200 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 250 python3 -u -m kvmix.bench gpu --batches 8 --contexts 32768 --steps 8 \
+    --methods zipcache kvmix-5x > "$OUT/bench-32k-b8.txt" 2>&1
+  timeout 120 python3 -u gpu/sync_points.py --batch 1 --context 32768 --layers 2 \
+    --methods zipcache kvmix-5x > "$OUT/sync-points.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -434,7 +446,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F" >&2
   exit 2
   ;;
 esac

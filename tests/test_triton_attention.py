@@ -298,3 +298,46 @@ def test_rotation_in_the_kernel_matches_rotating_around_it(d, kw):
         views, q, qpos, first_valid, 0.3, HK, None, rotation=r, out=out2, out_layout="bthd", **kw
     )
     assert torch.equal(out2.transpose(1, 2), out.to(torch.bfloat16))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fast_launch_does_not_respecialize_on_step_counts():
+    """On a GPU (``pytest -m cuda``): the attention kernel's counts of pages and splits, which
+    move between decoding steps, are not specialized on (Triton's ``do_not_specialize``), so
+    fills of 1, 16 and 17 pages (a count of 1, a multiple of 16, neither) reuse one compiled
+    kernel through the direct launch (``_launch``'s fast path), and every output equals
+    Triton's own launch bit for bit and the float64 reference."""
+    attn = load_attention("cuda")
+    d = 128
+    g = torch.Generator().manual_seed(5)
+
+    def on_gpu(view):
+        return dataclasses.replace(
+            view,
+            **{
+                f.name: getattr(view, f.name).cuda()
+                for f in dataclasses.fields(view)
+                if isinstance(getattr(view, f.name), torch.Tensor)
+            },
+        )
+
+    def attend_keys():
+        return [k for k in attn._COMPILED if k[0] is attn._attend_kernel]
+
+    first_valid = torch.zeros(B, dtype=torch.int32, device="cuda")
+    before = len(attend_keys())
+    for rows in (64, 64 * 16, 64 * 17 - 5):
+        empty = ref.synthetic_tier(B * HK, 0, d, ("dense", 0, d), ("dense", 0, d), generator=g)
+        low = ref.synthetic_tier(B * HK, rows, d, ("token", 2, d), ("token", 2, d), generator=g)
+        views = [on_gpu(v) for v in (empty, empty, low)]
+        q = torch.randn(B, HQ, 1, d, generator=g).cuda()
+        args = (views, q, [rows + 3], first_valid, d**-0.5, HK, None)
+        mine = own = None
+        for _ in range(2):  # the second call takes the fast path
+            mine, _ = attn.attend_tiers(*args)
+            own, _ = attn.attend_tiers(*args, fast_launch=False)
+        assert torch.equal(mine, own)
+        want, _ = ref.attention(views, q, [rows + 3], first_valid, d**-0.5, HK)
+        assert ((mine.double() - want).abs().max() / want.abs().max()).item() < 2e-5
+    assert len(attend_keys()) - before <= 1

@@ -149,10 +149,11 @@ def test_field_path(monkeypatch):
         return launch(fn, grid, a, consts, *rest)
 
     monkeypatch.setattr(attn, "_launch", spy_blocks)
-    # 4 streams of 7 pages of 64 rows: 2 and 4 such pages a split make dense splits of 1 and
-    # 2 pages of 16 rows (an eighth of the rows); then one program per tier and stream.
-    # fp16 rows (a bf16 or fp16 model's buffer) take tensor-core dots against fp16 parts of
-    # the query and probabilities in such a launch (_tier_stacked's DENSE_TC).
+    # 4 streams of 7 pages of 64 rows: 2 and 4 such pages a split make fp32 dense splits of 1
+    # and 2 pages of 16 rows (an eighth of the rows), fp16 ones of 4 and 8 (a half); then one
+    # program per tier and stream. fp16 rows (a bf16 or fp16 model's buffer) take tensor-core
+    # dots against fp16 parts of the query and probabilities in such a launch
+    # (_tier_stacked's DENSE_TC).
     dense16 = [
         dataclasses.replace(v, kd=v.kd.half(), vd=v.vd.half()) if v.k_mode == 0 else v
         for v in dense
@@ -312,25 +313,16 @@ def test_cuda_fast_launch_does_not_respecialize_on_step_counts():
     d = 128
     g = torch.Generator().manual_seed(5)
 
-    def on_gpu(view):
-        return dataclasses.replace(
-            view,
-            **{
-                f.name: getattr(view, f.name).cuda()
-                for f in dataclasses.fields(view)
-                if isinstance(getattr(view, f.name), torch.Tensor)
-            },
-        )
-
     def attend_keys():
         return [k for k in attn._COMPILED if k[0] is attn._attend_kernel]
 
     first_valid = torch.zeros(B, dtype=torch.int32, device="cuda")
     before = len(attend_keys())
     for rows in (64, 64 * 16, 64 * 17 - 5):
-        empty = ref.synthetic_tier(B * HK, 0, d, ("dense", 0, d), ("dense", 0, d), generator=g)
-        low = ref.synthetic_tier(B * HK, rows, d, ("token", 2, d), ("token", 2, d), generator=g)
-        views = [on_gpu(v) for v in (empty, empty, low)]
+        kw = dict(device="cuda", generator=g)
+        empty = ref.synthetic_tier(B * HK, 0, d, ("dense", 0, d), ("dense", 0, d), **kw)
+        low = ref.synthetic_tier(B * HK, rows, d, ("token", 2, d), ("token", 2, d), **kw)
+        views = [empty, empty, low]
         q = torch.randn(B, HQ, 1, d, generator=g).cuda()
         args = (views, q, [rows + 3], first_valid, d**-0.5, HK, None)
         mine = own = None

@@ -302,18 +302,19 @@ def final():
     print("(us; eager/graph)")
 
 
-def breakdown(attn, b, n, reps=10, name="zipcache"):
-    """GPU time of each launch of a tracked call (attend, merge, received), from the profiler's
-    kernel records: which share of the step the split kernel itself takes."""
+def breakdown(attn, b, n, reps=10, name="zipcache", track=(True, True, True), label="", **kw):
+    """GPU time of each launch of a call (attend, merge, received), from the profiler's kernel
+    records: which share of the step the split kernel itself takes. ``track``: by default
+    every tier's received attention, the most a step computes; ``kw``: launch parameters."""
     from torch.profiler import ProfilerActivity, profile
 
     st = store(name, "cuda", b, n)
     views = [st._tiers[t].view() for t in TIERS]
     q = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
-    track = [True, True, True]  # every tier's received attention: the most a step computes
+    track = list(track) if track else None
 
     def fn():
-        return attn.attend_tiers(views, q, [n], st._fv_dev, D**-0.5, HK, track)
+        return attn.attend_tiers(views, q, [n], st._fv_dev, D**-0.5, HK, track, **kw)
 
     for _ in range(3):
         fn()
@@ -329,8 +330,8 @@ def breakdown(attn, b, n, reps=10, name="zipcache"):
     parts = " ".join(
         f"{k[:24]}={sum(v) / reps:.1f}x{len(v) // reps}" for k, v in sorted(per.items())
     )
-    label = f"{name} B{b} {n // 1024}k, every tier tracked"
-    print(f"  per-launch GPU us ({label}): {parts}", flush=True)
+    what = "every tier tracked" if track == [True] * 3 else f"tracked {track}"
+    print(f"  per-launch GPU us ({name} B{b} {n // 1024}k, {what}{label}): {parts}", flush=True)
 
 
 def fields():
@@ -445,6 +446,24 @@ def presets():
     print("(us; eager/graph)", flush=True)
 
 
+def merge():
+    """The merge of the splits' partials (session 25: one pass, every split of the step in one
+    block, where session 24's two passes over 16 at a time took 6.5 us a launch at B8 x 32k)
+    at the presets' B8 x 32k: the call's time beside SDPA with the default block and with 16
+    splits a block (three blocks, rescaled between them), then each launch's GPU time."""
+    attn = load_attention("cuda")
+    preset_check(attn)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    variants = [("default", dict(), True), ("merge16", dict(merge_block=16), True)]
+    for name in ("zipcache", "kvmix-5x"):
+        case(attn, bw, name, 8, 32768, variants)
+        for label, kw in (("", {}), (", merge_block=16", {"merge_block": 16})):
+            breakdown(attn, 8, 32768, reps=20, name=name, track=None, label=label, **kw)
+        torch.cuda.empty_cache()
+    print("(us; eager/graph)", flush=True)
+
+
 def preset_check(attn=None):
     """The presets' default launch (the field path, inline-PTX unpacking) against the float64
     reference, and bitwise (output and received attention) against the field path's plain
@@ -502,7 +521,8 @@ def default_run(t0):
 
 #: The runs a flag selects (the first given, in this order); no flag: ``default_run``.
 RUNS = {"--page-sweep": page_sweep, "--fields-sweep": fields_sweep, "--fields": fields,
-        "--final": final, "--presets": presets, "--preset-check": preset_check}  # fmt: skip
+        "--final": final, "--presets": presets, "--preset-check": preset_check,
+        "--merge": merge}  # fmt: skip
 
 if __name__ == "__main__":
     t0 = time.time()

@@ -439,6 +439,21 @@ C24F)
   timeout 120 python3 -u gpu/sync_points.py --batch 1 --context 32768 --layers 2 \
     --methods zipcache kvmix-5x > "$OUT/sync-points.txt" 2>&1
   ;;
+C25A)
+  # Session 25: every CUDA test on main (C24F's, never run: the fast-launch test among
+  # them), with the merge in one pass over a step's every split, then the merge timed at
+  # the presets' B8 x 32k (session 24: 6.5 / 7.0 us a launch, ZipCache / kvmix-5x).
+  timeout 220 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 300 python3 -u benches/gpu_triton.py --merge > "$OUT/merge.txt" 2>&1
+  ;;
+C25B)
+  # Session 25: C24F's other two parts, the 32-layer decoding step at B=8 x 32k and the
+  # B=1 x 32k prefill's synchronizing calls.
+  timeout 250 python3 -u -m kvmix.bench gpu --batches 8 --contexts 32768 --steps 8 \
+    --methods zipcache kvmix-5x > "$OUT/bench-32k-b8.txt" 2>&1
+  timeout 120 python3 -u gpu/sync_points.py --batch 1 --context 32768 --layers 2 \
+    --methods zipcache kvmix-5x > "$OUT/sync-points.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -446,7 +461,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B" >&2
   exit 2
   ;;
 esac

@@ -64,6 +64,9 @@ def test_three_tiers_three_bit_codes_and_groups():
     # Codes unpacked by repeated joins into the packing order (1, 3 and 4 bits), both forms.
     _check(views, 2, [0, 11], join=True)
     _check(views, 1, [4, 0], join=True, flat=True)
+    # The merge two splits at a time (a decoding step's plan fits one block): the running
+    # maximum rescales the blocks before it, with whole splits left unseen by the padding.
+    _check(views, 2, [0, 37], merge_block=2, target_programs=10**4)
 
 
 def test_wide_codes_and_fast_mode():

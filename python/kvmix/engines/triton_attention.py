@@ -1708,30 +1708,28 @@ def _merge_kernel(
     ob = (s // kv_heads).to(tl.int64) * sob
     oh = ((s % kv_heads) * G + r // TQ).to(tl.int64) * soh + (r % TQ).to(tl.int64) * sot
     j = tl.arange(0, D)
-    mv = tl.full([SPLIT_BLOCK], float("-inf"), tl.float32)
-    lv = tl.full([SPLIT_BLOCK], 0.0, tl.float32)
+    m = float("-inf")
+    lsum = 0.0
     acc = tl.full([D], 0.0, tl.float32)
-    # Two passes over the splits: the maximum, then the rescaled sums (splits are few).
-    for b0 in range(0, n_split, SPLIT_BLOCK):
-        idx = b0 + tl.arange(0, SPLIT_BLOCK)
-        pm = tl.load(PM + (s64 * n_split + idx) * ROWS + r, mask=idx < n_split, other=float("-inf"))
-        mv = tl.maximum(mv, pm)
-    m = _max(mv, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    # One pass over the splits, SPLIT_BLOCK at a time with the running maximum rescaling what
+    # came before (a block holds every split of a decoding step's usual plan, ~33: one round
+    # of loads, not two passes of dependent ones; session 24's two-pass loop over 16 at a
+    # time took 6.5 us a launch at B8 x 32k, as long as ~5% of the attention).
     for b0 in range(0, n_split, SPLIT_BLOCK):
         idx = b0 + tl.arange(0, SPLIT_BLOCK)
         ok = idx < n_split
-        pm = tl.load(PM + (s64 * n_split + idx) * ROWS + r, mask=ok, other=float("-inf"))
-        pl = tl.load(PL + (s64 * n_split + idx) * ROWS + r, mask=ok, other=0.0)
+        at = (s64 * n_split + idx) * ROWS + r
+        pm = tl.load(PM + at, mask=ok, other=float("-inf"))
+        pl = tl.load(PL + at, mask=ok, other=0.0)
+        pa = tl.load(PACC + at[:, None] * D + j[None, :], mask=ok[:, None], other=0.0)
+        m_new = tl.maximum(m, _max(pm, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)  # 0 while nothing was seen (m = -inf)
         w = tl.exp2(pm - m_safe)
-        lv += pl * w
-        pa = tl.load(
-            PACC + ((s64 * n_split + idx[:, None]) * ROWS + r) * D + j[None, :],
-            mask=ok[:, None],
-            other=0.0,
-        )
-        acc += _sum(pa * w[:, None], 0)
-    lsum = _sum(lv, 0)
+        lsum = lsum * alpha + _sum(pl * w, 0)
+        acc = acc * alpha + _sum(pa * w[:, None], 0)
+        m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
     inv = tl.where(lsum > 0.0, 1.0 / tl.where(lsum > 0.0, lsum, 1.0), 0.0)  # no 1/0
     o = acc * inv
     if ROTATE:
@@ -2020,6 +2018,7 @@ def attend_tiers(
     num_warps=None,
     num_stages=2,
     maxnreg=None,
+    merge_block=None,
 ):
     """Attention of ``q`` ``[B, Hq, Tq, D]`` (any float dtype and strides) over ``tiers`` (up
     to three ``TierView``).
@@ -2063,7 +2062,9 @@ def attend_tiers(
     150 / 138 at 4224, 174 / 163 at 1056: the carried page loop keeps a segment's operands
     across a program's pages, so longer runs of pages pay), else 1056 x 4 / num_warps.
     ``maxnreg`` caps the attend kernel's registers per thread (NVIDIA; a launch sweep's
-    parameter: the field path's ~240 registers allow 8 warps per SM).
+    parameter: the field path's ~240 registers allow 8 warps per SM). ``merge_block``: splits
+    the merge reads at a time (default ``max(16, 8192 // D)``: a decoding step's every split in
+    one block; smaller in tests, so that the running maximum's rescaling between blocks runs).
     """
     import torch
 
@@ -2082,6 +2083,10 @@ def attend_tiers(
         num_warps = 1 if fields else 4
     if target_programs is None:
         target_programs = 2112 if fields else 1056 * 4 // num_warps
+    if merge_block is None:
+        merge_block = max(16, 8192 // q.shape[-1])  # [block, D] fp32: 64 registers at 4 warps
+    if merge_block < 1 or merge_block & (merge_block - 1):
+        raise ValueError(f"merge_block must be a power of two, got {merge_block}")
 
     if len(tiers) > 3:
         raise ValueError(f"attend_tiers takes at most 3 tiers, got {len(tiers)}")
@@ -2204,7 +2209,7 @@ def attend_tiers(
         _merge_kernel,
         (streams, rows),
         [pm, pl, pacc, out, mf, lf, rot, n_split, kv_heads, *out_strides],
-        dict(ROWS=rows, TQ=tq, D=d, SPLIT_BLOCK=16, ROTATE=rotation is not None),
+        dict(ROWS=rows, TQ=tq, D=d, SPLIT_BLOCK=merge_block, ROTATE=rotation is not None),
         4,
         2,
         fast,

@@ -447,11 +447,19 @@ C25A)
   timeout 300 python3 -u benches/gpu_triton.py --merge > "$OUT/merge.txt" 2>&1
   ;;
 C25B)
-  # Session 25: C24F's other two parts, the 32-layer decoding step at B=8 x 32k and the
-  # B=1 x 32k prefill's synchronizing calls.
-  timeout 250 python3 -u -m kvmix.bench gpu --batches 8 --contexts 32768 --steps 8 \
-    --methods zipcache kvmix-5x > "$OUT/bench-32k-b8.txt" 2>&1
-  timeout 120 python3 -u gpu/sync_points.py --batch 1 --context 32768 --layers 2 \
+  # Session 25: the 32-layer decoding step at B=8 x 32k (C24C: 31.0 / 31.3 ms before the
+  # tensor-core buffer) with MiKV beside (its dense high tier under the one-warp launch's
+  # page and split rule, never timed), then one layer's B=1 x 32k prefill step by step with
+  # the kernels' device times (how much of the phase timers' 13% / 18% is the GPU's).
+  timeout 360 python3 -u -m kvmix.bench gpu --batches 8 --contexts 32768 --steps 8 \
+    --methods zipcache kvmix-5x mikv > "$OUT/bench-32k-b8.txt" 2>&1
+  timeout 200 python3 -u gpu/prefill_steps.py --batch 1 --context 32768 --kernel-table 25 \
+    > "$OUT/prefill-steps-b1.txt" 2>&1
+  ;;
+C25C)
+  # C24F's last part: the B=1 x 32k prefill's synchronizing calls (kvmix-5x should make 2
+  # now that the rotation goes from pinned memory without waiting).
+  timeout 150 python3 -u gpu/sync_points.py --batch 1 --context 32768 --layers 2 \
     --methods zipcache kvmix-5x > "$OUT/sync-points.txt" 2>&1
   ;;
 V)
@@ -461,7 +469,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C" >&2
   exit 2
   ;;
 esac

@@ -456,16 +456,20 @@ def merge():
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     variants = [("default", dict(), True), ("merge16", dict(merge_block=16), True)]
-    # Launch parameters not yet tried with the carried loop at ZipCache's shape: 3 stages at
-    # 2112 programs, 3 waves of programs, registers capped at 224 (9 one-warp programs an SM
-    # instead of 8; caps of 200 and below spilled and were slower, session 22).
+    # Launch parameters not yet tried with the carried loop: 3 stages at 2112 programs, 3
+    # waves of programs, and registers capped at 224 a thread. The field path's kernel takes
+    # 254-255 (8 one-warp programs an SM); at 224, 9 fit, and offline (Triton 3.6, sm_90) its
+    # page loops compile to the same instructions without a spill (with an fp16 buffer too;
+    # the caps of 200 and below, session 22, spilled and were slower). 9 x 132 SMs = 1188
+    # programs a wave, so 2376 for two.
     more = [
         ("s3", dict(num_stages=3), True),
         ("p3168", dict(target_programs=3168), True),
         ("r224", dict(maxnreg=224), True),
+        ("r224p2376", dict(maxnreg=224, target_programs=2376), True),
     ]
     for name in ("zipcache", "kvmix-5x"):
-        case(attn, bw, name, 8, 32768, variants + (more if name == "zipcache" else []))
+        case(attn, bw, name, 8, 32768, variants + (more if name == "zipcache" else more[2:]))
         for label, kw in (("", {}), (", merge_block=16", {"merge_block": 16})):
             breakdown(attn, 8, 32768, reps=20, name=name, track=None, label=label, **kw)
         torch.cuda.empty_cache()

@@ -464,17 +464,20 @@ C25C)
   ;;
 C25D)
   # Session 25, second call: is Nsight Compute there (the stall reasons of the field path's
-  # warps; a ninth warp per SM did not help, C25A), MiKV's 32-layer decoding step at B=8 x
-  # 32k (its dense high tier under the one-warp launch's 16-row pages, never timed), one
-  # layer's B=1 x 32k prefill step by step with its kernels' device times.
+  # warps; a ninth warp per SM did not help, C25A), then one layer's B=1 x 32k prefill step
+  # by step with its kernels' device times.
   { command -v ncu nsys; ls /usr/local/cuda/bin 2>&1 | head -40; } > "$OUT/tools.txt" 2>&1
   if command -v ncu > /dev/null; then
-    timeout 120 ncu --kernel-name regex:_attend_kernel --launch-skip 2 --launch-count 1 \
+    timeout 100 ncu --kernel-name regex:_attend_kernel --launch-skip 2 --launch-count 1 \
       --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
       --section SpeedOfLight python3 gpu/ncu_attend.py zipcache > "$OUT/ncu.txt" 2>&1
   fi
-  timeout 200 python3 -u gpu/prefill_steps.py --batch 1 --context 32768 --kernel-table 25 \
+  timeout 150 python3 -u gpu/prefill_steps.py --batch 1 --context 32768 --kernel-table 25 \
     > "$OUT/prefill-steps-b1.txt" 2>&1
+  ;;
+C25E)
+  # MiKV's 32-layer decoding step at B=8 x 32k (its dense high tier under the one-warp
+  # launch's 16-row pages and splits, never timed).
   timeout 150 python3 -u -m kvmix.bench gpu --batches 8 --contexts 32768 --steps 6 \
     --methods mikv > "$OUT/bench-mikv.txt" 2>&1
   ;;
@@ -485,7 +488,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E" >&2
   exit 2
   ;;
 esac

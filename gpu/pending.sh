@@ -481,6 +481,17 @@ C25E)
   timeout 150 python3 -u -m kvmix.bench gpu --batches 8 --contexts 32768 --steps 6 \
     --methods mikv > "$OUT/bench-mikv.txt" 2>&1
   ;;
+C26A)
+  # Staged by session 25: where the field path's excess global sectors (18% of 8.47M) and its
+  # stalls are, by SASS line. The report is made and queried on the lent machine (no ncu
+  # here); the source page's rows with any excess sectors or many stall samples come back.
+  timeout 200 ncu -o "$OUT/attend" --kernel-name regex:_attend_kernel --launch-skip 2 \
+    --launch-count 1 --section SourceCounters --section WarpStateStats --import-source yes \
+    python3 gpu/ncu_attend.py zipcache > "$OUT/ncu-run.txt" 2>&1
+  timeout 120 ncu --import "$OUT/attend.ncu-rep" --page source --csv --print-source sass \
+    > "$OUT/source.csv" 2> "$OUT/source-err.txt"
+  rm -f "$OUT/attend.ncu-rep"
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -488,7 +499,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A" >&2
   exit 2
   ;;
 esac

@@ -476,6 +476,26 @@ def merge():
     print("(us; eager/graph)", flush=True)
 
 
+def unroll():
+    """The field path's page loop unrolled twice (``unroll=2``) against the default at
+    ZipCache's B8 x 32k: the largest difference between the two outputs, then the call's time
+    beside SDPA (session 25's profile: the loop is latency bound, a warp issuing every ~4
+    cycles on its own dependent chains; unrolled, the compiler may interleave two pages)."""
+    attn = load_attention("cuda")
+    st = store("zipcache", "cuda", 8, 32768)
+    views = [st._tiers[t].view() for t in TIERS]
+    q = torch.randn(8, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+    args = (views, q, [32768], st._fv_dev, D**-0.5, HK, None)
+    a, _ = attn.attend_tiers(*args)
+    b, _ = attn.attend_tiers(*args, unroll=2)
+    print(f"unroll=2 against the default: max |diff| {(a - b).abs().max().item():.3e}", flush=True)
+    del st, views
+    bw = copy_bandwidth()
+    variants = [("default", dict(), True), ("unroll2", dict(unroll=2), True)]
+    case(attn, bw, "zipcache", 8, 32768, variants)
+    print("(us; eager/graph)", flush=True)
+
+
 def preset_check(attn=None):
     """The presets' default launch (the field path, inline-PTX unpacking) against the float64
     reference, and bitwise (output and received attention) against the field path's plain
@@ -534,7 +554,7 @@ def default_run(t0):
 #: The runs a flag selects (the first given, in this order); no flag: ``default_run``.
 RUNS = {"--page-sweep": page_sweep, "--fields-sweep": fields_sweep, "--fields": fields,
         "--final": final, "--presets": presets, "--preset-check": preset_check,
-        "--merge": merge}  # fmt: skip
+        "--merge": merge, "--unroll": unroll}  # fmt: skip
 
 if __name__ == "__main__":
     t0 = time.time()

@@ -492,6 +492,13 @@ C26A)
     > "$OUT/source.csv" 2> "$OUT/source-err.txt"
   rm -f "$OUT/attend.ncu-rep"
   ;;
+C26B)
+  # Staged by session 25 (its device time was spent): the field path's page loop unrolled
+  # twice (`attend_tiers(unroll=2)`; offline, Triton 3.6: two-page bodies of 2894 / 2688 SASS
+  # instructions for the 4- / 2-bit tiers, no spill in them) against the default at ZipCache
+  # B8 x 32k: the outputs' largest difference, then the call's time beside SDPA.
+  timeout 150 python3 -u benches/gpu_triton.py --unroll > "$OUT/unroll.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -499,7 +506,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B" >&2
   exit 2
   ;;
 esac

@@ -843,6 +843,7 @@ def _tier_fields(
     NPART: tl.constexpr,
     STAGES: tl.constexpr,
     ASM: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     """A packed tier of 2-, 4- or 8-bit codes read as int16 elements (keys also of 3 bits, read
     as their 24-bit groups, ``_groups3``), one dot per bit field
@@ -1009,7 +1010,7 @@ def _tier_fields(
             cur = seg
         else:
             end = p_hi
-        for page in tl.range(run, end, num_stages=STAGES):
+        for page in tl.range(run, end, num_stages=STAGES, loop_unroll_factor=UNROLL):
             if SEGD:
                 t, _, mine = _block_rows(SEG, page, BLOCK_N)
             else:
@@ -1416,6 +1417,7 @@ def _tier(
     STAGES: tl.constexpr,
     FLAT: tl.constexpr,
     FIELDS: tl.constexpr,
+    UNROLL: tl.constexpr,  # the field path's page loop unrolled this many times
 ):
     # The field path (``_tier_fields``; FIELDS 1: plain unpacking, 2: inline PTX) takes
     # packed tiers of 2, 4 or 8 bits (keys also of 3) whose rows give each field's dot at
@@ -1431,7 +1433,7 @@ def _tier(
             s, split, out_split, cap, n_pages, pages_per_split, n_split, nseg, kv_heads,
             ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
             K_MODE, K_BITS, K_GS, K_FIX, V_BITS, V_GS, V_SEP, TRACK, NPART, STAGES,
-            FIELDS == 2,
+            FIELDS == 2, UNROLL,
         )  # fmt: skip
     elif FLAT:
         _tier_flat(
@@ -1620,6 +1622,7 @@ def _attend_kernel(
     ON1: tl.constexpr,
     ON2: tl.constexpr,
     ROTATE: tl.constexpr,  # q @ ROT first (the tiers hold rotated keys and values)
+    UNROLL: tl.constexpr,  # the field path's page loop unrolled this many times
     # per tier: key mode, bits, group size, word bytes, fixed factor; the same for values
     # (separable factor instead of the fixed one); tracking; rows per page
     KM0: tl.constexpr, KB0: tl.constexpr, KG0: tl.constexpr, KW0: tl.constexpr, KX0: tl.constexpr,
@@ -1655,7 +1658,7 @@ def _attend_kernel(
                 s, sp, sp, cap0, pages0, pps0, n_split, nseg0, kv_heads,
                 ROWS, RP, TQ, D, BN0, QPOS_RANGE,
                 KM0, KB0, KG0, KW0, KX0, VM0, VB0, VG0, VW0, VX0, TR0, NPART, MAGIC,
-                BCAST, STAGES, FLAT, FIELDS,
+                BCAST, STAGES, FLAT, FIELDS, UNROLL,
             )  # fmt: skip
     elif sp < ns0 + ns1:
         if ON1:
@@ -1665,7 +1668,7 @@ def _attend_kernel(
                 s, sp - ns0, sp, cap1, pages1, pps1, n_split, nseg1, kv_heads,
                 ROWS, RP, TQ, D, BN1, QPOS_RANGE,
                 KM1, KB1, KG1, KW1, KX1, VM1, VB1, VG1, VW1, VX1, TR1, NPART, MAGIC,
-                BCAST, STAGES, FLAT, FIELDS,
+                BCAST, STAGES, FLAT, FIELDS, UNROLL,
             )  # fmt: skip
     else:
         if ON2:
@@ -1675,7 +1678,7 @@ def _attend_kernel(
                 s, sp - ns0 - ns1, sp, cap2, pages2, pps2, n_split, nseg2, kv_heads,
                 ROWS, RP, TQ, D, BN2, QPOS_RANGE,
                 KM2, KB2, KG2, KW2, KX2, VM2, VB2, VG2, VW2, VX2, TR2, NPART, MAGIC,
-                BCAST, STAGES, FLAT, FIELDS,
+                BCAST, STAGES, FLAT, FIELDS, UNROLL,
             )  # fmt: skip
 
 
@@ -1910,7 +1913,7 @@ _CONSTS: dict[Any, tuple[tuple[str, Any], ...]] = {}
 _TIER_NAMES = ("KM", "KB", "KG", "KW", "KX", "VM", "VB", "VG", "VW", "VX", "TR", "BN")
 _BASE_NAMES = (
     "ROWS", "RP", "TQ", "D", "QPOS_RANGE", "NPART", "MAGIC", "BCAST", "STAGES",
-    "FLAT", "FIELDS", "ON0", "ON1", "ON2", "ROTATE",
+    "FLAT", "FIELDS", "ON0", "ON1", "ON2", "ROTATE", "UNROLL",
 )  # fmt: skip
 
 
@@ -2019,6 +2022,7 @@ def attend_tiers(
     num_stages=2,
     maxnreg=None,
     merge_block=None,
+    unroll=1,
 ):
     """Attention of ``q`` ``[B, Hq, Tq, D]`` (any float dtype and strides) over ``tiers`` (up
     to three ``TierView``).
@@ -2065,6 +2069,8 @@ def attend_tiers(
     parameter: the field path's ~240 registers allow 8 warps per SM). ``merge_block``: splits
     the merge reads at a time (default ``max(16, 8192 // D)``: a decoding step's every split in
     one block; smaller in tests, so that the running maximum's rescaling between blocks runs).
+    ``unroll``: the field path's page loop unrolled that many times (two pages' independent
+    work for the compiler to interleave: the loop is latency bound, session 25's profile).
     """
     import torch
 
@@ -2182,6 +2188,7 @@ def attend_tiers(
             (2 if asm else 1) if fields else 0,
             *on,
             rotation is not None,
+            unroll,
         ]
         consts = _consts((*base, *cvals))
         args = [q, q.stride(0), q.stride(1), q.stride(2), q.stride(3), float(scale) * LOG2E]

@@ -484,12 +484,12 @@ C25E)
 C26A)
   # Staged by session 25: where the field path's excess global sectors (18% of 8.47M) and its
   # stalls are, by SASS line. The report is made and queried on the lent machine (no ncu
-  # here); the source page's rows with any excess sectors or many stall samples come back.
+  # here); the whole source page comes back compressed (it may pass a returned file's limit).
   timeout 200 ncu -o "$OUT/attend" --kernel-name regex:_attend_kernel --launch-skip 2 \
     --launch-count 1 --section SourceCounters --section WarpStateStats --import-source yes \
     python3 gpu/ncu_attend.py zipcache > "$OUT/ncu-run.txt" 2>&1
   timeout 120 ncu --import "$OUT/attend.ncu-rep" --page source --csv --print-source sass \
-    > "$OUT/source.csv" 2> "$OUT/source-err.txt"
+    2> "$OUT/source-err.txt" | gzip > "$OUT/source.csv.gz"
   rm -f "$OUT/attend.ncu-rep"
   ;;
 C26B)

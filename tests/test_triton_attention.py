@@ -65,8 +65,10 @@ def test_three_tiers_three_bit_codes_and_groups():
     _check(views, 2, [0, 11], join=True)
     _check(views, 1, [4, 0], join=True, flat=True)
     # The merge two splits at a time (a decoding step's plan fits one block): the running
-    # maximum rescales the blocks before it, with whole splits left unseen by the padding.
-    _check(views, 2, [0, 37], merge_block=2, target_programs=10**4)
+    # maximum rescales the blocks before it. 9 splits (the segmented tier's 5 blocks); the
+    # padding and the queries 45 rows back leave whole splits unseen, a whole first block
+    # of -inf in the padded sequence's streams among them.
+    _check(views, 2, [0, 70], behind=45, merge_block=2, target_programs=10**4)
 
 
 def test_wide_codes_and_fast_mode():

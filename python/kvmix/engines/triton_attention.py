@@ -1715,9 +1715,10 @@ def _merge_kernel(
     lsum = 0.0
     acc = tl.full([D], 0.0, tl.float32)
     # One pass over the splits, SPLIT_BLOCK at a time with the running maximum rescaling what
-    # came before (a block holds every split of a decoding step's usual plan, ~33: one round
-    # of loads, not two passes of dependent ones; session 24's two-pass loop over 16 at a
-    # time took 6.5 us a launch at B8 x 32k, as long as ~5% of the attention).
+    # came before (a block of 64 holds every split of a decoding step's plan at B8, ~33: one
+    # round of loads, not two passes of dependent ones; session 24's two-pass loop over 16 at
+    # a time took 6.5 us a launch at B8 x 32k, as long as ~5% of the attention; at B1 x 32k
+    # the plan's ~256 splits take four blocks).
     for b0 in range(0, n_split, SPLIT_BLOCK):
         idx = b0 + tl.arange(0, SPLIT_BLOCK)
         ok = idx < n_split

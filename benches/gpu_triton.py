@@ -330,7 +330,10 @@ def breakdown(attn, b, n, reps=10, name="zipcache", track=(True, True, True), la
     parts = " ".join(
         f"{k[:24]}={sum(v) / reps:.1f}x{len(v) // reps}" for k, v in sorted(per.items())
     )
-    what = "every tier tracked" if track == [True] * 3 else f"tracked {track}"
+    if track is None:
+        what = "nothing tracked"
+    else:
+        what = "every tier tracked" if track == [True] * 3 else f"tracked {track}"
     print(f"  per-launch GPU us ({name} B{b} {n // 1024}k, {what}{label}): {parts}", flush=True)
 
 

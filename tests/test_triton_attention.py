@@ -71,6 +71,38 @@ def test_three_tiers_three_bit_codes_and_groups():
     _check(views, 2, [0, 70], behind=45, merge_block=2, target_programs=10**4)
 
 
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        (dict(merge_block=3), "merge_block"),
+        (dict(merge_block=2.0), "merge_block"),
+        (dict(merge_block=True), "merge_block"),
+        (dict(unroll=0), "unroll"),
+        (dict(unroll=1.5), "unroll"),
+    ],
+)
+def test_launch_parameters_are_checked_before_launching(kw, name):
+    g = torch.Generator().manual_seed(2)
+    views = [ref.synthetic_tier(S, 40, D, ("channel", 2, D), ("token", 2, D), generator=g)]
+    q = torch.randn(B, HQ, 1, D, generator=g)
+    acc = torch.zeros(S, 40)
+    cnt = torch.zeros(S, 40)
+    attn = load_attention("cpu")
+    with pytest.raises(ValueError, match=name):
+        attn.attend_tiers(
+            views,
+            q,
+            [39],
+            torch.zeros(B, dtype=torch.int32),
+            0.3,
+            HK,
+            [True],
+            accumulate=[(acc, cnt)],
+            **kw,
+        )
+    assert not acc.any() and not cnt.any()  # nothing was added
+
+
 def test_wide_codes_and_fast_mode():
     g = torch.Generator().manual_seed(1)
     views = [

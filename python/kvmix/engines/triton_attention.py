@@ -2092,8 +2092,12 @@ def attend_tiers(
         target_programs = 2112 if fields else 1056 * 4 // num_warps
     if merge_block is None:
         merge_block = max(16, 8192 // q.shape[-1])  # [block, D] fp32: 64 registers at 4 warps
-    if merge_block < 1 or merge_block & (merge_block - 1):
-        raise ValueError(f"merge_block must be a power of two, got {merge_block}")
+    # Constexprs of the launch: a bool or float would compile a kernel of its own, or fail
+    # deep inside Triton, so both are refused here, before anything is launched.
+    if type(merge_block) is not int or merge_block < 1 or merge_block & (merge_block - 1):
+        raise ValueError(f"merge_block must be a power of two, got {merge_block!r}")
+    if type(unroll) is not int or unroll < 1:
+        raise ValueError(f"unroll must be a positive int, got {unroll!r}")
 
     if len(tiers) > 3:
         raise ValueError(f"attend_tiers takes at most 3 tiers, got {len(tiers)}")

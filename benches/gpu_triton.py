@@ -481,21 +481,27 @@ def merge():
 
 def unroll():
     """The field path's page loop unrolled twice (``unroll=2``) against the default at
-    ZipCache's B8 x 32k: the largest difference between the two outputs, then the call's time
-    beside SDPA (session 25's profile: the loop is latency bound, a warp issuing every ~4
-    cycles on its own dependent chains; unrolled, the compiler may interleave two pages)."""
+    B8 x 32k, ZipCache and kvmix-5x: the largest difference between the two outputs, then
+    the call's time beside SDPA (session 25's profile: the loop is latency bound, a warp
+    issuing every ~4 cycles on its own dependent chains; unrolled, the compiler may
+    interleave two pages), also with three pipeline stages for ZipCache."""
     attn = load_attention("cuda")
-    st = store("zipcache", "cuda", 8, 32768)
-    views = [st._tiers[t].view() for t in TIERS]
-    q = torch.randn(8, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
-    args = (views, q, [32768], st._fv_dev, D**-0.5, HK, None)
-    a, _ = attn.attend_tiers(*args)
-    b, _ = attn.attend_tiers(*args, unroll=2)
-    print(f"unroll=2 against the default: max |diff| {(a - b).abs().max().item():.3e}", flush=True)
-    del st, views
     bw = copy_bandwidth()
-    variants = [("default", dict(), True), ("unroll2", dict(unroll=2), True)]
-    case(attn, bw, "zipcache", 8, 32768, variants)
+    for name in ("zipcache", "kvmix-5x"):
+        st = store(name, "cuda", 8, 32768)
+        views = [st._tiers[t].view() for t in TIERS]
+        q = torch.randn(8, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+        args = (views, q, [32768], st._fv_dev, D**-0.5, HK, None)
+        a, _ = attn.attend_tiers(*args)
+        b, _ = attn.attend_tiers(*args, unroll=2)
+        diff = (a - b).abs().max().item()
+        print(f"{name} unroll=2 against the default: max |diff| {diff:.3e}", flush=True)
+        del st, views
+        variants = [("default", dict(), True), ("unroll2", dict(unroll=2), True)]
+        if name == "zipcache":
+            variants.append(("unroll2s3", dict(unroll=2, num_stages=3), True))
+        case(attn, bw, name, 8, 32768, variants)
+        torch.cuda.empty_cache()
     print("(us; eager/graph)", flush=True)
 
 

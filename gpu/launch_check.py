@@ -6,7 +6,9 @@
 2. A decoding step of a model on the Triton engine (append, attention, tracking) makes no
    synchronizing call (``torch.cuda.set_sync_debug_mode("error")``).
 3. Host microseconds per call: one torch op, Triton's launch and the fast launch of the
-   attention, and the store's append and attention of one layer step.
+   attention (the compiled kernel's launcher called directly, and through its runner as
+   before session 26), the stream lookup both ways, and the store's append and attention of
+   one layer step.
 
     python3 gpu/launch_check.py
 """
@@ -102,36 +104,39 @@ def host_us(fn, n=300):
     return 1e6 * (t1 - t0) / n
 
 
+def through_runner(fn):
+    """``fn`` with the fast launch going through the compiled kernel's runner (as it did to
+    session 25), not its launcher directly: the same-process baseline of that change."""
+    knobs = attn._KNOBS
+    attn._KNOBS = None
+    try:
+        return fn()
+    finally:
+        attn._KNOBS = knobs
+
+
 out = torch.empty(B, 1, HQ, D, device=dev, dtype=torch.bfloat16)
 acc_add = [(tiers[0].acc.clone(), tiers[0].count.clone()), None, None]
+
+
+def attend(**kw):
+    """The attention call a decoding step makes (in place, bf16 out in the model's layout)."""
+    return attn.attend_tiers(
+        views, q, pos, store._fv_dev, 0.088, H, want,
+        accumulate=acc_add, out=out, out_layout="bthd", **kw,
+    )  # fmt: skip
+
+
 rows = {
     "torch.empty (one op)": lambda: torch.empty(B, 1, HQ, D, device=dev),
     "q.float() (one op)": lambda: q.float(),
-    "attend_tiers, Triton's launch": lambda: attn.attend_tiers(
-        views,
-        q,
-        pos,
-        store._fv_dev,
-        0.088,
-        H,
-        want,
-        fast_launch=False,
-        accumulate=acc_add,
-        out=out,
-        out_layout="bthd",
+    "attend_tiers, Triton's launch": lambda: attend(fast_launch=False),
+    "attend_tiers, fast launch": attend,
+    "attend_tiers, fast launch through Triton's runner": lambda: through_runner(attend),
+    "torch.cuda.current_stream(dev).cuda_stream": lambda: (
+        torch.cuda.current_stream(dev).cuda_stream
     ),
-    "attend_tiers, fast launch": lambda: attn.attend_tiers(
-        views,
-        q,
-        pos,
-        store._fv_dev,
-        0.088,
-        H,
-        want,
-        accumulate=acc_add,
-        out=out,
-        out_layout="bthd",
-    ),
+    "_raw_stream(dev)": lambda: attn._raw_stream(dev),
     "store.attend(out=..., track) (views included)": lambda: store.attend(
         q, pos, 0.088, True, out=out
     ),

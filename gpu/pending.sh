@@ -500,6 +500,38 @@ C26B)
   # then the call's time beside SDPA.
   timeout 280 python3 -u benches/gpu_triton.py --unroll > "$OUT/unroll.txt" 2>&1
   ;;
+C26C)
+  # Session 26: ZipCache's classification in kernels (`zipcache_rank_kernel`: scores,
+  # categories and ranking keys; one sort; `mark_salient_kernel`; `partition_kernel` per
+  # tier pushed to, replacing a sort, two gathers and a select each: 272 -> 225 torch ops and
+  # 3 -> 1 sorts in a prefill's layer) and the fast launch calling the compiled kernel's
+  # launcher directly (no runner closure, the raw stream handle). The CUDA tests,
+  # the launch check (bit-identical to Triton's launch; host us per call, the runner's path
+  # beside), then one layer's B=1 x 32k prefill step by step, this tree and, as the baseline
+  # in the same call, main before the change (carry/base: `git archive f5ee36b python/kvmix`,
+  # the wheel's .so copied in).
+  timeout 200 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 120 python3 -u gpu/launch_check.py > "$OUT/launch-check.txt" 2>&1
+  timeout 100 python3 -u gpu/prefill_steps.py --batch 1 --context 32768 --reps 5 \
+    > "$OUT/prefill-steps-b1.txt" 2>&1
+  if [ -d carry/base/python/kvmix ]; then
+    cp /tmp/kvmixpy/kvmix/_kvmix*.so carry/base/python/kvmix/
+    PYTHONPATH=$PWD/carry/base/python:$PYTHONPATH timeout 100 python3 -u gpu/prefill_steps.py \
+      --batch 1 --context 32768 --reps 5 > "$OUT/prefill-steps-b1-base.txt" 2>&1
+  fi
+  ;;
+C26D)
+  # Session 26, after C26C: a decoding step's host work (`kvmix.bench host`, B=1 x 8k, the
+  # 32-layer model) with this tree's direct launch and ZipCache's kernels, and main before
+  # them (carry/base) as the baseline in the same call.
+  timeout 200 python3 -u -m kvmix.bench host --context 8192 --batch 1 --steps 8 \
+    --methods full zipcache > "$OUT/host-b1-8k.txt" 2>&1
+  if [ -d carry/base/python/kvmix ]; then
+    cp /tmp/kvmixpy/kvmix/_kvmix*.so carry/base/python/kvmix/
+    PYTHONPATH=$PWD/carry/base/python:$PYTHONPATH timeout 200 python3 -u -m kvmix.bench host \
+      --context 8192 --batch 1 --steps 8 --methods full zipcache > "$OUT/host-b1-8k-base.txt" 2>&1
+  fi
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -507,7 +539,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D" >&2
   exit 2
   ;;
 esac

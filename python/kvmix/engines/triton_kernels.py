@@ -71,6 +71,11 @@ def _min(x, axis: tl.constexpr):
 
 
 @triton.jit
+def _cumsum(x, axis: tl.constexpr):
+    return tl.associative_scan(x, axis, _add)
+
+
+@triton.jit
 def _cast_rtne(x, DT: tl.constexpr):
     """fp32 ``x`` as ``DT``, rounded to nearest even as torch's ``.to()`` rounds. bfloat16 is
     rounded by hand: Triton's interpreter truncates fp32 to bfloat16 (the GPU rounds to
@@ -173,6 +178,144 @@ def append_rows_kernel(
         ok2 = (tl.abs(k) <= 65504.0).to(tl.int32) + (tl.abs(v) <= 65504.0).to(tl.int32)
         bad = _sum(_sum(2 - ok2, 1), 0)
         tl.store(BAD, 1, mask=bad > 0)
+
+
+@triton.jit(do_not_specialize=["n", "width", "code"])
+def partition_kernel(
+    PICK,  # [S, n] bool, or int8 categories (``code``), read through its row stride
+    P,  # int16/int32 [S, n] positions, read through its row stride
+    IDX,  # int64 [S, width] out: the columns, picked ones first
+    GP,  # [S, width] out, P's dtype: the picked columns' positions, -1 (a hole) for the rest
+    n,
+    width,
+    code,
+    sp_pick,
+    sp_p,
+    BLOCK: tl.constexpr,
+):
+    """Row ``s`` stably partitioned by ``PICK == code``, the first ``width`` columns kept: the
+    picked columns in column order, then the others in column order (what a stable sort of
+    the keys ``PICK != code`` orders them as), with the picked columns' positions and -1 for
+    the others. One program per stream: a pass counts the picked columns, a second writes
+    each column at its rank, from running sums within blocks of ``BLOCK`` columns."""
+    s = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    total = _sum(cols * 0, 0)
+    for c0 in range(0, n, BLOCK):
+        c = c0 + cols
+        ok = c < n
+        v = tl.load(PICK + s * sp_pick + c, mask=ok, other=0).to(tl.int32)
+        total += _sum(((v == code) & ok).to(tl.int32), 0)
+    before = total * 0  # picked columns before this block
+    for c0 in range(0, n, BLOCK):
+        c = c0 + cols
+        ok = c < n
+        v = tl.load(PICK + s * sp_pick + c, mask=ok, other=0).to(tl.int32)
+        pi = ((v == code) & ok).to(tl.int32)
+        picked_before = before + _cumsum(pi, 0) - pi  # picked columns before column c
+        dest = tl.where(pi != 0, picked_before, total + c - picked_before)
+        keep = ok & (dest < width)
+        pos = tl.load(P + s * sp_p + c, mask=keep & (pi != 0), other=-1)
+        out = s * width + dest
+        tl.store(IDX + out, c.to(tl.int64), mask=keep)
+        tl.store(GP + out, pos.to(GP.dtype.element_ty), mask=keep)
+        before += _sum(pi, 0)
+
+
+# ZipCache's token categories (``zipcache_rank_kernel`` / ``mark_salient_kernel``; the
+# store pushes each category's rows by its value).
+CAT_PAD = tl.constexpr(0)  # left padding: a low-tier segment of its own
+CAT_SINK = tl.constexpr(1)  # an attention sink: a high-tier segment of its own
+CAT_SALIENT = tl.constexpr(2)
+CAT_REGULAR = tl.constexpr(3)
+
+
+@triton.jit(do_not_specialize=["n", "n_sink"])
+def zipcache_rank_kernel(
+    ACC,  # fp32 [S, n] the tokens' accumulated attention, row stride sa
+    CNT,  # fp32 [S, n] how many queries saw each, row stride sc
+    P,  # int16/int32 [S, n] positions, row stride sp
+    FV,  # int32 [B] each sequence's first valid position
+    KEY,  # fp32 [S, n] out: the ranking key, columns reversed
+    CAT,  # int8 [S, n] out: CAT_PAD, CAT_SINK or CAT_REGULAR (salient ones marked later)
+    n,
+    n_sink,
+    kv_heads,
+    sa,
+    sc,
+    sp,
+    LAYER: tl.constexpr,
+    NORMALIZED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """ZipCache's ranking keys and categories for one classification, one program per stream
+    (what ``TritonLayerStore._classify_zipcache`` did in ~30 torch ops): each token's score
+    (the accumulated attention, divided by its count when ``NORMALIZED``, correctly rounded;
+    summed over the sequence's kv-heads first with ``LAYER``), its category (left padding;
+    the first ``n_sink`` valid positions, the attention sinks; the rest regular), and the
+    key that an ascending stable sort ranks by: ``-score`` for an eligible token (valid, not
+    a sink; a NaN score as -inf, +-inf as the largest finite values, as ``torch.nan_to_num``
+    maps them), NaN (after every number) for the others, written with the columns reversed
+    so that a stable sort puts the more recent of two equal scores first (ties go to the more
+    recent token, as the Rust store's ``importance::top_k``)."""
+    s = tl.program_id(0)
+    b = s // kv_heads
+    s64 = s.to(tl.int64)
+    fv = tl.load(FV + b)
+    cols = tl.arange(0, BLOCK)
+    for c0 in range(0, n, BLOCK):
+        c = c0 + cols
+        ok = c < n
+        if LAYER:
+            a = tl.full([BLOCK], 0.0, tl.float32)
+            k = tl.full([BLOCK], 0.0, tl.float32)
+            for h in range(kv_heads):  # in head order, as a sum over the heads' axis
+                r = (b * kv_heads + h).to(tl.int64)
+                a += tl.load(ACC + r * sa + c, mask=ok, other=0.0)
+                k += tl.load(CNT + r * sc + c, mask=ok, other=0.0)
+        else:
+            a = tl.load(ACC + s64 * sa + c, mask=ok, other=0.0)
+            k = tl.load(CNT + s64 * sc + c, mask=ok, other=0.0)
+        if NORMALIZED:
+            score = tl.where(k > 0, tl.div_rn(a, tl.where(k > 0, k, 1.0)), 0.0)
+        else:
+            score = a
+        big = 3.4028234663852886e38
+        score = tl.where(score == float("inf"), big, score)
+        score = tl.where(score == float("-inf"), -big, score)
+        score = tl.where(score != score, float("-inf"), score)
+        p = tl.load(P + s64 * sp + c, mask=ok, other=-1).to(tl.int32)
+        valid = p >= fv
+        sink = valid & (p < fv + n_sink)
+        key = tl.where(valid & ~sink, -score, float("nan"))
+        tl.store(KEY + s64 * n + (n - 1 - c), key, mask=ok)
+        cat = tl.where(valid, tl.where(sink, CAT_SINK, CAT_REGULAR), CAT_PAD)
+        tl.store(CAT + s64 * n + c, cat.to(tl.int8), mask=ok)
+
+
+@triton.jit(do_not_specialize=["n"])
+def mark_salient_kernel(
+    ORDER,  # int64 [S, n] the stable ascending sort's indices of zipcache_rank_kernel's keys
+    CAT,  # int8 [S, n] the categories, updated in place
+    KS,  # int64 [B] each sequence's salient count
+    n,
+    kv_heads,
+    BLOCK: tl.constexpr,
+):
+    """The first ``KS[b]`` tokens of stream ``s``'s ranking (``b``: its sequence; the sort's
+    indices count the reversed columns) become salient where they are regular: ineligible
+    tokens' NaN keys sort last, so they are among the first only when fewer tokens are
+    eligible than salient."""
+    s = tl.program_id(0).to(tl.int64)
+    k = tl.load(KS + s // kv_heads)
+    cols = tl.arange(0, BLOCK)
+    for i0 in range(0, k, BLOCK):
+        i = i0 + cols
+        ok = i < k
+        col = n - 1 - tl.load(ORDER + s * n + i, mask=ok, other=0)
+        cat = tl.load(CAT + s * n + col, mask=ok, other=CAT_PAD)
+        salient = tl.full([BLOCK], CAT_SALIENT, tl.int8)
+        tl.store(CAT + s * n + col, salient, mask=ok & (cat == CAT_REGULAR))
 
 
 @triton.jit

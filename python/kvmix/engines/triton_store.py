@@ -132,15 +132,34 @@ def _round_half_away(x: float) -> int:
     return math.floor(x + 0.5)
 
 
-def _real_first(pick: torch.Tensor, width: int) -> torch.Tensor:
-    """Column indices ``[S, width]`` of each row of ``pick [S, n]``'s stable partition: the
-    columns where it holds first, each part in column order. A stable sort of the bool keys
-    ``~pick`` (not of int32 ones: a radix sort's passes go with the key's bits).
+def _partition(
+    kern: Any, pick: torch.Tensor, p: torch.Tensor, width: int, code: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of ``pick [S, n]``'s stable partition, its first ``width`` columns: the column
+    indices (int64 ``[S, width]``) of the columns where it holds (bool ``pick``; or where the
+    int8 categories ``pick`` equal ``code``), in column order, then of the others, in column
+    order (the order a stable sort of ``~pick`` gives), and ``p [S, n]``'s positions at the
+    picked ones, -1 (a hole) at the others. One launch
+    (``partition_kernel``): the stable sort, two gathers and a select it replaces were ~5 torch
+    ops and a radix sort's several launches, paid per classification and per tier pushed to,
+    on the host, which sets the pace of a decoding step on a GPU (~120 us of host time per
+    sort on the H100's host, session 23's profile)."""
+    s, n = pick.shape
+    w = min(width, n)
+    idx = torch.empty(s, w, dtype=torch.long, device=pick.device)
+    gp = torch.empty(s, w, dtype=p.dtype, device=p.device)
+    if s and w:
+        pick = pick if pick.stride(1) == 1 else pick.contiguous()
+        p = p if p.stride(1) == 1 else p.contiguous()
+        _run(
+            kern.partition_kernel, (s,), pick, p, idx, gp, n, w, code, pick.stride(0),
+            p.stride(0), BLOCK=1024,
+        )  # fmt: skip
+    return idx, gp
 
-    Rejected: a cumulative sum and a scatter (no sort) take about three times the torch ops
-    of the sort, and MiKV's decoding steps, host bound on a GPU, partition twice per layer."""
-    return torch.sort(~pick, dim=1, stable=True).indices[:, :width]
 
+#: ZipCache's token categories, as ``triton_kernels.zipcache_rank_kernel`` writes them.
+_CAT_PAD, _CAT_SINK, _CAT_SALIENT, _CAT_REGULAR = 0, 1, 2, 3
 
 #: The Rust codecs' `clip` names as the quantize kernels' ``CLIP`` switch.
 _CLIPS = {"minmax": 0, "mse": 1, "mse_unbiased": 2}
@@ -1332,7 +1351,8 @@ class TritonLayerStore:
                 out = (*out[:2], out[2].clone(), out[3].clone(), out[4].clone())
                 buf.pos[:, :f] = -1
             return out
-        order = _real_first(buf.pos[:, :f] >= 0, f)
+        # Each stream's real rows first (holes' positions are -1 already).
+        order, real_pos = _partition(self._kern(), buf.pos[:, :f] >= 0, buf.pos[:, :f], f)
         take_s = _device_values(take, dev).repeat_interleave(h)[:, None]
 
         def rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -1343,7 +1363,7 @@ class TritonLayerStore:
         idx = order[:, :w]
         mine = torch.arange(w, device=dev)[None, :] < take_s
         k, v = rows(buf.kd, idx), rows(buf.vd, idx)
-        p = torch.where(mine, rows(buf.pos, idx), -1)
+        p = torch.where(mine, real_pos[:, :w], -1)
         a, c = rows(buf.acc, idx), rows(buf.count, idx)
         left = [n - t for n, t in zip(self._buf_len, take, strict=True)]
         nf = max(left)
@@ -1400,19 +1420,10 @@ class TritonLayerStore:
         pads = self._padding()
         k, v, p, acc, cnt = self._take_buffer(list(self._buf_len))
         b, h = self.batch, self.kv_heads
-        if o["selection"] == "layer":
-            acc = acc.reshape(b, h, n).sum(1, keepdim=True).expand(b, h, n).reshape(b * h, n)
-            cnt = cnt.reshape(b, h, n).sum(1, keepdim=True).expand(b, h, n).reshape(b * h, n)
-        if o["normalized"]:
-            score = torch.where(cnt > 0, acc / torch.where(cnt > 0, cnt, 1.0), 0.0)
-        else:
-            score = acc
-        fv = self._first_valid_dev().repeat_interleave(h)[:, None]
-        valid = p >= fv
+        kern = self._kern()
         # Attention sinks: the sequence's first `sink_tokens` valid positions, a high-tier
         # segment of their own, counted in the salient budget (as the Rust store).
         n_sink = int(o.get("sink_tokens") or 0)
-        sink = valid & (p < fv + n_sink)
         sinks = [
             max(0, min(self.seen, fv_b + n_sink) - max(start, fv_b)) for fv_b in self.first_valid
         ]
@@ -1422,43 +1433,44 @@ class TritonLayerStore:
             for fv_b in self.first_valid
         ]
         k_seq = [max(0, ks - ns) for ks, ns in zip(k_all, sinks, strict=True)]
-        k_s = _device_values(k_seq, p.device).repeat_interleave(h)
-        # Rank by (eligible, score, index) descending: ties go to the more recent token, NaN
-        # ranks lowest (importance::top_k). One stable ascending sort of the negated scores
-        # (a NaN score as -inf, so +inf here) with the ineligible tokens as NaN, which sorts
-        # after every number; the keys reversed so that ties keep the more recent first.
-        eligible = valid & ~sink
-        neg = -torch.nan_to_num(score, nan=float("-inf"))
-        key = torch.where(eligible, neg, float("nan")).flip(-1)
-        order = (n - 1) - torch.sort(key, dim=1, stable=True).indices
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(n, device=p.device).expand_as(order))
-        salient = (rank < k_s[:, None]) & eligible
+        # Each token's category and ranking key in one kernel; the ranking by (eligible,
+        # score, index) descending (ties to the more recent token, NaN lowest:
+        # importance::top_k) is one stable ascending sort of the keys; the first k of each
+        # stream's ranking become salient in another kernel.
+        key = torch.empty(b * h, n, dtype=torch.float32, device=p.device)
+        cat = torch.empty(b * h, n, dtype=torch.int8, device=p.device)
+        _run(
+            kern.zipcache_rank_kernel, (b * h,), acc, cnt, p, self._first_valid_dev(), key, cat,
+            n, n_sink, h, acc.stride(0), cnt.stride(0), p.stride(0),
+            LAYER=o["selection"] == "layer", NORMALIZED=bool(o["normalized"]), BLOCK=1024,
+        )  # fmt: skip
+        order = torch.sort(key, dim=1, stable=True).indices
+        k_s = _device_values(k_seq, p.device)
+        _run(kern.mark_salient_kernel, (b * h,), order, cat, k_s, n, h, BLOCK=1024)
         # Room for this classification's pushes at once: one reallocation per tier.
         rest = [n - pad - ks - ns for pad, ks, ns in zip(pads, k_seq, sinks, strict=True)]
         self._tiers["high"].reserve(max(sinks) + max(k_seq), 2)
         kb = int(o.get("key_block") or 0)
         self._tiers["low"].reserve(max(pads) + max(rest), 2 + (max(rest) // kb if kb else 0))
-        self._split_push("high", sink, k, v, p, max(sinks))
-        self._split_push("high", salient, k, v, p, max(k_seq))
+        self._split_push("high", cat, k, v, p, max(sinks), code=_CAT_SINK)
+        self._split_push("high", cat, k, v, p, max(k_seq), code=_CAT_SALIENT)
         # As the Rust store: a sequence's left padding is a low-tier segment of its own, so
         # the padding's range does not set its regular tokens' per-channel key codes.
-        self._split_push("low", ~valid, k, v, p, max(pads))
+        self._split_push("low", cat, k, v, p, max(pads), code=_CAT_PAD)
         # The regular tokens in position order, `key_block` per segment (the last one shorter),
         # as the Rust store cuts them: whole blocks in one push, the rest in another.
-        regular, width = ~salient & ~sink & valid, max(rest)
+        width = max(rest)
         block = int(o.get("key_block") or 0) or max(1, width)
         whole = width // block
         if whole > 1 or (whole == 1 and width > block):
-            idx = _real_first(regular, width)
-            gp = torch.where(regular.gather(1, idx), p.gather(1, idx), -1)
+            idx, gp = _partition(kern, cat, p, width, _CAT_REGULAR)
             low = self._tiers["low"]
             cut = whole * block
-            low.push(self._kern(), k, v, gp[:, :cut], blocks=whole, rows=idx[:, :cut])
+            low.push(kern, k, v, gp[:, :cut], blocks=whole, rows=idx[:, :cut])
             if width > cut:
-                low.push(self._kern(), k, v, gp[:, cut:], rows=idx[:, cut:].contiguous())
+                low.push(kern, k, v, gp[:, cut:], rows=idx[:, cut:].contiguous())
         else:
-            self._split_push("low", regular, k, v, p, width)
+            self._split_push("low", cat, k, v, p, width, code=_CAT_REGULAR)
 
     def _classify_retain(self, demote: bool) -> None:
         """MiKV / H2O (``src/store/classify.rs``, ``plan_retain_important``): the important set
@@ -1557,14 +1569,14 @@ class TritonLayerStore:
         width: int,
         acc: torch.Tensor | None = None,
         count: torch.Tensor | None = None,
+        code: int = 1,
     ) -> None:
-        """Push the rows where ``pick`` holds, in position order, real rows first (with their
-        scores, when given); ``k``, ``v`` in any float dtype (the buffer's)."""
+        """Push the rows where ``pick`` holds (or, for int8 categories, equals ``code``), in
+        position order, real rows first (with their scores, when given); ``k``, ``v`` in any
+        float dtype (the buffer's)."""
         if width == 0:
             return
-        idx = _real_first(pick, width)
-        kept = pick.gather(1, idx)
-        gp = torch.where(kept, p.gather(1, idx), -1)
+        idx, gp = _partition(self._kern(), pick, p, width, code)
         ga = None if acc is None else acc.gather(1, idx)
         gc = None if count is None else count.gather(1, idx)
         self._tiers[tier].push(self._kern(), k, v, gp, ga, gc, rows=idx)

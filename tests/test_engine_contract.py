@@ -75,6 +75,41 @@ def test_triton_matches_rust(policy, config, buffer_dtype, device):
     np.testing.assert_allclose(out_t.cpu().numpy(), out_r, rtol=1e-5, atol=tol)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"selection": "layer", "normalized": True, "sink_tokens": 0},
+        {"selection": "kv_head", "normalized": True, "sink_tokens": 3},
+        {"selection": "kv_head", "normalized": False, "sink_tokens": 0},
+        {"selection": "layer", "normalized": False, "sink_tokens": 4},
+    ],
+)
+def test_zipcache_ranking_edge_cases_match_rust(config):
+    """ZipCache's ranking (``zipcache_rank_kernel``, one sort, ``mark_salient_kernel``)
+    against the Rust store's ``importance::top_k`` where ranking is delicate: scores of three
+    values (ties go to the more recent token), zero counts (a normalized score of 0), a
+    left-padded sequence, attention sinks, both selections. (NaN scores, which the kernel
+    ranks lowest as the Rust store does, cannot be given to the Rust store: it refuses them.)"""
+    b, h, d, n = 2, 3, 32, 90
+    g = torch.Generator().manual_seed(11)
+    rust = kvmix.LayerStore("zipcache", h, d, {"streaming_gap": 4, **config}, "float32")
+    tri = TritonLayerStore("zipcache", h, d, {"streaming_gap": 4, **config}, "float32")
+    k, v = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, d, generator=g)
+    rust.append(k.numpy(), v.numpy())
+    tri.append(k, v)
+    for store in (rust, tri):
+        store.set_first_valid([7, 0])
+    acc = torch.randint(0, 3, (b, h, n), generator=g).float() / 2
+    cnt = torch.randint(0, 3, (b, h, n), generator=g).float()
+    rust.add_scores(0, acc.numpy(), cnt.numpy())
+    tri.add_scores(0, acc, cnt)
+    assert rust.maybe_classify() and tri.maybe_classify()
+    for s in range(b * h):
+        rp, tp = rust.tier_positions(s), tri.tier_positions(s)
+        for tier in ("buffer", "high", "low"):
+            np.testing.assert_array_equal(rp[tier], tp[tier].numpy(), err_msg=f"{s} {tier}")
+
+
 def test_engine_resolution_and_refusals():
     assert resolve_engine("auto", torch.device("cpu")) == "rust"
     assert resolve_engine("auto", torch.device("cuda")) == "triton"

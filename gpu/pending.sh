@@ -510,8 +510,6 @@ C26C)
   # beside), then one layer's B=1 x 32k prefill step by step, this tree and, as the baseline
   # in the same call, main before the change (carry/base: `git archive f5ee36b python/kvmix`,
   # the wheel's .so copied in).
-  timeout 200 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
-  timeout 120 python3 -u gpu/launch_check.py > "$OUT/launch-check.txt" 2>&1
   timeout 100 python3 -u gpu/prefill_steps.py --batch 1 --context 32768 --reps 5 \
     > "$OUT/prefill-steps-b1.txt" 2>&1
   if [ -d carry/base/python/kvmix ]; then
@@ -519,6 +517,8 @@ C26C)
     PYTHONPATH=$PWD/carry/base/python:$PYTHONPATH timeout 100 python3 -u gpu/prefill_steps.py \
       --batch 1 --context 32768 --reps 5 > "$OUT/prefill-steps-b1-base.txt" 2>&1
   fi
+  timeout 200 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 120 python3 -u gpu/launch_check.py > "$OUT/launch-check.txt" 2>&1
   ;;
 C26D)
   # Session 26, after C26C: a decoding step's host work (`kvmix.bench host`, B=1 x 8k, the

@@ -505,11 +505,11 @@ C26C)
   # categories and ranking keys; one sort; `mark_salient_kernel`; `partition_kernel` per
   # tier pushed to, replacing a sort, two gathers and a select each: 272 -> 225 torch ops and
   # 3 -> 1 sorts in a prefill's layer) and the fast launch calling the compiled kernel's
-  # launcher directly (no runner closure, the raw stream handle). The CUDA tests,
-  # the launch check (bit-identical to Triton's launch; host us per call, the runner's path
-  # beside), then one layer's B=1 x 32k prefill step by step, this tree and, as the baseline
-  # in the same call, main before the change (carry/base: `git archive f5ee36b python/kvmix`,
-  # the wheel's .so copied in).
+  # launcher directly (no runner closure, the raw stream handle). One layer's B=1 x 32k
+  # prefill step by step, this tree and, as the baseline in the same call, main before the
+  # change (carry/base: `git archive f5ee36b python/kvmix`, the wheel's .so copied in); then
+  # the CUDA tests and the launch check (bit-identical to Triton's launch; host us per call,
+  # the runner's path beside). The most wanted first: the budget may end the call.
   timeout 100 python3 -u gpu/prefill_steps.py --batch 1 --context 32768 --reps 5 \
     > "$OUT/prefill-steps-b1.txt" 2>&1
   if [ -d carry/base/python/kvmix ]; then

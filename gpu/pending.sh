@@ -520,6 +520,21 @@ C26C)
   timeout 200 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
   timeout 120 python3 -u gpu/launch_check.py > "$OUT/launch-check.txt" 2>&1
   ;;
+C26E)
+  # Session 26, C26C cut to the device time left (~180 s): the new kernels compiled and
+  # checked on the GPU (the partition against a stable sort; ZipCache's store against the
+  # Rust store at the contract's CUDA size), then the B=1 x 32k prefill steps, this tree
+  # and main before (carry/base).
+  timeout 70 python3 -m pytest -q -m cuda tests/test_triton_partition.py \
+    tests/test_engine_contract.py -k "partition or zipcache" > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 50 python3 -u gpu/prefill_steps.py --batch 1 --context 32768 --reps 3 \
+    > "$OUT/prefill-steps-b1.txt" 2>&1
+  if [ -d carry/base/python/kvmix ]; then
+    cp /tmp/kvmixpy/kvmix/_kvmix*.so carry/base/python/kvmix/
+    PYTHONPATH=$PWD/carry/base/python:$PYTHONPATH timeout 50 python3 -u gpu/prefill_steps.py \
+      --batch 1 --context 32768 --reps 3 > "$OUT/prefill-steps-b1-base.txt" 2>&1
+  fi
+  ;;
 C26D)
   # Session 26, after C26C: a decoding step's host work (`kvmix.bench host`, B=1 x 8k, the
   # 32-layer model) with this tree's direct launch and ZipCache's kernels, and main before
@@ -539,7 +554,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E" >&2
   exit 2
   ;;
 esac

@@ -526,7 +526,7 @@ C26E)
   # Rust store at the contract's CUDA size), then the B=1 x 32k prefill steps, this tree
   # and main before (carry/base).
   timeout 70 python3 -m pytest -q -m cuda tests/test_triton_partition.py \
-    tests/test_engine_contract.py -k "partition or zipcache" > "$OUT/pytest-cuda.txt" 2>&1
+    tests/test_engine_contract.py -k "partition or (zipcache and config0)" > "$OUT/pytest-cuda.txt" 2>&1
   timeout 50 python3 -u gpu/prefill_steps.py --batch 1 --context 32768 --reps 3 \
     > "$OUT/prefill-steps-b1.txt" 2>&1
   if [ -d carry/base/python/kvmix ]; then

@@ -1997,16 +1997,23 @@ def _launch(
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
     knobs = _KNOBS.runtime if _KNOBS is not None else None
-    if knobs is None or knobs.launch_enter_hook is not None or knobs.launch_exit_hook is not None:
+    if knobs is None or _hooked(knobs.launch_enter_hook) or _hooked(knobs.launch_exit_hook):
         # A profiler's launch hooks want their metadata: Triton's own runner builds it.
         kernel[(grid[0], g1, g2)](*args, *tail, stream=stream)
         return
     # What the compiled kernel's runner does (``CompiledKernel.__getitem__``), without its
-    # per-call closure and metadata: ~10 us of host time less per launch.
+    # per-call closure and the launch metadata it builds for the hooks (Triton 3.6 builds it
+    # at every launch: its hooks are chains, never None), and with no hook to call.
     kernel.run(
         grid[0], g1, g2, stream, kernel.function, kernel.packed_metadata, None, None, None,
         *args, *tail,
     )  # fmt: skip
+
+
+def _hooked(hook: Any) -> bool:
+    """Whether a Triton launch hook is set: a hook chain with calls in it (Triton 3.6 on), or
+    a plain callable (earlier Tritons, where an unset hook is None)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 def _raw_stream(dev: Any) -> int:

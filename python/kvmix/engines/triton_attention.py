@@ -1942,7 +1942,9 @@ def _launch(
     cache-key and option formatting, which cost more host time than a decode step's GPU time.
     The key holds what Triton specializes on: the constexprs, each tensor's dtype and 16-byte
     alignment, and whether each integer argument is 1, a multiple of 16, and fits in 32 bits
-    (only the last for the kernel's ``do_not_specialize`` arguments).
+    (only the last for the kernel's ``do_not_specialize`` arguments), and the device (a
+    kernel is loaded per device); a launch on another device than the current one is made
+    with that device current.
     Every positional argument comes before the constexprs (given by name) in the kernels
     launched this way. ``stream``: the
     current CUDA stream's handle (looked up when not given). ``maxnreg``: a cap on the
@@ -1962,6 +1964,16 @@ def _launch(
     import torch
 
     tensor = torch.Tensor
+    dev = (
+        args[0] if isinstance(args[0], tensor) else next(a for a in args if isinstance(a, tensor))
+    ).device
+    if dev.index != torch.cuda.current_device():
+        # Triton compiles, loads and launches a kernel for the current device (its launcher
+        # takes the current CUDA context): a model split over GPUs calls its layers with
+        # another one current.
+        with torch.cuda.device(dev):
+            _launch(fn, grid, args, consts, num_warps, num_stages, fast, stream, fusion, maxnreg)
+        return
     plain = _UNSPECIALIZED.get(fn)
     if plain is None:
         plain = _UNSPECIALIZED[fn] = frozenset(p.num for p in fn.params if p.do_not_specialize)
@@ -1976,7 +1988,7 @@ def _launch(
         for i, a in enumerate(args)
     )
     items = consts if type(consts) is tuple else tuple(consts.items())
-    key = (fn, num_warps, num_stages, fusion, maxnreg, items, sig)
+    key = (fn, num_warps, num_stages, fusion, maxnreg, items, sig, dev.index)
     hit = _COMPILED.get(key)
     if hit is None:
         named = dict(items)
@@ -1993,7 +2005,7 @@ def _launch(
         return
     kernel, tail = hit
     if stream is None:
-        stream = _raw_stream(args[0].device)
+        stream = _raw_stream(dev)
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
     knobs = _KNOBS.runtime if _KNOBS is not None else None

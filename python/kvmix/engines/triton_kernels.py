@@ -307,7 +307,7 @@ def mark_salient_kernel(
     tokens' NaN keys sort last, so they are among the first only when fewer tokens are
     eligible than salient."""
     s = tl.program_id(0).to(tl.int64)
-    k = tl.load(KS + s // kv_heads)
+    k = tl.minimum(tl.load(KS + s // kv_heads), n)  # never past the row
     cols = tl.arange(0, BLOCK)
     for i0 in range(0, k, BLOCK):
         i = i0 + cols

@@ -1437,6 +1437,8 @@ class TritonLayerStore:
         # score, index) descending (ties to the more recent token, NaN lowest:
         # importance::top_k) is one stable ascending sort of the keys; the first k of each
         # stream's ranking become salient in another kernel.
+        # The kernel reads each row's columns as one run (views of the buffer's rows are).
+        acc, cnt, p = (x if x.stride(1) == 1 else x.contiguous() for x in (acc, cnt, p))
         key = torch.empty(b * h, n, dtype=torch.float32, device=p.device)
         cat = torch.empty(b * h, n, dtype=torch.int8, device=p.device)
         _run(

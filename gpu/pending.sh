@@ -13,6 +13,19 @@ source gpu/setup.sh > "$OUT/setup.txt" 2>&1
 cp /tmp/kvmixpy/kvmix/_kvmix*.so python/kvmix/
 export PYTHONPATH=$PWD/python:$PYTHONPATH
 nvidia-smi --query-gpu=name,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+# `both NAME SECONDS CMD...`: CMD with this tree, into $OUT/NAME.txt, then (where carry/base
+# holds main before a change: `git archive <commit> python/kvmix | tar -x -C carry/base`) the
+# same with that tree first on the path, into $OUT/NAME-base.txt: a baseline in the same call.
+both() {
+  local name=$1 secs=$2
+  shift 2
+  timeout "$secs" "$@" > "$OUT/$name.txt" 2>&1
+  if [ -d carry/base/python/kvmix ]; then
+    cp /tmp/kvmixpy/kvmix/_kvmix*.so carry/base/python/kvmix/
+    PYTHONPATH=$PWD/carry/base/python:$PYTHONPATH timeout "$secs" "$@" \
+      > "$OUT/$name-base.txt" 2>&1
+  fi
+}
 case "${1:-}" in
 A)
   timeout 150 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
@@ -510,13 +523,7 @@ C26C)
   # change (carry/base: `git archive f5ee36b python/kvmix`, the wheel's .so copied in); then
   # the CUDA tests and the launch check (bit-identical to Triton's launch; host us per call,
   # the runner's path beside). The most wanted first: the budget may end the call.
-  timeout 100 python3 -u gpu/prefill_steps.py --batch 1 --context 32768 --reps 5 \
-    > "$OUT/prefill-steps-b1.txt" 2>&1
-  if [ -d carry/base/python/kvmix ]; then
-    cp /tmp/kvmixpy/kvmix/_kvmix*.so carry/base/python/kvmix/
-    PYTHONPATH=$PWD/carry/base/python:$PYTHONPATH timeout 100 python3 -u gpu/prefill_steps.py \
-      --batch 1 --context 32768 --reps 5 > "$OUT/prefill-steps-b1-base.txt" 2>&1
-  fi
+  both prefill-steps-b1 100 python3 -u gpu/prefill_steps.py --batch 1 --context 32768 --reps 5
   timeout 200 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
   timeout 120 python3 -u gpu/launch_check.py > "$OUT/launch-check.txt" 2>&1
   ;;
@@ -527,25 +534,14 @@ C26E)
   # and main before (carry/base).
   timeout 70 python3 -m pytest -q -m cuda tests/test_triton_partition.py \
     tests/test_engine_contract.py -k "partition or (zipcache and config0)" > "$OUT/pytest-cuda.txt" 2>&1
-  timeout 50 python3 -u gpu/prefill_steps.py --batch 1 --context 32768 --reps 3 \
-    > "$OUT/prefill-steps-b1.txt" 2>&1
-  if [ -d carry/base/python/kvmix ]; then
-    cp /tmp/kvmixpy/kvmix/_kvmix*.so carry/base/python/kvmix/
-    PYTHONPATH=$PWD/carry/base/python:$PYTHONPATH timeout 50 python3 -u gpu/prefill_steps.py \
-      --batch 1 --context 32768 --reps 3 > "$OUT/prefill-steps-b1-base.txt" 2>&1
-  fi
+  both prefill-steps-b1 50 python3 -u gpu/prefill_steps.py --batch 1 --context 32768 --reps 3
   ;;
 C26D)
   # Session 26, after C26C: a decoding step's host work (`kvmix.bench host`, B=1 x 8k, the
   # 32-layer model) with this tree's direct launch and ZipCache's kernels, and main before
   # them (carry/base) as the baseline in the same call.
-  timeout 200 python3 -u -m kvmix.bench host --context 8192 --batch 1 --steps 8 \
-    --methods full zipcache > "$OUT/host-b1-8k.txt" 2>&1
-  if [ -d carry/base/python/kvmix ]; then
-    cp /tmp/kvmixpy/kvmix/_kvmix*.so carry/base/python/kvmix/
-    PYTHONPATH=$PWD/carry/base/python:$PYTHONPATH timeout 200 python3 -u -m kvmix.bench host \
-      --context 8192 --batch 1 --steps 8 --methods full zipcache > "$OUT/host-b1-8k-base.txt" 2>&1
-  fi
+  both host-b1-8k 200 python3 -u -m kvmix.bench host --context 8192 --batch 1 --steps 8 \
+    --methods full zipcache
   ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1

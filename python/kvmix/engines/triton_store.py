@@ -158,9 +158,6 @@ def _partition(
     return idx, gp
 
 
-#: ZipCache's token categories, as ``triton_kernels.zipcache_rank_kernel`` writes them.
-_CAT_PAD, _CAT_SINK, _CAT_SALIENT, _CAT_REGULAR = 0, 1, 2, 3
-
 #: The Rust codecs' `clip` names as the quantize kernels' ``CLIP`` switch.
 _CLIPS = {"minmax": 0, "mse": 1, "mse_unbiased": 2}
 
@@ -1454,25 +1451,28 @@ class TritonLayerStore:
         self._tiers["high"].reserve(max(sinks) + max(k_seq), 2)
         kb = int(o.get("key_block") or 0)
         self._tiers["low"].reserve(max(pads) + max(rest), 2 + (max(rest) // kb if kb else 0))
-        self._split_push("high", cat, k, v, p, max(sinks), code=_CAT_SINK)
-        self._split_push("high", cat, k, v, p, max(k_seq), code=_CAT_SALIENT)
+        # Each category's rows by its code (the kernels module's constants).
+        c_pad, c_sink = kern.CAT_PAD.value, kern.CAT_SINK.value
+        c_salient, c_regular = kern.CAT_SALIENT.value, kern.CAT_REGULAR.value
+        self._split_push("high", cat, k, v, p, max(sinks), code=c_sink)
+        self._split_push("high", cat, k, v, p, max(k_seq), code=c_salient)
         # As the Rust store: a sequence's left padding is a low-tier segment of its own, so
         # the padding's range does not set its regular tokens' per-channel key codes.
-        self._split_push("low", cat, k, v, p, max(pads), code=_CAT_PAD)
+        self._split_push("low", cat, k, v, p, max(pads), code=c_pad)
         # The regular tokens in position order, `key_block` per segment (the last one shorter),
         # as the Rust store cuts them: whole blocks in one push, the rest in another.
         width = max(rest)
         block = int(o.get("key_block") or 0) or max(1, width)
         whole = width // block
         if whole > 1 or (whole == 1 and width > block):
-            idx, gp = _partition(kern, cat, p, width, _CAT_REGULAR)
+            idx, gp = _partition(kern, cat, p, width, c_regular)
             low = self._tiers["low"]
             cut = whole * block
             low.push(kern, k, v, gp[:, :cut], blocks=whole, rows=idx[:, :cut])
             if width > cut:
                 low.push(kern, k, v, gp[:, cut:], rows=idx[:, cut:].contiguous())
         else:
-            self._split_push("low", cat, k, v, p, width, code=_CAT_REGULAR)
+            self._split_push("low", cat, k, v, p, width, code=c_regular)
 
     def _classify_retain(self, demote: bool) -> None:
         """MiKV / H2O (``src/store/classify.rs``, ``plan_retain_important``): the important set

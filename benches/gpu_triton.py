@@ -505,6 +505,23 @@ def unroll():
     print("(us; eager/graph)", flush=True)
 
 
+def current():
+    """The presets' default launch as the tree on the path has it: the device check
+    (``preset_check``), then at B8 x 32k the call's time beside SDPA and the bound, and each
+    launch's GPU time. Run once per tree in one call (``gpu/pending.sh``'s ``both``) to time a
+    kernel change against the kernel before it on the same card."""
+    attn = load_attention("cuda")
+    print(f"kvmix from {attn.__file__}", flush=True)
+    preset_check(attn)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    for name in ("zipcache", "kvmix-5x"):
+        case(attn, bw, name, 8, 32768, [("default", dict(), True)])
+        breakdown(attn, 8, 32768, reps=20, name=name, track=None)
+        torch.cuda.empty_cache()
+    print("(us; eager/graph)", flush=True)
+
+
 def preset_check(attn=None):
     """The presets' default launch (the field path, inline-PTX unpacking) against the float64
     reference, and bitwise (output and received attention) against the field path's plain
@@ -563,7 +580,7 @@ def default_run(t0):
 #: The runs a flag selects (the first given, in this order); no flag: ``default_run``.
 RUNS = {"--page-sweep": page_sweep, "--fields-sweep": fields_sweep, "--fields": fields,
         "--final": final, "--presets": presets, "--preset-check": preset_check,
-        "--merge": merge, "--unroll": unroll}  # fmt: skip
+        "--merge": merge, "--unroll": unroll, "--current": current}  # fmt: skip
 
 if __name__ == "__main__":
     t0 = time.time()

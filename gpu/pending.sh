@@ -16,13 +16,14 @@ nvidia-smi --query-gpu=name,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 # `both NAME SECONDS CMD...`: CMD with this tree, into $OUT/NAME.txt, then (where carry/base
 # holds main before a change: `git archive <commit> python/kvmix | tar -x -C carry/base`) the
 # same with that tree first on the path, into $OUT/NAME-base.txt: a baseline in the same call.
+# BASE names another such tree (default carry/base).
 both() {
-  local name=$1 secs=$2
+  local name=$1 secs=$2 base=${BASE:-carry/base}
   shift 2
   timeout "$secs" "$@" > "$OUT/$name.txt" 2>&1
-  if [ -d carry/base/python/kvmix ]; then
-    cp /tmp/kvmixpy/kvmix/_kvmix*.so carry/base/python/kvmix/
-    PYTHONPATH=$PWD/carry/base/python:$PYTHONPATH timeout "$secs" "$@" \
+  if [ -d "$base/python/kvmix" ]; then
+    cp /tmp/kvmixpy/kvmix/_kvmix*.so "$base/python/kvmix/"
+    PYTHONPATH=$PWD/$base/python:$PYTHONPATH timeout "$secs" "$@" \
       > "$OUT/$name-base.txt" 2>&1
   fi
 }
@@ -543,6 +544,17 @@ C26D)
   both host-b1-8k 200 python3 -u -m kvmix.bench host --context 8192 --batch 1 --steps 8 \
     --methods full zipcache
   ;;
+C27A)
+  # Session 27: every CUDA test on this tree (session 26's classification kernels and direct
+  # launch never ran on a GPU; the field path's partial outputs now stored in channel order,
+  # a row at a time), the kernel at B8 x 32k this tree vs main before the store change
+  # (carry/base-kernel: `git archive 9fabcbb python/kvmix`), then the B=1 x 32k prefill
+  # steps vs main before session 26 (carry/base: f5ee36b) and the launch check.
+  timeout 170 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
+  BASE=carry/base-kernel both kernel 75 python3 -u benches/gpu_triton.py --current
+  both prefill-steps-b1 60 python3 -u gpu/prefill_steps.py --batch 1 --context 32768 --reps 3
+  timeout 60 python3 -u gpu/launch_check.py > "$OUT/launch-check.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -550,7 +562,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A" >&2
   exit 2
   ;;
 esac

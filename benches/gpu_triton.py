@@ -510,29 +510,38 @@ def current():
     (``preset_check``), then at B8 x 32k the call's time beside SDPA and the bound, and each
     launch's GPU time. Run once per tree in one call (``gpu/pending.sh``'s ``both``) to time a
     kernel change against the kernel before it on the same card."""
+    import inspect
+
     attn = load_attention("cuda")
     print(f"kvmix from {attn.__file__}", flush=True)
     preset_check(attn)
+    variants = [("default", dict(), True)]
+    if "transposed" in inspect.signature(attn.attend_tiers).parameters:
+        # Session 27's transposed dots, where the tree has them: checked as the default is
+        # (float64 reference, inline PTX against plain unpacking), then timed beside it.
+        preset_check(attn, transposed=True)
+        variants.append(("transposed", dict(transposed=True), True))
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     for name in ("zipcache", "kvmix-5x"):
-        case(attn, bw, name, 8, 32768, [("default", dict(), True)])
-        breakdown(attn, 8, 32768, reps=20, name=name, track=None)
+        case(attn, bw, name, 8, 32768, variants)
+        for label, kw, _ in variants:
+            breakdown(attn, 8, 32768, reps=20, name=name, track=None, label=f", {label}", **kw)
         torch.cuda.empty_cache()
     print("(us; eager/graph)", flush=True)
 
 
-def preset_check(attn=None):
-    """The presets' default launch (the field path, inline-PTX unpacking) against the float64
-    reference, and bitwise (output and received attention) against the field path's plain
-    integer unpacking."""
+def preset_check(attn=None, **kw):
+    """The presets' default launch (the field path, inline-PTX unpacking; ``kw``: launch
+    parameters) against the float64 reference, and bitwise (output and received attention)
+    against the field path's plain integer unpacking."""
     attn = attn or load_attention("cuda")
-    print("correctness vs float64: preset | max |out - ref| / max |ref| | received | "
-          "== plain unpacking (bitwise)", flush=True)  # fmt: skip
+    print(f"correctness vs float64{kw or ''}: preset | max |out - ref| / max |ref| | received "
+          "| == plain unpacking (bitwise)", flush=True)  # fmt: skip
     for name in ("kvmix-5x", "zipcache"):
         st = store(name, "cuda", 2, 1500, extra=5)
         views = [st._tiers[t].view() for t in TIERS]
-        err, rerr, same = asm_against_plain(attn, views, st._fv_dev)
+        err, rerr, same = asm_against_plain(attn, views, st._fv_dev, **kw)
         print(f"  {name:9s} | {err:.2e} | {rerr:.2e} | {same}", flush=True)
 
 

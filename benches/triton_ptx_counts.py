@@ -9,7 +9,7 @@ iteration (one page of ``BLOCK_N`` rows: divide by ``BLOCK_N * 2 * D`` codes per
 per-code figure) and its shared-memory, barrier and mma parts.
 
     .venv/bin/python benches/triton_ptx_counts.py [flat] [join] [fast] [n128] [w8] [rot]
-        [fields] [only2 | only3 | only4] [nobuf]
+        [fields] [trans] [only2 | only3 | only4] [nobuf]
 """
 
 import collections
@@ -195,6 +195,8 @@ def main():
     kw.update(num_warps=next((int(a[1:]) for a in sys.argv if re.fullmatch(r"w\d", a)), 4))
     if "fields" in sys.argv:
         kw["fields"] = True
+    if "trans" in sys.argv:  # the field path's dots transposed
+        kw["transposed"] = True
     if "rot" in sys.argv:
         # kvmix-5x's rotation in the kernel (the query rotated into a slab per program).
         from kvmix.cache import randomized_hadamard

@@ -555,6 +555,16 @@ C27A)
   both prefill-steps-b1 60 python3 -u gpu/prefill_steps.py --batch 1 --context 32768 --reps 3
   timeout 60 python3 -u gpu/launch_check.py > "$OUT/launch-check.txt" 2>&1
   ;;
+C27B)
+  # Session 27, after C27A: the issue's kernel command (`kvmix.bench attention --device
+  # cuda`: its table and verdicts, never run on a GPU before), then a decoding step's host
+  # work at B=1 x 8k (the 32-layer model) with session 26's direct launch and classification
+  # kernels against main before them (carry/base: f5ee36b) in the same call.
+  timeout 170 python3 -u -m kvmix.bench attention --device cuda --batch 1 8 \
+    --tokens 8192 32768 --json "$OUT/attention.json" > "$OUT/attention.txt" 2>&1
+  both host-b1-8k 150 python3 -u -m kvmix.bench host --context 8192 --batch 1 --steps 8 \
+    --methods full zipcache
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -562,7 +572,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B" >&2
   exit 2
   ;;
 esac

@@ -5,6 +5,7 @@ factors, holes, a left-padded sequence and several query rows. Outputs within 2e
 (the hi/lo fp16 split keeps fp32-level accuracy); received attention within 1e-5."""
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -116,13 +117,19 @@ def test_wide_codes_and_fast_mode():
     _check(views, 1, [2, 0], join=True)  # 2 and 8 bits, joined
 
 
-def test_field_path(monkeypatch):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_field_path(monkeypatch, transposed):
     # fields=True: 2-, 4- and 8-bit tiers (keys also 3-bit) read as int16 elements, one dot
     # per bit field
     # (_tier_fields); it needs D * bits >= 256, so D = 128 here. The 1-bit tier and the
     # buffer take the other paths in the same launch. Under the interpreter the fields are
     # unpacked with plain integer operations (a GPU runs the inline PTX of _field_asm).
+    # transposed=True: every dot of the field path transposed (tokens / channels as M).
     d = 128
+    monkeypatch.setattr(
+        load_attention("cpu"), "attend_tiers",
+        functools.partial(load_attention("cpu").attend_tiers, transposed=transposed),
+    )  # fmt: skip
     g = torch.Generator().manual_seed(3)
     views = [
         ref.synthetic_tier(S, 20, d, ("dense", 0, d), ("dense", 0, d), pos_offset=300, generator=g),
@@ -224,8 +231,8 @@ def test_field_path(monkeypatch):
     # compiled): not under the interpreter.
     monkeypatch.delenv("KVMIX_TRITON_FIELDS")
     attn.attend_tiers(*args)
-    # The field path (plain unpacking here), then the default one twice.
-    assert launched == [1, 0, 0]
+    # The field path (plain unpacking here; 4 more transposed), then the default one twice.
+    assert launched == [1 + 4 * transposed, 0, 0]
 
 
 def test_bench_attention_cuda_mode_refuses_without_gpu():

@@ -844,6 +844,7 @@ def _tier_fields(
     STAGES: tl.constexpr,
     ASM: tl.constexpr,
     UNROLL: tl.constexpr,
+    TRANS: tl.constexpr,
 ):
     """A packed tier of 2-, 4- or 8-bit codes read as int16 elements (keys also of 3 bits, read
     as their 24-bit groups, ``_groups3``), one dot per bit field
@@ -904,29 +905,32 @@ def _tier_fields(
     l_i = tl.full([RP], 0.0, tl.float32)
     VG: tl.constexpr = D // V_GS
     vg = tl.arange(0, VG)
-    NPV: tl.constexpr = NPART if NPART * VG * RP >= 16 else 16 // (VG * RP)
+    # Parts of a stacked operand: hi and lo, padded with zero blocks to the mma's 16 rows
+    # where the operand's rows are the dot's M; transposed (TRANS) they are its N, of which
+    # an mma takes 8: no padding.
+    NPV: tl.constexpr = NPART if TRANS or NPART * VG * RP >= 16 else 16 // (VG * RP)
     MS: tl.constexpr = NPV * VG * RP  # rows of the values' stacked operand
     vpart = tl.arange(0, NPV)[:, None]
     # The values' stacked rows (part, group, row) hold sum_t (p s r)_t code_t for the rows'
     # power-of-two scale r [VG * RP] (2^126 until a page sets it: every accumulator is 0).
-    acc0 = tl.full([MS, VNE], 0.0, tl.float32)
-    acc1 = tl.full([MS, VNE], 0.0, tl.float32)
+    acc0 = _vacc(MS, VNE, TRANS)
+    acc1 = _vacc(MS, VNE, TRANS)
     if VFN > 2:
-        acc2 = tl.full([MS, VNE], 0.0, tl.float32)
-        acc3 = tl.full([MS, VNE], 0.0, tl.float32)
+        acc2 = _vacc(MS, VNE, TRANS)
+        acc3 = _vacc(MS, VNE, TRANS)
     if VFN > 4:
-        acc4 = tl.full([MS, VNE], 0.0, tl.float32)
-        acc5 = tl.full([MS, VNE], 0.0, tl.float32)
-        acc6 = tl.full([MS, VNE], 0.0, tl.float32)
-        acc7 = tl.full([MS, VNE], 0.0, tl.float32)
+        acc4 = _vacc(MS, VNE, TRANS)
+        acc5 = _vacc(MS, VNE, TRANS)
+        acc6 = _vacc(MS, VNE, TRANS)
+        acc7 = _vacc(MS, VNE, TRANS)
     vr = tl.full([VG * RP], 8.507059173023462e37, tl.float32)
     po_acc = tl.full([VG * RP], 0.0, tl.float32)
 
     # ---- the keys' query operands, one per field: grouped per-token keys' here, per-channel
     # keys' per run of pages of one segment (below)
     KG: tl.constexpr = D // K_GS
-    NPC: tl.constexpr = NPART if NPART * RP >= 16 else 16 // RP  # per-channel keys' parts
-    NPK: tl.constexpr = NPART if NPART * KG * RP >= 16 else 16 // (KG * RP)  # grouped keys'
+    NPC: tl.constexpr = NPART if TRANS or NPART * RP >= 16 else 16 // RP  # per-channel keys'
+    NPK: tl.constexpr = NPART if TRANS or NPART * KG * RP >= 16 else 16 // (KG * RP)  # grouped'
     KM: tl.constexpr = NPC * RP if K_MODE == CHANNEL else NPK * KG * RP  # operand rows
     if K_MODE != CHANNEL:
         kg = tl.arange(0, KG)
@@ -996,16 +1000,16 @@ def _tier_fields(
                 po_s = tl.reshape(tl.where(vpart == 0, (po_acc * vr)[None, :], 0.0), (MS,))
                 old_b = (s64 * nseg + tl.maximum(cur, 0)) * D
                 had = cur >= 0
-                acc0 = _vsegment(acc0, po_s, VF, old_b, sb, had, ve, 0, VFN)
-                acc1 = _vsegment(acc1, po_s, VF, old_b, sb, had, ve, 1, VFN)
+                acc0 = _vsegment(acc0, po_s, VF, old_b, sb, had, ve, 0, VFN, TRANS)
+                acc1 = _vsegment(acc1, po_s, VF, old_b, sb, had, ve, 1, VFN, TRANS)
                 if VFN > 2:
-                    acc2 = _vsegment(acc2, po_s, VF, old_b, sb, had, ve, 2, VFN)
-                    acc3 = _vsegment(acc3, po_s, VF, old_b, sb, had, ve, 3, VFN)
+                    acc2 = _vsegment(acc2, po_s, VF, old_b, sb, had, ve, 2, VFN, TRANS)
+                    acc3 = _vsegment(acc3, po_s, VF, old_b, sb, had, ve, 3, VFN, TRANS)
                 if VFN > 4:
-                    acc4 = _vsegment(acc4, po_s, VF, old_b, sb, had, ve, 4, VFN)
-                    acc5 = _vsegment(acc5, po_s, VF, old_b, sb, had, ve, 5, VFN)
-                    acc6 = _vsegment(acc6, po_s, VF, old_b, sb, had, ve, 6, VFN)
-                    acc7 = _vsegment(acc7, po_s, VF, old_b, sb, had, ve, 7, VFN)
+                    acc4 = _vsegment(acc4, po_s, VF, old_b, sb, had, ve, 4, VFN, TRANS)
+                    acc5 = _vsegment(acc5, po_s, VF, old_b, sb, had, ve, 5, VFN, TRANS)
+                    acc6 = _vsegment(acc6, po_s, VF, old_b, sb, had, ve, 6, VFN, TRANS)
+                    acc7 = _vsegment(acc7, po_s, VF, old_b, sb, had, ve, 7, VFN, TRANS)
                 po_acc = po_acc * 0.0
             cur = seg
         else:
@@ -1024,17 +1028,19 @@ def _tier_fields(
                 kq = kp
             vp = tl.load(VD + row[:, None] * VNE + ve[None, :])  # int16 [N, VNE]
             # ---- keys: logits [RP, BLOCK_N] (base 2, scaled)
-            y = tl.full([KM, BLOCK_N], 0.0, tl.float32)
-            y = tl.dot(k0, tl.trans(_kfield(kp, kq, K_BITS, 0, ASM)), y)
-            y = tl.dot(k1, tl.trans(_kfield(kp, kq, K_BITS, 1, ASM)), y)
+            y = _vacc(KM, BLOCK_N, TRANS)
+            y = _kdot(k0, _kfield(kp, kq, K_BITS, 0, ASM), y, TRANS)
+            y = _kdot(k1, _kfield(kp, kq, K_BITS, 1, ASM), y, TRANS)
             if KF > 2:
-                y = tl.dot(k2, tl.trans(_kfield(kp, kq, K_BITS, 2, ASM)), y)
-                y = tl.dot(k3, tl.trans(_kfield(kp, kq, K_BITS, 3, ASM)), y)
+                y = _kdot(k2, _kfield(kp, kq, K_BITS, 2, ASM), y, TRANS)
+                y = _kdot(k3, _kfield(kp, kq, K_BITS, 3, ASM), y, TRANS)
             if KF > 4:
-                y = tl.dot(k4, tl.trans(_kfield(kp, kq, K_BITS, 4, ASM)), y)
-                y = tl.dot(k5, tl.trans(_kfield(kp, kq, K_BITS, 5, ASM)), y)
-                y = tl.dot(k6, tl.trans(_kfield(kp, kq, K_BITS, 6, ASM)), y)
-                y = tl.dot(k7, tl.trans(_kfield(kp, kq, K_BITS, 7, ASM)), y)
+                y = _kdot(k4, _kfield(kp, kq, K_BITS, 4, ASM), y, TRANS)
+                y = _kdot(k5, _kfield(kp, kq, K_BITS, 5, ASM), y, TRANS)
+                y = _kdot(k6, _kfield(kp, kq, K_BITS, 6, ASM), y, TRANS)
+                y = _kdot(k7, _kfield(kp, kq, K_BITS, 7, ASM), y, TRANS)
+            if TRANS:
+                y = tl.trans(y)
             if K_MODE == CHANNEL:
                 logits = _unstack(y, RP, BLOCK_N, NPC) * kinv[:, None] + kqo[:, None]
             else:
@@ -1083,16 +1089,16 @@ def _tier_fields(
                 alpha_g = tl.reshape(tl.broadcast_to(alpha[None, :], (VG, RP)), (VG * RP,))
                 f_g = alpha_g * (r_new * _pow2_inv(vr))
                 f_s = tl.reshape(tl.broadcast_to(f_g[None, :], (NPV, VG * RP)), (MS,))
-                acc0 = acc0 * f_s[:, None]
-                acc1 = acc1 * f_s[:, None]
+                acc0 = _vrescale(acc0, f_s, TRANS)
+                acc1 = _vrescale(acc1, f_s, TRANS)
                 if VFN > 2:
-                    acc2 = acc2 * f_s[:, None]
-                    acc3 = acc3 * f_s[:, None]
+                    acc2 = _vrescale(acc2, f_s, TRANS)
+                    acc3 = _vrescale(acc3, f_s, TRANS)
                 if VFN > 4:
-                    acc4 = acc4 * f_s[:, None]
-                    acc5 = acc5 * f_s[:, None]
-                    acc6 = acc6 * f_s[:, None]
-                    acc7 = acc7 * f_s[:, None]
+                    acc4 = _vrescale(acc4, f_s, TRANS)
+                    acc5 = _vrescale(acc5, f_s, TRANS)
+                    acc6 = _vrescale(acc6, f_s, TRANS)
+                    acc7 = _vrescale(acc7, f_s, TRANS)
                 l_i = l_i * alpha
                 po_acc = po_acc * alpha_g
                 m_i = m_new
@@ -1100,16 +1106,16 @@ def _tier_fields(
             l_i += _sum(p, 1)
             po_acc += tl.reshape(_sum(p[None, :, :] * of[:, None, :], 2), (VG * RP,))
             a = _stack_scaled(ps, vr, VG * RP, BLOCK_N, NPV, NPART)
-            acc0 = tl.dot(a, _field(vp, V_BITS, 0, ASM), acc0)
-            acc1 = tl.dot(a, _field(vp, V_BITS, 1, ASM), acc1)
+            acc0 = _vdot(a, _field(vp, V_BITS, 0, ASM), acc0, TRANS)
+            acc1 = _vdot(a, _field(vp, V_BITS, 1, ASM), acc1, TRANS)
             if VFN > 2:
-                acc2 = tl.dot(a, _field(vp, V_BITS, 2, ASM), acc2)
-                acc3 = tl.dot(a, _field(vp, V_BITS, 3, ASM), acc3)
+                acc2 = _vdot(a, _field(vp, V_BITS, 2, ASM), acc2, TRANS)
+                acc3 = _vdot(a, _field(vp, V_BITS, 3, ASM), acc3, TRANS)
             if VFN > 4:
-                acc4 = tl.dot(a, _field(vp, V_BITS, 4, ASM), acc4)
-                acc5 = tl.dot(a, _field(vp, V_BITS, 5, ASM), acc5)
-                acc6 = tl.dot(a, _field(vp, V_BITS, 6, ASM), acc6)
-                acc7 = tl.dot(a, _field(vp, V_BITS, 7, ASM), acc7)
+                acc4 = _vdot(a, _field(vp, V_BITS, 4, ASM), acc4, TRANS)
+                acc5 = _vdot(a, _field(vp, V_BITS, 5, ASM), acc5, TRANS)
+                acc6 = _vdot(a, _field(vp, V_BITS, 6, ASM), acc6, TRANS)
+                acc7 = _vdot(a, _field(vp, V_BITS, 7, ASM), acc7, TRANS)
         run = end
 
     out = (s64 * n_split + out_split) * ROWS + rows
@@ -1125,21 +1131,21 @@ def _tier_fields(
     # 4 * VFN bytes apart, a sector per value: 1.15M of the launch's 1.49M excess sectors,
     # session 26's profile).
     MV: tl.constexpr = VG * RP
-    x0 = _vparts(acc0, inv_s, NPV, MV, VNE)
-    x1 = _vparts(acc1, inv_s, NPV, MV, VNE)
+    x0 = _vparts(acc0, inv_s, NPV, MV, VNE, TRANS)
+    x1 = _vparts(acc1, inv_s, NPV, MV, VNE, TRANS)
     if VFN == 2:
         x = tl.join(x0, x1)
     elif VFN == 4:
-        x2 = _vparts(acc2, inv_s, NPV, MV, VNE)
-        x3 = _vparts(acc3, inv_s, NPV, MV, VNE)
+        x2 = _vparts(acc2, inv_s, NPV, MV, VNE, TRANS)
+        x3 = _vparts(acc3, inv_s, NPV, MV, VNE, TRANS)
         x = tl.join(tl.join(x0, x2), tl.join(x1, x3))
     else:
-        x2 = _vparts(acc2, inv_s, NPV, MV, VNE)
-        x3 = _vparts(acc3, inv_s, NPV, MV, VNE)
-        x4 = _vparts(acc4, inv_s, NPV, MV, VNE)
-        x5 = _vparts(acc5, inv_s, NPV, MV, VNE)
-        x6 = _vparts(acc6, inv_s, NPV, MV, VNE)
-        x7 = _vparts(acc7, inv_s, NPV, MV, VNE)
+        x2 = _vparts(acc2, inv_s, NPV, MV, VNE, TRANS)
+        x3 = _vparts(acc3, inv_s, NPV, MV, VNE, TRANS)
+        x4 = _vparts(acc4, inv_s, NPV, MV, VNE, TRANS)
+        x5 = _vparts(acc5, inv_s, NPV, MV, VNE, TRANS)
+        x6 = _vparts(acc6, inv_s, NPV, MV, VNE, TRANS)
+        x7 = _vparts(acc7, inv_s, NPV, MV, VNE, TRANS)
         x = tl.join(
             tl.join(tl.join(x0, x4), tl.join(x2, x6)), tl.join(tl.join(x1, x5), tl.join(x3, x7))
         )
@@ -1147,20 +1153,75 @@ def _tier_fields(
 
 
 @triton.jit
-def _vsegment(acc, po_s, VF, ob, nb, had, ve, F: tl.constexpr, VFN: tl.constexpr):
+def _vsegment(acc, po_s, VF, ob, nb, had, ve, F: tl.constexpr, VFN: tl.constexpr,
+              TRANS: tl.constexpr):  # fmt: skip
     """Value field ``F``'s accumulator at a segment change from the one at ``ob`` (if it
     ``had`` one) to the one at ``nb``: the offsets' part folded in, then held divided by the
     new segment's factor (floored at fp16's smallest normal: nonzero)."""
     of = tl.load(VF + ob + ve * VFN + F).to(tl.float32)
     nf = tl.load(VF + nb + ve * VFN + F).to(tl.float32)
-    return (acc + po_s[:, None]) * (tl.where(had, of, 1.0) / nf)[None, :]
+    if TRANS:
+        out = (acc + po_s[None, :]) * (tl.where(had, of, 1.0) / nf)[:, None]
+    else:
+        out = (acc + po_s[:, None]) * (tl.where(had, of, 1.0) / nf)[None, :]
+    return out
 
 
 @triton.jit
-def _vparts(acc, inv_s, NPV: tl.constexpr, MV: tl.constexpr, VNE: tl.constexpr):
-    """A value field's carried accumulator ``[NPV * MV, VNE]`` unscaled and summed over its
-    parts: ``[MV, VNE]``."""
+def _vparts(acc, inv_s, NPV: tl.constexpr, MV: tl.constexpr, VNE: tl.constexpr,
+            TRANS: tl.constexpr):  # fmt: skip
+    """A value field's carried accumulator ``[NPV * MV, VNE]`` (``TRANS``: its transpose)
+    unscaled and summed over its parts: ``[MV, VNE]``."""
+    if TRANS:
+        acc = tl.trans(acc)
     return _sum(tl.reshape(acc * inv_s[:, None], (NPV, MV, VNE)), 0)
+
+
+@triton.jit
+def _vacc(M: tl.constexpr, N: tl.constexpr, TRANS: tl.constexpr):
+    """A zero accumulator ``[M, N]``, or with ``TRANS`` ``[N, M]``."""
+    if TRANS:
+        out = tl.full([N, M], 0.0, tl.float32)
+    else:
+        out = tl.full([M, N], 0.0, tl.float32)
+    return out
+
+
+@triton.jit
+def _kdot(k, field, y, TRANS: tl.constexpr):
+    """One field's key dot added to the logits' accumulator: the stacked query operand ``k
+    [KM, K]`` times the page's codes ``field [N, K]`` transposed, ``y [KM, N]``; with
+    ``TRANS`` the same transposed, ``field @ k^T`` into ``y [N, KM]``: the page's tokens are
+    the mma's M (64 rows, no padding) and the query rows its N (an mma takes 8), where the
+    other way round the 8 rows of 4 queries' hi and lo parts were padded to 16."""
+    if TRANS:
+        out = tl.dot(field, tl.trans(k), y)
+    else:
+        out = tl.dot(k, tl.trans(field), y)
+    return out
+
+
+@triton.jit
+def _vdot(a, field, acc, TRANS: tl.constexpr):
+    """One value field's dot added to its accumulator: the stacked ``p * s`` operand ``a [MS,
+    N]`` times the page's codes ``field [N, VNE]`` (``acc [MS, VNE]``), or with ``TRANS``
+    ``field^T @ a^T`` into ``acc [VNE, MS]`` (the channels as M, the stacked rows as N)."""
+    if TRANS:
+        out = tl.dot(tl.trans(field), tl.trans(a), acc)
+    else:
+        out = tl.dot(a, field, acc)
+    return out
+
+
+@triton.jit
+def _vrescale(acc, f, TRANS: tl.constexpr):
+    """A value accumulator's stacked rows times ``f [MS]`` (they are its columns with
+    ``TRANS``)."""
+    if TRANS:
+        out = acc * f[None, :]
+    else:
+        out = acc * f[:, None]
+    return out
 
 
 @triton.jit
@@ -1431,7 +1492,8 @@ def _tier(
     FIELDS: tl.constexpr,
     UNROLL: tl.constexpr,  # the field path's page loop unrolled this many times
 ):
-    # The field path (``_tier_fields``; FIELDS 1: plain unpacking, 2: inline PTX) takes
+    # The field path (``_tier_fields``; FIELDS 1: plain unpacking, 2: inline PTX, plus 4:
+    # transposed dots) takes
     # packed tiers of 2, 4 or 8 bits (keys also of 3) whose rows give each field's dot at
     # least 16 elements (tl.dot's smallest size): D * bits / 16, or D / 8 for 3 bits, which
     # for D a power of two (as the kernels need) is ``bits * D >= 256``; ``_fields_tier`` is
@@ -1445,7 +1507,7 @@ def _tier(
             s, split, out_split, cap, n_pages, pages_per_split, n_split, nseg, kv_heads,
             ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
             K_MODE, K_BITS, K_GS, K_FIX, V_BITS, V_GS, V_SEP, TRACK, NPART, STAGES,
-            FIELDS == 2, UNROLL,
+            (FIELDS & 3) == 2, UNROLL, (FIELDS & 4) != 0,
         )  # fmt: skip
     elif FLAT:
         _tier_flat(
@@ -2076,6 +2138,7 @@ def attend_tiers(
     num_warps=None,
     num_stages=2,
     maxnreg=None,
+    transposed=False,
     merge_block=None,
     unroll=1,
 ):
@@ -2126,6 +2189,10 @@ def attend_tiers(
     one block; smaller in tests, so that the running maximum's rescaling between blocks runs).
     ``unroll``: the field path's page loop unrolled that many times (two pages' independent
     work for the compiler to interleave: the loop is latency bound, session 25's profile).
+    ``transposed``: the field path's dots transposed (``_kdot``, ``_vdot``): the page's tokens
+    (keys) or channels (values) as the mma's M and the query rows' stacked hi / lo parts as
+    its N, so that 4 queries' 8 rows fill an mma's 8 columns where as its M they were padded
+    to 16 (half the mma instructions, no zero blocks staged); the same sums in another order.
     """
     import torch
 
@@ -2152,6 +2219,8 @@ def attend_tiers(
         raise ValueError(f"merge_block must be a power of two, got {merge_block!r}")
     if type(unroll) is not int or unroll < 1:
         raise ValueError(f"unroll must be a positive int, got {unroll!r}")
+    if type(transposed) is not bool:
+        raise ValueError(f"transposed must be a bool, got {transposed!r}")
 
     if len(tiers) > 3:
         raise ValueError(f"attend_tiers takes at most 3 tiers, got {len(tiers)}")
@@ -2244,7 +2313,7 @@ def attend_tiers(
             2 if join else int(bcast),
             num_stages,
             flat,
-            (2 if asm else 1) if fields else 0,
+            ((2 if asm else 1) + (4 if transposed else 0)) if fields else 0,
             *on,
             rotation is not None,
             unroll,

@@ -9,7 +9,7 @@ iteration (one page of ``BLOCK_N`` rows: divide by ``BLOCK_N * 2 * D`` codes per
 per-code figure) and its shared-memory, barrier and mma parts.
 
     .venv/bin/python benches/triton_ptx_counts.py [flat] [join] [fast] [n128] [w8] [rot]
-        [fields] [trans] [only2 | only3 | only4] [nobuf]
+        [fields] [trans | transk | transv] [only2 | only3 | only4] [nobuf]
 """
 
 import collections
@@ -197,6 +197,8 @@ def main():
         kw["fields"] = True
     if "trans" in sys.argv:  # the field path's dots transposed
         kw["transposed"] = True
+    elif "transk" in sys.argv or "transv" in sys.argv:  # only the keys' or the values'
+        kw["transposed"] = "keys" if "transk" in sys.argv else "values"
     if "rot" in sys.argv:
         # kvmix-5x's rotation in the kernel (the query rotated into a slab per program).
         from kvmix.cache import randomized_hadamard
@@ -225,7 +227,7 @@ def main():
         args, consts, nw, ns = captured[nb]
         if consts["FIELDS"]:
             # The inline-PTX unpacking a GPU runs (the capture interprets), same page loop.
-            consts["FIELDS"] = (consts["FIELDS"] & 4) | 2
+            consts["FIELDS"] = (consts["FIELDS"] & ~3) | 2
         asm = compile_ptx(args, consts, nw, ns)
         name = f"{nb}-bit tier"
         # The packed tier's loop is the one with mma (the buffer's fp32 dots use FMAs).

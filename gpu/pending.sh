@@ -560,9 +560,9 @@ C27B)
   # cuda`: its table and verdicts, never run on a GPU before), then a decoding step's host
   # work at B=1 x 8k (the 32-layer model) with session 26's direct launch and classification
   # kernels against main before them (carry/base: f5ee36b) in the same call.
-  timeout 170 python3 -u -m kvmix.bench attention --device cuda --batch 1 8 \
+  timeout 150 python3 -u -m kvmix.bench attention --device cuda --batch 1 8 \
     --tokens 8192 32768 --json "$OUT/attention.json" > "$OUT/attention.txt" 2>&1
-  both host-b1-8k 150 python3 -u -m kvmix.bench host --context 8192 --batch 1 --steps 8 \
+  both host-b1-8k 110 python3 -u -m kvmix.bench host --context 8192 --batch 1 --steps 8 \
     --methods full zipcache
   ;;
 V)

@@ -152,3 +152,36 @@ def test_the_prompts_classification_stays_within_its_host_budget(
     # were skipped): each stream's tiers hold the t tokens.
     tiers = [store._tiers[name] for name in ("high", "low")]
     assert sum(int((tier.pos[:, : tier.fill] >= 0).sum()) for tier in tiers) == b * h * t
+
+
+def test_direct_launches_are_counted() -> None:
+    """The engines' direct launch calls a compiled kernel's launcher (its instance's ``run``)
+    without Triton's runner, which the counter's class-level wraps do not see (session 26's
+    direct launch made ``kvmix.bench host`` print 0 launches on a GPU). A compiled kernel as
+    the attention module caches it, launched the direct way inside the block, is counted
+    once, its launcher is called through, ops inside it are not counted, and the launcher
+    is given back after the block."""
+    from kvmix.engines import load_attention
+
+    attn = load_attention("cpu")
+    calls: list[tuple[Any, ...]] = []
+
+    class Kernel:
+        name = "fake_kernel"
+
+        def __init__(self) -> None:
+            self.run = lambda *args: calls.append(args) or torch.zeros(2).add_(1)
+
+    kernel = Kernel()
+    own = kernel.run
+    attn._COMPILED[("test_direct_launches_are_counted",)] = (kernel, [])
+    try:
+        with count_host_work() as (ops, launches):
+            kernel.run(1, 2, 3)
+            torch.zeros(3).add_(1)  # one op of the block's own
+    finally:
+        del attn._COMPILED[("test_direct_launches_are_counted",)]
+    assert launches == {"fake_kernel": 1}
+    assert calls == [(1, 2, 3)]
+    assert ops.total() == 2, ops.ops  # zeros + add_ outside the launch; the launch's paused
+    assert kernel.run is own

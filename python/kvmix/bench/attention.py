@@ -379,6 +379,33 @@ def cuda_events(fn: Callable[[], Any], reps: int = 30, inner: int = 10) -> float
     return statistics.median(times)
 
 
+def cuda_graph_ms(fn: Callable[[], Any], reps: int = 30, inner: int = 10) -> float:
+    """Median milliseconds per call replaying ``inner`` calls captured in a CUDA graph: the
+    GPU's time alone (no host launch cost), what a kernel's own speed is compared by."""
+    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times: list[float] = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    return statistics.median(times)
+
+
 def cuda_copy_bandwidth() -> float:
     """Device memory bandwidth in bytes/s: (bytes read + bytes written) / time of a 2 GiB
     device-to-device copy (the traffic a bandwidth-bound kernel competes for)."""
@@ -413,14 +440,30 @@ def measure_cuda(batch: int, length: int, copy_bps: float) -> dict[str, Any]:
     def sdpa() -> torch.Tensor:
         return F.scaled_dot_product_attention(q, keys16, values16, scale=scale, enable_gqa=True)
 
-    fused = cuda_events(lambda: store.attend(q, [length - 1], scale, track=False))
+    def fused_call() -> torch.Tensor:
+        return store.attend(q, [length - 1], scale, track=False)
+
+    fused = cuda_events(fused_call)
     tracked = cuda_events(lambda: store.attend(q, [length - 1], scale, track=True))
     dense = cuda_events(sdpa)
+    fused_gpu = cuda_graph_ms(fused_call)
+    dense_gpu = cuda_graph_ms(sdpa)
     want = F.scaled_dot_product_attention(
         q.float(), keys16.float(), values16.float(), scale=scale, enable_gqa=True
     )
     got = store.attend(q, [length - 1], scale, track=False)
     rel = float(torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want))
+    del want
+    # The kernel's own error: against attention in fp32 on the store's dequantized cache
+    # (every position is held: ZipCache keeps every token).
+    kd, vd, held = store.dense_all()
+    assert bool(held.all()), "the benchmark store lost a position"
+    shape = (batch, KV_HEADS, length, HEAD_DIM)
+    want_q = F.scaled_dot_product_attention(
+        q.float(), kd.view(shape), vd.view(shape), scale=scale, enable_gqa=True
+    )
+    rel_q = float(torch.linalg.vector_norm(got - want_q) / torch.linalg.vector_norm(want_q))
+    del kd, vd, want_q
     bound = memory["bytes"] / copy_bps * 1e3
     return {
         "batch": batch,
@@ -434,6 +477,11 @@ def measure_cuda(batch: int, length: int, copy_bps: float) -> dict[str, Any]:
         "bound_ms": bound,
         "bound_ratio": fused / bound,
         "rel_error_vs_bf16_cache": rel,
+        "rel_error_vs_dequantized": rel_q,
+        "fused_gpu_ms": fused_gpu,
+        "sdpa_bf16_gpu_ms": dense_gpu,
+        "speedup_bf16_gpu": dense_gpu / fused_gpu,
+        "bound_ratio_gpu": fused_gpu / bound,
     }
 
 
@@ -459,37 +507,50 @@ def main_cuda(args: argparse.Namespace) -> int:
             results.append(measure_cuda(batch, length, copy_bps))
             torch.cuda.empty_cache()
     header = (
-        f"{'B':>2} {'L':>6} {'fused ms':>9} {'+track':>8} {'SDPA bf16':>10} {'vs bf16':>8} "
-        f"{'comp MiB':>9} {'x fp16':>7} {'bound ms':>9} {'bound':>6} {'rel err':>8}"
+        f"{'B':>2} {'L':>6} | {'fused ms':>8} {'+track':>7} {'SDPA':>7} {'vs':>6} | "
+        f"{'fused ms':>8} {'SDPA':>7} {'vs':>6} | {'comp MiB':>8} {'x fp16':>7} "
+        f"{'bound ms':>8} {'bound':>6} | {'err deq':>8} {'err bf16':>8}"
     )
+    print(f"{'':9} | {'eager (as a model calls it)':^31} | {'GPU time (CUDA graph)':^23} |")
     print(header)
     print("-" * len(header))
     for r in results:
         comp = r["compressed_bytes"]
         print(
-            f"{r['batch']:>2} {r['tokens']:>6} {r['fused_ms']:>9.3f} {r['fused_track_ms']:>8.3f} "
-            f"{r['sdpa_bf16_ms']:>10.3f} {r['speedup_bf16']:>7.2f}x "
-            f"{comp / 2**20:>9.1f} {r['fp16_bytes'] / comp:>6.2f}x "
-            f"{r['bound_ms']:>9.3f} {r['bound_ratio']:>5.2f}x {r['rel_error_vs_bf16_cache']:>8.4f}"
+            f"{r['batch']:>2} {r['tokens']:>6} | {r['fused_ms']:>8.3f} {r['fused_track_ms']:>7.3f} "
+            f"{r['sdpa_bf16_ms']:>7.3f} {r['speedup_bf16']:>5.2f}x | {r['fused_gpu_ms']:>8.3f} "
+            f"{r['sdpa_bf16_gpu_ms']:>7.3f} {r['speedup_bf16_gpu']:>5.2f}x | "
+            f"{comp / 2**20:>8.1f} {r['fp16_bytes'] / comp:>6.2f}x {r['bound_ms']:>8.3f} "
+            f"{r['bound_ratio_gpu']:>5.2f}x | {r['rel_error_vs_dequantized']:>8.1e} "
+            f"{r['rel_error_vs_bf16_cache']:>8.4f}"
         )
+    print(
+        "SDPA: torch SDPA on the dense bf16 cache; bound = compressed bytes / copy bandwidth,\n"
+        "compared with the kernel's GPU time; err deq = ||kvmix - SDPA fp32 on the store's\n"
+        "dequantized cache|| / ||that||: the kernel's own error; err bf16 = the same against\n"
+        "the bf16 cache: the 4/2-bit quantization error on Gaussian data, whose attention output\n"
+        "over thousands of tokens is near zero, so this ratio is large."
+    )
     for r in results:
         if (r["batch"], r["tokens"]) == (8, 32768):
-            for what, ok, val in (
-                (
-                    f">= {CUDA_TARGET_SPEEDUP:g}x SDPA bf16",
-                    r["speedup_bf16"] >= 3.0,
-                    "speedup_bf16",
-                ),
-                (
-                    f"within {CUDA_TARGET_BOUND:g}x of the bound",
-                    r["bound_ratio"] <= 1.5,
-                    "bound_ratio",
-                ),
+            speed, bound = CUDA_TARGET_SPEEDUP, CUDA_TARGET_BOUND
+            for what, key, sign, target in (
+                (f">= {speed:g}x SDPA bf16", "speedup_bf16", 1, speed),
+                (f"within {bound:g}x of the bound", "bound_ratio", -1, bound),
             ):
-                print(f"B=8 L=32768: {what}: {'met' if ok else 'NOT met'} ({r[val]:.2f}x)")
+                gpu, eager = r[f"{key}_gpu"], r[key]
+                met = ["met" if sign * (x - target) >= 0 else "NOT met" for x in (gpu, eager)]
+                print(
+                    f"B=8 L=32768: {what}: {met[0]} by GPU time ({gpu:.2f}x), {met[1]} eager "
+                    f"({eager:.2f}x)"
+                )
         if (r["batch"], r["tokens"]) == (1, 8192):
-            ok = r["fused_ms"] <= r["sdpa_bf16_ms"]
-            print(f"B=1 L=8192: not slower than SDPA bf16: {'met' if ok else 'NOT met'}")
+            ok_gpu = r["fused_gpu_ms"] <= r["sdpa_bf16_gpu_ms"]
+            ok_eager = r["fused_ms"] <= r["sdpa_bf16_ms"]
+            print(
+                f"B=1 L=8192: not slower than SDPA bf16: {'met' if ok_gpu else 'NOT met'} by GPU "
+                f"time, {'met' if ok_eager else 'NOT met'} eager (the host's launch cost)"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=2)

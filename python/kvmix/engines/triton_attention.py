@@ -50,7 +50,9 @@ elements then go from shared memory straight into the mma operand registers and 
 unpacked there, at about half the instructions per code (``notes/triton-kernel.md``).
 Its page loop carries across pages what does not change between them: the keys' query
 operands are built once per run of pages of one segment, and the value accumulators are the
-value dots' own, rescaled only when a row's running maximum or operand scale changes.
+value dots' own, rescaled only when a row's running maximum or operand scale changes. Its key
+dots are transposed (``_kdot``): the page's 64 tokens are the mma's M and the query rows' hi
+and lo parts its N, which an mma takes 8 of, where as its M they were padded to 16.
 """
 
 # Triton's kernel language is untyped (its decorators, and parameters whose annotations
@@ -280,8 +282,13 @@ def _pad_rows(x, M: tl.constexpr, K: tl.constexpr, NP: tl.constexpr):
 
 
 @triton.jit
-def _unstack(y, M: tl.constexpr, N: tl.constexpr, NP: tl.constexpr):
-    return _sum(tl.reshape(y, (NP, M, N)), 0)
+def _unstack(y, M: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, INNER: tl.constexpr = False):
+    """The sum of ``y [NP * M, N]``'s blocks (rows ``m * NP + part`` with ``INNER``)."""
+    if INNER:
+        out = _sum(tl.reshape(y, (M, NP, N)), 1)
+    else:
+        out = _sum(tl.reshape(y, (NP, M, N)), 0)
+    return out
 
 
 @triton.jit
@@ -519,17 +526,28 @@ def _row_scale(amax):
 
 
 @triton.jit
-def _stack_scaled(x, r, M: tl.constexpr, K: tl.constexpr, NP: tl.constexpr, NPART: tl.constexpr):
+def _stack_scaled(x, r, M: tl.constexpr, K: tl.constexpr, NP: tl.constexpr, NPART: tl.constexpr,
+                  INNER: tl.constexpr = False):  # fmt: skip
     """fp32 ``x [M, K]`` times the row scales ``r [M]`` as fp16 blocks ``[NP * M, K]`` (hi,
     lo, zero padding): ``_stack_f16`` with the scale given, so that several operands (the
-    fields of a byte) can share one accumulator."""
+    fields of a byte) can share one accumulator. ``INNER``: each row's parts next to each
+    other (rows ``m * NP + part``), so that a transposed dot's accumulator holds a row's hi
+    and lo sums in one thread's registers (``_unstack``'s ``INNER``: no shuffle)."""
     xs = x * r[:, None]
     hi = xs.to(tl.float16).to(tl.float32)
-    part = tl.arange(0, NP)[:, None, None]
-    if NPART == 1:
-        val = tl.where(part == 0, hi[None, :, :], 0.0)
+    lo = xs - hi
+    if INNER:
+        part = tl.arange(0, NP)[None, :, None]
+        hi3 = hi[:, None, :]
+        lo3 = lo[:, None, :]
     else:
-        val = tl.where(part == 0, hi[None, :, :], tl.where(part == 1, (xs - hi)[None, :, :], 0.0))
+        part = tl.arange(0, NP)[:, None, None]
+        hi3 = hi[None, :, :]
+        lo3 = lo[None, :, :]
+    if NPART == 1:
+        val = tl.where(part == 0, hi3, 0.0)
+    else:
+        val = tl.where(part == 0, hi3, tl.where(part == 1, lo3, 0.0))
     return tl.reshape(val.to(tl.float16), (NP * M, K))
 
 
@@ -751,12 +769,12 @@ def _kchannel_scale(qrow, sqd, row_ok, qscale, KFIX, s64, KS, KO, sb, rows, ke,
 def _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar,
                  F: tl.constexpr, D: tl.constexpr, K_FIX: tl.constexpr, KF: tl.constexpr,
                  RP: tl.constexpr, KNE: tl.constexpr, NPC: tl.constexpr,
-                 NPART: tl.constexpr):  # fmt: skip
+                 NPART: tl.constexpr, INNER: tl.constexpr):  # fmt: skip
     """Field ``F``'s stacked query operand ``[NPC * RP, KNE]`` for per-channel keys:
     ``q * s`` at the field's channels, scaled by ``ar``, in hi/lo fp16 parts."""
     ch = rows[:, None] * 0 + (ke * KF + F)[None, :]
     q = _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D, K_FIX)
-    return _stack_scaled(q * tl.load(KS + sb + ch).to(tl.float32), ar, RP, KNE, NPC, NPART)
+    return _stack_scaled(q * tl.load(KS + sb + ch).to(tl.float32), ar, RP, KNE, NPC, NPART, INNER)
 
 
 @triton.jit
@@ -783,13 +801,13 @@ def _ktoken_scale(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, D: tl.constexpr,
 def _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr,
                F: tl.constexpr, D: tl.constexpr, K_FIX: tl.constexpr, KF: tl.constexpr,
                K_GS: tl.constexpr, KG: tl.constexpr, RP: tl.constexpr, KNE: tl.constexpr,
-               NPK: tl.constexpr, NPART: tl.constexpr):  # fmt: skip
+               NPK: tl.constexpr, NPART: tl.constexpr, INNER: tl.constexpr):  # fmt: skip
     """Field ``F``'s stacked query operand ``[NPK * KG * RP, KNE]`` for grouped per-token
     keys: the queries masked to each channel group (stacked rows), scaled by ``qr``."""
     ch = ke * KF + F
     q = _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D, K_FIX)
     qg = tl.where((ch // K_GS)[None, None, :] == kg[:, None, None], q[None, :, :], 0.0)
-    return _stack_scaled(tl.reshape(qg, (KG * RP, KNE)), qr, KG * RP, KNE, NPK, NPART)
+    return _stack_scaled(tl.reshape(qg, (KG * RP, KNE)), qr, KG * RP, KNE, NPK, NPART, INNER)
 
 
 @triton.jit
@@ -905,32 +923,35 @@ def _tier_fields(
     l_i = tl.full([RP], 0.0, tl.float32)
     VG: tl.constexpr = D // V_GS
     vg = tl.arange(0, VG)
+    # TRANS: bit 1 the key dots transposed, bit 2 the value dots.
+    KT: tl.constexpr = (TRANS & 1) != 0
+    VT: tl.constexpr = (TRANS & 2) != 0
     # Parts of a stacked operand: hi and lo, padded with zero blocks to the mma's 16 rows
-    # where the operand's rows are the dot's M; transposed (TRANS) they are its N, of which
+    # where the operand's rows are the dot's M; transposed (VT) they are its N, of which
     # an mma takes 8: no padding.
-    NPV: tl.constexpr = NPART if TRANS or NPART * VG * RP >= 16 else 16 // (VG * RP)
+    NPV: tl.constexpr = NPART if VT or NPART * VG * RP >= 16 else 16 // (VG * RP)
     MS: tl.constexpr = NPV * VG * RP  # rows of the values' stacked operand
     vpart = tl.arange(0, NPV)[:, None]
     # The values' stacked rows (part, group, row) hold sum_t (p s r)_t code_t for the rows'
     # power-of-two scale r [VG * RP] (2^126 until a page sets it: every accumulator is 0).
-    acc0 = _vacc(MS, VNE, TRANS)
-    acc1 = _vacc(MS, VNE, TRANS)
+    acc0 = _vacc(MS, VNE, VT)
+    acc1 = _vacc(MS, VNE, VT)
     if VFN > 2:
-        acc2 = _vacc(MS, VNE, TRANS)
-        acc3 = _vacc(MS, VNE, TRANS)
+        acc2 = _vacc(MS, VNE, VT)
+        acc3 = _vacc(MS, VNE, VT)
     if VFN > 4:
-        acc4 = _vacc(MS, VNE, TRANS)
-        acc5 = _vacc(MS, VNE, TRANS)
-        acc6 = _vacc(MS, VNE, TRANS)
-        acc7 = _vacc(MS, VNE, TRANS)
+        acc4 = _vacc(MS, VNE, VT)
+        acc5 = _vacc(MS, VNE, VT)
+        acc6 = _vacc(MS, VNE, VT)
+        acc7 = _vacc(MS, VNE, VT)
     vr = tl.full([VG * RP], 8.507059173023462e37, tl.float32)
     po_acc = tl.full([VG * RP], 0.0, tl.float32)
 
     # ---- the keys' query operands, one per field: grouped per-token keys' here, per-channel
     # keys' per run of pages of one segment (below)
     KG: tl.constexpr = D // K_GS
-    NPC: tl.constexpr = NPART if TRANS or NPART * RP >= 16 else 16 // RP  # per-channel keys'
-    NPK: tl.constexpr = NPART if TRANS or NPART * KG * RP >= 16 else 16 // (KG * RP)  # grouped'
+    NPC: tl.constexpr = NPART if KT or NPART * RP >= 16 else 16 // RP  # per-channel keys'
+    NPK: tl.constexpr = NPART if KT or NPART * KG * RP >= 16 else 16 // (KG * RP)  # grouped'
     KM: tl.constexpr = NPC * RP if K_MODE == CHANNEL else NPK * KG * RP  # operand rows
     if K_MODE != CHANNEL:
         kg = tl.arange(0, KG)
@@ -938,23 +959,23 @@ def _tier_fields(
                                          KF, K_GS, KG, RP, KNE)  # fmt: skip
         qg_sum3 = tl.reshape(qg_sum, (KG, RP))
         k0 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 0, D, K_FIX, KF,
-                        K_GS, KG, RP, KNE, NPK, NPART)  # fmt: skip
+                        K_GS, KG, RP, KNE, NPK, NPART, KT)  # fmt: skip
         k1 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 1, D, K_FIX, KF,
-                        K_GS, KG, RP, KNE, NPK, NPART)  # fmt: skip
+                        K_GS, KG, RP, KNE, NPK, NPART, KT)  # fmt: skip
         if KF > 2:
             k2 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 2, D, K_FIX, KF,
-                            K_GS, KG, RP, KNE, NPK, NPART)  # fmt: skip
+                            K_GS, KG, RP, KNE, NPK, NPART, KT)  # fmt: skip
             k3 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 3, D, K_FIX, KF,
-                            K_GS, KG, RP, KNE, NPK, NPART)  # fmt: skip
+                            K_GS, KG, RP, KNE, NPK, NPART, KT)  # fmt: skip
         if KF > 4:
             k4 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 4, D, K_FIX, KF,
-                            K_GS, KG, RP, KNE, NPK, NPART)  # fmt: skip
+                            K_GS, KG, RP, KNE, NPK, NPART, KT)  # fmt: skip
             k5 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 5, D, K_FIX, KF,
-                            K_GS, KG, RP, KNE, NPK, NPART)  # fmt: skip
+                            K_GS, KG, RP, KNE, NPK, NPART, KT)  # fmt: skip
             k6 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 6, D, K_FIX, KF,
-                            K_GS, KG, RP, KNE, NPK, NPART)  # fmt: skip
+                            K_GS, KG, RP, KNE, NPK, NPART, KT)  # fmt: skip
             k7 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 7, D, K_FIX, KF,
-                            K_GS, KG, RP, KNE, NPK, NPART)  # fmt: skip
+                            K_GS, KG, RP, KNE, NPK, NPART, KT)  # fmt: skip
 
     p_lo = split * pages_per_split
     p_hi = tl.minimum(p_lo + pages_per_split, n_pages)
@@ -976,23 +997,23 @@ def _tier_fields(
                 ar, kinv, kqo = _kchannel_scale(qrow, sqd, row_ok, qscale, KFIX, s64, KS, KO, sb,
                                                 rows, ke, D, K_FIX, KF, RP, KNE)  # fmt: skip
                 k0 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar, 0,
-                                  D, K_FIX, KF, RP, KNE, NPC, NPART)  # fmt: skip
+                                  D, K_FIX, KF, RP, KNE, NPC, NPART, KT)  # fmt: skip
                 k1 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar, 1,
-                                  D, K_FIX, KF, RP, KNE, NPC, NPART)  # fmt: skip
+                                  D, K_FIX, KF, RP, KNE, NPC, NPART, KT)  # fmt: skip
                 if KF > 2:
                     k2 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar,
-                                      2, D, K_FIX, KF, RP, KNE, NPC, NPART)  # fmt: skip
+                                      2, D, K_FIX, KF, RP, KNE, NPC, NPART, KT)  # fmt: skip
                     k3 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar,
-                                      3, D, K_FIX, KF, RP, KNE, NPC, NPART)  # fmt: skip
+                                      3, D, K_FIX, KF, RP, KNE, NPC, NPART, KT)  # fmt: skip
                 if KF > 4:
                     k4 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar,
-                                      4, D, K_FIX, KF, RP, KNE, NPC, NPART)  # fmt: skip
+                                      4, D, K_FIX, KF, RP, KNE, NPC, NPART, KT)  # fmt: skip
                     k5 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar,
-                                      5, D, K_FIX, KF, RP, KNE, NPC, NPART)  # fmt: skip
+                                      5, D, K_FIX, KF, RP, KNE, NPC, NPART, KT)  # fmt: skip
                     k6 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar,
-                                      6, D, K_FIX, KF, RP, KNE, NPC, NPART)  # fmt: skip
+                                      6, D, K_FIX, KF, RP, KNE, NPC, NPART, KT)  # fmt: skip
                     k7 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar,
-                                      7, D, K_FIX, KF, RP, KNE, NPC, NPART)  # fmt: skip
+                                      7, D, K_FIX, KF, RP, KNE, NPC, NPART, KT)  # fmt: skip
             if V_SEP:
                 # Fold the offsets' part in (it takes the old factor too), then hold the
                 # accumulators divided by the new segment's factor (the old one is reloaded
@@ -1000,16 +1021,16 @@ def _tier_fields(
                 po_s = tl.reshape(tl.where(vpart == 0, (po_acc * vr)[None, :], 0.0), (MS,))
                 old_b = (s64 * nseg + tl.maximum(cur, 0)) * D
                 had = cur >= 0
-                acc0 = _vsegment(acc0, po_s, VF, old_b, sb, had, ve, 0, VFN, TRANS)
-                acc1 = _vsegment(acc1, po_s, VF, old_b, sb, had, ve, 1, VFN, TRANS)
+                acc0 = _vsegment(acc0, po_s, VF, old_b, sb, had, ve, 0, VFN, VT)
+                acc1 = _vsegment(acc1, po_s, VF, old_b, sb, had, ve, 1, VFN, VT)
                 if VFN > 2:
-                    acc2 = _vsegment(acc2, po_s, VF, old_b, sb, had, ve, 2, VFN, TRANS)
-                    acc3 = _vsegment(acc3, po_s, VF, old_b, sb, had, ve, 3, VFN, TRANS)
+                    acc2 = _vsegment(acc2, po_s, VF, old_b, sb, had, ve, 2, VFN, VT)
+                    acc3 = _vsegment(acc3, po_s, VF, old_b, sb, had, ve, 3, VFN, VT)
                 if VFN > 4:
-                    acc4 = _vsegment(acc4, po_s, VF, old_b, sb, had, ve, 4, VFN, TRANS)
-                    acc5 = _vsegment(acc5, po_s, VF, old_b, sb, had, ve, 5, VFN, TRANS)
-                    acc6 = _vsegment(acc6, po_s, VF, old_b, sb, had, ve, 6, VFN, TRANS)
-                    acc7 = _vsegment(acc7, po_s, VF, old_b, sb, had, ve, 7, VFN, TRANS)
+                    acc4 = _vsegment(acc4, po_s, VF, old_b, sb, had, ve, 4, VFN, VT)
+                    acc5 = _vsegment(acc5, po_s, VF, old_b, sb, had, ve, 5, VFN, VT)
+                    acc6 = _vsegment(acc6, po_s, VF, old_b, sb, had, ve, 6, VFN, VT)
+                    acc7 = _vsegment(acc7, po_s, VF, old_b, sb, had, ve, 7, VFN, VT)
                 po_acc = po_acc * 0.0
             cur = seg
         else:
@@ -1028,23 +1049,23 @@ def _tier_fields(
                 kq = kp
             vp = tl.load(VD + row[:, None] * VNE + ve[None, :])  # int16 [N, VNE]
             # ---- keys: logits [RP, BLOCK_N] (base 2, scaled)
-            y = _vacc(KM, BLOCK_N, TRANS)
-            y = _kdot(k0, _kfield(kp, kq, K_BITS, 0, ASM), y, TRANS)
-            y = _kdot(k1, _kfield(kp, kq, K_BITS, 1, ASM), y, TRANS)
+            y = _vacc(KM, BLOCK_N, KT)
+            y = _kdot(k0, _kfield(kp, kq, K_BITS, 0, ASM), y, KT)
+            y = _kdot(k1, _kfield(kp, kq, K_BITS, 1, ASM), y, KT)
             if KF > 2:
-                y = _kdot(k2, _kfield(kp, kq, K_BITS, 2, ASM), y, TRANS)
-                y = _kdot(k3, _kfield(kp, kq, K_BITS, 3, ASM), y, TRANS)
+                y = _kdot(k2, _kfield(kp, kq, K_BITS, 2, ASM), y, KT)
+                y = _kdot(k3, _kfield(kp, kq, K_BITS, 3, ASM), y, KT)
             if KF > 4:
-                y = _kdot(k4, _kfield(kp, kq, K_BITS, 4, ASM), y, TRANS)
-                y = _kdot(k5, _kfield(kp, kq, K_BITS, 5, ASM), y, TRANS)
-                y = _kdot(k6, _kfield(kp, kq, K_BITS, 6, ASM), y, TRANS)
-                y = _kdot(k7, _kfield(kp, kq, K_BITS, 7, ASM), y, TRANS)
-            if TRANS:
+                y = _kdot(k4, _kfield(kp, kq, K_BITS, 4, ASM), y, KT)
+                y = _kdot(k5, _kfield(kp, kq, K_BITS, 5, ASM), y, KT)
+                y = _kdot(k6, _kfield(kp, kq, K_BITS, 6, ASM), y, KT)
+                y = _kdot(k7, _kfield(kp, kq, K_BITS, 7, ASM), y, KT)
+            if KT:
                 y = tl.trans(y)
             if K_MODE == CHANNEL:
-                logits = _unstack(y, RP, BLOCK_N, NPC) * kinv[:, None] + kqo[:, None]
+                logits = _unstack(y, RP, BLOCK_N, NPC, KT) * kinv[:, None] + kqo[:, None]
             else:
-                dots = _unstack(y, KG * RP, BLOCK_N, NPK) * kinv[:, None]
+                dots = _unstack(y, KG * RP, BLOCK_N, NPK, KT) * kinv[:, None]
                 dots = tl.reshape(dots, (KG, RP, BLOCK_N))
                 sc = tl.load(KS + row[None, :] * KG + kg[:, None]).to(tl.float32)  # [KG, N]
                 of = tl.load(KO + row[None, :] * KG + kg[:, None]).to(tl.float32)
@@ -1089,16 +1110,16 @@ def _tier_fields(
                 alpha_g = tl.reshape(tl.broadcast_to(alpha[None, :], (VG, RP)), (VG * RP,))
                 f_g = alpha_g * (r_new * _pow2_inv(vr))
                 f_s = tl.reshape(tl.broadcast_to(f_g[None, :], (NPV, VG * RP)), (MS,))
-                acc0 = _vrescale(acc0, f_s, TRANS)
-                acc1 = _vrescale(acc1, f_s, TRANS)
+                acc0 = _vrescale(acc0, f_s, VT)
+                acc1 = _vrescale(acc1, f_s, VT)
                 if VFN > 2:
-                    acc2 = _vrescale(acc2, f_s, TRANS)
-                    acc3 = _vrescale(acc3, f_s, TRANS)
+                    acc2 = _vrescale(acc2, f_s, VT)
+                    acc3 = _vrescale(acc3, f_s, VT)
                 if VFN > 4:
-                    acc4 = _vrescale(acc4, f_s, TRANS)
-                    acc5 = _vrescale(acc5, f_s, TRANS)
-                    acc6 = _vrescale(acc6, f_s, TRANS)
-                    acc7 = _vrescale(acc7, f_s, TRANS)
+                    acc4 = _vrescale(acc4, f_s, VT)
+                    acc5 = _vrescale(acc5, f_s, VT)
+                    acc6 = _vrescale(acc6, f_s, VT)
+                    acc7 = _vrescale(acc7, f_s, VT)
                 l_i = l_i * alpha
                 po_acc = po_acc * alpha_g
                 m_i = m_new
@@ -1106,16 +1127,16 @@ def _tier_fields(
             l_i += _sum(p, 1)
             po_acc += tl.reshape(_sum(p[None, :, :] * of[:, None, :], 2), (VG * RP,))
             a = _stack_scaled(ps, vr, VG * RP, BLOCK_N, NPV, NPART)
-            acc0 = _vdot(a, _field(vp, V_BITS, 0, ASM), acc0, TRANS)
-            acc1 = _vdot(a, _field(vp, V_BITS, 1, ASM), acc1, TRANS)
+            acc0 = _vdot(a, _field(vp, V_BITS, 0, ASM), acc0, VT)
+            acc1 = _vdot(a, _field(vp, V_BITS, 1, ASM), acc1, VT)
             if VFN > 2:
-                acc2 = _vdot(a, _field(vp, V_BITS, 2, ASM), acc2, TRANS)
-                acc3 = _vdot(a, _field(vp, V_BITS, 3, ASM), acc3, TRANS)
+                acc2 = _vdot(a, _field(vp, V_BITS, 2, ASM), acc2, VT)
+                acc3 = _vdot(a, _field(vp, V_BITS, 3, ASM), acc3, VT)
             if VFN > 4:
-                acc4 = _vdot(a, _field(vp, V_BITS, 4, ASM), acc4, TRANS)
-                acc5 = _vdot(a, _field(vp, V_BITS, 5, ASM), acc5, TRANS)
-                acc6 = _vdot(a, _field(vp, V_BITS, 6, ASM), acc6, TRANS)
-                acc7 = _vdot(a, _field(vp, V_BITS, 7, ASM), acc7, TRANS)
+                acc4 = _vdot(a, _field(vp, V_BITS, 4, ASM), acc4, VT)
+                acc5 = _vdot(a, _field(vp, V_BITS, 5, ASM), acc5, VT)
+                acc6 = _vdot(a, _field(vp, V_BITS, 6, ASM), acc6, VT)
+                acc7 = _vdot(a, _field(vp, V_BITS, 7, ASM), acc7, VT)
         run = end
 
     out = (s64 * n_split + out_split) * ROWS + rows
@@ -1131,21 +1152,21 @@ def _tier_fields(
     # 4 * VFN bytes apart, a sector per value: 1.15M of the launch's 1.49M excess sectors,
     # session 26's profile).
     MV: tl.constexpr = VG * RP
-    x0 = _vparts(acc0, inv_s, NPV, MV, VNE, TRANS)
-    x1 = _vparts(acc1, inv_s, NPV, MV, VNE, TRANS)
+    x0 = _vparts(acc0, inv_s, NPV, MV, VNE, VT)
+    x1 = _vparts(acc1, inv_s, NPV, MV, VNE, VT)
     if VFN == 2:
         x = tl.join(x0, x1)
     elif VFN == 4:
-        x2 = _vparts(acc2, inv_s, NPV, MV, VNE, TRANS)
-        x3 = _vparts(acc3, inv_s, NPV, MV, VNE, TRANS)
+        x2 = _vparts(acc2, inv_s, NPV, MV, VNE, VT)
+        x3 = _vparts(acc3, inv_s, NPV, MV, VNE, VT)
         x = tl.join(tl.join(x0, x2), tl.join(x1, x3))
     else:
-        x2 = _vparts(acc2, inv_s, NPV, MV, VNE, TRANS)
-        x3 = _vparts(acc3, inv_s, NPV, MV, VNE, TRANS)
-        x4 = _vparts(acc4, inv_s, NPV, MV, VNE, TRANS)
-        x5 = _vparts(acc5, inv_s, NPV, MV, VNE, TRANS)
-        x6 = _vparts(acc6, inv_s, NPV, MV, VNE, TRANS)
-        x7 = _vparts(acc7, inv_s, NPV, MV, VNE, TRANS)
+        x2 = _vparts(acc2, inv_s, NPV, MV, VNE, VT)
+        x3 = _vparts(acc3, inv_s, NPV, MV, VNE, VT)
+        x4 = _vparts(acc4, inv_s, NPV, MV, VNE, VT)
+        x5 = _vparts(acc5, inv_s, NPV, MV, VNE, VT)
+        x6 = _vparts(acc6, inv_s, NPV, MV, VNE, VT)
+        x7 = _vparts(acc7, inv_s, NPV, MV, VNE, VT)
         x = tl.join(
             tl.join(tl.join(x0, x4), tl.join(x2, x6)), tl.join(tl.join(x1, x5), tl.join(x3, x7))
         )
@@ -1507,7 +1528,7 @@ def _tier(
             s, split, out_split, cap, n_pages, pages_per_split, n_split, nseg, kv_heads,
             ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
             K_MODE, K_BITS, K_GS, K_FIX, V_BITS, V_GS, V_SEP, TRACK, NPART, STAGES,
-            (FIELDS & 3) == 2, UNROLL, (FIELDS & 4) != 0,
+            (FIELDS & 3) == 2, UNROLL, (FIELDS >> 2) & 3,
         )  # fmt: skip
     elif FLAT:
         _tier_flat(
@@ -2112,6 +2133,11 @@ def _raw_stream(dev: Any) -> int:
     return torch._C._cuda_getCurrentRawStream(idx)
 
 
+#: ``attend_tiers(transposed=...)``: which of the field path's dots are transposed (bit 1 the
+#: keys', bit 2 the values').
+_TRANSPOSED = {False: 0, True: 3, "keys": 1, "values": 2}
+
+
 def attend_tiers(
     tiers,
     q,
@@ -2138,7 +2164,7 @@ def attend_tiers(
     num_warps=None,
     num_stages=2,
     maxnreg=None,
-    transposed=False,
+    transposed="keys",
     merge_block=None,
     unroll=1,
 ):
@@ -2189,10 +2215,16 @@ def attend_tiers(
     one block; smaller in tests, so that the running maximum's rescaling between blocks runs).
     ``unroll``: the field path's page loop unrolled that many times (two pages' independent
     work for the compiler to interleave: the loop is latency bound, session 25's profile).
-    ``transposed``: the field path's dots transposed (``_kdot``, ``_vdot``): the page's tokens
-    (keys) or channels (values) as the mma's M and the query rows' stacked hi / lo parts as
-    its N, so that 4 queries' 8 rows fill an mma's 8 columns where as its M they were padded
-    to 16 (half the mma instructions, no zero blocks staged); the same sums in another order.
+    ``transposed``: which of the field path's dots are transposed (``_kdot``, ``_vdot``):
+    ``"keys"`` (the default), ``True`` (both) or ``False``. Transposed, the page's tokens
+    (keys) or channels (values) are the mma's M and the query rows' stacked hi / lo parts its
+    N, so that 4 queries' 8 rows fill an mma's 8 columns where as its M they were padded to
+    16, and a row's hi and lo sums meet in one thread (``_stack_scaled``'s ``INNER``). The
+    keys' alone is fastest (session 27, H100, B8 x 32k, us eager / CUDA graph: ZipCache 123 /
+    113 against 133 / 123 untransposed and 142 / 132 both, kvmix-5x 165 / 154 against 179 /
+    167 and 186 / 176; offline, 11% fewer SASS instructions a page): the probabilities then
+    come out of the key dot in the layout the values' untransposed dot takes them in. The same
+    sums in another order: outputs within the same tolerances.
     """
     import torch
 
@@ -2219,8 +2251,8 @@ def attend_tiers(
         raise ValueError(f"merge_block must be a power of two, got {merge_block!r}")
     if type(unroll) is not int or unroll < 1:
         raise ValueError(f"unroll must be a positive int, got {unroll!r}")
-    if type(transposed) is not bool:
-        raise ValueError(f"transposed must be a bool, got {transposed!r}")
+    if type(transposed) not in (bool, str) or transposed not in _TRANSPOSED:
+        raise ValueError(f"transposed must be a bool, 'keys' or 'values', got {transposed!r}")
 
     if len(tiers) > 3:
         raise ValueError(f"attend_tiers takes at most 3 tiers, got {len(tiers)}")
@@ -2313,7 +2345,7 @@ def attend_tiers(
             2 if join else int(bcast),
             num_stages,
             flat,
-            ((2 if asm else 1) + (4 if transposed else 0)) if fields else 0,
+            ((2 if asm else 1) + 4 * _TRANSPOSED[transposed]) if fields else 0,
             *on,
             rotation is not None,
             unroll,

@@ -254,6 +254,42 @@ def test_bench_attention_cuda_mode_refuses_without_gpu():
         bench.main(args)
 
 
+def test_bench_attention_cuda_verdicts_follow_the_measured_numbers(monkeypatch, capsys):
+    """The GPU mode's table and verdicts from measured cases (measurement replaced here: no
+    GPU): the kernel targets judged by the GPU's time and, separately, eager."""
+    import argparse
+    import types
+
+    from kvmix.bench import attention as bench
+
+    def case(batch, length, copy_bps):
+        del copy_bps
+        fused, fused_gpu, sdpa, sdpa_gpu, bound = 0.123, 0.113, 0.346, 0.342, 0.066
+        return {
+            "batch": batch, "tokens": length, "fused_ms": fused, "fused_track_ms": fused,
+            "sdpa_bf16_ms": sdpa, "speedup_bf16": sdpa / fused, "compressed_bytes": 2**27,
+            "fp16_bytes": 2**29, "bound_ms": bound, "bound_ratio": fused / bound,
+            "rel_error_vs_bf16_cache": 1.9, "rel_error_vs_dequantized": 1e-6,
+            "fused_gpu_ms": fused_gpu, "sdpa_bf16_gpu_ms": sdpa_gpu,
+            "speedup_bf16_gpu": sdpa_gpu / fused_gpu, "bound_ratio_gpu": fused_gpu / bound,
+        }  # fmt: skip
+
+    fake_cuda = types.SimpleNamespace(
+        is_available=lambda: True, get_device_name=lambda: "fake", empty_cache=lambda: None
+    )
+    monkeypatch.setattr(bench.torch, "cuda", fake_cuda)
+    monkeypatch.setattr(bench, "cuda_copy_bandwidth", lambda: 3e12)
+    monkeypatch.setattr(bench, "measure_cuda", case)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--device", "cuda", "--batch", "8", "--tokens", "32768"])
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert "B=8 L=32768: >= 3x SDPA bf16: met by GPU time (3.03x), NOT met eager (2.81x)" in out
+    assert "within 1.5x of the bound: NOT met by GPU time (1.71x), NOT met eager (1.86x)" in out
+    assert " 1.0e-06 " in out and "fake" in out
+
+
 def test_in_place_accumulation_and_output_layout_match_the_returned_tensors():
     """What the store uses at every decoding step: the received attention added in place to a
     tier's scores with the count of queries that saw each row, and the output written in the

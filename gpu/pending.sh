@@ -565,6 +565,18 @@ C27B)
   both host-b1-8k 110 python3 -u -m kvmix.bench host --context 8192 --batch 1 --steps 8 \
     --methods full zipcache
   ;;
+C28A)
+  # Staged by session 27 (its device time was spent): the issue's kernel command with its
+  # new GPU-time columns and the kernel's own error (never run so), a decoding step's host
+  # work with the direct launches counted, and the B=1 x 32k prefill of 8 layers (end to end
+  # and by the phase timers) with session 26's classification kernels, all three presets.
+  timeout 150 python3 -u -m kvmix.bench attention --device cuda --batch 1 8 \
+    --tokens 8192 32768 --json "$OUT/attention.json" > "$OUT/attention.txt" 2>&1
+  timeout 80 python3 -u -m kvmix.bench host --context 8192 --batch 1 --steps 8 \
+    --methods full zipcache > "$OUT/host-b1-8k.txt" 2>&1
+  timeout 200 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -572,7 +584,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A" >&2
   exit 2
   ;;
 esac

@@ -9,7 +9,7 @@ iteration (one page of ``BLOCK_N`` rows: divide by ``BLOCK_N * 2 * D`` codes per
 per-code figure) and its shared-memory, barrier and mma parts.
 
     .venv/bin/python benches/triton_ptx_counts.py [flat] [join] [fast] [n128] [w8] [rot]
-        [fields] [trans | transk | transv] [only2 | only3 | only4] [nobuf]
+        [fields] [untrans] [only2 | only3 | only4] [nobuf]
 """
 
 import collections
@@ -195,10 +195,8 @@ def main():
     kw.update(num_warps=next((int(a[1:]) for a in sys.argv if re.fullmatch(r"w\d", a)), 4))
     if "fields" in sys.argv:
         kw["fields"] = True
-    if "trans" in sys.argv:  # the field path's dots transposed
-        kw["transposed"] = True
-    elif "transk" in sys.argv or "transv" in sys.argv:  # only the keys' or the values'
-        kw["transposed"] = "keys" if "transk" in sys.argv else "values"
+    if "untrans" in sys.argv:  # the field path's key dots untransposed (before session 27)
+        kw["transposed"] = False
     if "rot" in sys.argv:
         # kvmix-5x's rotation in the kernel (the query rotated into a slab per program).
         from kvmix.cache import randomized_hadamard

@@ -81,7 +81,7 @@ def test_three_tiers_three_bit_codes_and_groups():
         (dict(unroll=0), "unroll"),
         (dict(unroll=1.5), "unroll"),
         (dict(transposed=1), "transposed"),
-        (dict(transposed="both"), "transposed"),
+        (dict(transposed="keys"), "transposed"),
         (dict(transposed=[True]), "transposed"),
     ],
 )
@@ -120,15 +120,14 @@ def test_wide_codes_and_fast_mode():
     _check(views, 1, [2, 0], join=True)  # 2 and 8 bits, joined
 
 
-@pytest.mark.parametrize("transposed", [False, "keys", True])
+@pytest.mark.parametrize("transposed", [False, True])
 def test_field_path(monkeypatch, transposed):
     # fields=True: 2-, 4- and 8-bit tiers (keys also 3-bit) read as int16 elements, one dot
     # per bit field
     # (_tier_fields); it needs D * bits >= 256, so D = 128 here. The 1-bit tier and the
     # buffer take the other paths in the same launch. Under the interpreter the fields are
     # unpacked with plain integer operations (a GPU runs the inline PTX of _field_asm).
-    # transposed: the key dots ("keys") or every dot of the field path transposed (tokens /
-    # channels as the mma's M).
+    # transposed (the default): the key dots transposed (the page's tokens as the mma's M).
     d = 128
     monkeypatch.setattr(
         load_attention("cpu"), "attend_tiers",
@@ -236,7 +235,7 @@ def test_field_path(monkeypatch, transposed):
     monkeypatch.delenv("KVMIX_TRITON_FIELDS")
     attn.attend_tiers(*args)
     # The field path (plain unpacking here; 4 more transposed), then the default one twice.
-    assert launched == [1 + 4 * {False: 0, "keys": 1, True: 3}[transposed], 0, 0]
+    assert launched == [1 + 4 * transposed, 0, 0]
 
 
 def test_bench_attention_cuda_mode_refuses_without_gpu():

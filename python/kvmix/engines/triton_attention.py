@@ -862,7 +862,7 @@ def _tier_fields(
     STAGES: tl.constexpr,
     ASM: tl.constexpr,
     UNROLL: tl.constexpr,
-    TRANS: tl.constexpr,
+    TRANS: tl.constexpr,  # the key dots transposed (``_kdot``)
 ):
     """A packed tier of 2-, 4- or 8-bit codes read as int16 elements (keys also of 3 bits, read
     as their 24-bit groups, ``_groups3``), one dot per bit field
@@ -923,35 +923,31 @@ def _tier_fields(
     l_i = tl.full([RP], 0.0, tl.float32)
     VG: tl.constexpr = D // V_GS
     vg = tl.arange(0, VG)
-    # TRANS: bit 1 the key dots transposed, bit 2 the value dots.
-    KT: tl.constexpr = (TRANS & 1) != 0
-    VT: tl.constexpr = (TRANS & 2) != 0
-    # Parts of a stacked operand: hi and lo, padded with zero blocks to the mma's 16 rows
-    # where the operand's rows are the dot's M; transposed (VT) they are its N, of which
-    # an mma takes 8: no padding.
-    NPV: tl.constexpr = NPART if VT or NPART * VG * RP >= 16 else 16 // (VG * RP)
+    NPV: tl.constexpr = NPART if NPART * VG * RP >= 16 else 16 // (VG * RP)
     MS: tl.constexpr = NPV * VG * RP  # rows of the values' stacked operand
     vpart = tl.arange(0, NPV)[:, None]
     # The values' stacked rows (part, group, row) hold sum_t (p s r)_t code_t for the rows'
     # power-of-two scale r [VG * RP] (2^126 until a page sets it: every accumulator is 0).
-    acc0 = _vacc(MS, VNE, VT)
-    acc1 = _vacc(MS, VNE, VT)
+    acc0 = tl.full([MS, VNE], 0.0, tl.float32)
+    acc1 = tl.full([MS, VNE], 0.0, tl.float32)
     if VFN > 2:
-        acc2 = _vacc(MS, VNE, VT)
-        acc3 = _vacc(MS, VNE, VT)
+        acc2 = tl.full([MS, VNE], 0.0, tl.float32)
+        acc3 = tl.full([MS, VNE], 0.0, tl.float32)
     if VFN > 4:
-        acc4 = _vacc(MS, VNE, VT)
-        acc5 = _vacc(MS, VNE, VT)
-        acc6 = _vacc(MS, VNE, VT)
-        acc7 = _vacc(MS, VNE, VT)
+        acc4 = tl.full([MS, VNE], 0.0, tl.float32)
+        acc5 = tl.full([MS, VNE], 0.0, tl.float32)
+        acc6 = tl.full([MS, VNE], 0.0, tl.float32)
+        acc7 = tl.full([MS, VNE], 0.0, tl.float32)
     vr = tl.full([VG * RP], 8.507059173023462e37, tl.float32)
     po_acc = tl.full([VG * RP], 0.0, tl.float32)
 
     # ---- the keys' query operands, one per field: grouped per-token keys' here, per-channel
     # keys' per run of pages of one segment (below)
     KG: tl.constexpr = D // K_GS
-    NPC: tl.constexpr = NPART if KT or NPART * RP >= 16 else 16 // RP  # per-channel keys'
-    NPK: tl.constexpr = NPART if KT or NPART * KG * RP >= 16 else 16 // (KG * RP)  # grouped'
+    # Parts of the stacked query operands: hi and lo, padded with zero blocks to the mma's 16
+    # rows where they are the key dot's M; transposed (TRANS) they are its N: no padding.
+    NPC: tl.constexpr = NPART if TRANS or NPART * RP >= 16 else 16 // RP  # per-channel keys'
+    NPK: tl.constexpr = NPART if TRANS or NPART * KG * RP >= 16 else 16 // (KG * RP)  # grouped'
     KM: tl.constexpr = NPC * RP if K_MODE == CHANNEL else NPK * KG * RP  # operand rows
     if K_MODE != CHANNEL:
         kg = tl.arange(0, KG)
@@ -959,23 +955,23 @@ def _tier_fields(
                                          KF, K_GS, KG, RP, KNE)  # fmt: skip
         qg_sum3 = tl.reshape(qg_sum, (KG, RP))
         k0 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 0, D, K_FIX, KF,
-                        K_GS, KG, RP, KNE, NPK, NPART, KT)  # fmt: skip
+                        K_GS, KG, RP, KNE, NPK, NPART, TRANS)  # fmt: skip
         k1 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 1, D, K_FIX, KF,
-                        K_GS, KG, RP, KNE, NPK, NPART, KT)  # fmt: skip
+                        K_GS, KG, RP, KNE, NPK, NPART, TRANS)  # fmt: skip
         if KF > 2:
             k2 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 2, D, K_FIX, KF,
-                            K_GS, KG, RP, KNE, NPK, NPART, KT)  # fmt: skip
+                            K_GS, KG, RP, KNE, NPK, NPART, TRANS)  # fmt: skip
             k3 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 3, D, K_FIX, KF,
-                            K_GS, KG, RP, KNE, NPK, NPART, KT)  # fmt: skip
+                            K_GS, KG, RP, KNE, NPK, NPART, TRANS)  # fmt: skip
         if KF > 4:
             k4 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 4, D, K_FIX, KF,
-                            K_GS, KG, RP, KNE, NPK, NPART, KT)  # fmt: skip
+                            K_GS, KG, RP, KNE, NPK, NPART, TRANS)  # fmt: skip
             k5 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 5, D, K_FIX, KF,
-                            K_GS, KG, RP, KNE, NPK, NPART, KT)  # fmt: skip
+                            K_GS, KG, RP, KNE, NPK, NPART, TRANS)  # fmt: skip
             k6 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 6, D, K_FIX, KF,
-                            K_GS, KG, RP, KNE, NPK, NPART, KT)  # fmt: skip
+                            K_GS, KG, RP, KNE, NPK, NPART, TRANS)  # fmt: skip
             k7 = _ktoken_op(qrow, sqd, row_ok, qscale, KFIX, s64, ke, kg, qr, 7, D, K_FIX, KF,
-                            K_GS, KG, RP, KNE, NPK, NPART, KT)  # fmt: skip
+                            K_GS, KG, RP, KNE, NPK, NPART, TRANS)  # fmt: skip
 
     p_lo = split * pages_per_split
     p_hi = tl.minimum(p_lo + pages_per_split, n_pages)
@@ -997,23 +993,23 @@ def _tier_fields(
                 ar, kinv, kqo = _kchannel_scale(qrow, sqd, row_ok, qscale, KFIX, s64, KS, KO, sb,
                                                 rows, ke, D, K_FIX, KF, RP, KNE)  # fmt: skip
                 k0 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar, 0,
-                                  D, K_FIX, KF, RP, KNE, NPC, NPART, KT)  # fmt: skip
+                                  D, K_FIX, KF, RP, KNE, NPC, NPART, TRANS)  # fmt: skip
                 k1 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar, 1,
-                                  D, K_FIX, KF, RP, KNE, NPC, NPART, KT)  # fmt: skip
+                                  D, K_FIX, KF, RP, KNE, NPC, NPART, TRANS)  # fmt: skip
                 if KF > 2:
                     k2 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar,
-                                      2, D, K_FIX, KF, RP, KNE, NPC, NPART, KT)  # fmt: skip
+                                      2, D, K_FIX, KF, RP, KNE, NPC, NPART, TRANS)  # fmt: skip
                     k3 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar,
-                                      3, D, K_FIX, KF, RP, KNE, NPC, NPART, KT)  # fmt: skip
+                                      3, D, K_FIX, KF, RP, KNE, NPC, NPART, TRANS)  # fmt: skip
                 if KF > 4:
                     k4 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar,
-                                      4, D, K_FIX, KF, RP, KNE, NPC, NPART, KT)  # fmt: skip
+                                      4, D, K_FIX, KF, RP, KNE, NPC, NPART, TRANS)  # fmt: skip
                     k5 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar,
-                                      5, D, K_FIX, KF, RP, KNE, NPC, NPART, KT)  # fmt: skip
+                                      5, D, K_FIX, KF, RP, KNE, NPC, NPART, TRANS)  # fmt: skip
                     k6 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar,
-                                      6, D, K_FIX, KF, RP, KNE, NPC, NPART, KT)  # fmt: skip
+                                      6, D, K_FIX, KF, RP, KNE, NPC, NPART, TRANS)  # fmt: skip
                     k7 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar,
-                                      7, D, K_FIX, KF, RP, KNE, NPC, NPART, KT)  # fmt: skip
+                                      7, D, K_FIX, KF, RP, KNE, NPC, NPART, TRANS)  # fmt: skip
             if V_SEP:
                 # Fold the offsets' part in (it takes the old factor too), then hold the
                 # accumulators divided by the new segment's factor (the old one is reloaded
@@ -1021,16 +1017,16 @@ def _tier_fields(
                 po_s = tl.reshape(tl.where(vpart == 0, (po_acc * vr)[None, :], 0.0), (MS,))
                 old_b = (s64 * nseg + tl.maximum(cur, 0)) * D
                 had = cur >= 0
-                acc0 = _vsegment(acc0, po_s, VF, old_b, sb, had, ve, 0, VFN, VT)
-                acc1 = _vsegment(acc1, po_s, VF, old_b, sb, had, ve, 1, VFN, VT)
+                acc0 = _vsegment(acc0, po_s, VF, old_b, sb, had, ve, 0, VFN)
+                acc1 = _vsegment(acc1, po_s, VF, old_b, sb, had, ve, 1, VFN)
                 if VFN > 2:
-                    acc2 = _vsegment(acc2, po_s, VF, old_b, sb, had, ve, 2, VFN, VT)
-                    acc3 = _vsegment(acc3, po_s, VF, old_b, sb, had, ve, 3, VFN, VT)
+                    acc2 = _vsegment(acc2, po_s, VF, old_b, sb, had, ve, 2, VFN)
+                    acc3 = _vsegment(acc3, po_s, VF, old_b, sb, had, ve, 3, VFN)
                 if VFN > 4:
-                    acc4 = _vsegment(acc4, po_s, VF, old_b, sb, had, ve, 4, VFN, VT)
-                    acc5 = _vsegment(acc5, po_s, VF, old_b, sb, had, ve, 5, VFN, VT)
-                    acc6 = _vsegment(acc6, po_s, VF, old_b, sb, had, ve, 6, VFN, VT)
-                    acc7 = _vsegment(acc7, po_s, VF, old_b, sb, had, ve, 7, VFN, VT)
+                    acc4 = _vsegment(acc4, po_s, VF, old_b, sb, had, ve, 4, VFN)
+                    acc5 = _vsegment(acc5, po_s, VF, old_b, sb, had, ve, 5, VFN)
+                    acc6 = _vsegment(acc6, po_s, VF, old_b, sb, had, ve, 6, VFN)
+                    acc7 = _vsegment(acc7, po_s, VF, old_b, sb, had, ve, 7, VFN)
                 po_acc = po_acc * 0.0
             cur = seg
         else:
@@ -1049,23 +1045,23 @@ def _tier_fields(
                 kq = kp
             vp = tl.load(VD + row[:, None] * VNE + ve[None, :])  # int16 [N, VNE]
             # ---- keys: logits [RP, BLOCK_N] (base 2, scaled)
-            y = _vacc(KM, BLOCK_N, KT)
-            y = _kdot(k0, _kfield(kp, kq, K_BITS, 0, ASM), y, KT)
-            y = _kdot(k1, _kfield(kp, kq, K_BITS, 1, ASM), y, KT)
+            y = _kacc(KM, BLOCK_N, TRANS)
+            y = _kdot(k0, _kfield(kp, kq, K_BITS, 0, ASM), y, TRANS)
+            y = _kdot(k1, _kfield(kp, kq, K_BITS, 1, ASM), y, TRANS)
             if KF > 2:
-                y = _kdot(k2, _kfield(kp, kq, K_BITS, 2, ASM), y, KT)
-                y = _kdot(k3, _kfield(kp, kq, K_BITS, 3, ASM), y, KT)
+                y = _kdot(k2, _kfield(kp, kq, K_BITS, 2, ASM), y, TRANS)
+                y = _kdot(k3, _kfield(kp, kq, K_BITS, 3, ASM), y, TRANS)
             if KF > 4:
-                y = _kdot(k4, _kfield(kp, kq, K_BITS, 4, ASM), y, KT)
-                y = _kdot(k5, _kfield(kp, kq, K_BITS, 5, ASM), y, KT)
-                y = _kdot(k6, _kfield(kp, kq, K_BITS, 6, ASM), y, KT)
-                y = _kdot(k7, _kfield(kp, kq, K_BITS, 7, ASM), y, KT)
-            if KT:
+                y = _kdot(k4, _kfield(kp, kq, K_BITS, 4, ASM), y, TRANS)
+                y = _kdot(k5, _kfield(kp, kq, K_BITS, 5, ASM), y, TRANS)
+                y = _kdot(k6, _kfield(kp, kq, K_BITS, 6, ASM), y, TRANS)
+                y = _kdot(k7, _kfield(kp, kq, K_BITS, 7, ASM), y, TRANS)
+            if TRANS:
                 y = tl.trans(y)
             if K_MODE == CHANNEL:
-                logits = _unstack(y, RP, BLOCK_N, NPC, KT) * kinv[:, None] + kqo[:, None]
+                logits = _unstack(y, RP, BLOCK_N, NPC, TRANS) * kinv[:, None] + kqo[:, None]
             else:
-                dots = _unstack(y, KG * RP, BLOCK_N, NPK, KT) * kinv[:, None]
+                dots = _unstack(y, KG * RP, BLOCK_N, NPK, TRANS) * kinv[:, None]
                 dots = tl.reshape(dots, (KG, RP, BLOCK_N))
                 sc = tl.load(KS + row[None, :] * KG + kg[:, None]).to(tl.float32)  # [KG, N]
                 of = tl.load(KO + row[None, :] * KG + kg[:, None]).to(tl.float32)
@@ -1110,16 +1106,16 @@ def _tier_fields(
                 alpha_g = tl.reshape(tl.broadcast_to(alpha[None, :], (VG, RP)), (VG * RP,))
                 f_g = alpha_g * (r_new * _pow2_inv(vr))
                 f_s = tl.reshape(tl.broadcast_to(f_g[None, :], (NPV, VG * RP)), (MS,))
-                acc0 = _vrescale(acc0, f_s, VT)
-                acc1 = _vrescale(acc1, f_s, VT)
+                acc0 = acc0 * f_s[:, None]
+                acc1 = acc1 * f_s[:, None]
                 if VFN > 2:
-                    acc2 = _vrescale(acc2, f_s, VT)
-                    acc3 = _vrescale(acc3, f_s, VT)
+                    acc2 = acc2 * f_s[:, None]
+                    acc3 = acc3 * f_s[:, None]
                 if VFN > 4:
-                    acc4 = _vrescale(acc4, f_s, VT)
-                    acc5 = _vrescale(acc5, f_s, VT)
-                    acc6 = _vrescale(acc6, f_s, VT)
-                    acc7 = _vrescale(acc7, f_s, VT)
+                    acc4 = acc4 * f_s[:, None]
+                    acc5 = acc5 * f_s[:, None]
+                    acc6 = acc6 * f_s[:, None]
+                    acc7 = acc7 * f_s[:, None]
                 l_i = l_i * alpha
                 po_acc = po_acc * alpha_g
                 m_i = m_new
@@ -1127,16 +1123,16 @@ def _tier_fields(
             l_i += _sum(p, 1)
             po_acc += tl.reshape(_sum(p[None, :, :] * of[:, None, :], 2), (VG * RP,))
             a = _stack_scaled(ps, vr, VG * RP, BLOCK_N, NPV, NPART)
-            acc0 = _vdot(a, _field(vp, V_BITS, 0, ASM), acc0, VT)
-            acc1 = _vdot(a, _field(vp, V_BITS, 1, ASM), acc1, VT)
+            acc0 = tl.dot(a, _field(vp, V_BITS, 0, ASM), acc0)
+            acc1 = tl.dot(a, _field(vp, V_BITS, 1, ASM), acc1)
             if VFN > 2:
-                acc2 = _vdot(a, _field(vp, V_BITS, 2, ASM), acc2, VT)
-                acc3 = _vdot(a, _field(vp, V_BITS, 3, ASM), acc3, VT)
+                acc2 = tl.dot(a, _field(vp, V_BITS, 2, ASM), acc2)
+                acc3 = tl.dot(a, _field(vp, V_BITS, 3, ASM), acc3)
             if VFN > 4:
-                acc4 = _vdot(a, _field(vp, V_BITS, 4, ASM), acc4, VT)
-                acc5 = _vdot(a, _field(vp, V_BITS, 5, ASM), acc5, VT)
-                acc6 = _vdot(a, _field(vp, V_BITS, 6, ASM), acc6, VT)
-                acc7 = _vdot(a, _field(vp, V_BITS, 7, ASM), acc7, VT)
+                acc4 = tl.dot(a, _field(vp, V_BITS, 4, ASM), acc4)
+                acc5 = tl.dot(a, _field(vp, V_BITS, 5, ASM), acc5)
+                acc6 = tl.dot(a, _field(vp, V_BITS, 6, ASM), acc6)
+                acc7 = tl.dot(a, _field(vp, V_BITS, 7, ASM), acc7)
         run = end
 
     out = (s64 * n_split + out_split) * ROWS + rows
@@ -1152,21 +1148,21 @@ def _tier_fields(
     # 4 * VFN bytes apart, a sector per value: 1.15M of the launch's 1.49M excess sectors,
     # session 26's profile).
     MV: tl.constexpr = VG * RP
-    x0 = _vparts(acc0, inv_s, NPV, MV, VNE, VT)
-    x1 = _vparts(acc1, inv_s, NPV, MV, VNE, VT)
+    x0 = _vparts(acc0, inv_s, NPV, MV, VNE)
+    x1 = _vparts(acc1, inv_s, NPV, MV, VNE)
     if VFN == 2:
         x = tl.join(x0, x1)
     elif VFN == 4:
-        x2 = _vparts(acc2, inv_s, NPV, MV, VNE, VT)
-        x3 = _vparts(acc3, inv_s, NPV, MV, VNE, VT)
+        x2 = _vparts(acc2, inv_s, NPV, MV, VNE)
+        x3 = _vparts(acc3, inv_s, NPV, MV, VNE)
         x = tl.join(tl.join(x0, x2), tl.join(x1, x3))
     else:
-        x2 = _vparts(acc2, inv_s, NPV, MV, VNE, VT)
-        x3 = _vparts(acc3, inv_s, NPV, MV, VNE, VT)
-        x4 = _vparts(acc4, inv_s, NPV, MV, VNE, VT)
-        x5 = _vparts(acc5, inv_s, NPV, MV, VNE, VT)
-        x6 = _vparts(acc6, inv_s, NPV, MV, VNE, VT)
-        x7 = _vparts(acc7, inv_s, NPV, MV, VNE, VT)
+        x2 = _vparts(acc2, inv_s, NPV, MV, VNE)
+        x3 = _vparts(acc3, inv_s, NPV, MV, VNE)
+        x4 = _vparts(acc4, inv_s, NPV, MV, VNE)
+        x5 = _vparts(acc5, inv_s, NPV, MV, VNE)
+        x6 = _vparts(acc6, inv_s, NPV, MV, VNE)
+        x7 = _vparts(acc7, inv_s, NPV, MV, VNE)
         x = tl.join(
             tl.join(tl.join(x0, x4), tl.join(x2, x6)), tl.join(tl.join(x1, x5), tl.join(x3, x7))
         )
@@ -1174,33 +1170,25 @@ def _tier_fields(
 
 
 @triton.jit
-def _vsegment(acc, po_s, VF, ob, nb, had, ve, F: tl.constexpr, VFN: tl.constexpr,
-              TRANS: tl.constexpr):  # fmt: skip
+def _vsegment(acc, po_s, VF, ob, nb, had, ve, F: tl.constexpr, VFN: tl.constexpr):
     """Value field ``F``'s accumulator at a segment change from the one at ``ob`` (if it
     ``had`` one) to the one at ``nb``: the offsets' part folded in, then held divided by the
     new segment's factor (floored at fp16's smallest normal: nonzero)."""
     of = tl.load(VF + ob + ve * VFN + F).to(tl.float32)
     nf = tl.load(VF + nb + ve * VFN + F).to(tl.float32)
-    if TRANS:
-        out = (acc + po_s[None, :]) * (tl.where(had, of, 1.0) / nf)[:, None]
-    else:
-        out = (acc + po_s[:, None]) * (tl.where(had, of, 1.0) / nf)[None, :]
-    return out
+    return (acc + po_s[:, None]) * (tl.where(had, of, 1.0) / nf)[None, :]
 
 
 @triton.jit
-def _vparts(acc, inv_s, NPV: tl.constexpr, MV: tl.constexpr, VNE: tl.constexpr,
-            TRANS: tl.constexpr):  # fmt: skip
-    """A value field's carried accumulator ``[NPV * MV, VNE]`` (``TRANS``: its transpose)
-    unscaled and summed over its parts: ``[MV, VNE]``."""
-    if TRANS:
-        acc = tl.trans(acc)
+def _vparts(acc, inv_s, NPV: tl.constexpr, MV: tl.constexpr, VNE: tl.constexpr):
+    """A value field's carried accumulator ``[NPV * MV, VNE]`` unscaled and summed over its
+    parts: ``[MV, VNE]``."""
     return _sum(tl.reshape(acc * inv_s[:, None], (NPV, MV, VNE)), 0)
 
 
 @triton.jit
-def _vacc(M: tl.constexpr, N: tl.constexpr, TRANS: tl.constexpr):
-    """A zero accumulator ``[M, N]``, or with ``TRANS`` ``[N, M]``."""
+def _kacc(M: tl.constexpr, N: tl.constexpr, TRANS: tl.constexpr):
+    """The logits' zero accumulator ``[M, N]``, or with ``TRANS`` ``[N, M]``."""
     if TRANS:
         out = tl.full([N, M], 0.0, tl.float32)
     else:
@@ -1219,29 +1207,6 @@ def _kdot(k, field, y, TRANS: tl.constexpr):
         out = tl.dot(field, tl.trans(k), y)
     else:
         out = tl.dot(k, tl.trans(field), y)
-    return out
-
-
-@triton.jit
-def _vdot(a, field, acc, TRANS: tl.constexpr):
-    """One value field's dot added to its accumulator: the stacked ``p * s`` operand ``a [MS,
-    N]`` times the page's codes ``field [N, VNE]`` (``acc [MS, VNE]``), or with ``TRANS``
-    ``field^T @ a^T`` into ``acc [VNE, MS]`` (the channels as M, the stacked rows as N)."""
-    if TRANS:
-        out = tl.dot(tl.trans(field), tl.trans(a), acc)
-    else:
-        out = tl.dot(a, field, acc)
-    return out
-
-
-@triton.jit
-def _vrescale(acc, f, TRANS: tl.constexpr):
-    """A value accumulator's stacked rows times ``f [MS]`` (they are its columns with
-    ``TRANS``)."""
-    if TRANS:
-        out = acc * f[None, :]
-    else:
-        out = acc * f[:, None]
     return out
 
 
@@ -1514,7 +1479,7 @@ def _tier(
     UNROLL: tl.constexpr,  # the field path's page loop unrolled this many times
 ):
     # The field path (``_tier_fields``; FIELDS 1: plain unpacking, 2: inline PTX, plus 4:
-    # transposed dots) takes
+    # the key dots transposed) takes
     # packed tiers of 2, 4 or 8 bits (keys also of 3) whose rows give each field's dot at
     # least 16 elements (tl.dot's smallest size): D * bits / 16, or D / 8 for 3 bits, which
     # for D a power of two (as the kernels need) is ``bits * D >= 256``; ``_fields_tier`` is
@@ -1528,7 +1493,7 @@ def _tier(
             s, split, out_split, cap, n_pages, pages_per_split, n_split, nseg, kv_heads,
             ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
             K_MODE, K_BITS, K_GS, K_FIX, V_BITS, V_GS, V_SEP, TRACK, NPART, STAGES,
-            (FIELDS & 3) == 2, UNROLL, (FIELDS >> 2) & 3,
+            (FIELDS & 3) == 2, UNROLL, (FIELDS & 4) != 0,
         )  # fmt: skip
     elif FLAT:
         _tier_flat(
@@ -2133,11 +2098,6 @@ def _raw_stream(dev: Any) -> int:
     return torch._C._cuda_getCurrentRawStream(idx)
 
 
-#: ``attend_tiers(transposed=...)``: which of the field path's dots are transposed (bit 1 the
-#: keys', bit 2 the values').
-_TRANSPOSED = {False: 0, True: 3, "keys": 1, "values": 2}
-
-
 def attend_tiers(
     tiers,
     q,
@@ -2164,7 +2124,7 @@ def attend_tiers(
     num_warps=None,
     num_stages=2,
     maxnreg=None,
-    transposed="keys",
+    transposed=True,
     merge_block=None,
     unroll=1,
 ):
@@ -2215,16 +2175,15 @@ def attend_tiers(
     one block; smaller in tests, so that the running maximum's rescaling between blocks runs).
     ``unroll``: the field path's page loop unrolled that many times (two pages' independent
     work for the compiler to interleave: the loop is latency bound, session 25's profile).
-    ``transposed``: which of the field path's dots are transposed (``_kdot``, ``_vdot``):
-    ``"keys"`` (the default), ``True`` (both) or ``False``. Transposed, the page's tokens
-    (keys) or channels (values) are the mma's M and the query rows' stacked hi / lo parts its
-    N, so that 4 queries' 8 rows fill an mma's 8 columns where as its M they were padded to
-    16, and a row's hi and lo sums meet in one thread (``_stack_scaled``'s ``INNER``). The
-    keys' alone is fastest (session 27, H100, B8 x 32k, us eager / CUDA graph: ZipCache 123 /
-    113 against 133 / 123 untransposed and 142 / 132 both, kvmix-5x 165 / 154 against 179 /
-    167 and 186 / 176; offline, 11% fewer SASS instructions a page): the probabilities then
-    come out of the key dot in the layout the values' untransposed dot takes them in. The same
-    sums in another order: outputs within the same tolerances.
+    ``transposed`` (default ``True``): the field path's key dots transposed (``_kdot``): the
+    page's 64 tokens are the mma's M and the query rows' stacked hi / lo parts its N (4
+    queries' 8 rows: what an mma takes, where as its M they were padded to 16), a row's hi
+    and lo sums in one thread (``_stack_scaled``'s ``INNER``); session 27, H100, B8 x 32k, us
+    eager / CUDA graph: ZipCache 123 / 113 against 133 / 123, kvmix-5x 165 / 154 against 179 /
+    167 (offline, 11% fewer SASS instructions a page). The same sums in another order: outputs
+    within the same tolerances. (The value dots transposed too were slower, 142 / 132 and
+    186 / 176: the probabilities then need a transpose through shared memory;
+    ``notes/triton-kernel.md``.)
     """
     import torch
 
@@ -2251,8 +2210,8 @@ def attend_tiers(
         raise ValueError(f"merge_block must be a power of two, got {merge_block!r}")
     if type(unroll) is not int or unroll < 1:
         raise ValueError(f"unroll must be a positive int, got {unroll!r}")
-    if type(transposed) not in (bool, str) or transposed not in _TRANSPOSED:
-        raise ValueError(f"transposed must be a bool, 'keys' or 'values', got {transposed!r}")
+    if type(transposed) is not bool:
+        raise ValueError(f"transposed must be a bool, got {transposed!r}")
 
     if len(tiers) > 3:
         raise ValueError(f"attend_tiers takes at most 3 tiers, got {len(tiers)}")
@@ -2345,7 +2304,7 @@ def attend_tiers(
             2 if join else int(bcast),
             num_stages,
             flat,
-            ((2 if asm else 1) + 4 * _TRANSPOSED[transposed]) if fields else 0,
+            ((2 if asm else 1) + (4 if transposed else 0)) if fields else 0,
             *on,
             rotation is not None,
             unroll,

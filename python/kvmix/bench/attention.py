@@ -359,6 +359,21 @@ def verdicts(results: list[Result]) -> list[str]:
 CUDA_TARGET_SPEEDUP, CUDA_TARGET_BOUND = 3.0, 1.5  # issue 15, at batch 8 x 32k
 
 
+def _event_median(run: Callable[[], Any], reps: int, per_run: int) -> float:
+    """Median milliseconds per call over ``reps`` CUDA-event timings of ``run``, which makes
+    ``per_run`` calls."""
+    times: list[float] = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / per_run)
+    return statistics.median(times)
+
+
 def cuda_events(fn: Callable[[], Any], reps: int = 30, inner: int = 10) -> float:
     """Median milliseconds per call over ``reps`` CUDA-event timings of ``inner`` calls issued
     back to back (as a model issues them: the host's launch cost counts where it exceeds the
@@ -366,17 +381,12 @@ def cuda_events(fn: Callable[[], Any], reps: int = 30, inner: int = 10) -> float
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    times: list[float] = []
-    for _ in range(reps):
-        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        start.record()
+
+    def calls() -> None:
         for _ in range(inner):
             fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    return statistics.median(times)
+
+    return _event_median(calls, reps, inner)
 
 
 def cuda_graph_ms(fn: Callable[[], Any], reps: int = 30, inner: int = 10) -> float:
@@ -394,16 +404,7 @@ def cuda_graph_ms(fn: Callable[[], Any], reps: int = 30, inner: int = 10) -> flo
             fn()
     graph.replay()
     torch.cuda.synchronize()
-    times: list[float] = []
-    for _ in range(reps):
-        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    return statistics.median(times)
+    return _event_median(graph.replay, reps, inner)
 
 
 def cuda_copy_bandwidth() -> float:

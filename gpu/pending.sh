@@ -577,6 +577,24 @@ C28A)
   timeout 200 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
     --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
   ;;
+C28B)
+  # Session 28: the field path's page loop without the values' [VG, N] reshape (one value
+  # group: scales and offsets as vectors in the probabilities' layout; offline 2-bit 1196 ->
+  # 1122 SASS a page), this tree vs session 27's main (carry/base-kernel: `git archive
+  # c0f71c9 python/kvmix`) at B8 x 32k, then the issue's kernel command with its GPU-time
+  # columns (never run so).
+  BASE=carry/base-kernel both kernel 130 python3 -u benches/gpu_triton.py --current
+  timeout 150 python3 -u -m kvmix.bench attention --device cuda --batch 1 8 \
+    --tokens 8192 32768 --json "$OUT/attention.json" > "$OUT/attention.txt" 2>&1
+  ;;
+C28C)
+  # Session 28, after C28B: C28A's other two parts (a decoding step's host work with the
+  # direct launches counted; the B=1 x 32k prefill of 8 layers, three presets).
+  timeout 80 python3 -u -m kvmix.bench host --context 8192 --batch 1 --steps 8 \
+    --methods full zipcache > "$OUT/host-b1-8k.txt" 2>&1
+  timeout 200 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
+    --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -584,7 +602,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C" >&2
   exit 2
   ;;
 esac

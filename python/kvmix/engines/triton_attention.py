@@ -1092,9 +1092,18 @@ def _tier_fields(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(logits - m_safe[:, None])
             # ---- values: p times the tokens' scales, per group, as stacked rows
-            sc = tl.load(VS + row[None, :] * VG + vg[:, None]).to(tl.float32)  # [VG, N]
-            of = tl.load(VO + row[None, :] * VG + vg[:, None]).to(tl.float32)
-            ps = tl.reshape(p[None, :, :] * sc[:, None, :], (VG * RP, BLOCK_N))
+            if VG == 1:
+                # One group (ZipCache's and kvmix-5x's values): the scales and offsets as
+                # [N] vectors in p's own layout. The [VG, N] form's reshape made Triton move
+                # p to another layout and reduce the offsets' sums over the whole warp
+                # (4 x 5 shuffles and a trip through shared memory a page).
+                sc1 = tl.load(VS + row).to(tl.float32)
+                of1 = tl.load(VO + row).to(tl.float32)
+                ps = p * sc1[None, :]
+            else:
+                sc = tl.load(VS + row[None, :] * VG + vg[:, None]).to(tl.float32)  # [VG, N]
+                of = tl.load(VO + row[None, :] * VG + vg[:, None]).to(tl.float32)
+                ps = tl.reshape(p[None, :, :] * sc[:, None, :], (VG * RP, BLOCK_N))
             r_page, _ = _row_scale(_max(tl.abs(ps), 1))
             r_new = tl.minimum(vr, r_page)
             grow = _max(tl.where(m_new > m_i, 1, 0), 0) + _max(tl.where(r_new < vr, 1, 0), 0)
@@ -1121,7 +1130,10 @@ def _tier_fields(
                 m_i = m_new
                 vr = r_new
             l_i += _sum(p, 1)
-            po_acc += tl.reshape(_sum(p[None, :, :] * of[:, None, :], 2), (VG * RP,))
+            if VG == 1:
+                po_acc += _sum(p * of1[None, :], 1)
+            else:
+                po_acc += tl.reshape(_sum(p[None, :, :] * of[:, None, :], 2), (VG * RP,))
             a = _stack_scaled(ps, vr, VG * RP, BLOCK_N, NPV, NPART)
             acc0 = tl.dot(a, _field(vp, V_BITS, 0, ASM), acc0)
             acc1 = tl.dot(a, _field(vp, V_BITS, 1, ASM), acc1)

@@ -195,6 +195,8 @@ def main():
     kw.update(num_warps=next((int(a[1:]) for a in sys.argv if re.fullmatch(r"w\d", a)), 4))
     if "fields" in sys.argv:
         kw["fields"] = True
+    if "i8" in sys.argv:  # per-channel keys' dots in int8 (session 28 experiment)
+        kw["int8_keys"] = True
     if "untrans" in sys.argv:  # the field path's key dots untransposed (before session 27)
         kw["transposed"] = False
     if "rot" in sys.argv:

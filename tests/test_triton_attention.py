@@ -120,6 +120,34 @@ def test_wide_codes_and_fast_mode():
     _check(views, 1, [2, 0], join=True)  # 2 and 8 bits, joined
 
 
+def test_int8_key_dots():
+    # int8_keys=True: per-channel 2- and 4-bit keys' dots on int8 tensor cores, the query
+    # times the segment's scales as a 32-bit fixed point of four int8 digits (_kchannel_i8,
+    # _i8_digits, _i8_logits): the same attention and received attention as the float64
+    # reference, with segment changes (key_block-like segments every page or two), GQA
+    # groups of 3 (padded to 4), 4 and 8, a query before the newest rows, two queries, and
+    # left padding. Dropping the odd digits' weight of 256 (in _i8_logits) fails it.
+    d = 128
+    g = torch.Generator().manual_seed(11)
+    views = [
+        ref.synthetic_tier(S, 10, d, ("dense", 0, d), ("dense", 0, d), pos_offset=400, generator=g),
+        ref.synthetic_tier(S, 210, d, ("channel", 2, d), ("token", 2, d), v_sep=True, generator=g),
+        ref.synthetic_tier(
+            S, 190, d, ("channel", 4, d), ("token", 4, d), pos_offset=210, generator=g
+        ),
+    ]
+    for kw in (dict(), dict(target_programs=1)):
+        for hq in (3 * HK, 4 * HK, 8 * HK):
+            _check(views, 1, [0, 37], d=d, fields=True, int8_keys=True, hq=hq, **kw)
+        _check(views, 1, [0, 4], d=d, fields=True, int8_keys=True, behind=70, **kw)
+        _check(views, 2, [5, 0], d=d, fields=True, int8_keys=True, **kw)
+    with pytest.raises(ValueError, match="int8_keys"):
+        load_attention("cpu").attend_tiers(
+            views, torch.zeros(B, HQ, 1, d), [0], torch.zeros(B, dtype=torch.int32), 0.3, HK,
+            None, int8_keys=1,
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("transposed", [False, True])
 def test_field_path(monkeypatch, transposed):
     # fields=True: 2-, 4- and 8-bit tiers (keys also 3-bit) read as int16 elements, one dot

@@ -766,6 +766,138 @@ def _kchannel_scale(qrow, sqd, row_ok, qscale, KFIX, s64, KS, KO, sb, rows, ke,
 
 
 @triton.jit
+def _i16_asm(x, asm: tl.constexpr):
+    return tl.inline_asm_elementwise(asm, "=r,r", [x], dtype=tl.int16, is_pure=True, pack=2)
+
+
+@triton.jit
+def _i8_field16(kp, BITS: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr):
+    """Byte field ``G`` of the int16 code tile ``kp [N, KNE]`` as exact small integers in
+    place, the bytes in order as int8 ``[N, 2 * KNE]`` (byte ``2 e + h`` of element ``e``):
+    2-bit fields 0-2 masked where they lie (``c * 4^G``), field 3 shifted down to bits 4-5
+    (``c * 16``: below int8's 127); 4-bit fields shifted down to bits 0-3. One ``and`` (and
+    a shift for a top field) per four codes, where fp16 fields take two instructions per two
+    codes. (Loaded as int8 instead, Triton 3.6 gave the same code: it reads an 8-bit mma
+    operand from shared memory by 32-bit loads and byte permutes, not ``ldmatrix``.)"""
+    if ASM:
+        if BITS == 2 and G == 0:
+            m = _i16_asm(kp, "and.b32 $0, $1, 0x03030303;")
+        elif BITS == 2 and G == 1:
+            m = _i16_asm(kp, "and.b32 $0, $1, 0x0c0c0c0c;")
+        elif BITS == 2 and G == 2:
+            m = _i16_asm(kp, "and.b32 $0, $1, 0x30303030;")
+        elif BITS == 2:
+            m = _i16_asm(kp, "{ .reg .b32 t; shr.b32 t, $1, 2; and.b32 $0, t, 0x30303030; }")
+        elif G == 0:
+            m = _i16_asm(kp, "and.b32 $0, $1, 0x0f0f0f0f;")
+        else:
+            m = _i16_asm(kp, "{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, 0x0f0f0f0f; }")
+    else:
+        x = kp.to(tl.int32)
+        if BITS == 2 and G < 3:
+            m = x & (0x0303 << (2 * G))
+        elif BITS == 2:
+            m = (x >> 2) & 0x3030
+        else:
+            m = (x >> (4 * G)) & 0x0F0F
+    n: tl.constexpr = kp.shape[0]
+    k: tl.constexpr = kp.shape[1]
+    lo = (m & 0xFF).to(tl.int8)
+    hi = ((m >> 8) & 0xFF).to(tl.int8)
+    return tl.reshape(tl.join(lo, hi), (n, 2 * k))
+
+
+@triton.jit
+def _i8_digits(qs, f, RP: tl.constexpr, NB: tl.constexpr):
+    """``qs * f`` (``|qs * f| < 2^30``) truncated to an integer and written as four balanced
+    signed 8-bit digits, stacked as the int8 operand ``[4 * RP, NB]`` with rows
+    ``dh * 2 * RP + r * 2 + dl`` for digit ``d = 2 dh + dl``: in the transposed dot's
+    accumulator a thread then holds every digit of its row."""
+    q = (qs * f).to(tl.int32)
+    d0 = ((q + 128) & 255) - 128
+    q = (q - d0) >> 8
+    d1 = ((q + 128) & 255) - 128
+    q = (q - d1) >> 8
+    d2 = ((q + 128) & 255) - 128
+    d3 = (q - d2) >> 8
+    x = tl.join(tl.join(d0, d1), tl.join(d2, d3))  # [RP, NB, dl, dh]
+    return tl.reshape(tl.permute(x, (3, 0, 2, 1)), (4 * RP, NB)).to(tl.int8)
+
+
+@triton.jit
+def _i8_channels(rows, be, G: tl.constexpr, KF: tl.constexpr):
+    """The channel of byte ``be`` (every row) in byte field ``G``: int16 element ``e = be //
+    2`` holds channels ``e * KF + f``, its low byte fields ``f < KF / 2``."""
+    return rows[:, None] * 0 + ((be // 2) * KF + (be % 2) * (KF // 2) + G)[None, :]
+
+
+@triton.jit
+def _i8_qs(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, be, G: tl.constexpr,
+           D: tl.constexpr, K_FIX: tl.constexpr, KF: tl.constexpr):  # fmt: skip
+    """``q * s`` of segment ``sb`` at byte field ``G``'s channels, ``[RP, NB]``."""
+    ch = _i8_channels(rows, be, G, KF)
+    q = _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D, K_FIX)
+    return q * tl.load(KS + sb + ch).to(tl.float32)
+
+
+@triton.jit
+def _i8_dot(kp, k, yi, BITS: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr):
+    """Byte field ``G``'s int8 key dot added to the int32 digit sums ``yi [N, 4 * RP]``."""
+    return tl.dot(_i8_field16(kp, BITS, G, ASM), tl.trans(k), yi, out_dtype=tl.int32)
+
+
+@triton.jit
+def _kchannel_i8(qrow, sqd, row_ok, qscale, KFIX, s64, KS, KO, sb, rows, be,
+                 D: tl.constexpr, K_FIX: tl.constexpr, K_BITS: tl.constexpr, KF: tl.constexpr,
+                 RP: tl.constexpr, NB: tl.constexpr):  # fmt: skip
+    """Per-channel keys of segment ``sb`` for int8 key dots: ``q * s`` as a 32-bit fixed point
+    per row (four int8 digits; every product exact in int32), the inverse of its scale and
+    the offsets' part ``q · o``, and the byte fields' digit operands."""
+    amax = tl.full([RP, NB], 0.0, tl.float32)
+    qo = tl.full([RP, NB], 0.0, tl.float32)
+    for g in tl.static_range(8 // K_BITS):
+        ch = _i8_channels(rows, be, g, KF)
+        q = _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D, K_FIX)
+        amax = tl.maximum(amax, tl.abs(q * tl.load(KS + sb + ch).to(tl.float32)))
+        qo += q * tl.load(KO + sb + ch).to(tl.float32)
+    am = _max(amax, 1)
+    # W: the largest field weight (2-bit fields 2 and 3 hold c * 16); the scale r brings
+    # |q s| * W below 2^30 (biased exponent 283 - e for |q s| < 2^(e - 126)), capped at 2^100
+    # (a row of zeros, e.g. a GQA padding row: r * 16 stays finite, and its digits 0).
+    LW: tl.constexpr = 4 if K_BITS == 2 else 0
+    e = (am.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    re = tl.minimum(tl.maximum(283 - LW - e, 1), 227)
+    r = (re << 23).to(tl.float32, bitcast=True)
+    kinv = _pow2_inv(r) * (1.0 / (1 << LW))
+    q0 = _i8_qs(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, be, 0, D, K_FIX, KF)
+    q1 = _i8_qs(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, be, 1, D, K_FIX, KF)
+    if K_BITS == 2:
+        k0 = _i8_digits(q0, r[:, None] * 16.0, RP, NB)
+        k1 = _i8_digits(q1, r[:, None] * 4.0, RP, NB)
+        q2 = _i8_qs(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, be, 2, D, K_FIX, KF)
+        q3 = _i8_qs(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, be, 3, D, K_FIX, KF)
+        k2 = _i8_digits(q2, r[:, None], RP, NB)
+        k3 = _i8_digits(q3, r[:, None], RP, NB)
+    else:
+        k0 = _i8_digits(q0, r[:, None], RP, NB)
+        k1 = _i8_digits(q1, r[:, None], RP, NB)
+        k2 = k0
+        k3 = k1
+    return kinv, _sum(qo, 1), k0, k1, k2, k3
+
+
+@triton.jit
+def _i8_logits(y, RP: tl.constexpr, N: tl.constexpr):
+    """The int32 digit sums ``y [N, 4 * RP]`` (``_i8_digits``' rows) combined per row:
+    ``Σ_d y_d 256^d`` (pairs exact in int32, then one fp32 combination), ``[RP, N]``."""
+    y4 = tl.reshape(y, (N, 2, RP, 2))
+    dl = tl.arange(0, 2)[None, None, None, :]
+    t = _sum(y4 * tl.where(dl == 0, 1, 256), 3)  # [N, dh, RP]
+    dh = tl.arange(0, 2)[None, :, None]
+    return tl.trans(_sum(t.to(tl.float32) * tl.where(dh == 0, 1.0, 65536.0), 1))
+
+
+@triton.jit
 def _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar,
                  F: tl.constexpr, D: tl.constexpr, K_FIX: tl.constexpr, KF: tl.constexpr,
                  RP: tl.constexpr, KNE: tl.constexpr, NPC: tl.constexpr,
@@ -863,6 +995,7 @@ def _tier_fields(
     ASM: tl.constexpr,
     UNROLL: tl.constexpr,
     TRANS: tl.constexpr,  # the key dots transposed (``_kdot``)
+    I8K: tl.constexpr = False,  # per-channel 2/4-bit keys' dots on int8 tensor cores
 ):
     """A packed tier of 2-, 4- or 8-bit codes read as int16 elements (keys also of 3 bits, read
     as their 24-bit groups, ``_groups3``), one dot per bit field
@@ -898,6 +1031,9 @@ def _tier_fields(
     VNE: tl.constexpr = D // VFN
     ke = tl.arange(0, KNE)
     ve = tl.arange(0, VNE)
+    if I8K:
+        NB: tl.constexpr = 2 * KNE  # code bytes a row
+        be = tl.arange(0, NB)
     b = s // kv_heads
     h = s % kv_heads
     G: tl.constexpr = ROWS // TQ
@@ -989,7 +1125,11 @@ def _tier_fields(
             while (end < p_hi) & (tl.load(SEG + 2 * end + 1, mask=end < p_hi, other=-1) == seg):
                 end += 1
             sb = (s64 * nseg + seg) * D
-            if K_MODE == CHANNEL:
+            if I8K:
+                kinv, kqo, k0, k1, k2, k3 = _kchannel_i8(qrow, sqd, row_ok, qscale, KFIX, s64,
+                                                         KS, KO, sb, rows, be, D, K_FIX,
+                                                         K_BITS, KF, RP, NB)  # fmt: skip
+            elif K_MODE == CHANNEL:
                 ar, kinv, kqo = _kchannel_scale(qrow, sqd, row_ok, qscale, KFIX, s64, KS, KO, sb,
                                                 rows, ke, D, K_FIX, KF, RP, KNE)  # fmt: skip
                 k0 = _kchannel_op(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, ke, ar, 0,
@@ -1045,27 +1185,36 @@ def _tier_fields(
                 kq = kp
             vp = tl.load(VD + row[:, None] * VNE + ve[None, :])  # int16 [N, VNE]
             # ---- keys: logits [RP, BLOCK_N] (base 2, scaled)
-            y = _kacc(KM, BLOCK_N, TRANS)
-            y = _kdot(k0, _kfield(kp, kq, K_BITS, 0, ASM), y, TRANS)
-            y = _kdot(k1, _kfield(kp, kq, K_BITS, 1, ASM), y, TRANS)
-            if KF > 2:
-                y = _kdot(k2, _kfield(kp, kq, K_BITS, 2, ASM), y, TRANS)
-                y = _kdot(k3, _kfield(kp, kq, K_BITS, 3, ASM), y, TRANS)
-            if KF > 4:
-                y = _kdot(k4, _kfield(kp, kq, K_BITS, 4, ASM), y, TRANS)
-                y = _kdot(k5, _kfield(kp, kq, K_BITS, 5, ASM), y, TRANS)
-                y = _kdot(k6, _kfield(kp, kq, K_BITS, 6, ASM), y, TRANS)
-                y = _kdot(k7, _kfield(kp, kq, K_BITS, 7, ASM), y, TRANS)
-            if TRANS:
-                y = tl.trans(y)
-            if K_MODE == CHANNEL:
-                logits = _unstack(y, RP, BLOCK_N, NPC, TRANS) * kinv[:, None] + kqo[:, None]
+            if I8K:
+                yi = tl.full([BLOCK_N, 4 * RP], 0, tl.int32)
+                yi = _i8_dot(kp, k0, yi, K_BITS, 0, ASM)
+                yi = _i8_dot(kp, k1, yi, K_BITS, 1, ASM)
+                if K_BITS == 2:
+                    yi = _i8_dot(kp, k2, yi, K_BITS, 2, ASM)
+                    yi = _i8_dot(kp, k3, yi, K_BITS, 3, ASM)
+                logits = _i8_logits(yi, RP, BLOCK_N) * kinv[:, None] + kqo[:, None]
             else:
-                dots = _unstack(y, KG * RP, BLOCK_N, NPK, TRANS) * kinv[:, None]
-                dots = tl.reshape(dots, (KG, RP, BLOCK_N))
-                sc = tl.load(KS + row[None, :] * KG + kg[:, None]).to(tl.float32)  # [KG, N]
-                of = tl.load(KO + row[None, :] * KG + kg[:, None]).to(tl.float32)
-                logits = _sum(dots * sc[:, None, :] + qg_sum3[:, :, None] * of[:, None, :], 0)
+                y = _kacc(KM, BLOCK_N, TRANS)
+                y = _kdot(k0, _kfield(kp, kq, K_BITS, 0, ASM), y, TRANS)
+                y = _kdot(k1, _kfield(kp, kq, K_BITS, 1, ASM), y, TRANS)
+                if KF > 2:
+                    y = _kdot(k2, _kfield(kp, kq, K_BITS, 2, ASM), y, TRANS)
+                    y = _kdot(k3, _kfield(kp, kq, K_BITS, 3, ASM), y, TRANS)
+                if KF > 4:
+                    y = _kdot(k4, _kfield(kp, kq, K_BITS, 4, ASM), y, TRANS)
+                    y = _kdot(k5, _kfield(kp, kq, K_BITS, 5, ASM), y, TRANS)
+                    y = _kdot(k6, _kfield(kp, kq, K_BITS, 6, ASM), y, TRANS)
+                    y = _kdot(k7, _kfield(kp, kq, K_BITS, 7, ASM), y, TRANS)
+                if TRANS:
+                    y = tl.trans(y)
+                if K_MODE == CHANNEL:
+                    logits = _unstack(y, RP, BLOCK_N, NPC, TRANS) * kinv[:, None] + kqo[:, None]
+                else:
+                    dots = _unstack(y, KG * RP, BLOCK_N, NPK, TRANS) * kinv[:, None]
+                    dots = tl.reshape(dots, (KG, RP, BLOCK_N))
+                    sc = tl.load(KS + row[None, :] * KG + kg[:, None]).to(tl.float32)  # [KG, N]
+                    of = tl.load(KO + row[None, :] * KG + kg[:, None]).to(tl.float32)
+                    logits = _sum(dots * sc[:, None, :] + qg_sum3[:, :, None] * of[:, None, :], 0)
             if TQ == 1:
                 # One query: a token is visible to every row or to none.
                 vis = (pos - fv).to(tl.uint32, bitcast=True) < q_span
@@ -1506,6 +1655,8 @@ def _tier(
             ROWS, RP, TQ, D, BLOCK_N, QPOS_RANGE,
             K_MODE, K_BITS, K_GS, K_FIX, V_BITS, V_GS, V_SEP, TRACK, NPART, STAGES,
             (FIELDS & 3) == 2, UNROLL, (FIELDS & 4) != 0,
+            (FIELDS & 12) == 12 and K_MODE == CHANNEL and (K_BITS == 2 or K_BITS == 4)
+            and RP >= 2,
         )  # fmt: skip
     elif FLAT:
         _tier_flat(
@@ -2137,6 +2288,7 @@ def attend_tiers(
     num_stages=2,
     maxnreg=None,
     transposed=True,
+    int8_keys=False,
     merge_block=None,
     unroll=1,
 ):
@@ -2196,6 +2348,13 @@ def attend_tiers(
     within the same tolerances. (The value dots transposed too were slower, 142 / 132 and
     186 / 176: the probabilities then need a transpose through shared memory;
     ``notes/triton-kernel.md``.)
+    ``int8_keys`` (default ``False``; with ``transposed``): per-channel keys of 2 and 4 bits
+    dotted on int8 tensor cores (``_kchannel_i8``): the query times the segment's scales as a
+    32-bit fixed point per row (four int8 digits, every product and sum exact in int32), the
+    codes masked in their bytes (``_i8_field16``: one instruction per four codes where fp16
+    fields take two per two). Offline (Triton 3.6, sm_90) 1122 -> 1068 SASS a page (2-bit),
+    1207 -> 1156 (4-bit): the int8 operand comes from shared memory by 32-bit loads and byte
+    permutes, not ``ldmatrix``. Outputs within the same tolerances.
     """
     import torch
 
@@ -2224,6 +2383,8 @@ def attend_tiers(
         raise ValueError(f"unroll must be a positive int, got {unroll!r}")
     if type(transposed) is not bool:
         raise ValueError(f"transposed must be a bool, got {transposed!r}")
+    if type(int8_keys) is not bool:
+        raise ValueError(f"int8_keys must be a bool, got {int8_keys!r}")
 
     if len(tiers) > 3:
         raise ValueError(f"attend_tiers takes at most 3 tiers, got {len(tiers)}")
@@ -2316,7 +2477,9 @@ def attend_tiers(
             2 if join else int(bcast),
             num_stages,
             flat,
-            ((2 if asm else 1) + (4 if transposed else 0)) if fields else 0,
+            ((2 if asm else 1) + (4 if transposed else 0) + (8 if int8_keys else 0))
+            if fields
+            else 0,
             *on,
             rotation is not None,
             unroll,

@@ -581,9 +581,10 @@ C28B)
   # Session 28: the field path's page loop without the values' [VG, N] reshape (one value
   # group: scales and offsets as vectors in the probabilities' layout; offline 2-bit 1196 ->
   # 1122 SASS a page), this tree vs session 27's main (carry/base-kernel: `git archive
-  # c0f71c9 python/kvmix`) at B8 x 32k, then the issue's kernel command with its GPU-time
-  # columns (never run so).
-  BASE=carry/base-kernel both kernel 130 python3 -u benches/gpu_triton.py --current
+  # c0f71c9 python/kvmix`) at B8 x 32k, with the int8 key dots (`int8_keys=True`) timed
+  # beside the default, then the issue's kernel command with its GPU-time columns (never
+  # run so).
+  BASE=carry/base-kernel both kernel 170 python3 -u benches/gpu_triton.py --current
   timeout 150 python3 -u -m kvmix.bench attention --device cuda --batch 1 8 \
     --tokens 8192 32768 --json "$OUT/attention.json" > "$OUT/attention.txt" 2>&1
   ;;

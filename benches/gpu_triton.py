@@ -516,8 +516,11 @@ def current():
     print(f"kvmix from {attn.__file__}", flush=True)
     preset_check(attn)
     variants = [("default", dict(), True)]
-    if "transposed" in inspect.signature(attn.attend_tiers).parameters:
-        # Session 27's transposed key dots (the default), where the tree has them: the
+    if "transposed" in inspect.signature(attn.attend_tiers).parameters and (
+        "--untransposed" in sys.argv
+    ):
+        # Session 27's transposed key dots (the default), where the tree has them and
+        # `--untransposed` asks (session 27 timed them: slower): the
         # untransposed ones checked as the default is (float64 reference, inline PTX against
         # plain unpacking), then timed beside it.
         preset_check(attn, transposed=False)

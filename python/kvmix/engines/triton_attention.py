@@ -636,27 +636,30 @@ def _field(x, BITS: tl.constexpr, F: tl.constexpr, ASM: tl.constexpr):
 def _groups3(KD, row, KNE: tl.constexpr):
     """A 3-bit tier's rows (8 codes in each 3-byte group, channel ``8 g + f`` at bits ``3 f``
     of group ``g``, as the Rust packer packs them; ``KD`` viewed as int16) as two int16 tiles
-    ``[N, KNE]``: each group's fields 0-4 (bits 0-14) and 5-7 (bits 0-8). Three int16
-    elements hold two groups (``m``: groups ``2 m`` and ``2 m + 1``), so the even and the odd
-    groups each come from the same 16-bit ops on three loads, joined in group order. (A
-    per-column shift or select, or 32-bit intermediates, stop the compiler from moving the
-    dot operand's layout conversion up onto the loads: it converted each field through
-    shared memory, 2637 instructions a page against 1818, Triton 3.6, sm_90; byte loads,
-    2007.)"""
-    m = tl.arange(0, KNE // 2)
-    base = KD + row[:, None] * (3 * KNE // 2) + 3 * m[None, :]
-    e0 = tl.load(base)
-    e1 = tl.load(base + 1)
-    e2 = tl.load(base + 2)
-    lo_e = e0 & 0x7FFF
-    hi_e = ((e0 >> 15) & 1) | ((e1 & 0xFF) << 1)
-    lo_o = ((e1 >> 8) & 0xFF) | ((e2 & 0x7F) << 8)
-    hi_o = (e2 >> 7) & 0x1FF
+    ``[N, KNE]``: each group's fields 0-4 (bits 0-14) and 5-7 (bits 0-8). A row is read as
+    32-bit words, three words holding four groups, so that its loads are 4-byte asynchronous
+    copies the page loop's pipeline issues ahead: three int16 loads per two groups (before
+    session 28) were 2-byte loads, which a ``cp.async`` cannot copy, so they stayed in the
+    loop as 49 synchronous loads a page (Triton 3.6, sm_90: 1459 -> 1279 SASS instructions a
+    page). Each quarter of the groups comes from the same ops on its words (a per-column
+    shift or select stops the compiler from moving the dot operand's layout conversion up
+    onto the tiles: it converted each field through shared memory, session 23), joined in
+    group order."""
+    KD32 = KD.to(tl.pointer_type(tl.int32))
+    m = tl.arange(0, KNE // 4)
+    base = KD32 + row[:, None] * (3 * KNE // 4) + 3 * m[None, :]
+    w0 = tl.load(base)
+    w1 = tl.load(base + 1)
+    w2 = tl.load(base + 2)
+    g0 = w0 & 0xFFFFFF
+    g1 = ((w0 >> 24) & 0xFF) | ((w1 & 0xFFFF) << 8)
+    g2 = ((w1 >> 16) & 0xFFFF) | ((w2 & 0xFF) << 16)
+    g3 = (w2 >> 8) & 0xFFFFFF
     n: tl.constexpr = row.shape[0]
-    return (
-        tl.reshape(tl.join(lo_e, lo_o), (n, KNE)),
-        tl.reshape(tl.join(hi_e, hi_o), (n, KNE)),
-    )
+    # join(join(a, c), join(b, d)) flattens to a, b, c, d.
+    lo = tl.join(tl.join(g0 & 0x7FFF, g2 & 0x7FFF), tl.join(g1 & 0x7FFF, g3 & 0x7FFF))
+    hi = tl.join(tl.join(g0 >> 15, g2 >> 15), tl.join(g1 >> 15, g3 >> 15))
+    return tl.reshape(lo, (n, KNE)).to(tl.int16), tl.reshape(hi, (n, KNE)).to(tl.int16)
 
 
 @triton.jit

@@ -580,7 +580,8 @@ C28A)
 C28B)
   # Session 28: the field path's page loop without the values' [VG, N] reshape (one value
   # group: scales and offsets as vectors in the probabilities' layout; offline 2-bit 1196 ->
-  # 1122 SASS a page), this tree vs session 27's main (carry/base-kernel: `git archive
+  # 1122 SASS a page) and with kvmix-5x's 3-bit key rows read as 32-bit words (async
+  # copies; 1534 -> 1279 with both), this tree vs session 27's main (carry/base-kernel: `git archive
   # c0f71c9 python/kvmix`) at B8 x 32k, with the int8 key dots (`int8_keys=True`) timed
   # beside the default, then the issue's kernel command with its GPU-time columns (never
   # run so).

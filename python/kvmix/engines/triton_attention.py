@@ -781,7 +781,7 @@ def _i8_field16(kp, BITS: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr):
     (``c * 16``: below int8's 127); 4-bit fields shifted down to bits 0-3. One ``and`` (and
     a shift for a top field) per four codes, where fp16 fields take two instructions per two
     codes. (Loaded as int8 instead, Triton 3.6 gave the same code: it reads an 8-bit mma
-    operand from shared memory by 32-bit loads and byte permutes, not ``ldmatrix``.)"""
+    operand from shared memory by byte loads and permutes, not ``ldmatrix``.)"""
     if ASM:
         if BITS == 2 and G == 0:
             m = _i16_asm(kp, "and.b32 $0, $1, 0x03030303;")

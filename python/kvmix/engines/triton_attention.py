@@ -835,12 +835,13 @@ def _i8_channels(rows, be, G: tl.constexpr, KF: tl.constexpr):
 
 
 @triton.jit
-def _i8_qs(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, be, G: tl.constexpr,
+def _i8_qs(qrow, sqd, row_ok, qscale, KFIX, s64, KS, KO, sb, rows, be, G: tl.constexpr,
            D: tl.constexpr, K_FIX: tl.constexpr, KF: tl.constexpr):  # fmt: skip
-    """``q * s`` of segment ``sb`` at byte field ``G``'s channels, ``[RP, NB]``."""
+    """``q * s`` and ``q * o`` of segment ``sb`` at byte field ``G``'s channels, ``[RP,
+    NB]`` each."""
     ch = _i8_channels(rows, be, G, KF)
     q = _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D, K_FIX)
-    return q * tl.load(KS + sb + ch).to(tl.float32)
+    return q * tl.load(KS + sb + ch).to(tl.float32), q * tl.load(KO + sb + ch).to(tl.float32)
 
 
 @triton.jit
@@ -856,13 +857,17 @@ def _kchannel_i8(qrow, sqd, row_ok, qscale, KFIX, s64, KS, KO, sb, rows, be,
     """Per-channel keys of segment ``sb`` for int8 key dots: ``q * s`` as a 32-bit fixed point
     per row (four int8 digits; every product exact in int32), the inverse of its scale and
     the offsets' part ``q · o``, and the byte fields' digit operands."""
-    amax = tl.full([RP, NB], 0.0, tl.float32)
-    qo = tl.full([RP, NB], 0.0, tl.float32)
-    for g in tl.static_range(8 // K_BITS):
-        ch = _i8_channels(rows, be, g, KF)
-        q = _q_field(qrow, sqd, row_ok, qscale, KFIX, s64, ch, D, K_FIX)
-        amax = tl.maximum(amax, tl.abs(q * tl.load(KS + sb + ch).to(tl.float32)))
-        qo += q * tl.load(KO + sb + ch).to(tl.float32)
+    q0, o0 = _i8_qs(qrow, sqd, row_ok, qscale, KFIX, s64, KS, KO, sb, rows, be, 0, D, K_FIX, KF)
+    q1, o1 = _i8_qs(qrow, sqd, row_ok, qscale, KFIX, s64, KS, KO, sb, rows, be, 1, D, K_FIX, KF)
+    amax = tl.maximum(tl.abs(q0), tl.abs(q1))
+    qo = o0 + o1
+    if K_BITS == 2:
+        q2, o2 = _i8_qs(qrow, sqd, row_ok, qscale, KFIX, s64, KS, KO, sb, rows, be, 2, D, K_FIX,
+                        KF)  # fmt: skip
+        q3, o3 = _i8_qs(qrow, sqd, row_ok, qscale, KFIX, s64, KS, KO, sb, rows, be, 3, D, K_FIX,
+                        KF)  # fmt: skip
+        amax = tl.maximum(amax, tl.maximum(tl.abs(q2), tl.abs(q3)))
+        qo += o2 + o3
     am = _max(amax, 1)
     # W: the largest field weight (2-bit fields 2 and 3 hold c * 16); the scale r brings
     # |q s| * W below 2^30 (biased exponent 283 - e for |q s| < 2^(e - 126)), capped at 2^100
@@ -872,13 +877,9 @@ def _kchannel_i8(qrow, sqd, row_ok, qscale, KFIX, s64, KS, KO, sb, rows, be,
     re = tl.minimum(tl.maximum(283 - LW - e, 1), 227)
     r = (re << 23).to(tl.float32, bitcast=True)
     kinv = _pow2_inv(r) * (1.0 / (1 << LW))
-    q0 = _i8_qs(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, be, 0, D, K_FIX, KF)
-    q1 = _i8_qs(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, be, 1, D, K_FIX, KF)
     if K_BITS == 2:
         k0 = _i8_digits(q0, r[:, None] * 16.0, RP, NB)
         k1 = _i8_digits(q1, r[:, None] * 4.0, RP, NB)
-        q2 = _i8_qs(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, be, 2, D, K_FIX, KF)
-        q3 = _i8_qs(qrow, sqd, row_ok, qscale, KFIX, s64, KS, sb, rows, be, 3, D, K_FIX, KF)
         k2 = _i8_digits(q2, r[:, None], RP, NB)
         k3 = _i8_digits(q3, r[:, None], RP, NB)
     else:

@@ -148,6 +148,30 @@ def test_int8_key_dots():
         )  # fmt: skip
 
 
+def test_three_bit_keys_off_a_word_boundary_are_refused():
+    # The field path reads 3-bit key rows as 32-bit words (_groups3): a key buffer that does
+    # not start on 4 bytes would be read from the wrong bytes, so it is refused before any
+    # launch; the same codes copied to an aligned buffer give the reference's attention.
+    d = 128
+    g = torch.Generator().manual_seed(5)
+    view = ref.synthetic_tier(S, 90, d, ("channel", 3, d), ("token", 2, d), generator=g)
+    buf = torch.zeros(view.kd.numel() + 4, dtype=view.kd.dtype)
+    off = buf[2 : 2 + view.kd.numel()].view(view.kd.shape)
+    off.copy_(view.kd)
+    moved = dataclasses.replace(view, kd=off)
+    acc, cnt = torch.zeros(S, 90), torch.zeros(S, 90)
+    with pytest.raises(ValueError, match="4-byte"):
+        load_attention("cpu").attend_tiers(
+            [moved], torch.randn(B, HQ, 1, d, generator=g), [89],
+            torch.zeros(B, dtype=torch.int32), 0.3, HK, [True], accumulate=[(acc, cnt)],
+            fields=True,
+        )  # fmt: skip
+    assert not acc.any() and not cnt.any()  # nothing was added
+    aligned = buf[4 : 4 + view.kd.numel()].view(view.kd.shape)
+    aligned.copy_(view.kd)
+    _check([dataclasses.replace(view, kd=aligned)], 1, [0, 3], d=d, fields=True)
+
+
 @pytest.mark.parametrize("transposed", [False, True])
 def test_field_path(monkeypatch, transposed):
     # fields=True: 2-, 4- and 8-bit tiers (keys also 3-bit) read as int16 elements, one dot

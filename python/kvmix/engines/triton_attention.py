@@ -2456,7 +2456,14 @@ def attend_tiers(
             continue
         t = tiers[i]
         if fields and _fields_tier(t, d):
-            # The field path (``_tier_fields``) reads int16 elements.
+            # The field path (``_tier_fields``) reads int16 elements, and 3-bit key rows as
+            # 32-bit words (``_groups3``): a buffer that does not start on 4 bytes (a view
+            # into another tensor; the store's own are whole allocations) would be misread.
+            if t.k_bits == 3 and t.kd.data_ptr() % 4:
+                raise ValueError(
+                    f"tier {i}: 3-bit key codes must start on a 4-byte boundary "
+                    f"(data_ptr {t.kd.data_ptr():#x})"
+                )
             kd, kw, vd, vw = t.kd.view(torch.int16), 2, t.vd.view(torch.int16), 2
         else:
             words = t.words

@@ -599,13 +599,22 @@ C28C)
   ;;
 C29A)
   # Session 29: every CUDA test on session 28's kernels (3-bit words, one value group's
-  # vectors, int8 key dots; never run on a GPU), then C28C (host work, B=1 x 32k prefill).
+  # vectors, int8 key dots; never run on a GPU), then the kernel at B8 x 32k with the int8
+  # key dots' query digits stacked so that their operand loads are vectors (offline 2-bit
+  # 1068 -> 967 SASS a page, default 1122), timed beside the default in the same process.
   timeout 260 python3 -m pytest -q -m cuda tests -p no:cacheprovider \
     > "$OUT/pytest-cuda.txt" 2>&1
+  timeout 200 python3 -u benches/gpu_triton.py --current > "$OUT/kernel.txt" 2>&1
+  ;;
+C29B)
+  # Session 29: C28C (a decoding step's host work; the B=1 x 32k prefill of 8 layers, three
+  # presets) and the issue's kernel command.
   timeout 70 python3 -u -m kvmix.bench host --context 8192 --batch 1 --steps 8 \
     --methods full zipcache > "$OUT/host-b1-8k.txt" 2>&1
   timeout 190 python3 -u gpu/prefill_profile.py --layers 8 --scoring triton --skip-every-row \
     --methods full zipcache kvmix-5x --batch 1 --repeats 3 > "$OUT/prefill-profile-b1.txt" 2>&1
+  timeout 150 python3 -u -m kvmix.bench attention --device cuda --batch 1 8 \
+    --tokens 8192 32768 --json "$OUT/attention.json" > "$OUT/attention.txt" 2>&1
   ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
@@ -614,7 +623,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B" >&2
   exit 2
   ;;
 esac

@@ -823,8 +823,12 @@ def _i8_digits(qs, f, RP: tl.constexpr, NB: tl.constexpr):
     q = (q - d1) >> 8
     d2 = ((q + 128) & 255) - 128
     d3 = (q - d2) >> 8
-    x = tl.join(tl.join(d0, d1), tl.join(d2, d3))  # [RP, NB, dl, dh]
-    return tl.reshape(tl.permute(x, (3, 0, 2, 1)), (4 * RP, NB)).to(tl.int8)
+    dh = tl.arange(0, 2)[:, None, None, None]
+    dl = tl.arange(0, 2)[None, None, :, None]
+    lo = tl.where(dl == 0, d0[None, :, None, :], d1[None, :, None, :])
+    hi = tl.where(dl == 0, d2[None, :, None, :], d3[None, :, None, :])
+    x = tl.where(dh == 0, lo, hi)  # [dh, RP, dl, NB]
+    return tl.reshape(x, (4 * RP, NB)).to(tl.int8)
 
 
 @triton.jit

@@ -1084,6 +1084,8 @@ def _tier_fields(
         acc7 = tl.full([MS, VNE], 0.0, tl.float32)
     vr = tl.full([VG * RP], 8.507059173023462e37, tl.float32)
     po_acc = tl.full([VG * RP], 0.0, tl.float32)
+    l_p = tl.full([RP, 8], 0.0, tl.float32)
+    o_p = tl.full([RP, 8], 0.0, tl.float32)
 
     # ---- the keys' query operands, one per field: grouped per-token keys' here, per-channel
     # keys' per run of pages of one segment (below)
@@ -1162,6 +1164,9 @@ def _tier_fields(
                 # Fold the offsets' part in (it takes the old factor too), then hold the
                 # accumulators divided by the new segment's factor (the old one is reloaded
                 # rather than carried: registers are what the loop is short of).
+                if VG == 1:
+                    po_acc = _sum(o_p, 1)
+                    o_p = o_p * 0.0
                 po_s = tl.reshape(tl.where(vpart == 0, (po_acc * vr)[None, :], 0.0), (MS,))
                 old_b = (s64 * nseg + tl.maximum(cur, 0)) * D
                 had = cur >= 0
@@ -1263,7 +1268,10 @@ def _tier_fields(
                 ps = tl.reshape(p[None, :, :] * sc[:, None, :], (VG * RP, BLOCK_N))
             r_page, _ = _row_scale(_max(tl.abs(ps), 1))
             r_new = tl.minimum(vr, r_page)
-            grow = _max(tl.where(m_new > m_i, 1, 0), 0) + _max(tl.where(r_new < vr, 1, 0), 0)
+            if VG == 1:  # one flag, one reduction over the rows (two shuffles)
+                grow = _max(tl.where((m_new > m_i) | (r_new < vr), 1, 0), 0)
+            else:
+                grow = _max(tl.where(m_new > m_i, 1, 0), 0) + _max(tl.where(r_new < vr, 1, 0), 0)
             if grow > 0:
                 # What the accumulators hold is rescaled only when it changes: exp2(m_old -
                 # m_new) (0 for a row's first visible page: its accumulators are 0), times
@@ -1282,14 +1290,19 @@ def _tier_fields(
                     acc5 = acc5 * f_s[:, None]
                     acc6 = acc6 * f_s[:, None]
                     acc7 = acc7 * f_s[:, None]
-                l_i = l_i * alpha
-                po_acc = po_acc * alpha_g
+                if VG == 1:
+                    l_p = l_p * alpha[:, None]
+                    o_p = o_p * alpha[:, None]
+                else:
+                    l_i = l_i * alpha
+                    po_acc = po_acc * alpha_g
                 m_i = m_new
                 vr = r_new
-            l_i += _sum(p, 1)
             if VG == 1:
-                po_acc += _sum(p * of1[None, :], 1)
+                l_p += _sum(tl.reshape(p, (RP, BLOCK_N // 8, 8)), 1)
+                o_p += _sum(tl.reshape(p * of1[None, :], (RP, BLOCK_N // 8, 8)), 1)
             else:
+                l_i += _sum(p, 1)
                 po_acc += tl.reshape(_sum(p[None, :, :] * of[:, None, :], 2), (VG * RP,))
             a = _stack_scaled(ps, vr, VG * RP, BLOCK_N, NPV, NPART)
             acc0 = tl.dot(a, _field(vp, V_BITS, 0, ASM), acc0)
@@ -1304,6 +1317,9 @@ def _tier_fields(
                 acc7 = tl.dot(a, _field(vp, V_BITS, 7, ASM), acc7)
         run = end
 
+    if VG == 1:
+        l_i = _sum(l_p, 1)
+        po_acc = _sum(o_p, 1)
     out = (s64 * n_split + out_split) * ROWS + rows
     tl.store(PM + out, m_i, mask=row_ok)
     tl.store(PL + out, l_i, mask=row_ok)

@@ -525,10 +525,13 @@ def current():
         # plain unpacking), then timed beside it.
         preset_check(attn, transposed=False)
         variants.append(("untransposed", dict(transposed=False), True))
-    if "int8_keys" in inspect.signature(attn.attend_tiers).parameters:
-        # Session 28's int8 key dots, where the tree has them.
-        preset_check(attn, int8_keys=True)
-        variants.append(("int8 keys", dict(int8_keys=True), True))
+    i8 = inspect.signature(attn.attend_tiers).parameters.get("int8_keys")
+    if i8 is not None:
+        # Session 28's int8 key dots, where the tree has them: timed beside the default, on
+        # (session 29's default) or off.
+        other = not i8.default
+        preset_check(attn, int8_keys=other)
+        variants.append(("int8 keys" if other else "fp16 keys", dict(int8_keys=other), True))
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     for name in ("zipcache", "kvmix-5x"):

@@ -2314,7 +2314,7 @@ def attend_tiers(
     num_stages=2,
     maxnreg=None,
     transposed=True,
-    int8_keys=False,
+    int8_keys=True,
     merge_block=None,
     unroll=1,
 ):
@@ -2374,14 +2374,16 @@ def attend_tiers(
     within the same tolerances. (The value dots transposed too were slower, 142 / 132 and
     186 / 176: the probabilities then need a transpose through shared memory;
     ``notes/triton-kernel.md``.)
-    ``int8_keys`` (default ``False``; with ``transposed``): per-channel keys of 2 and 4 bits
+    ``int8_keys`` (default ``True``; with ``transposed``, else ignored, as for keys of other
+    widths or grouped per token and GQA groups of one): per-channel keys of 2 and 4 bits
     dotted on int8 tensor cores (``_kchannel_i8``): the query times the segment's scales as a
     32-bit fixed point per row (four int8 digits, every product and sum exact in int32), the
     codes masked in their bytes (``_i8_field16``: one instruction per four codes where fp16
-    fields take two per two). Offline (Triton 3.6, sm_90) 1122 -> 1068 SASS a page (2-bit),
-    1207 -> 1156 (4-bit): Triton reads the int8 operand from shared memory byte by byte, not
-    by ``ldmatrix``. On an H100 (session 28, B8 x 32k, CUDA graph) ZipCache 109 -> 108 us,
-    kvmix-5x 126 -> 124: ~1.5%, so not the default. Outputs within the same tolerances.
+    fields take two per two). Offline (Triton 3.6, sm_90, SASS a page) 2-bit 1093 -> 947,
+    4-bit 1066 with it. On an H100 (session 29, B8 x 32k, the attend kernel's GPU time)
+    ZipCache 103.0 -> 97.9 us, kvmix-5x (its 3-bit low tier keeps fp16 fields) 116.8 ->
+    118.0. Outputs within the same tolerances (float64 reference on the GPU: 5e-7 to 9e-7).
+    ``int8_keys=False``: the fp16 fields' dots (session 28's default).
     """
     import torch
 

@@ -141,6 +141,16 @@ def test_int8_key_dots():
             _check(views, 1, [0, 37], d=d, fields=True, int8_keys=True, hq=hq, **kw)
         _check(views, 1, [0, 4], d=d, fields=True, int8_keys=True, behind=70, **kw)
         _check(views, 2, [5, 0], d=d, fields=True, int8_keys=True, **kw)
+    # A head dim of 64 (SmolLM2's): 4-bit keys (2-bit ones need 128 for the field path),
+    # GQA groups of 2 and 4.
+    views64 = [
+        ref.synthetic_tier(S, 8, 64, ("dense", 0, 64), ("dense", 0, 64), pos_offset=300,
+                           generator=g),
+        ref.synthetic_tier(S, 300, 64, ("channel", 4, 64), ("token", 4, 64), v_sep=True,
+                           generator=g),
+    ]  # fmt: skip
+    for hq in (2 * HK, 4 * HK):
+        _check(views64, 1, [0, 21], d=64, fields=True, int8_keys=True, hq=hq)
     with pytest.raises(ValueError, match="int8_keys"):
         load_attention("cpu").attend_tiers(
             views, torch.zeros(B, HQ, 1, d), [0], torch.zeros(B, dtype=torch.int32), 0.3, HK,

@@ -780,8 +780,8 @@ def _i8_field16(kp, BITS: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr):
     2-bit fields 0-2 masked where they lie (``c * 4^G``), field 3 shifted down to bits 4-5
     (``c * 16``: below int8's 127); 4-bit fields shifted down to bits 0-3. One ``and`` (and
     a shift for a top field) per four codes, where fp16 fields take two instructions per two
-    codes. (Loaded as int8 instead, Triton 3.6 gave the same code: it reads an 8-bit mma
-    operand from shared memory by byte loads and permutes, not ``ldmatrix``.)"""
+    codes. The joins and the reshape only relabel registers: Triton 3.6 loads the int16 tile
+    from shared memory straight into the int8 operand's layout (8-byte loads)."""
     if ASM:
         if BITS == 2 and G == 0:
             m = _i16_asm(kp, "and.b32 $0, $1, 0x03030303;")
@@ -815,7 +815,12 @@ def _i8_digits(qs, f, RP: tl.constexpr, NB: tl.constexpr):
     """``qs * f`` (``|qs * f| < 2^30``) truncated to an integer and written as four balanced
     signed 8-bit digits, stacked as the int8 operand ``[4 * RP, NB]`` with rows
     ``dh * 2 * RP + r * 2 + dl`` for digit ``d = 2 dh + dl``: in the transposed dot's
-    accumulator a thread then holds every digit of its row."""
+    accumulator a thread then holds every digit of its row. Stacked by selects on a tile
+    whose last dimension is the bytes: Triton keeps this loop-invariant operand in shared
+    memory and reads it every page, and stores it in the order of its register layout's
+    fastest dimension; stacked by joins (the digits fastest) its bytes were strided there
+    and read one at a time (64 ``LDS.U8`` and 45 ``PRMT`` a page against 16 ``LDS.64``:
+    2-bit pages 1068 -> 967 SASS instructions, session 29)."""
     q = (qs * f).to(tl.int32)
     d0 = ((q + 128) & 255) - 128
     q = (q - d0) >> 8

@@ -629,6 +629,15 @@ C29D)
   # the device checks of both key paths and the timing at B8 x 32k.
   timeout 200 python3 -u benches/gpu_triton.py --current > "$OUT/kernel.txt" 2>&1
   ;;
+C29E)
+  # Session 29, the device time left (~400 s with the start): the presets' device checks of
+  # both key paths with int8 key dots as the default and the first run's fold skipped, then
+  # as much of the B8 x 32k timing as the limit lets run.
+  timeout 100 python3 -u -c "import sys; sys.path.insert(0, 'benches'); import gpu_triton as g
+a = g.load_attention('cuda'); g.preset_check(a); g.preset_check(a, int8_keys=False)" \
+    > "$OUT/check.txt" 2>&1
+  timeout 150 python3 -u benches/gpu_triton.py --current > "$OUT/kernel.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -636,7 +645,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E" >&2
   exit 2
   ;;
 esac

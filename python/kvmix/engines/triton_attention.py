@@ -1169,14 +1169,14 @@ def _tier_fields(
                 # Fold the offsets' part in (it takes the old factor too), then hold the
                 # accumulators divided by the new segment's factor (the old one is reloaded
                 # rather than carried: registers are what the loop is short of).
-                # Nothing to fold at a program's first run: its accumulators are 0 (the
-                # branch skips ~40% of a run's set-up there: a ZipCache program has one run).
+                # Nothing to fold at a program's first run: its accumulators are 0 (a
+                # ZipCache program has a single run, so it never folds).
                 if cur >= 0:
                     if VG == 1:
                         po_acc = _sum(o_p, 1)
                         o_p = o_p * 0.0
                     po_s = tl.reshape(tl.where(vpart == 0, (po_acc * vr)[None, :], 0.0), (MS,))
-                    old_b = (s64 * nseg + tl.maximum(cur, 0)) * D
+                    old_b = (s64 * nseg + cur) * D
                     fch = ve[:, None] * VFN + tl.arange(0, VFN)[None, :]  # [VNE, VFN]
                     ratio = (tl.load(VF + old_b + fch).to(tl.float32)
                              / tl.load(VF + sb + fch).to(tl.float32))  # fmt: skip

@@ -542,6 +542,29 @@ def current():
     print("(us; eager/graph)", flush=True)
 
 
+def reg_sweep():
+    """Registers against programs at ZipCache and kvmix-5x B8 x 32k (session 30, on the H200,
+    where the kernel runs at 2.0x its bound: latency, not bytes). A cap of ``r`` registers
+    lets ``65536 // (32 r)`` one-warp programs share an SM; each cap is paired with the
+    program count that fills two whole waves of them on 132 SMs (a cap with the default
+    2112 programs leaves a partial wave: session 25's 224 on an H100)."""
+    attn = load_attention("cuda")
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    variants = [("default", dict(), True)]
+    for reg, progs in ((None, 1056), (None, 3168), (200, 2640), (168, 3168), (168, 1584),
+                       (128, 4224), (128, 2112)):  # fmt: skip
+        kw = dict(target_programs=progs)
+        if reg is not None:
+            kw["maxnreg"] = reg
+        variants.append((f"r{reg or 'def'}p{progs}", kw, True))
+    variants.append(("s3", dict(num_stages=3), True))
+    for name in ("zipcache", "kvmix-5x"):
+        case(attn, bw, name, 8, 32768, variants)
+        torch.cuda.empty_cache()
+    print("(us; eager/graph)", flush=True)
+
+
 def preset_check(attn=None, **kw):
     """The presets' default launch (the field path, inline-PTX unpacking; ``kw``: launch
     parameters) against the float64 reference, and bitwise (output and received attention)
@@ -600,7 +623,8 @@ def default_run(t0):
 #: The runs a flag selects (the first given, in this order); no flag: ``default_run``.
 RUNS = {"--page-sweep": page_sweep, "--fields-sweep": fields_sweep, "--fields": fields,
         "--final": final, "--presets": presets, "--preset-check": preset_check,
-        "--merge": merge, "--unroll": unroll, "--current": current}  # fmt: skip
+        "--merge": merge, "--unroll": unroll, "--current": current,
+        "--reg-sweep": reg_sweep}  # fmt: skip
 
 if __name__ == "__main__":
     t0 = time.time()

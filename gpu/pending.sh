@@ -638,6 +638,25 @@ a = g.load_attention('cuda'); g.preset_check(a); g.preset_check(a, int8_keys=Fal
     > "$OUT/check.txt" 2>&1
   timeout 150 python3 -u benches/gpu_triton.py --current > "$OUT/kernel.txt" 2>&1
   ;;
+C30A)
+  # Session 30: the issue's end-to-end table at 32k on the current tree (the README's is
+  # session 10's): B=1 and 8, DynamicCache, QuantizedCache int4/int2, the two fused presets.
+  # DynamicCache's B=8 x 32k peak (~86 GB) needs an H200.
+  timeout 570 python3 -u -m kvmix.bench gpu --contexts 32768 --batches 1 8 --steps 6 \
+    --methods full quanto-int4 quanto-int2 zipcache kvmix-5x --json "$OUT/bench-32k.json" \
+    > "$OUT/bench-32k.txt" 2>&1
+  ;;
+C30B)
+  # Session 30: the same at 8k, the portable paths too.
+  timeout 400 python3 -u -m kvmix.bench gpu --contexts 8192 --batches 1 8 --steps 8 \
+    --methods full quanto-int4 quanto-int2 zipcache kvmix-5x zipcache-portable \
+    --json "$OUT/bench-8k.json" > "$OUT/bench-8k.txt" 2>&1
+  ;;
+C30C)
+  # Session 30: registers against programs at B8 x 32k on the H200 (the kernel is latency
+  # bound there: 92.6 us against a 47 us bound).
+  timeout 300 python3 -u benches/gpu_triton.py --reg-sweep > "$OUT/reg-sweep.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -645,7 +664,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C" >&2
   exit 2
   ;;
 esac

@@ -565,6 +565,23 @@ def reg_sweep():
     print("(us; eager/graph)", flush=True)
 
 
+def tier_sweep():
+    """A launch per tier (``attend_tiers(tier_launches=True)``) against the one launch, at
+    ZipCache and kvmix-5x B8 x 32k (session 30): whether one SM's programs running different
+    tiers' page loops wait on the instruction cache. The device check first (float64)."""
+    attn = load_attention("cuda")
+    preset_check(attn, tier_launches=True)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    variants = [("default", dict(), True), ("per tier", dict(tier_launches=True), True)]
+    for name in ("zipcache", "kvmix-5x"):
+        case(attn, bw, name, 8, 32768, variants)
+        for label, kw, _ in variants:
+            breakdown(attn, 8, 32768, reps=20, name=name, track=None, label=f", {label}", **kw)
+        torch.cuda.empty_cache()
+    print("(us; eager/graph)", flush=True)
+
+
 def preset_check(attn=None, **kw):
     """The presets' default launch (the field path, inline-PTX unpacking; ``kw``: launch
     parameters) against the float64 reference, and bitwise (output and received attention)
@@ -624,7 +641,7 @@ def default_run(t0):
 RUNS = {"--page-sweep": page_sweep, "--fields-sweep": fields_sweep, "--fields": fields,
         "--final": final, "--presets": presets, "--preset-check": preset_check,
         "--merge": merge, "--unroll": unroll, "--current": current,
-        "--reg-sweep": reg_sweep}  # fmt: skip
+        "--reg-sweep": reg_sweep, "--tier-sweep": tier_sweep}  # fmt: skip
 
 if __name__ == "__main__":
     t0 = time.time()

@@ -657,6 +657,11 @@ C30C)
   # bound there: 92.6 us against a 47 us bound).
   timeout 300 python3 -u benches/gpu_triton.py --reg-sweep > "$OUT/reg-sweep.txt" 2>&1
   ;;
+C30D)
+  # Session 30: a launch per tier against the one launch (the instruction cache), B8 x 32k,
+  # with the device check of the per-tier launches against float64.
+  timeout 240 python3 -u benches/gpu_triton.py --tier-sweep > "$OUT/tier-sweep.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -664,7 +669,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C|C30D" >&2
   exit 2
   ;;
 esac

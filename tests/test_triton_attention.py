@@ -182,6 +182,41 @@ def test_three_bit_keys_off_a_word_boundary_are_refused():
     _check([dataclasses.replace(view, kd=aligned)], 1, [0, 3], d=d, fields=True)
 
 
+def test_a_launch_per_tier_gives_the_same_outputs():
+    # tier_launches=True: each tier with pages gets its own attend launch (its branch alone
+    # compiled), the programs offset by the splits before them (sp0). The same programs and
+    # splits as the one launch, so the same partials and outputs bit for bit; a wrong offset
+    # (a tier's programs writing another's partials) or a tier left out fails it. Checked
+    # against float64 too, with the received attention of every tier.
+    d = 128
+    g = torch.Generator().manual_seed(11)
+    views = [
+        ref.synthetic_tier(S, 20, d, ("dense", 0, d), ("dense", 0, d), pos_offset=300, generator=g),
+        ref.synthetic_tier(S, 150, d, ("channel", 4, d), ("token", 4, d), v_sep=True, generator=g),
+        ref.synthetic_tier(
+            S, 130, d, ("channel", 2, d), ("token", 2, d), v_sep=True, pos_offset=150, generator=g
+        ),
+    ]
+    attn = load_attention("cpu")
+    q = torch.randn(B, HQ, 1, d, generator=torch.Generator().manual_seed(5))
+    top = max(int(v.pos.max()) for v in views)
+    fv = torch.tensor([0, 37], dtype=torch.int32)
+    for kw in (dict(), dict(target_programs=1)):
+        one, rec1 = attn.attend_tiers(views, q, [top], fv, 0.3, HK, [True] * 3, fields=True, **kw)
+        per, rec2 = attn.attend_tiers(
+            views, q, [top], fv, 0.3, HK, [True] * 3, fields=True, tier_launches=True, **kw
+        )
+        assert torch.equal(one, per)
+        for a, b in zip(rec1, rec2, strict=True):
+            assert torch.equal(a, b)
+        _check(views, 1, [0, 37], d=d, fields=True, tier_launches=True, **kw)
+    # An empty middle tier: the low tier's programs start right after the buffer's.
+    views[1] = ref.synthetic_tier(S, 0, d, ("channel", 4, d), ("token", 4, d), generator=g)
+    _check(views, 1, [0, 37], d=d, fields=True, tier_launches=True)
+    with pytest.raises(ValueError, match="tier_launches"):
+        attn.attend_tiers(views, q, [top], fv, 0.3, HK, None, tier_launches=1)
+
+
 @pytest.mark.parametrize("transposed, int8_keys", [(False, True), (True, False), (True, True)])
 def test_field_path(monkeypatch, transposed, int8_keys):
     # fields=True: 2-, 4- and 8-bit tiers (keys also 3-bit) read as int16 elements, one dot

@@ -1839,6 +1839,7 @@ def _rotate_query(
 _STEP_VARYING = (
     "qpos0",
     "n_split",
+    "sp0",
     *(f"{n}{i}" for i in range(3) for n in ("pages", "ns", "nseg", "pps")),
 )
 
@@ -1859,6 +1860,7 @@ def _attend_kernel(
     PACC,
     n_split,
     kv_heads,
+    sp0,  # the launch's first split (a launch per tier: ``attend_tiers(tier_launches=True)``)
     ROT,  # fp32 [D, D] the store's rotation (ROTATE; only its first column is read)
     QR,  # fp32 [n_split, B, Hq, TQ, D] the rotated queries, a slab per split (ROTATE)
     # tier 0 (buffer); each tier's pages (of its BN rows) per split
@@ -1896,7 +1898,7 @@ def _attend_kernel(
     TR2: tl.constexpr, BN2: tl.constexpr,
 ):  # fmt: skip
     s = tl.program_id(0)
-    sp = tl.program_id(1)
+    sp = tl.program_id(1) + sp0
     if ROTATE:
         # This program's rows of q @ R go to its own slab (no other program writes there),
         # and the tiers read them back as a contiguous [B, Hq, TQ, D] query: every path
@@ -2328,6 +2330,7 @@ def attend_tiers(
     int8_keys=True,
     merge_block=None,
     unroll=1,
+    tier_launches=False,
 ):
     """Attention of ``q`` ``[B, Hq, Tq, D]`` (any float dtype and strides) over ``tiers`` (up
     to three ``TierView``).
@@ -2395,6 +2398,11 @@ def attend_tiers(
     ZipCache 103.0 -> 97.9 us, kvmix-5x (its 3-bit low tier keeps fp16 fields) 116.8 ->
     118.0. Outputs within the same tolerances (float64 reference on the GPU: 5e-7 to 9e-7).
     ``int8_keys=False``: the fp16 fields' dots (session 28's default).
+    ``tier_launches`` (default ``False``): one attend launch per tier with pages instead of
+    one for all, each compiled with its tier's branch alone (session 30's question: whether
+    the programs of one SM running different tiers' page loops, ~15 KB of code each, wait on
+    the instruction cache; each launch's kernel also takes fewer registers). The same
+    programs and splits, so the same outputs bit for bit.
     """
     import torch
 
@@ -2425,6 +2433,8 @@ def attend_tiers(
         raise ValueError(f"transposed must be a bool, got {transposed!r}")
     if type(int8_keys) is not bool:
         raise ValueError(f"int8_keys must be a bool, got {int8_keys!r}")
+    if type(tier_launches) is not bool:
+        raise ValueError(f"tier_launches must be a bool, got {tier_launches!r}")
 
     if len(tiers) > 3:
         raise ValueError(f"attend_tiers takes at most 3 tiers, got {len(tiers)}")
@@ -2531,14 +2541,29 @@ def attend_tiers(
             rotation is not None,
             unroll,
         ]
-        consts = _consts((*base, *cvals))
         args = [q, q.stride(0), q.stride(1), q.stride(2), q.stride(3), float(scale) * LOG2E]
-        args += [qpos, first, first_valid, pm, pl, pacc, n_split, kv_heads, rot, qrw]
+        args += [qpos, first, first_valid, pm, pl, pacc, n_split, kv_heads, 0, rot, qrw]
         args += targs
-        grid = (streams, n_split)
-        _launch(
-            _attend_kernel, grid, args, consts, num_warps, num_stages, fast, stream, True, maxnreg
-        )
+        if tier_launches:
+            # A launch per tier with pages, each compiled with that tier's branch alone.
+            at = len(base) - len(on) - 2
+            sp0 = 0
+            for i, n in enumerate(splits):
+                if n:
+                    one = [j == i for j in range(3)]
+                    consts = _consts((*base[:at], *one, *base[at + 3 :], *cvals))
+                    args[14] = sp0
+                    _launch(
+                        _attend_kernel, (streams, n), args, consts, num_warps, num_stages,
+                        fast, stream, True, maxnreg,
+                    )  # fmt: skip
+                sp0 += n
+        else:
+            consts = _consts((*base, *cvals))
+            _launch(
+                _attend_kernel, (streams, n_split), args, consts, num_warps, num_stages, fast,
+                stream, True, maxnreg,
+            )  # fmt: skip
     else:
         out.zero_()
         received: list[Any] = []

@@ -534,6 +534,12 @@ def current():
         variants.append(("int8 keys" if other else "fp16 keys", dict(int8_keys=other), True))
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    _time_presets(attn, bw, variants)
+
+
+def _time_presets(attn, bw, variants):
+    """Each variant at ZipCache and kvmix-5x B8 x 32k beside SDPA and the bound, then each
+    one's launches' GPU time."""
     for name in ("zipcache", "kvmix-5x"):
         case(attn, bw, name, 8, 32768, variants)
         for label, kw, _ in variants:
@@ -574,12 +580,7 @@ def tier_sweep():
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     variants = [("default", dict(), True), ("per tier", dict(tier_launches=True), True)]
-    for name in ("zipcache", "kvmix-5x"):
-        case(attn, bw, name, 8, 32768, variants)
-        for label, kw, _ in variants:
-            breakdown(attn, 8, 32768, reps=20, name=name, track=None, label=f", {label}", **kw)
-        torch.cuda.empty_cache()
-    print("(us; eager/graph)", flush=True)
+    _time_presets(attn, bw, variants)
 
 
 def preset_check(attn=None, **kw):

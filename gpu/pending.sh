@@ -662,6 +662,14 @@ C30D)
   # with the device check of the per-tier launches against float64.
   timeout 240 python3 -u benches/gpu_triton.py --tier-sweep > "$OUT/tier-sweep.txt" 2>&1
   ;;
+C30E)
+  # C30D's timing alone (session 30's last device time): the one launch against a launch per
+  # tier, B8 x 32k, both presets.
+  timeout 170 python3 -u -c "import sys; sys.path.insert(0, 'benches'); import gpu_triton as g
+a = g.load_attention('cuda'); bw = g.copy_bandwidth(); print(bw)
+v = [('default', {}, True), ('per tier', {'tier_launches': True}, True)]
+[g.case(a, bw, n, 8, 32768, v) for n in ('zipcache', 'kvmix-5x')]" > "$OUT/tier-sweep.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -669,7 +677,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C|C30D" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C|C30D|C30E" >&2
   exit 2
   ;;
 esac

@@ -53,3 +53,54 @@ def test_max_batch_search_finds_the_largest_fit(
     assert got["first_oom"] == (None if largest >= limit else got["max_batch"] + 1)
     assert got["limit_reached"] == (largest >= limit)
     assert got["attempts"] == len(tried) <= 20
+
+
+def _r(method: str, batch: int, context: int, step: float, prefill: float) -> dict:
+    return {"method": method, "batch": batch, "context": context, "oom": False,
+            "step_ms": step, "prefill_s": prefill}  # fmt: skip
+
+
+def test_verdicts_judge_the_issues_targets() -> None:
+    """The end-to-end verdicts against hand-computed ratios: a step against DynamicCache's at
+    every shape, against QuantizedCache's at B=8 x 32k, the prefill at 32k, the capacity; an
+    out-of-memory reference or an unmeasured shape is said, not judged."""
+    from kvmix.bench import gpu
+
+    results = [
+        _r("full", 1, 32768, 60.0, 4.0),
+        _r("zipcache", 1, 32768, 40.0, 4.2),  # 1.50x, +5.0%
+        _r("kvmix-5x", 1, 32768, 75.0, 4.6),  # 0.80x, +15.0%
+        {"method": "full", "batch": 8, "context": 32768, "oom": True},
+        _r("quanto-int2", 8, 32768, 160.0, 11.0),
+        _r("zipcache", 8, 32768, 40.0, 12.0),  # 4.00x quanto
+        _r("kvmix-5x", 8, 32768, 100.0, 12.0),  # 1.60x quanto
+        _r("zipcache-portable", 8, 32768, 10.0, 1.0),  # not fused: not judged
+    ]
+    capacity = {
+        "full": {"max_batch": 30, "first_oom": 31, "limit_reached": False},
+        "zipcache": {"max_batch": 116, "first_oom": 117, "limit_reached": False},
+        "kvmix-5x": {"max_batch": 128, "first_oom": None, "limit_reached": True},
+    }
+    lines = gpu.verdicts(results, capacity, 32768)
+    assert lines == [
+        "zipcache B=1 T=32768: step no slower than DynamicCache: met (1.50x)",
+        "zipcache B=1 T=32768: prefill <= +10% over DynamicCache (end to end): met (+5.0%)",
+        "zipcache B=8 T=32768: DynamicCache out of memory",
+        "zipcache B=8 T=32768: step >= 2x faster than quanto-int2: met (4.00x)",
+        "kvmix-5x B=1 T=32768: step no slower than DynamicCache: NOT met (0.80x)",
+        "kvmix-5x B=1 T=32768: prefill <= +10% over DynamicCache (end to end): NOT met (+15.0%)",
+        "kvmix-5x B=8 T=32768: DynamicCache out of memory",
+        "kvmix-5x B=8 T=32768: step >= 2x faster than quanto-int2: NOT met (1.60x)",
+        "zipcache largest batch at 32768: >= 4x DynamicCache's: NOT met (116 against 30, 3.87x)",
+        "kvmix-5x largest batch at 32768: >= 4x DynamicCache's: met (128 against 30, 4.27x)"
+        " (a lower bound: the search's limit)",
+    ]
+    # At 8k alone: steps judged, no prefill verdict (its target is at 32k), the QuantizedCache
+    # target said to be unmeasured.
+    lines = gpu.verdicts(
+        [_r("full", 8, 8192, 60.0, 2.0), _r("zipcache", 8, 8192, 30.0, 2.1)], {}, 0
+    )
+    assert lines == [
+        "zipcache B=8 T=8192: step no slower than DynamicCache: met (2.00x)",
+        "zipcache: the QuantizedCache target is at B=8 T=32768: not measured",
+    ]

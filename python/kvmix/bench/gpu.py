@@ -33,6 +33,11 @@ One sequence's peak memory gives the first guess; the search brackets and bisect
 first out-of-memory batch is within ``--max-batch-tolerance`` of the last fit, and reports
 both. An out-of-memory error is a result (``"oom"``), not a failure.
 
+It ends with the issue's end-to-end targets judged on what it measured (:func:`verdicts`, also
+in the JSON): each fused kvmix step against DynamicCache's at every shape and against
+QuantizedCache's at B=8 x 32k, the prefill at 32k against DynamicCache's (end to end), and
+the largest batch against DynamicCache's.
+
     python -m kvmix.bench gpu --json results/gpu/bench-gpu.json
     python -m kvmix.bench gpu --tiny --device cpu     # a smoke test (Triton's interpreter)
 """
@@ -359,6 +364,83 @@ def _row(method: str, batch: int, context: int, r: dict[str, Any]) -> str:
     )
 
 
+#: Issue 15's end-to-end targets: a fused kvmix step no slower than DynamicCache's at every
+#: shape and at least 2x faster than QuantizedCache's at batch 8 x 32k; prefill at 32k at
+#: most 10% beyond DynamicCache's (here end to end: what scoring and compression add); at
+#: 32k, at least 4x DynamicCache's largest batch.
+TARGET_QUANTO_SPEEDUP, TARGET_PREFILL, TARGET_CAPACITY = 2.0, 0.10, 4.0
+TARGET_SHAPE, TARGET_CONTEXT = (8, 32768), 32768
+
+
+def verdicts(
+    results: list[dict[str, Any]], capacity: dict[str, Any], capacity_context: int
+) -> list[str]:
+    """The issue's end-to-end targets, judged on ``results`` (rows of :func:`main`) and the
+    ``capacity`` searches, one line per fused kvmix method and measured shape; a target whose
+    shape or reference was not measured is said to be so, not judged."""
+    rows = {(r["method"], r["batch"], r["context"]): r for r in results}
+    fused = list(dict.fromkeys(r["method"] for r in results if METHODS[r["method"]][0] == "fused"))
+    shapes = list(dict.fromkeys((r["batch"], r["context"]) for r in results))
+    lines = []
+
+    def ok(r: dict[str, Any] | None) -> bool:
+        return r is not None and not r["oom"]
+
+    for m in fused:
+        for b, t in shapes:
+            r, ref = rows.get((m, b, t)), rows.get(("full", b, t))
+            where = f"{m} B={b} T={t}"
+            if not ok(r):
+                lines.append(f"{where}: out of memory" if r else f"{where}: not measured")
+                continue
+            assert r is not None
+            if ok(ref):
+                assert ref is not None
+                x = ref["step_ms"] / r["step_ms"]
+                verdict = "met" if x >= 1.0 else "NOT met"
+                lines.append(f"{where}: step no slower than DynamicCache: {verdict} ({x:.2f}x)")
+                if t == TARGET_CONTEXT:
+                    over = r["prefill_s"] / ref["prefill_s"] - 1.0
+                    verdict = "met" if over <= TARGET_PREFILL else "NOT met"
+                    lines.append(
+                        f"{where}: prefill <= +{TARGET_PREFILL:.0%} over DynamicCache (end to "
+                        f"end): {verdict} ({over:+.1%})"
+                    )
+            else:
+                lines.append(f"{where}: DynamicCache {'out of memory' if ref else 'not run'}")
+            if (b, t) == TARGET_SHAPE:
+                for q in ("quanto-int4", "quanto-int2"):
+                    qr = rows.get((q, b, t))
+                    if ok(qr):
+                        assert qr is not None
+                        x = qr["step_ms"] / r["step_ms"]
+                        verdict = "met" if x >= TARGET_QUANTO_SPEEDUP else "NOT met"
+                        lines.append(
+                            f"{where}: step >= {TARGET_QUANTO_SPEEDUP:g}x faster than {q}: "
+                            f"{verdict} ({x:.2f}x)"
+                        )
+        if TARGET_SHAPE not in shapes:
+            lines.append(f"{m}: the QuantizedCache target is at B=8 T=32768: not measured")
+    if capacity:
+        full = capacity.get("full")
+        for m in fused:
+            got = capacity.get(m)
+            if got is None:
+                continue
+            where = f"{m} largest batch at {capacity_context}"
+            if full is None or full["max_batch"] == 0:
+                lines.append(f"{where}: {got['max_batch']} (DynamicCache's not measured)")
+                continue
+            x = got["max_batch"] / full["max_batch"]
+            verdict = "met" if x >= TARGET_CAPACITY else "NOT met"
+            bound = " (a lower bound: the search's limit)" if got["limit_reached"] else ""
+            lines.append(
+                f"{where}: >= {TARGET_CAPACITY:g}x DynamicCache's: {verdict} ({got['max_batch']}"
+                f" against {full['max_batch']}, {x:.2f}x){bound}"
+            )
+    return lines
+
+
 def main(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     config = llama_8b_config(args.tiny)
@@ -397,7 +479,11 @@ def main(args: argparse.Namespace) -> int:
                 args.max_batch_tolerance,
             )
             print(f"{method:20s} largest batch at {args.max_batch_context}: {capacity[method]}")
+    judged = verdicts(results, capacity, args.max_batch_context)
+    for line in judged:
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"info": info, "results": results, "max_batch": capacity}, f, indent=1)
+            out = {"info": info, "results": results, "max_batch": capacity, "verdicts": judged}
+            json.dump(out, f, indent=1)
     return 0

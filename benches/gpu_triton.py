@@ -537,12 +537,12 @@ def current():
     _time_presets(attn, bw, variants)
 
 
-def _time_presets(attn, bw, variants):
-    """Each variant at ZipCache and kvmix-5x B8 x 32k beside SDPA and the bound, then each
-    one's launches' GPU time."""
+def _time_presets(attn, bw, variants, launches=True):
+    """Each variant at ZipCache and kvmix-5x B8 x 32k beside SDPA and the bound, then (with
+    ``launches``) each one's launches' GPU time."""
     for name in ("zipcache", "kvmix-5x"):
         case(attn, bw, name, 8, 32768, variants)
-        for label, kw, _ in variants:
+        for label, kw, _ in variants if launches else ():
             breakdown(attn, 8, 32768, reps=20, name=name, track=None, label=f", {label}", **kw)
         torch.cuda.empty_cache()
     print("(us; eager/graph)", flush=True)
@@ -565,10 +565,7 @@ def reg_sweep():
             kw["maxnreg"] = reg
         variants.append((f"r{reg or 'def'}p{progs}", kw, True))
     variants.append(("s3", dict(num_stages=3), True))
-    for name in ("zipcache", "kvmix-5x"):
-        case(attn, bw, name, 8, 32768, variants)
-        torch.cuda.empty_cache()
-    print("(us; eager/graph)", flush=True)
+    _time_presets(attn, bw, variants, launches=False)
 
 
 def tier_sweep():

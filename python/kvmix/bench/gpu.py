@@ -50,7 +50,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -383,7 +383,7 @@ def verdicts(
     shapes = list(dict.fromkeys((r["batch"], r["context"]) for r in results))
     lines = []
 
-    def ok(r: dict[str, Any] | None) -> bool:
+    def ok(r: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
         return r is not None and not r["oom"]
 
     for m in fused:
@@ -393,9 +393,7 @@ def verdicts(
             if not ok(r):
                 lines.append(f"{where}: out of memory" if r else f"{where}: not measured")
                 continue
-            assert r is not None
             if ok(ref):
-                assert ref is not None
                 x = ref["step_ms"] / r["step_ms"]
                 verdict = "met" if x >= 1.0 else "NOT met"
                 lines.append(f"{where}: step no slower than DynamicCache: {verdict} ({x:.2f}x)")
@@ -412,7 +410,6 @@ def verdicts(
                 for q in ("quanto-int4", "quanto-int2"):
                     qr = rows.get((q, b, t))
                     if ok(qr):
-                        assert qr is not None
                         x = qr["step_ms"] / r["step_ms"]
                         verdict = "met" if x >= TARGET_QUANTO_SPEEDUP else "NOT met"
                         lines.append(

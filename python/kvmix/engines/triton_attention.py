@@ -2529,40 +2529,33 @@ def attend_tiers(
         cvals += [t.v_mode, t.v_bits, t.v_gs, vw, bool(t.v_sep), do_track, bns[i]]
     if sum(splits):
         on = [len(splits) > i and splits[i] > 0 for i in range(3)]
-        base = [rows, rp, tq, d, consecutive, 2 if precise else 1, magic]
-        base += [
+        # Launches as (tiers compiled in, first split, splits): one for every tier, or with
+        # ``tier_launches`` one per tier with pages, compiled with that tier's branch alone.
+        if tier_launches:
+            firsts = [sum(splits[:i]) for i in range(len(splits))]
+            launches = [
+                ([j == i for j in range(3)], firsts[i], n) for i, n in enumerate(splits) if n
+            ]
+        else:
+            launches = [(on, 0, n_split)]
+        pre = [rows, rp, tq, d, consecutive, 2 if precise else 1, magic]
+        pre += [
             2 if join else int(bcast),
             num_stages,
             flat,
             ((2 if asm else 1) + (4 if transposed else 0) + (8 if int8_keys else 0))
             if fields
             else 0,
-            *on,
-            rotation is not None,
-            unroll,
         ]
-        args = [q, q.stride(0), q.stride(1), q.stride(2), q.stride(3), float(scale) * LOG2E]
-        args += [qpos, first, first_valid, pm, pl, pacc, n_split, kv_heads, 0, rot, qrw]
-        args += targs
-        if tier_launches:
-            # A launch per tier with pages, each compiled with that tier's branch alone.
-            at = len(base) - len(on) - 2
-            sp0 = 0
-            for i, n in enumerate(splits):
-                if n:
-                    one = [j == i for j in range(3)]
-                    consts = _consts((*base[:at], *one, *base[at + 3 :], *cvals))
-                    args[14] = sp0
-                    _launch(
-                        _attend_kernel, (streams, n), args, consts, num_warps, num_stages,
-                        fast, stream, True, maxnreg,
-                    )  # fmt: skip
-                sp0 += n
-        else:
-            consts = _consts((*base, *cvals))
+        post = [rotation is not None, unroll, *cvals]
+        head = [q, q.stride(0), q.stride(1), q.stride(2), q.stride(3), float(scale) * LOG2E]
+        head += [qpos, first, first_valid, pm, pl, pacc, n_split, kv_heads]
+        for tiers_on, sp0, n in launches:
+            consts = _consts((*pre, *tiers_on, *post))
+            args = [*head, sp0, rot, qrw, *targs]
             _launch(
-                _attend_kernel, (streams, n_split), args, consts, num_warps, num_stages, fast,
-                stream, True, maxnreg,
+                _attend_kernel, (streams, n), args, consts, num_warps, num_stages, fast, stream,
+                True, maxnreg,
             )  # fmt: skip
     else:
         out.zero_()

@@ -378,12 +378,13 @@ def fields():
         print(f"  {label:16s} | fields w1 | {err:.2e} | {rerr:.2e} | {same}", flush=True)
 
 
-def asm_against_plain(attn, views, fvd, **kw):
+def asm_against_plain(attn, views, fvd, q_scale=1.0, **kw):
     """The field path on ``views`` (2 sequences, one query) against the float64 reference
     (largest relative error of the output, largest absolute error of the received attention)
     and whether its inline-PTX unpacking equals its plain integer unpacking bit for bit
-    (output and received attention)."""
-    q = torch.randn(2, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+    (output and received attention). ``q_scale``: the query times that (a larger one makes
+    the attention peaked: a few tokens' probabilities near 1, the rest tiny)."""
+    q = (torch.randn(2, HQ, 1, D, device="cuda") * q_scale).bfloat16()
     top = max(int(v.pos.max()) for v in views if v.pos.numel())
     want, want_rec = ref.attention(views, q, [top], fvd, D**-0.5, HK)
     args = (views, q, [top], fvd, D**-0.5, HK, [True] * 3)
@@ -580,17 +581,36 @@ def tier_sweep():
     _time_presets(attn, bw, variants)
 
 
-def preset_check(attn=None, **kw):
+def subnormal():
+    """Session 31's kernel at ZipCache and kvmix-5x B8 x 32k: the page loop's rows from its
+    run (the default now), the values' fields as fp16 subnormals (``subnormal_values``: one
+    ``and`` per two codes) and a launch per tier, each alone and together, after the device
+    checks against float64 (whether the tensor cores keep fp16 subnormals is what the first
+    of them asks)."""
+    attn = load_attention("cuda")
+    for q_scale in (1.0, 8.0):
+        preset_check(attn, q_scale)
+        preset_check(attn, q_scale, subnormal_values=True)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    variants = [("default", dict(), True), ("subnormal values", dict(subnormal_values=True), True)]
+    if "--per-tier" in sys.argv:
+        variants.append(("per tier", dict(tier_launches=True), True))
+    _time_presets(attn, bw, variants)
+
+
+def preset_check(attn=None, q_scale=1.0, **kw):
     """The presets' default launch (the field path, inline-PTX unpacking; ``kw``: launch
     parameters) against the float64 reference, and bitwise (output and received attention)
     against the field path's plain integer unpacking."""
     attn = attn or load_attention("cuda")
-    print(f"correctness vs float64{kw or ''}: preset | max |out - ref| / max |ref| | received "
+    what = f"{kw or ''}{f', query x {q_scale}' if q_scale != 1.0 else ''}"
+    print(f"correctness vs float64{what}: preset | max |out - ref| / max |ref| | received "
           "| == plain unpacking (bitwise)", flush=True)  # fmt: skip
     for name in ("kvmix-5x", "zipcache"):
         st = store(name, "cuda", 2, 1500, extra=5)
         views = [st._tiers[t].view() for t in TIERS]
-        err, rerr, same = asm_against_plain(attn, views, st._fv_dev, **kw)
+        err, rerr, same = asm_against_plain(attn, views, st._fv_dev, q_scale, **kw)
         print(f"  {name:9s} | {err:.2e} | {rerr:.2e} | {same}", flush=True)
 
 
@@ -639,7 +659,8 @@ def default_run(t0):
 RUNS = {"--page-sweep": page_sweep, "--fields-sweep": fields_sweep, "--fields": fields,
         "--final": final, "--presets": presets, "--preset-check": preset_check,
         "--merge": merge, "--unroll": unroll, "--current": current,
-        "--reg-sweep": reg_sweep, "--tier-sweep": tier_sweep}  # fmt: skip
+        "--reg-sweep": reg_sweep, "--tier-sweep": tier_sweep,
+        "--subnormal": subnormal}  # fmt: skip
 
 if __name__ == "__main__":
     t0 = time.time()

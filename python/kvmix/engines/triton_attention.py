@@ -527,15 +527,20 @@ def _row_scale(amax):
 
 @triton.jit
 def _stack_scaled(x, r, M: tl.constexpr, K: tl.constexpr, NP: tl.constexpr, NPART: tl.constexpr,
-                  INNER: tl.constexpr = False):  # fmt: skip
+                  INNER: tl.constexpr = False, LO_UP: tl.constexpr = False):  # fmt: skip
     """fp32 ``x [M, K]`` times the row scales ``r [M]`` as fp16 blocks ``[NP * M, K]`` (hi,
     lo, zero padding): ``_stack_f16`` with the scale given, so that several operands (the
     fields of a byte) can share one accumulator. ``INNER``: each row's parts next to each
     other (rows ``m * NP + part``), so that a transposed dot's accumulator holds a row's hi
-    and lo sums in one thread's registers (``_unstack``'s ``INNER``: no shuffle)."""
+    and lo sums in one thread's registers (``_unstack``'s ``INNER``: no shuffle).
+    ``LO_UP``: the lo part times 2^11 (exact: it is at most half an ulp of hi), as large as
+    hi, so that its products are as far from the bottom of the range as hi's; its sums are
+    then worth 2^-11 (``_vparts``)."""
     xs = x * r[:, None]
     hi = xs.to(tl.float16).to(tl.float32)
     lo = xs - hi
+    if LO_UP:
+        lo = lo * 2048.0
     if INNER:
         part = tl.arange(0, NP)[None, :, None]
         hi3 = hi[:, None, :]
@@ -633,10 +638,80 @@ def _field(x, BITS: tl.constexpr, F: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _groups3(KD, row, KNE: tl.constexpr):
+def _field_sub(x, BITS: tl.constexpr, F: tl.constexpr, ASM: tl.constexpr):
+    """Field ``F`` of int16 elements ``x`` masked in place as an fp16 subnormal: bits ``S``
+    (``F * BITS``, or that less 8 for a field of the high byte, moved down first) of the
+    mantissa, so the value is ``code * 2^(S - 24)``, exact. One ``and`` a register of two
+    elements where ``_field`` takes two instructions (``1024 + code * 2^S``, then the
+    subtraction); the dot's products carry the field's ``2^(S - 24)`` (``_vunit``), which the
+    tensor cores' fp16 inputs keep (subnormals are not flushed there) and which the fp32
+    accumulator holds with the same relative precision. For the values' dots, whose
+    accumulators are one per field."""
+    if BITS * F >= 8:
+        if ASM:
+            out = _and_asm(_high_byte(x), BITS, BITS * F - 8)
+        else:
+            out = ((x >> 8) & (((1 << BITS) - 1) << (BITS * F - 8))).to(tl.float16, bitcast=True)
+    elif ASM:
+        out = _and_asm(x, BITS, BITS * F)
+    else:
+        out = (x & (((1 << BITS) - 1) << (BITS * F))).to(tl.float16, bitcast=True)
+    return out
+
+
+@triton.jit
+def _and_asm(x, BITS: tl.constexpr, S: tl.constexpr):
+    """``_field_sub``'s mask on a register of two int16 elements (bits ``S`` of each low
+    byte), as fp16: one ``and.b32`` (Triton's own int16 ``and`` and bitcast were an and and a
+    byte permute per element)."""
+    if BITS == 2 and S == 0:
+        out = _pack2(x, "and.b32 $0, $1, 0x00030003;")
+    elif BITS == 2 and S == 2:
+        out = _pack2(x, "and.b32 $0, $1, 0x000c000c;")
+    elif BITS == 2 and S == 4:
+        out = _pack2(x, "and.b32 $0, $1, 0x00300030;")
+    elif BITS == 2 and S == 6:
+        out = _pack2(x, "and.b32 $0, $1, 0x00c000c0;")
+    elif BITS == 4 and S == 0:
+        out = _pack2(x, "and.b32 $0, $1, 0x000f000f;")
+    elif BITS == 4 and S == 4:
+        out = _pack2(x, "and.b32 $0, $1, 0x00f000f0;")
+    else:
+        tl.static_assert(BITS == 8 and S == 0)
+        out = _pack2(x, "and.b32 $0, $1, 0x00ff00ff;")
+    return out
+
+
+@triton.jit
+def _vfield(x, BITS: tl.constexpr, F: tl.constexpr, ASM: tl.constexpr, SUB: tl.constexpr):
+    """A value field's dot operand: ``_field_sub``'s subnormals with ``SUB``, else the codes."""
+    if SUB:
+        out = _field_sub(x, BITS, F, ASM)
+    else:
+        out = _field(x, BITS, F, ASM)
+    return out
+
+
+@triton.jit
+def _vunit(BITS: tl.constexpr, F: tl.constexpr, SUB: tl.constexpr):
+    """What one unit of value field ``F``'s accumulator is worth: ``2^(24 - S)`` for
+    ``_field_sub``'s subnormals (``S`` its bit position), else 1."""
+    if SUB:
+        if BITS * F >= 8:
+            u = tl.full([], 1 << (32 - BITS * F), tl.float32)
+        else:
+            u = tl.full([], 1 << (24 - BITS * F), tl.float32)
+    else:
+        u = tl.full([], 1, tl.float32)
+    return u
+
+
+@triton.jit
+def _groups3(words, KNE: tl.constexpr):
     """A 3-bit tier's rows (8 codes in each 3-byte group, channel ``8 g + f`` at bits ``3 f``
-    of group ``g``, as the Rust packer packs them; ``KD`` viewed as int16) as two int16 tiles
-    ``[N, KNE]``: each group's fields 0-4 (bits 0-14) and 5-7 (bits 0-8). A row is read as
+    of group ``g``, as the Rust packer packs them) as two int16 tiles ``[N, KNE]``: each
+    group's fields 0-4 (bits 0-14) and 5-7 (bits 0-8). ``words`` points at each row's every
+    third 32-bit word ``[N, KNE / 4]``: a row is read as
     32-bit words, three words holding four groups, so that its loads are 4-byte asynchronous
     copies the page loop's pipeline issues ahead: three int16 loads per two groups (before
     session 28) were 2-byte loads, which a ``cp.async`` cannot copy, so they stayed in the
@@ -645,17 +720,14 @@ def _groups3(KD, row, KNE: tl.constexpr):
     shift or select stops the compiler from moving the dot operand's layout conversion up
     onto the tiles: it converted each field through shared memory, session 23), joined in
     group order."""
-    KD32 = KD.to(tl.pointer_type(tl.int32))
-    m = tl.arange(0, KNE // 4)
-    base = KD32 + row[:, None] * (3 * KNE // 4) + 3 * m[None, :]
-    w0 = tl.load(base)
-    w1 = tl.load(base + 1)
-    w2 = tl.load(base + 2)
+    w0 = tl.load(words)
+    w1 = tl.load(words + 1)
+    w2 = tl.load(words + 2)
     g0 = w0 & 0xFFFFFF
     g1 = ((w0 >> 24) & 0xFF) | ((w1 & 0xFFFF) << 8)
     g2 = ((w1 >> 16) & 0xFFFF) | ((w2 & 0xFF) << 16)
     g3 = (w2 >> 8) & 0xFFFFFF
-    n: tl.constexpr = row.shape[0]
+    n: tl.constexpr = words.shape[0]
     # join(join(a, c), join(b, d)) flattens to a, b, c, d.
     lo = tl.join(tl.join(g0 & 0x7FFF, g2 & 0x7FFF), tl.join(g1 & 0x7FFF, g3 & 0x7FFF))
     hi = tl.join(tl.join(g0 >> 15, g2 >> 15), tl.join(g1 >> 15, g3 >> 15))
@@ -1009,6 +1081,7 @@ def _tier_fields(
     UNROLL: tl.constexpr,
     TRANS: tl.constexpr,  # the key dots transposed (``_kdot``)
     I8K: tl.constexpr = False,  # per-channel 2/4-bit keys' dots on int8 tensor cores
+    VSUB: tl.constexpr = False,  # the values' fields as fp16 subnormals (``_field_sub``)
 ):
     """A packed tier of 2-, 4- or 8-bit codes read as int16 elements (keys also of 3 bits, read
     as their 24-bit groups, ``_groups3``), one dot per bit field
@@ -1136,10 +1209,31 @@ def _tier_fields(
     while run < p_hi:
         if SEGD:
             seg = tl.load(SEG + 2 * run + 1).to(tl.int64)
+            # The run: the blocks after ``run`` of the same segment that each continue on the
+            # next page (a block starting on a page boundary: a segment's rows are cut only
+            # there), so that block ``run + i`` lies in the page ``i`` after the first
+            # block's and the run's rows are [r0, r1). The page loop computes its rows from
+            # these instead of loading each block's entry (a synchronous load, one every
+            # page, whose result the next page's addresses waited on). Searched RUNW blocks
+            # a load: one block a load was a chain of dependent loads before every run.
+            RUNW: tl.constexpr = 32
             end = run + 1
-            while (end < p_hi) & (tl.load(SEG + 2 * end + 1, mask=end < p_hi, other=-1) == seg):
-                end += 1
+            more = end < p_hi
+            while more:
+                nb = end + tl.arange(0, RUNW)
+                nb_ok = nb < p_hi
+                same = (
+                    nb_ok
+                    & (tl.load(SEG + 2 * nb + 1, mask=nb_ok, other=-1) == seg)
+                    & (tl.load(SEG + 2 * nb, mask=nb_ok, other=1) % BLOCK_N == 0)
+                )
+                n_same = RUNW - _max(tl.where(same, 0, RUNW - tl.arange(0, RUNW)), 0)
+                end += n_same
+                more = (n_same == RUNW) & (end < p_hi)
             sb = (s64 * nseg + seg) * D
+            r0 = tl.load(SEG + 2 * run)
+            r1 = tl.load(SEG + 2 * end)
+            t0 = (r0 // BLOCK_N) * BLOCK_N
             if I8K:
                 kinv, kqo, k0, k1, k2, k3 = _kchannel_i8(qrow, sqd, row_ok, qscale, KFIX, s64,
                                                          KS, KO, sb, rows, be, D, K_FIX,
@@ -1180,33 +1274,47 @@ def _tier_fields(
                     fch = ve[:, None] * VFN + tl.arange(0, VFN)[None, :]  # [VNE, VFN]
                     ratio = (tl.load(VF + old_b + fch).to(tl.float32)
                              / tl.load(VF + sb + fch).to(tl.float32))  # fmt: skip
-                    acc0 = _vsegment(acc0, po_s, ratio, 0, VFN)
-                    acc1 = _vsegment(acc1, po_s, ratio, 1, VFN)
+                    acc0 = _vsegment(acc0, po_s / _vunit(V_BITS, 0, VSUB), ratio, 0, VFN)
+                    acc1 = _vsegment(acc1, po_s / _vunit(V_BITS, 1, VSUB), ratio, 1, VFN)
                     if VFN > 2:
-                        acc2 = _vsegment(acc2, po_s, ratio, 2, VFN)
-                        acc3 = _vsegment(acc3, po_s, ratio, 3, VFN)
+                        acc2 = _vsegment(acc2, po_s / _vunit(V_BITS, 2, VSUB), ratio, 2, VFN)
+                        acc3 = _vsegment(acc3, po_s / _vunit(V_BITS, 3, VSUB), ratio, 3, VFN)
                     if VFN > 4:
-                        acc4 = _vsegment(acc4, po_s, ratio, 4, VFN)
-                        acc5 = _vsegment(acc5, po_s, ratio, 5, VFN)
-                        acc6 = _vsegment(acc6, po_s, ratio, 6, VFN)
-                        acc7 = _vsegment(acc7, po_s, ratio, 7, VFN)
+                        acc4 = _vsegment(acc4, po_s / _vunit(V_BITS, 4, VSUB), ratio, 4, VFN)
+                        acc5 = _vsegment(acc5, po_s / _vunit(V_BITS, 5, VSUB), ratio, 5, VFN)
+                        acc6 = _vsegment(acc6, po_s / _vunit(V_BITS, 6, VSUB), ratio, 6, VFN)
+                        acc7 = _vsegment(acc7, po_s / _vunit(V_BITS, 7, VSUB), ratio, 7, VFN)
                     po_acc = po_acc * 0.0
             cur = seg
         else:
             end = p_hi
+            t0 = run * BLOCK_N
+        # The run's first page's rows and the pointers of its tiles, from which each page's
+        # are one scalar offset away: per-page 64-bit address arithmetic on every element
+        # was ~40 SASS instructions a page (Triton 3.6, sm_90), now one IMAD.WIDE a load.
+        jn = tl.arange(0, BLOCK_N)
+        rowb = s64 * cap64 + t0 + jn
+        # A row's key words: 32-bit (3-bit rows, every third word: ``_groups3``) or int16.
+        KW: tl.constexpr = 3 * KNE // 4 if K_BITS == 3 else KNE
+        if K_BITS == 3:
+            kb = (KD.to(tl.pointer_type(tl.int32)) + rowb[:, None] * KW
+                  + 3 * tl.arange(0, KNE // 4)[None, :])  # fmt: skip
+        else:
+            kb = KD + rowb[:, None] * KW + ke[None, :]
+        vb = VD + rowb[:, None] * VNE + ve[None, :]
         for page in tl.range(run, end, num_stages=STAGES, loop_unroll_factor=UNROLL):
-            if SEGD:
-                t, _, mine = _block_rows(SEG, page, BLOCK_N)
-            else:
-                t = page * BLOCK_N + tl.arange(0, BLOCK_N)
-            row = s64 * cap64 + t.to(tl.int64)
-            pos = tl.load(POS + row)
+            off = (page - run) * BLOCK_N
+            t = t0 + off + jn
+            if SEGD:  # the page's rows of this run (``_block_rows``' test)
+                mine = (t - r0).to(tl.uint32, bitcast=True) < (r1 - r0).to(tl.uint32, bitcast=True)
+            row = rowb + off  # (the grouped layouts' scales)
+            pos = tl.load(POS + rowb + off)
             if K_BITS == 3:
-                kp, kq = _groups3(KD, row, KNE)  # int16 [N, KNE] x 2
+                kp, kq = _groups3(kb + off * KW, KNE)  # int16 [N, KNE] x 2
             else:
-                kp = tl.load(KD + row[:, None] * KNE + ke[None, :])  # int16 [N, KNE]
+                kp = tl.load(kb + off * KW)  # int16 [N, KNE]
                 kq = kp
-            vp = tl.load(VD + row[:, None] * VNE + ve[None, :])  # int16 [N, VNE]
+            vp = tl.load(vb + off * VNE)  # int16 [N, VNE]
             # ---- keys: logits [RP, BLOCK_N] (base 2, scaled)
             if I8K:
                 yi = tl.full([BLOCK_N, 4 * RP], 0, tl.int32)
@@ -1269,8 +1377,8 @@ def _tier_fields(
                 # [N] vectors in p's own layout. The [VG, N] form's reshape made Triton move
                 # p to another layout and reduce the offsets' sums over the whole warp
                 # (4 x 5 shuffles and a trip through shared memory a page).
-                sc1 = tl.load(VS + row).to(tl.float32)
-                of1 = tl.load(VO + row).to(tl.float32)
+                sc1 = tl.load(VS + rowb + off).to(tl.float32)
+                of1 = tl.load(VO + rowb + off).to(tl.float32)
                 ps = p * sc1[None, :]
             else:
                 sc = tl.load(VS + row[None, :] * VG + vg[:, None]).to(tl.float32)  # [VG, N]
@@ -1314,17 +1422,17 @@ def _tier_fields(
             else:
                 l_i += _sum(p, 1)
                 po_acc += tl.reshape(_sum(p[None, :, :] * of[:, None, :], 2), (VG * RP,))
-            a = _stack_scaled(ps, vr, VG * RP, BLOCK_N, NPV, NPART)
-            acc0 = tl.dot(a, _field(vp, V_BITS, 0, ASM), acc0)
-            acc1 = tl.dot(a, _field(vp, V_BITS, 1, ASM), acc1)
+            a = _stack_scaled(ps, vr, VG * RP, BLOCK_N, NPV, NPART, False, VSUB)
+            acc0 = tl.dot(a, _vfield(vp, V_BITS, 0, ASM, VSUB), acc0)
+            acc1 = tl.dot(a, _vfield(vp, V_BITS, 1, ASM, VSUB), acc1)
             if VFN > 2:
-                acc2 = tl.dot(a, _field(vp, V_BITS, 2, ASM), acc2)
-                acc3 = tl.dot(a, _field(vp, V_BITS, 3, ASM), acc3)
+                acc2 = tl.dot(a, _vfield(vp, V_BITS, 2, ASM, VSUB), acc2)
+                acc3 = tl.dot(a, _vfield(vp, V_BITS, 3, ASM, VSUB), acc3)
             if VFN > 4:
-                acc4 = tl.dot(a, _field(vp, V_BITS, 4, ASM), acc4)
-                acc5 = tl.dot(a, _field(vp, V_BITS, 5, ASM), acc5)
-                acc6 = tl.dot(a, _field(vp, V_BITS, 6, ASM), acc6)
-                acc7 = tl.dot(a, _field(vp, V_BITS, 7, ASM), acc7)
+                acc4 = tl.dot(a, _vfield(vp, V_BITS, 4, ASM, VSUB), acc4)
+                acc5 = tl.dot(a, _vfield(vp, V_BITS, 5, ASM, VSUB), acc5)
+                acc6 = tl.dot(a, _vfield(vp, V_BITS, 6, ASM, VSUB), acc6)
+                acc7 = tl.dot(a, _vfield(vp, V_BITS, 7, ASM, VSUB), acc7)
         run = end
 
     if VG == 1:
@@ -1335,6 +1443,9 @@ def _tier_fields(
     tl.store(PL + out, l_i, mask=row_ok)
     ob = PACC + out[:, None] * D
     inv_s = tl.reshape(tl.broadcast_to(_pow2_inv(vr)[None, :], (NPV, VG * RP)), (MS,))
+    if VSUB:  # the lo part's rows were stacked times 2^11 (``_stack_scaled``'s ``LO_UP``)
+        lo_w = tl.broadcast_to(tl.where(vpart == 1, 1.0 / 2048.0, 1.0), (NPV, VG * RP))
+        inv_s = inv_s * tl.reshape(lo_w, (MS,))
     # The last segment's factor (V_SEP; a split without pages never had one: its
     # accumulators are 0).
     fb = (s64 * nseg + tl.maximum(cur, 0)) * D
@@ -1343,21 +1454,21 @@ def _tier_fields(
     # 4 * VFN bytes apart, a sector per value: 1.15M of the launch's 1.49M excess sectors,
     # session 26's profile).
     MV: tl.constexpr = VG * RP
-    x0 = _vparts(acc0, inv_s, NPV, MV, VNE)
-    x1 = _vparts(acc1, inv_s, NPV, MV, VNE)
+    x0 = _vparts(acc0, inv_s * _vunit(V_BITS, 0, VSUB), NPV, MV, VNE)
+    x1 = _vparts(acc1, inv_s * _vunit(V_BITS, 1, VSUB), NPV, MV, VNE)
     if VFN == 2:
         x = tl.join(x0, x1)
     elif VFN == 4:
-        x2 = _vparts(acc2, inv_s, NPV, MV, VNE)
-        x3 = _vparts(acc3, inv_s, NPV, MV, VNE)
+        x2 = _vparts(acc2, inv_s * _vunit(V_BITS, 2, VSUB), NPV, MV, VNE)
+        x3 = _vparts(acc3, inv_s * _vunit(V_BITS, 3, VSUB), NPV, MV, VNE)
         x = tl.join(tl.join(x0, x2), tl.join(x1, x3))
     else:
-        x2 = _vparts(acc2, inv_s, NPV, MV, VNE)
-        x3 = _vparts(acc3, inv_s, NPV, MV, VNE)
-        x4 = _vparts(acc4, inv_s, NPV, MV, VNE)
-        x5 = _vparts(acc5, inv_s, NPV, MV, VNE)
-        x6 = _vparts(acc6, inv_s, NPV, MV, VNE)
-        x7 = _vparts(acc7, inv_s, NPV, MV, VNE)
+        x2 = _vparts(acc2, inv_s * _vunit(V_BITS, 2, VSUB), NPV, MV, VNE)
+        x3 = _vparts(acc3, inv_s * _vunit(V_BITS, 3, VSUB), NPV, MV, VNE)
+        x4 = _vparts(acc4, inv_s * _vunit(V_BITS, 4, VSUB), NPV, MV, VNE)
+        x5 = _vparts(acc5, inv_s * _vunit(V_BITS, 5, VSUB), NPV, MV, VNE)
+        x6 = _vparts(acc6, inv_s * _vunit(V_BITS, 6, VSUB), NPV, MV, VNE)
+        x7 = _vparts(acc7, inv_s * _vunit(V_BITS, 7, VSUB), NPV, MV, VNE)
         x = tl.join(
             tl.join(tl.join(x0, x4), tl.join(x2, x6)), tl.join(tl.join(x1, x5), tl.join(x3, x7))
         )
@@ -1677,7 +1788,7 @@ def _tier(
     UNROLL: tl.constexpr,  # the field path's page loop unrolled this many times
 ):
     # The field path (``_tier_fields``; FIELDS 1: plain unpacking, 2: inline PTX, plus 4:
-    # the key dots transposed) takes
+    # the key dots transposed, 8: int8 key dots, 16: subnormal value fields) takes
     # packed tiers of 2, 4 or 8 bits (keys also of 3) whose rows give each field's dot at
     # least 16 elements (tl.dot's smallest size): D * bits / 16, or D / 8 for 3 bits, which
     # for D a power of two (as the kernels need) is ``bits * D >= 256``; ``_fields_tier`` is
@@ -1694,6 +1805,7 @@ def _tier(
             (FIELDS & 3) == 2, UNROLL, (FIELDS & 4) != 0,
             (FIELDS & 12) == 12 and K_MODE == CHANNEL and (K_BITS == 2 or K_BITS == 4)
             and RP >= 2,
+            (FIELDS & 16) != 0,
         )  # fmt: skip
     elif FLAT:
         _tier_flat(
@@ -2328,6 +2440,7 @@ def attend_tiers(
     maxnreg=None,
     transposed=True,
     int8_keys=True,
+    subnormal_values=False,
     merge_block=None,
     unroll=1,
     tier_launches=False,
@@ -2398,6 +2511,16 @@ def attend_tiers(
     ZipCache 103.0 -> 97.9 us, kvmix-5x (its 3-bit low tier keeps fp16 fields) 116.8 ->
     118.0. Outputs within the same tolerances (float64 reference on the GPU: 5e-7 to 9e-7).
     ``int8_keys=False``: the fp16 fields' dots (session 28's default).
+    ``subnormal_values`` (default ``False``, an experiment): the field path's value codes
+    masked in place as fp16 subnormals (``_field_sub``: one ``and`` per two codes where the
+    exact codes take two instructions), the field's power of two taken out of its
+    accumulator at the end (``_vunit``). Offline (Triton 3.6, sm_90, SASS a page) 2-bit
+    907 -> 773, 4-bit 1029 -> 899, kvmix-5x's 3-bit tier 1221 -> 1089; on an H100 (session
+    31, B8 x 32k, attend kernel) ZipCache 94.7 -> 90.2 us, kvmix-5x 110.9 -> 104.9. Exact
+    under the interpreter, but not on that H100: 1.7e-4 to 2.4e-4 relative error against
+    float64 where the exact codes give 1e-6 (products with a subnormal factor lose bits
+    there), so it stays off; the lo parts are stacked times 2^11 with it (``LO_UP``) to
+    keep their products as large as the hi parts'.
     ``tier_launches`` (default ``False``): one attend launch per tier with pages instead of
     one for all, each compiled with its tier's branch alone (session 30's question: whether
     the programs of one SM running different tiers' page loops, ~15 KB of code each, wait on
@@ -2433,6 +2556,8 @@ def attend_tiers(
         raise ValueError(f"transposed must be a bool, got {transposed!r}")
     if type(int8_keys) is not bool:
         raise ValueError(f"int8_keys must be a bool, got {int8_keys!r}")
+    if type(subnormal_values) is not bool:
+        raise ValueError(f"subnormal_values must be a bool, got {subnormal_values!r}")
     if type(tier_launches) is not bool:
         raise ValueError(f"tier_launches must be a bool, got {tier_launches!r}")
 
@@ -2543,7 +2668,12 @@ def attend_tiers(
             2 if join else int(bcast),
             num_stages,
             flat,
-            ((2 if asm else 1) + (4 if transposed else 0) + (8 if int8_keys else 0))
+            (
+                (2 if asm else 1)
+                + (4 if transposed else 0)
+                + (8 if int8_keys else 0)
+                + (16 if subnormal_values else 0)
+            )
             if fields
             else 0,
         ]

@@ -685,8 +685,9 @@ g._time_presets(a, bw, [('default', {}, True), ('per tier', {'tier_launches': Tr
   ;;
 C31B)
   # Session 31, second call: how the tensor cores treat fp16 subnormal inputs (one product
-  # at a time), then the subnormal value fields with their lo parts stacked times 2^11,
-  # checked against float64 with the query as drawn and times 8 (peaked attention), and timed.
+  # at a time), then the subnormal value fields with their lo parts stacked times 2^11 (since
+  # removed: no help), checked against float64 with the query as drawn and times 8 (peaked
+  # attention), and timed.
   timeout 60 python3 -u gpu/subnormal_probe.py > "$OUT/probe.txt" 2>&1
   timeout 300 python3 -u benches/gpu_triton.py --subnormal > "$OUT/subnormal.txt" 2>&1
   ;;

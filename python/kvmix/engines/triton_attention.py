@@ -527,20 +527,15 @@ def _row_scale(amax):
 
 @triton.jit
 def _stack_scaled(x, r, M: tl.constexpr, K: tl.constexpr, NP: tl.constexpr, NPART: tl.constexpr,
-                  INNER: tl.constexpr = False, LO_UP: tl.constexpr = False):  # fmt: skip
+                  INNER: tl.constexpr = False):  # fmt: skip
     """fp32 ``x [M, K]`` times the row scales ``r [M]`` as fp16 blocks ``[NP * M, K]`` (hi,
     lo, zero padding): ``_stack_f16`` with the scale given, so that several operands (the
     fields of a byte) can share one accumulator. ``INNER``: each row's parts next to each
     other (rows ``m * NP + part``), so that a transposed dot's accumulator holds a row's hi
-    and lo sums in one thread's registers (``_unstack``'s ``INNER``: no shuffle).
-    ``LO_UP``: the lo part times 2^11 (exact: it is at most half an ulp of hi), as large as
-    hi, so that its products are as far from the bottom of the range as hi's; its sums are
-    then worth 2^-11 (``_vparts``)."""
+    and lo sums in one thread's registers (``_unstack``'s ``INNER``: no shuffle)."""
     xs = x * r[:, None]
     hi = xs.to(tl.float16).to(tl.float32)
     lo = xs - hi
-    if LO_UP:
-        lo = lo * 2048.0
     if INNER:
         part = tl.arange(0, NP)[None, :, None]
         hi3 = hi[:, None, :]
@@ -643,10 +638,10 @@ def _field_sub(x, BITS: tl.constexpr, F: tl.constexpr, ASM: tl.constexpr):
     (``F * BITS``, or that less 8 for a field of the high byte, moved down first) of the
     mantissa, so the value is ``code * 2^(S - 24)``, exact. One ``and`` a register of two
     elements where ``_field`` takes two instructions (``1024 + code * 2^S``, then the
-    subtraction); the dot's products carry the field's ``2^(S - 24)`` (``_vunit``), which the
-    tensor cores' fp16 inputs keep (subnormals are not flushed there) and which the fp32
-    accumulator holds with the same relative precision. For the values' dots, whose
-    accumulators are one per field."""
+    subtraction); the dot's products carry the field's ``2^(S - 24)`` (``_vunit``). For the
+    values' dots, whose accumulators are one per field. Exact under the interpreter; an
+    H100's tensor cores keep a subnormal product alone but align it beside larger ones from
+    its nominal exponent, ~10 bits above its own (``attend_tiers``' ``subnormal_values``)."""
     if BITS * F >= 8:
         if ASM:
             out = _and_asm(_high_byte(x), BITS, BITS * F - 8)
@@ -1422,7 +1417,7 @@ def _tier_fields(
             else:
                 l_i += _sum(p, 1)
                 po_acc += tl.reshape(_sum(p[None, :, :] * of[:, None, :], 2), (VG * RP,))
-            a = _stack_scaled(ps, vr, VG * RP, BLOCK_N, NPV, NPART, False, VSUB)
+            a = _stack_scaled(ps, vr, VG * RP, BLOCK_N, NPV, NPART)
             acc0 = tl.dot(a, _vfield(vp, V_BITS, 0, ASM, VSUB), acc0)
             acc1 = tl.dot(a, _vfield(vp, V_BITS, 1, ASM, VSUB), acc1)
             if VFN > 2:
@@ -1443,9 +1438,6 @@ def _tier_fields(
     tl.store(PL + out, l_i, mask=row_ok)
     ob = PACC + out[:, None] * D
     inv_s = tl.reshape(tl.broadcast_to(_pow2_inv(vr)[None, :], (NPV, VG * RP)), (MS,))
-    if VSUB:  # the lo part's rows were stacked times 2^11 (``_stack_scaled``'s ``LO_UP``)
-        lo_w = tl.broadcast_to(tl.where(vpart == 1, 1.0 / 2048.0, 1.0), (NPV, VG * RP))
-        inv_s = inv_s * tl.reshape(lo_w, (MS,))
     # The last segment's factor (V_SEP; a split without pages never had one: its
     # accumulators are 0).
     fb = (s64 * nseg + tl.maximum(cur, 0)) * D
@@ -2517,10 +2509,11 @@ def attend_tiers(
     accumulator at the end (``_vunit``). Offline (Triton 3.6, sm_90, SASS a page) 2-bit
     907 -> 773, 4-bit 1029 -> 899, kvmix-5x's 3-bit tier 1221 -> 1089; on an H100 (session
     31, B8 x 32k, attend kernel) ZipCache 94.7 -> 90.2 us, kvmix-5x 110.9 -> 104.9. Exact
-    under the interpreter, but not on that H100: 1.7e-4 to 2.4e-4 relative error against
-    float64 where the exact codes give 1e-6 (products with a subnormal factor lose bits
-    there), so it stays off; the lo parts are stacked times 2^11 with it (``LO_UP``) to
-    keep their products as large as the hi parts'.
+    under the interpreter, but not on that H100: 1.5e-4 to 2.4e-4 relative error against
+    float64 where the exact codes give 1e-6, so it stays off. A product alone is exact
+    there, but beside a larger one in the same dot its bits are aligned from its nominal
+    exponent, and a subnormal's bits sit up to 10 below it (``gpu/subnormal_probe.py``):
+    the smallest codes keep ~15 bits of the sum instead of ~25.
     ``tier_launches`` (default ``False``): one attend launch per tier with pages instead of
     one for all, each compiled with its tier's branch alone (session 30's question: whether
     the programs of one SM running different tiers' page loops, ~15 KB of code each, wait on

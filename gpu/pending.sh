@@ -691,6 +691,13 @@ C31B)
   timeout 60 python3 -u gpu/subnormal_probe.py > "$OUT/probe.txt" 2>&1
   timeout 300 python3 -u benches/gpu_triton.py --subnormal > "$OUT/subnormal.txt" 2>&1
   ;;
+C31D)
+  # Session 31: the end-to-end bench at B=1 x 32k on the current tree, where an H100
+  # holds DynamicCache (B=8 x 32k needs an H200: C30A).
+  timeout 300 python3 -u -m kvmix.bench gpu --contexts 32768 --batches 1 --steps 6 \
+    --methods full quanto-int4 quanto-int2 zipcache kvmix-5x --json "$OUT/bench-32k-b1.json" \
+    > "$OUT/bench-32k-b1.txt" 2>&1
+  ;;
 C31C)
   # C31B after the CUDA tests on the page loop's rows from its run (the default since C31A).
   timeout 200 python3 -m pytest -q -m cuda tests > "$OUT/pytest-cuda.txt" 2>&1
@@ -704,7 +711,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C|C30D|C30E|C31A|C31B|C31C" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C|C30D|C30E|C31A|C31B|C31C|C31D" >&2
   exit 2
   ;;
 esac

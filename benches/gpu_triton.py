@@ -581,24 +581,6 @@ def tier_sweep():
     _time_presets(attn, bw, variants)
 
 
-def subnormal():
-    """Session 31's kernel at ZipCache and kvmix-5x B8 x 32k: the page loop's rows from its
-    run (the default now), the values' fields as fp16 subnormals (``subnormal_values``: one
-    ``and`` per two codes) and a launch per tier, each alone and together, after the device
-    checks against float64 (whether the tensor cores keep fp16 subnormals is what the first
-    of them asks)."""
-    attn = load_attention("cuda")
-    for q_scale in (1.0, 8.0):
-        preset_check(attn, q_scale)
-        preset_check(attn, q_scale, subnormal_values=True)
-    bw = copy_bandwidth()
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
-    variants = [("default", dict(), True), ("subnormal values", dict(subnormal_values=True), True)]
-    if "--per-tier" in sys.argv:
-        variants.append(("per tier", dict(tier_launches=True), True))
-    _time_presets(attn, bw, variants)
-
-
 def preset_check(attn=None, q_scale=1.0, **kw):
     """The presets' default launch (the field path, inline-PTX unpacking; ``kw``: launch
     parameters) against the float64 reference, and bitwise (output and received attention)
@@ -659,8 +641,7 @@ def default_run(t0):
 RUNS = {"--page-sweep": page_sweep, "--fields-sweep": fields_sweep, "--fields": fields,
         "--final": final, "--presets": presets, "--preset-check": preset_check,
         "--merge": merge, "--unroll": unroll, "--current": current,
-        "--reg-sweep": reg_sweep, "--tier-sweep": tier_sweep,
-        "--subnormal": subnormal}  # fmt: skip
+        "--reg-sweep": reg_sweep, "--tier-sweep": tier_sweep}  # fmt: skip
 
 if __name__ == "__main__":
     t0 = time.time()

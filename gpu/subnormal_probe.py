@@ -2,7 +2,10 @@
 (session 31: the value fields masked in place as fp16 subnormals gave 1.7e-4 relative error
 on an H100 where the exact codes give 1e-6). One product at a time: ``a * b`` for a normal
 ``a`` over fp16's range and a subnormal ``b``, against the exact product; then whether a
-product is lost beside a larger one in the same dot (alignment) or alone (a threshold)."""
+product is lost beside a larger one in the same dot (alignment) or alone (a threshold).
+On an H100 (session 31, `results/gpu/session31.txt`): every product alone exact; beside one
+of 3 * 2^-14, products of 2^-32 .. 2^-30 lost and of 2^-29 or more kept: the sum's bits are
+aligned from each product's nominal exponent (fp16's -14 for a subnormal)."""
 
 import torch
 import triton

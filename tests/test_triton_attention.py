@@ -217,11 +217,8 @@ def test_a_launch_per_tier_gives_the_same_outputs():
         attn.attend_tiers(views, q, [top], fv, 0.3, HK, None, tier_launches=1)
 
 
-@pytest.mark.parametrize(
-    "transposed, int8_keys, subnormal",
-    [(False, True, False), (True, False, False), (True, True, False), (True, True, True)],
-)
-def test_field_path(monkeypatch, transposed, int8_keys, subnormal):
+@pytest.mark.parametrize("transposed, int8_keys", [(False, True), (True, False), (True, True)])
+def test_field_path(monkeypatch, transposed, int8_keys):
     # fields=True: 2-, 4- and 8-bit tiers (keys also 3-bit) read as int16 elements, one dot
     # per bit field
     # (_tier_fields); it needs D * bits >= 256, so D = 128 here. The 1-bit tier and the
@@ -229,16 +226,12 @@ def test_field_path(monkeypatch, transposed, int8_keys, subnormal):
     # unpacked with plain integer operations (a GPU runs the inline PTX of _field_asm).
     # transposed (the default): the key dots transposed (the page's tokens as the mma's M);
     # int8_keys (the default; only with transposed): per-channel 2- and 4-bit keys' dots in
-    # int8, else fp16 fields; subnormal: the value fields masked in place as fp16 subnormals
-    # (_field_sub), their powers of two taken out of the accumulators at the end.
+    # int8, else fp16 fields.
     d = 128
     monkeypatch.setattr(
         load_attention("cpu"), "attend_tiers",
         functools.partial(
-            load_attention("cpu").attend_tiers,
-            transposed=transposed,
-            int8_keys=int8_keys,
-            subnormal_values=subnormal,
+            load_attention("cpu").attend_tiers, transposed=transposed, int8_keys=int8_keys
         ),
     )  # fmt: skip
     g = torch.Generator().manual_seed(3)
@@ -342,9 +335,9 @@ def test_field_path(monkeypatch, transposed, int8_keys, subnormal):
     # compiled): not under the interpreter.
     monkeypatch.delenv("KVMIX_TRITON_FIELDS")
     attn.attend_tiers(*args)
-    # The field path (plain unpacking here; 4 more transposed, 8 more with int8 keys, 16
-    # more with subnormal value fields), then the default one twice.
-    assert launched == [1 + 4 * transposed + 8 * int8_keys + 16 * subnormal, 0, 0]
+    # The field path (plain unpacking here; 4 more transposed, 8 more with int8 keys), then
+    # the default one twice.
+    assert launched == [1 + 4 * transposed + 8 * int8_keys, 0, 0]
 
 
 def test_bench_attention_cuda_mode_refuses_without_gpu():

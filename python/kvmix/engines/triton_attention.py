@@ -633,75 +633,6 @@ def _field(x, BITS: tl.constexpr, F: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _field_sub(x, BITS: tl.constexpr, F: tl.constexpr, ASM: tl.constexpr):
-    """Field ``F`` of int16 elements ``x`` masked in place as an fp16 subnormal: bits ``S``
-    (``F * BITS``, or that less 8 for a field of the high byte, moved down first) of the
-    mantissa, so the value is ``code * 2^(S - 24)``, exact. One ``and`` a register of two
-    elements where ``_field`` takes two instructions (``1024 + code * 2^S``, then the
-    subtraction); the dot's products carry the field's ``2^(S - 24)`` (``_vunit``). For the
-    values' dots, whose accumulators are one per field. Exact under the interpreter; an
-    H100's tensor cores keep a subnormal product alone but align it beside larger ones from
-    its nominal exponent, ~10 bits above its own (``attend_tiers``' ``subnormal_values``)."""
-    if BITS * F >= 8:
-        if ASM:
-            out = _and_asm(_high_byte(x), BITS, BITS * F - 8)
-        else:
-            out = ((x >> 8) & (((1 << BITS) - 1) << (BITS * F - 8))).to(tl.float16, bitcast=True)
-    elif ASM:
-        out = _and_asm(x, BITS, BITS * F)
-    else:
-        out = (x & (((1 << BITS) - 1) << (BITS * F))).to(tl.float16, bitcast=True)
-    return out
-
-
-@triton.jit
-def _and_asm(x, BITS: tl.constexpr, S: tl.constexpr):
-    """``_field_sub``'s mask on a register of two int16 elements (bits ``S`` of each low
-    byte), as fp16: one ``and.b32`` (Triton's own int16 ``and`` and bitcast were an and and a
-    byte permute per element)."""
-    if BITS == 2 and S == 0:
-        out = _pack2(x, "and.b32 $0, $1, 0x00030003;")
-    elif BITS == 2 and S == 2:
-        out = _pack2(x, "and.b32 $0, $1, 0x000c000c;")
-    elif BITS == 2 and S == 4:
-        out = _pack2(x, "and.b32 $0, $1, 0x00300030;")
-    elif BITS == 2 and S == 6:
-        out = _pack2(x, "and.b32 $0, $1, 0x00c000c0;")
-    elif BITS == 4 and S == 0:
-        out = _pack2(x, "and.b32 $0, $1, 0x000f000f;")
-    elif BITS == 4 and S == 4:
-        out = _pack2(x, "and.b32 $0, $1, 0x00f000f0;")
-    else:
-        tl.static_assert(BITS == 8 and S == 0)
-        out = _pack2(x, "and.b32 $0, $1, 0x00ff00ff;")
-    return out
-
-
-@triton.jit
-def _vfield(x, BITS: tl.constexpr, F: tl.constexpr, ASM: tl.constexpr, SUB: tl.constexpr):
-    """A value field's dot operand: ``_field_sub``'s subnormals with ``SUB``, else the codes."""
-    if SUB:
-        out = _field_sub(x, BITS, F, ASM)
-    else:
-        out = _field(x, BITS, F, ASM)
-    return out
-
-
-@triton.jit
-def _vunit(BITS: tl.constexpr, F: tl.constexpr, SUB: tl.constexpr):
-    """What one unit of value field ``F``'s accumulator is worth: ``2^(24 - S)`` for
-    ``_field_sub``'s subnormals (``S`` its bit position), else 1."""
-    if SUB:
-        if BITS * F >= 8:
-            u = tl.full([], 1 << (32 - BITS * F), tl.float32)
-        else:
-            u = tl.full([], 1 << (24 - BITS * F), tl.float32)
-    else:
-        u = tl.full([], 1, tl.float32)
-    return u
-
-
-@triton.jit
 def _groups3(words, KNE: tl.constexpr):
     """A 3-bit tier's rows (8 codes in each 3-byte group, channel ``8 g + f`` at bits ``3 f``
     of group ``g``, as the Rust packer packs them) as two int16 tiles ``[N, KNE]``: each
@@ -1076,7 +1007,6 @@ def _tier_fields(
     UNROLL: tl.constexpr,
     TRANS: tl.constexpr,  # the key dots transposed (``_kdot``)
     I8K: tl.constexpr = False,  # per-channel 2/4-bit keys' dots on int8 tensor cores
-    VSUB: tl.constexpr = False,  # the values' fields as fp16 subnormals (``_field_sub``)
 ):
     """A packed tier of 2-, 4- or 8-bit codes read as int16 elements (keys also of 3 bits, read
     as their 24-bit groups, ``_groups3``), one dot per bit field
@@ -1269,16 +1199,16 @@ def _tier_fields(
                     fch = ve[:, None] * VFN + tl.arange(0, VFN)[None, :]  # [VNE, VFN]
                     ratio = (tl.load(VF + old_b + fch).to(tl.float32)
                              / tl.load(VF + sb + fch).to(tl.float32))  # fmt: skip
-                    acc0 = _vsegment(acc0, po_s / _vunit(V_BITS, 0, VSUB), ratio, 0, VFN)
-                    acc1 = _vsegment(acc1, po_s / _vunit(V_BITS, 1, VSUB), ratio, 1, VFN)
+                    acc0 = _vsegment(acc0, po_s, ratio, 0, VFN)
+                    acc1 = _vsegment(acc1, po_s, ratio, 1, VFN)
                     if VFN > 2:
-                        acc2 = _vsegment(acc2, po_s / _vunit(V_BITS, 2, VSUB), ratio, 2, VFN)
-                        acc3 = _vsegment(acc3, po_s / _vunit(V_BITS, 3, VSUB), ratio, 3, VFN)
+                        acc2 = _vsegment(acc2, po_s, ratio, 2, VFN)
+                        acc3 = _vsegment(acc3, po_s, ratio, 3, VFN)
                     if VFN > 4:
-                        acc4 = _vsegment(acc4, po_s / _vunit(V_BITS, 4, VSUB), ratio, 4, VFN)
-                        acc5 = _vsegment(acc5, po_s / _vunit(V_BITS, 5, VSUB), ratio, 5, VFN)
-                        acc6 = _vsegment(acc6, po_s / _vunit(V_BITS, 6, VSUB), ratio, 6, VFN)
-                        acc7 = _vsegment(acc7, po_s / _vunit(V_BITS, 7, VSUB), ratio, 7, VFN)
+                        acc4 = _vsegment(acc4, po_s, ratio, 4, VFN)
+                        acc5 = _vsegment(acc5, po_s, ratio, 5, VFN)
+                        acc6 = _vsegment(acc6, po_s, ratio, 6, VFN)
+                        acc7 = _vsegment(acc7, po_s, ratio, 7, VFN)
                     po_acc = po_acc * 0.0
             cur = seg
         else:
@@ -1418,16 +1348,16 @@ def _tier_fields(
                 l_i += _sum(p, 1)
                 po_acc += tl.reshape(_sum(p[None, :, :] * of[:, None, :], 2), (VG * RP,))
             a = _stack_scaled(ps, vr, VG * RP, BLOCK_N, NPV, NPART)
-            acc0 = tl.dot(a, _vfield(vp, V_BITS, 0, ASM, VSUB), acc0)
-            acc1 = tl.dot(a, _vfield(vp, V_BITS, 1, ASM, VSUB), acc1)
+            acc0 = tl.dot(a, _field(vp, V_BITS, 0, ASM), acc0)
+            acc1 = tl.dot(a, _field(vp, V_BITS, 1, ASM), acc1)
             if VFN > 2:
-                acc2 = tl.dot(a, _vfield(vp, V_BITS, 2, ASM, VSUB), acc2)
-                acc3 = tl.dot(a, _vfield(vp, V_BITS, 3, ASM, VSUB), acc3)
+                acc2 = tl.dot(a, _field(vp, V_BITS, 2, ASM), acc2)
+                acc3 = tl.dot(a, _field(vp, V_BITS, 3, ASM), acc3)
             if VFN > 4:
-                acc4 = tl.dot(a, _vfield(vp, V_BITS, 4, ASM, VSUB), acc4)
-                acc5 = tl.dot(a, _vfield(vp, V_BITS, 5, ASM, VSUB), acc5)
-                acc6 = tl.dot(a, _vfield(vp, V_BITS, 6, ASM, VSUB), acc6)
-                acc7 = tl.dot(a, _vfield(vp, V_BITS, 7, ASM, VSUB), acc7)
+                acc4 = tl.dot(a, _field(vp, V_BITS, 4, ASM), acc4)
+                acc5 = tl.dot(a, _field(vp, V_BITS, 5, ASM), acc5)
+                acc6 = tl.dot(a, _field(vp, V_BITS, 6, ASM), acc6)
+                acc7 = tl.dot(a, _field(vp, V_BITS, 7, ASM), acc7)
         run = end
 
     if VG == 1:
@@ -1446,21 +1376,21 @@ def _tier_fields(
     # 4 * VFN bytes apart, a sector per value: 1.15M of the launch's 1.49M excess sectors,
     # session 26's profile).
     MV: tl.constexpr = VG * RP
-    x0 = _vparts(acc0, inv_s * _vunit(V_BITS, 0, VSUB), NPV, MV, VNE)
-    x1 = _vparts(acc1, inv_s * _vunit(V_BITS, 1, VSUB), NPV, MV, VNE)
+    x0 = _vparts(acc0, inv_s, NPV, MV, VNE)
+    x1 = _vparts(acc1, inv_s, NPV, MV, VNE)
     if VFN == 2:
         x = tl.join(x0, x1)
     elif VFN == 4:
-        x2 = _vparts(acc2, inv_s * _vunit(V_BITS, 2, VSUB), NPV, MV, VNE)
-        x3 = _vparts(acc3, inv_s * _vunit(V_BITS, 3, VSUB), NPV, MV, VNE)
+        x2 = _vparts(acc2, inv_s, NPV, MV, VNE)
+        x3 = _vparts(acc3, inv_s, NPV, MV, VNE)
         x = tl.join(tl.join(x0, x2), tl.join(x1, x3))
     else:
-        x2 = _vparts(acc2, inv_s * _vunit(V_BITS, 2, VSUB), NPV, MV, VNE)
-        x3 = _vparts(acc3, inv_s * _vunit(V_BITS, 3, VSUB), NPV, MV, VNE)
-        x4 = _vparts(acc4, inv_s * _vunit(V_BITS, 4, VSUB), NPV, MV, VNE)
-        x5 = _vparts(acc5, inv_s * _vunit(V_BITS, 5, VSUB), NPV, MV, VNE)
-        x6 = _vparts(acc6, inv_s * _vunit(V_BITS, 6, VSUB), NPV, MV, VNE)
-        x7 = _vparts(acc7, inv_s * _vunit(V_BITS, 7, VSUB), NPV, MV, VNE)
+        x2 = _vparts(acc2, inv_s, NPV, MV, VNE)
+        x3 = _vparts(acc3, inv_s, NPV, MV, VNE)
+        x4 = _vparts(acc4, inv_s, NPV, MV, VNE)
+        x5 = _vparts(acc5, inv_s, NPV, MV, VNE)
+        x6 = _vparts(acc6, inv_s, NPV, MV, VNE)
+        x7 = _vparts(acc7, inv_s, NPV, MV, VNE)
         x = tl.join(
             tl.join(tl.join(x0, x4), tl.join(x2, x6)), tl.join(tl.join(x1, x5), tl.join(x3, x7))
         )
@@ -1780,7 +1710,7 @@ def _tier(
     UNROLL: tl.constexpr,  # the field path's page loop unrolled this many times
 ):
     # The field path (``_tier_fields``; FIELDS 1: plain unpacking, 2: inline PTX, plus 4:
-    # the key dots transposed, 8: int8 key dots, 16: subnormal value fields) takes
+    # the key dots transposed, 8: int8 key dots) takes
     # packed tiers of 2, 4 or 8 bits (keys also of 3) whose rows give each field's dot at
     # least 16 elements (tl.dot's smallest size): D * bits / 16, or D / 8 for 3 bits, which
     # for D a power of two (as the kernels need) is ``bits * D >= 256``; ``_fields_tier`` is
@@ -1797,7 +1727,6 @@ def _tier(
             (FIELDS & 3) == 2, UNROLL, (FIELDS & 4) != 0,
             (FIELDS & 12) == 12 and K_MODE == CHANNEL and (K_BITS == 2 or K_BITS == 4)
             and RP >= 2,
-            (FIELDS & 16) != 0,
         )  # fmt: skip
     elif FLAT:
         _tier_flat(
@@ -2432,7 +2361,6 @@ def attend_tiers(
     maxnreg=None,
     transposed=True,
     int8_keys=True,
-    subnormal_values=False,
     merge_block=None,
     unroll=1,
     tier_launches=False,
@@ -2503,17 +2431,6 @@ def attend_tiers(
     ZipCache 103.0 -> 97.9 us, kvmix-5x (its 3-bit low tier keeps fp16 fields) 116.8 ->
     118.0. Outputs within the same tolerances (float64 reference on the GPU: 5e-7 to 9e-7).
     ``int8_keys=False``: the fp16 fields' dots (session 28's default).
-    ``subnormal_values`` (default ``False``, an experiment): the field path's value codes
-    masked in place as fp16 subnormals (``_field_sub``: one ``and`` per two codes where the
-    exact codes take two instructions), the field's power of two taken out of its
-    accumulator at the end (``_vunit``). Offline (Triton 3.6, sm_90, SASS a page) 2-bit
-    907 -> 773, 4-bit 1029 -> 899, kvmix-5x's 3-bit tier 1221 -> 1089; on an H100 (session
-    31, B8 x 32k, attend kernel) ZipCache 94.7 -> 90.2 us, kvmix-5x 110.9 -> 104.9. Exact
-    under the interpreter, but not on that H100: 1.5e-4 to 2.4e-4 relative error against
-    float64 where the exact codes give 1e-6, so it stays off. A product alone is exact
-    there, but beside a larger one in the same dot its bits are aligned from its nominal
-    exponent, and a subnormal's bits sit up to 10 below it (``gpu/subnormal_probe.py``):
-    the smallest codes keep ~15 bits of the sum instead of ~25.
     ``tier_launches`` (default ``False``): one attend launch per tier with pages instead of
     one for all, each compiled with its tier's branch alone (session 30's question: whether
     the programs of one SM running different tiers' page loops, ~15 KB of code each, wait on
@@ -2549,8 +2466,6 @@ def attend_tiers(
         raise ValueError(f"transposed must be a bool, got {transposed!r}")
     if type(int8_keys) is not bool:
         raise ValueError(f"int8_keys must be a bool, got {int8_keys!r}")
-    if type(subnormal_values) is not bool:
-        raise ValueError(f"subnormal_values must be a bool, got {subnormal_values!r}")
     if type(tier_launches) is not bool:
         raise ValueError(f"tier_launches must be a bool, got {tier_launches!r}")
 
@@ -2661,12 +2576,7 @@ def attend_tiers(
             2 if join else int(bcast),
             num_stages,
             flat,
-            (
-                (2 if asm else 1)
-                + (4 if transposed else 0)
-                + (8 if int8_keys else 0)
-                + (16 if subnormal_values else 0)
-            )
+            ((2 if asm else 1) + (4 if transposed else 0) + (8 if int8_keys else 0))
             if fields
             else 0,
         ]

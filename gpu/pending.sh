@@ -685,6 +685,14 @@ C31D)
     --methods full quanto-int4 quanto-int2 zipcache kvmix-5x --json "$OUT/bench-32k-b1.json" \
     > "$OUT/bench-32k-b1.txt" 2>&1
   ;;
+C32A)
+  # Session 32: the merge and received kernels as programmatic dependent launches (the new
+  # default from sm_90): their CUDA test (bit for bit against ordinary launches, eager and in
+  # a CUDA graph), then the kernel at B8 x 32k with and without them (and the device check).
+  timeout 150 python3 -m pytest -q -m cuda tests/test_triton_attention.py \
+    > "$OUT/pytest-cuda-attention.txt" 2>&1
+  timeout 330 python3 -u benches/gpu_triton.py --current > "$OUT/current.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -692,7 +700,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C|C30D|C30E|C31B|C31D" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C|C30D|C30E|C31B|C31D|C32A" >&2
   exit 2
   ;;
 esac

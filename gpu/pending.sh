@@ -693,6 +693,13 @@ C32A)
     > "$OUT/pytest-cuda-attention.txt" 2>&1
   timeout 330 python3 -u benches/gpu_triton.py --current > "$OUT/current.txt" 2>&1
   ;;
+C32B)
+  # Session 32: why a B=1 step at 32k takes twice the 8k one for ZipCache (51.6 against
+  # 26.7 ms) while DynamicCache's barely moves: each step's wall and GPU time, CPU ops and the
+  # host's Python under cProfile, at 8k and 32k.
+  timeout 420 python3 -u gpu/step_profile.py --contexts 8192 32768 \
+    --methods full quanto-int4 zipcache kvmix-5x > "$OUT/step-profile.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -700,7 +707,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C|C30D|C30E|C31B|C31D|C32A" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C|C30D|C30E|C31B|C31D|C32A|C32B" >&2
   exit 2
   ;;
 esac

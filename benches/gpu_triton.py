@@ -532,10 +532,6 @@ def current():
         other = not i8.default
         preset_check(attn, int8_keys=other)
         variants.append(("int8 keys" if other else "fp16 keys", dict(int8_keys=other), True))
-    if "pdl" in inspect.signature(attn.attend_tiers).parameters:
-        # Session 32's programmatic dependent launches of the merge (the default from sm_90)
-        # against ordinary launches.
-        variants.append(("no PDL", dict(pdl=False), True))
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     _time_presets(attn, bw, variants)

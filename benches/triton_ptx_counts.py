@@ -76,7 +76,7 @@ def capture(bits=(4, 2), **kw):
     got = {}
     launch = attn._launch
 
-    def spy(fn, grid, args, consts, nw, ns, fast, stream=None, *rest, **kw):
+    def spy(fn, grid, args, consts, nw, ns, fast, stream=None, *rest):
         if fn is attn._attend_kernel:
             # Tensors as what the compiler specializes on, so that a capture can be saved.
             desc = [
@@ -86,7 +86,7 @@ def capture(bits=(4, 2), **kw):
                 for a in args
             ]
             got["a"] = (desc, dict(consts), nw, ns)
-        return launch(fn, grid, args, consts, nw, ns, fast, stream, *rest, **kw)
+        return launch(fn, grid, args, consts, nw, ns, fast, stream, *rest)
 
     attn._launch = spy
     try:

@@ -83,9 +83,6 @@ def test_three_tiers_three_bit_codes_and_groups():
         (dict(transposed=1), "transposed"),
         (dict(transposed="keys"), "transposed"),
         (dict(transposed=[True]), "transposed"),
-        (dict(pdl=1), "pdl"),
-        # Programmatic dependent launch needs compiled kernels on an NVIDIA GPU (sm_90 on).
-        (dict(pdl=True), "pdl=True"),
     ],
 )
 def test_launch_parameters_are_checked_before_launching(kw, name):
@@ -293,11 +290,11 @@ def test_field_path(monkeypatch, transposed, int8_keys):
     blocks = []
     launch = attn._launch
 
-    def spy_blocks(fn, grid, a, consts, *rest, **kw):
+    def spy_blocks(fn, grid, a, consts, *rest):
         if fn is attn._attend_kernel:
             c = dict(consts)
             blocks.append([c["BN0"], c["BN1"], c["BN2"]])
-        return launch(fn, grid, a, consts, *rest, **kw)
+        return launch(fn, grid, a, consts, *rest)
 
     monkeypatch.setattr(attn, "_launch", spy_blocks)
     # 4 streams of 7 pages of 64 rows: 2 and 4 such pages a split make fp32 dense splits of 1
@@ -324,10 +321,10 @@ def test_field_path(monkeypatch, transposed, int8_keys):
     launched = []
     launch = attn._launch
 
-    def spy(fn, grid, a, consts, *rest, **kw):
+    def spy(fn, grid, a, consts, *rest):
         if fn is attn._attend_kernel:
             launched.append(dict(consts)["FIELDS"])  # a dict or a tuple of its items
-        return launch(fn, grid, a, consts, *rest, **kw)
+        return launch(fn, grid, a, consts, *rest)
 
     monkeypatch.setattr(attn, "_launch", spy)
     monkeypatch.setenv("KVMIX_TRITON_FIELDS", "1")
@@ -487,53 +484,6 @@ def test_rotation_in_the_kernel_matches_rotating_around_it(d, kw):
         views, q, qpos, first_valid, 0.3, HK, None, rotation=r, out=out2, out_layout="bthd", **kw
     )
     assert torch.equal(out2.transpose(1, 2), out.to(torch.bfloat16))
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_dependent_launches_give_the_same_outputs():
-    """On a GPU (``pytest -m cuda``): the merge and received kernels launched as programmatic
-    dependent launches (``pdl=True``, the default from compute capability 9.0) give the
-    outputs and the received attention of ordinary launches bit for bit, eager and replayed
-    from a CUDA graph (where the dependency is a graph edge); where the GPU cannot run
-    them, asking for them is a ``ValueError``."""
-    attn = load_attention("cuda")
-    d = 128
-    g = torch.Generator().manual_seed(11)
-    kw = dict(device="cuda", generator=g)
-    views = [
-        ref.synthetic_tier(S, 37, d, ("dense", 0, d), ("dense", 0, d), **kw),
-        ref.synthetic_tier(S, 700, d, ("channel", 4, d), ("token", 4, d), pos_offset=37, **kw),
-        ref.synthetic_tier(S, 1500, d, ("channel", 2, d), ("token", 2, d), pos_offset=737, **kw),
-    ]
-    q = torch.randn(B, HQ, 1, d, generator=g).cuda()
-    fv = torch.zeros(B, dtype=torch.int32, device="cuda")
-    args = (views, q, [2236], fv, d**-0.5, HK, [True, False, True])
-    if torch.cuda.get_device_capability()[0] < 9:
-        with pytest.raises(ValueError, match="pdl=True"):
-            attn.attend_tiers(*args, pdl=True)
-        return
-    want, want_rec = attn.attend_tiers(*args, pdl=False)
-    for _ in range(2):  # the second call takes the direct launch
-        out, rec = attn.attend_tiers(*args, pdl=True)
-        assert torch.equal(out, want)
-        assert all(torch.equal(a, b) for a, b in zip(rec[::2], want_rec[::2], strict=True))
-    ref_out, _ = ref.attention(views, q, [2236], fv, d**-0.5, HK)
-    assert ((want.double() - ref_out).abs().max() / ref_out.abs().max()).item() < 2e-5
-    # Replayed from a CUDA graph, into one output tensor (the workspace is reused).
-    out = torch.empty_like(want)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        attn.attend_tiers(*args, out=out, pdl=True)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        attn.attend_tiers(*args, out=out, pdl=True)
-    out.zero_()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, want)
 
 
 @pytest.mark.cuda

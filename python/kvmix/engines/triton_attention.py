@@ -1918,7 +1918,6 @@ def _attend_kernel(
     ON2: tl.constexpr,
     ROTATE: tl.constexpr,  # q @ ROT first (the tiers hold rotated keys and values)
     UNROLL: tl.constexpr,  # the field path's page loop unrolled this many times
-    PDL: tl.constexpr,  # let the merge launch now (``attend_tiers(pdl=True)``)
     # per tier: key mode, bits, group size, word bytes, fixed factor; the same for values
     # (separable factor instead of the fixed one); tracking; rows per page
     KM0: tl.constexpr, KB0: tl.constexpr, KG0: tl.constexpr, KW0: tl.constexpr, KX0: tl.constexpr,
@@ -1933,11 +1932,6 @@ def _attend_kernel(
 ):  # fmt: skip
     s = tl.program_id(0)
     sp = tl.program_id(1) + sp0
-    if PDL:
-        # The merge may be launched once every program here has started: its programs take
-        # the SMs this launch's last programs leave, and wait there (``gdc_wait``) for this
-        # launch to finish, instead of being launched after it.
-        tl.extra.cuda.gdc_launch_dependents()
     if ROTATE:
         # This program's rows of q @ R go to its own slab (no other program writes there),
         # and the tiers read them back as a contiguous [B, Hq, TQ, D] query: every path
@@ -2003,15 +1997,9 @@ def _merge_kernel(
     D: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr,
     ROTATE: tl.constexpr,  # write out @ ROT^T (the tiers hold rotated values)
-    PDL: tl.constexpr,  # launched before the attention finished (``attend_tiers(pdl=True)``)
 ):
     s = tl.program_id(0)
     r = tl.program_id(1)
-    if PDL:
-        # The received kernel may launch now too; then wait until the attention's partials
-        # are all written and visible.
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
     s64 = s.to(tl.int64)
     # Row r of stream s = (b, h) is query head h * G + r // TQ, query r % TQ.
     G: tl.constexpr = ROWS // TQ
@@ -2073,10 +2061,7 @@ def _received_kernel(
     TQ: tl.constexpr,
     TQP: tl.constexpr,  # TQ rounded up to a power of two
     QPOS_RANGE: tl.constexpr,
-    PDL: tl.constexpr,  # launched before the merge finished (``attend_tiers(pdl=True)``)
 ):
-    if PDL:
-        tl.extra.cuda.gdc_wait()  # the merge's row statistics and the attention's logits
     s = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     rows = tl.arange(0, RP)
@@ -2226,7 +2211,7 @@ _CONSTS: dict[Any, tuple[tuple[str, Any], ...]] = {}
 _TIER_NAMES = ("KM", "KB", "KG", "KW", "KX", "VM", "VB", "VG", "VW", "VX", "TR", "BN")
 _BASE_NAMES = (
     "ROWS", "RP", "TQ", "D", "QPOS_RANGE", "NPART", "MAGIC", "BCAST", "STAGES",
-    "FLAT", "FIELDS", "ON0", "ON1", "ON2", "ROTATE", "UNROLL", "PDL",
+    "FLAT", "FIELDS", "ON0", "ON1", "ON2", "ROTATE", "UNROLL",
 )  # fmt: skip
 
 
@@ -2242,17 +2227,7 @@ def _consts(values: tuple[Any, ...]) -> tuple[tuple[str, Any], ...]:
 
 
 def _launch(
-    fn,
-    grid,
-    args,
-    consts,
-    num_warps,
-    num_stages,
-    fast,
-    stream=None,
-    fusion=True,
-    maxnreg=None,
-    pdl=False,
+    fn, grid, args, consts, num_warps, num_stages, fast, stream=None, fusion=True, maxnreg=None
 ):
     """``fn[grid](*args, **consts)`` (``consts``: a dict, or a tuple of its items, which
     spares building one); ``fusion=False`` compiles it without contracting a product and a
@@ -2268,12 +2243,8 @@ def _launch(
     Every positional argument comes before the constexprs (given by name) in the kernels
     launched this way. ``stream``: the
     current CUDA stream's handle (looked up when not given). ``maxnreg``: a cap on the
-    registers per thread (NVIDIA), for more warps per SM at the price of spills. ``pdl``:
-    launched as a programmatic dependent launch (NVIDIA, compute capability 9.0 on; the
-    kernel waits for the launch before it with ``gdc_wait``)."""
-    opts: dict[str, Any] = {} if maxnreg is None else {"maxnreg": maxnreg}
-    if pdl:
-        opts["launch_pdl"] = True
+    registers per thread (NVIDIA), for more warps per SM at the price of spills."""
+    opts = {} if maxnreg is None else {"maxnreg": maxnreg}
     if not fast:
         named = dict(consts) if type(consts) is tuple else consts
         fn[grid](
@@ -2296,9 +2267,7 @@ def _launch(
         # takes the current CUDA context): a model split over GPUs calls its layers with
         # another one current.
         with torch.cuda.device(dev):
-            _launch(
-                fn, grid, args, consts, num_warps, num_stages, fast, stream, fusion, maxnreg, pdl
-            )
+            _launch(fn, grid, args, consts, num_warps, num_stages, fast, stream, fusion, maxnreg)
         return
     plain = _UNSPECIALIZED.get(fn)
     if plain is None:
@@ -2314,7 +2283,7 @@ def _launch(
         for i, a in enumerate(args)
     )
     items = consts if type(consts) is tuple else tuple(consts.items())
-    key = (fn, num_warps, num_stages, fusion, maxnreg, pdl, items, sig, dev.index)
+    key = (fn, num_warps, num_stages, fusion, maxnreg, items, sig, dev.index)
     hit = _COMPILED.get(key)
     if hit is None:
         named = dict(items)
@@ -2352,20 +2321,6 @@ def _hooked(hook: Any) -> bool:
     """Whether a Triton launch hook is set: a hook chain with calls in it (Triton 3.6 on), or
     a plain callable (earlier Tritons, where an unset hook is None)."""
     return hook is not None and bool(getattr(hook, "calls", True))
-
-
-_PDL_CAPABLE: dict[int, bool] = {}
-
-
-def _pdl_capable(dev: Any) -> bool:
-    """Whether CUDA device ``dev`` runs programmatic dependent launches (Hopper on)."""
-    import torch
-
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    ok = _PDL_CAPABLE.get(index)
-    if ok is None:
-        ok = _PDL_CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return ok
 
 
 def _raw_stream(dev: Any) -> int:
@@ -2409,7 +2364,6 @@ def attend_tiers(
     merge_block=None,
     unroll=1,
     tier_launches=False,
-    pdl=None,
 ):
     """Attention of ``q`` ``[B, Hq, Tq, D]`` (any float dtype and strides) over ``tiers`` (up
     to three ``TierView``).
@@ -2484,33 +2438,15 @@ def attend_tiers(
     programs and splits, so the same outputs bit for bit. Slower where timed (session 31,
     H100, B8 x 32k: ZipCache 125 against 100 us, kvmix-5x 151 against 115): one tier's
     programs alone leave a partial wave, and the launches' tails add up.
-    ``pdl`` (default: on where it can run, compiled on an NVIDIA GPU of compute capability
-    9.0 or later): the merge and received kernels are programmatic dependent launches, so
-    that their launch overlaps the attention's last programs instead of following them;
-    each waits (``griddepcontrol.wait``) for the launch before it to finish before reading
-    what it wrote, so the outputs are the same bit for bit. ``pdl=True`` elsewhere is a
-    ``ValueError``.
     """
     import torch
 
-    # Inline PTX and programmatic dependent launches need a compiled kernel on an NVIDIA GPU
-    # (the interpreter, which ``engines.base._load`` names ``*_interp``, runs the plain
-    # unpacking). ROCm builds of torch also call their devices "cuda"; PTX is NVIDIA's.
-    nvidia = (
-        q.device.type == "cuda" and torch.version.hip is None and not __name__.endswith("_interp")
-    )
     if asm is None:
-        asm = nvidia
-    if pdl is None:
-        pdl = nvidia and _pdl_capable(q.device)
-    elif type(pdl) is not bool:
-        raise ValueError(f"pdl must be a bool or None, got {pdl!r}")
-    elif pdl and not (nvidia and _pdl_capable(q.device)):
-        raise ValueError(
-            "pdl=True needs the compiled kernels on an NVIDIA GPU of compute capability 9.0 or "
-            f"later (programmatic dependent launch); got a {q.device.type} tensor"
-            + ("" if q.device.type != "cuda" else f" under {__name__}")
-        )
+        # Inline PTX needs a compiled kernel on an NVIDIA GPU (the interpreter, which
+        # ``engines.base._load`` names ``*_interp``, runs the plain unpacking).
+        # ROCm builds of torch also call their devices "cuda"; PTX is NVIDIA's.
+        nvidia = q.device.type == "cuda" and torch.version.hip is None
+        asm = nvidia and not __name__.endswith("_interp")
     if fields is None:
         # On where it was checked (NVIDIA, compiled, inline PTX: `pytest -m cuda` passes with
         # it on an H200, 2.6x faster than the default kernel at B8 x 32k); elsewhere opt-in.
@@ -2646,7 +2582,7 @@ def attend_tiers(
             if fields
             else 0,
         ]
-        post = [rotation is not None, unroll, pdl, *cvals]
+        post = [rotation is not None, unroll, *cvals]
         head = [q, q.stride(0), q.stride(1), q.stride(2), q.stride(3), float(scale) * LOG2E]
         head += [qpos, first, first_valid, pm, pl, pacc, n_split, kv_heads]
         for tiers_on, sp0, n in launches:
@@ -2674,12 +2610,11 @@ def attend_tiers(
         _merge_kernel,
         (streams, rows),
         [pm, pl, pacc, out, mf, lf, rot, n_split, kv_heads, *out_strides],
-        dict(ROWS=rows, TQ=tq, D=d, SPLIT_BLOCK=merge_block, ROTATE=rotation is not None, PDL=pdl),
+        dict(ROWS=rows, TQ=tq, D=d, SPLIT_BLOCK=merge_block, ROTATE=rotation is not None),
         4,
         2,
         fast,
         stream,
-        pdl=pdl,
     )
     received = []
     tqp = _next_pow2(tq)
@@ -2708,13 +2643,11 @@ def attend_tiers(
                 TQ=tq,
                 TQP=tqp,
                 QPOS_RANGE=consecutive,
-                PDL=pdl,
             ),
             4,
             2,
             fast,
             stream,
-            pdl=pdl,
         )
         received.append(rec if add is None else None)
     return out, received

@@ -701,6 +701,15 @@ C32B)
   timeout 250 python3 -u gpu/step_profile.py --contexts 32768 8192 --steps 4 \
     --methods zipcache full > "$OUT/step-profile.txt" 2>&1
   ;;
+C32C)
+  # Session 32, not run: why QuantizedCache int4 stepped 1.5x faster than ZipCache at B=1 x
+  # 32k (call 2) where session 30 had them equal at 8k on another host: both caches at 8k and
+  # 32k in one process, by the bench and by the step profile (host Python, launches).
+  timeout 250 python3 -u -m kvmix.bench gpu --contexts 8192 32768 --batches 1 --steps 6 \
+    --methods quanto-int4 zipcache > "$OUT/bench-b1.txt" 2>&1
+  timeout 300 python3 -u gpu/step_profile.py --contexts 8192 32768 --steps 4 \
+    --methods quanto-int4 zipcache > "$OUT/step-profile.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -708,7 +717,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C|C30D|C30E|C31B|C31D|C32A|C32B" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C|C30D|C30E|C31B|C31D|C32A|C32B|C32C" >&2
   exit 2
   ;;
 esac

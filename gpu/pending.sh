@@ -710,6 +710,14 @@ C32C)
   timeout 300 python3 -u gpu/step_profile.py --contexts 8192 32768 --steps 4 \
     --methods quanto-int4 zipcache > "$OUT/step-profile.txt" 2>&1
   ;;
+C32D)
+  # Session 32: the direct launch with device tensors as their addresses (RAW_POINTERS):
+  # bitwise check and host time of eager calls at B=1 x 8k, then the fast-launch CUDA test
+  # with it on.
+  timeout 100 python3 -u gpu/raw_pointers.py > "$OUT/raw-pointers.txt" 2>&1
+  KVMIX_TRITON_RAW_POINTERS=1 timeout 60 python3 -m pytest -q -m cuda \
+    tests/test_triton_attention.py -k fast_launch > "$OUT/pytest-raw.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -717,7 +725,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C|C30D|C30E|C31B|C31D|C32A|C32B|C32C" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C|C30D|C30E|C31B|C31D|C32A|C32B|C32C|C32D" >&2
   exit 2
   ;;
 esac

@@ -488,6 +488,39 @@ def test_rotation_in_the_kernel_matches_rotating_around_it(d, kw):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_raw_pointer_launch_gives_the_same_outputs(monkeypatch):
+    """On a GPU (``pytest -m cuda``): the direct launch with device tensors passed as their
+    addresses (``RAW_POINTERS``, ``KVMIX_TRITON_RAW_POINTERS=1``) gives Triton's own launch's
+    outputs and received attention bit for bit, the tracked tier's scores added in place."""
+    attn = load_attention("cuda")
+    d = 128
+    g = torch.Generator().manual_seed(13)
+    kw = dict(device="cuda", generator=g)
+    views = [
+        ref.synthetic_tier(S, 37, d, ("dense", 0, d), ("dense", 0, d), **kw),
+        ref.synthetic_tier(S, 700, d, ("channel", 4, d), ("token", 4, d), pos_offset=37, **kw),
+        ref.synthetic_tier(S, 1500, d, ("channel", 2, d), ("token", 2, d), pos_offset=737, **kw),
+    ]
+    q = torch.randn(B, HQ, 1, d, generator=g).cuda()
+    fv = torch.zeros(B, dtype=torch.int32, device="cuda")
+    args = (views, q, [2236], fv, d**-0.5, HK, [True, False, True])
+    want, want_rec = attn.attend_tiers(*args, fast_launch=False)
+    monkeypatch.setattr(attn, "RAW_POINTERS", True)
+    for _ in range(2):  # the second call takes the direct launch
+        out, rec = attn.attend_tiers(*args)
+        assert torch.equal(out, want)
+        assert all(torch.equal(a, b) for a, b in zip(rec[::2], want_rec[::2], strict=True))
+    acc = [
+        (torch.zeros(S, v.cap, device="cuda"), torch.zeros(S, v.cap, device="cuda")) for v in views
+    ]
+    attn.attend_tiers(*args, accumulate=acc)
+    for (a, c), r, v in zip(acc[::2], want_rec[::2], views[::2], strict=True):
+        assert torch.equal(a[:, : v.fill], r)
+        assert c[:, : v.fill].sum() > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_fast_launch_does_not_respecialize_on_step_counts():
     """On a GPU (``pytest -m cuda``): the attention kernel's counts of pages and splits, which
     move between decoding steps, are not specialized on (Triton's ``do_not_specialize``), so

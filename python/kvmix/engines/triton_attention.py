@@ -2199,6 +2199,7 @@ def _workspace(dev, n_m: int, n_acc: int, n_lg: int = 0, n_q: int = 0):
 
 #: The direct launch passes device tensors as their addresses (see ``_launch``; session 32:
 #: a B=1 decoding step is host bound, four launches a layer, ~40 tensors in the attention's).
+#: Off until checked and timed on a GPU (``gpu/pending.sh C32D``).
 RAW_POINTERS = os.environ.get("KVMIX_TRITON_RAW_POINTERS", "0") == "1"
 
 # Compiled kernels by launch key, for the fast launch path (see _launch): (kernel, the

@@ -711,12 +711,20 @@ C32C)
     --methods quanto-int4 zipcache > "$OUT/step-profile.txt" 2>&1
   ;;
 C32D)
-  # Session 32: the direct launch with device tensors as their addresses (RAW_POINTERS):
-  # bitwise check and host time of eager calls at B=1 x 8k, then the fast-launch CUDA test
-  # with it on.
+  # Session 32 (run in session 33, at 7e719d7, where `gpu/raw_pointers.py` and the flag
+  # KVMIX_TRITON_RAW_POINTERS were; both removed after it): the direct launch with device
+  # tensors as their addresses. Bit for bit the same, and no faster (212.5 / 212.9 us an
+  # eager call).
   timeout 100 python3 -u gpu/raw_pointers.py > "$OUT/raw-pointers.txt" 2>&1
   KVMIX_TRITON_RAW_POINTERS=1 timeout 60 python3 -m pytest -q -m cuda \
     tests/test_triton_attention.py -k "fast_launch or raw_pointer" > "$OUT/pytest-raw.txt" 2>&1
+  ;;
+C33A)
+  # Session 33: where an eager attention call's host time goes (B=1 x 8k: kvmix's Python,
+  # Triton's launcher, its C launch; SDPA for scale), and kvmix's functions in a B=1 step.
+  timeout 150 python3 -u gpu/launch_cost.py > "$OUT/launch-cost.txt" 2>&1
+  timeout 200 python3 -u gpu/step_profile.py --contexts 8192 --steps 4 --top 14 \
+    --methods zipcache full > "$OUT/step-profile.txt" 2>&1
   ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
@@ -725,7 +733,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C|C30D|C30E|C31B|C31D|C32A|C32B|C32C|C32D" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C|C30D|C30E|C31B|C31D|C32A|C32B|C32C|C32D|C33A" >&2
   exit 2
   ;;
 esac

@@ -488,10 +488,10 @@ def test_rotation_in_the_kernel_matches_rotating_around_it(d, kw):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_raw_pointer_launch_gives_the_same_outputs(monkeypatch):
-    """On a GPU (``pytest -m cuda``): the direct launch with device tensors passed as their
-    addresses (``RAW_POINTERS``, ``KVMIX_TRITON_RAW_POINTERS=1``) gives Triton's own launch's
-    outputs and received attention bit for bit, the tracked tier's scores added in place."""
+def test_cuda_direct_launch_gives_the_same_outputs_and_scores():
+    """On a GPU (``pytest -m cuda``): the direct launch (``_launch``'s fast path) gives
+    Triton's own launch's outputs and received attention bit for bit, and with ``accumulate``
+    adds the same scores in place, with the count of queries that saw each row."""
     attn = load_attention("cuda")
     d = 128
     g = torch.Generator().manual_seed(13)
@@ -505,7 +505,6 @@ def test_cuda_raw_pointer_launch_gives_the_same_outputs(monkeypatch):
     fv = torch.zeros(B, dtype=torch.int32, device="cuda")
     args = (views, q, [2236], fv, d**-0.5, HK, [True, False, True])
     want, want_rec = attn.attend_tiers(*args, fast_launch=False)
-    monkeypatch.setattr(attn, "RAW_POINTERS", True)
     for _ in range(2):  # the second call takes the direct launch
         out, rec = attn.attend_tiers(*args)
         assert torch.equal(out, want)

@@ -2197,11 +2197,6 @@ def _workspace(dev, n_m: int, n_acc: int, n_lg: int = 0, n_q: int = 0):
     return ws
 
 
-#: The direct launch passes device tensors as their addresses (see ``_launch``; session 32:
-#: a B=1 decoding step is host bound, four launches a layer, ~40 tensors in the attention's).
-#: Off until checked and timed on a GPU (``gpu/pending.sh C32D``).
-RAW_POINTERS = os.environ.get("KVMIX_TRITON_RAW_POINTERS", "0") == "1"
-
 # Compiled kernels by launch key, for the fast launch path (see _launch): (kernel, the
 # constexpr values in the order of the kernel's parameters).
 _COMPILED: dict[Any, Any] = {}
@@ -2313,11 +2308,6 @@ def _launch(
         # A profiler's launch hooks want their metadata: Triton's own runner builds it.
         kernel[(grid[0], g1, g2)](*args, *tail, stream=stream)
         return
-    if RAW_POINTERS:
-        # Device tensors as their addresses: Triton's launcher asks the driver about every
-        # tensor's pointer (``cuPointerGetAttribute``, to refuse host memory) but takes an
-        # int as it is. A host tensor stays a tensor, so that it is still refused.
-        args = [a.data_ptr() if type(a) is tensor and a.is_cuda else a for a in args]
     # What the compiled kernel's runner does (``CompiledKernel.__getitem__``), without its
     # per-call closure and the launch metadata it builds for the hooks (Triton 3.6 builds it
     # at every launch: its hooks are chains, never None), and with no hook to call.

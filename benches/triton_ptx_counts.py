@@ -9,7 +9,7 @@ iteration (one page of ``BLOCK_N`` rows: divide by ``BLOCK_N * 2 * D`` codes per
 per-code figure) and its shared-memory, barrier and mma parts.
 
     .venv/bin/python benches/triton_ptx_counts.py [flat] [join] [fast] [n128] [w8] [rot]
-        [fields] [untrans] [fp16k] [i8v] [only2 | only3 | only4] [nobuf]
+        [fields] [untrans] [fp16k] [only2 | only3 | only4] [nobuf]
 """
 
 import collections
@@ -198,8 +198,6 @@ def main():
     # Per-channel keys' dots in int8 (session 28's option, session 29's default); ``fp16k``:
     # the fp16 fields' dots (``i8`` is still accepted and changes nothing).
     kw["int8_keys"] = "fp16k" not in sys.argv
-    # ``i8v``: one-group 2- and 4-bit values' dots in int8 (session 33's option).
-    kw["int8_values"] = "i8v" in sys.argv
     if "untrans" in sys.argv:  # the field path's key dots untransposed (before session 27)
         kw["transposed"] = False
     if "rot" in sys.argv:
@@ -247,8 +245,7 @@ def main():
             f"ld.shared {count('ld.shared')} + ldmatrix {count('ldmatrix')} | "
             f"bar.sync {count('bar.sync')} | mma {count('mma')} | shfl {count('shfl')}"
         )
-        mma = ("HMMA", "IMMA")
-        body = next(b for b in sass_loops(asm["cubin"]) if any(m in x for x in b for m in mma))
+        body = next(b for b in sass_loops(asm["cubin"]) if any("HMMA" in x for x in b))
         ops = collections.Counter(
             re.sub(r"^@!?U?P\w+\s+", "", x).split()[0].split(".")[0] for x in body
         )

@@ -1007,7 +1007,6 @@ def _tier_fields(
     UNROLL: tl.constexpr,
     TRANS: tl.constexpr,  # the key dots transposed (``_kdot``)
     I8K: tl.constexpr = False,  # per-channel 2/4-bit keys' dots on int8 tensor cores
-    I8V: tl.constexpr = False,  # one-group 2/4-bit values' dots on int8 tensor cores
 ):
     """A packed tier of 2-, 4- or 8-bit codes read as int16 elements (keys also of 3 bits, read
     as their 24-bit groups, ``_groups3``), one dot per bit field
@@ -1043,10 +1042,6 @@ def _tier_fields(
     VNE: tl.constexpr = D // VFN
     ke = tl.arange(0, KNE)
     ve = tl.arange(0, VNE)
-    VFB: tl.constexpr = 8 // V_BITS  # int8 value dots' byte fields,
-    VNB: tl.constexpr = 2 * VNE  # code bytes a row,
-    M8: tl.constexpr = 4 * RP  # and digit rows (``_i8_digits``)
-    NVF: tl.constexpr = VFB if I8V else VFN  # value accumulators
     if I8K:
         NB: tl.constexpr = 2 * KNE  # code bytes a row
         be = tl.arange(0, NB)
@@ -1080,22 +1075,12 @@ def _tier_fields(
     vpart = tl.arange(0, NPV)[:, None]
     # The values' stacked rows (part, group, row) hold sum_t (p s r)_t code_t for the rows'
     # power-of-two scale r [VG * RP] (2^126 until a page sets it: every accumulator is 0).
-    if I8V:
-        # int8 value dots (``_i8v_*``): a byte field's accumulator holds, for each row's four
-        # digit rows (``_i8_digits``' order), sum_t digit_t code_t at the bytes' channels
-        # ``b * VFB + field``: [4 * RP, VNB] fp32, each page's int32 sums added (exact).
-        acc0 = tl.full([M8, VNB], 0.0, tl.float32)
-        acc1 = tl.full([M8, VNB], 0.0, tl.float32)
-        if VFB > 2:
-            acc2 = tl.full([M8, VNB], 0.0, tl.float32)
-            acc3 = tl.full([M8, VNB], 0.0, tl.float32)
-    else:
-        acc0 = tl.full([MS, VNE], 0.0, tl.float32)
-        acc1 = tl.full([MS, VNE], 0.0, tl.float32)
-        if VFN > 2:
-            acc2 = tl.full([MS, VNE], 0.0, tl.float32)
-            acc3 = tl.full([MS, VNE], 0.0, tl.float32)
-    if NVF > 4:
+    acc0 = tl.full([MS, VNE], 0.0, tl.float32)
+    acc1 = tl.full([MS, VNE], 0.0, tl.float32)
+    if VFN > 2:
+        acc2 = tl.full([MS, VNE], 0.0, tl.float32)
+        acc3 = tl.full([MS, VNE], 0.0, tl.float32)
+    if VFN > 4:
         acc4 = tl.full([MS, VNE], 0.0, tl.float32)
         acc5 = tl.full([MS, VNE], 0.0, tl.float32)
         acc6 = tl.full([MS, VNE], 0.0, tl.float32)
@@ -1209,35 +1194,21 @@ def _tier_fields(
                     if VG == 1:
                         po_acc = _sum(o_p, 1)
                         o_p = o_p * 0.0
+                    po_s = tl.reshape(tl.where(vpart == 0, (po_acc * vr)[None, :], 0.0), (MS,))
                     old_b = (s64 * nseg + cur) * D
-                    if I8V:
-                        bb = tl.arange(0, VNB)
-                        fch = bb[:, None] * VFB + tl.arange(0, VFB)[None, :]  # [VNB, VFB]
-                        ratio = (tl.load(VF + old_b + fch).to(tl.float32)
-                                 / tl.load(VF + sb + fch).to(tl.float32))  # fmt: skip
-                        # The offsets' part in each row's lowest digit row, in the digits'
-                        # scale (``I8V_SCALE``) and the field's units (``_i8v_unit``).
-                        po_8 = _i8v_spread(po_acc * vr * I8V_SCALE, RP)
-                        acc0 = _vsegment(acc0, po_8 * _i8v_unit(V_BITS, 0), ratio, 0, VFB)
-                        acc1 = _vsegment(acc1, po_8 * _i8v_unit(V_BITS, 1), ratio, 1, VFB)
-                        if VFB > 2:
-                            acc2 = _vsegment(acc2, po_8 * _i8v_unit(V_BITS, 2), ratio, 2, VFB)
-                            acc3 = _vsegment(acc3, po_8 * _i8v_unit(V_BITS, 3), ratio, 3, VFB)
-                    else:
-                        po_s = tl.reshape(tl.where(vpart == 0, (po_acc * vr)[None, :], 0.0), (MS,))
-                        fch = ve[:, None] * VFN + tl.arange(0, VFN)[None, :]  # [VNE, VFN]
-                        ratio = (tl.load(VF + old_b + fch).to(tl.float32)
-                                 / tl.load(VF + sb + fch).to(tl.float32))  # fmt: skip
-                        acc0 = _vsegment(acc0, po_s, ratio, 0, VFN)
-                        acc1 = _vsegment(acc1, po_s, ratio, 1, VFN)
-                        if VFN > 2:
-                            acc2 = _vsegment(acc2, po_s, ratio, 2, VFN)
-                            acc3 = _vsegment(acc3, po_s, ratio, 3, VFN)
-                        if VFN > 4:
-                            acc4 = _vsegment(acc4, po_s, ratio, 4, VFN)
-                            acc5 = _vsegment(acc5, po_s, ratio, 5, VFN)
-                            acc6 = _vsegment(acc6, po_s, ratio, 6, VFN)
-                            acc7 = _vsegment(acc7, po_s, ratio, 7, VFN)
+                    fch = ve[:, None] * VFN + tl.arange(0, VFN)[None, :]  # [VNE, VFN]
+                    ratio = (tl.load(VF + old_b + fch).to(tl.float32)
+                             / tl.load(VF + sb + fch).to(tl.float32))  # fmt: skip
+                    acc0 = _vsegment(acc0, po_s, ratio, 0, VFN)
+                    acc1 = _vsegment(acc1, po_s, ratio, 1, VFN)
+                    if VFN > 2:
+                        acc2 = _vsegment(acc2, po_s, ratio, 2, VFN)
+                        acc3 = _vsegment(acc3, po_s, ratio, 3, VFN)
+                    if VFN > 4:
+                        acc4 = _vsegment(acc4, po_s, ratio, 4, VFN)
+                        acc5 = _vsegment(acc5, po_s, ratio, 5, VFN)
+                        acc6 = _vsegment(acc6, po_s, ratio, 6, VFN)
+                        acc7 = _vsegment(acc7, po_s, ratio, 7, VFN)
                     po_acc = po_acc * 0.0
             cur = seg
         else:
@@ -1255,11 +1226,7 @@ def _tier_fields(
                   + 3 * tl.arange(0, KNE // 4)[None, :])  # fmt: skip
         else:
             kb = KD + rowb[:, None] * KW + ke[None, :]
-        if I8V:  # the value rows as bytes (the int8 dot's operand, loaded as such)
-            vb = (VD.to(tl.pointer_type(tl.int8)) + rowb[:, None] * VNB
-                  + tl.arange(0, VNB)[None, :])  # fmt: skip
-        else:
-            vb = VD + rowb[:, None] * VNE + ve[None, :]
+        vb = VD + rowb[:, None] * VNE + ve[None, :]
         for page in tl.range(run, end, num_stages=STAGES, loop_unroll_factor=UNROLL):
             off = (page - run) * BLOCK_N
             t = t0 + off + jn
@@ -1272,10 +1239,7 @@ def _tier_fields(
             else:
                 kp = tl.load(kb + off * KW)  # int16 [N, KNE]
                 kq = kp
-            if I8V:
-                vp = tl.load(vb + off * VNB)  # int8 [N, VNB]
-            else:
-                vp = tl.load(vb + off * VNE)  # int16 [N, VNE]
+            vp = tl.load(vb + off * VNE)  # int16 [N, VNE]
             # ---- keys: logits [RP, BLOCK_N] (base 2, scaled)
             if I8K:
                 yi = tl.full([BLOCK_N, 4 * RP], 0, tl.int32)
@@ -1358,16 +1322,13 @@ def _tier_fields(
                 alpha = tl.exp2(m_i - m_safe)
                 alpha_g = tl.reshape(tl.broadcast_to(alpha[None, :], (VG, RP)), (VG * RP,))
                 f_g = alpha_g * (r_new * _pow2_inv(vr))
-                if I8V:
-                    f_s = _i8v_rows(f_g, RP)
-                else:
-                    f_s = tl.reshape(tl.broadcast_to(f_g[None, :], (NPV, VG * RP)), (MS,))
+                f_s = tl.reshape(tl.broadcast_to(f_g[None, :], (NPV, VG * RP)), (MS,))
                 acc0 = acc0 * f_s[:, None]
                 acc1 = acc1 * f_s[:, None]
-                if NVF > 2:
+                if VFN > 2:
                     acc2 = acc2 * f_s[:, None]
                     acc3 = acc3 * f_s[:, None]
-                if NVF > 4:
+                if VFN > 4:
                     acc4 = acc4 * f_s[:, None]
                     acc5 = acc5 * f_s[:, None]
                     acc6 = acc6 * f_s[:, None]
@@ -1386,23 +1347,13 @@ def _tier_fields(
             else:
                 l_i += _sum(p, 1)
                 po_acc += tl.reshape(_sum(p[None, :, :] * of[:, None, :], 2), (VG * RP,))
-            if I8V:
-                # ``p s r`` (< 2^15, the carried scale's bound) times I8V_SCALE: below 2^29,
-                # four int8 digits; each page's int32 sums are exact, added in fp32.
-                a8 = _i8_digits(ps, (vr * I8V_SCALE)[:, None], RP, BLOCK_N)  # [4 RP, N]
-                acc0 = _i8v_dot(a8, vp, acc0, V_BITS, 0, ASM, M8, VNB)
-                acc1 = _i8v_dot(a8, vp, acc1, V_BITS, 1, ASM, M8, VNB)
-                if VFB > 2:
-                    acc2 = _i8v_dot(a8, vp, acc2, V_BITS, 2, ASM, M8, VNB)
-                    acc3 = _i8v_dot(a8, vp, acc3, V_BITS, 3, ASM, M8, VNB)
-            else:
-                a = _stack_scaled(ps, vr, VG * RP, BLOCK_N, NPV, NPART)
-                acc0 = tl.dot(a, _field(vp, V_BITS, 0, ASM), acc0)
-                acc1 = tl.dot(a, _field(vp, V_BITS, 1, ASM), acc1)
-                if VFN > 2:
-                    acc2 = tl.dot(a, _field(vp, V_BITS, 2, ASM), acc2)
-                    acc3 = tl.dot(a, _field(vp, V_BITS, 3, ASM), acc3)
-            if NVF > 4:
+            a = _stack_scaled(ps, vr, VG * RP, BLOCK_N, NPV, NPART)
+            acc0 = tl.dot(a, _field(vp, V_BITS, 0, ASM), acc0)
+            acc1 = tl.dot(a, _field(vp, V_BITS, 1, ASM), acc1)
+            if VFN > 2:
+                acc2 = tl.dot(a, _field(vp, V_BITS, 2, ASM), acc2)
+                acc3 = tl.dot(a, _field(vp, V_BITS, 3, ASM), acc3)
+            if VFN > 4:
                 acc4 = tl.dot(a, _field(vp, V_BITS, 4, ASM), acc4)
                 acc5 = tl.dot(a, _field(vp, V_BITS, 5, ASM), acc5)
                 acc6 = tl.dot(a, _field(vp, V_BITS, 6, ASM), acc6)
@@ -1425,30 +1376,15 @@ def _tier_fields(
     # 4 * VFN bytes apart, a sector per value: 1.15M of the launch's 1.49M excess sectors,
     # session 26's profile).
     MV: tl.constexpr = VG * RP
-    if I8V:
-        # Byte field G's column b is channel b * VFB + G: joined fields last.
-        inv_8 = _pow2_inv(vr) * (1.0 / I8V_SCALE)
-        x0 = _i8v_out(acc0, inv_8, RP, V_BITS, 0, VNB)
-        x1 = _i8v_out(acc1, inv_8, RP, V_BITS, 1, VNB)
-        if VFB == 2:
-            x = tl.join(x0, x1)
-        else:
-            x2 = _i8v_out(acc2, inv_8, RP, V_BITS, 2, VNB)
-            x3 = _i8v_out(acc3, inv_8, RP, V_BITS, 3, VNB)
-            x = tl.join(tl.join(x0, x2), tl.join(x1, x3))
-    elif VFN == 2:
-        x0 = _vparts(acc0, inv_s, NPV, MV, VNE)
-        x1 = _vparts(acc1, inv_s, NPV, MV, VNE)
+    x0 = _vparts(acc0, inv_s, NPV, MV, VNE)
+    x1 = _vparts(acc1, inv_s, NPV, MV, VNE)
+    if VFN == 2:
         x = tl.join(x0, x1)
     elif VFN == 4:
-        x0 = _vparts(acc0, inv_s, NPV, MV, VNE)
-        x1 = _vparts(acc1, inv_s, NPV, MV, VNE)
         x2 = _vparts(acc2, inv_s, NPV, MV, VNE)
         x3 = _vparts(acc3, inv_s, NPV, MV, VNE)
         x = tl.join(tl.join(x0, x2), tl.join(x1, x3))
     else:
-        x0 = _vparts(acc0, inv_s, NPV, MV, VNE)
-        x1 = _vparts(acc1, inv_s, NPV, MV, VNE)
         x2 = _vparts(acc2, inv_s, NPV, MV, VNE)
         x3 = _vparts(acc3, inv_s, NPV, MV, VNE)
         x4 = _vparts(acc4, inv_s, NPV, MV, VNE)
@@ -1472,80 +1408,6 @@ def _vsegment(acc, po_s, ratio, F: tl.constexpr, VFN: tl.constexpr):
     kvmix-5x's 2-bit values, session 29)."""
     f = tl.arange(0, VFN)[None, :]
     return (acc + po_s[:, None]) * _sum(tl.where(f == F, ratio, 0.0), 1)[None, :]
-
-
-#: int8 value dots: ``p s r`` (below 2^15) times this is below 2^29, as ``_i8_digits`` needs.
-I8V_SCALE = tl.constexpr(16384.0)
-
-
-@triton.jit
-def _i8v_unit(BITS: tl.constexpr, G: tl.constexpr):
-    """What one code counts in byte field ``G`` as ``_i8_field16`` masks it: 2-bit fields 0-2
-    in place (``4^G``), field 3 shifted down to bits 4-5 (16); 4-bit fields 1."""
-    if BITS == 2 and G == 1:
-        u = 4.0
-    elif BITS == 2 and G >= 2:
-        u = 16.0
-    else:
-        u = 1.0
-    return u
-
-
-@triton.jit
-def _i8v_rows(x, RP: tl.constexpr):
-    """A per-row ``[RP]`` vector on every digit row of ``_i8_digits``' stacking ``[4 RP]``
-    (rows ``dh * 2 RP + r * 2 + dl``)."""
-    return tl.reshape(tl.broadcast_to(x[None, :, None], (2, RP, 2)), (4 * RP,))
-
-
-@triton.jit
-def _i8v_spread(x, RP: tl.constexpr):
-    """A per-row ``[RP]`` vector on each row's lowest digit row (weight 1), 0 elsewhere."""
-    dh = tl.arange(0, 2)[:, None, None]
-    dl = tl.arange(0, 2)[None, None, :]
-    low = tl.where((dh == 0) & (dl == 0), x[None, :, None], 0.0)
-    return tl.reshape(low, (4 * RP,))
-
-
-@triton.jit
-def _i8v_dot(a8, vp, acc, BITS: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr,
-             M8: tl.constexpr, VNB: tl.constexpr):  # fmt: skip
-    """Byte field ``G``'s int8 value dot of a page (digits ``a8 [M8 = 4 RP, N]`` times the
-    codes masked in their bytes ``[N, VNB]``), its int32 sums added to ``acc`` in fp32."""
-    z = tl.full([M8, VNB], 0, tl.int32)
-    return acc + tl.dot(a8, _i8v_field(vp, BITS, G), z, out_dtype=tl.int32).to(tl.float32)
-
-
-@triton.jit
-def _i8v_field(v8, BITS: tl.constexpr, G: tl.constexpr):
-    """Byte field ``G`` of the code bytes ``v8 [N, VNB]`` masked as ``_i8_field16`` masks it
-    (units ``_i8v_unit``). The bytes are loaded as int8 and masked as int32: from int16
-    elements split into bytes (``_i8_field16``'s way, which suits the keys' A operand) Triton
-    3.6 gathered this B operand byte by byte from shared memory for every field (offline,
-    a 2-bit page: 307 ``LDS``, 216 ``PRMT``)."""
-    x = v8.to(tl.int32)
-    if BITS == 2 and G < 3:
-        m = x & (3 << (2 * G))
-    elif BITS == 2:
-        m = (x >> 2) & 0x30
-    elif G == 0:
-        m = x & 0x0F
-    else:
-        m = (x >> 4) & 0x0F
-    return m.to(tl.int8)
-
-
-@triton.jit
-def _i8v_out(acc, inv, RP: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
-             VNB: tl.constexpr):  # fmt: skip
-    """Byte field ``G``'s accumulator ``[4 RP, VNB]`` as values ``[RP, VNB]``: the digit rows
-    combined (``Σ_d 256^d``), in codes, times the rows' inverse scales ``inv [RP]``."""
-    a4 = tl.reshape(acc, (2, RP, 2, VNB))
-    dl = tl.arange(0, 2)[None, None, :, None]
-    t = _sum(a4 * tl.where(dl == 0, 1.0, 256.0), 2)  # [dh, RP, VNB]
-    dh = tl.arange(0, 2)[:, None, None]
-    x = _sum(t * tl.where(dh == 0, 1.0, 65536.0), 0)
-    return x * (inv * (1.0 / _i8v_unit(BITS, G)))[:, None]
 
 
 @triton.jit
@@ -1865,7 +1727,6 @@ def _tier(
             (FIELDS & 3) == 2, UNROLL, (FIELDS & 4) != 0,
             (FIELDS & 12) == 12 and K_MODE == CHANNEL and (K_BITS == 2 or K_BITS == 4)
             and RP >= 2,
-            (FIELDS & 20) == 20 and V_GS == D and (V_BITS == 2 or V_BITS == 4) and RP >= 4,
         )  # fmt: skip
     elif FLAT:
         _tier_flat(
@@ -2500,7 +2361,6 @@ def attend_tiers(
     maxnreg=None,
     transposed=True,
     int8_keys=True,
-    int8_values=False,
     merge_block=None,
     unroll=1,
     tier_launches=False,
@@ -2608,8 +2468,6 @@ def attend_tiers(
         raise ValueError(f"transposed must be a bool, got {transposed!r}")
     if type(int8_keys) is not bool:
         raise ValueError(f"int8_keys must be a bool, got {int8_keys!r}")
-    if type(int8_values) is not bool:
-        raise ValueError(f"int8_values must be a bool, got {int8_values!r}")
     if type(tier_launches) is not bool:
         raise ValueError(f"tier_launches must be a bool, got {tier_launches!r}")
 
@@ -2720,12 +2578,7 @@ def attend_tiers(
             2 if join else int(bcast),
             num_stages,
             flat,
-            (
-                (2 if asm else 1)
-                + (4 if transposed else 0)
-                + (8 if int8_keys else 0)
-                + (16 if int8_values else 0)
-            )
+            ((2 if asm else 1) + (4 if transposed else 0) + (8 if int8_keys else 0))
             if fields
             else 0,
         ]

@@ -532,6 +532,13 @@ def current():
         other = not i8.default
         preset_check(attn, int8_keys=other)
         variants.append(("int8 keys" if other else "fp16 keys", dict(int8_keys=other), True))
+    fm = inspect.signature(attn.attend_tiers).parameters.get("fused_merge")
+    if fm is not None:
+        # Session 33's merge in the attend launch (the stream's last program merges), where
+        # the tree has it: checked, then timed beside the default, on or off.
+        other = not fm.default
+        preset_check(attn, fused_merge=other)
+        variants.append(("fused merge" if other else "merge launch", dict(fused_merge=other), True))
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     _time_presets(attn, bw, variants)

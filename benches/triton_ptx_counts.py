@@ -9,7 +9,7 @@ iteration (one page of ``BLOCK_N`` rows: divide by ``BLOCK_N * 2 * D`` codes per
 per-code figure) and its shared-memory, barrier and mma parts.
 
     .venv/bin/python benches/triton_ptx_counts.py [flat] [join] [fast] [n128] [w8] [rot]
-        [fields] [untrans] [fp16k] [only2 | only3 | only4] [nobuf]
+        [fields] [untrans] [fp16k] [fused] [only2 | only3 | only4] [nobuf]
 """
 
 import collections
@@ -198,6 +198,8 @@ def main():
     # Per-channel keys' dots in int8 (session 28's option, session 29's default); ``fp16k``:
     # the fp16 fields' dots (``i8`` is still accepted and changes nothing).
     kw["int8_keys"] = "fp16k" not in sys.argv
+    # ``fused``: the merge in the attend launch (session 33's ``fused_merge``).
+    kw["fused_merge"] = "fused" in sys.argv
     if "untrans" in sys.argv:  # the field path's key dots untransposed (before session 27)
         kw["transposed"] = False
     if "rot" in sys.argv:

@@ -13,6 +13,7 @@ call, alternately and as medians:
   (``CompiledKernel.run``: its Python wrapper and the C launch);
 - ``c launch``: the same through the C function alone (no Python wrapper);
 - ``sdpa``: torch's SDPA on a dense bf16 cache of the same shape, for scale;
+- ``fused merge``: the whole call with ``fused_merge=True`` (no merge launch);
 
 then the ``python`` part under cProfile, by own time.
 
@@ -49,9 +50,13 @@ kd = torch.randn(1, HK, 8040, D, generator=g).cuda().bfloat16()
 vd = torch.randn(1, HK, 8040, D, generator=g).cuda().bfloat16()
 
 
-def call() -> None:
+def call(**kw) -> None:
     attn.attend_tiers(views, q, [8039], fv, D**-0.5, HK, [True, False, False],
-                      accumulate=acc, out=out, out_layout="bthd")  # fmt: skip
+                      accumulate=acc, out=out, out_layout="bthd", **kw)  # fmt: skip
+
+
+def fused() -> None:
+    call(fused_merge=True)  # session 33: the merge in the attend launch (two launches)
 
 
 def sdpa() -> None:
@@ -103,7 +108,7 @@ def c_launch() -> None:
 assert all(r.global_scratch_size == 0 and r.profile_scratch_size == 0 for r, _ in launches)
 
 variants = {"call": call, "python": call, "launcher": launcher, "c launch": c_launch,
-            "sdpa": sdpa}  # fmt: skip
+            "sdpa": sdpa, "fused merge": fused}  # fmt: skip
 times: dict[str, list[float]] = {name: [] for name in variants}
 N = 300
 for _ in range(7):

@@ -158,6 +158,34 @@ def test_int8_key_dots():
         )  # fmt: skip
 
 
+def test_fused_merge_matches_the_reference_and_puts_the_tickets_back():
+    # fused_merge=True: no merge launch; the last program of each stream to take its ticket
+    # merges the stream's splits (_merge_row, the merge kernel's own code) and puts the
+    # ticket back to 0. The same attention and received attention as the float64 reference,
+    # one program per tier or many, one launch or a launch per tier (the tickets count over
+    # the call's launches), both kernel paths, and the tickets all 0 after every call. The
+    # interpreter runs one program at a time; `pytest -m cuda` runs the race.
+    d = 128
+    g = torch.Generator().manual_seed(11)
+    views = [
+        ref.synthetic_tier(S, 10, d, ("dense", 0, d), ("dense", 0, d), pos_offset=400, generator=g),
+        ref.synthetic_tier(S, 210, d, ("channel", 2, d), ("token", 2, d), v_sep=True, generator=g),
+        ref.synthetic_tier(
+            S, 190, d, ("channel", 4, d), ("token", 4, d), pos_offset=210, generator=g
+        ),
+    ]
+    attn = load_attention("cpu")
+    for kw in (dict(), dict(target_programs=1), dict(tier_launches=True), dict(fields=True)):
+        _check(views, 1, [0, 37], d=d, fused_merge=True, **kw)
+        _check(views, 2, [5, 0], d=d, fused_merge=True, **kw)
+        assert all(not t.any() for t in attn._TICKETS.values())
+    with pytest.raises(ValueError, match="fused_merge"):
+        attn.attend_tiers(
+            views, torch.zeros(B, HQ, 1, d), [0], torch.zeros(B, dtype=torch.int32), 0.3, HK,
+            None, fused_merge=1,
+        )  # fmt: skip
+
+
 def test_three_bit_keys_off_a_word_boundary_are_refused():
     # The field path reads 3-bit key rows as 32-bit words (_groups3): a key buffer that does
     # not start on 4 bytes would be read from the wrong bytes, so it is refused before any
@@ -438,8 +466,14 @@ def test_in_place_accumulation_and_output_layout_match_the_returned_tensors():
 
 @pytest.mark.parametrize(
     ("d", "kw"),
-    [(32, {}), (32, {"flat": True}), (64, {}), (128, {"fields": True})],
-    ids=["stacked-d32", "flat-d32", "stacked-d64", "fields-d128"],
+    [
+        (32, {}),
+        (32, {"flat": True}),
+        (64, {}),
+        (128, {"fields": True}),
+        (128, {"fields": True, "fused_merge": True}),
+    ],
+    ids=["stacked-d32", "flat-d32", "stacked-d64", "fields-d128", "fields-d128-fused"],
 )
 def test_rotation_in_the_kernel_matches_rotating_around_it(d, kw):
     """A store of rotated rows (kvmix-5x: keys and values times a randomized Hadamard ``R``)
@@ -517,6 +551,62 @@ def test_cuda_direct_launch_gives_the_same_outputs_and_scores():
         assert torch.equal(a[:, : v.fill], r)
         # The one query (position 2236) sees every row but the holes (position -1).
         assert torch.equal(c[:, : v.fill], (v.pos[:, : v.fill] >= 0).float())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fused_merge_is_race_free():
+    """On a GPU (``pytest -m cuda``): with ``fused_merge`` the programs of a stream run at
+    once and the last to take its ticket merges. Against the float64 reference within the
+    usual tolerances; 50 calls give the same outputs, received attention and scores bit for
+    bit (whichever program merges, it reads the same partials in the same order: a merge
+    that read a partial before it was stored would differ), eagerly and replayed from a CUDA
+    graph; the tickets are 0 after each."""
+    attn = load_attention("cuda")
+    d = 128
+    g = torch.Generator().manual_seed(17)
+    kw = dict(device="cuda", generator=g)
+    views = [
+        ref.synthetic_tier(S, 37, d, ("dense", 0, d), ("dense", 0, d), **kw),
+        ref.synthetic_tier(S, 3000, d, ("channel", 4, d), ("token", 4, d), pos_offset=37, **kw),
+        ref.synthetic_tier(S, 5000, d, ("channel", 2, d), ("token", 2, d), pos_offset=3037, **kw),
+    ]
+    q = torch.randn(B, HQ, 1, d, generator=g).cuda()
+    fv = torch.tensor([0, 37], dtype=torch.int32, device="cuda")
+    args = (views, q, [8036], fv, d**-0.5, HK, [True, False, True])
+    want, want_rec = ref.attention(views, q, [8036], fv, d**-0.5, HK)
+    out, rec = attn.attend_tiers(*args, fused_merge=True)
+    assert ((out.double() - want).abs().max() / want.abs().max()).item() < 2e-5
+    for got, exp in zip(rec[::2], want_rec[::2], strict=True):
+        torch.testing.assert_close(got.double(), exp, rtol=0, atol=1e-5)
+    for _ in range(50):
+        o2, r2 = attn.attend_tiers(*args, fused_merge=True)
+        assert torch.equal(o2, out)
+        assert all(torch.equal(a, b) for a, b in zip(r2[::2], rec[::2], strict=True))
+        assert all(not t.any() for t in attn._TICKETS.values())
+    acc = [
+        (torch.zeros(S, v.cap, device="cuda"), torch.zeros(S, v.cap, device="cuda")) for v in views
+    ]
+    res = torch.empty(B, 1, HQ, d, device="cuda")
+
+    def step():
+        attn.attend_tiers(*args, fused_merge=True, accumulate=acc, out=res, out_layout="bthd")
+
+    step()  # compiles
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for a, c in acc:
+        a.zero_()
+        c.zero_()
+    for _ in range(10):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(res.transpose(1, 2), out)
+    for (a, _), r, v in zip(acc[::2], rec[::2], views[::2], strict=True):
+        torch.testing.assert_close(a[:, : v.fill], 10 * r, rtol=1e-6, atol=0)
+    assert all(not t.any() for t in attn._TICKETS.values())
 
 
 @pytest.mark.cuda

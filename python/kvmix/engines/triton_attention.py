@@ -1896,6 +1896,15 @@ def _attend_kernel(
     sp0,  # the launch's first split (a launch per tier: ``attend_tiers(tier_launches=True)``)
     ROT,  # fp32 [D, D] the store's rotation (ROTATE; only its first column is read)
     QR,  # fp32 [n_split, B, Hq, TQ, D] the rotated queries, a slab per split (ROTATE)
+    # The merge in this launch (FUSED): a ticket per stream, and what the merge kernel writes
+    TK,  # int32 [S]: 0 before the launch, and again after it (the last program resets it)
+    OUT,
+    MF,
+    LF,
+    sob,
+    soh,
+    sot,
+    sod,
     # tier 0 (buffer); each tier's pages (of its BN rows) per split
     POS0, KD0, KS0, KO0, SEG0, VD0, VS0, VO0, VF0, KF0, LG0, cap0, pages0, ns0, nseg0, pps0,
     # tier 1 (high)
@@ -1918,6 +1927,8 @@ def _attend_kernel(
     ON2: tl.constexpr,
     ROTATE: tl.constexpr,  # q @ ROT first (the tiers hold rotated keys and values)
     UNROLL: tl.constexpr,  # the field path's page loop unrolled this many times
+    FUSED: tl.constexpr,  # the stream's last program merges its splits (no merge launch)
+    FMB: tl.constexpr,  # splits the fused merge reads at a time
     # per tier: key mode, bits, group size, word bytes, fixed factor; the same for values
     # (separable factor instead of the fixed one); tracking; rows per page
     KM0: tl.constexpr, KB0: tl.constexpr, KG0: tl.constexpr, KW0: tl.constexpr, KX0: tl.constexpr,
@@ -1975,6 +1986,70 @@ def _attend_kernel(
                 KM2, KB2, KG2, KW2, KX2, VM2, VB2, VG2, VW2, VX2, TR2, NPART, MAGIC,
                 BCAST, STAGES, FLAT, FIELDS, UNROLL,
             )  # fmt: skip
+    if FUSED:
+        # The stream's last program to finish merges every split's partials (what
+        # ``_merge_kernel`` does in a launch of its own): each program's partials are stored
+        # before it takes its ticket (the barrier, then a release), and the last reads them
+        # after its ticket (an acquire, then the barrier), past the L1 cache (``.cg``). The
+        # programs of a stream count ``n_split`` tickets over every launch of the call.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(TK + s, 1, sem="acq_rel", scope="gpu")
+        tl.debug_barrier()
+        if ticket == n_split - 1:
+            for r in range(ROWS):
+                _merge_row(PM, PL, PACC, OUT, MF, LF, ROT, s, r, n_split, kv_heads,
+                           sob, soh, sot, sod, ROWS, TQ, D, FMB, ROTATE, True)  # fmt: skip
+            tl.atomic_xchg(TK + s, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _merge_row(PM, PL, PACC, OUT, MF, LF, ROT, s, r, n_split, kv_heads, sob, soh, sot, sod,
+               ROWS: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr,
+               SPLIT_BLOCK: tl.constexpr, ROTATE: tl.constexpr, CG: tl.constexpr):  # fmt: skip
+    """Row ``r`` of stream ``s``: its splits' partials merged (log-sum-exp), the output
+    written in ``OUT``'s dtype (rotated back with ``ROTATE``) and the merged maximum and sum
+    in ``MF`` / ``LF`` (for the received attention). ``CG``: the partials loaded past the L1
+    cache (other programs of the same launch wrote them)."""
+    s64 = s.to(tl.int64)
+    r = s * 0 + r  # a loop's index is a Python int under the interpreter
+    # Row r of stream s = (b, h) is query head h * G + r // TQ, query r % TQ.
+    G: tl.constexpr = ROWS // TQ
+    ob = (s // kv_heads).to(tl.int64) * sob
+    oh = ((s % kv_heads) * G + r // TQ).to(tl.int64) * soh + (r % TQ).to(tl.int64) * sot
+    j = tl.arange(0, D)
+    m = float("-inf")
+    lsum = 0.0
+    acc = tl.full([D], 0.0, tl.float32)
+    CM: tl.constexpr = ".cg" if CG else ""
+    # One pass over the splits, SPLIT_BLOCK at a time with the running maximum rescaling what
+    # came before (a block of 64 holds every split of a decoding step's plan at B8, ~33: one
+    # round of loads, not two passes of dependent ones; session 24's two-pass loop over 16 at
+    # a time took 6.5 us a launch at B8 x 32k, as long as ~5% of the attention; at B1 x 32k
+    # the plan's ~256 splits take four blocks).
+    for b0 in range(0, n_split, SPLIT_BLOCK):
+        idx = b0 + tl.arange(0, SPLIT_BLOCK)
+        ok = idx < n_split
+        at = (s64 * n_split + idx) * ROWS + r
+        pm = tl.load(PM + at, mask=ok, other=float("-inf"), cache_modifier=CM)
+        pl = tl.load(PL + at, mask=ok, other=0.0, cache_modifier=CM)
+        pa = tl.load(PACC + at[:, None] * D + j[None, :], mask=ok[:, None], other=0.0,
+                     cache_modifier=CM)  # fmt: skip
+        m_new = tl.maximum(m, _max(pm, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)  # 0 while nothing was seen (m = -inf)
+        w = tl.exp2(pm - m_safe)
+        lsum = lsum * alpha + _sum(pl * w, 0)
+        acc = acc * alpha + _sum(pa * w[:, None], 0)
+        m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    inv = tl.where(lsum > 0.0, 1.0 / tl.where(lsum > 0.0, lsum, 1.0), 0.0)  # no 1/0
+    o = acc * inv
+    if ROTATE:
+        # sum p (v R) = (sum p v) R: rotated back, o @ R^T = (o @ H) * R[:, 0].
+        o = tl.reshape(_hadamard(o[None, :], 1, D), (D,)) * tl.load(ROT + j * D)
+    tl.store(OUT + ob + oh + j.to(tl.int64) * sod, _cast_rtne(o, OUT.dtype.element_ty))
+    tl.store(MF + s64 * ROWS + r, m_safe)
+    tl.store(LF + s64 * ROWS + r, lsum)
 
 
 @triton.jit(do_not_specialize=["n_split"])
@@ -1998,45 +2073,8 @@ def _merge_kernel(
     SPLIT_BLOCK: tl.constexpr,
     ROTATE: tl.constexpr,  # write out @ ROT^T (the tiers hold rotated values)
 ):
-    s = tl.program_id(0)
-    r = tl.program_id(1)
-    s64 = s.to(tl.int64)
-    # Row r of stream s = (b, h) is query head h * G + r // TQ, query r % TQ.
-    G: tl.constexpr = ROWS // TQ
-    ob = (s // kv_heads).to(tl.int64) * sob
-    oh = ((s % kv_heads) * G + r // TQ).to(tl.int64) * soh + (r % TQ).to(tl.int64) * sot
-    j = tl.arange(0, D)
-    m = float("-inf")
-    lsum = 0.0
-    acc = tl.full([D], 0.0, tl.float32)
-    # One pass over the splits, SPLIT_BLOCK at a time with the running maximum rescaling what
-    # came before (a block of 64 holds every split of a decoding step's plan at B8, ~33: one
-    # round of loads, not two passes of dependent ones; session 24's two-pass loop over 16 at
-    # a time took 6.5 us a launch at B8 x 32k, as long as ~5% of the attention; at B1 x 32k
-    # the plan's ~256 splits take four blocks).
-    for b0 in range(0, n_split, SPLIT_BLOCK):
-        idx = b0 + tl.arange(0, SPLIT_BLOCK)
-        ok = idx < n_split
-        at = (s64 * n_split + idx) * ROWS + r
-        pm = tl.load(PM + at, mask=ok, other=float("-inf"))
-        pl = tl.load(PL + at, mask=ok, other=0.0)
-        pa = tl.load(PACC + at[:, None] * D + j[None, :], mask=ok[:, None], other=0.0)
-        m_new = tl.maximum(m, _max(pm, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)  # 0 while nothing was seen (m = -inf)
-        w = tl.exp2(pm - m_safe)
-        lsum = lsum * alpha + _sum(pl * w, 0)
-        acc = acc * alpha + _sum(pa * w[:, None], 0)
-        m = m_new
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    inv = tl.where(lsum > 0.0, 1.0 / tl.where(lsum > 0.0, lsum, 1.0), 0.0)  # no 1/0
-    o = acc * inv
-    if ROTATE:
-        # sum p (v R) = (sum p v) R: rotated back, o @ R^T = (o @ H) * R[:, 0].
-        o = tl.reshape(_hadamard(o[None, :], 1, D), (D,)) * tl.load(ROT + j * D)
-    tl.store(OUT + ob + oh + j.to(tl.int64) * sod, _cast_rtne(o, OUT.dtype.element_ty))
-    tl.store(MF + s64 * ROWS + r, m_safe)
-    tl.store(LF + s64 * ROWS + r, lsum)
+    _merge_row(PM, PL, PACC, OUT, MF, LF, ROT, tl.program_id(0), tl.program_id(1), n_split,
+               kv_heads, sob, soh, sot, sod, ROWS, TQ, D, SPLIT_BLOCK, ROTATE, False)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["qpos0", "fill"])
@@ -2197,6 +2235,21 @@ def _workspace(dev, n_m: int, n_acc: int, n_lg: int = 0, n_q: int = 0):
     return ws
 
 
+# The fused merge's tickets (``attend_tiers(fused_merge=True)``): int32 zeros per device and
+# stream, each stream's counter put back to 0 by the program that merged it.
+_TICKETS: dict[Any, Any] = {}
+
+
+def _tickets(dev, streams: int):
+    import torch
+
+    key = (dev, _raw_stream(dev) if dev.type == "cuda" else 0)
+    tk = _TICKETS.get(key)
+    if tk is None or tk.numel() < streams:
+        tk = _TICKETS[key] = torch.zeros(max(streams, 64), dtype=torch.int32, device=dev)
+    return tk
+
+
 # Compiled kernels by launch key, for the fast launch path (see _launch): (kernel, the
 # constexpr values in the order of the kernel's parameters).
 _COMPILED: dict[Any, Any] = {}
@@ -2211,7 +2264,7 @@ _CONSTS: dict[Any, tuple[tuple[str, Any], ...]] = {}
 _TIER_NAMES = ("KM", "KB", "KG", "KW", "KX", "VM", "VB", "VG", "VW", "VX", "TR", "BN")
 _BASE_NAMES = (
     "ROWS", "RP", "TQ", "D", "QPOS_RANGE", "NPART", "MAGIC", "BCAST", "STAGES",
-    "FLAT", "FIELDS", "ON0", "ON1", "ON2", "ROTATE", "UNROLL",
+    "FLAT", "FIELDS", "ON0", "ON1", "ON2", "ROTATE", "UNROLL", "FUSED", "FMB",
 )  # fmt: skip
 
 
@@ -2364,6 +2417,7 @@ def attend_tiers(
     merge_block=None,
     unroll=1,
     tier_launches=False,
+    fused_merge=False,
 ):
     """Attention of ``q`` ``[B, Hq, Tq, D]`` (any float dtype and strides) over ``tiers`` (up
     to three ``TierView``).
@@ -2470,6 +2524,8 @@ def attend_tiers(
         raise ValueError(f"int8_keys must be a bool, got {int8_keys!r}")
     if type(tier_launches) is not bool:
         raise ValueError(f"tier_launches must be a bool, got {tier_launches!r}")
+    if type(fused_merge) is not bool:
+        raise ValueError(f"fused_merge must be a bool, got {fused_merge!r}")
 
     if len(tiers) > 3:
         raise ValueError(f"attend_tiers takes at most 3 tiers, got {len(tiers)}")
@@ -2582,12 +2638,16 @@ def attend_tiers(
             if fields
             else 0,
         ]
-        post = [rotation is not None, unroll, *cvals]
+        # The fused merge's splits a block: a [block, D] fp32 tile of 64 registers a thread.
+        fmb = min(merge_block, max(1, 2048 * num_warps // d))
+        post = [rotation is not None, unroll, fused_merge, fmb, *cvals]
         head = [q, q.stride(0), q.stride(1), q.stride(2), q.stride(3), float(scale) * LOG2E]
         head += [qpos, first, first_valid, pm, pl, pacc, n_split, kv_heads]
+        tk = _tickets(dev, streams) if fused_merge else pm
+        merge_args = [tk, out, mf, lf, *out_strides]
         for tiers_on, sp0, n in launches:
             consts = _consts((*pre, *tiers_on, *post))
-            args = [*head, sp0, rot, qrw, *targs]
+            args = [*head, sp0, rot, qrw, *merge_args, *targs]
             _launch(
                 _attend_kernel, (streams, n), args, consts, num_warps, num_stages, fast, stream,
                 True, maxnreg,
@@ -2606,16 +2666,17 @@ def attend_tiers(
                     else None
                 )
         return out, received
-    _launch(
-        _merge_kernel,
-        (streams, rows),
-        [pm, pl, pacc, out, mf, lf, rot, n_split, kv_heads, *out_strides],
-        dict(ROWS=rows, TQ=tq, D=d, SPLIT_BLOCK=merge_block, ROTATE=rotation is not None),
-        4,
-        2,
-        fast,
-        stream,
-    )
+    if not fused_merge:
+        _launch(
+            _merge_kernel,
+            (streams, rows),
+            [pm, pl, pacc, out, mf, lf, rot, n_split, kv_heads, *out_strides],
+            dict(ROWS=rows, TQ=tq, D=d, SPLIT_BLOCK=merge_block, ROTATE=rotation is not None),
+            4,
+            2,
+            fast,
+            stream,
+        )
     received = []
     tqp = _next_pow2(tq)
     for i, (t, lg) in enumerate(zip(tiers, logits, strict=True)):

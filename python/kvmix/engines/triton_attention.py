@@ -2002,7 +2002,7 @@ def _attend_kernel(
             tl.atomic_xchg(TK + s, 0, sem="relaxed", scope="gpu")
 
 
-@triton.jit
+@triton.jit(noinline=True)
 def _merge_row(PM, PL, PACC, OUT, MF, LF, ROT, s, r, n_split, kv_heads, sob, soh, sot, sod,
                ROWS: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr,
                SPLIT_BLOCK: tl.constexpr, ROTATE: tl.constexpr, CG: tl.constexpr):  # fmt: skip

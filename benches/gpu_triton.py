@@ -544,6 +544,17 @@ def current():
     _time_presets(attn, bw, variants)
 
 
+def fused():
+    """Session 33's merge in the attend launch (``fused_merge=True``: the stream's last
+    program merges its splits) against the merge launch at B8 x 32k: both presets checked
+    with it (float64 reference on the GPU), then timed beside the default."""
+    attn = load_attention("cuda")
+    preset_check(attn, fused_merge=True)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    _time_presets(attn, bw, [("default", dict(), True), ("fused", dict(fused_merge=True), True)])
+
+
 def _time_presets(attn, bw, variants, launches=True):
     """Each variant at ZipCache and kvmix-5x B8 x 32k beside SDPA and the bound, then (with
     ``launches``) each one's launches' GPU time."""
@@ -645,7 +656,7 @@ def default_run(t0):
 #: The runs a flag selects (the first given, in this order); no flag: ``default_run``.
 RUNS = {"--page-sweep": page_sweep, "--fields-sweep": fields_sweep, "--fields": fields,
         "--final": final, "--presets": presets, "--preset-check": preset_check,
-        "--merge": merge, "--unroll": unroll, "--current": current,
+        "--merge": merge, "--unroll": unroll, "--current": current, "--fused": fused,
         "--reg-sweep": reg_sweep, "--tier-sweep": tier_sweep}  # fmt: skip
 
 if __name__ == "__main__":

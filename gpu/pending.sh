@@ -728,12 +728,12 @@ C33A)
   ;;
 C33B)
   # Session 33: the merge in the attend launch (`attend_tiers(fused_merge=True)`, opt-in):
-  # its CUDA tests (the race: 50 calls and a CUDA graph bit for bit), the kernel at B8 x 32k
-  # beside the merge launch (and the float64 check of both presets with it), the B=1 eager
-  # call's host time.
+  # its CUDA tests (the race: 50 calls and a CUDA graph bit for bit), the float64 check of
+  # both presets with it and the kernel at B8 x 32k beside the merge launch
+  # (`gpu_triton.py --fused`), the B=1 eager call's host time.
   timeout 100 python3 -m pytest -q -m cuda tests/test_triton_attention.py -k "fused or rotation" \
     > "$OUT/pytest-fused.txt" 2>&1
-  timeout 330 python3 -u benches/gpu_triton.py --current > "$OUT/current.txt" 2>&1
+  timeout 300 python3 -u benches/gpu_triton.py --fused > "$OUT/fused.txt" 2>&1
   timeout 100 python3 -u gpu/launch_cost.py > "$OUT/launch-cost.txt" 2>&1
   ;;
 V)

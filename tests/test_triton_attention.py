@@ -158,7 +158,7 @@ def test_int8_key_dots():
         )  # fmt: skip
 
 
-def test_fused_merge_matches_the_reference_and_puts_the_tickets_back():
+def test_fused_merge_matches_the_reference_and_puts_the_tickets_back(monkeypatch):
     # fused_merge=True: no merge launch; the last program of each stream to take its ticket
     # merges the stream's splits (_merge_row, the merge kernel's own code) and puts the
     # ticket back to 0. The same attention and received attention as the float64 reference,
@@ -184,6 +184,26 @@ def test_fused_merge_matches_the_reference_and_puts_the_tickets_back():
             views, torch.zeros(B, HQ, 1, d), [0], torch.zeros(B, dtype=torch.int32), 0.3, HK,
             None, fused_merge=1,
         )  # fmt: skip
+    # A launch per tier whose second launch fails: the first one's programs took tickets no
+    # merge puts back, so the call puts them back before it raises, and the next call merges.
+    launch, seen = attn._launch, []
+
+    def second_fails(fn, *rest):
+        if fn is attn._attend_kernel:
+            seen.append(1)
+            if len(seen) == 2:
+                raise RuntimeError("launch failed")
+        return launch(fn, *rest)
+
+    monkeypatch.setattr(attn, "_launch", second_fails)
+    q = torch.randn(B, HQ, 1, d, generator=g)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        attn.attend_tiers(
+            views, q, [399], torch.zeros(B, dtype=torch.int32), 0.3, HK, None,
+            tier_launches=True, fused_merge=True,
+        )  # fmt: skip
+    assert len(seen) == 2 and all(not t.any() for t in attn._TICKETS.values())
+    _check(views, 1, [0, 37], d=d, fused_merge=True, tier_launches=True)
 
 
 def test_three_bit_keys_off_a_word_boundary_are_refused():

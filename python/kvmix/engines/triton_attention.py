@@ -2644,19 +2644,30 @@ def attend_tiers(
             else 0,
         ]
         # The fused merge's splits a block: a [block, D] fp32 tile of 64 registers a thread.
-        fmb = min(merge_block, max(1, 2048 * num_warps // d))
+        # Without it its arguments are placeholders (no kernel of their own per output dtype).
+        fmb = min(merge_block, max(1, 2048 * num_warps // d)) if fused_merge else 1
         post = [rotation is not None, unroll, fused_merge, fmb, *cvals]
         head = [q, q.stride(0), q.stride(1), q.stride(2), q.stride(3), float(scale) * LOG2E]
         head += [qpos, first, first_valid, pm, pl, pacc, n_split, kv_heads]
-        tk = _tickets(dev, streams) if fused_merge else pm
-        merge_args = [tk, out, mf, lf, *out_strides]
-        for tiers_on, sp0, n in launches:
-            consts = _consts((*pre, *tiers_on, *post))
-            args = [*head, sp0, rot, qrw, *merge_args, *targs]
-            _launch(
-                _attend_kernel, (streams, n), args, consts, num_warps, num_stages, fast, stream,
-                True, maxnreg,
-            )  # fmt: skip
+        if fused_merge:
+            tk = _tickets(dev, streams)
+            merge_args = [tk, out, mf, lf, *out_strides]
+        else:
+            merge_args = [pm, pm, pm, pm, 0, 0, 0, 0]
+        try:
+            for tiers_on, sp0, n in launches:
+                consts = _consts((*pre, *tiers_on, *post))
+                args = [*head, sp0, rot, qrw, *merge_args, *targs]
+                _launch(
+                    _attend_kernel, (streams, n), args, consts, num_warps, num_stages, fast,
+                    stream, True, maxnreg,
+                )  # fmt: skip
+        except BaseException:
+            if fused_merge:
+                # A launch that failed (a launch per tier: a later one) left tickets taken
+                # that no merge will put back.
+                tk.zero_()
+            raise
     else:
         out.zero_()
         received: list[Any] = []

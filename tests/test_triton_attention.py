@@ -120,6 +120,18 @@ def test_wide_codes_and_fast_mode():
     _check(views, 1, [2, 0], join=True)  # 2 and 8 bits, joined
 
 
+def _segmented_views(g, d):
+    """A 10-row buffer after a 2-bit tier with a separable value factor and a 4-bit tier,
+    both with per-channel keys whose segments change every page or two."""
+    return [
+        ref.synthetic_tier(S, 10, d, ("dense", 0, d), ("dense", 0, d), pos_offset=400, generator=g),
+        ref.synthetic_tier(S, 210, d, ("channel", 2, d), ("token", 2, d), v_sep=True, generator=g),
+        ref.synthetic_tier(
+            S, 190, d, ("channel", 4, d), ("token", 4, d), pos_offset=210, generator=g
+        ),
+    ]
+
+
 def test_int8_key_dots():
     # int8_keys=True: per-channel 2- and 4-bit keys' dots on int8 tensor cores, the query
     # times the segment's scales as a 32-bit fixed point of four int8 digits (_kchannel_i8,
@@ -129,13 +141,7 @@ def test_int8_key_dots():
     # left padding. Dropping the odd digits' weight of 256 (in _i8_logits) fails it.
     d = 128
     g = torch.Generator().manual_seed(11)
-    views = [
-        ref.synthetic_tier(S, 10, d, ("dense", 0, d), ("dense", 0, d), pos_offset=400, generator=g),
-        ref.synthetic_tier(S, 210, d, ("channel", 2, d), ("token", 2, d), v_sep=True, generator=g),
-        ref.synthetic_tier(
-            S, 190, d, ("channel", 4, d), ("token", 4, d), pos_offset=210, generator=g
-        ),
-    ]
+    views = _segmented_views(g, d)
     for kw in (dict(), dict(target_programs=1)):
         for hq in (3 * HK, 4 * HK, 8 * HK):
             _check(views, 1, [0, 37], d=d, fields=True, int8_keys=True, hq=hq, **kw)
@@ -167,13 +173,7 @@ def test_fused_merge_matches_the_reference_and_puts_the_tickets_back(monkeypatch
     # interpreter runs one program at a time; `pytest -m cuda` runs the race.
     d = 128
     g = torch.Generator().manual_seed(11)
-    views = [
-        ref.synthetic_tier(S, 10, d, ("dense", 0, d), ("dense", 0, d), pos_offset=400, generator=g),
-        ref.synthetic_tier(S, 210, d, ("channel", 2, d), ("token", 2, d), v_sep=True, generator=g),
-        ref.synthetic_tier(
-            S, 190, d, ("channel", 4, d), ("token", 4, d), pos_offset=210, generator=g
-        ),
-    ]
+    views = _segmented_views(g, d)
     attn = load_attention("cpu")
     for kw in (dict(), dict(target_programs=1), dict(tier_launches=True), dict(fields=True)):
         _check(views, 1, [0, 37], d=d, fused_merge=True, **kw)
@@ -540,6 +540,21 @@ def test_rotation_in_the_kernel_matches_rotating_around_it(d, kw):
     assert torch.equal(out2.transpose(1, 2), out.to(torch.bfloat16))
 
 
+def _cuda_zipcache_tiers(seed, high, low, d):
+    """On the GPU: a 37-row buffer and ZipCache-shaped 4- and 2-bit tiers of ``high`` and
+    ``low`` rows after it, and a query ``[B, HQ, 1, d]``."""
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(device="cuda", generator=g)
+    views = [
+        ref.synthetic_tier(S, 37, d, ("dense", 0, d), ("dense", 0, d), **kw),
+        ref.synthetic_tier(S, high, d, ("channel", 4, d), ("token", 4, d), pos_offset=37, **kw),
+        ref.synthetic_tier(
+            S, low, d, ("channel", 2, d), ("token", 2, d), pos_offset=37 + high, **kw
+        ),
+    ]
+    return views, torch.randn(B, HQ, 1, d, generator=g).cuda()
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_direct_launch_gives_the_same_outputs_and_scores():
@@ -548,14 +563,7 @@ def test_cuda_direct_launch_gives_the_same_outputs_and_scores():
     adds the same scores in place, with the count of queries that saw each row."""
     attn = load_attention("cuda")
     d = 128
-    g = torch.Generator().manual_seed(13)
-    kw = dict(device="cuda", generator=g)
-    views = [
-        ref.synthetic_tier(S, 37, d, ("dense", 0, d), ("dense", 0, d), **kw),
-        ref.synthetic_tier(S, 700, d, ("channel", 4, d), ("token", 4, d), pos_offset=37, **kw),
-        ref.synthetic_tier(S, 1500, d, ("channel", 2, d), ("token", 2, d), pos_offset=737, **kw),
-    ]
-    q = torch.randn(B, HQ, 1, d, generator=g).cuda()
+    views, q = _cuda_zipcache_tiers(13, 700, 1500, d)
     fv = torch.zeros(B, dtype=torch.int32, device="cuda")
     args = (views, q, [2236], fv, d**-0.5, HK, [True, False, True])
     want, want_rec = attn.attend_tiers(*args, fast_launch=False)
@@ -584,14 +592,7 @@ def test_cuda_fused_merge_is_race_free():
     graph; the tickets are 0 after each."""
     attn = load_attention("cuda")
     d = 128
-    g = torch.Generator().manual_seed(17)
-    kw = dict(device="cuda", generator=g)
-    views = [
-        ref.synthetic_tier(S, 37, d, ("dense", 0, d), ("dense", 0, d), **kw),
-        ref.synthetic_tier(S, 3000, d, ("channel", 4, d), ("token", 4, d), pos_offset=37, **kw),
-        ref.synthetic_tier(S, 5000, d, ("channel", 2, d), ("token", 2, d), pos_offset=3037, **kw),
-    ]
-    q = torch.randn(B, HQ, 1, d, generator=g).cuda()
+    views, q = _cuda_zipcache_tiers(17, 3000, 5000, d)
     fv = torch.tensor([0, 37], dtype=torch.int32, device="cuda")
     args = (views, q, [8036], fv, d**-0.5, HK, [True, False, True])
     want, want_rec = ref.attention(views, q, [8036], fv, d**-0.5, HK)

@@ -2218,10 +2218,16 @@ def _fields_tier(t, d: int) -> bool:
 _WORKSPACE: dict[Any, Any] = {}
 
 
+def _stream_key(dev):
+    """What the reused buffers are kept per: the device and its current CUDA stream (what is
+    launched on one stream before the next call on it has consumed them)."""
+    return (dev, _raw_stream(dev) if dev.type == "cuda" else 0)
+
+
 def _workspace(dev, n_m: int, n_acc: int, n_lg: int = 0, n_q: int = 0):
     import torch
 
-    key = (dev, _raw_stream(dev) if dev.type == "cuda" else 0)
+    key = _stream_key(dev)
     ws = _WORKSPACE.get(key)
     if (
         ws is None
@@ -2254,7 +2260,7 @@ _TICKETS: dict[Any, Any] = {}
 def _tickets(dev, streams: int):
     import torch
 
-    key = (dev, _raw_stream(dev) if dev.type == "cuda" else 0)
+    key = _stream_key(dev)
     tk = _TICKETS.get(key)
     if tk is None or tk.numel() < streams:
         tk = _TICKETS[key] = torch.zeros(max(streams, 64), dtype=torch.int32, device=dev)

@@ -736,6 +736,16 @@ C33B)
   timeout 170 python3 -u benches/gpu_triton.py --fused > "$OUT/fused.txt" 2>&1
   timeout 45 python3 -u gpu/launch_cost.py > "$OUT/launch-cost.txt" 2>&1
   ;;
+C34A)
+  # Session 34: C33B's race test, then the kernel as `--current` times it (the default
+  # beside the fused merge, both checked against float64 first) and the B=1 eager call's
+  # host time: one call that serves on an H100 (kvmix-5x's 3x SDPA) or an H200 (the kernel
+  # targets there, last measured in session 30).
+  timeout 70 python3 -m pytest -q -m cuda tests/test_triton_attention.py -k "fused" \
+    > "$OUT/pytest-fused.txt" 2>&1
+  timeout 400 python3 -u benches/gpu_triton.py --current > "$OUT/current.txt" 2>&1
+  timeout 45 python3 -u gpu/launch_cost.py > "$OUT/launch-cost.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -743,7 +753,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C|C30D|C30E|C31B|C31D|C32A|C32B|C32C|C32D|C33A|C33B" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C|C30D|C30E|C31B|C31D|C32A|C32B|C32C|C32D|C33A|C33B|C34A" >&2
   exit 2
   ;;
 esac

@@ -638,6 +638,44 @@ def test_heavy_hitter_policies_trim_as_the_rust_store(policy: str, config: Any) 
     assert tri._tiers["high"].fill <= 2 * max(tri._high_real) + PAGE
 
 
+@pytest.mark.parametrize("preset", ["uniform", "zipcache", "kvmix-5x", "mikv", "eviction"])
+def test_a_cache_cropped_into_its_quantized_tiers_decodes_as_on_the_rust_engine(
+    preset: str,
+) -> None:
+    """``crop`` (what assisted and prompt-lookup decoding call after every verification step)
+    20 tokens deep, into the tiers the prompt was compressed into, then decoding on: the
+    Triton store drops the same positions as the Rust store (it leaves holes where the Rust
+    store removes rows), so the same tokens follow and every kept token is in the same tier."""
+    out = {}
+    for engine in ("rust", "triton"):
+        model = _model(True)
+        inputs = _inputs()
+        cache = PRESETS[preset](model.config, engine)
+        first = model.generate(
+            **inputs, past_key_values=cache, max_new_tokens=NEW, do_sample=False
+        )
+        before = _tiers(cache)
+        cache.crop(-20)
+        n = cache.get_seq_length()
+        assert n == PROMPT + NEW - 1 - 20
+        # The crop reaches past the buffer: positions it drops were held in packed tiers.
+        assert any(
+            p >= n for stream in before for tier, held in stream.items() if tier != "buffer"
+            for p in held
+        )  # fmt: skip
+        mask = torch.cat([inputs["attention_mask"], torch.ones(2, NEW, dtype=torch.long)], 1)
+        again = model.generate(
+            first[:, : n + 1],
+            attention_mask=mask[:, : n + 1],
+            past_key_values=cache,
+            max_new_tokens=4,
+            do_sample=False,
+        )
+        out[engine] = (again[:, n + 1 :], _tiers(cache), cache.memory_report()["tokens"])
+    torch.testing.assert_close(out["triton"][0], out["rust"][0], rtol=0, atol=0)
+    assert out["triton"][1:] == out["rust"][1:]
+
+
 @pytest.mark.slow  # ~25 s under the interpreter: beam search doubles every step's work
 @pytest.mark.parametrize("preset", ["zipcache", "mikv"])
 def test_beam_search_on_the_triton_engine(preset: str) -> None:

@@ -651,9 +651,7 @@ def test_a_cache_cropped_into_its_quantized_tiers_decodes_as_on_the_rust_engine(
         model = _model(True)
         inputs = _inputs()
         cache = PRESETS[preset](model.config, engine)
-        first = model.generate(
-            **inputs, past_key_values=cache, max_new_tokens=NEW, do_sample=False
-        )
+        first = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, do_sample=False)
         before = _tiers(cache)
         cache.crop(-20)
         n = cache.get_seq_length()

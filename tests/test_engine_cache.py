@@ -674,6 +674,36 @@ def test_a_cache_cropped_into_its_quantized_tiers_decodes_as_on_the_rust_engine(
     assert out["triton"][1:] == out["rust"][1:]
 
 
+@pytest.mark.parametrize("engine", ["rust", "triton"])
+def test_a_later_update_of_a_dtype_no_engine_stores_is_refused_before_anything_changes(
+    engine: str,
+) -> None:
+    """Only the first update was checked: later ones reached the store as they came, where
+    the Triton engine's kernels stored ints, bools, float64 and fp8 (and values of another
+    dtype than the keys) without a word, and the Rust engine refused them only after
+    converting. Every update is now checked first, on both engines."""
+    model = _model(True)
+    cache = PRESETS["zipcache"](model.config, engine)
+    model.generate(**_inputs(), past_key_values=cache, max_new_tokens=2, do_sample=False)
+    before = (cache.get_seq_length(), cache.memory_report())
+    x = torch.randn(2, 2, 1, 16)
+    bad = {
+        "key states must be float32, float16 or bfloat16, got torch.int32": (x.int(), x.int()),
+        "got torch.float64": (x.double(), x.double()),
+        "got torch.bool": (x > 0, x > 0),
+        "got torch.float8_e4m3fn": (x.to(torch.float8_e4m3fn), x.to(torch.float8_e4m3fn)),
+        "value states must be float32, float16 or bfloat16": (x, x.int()),
+        "same dtype, got torch.float32 and torch.float16": (x, x.half()),
+        "must be torch tensors, got ndarray": (x.numpy(), x.numpy()),
+    }
+    for match, (k, v) in bad.items():
+        with pytest.raises(kvmix.DTypeError, match=match):
+            cache.update(k, v, 0)
+        assert (cache.get_seq_length(), cache.memory_report()) == before
+    cache.update(x, x, 0)  # a good one is still taken
+    assert cache.get_seq_length() == before[0] + 1
+
+
 @pytest.mark.slow  # ~25 s under the interpreter: beam search doubles every step's work
 @pytest.mark.parametrize("preset", ["zipcache", "mikv"])
 def test_beam_search_on_the_triton_engine(preset: str) -> None:

@@ -164,6 +164,22 @@ def combine_memory_reports(reports: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
+def _check_states(key_states: Any, value_states: Any) -> None:
+    """Refuses key/value states that no engine stores, at every update and before anything
+    changes: the Rust engine's conversion would refuse them later (after the layer was set up),
+    and the Triton engine's kernels would read ints, float64 or fp8 as they come."""
+    for name, x in (("key", key_states), ("value", value_states)):
+        if not isinstance(x, torch.Tensor):
+            raise DTypeError(f"{name} states must be torch tensors, got {type(x).__name__}")
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise DTypeError(f"{name} states must be float32, float16 or bfloat16, got {x.dtype}")
+    if value_states.dtype != key_states.dtype:
+        raise DTypeError(
+            f"key and value states must have the same dtype, got {key_states.dtype} and "
+            f"{value_states.dtype}"
+        )
+
+
 def _implementation(config: Any) -> str | None:
     """The attention implementation a model with ``config`` runs."""
     name = getattr(_text_config(config), "_attn_implementation", None)
@@ -312,10 +328,7 @@ class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped b
 
     # -- transformers' layer contract -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if key_states.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise DTypeError(
-                f"key/value states must be float32, float16 or bfloat16, got {key_states.dtype}"
-            )
+        _check_states(key_states, value_states)
         if value_states.device != key_states.device:
             raise DTypeError(
                 f"key states on {key_states.device} but value states on {value_states.device}"
@@ -391,11 +404,13 @@ class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped b
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        elif key_states.device != self.device or value_states.device != self.device:
-            raise DTypeError(
-                f"this layer's cache lives on {self.device}; got key states on "
-                f"{key_states.device} and value states on {value_states.device}"
-            )
+        else:
+            _check_states(key_states, value_states)
+            if key_states.device != self.device or value_states.device != self.device:
+                raise DTypeError(
+                    f"this layer's cache lives on {self.device}; got key states on "
+                    f"{key_states.device} and value states on {value_states.device}"
+                )
         stored_k, stored_v = key_states, value_states
         r = self.host_rotation
         if r is not None:

@@ -179,3 +179,49 @@ def test_field_path_matches_rust_on_store_tiers(config, programs):
     # ~1e-6 off on either path, the integer one too (2e-6 relative), so a few ulps relative.
     for got, want in zip(rec, want_rec, strict=True):
         torch.testing.assert_close(got.double(), want, rtol=4e-6, atol=1e-6)
+
+
+def test_both_engines_refuse_the_same_queries_and_keep_their_scores():
+    """The stores' ``attend`` refuses the same bad queries with the same exceptions, before
+    anything changes (a refused call adds nothing to the scores: the next classification
+    puts every token where a store that never saw it does), and gives an empty output for no
+    queries. The Triton store used to take integer queries, negative or fractional
+    positions and (on the CPU) NaN, and failed inside the kernel on no queries."""
+    b, h, d, n = 1, 2, 32, 60
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, d, generator=g)
+    config = {"streaming_gap": 4}
+    rust, rust_clean = (kvmix.LayerStore("zipcache", h, d, config) for _ in range(2))
+    tri, tri_clean = (TritonLayerStore("zipcache", h, d, config) for _ in range(2))
+    for store in (rust, rust_clean):
+        store.append(k.numpy(), v.numpy())
+    for store in (tri, tri_clean):
+        store.append(k, v)
+    q = torch.randn(b, 2 * h, 1, d, generator=g)
+    nan = q.clone()
+    nan[0, 1, 0, 3] = float("nan")
+    bad = [
+        (q.int(), [n - 1], kvmix.DTypeError, "`q` must be"),
+        (nan, [n - 1], kvmix.NonFiniteError, "NaN"),
+        (q, [-1], kvmix.ConfigError, "`q_positions` must hold non-negative integers, got -1"),
+        (q, [2.5], kvmix.ConfigError, "`q_positions` must hold non-negative integers, got 2.5"),
+        (q, [True], kvmix.ConfigError, "`q_positions` must hold non-negative integers, got True"),
+        (q[:, :3], [n - 1], kvmix.ShapeError, "3, 1, 32"),
+        (q, [n - 1, n], kvmix.ShapeError, "q_len|q_positions"),
+    ]
+    for x, positions, error, match in bad:
+        for store, arg in ((rust, x.numpy()), (tri, x)):
+            with pytest.raises(error, match=match):
+                store.attend(arg, positions, d**-0.5, True)
+    empty = torch.randn(b, 2 * h, 0, d)
+    assert rust.attend(empty.numpy(), [], d**-0.5, True).shape == (b, 2 * h, 0, d)
+    assert tri.attend(empty, [], d**-0.5, True).shape == (b, 2 * h, 0, d)
+    for store, arg in ((rust, q.numpy()), (rust_clean, q.numpy()), (tri, q), (tri_clean, q)):
+        store.attend(arg, [n - 1], d**-0.5, True)
+        assert store.maybe_classify(True)
+    for s in range(b * h):
+        held = [store.tier_positions(s) for store in (rust, rust_clean, tri, tri_clean)]
+        for tier in ("buffer", "high", "low"):
+            want = held[1][tier]
+            for got in held[0], held[2], held[3]:
+                np.testing.assert_array_equal(np.asarray(got[tier]), want, err_msg=tier)

@@ -255,6 +255,34 @@ pub fn non_negative(name: &str, v: i64) -> PyResult<usize> {
     })
 }
 
+/// Positions from Python (a sequence): each a non-negative integer (anything with
+/// `__index__`, not bool); anything else is a `ConfigError` naming the argument, where
+/// `Vec<i64>` would raise a `TypeError` for a float and take `True` as 1.
+pub fn positions(name: &str, seq: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
+    let items: Vec<Bound<'_, PyAny>> = seq.extract().map_err(|_| {
+        KvmixError::Config(format!(
+            "`{name}` must be a sequence of non-negative integers, got {}",
+            seq.get_type()
+        ))
+    })?;
+    items
+        .iter()
+        .map(|p| {
+            let v = if p.is_instance_of::<pyo3::types::PyBool>() {
+                None
+            } else {
+                p.extract::<i64>()
+                    .ok()
+                    .and_then(|v| usize::try_from(v).ok())
+            };
+            v.ok_or_else(|| {
+                KvmixError::Config(format!("`{name}` must hold non-negative integers, got {p}"))
+                    .into()
+            })
+        })
+        .collect()
+}
+
 fn parse_grouping(grouping: &str, size: Option<i64>, dims: &[usize]) -> PyResult<Grouping> {
     let name = if grouping == "channel" {
         "token_block"

@@ -270,7 +270,7 @@ impl PyLayerStore {
         &self,
         py: Python<'py>,
         q: &Bound<'py, PyAny>,
-        q_positions: Vec<i64>,
+        q_positions: &Bound<'py, PyAny>,
         scale: f32,
         track: bool,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
@@ -284,10 +284,7 @@ impl PyLayerStore {
                     .unwrap_or_else(|_| q.get_type().to_string())
             ))
         })?;
-        let q_positions = q_positions
-            .into_iter()
-            .map(|p| super::quant::non_negative("q_positions", p))
-            .collect::<PyResult<Vec<usize>>>()?;
+        let q_positions = super::quant::positions("q_positions", q_positions)?;
         let dims = q.shape().to_vec();
         let qs = match q.as_slice() {
             Ok(s) if q.is_c_contiguous() => std::borrow::Cow::Borrowed(s),

@@ -2640,7 +2640,7 @@ def attend_tiers(
         targs += [pm if kfix is None else kfix, lg, t.cap, pages[i], splits[i], t.nseg, ppss[i]]
         cvals += [t.k_mode, t.k_bits, t.k_gs, kw, kfix is not None]
         cvals += [t.v_mode, t.v_bits, t.v_gs, vw, bool(t.v_sep), do_track, bns[i]]
-    if sum(splits):
+    if sum(splits) and rows:  # no query (q_len 0): nothing to attend, nothing received
         on = [len(splits) > i and splits[i] > 0 for i in range(3)]
         # Launches as (tiers compiled in, first split, splits): one for every tier, or with
         # ``tier_launches`` one per tier with pages, compiled with that tier's branch alone.

@@ -43,13 +43,14 @@ budgets; the codecs come from the Rust store's ``layout`` (the one definition of
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvmix.engines.base import ConfigError, NonFiniteError, ShapeError, load_kernels
+from kvmix.engines.base import ConfigError, DTypeError, NonFiniteError, ShapeError, load_kernels
 
 if TYPE_CHECKING:
     from kvmix.types import BufferDtype, PolicyName
@@ -1242,8 +1243,28 @@ class TritonLayerStore:
                 f"queries must be [batch={self.batch}, q_heads (multiple of {self.kv_heads}), "
                 f"q_len={len(q_positions)}, head_dim={self.head_dim}], got {tuple(q.shape)}"
             )
+        if not q.dtype.is_floating_point:
+            raise DTypeError(f"`q` must be a floating-point tensor, got {q.dtype}")
+        for p in q_positions:
+            # As the Rust store: a position is a non-negative integer (a float would be
+            # truncated by the launch and a negative one would see no token).
+            try:
+                bad = type(p) is bool or operator.index(p) < 0
+            except TypeError:
+                bad = True
+            if bad:
+                raise ConfigError(f"`q_positions` must hold non-negative integers, got {p}")
         if not math.isfinite(scale):
             raise NonFiniteError(f"`scale` must be finite, got {scale}")
+        if q.device.type == "cpu" and not bool(torch.isfinite(q).all()):
+            # The Rust store's refusal, where reading the queries costs no wait for a device.
+            # On a GPU that read would synchronize every decoding step; a NaN there comes
+            # from a hidden state whose keys and values are flagged on the device and refused
+            # at the next classification (``maybe_classify``).
+            raise NonFiniteError(
+                "queries contain NaN or Inf; kvmix refuses them rather than returning a "
+                "silently wrong attention output"
+            )
         if out is not None and (
             out.shape != (q.shape[0], q.shape[2], q.shape[1], q.shape[3])
             or out.device != q.device

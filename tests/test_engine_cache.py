@@ -704,6 +704,39 @@ def test_a_later_update_of_a_dtype_no_engine_stores_is_refused_before_anything_c
     assert cache.get_seq_length() == before[0] + 1
 
 
+@pytest.mark.parametrize("engine", ["rust", "triton"])
+def test_the_batch_and_crop_methods_refuse_what_they_cannot_take_before_anything_changes(
+    engine: str,
+) -> None:
+    """transformers' batch methods and ``crop`` on both engines: fractional or bool arguments
+    were truncated by ``int()`` (indices 0.5 selected row 0, ``crop(2.5)`` reported
+    ``crop(2)``), a negative index and ``repeats`` of 0 were refused by one engine's store
+    and taken by the other's. Now the same exceptions on both, before any layer changes."""
+    model = _model(True)
+    cache = PRESETS["zipcache"](model.config, engine)
+    model.generate(**_inputs(), past_key_values=cache, max_new_tokens=2, do_sample=False)
+    before = (cache.get_seq_length(), cache.memory_report())
+    refused = [
+        (kvmix.ShapeError, "1-D sequence of integers", cache.batch_select_indices, [0.5]),
+        (kvmix.ShapeError, "1-D sequence of integers", cache.reorder_cache, [[0, 1]]),
+        (kvmix.ShapeError, "batch index -1 out of range", cache.batch_select_indices, [-1, 0]),
+        (kvmix.ShapeError, "batch index 2 out of range", cache.reorder_cache, [0, 2]),
+        (kvmix.ShapeError, "`repeats` must be at least 1, got 0", cache.batch_repeat_interleave, 0),
+        (kvmix.ConfigError, "`repeats` must be an integer", cache.batch_repeat_interleave, 2.0),
+        (kvmix.ConfigError, "must be an integer, got -2.5", cache.crop, -2.5),
+        (kvmix.ConfigError, "must be an integer, got True", cache.crop, True),
+    ]
+    for error, match, method, arg in refused:
+        with pytest.raises(error, match=match):
+            method(torch.tensor(arg) if isinstance(arg, list) else arg)
+        assert (cache.get_seq_length(), cache.memory_report()) == before
+    cache.batch_select_indices(torch.tensor([1, 0]))  # good ones are still taken
+    cache.batch_repeat_interleave(np.int64(2))
+    cache.crop(-1)
+    assert cache.get_seq_length() == before[0] - 1
+    assert cache.memory_report()["tokens"] == 2 * before[1]["tokens"] * (before[0] - 1) // before[0]
+
+
 @pytest.mark.slow  # ~25 s under the interpreter: beam search doubles every step's work
 @pytest.mark.parametrize("preset", ["zipcache", "mikv"])
 def test_beam_search_on_the_triton_engine(preset: str) -> None:

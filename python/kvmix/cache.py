@@ -25,6 +25,7 @@ state them and a test checks them against that source.
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, cast
@@ -36,7 +37,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kvmix import _kvmix
 from kvmix.attention import FUSED_ATTENTION, attention_mode
 from kvmix.engines import ENGINES, EngineName, resolve_engine
-from kvmix.errors import ConfigError, DTypeError
+from kvmix.errors import ConfigError, DTypeError, ShapeError
 from kvmix.quant import as_core_array
 from kvmix.types import AttentionMode, BufferDtype, Clip, CountMode, PolicyName, Selection
 
@@ -178,6 +179,17 @@ def _check_states(key_states: Any, value_states: Any) -> None:
             f"key and value states must have the same dtype, got {key_states.dtype} and "
             f"{value_states.dtype}"
         )
+
+
+def _integer(name: str, x: Any) -> int:
+    """``x`` as an int: an int or anything with ``__index__`` (a numpy integer, a 0-d integer
+    tensor), not a bool or a float, which ``int()`` would truncate without a word."""
+    try:
+        if isinstance(x, bool):
+            raise TypeError
+        return operator.index(x)
+    except TypeError:
+        raise ConfigError(f"{name} must be an integer, got {x!r}") from None
 
 
 def _implementation(config: Any) -> str | None:
@@ -524,22 +536,37 @@ class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped b
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        idx = [int(i) for i in torch.as_tensor(indices).tolist()]
+        t = torch.as_tensor(indices)
+        if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            # ``int()`` of each would have taken 0.5 as row 0 without a word.
+            raise ShapeError(
+                f"batch indices must be a 1-D sequence of integers, got {t.dtype} of shape "
+                f"{tuple(t.shape)}"
+            )
+        idx = t.tolist()
         if self.store.batch:
+            bad = [i for i in idx if not 0 <= i < self.store.batch]
+            if bad:
+                raise ShapeError(
+                    f"batch index {bad[0]} out of range for a batch of {self.store.batch}"
+                )
             self.store.select_batch(idx)
             self.first_valid = [self.first_valid[i] for i in idx] if self.first_valid else []
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        n = _integer("`repeats`", repeats)
+        if n < 1:
+            raise ShapeError(f"`repeats` must be at least 1, got {n}")
         if self.store.batch:
-            self.store.repeat_interleave(int(repeats))
-            self.first_valid = [f for f in self.first_valid for _ in range(int(repeats))]
+            self.store.repeat_interleave(n)
+            self.first_valid = [f for f in self.first_valid for _ in range(n)]
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` tokens, as transformers' ``DynamicLayer.crop``:
         ``0`` is a no-op (assisted and prompt-lookup decoding call it after a step that
         accepted every candidate), a positive value is refused (transformers 5.23 dropped the
         legacy "keep the first n" meaning)."""
-        n = int(tokens_to_remove)
+        n = _integer("crop's argument", tokens_to_remove)
         if n > 0:
             raise ConfigError(
                 f"crop({n}): a positive value is not supported (as in transformers' caches); "

@@ -710,8 +710,8 @@ def test_the_batch_and_crop_methods_refuse_what_they_cannot_take_before_anything
 ) -> None:
     """transformers' batch methods and ``crop`` on both engines: fractional or bool arguments
     were truncated by ``int()`` (indices 0.5 selected row 0, ``crop(2.5)`` reported
-    ``crop(2)``), a negative index and ``repeats`` of 0 were refused by one engine's store
-    and taken by the other's. Now the same exceptions on both, before any layer changes."""
+    ``crop(2)``), a negative index was refused by the two engines' stores with different
+    exceptions. Now the same exceptions on both, before any layer changes."""
     model = _model(True)
     cache = PRESETS["zipcache"](model.config, engine)
     model.generate(**_inputs(), past_key_values=cache, max_new_tokens=2, do_sample=False)
@@ -721,7 +721,7 @@ def test_the_batch_and_crop_methods_refuse_what_they_cannot_take_before_anything
         (kvmix.ShapeError, "1-D sequence of integers", cache.reorder_cache, [[0, 1]]),
         (kvmix.ShapeError, "batch index -1 out of range", cache.batch_select_indices, [-1, 0]),
         (kvmix.ShapeError, "batch index 2 out of range", cache.reorder_cache, [0, 2]),
-        (kvmix.ShapeError, "`repeats` must be at least 1, got 0", cache.batch_repeat_interleave, 0),
+        (kvmix.ConfigError, "`repeats` must be a non-negative", cache.batch_repeat_interleave, -1),
         (kvmix.ConfigError, "`repeats` must be an integer", cache.batch_repeat_interleave, 2.0),
         (kvmix.ConfigError, "must be an integer, got -2.5", cache.crop, -2.5),
         (kvmix.ConfigError, "must be an integer, got True", cache.crop, True),

@@ -225,3 +225,47 @@ def test_both_engines_refuse_the_same_queries_and_keep_their_scores():
             want = held[1][tier]
             for got in held[0], held[2], held[3]:
                 np.testing.assert_array_equal(np.asarray(got[tier]), want, err_msg=tier)
+
+
+def test_both_stores_refuse_the_same_arguments_of_their_other_methods():
+    """``crop``, ``select_batch``, ``repeat_interleave``, ``set_first_valid`` and
+    ``add_scores`` on both stores: the same kvmix exception for the same bad argument (the
+    Rust store raised numpy's and PyO3's ``TypeError`` / ``OverflowError`` for some; the
+    Triton store took a negative crop length, emptying every tier, negative first-valid
+    positions and NaN or negative scores), and a refused call changes nothing."""
+    b, h, d, n = 2, 2, 16, 40
+    k = torch.randn(b, h, n, d, generator=torch.Generator().manual_seed(4))
+    f32 = np.ones((b, h, 5), np.float32)
+    nan = f32.copy()
+    nan[1, 0, 2] = np.nan
+    calls = [
+        (kvmix.ConfigError, "`length` must be a non-negative integer", "crop", (-1,)),
+        (kvmix.ConfigError, "`length` must be a non-negative integer", "crop", (2.5,)),
+        (kvmix.ConfigError, "`indices` must hold non-negative integers", "select_batch", ([-1],)),
+        (kvmix.ConfigError, "`indices` must hold non-negative integers", "select_batch", ([0.5],)),
+        (kvmix.ShapeError, "batch index 2 out of range", "select_batch", ([2],)),
+        (kvmix.ConfigError, "`repeats` must be a non-negative integer", "repeat_interleave", (-2,)),
+        (kvmix.ConfigError, "`first_valid` must hold non-negative", "set_first_valid", ([-1, 0],)),
+        (kvmix.ShapeError, "one entry per sequence", "set_first_valid", ([0],)),
+        (kvmix.ConfigError, "`start` must be a non-negative integer", "add_scores", (-1, f32, f32)),
+        (kvmix.NonFiniteError, "finite and non-negative", "add_scores", (0, nan, f32)),
+        (kvmix.NonFiniteError, "finite and non-negative", "add_scores", (0, f32, -f32)),
+        (kvmix.DTypeError, "`acc` must be a f", "add_scores", (0, f32.astype(np.int32), f32)),
+        (kvmix.ShapeError, "got 20 and 16 values", "add_scores", (0, f32, f32[..., :4])),
+    ]
+    rust = kvmix.LayerStore("zipcache", h, d, {"streaming_gap": 4})
+    tri = TritonLayerStore("zipcache", h, d, {"streaming_gap": 4})
+    rust.append(k.numpy(), k.numpy())
+    tri.append(k, k)
+    for store, host in ((rust, True), (tri, False)):
+        before = [store.tier_positions(s) for s in range(b * h)], store.seen, store.batch
+        for error, match, method, args in calls:
+            if not host:  # the device store takes torch tensors
+                args = tuple(torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in args)
+            with pytest.raises(error, match=match):
+                getattr(store, method)(*args)
+        after = [store.tier_positions(s) for s in range(b * h)], store.seen, store.batch
+        assert after[1:] == before[1:]
+        for x, y in zip(after[0], before[0], strict=True):
+            for tier in x:
+                np.testing.assert_array_equal(np.asarray(x[tier]), np.asarray(y[tier]))

@@ -555,8 +555,8 @@ class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped b
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         n = _integer("`repeats`", repeats)
-        if n < 1:
-            raise ShapeError(f"`repeats` must be at least 1, got {n}")
+        if n < 0:
+            raise ConfigError(f"`repeats` must be a non-negative integer, got {n}")
         if self.store.batch:
             self.store.repeat_interleave(n)
             self.first_valid = [f for f in self.first_valid for _ in range(n)]

@@ -268,19 +268,29 @@ pub fn positions(name: &str, seq: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
     items
         .iter()
         .map(|p| {
-            let v = if p.is_instance_of::<pyo3::types::PyBool>() {
-                None
-            } else {
-                p.extract::<i64>()
-                    .ok()
-                    .and_then(|v| usize::try_from(v).ok())
-            };
-            v.ok_or_else(|| {
+            as_index(p).ok_or_else(|| {
                 KvmixError::Config(format!("`{name}` must hold non-negative integers, got {p}"))
                     .into()
             })
         })
         .collect()
+}
+
+/// One non-negative integer from Python (anything with `__index__`, not bool), else a
+/// `ConfigError` naming the argument.
+pub fn index_arg(name: &str, v: &Bound<'_, PyAny>) -> PyResult<usize> {
+    as_index(v).ok_or_else(|| {
+        KvmixError::Config(format!("`{name}` must be a non-negative integer, got {v}")).into()
+    })
+}
+
+fn as_index(v: &Bound<'_, PyAny>) -> Option<usize> {
+    if v.is_instance_of::<pyo3::types::PyBool>() {
+        return None;
+    }
+    v.extract::<i64>()
+        .ok()
+        .and_then(|v| usize::try_from(v).ok())
 }
 
 fn parse_grouping(grouping: &str, size: Option<i64>, dims: &[usize]) -> PyResult<Grouping> {

@@ -54,6 +54,19 @@ impl PyLayerStore {
     }
 }
 
+/// A float32 numpy array argument, else a `DTypeError` naming it (not numpy's `TypeError`).
+fn f32_arg<'py>(name: &str, a: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArrayDyn<'py, f32>> {
+    a.extract().map_err(|_| {
+        KvmixError::DType(format!(
+            "`{name}` must be a float32 numpy array, got {}",
+            a.getattr("dtype")
+                .map(|d| d.to_string())
+                .unwrap_or_else(|_| a.get_type().to_string())
+        ))
+        .into()
+    })
+}
+
 fn f32_vec(a: &PyReadonlyArrayDyn<'_, f32>) -> Vec<f32> {
     a.as_array().iter().copied().collect()
 }
@@ -221,7 +234,8 @@ impl PyLayerStore {
     }
 
     /// Mark the first `first_valid[b]` positions of sequence `b` as left padding.
-    fn set_first_valid(&self, first_valid: Vec<usize>) -> PyResult<()> {
+    fn set_first_valid(&self, first_valid: &Bound<'_, PyAny>) -> PyResult<()> {
+        let first_valid = super::quant::positions("first_valid", first_valid)?;
         let mut guard = self.lock()?;
         let inner = &mut *guard;
         Ok(inner.set_first_valid(&first_valid)?)
@@ -237,10 +251,12 @@ impl PyLayerStore {
     /// Add importance `acc`/`count` (`[batch, kv_heads, n]`) to positions `start..start+n`.
     fn add_scores(
         &self,
-        start: usize,
-        acc: PyReadonlyArrayDyn<'_, f32>,
-        count: PyReadonlyArrayDyn<'_, f32>,
+        start: &Bound<'_, PyAny>,
+        acc: &Bound<'_, PyAny>,
+        count: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
+        let start = super::quant::index_arg("start", start)?;
+        let (acc, count) = (f32_arg("acc", acc)?, f32_arg("count", count)?);
         let mut guard = self.lock()?;
         let inner = &mut *guard;
         Ok(inner.add_scores(start, &f32_vec(&acc), &f32_vec(&count))?)
@@ -314,25 +330,22 @@ impl PyLayerStore {
     }
 
     /// Drop every token at position `>= length` (`length >= 0`).
-    fn crop(&self, length: i64) -> PyResult<()> {
-        let length = super::quant::non_negative("length", length)?;
+    fn crop(&self, length: &Bound<'_, PyAny>) -> PyResult<()> {
+        let length = super::quant::index_arg("length", length)?;
         let mut guard = self.lock()?;
         guard.crop(length);
         Ok(())
     }
 
-    fn select_batch(&self, indices: Vec<i64>) -> PyResult<()> {
-        let indices = indices
-            .into_iter()
-            .map(|i| super::quant::non_negative("indices", i))
-            .collect::<PyResult<Vec<usize>>>()?;
+    fn select_batch(&self, indices: &Bound<'_, PyAny>) -> PyResult<()> {
+        let indices = super::quant::positions("indices", indices)?;
         let mut guard = self.lock()?;
         let inner = &mut *guard;
         Ok(inner.select_batch(&indices)?)
     }
 
-    fn repeat_interleave(&self, repeats: i64) -> PyResult<()> {
-        let repeats = super::quant::non_negative("repeats", repeats)?;
+    fn repeat_interleave(&self, repeats: &Bound<'_, PyAny>) -> PyResult<()> {
+        let repeats = super::quant::index_arg("repeats", repeats)?;
         let mut guard = self.lock()?;
         let inner = &mut *guard;
         Ok(inner.repeat_interleave(repeats)?)

@@ -67,7 +67,8 @@ def count_host_work() -> Iterator[tuple[OpCounter, Counter[str]]]:
     """``(ops, launches)`` counted while the block runs: torch ops outside Triton's launchers
     by section (``Cache.update``, the attention functions transformers looks up, the rest),
     and Triton launches by kernel name (interpreted kernels, JIT launches and compiled kernels
-    launched directly alike)."""
+    launched directly alike). What a GPU step does: the value checks the device store makes
+    only on CPU tensors (``triton_store.CHECK_HOST_VALUES``) are off while it counts."""
     import triton.runtime.interpreter as interp
     import triton.runtime.jit as jit
     from transformers import AttentionInterface
@@ -137,10 +138,14 @@ def count_host_work() -> Iterator[tuple[OpCounter, Counter[str]]]:
     saved = dict(mapping)
     for name, fn in saved.items():
         mapping[name] = section(fn, "attention")
+    from kvmix.engines import triton_store
+
+    checks, triton_store.CHECK_HOST_VALUES = triton_store.CHECK_HOST_VALUES, False
     try:
         with counter:
             yield counter, launches
     finally:
+        triton_store.CHECK_HOST_VALUES = checks
         Cache.update = update  # type: ignore[method-assign]
         mapping.update(saved)
         for cls, attr, orig in reversed(patched):

@@ -70,6 +70,10 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 _MODES = {"dense": 0, "channel": 1, "token_groups": 2}
 _SUPPORTED = ("full", "uniform", "zipcache", "mikv", "eviction")
 _F16_MAX = 65504.0
+#: Check queries and scores on CPU tensors for NaN/Inf (and negative scores) at once, as the
+#: Rust store does; on a GPU the same read would synchronize every step, so it is not made
+#: there. ``kvmix.bench.host.count_host_work`` turns it off to count what a GPU step does.
+CHECK_HOST_VALUES = True
 #: Decoding steps between reads of the device-side non-finite flag (each read synchronizes).
 _BAD_CHECK_STEPS = 32
 #: Positions are stored in 2 bytes (int16; ``-1`` marks a hole) while every position written
@@ -161,6 +165,31 @@ def _partition(
 
 #: The Rust codecs' `clip` names as the quantize kernels' ``CLIP`` switch.
 _CLIPS = {"minmax": 0, "mse": 1, "mse_unbiased": 2}
+
+
+def _index(name: str, v: Any) -> int:
+    """A non-negative integer argument (anything with ``__index__``, not a bool), else the
+    Rust store's ``ConfigError`` for it."""
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        i = operator.index(v)
+    except TypeError:
+        i = -1
+    if i < 0:
+        raise ConfigError(f"`{name}` must be a non-negative integer, got {v}")
+    return i
+
+
+def _indices(name: str, seq: Any) -> list[int]:
+    """A sequence of non-negative integers, as the Rust store takes it."""
+    out = []
+    for v in seq:
+        try:
+            out.append(_index(name, v))
+        except ConfigError:
+            raise ConfigError(f"`{name}` must hold non-negative integers, got {v}") from None
+    return out
 
 
 @dataclass
@@ -1128,11 +1157,12 @@ class TritonLayerStore:
                 t.widen_positions()
 
     def set_first_valid(self, first_valid: list[int]) -> None:
+        first_valid = _indices("first_valid", first_valid)
         if len(first_valid) != self.batch:
             raise ShapeError(
                 f"`first_valid` needs one entry per sequence ({self.batch}), got {len(first_valid)}"
             )
-        self.first_valid = [int(x) for x in first_valid]
+        self.first_valid = first_valid
         assert self.device is not None
         self._fv_dev = _device_values(self.first_valid, self.device, torch.int32)
 
@@ -1188,15 +1218,35 @@ class TritonLayerStore:
         self.rotation = rotation
 
     def add_scores(self, start: int, acc: torch.Tensor, count: torch.Tensor) -> None:
+        """Add importance ``acc`` / ``count`` ``[batch, kv_heads, n]`` (any float dtype, numpy
+        or torch) to positions ``start .. start + n``, refused as the Rust store refuses. Its
+        check of the values (finite, non-negative) runs where it costs no wait: on CPU
+        tensors; on a GPU it would synchronize every step that scores."""
         s = self._streams
+        start = _index("start", start)
+        a, c = (x if isinstance(x, torch.Tensor) else torch.as_tensor(x) for x in (acc, count))
+        for name, x in (("acc", a), ("count", c)):
+            if not x.dtype.is_floating_point:
+                raise DTypeError(f"`{name}` must be a floating-point tensor, got {x.dtype}")
+        if not s or a.numel() != c.numel() or a.numel() % s:
+            raise ShapeError(
+                f"scores must be [batch, kv_heads, tokens] for {s} streams, got {a.numel()} "
+                f"and {c.numel()} values"
+            )
+        for x in (a, c):
+            if CHECK_HOST_VALUES and x.device.type == "cpu":
+                bad = ~(torch.isfinite(x) & (x >= 0))
+                if bool(bad.any()):
+                    raise NonFiniteError(
+                        f"importance scores must be finite and non-negative, got {x[bad][0].item()}"
+                    )
 
-        def fp32(x: Any) -> torch.Tensor:  # fp32 on the store's device, no op if it is already
-            t = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+        def fp32(t: torch.Tensor) -> torch.Tensor:  # fp32 on the store's device, no op if it is
             if t.dtype != torch.float32 or t.device != self.device:
                 t = t.to(self.device, torch.float32)
             return t.reshape(s, -1)
 
-        acc, count = fp32(acc), fp32(count)
+        acc, count = fp32(a), fp32(c)
         n = acc.shape[1]
         for name, t in self._tiers.items():
             if not t.scored or t.fill == 0:
@@ -1245,18 +1295,11 @@ class TritonLayerStore:
             )
         if not q.dtype.is_floating_point:
             raise DTypeError(f"`q` must be a floating-point tensor, got {q.dtype}")
-        for p in q_positions:
-            # As the Rust store: a position is a non-negative integer (a float would be
-            # truncated by the launch and a negative one would see no token).
-            try:
-                bad = type(p) is bool or operator.index(p) < 0
-            except TypeError:
-                bad = True
-            if bad:
-                raise ConfigError(f"`q_positions` must hold non-negative integers, got {p}")
+        # A float position would be truncated by the launch; a negative one sees no token.
+        q_positions = _indices("q_positions", q_positions)
         if not math.isfinite(scale):
             raise NonFiniteError(f"`scale` must be finite, got {scale}")
-        if q.device.type == "cpu" and not bool(torch.isfinite(q).all()):
+        if CHECK_HOST_VALUES and q.device.type == "cpu" and not bool(torch.isfinite(q).all()):
             # The Rust store's refusal, where reading the queries costs no wait for a device.
             # On a GPU that read would synchronize every decoding step; a NaN there comes
             # from a hidden state whose keys and values are flagged on the device and refused
@@ -1605,6 +1648,7 @@ class TritonLayerStore:
         self._tiers[tier].push(self._kern(), k, v, gp, ga, gc, rows=idx)
 
     def crop(self, length: int) -> None:
+        length = _index("length", length)
         if length >= self.seen or not self.batch:
             return
         for t in self._tiers.values():
@@ -1616,7 +1660,8 @@ class TritonLayerStore:
         self.seen = length
 
     def select_batch(self, indices: list[int]) -> None:
-        bad = [i for i in indices if not 0 <= i < self.batch]
+        indices = _indices("indices", indices)
+        bad = [i for i in indices if not i < self.batch]
         if bad:
             raise ShapeError(f"batch index {bad[0]} out of range for a batch of {self.batch}")
         h = self.kv_heads
@@ -1635,8 +1680,7 @@ class TritonLayerStore:
             self._fv_dev = _device_values(self.first_valid, self.device, torch.int32)
 
     def repeat_interleave(self, repeats: int) -> None:
-        if repeats < 1:
-            raise ShapeError(f"`repeats` must be at least 1, got {repeats}")
+        repeats = _index("repeats", repeats)  # 0 empties the store, as select_batch([])
         self.select_batch([i for i in range(self.batch) for _ in range(repeats)])
 
     def dense_all(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

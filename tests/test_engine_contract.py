@@ -228,11 +228,12 @@ def test_both_engines_refuse_the_same_queries_and_keep_their_scores():
 
 
 def test_both_stores_refuse_the_same_arguments_of_their_other_methods():
-    """``crop``, ``select_batch``, ``repeat_interleave``, ``set_first_valid`` and
-    ``add_scores`` on both stores: the same kvmix exception for the same bad argument (the
+    """``crop``, ``select_batch``, ``repeat_interleave``, ``set_first_valid``, ``add_scores``
+    and ``append`` on both stores: the same kvmix exception for the same bad argument (the
     Rust store raised numpy's and PyO3's ``TypeError`` / ``OverflowError`` for some; the
     Triton store took a negative crop length, emptying every tier, negative first-valid
-    positions and NaN or negative scores), and a refused call changes nothing."""
+    positions, NaN or negative scores and keys of any dtype), and a refused call changes
+    nothing."""
     b, h, d, n = 2, 2, 16, 40
     k = torch.randn(b, h, n, d, generator=torch.Generator().manual_seed(4))
     f32 = np.ones((b, h, 5), np.float32)
@@ -252,6 +253,9 @@ def test_both_stores_refuse_the_same_arguments_of_their_other_methods():
         (kvmix.NonFiniteError, "finite and non-negative", "add_scores", (0, f32, -f32)),
         (kvmix.DTypeError, "`acc` must be a f", "add_scores", (0, f32.astype(np.int32), f32)),
         (kvmix.ShapeError, "got 20 and 16 values", "add_scores", (0, f32, f32[..., :4])),
+        (kvmix.DTypeError, "`keys` must be a ", "append", (k.numpy().astype(np.int32),) * 2),
+        (kvmix.DTypeError, "`keys` must be a ", "append", (k.numpy().astype(np.float64),) * 2),
+        (kvmix.DTypeError, "same dtype", "append", (k.numpy(), k.numpy().astype(np.float16))),
     ]
     rust = kvmix.LayerStore("zipcache", h, d, {"streaming_gap": 4})
     tri = TritonLayerStore("zipcache", h, d, {"streaming_gap": 4})

@@ -1017,6 +1017,14 @@ class TritonLayerStore:
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, bfloat16: bool = False) -> None:
         del bfloat16  # torch tensors carry their dtype
+        for name, x in (("keys", keys), ("values", values)):
+            if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES.values():
+                raise DTypeError(
+                    f"`{name}` must be a torch tensor of float32, float16 or bfloat16, got "
+                    f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}"
+                )
+        if keys.dtype != values.dtype:
+            raise DTypeError("`keys` and `values` must have the same dtype")
         if keys.dim() != 4 or keys.shape != values.shape:
             raise ShapeError(
                 "keys/values must both be [batch, kv_heads, tokens, head_dim], got "

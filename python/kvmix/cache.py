@@ -537,6 +537,8 @@ class KvmixLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # untyped b
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         t = torch.as_tensor(indices)
+        if t.dim() == 1 and t.numel() == 0:
+            t = t.long()  # torch makes `[]` a float32 tensor
         if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             # ``int()`` of each would have taken 0.5 as row 0 without a word.
             raise ShapeError(

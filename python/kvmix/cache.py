@@ -25,7 +25,6 @@ state them and a test checks them against that source.
 
 from __future__ import annotations
 
-import operator
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, cast
@@ -37,6 +36,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kvmix import _kvmix
 from kvmix.attention import FUSED_ATTENTION, attention_mode
 from kvmix.engines import ENGINES, EngineName, resolve_engine
+from kvmix.engines.base import as_integer
 from kvmix.errors import ConfigError, DTypeError, ShapeError
 from kvmix.quant import as_core_array
 from kvmix.types import AttentionMode, BufferDtype, Clip, CountMode, PolicyName, Selection
@@ -182,14 +182,11 @@ def _check_states(key_states: Any, value_states: Any) -> None:
 
 
 def _integer(name: str, x: Any) -> int:
-    """``x`` as an int: an int or anything with ``__index__`` (a numpy integer, a 0-d integer
-    tensor), not a bool or a float, which ``int()`` would truncate without a word."""
-    try:
-        if isinstance(x, bool):
-            raise TypeError
-        return operator.index(x)
-    except TypeError:
-        raise ConfigError(f"{name} must be an integer, got {x!r}") from None
+    """``x`` as an int (see :func:`kvmix.engines.base.as_integer`), else a ``ConfigError``."""
+    i = as_integer(x)
+    if i is None:
+        raise ConfigError(f"{name} must be an integer, got {x!r}")
+    return i
 
 
 def _implementation(config: Any) -> str | None:

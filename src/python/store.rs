@@ -292,14 +292,7 @@ impl PyLayerStore {
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let mut guard = self.lock()?;
         let inner = &mut *guard;
-        let q: PyReadonlyArrayDyn<'py, f32> = q.extract().map_err(|_| {
-            KvmixError::DType(format!(
-                "`q` must be a float32 numpy array, got {}",
-                q.getattr("dtype")
-                    .map(|d| d.to_string())
-                    .unwrap_or_else(|_| q.get_type().to_string())
-            ))
-        })?;
+        let q = f32_arg("q", q)?;
         let q_positions = super::quant::positions("q_positions", q_positions)?;
         let dims = q.shape().to_vec();
         let qs = match q.as_slice() {

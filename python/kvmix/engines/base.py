@@ -10,6 +10,7 @@ it; ``tests/test_engine_contract.py`` runs one suite on both.
 from __future__ import annotations
 
 import importlib.util
+import operator
 import os
 import sys
 import threading
@@ -44,10 +45,23 @@ __all__ = [
     "NonFiniteError",
     "ShapeError",
     "Store",
+    "as_integer",
     "load_attention",
     "load_kernels",
     "load_scoring",
 ]
+
+
+def as_integer(v: Any) -> int | None:
+    """``v`` as an int where it is one: an int or anything with ``__index__`` (a numpy
+    integer, a 0-d integer tensor), but not a bool or a float, which ``int()`` would
+    truncate without a word; else ``None``, for the caller to name the argument."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
 
 
 @runtime_checkable

@@ -43,14 +43,20 @@ budgets; the codecs come from the Rust store's ``layout`` (the one definition of
 from __future__ import annotations
 
 import math
-import operator
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvmix.engines.base import ConfigError, DTypeError, NonFiniteError, ShapeError, load_kernels
+from kvmix.engines.base import (
+    ConfigError,
+    DTypeError,
+    NonFiniteError,
+    ShapeError,
+    as_integer,
+    load_kernels,
+)
 
 if TYPE_CHECKING:
     from kvmix.types import BufferDtype, PolicyName
@@ -170,13 +176,8 @@ _CLIPS = {"minmax": 0, "mse": 1, "mse_unbiased": 2}
 def _index(name: str, v: Any) -> int:
     """A non-negative integer argument (anything with ``__index__``, not a bool), else the
     Rust store's ``ConfigError`` for it."""
-    try:
-        if isinstance(v, bool):
-            raise TypeError
-        i = operator.index(v)
-    except TypeError:
-        i = -1
-    if i < 0:
+    i = as_integer(v)
+    if i is None or i < 0:
         raise ConfigError(f"`{name}` must be a non-negative integer, got {v}")
     return i
 

@@ -746,6 +746,11 @@ C34A)
   timeout 400 python3 -u benches/gpu_triton.py --current > "$OUT/current.txt" 2>&1
   timeout 45 python3 -u gpu/launch_cost.py > "$OUT/launch-cost.txt" 2>&1
   ;;
+C35A)
+  # Session 35: the fused merge slowed the attend kernel at B=8 x 32k (GPU time) and cut the
+  # B=1 call's host time (C34A on an H100): whole decoding steps with each, one cache.
+  timeout 420 python3 -u gpu/fused_merge_e2e.py > "$OUT/fused-merge-e2e.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -753,7 +758,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C|C30D|C30E|C31B|C31D|C32A|C32B|C32C|C32D|C33A|C33B|C34A" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C|C30D|C30E|C31B|C31D|C32A|C32B|C32C|C32D|C33A|C33B|C34A|C35A" >&2
   exit 2
   ;;
 esac

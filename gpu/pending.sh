@@ -749,7 +749,7 @@ C34A)
 C35A)
   # Session 35: the fused merge slowed the attend kernel at B=8 x 32k (GPU time) and cut the
   # B=1 call's host time (C34A on an H100): whole decoding steps with each, one cache.
-  timeout 300 python3 -u gpu/fused_merge_e2e.py --rounds 4 > "$OUT/fused-merge-e2e.txt" 2>&1
+  timeout 170 python3 -u gpu/fused_merge_e2e.py --rounds 4 --shapes 1x8192 8x8192 1x32768 8x32768 > "$OUT/fused-merge-e2e.txt" 2>&1
   ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1

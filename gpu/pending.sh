@@ -751,6 +751,14 @@ C35A)
   # B=1 call's host time (C34A on an H100): whole decoding steps with each, one cache.
   timeout 170 python3 -u gpu/fused_merge_e2e.py --rounds 4 --shapes 1x8192 8x8192 1x32768 8x32768 > "$OUT/fused-merge-e2e.txt" 2>&1
   ;;
+C35B)
+  # Session 35: the capacity target (>= 4x DynamicCache's largest batch at 32k) was last
+  # searched in session 11 (H200: ZipCache 116, kvmix-5x 120 against 30). The same searches on
+  # the current tree; on an H100 the batches are smaller, the ratio is what the target asks.
+  timeout 400 python3 -u -m kvmix.bench gpu --max-batch --max-batch-chunk 2048 --batches 1 \
+    --contexts 1024 --steps 2 --methods full zipcache kvmix-5x --json "$OUT/capacity.json" \
+    > "$OUT/capacity.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.

@@ -759,6 +759,14 @@ C35B)
     --contexts 1024 --steps 2 --methods full zipcache kvmix-5x --json "$OUT/capacity.json" \
     > "$OUT/capacity.txt" 2>&1
   ;;
+C35)
+  # C35A then C35B in one call (machines came rarely in sessions 33-35: one start for both).
+  timeout 170 python3 -u gpu/fused_merge_e2e.py --rounds 4 --shapes 1x8192 8x8192 1x32768 8x32768 \
+    > "$OUT/fused-merge-e2e.txt" 2>&1
+  timeout 400 python3 -u -m kvmix.bench gpu --max-batch --max-batch-chunk 2048 --batches 1 \
+    --contexts 1024 --steps 2 --methods full zipcache kvmix-5x --json "$OUT/capacity.json" \
+    > "$OUT/capacity.txt" 2>&1
+  ;;
 V)
   # Session 18: the decoding step after the append kernel's change (a step is its n = 1
   # case), B=8 x 8k on the 32-layer model, beside DynamicCache in the same process.
@@ -766,7 +774,7 @@ V)
     --methods full zipcache kvmix-5x > "$OUT/bench-8k-b8.txt" 2>&1
   ;;
 *)
-  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C|C30D|C30E|C31B|C31D|C32A|C32B|C32C|C32D|C33A|C33B|C34A|C35A|C35B" >&2
+  echo "usage: bash gpu/pending.sh A|B|...|R|U|V|X|Y|X2|X3|P2|C20|C21|C21S|C22|C22S|C22K|C23|C23B|C23C|C23D|C23E|C23F|C24A|C24B|C24C|C24D|C24E|C24F|C25A|C25B|C25C|C25D|C25E|C26A|C26B|C26C|C26D|C26E|C27A|C27B|C28A|C28B|C28C|C29A|C29B|C29C|C29D|C29E|C30A|C30B|C30C|C30D|C30E|C31B|C31D|C32A|C32B|C32C|C32D|C33A|C33B|C34A|C35|C35A|C35B" >&2
   exit 2
   ;;
 esac

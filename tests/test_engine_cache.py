@@ -381,6 +381,29 @@ def test_positions_widen_to_int32_past_the_16_bit_limit(
     }
 
 
+def test_a_growing_tier_keeps_its_spare_rows_within_a_sixteenth() -> None:
+    """A tier that grows keeps its row capacity within a sixteenth (and a page) of its
+    fill, in chunked pushes (a chunked prefill: 40% and 60% of 2048-row chunks to the high
+    and low tiers, up to 32k) and row by row (decoding), while its reallocations stay few
+    (geometric growth). Before session 35 the capacity grew by a quarter: 13104 rows then
+    sat in a 16256-row tier, 24% of it allocated for nothing."""
+    store = TritonLayerStore("zipcache", 2, 16)
+    store.append(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))  # makes the tiers
+    for name, share in (("high", 0.4), ("low", 0.6)):
+        tier = store._tiers[name]
+        grows = 0
+        pushes = [int(2048 * share)] * 16 + [1] * 3000
+        for n in pushes:
+            before = tier.cap
+            tier.reserve(n, 0)
+            tier.fill += n  # what a push of n rows does to the capacity's bookkeeping
+            grows += tier.cap != before
+            assert tier.fill <= tier.cap <= tier.fill + tier.fill // 16 + PAGE, (name, tier.fill)
+            assert tier.cap % PAGE == 0
+        assert grows <= 16 + 40, (name, grows)  # one a chunk, then ~log(1.0625) of the rows
+        assert tier.kd.shape[1] == tier.vd.shape[1] == tier.pos.shape[1] == tier.cap
+
+
 def test_triton_store_gives_back_the_prompts_buffer_rows() -> None:
     """After the prompt moves from the buffer to the tiers, the buffer keeps room for the
     decoding steps until the next classification, not for the prompt; the tiers hold what

@@ -49,9 +49,9 @@ def one(model: Any, method: str, batch: int, context: int, steps: int, rounds: i
     gen = torch.Generator().manual_seed(context)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(dev)
     with torch.inference_mode():
-        cache = METHODS[method][1](model.config)
-        if dev.type == "cpu":
-            cache = kvmix.make_cache(method, model.config, engine="triton")  # interpreter smoke
+        # On the CPU (`--tiny`) the Triton engine under the interpreter: a smoke test.
+        engine = "triton" if dev.type == "cpu" else "auto"
+        cache = kvmix.make_cache(method, model.config, engine=engine)
         model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         token = ids[:, -1:]
 
